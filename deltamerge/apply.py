@@ -1,0 +1,305 @@
+"""``apply_delta``: rebuild a model from a base and one or more deltas, streaming.
+
+The data flows one way: resolve the inputs, plan (pair tensors, check shapes, lay out shards),
+stream (the engine), verify (the publisher's digests), publish (rename into OUT).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .deltas import detect_kind, open_kind
+from .digest import FileHasher, TensorDigest, file_sha256, model_digest
+from .dtypes import parse_user_dtype
+from .engine import Engine
+from .errors import InputError, VerificationError
+from .folders import AUX_FILES
+from .kinds import ApplyOptions, Kind, is_non_weight
+from .kinds.add import VOCAB_TENSORS
+from .manifest import MANIFEST_NAME, Manifest, Role, find_manifest
+from .memory import peak_rss_bytes
+from .output import (
+    check_out,
+    copy_aux,
+    discard,
+    fix_vocab_size,
+    make_partial,
+    publish,
+    write_index,
+    write_json,
+)
+from .plan import (
+    DEFAULT_BLOCK_BYTES,
+    DEFAULT_SHARD_SIZE,
+    TensorJob,
+    layout_shards,
+    parse_size,
+    rows_per_block,
+)
+from .progress import make_progress
+from .readers import Checkpoint, open_checkpoint
+from .resolve import Resolved, resolve_input
+from .safetensors_format import TensorSpec
+
+RESULT_RECORD = "deltamerge-result.json"
+PathLike = str | Path
+
+
+@dataclass
+class ApplyResult:
+    """What a rebuild produced; the CLI prints it, pipelines read it."""
+
+    out: Path
+    kinds: list[str]
+    tensors: int
+    shards: list[str]
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss: int
+    model_digest: str
+    publisher_digest: str | None = None  # the manifest's expected result, when there is one
+    verified: bool = False  # True when the result matched the publisher's digest
+    notes: list[str] = field(default_factory=list)
+
+
+def apply_delta(
+    base: PathLike,
+    delta: PathLike | Sequence[PathLike],
+    out: PathLike,
+    *,
+    kind: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    new_rows: str = "zero",
+    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    block_size: int = DEFAULT_BLOCK_BYTES,
+    force: bool = False,
+    verify: bool = True,
+    workers: int | None = None,
+    progress: bool | Callable[[int, int], None] = False,
+    extra_files: dict[str, Path | bytes] | None = None,
+    hub: dict | None = None,
+) -> ApplyResult:
+    """Rebuild ``base`` + ``delta`` (or a chain of deltas, applied in order) into ``out``.
+
+    Raises a :class:`~deltamerge.errors.DeltaMergeError` with a one-line message on any failure,
+    and then leaves nothing at ``out``.
+    """
+    deltas = [delta] if isinstance(delta, (str, Path)) else list(delta)
+    out = Path(out).expanduser()
+    out_dtype = parse_user_dtype(dtype)
+    if new_rows not in ("zero", "mean"):
+        raise InputError(f"--new-rows must be 'zero' or 'mean', not {new_rows!r}")
+    shard_bytes = parse_size(max_shard_size)
+    check_out(out, force)
+    hub = hub or {}
+    base_in = resolve_input(base, "base", **hub)
+    delta_ins = [resolve_input(d, "delta", **hub) for d in deltas]
+    _refuse_overlap(out, [base_in, *delta_ins])
+
+    base_ckpt = open_checkpoint(base_in.path)
+    opened: list[Kind] = []
+    try:
+        manifests = [find_manifest(d.path) if verify else None for d in delta_ins]
+        for d, m in zip(delta_ins, manifests):
+            opened.append(open_kind(kind or detect_kind(d.path, m), d.path))
+        options = ApplyOptions(new_rows=new_rows)
+        jobs = plan_chain(base_ckpt, opened, options, out_dtype, block_size)
+        if new_rows == "mean":
+            fill_means(base_ckpt, jobs, block_size)
+        shards = layout_shards(jobs, shard_bytes)
+        hashers = _delta_file_hashers(delta_ins, manifests) if verify else {}
+        expected_base = manifests[0].base.tensors if manifests and manifests[0] else None
+        bar = make_progress(progress, sum(j.out.nbytes for j in jobs), "rebuilding")
+        tmp = make_partial(out)
+        try:
+            engine = Engine(
+                base_ckpt, shards, tmp, block_bytes=block_size, workers=workers or 1,
+                expected_base=expected_base, file_hashers=hashers, progress=bar.update,
+            )
+            run = engine.run()
+            bar.close()
+            _check_files(delta_ins, manifests, run.file_digests)
+            write_index(tmp, shards)
+            aux = _aux_files(base_ckpt, opened, extra_files)
+            copy_aux(tmp, aux)
+            fix_vocab_size(tmp, _vocab_rows(jobs))
+            digest = model_digest(run.out_digests)
+            result = ApplyResult(
+                out, [k.name for k in opened], len(jobs), [s.filename for s in shards],
+                run.bytes_read, run.bytes_written, run.seconds, peak_rss_bytes(), digest,
+            )
+            _compare_result(result, manifests, run.out_digests, out_dtype, new_rows)
+            write_json(
+                tmp / RESULT_RECORD,
+                _record(base_in, delta_ins, result, run.out_digests, out_dtype, new_rows),
+            )
+            publish(tmp, out)
+            return result
+        except BaseException:
+            bar.close()
+            discard(tmp)
+            raise
+    finally:
+        for k in opened:
+            k.close()
+        base_ckpt.close()
+
+
+def _refuse_overlap(out: Path, inputs: list[Resolved]) -> None:
+    """Inputs are never written to: OUT may not be, or contain, an input folder."""
+    target = out.resolve()
+    for r in inputs:
+        p = r.path.resolve()
+        if p == target or target in p.parents:
+            raise InputError(f"{out}: is the input folder {r.given}; choose another OUT")
+
+
+def plan_chain(
+    base: Checkpoint,
+    kinds: list[Kind],
+    options: ApplyOptions,
+    out_dtype: torch.dtype | None,
+    block_bytes: int,
+) -> list[TensorJob]:
+    """Fold the deltas over the base's tensors, then make one job per output tensor."""
+    specs = dict(base.specs)
+    steps: dict[str, list] = {n: [] for n in specs}
+    for k in kinds:
+        specs, new = k.plan(specs, options)
+        for name, step in new.items():
+            steps.setdefault(name, []).append(step)
+    jobs = []
+    for name, spec in specs.items():
+        if out_dtype is not None and spec.dtype.is_floating_point and not is_non_weight(name):
+            spec = TensorSpec(name, out_dtype, spec.shape)
+        job = TensorJob(
+            spec, base.specs.get(name), steps.get(name, []), fill=options.new_rows
+        )
+        if job.base is None and not job.steps:
+            raise InputError(f"tensor {name!r}: no source for it (internal planning error)")
+        job.rows_per_block = rows_per_block(job, block_bytes)
+        jobs.append(job)
+    return jobs
+
+
+def fill_means(base: Checkpoint, jobs: list[TensorJob], block_bytes: int) -> None:
+    """The fp32 mean of the base's rows, for rows a delta adds (Alpaca's resize).
+
+    Accumulated in fp64 block by block: exact for fp16 weights whatever the block size.
+    """
+    for job in jobs:
+        if job.base is None or job.out.rows <= job.base_rows or job.base_rows == 0:
+            continue
+        total = torch.zeros(job.base.shape[1:], dtype=torch.float64)
+        buf = torch.empty(job.rows_per_block * job.base.row_numel * 8, dtype=torch.uint8)
+        for r0 in range(0, job.base_rows, job.rows_per_block):
+            r1 = min(job.base_rows, r0 + job.rows_per_block)
+            total += base.read_rows(job.base.name, r0, r1, buf).to(torch.float64).sum(dim=0)
+        job.mean = (total / job.base_rows).to(torch.float32)
+
+
+def _delta_file_hashers(
+    delta_ins: list[Resolved], manifests: list[Manifest | None]
+) -> dict[Path, FileHasher]:
+    hashers = {}
+    for d, m in zip(delta_ins, manifests):
+        if m is None:
+            continue
+        for name in m.files:
+            path = d.path / name
+            if path.is_file() and path.stat().st_size > 1 << 20:
+                hashers[path] = FileHasher(path)
+    return hashers
+
+
+def _check_files(
+    delta_ins: list[Resolved], manifests: list[Manifest | None], streamed: dict[Path, str]
+) -> None:
+    """Every file the manifest lists must be present with its sha256."""
+    for d, m in zip(delta_ins, manifests):
+        if m is None:
+            continue
+        for name, info in m.files.items():
+            path = d.path / name
+            if not path.is_file():
+                raise VerificationError(f"{path}: listed in {MANIFEST_NAME} but missing")
+            sha = streamed.get(path) or file_sha256(path)
+            if sha != info["sha256"]:
+                raise VerificationError(
+                    f"{path}: sha256 {sha[:16]}… does not match {MANIFEST_NAME} "
+                    f"({info['sha256'][:16]}…): the file is corrupt or was changed"
+                )
+
+
+def _aux_files(
+    base: Checkpoint, kinds: list[Kind], extra: dict[str, Path | bytes] | None
+) -> dict[str, Path | bytes]:
+    """Each non-weight file from the last delta that has it, else from the base."""
+    files: dict[str, Path | bytes] = dict(base.aux_files())
+    for k in kinds:
+        files.update(k.aux_files())
+    files.update(extra or {})
+    return {n: f for n, f in files.items() if n in AUX_FILES or (extra and n in extra)}
+
+
+def _vocab_rows(jobs: list[TensorJob]) -> int | None:
+    for job in jobs:
+        if job.name.endswith(VOCAB_TENSORS[0]) and job.out.shape:
+            return job.out.rows
+    return None
+
+
+def _compare_result(
+    result: ApplyResult,
+    manifests: list[Manifest | None],
+    digests: dict[str, TensorDigest],
+    out_dtype: torch.dtype | None,
+    new_rows: str,
+) -> None:
+    last = manifests[-1] if manifests else None
+    if last is None:
+        return
+    result.publisher_digest = last.result.model_digest
+    if result.model_digest == last.result.model_digest:
+        result.verified = True
+        return
+    if out_dtype is not None or new_rows != last.options.get("new_rows", "zero"):
+        result.notes.append(
+            "options differ from the publisher's (--dtype/--new-rows): result not compared"
+        )
+        return
+    names = sorted(
+        n for n in set(digests) | set(last.result.tensors)
+        if digests.get(n) != last.result.tensors.get(n)
+    )
+    raise VerificationError(
+        f"result does not match the publisher's: model digest {result.model_digest[:16]}…, "
+        f"expected {last.result.model_digest[:16]}…; {len(names)} tensors differ, first "
+        f"{names[0]!r}" if names else "result does not match the publisher's model digest"
+    )
+
+
+def _record(
+    base: Resolved,
+    deltas: list[Resolved],
+    result: ApplyResult,
+    digests: dict[str, TensorDigest],
+    out_dtype: torch.dtype | None,
+    new_rows: str,
+) -> dict:
+    """Provenance of the result: what it was made from, how, and its digests (a result role)."""
+    return {
+        "deltamerge_version": __version__,
+        "base": base.describe(),
+        "deltas": [dict(d.describe(), kind=k) for d, k in zip(deltas, result.kinds)],
+        "options": {"dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
+                    "new_rows": new_rows},
+        "result": Role.of(digests).to_json(),
+        "publisher_digest": result.publisher_digest,
+    }

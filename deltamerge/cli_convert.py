@@ -1,0 +1,1 @@
+"""convert: Meta's original LLaMA layout to a Hugging Face folder."""

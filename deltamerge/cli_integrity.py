@@ -1,0 +1,1 @@
+"""Commands about checksums: checksum, verify, inspect, diff."""

@@ -1,0 +1,55 @@
+"""Dtype names as safetensors spells them, and the torch dtypes they stand for."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InputError
+
+SAFETENSORS_TO_TORCH: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_TO_TORCH.items()}
+
+# The integer type of the same width, used to XOR a tensor's bits.
+BITS_DTYPE: dict[int, torch.dtype] = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+USER_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def parse_user_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """Accept the spellings users type on the command line (``float16``, ``bf16``...)."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return USER_DTYPES[name.lower()]
+    except KeyError:
+        raise InputError(
+            f"unknown dtype {name!r}: use float16, bfloat16 or float32"
+        ) from None
+
+
+def short_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

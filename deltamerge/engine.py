@@ -1,0 +1,412 @@
+"""The streaming engine: read a block of rows, apply the deltas, write it, hash both sides.
+
+Work flows through five stages, each a function of one block: read (base rows and the rows of
+each step's inputs into a slot's reused buffers), check (hash what was read; compare base
+tensors against the publisher's digests), compute (the kinds' steps), write (into the shard's
+streaming writer) and seal (hash what was written). With ``workers == 1`` they run one after the
+other in this thread; otherwise each stage is a thread and blocks pass between them through
+bounded queues, so reading, hashing, arithmetic and writing overlap. Slots bound the memory:
+at most ``slots`` blocks are in flight, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .digest import FileHasher, TensorDigest, TensorHasher, raw_bytes
+from .errors import DeltaMergeError, VerificationError, WorkError
+from .kinds import Scratch
+from .memory import drop_file_range
+from .plan import Shard, TensorJob
+from .readers import Checkpoint, view_rows
+from .safetensors_format import StreamingWriter
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class Slot:
+    """The buffers of one block in flight, reused block after block."""
+
+    capacity: int
+    base: torch.Tensor = field(init=False)
+    out: torch.Tensor = field(init=False)
+    inputs: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.base = torch.empty(self.capacity, dtype=torch.uint8)
+        self.out = torch.empty(self.capacity, dtype=torch.uint8)
+
+    def input_buffer(self, i: int) -> torch.Tensor:
+        while len(self.inputs) <= i:
+            self.inputs.append(torch.empty(self.capacity, dtype=torch.uint8))
+        return self.inputs[i]
+
+
+@dataclass
+class Block:
+    shard: int
+    job: TensorJob
+    r0: int
+    r1: int
+    first_in_shard: bool
+    last_in_shard: bool
+    slot: Slot | None = None
+    base_rows: torch.Tensor | None = None
+    inputs: list[list[torch.Tensor]] = field(default_factory=list)
+    out: torch.Tensor | None = None
+
+    @property
+    def first(self) -> bool:
+        return self.r0 == 0
+
+    @property
+    def last(self) -> bool:
+        return self.r1 >= self.job.out.rows
+
+
+@dataclass
+class EngineResult:
+    base_digests: dict[str, TensorDigest]
+    out_digests: dict[str, TensorDigest]
+    file_digests: dict[Path, str]
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+
+
+class Engine:
+    """Runs a plan: ``shards`` of jobs over ``base``, writing into ``out_dir``."""
+
+    def __init__(
+        self,
+        base: Checkpoint | None,
+        shards: list[Shard],
+        out_dir: Path,
+        *,
+        block_bytes: int,
+        workers: int = 1,
+        hash_base: bool = True,
+        hash_out: bool = True,
+        expected_base: dict[str, TensorDigest] | None = None,
+        file_hashers: dict[Path, FileHasher] | None = None,
+        metadata: dict[str, str] | None = None,
+        progress: Progress | None = None,
+        slots: int | None = None,
+        hash_files: bool = False,
+    ):
+        self.base = base
+        self.shards = shards
+        self.out_dir = out_dir
+        self.block_bytes = block_bytes
+        self.workers = max(1, workers)
+        self.hash_base = hash_base or expected_base is not None
+        self.hash_out = hash_out
+        self.expected_base = expected_base
+        self.file_hashers = file_hashers or {}
+        self.metadata = metadata if metadata is not None else {"format": "pt"}
+        self.progress = progress
+        self.hash_files = hash_files
+        self.written_files: dict[str, str] = {}
+        self.n_slots = slots or (1 if self.workers == 1 else 3)
+        self.base_digests: dict[str, TensorDigest] = {}
+        self.out_digests: dict[str, TensorDigest] = {}
+        self._base_hashers: dict[str, TensorHasher] = {}
+        self._out_hashers: dict[str, TensorHasher] = {}
+        self._writer: StreamingWriter | None = None
+        self._scratch = Scratch()
+        self._matched = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    # -- the blocks, in output order -------------------------------------------------------
+    def _blocks(self) -> Iterator[Block]:
+        for s, shard in enumerate(self.shards):
+            pairs = [(job, r) for job in shard.jobs for r in job.blocks()]
+            if not pairs:
+                continue
+            for i, (job, (r0, r1)) in enumerate(pairs):
+                yield Block(s, job, r0, r1, i == 0, i == len(pairs) - 1)
+
+    def _capacity(self) -> int:
+        """A slot's buffer size: the largest block any job reads or writes."""
+        largest = 1
+        for shard in self.shards:
+            for job in shard.jobs:
+                rows = min(job.rows_per_block, max(job.out.rows, 1))
+                specs = [job.out] + ([job.base] if job.base else [])
+                specs += [i.spec for step in job.steps for i in step.inputs]
+                for spec in specs:
+                    largest = max(largest, rows * spec.row_numel * spec.dtype.itemsize)
+        return largest
+
+    # -- stages ----------------------------------------------------------------------------
+    def _read(self, b: Block) -> None:
+        job, slot = b.job, b.slot
+        assert slot is not None
+        n = max(0, min(b.r1, job.base_rows) - b.r0)
+        if job.base is not None and self.base is not None:
+            b.base_rows = self.base.read_rows(job.base.name, b.r0, b.r0 + n, slot.base)
+            self.bytes_read += b.base_rows.nbytes
+        k = 0
+        b.inputs = []
+        for step in job.steps:
+            rows = []
+            for inp in step.inputs:
+                m = max(0, min(b.r1, inp.spec.rows) - b.r0)
+                t = inp.checkpoint.read_rows(inp.name, b.r0, b.r0 + m, slot.input_buffer(k))
+                self.bytes_read += t.nbytes
+                rows.append(t)
+                self._feed_file_hash(inp.checkpoint, inp.name, b.r0, b.r0 + m, t)
+                k += 1
+            b.inputs.append(rows)
+        if b.r1 < job.out.rows and job.base is not None and self.base is not None:
+            nxt = min(job.base_rows, b.r1 + job.rows_per_block)
+            if nxt > b.r1:
+                self.base.prefetch(job.base.name, b.r1, nxt)
+
+    def _feed_file_hash(self, ckpt: Checkpoint, name: str, r0: int, r1: int, t: torch.Tensor) -> None:
+        if not self.file_hashers:
+            return
+        where = ckpt.locate(name, r0, r1)
+        if where is not None and where[0] in self.file_hashers:
+            self.file_hashers[where[0]].feed(where[1], raw_bytes(t))
+
+    def _check(self, b: Block) -> None:
+        job = b.job
+        if not self.hash_base or job.base is None or b.base_rows is None:
+            return
+        if b.r0 > 0 and b.r0 >= job.base_rows:
+            return  # rows beyond the base's: nothing of the base in this block
+        hasher = self._base_hashers.get(job.base.name)
+        if hasher is None:
+            hasher = self._base_hashers[job.base.name] = TensorHasher(job.base)
+        hasher.update(b.base_rows)
+        if min(b.r1, job.base_rows) >= job.base_rows or b.last:
+            digest = hasher.digest()
+            del self._base_hashers[job.base.name]
+            self.base_digests[job.base.name] = digest
+            self._compare_base(job.base.name, digest)
+
+    def _compare_base(self, name: str, digest: TensorDigest) -> None:
+        if self.expected_base is None:
+            return
+        expected = self.expected_base.get(name)
+        where = self.base.file_of(name) if self.base is not None else name
+        if expected is None:
+            raise VerificationError(
+                f"{where}: tensor {name!r} is not in the manifest's base: this is not the base "
+                f"the delta was made against ({self._matched} tensors had matched)"
+            )
+        if expected != digest:
+            raise VerificationError(
+                f"{where}: tensor {name!r} does not match the publisher's base: sha256 "
+                f"{digest.sha256[:16]}… {digest.dtype}{list(digest.shape)}, expected "
+                f"{expected.sha256[:16]}… {expected.dtype}{list(expected.shape)} "
+                f"({self._matched} tensors had matched)"
+            )
+        self._matched += 1
+
+    def _compute(self, b: Block) -> None:
+        job, slot = b.job, b.slot
+        assert slot is not None
+        out = view_rows(slot.out, job.out, b.r1 - b.r0)
+        if job.out.shape == ():
+            out = out.reshape(())
+        cur = b.base_rows
+        if not job.steps:
+            assert cur is not None
+            out.copy_(cur.reshape(out.shape))
+        for k, step in enumerate(job.steps):
+            n = max(0, min(b.r1, step.after.rows) - b.r0)
+            shape = (n, *step.after.shape[1:]) if step.after.shape else ()
+            cur = self._extend(cur, job, b.r0, n, shape)
+            last = k == len(job.steps) - 1
+            target = out if last else self._scratch.get(f"step{k % 2}", step.after.dtype, shape)
+            step.apply(cur, b.inputs[k], b.r0, target, self._scratch)
+            cur = target
+        b.out = out
+
+    def _extend(
+        self, cur: torch.Tensor | None, job: TensorJob, r0: int, n: int, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """Rows the tensor does not have yet start at zero, or at the mean of the base's rows."""
+        have = 0 if cur is None else (cur.shape[0] if cur.dim() else 1)
+        if cur is not None and have >= n:
+            return cur if not shape else cur[:n]
+        ext = self._scratch.get("extend", torch.float32, shape)
+        if cur is not None and have:
+            ext[:have].copy_(cur)
+        if job.fill == "mean" and job.mean is not None:
+            ext[have:].copy_(job.mean.expand_as(ext[have:]))
+        else:
+            ext[have:].zero_()
+        return ext
+
+    def _write(self, b: Block) -> None:
+        shard = self.shards[b.shard]
+        if b.first_in_shard:
+            self._writer = StreamingWriter(
+                self.out_dir / shard.filename, shard.specs, self.metadata, self.hash_files
+            )
+        assert self._writer is not None and b.out is not None
+        data = raw_bytes(b.out.contiguous())
+        try:
+            self._writer.write(data)
+        except OSError as exc:
+            what = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
+            raise WorkError(f"{self._writer.path}: {what} while writing tensor {b.job.name!r}") from None
+        self.bytes_written += len(data)
+        if b.last_in_shard:
+            writer, self._writer = self._writer, None
+            writer.close()
+            if writer.hasher is not None:
+                self.written_files[shard.filename] = writer.hasher.hexdigest()
+            fd = os.open(writer.path, os.O_RDONLY)
+            drop_file_range(fd, 0, writer.position)
+            os.close(fd)
+        if self.progress is not None:
+            self.progress(len(data))
+
+    def _seal(self, b: Block) -> None:
+        job = b.job
+        if self.hash_out and b.out is not None:
+            hasher = self._out_hashers.get(job.name)
+            if hasher is None:
+                hasher = self._out_hashers[job.name] = TensorHasher(job.out)
+            hasher.update(b.out)
+            if b.last:
+                self.out_digests[job.name] = self._out_hashers.pop(job.name).digest()
+        if b.last:
+            for step in job.steps:
+                step.close()
+
+    # -- running ---------------------------------------------------------------------------
+    def run(self) -> EngineResult:
+        start = time.monotonic()
+        capacity = self._capacity()
+        stages = [self._read, self._check, self._compute, self._write, self._seal]
+        try:
+            if self.workers == 1:
+                slot = Slot(capacity)
+                for b in self._blocks():
+                    b.slot = slot
+                    for stage in stages:
+                        _named(stage, b)
+            else:
+                _run_threads(self._blocks(), stages, [Slot(capacity) for _ in range(self.n_slots)])
+        finally:
+            if self._writer is not None:
+                self._writer.abort()
+                self._writer = None
+        files = {path: h.finish() for path, h in self.file_hashers.items()}
+        return EngineResult(
+            self.base_digests, self.out_digests, files, self.bytes_read, self.bytes_written,
+            time.monotonic() - start,
+        )
+
+
+def _named(stage: Callable[[Block], None], b: Block) -> None:
+    """Run a stage; an unexpected exception becomes a one-line error naming the tensor."""
+    try:
+        stage(b)
+    except DeltaMergeError:
+        raise
+    except OSError as exc:
+        what = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise WorkError(f"{exc.filename or 'I/O'}: {what} (tensor {b.job.name!r})") from exc
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WorkError(f"tensor {b.job.name!r}: {first}") from exc
+
+
+_DONE = object()
+
+
+def _run_threads(
+    blocks: Iterator[Block], stages: list[Callable[[Block], None]], slots: list[Slot]
+) -> None:
+    """Each stage in its own thread, joined by bounded queues; the first error stops them all."""
+    free: queue.Queue[Slot] = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+    links: list[queue.Queue] = [queue.Queue(maxsize=len(slots)) for _ in stages]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def put(q: queue.Queue, item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(q: queue.Queue) -> object:
+        while not stop.is_set():
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                continue
+        return _DONE
+
+    def feeder() -> None:
+        try:
+            for b in blocks:
+                slot = get(free)
+                if slot is _DONE:
+                    return
+                b.slot = slot  # type: ignore[assignment]
+                if not put(links[0], b):
+                    return
+            put(links[0], _DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            errors.append(exc)
+            stop.set()
+
+    def worker(i: int) -> None:
+        try:
+            while True:
+                b = get(links[i])
+                if b is _DONE:
+                    if i + 1 < len(stages):
+                        put(links[i + 1], _DONE)
+                    return
+                _named(stages[i], b)  # type: ignore[arg-type]
+                if i + 1 < len(stages):
+                    if not put(links[i + 1], b):
+                        return
+                else:
+                    free.put(b.slot)  # type: ignore[union-attr]
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=feeder, name="deltamerge-feed", daemon=True)]
+    threads += [
+        threading.Thread(target=worker, args=(i,), name=f"deltamerge-{s.__name__}", daemon=True)
+        for i, s in enumerate(stages)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.1)
+    except BaseException:
+        stop.set()
+        for t in threads:
+            t.join()
+        raise
+    if errors:
+        raise errors[0]

@@ -1,0 +1,52 @@
+"""The errors deltamerge raises.
+
+Every failure a user can cause or meet is a :class:`DeltaMergeError` whose message is one line
+naming the file and, where there is one, the tensor. The CLI prints that line and exits with the
+class's ``exit_code``: 2 for bad usage or input, 1 when the result could not be made or verified.
+"""
+
+from __future__ import annotations
+
+
+class DeltaMergeError(Exception):
+    """Base of all deltamerge errors; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class InputError(DeltaMergeError):
+    """The inputs or the options are wrong; nothing was written."""
+
+    exit_code = 2
+
+
+class NotFoundError(InputError):
+    """A path or repository that does not exist."""
+
+
+class FormatError(InputError):
+    """A file that is not what its name says: corrupt, truncated, a Git LFS pointer, hostile."""
+
+
+class MismatchError(InputError):
+    """Base and delta do not pair: a tensor on one side only, or shapes that cannot combine."""
+
+
+class UnsupportedError(InputError):
+    """A valid input that deltamerge deliberately does not handle (e.g. DoRA adapters)."""
+
+
+class OutputExistsError(InputError):
+    """OUT exists and is not empty, and ``force`` was not given."""
+
+
+class VerificationError(DeltaMergeError):
+    """A checksum did not match: the base is not the publisher's, or a file was corrupted."""
+
+    exit_code = 1
+
+
+class WorkError(DeltaMergeError):
+    """The job failed while running (disk full, I/O error, interrupted)."""
+
+    exit_code = 1

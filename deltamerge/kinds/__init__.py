@@ -1,0 +1,121 @@
+"""The delta kinds, each one small module behind the same two interfaces.
+
+A :class:`Kind` plans: given the tensors so far (the base's, or the result of earlier deltas in a
+chain) it says what each tensor becomes and returns a :class:`Step` for every tensor it changes.
+A :class:`Step` computes: given rows ``[r0, r1)`` of the tensor before it and the same rows of
+the delta tensors it declared as ``inputs``, it writes rows of the tensor after it. The engine
+owns reading, buffers, hashing and writing; a kind owns only its arithmetic.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..dtypes import itemsize
+from ..readers import Checkpoint
+from ..safetensors_format import TensorSpec
+
+# Tensors that are buffers, not weights: a delta that lacks them leaves the base's copy alone.
+NON_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def is_non_weight(name: str) -> bool:
+    return name.endswith(NON_WEIGHT_SUFFIXES)
+
+
+class Scratch:
+    """Reused compute buffers, one per purpose, so no block allocates fresh memory."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        nbytes = itemsize(dtype)
+        for d in shape:
+            nbytes *= d
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            self._buffers[key] = buf
+        return buf[:nbytes].view(dtype).view(shape)
+
+
+@dataclass(frozen=True)
+class RowInput:
+    """A tensor a step reads in the same row blocks as the tensor it changes."""
+
+    checkpoint: Checkpoint
+    name: str
+
+    @property
+    def spec(self) -> TensorSpec:
+        return self.checkpoint.specs[self.name]
+
+
+class Step(ABC):
+    """One delta's effect on one tensor.
+
+    ``before`` and ``after`` are the tensor's spec on either side of the step; ``after.dtype`` is
+    the step's natural result dtype (what it rounds to when another step follows).
+    """
+
+    inputs: tuple[RowInput, ...] = ()
+
+    def __init__(self, before: TensorSpec | None, after: TensorSpec):
+        self.before = before
+        self.after = after
+
+    @abstractmethod
+    def apply(
+        self, cur: torch.Tensor, inputs: list[torch.Tensor], r0: int, out: torch.Tensor,
+        scratch: Scratch,
+    ) -> None:
+        """Write into ``out`` (rows ``[r0, r0 + len(out))`` of the result, in ``out.dtype``).
+
+        ``cur`` holds the same rows of the tensor before the step, rows the base lacks already
+        filled in; ``inputs`` the same rows of each of ``self.inputs``.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release anything the step loaded (LoRA factors) once its tensor is done."""
+
+
+@dataclass
+class ApplyOptions:
+    """What the user chose, as every kind sees it."""
+
+    new_rows: str = "zero"  # "zero" | "mean": how rows beyond the base start
+    extras: dict = field(default_factory=dict)
+
+
+class Kind(ABC):
+    """A delta of one kind, opened from its folder."""
+
+    name: str = "?"
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    @abstractmethod
+    def plan(
+        self, specs: dict[str, TensorSpec], options: ApplyOptions
+    ) -> tuple[dict[str, TensorSpec], dict[str, Step]]:
+        """The tensors after this delta, and a step for each tensor it changes."""
+
+    def aux_files(self) -> dict[str, Path | bytes]:
+        """Non-weight files this delta brings (config, tokenizer)."""
+        return {}
+
+    def weight_files(self) -> list[Path]:
+        return []
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles."""
+
+
+def same_specs(a: TensorSpec, b: TensorSpec) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape

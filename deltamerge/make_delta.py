@@ -1,0 +1,165 @@
+"""``make_delta``: what publishers run: a delta of the target against the base, and its manifest.
+
+One streaming pass reads base and target, writes the delta, and also computes what apply will
+rebuild from it, so the manifest can record the publisher's result digest and the user learns
+how many elements a lossy (fp16 additive) delta does not reproduce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .digest import TensorDigest, TensorHasher, file_sha256
+from .engine import Engine
+from .errors import InputError
+from .folders import AUX_FILES
+from .kinds import Step, is_non_weight
+from .kinds.add import MakeAddStep, check_pairing
+from .manifest import MANIFEST_NAME, Manifest, Role
+from .memory import peak_rss_bytes
+from .output import check_out, copy_aux, discard, make_partial, publish, write_index
+from .plan import (
+    DEFAULT_BLOCK_BYTES,
+    DEFAULT_SHARD_SIZE,
+    TensorJob,
+    layout_shards,
+    parse_size,
+    rows_per_block,
+)
+from .progress import make_progress
+from .readers import Checkpoint, open_checkpoint
+from .resolve import resolve_input
+from .safetensors_format import TensorSpec
+
+PathLike = str | Path
+MAKE_KINDS = ("add", "xor")
+
+
+@dataclass
+class MakeDeltaResult:
+    out: Path
+    kind: str
+    tensors: int
+    elements: int
+    mismatched_elements: int  # elements base + delta does not give back exactly
+    base_digest: str
+    result_digest: str
+    bytes_written: int
+    seconds: float
+    peak_rss: int
+
+
+def make_delta(
+    base: PathLike,
+    target: PathLike,
+    out: PathLike,
+    *,
+    kind: str = "add",
+    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    block_size: int = DEFAULT_BLOCK_BYTES,
+    force: bool = False,
+    workers: int | None = None,
+    progress: bool | Callable[[int, int], None] = False,
+    hub: dict | None = None,
+) -> MakeDeltaResult:
+    """Write ``target - base`` (or ``target XOR base``) to ``out`` with a ``deltamerge.json``."""
+    if kind not in MAKE_KINDS:
+        raise InputError(f"make-delta --kind must be one of {', '.join(MAKE_KINDS)}, not {kind!r}")
+    out = Path(out).expanduser()
+    shard_bytes = parse_size(max_shard_size)
+    check_out(out, force)
+    hub = hub or {}
+    base_in = resolve_input(base, "base", **hub)
+    target_in = resolve_input(target, "target", **hub)
+    for given in (base_in, target_in):
+        p = given.path.resolve()
+        if p == out.resolve() or out.resolve() in p.parents:
+            raise InputError(f"{out}: is the input folder {given.given}; choose another OUT")
+    with open_checkpoint(base_in.path) as base_ckpt, open_checkpoint(target_in.path) as target_ckpt:
+        check_pairing(target_ckpt, base_ckpt.specs, role="the target")
+        jobs, steps, results = _plan(base_ckpt, target_ckpt, kind, block_size)
+        shards = layout_shards(jobs, shard_bytes)
+        bar = make_progress(progress, sum(j.out.nbytes for j in jobs), "making delta")
+        tmp = make_partial(out)
+        try:
+            engine = Engine(
+                base_ckpt, shards, tmp, block_bytes=block_size, workers=workers or 1,
+                hash_out=False, hash_files=True, progress=bar.update,
+            )
+            run = engine.run()
+            bar.close()
+            base_digests = dict(run.base_digests)
+            result_digests = {name: h.digest() for name, h in results.items()}
+            for name, spec in base_ckpt.specs.items():
+                if name not in base_digests:
+                    base_digests[name] = _hash_whole(base_ckpt, spec, block_size)
+                if name not in result_digests and is_non_weight(name):
+                    result_digests[name] = base_digests[name]
+            write_index(tmp, shards)
+            copy_aux(tmp, {n: p for n, p in target_ckpt.aux_files().items() if n in AUX_FILES})
+            files = _file_table(tmp, engine.written_files)
+            manifest = Manifest(
+                kind, __version__, files, Role.of(base_digests), Role.of(result_digests),
+                {"new_rows": "zero"},
+            )
+            manifest.write(tmp / MANIFEST_NAME)
+            publish(tmp, out)
+        except BaseException:
+            bar.close()
+            discard(tmp)
+            raise
+    return MakeDeltaResult(
+        out, kind, len(jobs), sum(j.out.numel for j in jobs),
+        sum(getattr(s, "mismatches", 0) for s in steps), manifest.base.model_digest,
+        manifest.result.model_digest, run.bytes_written, run.seconds, peak_rss_bytes(),
+    )
+
+
+def _plan(
+    base: Checkpoint, target: Checkpoint, kind: str, block_bytes: int
+) -> tuple[list[TensorJob], list[Step], dict[str, TensorHasher]]:
+    jobs, steps, results = [], [], {}
+    for name, spec in target.specs.items():
+        if is_non_weight(name):
+            continue
+        step = _make_step(kind, base.specs[name], target, name)
+        hasher = results[name] = TensorHasher(spec)
+        step.on_result = hasher.update
+        job = TensorJob(TensorSpec(name, spec.dtype, spec.shape), base.specs[name], [step])
+        job.rows_per_block = rows_per_block(job, block_bytes)
+        jobs.append(job)
+        steps.append(step)
+    return jobs, steps, results
+
+
+def _make_step(kind: str, before: TensorSpec, target: Checkpoint, name: str) -> Step:
+    if kind == "xor":
+        from .kinds.xor import MakeXorStep
+
+        return MakeXorStep(before, target, name)
+    return MakeAddStep(before, target, name)
+
+
+def _hash_whole(ckpt: Checkpoint, spec: TensorSpec, block_bytes: int) -> TensorDigest:
+    """Digest of a base tensor the stream did not read (buffers apply copies as they are)."""
+    hasher = TensorHasher(spec)
+    rows = max(1, block_bytes // max(1, spec.row_numel * spec.dtype.itemsize))
+    buf = torch.empty(max(1, rows * spec.row_numel * spec.dtype.itemsize), dtype=torch.uint8)
+    for r0 in range(0, max(spec.rows, 1), rows):
+        hasher.update(ckpt.read_rows(spec.name, r0, min(spec.rows, r0 + rows), buf))
+    return hasher.digest()
+
+
+def _file_table(folder: Path, streamed: dict[str, str]) -> dict[str, dict]:
+    """sha256 and size of every file of the delta; shards were hashed as they were written."""
+    table = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != MANIFEST_NAME:
+            sha = streamed.get(path.name) or file_sha256(path)
+            table[path.name] = {"sha256": sha, "size": path.stat().st_size}
+    return table

@@ -1,0 +1,250 @@
+"""The safetensors file format: a validating header parser and a streaming writer.
+
+The safetensors library neither streams writes nor reads without mapping the whole file, so
+deltamerge speaks the format itself. Parsing is strict because headers come from strangers: every
+check the library makes (and a few it does not) fails with a :class:`FormatError` naming the file,
+before any offset from the header is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
+from .errors import FormatError
+
+MAX_HEADER_BYTES = 100_000_000
+LFS_POINTER_PREFIX = b"version https://git-lfs"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a tensor is, independent of where it is stored."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    @property
+    def rows(self) -> int:
+        """Blocks are cut along the first dimension; a 0-d tensor is one row."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    spec: TensorSpec
+    offset: int  # absolute offset of the first byte in the file
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    tensors: dict[str, StoredTensor]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def describe_non_safetensors(path: Path, head: bytes) -> str | None:
+    """Name the usual reasons a weight file is not one, from its first bytes."""
+    if head.startswith(LFS_POINTER_PREFIX):
+        return f"{path}: a Git LFS pointer, not the weights: run `git lfs pull`"
+    if head.startswith(b"PK\x03\x04"):
+        return f"{path}: a zip archive (a PyTorch .bin?), not a safetensors file"
+    return None
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate tensor name {key!r}")
+        seen[key] = value
+    return seen
+
+
+def read_header(path: Path, fd: int | None = None) -> Header:
+    """Parse and validate the header of ``path`` (through ``fd`` when the caller holds it open)."""
+    own = fd is None
+    if own:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise FormatError(f"{path}: no such file") from None
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise FormatError(f"{path}: truncated: {size} bytes is shorter than a safetensors header")
+        n = struct.unpack("<Q", head)[0]
+        known = describe_non_safetensors(path, os.pread(fd, 64, 0))
+        if known:
+            raise FormatError(known)
+        if n > MAX_HEADER_BYTES:
+            raise FormatError(f"{path}: header length {n} exceeds the 100 MB limit: not a valid safetensors file")
+        if 8 + n > size:
+            raise FormatError(f"{path}: truncated: header claims {n} bytes but the file has {size}")
+        raw = os.pread(fd, n, 8)
+        return _parse(path, raw, size, 8 + n)
+    finally:
+        if own:
+            os.close(fd)
+
+
+def _parse(path: Path, raw: bytes, size: int, data_start: int) -> Header:
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FormatError(f"{path}: the safetensors header does not parse: {exc}") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: the safetensors header is not a JSON object")
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise FormatError(f"{path}: __metadata__ must map strings to strings")
+    tensors: dict[str, StoredTensor] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, info in obj.items():
+        spec, begin, end = _parse_entry(path, name, info)
+        tensors[name] = StoredTensor(spec, data_start + begin)
+        spans.append((begin, end, name))
+    spans.sort()
+    cursor = 0
+    for begin, end, name in spans:
+        if begin != cursor:
+            what = "overlaps the previous tensor" if begin < cursor else "leaves a hole before it"
+            raise FormatError(f"{path}: tensor {name!r}: data_offsets [{begin}, {end}] {what}")
+        cursor = end
+    if data_start + cursor != size:
+        if data_start + cursor > size:
+            raise FormatError(
+                f"{path}: truncated: tensors need {data_start + cursor} bytes, the file has {size}"
+            )
+        raise FormatError(
+            f"{path}: {size - data_start - cursor} bytes after the last tensor: not a valid safetensors file"
+        )
+    return Header(path, tensors, dict(metadata), data_start)
+
+
+def _parse_entry(path: Path, name: str, info: object) -> tuple[TensorSpec, int, int]:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise FormatError(f"{where}: entry is not an object")
+    dtype_name = info.get("dtype")
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_TO_TORCH:
+        raise FormatError(f"{where}: unknown dtype {dtype_name!r}")
+    shape = info.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise FormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    offsets = info.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise FormatError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise FormatError(f"{where}: data_offsets [{begin}, {end}] are negative or reversed")
+    dtype = SAFETENSORS_TO_TORCH[dtype_name]
+    nbytes = math.prod(shape) * itemsize(dtype)
+    if nbytes != end - begin:
+        raise FormatError(
+            f"{where}: shape {shape} of {dtype_name} needs {nbytes} bytes, data_offsets give {end - begin}"
+        )
+    return TensorSpec(name, dtype, tuple(shape)), begin, end
+
+
+def aligned_order(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
+    """Largest item size first (stable), so that every tensor starts aligned to its item size."""
+    return sorted(specs, key=lambda s: -itemsize(s.dtype))
+
+
+def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
+    """The header bytes for ``specs`` laid out in the given order, padded to a multiple of 8."""
+    obj: dict[str, object] = {}
+    if metadata:
+        obj["__metadata__"] = metadata
+    offset = 0
+    for spec in specs:
+        obj[spec.name] = {
+            "dtype": TORCH_TO_SAFETENSORS[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(obj, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class StreamingWriter:
+    """Writes one safetensors file front to back: header first, then tensor bytes in order.
+
+    Shapes and dtypes are known from the plan before any data exists, so the header can be
+    written first and no tensor ever needs to be held whole.
+    """
+
+    def __init__(
+        self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None,
+        hash_file: bool = False,
+    ):
+        self.path = path
+        self.specs = specs
+        self.hasher = hashlib.sha256() if hash_file else None
+        header = build_header(specs, metadata)
+        self.expected = len(header) + sum(s.nbytes for s in specs)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.position = 0
+        self.write(header)
+
+    def write(self, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        if self.hasher is not None:
+            self.hasher.update(view)
+        while view:
+            written = os.pwrite(self.fd, view, self.position)
+            self.position += written
+            view = view[written:]
+
+    def close(self, sync: bool = True) -> None:
+        """Finish the file; a short file is a bug in the caller, never a silent success."""
+        try:
+            if self.position != self.expected:
+                raise FormatError(
+                    f"{self.path}: internal error: wrote {self.position} of {self.expected} bytes"
+                )
+            if sync:
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+    def abort(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass

@@ -1,0 +1,143 @@
+"""Tiny LLaMA-shaped checkpoints in real formats, built by the tests themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+HIDDEN, HEADS, LAYERS, FFN, VOCAB = 64, 4, 2, 172, 96
+
+
+def llama_config(vocab: int = VOCAB, dtype: str = "float16", **extra) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": FFN,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": HEADS,
+        "num_hidden_layers": LAYERS,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **extra,
+    }
+
+
+def llama_state(
+    seed: int, dtype: torch.dtype = torch.float16, vocab: int = VOCAB, scale: float = 0.05,
+    inv_freq: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Random LLaMA tensors with the real names and shapes (a tiny hidden size)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    state = {"model.embed_tokens.weight": rnd(vocab, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        for proj in ("q", "k", "v", "o"):
+            state[p + f"self_attn.{proj}_proj.weight"] = rnd(HIDDEN, HIDDEN)
+        state[p + "mlp.gate_proj.weight"] = rnd(FFN, HIDDEN)
+        state[p + "mlp.up_proj.weight"] = rnd(FFN, HIDDEN)
+        state[p + "mlp.down_proj.weight"] = rnd(HIDDEN, FFN)
+        state[p + "input_layernorm.weight"] = (1 + rnd(HIDDEN)).to(dtype)
+        state[p + "post_attention_layernorm.weight"] = (1 + rnd(HIDDEN)).to(dtype)
+        if inv_freq:
+            state[p + "self_attn.rotary_emb.inv_freq"] = 1.0 / (
+                10000 ** (torch.arange(0, HIDDEN // HEADS, 2).float() / (HIDDEN // HEADS))
+            )
+    state["model.norm.weight"] = (1 + rnd(HIDDEN)).to(dtype)
+    state["lm_head.weight"] = rnd(vocab, HIDDEN)
+    return state
+
+
+def save_checkpoint(
+    state: dict[str, torch.Tensor],
+    folder: Path,
+    fmt: str = "safetensors",
+    shard_bytes: int | None = None,
+    config: dict | None = None,
+    tokenizer: bool = True,
+) -> Path:
+    """Write ``state`` as transformers would: one file, or greedy shards with an index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shard_bytes and size and size + nbytes > shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t.contiguous()
+        size += nbytes
+    prefix, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    weight_map = {}
+    for i, group in enumerate(groups):
+        name = (f"{prefix}.{ext}" if len(groups) == 1
+                else f"{prefix}-{i + 1:05d}-of-{len(groups):05d}.{ext}")
+        if fmt == "safetensors":
+            save_file(group, folder / name, metadata={"format": "pt"})
+        else:
+            torch.save(group, folder / name)
+        weight_map.update({k: name for k in group})
+    if len(groups) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (folder / f"{prefix}.{ext}.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+        )
+    vocab = state["model.embed_tokens.weight"].shape[0]
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(config or llama_config(vocab, dtype)))
+    if tokenizer:
+        (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
+        (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>"}))
+    return folder
+
+
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, read with the reference libraries."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    for f in files:
+        if f.suffix == ".safetensors":
+            state.update(load_file(f))
+        else:
+            state.update(torch.load(f, weights_only=True))
+    return state
+
+
+def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert a[name].shape == b[name].shape, name
+        assert torch.equal(a[name], b[name]), name
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real command in a child process, as a user runs it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "deltamerge", *map(str, args)],
+        capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300,
+    )
+
+
+@pytest.fixture
+def base_dir(tmp_path: Path) -> Path:
+    return save_checkpoint(llama_state(0), tmp_path / "base")
