@@ -1,1 +1,40 @@
 """convert: Meta's original LLaMA layout to a Hugging Face folder."""
+
+from __future__ import annotations
+
+import click
+
+from .cli import common_run_options, default_workers, handle_errors, human, main, mib
+from .plan import DEFAULT_BLOCK_BYTES
+
+
+@main.command("convert", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("meta_dir")
+@click.argument("out")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Output dtype (default: the checkpoint's own).")
+@common_run_options
+@handle_errors
+def convert_cmd(meta_dir, out, dtype, max_shard_size, block_size, force, workers, quiet) -> None:
+    """Convert Meta's LLaMA download (params.json, consolidated.NN.pth) into OUT.
+
+    Streams tensor by tensor: a 13B model converts in a few hundred MiB of memory, and the
+    tensors equal transformers' conversion bit for bit in the same dtype. checklist.chk is
+    checked when present.
+
+    \b
+    Example:
+      deltamerge convert ./LLaMA/13B ./llama-13b-hf
+    """
+    from .convert import convert
+
+    result = convert(
+        meta_dir, out, dtype=dtype, max_shard_size=max_shard_size,
+        block_size=block_size or DEFAULT_BLOCK_BYTES, force=force,
+        workers=workers or default_workers(), progress=not quiet,
+    )
+    if not quiet:
+        click.echo(f"converted {meta_dir} into {result.out}: {result.tensors} tensors, "
+                   f"{len(result.shards)} shard(s), {human(result.bytes_written)}, "
+                   f"{result.seconds:.1f} s, peak {mib(result.peak_rss)}")
+        click.echo(f"  digest    {result.model_digest}")

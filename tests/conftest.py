@@ -36,7 +36,10 @@ def llama_config(vocab: int = VOCAB, dtype: str = "float16", **extra) -> dict:
 
 
 def llama_state(
-    seed: int, dtype: torch.dtype = torch.float16, vocab: int = VOCAB, scale: float = 0.05,
+    seed: int,
+    dtype: torch.dtype = torch.float16,
+    vocab: int = VOCAB,
+    scale: float = 0.05,
     inv_freq: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Random LLaMA tensors with the real names and shapes (a tiny hidden size)."""
@@ -86,8 +89,7 @@ def save_checkpoint(
     prefix, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
     weight_map = {}
     for i, group in enumerate(groups):
-        name = (f"{prefix}.{ext}" if len(groups) == 1
-                else f"{prefix}-{i + 1:05d}-of-{len(groups):05d}.{ext}")
+        name = f"{prefix}.{ext}" if len(groups) == 1 else f"{prefix}-{i + 1:05d}-of-{len(groups):05d}.{ext}"
         if fmt == "safetensors":
             save_file(group, folder / name, metadata={"format": "pt"})
         else:
@@ -134,7 +136,11 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "deltamerge", *map(str, args)],
-        capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=300,
     )
 
 

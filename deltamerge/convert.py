@@ -1,0 +1,39 @@
+"""``convert``: Meta's original LLaMA layout to a Hugging Face folder, streamed.
+
+Applying no delta to a base is writing the base, so conversion is :func:`apply_delta` with an
+empty chain: the Meta reader joins and permutes shards row block by row block, and the engine
+writes sharded safetensors with the config and tokenizer files the reader generates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .apply import ApplyResult, apply_delta
+from .errors import InputError
+from .folders import detect_layout
+from .plan import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE
+
+
+def convert(
+    meta_dir: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    block_size: int = DEFAULT_BLOCK_BYTES,
+    force: bool = False,
+    workers: int | None = None,
+    progress: bool | Callable[[int, int], None] = False,
+) -> ApplyResult:
+    """Write the Hugging Face layout of a Meta checkpoint folder (``params.json`` + ``.pth``)."""
+    layout = detect_layout(Path(meta_dir).expanduser())
+    if layout.format != "meta":
+        raise InputError(f"{meta_dir}: not a Meta-layout folder (params.json, consolidated.*.pth)")
+    return apply_delta(
+        meta_dir, [], out, dtype=dtype, max_shard_size=max_shard_size, block_size=block_size,
+        force=force, workers=workers, progress=progress,
+    )

@@ -1,0 +1,71 @@
+"""convert and Meta-layout bases through the whole pipeline (the reader itself: test_meta.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_states_equal, llama_state, load_state, run_cli, save_checkpoint
+from meta_helpers import hf_to_meta
+
+import deltamerge
+from deltamerge.convert import convert
+
+PARAMS = {"dim": 64, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-5, "multiple_of": 4,
+          "vocab_size": -1}
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_convert_gives_back_the_original_tensors(tmp_path: Path, shards: int):
+    state = llama_state(3)
+    hf_to_meta(state, PARAMS, shards, tmp_path / "meta")
+    result = convert(tmp_path / "meta", tmp_path / "hf", max_shard_size=60_000, block_size=2048)
+    assert_states_equal(load_state(tmp_path / "hf"), state)
+    config = json.loads((tmp_path / "hf/config.json").read_text())
+    assert config["vocab_size"] == 96 and config["intermediate_size"] == 172
+    assert result.model_digest == deltamerge.apply_delta(
+        save_checkpoint(state, tmp_path / "ref"), [], tmp_path / "ref-out"
+    ).model_digest
+
+
+def test_converted_model_loads_with_the_originals_logits(tmp_path: Path):
+    transformers = __import__("transformers")
+    state = llama_state(4, torch.float32)
+    hf_to_meta(state, PARAMS, 2, tmp_path / "meta")
+    convert(tmp_path / "meta", tmp_path / "hf")
+    converted = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    config = transformers.LlamaConfig(**json.loads((tmp_path / "hf/config.json").read_text()))
+    original = transformers.LlamaForCausalLM(config).to(torch.float32)
+    original.load_state_dict(state, strict=False)
+    original.tie_weights()
+    ids = torch.tensor([[1, 7, 30, 2]])
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, original(ids).logits)
+
+
+def test_apply_with_a_meta_base_equals_apply_with_its_conversion(tmp_path: Path):
+    state = llama_state(5)
+    hf_to_meta(state, PARAMS, 2, tmp_path / "meta")
+    convert(tmp_path / "meta", tmp_path / "hf")
+    delta = save_checkpoint(llama_state(6, scale=0.01), tmp_path / "delta")
+    a = deltamerge.apply_delta(tmp_path / "meta", delta, tmp_path / "a")
+    b = deltamerge.apply_delta(tmp_path / "hf", delta, tmp_path / "b")
+    assert_states_equal(load_state(tmp_path / "a"), load_state(tmp_path / "b"))
+    assert a.model_digest == b.model_digest
+
+
+def test_convert_cli_with_dtype(tmp_path: Path):
+    state = llama_state(7)
+    hf_to_meta(state, PARAMS, 1, tmp_path / "meta")
+    proc = run_cli("convert", tmp_path / "meta", tmp_path / "hf", "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr
+    out = load_state(tmp_path / "hf")
+    assert all(torch.equal(out[n], state[n].float()) for n in state)
+
+
+def test_convert_refuses_a_hugging_face_folder(tmp_path: Path):
+    hf = save_checkpoint(llama_state(0), tmp_path / "hf")
+    proc = run_cli("convert", hf, tmp_path / "out")
+    assert proc.returncode == 2 and "not a Meta-layout folder" in proc.stderr
