@@ -6,19 +6,21 @@ stream (the engine), verify (the publisher's digests), publish (rename into OUT)
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, faults
 from .deltas import detect_kind, open_kind
 from .digest import FileHasher, TensorDigest, file_sha256, model_digest
 from .dtypes import parse_user_dtype
 from .engine import Engine
-from .errors import InputError, VerificationError
+from .errors import DiskSpaceError, InputError, InterruptedRun, VerificationError, WorkError
 from .folders import AUX_FILES
+from .journal import Journal, fingerprint
 from .kinds import ApplyOptions, Kind, is_non_weight
 from .kinds.add import VOCAB_TENSORS
 from .manifest import MANIFEST_NAME, Manifest, Role, find_manifest
@@ -28,7 +30,7 @@ from .output import (
     copy_aux,
     discard,
     fix_vocab_size,
-    make_partial,
+    partial_dir,
     publish,
     write_index,
     write_json,
@@ -84,11 +86,15 @@ def apply_delta(
     progress: bool | Callable[[int, int], None] = False,
     extra_files: dict[str, Path | bytes] | None = None,
     hub: dict | None = None,
+    expect_md5: PathLike | None = None,
+    resume: bool = False,
 ) -> ApplyResult:
     """Rebuild ``base`` + ``delta`` (or a chain of deltas, applied in order) into ``out``.
 
     Raises a :class:`~deltamerge.errors.DeltaMergeError` with a one-line message on any failure,
-    and then leaves nothing at ``out``.
+    and then leaves nothing at ``out``. An interrupted run (Ctrl-C, SIGTERM, a failed write)
+    keeps its partial folder beside ``out``; ``resume=True`` finishes it, redoing only the
+    shards not yet recorded as finished.
     """
     deltas = [delta] if isinstance(delta, (str, Path)) else list(delta)
     out = Path(out).expanduser()
@@ -97,10 +103,19 @@ def apply_delta(
         raise InputError(f"--new-rows must be 'zero' or 'mean', not {new_rows!r}")
     shard_bytes = parse_size(max_shard_size)
     check_out(out, force)
-    hub = hub or {}
+    from .hub import preflight  # Hub inputs: pair tensors and check space before big downloads
+
+    hub = preflight(base, deltas, kind=kind, **(hub or {}))
     base_in = resolve_input(base, "base", **hub)
     delta_ins = [resolve_input(d, "delta", **hub) for d in deltas]
     _refuse_overlap(out, [base_in, *delta_ins])
+    if kind == "xor-files" or (kind is None and any(
+        detect_kind(d.path, None) == "xor-files" for d in delta_ins
+    )):
+        return _apply_xor_files(base_in, delta_ins, out, out_dtype, force, verify, expect_md5,
+                                progress)
+    if expect_md5 is not None:
+        raise InputError("--expect-md5 checks whole decoded files: it applies to xor-files deltas")
 
     base_ckpt = open_checkpoint(base_in.path)
     opened: list[Kind] = []
@@ -115,40 +130,107 @@ def apply_delta(
         shards = layout_shards(jobs, shard_bytes)
         hashers = _delta_file_hashers(delta_ins, manifests) if verify else {}
         expected_base = manifests[0].base.tensors if manifests and manifests[0] else None
-        bar = make_progress(progress, sum(j.out.nbytes for j in jobs), "rebuilding")
-        tmp = make_partial(out)
+        options_record = {"kind": [k.name for k in opened], "dtype": str(out_dtype),
+                          "new_rows": new_rows, "verify": verify, "version": __version__}
+        fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
+        tmp, journal = _open_partial(out, fp, resume)
         try:
+            skip = set(journal.done)
+            check_free_space(out.parent, sum(
+                j.out.nbytes for s in shards if s.filename not in skip for j in s.jobs))
+            bar = make_progress(progress, sum(
+                j.out.nbytes for s in shards if s.filename not in skip for j in s.jobs), "rebuilding")
             engine = Engine(
                 base_ckpt, shards, tmp, block_bytes=block_size, workers=workers or 1,
                 expected_base=expected_base, file_hashers=hashers, progress=bar.update,
+                skip_shards=skip, on_shard_done=journal.record,
             )
-            run = engine.run()
-            bar.close()
+            try:
+                run = engine.run()
+            finally:
+                bar.close()
+            out_digests = dict(run.out_digests)
+            for digests in journal.done.values():
+                out_digests.update(digests)
             _check_files(delta_ins, manifests, run.file_digests)
             write_index(tmp, shards)
             aux = _aux_files(base_ckpt, opened, extra_files)
             copy_aux(tmp, aux)
             fix_vocab_size(tmp, _vocab_rows(jobs))
-            digest = model_digest(run.out_digests)
+            digest = model_digest(out_digests)
             result = ApplyResult(
                 out, [k.name for k in opened], len(jobs), [s.filename for s in shards],
                 run.bytes_read, run.bytes_written, run.seconds, peak_rss_bytes(), digest,
             )
-            _compare_result(result, manifests, run.out_digests, out_dtype, new_rows)
+            if skip:
+                result.notes.append(f"resumed: {len(skip)} finished shard(s) kept")
+            _compare_result(result, manifests, out_digests, out_dtype, new_rows)
             write_json(
                 tmp / RESULT_RECORD,
-                _record(base_in, delta_ins, result, run.out_digests, out_dtype, new_rows),
+                _record(base_in, delta_ins, result, out_digests, out_dtype, new_rows),
             )
+            faults.reached("publish")
             publish(tmp, out)
+            (out / journal.path.name).unlink(missing_ok=True)
             return result
+        except (KeyboardInterrupt, WorkError) as exc:
+            if isinstance(exc, DiskSpaceError):
+                if not journal.done:
+                    discard(tmp)
+                raise
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            raise InterruptedRun(
+                f"{reason}; the partial result is kept in {tmp}: run the same command with "
+                f"--resume to finish it"
+            ) from exc
         except BaseException:
-            bar.close()
             discard(tmp)
             raise
     finally:
         for k in opened:
             k.close()
         base_ckpt.close()
+
+
+def _open_partial(out: Path, fp: str, resume: bool) -> tuple[Path, Journal]:
+    """The partial folder and its journal: fresh, or an earlier run's when resuming."""
+    tmp = partial_dir(out)
+    if tmp.exists():
+        if not resume:
+            raise InputError(
+                f"{out}: an interrupted run left {tmp}: run the same command with --resume to "
+                f"finish it, or delete that folder"
+            )
+        return tmp, Journal.resume(tmp, fp, "the same command")
+    tmp.mkdir(parents=True)
+    return tmp, Journal.start(tmp, fp)
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    """Refuse before any work when the result cannot fit, naming both numbers."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DiskSpaceError(
+            f"{folder}: not enough free space: the result needs {needed:,} bytes "
+            f"({needed / 1e9:.2f} GB), {free:,} bytes ({free / 1e9:.2f} GB) are free"
+        )
+
+
+def _apply_xor_files(
+    base: Resolved, deltas: list[Resolved], out: Path, out_dtype: torch.dtype | None,
+    force: bool, verify: bool, expect_md5: PathLike | None, progress,
+) -> ApplyResult:
+    """Whole-file XOR deltas (OpenAssistant) are decoded alone, byte for byte, in kinds/xor_files."""
+    from .kinds.xor_files import apply_xor_files
+
+    if len(deltas) != 1:
+        raise InputError(f"{deltas[0].given}: a xor-files delta is decoded alone, not in a chain")
+    if out_dtype is not None:
+        raise InputError("--dtype does not apply to xor-files deltas: the files are decoded as is")
+    md5_list = Path(expect_md5).expanduser() if expect_md5 is not None and verify else None
+    return apply_xor_files(
+        base.path, deltas[0].path, out, force=force, expect_md5=md5_list, progress=progress
+    )
 
 
 def _refuse_overlap(out: Path, inputs: list[Resolved]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -15,7 +16,7 @@ import click
 
 from . import __version__
 from .errors import DeltaMergeError
-from .plan import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
+from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 
 DEBUG = {"on": False}
 
@@ -77,6 +78,12 @@ def main(debug: bool) -> None:
       deltamerge make-delta ./llama-7b ./my-finetune ./my-finetune-delta
     """
     DEBUG["on"] = debug or bool(os.environ.get("DELTAMERGE_DEBUG"))
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM stops a run as Ctrl-C does: cleanly, keeping its partial folder for --resume."""
+    raise KeyboardInterrupt
 
 
 def common_run_options(fn: Callable) -> Callable:
@@ -110,10 +117,17 @@ def default_workers() -> int:
               help="Rows the delta adds to embed_tokens/lm_head start at zero (FastChat v0) or "
                    "at the mean of the base's rows (Alpaca).")
 @click.option("--no-verify", is_flag=True, help="Skip all checksum checks.")
+@click.option("--expect-md5", type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="FILE", help="xor-files: the release's `md5  filename` list of the decoded "
+                                   "files; every listed file must match.")
+@click.option("--resume", is_flag=True,
+              help="Finish an interrupted run of the same command, redoing only unfinished shards.")
+@click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None,
+              help="Upload the result to this Hub repo when done (with a model card).")
 @common_run_options
 @handle_errors
-def apply_cmd(paths, kind, dtype, new_rows, no_verify, max_shard_size, block_size, force,
-              workers, quiet) -> None:
+def apply_cmd(paths, kind, dtype, new_rows, no_verify, expect_md5, resume, push_to,
+              max_shard_size, block_size, force, workers, quiet) -> None:
     """Rebuild a model from BASE and one or more DELTAs into OUT.
 
     BASE and each DELTA are local folders (or Hub repo ids). Several DELTAs are applied in
@@ -132,10 +146,23 @@ def apply_cmd(paths, kind, dtype, new_rows, no_verify, max_shard_size, block_siz
         base, deltas, out, kind=kind, dtype=dtype, new_rows=new_rows,
         max_shard_size=max_shard_size, block_size=block_size or DEFAULT_BLOCK_BYTES,
         force=force, verify=not no_verify, workers=workers or default_workers(),
-        progress=not quiet,
+        progress=not quiet, resume=resume, expect_md5=expect_md5,
     )
-    if quiet:
-        return
+    if not quiet:
+        _print_apply(result, base, deltas, no_verify)
+    if push_to:
+        _push(result.out, push_to, quiet)
+
+
+def _push(folder, repo_id: str, quiet: bool) -> None:
+    from .hub import push_to_hub
+
+    pushed = push_to_hub(folder, repo_id)
+    if not quiet:
+        click.echo(f"pushed to {pushed.url}")
+
+
+def _print_apply(result, base: str, deltas: list[str], no_verify: bool) -> None:
     rate = result.bytes_written / result.seconds if result.seconds else 0
     click.echo(f"rebuilt {result.out} from {base} + {' + '.join(deltas)} "
                f"(kind: {', '.join(result.kinds)})")
@@ -162,9 +189,11 @@ def apply_cmd(paths, kind, dtype, new_rows, no_verify, max_shard_size, block_siz
 @click.argument("out")
 @click.option("--kind", type=click.Choice(["add", "xor"]), default="add", show_default=True,
               help="add: target - base (lossy in fp16); xor: bits XORed, lossless.")
+@click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None,
+              help="Upload the delta to this Hub repo when done (with a model card).")
 @common_run_options
 @handle_errors
-def make_delta_cmd(base, target, out, kind, max_shard_size, block_size, force, workers,
+def make_delta_cmd(base, target, out, kind, push_to, max_shard_size, block_size, force, workers,
                    quiet) -> None:
     """Write the delta of TARGET against BASE into OUT, with a deltamerge.json manifest.
 
@@ -179,8 +208,13 @@ def make_delta_cmd(base, target, out, kind, max_shard_size, block_size, force, w
         block_size=block_size or DEFAULT_BLOCK_BYTES, force=force,
         workers=workers or default_workers(), progress=not quiet,
     )
-    if quiet:
-        return
+    if not quiet:
+        _print_make(result)
+    if push_to:
+        _push(result.out, push_to, quiet)
+
+
+def _print_make(result) -> None:
     click.echo(f"wrote {result.kind} delta {result.out} ({result.tensors} tensors, "
                f"{human(result.bytes_written)}, {result.seconds:.1f} s, peak {mib(result.peak_rss)})")
     share = result.mismatched_elements / max(result.elements, 1)

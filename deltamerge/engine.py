@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import faults
 from .digest import FileHasher, TensorDigest, TensorHasher, raw_bytes
 from .errors import DeltaMergeError, VerificationError, WorkError
 from .kinds import Scratch
@@ -103,6 +104,8 @@ class Engine:
         progress: Progress | None = None,
         slots: int | None = None,
         hash_files: bool = False,
+        skip_shards: set[str] | None = None,
+        on_shard_done: Callable[[str, int, dict[str, TensorDigest]], None] | None = None,
     ):
         self.base = base
         self.shards = shards
@@ -116,6 +119,8 @@ class Engine:
         self.metadata = metadata if metadata is not None else {"format": "pt"}
         self.progress = progress
         self.hash_files = hash_files
+        self.skip_shards = skip_shards or set()
+        self.on_shard_done = on_shard_done
         self.written_files: dict[str, str] = {}
         self.n_slots = slots or (1 if self.workers == 1 else 3)
         self.base_digests: dict[str, TensorDigest] = {}
@@ -131,6 +136,8 @@ class Engine:
     # -- the blocks, in output order -------------------------------------------------------
     def _blocks(self) -> Iterator[Block]:
         for s, shard in enumerate(self.shards):
+            if shard.filename in self.skip_shards:
+                continue
             pairs = [(job, r) for job in shard.jobs for r in job.blocks()]
             if not pairs:
                 continue
@@ -258,6 +265,7 @@ class Engine:
             self._writer = StreamingWriter(
                 self.out_dir / shard.filename, shard.specs, self.metadata, self.hash_files
             )
+            faults.reached("header")
         assert self._writer is not None and b.out is not None
         data = raw_bytes(b.out.contiguous())
         try:
@@ -266,6 +274,7 @@ class Engine:
             what = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
             raise WorkError(f"{self._writer.path}: {what} while writing tensor {b.job.name!r}") from None
         self.bytes_written += len(data)
+        faults.reached("block")
         if b.last_in_shard:
             writer, self._writer = self._writer, None
             writer.close()
@@ -289,6 +298,12 @@ class Engine:
         if b.last:
             for step in job.steps:
                 step.close()
+        if b.last_in_shard and self.on_shard_done is not None:
+            shard = self.shards[b.shard]
+            size = (self.out_dir / shard.filename).stat().st_size
+            digests = {j.name: self.out_digests[j.name] for j in shard.jobs if j.name in self.out_digests}
+            self.on_shard_done(shard.filename, size, digests)
+            faults.reached("shard")
 
     # -- running ---------------------------------------------------------------------------
     def run(self) -> EngineResult:

@@ -50,3 +50,11 @@ class WorkError(DeltaMergeError):
     """The job failed while running (disk full, I/O error, interrupted)."""
 
     exit_code = 1
+
+
+class DiskSpaceError(WorkError):
+    """Not enough free space for the result or the download; refused before any work."""
+
+
+class InterruptedRun(WorkError):
+    """SIGINT or SIGTERM stopped the run; the partial folder is kept for ``--resume``."""

@@ -1,0 +1,92 @@
+"""The journal of a run in progress, so a killed merge resumes where it stopped.
+
+It lives in the partial folder beside OUT. Its first line fingerprints the plan (inputs, options,
+shard layout); each later line records one shard that was written, fsynced and hashed, with the
+digests of its tensors. A resumed run skips exactly those shards, and refuses to resume a
+partial folder whose plan differs from its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .digest import TensorDigest
+from .errors import InputError
+from .plan import Shard
+
+JOURNAL_NAME = "journal.jsonl"
+
+
+def fingerprint(inputs: list[Path], options: dict, shards: list[Shard]) -> str:
+    """Everything that decides the output's bytes: input files (name, size, mtime), options, layout."""
+    h = hashlib.sha256()
+    for folder in inputs:
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            st = path.stat()
+            h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    h.update(json.dumps(options, sort_keys=True, default=str).encode())
+    for shard in shards:
+        h.update(shard.filename.encode())
+        for spec in shard.specs:
+            h.update(f"{spec.name}\0{spec.dtype}\0{list(spec.shape)}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Journal:
+    path: Path
+    fingerprint: str
+    done: dict[str, dict[str, TensorDigest]] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, folder: Path, fp: str) -> Journal:
+        journal = cls(folder / JOURNAL_NAME, fp)
+        journal._append({"fingerprint": fp})
+        return journal
+
+    @classmethod
+    def resume(cls, folder: Path, fp: str, command: str) -> Journal:
+        """The journal of an earlier run of the same plan; shards not fully recorded are redone."""
+        path = folder / JOURNAL_NAME
+        lines = path.read_text().splitlines() if path.is_file() else []
+        try:
+            head = json.loads(lines[0]) if lines else {}
+        except ValueError:
+            head = {}
+        if head.get("fingerprint") != fp:
+            raise InputError(
+                f"{folder}: was left by a run with other inputs or options; delete it, or run "
+                f"the original command with --resume ({command})"
+            )
+        journal = cls(path, fp)
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+                digests = {
+                    n: TensorDigest(d["dtype"], tuple(d["shape"]), d["sha256"])
+                    for n, d in entry["tensors"].items()
+                }
+            except (ValueError, KeyError, TypeError):
+                break  # a line cut short by the kill: that shard is redone
+            if (folder / entry["shard"]).is_file() and (
+                (folder / entry["shard"]).stat().st_size == entry.get("size")
+            ):
+                journal.done[entry["shard"]] = digests
+        return journal
+
+    def record(self, shard: str, size: int, digests: dict[str, TensorDigest]) -> None:
+        self.done[shard] = digests
+        self._append({"shard": shard, "size": size,
+                      "tensors": {n: d.to_json() for n, d in digests.items()}})
+
+    def _append(self, obj: dict) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, (json.dumps(obj) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
