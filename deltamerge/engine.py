@@ -12,7 +12,6 @@ at most ``slots`` blocks are in flight, whatever the model's size.
 from __future__ import annotations
 
 import errno
-import os
 import queue
 import threading
 import time
@@ -26,7 +25,6 @@ from . import faults
 from .digest import FileHasher, TensorDigest, TensorHasher, raw_bytes
 from .errors import DeltaMergeError, VerificationError, WorkError
 from .kinds import Scratch
-from .memory import drop_file_range
 from .plan import Shard, TensorJob
 from .readers import Checkpoint, view_rows
 from .safetensors_format import StreamingWriter
@@ -64,6 +62,7 @@ class Block:
     slot: Slot | None = None
     base_rows: torch.Tensor | None = None
     inputs: list[list[torch.Tensor]] = field(default_factory=list)
+    located: list[tuple[tuple[Path, int] | None, torch.Tensor]] = field(default_factory=list)
     out: torch.Tensor | None = None
 
     @property
@@ -173,7 +172,8 @@ class Engine:
                 t = inp.checkpoint.read_rows(inp.name, b.r0, b.r0 + m, slot.input_buffer(k))
                 self.bytes_read += t.nbytes
                 rows.append(t)
-                self._feed_file_hash(inp.checkpoint, inp.name, b.r0, b.r0 + m, t)
+                if self.file_hashers:
+                    b.located.append((inp.checkpoint.locate(inp.name, b.r0, b.r0 + m), t))
                 k += 1
             b.inputs.append(rows)
         if b.r1 < job.out.rows and job.base is not None and self.base is not None:
@@ -181,14 +181,10 @@ class Engine:
             if nxt > b.r1:
                 self.base.prefetch(job.base.name, b.r1, nxt)
 
-    def _feed_file_hash(self, ckpt: Checkpoint, name: str, r0: int, r1: int, t: torch.Tensor) -> None:
-        if not self.file_hashers:
-            return
-        where = ckpt.locate(name, r0, r1)
-        if where is not None and where[0] in self.file_hashers:
-            self.file_hashers[where[0]].feed(where[1], raw_bytes(t))
-
     def _check(self, b: Block) -> None:
+        for where, rows in b.located:
+            if where is not None and where[0] in self.file_hashers:
+                self.file_hashers[where[0]].feed(where[1], raw_bytes(rows))
         job = b.job
         if not self.hash_base or job.base is None or b.base_rows is None:
             return
@@ -280,9 +276,6 @@ class Engine:
             writer.close()
             if writer.hasher is not None:
                 self.written_files[shard.filename] = writer.hasher.hexdigest()
-            fd = os.open(writer.path, os.O_RDONLY)
-            drop_file_range(fd, 0, writer.position)
-            os.close(fd)
         if self.progress is not None:
             self.progress(len(data))
 

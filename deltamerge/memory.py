@@ -24,6 +24,7 @@ def _load_libc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
         return libc
     except (OSError, AttributeError):
         return None
@@ -62,6 +63,38 @@ def drop_mapped_range(address: int, length: int) -> None:
     end = (address + length) // _PAGE * _PAGE
     if end > start:
         _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+_SYNC_WAIT_BEFORE, _SYNC_WRITE, _SYNC_WAIT_AFTER = 1, 2, 4
+
+
+class WriteBehind:
+    """Streams written bytes to disk behind the writer and drops them from the page cache.
+
+    Each range just written is queued for writeback at once (``sync_file_range``, which does not
+    wait); the range before it is then waited for and dropped. Dirty pages stay at about two
+    ranges instead of a whole shard, and the final fsync has little left to do.
+    """
+
+    def __init__(self, fd: int, chunk: int = 64 * 1024 * 1024):
+        self.fd = fd
+        self.chunk = chunk
+        self._flushed = 0  # everything before this is on its way to disk
+        self._dropped = 0  # everything before this has been waited for and dropped
+
+    def advance(self, position: int) -> None:
+        if _LIBC is None or position - self._flushed < self.chunk:
+            return
+        try:
+            _LIBC.sync_file_range(self.fd, self._flushed, position - self._flushed, _SYNC_WRITE)
+            if self._flushed > self._dropped:
+                flags = _SYNC_WAIT_BEFORE | _SYNC_WRITE | _SYNC_WAIT_AFTER
+                _LIBC.sync_file_range(self.fd, self._dropped, self._flushed - self._dropped, flags)
+                drop_file_range(self.fd, self._dropped, self._flushed - self._dropped)
+                self._dropped = self._flushed
+        except (OSError, AttributeError):
+            return
+        self._flushed = position
 
 
 def peak_rss_bytes() -> int:
