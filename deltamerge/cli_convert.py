@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .cli import common_run_options, default_workers, handle_errors, human, main, mib
-from .plan import DEFAULT_BLOCK_BYTES
+from .sizes import DEFAULT_BLOCK_BYTES
 
 
 @main.command("convert", context_settings={"help_option_names": ["-h", "--help"]})
