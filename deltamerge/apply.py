@@ -120,9 +120,12 @@ def apply_delta(
     base_ckpt = open_checkpoint(base_in.path)
     opened: list[Kind] = []
     try:
-        manifests = [find_manifest(d.path) if verify else None for d in delta_ins]
-        for d, m in zip(delta_ins, manifests):
+        # The manifest names the kind even when its checks are skipped: without it an XOR delta
+        # would be added as if additive. --no-verify with --kind does not read it at all.
+        found = [find_manifest(d.path) if verify or kind is None else None for d in delta_ins]
+        for d, m in zip(delta_ins, found):
             opened.append(open_kind(kind or detect_kind(d.path, m), d.path))
+        manifests = found if verify else [None] * len(delta_ins)
         options = ApplyOptions(new_rows=new_rows)
         jobs = plan_chain(base_ckpt, opened, options, out_dtype, block_size)
         if new_rows == "mean":

@@ -1,1 +1,184 @@
-"""Commands about checksums: checksum, verify, inspect, diff."""
+"""Commands about checksums: checksum, verify, inspect, diff.
+
+Thin printers over :mod:`deltamerge.checks`. Exit status as everywhere: 0 for success, 2 for bad
+input; a verification that fails exits 1 after listing every tensor at fault, and ``diff`` exits
+1 when the checkpoints differ, as diff(1) does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+
+import click
+
+from .cli import handle_errors, human, main
+from .digest import TensorDigest
+from .errors import VerificationError
+
+HELP = {"help_option_names": ["-h", "--help"]}
+
+
+def _spec(d: TensorDigest) -> str:
+    return f"{d.dtype}{list(d.shape)}"
+
+
+def _quiet_option(fn: Callable) -> Callable:
+    return click.option("-q", "--quiet", is_flag=True, help="No progress bar.")(fn)
+
+
+def _json_option(fn: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")(fn)
+
+
+@main.command("checksum", context_settings=HELP)
+@click.argument("folder", metavar="DIR")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write every tensor's digest to this JSON file (for verify --manifest).")
+@_quiet_option
+@handle_errors
+def checksum_cmd(folder: str, output: str | None, quiet: bool) -> None:
+    """Print the model digest of the checkpoint in DIR.
+
+    The digest is of the tensors' names, dtypes, shapes and bytes, not of the files: the same
+    weights give the same digest as safetensors or .bin, in any number of shards (see
+    docs/manifest.md). Compare it with the one a publisher gives.
+
+    \b
+    Example:
+      deltamerge checksum ./llama-7b --output llama-7b.digests.json
+      deltamerge verify ./other-copy --manifest llama-7b.digests.json
+    """
+    from .checks import checksum
+
+    result = checksum(folder, progress=not quiet)
+    if output:
+        result.write(output)
+    click.echo(f"{result.model_digest}  {folder}")
+
+
+@main.command("verify", context_settings=HELP)
+@click.argument("folder", metavar="DIR")
+@click.option("-m", "--manifest", required=True, metavar="FILE",
+              help="deltamerge.json, deltamerge-result.json, or a `checksum --output` file "
+                   "(a folder: its deltamerge.json or deltamerge-result.json).")
+@click.option("--role", type=click.Choice(["result", "base"]), default="result", show_default=True,
+              help="Which side of a deltamerge.json DIR should be: the delta's result or its base.")
+@_json_option
+@_quiet_option
+@handle_errors
+def verify_cmd(folder: str, manifest: str, role: str, as_json: bool, quiet: bool) -> None:
+    """Check every tensor of DIR against a manifest's digests.
+
+    Exits 0 when all match, 1 listing every tensor that is missing, extra or different.
+
+    \b
+    Examples:
+      deltamerge verify ./vicuna-7b --manifest ./vicuna-7b-delta/deltamerge.json
+      deltamerge verify ./llama-7b --manifest ./vicuna-7b-delta/deltamerge.json --role base
+      deltamerge verify ./vicuna-7b --manifest ./vicuna-7b/deltamerge-result.json
+    """
+    from .checks import verify
+
+    report = verify(folder, manifest, role, progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=1))
+    else:
+        for name in report.missing:
+            click.echo(f"missing  {name}")
+        for name in report.extra:
+            click.echo(f"extra    {name}")
+        for m in report.differ:
+            click.echo(f"differs  {m.name}: {m.reason}: sha256 {m.actual.sha256[:16]}… "
+                       f"{_spec(m.actual)}, expected {m.expected.sha256[:16]}… {_spec(m.expected)}")
+    if not report.ok:
+        raise VerificationError(
+            f"{folder}: {report.failures} tensor(s) do not match the {role} in {manifest} "
+            f"({report.matched} of {report.tensors} matched)"
+        )
+    if not as_json:
+        click.echo(f"OK  {folder} matches the {role} in {manifest}: {report.matched} tensors, "
+                   f"model digest {report.model_digest}")
+
+
+@main.command("inspect", context_settings=HELP)
+@click.argument("folder", metavar="DIR")
+@click.option("--no-digest", is_flag=True,
+              help="Read headers only; skip the model digest (which reads every byte).")
+@_json_option
+@_quiet_option
+@handle_errors
+def inspect_cmd(folder: str, no_digest: bool, as_json: bool, quiet: bool) -> None:
+    """Show what the checkpoint in DIR holds: format, files, dtypes, size, tensors, digest.
+
+    \b
+    Examples:
+      deltamerge inspect ./llama-7b
+      deltamerge inspect ./llama-7b --json --no-digest
+    """
+    from .checks import inspect
+
+    r = inspect(folder, digest=not no_digest, progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(r.to_json(), indent=1))
+        return
+    click.echo(f"{folder}: {r.format}, {len(r.shards)} file(s)"
+               + (f" indexed by {r.index}" if r.index else ""))
+    click.echo(f"  parameters  {r.parameters:,}")
+    click.echo(f"  bytes       {human(r.bytes)} of tensor data")
+    for dtype, c in r.dtypes.items():
+        click.echo(f"  {dtype:<11} {c.tensors} tensors, {c.parameters:,} parameters")
+    for s in r.shards:
+        click.echo(f"  file        {s.file} ({human(s.size)}, {s.tensors} tensors)")
+    if r.model_digest:
+        click.echo(f"  digest      {r.model_digest}")
+    width = max((len(t.name) for t in r.tensors), default=0)
+    click.echo("tensors:")
+    for t in r.tensors:
+        click.echo(f"  {t.name:<{width}}  {t.dtype:<5} {str(list(t.shape)):<14} {t.file}")
+
+
+@main.command("diff", context_settings=HELP)
+@click.argument("a")
+@click.argument("b")
+@_json_option
+@_quiet_option
+@handle_errors
+def diff_cmd(a: str, b: str, as_json: bool, quiet: bool) -> None:
+    """Compare the checkpoints A and B tensor by tensor, by value.
+
+    Lists tensors on one side only, dtype and shape differences, and for each tensor whose
+    values differ how many elements do and the largest absolute difference (in fp32). Formats
+    and shard layouts may differ. Exits 0 when identical, 1 when they differ (as diff does).
+
+    \b
+    Example:
+      deltamerge diff ./my-llama-7b ./llama-7b-from-the-hub
+    """
+    from .checks import diff
+
+    r = diff(a, b, progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(r.to_json(), indent=1))
+    else:
+        for name in r.only_a:
+            click.echo(f"only in {a}: {name}")
+        for name in r.only_b:
+            click.echo(f"only in {b}: {name}")
+        for d in r.layout:
+            values = "" if d.max_abs_diff is None else f", max abs diff {d.max_abs_diff:.6g}"
+            click.echo(f"layout   {d.name}: {d.a_dtype}{list(d.a_shape)} vs "
+                       f"{d.b_dtype}{list(d.b_shape)}{values}")
+        for c in r.content:
+            click.echo(f"differs  {c.name}: {c.differing} of {c.elements} elements, "
+                       f"max abs diff {c.max_abs_diff:.6g}")
+        if r.identical:
+            click.echo(f"identical: {r.same} tensors with the same names, dtypes, shapes and values")
+        else:
+            largest = "" if r.max_abs_diff is None else f"; max abs diff {r.max_abs_diff:.6g}"
+            click.echo(f"{a} and {b} differ: {len(r.only_a)} only in A, {len(r.only_b)} only in B, "
+                       f"{len(r.layout)} dtype/shape, {len(r.content)} values, "
+                       f"{r.same} identical{largest}")
+    if not r.identical:
+        sys.exit(1)

@@ -34,17 +34,43 @@ class Resolved:
 
 
 def looks_like_path(text: str) -> bool:
-    return text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    repo = text.split("@", 1)[0]  # a revision may hold slashes: refs/pr/1
+    return text.startswith((".", "/", "~")) or repo.count("/") > 1 or "\\" in text
+
+
+def hub_repo_id(given: str | Path, role: str = "input") -> str | None:
+    """None for an existing local path, the text for a Hub repo id; else "no such folder".
+
+    Decided without any request, so callers can check every input before reaching the Hub.
+    """
+    text = str(given)
+    if Path(text).expanduser().exists():
+        return None
+    if isinstance(given, Path) or looks_like_path(text) or not _REPO_ID.fullmatch(text):
+        raise NotFoundError(f"{text}: no such folder ({role})")
+    return text
 
 
 def resolve_input(given: str | Path, role: str = "input", **hub: object) -> Resolved:
     """A local path wins; then a repo id; then a "no such folder" error."""
-    text = str(given)
-    path = Path(text).expanduser()
-    if path.exists():
-        return Resolved(path, text)
-    if isinstance(given, Path) or looks_like_path(text) or not _REPO_ID.fullmatch(text):
-        raise NotFoundError(f"{text}: no such folder ({role})")
+    text = hub_repo_id(given, role)
+    if text is None:
+        return Resolved(Path(str(given)).expanduser(), str(given))
     from .hub import download_input
 
     return download_input(text, role=role, **hub)
+
+
+def local_folder(given: str | Path, role: str = "input", **hub: object) -> Path:
+    """The folder to read: ``given`` as a path, or the cached snapshot when it is a Hub repo id.
+
+    Unlike :func:`resolve_input`, a missing path comes back as it is, for the reader to report
+    in its own words; only a repo id that does not exist locally reaches the Hub.
+    """
+    text = str(given)
+    path = Path(text).expanduser()
+    if isinstance(given, Path) or path.exists() or looks_like_path(text) or not _REPO_ID.fullmatch(text):
+        return path
+    from .hub import download_input
+
+    return download_input(text, role=role, **hub).path

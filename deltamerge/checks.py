@@ -1,0 +1,524 @@
+"""Checking checkpoints by content: checksum, verify, inspect and diff.
+
+These answer the questions a user has before and after a rebuild ("is my base the publisher's?",
+"is this result what they published?", "what is in this folder?", "how far apart are these two
+models?") with the same layout-independent digests apply and make-delta record (docs/manifest.md).
+Every function streams tensors a block of rows at a time through :func:`open_checkpoint`, so any
+supported format works and memory stays at a few blocks whatever the model's size. They return
+result objects and never print: the CLI (cli_integrity.py) does that.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from . import __version__
+from .apply import RESULT_RECORD
+from .digest import TensorDigest, TensorHasher, model_digest
+from .dtypes import BITS_DTYPE, TORCH_TO_SAFETENSORS, itemsize
+from .errors import FormatError, InputError, NotFoundError
+from .folders import read_json_object
+from .manifest import FORMAT as MANIFEST_FORMAT
+from .manifest import MANIFEST_NAME, Role, _role, parse_manifest
+from .plan import DEFAULT_BLOCK_BYTES
+from .progress import Progress, make_progress
+from .readers import Checkpoint, open_checkpoint
+from .resolve import local_folder
+from .safetensors_format import TensorSpec
+
+CHECKSUMS_FORMAT = "deltamerge-checksums"
+CHECKSUMS_VERSION = 1
+ROLES = ("result", "base")
+ProgressArg = bool | Callable[[int, int], None]
+
+
+# -- streaming ------------------------------------------------------------------------------
+def _row_blocks(spec: TensorSpec, block_bytes: int, widest: int) -> Iterator[tuple[int, int]]:
+    """Row ranges whose widest buffer stays within ``block_bytes`` (one row at least).
+
+    ``widest`` is the largest item size the caller's work needs per element (the stored dtype's
+    at least): 4 where blocks are also converted to fp32.
+    """
+    per_row = max(1, spec.row_numel * max(widest, itemsize(spec.dtype)))
+    step = max(1, block_bytes // per_row)
+    for r0 in range(0, spec.rows, step):
+        yield r0, min(spec.rows, r0 + step)
+
+
+def _buffer(specs: list[TensorSpec], block_bytes: int, widest: int) -> torch.Tensor:
+    """One reused read buffer large enough for the largest block of any of ``specs``."""
+    largest = 1
+    for spec in specs:
+        r0, r1 = next(_row_blocks(spec, block_bytes, widest), (0, 0))  # the first is the largest
+        largest = max(largest, (r1 - r0) * spec.row_numel * itemsize(spec.dtype))
+    return torch.empty(largest, dtype=torch.uint8)
+
+
+def _hash_all(ckpt: Checkpoint, block_bytes: int, bar: Progress) -> dict[str, TensorDigest]:
+    """The digest of every tensor, in stored order (sequential reads), a block at a time."""
+    specs = list(ckpt.specs.values())
+    buf = _buffer(specs, block_bytes, 1)
+    digests = {}
+    for spec in specs:
+        hasher = TensorHasher(spec)
+        blocks = list(_row_blocks(spec, block_bytes, 1))
+        for i, (r0, r1) in enumerate(blocks):
+            if i + 1 < len(blocks):
+                ckpt.prefetch(spec.name, *blocks[i + 1])
+            rows = ckpt.read_rows(spec.name, r0, r1, buf)
+            hasher.update(rows)
+            bar.update(rows.nbytes)
+        digests[spec.name] = hasher.digest()
+    return digests
+
+
+def _total_bytes(ckpt: Checkpoint) -> int:
+    return sum(s.nbytes for s in ckpt.specs.values())
+
+
+# -- checksum -------------------------------------------------------------------------------
+class Checksum(NamedTuple):
+    """A model's digest and its tensors' digests; unpacks as ``(model_digest, tensors)``."""
+
+    model_digest: str
+    tensors: dict[str, TensorDigest]
+
+    def to_json(self) -> dict:
+        """The ``checksum --output`` file: a role object with a format marker (docs/manifest.md)."""
+        return {
+            "format": CHECKSUMS_FORMAT,
+            "format_version": CHECKSUMS_VERSION,
+            "deltamerge_version": __version__,
+            **Role.of(self.tensors).to_json(),
+        }
+
+    def write(self, path: Path | str) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+
+def checksum(
+    path: Path | str,
+    *,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    progress: ProgressArg = False,
+    hub: dict | None = None,
+) -> Checksum:
+    """Digest every tensor of a checkpoint; the same tensors give the same digests in any layout.
+
+    ``path`` may be a Hub repo id (``hub``: ``endpoint``, ``token`` or ``api``), as for every
+    function here.
+    """
+    with open_checkpoint(local_folder(path, **(hub or {}))) as ckpt:
+        bar = make_progress(progress, _total_bytes(ckpt), "hashing")
+        try:
+            digests = _hash_all(ckpt, block_bytes, bar)
+        finally:
+            bar.close()
+    return Checksum(model_digest(digests), dict(sorted(digests.items())))
+
+
+# -- verify ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorMismatch:
+    """A tensor present on both sides whose dtype, shape or bytes differ."""
+
+    name: str
+    expected: TensorDigest
+    actual: TensorDigest
+
+    @property
+    def reason(self) -> str:
+        if self.expected.dtype != self.actual.dtype:
+            return "dtype"
+        if self.expected.shape != self.actual.shape:
+            return "shape"
+        return "content"
+
+
+@dataclass
+class VerifyReport:
+    """How a checkpoint compares with one role of a manifest; ``ok`` when every tensor matches."""
+
+    path: Path
+    manifest: Path
+    role: str
+    model_digest: str
+    expected_digest: str
+    tensors: int  # tensors in the checkpoint
+    matched: int
+    missing: list[str] = field(default_factory=list)  # in the manifest, not in the checkpoint
+    extra: list[str] = field(default_factory=list)  # in the checkpoint, not in the manifest
+    differ: list[TensorMismatch] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.extra or self.differ)
+
+    @property
+    def failures(self) -> int:
+        return len(self.missing) + len(self.extra) + len(self.differ)
+
+    def to_json(self) -> dict:
+        return {
+            "path": str(self.path),
+            "manifest": str(self.manifest),
+            "role": self.role,
+            "ok": self.ok,
+            "model_digest": self.model_digest,
+            "expected_digest": self.expected_digest,
+            "tensors": self.tensors,
+            "matched": self.matched,
+            "missing": self.missing,
+            "extra": self.extra,
+            "differ": [
+                {"name": m.name, "reason": m.reason, "expected": m.expected.to_json(),
+                 "actual": m.actual.to_json()}
+                for m in self.differ
+            ],
+        }
+
+
+def load_expected(manifest_path: Path | str, role: str = "result") -> Role:
+    """The tensor digests to check against, from any of the three files that carry them.
+
+    A ``deltamerge.json`` has both roles; a ``deltamerge-result.json`` (what apply writes into
+    OUT) has only its ``result``; a ``checksum --output`` file describes one model, whatever the
+    role. A folder stands for the ``deltamerge.json`` or ``deltamerge-result.json`` in it.
+    """
+    if role not in ROLES:
+        raise InputError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    path = _manifest_file(Path(manifest_path).expanduser())
+    obj = read_json_object(path)
+    fmt = obj.get("format")
+    if fmt == MANIFEST_FORMAT:
+        manifest = parse_manifest(path, obj)
+        return manifest.result if role == "result" else manifest.base
+    if fmt == CHECKSUMS_FORMAT:
+        if obj.get("format_version") != CHECKSUMS_VERSION:
+            raise FormatError(
+                f"{path}: unknown {CHECKSUMS_FORMAT} version {obj.get('format_version')!r}"
+            )
+        return _role(path, obj, "checksums")
+    if fmt is None and "result" in obj:
+        if role != "result":
+            raise InputError(
+                f"{path}: a result record has no base role; verify the base against the "
+                f"delta's {MANIFEST_NAME}"
+            )
+        return _role(path, obj["result"], "result")
+    raise FormatError(
+        f"{path}: not a {MANIFEST_NAME}, {RESULT_RECORD} or `deltamerge checksum --output` file"
+    )
+
+
+def _manifest_file(path: Path) -> Path:
+    if not path.is_dir():
+        if not path.exists():
+            raise NotFoundError(f"{path}: no such manifest file")
+        return path
+    for name in (MANIFEST_NAME, RESULT_RECORD):
+        if (path / name).is_file():
+            return path / name
+    raise InputError(f"{path}: holds neither {MANIFEST_NAME} nor {RESULT_RECORD}")
+
+
+def compare_digests(
+    actual: dict[str, TensorDigest], expected: dict[str, TensorDigest]
+) -> tuple[list[str], list[str], list[TensorMismatch]]:
+    """Names only expected (missing), only actual (extra), and on both sides but different."""
+    missing = sorted(set(expected) - set(actual))
+    extra = sorted(set(actual) - set(expected))
+    differ = [
+        TensorMismatch(n, expected[n], actual[n])
+        for n in sorted(set(actual) & set(expected))
+        if actual[n] != expected[n]
+    ]
+    return missing, extra, differ
+
+
+def verify(
+    path: Path | str,
+    manifest_path: Path | str,
+    role: str = "result",
+    *,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    progress: ProgressArg = False,
+    hub: dict | None = None,
+) -> VerifyReport:
+    """Compare every tensor of ``path`` with one role of a manifest; lists every difference.
+
+    ``role="base"`` answers "is this the base the delta was made against?"; ``role="result"``
+    "is this what the publisher got?". A mismatch is a report, not an exception; unreadable
+    inputs raise :class:`~deltamerge.errors.DeltaMergeError`.
+    """
+    manifest_file = local_folder(manifest_path, "manifest", weights=False, **(hub or {}))
+    expected = load_expected(manifest_file, role)
+    actual = checksum(path, block_bytes=block_bytes, progress=progress, hub=hub)
+    missing, extra, differ = compare_digests(actual.tensors, expected.tensors)
+    return VerifyReport(
+        Path(path), Path(manifest_path), role, actual.model_digest, expected.model_digest,
+        len(actual.tensors), len(actual.tensors) - len(extra) - len(differ), missing, extra,
+        differ,
+    )
+
+
+# -- inspect --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # as safetensors spells it
+    shape: tuple[int, ...]
+    file: str  # relative to the checkpoint's folder
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "file": self.file}
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str
+    size: int  # bytes on disk
+    tensors: int
+
+
+@dataclass(frozen=True)
+class DtypeCount:
+    tensors: int
+    parameters: int
+
+
+@dataclass
+class InspectReport:
+    """What a checkpoint holds, from its headers, and (unless skipped) its model digest."""
+
+    path: Path
+    format: str
+    index: str | None
+    shards: list[ShardInfo]
+    dtypes: dict[str, DtypeCount]
+    parameters: int
+    bytes: int  # tensor data, without headers
+    tensors: list[TensorInfo]
+    model_digest: str | None
+
+    def to_json(self) -> dict:
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "index": self.index,
+            "shards": [{"file": s.file, "size": s.size, "tensors": s.tensors} for s in self.shards],
+            "dtypes": {d: {"tensors": c.tensors, "parameters": c.parameters}
+                       for d, c in self.dtypes.items()},
+            "parameters": self.parameters,
+            "bytes": self.bytes,
+            "model_digest": self.model_digest,
+            "tensors": [t.to_json() for t in self.tensors],
+        }
+
+
+def _relative(ckpt: Checkpoint, file: Path) -> str:
+    try:
+        return str(file.relative_to(ckpt.path))
+    except ValueError:
+        return file.name
+
+
+def inspect(
+    path: Path | str,
+    *,
+    digest: bool = True,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    progress: ProgressArg = False,
+    hub: dict | None = None,
+) -> InspectReport:
+    """Format, files, dtypes, sizes and the tensor table; ``digest=False`` reads headers only."""
+    with open_checkpoint(local_folder(path, **(hub or {}))) as ckpt:
+        tensors = [
+            TensorInfo(n, TORCH_TO_SAFETENSORS[s.dtype], s.shape, _relative(ckpt, ckpt.file_of(n)))
+            for n, s in sorted(ckpt.specs.items())
+        ]
+        per_file: dict[str, int] = {}
+        for t in tensors:
+            per_file[t.file] = per_file.get(t.file, 0) + 1
+        shards = []
+        for f in ckpt.files:
+            name = _relative(ckpt, f)
+            shards.append(ShardInfo(name, f.stat().st_size, per_file.get(name, 0)))
+        dtypes: dict[str, DtypeCount] = {}
+        for t in tensors:
+            c = dtypes.get(t.dtype, DtypeCount(0, 0))
+            dtypes[t.dtype] = DtypeCount(c.tensors + 1, c.parameters + ckpt.specs[t.name].numel)
+        found = None
+        if digest:
+            bar = make_progress(progress, _total_bytes(ckpt), "hashing")
+            try:
+                found = model_digest(_hash_all(ckpt, block_bytes, bar))
+            finally:
+                bar.close()
+        index = _relative(ckpt, ckpt.layout.index) if ckpt.layout.index else None
+        return InspectReport(
+            Path(path), ckpt.format, index, shards, dict(sorted(dtypes.items())),
+            sum(s.numel for s in ckpt.specs.values()), _total_bytes(ckpt), tensors, found,
+        )
+
+
+# -- diff -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SpecDifference:
+    """A tensor on both sides with another dtype or shape; values compared when shapes agree."""
+
+    name: str
+    a_dtype: str
+    a_shape: tuple[int, ...]
+    b_dtype: str
+    b_shape: tuple[int, ...]
+    max_abs_diff: float | None  # None when the shapes differ
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "a": {"dtype": self.a_dtype, "shape": list(self.a_shape)},
+                "b": {"dtype": self.b_dtype, "shape": list(self.b_shape)},
+                "max_abs_diff": self.max_abs_diff}
+
+
+@dataclass(frozen=True)
+class ContentDifference:
+    """A tensor with the same dtype and shape on both sides but other values."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    differing: int  # elements whose bits differ
+    elements: int
+    max_abs_diff: float  # computed in fp32; inf where one side is NaN or inf and the other not
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                "differing": self.differing, "elements": self.elements,
+                "max_abs_diff": self.max_abs_diff}
+
+
+@dataclass
+class DiffReport:
+    """Tensor by tensor, how checkpoint ``b`` differs from ``a``."""
+
+    a: Path
+    b: Path
+    only_a: list[str]
+    only_b: list[str]
+    layout: list[SpecDifference]
+    content: list[ContentDifference]
+    same: int  # tensors identical on both sides
+
+    @property
+    def identical(self) -> bool:
+        return not (self.only_a or self.only_b or self.layout or self.content)
+
+    @property
+    def max_abs_diff(self) -> float | None:
+        """The largest absolute difference over all tensors compared by value (None if none)."""
+        values = [c.max_abs_diff for c in self.content]
+        values += [d.max_abs_diff for d in self.layout if d.max_abs_diff is not None]
+        return max(values) if values else (0.0 if self.same else None)
+
+    def to_json(self) -> dict:
+        return {
+            "a": str(self.a),
+            "b": str(self.b),
+            "identical": self.identical,
+            "same": self.same,
+            "only_a": self.only_a,
+            "only_b": self.only_b,
+            "layout": [d.to_json() for d in self.layout],
+            "content": [c.to_json() for c in self.content],
+            "max_abs_diff": self.max_abs_diff,
+        }
+
+
+def _compare_values(
+    a: torch.Tensor, b: torch.Tensor, same_dtype: bool
+) -> tuple[int, float]:
+    """Elements that differ (bitwise when the dtypes agree) and their largest |a - b| in fp32."""
+    if same_dtype:
+        bits = BITS_DTYPE[itemsize(a.dtype)]
+        ne = a.reshape(-1).view(bits) != b.reshape(-1).view(bits)
+    else:
+        ne = a.reshape(-1).float() != b.reshape(-1).float()
+    count = int(ne.sum())
+    if not count:
+        return 0, 0.0
+    d = a.reshape(-1).float()
+    d.sub_(b.reshape(-1).float()).abs_().masked_fill_(~ne, 0).nan_to_num_(nan=float("inf"))
+    return count, float(d.max())
+
+
+def _diff_tensor(
+    ca: Checkpoint, cb: Checkpoint, name: str, block_bytes: int, widest: int,
+    bufs: tuple[torch.Tensor, torch.Tensor], bar: Progress,
+) -> tuple[int, float]:
+    sa, sb = ca.specs[name], cb.specs[name]
+    count, largest = 0, 0.0
+    for r0, r1 in _row_blocks(sa, block_bytes, widest):
+        ra = ca.read_rows(name, r0, r1, bufs[0])
+        rb = cb.read_rows(name, r0, r1, bufs[1])
+        n, m = _compare_values(ra, rb, sa.dtype == sb.dtype)
+        count, largest = count + n, max(largest, m)
+        bar.update(ra.nbytes + rb.nbytes)
+    return count, largest
+
+
+def diff(
+    a: Path | str,
+    b: Path | str,
+    *,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    progress: ProgressArg = False,
+    hub: dict | None = None,
+) -> DiffReport:
+    """Compare two checkpoints tensor by tensor, by value, whatever their formats and shards.
+
+    Answers "is my base the right one?" with names on one side only, dtype and shape
+    differences, and for each tensor that differs how many elements do and by how much at most
+    (the largest absolute difference, computed block by block in fp32).
+    """
+    hub = hub or {}
+    with (
+        open_checkpoint(local_folder(a, "A", **hub)) as ca,
+        open_checkpoint(local_folder(b, "B", **hub)) as cb,
+    ):
+        only_a = sorted(set(ca.specs) - set(cb.specs))
+        only_b = sorted(set(cb.specs) - set(ca.specs))
+        common = [n for n in ca.specs if n in cb.specs]
+        comparable = [n for n in common if ca.specs[n].shape == cb.specs[n].shape]
+        widest = max([4] + [itemsize(s.dtype) for s in (*ca.specs.values(), *cb.specs.values())])
+        bufs = (
+            _buffer([ca.specs[n] for n in comparable], block_bytes, widest),
+            _buffer([cb.specs[n] for n in comparable], block_bytes, widest),
+        )
+        total = sum(ca.specs[n].nbytes + cb.specs[n].nbytes for n in comparable)
+        bar = make_progress(progress, total, "comparing")
+        layout: list[SpecDifference] = []
+        content: list[ContentDifference] = []
+        same = 0
+        try:
+            for name in sorted(common):
+                sa, sb = ca.specs[name], cb.specs[name]
+                da, db = TORCH_TO_SAFETENSORS[sa.dtype], TORCH_TO_SAFETENSORS[sb.dtype]
+                if sa.shape != sb.shape:
+                    layout.append(SpecDifference(name, da, sa.shape, db, sb.shape, None))
+                    continue
+                count, largest = _diff_tensor(ca, cb, name, block_bytes, widest, bufs, bar)
+                if sa.dtype != sb.dtype:
+                    layout.append(SpecDifference(name, da, sa.shape, db, sb.shape, largest))
+                elif count:
+                    content.append(ContentDifference(name, da, sa.shape, count, sa.numel, largest))
+                else:
+                    same += 1
+        finally:
+            bar.close()
+    return DiffReport(Path(a), Path(b), only_a, only_b, layout, content, same)
