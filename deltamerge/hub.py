@@ -1,0 +1,633 @@
+"""The Hugging Face Hub both ways: repos as inputs, verified, and folders published with a card.
+
+Inputs: a repo id (``owner/name[@revision]``) is fetched through huggingface_hub into its cache
+(HF_HOME, HF_TOKEN and HF_HUB_OFFLINE apply), only the files the job needs: config and tokenizer
+files, manifests, then one weight format. Small files come first, so ``apply`` can read the
+weights' safetensors headers remotely and refuse an incompatible pair before the big download
+(:func:`preflight`). huggingface_hub checks only byte counts, so every file used is checked
+against the Hub's own sha256 (git sha1 for small files) once per cached blob.
+
+Output: :func:`push_to_hub` uploads a folder in one commit, with a model card unless the folder
+has a README.md. No message ever contains the token.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import huggingface_hub as hf  # attributes load on first use: importing this module stays cheap
+from huggingface_hub import constants as hf_constants
+
+from . import __version__
+from .apply import RESULT_RECORD
+from .deltas import detect_kind
+from .digest import file_sha256
+from .dtypes import SAFETENSORS_TO_TORCH
+from .errors import (
+    DiskSpaceError,
+    FormatError,
+    InputError,
+    NotFoundError,
+    VerificationError,
+    WorkError,
+)
+from .folders import (
+    AUX_FILES,
+    BIN_INDEX,
+    BIN_SINGLE,
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+    read_weight_map,
+)
+from .kinds import is_non_weight
+from .kinds.add import check_pairing
+from .manifest import MANIFEST_NAME, find_manifest
+from .readers import open_checkpoint
+from .resolve import Resolved, hub_repo_id
+from .safetensors_format import TensorSpec
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+META_SMALL = ("params.json", "checklist.chk")
+SMALL_FILES = (*AUX_FILES, MANIFEST_NAME, RESULT_RECORD, ADAPTER_CONFIG, *META_SMALL)
+MAX_WORKERS = 8
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHA1 = re.compile(r"[0-9a-f]{40}")
+
+
+class HubAuthError(InputError):
+    """The Hub refused the request for want of a (valid) token."""
+
+
+class NotCachedError(NotFoundError):
+    """Offline (HF_HUB_OFFLINE, or the Hub unreachable) and the files are not in the cache."""
+
+
+# -- errors -------------------------------------------------------------------------------------
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    import httpx2  # huggingface_hub's HTTP client
+
+    return (httpx2.TransportError,)
+
+
+@contextmanager
+def hub_errors(what: str, endpoint: str) -> Iterator[None]:
+    """huggingface_hub's exceptions as one-line deltamerge errors; the token never appears."""
+    from huggingface_hub import errors as e
+
+    try:
+        yield
+    except e.RevisionNotFoundError:
+        raise NotFoundError(f"{what}: no such revision on {endpoint}") from None
+    except e.GatedRepoError:
+        raise HubAuthError(
+            f"{what}: a gated repository: accept its terms on the Hub, then set HF_TOKEN"
+        ) from None
+    except e.RepositoryNotFoundError:
+        raise NotFoundError(
+            f"{what}: no such repository on {endpoint} (if it is private, set HF_TOKEN to a token "
+            "that can read it)"
+        ) from None
+    except (e.OfflineModeIsEnabled, e.LocalEntryNotFoundError):
+        raise NotCachedError(
+            f"{what}: not in the cache, and the Hub at {endpoint} cannot be reached (or "
+            "HF_HUB_OFFLINE is set)"
+        ) from None
+    except e.HFValidationError as exc:
+        raise InputError(f"{what}: {str(exc).splitlines()[0]}") from None
+    except e.EntryNotFoundError:
+        raise NotFoundError(f"{what}: a file is missing from the repository") from None
+    except e.HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            raise HubAuthError(
+                f"{what}: the Hub refused access (HTTP {status}): set HF_TOKEN to a valid token "
+                "with the rights this needs"
+            ) from None
+        raise WorkError(f"{what}: the Hub at {endpoint} answered HTTP {status}") from None
+    except _transport_errors() as exc:
+        raise WorkError(f"{what}: cannot reach the Hub at {endpoint} ({type(exc).__name__})") from None
+
+
+def make_api(
+    endpoint: str | None = None, token: str | bool | None = None, api: HfApi | None = None
+) -> HfApi:
+    """The client to use: the caller's, or one for ``endpoint`` (default: HF_ENDPOINT)."""
+    return api if api is not None else hf.HfApi(endpoint=endpoint, token=token)
+
+
+# -- remote repos as inputs ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file of a repo at a commit, with the Hub's checksum of it."""
+
+    name: str
+    size: int
+    sha256: str | None  # LFS files
+    blob_id: str | None  # git sha1: regular files
+
+    @property
+    def blob(self) -> str | None:
+        """The name the cache stores it under (the HEAD's etag)."""
+        return self.sha256 or self.blob_id
+
+
+def parse_repo_id(text: str) -> tuple[str, str | None]:
+    repo_id, _, revision = text.partition("@")
+    return repo_id, revision or None
+
+
+class RemoteRepo:
+    """One repo at one commit: its file list and the cache folder its files are fetched into.
+
+    ``offline`` says why the Hub is not asked (HF_HUB_OFFLINE, unreachable); None when online.
+    """
+
+    def __init__(
+        self, api: HfApi, repo_id: str, revision: str | None, commit: str,
+        files: dict[str, RemoteFile], offline: str | None = None,
+    ):
+        self.api, self.repo_id, self.revision, self.commit = api, repo_id, revision, commit
+        self.files, self.offline = files, offline
+        self.xored = False  # set for an xor-files delta: every top-level file is needed
+        self.chosen: list[str] | None = None  # weight files picked by the caller instead
+        from huggingface_hub.file_download import repo_folder_name
+
+        self.storage = Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(
+            repo_id=repo_id, repo_type="model"
+        )
+        self.folder = self.storage / "snapshots" / commit
+
+    @property
+    def label(self) -> str:
+        return f"{self.repo_id}@{self.commit[:12]}"
+
+    def resolved(self, given: str) -> Resolved:
+        return Resolved(self.folder, given, self.repo_id, self.revision or "main", self.commit)
+
+    def small_files(self) -> list[str]:
+        names = [n for n in SMALL_FILES if n in self.files]
+        index, _ = self._weights_plan()
+        return names + ([index] if index else [])
+
+    def weight_files(self) -> list[str]:
+        """One weight format, in the order ``folders.detect_layout`` prefers them.
+
+        An OpenAssistant xor-files delta XORs every file, its index and config included, so
+        for one (``--kind xor-files``, ``.gz`` payloads, or an index that is not JSON) every
+        top-level file is taken.
+        """
+        if self.chosen is not None:
+            return self.chosen
+        if self.is_xored():
+            return [n for n in self.files if "/" not in n and n not in (".gitattributes", "README.md")]
+        index, names = self._weights_plan()
+        if index is None:
+            if not names:
+                raise FormatError(
+                    f"{self.label}: no weights found (expected {SAFETENSORS_INDEX}, "
+                    f"{SAFETENSORS_SINGLE}, {BIN_INDEX}, {BIN_SINGLE}, Meta's params.json with "
+                    f"consolidated.*.pth, or a PEFT adapter)"
+                )
+            return names
+        shards = list(dict.fromkeys(read_weight_map(self.folder / index).values()))
+        for shard in shards:
+            if shard not in self.files:
+                raise FormatError(f"{self.label}: {index} names {shard}, which the repo lacks")
+        return shards
+
+    def is_xored(self) -> bool:
+        """Whether this is an xor-files delta (decided once its small files are fetched)."""
+        if not self.xored and any(n.endswith(".gz") and "/" not in n for n in self.files):
+            self.xored = True
+        index, _ = self._weights_plan()
+        if not self.xored and index is not None and (self.folder / index).is_file():
+            try:
+                read_weight_map(self.folder / index)
+            except FormatError:
+                self.xored = True
+        return self.xored
+
+    def _weights_plan(self) -> tuple[str | None, list[str]]:
+        """The index that names the shards, or the weight files themselves."""
+        names = set(self.files)
+        if ADAPTER_CONFIG in names:
+            return None, [n for n in ADAPTER_WEIGHTS if n in names][:1]
+        for index, single in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (BIN_INDEX, BIN_SINGLE)):
+            if index in names:
+                return index, []
+            if single in names:
+                return None, [single]
+        meta = sorted(fnmatch.filter(names, "consolidated.*.pth"))
+        if "params.json" in names and meta:
+            return None, meta
+        singles = [n for n in names if n.endswith(".safetensors") and "/" not in n]
+        return None, singles if len(singles) == 1 else []
+
+    def missing_bytes(self, names: Iterable[str]) -> int:
+        """Bytes still to download: files whose blob is not in the cache yet."""
+        return sum(
+            self.files[n].size for n in names
+            if not (self.storage / "blobs" / (self.files[n].blob or "-")).is_file()
+        )
+
+    def fetch(self, names: list[str]) -> None:
+        """Download what the cache lacks (in parallel), then check every file's checksum."""
+        todo = [n for n in names if not (self.folder / n).is_file()]
+        if todo and self.offline:
+            raise NotCachedError(
+                f"{self.label}: {todo[0]} is not in the cache ({self.storage}) and "
+                f"{self.offline}: run once online first"
+            )
+        if todo:
+            with hub_errors(self.label, self.api.endpoint):
+                _parallel(self._download, todo)
+        _parallel(self._verify, names)
+
+    def _download(self, name: str) -> None:
+        hf.hf_hub_download(
+            self.repo_id, name, revision=self.commit, endpoint=self.api.endpoint,
+            token=self.api.token, library_name="deltamerge", library_version=__version__,
+        )
+
+    def _verify(self, name: str) -> None:
+        expected = self.files[name]
+        path = self.folder / name
+        if expected.sha256 is None and expected.blob_id is None:
+            return
+        blob = path.resolve()
+        if _verified(expected.blob or "", blob):
+            return
+        if expected.sha256 is not None:
+            actual, want, algo = file_sha256(blob), expected.sha256, "sha256"
+        else:
+            actual, want, algo = git_blob_sha1(blob), expected.blob_id, "git sha1"
+        if actual != want:
+            for p in (blob, path):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+            raise VerificationError(
+                f"{self.label}/{name}: {algo} {actual[:16]}… does not match the Hub's "
+                f"{want[:16]}…: the download is corrupt (removed from the cache; run again to "
+                "download it again)"
+            )
+        _mark_verified(want, blob)
+
+
+def _parallel(fn: Callable[[str], None], names: list[str]) -> None:
+    """``fn`` for each name on a few threads (downloads and hashing wait on I/O or drop the GIL)."""
+    if len(names) <= 1:
+        for n in names:
+            fn(n)
+        return
+    pool = ThreadPoolExecutor(max_workers=min(MAX_WORKERS, len(names)))
+    try:
+        for future in [pool.submit(fn, n) for n in names]:
+            future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def git_blob_sha1(path: Path) -> str:
+    """Git's id of a file (the Hub's ``blobId`` of a regular file)."""
+    h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _marker(checksum: str) -> Path:
+    return Path(hf_constants.HF_HOME) / "deltamerge" / "verified" / checksum
+
+
+def _identity(blob: Path) -> str:
+    st = blob.stat()
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _verified(checksum: str, blob: Path) -> bool:
+    """Whether this very blob (same inode, size and mtime) was hashed and matched before."""
+    try:
+        return _marker(checksum).read_text() == _identity(blob)
+    except OSError:
+        return False
+
+
+def _mark_verified(checksum: str, blob: Path) -> None:
+    """Remember a match so a warm cache is not hashed again; a read-only HF_HOME just rehashes."""
+    try:
+        marker = _marker(checksum)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(_identity(blob))
+    except OSError:
+        pass
+
+
+def open_repo(text: str, api: HfApi) -> RemoteRepo:
+    """The repo's commit and file list: from the Hub, or from the cache when offline."""
+    from huggingface_hub.errors import RevisionResolutionError
+
+    repo_id, revision = parse_repo_id(text)
+    if hf.is_offline_mode():
+        return _cached_repo(text, api, repo_id, revision, "HF_HUB_OFFLINE is set")
+    with hub_errors(text, api.endpoint):
+        try:
+            commit = api.resolve_revision(repo_id, revision=revision).resolved
+            info = api.model_info(repo_id, revision=commit, files_metadata=True)
+        except (RevisionResolutionError, *_transport_errors()):
+            reason = f"the Hub at {api.endpoint} cannot be reached"
+            try:
+                return _cached_repo(text, api, repo_id, revision, reason)
+            except NotCachedError as exc:
+                raise WorkError(str(exc)) from None
+    files = {
+        s.rfilename: RemoteFile(
+            s.rfilename, s.lfs.size if s.lfs else s.size or 0, s.lfs.sha256 if s.lfs else None,
+            None if s.lfs else s.blob_id,
+        )
+        for s in info.siblings or []
+    }
+    return RemoteRepo(api, repo_id, revision, info.sha or commit, files)
+
+
+def _cached_repo(
+    text: str, api: HfApi, repo_id: str, revision: str | None, reason: str
+) -> RemoteRepo:
+    """Offline: the commit a revision pointed to when last fetched, and the files cached for it.
+
+    Their expected checksums are the blob names, which are the etags the Hub gave at download.
+    """
+    from huggingface_hub.errors import RevisionResolutionError
+
+    try:
+        commit = api.resolve_revision(repo_id, revision=revision, local_files_only=True).resolved
+    except RevisionResolutionError:
+        raise NotCachedError(
+            f"{text}: not in the cache ({hf_constants.HF_HUB_CACHE}) and {reason}: run once "
+            "online first"
+        ) from None
+    repo = RemoteRepo(api, repo_id, revision, commit, {}, offline=reason)
+    if not repo.folder.is_dir():
+        raise NotCachedError(
+            f"{text}: commit {commit[:12]} is not in the cache ({repo.storage}) and {reason}"
+        )
+    for entry in repo.folder.iterdir():
+        if entry.is_file():
+            blob = entry.resolve()
+            name = blob.name if blob.parent.name == "blobs" else ""
+            repo.files[entry.name] = RemoteFile(
+                entry.name, blob.stat().st_size, name if _SHA256.fullmatch(name) else None,
+                name if _SHA1.fullmatch(name) else None,
+            )
+    return repo
+
+
+def check_cache_space(needed: int, what: str) -> None:
+    """Refuse a download the Hub cache's disk cannot hold, naming both numbers."""
+    folder = Path(hf_constants.HF_HUB_CACHE)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise DiskSpaceError(
+            f"{folder}: not enough free space to download {what}: {needed:,} bytes "
+            f"({needed / 1e9:.2f} GB) needed, {free:,} bytes ({free / 1e9:.2f} GB) free"
+        )
+
+
+def download_input(
+    text: str,
+    role: str = "input",
+    *,
+    endpoint: str | None = None,
+    token: str | bool | None = None,
+    api: HfApi | None = None,
+    repos: dict[str, RemoteRepo] | None = None,
+    weights: bool = True,
+) -> Resolved:
+    """Fetch (or find in the cache) what a job needs of a Hub repo, checked against the Hub.
+
+    ``repos`` holds repos :func:`preflight` already opened (same commit, no second look-up);
+    ``weights=False`` fetches only the small files (configs, manifests, index).
+    """
+    repo = (repos or {}).get(text) or open_repo(text, make_api(endpoint, token, api))
+    repo.fetch(repo.small_files())
+    if weights:
+        names = repo.weight_files()
+        check_cache_space(repo.missing_bytes(names), f"{repo.label} ({role})")
+        repo.fetch(names)
+    return repo.resolved(text)
+
+
+# -- before the big download ----------------------------------------------------------------------
+class HeaderSpecs:
+    """Tensor specs read from headers (over HTTP for Hub repos): enough for ``check_pairing``."""
+
+    def __init__(self, label: str, specs: dict[str, TensorSpec], where: dict[str, str]):
+        self.path, self.specs, self._where = label, specs, where
+
+    def file_of(self, name: str) -> str:
+        return f"{self.path}/{self._where[name]}"
+
+
+def remote_specs(repo: RemoteRepo) -> HeaderSpecs | None:
+    """The repo's tensors from its safetensors headers (a few KB each), or None for other formats."""
+    from huggingface_hub.errors import SafetensorsParsingError
+
+    names = repo.weight_files()
+    if not all(n.endswith(".safetensors") for n in names):
+        return None
+    headers: dict[str, object] = {}
+
+    def read(name: str) -> None:
+        with hub_errors(f"{repo.label}/{name}", repo.api.endpoint):
+            try:
+                headers[name] = repo.api.parse_safetensors_file_metadata(
+                    repo.repo_id, name, revision=repo.commit
+                )
+            except SafetensorsParsingError:
+                raise FormatError(f"{repo.label}/{name}: the safetensors header does not parse") from None
+
+    _parallel(read, names)
+    specs, where = {}, {}
+    for name in names:
+        for tensor, info in headers[name].tensors.items():
+            dtype = SAFETENSORS_TO_TORCH.get(info.dtype)
+            if dtype is None:
+                raise FormatError(f"{repo.label}/{name}: tensor {tensor!r}: unknown dtype {info.dtype!r}")
+            specs[tensor] = TensorSpec(tensor, dtype, tuple(int(d) for d in info.shape))
+            where[tensor] = name
+    return HeaderSpecs(repo.label, specs, where)
+
+
+def preflight(
+    base: str | Path,
+    deltas: list[str | Path],
+    *,
+    kind: str | None = None,
+    endpoint: str | None = None,
+    token: str | bool | None = None,
+    api: HfApi | None = None,
+) -> dict:
+    """Before any weights are downloaded: pair the inputs' tensors and check the cache's space.
+
+    Every input is checked locally first (a mistyped path fails without a request). For Hub
+    inputs the small files are fetched and the weights' headers read remotely, so a base and a
+    delta that do not pair fail in seconds. Returns the keyword arguments for ``resolve_input``,
+    with the opened repos so they are not looked up twice.
+    """
+    inputs = [(base, "base"), *((d, "delta") for d in deltas)]
+    ids = [hub_repo_id(given, role) for given, role in inputs]
+    if not any(ids):
+        return {"endpoint": endpoint, "token": token, "api": api}
+    client = make_api(endpoint, token, api)
+    repos: dict[str, RemoteRepo] = {}
+    for text, (_, role) in zip(ids, inputs):
+        if text is not None and text not in repos:
+            repos[text] = open_repo(text, client)
+            repos[text].xored = role == "delta" and kind == "xor-files"
+            repos[text].fetch(repos[text].small_files())
+    _pair_xored_files(repos.get(ids[0]) if ids[0] else None, [repos[t] for t in ids[1:] if t])
+    needed = sum(r.missing_bytes(r.weight_files()) for r in repos.values())
+    if needed:
+        _check_pairing([repos.get(t) if t else Path(str(g)).expanduser()
+                        for t, (g, _) in zip(ids, inputs)], kind)
+        check_cache_space(needed, ", ".join(r.label for r in repos.values()))
+    return {"api": client, "repos": repos}
+
+
+def _pair_xored_files(base: RemoteRepo | None, deltas: list[RemoteRepo]) -> None:
+    """A base for an xor-files delta needs the files of the same names, whatever their format."""
+    names = {n.removesuffix(".gz") for d in deltas if d.is_xored() for n in d.weight_files()}
+    if base is not None and names:
+        base.chosen = sorted(n for n in names if n in base.files)
+
+
+def _check_pairing(inputs: list[RemoteRepo | Path], kind: str | None) -> None:
+    """``kinds.add.check_pairing`` along the chain, for the additive and XOR deltas it can judge."""
+    base = _specs_of(inputs[0])
+    if base is None:
+        return
+    specs = base.specs
+    for delta in inputs[1:]:
+        if isinstance(delta, RemoteRepo) and delta.is_xored():
+            return
+        folder = delta.folder if isinstance(delta, RemoteRepo) else delta
+        delta_kind = kind or detect_kind(folder, find_manifest(folder))
+        if delta_kind == "lora":
+            continue
+        found = _specs_of(delta) if delta_kind in ("add", "xor") else None
+        if found is None:
+            return
+        check_pairing(found, specs)
+        after = {n: s for n, s in found.specs.items() if not is_non_weight(n)}
+        specs = {**after, **{n: s for n, s in specs.items() if n not in after}}
+
+
+def _specs_of(source: RemoteRepo | Path) -> HeaderSpecs | None:
+    if isinstance(source, RemoteRepo):
+        return remote_specs(source)
+    with open_checkpoint(source) as ckpt:
+        where = {n: ckpt.file_of(n).name for n in ckpt.specs}
+        return HeaderSpecs(str(source), dict(ckpt.specs), where)
+
+
+# -- publishing -------------------------------------------------------------------------------------
+SKIP_DIRS = (".git", ".cache")  # git metadata; huggingface_hub's local_dir bookkeeping
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Where a push went: the page to open (the pull request's, for a PR) and the commit."""
+
+    url: str
+    commit: str
+    repo_id: str
+
+
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    message: str | None = None,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    api: HfApi | None = None,
+) -> PushResult:
+    """Upload ``folder`` to ``repo_id`` in one commit, with a model card unless it has a README.md.
+
+    Creates the repo if needed (``private`` applies then) and the branch ``revision`` if it is
+    new; ``create_pr`` opens a pull request instead of committing to the branch. The card is
+    added to the commit only: the folder itself is never written to.
+    """
+    from .model_card import CARD_NAME, build_card, hub_inputs
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise NotFoundError(f"{folder}: no such folder")
+    files = _files_to_upload(folder)
+    if not files:
+        raise InputError(f"{folder}: nothing to upload")
+    client = make_api(endpoint, token, api)
+    operations = [hf.CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                  for name, path in files]
+    with hub_errors(repo_id, client.endpoint):
+        repo_id = client.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision:
+            client.create_branch(repo_id, branch=revision, exist_ok=True)
+        if not (folder / CARD_NAME).is_file():
+            cards = _input_cards(client, hub_inputs(folder))
+            card = build_card(folder, repo_id, input_cards=cards, endpoint=client.endpoint)
+            operations.append(hf.CommitOperationAdd(CARD_NAME, card.encode()))
+        commit = client.create_commit(
+            repo_id, operations, revision=revision, create_pr=create_pr,
+            commit_message=message or f"Upload {folder.name} with deltamerge {__version__}",
+        )
+    url = f"{client.endpoint}/{repo_id}" + (f"/tree/{revision}" if revision else "")
+    return PushResult(commit.pr_url if create_pr and commit.pr_url else url, commit.oid, repo_id)
+
+
+def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
+    """Every file under ``folder`` by its path in the repo, as upload_folder would take them."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if rel.parts[0] in SKIP_DIRS or not path.is_file():
+            continue
+        found.append((rel.as_posix(), path))
+    return found
+
+
+def _input_cards(api: HfApi, inputs: list[dict]) -> dict[str, dict]:
+    """The card metadata of the inputs' repos, for the license; unreadable ones are skipped."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    cards = {}
+    for entry in inputs:
+        repo_id = entry["repo_id"]
+        commit = entry.get("commit")
+        try:
+            info = api.model_info(repo_id, revision=commit if isinstance(commit, str) else None)
+        except (HfHubHTTPError, OSError, ValueError, *_transport_errors()):
+            continue
+        if info.card_data is not None:
+            cards[repo_id] = info.card_data.to_dict()
+    return cards
