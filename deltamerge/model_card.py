@@ -75,7 +75,7 @@ def _source(entry: object, endpoint: str) -> tuple[str, str]:
         repo = entry["repo_id"]
         commit = entry.get("commit")
         return f"[`{repo}`]({endpoint}/{repo})", f"`{commit}`" if isinstance(commit, str) else "—"
-    name = Path(str(entry.get("path", ""))).name or "unknown"
+    name = Path(str(entry.get("folder", ""))).name or "unknown"
     return f"a local folder (`{name}`)", "—"
 
 

@@ -28,8 +28,9 @@ class Resolved:
     commit: str | None = None
 
     def describe(self) -> dict:
+        """Where an input came from; a local folder by name only, since results get pushed."""
         if self.repo_id is None:
-            return {"path": str(self.path)}
+            return {"folder": self.path.resolve().name}
         return {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit}
 
 
