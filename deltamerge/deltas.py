@@ -1,7 +1,8 @@
 """Which kind a delta folder is, and opening it as that kind.
 
 The kind is read from the contents: a PEFT ``adapter_config.json`` is a LoRA adapter, a
-``deltamerge.json`` names its kind, anything else is an additive delta. ``--kind`` overrides.
+``deltamerge.json`` names its kind, weight files XORed whole (OpenAssistant ``xor_codec.py``) are
+``xor-files``, anything else is an additive delta. ``--kind`` overrides.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ def detect_kind(folder: Path, manifest: Manifest | None) -> str:
         return "lora"
     if manifest is not None:
         return manifest.kind
+    from .kinds.xor_files import looks_like_xor_files
+
+    if looks_like_xor_files(folder):
+        return "xor-files"
     return "add"
 
 
@@ -36,6 +41,8 @@ def open_kind(kind: str, folder: Path) -> Kind:
         from .kinds.lora import LoraKind
 
         return LoraKind(folder)
+    if kind == "xor-files":
+        raise InputError(f"{folder}: a xor-files delta is decoded whole, alone: it cannot be chained")
     raise InputError(f"{folder}: unknown delta kind {kind!r} (choose from {', '.join(KINDS)})")
 
 
