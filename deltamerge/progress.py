@@ -43,4 +43,4 @@ def make_progress(
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                dynamic_ncols=True, leave=True)
+                dynamic_ncols=True, leave=True, disable=None)
