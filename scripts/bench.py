@@ -1,0 +1,701 @@
+#!/usr/bin/env python
+"""Benchmark deltamerge against a raw I/O baseline on generated LLaMA-shaped checkpoints.
+
+A merge reads two models and writes one, so on a machine like ours it is bound by the disk: the
+question is how close deltamerge gets to just moving the bytes, and at what memory. Every run is
+a child process (its own peak RSS from ``wait4``), runs alternate so drift in the machine hits
+all of them alike, and the page cache of the inputs is dropped before each run. This process never
+imports torch: a child's ru_maxrss starts at the RSS of the process that forked it, so inputs are
+generated in a child too.
+
+    python scripts/bench.py --preset tiny --repeat 1
+    python scripts/bench.py --preset 7b --sparse --runs a,b,c,d --repeat 1
+    python scripts/bench.py --preset 13b --layers 6 --runs a,b,c,d --plot bench.png
+
+Runs: a raw I/O baseline, b apply (verified), c apply --no-verify, d make-delta, e LoRA merge,
+f XOR apply, g the naive in-memory merge (load_file, add, save_file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+META = {"format": "pt"}
+IO_BLOCK = 64 * 1024 * 1024
+CHUNK_ELEMS = 8 * 1024 * 1024
+POOL_BYTES = 64 * 1024 * 1024
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+LORA_RANK = 64
+LORA_ALPHA = 16
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RUNS = {
+    "a": "raw I/O baseline",
+    "b": "apply (verify)",
+    "c": "apply --no-verify",
+    "d": "make-delta",
+    "e": "LoRA merge r=64",
+    "f": "XOR apply",
+    "g": "naive in-memory",
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden: int
+    heads: int
+    layers: int
+    ffn: int
+    shard: str
+    vocab: int = 32000
+
+
+PRESETS = {
+    "tiny": Preset(128, 4, 2, 344, "8MB"),
+    "7b": Preset(4096, 32, 32, 11008, "5GB"),
+    "13b": Preset(5120, 40, 40, 13824, "5GB"),
+}
+
+
+# -- shapes and files ----------------------------------------------------------------------------
+def linear_shapes(p: Preset) -> dict[str, tuple[int, int]]:
+    """[out, in] of each linear projection of a layer, as PEFT's LoRA factors need them."""
+    h, f = p.hidden, p.ffn
+    return {
+        "self_attn.q_proj": (h, h), "self_attn.k_proj": (h, h), "self_attn.v_proj": (h, h),
+        "self_attn.o_proj": (h, h), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h),
+        "mlp.down_proj": (h, f),
+    }
+
+
+def llama_shapes(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensors of a LLaMA checkpoint in Hugging Face's state-dict order."""
+    shapes = [("model.embed_tokens.weight", (p.vocab, p.hidden))]
+    for i in range(p.layers):
+        pre = f"model.layers.{i}."
+        shapes += [(f"{pre}{m}.weight", s) for m, s in linear_shapes(p).items()]
+        shapes += [(f"{pre}{n}.weight", (p.hidden,)) for n in ("input_layernorm", "post_attention_layernorm")]
+    shapes += [("model.norm.weight", (p.hidden,)), ("lm_head.weight", (p.vocab, p.hidden))]
+    return shapes
+
+
+def lora_shapes(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
+    """PEFT's adapter tensors: lora_A [r, in] and lora_B [out, r] on every linear layer."""
+    shapes = []
+    for i in range(p.layers):
+        for module, (out, inp) in linear_shapes(p).items():
+            key = f"base_model.model.model.layers.{i}.{module}"
+            shapes += [(f"{key}.lora_A.weight", (LORA_RANK, inp)), (f"{key}.lora_B.weight", (out, LORA_RANK))]
+    return shapes
+
+
+def model_bytes(p: Preset, dtype: str) -> int:
+    return sum(math.prod(shape) for _, shape in llama_shapes(p)) * ITEMSIZE[dtype]
+
+
+def llama_config(p: Preset, dtype: str) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": p.hidden, "intermediate_size": p.ffn, "num_attention_heads": p.heads,
+        "num_key_value_heads": p.heads, "num_hidden_layers": p.layers, "vocab_size": p.vocab,
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+        "torch_dtype": dtype, "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def files_bytes(files: list[Path]) -> int:
+    return sum(f.stat().st_size for f in files)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
+
+
+class Pool:
+    """Real-looking random values, fast: windows of a 64 MiB random block at random offsets.
+
+    Random fp16 bytes matter only so that nothing (a sparse read, a compressing disk) makes the
+    I/O cheaper than it is for real weights; generating fresh normals for every byte would make
+    the setup slower than the runs it prepares.
+    """
+
+    def __init__(self, dtype, seed: int, scale: float):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        n = POOL_BYTES // torch.empty((), dtype=dtype).element_size()
+        values = (torch.randn(n, generator=g) * scale).to(dtype)
+        self.data = torch.cat([values, values[:CHUNK_ELEMS]])
+        self.n = n
+        self.rng = random.Random(seed)
+
+    def take(self, count: int):
+        start = self.rng.randrange(self.n)
+        return self.data[start:start + count]
+
+
+def to_specs(shapes: list[tuple[str, tuple[int, ...]]], dtype) -> list:
+    from deltamerge.safetensors_format import TensorSpec
+
+    return [TensorSpec(name, dtype, tuple(shape)) for name, shape in shapes]
+
+
+def write_sparse(path: Path, specs: list) -> None:
+    """A valid safetensors file whose data is a hole: it reads as zeros and takes no disk."""
+    from deltamerge.safetensors_format import build_header
+
+    header = build_header(specs, META)
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + sum(s.nbytes for s in specs))
+
+
+def sparsify(folder: Path) -> None:
+    """Punch out the data of all-zero shards (deltas of sparse inputs); the bytes stay the same."""
+    for path in weight_files(folder):
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            f.truncate(8 + n)
+            f.truncate(size)
+
+
+def write_models(p: Preset, dtype, shard: str, folders: list[Path], sparse: bool) -> None:
+    """Base (and target = base + small noise) in transformers' sharded layout, streamed."""
+    import torch
+
+    from deltamerge.output import write_index
+    from deltamerge.plan import TensorJob, layout_shards, parse_size
+    from deltamerge.safetensors_format import StreamingWriter
+
+    jobs = [TensorJob(s, None) for s in to_specs(llama_shapes(p), dtype)]
+    shards = layout_shards(jobs, parse_size(shard))
+    config = json.dumps(llama_config(p, str(dtype).removeprefix("torch.")), indent=2)
+    for folder in folders:
+        folder.mkdir(parents=True)
+        write_index(folder, shards)
+        (folder / "config.json").write_text(config)
+    if sparse:
+        for folder in folders:
+            for s in shards:
+                write_sparse(folder / s.filename, s.specs)
+        return
+    values, noise = Pool(dtype, 1, 0.02), Pool(dtype, 2, 0.001)
+    target_buf = torch.empty(CHUNK_ELEMS, dtype=dtype)
+    for s in shards:
+        writers = [StreamingWriter(f / s.filename, s.specs, META) for f in folders]
+        for spec in s.specs:
+            for start in range(0, spec.numel, CHUNK_ELEMS):
+                n = min(CHUNK_ELEMS, spec.numel - start)
+                base = values.take(n)
+                writers[0].write(base.view(torch.uint8).numpy())
+                if len(writers) > 1:
+                    target = torch.add(base, noise.take(n), out=target_buf[:n])
+                    writers[1].write(target.view(torch.uint8).numpy())
+        for w in writers:
+            w.close()
+
+
+def write_lora(p: Preset, folder: Path, sparse: bool) -> None:
+    """A PEFT LoRA adapter folder, rank 64 on all seven linear projections of every layer."""
+    import torch
+
+    from deltamerge.safetensors_format import StreamingWriter
+
+    folder.mkdir(parents=True)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": LORA_RANK, "lora_alpha": LORA_ALPHA,
+        "target_modules": list(LORA_MODULES), "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": False, "modules_to_save": None, "use_rslora": False, "use_dora": False,
+        "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": "base",
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    specs = to_specs(lora_shapes(p), torch.float16)
+    path = folder / "adapter_model.safetensors"
+    if sparse:
+        write_sparse(path, specs)
+        return
+    pool = Pool(torch.float16, 3, 0.02)
+    writer = StreamingWriter(path, specs, META)
+    for spec in specs:
+        for start in range(0, spec.numel, CHUNK_ELEMS):
+            writer.write(pool.take(min(CHUNK_ELEMS, spec.numel - start)).view(torch.uint8).numpy())
+    writer.close()
+
+
+def child_generate(spec: dict) -> None:
+    """Write the inputs (the parent stays free of torch, so the runs' peak RSS is their own)."""
+    import torch
+
+    p = Preset(**spec["preset"])
+    write_models(p, getattr(torch, spec["dtype"]), p.shard, [Path(f) for f in spec["models"]],
+                 spec["sparse"])
+    if spec["lora"]:
+        write_lora(p, Path(spec["lora"]), spec["sparse"])
+
+
+# -- measuring -------------------------------------------------------------------------------------
+@dataclass
+class Measured:
+    wall: float
+    peak_rss: int
+    returncode: int
+    last_error: str
+
+
+def measure(cmd: list[str], log: Path) -> Measured:
+    """Run ``cmd`` as a child: wall time around it, and that child's own peak RSS from wait4."""
+    with open(log, "wb") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    return Measured(wall, usage.ru_maxrss * 1024, proc.returncode, lines[-1] if lines else "")
+
+
+def drop_cache(folders: list[Path]) -> None:
+    """Evict the inputs from the page cache, so every run reads them from the disk."""
+    os.sync()
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
+def host() -> dict:
+    model = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": model, "cores": os.cpu_count(), "ram_bytes": mem_total()}
+
+
+def mem_total() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass
+class RunResult:
+    run: str
+    status: str = "ok"
+    walls: list[float] = field(default_factory=list)
+    peak_rss: list[int] = field(default_factory=list)
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+    def summary(self, baseline: float | None) -> dict:
+        out = {"run": self.run, "label": RUNS[self.run], "status": self.status,
+               "walls_s": [round(w, 3) for w in self.walls], "bytes_read": self.bytes_read,
+               "bytes_written": self.bytes_written}
+        if self.walls:
+            med = statistics.median(self.walls)
+            out.update(
+                median_s=round(med, 3),
+                ratio_to_a=round(med / baseline, 3) if baseline else None,
+                peak_rss_mib=round(max(self.peak_rss) / 2**20, 1),
+                gb_per_s=round((self.bytes_read + self.bytes_written) / med / 1e9, 3),
+            )
+        return out
+
+
+class Bench:
+    """The generated inputs of one benchmark, and the commands that measure each run."""
+
+    def __init__(self, args: argparse.Namespace, data: Path):
+        base = PRESETS[args.preset]
+        self.preset = Preset(base.hidden, base.heads, args.layers or base.layers, base.ffn,
+                             args.shard_size or base.shard)
+        self.dtype = args.dtype
+        self.shard = self.preset.shard
+        self.sparse = args.sparse
+        self.runs = args.runs
+        self.data = data
+        self.workers = ["--workers", str(args.workers)] if args.workers else []
+        self.model_bytes = model_bytes(self.preset, self.dtype)
+        self.base, self.target = data / "base", data / "target"
+        self.delta, self.xor, self.lora = data / "delta-add", data / "delta-xor", data / "lora"
+        self.out = data / "out"
+        self.setup_errors: dict[str, str] = {}
+
+    # -- setup -------------------------------------------------------------------------------
+    def disk_needed(self) -> int:
+        """Bytes of disk the inputs and one output take at their peak."""
+        n = self.model_bytes
+        if self.sparse:
+            return n * (2 if "f" in self.runs else 1) + n  # dense deltas before sparsify, OUT
+        return n * (3 + ("f" in self.runs)) + n
+
+    def setup(self) -> None:
+        say(f"generating base and target ({self.model_bytes / 1e9:.2f} GB each"
+            f"{', sparse' if self.sparse else ''}) in {self.data}")
+        spec = {"preset": vars(self.preset), "dtype": self.dtype, "sparse": self.sparse,
+                "models": [str(self.base), str(self.target)],
+                "lora": str(self.lora) if "e" in self.runs else None}
+        m = measure(self.child("generate", spec), self.data / "setup-generate.log")
+        if m.returncode != 0:
+            raise SystemExit(f"bench: generating the inputs failed: {m.last_error}")
+        say(f"  done in {m.wall:.1f} s")
+        say("making the additive delta (deltamerge make-delta)")
+        err = self._make_delta(self.delta, "add")
+        if err:
+            raise SystemExit(f"bench: make-delta failed, nothing to measure: {err}")
+        if "f" in self.runs:
+            say("making the XOR delta (deltamerge make-delta --kind xor)")
+            err = self._make_delta(self.xor, "xor")
+            if err:
+                self.setup_errors["f"] = f"failed: setup make-delta --kind xor: {err}"
+        if "d" not in self.runs and not self.sparse:
+            shutil.rmtree(self.target)
+        os.sync()
+
+    def _make_delta(self, out: Path, kind: str) -> str | None:
+        cmd = self.deltamerge("make-delta", self.base, self.target, out, "--kind", kind)
+        m = measure(cmd, self.data / f"setup-{kind}.log")
+        if m.returncode != 0:
+            shutil.rmtree(out, ignore_errors=True)
+            return m.last_error or f"exit status {m.returncode}"
+        if self.sparse:
+            sparsify(out)
+        return None
+
+    # -- the runs ----------------------------------------------------------------------------
+    def deltamerge(self, command: str, *args) -> list[str]:
+        return [sys.executable, "-m", "deltamerge", command, *map(str, args), "--quiet",
+                "--max-shard-size", self.shard, *self.workers]
+
+    def child(self, mode: str, spec: dict) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), "--child", mode, json.dumps(spec)]
+
+    def command(self, run: str) -> tuple[list[str], int]:
+        """The command of a run and the bytes of input it reads."""
+        base = weight_files(self.base)
+        delta = weight_files(self.delta)
+        reads = files_bytes(base) + files_bytes(delta)
+        if run == "a":
+            writes = [[str(self.out / f.name), f.stat().st_size] for f in base]
+            spec = {"reads": [list(map(str, base)), list(map(str, delta))], "writes": writes}
+            return self.child("io", spec), reads
+        if run == "b":
+            return self.deltamerge("apply", self.base, self.delta, self.out), reads
+        if run == "c":
+            return self.deltamerge("apply", self.base, self.delta, self.out, "--no-verify"), reads
+        if run == "d":
+            target = files_bytes(weight_files(self.target))
+            return self.deltamerge("make-delta", self.base, self.target, self.out), files_bytes(base) + target
+        if run == "e":
+            adapter = files_bytes(weight_files(self.lora))
+            return self.deltamerge("apply", self.base, self.lora, self.out), files_bytes(base) + adapter
+        if run == "f":
+            xor = files_bytes(weight_files(self.xor))
+            return self.deltamerge("apply", self.base, self.xor, self.out), files_bytes(base) + xor
+        spec = {"base": list(map(str, base)), "delta": list(map(str, delta)), "out": str(self.out)}
+        return self.child("naive", spec), reads
+
+    def skip_reason(self, run: str) -> str | None:
+        if run in self.setup_errors:
+            return self.setup_errors[run]
+        if run == "g":
+            need, have = 3 * self.model_bytes, 0.7 * mem_total()
+            if need >= have:
+                return (f"skipped: does not fit (3 x {self.model_bytes / 1e9:.1f} GB >= 70% of "
+                        f"{mem_total() / 2**30:.0f} GiB RAM)")
+        return None
+
+    def inputs(self) -> list[Path]:
+        return [f for f in (self.base, self.target, self.delta, self.xor, self.lora) if f.exists()]
+
+    def measure_all(self, repeat: int) -> list[RunResult]:
+        results = {r: RunResult(r) for r in self.runs}
+        for r in self.runs:
+            reason = self.skip_reason(r)
+            if reason:
+                results[r].status = reason
+        for i in range(repeat):
+            for r in self.runs:
+                res = results[r]
+                if res.status != "ok":
+                    continue
+                cmd, reads = self.command(r)
+                shutil.rmtree(self.out, ignore_errors=True)
+                if r == "a":
+                    self.out.mkdir()
+                drop_cache(self.inputs())
+                m = measure(cmd, self.data / f"run-{r}.log")
+                if m.returncode != 0:
+                    res.status = f"failed: {m.last_error or f'exit status {m.returncode}'}"
+                    say(f"  {r} {RUNS[r]:<20} {res.status}")
+                    continue
+                res.walls.append(m.wall)
+                res.peak_rss.append(m.peak_rss)
+                res.bytes_read, res.bytes_written = reads, folder_bytes(self.out)
+                say(f"  {r} {RUNS[r]:<20} {i + 1}/{repeat}: {m.wall:7.2f} s  "
+                    f"peak {m.peak_rss / 2**20:6.0f} MiB")
+        shutil.rmtree(self.out, ignore_errors=True)
+        return [results[r] for r in self.runs]
+
+
+# -- children --------------------------------------------------------------------------------------
+class ReadStream:
+    """Several files read front to back as one stream, dropped from the page cache behind."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = list(paths)
+        self.fd: int | None = None
+        self.offset = 0
+
+    def read(self, view: memoryview) -> int:
+        while self.paths or self.fd is not None:
+            if self.fd is None:
+                self.fd, self.offset = os.open(self.paths.pop(0), os.O_RDONLY), 0
+            got = os.preadv(self.fd, [view], self.offset)
+            if got:
+                os.posix_fadvise(self.fd, self.offset, got, os.POSIX_FADV_DONTNEED)
+                self.offset += got
+                return got
+            os.close(self.fd)
+            self.fd = None
+        return 0
+
+
+class WriteStream:
+    """Output files of given sizes, filled in order, each fsynced when complete (as deltamerge does)."""
+
+    def __init__(self, files: list[tuple[str, int]]):
+        self.files = list(files)
+        self.fd: int | None = None
+        self.left = 0
+        self.offset = 0
+
+    def write(self, view: memoryview) -> bool:
+        if self.fd is None:
+            if not self.files:
+                return False
+            path, self.left = self.files.pop(0)
+            self.fd, self.offset = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 0
+        chunk = view[:self.left]
+        while chunk:
+            n = os.pwrite(self.fd, chunk, self.offset)
+            self.offset += n
+            self.left -= n
+            chunk = chunk[n:]
+        if self.left == 0:
+            os.fsync(self.fd)
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(self.fd)
+            self.fd = None
+        return True
+
+
+def child_io(spec: dict) -> None:
+    """The floor: read base and delta, write as many bytes as the result, compute nothing."""
+    view = memoryview(bytearray(IO_BLOCK))
+    readers = [ReadStream(paths) for paths in spec["reads"]]
+    writer = WriteStream([(p, n) for p, n in spec["writes"]])
+    busy = True
+    while busy:
+        busy = False
+        for r in readers:
+            busy |= r.read(view) > 0
+        busy |= writer.write(view)
+
+
+def child_naive(spec: dict) -> None:
+    """What users write by hand: both state dicts in memory, add, save (then fsync, for fairness)."""
+    from safetensors.torch import load_file, save_file
+
+    base, delta = {}, {}
+    for path in spec["base"]:
+        base.update(load_file(path))
+    for path in spec["delta"]:
+        delta.update(load_file(path))
+    merged = {name: base[name] + delta[name] for name in base}
+    out = Path(spec["out"])
+    out.mkdir(parents=True)
+    for path in spec["base"]:
+        names = load_names(path)
+        target = out / Path(path).name
+        save_file({n: merged[n] for n in names}, target, metadata=META)
+        with open(target, "rb+") as f:
+            os.fsync(f.fileno())
+
+
+def load_names(path: str) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return list(f.keys())
+
+
+# -- reporting -------------------------------------------------------------------------------------
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'run':<24}{'median s':>10}{'x (a)':>8}{'peak RSS MiB':>14}{'GB/s':>8}  status"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        name = f"{row['run']} {row['label']}"
+        if "median_s" in row:
+            ratio = f"{row['ratio_to_a']:.2f}" if row["ratio_to_a"] else "-"
+            lines.append(f"{name:<24}{row['median_s']:>10.2f}{ratio:>8}"
+                         f"{row['peak_rss_mib']:>14.0f}{row['gb_per_s']:>8.2f}  {row['status']}")
+        else:
+            lines.append(f"{name:<24}{'-':>10}{'-':>8}{'-':>14}{'-':>8}  {row['status']}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        say(f"--plot: matplotlib is not installed; no chart written to {path} "
+            "(pip install matplotlib to get one)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "median_s" in r]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar([f"{r['run']}\n{r['label']}" for r in done], [r["median_s"] for r in done])
+    for bar, r in zip(bars, done):
+        ratio = f" (x{r['ratio_to_a']:.2f})" if r["ratio_to_a"] else ""
+        label = f"{r['median_s']:.1f} s{ratio}\n{r['peak_rss_mib']:.0f} MiB"
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, max([r["median_s"] for r in done], default=1) * 1.25)
+    ax.set_ylabel("median wall seconds (x: ratio to a)")
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    say(f"chart written to {path}")
+
+
+# -- main ------------------------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--layers", type=int, help="Fewer (or more) layers than the preset's.")
+    ap.add_argument("--sparse", action="store_true",
+                    help="All-zero inputs that take no disk: for memory at full scale, not speed.")
+    ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    ap.add_argument("--data", type=Path, help="Where to put the files (default: a temp dir in bench-data/).")
+    ap.add_argument("--keep", action="store_true", help="Keep the generated files.")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--runs", default=",".join(RUNS), help="Subset of a,b,c,d,e,f,g.")
+    ap.add_argument("--workers", type=int, help="Passed to deltamerge.")
+    ap.add_argument("--shard-size", help="Shard size of every checkpoint (default: the preset's).")
+    ap.add_argument("--json", action="store_true", help="Print the results as JSON instead of a table.")
+    ap.add_argument("--plot", metavar="FILE.png", help="Draw a bar chart (needs matplotlib).")
+    args = ap.parse_args(argv)
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown or not runs:
+        ap.error(f"--runs: unknown run(s) {','.join(unknown)}; choose from {','.join(RUNS)}")
+    args.runs = sorted(set(runs))
+    if args.repeat < 1 or (args.layers is not None and args.layers < 1):
+        ap.error("--repeat and --layers must be at least 1")
+    return args
+
+
+def make_data_dir(args: argparse.Namespace) -> Path:
+    if args.data is None:
+        parent = ROOT / "bench-data"
+        parent.mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{args.preset}-", dir=parent))
+    data = args.data.resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    if any(data.iterdir()):
+        raise SystemExit(f"bench: {data} is not empty; give an empty or new folder to --data")
+    return data
+
+
+def clean(data: Path, whole: bool) -> None:
+    """Remove what the run generated: the temp dir, or the contents of the --data folder."""
+    if whole:
+        shutil.rmtree(data, ignore_errors=True)
+        return
+    for path in data.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--child"]:
+        {"io": child_io, "naive": child_naive, "generate": child_generate}[argv[1]](json.loads(argv[2]))
+        return 0
+    args = parse_args(argv)
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    data = make_data_dir(args)
+    try:
+        bench = Bench(args, data)
+        machine = dict(host(), disk_free_bytes=shutil.disk_usage(data).free)
+        if bench.disk_needed() > machine["disk_free_bytes"] - 2 * 10**9:
+            raise SystemExit(f"bench: needs about {bench.disk_needed() / 1e9:.1f} GB of disk, "
+                             f"{machine['disk_free_bytes'] / 1e9:.1f} GB free under {data}")
+        bench.setup()
+        results = bench.measure_all(args.repeat)
+    finally:
+        if not args.keep:
+            clean(data, whole=args.data is None)
+    baseline = next((statistics.median(r.walls) for r in results if r.run == "a" and r.walls), None)
+    rows = [r.summary(baseline) for r in results]
+    config = {"preset": args.preset, "layers": bench.preset.layers, "dtype": args.dtype,
+              "sparse": args.sparse, "model_bytes": bench.model_bytes, "shard_size": bench.shard,
+              "repeat": args.repeat, "workers": args.workers}
+    if args.json:
+        print(json.dumps({"command": command, "machine": machine, "config": config, "runs": rows},
+                         indent=2))
+    else:
+        print(f"command: {command}")
+        print(f"machine: {machine['cpu']}, {machine['cores']} cores, "
+              f"{machine['ram_bytes'] / 2**30:.1f} GiB RAM, "
+              f"{machine['disk_free_bytes'] / 1e9:.0f} GB disk free")
+        print(f"model:   {args.preset}, {bench.preset.layers} layers, {args.dtype}, "
+              f"{bench.model_bytes / 1e9:.2f} GB{', sparse' if args.sparse else ''}; "
+              f"median of {args.repeat}, inputs evicted from the page cache before each run")
+        print(table(rows))
+    if args.plot:
+        plot(rows, args.plot, f"deltamerge, {args.preset} x{bench.preset.layers} layers "
+                              f"({bench.model_bytes / 1e9:.2f} GB{', sparse' if args.sparse else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
