@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import BITS_DTYPE
 from ..errors import MismatchError
 from ..readers import Checkpoint, open_checkpoint
 from ..safetensors_format import TensorSpec
@@ -48,14 +49,34 @@ class AddStep(Step):
         self.inputs = (RowInput(delta, name),)
 
     def apply(self, cur, inputs, r0, out, scratch: Scratch) -> None:
-        if out.dtype == torch.float32:
-            out.copy_(cur)
-            out.add_(inputs[0])
-            return
-        acc = scratch.get("add", torch.float32, tuple(out.shape))
-        acc.copy_(cur)
-        acc.add_(inputs[0])
-        out.copy_(acc)
+        rounded_sum(cur, inputs[0], out, scratch)
+
+
+def rounded_sum(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, scratch: Scratch, subtract: bool = False
+) -> None:
+    """``out = round(fp32(a) ± fp32(b))``, rounded once into ``out.dtype``.
+
+    When all three share a dtype, torch's own add is that computation (CPU fp16/bf16 kernels
+    widen to fp32 and round once: bit for bit FastChat's ``param.data += delta``) and is ten
+    times faster than the fp32 path; mixed dtypes widen both into fp32 buffers first, because
+    mixed-dtype in-place arithmetic is slower still.
+    """
+    op = torch.sub if subtract else torch.add
+    if a.dtype == b.dtype == out.dtype:
+        op(a, b, out=out)
+        return
+    shape = tuple(out.shape)
+    if out.dtype == torch.float32:
+        wide_a = a if a.dtype == torch.float32 else scratch.get("add_a", torch.float32, shape).copy_(a)
+        wide_b = b if b.dtype == torch.float32 else scratch.get("add_b", torch.float32, shape).copy_(b)
+        op(wide_a, wide_b, out=out)
+        return
+    acc = scratch.get("add_a", torch.float32, shape)
+    acc.copy_(a)
+    wide_b = b if b.dtype == torch.float32 else scratch.get("add_b", torch.float32, shape).copy_(b)
+    op(acc, wide_b, out=acc)
+    out.copy_(acc)
 
 
 class AddKind(Kind):
@@ -97,21 +118,17 @@ class MakeAddStep(Step):
 
     def apply(self, cur, inputs, r0, out, scratch: Scratch) -> None:
         target = inputs[0]
-        shape = tuple(out.shape)
-        acc = scratch.get("add", torch.float32, shape)
-        acc.copy_(target)
-        acc.sub_(cur)
-        out.copy_(acc)
-        rebuilt = scratch.get("rebuilt", target.dtype, shape)
-        acc.copy_(cur)
-        acc.add_(out)
-        rebuilt.copy_(acc)
-        self.mismatches += count_differences(rebuilt, target)
+        rounded_sum(target, cur, out, scratch, subtract=True)
+        rebuilt = scratch.get("rebuilt", target.dtype, tuple(out.shape))
+        rounded_sum(cur, out, rebuilt, scratch)
+        self.mismatches += count_differences(rebuilt, target, scratch)
         if self.on_result is not None:
             self.on_result(rebuilt)
 
 
-def count_differences(a: torch.Tensor, b: torch.Tensor) -> int:
+def count_differences(a: torch.Tensor, b: torch.Tensor, scratch: Scratch) -> int:
     """Elements whose bits differ (so -0.0 against 0.0 counts, NaN against itself does not)."""
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return int((a.view(bits) != b.view(bits)).sum())
+    bits = BITS_DTYPE[a.element_size()]
+    flags = scratch.get("differ", torch.bool, tuple(a.shape))
+    torch.ne(a.view(bits), b.view(bits), out=flags)
+    return int(torch.count_nonzero(flags))

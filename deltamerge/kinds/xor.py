@@ -100,6 +100,6 @@ class MakeXorStep(Step):
         _xor_into(target, cur, out, scratch)
         rebuilt = scratch.get("xor-rebuilt", target.dtype, tuple(target.shape))
         _xor_into(out, cur, rebuilt, scratch)
-        self.mismatches += count_differences(rebuilt, target)
+        self.mismatches += count_differences(rebuilt, target, scratch)
         if self.on_result is not None:
             self.on_result(rebuilt)
