@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .digest import TensorDigest, model_digest
 from .errors import FormatError
+from .safetensors_format import text_ok
 
 MANIFEST_NAME = "deltamerge.json"
 FORMAT = "deltamerge-manifest"
@@ -69,7 +70,7 @@ def _fail(path: Path, what: str) -> FormatError:
 
 
 def _digest(path: Path, name: object, obj: object) -> TensorDigest:
-    if not isinstance(name, str) or not isinstance(obj, dict):
+    if not isinstance(name, str) or not text_ok(name) or not isinstance(obj, dict):
         raise _fail(path, f"tensor entry {name!r} is not an object")
     dtype, shape, sha = obj.get("dtype"), obj.get("shape"), obj.get("sha256")
     if not isinstance(dtype, str) or not isinstance(sha, str) or not _HEX64.fullmatch(sha):
@@ -104,10 +105,17 @@ def parse_manifest(path: Path, obj: object) -> Manifest:
         raise _fail(path, "'files' must be an object")
     for name, info in files.items():
         if (
+            not isinstance(name, str) or not name or not text_ok(name) or name.startswith("/")
+            or ".." in PurePosixPath(name).parts or "\x00" in name or "\\" in name
+        ):
+            raise _fail(path, f"file name {name!r} must be a relative path inside the delta")
+        if (
             not isinstance(info, dict)
             or not isinstance(info.get("sha256"), str)
             or not _HEX64.fullmatch(info["sha256"])
             or not isinstance(info.get("size"), int)
+            or isinstance(info["size"], bool)
+            or info["size"] < 0
         ):
             raise _fail(path, f"file entry {name!r} needs a 64-hex sha256 and an integer size")
     options = obj.get("options", {})

@@ -102,7 +102,7 @@ def fix_vocab_size(tmp: Path, vocab_rows: int | None) -> None:
         return
     try:
         config = json.loads(path.read_text())
-    except ValueError:
+    except (ValueError, RecursionError):
         return
     if isinstance(config, dict) and config.get("vocab_size") != vocab_rows:
         config["vocab_size"] = vocab_rows

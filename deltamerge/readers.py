@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
+import warnings
 import zipfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
 
-from .dtypes import itemsize
-from .errors import FormatError, MismatchError
+from .dtypes import TORCH_TO_SAFETENSORS, itemsize
+from .errors import FormatError, MismatchError, UnsupportedError
 from .folders import Layout, aux_files, detect_layout, read_weight_map
 from .memory import drop_file_range, drop_mapped_range, will_need
 from .safetensors_format import (
-    LFS_POINTER_PREFIX,
     Header,
     StoredTensor,
     TensorSpec,
+    describe_download,
+    open_for_reading,
     read_header,
+    text_ok,
 )
 
 
@@ -95,9 +99,10 @@ class SafetensorsCheckpoint(Checkpoint):
         self._fds: dict[Path, int] = {}
         self._where: dict[str, tuple[Path, StoredTensor]] = {}
         self.headers: dict[Path, Header] = {}
+        aux_files(layout.folder)
         try:
             for path in layout.files:
-                fd = os.open(path, os.O_RDONLY)
+                fd = open_for_reading(path)
                 self._fds[path] = fd
                 header = read_header(path, fd)
                 self.headers[path] = header
@@ -161,33 +166,93 @@ class SafetensorsCheckpoint(Checkpoint):
         self._fds.clear()
 
 
+# A legacy (pre-zip) torch file starts with this pickled magic number; any other pickle is not one.
+LEGACY_TORCH_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+_PICKLE_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
 def load_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     """``torch.load`` a ``.bin``/``.pth`` safely: weights only, mapped where the file allows.
 
     Returns the state dict and whether it is memory-mapped. Full pickle is never used: a file
-    whose pickle would run code is refused by ``weights_only`` and named here.
+    whose pickle would run code is refused by ``weights_only`` and named here. The usual ways a
+    download goes wrong are told apart before torch sees the file, so each gets its own message.
     """
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if head.startswith(LFS_POINTER_PREFIX):
-        raise FormatError(f"{path}: a Git LFS pointer, not the weights: run `git lfs pull`")
-    mapped = zipfile.is_zipfile(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling failed"
+    head = _read_head(path)
+    known = describe_download(path, head)
+    if known:
+        raise FormatError(known)
+    if not head:
+        raise FormatError(f"{path}: empty file (an interrupted download?)")
+    is_zip = head.startswith(b"PK\x03\x04")
+    if is_zip and not _has_central_directory(path):
         raise FormatError(
-            f"{path}: refused: not a plain tensor archive (weights_only loading: {first[:200]})"
+            f"{path}: truncated: a zip archive without a readable central directory (an "
+            "interrupted download?)"
+        )
+    if not is_zip and not head.startswith(LEGACY_TORCH_MAGIC):
+        raise FormatError(
+            f"{path}: not a PyTorch checkpoint (neither a torch zip archive nor a torch pickle)"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as exc:
+        raise FormatError(
+            f"{path}: refused by weights-only loading ({_pickle_reason(exc)}): the pickle holds "
+            "more than tensors, or is corrupt; nothing in it was run"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # torch raises many types on corrupt archives
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise FormatError(f"{path}: not a readable torch archive (truncated or corrupt?): {msg}") from None
+        raise FormatError(
+            f"{path}: not a readable torch archive (truncated or corrupt?): {msg}"
+        ) from None
+    return _check_state(path, obj), is_zip
+
+
+def _has_central_directory(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
+def _read_head(path: Path) -> bytes:
+    try:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise FormatError(f"{path}: not a regular file")
+            return f.read(64)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _pickle_reason(exc: Exception) -> str:
+    """The line of torch's weights-only message that says what was refused."""
+    for line in str(exc).splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and not line.startswith(_PICKLE_BOILERPLATE):
+            return line[:200]
+    return "unsupported content"
+
+
+def _check_state(path: Path, obj: object) -> dict[str, torch.Tensor]:
+    """A flat mapping of names to dense tensors of a dtype deltamerge can write, or an error."""
     if not isinstance(obj, dict):
         raise FormatError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
     for name, value in obj.items():
-        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+        if not isinstance(name, str) or not text_ok(name) or not isinstance(value, torch.Tensor):
             raise FormatError(f"{path}: entry {name!r} is not a tensor")
-    return obj, mapped
+        if value.layout != torch.strided or value.is_quantized:
+            raise UnsupportedError(
+                f"{path}: tensor {name!r} is sparse or quantized: deltamerge reads dense tensors"
+            )
+        if value.dtype not in TORCH_TO_SAFETENSORS:
+            raise UnsupportedError(f"{path}: tensor {name!r} has dtype {value.dtype}: not supported")
+    return obj
 
 
 class BinCheckpoint(Checkpoint):
@@ -203,6 +268,7 @@ class BinCheckpoint(Checkpoint):
         super().__init__(layout)
         self._file: dict[str, Path] = {}
         self._open: tuple[Path, dict[str, torch.Tensor], bool] | None = None
+        aux_files(layout.folder)
         for path in layout.files:
             state, _ = load_torch_file(path)
             for name, tensor in state.items():

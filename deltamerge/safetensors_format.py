@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,9 +22,13 @@ import torch
 
 from .dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
 from .errors import FormatError
+from .memory import WriteBehind, drop_file_range
 
 MAX_HEADER_BYTES = 100_000_000
 LFS_POINTER_PREFIX = b"version https://git-lfs"
+# A zero-size tensor's dimensions are not bounded by its bytes; beyond this (or the file's size)
+# they are nonsense, and would make the engine loop over billions of empty row blocks.
+MAX_EMPTY_DIM = 2**31
 
 
 @dataclass(frozen=True)
@@ -66,10 +71,24 @@ class Header:
     data_start: int
 
 
-def describe_non_safetensors(path: Path, head: bytes) -> str | None:
-    """Name the usual reasons a weight file is not one, from its first bytes."""
+def lfs_pointer_message(path: Path, what: str = "the weights") -> str:
+    return f"{path}: a Git LFS pointer, not {what}: run `git lfs pull`"
+
+
+def describe_download(path: Path, head: bytes, what: str = "the weights") -> str | None:
+    """Name the usual wrong contents of a downloaded file (any format), from its first bytes."""
     if head.startswith(LFS_POINTER_PREFIX):
-        return f"{path}: a Git LFS pointer, not the weights: run `git lfs pull`"
+        return lfs_pointer_message(path, what)
+    if head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+        return f"{path}: an HTML page, not {what} (a failed download?): download it again"
+    return None
+
+
+def describe_non_safetensors(path: Path, head: bytes) -> str | None:
+    """Name the usual reasons a weight file is not a safetensors file, from its first bytes."""
+    known = describe_download(path, head)
+    if known:
+        return known
     if head.startswith(b"PK\x03\x04"):
         return f"{path}: a zip archive (a PyTorch .bin?), not a safetensors file"
     return None
@@ -79,7 +98,7 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     seen: dict[str, object] = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"duplicate tensor name {key!r}")
+            raise ValueError(f"duplicate key {key!r}")
         seen[key] = value
     return seen
 
@@ -88,68 +107,121 @@ def read_header(path: Path, fd: int | None = None) -> Header:
     """Parse and validate the header of ``path`` (through ``fd`` when the caller holds it open)."""
     own = fd is None
     if own:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise FormatError(f"{path}: no such file") from None
+        fd = open_for_reading(path)
     try:
         size = os.fstat(fd).st_size
-        head = os.pread(fd, 8, 0)
-        if len(head) < 8:
-            raise FormatError(f"{path}: truncated: {size} bytes is shorter than a safetensors header")
-        n = struct.unpack("<Q", head)[0]
-        known = describe_non_safetensors(path, os.pread(fd, 64, 0))
+        head = os.pread(fd, 64, 0)
+        known = describe_non_safetensors(path, head)
         if known:
             raise FormatError(known)
+        if size == 0:
+            raise FormatError(f"{path}: empty file (an interrupted download?)")
+        if len(head) < 8:
+            raise FormatError(f"{path}: truncated: {size} bytes is shorter than a safetensors header")
+        n = struct.unpack("<Q", head[:8])[0]
         if n > MAX_HEADER_BYTES:
-            raise FormatError(f"{path}: header length {n} exceeds the 100 MB limit: not a valid safetensors file")
+            raise FormatError(
+                f"{path}: header length {n} exceeds the 100 MB limit: not a valid safetensors file"
+            )
         if 8 + n > size:
             raise FormatError(f"{path}: truncated: header claims {n} bytes but the file has {size}")
         raw = os.pread(fd, n, 8)
+        if len(raw) != n:
+            raise FormatError(f"{path}: truncated while reading its header")
         return _parse(path, raw, size, 8 + n)
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
     finally:
         if own:
             os.close(fd)
+
+
+def open_for_reading(path: Path) -> int:
+    """A read-only descriptor for a weight file; failing to open it is a :class:`FormatError`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FormatError(f"{path}: not a regular file")
+    return fd
+
+
+def text_ok(text: str) -> bool:
+    """JSON escapes can smuggle lone surrogates, which no file name or header may carry on."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse(path: Path, raw: bytes, size: int, data_start: int) -> Header:
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise FormatError(f"{path}: the safetensors header does not parse: {exc}") from None
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise FormatError(f"{path}: the safetensors header does not parse: {reason}") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{path}: the safetensors header is not a JSON object")
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = obj.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        isinstance(v, str) and text_ok(k) and text_ok(v) for k, v in metadata.items()
     ):
         raise FormatError(f"{path}: __metadata__ must map strings to strings")
+    max_dim = max(size, MAX_EMPTY_DIM)
     tensors: dict[str, StoredTensor] = {}
     spans: list[tuple[int, int, str]] = []
     for name, info in obj.items():
-        spec, begin, end = _parse_entry(path, name, info)
+        spec, begin, end = _parse_entry(path, name, info, max_dim)
         tensors[name] = StoredTensor(spec, data_start + begin)
         spans.append((begin, end, name))
-    spans.sort()
-    cursor = 0
-    for begin, end, name in spans:
-        if begin != cursor:
-            what = "overlaps the previous tensor" if begin < cursor else "leaves a hole before it"
-            raise FormatError(f"{path}: tensor {name!r}: data_offsets [{begin}, {end}] {what}")
-        cursor = end
-    if data_start + cursor != size:
-        if data_start + cursor > size:
-            raise FormatError(
-                f"{path}: truncated: tensors need {data_start + cursor} bytes, the file has {size}"
-            )
-        raise FormatError(
-            f"{path}: {size - data_start - cursor} bytes after the last tensor: not a valid safetensors file"
-        )
+    _check_spans(path, sorted(spans), size - data_start, data_start)
     return Header(path, tensors, dict(metadata), data_start)
 
 
-def _parse_entry(path: Path, name: str, info: object) -> tuple[TensorSpec, int, int]:
+def _check_spans(path: Path, spans: list[tuple[int, int, str]], data: int, start: int) -> None:
+    """Tensors must tile the data buffer exactly: no hole, no overlap, nothing past the end.
+
+    A contiguous layout that needs more bytes than the file has is a truncated download; a
+    range past the end among holes is a corrupt header, and is named as such.
+    """
+    cursor = 0
+    gap = None
+    for begin, end, name in spans:
+        if begin != cursor and gap is None:
+            what = "overlaps the previous tensor" if begin < cursor else "leaves a hole before it"
+            gap = f"{path}: tensor {name!r}: data_offsets [{begin}, {end}] {what}"
+        cursor = max(cursor, end)
+    if gap is not None:
+        for begin, end, name in spans:
+            if end > data:
+                raise FormatError(
+                    f"{path}: tensor {name!r}: data_offsets [{begin}, {end}] run past the end of "
+                    f"the data ({data} bytes): a corrupt header"
+                )
+        raise FormatError(gap)
+    if cursor > data:
+        raise FormatError(
+            f"{path}: truncated: tensors need {start + cursor} bytes, the file has {start + data}"
+        )
+    if cursor < data:
+        raise FormatError(
+            f"{path}: {data - cursor} bytes after the last tensor: not a valid safetensors file"
+        )
+
+
+def _parse_entry(
+    path: Path, name: str, info: object, max_dim: int
+) -> tuple[TensorSpec, int, int]:
     where = f"{path}: tensor {name!r}"
+    if not text_ok(name):
+        raise FormatError(f"{where}: the name is not valid UTF-8")
     if not isinstance(info, dict):
         raise FormatError(f"{where}: entry is not an object")
     dtype_name = info.get("dtype")
@@ -160,6 +232,8 @@ def _parse_entry(path: Path, name: str, info: object) -> tuple[TensorSpec, int, 
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise FormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if any(d > max_dim for d in shape):
+        raise FormatError(f"{where}: shape {shape} has a dimension no file of this size can hold")
     offsets = info.get("data_offsets")
     if (
         not isinstance(offsets, list)
@@ -220,6 +294,7 @@ class StreamingWriter:
         self.expected = len(header) + sum(s.nbytes for s in specs)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.position = 0
+        self._behind = WriteBehind(self.fd)
         self.write(header)
 
     def write(self, data: memoryview | bytes) -> None:
@@ -230,6 +305,7 @@ class StreamingWriter:
             written = os.pwrite(self.fd, view, self.position)
             self.position += written
             view = view[written:]
+        self._behind.advance(self.position)
 
     def close(self, sync: bool = True) -> None:
         """Finish the file; a short file is a bug in the caller, never a silent success."""
@@ -240,6 +316,7 @@ class StreamingWriter:
                 )
             if sync:
                 os.fsync(self.fd)
+            drop_file_range(self.fd, 0, self.position)
         finally:
             os.close(self.fd)
 
