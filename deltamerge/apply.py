@@ -19,7 +19,7 @@ from .digest import FileHasher, TensorDigest, file_sha256, model_digest
 from .dtypes import parse_user_dtype
 from .engine import Engine
 from .errors import DiskSpaceError, InputError, InterruptedRun, VerificationError, WorkError
-from .folders import AUX_FILES
+from .folders import AUX_FILES, inside
 from .journal import Journal, fingerprint
 from .kinds import ApplyOptions, Kind, is_non_weight
 from .kinds.add import VOCAB_TENSORS
@@ -36,17 +36,15 @@ from .output import (
     write_json,
 )
 from .plan import (
-    DEFAULT_BLOCK_BYTES,
-    DEFAULT_SHARD_SIZE,
     TensorJob,
     layout_shards,
-    parse_size,
     rows_per_block,
 )
 from .progress import make_progress
 from .readers import Checkpoint, open_checkpoint
 from .resolve import Resolved, resolve_input
 from .safetensors_format import TensorSpec
+from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 
 RESULT_RECORD = "deltamerge-result.json"
 PathLike = str | Path
@@ -297,7 +295,7 @@ def _delta_file_hashers(
         if m is None:
             continue
         for name in m.files:
-            path = d.path / name
+            path = inside(d.path, name, d.path / MANIFEST_NAME)
             if path.is_file() and path.stat().st_size > 1 << 20:
                 hashers[path] = FileHasher(path)
     return hashers
@@ -311,7 +309,7 @@ def _check_files(
         if m is None:
             continue
         for name, info in m.files.items():
-            path = d.path / name
+            path = inside(d.path, name, d.path / MANIFEST_NAME)
             if not path.is_file():
                 raise VerificationError(f"{path}: listed in {MANIFEST_NAME} but missing")
             sha = streamed.get(path) or file_sha256(path)

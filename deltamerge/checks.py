@@ -26,11 +26,11 @@ from .errors import FormatError, InputError, NotFoundError
 from .folders import read_json_object
 from .manifest import FORMAT as MANIFEST_FORMAT
 from .manifest import MANIFEST_NAME, Role, _role, parse_manifest
-from .plan import DEFAULT_BLOCK_BYTES
 from .progress import Progress, make_progress
 from .readers import Checkpoint, open_checkpoint
 from .resolve import local_folder
 from .safetensors_format import TensorSpec
+from .sizes import DEFAULT_BLOCK_BYTES
 
 CHECKSUMS_FORMAT = "deltamerge-checksums"
 CHECKSUMS_VERSION = 1

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
 
 from .cli import handle_errors, human, main
-from .digest import TensorDigest
 from .errors import VerificationError
+
+if TYPE_CHECKING:
+    from .digest import TensorDigest
 
 HELP = {"help_option_names": ["-h", "--help"]}
 

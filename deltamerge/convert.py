@@ -15,7 +15,7 @@ import torch
 from .apply import ApplyResult, apply_delta
 from .errors import InputError
 from .folders import detect_layout
-from .plan import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE
+from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE
 
 
 def convert(

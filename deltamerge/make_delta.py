@@ -24,17 +24,15 @@ from .manifest import MANIFEST_NAME, Manifest, Role
 from .memory import peak_rss_bytes
 from .output import check_out, copy_aux, discard, make_partial, publish, write_index
 from .plan import (
-    DEFAULT_BLOCK_BYTES,
-    DEFAULT_SHARD_SIZE,
     TensorJob,
     layout_shards,
-    parse_size,
     rows_per_block,
 )
 from .progress import make_progress
 from .readers import Checkpoint, open_checkpoint
 from .resolve import resolve_input
 from .safetensors_format import TensorSpec
+from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 
 PathLike = str | Path
 MAKE_KINDS = ("add", "xor")

@@ -15,7 +15,6 @@ import torch
 from .dtypes import itemsize
 from .kinds import Step
 from .safetensors_format import TensorSpec, aligned_order
-from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size  # noqa: F401 - re-exported
 
 
 @dataclass

@@ -186,8 +186,9 @@ def write_models(p: Preset, dtype, shard: str, folders: list[Path], sparse: bool
     import torch
 
     from deltamerge.output import write_index
-    from deltamerge.plan import TensorJob, layout_shards, parse_size
+    from deltamerge.plan import TensorJob, layout_shards
     from deltamerge.safetensors_format import StreamingWriter
+    from deltamerge.sizes import parse_size
 
     jobs = [TensorJob(s, None) for s in to_specs(llama_shapes(p), dtype)]
     shards = layout_shards(jobs, parse_size(shard))
