@@ -12,6 +12,7 @@ at most ``slots`` blocks are in flight, whatever the model's size.
 from __future__ import annotations
 
 import errno
+import hashlib
 import queue
 import threading
 import time
@@ -27,7 +28,7 @@ from .errors import DeltaMergeError, VerificationError, WorkError
 from .kinds import Scratch
 from .plan import Shard, TensorJob
 from .readers import Checkpoint, view_rows
-from .safetensors_format import StreamingWriter
+from .safetensors_format import StreamingWriter, build_header
 
 Progress = Callable[[int], None]
 
@@ -40,6 +41,7 @@ class Slot:
     base: torch.Tensor = field(init=False)
     out: torch.Tensor = field(init=False)
     inputs: list[torch.Tensor] = field(default_factory=list)
+    kept: Scratch = field(default_factory=Scratch)
 
     def __post_init__(self) -> None:
         self.base = torch.empty(self.capacity, dtype=torch.uint8)
@@ -121,6 +123,7 @@ class Engine:
         self.skip_shards = skip_shards or set()
         self.on_shard_done = on_shard_done
         self.written_files: dict[str, str] = {}
+        self._file_hasher = hashlib.sha256()
         self.n_slots = slots or (1 if self.workers == 1 else 3)
         self.base_digests: dict[str, TensorDigest] = {}
         self.out_digests: dict[str, TensorDigest] = {}
@@ -222,6 +225,7 @@ class Engine:
     def _compute(self, b: Block) -> None:
         job, slot = b.job, b.slot
         assert slot is not None
+        self._scratch.kept = slot.kept
         out = view_rows(slot.out, job.out, b.r1 - b.r0)
         if job.out.shape == ():
             out = out.reshape(())
@@ -258,9 +262,7 @@ class Engine:
     def _write(self, b: Block) -> None:
         shard = self.shards[b.shard]
         if b.first_in_shard:
-            self._writer = StreamingWriter(
-                self.out_dir / shard.filename, shard.specs, self.metadata, self.hash_files
-            )
+            self._writer = StreamingWriter(self.out_dir / shard.filename, shard.specs, self.metadata)
             faults.reached("header")
         assert self._writer is not None and b.out is not None
         data = raw_bytes(b.out.contiguous())
@@ -274,13 +276,19 @@ class Engine:
         if b.last_in_shard:
             writer, self._writer = self._writer, None
             writer.close()
-            if writer.hasher is not None:
-                self.written_files[shard.filename] = writer.hasher.hexdigest()
         if self.progress is not None:
             self.progress(len(data))
 
     def _seal(self, b: Block) -> None:
+        """Hash what was written (tensors and, for make-delta, whole shard files), off the writer."""
         job = b.job
+        shard = self.shards[b.shard]
+        if self.hash_files and b.out is not None:
+            if b.first_in_shard:
+                self._file_hasher = hashlib.sha256(build_header(shard.specs, self.metadata))
+            self._file_hasher.update(raw_bytes(b.out))
+            if b.last_in_shard:
+                self.written_files[shard.filename] = self._file_hasher.hexdigest()
         if self.hash_out and b.out is not None:
             hasher = self._out_hashers.get(job.name)
             if hasher is None:
@@ -288,11 +296,12 @@ class Engine:
             hasher.update(b.out)
             if b.last:
                 self.out_digests[job.name] = self._out_hashers.pop(job.name).digest()
+        for step in job.steps:
+            step.seal()
         if b.last:
             for step in job.steps:
                 step.close()
         if b.last_in_shard and self.on_shard_done is not None:
-            shard = self.shards[b.shard]
             size = (self.out_dir / shard.filename).stat().st_size
             digests = {j.name: self.out_digests[j.name] for j in shard.jobs if j.name in self.out_digests}
             self.on_shard_done(shard.filename, size, digests)

@@ -8,7 +8,6 @@ before any offset from the header is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -283,13 +282,9 @@ class StreamingWriter:
     written first and no tensor ever needs to be held whole.
     """
 
-    def __init__(
-        self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None,
-        hash_file: bool = False,
-    ):
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None):
         self.path = path
         self.specs = specs
-        self.hasher = hashlib.sha256() if hash_file else None
         header = build_header(specs, metadata)
         self.expected = len(header) + sum(s.nbytes for s in specs)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -299,8 +294,6 @@ class StreamingWriter:
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
-        if self.hasher is not None:
-            self.hasher.update(view)
         while view:
             written = os.pwrite(self.fd, view, self.position)
             self.position += written

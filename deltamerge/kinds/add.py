@@ -8,6 +8,7 @@ the base's (Vicuna v0's added ``[PAD]``) start at zero (FastChat) or at the base
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -115,13 +116,18 @@ class MakeAddStep(Step):
         self.inputs = (RowInput(target, name),)
         self.mismatches = 0
         self.on_result = None  # set by make-delta: called with each block of the rebuilt tensor
+        self._rebuilt: deque[torch.Tensor] = deque()
 
     def apply(self, cur, inputs, r0, out, scratch: Scratch) -> None:
         target = inputs[0]
         rounded_sum(target, cur, out, scratch, subtract=True)
-        rebuilt = scratch.get("rebuilt", target.dtype, tuple(out.shape))
+        rebuilt = scratch.keep("rebuilt", target.dtype, tuple(out.shape))
         rounded_sum(cur, out, rebuilt, scratch)
         self.mismatches += count_differences(rebuilt, target, scratch)
+        self._rebuilt.append(rebuilt)
+
+    def seal(self) -> None:
+        rebuilt = self._rebuilt.popleft()
         if self.on_result is not None:
             self.on_result(rebuilt)
 

@@ -9,6 +9,7 @@ with the mean of the base's rows and rebuild something the publisher never made.
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -94,12 +95,17 @@ class MakeXorStep(Step):
         self.inputs = (RowInput(target, name),)
         self.mismatches = 0
         self.on_result = None  # set by make-delta: called with each block of the rebuilt tensor
+        self._rebuilt: deque[torch.Tensor] = deque()
 
     def apply(self, cur, inputs, r0, out, scratch: Scratch) -> None:
         target = inputs[0]
         _xor_into(target, cur, out, scratch)
-        rebuilt = scratch.get("xor-rebuilt", target.dtype, tuple(target.shape))
+        rebuilt = scratch.keep("xor-rebuilt", target.dtype, tuple(target.shape))
         _xor_into(out, cur, rebuilt, scratch)
         self.mismatches += count_differences(rebuilt, target, scratch)
+        self._rebuilt.append(rebuilt)
+
+    def seal(self) -> None:
+        rebuilt = self._rebuilt.popleft()
         if self.on_result is not None:
             self.on_result(rebuilt)
