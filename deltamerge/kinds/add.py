@@ -8,6 +8,7 @@ the base's (Vicuna v0's added ``[PAD]``) start at zero (FastChat) or at the base
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections import deque
 from pathlib import Path
 
@@ -80,8 +81,10 @@ def rounded_sum(
     out.copy_(acc)
 
 
-class AddKind(Kind):
-    name = "add"
+class TensorDelta(Kind):
+    """A delta stored as one tensor per base tensor (additive or XOR): same names, same rows."""
+
+    step: type[Step]
 
     def __init__(self, folder: Path, checkpoint: Checkpoint | None = None):
         super().__init__(folder)
@@ -92,7 +95,7 @@ class AddKind(Kind):
         names = [n for n in self.checkpoint.specs if not is_non_weight(n)]
         after = {n: self.checkpoint.specs[n] for n in names}
         after.update({n: s for n, s in specs.items() if n not in after})
-        return after, {n: AddStep(specs[n], self.checkpoint, n) for n in names}
+        return after, {n: self.step(specs[n], self.checkpoint, n) for n in names}
 
     def aux_files(self):
         return dict(self.checkpoint.aux_files())
@@ -104,11 +107,18 @@ class AddKind(Kind):
         self.checkpoint.close()
 
 
-class MakeAddStep(Step):
-    """target - base in the target's dtype; also what apply will rebuild from it, to report and hash.
+class AddKind(TensorDelta):
+    name = "add"
+    step = AddStep
 
-    ``result`` receives the rows apply will produce (base + stored delta), so make-delta can count
-    the elements fp16 rounding loses and record the publisher's result digest in one pass.
+
+class MakeStep(Step):
+    """What make-delta writes for one tensor; also what apply will rebuild from it.
+
+    The rebuilt rows are compared with the target (``mismatches``: the elements a lossy delta
+    does not reproduce; zero for XOR, checked rather than assumed) and set aside in a slot-owned
+    buffer for ``seal``, which hands them to ``on_result`` (the publisher's result digest) off
+    the compute thread.
     """
 
     def __init__(self, before: TensorSpec | None, target: Checkpoint, name: str):
@@ -118,11 +128,19 @@ class MakeAddStep(Step):
         self.on_result = None  # set by make-delta: called with each block of the rebuilt tensor
         self._rebuilt: deque[torch.Tensor] = deque()
 
+    @abstractmethod
+    def encode(self, target: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, scratch: Scratch) -> None:
+        """The stored delta of these rows."""
+
+    @abstractmethod
+    def decode(self, delta: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, scratch: Scratch) -> None:
+        """What apply computes from the stored delta: exactly the apply step's arithmetic."""
+
     def apply(self, cur, inputs, r0, out, scratch: Scratch) -> None:
         target = inputs[0]
-        rounded_sum(target, cur, out, scratch, subtract=True)
-        rebuilt = scratch.keep("rebuilt", target.dtype, tuple(out.shape))
-        rounded_sum(cur, out, rebuilt, scratch)
+        self.encode(target, cur, out, scratch)
+        rebuilt = scratch.keep("rebuilt", target.dtype, tuple(target.shape))
+        self.decode(out, cur, rebuilt, scratch)
         self.mismatches += count_differences(rebuilt, target, scratch)
         self._rebuilt.append(rebuilt)
 
@@ -130,6 +148,16 @@ class MakeAddStep(Step):
         rebuilt = self._rebuilt.popleft()
         if self.on_result is not None:
             self.on_result(rebuilt)
+
+
+class MakeAddStep(MakeStep):
+    """target - base in the target's dtype (fp32 arithmetic, rounded once)."""
+
+    def encode(self, target, cur, out, scratch: Scratch) -> None:
+        rounded_sum(target, cur, out, scratch, subtract=True)
+
+    def decode(self, delta, cur, out, scratch: Scratch) -> None:
+        rounded_sum(cur, delta, out, scratch)
 
 
 def count_differences(a: torch.Tensor, b: torch.Tensor, scratch: Scratch) -> int:
