@@ -2,13 +2,7 @@
 # The main job on a small built-in example: a publisher makes a delta, a user rebuilds the model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-. .venv/bin/activate
-python -m pip install --quiet --upgrade pip
-python -m pip install --quiet -e .
+. scripts/venv.sh ""
 DEMO=${DEMO_DIR:-demo-out}
 rm -rf "$DEMO"
 mkdir -p "$DEMO"
