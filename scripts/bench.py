@@ -13,7 +13,8 @@ generated in a child too.
     python scripts/bench.py --preset 13b --layers 6 --runs a,b,c,d --plot bench.png
 
 Runs: a raw I/O baseline, b apply (verified), c apply --no-verify, d make-delta, e LoRA merge,
-f XOR apply, g the naive in-memory merge (load_file, add, save_file).
+f XOR apply, g the naive in-memory merge (load_file, add, save_file), h convert from Meta's layout
+(the base written again as 2 model-parallel .pth shards).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ RUNS = {
     "e": "LoRA merge r=64",
     "f": "XOR apply",
     "g": "naive in-memory",
+    "h": "convert from Meta",
 }
 
 
@@ -245,6 +247,56 @@ def write_lora(p: Preset, folder: Path, sparse: bool) -> None:
     writer.close()
 
 
+def child_meta(spec: dict) -> None:
+    """Write the base again in Meta's layout (model-parallel shards, q/k in Meta's order).
+
+    Each shard is built whole in memory and saved with torch.save, as Meta's files were; the
+    parent never holds it.
+    """
+    import torch
+
+    from deltamerge.readers import open_checkpoint
+
+    p, shards, out = Preset(**spec["preset"]), spec["shards"], Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
+    names = {"model.embed_tokens.weight": ("tok_embeddings.weight", 1),
+             "lm_head.weight": ("output.weight", 0), "model.norm.weight": ("norm.weight", None)}
+    for i in range(p.layers):
+        hf, meta = f"model.layers.{i}.", f"layers.{i}."
+        names.update({
+            hf + "self_attn.q_proj.weight": (meta + "attention.wq.weight", 0),
+            hf + "self_attn.k_proj.weight": (meta + "attention.wk.weight", 0),
+            hf + "self_attn.v_proj.weight": (meta + "attention.wv.weight", 0),
+            hf + "self_attn.o_proj.weight": (meta + "attention.wo.weight", 1),
+            hf + "mlp.gate_proj.weight": (meta + "feed_forward.w1.weight", 0),
+            hf + "mlp.down_proj.weight": (meta + "feed_forward.w2.weight", 1),
+            hf + "mlp.up_proj.weight": (meta + "feed_forward.w3.weight", 0),
+            hf + "input_layernorm.weight": (meta + "attention_norm.weight", None),
+            hf + "post_attention_layernorm.weight": (meta + "ffn_norm.weight", None),
+        })
+    with open_checkpoint(Path(spec["base"])) as ckpt:
+        for name, (meta_name, dim) in names.items():
+            s = ckpt.specs[name]
+            t = ckpt.read_rows(name, 0, s.rows, torch.empty(s.nbytes, dtype=torch.uint8)).clone()
+            if name.endswith(("q_proj.weight", "k_proj.weight")):  # undo HF's rotary permutation
+                t = t.view(p.heads, 2, p.hidden // p.heads // 2, p.hidden).transpose(1, 2)
+                t = t.reshape(p.hidden, p.hidden)
+            pieces = [t] * shards if dim is None else list(t.chunk(shards, dim))
+            for part, piece in zip(parts, pieces):
+                part[meta_name] = piece.clone()
+    for i, part in enumerate(parts):
+        torch.save(part, out / f"consolidated.{i:02d}.pth")
+        part.clear()
+    def ffn(multiple: int) -> int:  # LLaMA's rule, as Meta's params.json implies it
+        return multiple * ((int(2 * 4 * p.hidden / 3) + multiple - 1) // multiple)
+
+    multiple_of = next(m for m in (256, 128, 64, 32, 16, 8, 4, 2, 1) if ffn(m) == p.ffn)
+    params = {"dim": p.hidden, "n_heads": p.heads, "n_layers": p.layers, "norm_eps": 1e-6,
+              "multiple_of": multiple_of, "vocab_size": -1}
+    (out / "params.json").write_text(json.dumps(params))
+
+
 def child_generate(spec: dict) -> None:
     """Write the inputs (the parent stays free of torch, so the runs' peak RSS is their own)."""
     import torch
@@ -348,7 +400,7 @@ class Bench:
         self.model_bytes = model_bytes(self.preset, self.dtype)
         self.base, self.target = data / "base", data / "target"
         self.delta, self.xor, self.lora = data / "delta-add", data / "delta-xor", data / "lora"
-        self.out = data / "out"
+        self.out, self.meta = data / "out", data / "meta"
         self.setup_errors: dict[str, str] = {}
 
     # -- setup -------------------------------------------------------------------------------
@@ -357,7 +409,7 @@ class Bench:
         n = self.model_bytes
         if self.sparse:
             return n * (2 if "f" in self.runs else 1) + n  # dense deltas before sparsify, OUT
-        return n * (3 + ("f" in self.runs)) + n
+        return n * (3 + ("f" in self.runs) + ("h" in self.runs)) + n
 
     def setup(self) -> None:
         say(f"generating base and target ({self.model_bytes / 1e9:.2f} GB each"
@@ -378,6 +430,13 @@ class Bench:
             err = self._make_delta(self.xor, "xor")
             if err:
                 self.setup_errors["f"] = f"failed: setup make-delta --kind xor: {err}"
+        if "h" in self.runs:
+            say("writing the base again in Meta's layout (2 model-parallel shards)")
+            spec = {"preset": vars(self.preset), "base": str(self.base), "out": str(self.meta),
+                    "shards": 2}
+            m = measure(self.child("meta", spec), self.data / "setup-meta.log")
+            if m.returncode != 0:
+                self.setup_errors["h"] = f"failed: setup Meta layout: {m.last_error}"
         if "d" not in self.runs and not self.sparse:
             shutil.rmtree(self.target)
         os.sync()
@@ -422,6 +481,9 @@ class Bench:
         if run == "f":
             xor = files_bytes(weight_files(self.xor))
             return self.deltamerge("apply", self.base, self.xor, self.out), files_bytes(base) + xor
+        if run == "h":
+            meta = sorted(self.meta.glob("consolidated.*.pth"))
+            return self.deltamerge("convert", self.meta, self.out), files_bytes(meta)
         spec = {"base": list(map(str, base)), "delta": list(map(str, delta)), "out": str(self.out)}
         return self.child("naive", spec), reads
 
@@ -436,7 +498,8 @@ class Bench:
         return None
 
     def inputs(self) -> list[Path]:
-        return [f for f in (self.base, self.target, self.delta, self.xor, self.lora) if f.exists()]
+        return [f for f in (self.base, self.target, self.delta, self.xor, self.lora, self.meta)
+                if f.exists()]
 
     def measure_all(self, repeat: int) -> list[RunResult]:
         results = {r: RunResult(r) for r in self.runs}
@@ -617,7 +680,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--data", type=Path, help="Where to put the files (default: a temp dir in bench-data/).")
     ap.add_argument("--keep", action="store_true", help="Keep the generated files.")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--runs", default=",".join(RUNS), help="Subset of a,b,c,d,e,f,g.")
+    ap.add_argument("--runs", default=",".join(RUNS), help="Subset of a,b,c,d,e,f,g,h.")
     ap.add_argument("--workers", type=int, help="Passed to deltamerge.")
     ap.add_argument("--shard-size", help="Shard size of every checkpoint (default: the preset's).")
     ap.add_argument("--json", action="store_true", help="Print the results as JSON instead of a table.")
@@ -659,7 +722,9 @@ def clean(data: Path, whole: bool) -> None:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--child"]:
-        {"io": child_io, "naive": child_naive, "generate": child_generate}[argv[1]](json.loads(argv[2]))
+        children = {"io": child_io, "naive": child_naive, "generate": child_generate,
+                    "meta": child_meta}
+        children[argv[1]](json.loads(argv[2]))
         return 0
     args = parse_args(argv)
     command = shlex.join([Path(sys.executable).name, *sys.argv])
