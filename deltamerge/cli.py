@@ -166,7 +166,10 @@ def _print_apply(result, base: str, deltas: list[str], no_verify: bool) -> None:
     rate = result.bytes_written / result.seconds if result.seconds else 0
     click.echo(f"rebuilt {result.out} from {base} + {' + '.join(deltas)} "
                f"(kind: {', '.join(result.kinds)})")
-    click.echo(f"  tensors   {result.tensors} in {len(result.shards)} shard(s)")
+    if result.kinds == ["xor-files"]:
+        click.echo(f"  files     {len(result.shards)} decoded")
+    else:
+        click.echo(f"  tensors   {result.tensors} in {len(result.shards)} shard(s)")
     click.echo(f"  bytes     {human(result.bytes_read)} read, {human(result.bytes_written)} written")
     click.echo(f"  time      {result.seconds:.1f} s ({human(rate)}/s written)")
     click.echo(f"  peak mem  {mib(result.peak_rss)}")
