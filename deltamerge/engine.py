@@ -97,7 +97,7 @@ class Engine:
         *,
         block_bytes: int,
         workers: int = 1,
-        hash_base: bool = True,
+        hash_base: bool = False,
         hash_out: bool = True,
         expected_base: dict[str, TensorDigest] | None = None,
         file_hashers: dict[Path, FileHasher] | None = None,

@@ -87,7 +87,7 @@ def make_delta(
         try:
             engine = Engine(
                 base_ckpt, shards, tmp, block_bytes=block_size, workers=workers or 1,
-                hash_out=False, hash_files=True, progress=bar.update,
+                hash_base=True, hash_out=False, hash_files=True, progress=bar.update,
             )
             run = engine.run()
             bar.close()
