@@ -3,7 +3,8 @@
 Work flows through five stages, each a function of one block: read (base rows and the rows of
 each step's inputs into a slot's reused buffers), check (hash what was read; compare base
 tensors against the publisher's digests), compute (the kinds' steps), write (into the shard's
-streaming writer) and seal (hash what was written). With ``workers == 1`` they run one after the
+streaming writer) and seal (hash what was written); a verified run with large delta files adds
+a sixth, hashing those files, beside the check. With ``workers == 1`` they run one after the
 other in this thread; otherwise each stage is a thread and blocks pass between them through
 bounded queues, so reading, hashing, arithmetic and writing overlap. Slots bound the memory:
 at most ``slots`` blocks are in flight, whatever the model's size.
@@ -184,10 +185,14 @@ class Engine:
             if nxt > b.r1:
                 self.base.prefetch(job.base.name, b.r1, nxt)
 
-    def _check(self, b: Block) -> None:
+    def _hash_files(self, b: Block) -> None:
+        """Feed the delta files' sha256 with the rows just read (a stage of its own: on a
+        verified run it is as much hashing as the base check, and the two overlap)."""
         for where, rows in b.located:
             if where is not None and where[0] in self.file_hashers:
                 self.file_hashers[where[0]].feed(where[1], raw_bytes(rows))
+
+    def _check(self, b: Block) -> None:
         job = b.job
         if not self.hash_base or job.base is None or b.base_rows is None:
             return
@@ -312,6 +317,8 @@ class Engine:
         start = time.monotonic()
         capacity = self._capacity()
         stages = [self._read, self._check, self._compute, self._write, self._seal]
+        if self.file_hashers:
+            stages.insert(1, self._hash_files)
         torch_threads = torch.get_num_threads()
         if self.workers > 1:
             # The stages are the parallelism: torch's own worker threads spin after each op and

@@ -250,8 +250,8 @@ def write_lora(p: Preset, folder: Path, sparse: bool) -> None:
 def child_meta(spec: dict) -> None:
     """Write the base again in Meta's layout (model-parallel shards, q/k in Meta's order).
 
-    Each shard is built whole in memory and saved with torch.save, as Meta's files were; the
-    parent never holds it.
+    Each shard is built whole in memory (the model's size / shards) and saved with torch.save,
+    as Meta's files were; the parent never holds it.
     """
     import torch
 
@@ -259,7 +259,6 @@ def child_meta(spec: dict) -> None:
 
     p, shards, out = Preset(**spec["preset"]), spec["shards"], Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
-    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
     names = {"model.embed_tokens.weight": ("tok_embeddings.weight", 1),
              "lm_head.weight": ("output.weight", 0), "model.norm.weight": ("norm.weight", None)}
     for i in range(p.layers):
@@ -276,18 +275,18 @@ def child_meta(spec: dict) -> None:
             hf + "post_attention_layernorm.weight": (meta + "ffn_norm.weight", None),
         })
     with open_checkpoint(Path(spec["base"])) as ckpt:
-        for name, (meta_name, dim) in names.items():
-            s = ckpt.specs[name]
-            t = ckpt.read_rows(name, 0, s.rows, torch.empty(s.nbytes, dtype=torch.uint8)).clone()
-            if name.endswith(("q_proj.weight", "k_proj.weight")):  # undo HF's rotary permutation
-                t = t.view(p.heads, 2, p.hidden // p.heads // 2, p.hidden).transpose(1, 2)
-                t = t.reshape(p.hidden, p.hidden)
-            pieces = [t] * shards if dim is None else list(t.chunk(shards, dim))
-            for part, piece in zip(parts, pieces):
-                part[meta_name] = piece.clone()
-    for i, part in enumerate(parts):
-        torch.save(part, out / f"consolidated.{i:02d}.pth")
-        part.clear()
+        for i in range(shards):  # one shard in memory at a time
+            part: dict[str, torch.Tensor] = {}
+            for name, (meta_name, dim) in names.items():
+                s = ckpt.specs[name]
+                t = ckpt.read_rows(name, 0, s.rows, torch.empty(s.nbytes, dtype=torch.uint8))
+                if name.endswith(("q_proj.weight", "k_proj.weight")):  # undo HF's rotary order
+                    t = t.view(p.heads, 2, p.hidden // p.heads // 2, p.hidden).transpose(1, 2)
+                    t = t.reshape(p.hidden, p.hidden)
+                part[meta_name] = (t if dim is None else t.chunk(shards, dim)[i]).clone()
+            torch.save(part, out / f"consolidated.{i:02d}.pth")
+            del part
+
     def ffn(multiple: int) -> int:  # LLaMA's rule, as Meta's params.json implies it
         return multiple * ((int(2 * 4 * p.hidden / 3) + multiple - 1) // multiple)
 

@@ -93,3 +93,22 @@ def test_an_exception_in_any_stage_stops_the_others_and_leaves_no_out(
     assert not out.exists()
     assert threading.active_count() == threads_before
     assert partial_dir(out).is_dir()  # kept for --resume, as after any failed work
+
+
+def test_pipelined_delta_file_hashing_checks_large_files(tmp_path: Path):
+    """Delta files over 1 MiB are hashed from the merge's own reads, in a stage of their own."""
+    from deltamerge.errors import VerificationError
+
+    base = save_checkpoint(llama_state(0, vocab=6000), tmp_path / "base")
+    target = {n: (t.float() + 0.01).half() for n, t in llama_state(0, vocab=6000).items()}
+    save_checkpoint(target, tmp_path / "target")
+    deltamerge.make_delta(base, tmp_path / "target", tmp_path / "delta")
+    shard = tmp_path / "delta/model.safetensors"
+    assert shard.stat().st_size > 1 << 20
+    assert deltamerge.apply_delta(base, tmp_path / "delta", tmp_path / "ok", workers=4).verified
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match="model.safetensors"):
+        deltamerge.apply_delta(base, tmp_path / "delta", tmp_path / "bad", workers=4)
+    assert not (tmp_path / "bad").exists()
