@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FormatError, InputError, NotFoundError
-from .safetensors_format import describe_download, text_ok
+from .safetensors_format import describe_download, reject_duplicates, text_ok
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -78,15 +78,6 @@ def _hub_blob(root: Path, target: Path) -> bool:
     return False
 
 
-def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    obj: dict[str, object] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
-        obj[key] = value
-    return obj
-
-
 def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
@@ -117,7 +108,7 @@ def read_json_object(path: Path, what: str = "the file", strict: bool = True) ->
         if strict:
             obj = json.loads(
                 data.decode("utf-8-sig"),
-                object_pairs_hook=_reject_duplicates,
+                object_pairs_hook=reject_duplicates,
                 parse_constant=_reject_constant,
             )
             json.dumps(obj, ensure_ascii=False).encode("utf-8")

@@ -93,7 +93,8 @@ def describe_non_safetensors(path: Path, head: bytes) -> str | None:
     return None
 
 
-def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+def reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``json.loads`` hook: a name given twice is an error, not the last one silently winning."""
     seen: dict[str, object] = {}
     for key, value in pairs:
         if key in seen:
@@ -160,7 +161,7 @@ def text_ok(text: str) -> bool:
 
 def _parse(path: Path, raw: bytes, size: int, data_start: int) -> Header:
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise FormatError(f"{path}: the safetensors header does not parse: {reason}") from None
