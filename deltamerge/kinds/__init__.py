@@ -10,7 +10,7 @@ owns reading, buffers, hashing and writing; a kind owns only its arithmetic.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -102,7 +102,6 @@ class ApplyOptions:
     """What the user chose, as every kind sees it."""
 
     new_rows: str = "zero"  # "zero" | "mean": how rows beyond the base start
-    extras: dict = field(default_factory=dict)
 
 
 class Kind(ABC):
@@ -122,9 +121,6 @@ class Kind(ABC):
     def aux_files(self) -> dict[str, Path | bytes]:
         """Non-weight files this delta brings (config, tokenizer)."""
         return {}
-
-    def weight_files(self) -> list[Path]:
-        return []
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""

@@ -100,9 +100,6 @@ class TensorDelta(Kind):
     def aux_files(self):
         return dict(self.checkpoint.aux_files())
 
-    def weight_files(self) -> list[Path]:
-        return list(self.checkpoint.files)
-
     def close(self) -> None:
         self.checkpoint.close()
 

@@ -361,9 +361,6 @@ class LoraKind(Kind):
     def aux_files(self):
         return {n: p for n, p in aux_files(self.folder).items() if n in TOKENIZER_FILES}
 
-    def weight_files(self) -> list[Path]:
-        return [self.weights]
-
     def close(self) -> None:
         self.checkpoint.close()
         self.source.close()
