@@ -66,16 +66,26 @@ def _hash_all(ckpt: Checkpoint, block_bytes: int, bar: Progress) -> dict[str, Te
     buf = _buffer(specs, block_bytes, 1)
     digests = {}
     for spec in specs:
-        hasher = TensorHasher(spec)
-        blocks = list(_row_blocks(spec, block_bytes, 1))
-        for i, (r0, r1) in enumerate(blocks):
-            if i + 1 < len(blocks):
-                ckpt.prefetch(spec.name, *blocks[i + 1])
-            rows = ckpt.read_rows(spec.name, r0, r1, buf)
-            hasher.update(rows)
-            bar.update(rows.nbytes)
-        digests[spec.name] = hasher.digest()
+        digests[spec.name] = hash_tensor(ckpt, spec, block_bytes, buf, bar)
     return digests
+
+
+def hash_tensor(
+    ckpt: Checkpoint, spec: TensorSpec, block_bytes: int, buf: torch.Tensor | None = None,
+    bar: Progress | None = None,
+) -> TensorDigest:
+    """One tensor's digest, read a block at a time into ``buf`` (made here when not given)."""
+    buf = buf if buf is not None else _buffer([spec], block_bytes, 1)
+    hasher = TensorHasher(spec)
+    blocks = list(_row_blocks(spec, block_bytes, 1))
+    for i, (r0, r1) in enumerate(blocks):
+        if i + 1 < len(blocks):
+            ckpt.prefetch(spec.name, *blocks[i + 1])
+        rows = ckpt.read_rows(spec.name, r0, r1, buf)
+        hasher.update(rows)
+        if bar is not None:
+            bar.update(rows.nbytes)
+    return hasher.digest()
 
 
 def _total_bytes(ckpt: Checkpoint) -> int:

@@ -11,10 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from . import __version__
-from .digest import TensorDigest, TensorHasher, file_sha256
+from .checks import hash_tensor
+from .digest import TensorHasher, file_sha256
 from .engine import Engine
 from .errors import InputError
 from .folders import AUX_FILES
@@ -95,7 +94,7 @@ def make_delta(
             result_digests = {name: h.digest() for name, h in results.items()}
             for name, spec in base_ckpt.specs.items():
                 if name not in base_digests:
-                    base_digests[name] = _hash_whole(base_ckpt, spec, block_size)
+                    base_digests[name] = hash_tensor(base_ckpt, spec, block_size)
                 if name not in result_digests and is_non_weight(name):
                     result_digests[name] = base_digests[name]
             write_index(tmp, shards)
@@ -141,16 +140,6 @@ def _make_step(kind: str, before: TensorSpec, target: Checkpoint, name: str) -> 
 
         return MakeXorStep(before, target, name)
     return MakeAddStep(before, target, name)
-
-
-def _hash_whole(ckpt: Checkpoint, spec: TensorSpec, block_bytes: int) -> TensorDigest:
-    """Digest of a base tensor the stream did not read (buffers apply copies as they are)."""
-    hasher = TensorHasher(spec)
-    rows = max(1, block_bytes // max(1, spec.row_numel * spec.dtype.itemsize))
-    buf = torch.empty(max(1, rows * spec.row_numel * spec.dtype.itemsize), dtype=torch.uint8)
-    for r0 in range(0, max(spec.rows, 1), rows):
-        hasher.update(ckpt.read_rows(spec.name, r0, min(spec.rows, r0 + rows), buf))
-    return hasher.digest()
 
 
 def _file_table(folder: Path, streamed: dict[str, str]) -> dict[str, dict]:
