@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .dtypes import TORCH_TO_SAFETENSORS
-from .memory import drop_file_range
+from .memory import address_view, drop_file_range
 from .safetensors_format import TensorSpec
 
 HASH_CHUNK = 16 * 1024 * 1024
@@ -63,7 +63,7 @@ def raw_bytes(block: torch.Tensor) -> memoryview:
     flat = block.reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
+    return address_view(flat.data_ptr(), flat.nbytes, flat)
 
 
 def file_sha256(path: Path) -> str:

@@ -97,6 +97,17 @@ class WriteBehind:
         self._flushed = position
 
 
+def address_view(address: int, nbytes: int, owner: object) -> memoryview:
+    """A writable byte view of memory that ``owner`` keeps alive (a tensor's storage, say).
+
+    What ``tensor.numpy()`` gives, without numpy, which is not a dependency: ``os.preadv`` and
+    hashlib take it and release the GIL while they work on it.
+    """
+    array = (ctypes.c_ubyte * nbytes).from_address(address)
+    array._owner = owner  # type: ignore[attr-defined]  # the memory lives as long as the view
+    return memoryview(array).cast("B")
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

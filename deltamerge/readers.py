@@ -21,7 +21,7 @@ import torch
 from .dtypes import TORCH_TO_SAFETENSORS, itemsize
 from .errors import FormatError, MismatchError, UnsupportedError
 from .folders import Layout, aux_files, detect_layout, read_weight_map
-from .memory import drop_file_range, drop_mapped_range, will_need
+from .memory import address_view, drop_file_range, drop_mapped_range, will_need
 from .safetensors_format import (
     Header,
     StoredTensor,
@@ -147,7 +147,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def read_rows(self, name: str, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
         fd, offset, length = self._range(name, start, stop)
-        target = buffer[:length].numpy()
+        target = address_view(buffer.data_ptr(), length, buffer)
         done = 0
         while done < length:
             got = os.preadv(fd, [target[done:]], offset + done)
