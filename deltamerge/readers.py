@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import stat
 import warnings
 import zipfile
 from abc import ABC, abstractmethod
@@ -219,15 +218,13 @@ def _has_central_directory(path: Path) -> bool:
 
 
 def _read_head(path: Path) -> bytes:
+    fd = open_for_reading(path)
     try:
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise FormatError(f"{path}: not a regular file")
-            return f.read(64)
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no such file") from None
+        return os.pread(fd, 64, 0)
     except OSError as exc:
         raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 def _pickle_reason(exc: Exception) -> str:
