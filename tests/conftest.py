@@ -131,11 +131,21 @@ def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[name], b[name]), name
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The real command in a child process, as a user runs it."""
+def run_cli(
+    *args: str, env: dict | None = None, cwd: Path | None = None, prelude: str | None = None
+) -> subprocess.CompletedProcess:
+    """The real command in a child process, as a user runs it.
+
+    ``prelude`` is Python the child runs first, before anything is imported (to hide a module,
+    or set a signal handler), then the command as ``python -m deltamerge`` would.
+    """
     full_env = {**os.environ, **(env or {})}
+    argv = ["deltamerge", *map(str, args)]
+    command = ["-m", "deltamerge", *argv[1:]] if prelude is None else [
+        "-c", f"{prelude}\nimport runpy, sys\nsys.argv = {argv!r}\n"
+              "runpy.run_module('deltamerge', run_name='__main__')"]
     return subprocess.run(
-        [sys.executable, "-m", "deltamerge", *map(str, args)],
+        [sys.executable, *command],
         capture_output=True,
         text=True,
         env=full_env,

@@ -4,33 +4,26 @@ may need it: a plain ``pip install deltamerge`` has no numpy. The test extras do
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-from conftest import assert_states_equal, llama_state, load_state, save_checkpoint
+from conftest import assert_states_equal, llama_state, load_state, run_cli, save_checkpoint
 
 import deltamerge
 
-HIDE_NUMPY = "import sys, runpy; sys.modules['numpy'] = None; sys.argv = {argv!r}; " \
-             "runpy.run_module('deltamerge', run_name='__main__')"
-
-
-def run_without_numpy(*args: str) -> subprocess.CompletedProcess:
-    code = HIDE_NUMPY.format(argv=["deltamerge", *map(str, args)])
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+HIDE_NUMPY = "import sys; sys.modules['numpy'] = None"
 
 
 def test_apply_checksum_and_make_delta_run_without_numpy(tmp_path: Path):
     base = save_checkpoint(llama_state(0), tmp_path / "base", shard_bytes=60_000)
     target = save_checkpoint({n: (t.float() + 0.01).half() for n, t in llama_state(0).items()},
                              tmp_path / "target", "bin")
-    proc = run_without_numpy("make-delta", base, target, tmp_path / "delta", "-q")
+    proc = run_cli("make-delta", base, target, tmp_path / "delta", "-q", prelude=HIDE_NUMPY)
     assert proc.returncode == 0, proc.stderr
-    proc = run_without_numpy("apply", base, tmp_path / "delta", tmp_path / "out", "--workers", "2")
+    proc = run_cli("apply", base, tmp_path / "delta", tmp_path / "out", "--workers", "2",
+                   prelude=HIDE_NUMPY)
     assert proc.returncode == 0, proc.stderr
     assert "matches the publisher's result" in proc.stdout + proc.stderr
-    proc = run_without_numpy("checksum", tmp_path / "out")
+    proc = run_cli("checksum", tmp_path / "out", prelude=HIDE_NUMPY)
     assert proc.returncode == 0, proc.stderr
     assert deltamerge.checksum(tmp_path / "out").model_digest in proc.stdout
     deltamerge.apply_delta(base, tmp_path / "delta", tmp_path / "reference")

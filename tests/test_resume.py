@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -71,14 +69,9 @@ def test_resume_refuses_a_partial_folder_from_other_options(tmp_path: Path, inpu
     assert other.returncode == 2 and "other inputs or options" in other.stderr
 
 
-def run_in_foreground(*args: object, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """The command as from a terminal, with SIGINT at its default: a child of a background job
-    starts with SIGINT ignored, and Python then installs no Ctrl-C handler at all."""
-    argv = ["deltamerge", *map(str, args)]
-    code = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-            f"sys.argv = {argv!r}; runpy.run_module('deltamerge', run_name='__main__')")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
+# As from a terminal: a child of a background job starts with SIGINT ignored, and Python then
+# installs no Ctrl-C handler at all, so the child sets the default one itself.
+FOREGROUND = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)"
 
 
 @pytest.mark.parametrize("signal_name,workers", [("TERM", "2"), ("INT", "1")])
@@ -89,8 +82,8 @@ def test_signals_stop_cleanly_and_keep_the_partial_folder(
     out = tmp_path / "out"
     args = ("apply", base, delta, out, "--max-shard-size", SHARD, "--workers", workers,
             "--block-size", "4096")
-    stopped = run_in_foreground(*args, env={"DELTAMERGE_KILL_AT": "block:9",
-                                            "DELTAMERGE_KILL_SIGNAL": signal_name})
+    stopped = run_cli(*args, env={"DELTAMERGE_KILL_AT": "block:9",
+                                  "DELTAMERGE_KILL_SIGNAL": signal_name}, prelude=FOREGROUND)
     assert stopped.returncode == 1, stopped.stderr
     assert "Traceback" not in stopped.stderr and "--resume" in stopped.stderr
     assert not out.exists() and (tmp_path / ".out.deltamerge-partial").is_dir()
