@@ -51,12 +51,11 @@ def inside(folder: Path, name: str, what: Path) -> Path:
     The one symlink allowed out is the Hugging Face cache's own: a snapshot's files point into
     the ``blobs`` folder of the same repository.
     """
-    if not isinstance(name, str) or not name or "\x00" in name or not text_ok(name):
+    if not valid_name(name):
         raise FormatError(f"{what}: invalid file name {name!r}")
-    candidate = Path(name)
-    if candidate.is_absolute() or ".." in candidate.parts:
+    if leaves_folder(name):
         raise FormatError(f"{what}: file name {name!r} leaves the folder")
-    path = folder / candidate
+    path = folder / name
     try:
         root = folder.resolve()
         target = path.resolve()
@@ -67,6 +66,17 @@ def inside(folder: Path, name: str, what: Path) -> Path:
     if root not in target.parents and not _hub_blob(root, target):
         raise FormatError(f"{what}: file name {name!r} leads outside the folder (symlink?)")
     return path
+
+
+def valid_name(name: object) -> bool:
+    """A file name deltamerge will join to a folder: a non-empty UTF-8 string without NUL."""
+    return isinstance(name, str) and bool(name) and "\x00" not in name and text_ok(name)
+
+
+def leaves_folder(name: str) -> bool:
+    """Whether the name alone (before any symlink) leads out: absolute, or through ``..``."""
+    candidate = Path(name)
+    return candidate.is_absolute() or ".." in candidate.parts
 
 
 def _hub_blob(root: Path, target: Path) -> bool:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from .digest import TensorDigest, model_digest
 from .errors import FormatError
+from .folders import leaves_folder, valid_name
 from .safetensors_format import text_ok
 
 MANIFEST_NAME = "deltamerge.json"
@@ -104,10 +105,7 @@ def parse_manifest(path: Path, obj: object) -> Manifest:
     if not isinstance(files, dict):
         raise _fail(path, "'files' must be an object")
     for name, info in files.items():
-        if (
-            not isinstance(name, str) or not name or not text_ok(name) or name.startswith("/")
-            or ".." in PurePosixPath(name).parts or "\x00" in name or "\\" in name
-        ):
+        if not valid_name(name) or leaves_folder(name) or "\\" in name:
             raise _fail(path, f"file name {name!r} must be a relative path inside the delta")
         if (
             not isinstance(info, dict)
