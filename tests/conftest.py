@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,31 @@ def run_cli(
         cwd=cwd,
         timeout=300,
     )
+
+
+def apply_in_process(*args: object) -> tuple[int, str]:
+    """``deltamerge apply`` through click in this process: the same error handling, no startup."""
+    from click.testing import CliRunner
+
+    from deltamerge.cli import main
+
+    result = CliRunner().invoke(main, ["apply", *map(str, args), "-q"])
+    assert isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.stderr
+
+
+def split_safetensors(data: bytes) -> tuple[dict, bytes]:
+    """A safetensors file's header, parsed, and the bytes after it."""
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def join_safetensors(header: object, body: bytes, pad: bool) -> bytes:
+    """The file ``header`` and ``body`` make (the header padded to 8 bytes, as writers do)."""
+    raw = json.dumps(header).encode()
+    if pad:
+        raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + body
 
 
 @pytest.fixture

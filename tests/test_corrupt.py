@@ -8,16 +8,20 @@ neither OUT nor its partial folder left behind).
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import llama_state, run_cli, save_checkpoint
+from conftest import (
+    apply_in_process,
+    join_safetensors,
+    llama_state,
+    run_cli,
+    save_checkpoint,
+    split_safetensors,
+)
 
-from deltamerge.cli import main
 from deltamerge.errors import FormatError
 from deltamerge.readers import load_torch_file, open_checkpoint
 from deltamerge.safetensors_format import read_header
@@ -54,13 +58,9 @@ def _garble_header(path: Path) -> None:
 
 
 def _rewrite_header(path: Path, change: Callable[[dict], None]) -> None:
-    data = path.read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8 : 8 + n])
+    header, body = split_safetensors(path.read_bytes())
     change(header)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    path.write_bytes(join_safetensors(header, body, pad=True))
 
 
 def _overlap(path: Path) -> None:
@@ -148,13 +148,6 @@ def test_open_checkpoint_names_the_damage(tmp_path, fmt, sharded, target, damage
         assert word in message
 
 
-def _apply_in_process(*args: object) -> tuple[int, str]:
-    """``deltamerge apply`` through click in this process: the same error handling, no startup."""
-    result = CliRunner().invoke(main, ["apply", *map(str, args), "-q"])
-    assert isinstance(result.exception, SystemExit), result.exception
-    return result.exit_code, result.stderr
-
-
 @pytest.mark.parametrize(
     "case, fmt, sharded, target, damage, words", CASES, ids=[c[0] for c in CASES]
 )
@@ -166,7 +159,7 @@ def test_apply_refuses_damaged_delta(tmp_path, case, fmt, sharded, target, damag
         r = run_cli("apply", base, tmp_path / "delta", out, "-q")
         code, stderr = r.returncode, r.stderr
     else:
-        code, stderr = _apply_in_process(base, tmp_path / "delta", out)
+        code, stderr = apply_in_process(base, tmp_path / "delta", out)
     assert code == 2, stderr
     assert "Traceback" not in stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -184,7 +177,7 @@ def test_damaged_base_is_refused_the_same_way(tmp_path):
     delta = save_checkpoint(llama_state(1), tmp_path / "delta")
     _lfs(base / "pytorch_model.bin")
     out = tmp_path / "out"
-    code, stderr = _apply_in_process(base, delta, out)
+    code, stderr = apply_in_process(base, delta, out)
     assert code == 2
     assert "pytorch_model.bin: a Git LFS pointer, not the weights" in stderr
     assert not out.exists() and not (tmp_path / ".out.deltamerge-partial").exists()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import join_safetensors, split_safetensors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -191,18 +192,6 @@ def set_at(doc: object, path: list, value: object, delete: bool) -> object:
     else:
         parent[key] = value
     return doc
-
-
-def split_safetensors(data: bytes) -> tuple[dict, bytes]:
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8 : 8 + n]), data[8 + n :]
-
-
-def join_safetensors(header: object, body: bytes, pad: bool) -> bytes:
-    raw = json.dumps(header).encode()
-    if pad:
-        raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + body
 
 
 @FUZZ

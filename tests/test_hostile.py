@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import llama_config, llama_state, run_cli, save_checkpoint
+from conftest import apply_in_process, llama_config, llama_state, run_cli, save_checkpoint
 from safetensors.torch import save_file
 
 from deltamerge import safetensors_format
@@ -395,12 +395,6 @@ def test_legacy_bin_claiming_a_huge_storage_does_not_take_the_memory(tmp_path):
 # --- configs and manifests -------------------------------------------------------------------
 
 
-def _apply_in_process(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["apply", *map(str, args), "-q"])
-    assert isinstance(result.exception, SystemExit), result.exception
-    return result.exit_code, result.stderr
-
-
 @pytest.mark.parametrize(
     "config, words",
     [
@@ -420,7 +414,7 @@ def test_hostile_config_is_refused_before_any_work(tmp_path, config, words):
     (delta / "config.json").write_bytes(config)
     with pytest.raises(FormatError, match=words):
         open_checkpoint(delta)
-    code, stderr = _apply_in_process(base, delta, tmp_path / "out")
+    code, stderr = apply_in_process(base, delta, tmp_path / "out")
     assert code == 2 and "config.json" in stderr and words in stderr
     assert not (tmp_path / "out").exists()
 
@@ -480,7 +474,7 @@ def test_hostile_manifest_is_refused(tmp_path, manifest, words):
     path.write_text(json.dumps(manifest))
     with pytest.raises(FormatError, match=words.replace("(", r"\(")):
         read_manifest(path)
-    code, stderr = _apply_in_process(base, delta, tmp_path / "out")
+    code, stderr = apply_in_process(base, delta, tmp_path / "out")
     assert code == 2 and "deltamerge.json" in stderr
     assert not (tmp_path / "out").exists()
 
