@@ -187,6 +187,7 @@ def write_models(p: Preset, dtype, shard: str, folders: list[Path], sparse: bool
     """Base (and target = base + small noise) in transformers' sharded layout, streamed."""
     import torch
 
+    from deltamerge.digest import raw_bytes
     from deltamerge.output import write_index
     from deltamerge.plan import TensorJob, layout_shards
     from deltamerge.safetensors_format import StreamingWriter
@@ -212,10 +213,10 @@ def write_models(p: Preset, dtype, shard: str, folders: list[Path], sparse: bool
             for start in range(0, spec.numel, CHUNK_ELEMS):
                 n = min(CHUNK_ELEMS, spec.numel - start)
                 base = values.take(n)
-                writers[0].write(base.view(torch.uint8).numpy())
+                writers[0].write(raw_bytes(base))
                 if len(writers) > 1:
                     target = torch.add(base, noise.take(n), out=target_buf[:n])
-                    writers[1].write(target.view(torch.uint8).numpy())
+                    writers[1].write(raw_bytes(target))
         for w in writers:
             w.close()
 
@@ -224,6 +225,7 @@ def write_lora(p: Preset, folder: Path, sparse: bool) -> None:
     """A PEFT LoRA adapter folder, rank 64 on all seven linear projections of every layer."""
     import torch
 
+    from deltamerge.digest import raw_bytes
     from deltamerge.safetensors_format import StreamingWriter
 
     folder.mkdir(parents=True)
@@ -243,7 +245,7 @@ def write_lora(p: Preset, folder: Path, sparse: bool) -> None:
     writer = StreamingWriter(path, specs, META)
     for spec in specs:
         for start in range(0, spec.numel, CHUNK_ELEMS):
-            writer.write(pool.take(min(CHUNK_ELEMS, spec.numel - start)).view(torch.uint8).numpy())
+            writer.write(raw_bytes(pool.take(min(CHUNK_ELEMS, spec.numel - start))))
     writer.close()
 
 
