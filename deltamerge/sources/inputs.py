@@ -1,0 +1,52 @@
+"""What the user typed, decided without any request: a local path, a Hub repo id, or neither.
+
+A string that exists locally is a path. A string that looks like a path (starts with ``.``,
+``/`` or ``~``, or has more than one ``/``) and does not exist is a "no such folder" error, never
+a Hub request. Anything else of the form ``owner/name[@revision]`` is a Hub repo id, fetched by
+:mod:`deltamerge.sources.hub`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import NotFoundError
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A local folder, and where it came from (for provenance and model cards)."""
+
+    path: Path
+    given: str
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+
+    def describe(self) -> dict:
+        """Where an input came from; a local folder by name only, since results get pushed."""
+        if self.repo_id is None:
+            return {"folder": self.path.resolve().name}
+        return {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit}
+
+
+def looks_like_path(text: str) -> bool:
+    repo = text.split("@", 1)[0]  # a revision may hold slashes: refs/pr/1
+    return text.startswith((".", "/", "~")) or repo.count("/") > 1 or "\\" in text
+
+
+def hub_repo_id(given: str | Path, role: str = "input") -> str | None:
+    """None for an existing local path, the text for a Hub repo id; else "no such folder".
+
+    Decided without any request, so callers can check every input before reaching the Hub.
+    """
+    text = str(given)
+    if Path(text).expanduser().exists():
+        return None
+    if isinstance(given, Path) or looks_like_path(text) or not REPO_ID.fullmatch(text):
+        raise NotFoundError(f"{text}: no such folder ({role})")
+    return text
