@@ -22,9 +22,9 @@ from click.testing import CliRunner
 from conftest import apply_in_process, llama_config, llama_state, run_cli, save_checkpoint
 from safetensors.torch import save_file
 
-from deltamerge import safetensors_format
 from deltamerge.cli import main
 from deltamerge.errors import DeltaMergeError, FormatError, NotFoundError, UnsupportedError
+from deltamerge.formats import safetensors as safetensors_format
 from deltamerge.formats.files import read_json_object
 from deltamerge.formats.safetensors import read_header
 from deltamerge.integrity.manifest import read_manifest

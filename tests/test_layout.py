@@ -170,6 +170,14 @@ def test_every_module_is_in_a_layer():
             assert any(_within(m, prefix) for m in MODULES), f"{prefix} in LAYERS names no module"
 
 
+def test_every_import_names_a_module_of_the_package():
+    """A stale path must fail here, not resolve to another copy of the package (an editable
+    install of a different checkout would answer for a module this one lacks)."""
+    missing = [f"{name}:{line} imports {target}" for name, edges in GRAPH.items()
+               for target, line, _ in edges if target not in MODULES]
+    assert not missing, "imports of modules that do not exist:\n" + "\n".join(missing)
+
+
 def test_no_import_goes_up_a_layer():
     upward = upward_imports(GRAPH)
     assert not upward, "imports that go up a layer:\n" + "\n".join(upward)
@@ -197,6 +205,7 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
         "sources/checkpoint.py": "from ..kinds import Kind\n",  # a source reaching up...
         "kinds/__init__.py": "from ..sources.checkpoint import Checkpoint\n",  # ...and a circle
         "kinds/detect.py": "def f():\n    from . import Kind\n",  # deferred
+        "kinds/stale.py": "from ..readers import Checkpoint\n",  # no such module
     }
     for rel, text in files.items():
         (fake / rel).write_text(text)
@@ -206,4 +215,5 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     assert any("deltamerge.sources.checkpoint:1" in u for u in upward_imports(graph))
     circle = find_circle(graph)
     assert circle is not None and {"deltamerge.kinds", "deltamerge.sources.checkpoint"} <= set(circle)
+    assert ("deltamerge.readers", 1, False) in graph["deltamerge.kinds.stale"]
     assert deferred_imports(graph) == ["deltamerge.kinds.detect:2 imports deltamerge.kinds inside a function"]

@@ -1,8 +1,4 @@
-"""Results as sharded safetensors: the streaming writer behind the engine, and the index.
-
-Shapes and dtypes are known from the plan before any data exists, so each file's header is
-written first and no tensor ever needs to be held whole.
-"""
+"""Results as sharded safetensors: the sink the engine writes through, and the index after it."""
 
 from __future__ import annotations
 
