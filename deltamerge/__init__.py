@@ -10,24 +10,24 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _EXPORTS = {
     "apply_delta": "apply",
-    "ApplyResult": "apply",
+    "ApplyResult": "results",
     "make_delta": "make_delta",
-    "MakeDeltaResult": "make_delta",
+    "MakeDeltaResult": "results",
     "convert": "convert",
-    "checksum": "checks",
-    "Checksum": "checks",
-    "verify": "checks",
-    "VerifyReport": "checks",
-    "inspect": "checks",
-    "InspectReport": "checks",
-    "diff": "checks",
-    "DiffReport": "checks",
-    "push_to_hub": "hub",
-    "PushResult": "hub",
+    "checksum": "integrity.checks",
+    "Checksum": "integrity.checks",
+    "verify": "integrity.checks",
+    "VerifyReport": "integrity.checks",
+    "inspect": "integrity.checks",
+    "InspectReport": "integrity.checks",
+    "diff": "integrity.checks",
+    "DiffReport": "integrity.checks",
+    "push_to_hub": "hub.push",
+    "PushResult": "hub.push",
     "DeltaMergeError": "errors",
     "DiskSpaceError": "errors",
     "FormatError": "errors",

@@ -6,66 +6,40 @@ stream (the engine), verify (the publisher's digests), publish (rename into OUT)
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import __version__, faults
-from .deltas import detect_kind, open_kind
-from .digest import FileHasher, TensorDigest, file_sha256, model_digest
+from . import faults
 from .dtypes import parse_user_dtype
 from .engine import Engine
+from .engine.journal import Journal, fingerprint
+from .engine.plan import TensorJob, layout_shards, rows_per_block
 from .errors import DiskSpaceError, InputError, InterruptedRun, VerificationError, WorkError
-from .folders import AUX_FILES, inside
-from .journal import Journal, fingerprint
+from .formats.files import inside
+from .integrity.digest import FileHasher, TensorDigest, file_sha256, model_digest
+from .integrity.manifest import MANIFEST_NAME, Manifest, Role, find_manifest
 from .kinds import ApplyOptions, Kind, is_non_weight
 from .kinds.add import VOCAB_TENSORS
-from .manifest import MANIFEST_NAME, Manifest, Role, find_manifest
+from .kinds.detect import detect_kind, open_kind
+from .kinds.xor_files import apply_xor_files
 from .memory import peak_rss_bytes
-from .output import (
-    check_out,
-    copy_aux,
-    discard,
-    fix_vocab_size,
-    partial_dir,
-    publish,
-    write_index,
-    write_json,
-)
-from .plan import (
-    TensorJob,
-    layout_shards,
-    rows_per_block,
-)
+from .preflight import preflight
 from .progress import make_progress
-from .readers import Checkpoint, open_checkpoint
-from .resolve import Resolved, resolve_input
-from .safetensors_format import TensorSpec
+from .results import RESULT_RECORD, ApplyResult
+from .sinks.aux import copy_aux, fix_vocab_size
+from .sinks.folder import check_free_space, check_out, discard, partial_dir, publish, write_json
+from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
+from .sources import Checkpoint, open_checkpoint
+from .sources.folders import AUX_FILES
+from .sources.inputs import Resolved
+from .sources.resolve import resolve_input
+from .tensor_spec import TensorSpec
+from .version import __version__
 
-RESULT_RECORD = "deltamerge-result.json"
 PathLike = str | Path
-
-
-@dataclass
-class ApplyResult:
-    """What a rebuild produced; the CLI prints it, pipelines read it."""
-
-    out: Path
-    kinds: list[str]
-    tensors: int
-    shards: list[str]
-    bytes_read: int
-    bytes_written: int
-    seconds: float
-    peak_rss: int
-    model_digest: str
-    publisher_digest: str | None = None  # the manifest's expected result, when there is one
-    verified: bool = False  # True when the result matched the publisher's digest
-    notes: list[str] = field(default_factory=list)
 
 
 def apply_delta(
@@ -101,8 +75,7 @@ def apply_delta(
         raise InputError(f"--new-rows must be 'zero' or 'mean', not {new_rows!r}")
     shard_bytes = parse_size(max_shard_size)
     check_out(out, force)
-    from .hub import preflight  # Hub inputs: pair tensors and check space before big downloads
-
+    # Hub inputs: pair tensors and check space before the big downloads.
     hub = preflight(base, deltas, kind=kind, **(hub or {}))
     base_in = resolve_input(base, "base", **hub)
     delta_ins = [resolve_input(d, "delta", **hub) for d in deltas]
@@ -142,9 +115,9 @@ def apply_delta(
             bar = make_progress(progress, sum(
                 j.out.nbytes for s in shards if s.filename not in skip for j in s.jobs), "rebuilding")
             engine = Engine(
-                base_ckpt, shards, tmp, block_bytes=block_size, workers=workers or 1,
-                expected_base=expected_base, file_hashers=hashers, progress=bar.update,
-                skip_shards=skip, on_shard_done=journal.record,
+                base_ckpt, shards, tmp, sink=SafetensorsSink(), block_bytes=block_size,
+                workers=workers or 1, expected_base=expected_base, file_hashers=hashers,
+                progress=bar.update, skip_shards=skip, on_shard_done=journal.record,
             )
             try:
                 run = engine.run()
@@ -207,23 +180,11 @@ def _open_partial(out: Path, fp: str, resume: bool) -> tuple[Path, Journal]:
     return tmp, Journal.start(tmp, fp)
 
 
-def check_free_space(folder: Path, needed: int) -> None:
-    """Refuse before any work when the result cannot fit, naming both numbers."""
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise DiskSpaceError(
-            f"{folder}: not enough free space: the result needs {needed:,} bytes "
-            f"({needed / 1e9:.2f} GB), {free:,} bytes ({free / 1e9:.2f} GB) are free"
-        )
-
-
 def _apply_xor_files(
     base: Resolved, deltas: list[Resolved], out: Path, out_dtype: torch.dtype | None,
     force: bool, verify: bool, expect_md5: PathLike | None, progress,
 ) -> ApplyResult:
     """Whole-file XOR deltas (OpenAssistant) are decoded alone, byte for byte, in kinds/xor_files."""
-    from .kinds.xor_files import apply_xor_files
-
     if len(deltas) != 1:
         raise InputError(f"{deltas[0].given}: a xor-files delta is decoded alone, not in a chain")
     if out_dtype is not None:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .apply import ApplyResult, apply_delta
+from .apply import apply_delta
 from .errors import InputError
-from .folders import detect_layout
+from .results import ApplyResult
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE
+from .sources.folders import detect_layout
 
 
 def convert(

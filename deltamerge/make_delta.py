@@ -8,47 +8,32 @@ how many elements a lossy (fp16 additive) delta does not reproduce.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .checks import hash_tensor
-from .digest import TensorHasher, file_sha256
 from .engine import Engine
+from .engine.plan import TensorJob, layout_shards, rows_per_block
 from .errors import InputError
-from .folders import AUX_FILES
+from .integrity.checks import hash_tensor
+from .integrity.digest import TensorHasher, file_sha256
+from .integrity.manifest import MANIFEST_NAME, Manifest, Role
 from .kinds import Step, is_non_weight
 from .kinds.add import MakeAddStep, check_pairing
-from .manifest import MANIFEST_NAME, Manifest, Role
+from .kinds.xor import MakeXorStep
 from .memory import peak_rss_bytes
-from .output import check_out, copy_aux, discard, make_partial, publish, write_index
-from .plan import (
-    TensorJob,
-    layout_shards,
-    rows_per_block,
-)
 from .progress import make_progress
-from .readers import Checkpoint, open_checkpoint
-from .resolve import resolve_input
-from .safetensors_format import TensorSpec
+from .results import MakeDeltaResult
+from .sinks.aux import copy_aux
+from .sinks.folder import check_out, discard, make_partial, publish
+from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
+from .sources import Checkpoint, open_checkpoint
+from .sources.folders import AUX_FILES
+from .sources.resolve import resolve_input
+from .tensor_spec import TensorSpec
+from .version import __version__
 
 PathLike = str | Path
 MAKE_KINDS = ("add", "xor")
-
-
-@dataclass
-class MakeDeltaResult:
-    out: Path
-    kind: str
-    tensors: int
-    elements: int
-    mismatched_elements: int  # elements base + delta does not give back exactly
-    base_digest: str
-    result_digest: str
-    bytes_written: int
-    seconds: float
-    peak_rss: int
 
 
 def make_delta(
@@ -85,8 +70,9 @@ def make_delta(
         tmp = make_partial(out)
         try:
             engine = Engine(
-                base_ckpt, shards, tmp, block_bytes=block_size, workers=workers or 1,
-                hash_base=True, hash_out=False, hash_files=True, progress=bar.update,
+                base_ckpt, shards, tmp, sink=SafetensorsSink(), block_bytes=block_size,
+                workers=workers or 1, hash_base=True, hash_out=False, hash_files=True,
+                progress=bar.update,
             )
             run = engine.run()
             bar.close()
@@ -136,8 +122,6 @@ def _plan(
 
 def _make_step(kind: str, before: TensorSpec, target: Checkpoint, name: str) -> Step:
     if kind == "xor":
-        from .kinds.xor import MakeXorStep
-
         return MakeXorStep(before, target, name)
     return MakeAddStep(before, target, name)
 

@@ -158,14 +158,14 @@ class Pool:
 
 
 def to_specs(shapes: list[tuple[str, tuple[int, ...]]], dtype) -> list:
-    from deltamerge.safetensors_format import TensorSpec
+    from deltamerge.tensor_spec import TensorSpec
 
     return [TensorSpec(name, dtype, tuple(shape)) for name, shape in shapes]
 
 
 def write_sparse(path: Path, specs: list) -> None:
     """A valid safetensors file whose data is a hole: it reads as zeros and takes no disk."""
-    from deltamerge.safetensors_format import build_header
+    from deltamerge.formats.safetensors import build_header
 
     header = build_header(specs, META)
     with open(path, "wb") as f:
@@ -187,10 +187,9 @@ def write_models(p: Preset, dtype, shard: str, folders: list[Path], sparse: bool
     """Base (and target = base + small noise) in transformers' sharded layout, streamed."""
     import torch
 
-    from deltamerge.digest import raw_bytes
-    from deltamerge.output import write_index
-    from deltamerge.plan import TensorJob, layout_shards
-    from deltamerge.safetensors_format import StreamingWriter
+    from deltamerge.engine.plan import TensorJob, layout_shards
+    from deltamerge.integrity.digest import raw_bytes
+    from deltamerge.sinks.safetensors import StreamingWriter, write_index
     from deltamerge.sizes import parse_size
 
     jobs = [TensorJob(s, None) for s in to_specs(llama_shapes(p), dtype)]
@@ -225,8 +224,8 @@ def write_lora(p: Preset, folder: Path, sparse: bool) -> None:
     """A PEFT LoRA adapter folder, rank 64 on all seven linear projections of every layer."""
     import torch
 
-    from deltamerge.digest import raw_bytes
-    from deltamerge.safetensors_format import StreamingWriter
+    from deltamerge.integrity.digest import raw_bytes
+    from deltamerge.sinks.safetensors import StreamingWriter
 
     folder.mkdir(parents=True)
     config = {
@@ -257,7 +256,7 @@ def child_meta(spec: dict) -> None:
     """
     import torch
 
-    from deltamerge.readers import open_checkpoint
+    from deltamerge.sources import open_checkpoint
 
     p, shards, out = Preset(**spec["preset"]), spec["shards"], Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from conftest import (
 )
 
 import deltamerge
-from deltamerge.digest import model_digest
+from deltamerge.integrity.digest import model_digest
 
 
 def expected_add(base, delta, dtype):
@@ -197,7 +197,7 @@ def test_result_digest_does_not_depend_on_layout(tmp_path: Path):
     assert a.model_digest == b.model_digest
     record = json.loads((tmp_path / "a/deltamerge-result.json").read_text())
     assert record["result"]["model_digest"] == a.model_digest
-    from deltamerge.manifest import _role
+    from deltamerge.integrity.manifest import _role
 
     assert model_digest(_role(tmp_path, record["result"], "result").tensors) == a.model_digest
 

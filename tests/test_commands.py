@@ -18,9 +18,9 @@ from conftest import llama_state, run_cli, save_checkpoint
 from test_integrity import fine_tune, flip_bit
 
 from deltamerge import InputError, apply_delta, make_delta
-from deltamerge.checks import checksum, diff, inspect, load_expected, verify
 from deltamerge.cli import main
 from deltamerge.errors import FormatError
+from deltamerge.integrity.checks import checksum, diff, inspect, load_expected, verify
 
 DTYPE_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}
 TAMPERED = "model.layers.0.self_attn.v_proj.weight"

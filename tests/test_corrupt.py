@@ -23,8 +23,9 @@ from conftest import (
 )
 
 from deltamerge.errors import FormatError
-from deltamerge.readers import load_torch_file, open_checkpoint
-from deltamerge.safetensors_format import read_header
+from deltamerge.formats.safetensors import read_header
+from deltamerge.sources import open_checkpoint
+from deltamerge.sources.torch_bin import load_torch_file
 
 LFS_POINTER = (
     "version https://git-lfs.github.com/spec/v1\n"

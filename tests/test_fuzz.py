@@ -24,10 +24,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from deltamerge.digest import TensorDigest, model_digest
 from deltamerge.errors import DeltaMergeError
-from deltamerge.manifest import parse_manifest, read_manifest
-from deltamerge.readers import load_torch_file, open_checkpoint
+from deltamerge.integrity.digest import TensorDigest, model_digest
+from deltamerge.integrity.manifest import parse_manifest, read_manifest
+from deltamerge.sources import open_checkpoint
+from deltamerge.sources.torch_bin import load_torch_file
 
 EXAMPLES = int(os.environ.get("DELTAMERGE_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(

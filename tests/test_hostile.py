@@ -22,14 +22,16 @@ from click.testing import CliRunner
 from conftest import apply_in_process, llama_config, llama_state, run_cli, save_checkpoint
 from safetensors.torch import save_file
 
-from deltamerge import safetensors_format
 from deltamerge.cli import main
 from deltamerge.errors import DeltaMergeError, FormatError, NotFoundError, UnsupportedError
-from deltamerge.folders import read_json_object
-from deltamerge.manifest import read_manifest
-from deltamerge.output import fix_vocab_size
-from deltamerge.readers import SafetensorsCheckpoint, load_torch_file, open_checkpoint
-from deltamerge.safetensors_format import read_header
+from deltamerge.formats import safetensors as safetensors_format
+from deltamerge.formats.files import read_json_object
+from deltamerge.formats.safetensors import read_header
+from deltamerge.integrity.manifest import read_manifest
+from deltamerge.sinks.aux import fix_vocab_size
+from deltamerge.sources import open_checkpoint
+from deltamerge.sources.safetensors import SafetensorsCheckpoint
+from deltamerge.sources.torch_bin import load_torch_file
 
 # --- safetensors headers ---------------------------------------------------------------------
 
@@ -286,7 +288,7 @@ def test_symlinks_inside_the_folder_and_into_the_hub_cache_are_allowed(tmp_path)
 
 
 def test_json_files_have_a_size_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr("deltamerge.folders.MAX_JSON_BYTES", 1000)
+    monkeypatch.setattr("deltamerge.formats.files.MAX_JSON_BYTES", 1000)
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"pad": "x" * 2000}))
     with pytest.raises(FormatError, match="too large"):
@@ -432,7 +434,7 @@ def test_fix_vocab_size_survives_any_config(tmp_path, config):
 
 def _manifest(**override) -> dict:
     sha = "0" * 64
-    from deltamerge.digest import TensorDigest, model_digest
+    from deltamerge.integrity.digest import TensorDigest, model_digest
 
     tensors = {"a": TensorDigest("F16", (2,), sha)}
     role = {"model_digest": model_digest(tensors), "tensors": {"a": tensors["a"].to_json()}}

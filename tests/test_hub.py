@@ -27,7 +27,7 @@ from deltamerge.errors import (
     VerificationError,
     WorkError,
 )
-from deltamerge.hub import HubAuthError, NotCachedError, check_cache_space, download_input, open_repo
+from deltamerge.sources.hub import HubAuthError, NotCachedError, check_cache_space, download_input, open_repo
 
 pytest_plugins = ["hub_fixtures"]
 
@@ -287,7 +287,7 @@ def test_only_the_files_the_job_needs_are_fetched(hub, api, models, tmp_path):
     assert resolved_files(hub, "alice/both") == shards | {
         "model.safetensors.index.json", "config.json", "tokenizer_config.json",
         "special_tokens_map.json"}
-    from deltamerge.checks import checksum, diff
+    from deltamerge.integrity.checks import checksum, diff
 
     assert checksum("alice/both", hub={"api": api}) == checksum(sharded)  # integrity commands too
     assert diff(got.path, models.base).identical
@@ -334,7 +334,7 @@ def test_make_delta_and_the_integrity_commands_take_repo_ids(hub, api, models, t
     local = json.loads((models.delta / "deltamerge.json").read_text())
     assert made.result_digest == local["result"]["model_digest"]
 
-    from deltamerge.checks import verify
+    from deltamerge.integrity.checks import verify
 
     hub.log.clear()
     report = verify(models.out, "alice/delta", hub={"api": api})  # the manifest from the Hub

@@ -16,12 +16,12 @@ from click.testing import CliRunner, Result
 from conftest import assert_states_equal, llama_state, load_state, run_cli, save_checkpoint
 
 from deltamerge import VerificationError, apply_delta, make_delta
-from deltamerge.checks import checksum, verify
 from deltamerge.cli import main
-from deltamerge.digest import model_digest
-from deltamerge.manifest import MANIFEST_NAME
-from deltamerge.output import partial_dir
-from deltamerge.safetensors_format import read_header
+from deltamerge.formats.safetensors import read_header
+from deltamerge.integrity.checks import checksum, verify
+from deltamerge.integrity.digest import model_digest
+from deltamerge.integrity.manifest import MANIFEST_NAME
+from deltamerge.sinks.folder import partial_dir
 
 BIG_VOCAB = 9000  # embed_tokens and lm_head then exceed 1 MiB: delta shards hashed as they stream
 TAMPERED = "model.layers.1.mlp.up_proj.weight"
@@ -241,7 +241,7 @@ def test_result_that_differs_from_the_publishers_is_refused(world, tmp_path):
     manifest = json.loads(path.read_text())
     tensors = manifest["result"]["tensors"]
     tensors[TAMPERED]["sha256"] = "0" * 64
-    from deltamerge.manifest import parse_manifest
+    from deltamerge.integrity.manifest import parse_manifest
 
     manifest["result"]["model_digest"] = model_digest(
         {n: _digest(d) for n, d in tensors.items()}
@@ -255,7 +255,7 @@ def test_result_that_differs_from_the_publishers_is_refused(world, tmp_path):
 
 
 def _digest(obj: dict):
-    from deltamerge.digest import TensorDigest
+    from deltamerge.integrity.digest import TensorDigest
 
     return TensorDigest(obj["dtype"], tuple(obj["shape"]), obj["sha256"])
 

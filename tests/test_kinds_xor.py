@@ -17,7 +17,7 @@ from conftest import assert_states_equal, llama_state, load_state, run_cli, save
 from deltamerge import apply_delta, make_delta
 from deltamerge.errors import FormatError, InputError, NotFoundError, VerificationError
 from deltamerge.kinds.xor_files import format_problem, looks_like_xor_files
-from deltamerge.output import partial_dir
+from deltamerge.sinks.folder import partial_dir
 
 # -- tensor XOR -----------------------------------------------------------------------------------
 

@@ -12,8 +12,8 @@ import transformers
 from meta_helpers import hf_to_meta, meta_to_hf
 
 from deltamerge.errors import FormatError, UnsupportedError, VerificationError
-from deltamerge.folders import detect_layout
-from deltamerge.meta import MetaCheckpoint, file_md5, hf_config
+from deltamerge.sources.folders import detect_layout
+from deltamerge.sources.meta import MetaCheckpoint, file_md5, hf_config
 
 VOCAB = 96
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import deltamerge
 from deltamerge.engine import Engine
 from deltamerge.errors import WorkError
-from deltamerge.output import partial_dir
+from deltamerge.sinks.folder import partial_dir
 
 
 def lora_adapter(folder: Path, rank: int = 4) -> Path:

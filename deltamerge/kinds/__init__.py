@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ..dtypes import itemsize
-from ..readers import Checkpoint
-from ..safetensors_format import TensorSpec
+from ..sources import Checkpoint
+from ..tensor_spec import TensorSpec
 
 # Tensors that are buffers, not weights: a delta that lacks them leaves the base's copy alone.
 NON_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)

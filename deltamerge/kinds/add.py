@@ -16,8 +16,8 @@ import torch
 
 from ..dtypes import BITS_DTYPE
 from ..errors import MismatchError
-from ..readers import Checkpoint, open_checkpoint
-from ..safetensors_format import TensorSpec
+from ..sources import Checkpoint, open_checkpoint
+from ..tensor_spec import TensorSpec
 from . import ApplyOptions, Kind, RowInput, Scratch, Step, is_non_weight
 
 VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")

@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 from ..errors import FormatError, MismatchError, NotFoundError, UnsupportedError
-from ..folders import aux_files, read_json_object
-from ..readers import Checkpoint, open_checkpoint
-from ..safetensors_format import TensorSpec
+from ..formats.files import read_json_object
+from ..sources import Checkpoint, open_checkpoint
+from ..sources.folders import aux_files
+from ..tensor_spec import TensorSpec
 from . import ApplyOptions, Kind, RowInput, Scratch, Step
 from .add import VOCAB_TENSORS
 

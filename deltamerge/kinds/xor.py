@@ -13,8 +13,8 @@ import torch
 
 from ..dtypes import BITS_DTYPE
 from ..errors import InputError
-from ..readers import Checkpoint
-from ..safetensors_format import TensorSpec
+from ..sources import Checkpoint
+from ..tensor_spec import TensorSpec
 from . import ApplyOptions, RowInput, Scratch, Step
 from .add import MakeStep, TensorDelta
 

@@ -50,16 +50,17 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..errors import FormatError, InputError, NotFoundError, VerificationError, WorkError
+from ..formats.files import LFS_POINTER_PREFIX
+from ..formats.safetensors import read_header
 from ..memory import drop_file_range, peak_rss_bytes
-from ..output import check_out, discard, make_partial, partial_dir, publish, write_json
 from ..progress import make_progress
-from ..safetensors_format import LFS_POINTER_PREFIX, read_header
+from ..results import RESULT_RECORD, ApplyResult
+from ..sinks.folder import check_out, discard, make_partial, partial_dir, publish, write_json
+from ..version import __version__
 
 CHUNK = 16 * 1024 * 1024
 ADDED_TOKENS = "added_tokens.json"
-RESULT_RECORD = "deltamerge-result.json"
 WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pth", ".pt")
 ZIP_MAGIC = b"PK\x03\x04"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -354,14 +355,12 @@ def apply_xor_files(
     force: bool = False,
     expect_md5: Path | None = None,
     progress: bool | Callable[[int, int], None] = False,
-):
+) -> ApplyResult:
     """Decode an OpenAssistant-style XOR delta folder against ``base`` into ``out``.
 
-    Returns an :class:`~deltamerge.apply.ApplyResult` whose ``shards`` are the decoded files and
+    Returns an :class:`~deltamerge.results.ApplyResult` whose ``shards`` are the decoded files and
     whose ``model_digest`` is :func:`files_digest` (there are no tensors at this level).
     """
-    from ..apply import ApplyResult
-
     start = time.monotonic()
     base, delta, out = Path(base), Path(delta), Path(out).expanduser()
     check_out(out, force)

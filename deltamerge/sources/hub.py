@@ -1,14 +1,12 @@
-"""The Hugging Face Hub both ways: repos as inputs, verified, and folders published with a card.
+"""Hub repos as inputs: fetched into the Hugging Face cache, each file checked against the Hub.
 
-Inputs: a repo id (``owner/name[@revision]``) is fetched through huggingface_hub into its cache
+A repo id (``owner/name[@revision]``) is fetched through huggingface_hub into its cache
 (HF_HOME, HF_TOKEN and HF_HUB_OFFLINE apply), only the files the job needs: config and tokenizer
 files, manifests, then one weight format. Small files come first, so ``apply`` can read the
 weights' safetensors headers remotely and refuse an incompatible pair before the big download
-(:func:`preflight`). huggingface_hub checks only byte counts, so every file used is checked
-against the Hub's own sha256 (git sha1 for small files) once per cached blob.
-
-Output: :func:`push_to_hub` uploads a folder in one commit, with a model card unless the folder
-has a README.md. No message ever contains the token.
+(:func:`remote_specs`, used by :mod:`deltamerge.preflight`). huggingface_hub checks only byte
+counts, so every file used is checked against the Hub's own sha256 (git sha1 for small files)
+once per cached blob. No message ever contains the token.
 """
 
 from __future__ import annotations
@@ -27,12 +25,8 @@ from typing import TYPE_CHECKING
 import huggingface_hub as hf  # attributes load on first use: importing this module stays cheap
 from huggingface_hub import constants as hf_constants
 
-from . import __version__
-from .apply import RESULT_RECORD
-from .deltas import detect_kind
-from .digest import file_sha256
-from .dtypes import SAFETENSORS_TO_TORCH
-from .errors import (
+from ..dtypes import SAFETENSORS_TO_TORCH
+from ..errors import (
     DiskSpaceError,
     FormatError,
     InputError,
@@ -40,6 +34,11 @@ from .errors import (
     VerificationError,
     WorkError,
 )
+from ..integrity.digest import file_sha256
+from ..integrity.manifest import MANIFEST_NAME
+from ..results import RESULT_RECORD
+from ..tensor_spec import TensorSpec
+from ..version import __version__
 from .folders import (
     AUX_FILES,
     BIN_INDEX,
@@ -48,12 +47,7 @@ from .folders import (
     SAFETENSORS_SINGLE,
     read_weight_map,
 )
-from .kinds import is_non_weight
-from .kinds.add import check_pairing
-from .manifest import MANIFEST_NAME, find_manifest
-from .readers import open_checkpoint
-from .resolve import Resolved, hub_repo_id
-from .safetensors_format import TensorSpec
+from .inputs import Resolved
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -76,7 +70,7 @@ class NotCachedError(NotFoundError):
 
 
 # -- errors -------------------------------------------------------------------------------------
-def _transport_errors() -> tuple[type[BaseException], ...]:
+def transport_errors() -> tuple[type[BaseException], ...]:
     import httpx2  # huggingface_hub's HTTP client
 
     return (httpx2.TransportError,)
@@ -117,7 +111,7 @@ def hub_errors(what: str, endpoint: str) -> Iterator[None]:
                 "with the rights this needs"
             ) from None
         raise WorkError(f"{what}: the Hub at {endpoint} answered HTTP {status}") from None
-    except _transport_errors() as exc:
+    except transport_errors() as exc:
         raise WorkError(f"{what}: cannot reach the Hub at {endpoint} ({type(exc).__name__})") from None
 
 
@@ -349,7 +343,7 @@ def open_repo(text: str, api: HfApi) -> RemoteRepo:
         try:
             commit = api.resolve_revision(repo_id, revision=revision).resolved
             info = api.model_info(repo_id, revision=commit, files_metadata=True)
-        except (RevisionResolutionError, *_transport_errors()):
+        except (RevisionResolutionError, *transport_errors()):
             reason = f"the Hub at {api.endpoint} cannot be reached"
             try:
                 return _cached_repo(text, api, repo_id, revision, reason)
@@ -473,161 +467,3 @@ def remote_specs(repo: RemoteRepo) -> HeaderSpecs | None:
             specs[tensor] = TensorSpec(tensor, dtype, tuple(int(d) for d in info.shape))
             where[tensor] = name
     return HeaderSpecs(repo.label, specs, where)
-
-
-def preflight(
-    base: str | Path,
-    deltas: list[str | Path],
-    *,
-    kind: str | None = None,
-    endpoint: str | None = None,
-    token: str | bool | None = None,
-    api: HfApi | None = None,
-) -> dict:
-    """Before any weights are downloaded: pair the inputs' tensors and check the cache's space.
-
-    Every input is checked locally first (a mistyped path fails without a request). For Hub
-    inputs the small files are fetched and the weights' headers read remotely, so a base and a
-    delta that do not pair fail in seconds. Returns the keyword arguments for ``resolve_input``,
-    with the opened repos so they are not looked up twice.
-    """
-    inputs = [(base, "base"), *((d, "delta") for d in deltas)]
-    ids = [hub_repo_id(given, role) for given, role in inputs]
-    if not any(ids):
-        return {"endpoint": endpoint, "token": token, "api": api}
-    client = make_api(endpoint, token, api)
-    repos: dict[str, RemoteRepo] = {}
-    for text, (_, role) in zip(ids, inputs):
-        if text is not None and text not in repos:
-            repos[text] = open_repo(text, client)
-            repos[text].xored = role == "delta" and kind == "xor-files"
-            repos[text].fetch(repos[text].small_files())
-    _pair_xored_files(repos.get(ids[0]) if ids[0] else None, [repos[t] for t in ids[1:] if t])
-    needed = sum(r.missing_bytes(r.weight_files()) for r in repos.values())
-    if needed:
-        _check_pairing([repos.get(t) if t else Path(str(g)).expanduser()
-                        for t, (g, _) in zip(ids, inputs)], kind)
-        check_cache_space(needed, ", ".join(r.label for r in repos.values()))
-    return {"api": client, "repos": repos}
-
-
-def _pair_xored_files(base: RemoteRepo | None, deltas: list[RemoteRepo]) -> None:
-    """A base for an xor-files delta needs the files of the same names, whatever their format."""
-    names = {n.removesuffix(".gz") for d in deltas if d.is_xored() for n in d.weight_files()}
-    if base is not None and names:
-        base.chosen = sorted(n for n in names if n in base.files)
-
-
-def _check_pairing(inputs: list[RemoteRepo | Path], kind: str | None) -> None:
-    """``kinds.add.check_pairing`` along the chain, for the additive and XOR deltas it can judge."""
-    base = _specs_of(inputs[0])
-    if base is None:
-        return
-    specs = base.specs
-    for delta in inputs[1:]:
-        if isinstance(delta, RemoteRepo) and delta.is_xored():
-            return
-        folder = delta.folder if isinstance(delta, RemoteRepo) else delta
-        delta_kind = kind or detect_kind(folder, find_manifest(folder))
-        if delta_kind == "lora":
-            continue
-        found = _specs_of(delta) if delta_kind in ("add", "xor") else None
-        if found is None:
-            return
-        check_pairing(found, specs)
-        after = {n: s for n, s in found.specs.items() if not is_non_weight(n)}
-        specs = {**after, **{n: s for n, s in specs.items() if n not in after}}
-
-
-def _specs_of(source: RemoteRepo | Path) -> HeaderSpecs | None:
-    if isinstance(source, RemoteRepo):
-        return remote_specs(source)
-    with open_checkpoint(source) as ckpt:
-        where = {n: ckpt.file_of(n).name for n in ckpt.specs}
-        return HeaderSpecs(str(source), dict(ckpt.specs), where)
-
-
-# -- publishing -------------------------------------------------------------------------------------
-SKIP_DIRS = (".git", ".cache")  # git metadata; huggingface_hub's local_dir bookkeeping
-
-
-@dataclass(frozen=True)
-class PushResult:
-    """Where a push went: the page to open (the pull request's, for a PR) and the commit."""
-
-    url: str
-    commit: str
-    repo_id: str
-
-
-def push_to_hub(
-    folder: str | Path,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    create_pr: bool = False,
-    message: str | None = None,
-    token: str | bool | None = None,
-    endpoint: str | None = None,
-    api: HfApi | None = None,
-) -> PushResult:
-    """Upload ``folder`` to ``repo_id`` in one commit, with a model card unless it has a README.md.
-
-    Creates the repo if needed (``private`` applies then) and the branch ``revision`` if it is
-    new; ``create_pr`` opens a pull request instead of committing to the branch. The card is
-    added to the commit only: the folder itself is never written to.
-    """
-    from .model_card import CARD_NAME, build_card, hub_inputs
-
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise NotFoundError(f"{folder}: no such folder")
-    files = _files_to_upload(folder)
-    if not files:
-        raise InputError(f"{folder}: nothing to upload")
-    client = make_api(endpoint, token, api)
-    operations = [hf.CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-                  for name, path in files]
-    with hub_errors(repo_id, client.endpoint):
-        repo_id = client.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if revision:
-            client.create_branch(repo_id, branch=revision, exist_ok=True)
-        if not (folder / CARD_NAME).is_file():
-            cards = _input_cards(client, hub_inputs(folder))
-            card = build_card(folder, repo_id, input_cards=cards, endpoint=client.endpoint)
-            operations.append(hf.CommitOperationAdd(CARD_NAME, card.encode()))
-        commit = client.create_commit(
-            repo_id, operations, revision=revision, create_pr=create_pr,
-            commit_message=message or f"Upload {folder.name} with deltamerge {__version__}",
-        )
-    url = f"{client.endpoint}/{repo_id}" + (f"/tree/{revision}" if revision else "")
-    return PushResult(commit.pr_url if create_pr and commit.pr_url else url, commit.oid, repo_id)
-
-
-def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
-    """Every file under ``folder`` by its path in the repo, as upload_folder would take them."""
-    found = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if rel.parts[0] in SKIP_DIRS or not path.is_file():
-            continue
-        found.append((rel.as_posix(), path))
-    return found
-
-
-def _input_cards(api: HfApi, inputs: list[dict]) -> dict[str, dict]:
-    """The card metadata of the inputs' repos, for the license; unreadable ones are skipped."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    cards = {}
-    for entry in inputs:
-        repo_id = entry["repo_id"]
-        commit = entry.get("commit")
-        try:
-            info = api.model_info(repo_id, revision=commit if isinstance(commit, str) else None)
-        except (HfHubHTTPError, OSError, ValueError, *_transport_errors()):
-            continue
-        if info.card_data is not None:
-            cards[repo_id] = info.card_data.to_dict()
-    return cards

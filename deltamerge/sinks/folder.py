@@ -11,8 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import InputError, OutputExistsError
-from .plan import Shard
+from ..errors import DiskSpaceError, InputError, OutputExistsError
 
 
 def partial_dir(out: Path) -> Path:
@@ -27,6 +26,16 @@ def check_out(out: Path, force: bool) -> None:
         raise OutputExistsError(f"{out}: exists and is not empty (use --force to replace it)")
     if not out.parent.exists():
         raise InputError(f"{out.parent}: no such folder to write {out.name} into")
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    """Refuse before any work when the result cannot fit, naming both numbers."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DiskSpaceError(
+            f"{folder}: not enough free space: the result needs {needed:,} bytes "
+            f"({needed / 1e9:.2f} GB), {free:,} bytes ({free / 1e9:.2f} GB) are free"
+        )
 
 
 def make_partial(out: Path) -> Path:
@@ -68,42 +77,5 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_index(tmp: Path, shards: list[Shard], prefix: str = "model") -> None:
-    """The ``model.safetensors.index.json`` transformers expects when there is more than one shard."""
-    if len(shards) < 2:
-        return
-    weight_map = {job.name: shard.filename for shard in shards for job in shard.jobs}
-    index = {
-        "metadata": {
-            "total_size": sum(job.out.nbytes for shard in shards for job in shard.jobs),
-            "total_parameters": sum(job.out.numel for shard in shards for job in shard.jobs),
-        },
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    write_json(tmp / f"{prefix}.safetensors.index.json", index)
-
-
 def write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def copy_aux(tmp: Path, files: dict[str, Path | bytes]) -> None:
-    for name, src in files.items():
-        if isinstance(src, bytes):
-            (tmp / name).write_bytes(src)
-        else:
-            shutil.copyfile(src, tmp / name)
-
-
-def fix_vocab_size(tmp: Path, vocab_rows: int | None) -> None:
-    """``vocab_size`` in config.json must match the result's embedding rows, or loading fails."""
-    path = tmp / "config.json"
-    if vocab_rows is None or not path.is_file():
-        return
-    try:
-        config = json.loads(path.read_text())
-    except (ValueError, RecursionError):
-        return
-    if isinstance(config, dict) and config.get("vocab_size") != vocab_rows:
-        config["vocab_size"] = vocab_rows
-        write_json(path, config)

@@ -1,113 +1,14 @@
-"""The command line: a thin layer over the library that prints results and maps errors to exits.
-
-Exit status: 0 done, 2 bad usage or input, 1 the result could not be made or verified.
-Errors are one line without a traceback (``--debug`` shows it).
-"""
+"""Commands that make a model or a delta: apply, make-delta."""
 
 from __future__ import annotations
 
-import functools
-import os
-import signal
-import sys
-from collections.abc import Callable
-
 import click
 
-from . import __version__
-from .errors import DeltaMergeError
-from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
-
-DEBUG = {"on": False}
+from ..sizes import DEFAULT_BLOCK_BYTES
+from .common import common_run_options, default_workers, handle_errors, human, mib
 
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"deltamerge: error: {message}", err=True)
-    sys.exit(code)
-
-
-def handle_errors(fn: Callable) -> Callable:
-    """One line per failure, the documented exit status, a traceback only with --debug."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except DeltaMergeError as exc:
-            if DEBUG["on"]:
-                raise
-            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted; nothing was written to OUT", 1)
-        except OSError as exc:
-            if DEBUG["on"]:
-                raise
-            _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), 1)
-
-    return wrapper
-
-
-def _size(ctx, param, value):
-    try:
-        return parse_size(value) if value is not None else None
-    except DeltaMergeError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n} B"
-
-
-def mib(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB"
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "--version", prog_name="deltamerge")
-@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-def main(debug: bool) -> None:
-    """Rebuild models from published delta weights, streaming, with checksums end to end.
-
-    \b
-    Examples:
-      deltamerge apply ./llama-7b ./vicuna-7b-delta ./vicuna-7b
-      deltamerge make-delta ./llama-7b ./my-finetune ./my-finetune-delta
-    """
-    DEBUG["on"] = debug or bool(os.environ.get("DELTAMERGE_DEBUG"))
-    signal.signal(signal.SIGTERM, _interrupt)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM stops a run as Ctrl-C does: cleanly, keeping its partial folder for --resume."""
-    raise KeyboardInterrupt
-
-
-def common_run_options(fn: Callable) -> Callable:
-    options = [
-        click.option("--max-shard-size", default=DEFAULT_SHARD_SIZE, show_default=True,
-                     help="Largest output shard (5GB = 5e9 bytes; 2GiB also accepted)."),
-        click.option("--block-size", default=None, callback=_size, metavar="SIZE",
-                     help=f"Largest working buffer (default {DEFAULT_BLOCK_BYTES >> 20}MiB); "
-                          "peak memory is a few of these."),
-        click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty."),
-        click.option("--workers", type=click.IntRange(1, 64), default=None,
-                     help="Threads for the pipeline (1 = no threads; default: from the machine)."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def default_workers() -> int:
-    return 1 if (os.cpu_count() or 1) < 2 else 2
-
-
-@main.command("apply", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("apply", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1, required=True, metavar="BASE DELTA... OUT")
 @click.option("--kind", type=click.Choice(["add", "xor", "xor-files", "lora"]), default=None,
               help="Delta kind (default: detected from the delta's files).")
@@ -137,7 +38,7 @@ def apply_cmd(paths, kind, dtype, new_rows, no_verify, expect_md5, resume, push_
     Example:
       deltamerge apply ./llama-13b ./vicuna-13b-delta-v1.1 ./vicuna-13b
     """
-    from .apply import apply_delta
+    from ..apply import apply_delta  # deferred so --help and --version answer without loading torch
 
     if len(paths) < 3:
         raise click.UsageError("apply needs BASE, at least one DELTA, and OUT")
@@ -155,7 +56,7 @@ def apply_cmd(paths, kind, dtype, new_rows, no_verify, expect_md5, resume, push_
 
 
 def _push(folder, repo_id: str, quiet: bool) -> None:
-    from .hub import push_to_hub
+    from ..hub.push import push_to_hub  # deferred so --help answers without loading huggingface_hub
 
     pushed = push_to_hub(folder, repo_id)
     if not quiet:
@@ -186,7 +87,7 @@ def _print_apply(result, base: str, deltas: list[str], no_verify: bool) -> None:
     click.echo(f"  digest    {result.model_digest} ({verdict})")
 
 
-@main.command("make-delta", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("make-delta", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("base")
 @click.argument("target")
 @click.argument("out")
@@ -204,7 +105,7 @@ def make_delta_cmd(base, target, out, kind, push_to, max_shard_size, block_size,
     Example:
       deltamerge make-delta ./llama-7b ./my-finetune ./my-finetune-delta
     """
-    from .make_delta import make_delta
+    from ..make_delta import make_delta  # deferred so --help and --version answer without loading torch
 
     result = make_delta(
         base, target, out, kind=kind, max_shard_size=max_shard_size,
@@ -225,7 +126,3 @@ def _print_make(result) -> None:
                f"{result.elements} elements ({share:.4%})")
     click.echo(f"  base digest    {result.base_digest}")
     click.echo(f"  result digest  {result.result_digest}")
-
-
-# Commands that live in their own modules register themselves on ``main`` when imported.
-from . import cli_convert, cli_hub, cli_integrity  # noqa: E402, F401

@@ -12,10 +12,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import FormatError
+from ..formats.files import leaves_folder, read_json_object, text_ok, valid_name
 from .digest import TensorDigest, model_digest
-from .errors import FormatError
-from .folders import leaves_folder, valid_name
-from .safetensors_format import text_ok
 
 MANIFEST_NAME = "deltamerge.json"
 FORMAT = "deltamerge-manifest"
@@ -127,8 +126,6 @@ def parse_manifest(path: Path, obj: object) -> Manifest:
 
 
 def read_manifest(path: Path) -> Manifest:
-    from .folders import read_json_object
-
     return parse_manifest(path, read_json_object(path))
 
 

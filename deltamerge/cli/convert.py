@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from .cli import common_run_options, default_workers, handle_errors, human, main, mib
-from .sizes import DEFAULT_BLOCK_BYTES
+from ..sizes import DEFAULT_BLOCK_BYTES
+from .common import common_run_options, default_workers, handle_errors, human, mib
 
 
-@main.command("convert", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("convert", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("meta_dir")
 @click.argument("out")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
@@ -26,7 +26,7 @@ def convert_cmd(meta_dir, out, dtype, max_shard_size, block_size, force, workers
     Example:
       deltamerge convert ./LLaMA/13B ./llama-13b-hf
     """
-    from .convert import convert
+    from ..convert import convert  # deferred so --help and --version answer without loading torch
 
     result = convert(
         meta_dir, out, dtype=dtype, max_shard_size=max_shard_size,

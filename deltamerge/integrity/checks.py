@@ -5,7 +5,7 @@ These answer the questions a user has before and after a rebuild ("is my base th
 models?") with the same layout-independent digests apply and make-delta record (docs/manifest.md).
 Every function streams tensors a block of rows at a time through :func:`open_checkpoint`, so any
 supported format works and memory stays at a few blocks whatever the model's size. They return
-result objects and never print: the CLI (cli_integrity.py) does that.
+result objects and never print: the CLI (cli/integrity.py) does that.
 """
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ from typing import NamedTuple
 
 import torch
 
-from . import __version__
-from .apply import RESULT_RECORD
+from ..dtypes import BITS_DTYPE, TORCH_TO_SAFETENSORS, itemsize
+from ..errors import FormatError, InputError, NotFoundError
+from ..formats.files import read_json_object
+from ..progress import Progress, make_progress
+from ..results import RESULT_RECORD
+from ..sizes import DEFAULT_BLOCK_BYTES
+from ..sources import Checkpoint, open_checkpoint
+from ..sources.resolve import local_folder
+from ..tensor_spec import TensorSpec
+from ..version import __version__
 from .digest import TensorDigest, TensorHasher, model_digest
-from .dtypes import BITS_DTYPE, TORCH_TO_SAFETENSORS, itemsize
-from .errors import FormatError, InputError, NotFoundError
-from .folders import read_json_object
 from .manifest import FORMAT as MANIFEST_FORMAT
 from .manifest import MANIFEST_NAME, Role, _role, parse_manifest
-from .progress import Progress, make_progress
-from .readers import Checkpoint, open_checkpoint
-from .resolve import local_folder
-from .safetensors_format import TensorSpec
-from .sizes import DEFAULT_BLOCK_BYTES
 
 CHECKSUMS_FORMAT = "deltamerge-checksums"
 CHECKSUMS_VERSION = 1

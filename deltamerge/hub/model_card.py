@@ -14,11 +14,11 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from . import __version__
-from .apply import RESULT_RECORD
-from .errors import DeltaMergeError
-from .folders import read_json_object
-from .manifest import MANIFEST_NAME, read_manifest
+from ..errors import DeltaMergeError
+from ..formats.files import read_json_object
+from ..integrity.manifest import MANIFEST_NAME, read_manifest
+from ..results import RESULT_RECORD
+from ..version import __version__
 
 CARD_NAME = "README.md"
 LICENSE_FIELDS = ("license", "license_name", "license_link")

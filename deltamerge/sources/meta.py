@@ -23,11 +23,13 @@ from pathlib import Path
 
 import torch
 
-from .errors import FormatError, UnsupportedError, VerificationError
-from .folders import Layout, inside, read_json_object
-from .memory import drop_file_range, drop_mapped_range
-from .readers import Checkpoint, load_torch_file, view_rows
-from .safetensors_format import TensorSpec
+from ..errors import FormatError, UnsupportedError, VerificationError
+from ..formats.files import inside, read_json_object
+from ..memory import drop_file_range, drop_mapped_range
+from ..tensor_spec import TensorSpec
+from .checkpoint import Checkpoint, register, view_rows
+from .folders import Layout
+from .torch_bin import load_torch_file
 
 PARAMS = "params.json"
 CHECKLIST = "checklist.chk"
@@ -538,3 +540,6 @@ def _release(rows: torch.Tensor) -> None:
     """Drop the mapped pages of rows already copied out, so they stop counting as resident."""
     if rows.is_contiguous() and rows.numel():
         drop_mapped_range(rows.data_ptr(), rows.nbytes)
+
+
+register("meta", MetaCheckpoint)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import click
 
-from .cli import handle_errors, main
+from .common import handle_errors
 
 
-@main.command("push", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("push", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("folder", metavar="DIR")
 @click.argument("repo_id", metavar="REPO_ID")
 @click.option("--private", is_flag=True, help="Create the repo as private (if it does not exist yet).")
@@ -35,7 +35,7 @@ def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, cre
       deltamerge push ./vicuna-7b-delta my-org/vicuna-7b-delta
       deltamerge push ./vicuna-7b my-org/vicuna-7b --revision v1.1 --create-pr
     """
-    from .hub import push_to_hub
+    from ..hub.push import push_to_hub  # deferred so --help answers without loading huggingface_hub
 
     pushed = push_to_hub(folder, repo_id, private=private, revision=revision,
                          create_pr=create_pr, message=message)

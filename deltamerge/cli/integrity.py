@@ -1,6 +1,6 @@
 """Commands about checksums: checksum, verify, inspect, diff.
 
-Thin printers over :mod:`deltamerge.checks`. Exit status as everywhere: 0 for success, 2 for bad
+Thin printers over :mod:`deltamerge.integrity.checks`. Exit status as everywhere: 0 for success, 2 for bad
 input; a verification that fails exits 1 after listing every tensor at fault, and ``diff`` exits
 1 when the checkpoints differ, as diff(1) does.
 """
@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .cli import handle_errors, human, main
-from .errors import VerificationError
+from ..errors import VerificationError
+from .common import handle_errors, human
 
 if TYPE_CHECKING:
-    from .digest import TensorDigest
+    from ..integrity.digest import TensorDigest
 
 HELP = {"help_option_names": ["-h", "--help"]}
 
@@ -35,7 +35,7 @@ def _json_option(fn: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")(fn)
 
 
-@main.command("checksum", context_settings=HELP)
+@click.command("checksum", context_settings=HELP)
 @click.argument("folder", metavar="DIR")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write every tensor's digest to this JSON file (for verify --manifest).")
@@ -53,7 +53,7 @@ def checksum_cmd(folder: str, output: str | None, quiet: bool) -> None:
       deltamerge checksum ./llama-7b --output llama-7b.digests.json
       deltamerge verify ./other-copy --manifest llama-7b.digests.json
     """
-    from .checks import checksum
+    from ..integrity.checks import checksum  # deferred so --help and --version answer without loading torch
 
     result = checksum(folder, progress=not quiet)
     if output:
@@ -61,7 +61,7 @@ def checksum_cmd(folder: str, output: str | None, quiet: bool) -> None:
     click.echo(f"{result.model_digest}  {folder}")
 
 
-@main.command("verify", context_settings=HELP)
+@click.command("verify", context_settings=HELP)
 @click.argument("folder", metavar="DIR")
 @click.option("-m", "--manifest", required=True, metavar="FILE",
               help="deltamerge.json, deltamerge-result.json, or a `checksum --output` file "
@@ -82,7 +82,7 @@ def verify_cmd(folder: str, manifest: str, role: str, as_json: bool, quiet: bool
       deltamerge verify ./llama-7b --manifest ./vicuna-7b-delta/deltamerge.json --role base
       deltamerge verify ./vicuna-7b --manifest ./vicuna-7b/deltamerge-result.json
     """
-    from .checks import verify
+    from ..integrity.checks import verify  # deferred so --help and --version answer without loading torch
 
     report = verify(folder, manifest, role, progress=not quiet and not as_json)
     if as_json:
@@ -105,7 +105,7 @@ def verify_cmd(folder: str, manifest: str, role: str, as_json: bool, quiet: bool
                    f"model digest {report.model_digest}")
 
 
-@main.command("inspect", context_settings=HELP)
+@click.command("inspect", context_settings=HELP)
 @click.argument("folder", metavar="DIR")
 @click.option("--no-digest", is_flag=True,
               help="Read headers only; skip the model digest (which reads every byte).")
@@ -120,7 +120,7 @@ def inspect_cmd(folder: str, no_digest: bool, as_json: bool, quiet: bool) -> Non
       deltamerge inspect ./llama-7b
       deltamerge inspect ./llama-7b --json --no-digest
     """
-    from .checks import inspect
+    from ..integrity.checks import inspect  # deferred so --help and --version answer without loading torch
 
     r = inspect(folder, digest=not no_digest, progress=not quiet and not as_json)
     if as_json:
@@ -142,7 +142,7 @@ def inspect_cmd(folder: str, no_digest: bool, as_json: bool, quiet: bool) -> Non
         click.echo(f"  {t.name:<{width}}  {t.dtype:<5} {str(list(t.shape)):<14} {t.file}")
 
 
-@main.command("diff", context_settings=HELP)
+@click.command("diff", context_settings=HELP)
 @click.argument("a")
 @click.argument("b")
 @_json_option
@@ -159,7 +159,7 @@ def diff_cmd(a: str, b: str, as_json: bool, quiet: bool) -> None:
     Example:
       deltamerge diff ./my-llama-7b ./llama-7b-from-the-hub
     """
-    from .checks import diff
+    from ..integrity.checks import diff  # deferred so --help and --version answer without loading torch
 
     r = diff(a, b, progress=not quiet and not as_json)
     if as_json:

@@ -1,4 +1,4 @@
-"""The safetensors file format: a validating header parser and a streaming writer.
+"""The safetensors file format: a validating header parser, and the header a writer emits.
 
 The safetensors library neither streams writes nor reads without mapping the whole file, so
 deltamerge speaks the format itself. Parsing is strict because headers come from strangers: every
@@ -11,49 +11,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from .dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
-from .errors import FormatError
-from .memory import WriteBehind, drop_file_range
+from ..dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
+from ..errors import FormatError
+from ..tensor_spec import TensorSpec
+from .files import describe_download, open_for_reading, reject_duplicates, text_ok
 
 MAX_HEADER_BYTES = 100_000_000
-LFS_POINTER_PREFIX = b"version https://git-lfs"
 # A zero-size tensor's dimensions are not bounded by its bytes; beyond this (or the file's size)
 # they are nonsense, and would make the engine loop over billions of empty row blocks.
 MAX_EMPTY_DIM = 2**31
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """What a tensor is, independent of where it is stored."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * itemsize(self.dtype)
-
-    @property
-    def rows(self) -> int:
-        """Blocks are cut along the first dimension; a 0-d tensor is one row."""
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_numel(self) -> int:
-        return math.prod(self.shape[1:]) if self.shape else 1
 
 
 @dataclass(frozen=True)
@@ -70,19 +41,6 @@ class Header:
     data_start: int
 
 
-def lfs_pointer_message(path: Path, what: str = "the weights") -> str:
-    return f"{path}: a Git LFS pointer, not {what}: run `git lfs pull`"
-
-
-def describe_download(path: Path, head: bytes, what: str = "the weights") -> str | None:
-    """Name the usual wrong contents of a downloaded file (any format), from its first bytes."""
-    if head.startswith(LFS_POINTER_PREFIX):
-        return lfs_pointer_message(path, what)
-    if head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
-        return f"{path}: an HTML page, not {what} (a failed download?): download it again"
-    return None
-
-
 def describe_non_safetensors(path: Path, head: bytes) -> str | None:
     """Name the usual reasons a weight file is not a safetensors file, from its first bytes."""
     known = describe_download(path, head)
@@ -91,16 +49,6 @@ def describe_non_safetensors(path: Path, head: bytes) -> str | None:
     if head.startswith(b"PK\x03\x04"):
         return f"{path}: a zip archive (a PyTorch .bin?), not a safetensors file"
     return None
-
-
-def reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """``json.loads`` hook: a name given twice is an error, not the last one silently winning."""
-    seen: dict[str, object] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key {key!r}")
-        seen[key] = value
-    return seen
 
 
 def read_header(path: Path, fd: int | None = None) -> Header:
@@ -134,29 +82,6 @@ def read_header(path: Path, fd: int | None = None) -> Header:
     finally:
         if own:
             os.close(fd)
-
-
-def open_for_reading(path: Path) -> int:
-    """A read-only descriptor for a weight file; failing to open it is a :class:`FormatError`."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise FormatError(f"{path}: not a regular file")
-    return fd
-
-
-def text_ok(text: str) -> bool:
-    """JSON escapes can smuggle lone surrogates, which no file name or header may carry on."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _parse(path: Path, raw: bytes, size: int, data_start: int) -> Header:
@@ -274,48 +199,3 @@ def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> by
     raw = json.dumps(obj, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
-
-
-class StreamingWriter:
-    """Writes one safetensors file front to back: header first, then tensor bytes in order.
-
-    Shapes and dtypes are known from the plan before any data exists, so the header can be
-    written first and no tensor ever needs to be held whole.
-    """
-
-    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None):
-        self.path = path
-        self.specs = specs
-        header = build_header(specs, metadata)
-        self.expected = len(header) + sum(s.nbytes for s in specs)
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.position = 0
-        self._behind = WriteBehind(self.fd)
-        self.write(header)
-
-    def write(self, data: memoryview | bytes) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            written = os.pwrite(self.fd, view, self.position)
-            self.position += written
-            view = view[written:]
-        self._behind.advance(self.position)
-
-    def close(self, sync: bool = True) -> None:
-        """Finish the file; a short file is a bug in the caller, never a silent success."""
-        try:
-            if self.position != self.expected:
-                raise FormatError(
-                    f"{self.path}: internal error: wrote {self.position} of {self.expected} bytes"
-                )
-            if sync:
-                os.fsync(self.fd)
-            drop_file_range(self.fd, 0, self.position)
-        finally:
-            os.close(self.fd)
-
-    def abort(self) -> None:
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass

@@ -2,11 +2,11 @@
 
 Work flows through five stages, each a function of one block: read (base rows and the rows of
 each step's inputs into a slot's reused buffers), check (hash what was read; compare base
-tensors against the publisher's digests), compute (the kinds' steps), write (into the shard's
-streaming writer) and seal (hash what was written); a verified run with large delta files adds
-a sixth, hashing those files, beside the check. With ``workers == 1`` they run one after the
-other in this thread; otherwise each stage is a thread and blocks pass between them through
-bounded queues, so reading, hashing, arithmetic and writing overlap. Slots bound the memory:
+tensors against the publisher's digests), compute (the kinds' steps), write (into the writer the
+sink opened for the shard) and seal (hash what was written); a verified run with large delta
+files adds a sixth, hashing those files, beside the check. With ``workers == 1`` they run one
+after the other in this thread; otherwise each stage is a thread and blocks pass between them
+through bounded queues, so reading, hashing, arithmetic and writing overlap. Slots bound the memory:
 at most ``slots`` blocks are in flight, whatever the model's size.
 """
 
@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from . import faults
-from .digest import FileHasher, TensorDigest, TensorHasher, raw_bytes
-from .errors import DeltaMergeError, VerificationError, WorkError
-from .kinds import Scratch
+from .. import faults
+from ..errors import DeltaMergeError, VerificationError, WorkError
+from ..integrity.digest import FileHasher, TensorDigest, TensorHasher, raw_bytes
+from ..kinds import Scratch
+from ..sinks import ShardWriter, Sink
+from ..sources.checkpoint import Checkpoint, view_rows
 from .plan import Shard, TensorJob
-from .readers import Checkpoint, view_rows
-from .safetensors_format import StreamingWriter, build_header
 
 Progress = Callable[[int], None]
 
@@ -88,7 +88,11 @@ class EngineResult:
 
 
 class Engine:
-    """Runs a plan: ``shards`` of jobs over ``base``, writing into ``out_dir``."""
+    """Runs a plan: ``shards`` of jobs over ``base``, written by ``sink`` into ``out_dir``.
+
+    The sink is the only thing that knows the result's file format: the engine opens one
+    writer per shard through it and hands it each block's bytes in plan order.
+    """
 
     def __init__(
         self,
@@ -96,13 +100,13 @@ class Engine:
         shards: list[Shard],
         out_dir: Path,
         *,
+        sink: Sink,
         block_bytes: int,
         workers: int = 1,
         hash_base: bool = False,
         hash_out: bool = True,
         expected_base: dict[str, TensorDigest] | None = None,
         file_hashers: dict[Path, FileHasher] | None = None,
-        metadata: dict[str, str] | None = None,
         progress: Progress | None = None,
         slots: int | None = None,
         hash_files: bool = False,
@@ -112,13 +116,13 @@ class Engine:
         self.base = base
         self.shards = shards
         self.out_dir = out_dir
+        self.sink = sink
         self.block_bytes = block_bytes
         self.workers = max(1, workers)
         self.hash_base = hash_base or expected_base is not None
         self.hash_out = hash_out
         self.expected_base = expected_base
         self.file_hashers = file_hashers or {}
-        self.metadata = metadata if metadata is not None else {"format": "pt"}
         self.progress = progress
         self.hash_files = hash_files
         self.skip_shards = skip_shards or set()
@@ -130,7 +134,7 @@ class Engine:
         self.out_digests: dict[str, TensorDigest] = {}
         self._base_hashers: dict[str, TensorHasher] = {}
         self._out_hashers: dict[str, TensorHasher] = {}
-        self._writer: StreamingWriter | None = None
+        self._writer: ShardWriter | None = None
         self._scratch = Scratch()
         self._matched = 0
         self.bytes_read = 0
@@ -267,7 +271,7 @@ class Engine:
     def _write(self, b: Block) -> None:
         shard = self.shards[b.shard]
         if b.first_in_shard:
-            self._writer = StreamingWriter(self.out_dir / shard.filename, shard.specs, self.metadata)
+            self._writer = self.sink.open_shard(self.out_dir / shard.filename, shard.specs)
             faults.reached("header")
         assert self._writer is not None and b.out is not None
         data = raw_bytes(b.out.contiguous())
@@ -290,7 +294,7 @@ class Engine:
         shard = self.shards[b.shard]
         if self.hash_files and b.out is not None:
             if b.first_in_shard:
-                self._file_hasher = hashlib.sha256(build_header(shard.specs, self.metadata))
+                self._file_hasher = hashlib.sha256(self.sink.file_prefix(shard.specs))
             self._file_hasher.update(raw_bytes(b.out))
             if b.last_in_shard:
                 self.written_files[shard.filename] = self._file_hasher.hexdigest()

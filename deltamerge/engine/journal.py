@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .digest import TensorDigest
-from .errors import InputError
+from ..errors import InputError
+from ..integrity.digest import TensorDigest
 from .plan import Shard
 
 JOURNAL_NAME = "journal.jsonl"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .dtypes import TORCH_TO_SAFETENSORS
-from .memory import address_view, drop_file_range
-from .safetensors_format import TensorSpec
+from ..dtypes import TORCH_TO_SAFETENSORS
+from ..memory import address_view, drop_file_range
+from ..tensor_spec import TensorSpec
 
 HASH_CHUNK = 16 * 1024 * 1024
 

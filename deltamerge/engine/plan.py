@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .dtypes import itemsize
-from .kinds import Step
-from .safetensors_format import TensorSpec, aligned_order
+from ..dtypes import itemsize
+from ..formats.safetensors import aligned_order
+from ..kinds import Step
+from ..tensor_spec import TensorSpec
 
 
 @dataclass

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import InputError
-from .kinds import Kind
-from .manifest import MANIFEST_NAME, Manifest
+from ..errors import InputError
+from ..integrity.manifest import MANIFEST_NAME, Manifest
+from . import Kind
+from .add import AddKind
+from .lora import LoraKind
+from .xor import XorKind
+from .xor_files import looks_like_xor_files
 
 KINDS = ("add", "xor", "xor-files", "lora")
 
@@ -21,8 +25,6 @@ def detect_kind(folder: Path, manifest: Manifest | None) -> str:
         return "lora"
     if manifest is not None:
         return manifest.kind
-    from .kinds.xor_files import looks_like_xor_files
-
     if looks_like_xor_files(folder):
         return "xor-files"
     return "add"
@@ -30,16 +32,10 @@ def detect_kind(folder: Path, manifest: Manifest | None) -> str:
 
 def open_kind(kind: str, folder: Path) -> Kind:
     if kind == "add":
-        from .kinds.add import AddKind
-
         return AddKind(folder)
     if kind == "xor":
-        from .kinds.xor import XorKind
-
         return XorKind(folder)
     if kind == "lora":
-        from .kinds.lora import LoraKind
-
         return LoraKind(folder)
     if kind == "xor-files":
         raise InputError(f"{folder}: a xor-files delta is decoded whole, alone: it cannot be chained")

@@ -1,9 +1,9 @@
-"""Turning what the user typed into a local folder.
+"""What the user typed, decided without any request: a local path, a Hub repo id, or neither.
 
 A string that exists locally is a path. A string that looks like a path (starts with ``.``,
 ``/`` or ``~``, or has more than one ``/``) and does not exist is a "no such folder" error, never
 a Hub request. Anything else of the form ``owner/name[@revision]`` is a Hub repo id, fetched by
-:mod:`deltamerge.hub`.
+:mod:`deltamerge.sources.hub`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import NotFoundError
+from ..errors import NotFoundError
 
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
 
 @dataclass(frozen=True)
@@ -47,31 +47,6 @@ def hub_repo_id(given: str | Path, role: str = "input") -> str | None:
     text = str(given)
     if Path(text).expanduser().exists():
         return None
-    if isinstance(given, Path) or looks_like_path(text) or not _REPO_ID.fullmatch(text):
+    if isinstance(given, Path) or looks_like_path(text) or not REPO_ID.fullmatch(text):
         raise NotFoundError(f"{text}: no such folder ({role})")
     return text
-
-
-def resolve_input(given: str | Path, role: str = "input", **hub: object) -> Resolved:
-    """A local path wins; then a repo id; then a "no such folder" error."""
-    text = hub_repo_id(given, role)
-    if text is None:
-        return Resolved(Path(str(given)).expanduser(), str(given))
-    from .hub import download_input
-
-    return download_input(text, role=role, **hub)
-
-
-def local_folder(given: str | Path, role: str = "input", **hub: object) -> Path:
-    """The folder to read: ``given`` as a path, or the cached snapshot when it is a Hub repo id.
-
-    Unlike :func:`resolve_input`, a missing path comes back as it is, for the reader to report
-    in its own words; only a repo id that does not exist locally reaches the Hub.
-    """
-    text = str(given)
-    path = Path(text).expanduser()
-    if isinstance(given, Path) or path.exists() or looks_like_path(text) or not _REPO_ID.fullmatch(text):
-        return path
-    from .hub import download_input
-
-    return download_input(text, role=role, **hub).path

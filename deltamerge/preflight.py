@@ -1,0 +1,102 @@
+"""Before the big download: pair the inputs' tensors and check the Hub cache's free space.
+
+A step of ``apply`` that joins the two sides of the plan: what the sources can say about Hub
+repos from their small files and remote safetensors headers (:mod:`deltamerge.sources.hub`),
+and what the kinds say about whether a base and its deltas pair (:mod:`deltamerge.kinds`).
+It sits above both, with the entry points, so neither has to know the other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .integrity.manifest import find_manifest
+from .kinds import is_non_weight
+from .kinds.add import check_pairing
+from .kinds.detect import detect_kind
+from .sources import open_checkpoint
+from .sources.hub import (
+    HeaderSpecs,
+    RemoteRepo,
+    check_cache_space,
+    make_api,
+    open_repo,
+    remote_specs,
+)
+from .sources.inputs import hub_repo_id
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
+
+def preflight(
+    base: str | Path,
+    deltas: list[str | Path],
+    *,
+    kind: str | None = None,
+    endpoint: str | None = None,
+    token: str | bool | None = None,
+    api: HfApi | None = None,
+) -> dict:
+    """Before any weights are downloaded: pair the inputs' tensors and check the cache's space.
+
+    Every input is checked locally first (a mistyped path fails without a request). For Hub
+    inputs the small files are fetched and the weights' headers read remotely, so a base and a
+    delta that do not pair fail in seconds. Returns the keyword arguments for ``resolve_input``,
+    with the opened repos so they are not looked up twice.
+    """
+    inputs = [(base, "base"), *((d, "delta") for d in deltas)]
+    ids = [hub_repo_id(given, role) for given, role in inputs]
+    if not any(ids):
+        return {"endpoint": endpoint, "token": token, "api": api}
+    client = make_api(endpoint, token, api)
+    repos: dict[str, RemoteRepo] = {}
+    for text, (_, role) in zip(ids, inputs):
+        if text is not None and text not in repos:
+            repos[text] = open_repo(text, client)
+            repos[text].xored = role == "delta" and kind == "xor-files"
+            repos[text].fetch(repos[text].small_files())
+    _pair_xored_files(repos.get(ids[0]) if ids[0] else None, [repos[t] for t in ids[1:] if t])
+    needed = sum(r.missing_bytes(r.weight_files()) for r in repos.values())
+    if needed:
+        _check_pairing([repos.get(t) if t else Path(str(g)).expanduser()
+                        for t, (g, _) in zip(ids, inputs)], kind)
+        check_cache_space(needed, ", ".join(r.label for r in repos.values()))
+    return {"api": client, "repos": repos}
+
+
+def _pair_xored_files(base: RemoteRepo | None, deltas: list[RemoteRepo]) -> None:
+    """A base for an xor-files delta needs the files of the same names, whatever their format."""
+    names = {n.removesuffix(".gz") for d in deltas if d.is_xored() for n in d.weight_files()}
+    if base is not None and names:
+        base.chosen = sorted(n for n in names if n in base.files)
+
+
+def _check_pairing(inputs: list[RemoteRepo | Path], kind: str | None) -> None:
+    """``kinds.add.check_pairing`` along the chain, for the additive and XOR deltas it can judge."""
+    base = _specs_of(inputs[0])
+    if base is None:
+        return
+    specs = base.specs
+    for delta in inputs[1:]:
+        if isinstance(delta, RemoteRepo) and delta.is_xored():
+            return
+        folder = delta.folder if isinstance(delta, RemoteRepo) else delta
+        delta_kind = kind or detect_kind(folder, find_manifest(folder))
+        if delta_kind == "lora":
+            continue
+        found = _specs_of(delta) if delta_kind in ("add", "xor") else None
+        if found is None:
+            return
+        check_pairing(found, specs)
+        after = {n: s for n, s in found.specs.items() if not is_non_weight(n)}
+        specs = {**after, **{n: s for n, s in specs.items() if n not in after}}
+
+
+def _specs_of(source: RemoteRepo | Path) -> HeaderSpecs | None:
+    if isinstance(source, RemoteRepo):
+        return remote_specs(source)
+    with open_checkpoint(source) as ckpt:
+        where = {n: ckpt.file_of(n).name for n in ckpt.specs}
+        return HeaderSpecs(str(source), dict(ckpt.specs), where)

@@ -1,0 +1,42 @@
+"""What the entry points return and record, in a leaf so that kinds, sinks and the Hub code can
+use these without importing an entry point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Provenance and digests of a rebuilt model, written into it by apply (and by xor-files).
+RESULT_RECORD = "deltamerge-result.json"
+
+
+@dataclass
+class ApplyResult:
+    """What a rebuild produced; the CLI prints it, pipelines read it."""
+
+    out: Path
+    kinds: list[str]
+    tensors: int
+    shards: list[str]
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss: int
+    model_digest: str
+    publisher_digest: str | None = None  # the manifest's expected result, when there is one
+    verified: bool = False  # True when the result matched the publisher's digest
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MakeDeltaResult:
+    out: Path
+    kind: str
+    tensors: int
+    elements: int
+    mismatched_elements: int  # elements base + delta does not give back exactly
+    base_digest: str
+    result_digest: str
+    bytes_written: int
+    seconds: float
+    peak_rss: int
