@@ -7,6 +7,7 @@ stream (the engine), verify (the publisher's digests), publish (rename into OUT)
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from . import __version__, faults
 from .deltas import detect_kind, open_kind
 from .digest import FileHasher, TensorDigest, file_sha256, model_digest
-from .dtypes import parse_user_dtype
+from .dtypes import parse_user_dtype, short_name
 from .engine import Engine
 from .errors import DiskSpaceError, InputError, InterruptedRun, VerificationError, WorkError
 from .folders import AUX_FILES, inside
@@ -29,7 +30,7 @@ from .output import (
     check_out,
     copy_aux,
     discard,
-    fix_vocab_size,
+    fix_config,
     partial_dir,
     publish,
     write_index,
@@ -157,7 +158,7 @@ def apply_delta(
             write_index(tmp, shards)
             aux = _aux_files(base_ckpt, opened, extra_files)
             copy_aux(tmp, aux)
-            fix_vocab_size(tmp, _vocab_rows(jobs))
+            fix_config(tmp, _vocab_rows(jobs), _result_dtype(jobs))
             digest = model_digest(out_digests)
             result = ApplyResult(
                 out, [k.name for k in opened], len(jobs), [s.filename for s in shards],
@@ -336,6 +337,15 @@ def _vocab_rows(jobs: list[TensorJob]) -> int | None:
         if job.name.endswith(VOCAB_TENSORS[0]) and job.out.shape:
             return job.out.rows
     return None
+
+
+def _result_dtype(jobs: list[TensorJob]) -> str | None:
+    """The dtype most of the result's weights are written in: the one config.json must name."""
+    elements: Counter[torch.dtype] = Counter()
+    for job in jobs:
+        if job.out.dtype.is_floating_point and not is_non_weight(job.name):
+            elements[job.out.dtype] += job.out.numel
+    return short_name(elements.most_common(1)[0][0]) if elements else None
 
 
 def _compare_result(

@@ -27,7 +27,7 @@ from deltamerge.cli import main
 from deltamerge.errors import DeltaMergeError, FormatError, NotFoundError, UnsupportedError
 from deltamerge.folders import read_json_object
 from deltamerge.manifest import read_manifest
-from deltamerge.output import fix_vocab_size
+from deltamerge.output import fix_config
 from deltamerge.readers import SafetensorsCheckpoint, load_torch_file, open_checkpoint
 from deltamerge.safetensors_format import read_header
 
@@ -423,9 +423,9 @@ def test_hostile_config_is_refused_before_any_work(tmp_path, config, words):
     "config",
     [b"[1]", b'{"vocab_size": "x"}', b"[" * 50_000 + b"]" * 50_000, b"\xff\xfe", b"", b"null"],
 )
-def test_fix_vocab_size_survives_any_config(tmp_path, config):
+def test_fix_config_survives_any_config(tmp_path, config):
     (tmp_path / "config.json").write_bytes(config)
-    fix_vocab_size(tmp_path, 32001)
+    fix_config(tmp_path, 32001, "bfloat16")
     if config == b'{"vocab_size": "x"}':
         assert json.loads((tmp_path / "config.json").read_text())["vocab_size"] == 32001
 
