@@ -10,6 +10,7 @@ import functools
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 
 import click
@@ -79,6 +80,8 @@ def main(debug: bool) -> None:
     """
     DEBUG["on"] = debug or bool(os.environ.get("DELTAMERGE_DEBUG"))
     signal.signal(signal.SIGTERM, _interrupt)
+    # torch warns on import when numpy is absent; deltamerge never uses numpy (not a dependency).
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 
 def _interrupt(signum: int, frame: object) -> None:
