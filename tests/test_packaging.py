@@ -23,7 +23,7 @@ OTHER_TORCH = "2.12.0"  # not the 2.13.0 CI installs
 
 def _pip(*args: str | Path) -> subprocess.CompletedProcess:
     """pip with no configuration of this machine's (indexes, find-links, constraints)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}
     env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
     return subprocess.run([sys.executable, "-m", "pip", *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=120)
@@ -64,6 +64,29 @@ def _fake_distribution(site: Path, name: str, version: str) -> None:
 def test_build_prints_no_warning(built):
     _, output = built
     assert "warning" not in output.lower(), output
+
+
+EDITABLE_BUILD = """
+import sys, warnings
+import setuptools.build_meta as backend
+from setuptools.warnings import SetuptoolsWarning
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    backend.build_editable(sys.argv[1])
+for w in caught:
+    if issubclass(w.category, SetuptoolsWarning):
+        print("caught:", w.category.__name__, str(w.message).splitlines()[0])
+"""
+
+
+def test_editable_build_warns_of_nothing(built, tmp_path: Path):
+    """What the scripts' ``pip install -e .`` runs: setuptools' editable build, whose warnings
+    (licence form, package layout) pip prints at every install."""
+    src = built[0].parent.parent / "src"
+    proc = subprocess.run([sys.executable, "-c", EDITABLE_BUILD, tmp_path], cwd=src,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in proc.stdout.splitlines() if line.startswith("caught:")] == []
 
 
 def test_requirements_are_ranges_and_include_blake3(built):
