@@ -6,13 +6,14 @@ stream (the engine), verify (the publisher's digests), publish (rename into OUT)
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from . import faults
-from .dtypes import parse_user_dtype
+from .dtypes import parse_user_dtype, short_name
 from .engine import Engine
 from .engine.journal import Journal, fingerprint
 from .engine.plan import TensorJob, layout_shards, rows_per_block
@@ -28,7 +29,7 @@ from .memory import peak_rss_bytes
 from .preflight import preflight
 from .progress import make_progress
 from .results import RESULT_RECORD, ApplyResult
-from .sinks.aux import copy_aux, fix_vocab_size
+from .sinks.aux import copy_aux, fix_config
 from .sinks.folder import check_free_space, check_out, discard, partial_dir, publish, write_json
 from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
@@ -130,7 +131,7 @@ def apply_delta(
             write_index(tmp, shards)
             aux = _aux_files(base_ckpt, opened, extra_files)
             copy_aux(tmp, aux)
-            fix_vocab_size(tmp, _vocab_rows(jobs))
+            fix_config(tmp, _vocab_rows(jobs), _result_dtype(jobs))
             digest = model_digest(out_digests)
             result = ApplyResult(
                 out, [k.name for k in opened], len(jobs), [s.filename for s in shards],
@@ -297,6 +298,15 @@ def _vocab_rows(jobs: list[TensorJob]) -> int | None:
         if job.name.endswith(VOCAB_TENSORS[0]) and job.out.shape:
             return job.out.rows
     return None
+
+
+def _result_dtype(jobs: list[TensorJob]) -> str | None:
+    """The dtype most of the result's weights are written in: the one config.json must name."""
+    elements: Counter[torch.dtype] = Counter()
+    for job in jobs:
+        if job.out.dtype.is_floating_point and not is_non_weight(job.name):
+            elements[job.out.dtype] += job.out.numel
+    return short_name(elements.most_common(1)[0][0]) if elements else None
 
 
 def _compare_result(

@@ -1,17 +1,23 @@
 """Write a small LLaMA-shaped example for the demo: a base and a fine-tuned target.
 
 Random weights in real formats (the base as sharded PyTorch .bin like the original 2023
-conversions, the target as safetensors), so the demo exercises what users meet.
+conversions, the target as safetensors), so the demo exercises what users meet. It needs only
+torch, what a plain install of deltamerge has: safetensors' own writer needs numpy, so the
+target is written here (the format is a JSON header and the tensors' bytes).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import struct
 import sys
+import warnings
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+with warnings.catch_warnings():  # torch warns on import when numpy is absent
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch
 
 HIDDEN, HEADS, LAYERS, FFN, VOCAB = 256, 8, 4, 688, 1000
 
@@ -49,6 +55,25 @@ def state(seed: int, vocab: int, base: dict | None = None) -> dict[str, torch.Te
     return out
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Little-endian tensor bytes after a header of their dtypes, shapes and offsets."""
+    names = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    blobs, offset = [], 0
+    for name, t in tensors.items():
+        t = t.contiguous()
+        blobs.append(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(blobs[-1])]}
+        offset += len(blobs[-1])
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for blob in blobs:
+            f.write(blob)
+
+
 def main(folder: Path) -> None:
     base = state(0, VOCAB)
     target = state(1, VOCAB + 1, base)  # a v0-style fine-tune that added a [PAD] token
@@ -63,7 +88,7 @@ def main(folder: Path) -> None:
     weight_map = {k: f for f, keys in shards.items() for k in keys}
     (folder / "base/pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (folder / "base/config.json").write_text(json.dumps(config(VOCAB)))
-    save_file(target, folder / "target/model.safetensors", metadata={"format": "pt"})
+    save_safetensors(target, folder / "target/model.safetensors")
     (folder / "target/config.json").write_text(json.dumps(config(VOCAB + 1)))
     (folder / "target/tokenizer_config.json").write_text(json.dumps({"pad_token": "[PAD]"}))
 

@@ -28,7 +28,7 @@ from deltamerge.formats import safetensors as safetensors_format
 from deltamerge.formats.files import read_json_object
 from deltamerge.formats.safetensors import read_header
 from deltamerge.integrity.manifest import read_manifest
-from deltamerge.sinks.aux import fix_vocab_size
+from deltamerge.sinks.aux import fix_config
 from deltamerge.sources import open_checkpoint
 from deltamerge.sources.safetensors import SafetensorsCheckpoint
 from deltamerge.sources.torch_bin import load_torch_file
@@ -425,9 +425,9 @@ def test_hostile_config_is_refused_before_any_work(tmp_path, config, words):
     "config",
     [b"[1]", b'{"vocab_size": "x"}', b"[" * 50_000 + b"]" * 50_000, b"\xff\xfe", b"", b"null"],
 )
-def test_fix_vocab_size_survives_any_config(tmp_path, config):
+def test_fix_config_survives_any_config(tmp_path, config):
     (tmp_path / "config.json").write_bytes(config)
-    fix_vocab_size(tmp_path, 32001)
+    fix_config(tmp_path, 32001, "bfloat16")
     if config == b'{"vocab_size": "x"}':
         assert json.loads((tmp_path / "config.json").read_text())["vocab_size"] == 32001
 

@@ -1,6 +1,7 @@
 """numpy is not among deltamerge's dependencies (torch does not pull it in either), so nothing
 may need it: a plain ``pip install deltamerge`` has no numpy. The test extras do install it
-(transformers needs it), so the child process here hides it before anything imports torch."""
+(transformers needs it), so the child process here hides it before anything imports torch.
+torch warns on import when it finds no numpy; deltamerge's commands must not pass that on."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ def test_apply_checksum_and_make_delta_run_without_numpy(tmp_path: Path):
                              tmp_path / "target", "bin")
     proc = run_cli("make-delta", base, target, tmp_path / "delta", "-q", prelude=HIDE_NUMPY)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
     proc = run_cli("apply", base, tmp_path / "delta", tmp_path / "out", "--workers", "2",
                    prelude=HIDE_NUMPY)
     assert proc.returncode == 0, proc.stderr
     assert "matches the publisher's result" in proc.stdout + proc.stderr
+    assert "NumPy" not in proc.stderr and "Warning" not in proc.stderr
     proc = run_cli("checksum", tmp_path / "out", prelude=HIDE_NUMPY)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
     assert deltamerge.checksum(tmp_path / "out").model_digest in proc.stdout
     deltamerge.apply_delta(base, tmp_path / "delta", tmp_path / "reference")
     assert_states_equal(load_state(tmp_path / "out"), load_state(tmp_path / "reference"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 
 import click
 
@@ -34,6 +35,8 @@ def main(debug: bool) -> None:
     """
     DEBUG["on"] = debug or bool(os.environ.get("DELTAMERGE_DEBUG"))
     signal.signal(signal.SIGTERM, interrupt)
+    # torch warns on import when numpy is absent; deltamerge never uses numpy (not a dependency).
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 
 for _command in (apply_cmd, make_delta_cmd, convert_cmd, push_cmd, checksum_cmd, verify_cmd,

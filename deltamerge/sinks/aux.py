@@ -21,15 +21,27 @@ def copy_aux(tmp: Path, files: dict[str, Path | bytes]) -> None:
             shutil.copyfile(src, tmp / name)
 
 
-def fix_vocab_size(tmp: Path, vocab_rows: int | None) -> None:
-    """``vocab_size`` in config.json must match the result's embedding rows, or loading fails."""
+def fix_config(tmp: Path, vocab_rows: int | None, dtype: str | None) -> None:
+    """config.json must describe the result as written, not its inputs: ``vocab_size`` its
+    embedding rows (or loading fails), its dtype (or ``from_pretrained(dtype="auto")`` loads it in
+    another one), and no ``_name_or_path``, which names a folder on the machine that made an input.
+    """
     path = tmp / "config.json"
-    if vocab_rows is None or not path.is_file():
+    if not path.is_file():
         return
     try:
         config = json.loads(path.read_text())
     except (ValueError, RecursionError):
         return
-    if isinstance(config, dict) and config.get("vocab_size") != vocab_rows:
-        config["vocab_size"] = vocab_rows
-        write_json(path, config)
+    if not isinstance(config, dict):
+        return
+    fixed = dict(config)
+    fixed.pop("_name_or_path", None)
+    if vocab_rows is not None:
+        fixed["vocab_size"] = vocab_rows
+    if dtype is not None:
+        # transformers 5 writes "dtype", earlier releases "torch_dtype"; both read the latter.
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+            fixed[key] = dtype
+    if fixed != config:
+        write_json(path, fixed)
