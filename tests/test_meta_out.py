@@ -308,6 +308,13 @@ def test_transformers_5_rope_parameters_are_read():
     assert meta_params(config)["rope_theta"] == 1000000
 
 
+def test_absent_keys_take_transformers_defaults():
+    absent = ("rms_norm_eps", "num_key_value_heads")
+    config = {k: v for k, v in model_config("gqa").items() if k not in absent}
+    params = meta_params(config)
+    assert params["norm_eps"] == 1e-6 and "n_kv_heads" not in params
+
+
 def test_unusual_ffn_width_is_still_exact():
     config = model_config("mha") | {"intermediate_size": 100}
     params = meta_params(config)

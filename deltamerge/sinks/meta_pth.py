@@ -116,7 +116,7 @@ def meta_params(config: Mapping[str, object], where: str | Path = "config.json")
     refuse(config.get("rope_scaling"), "rope scaling")
     refuse(rope.get("rope_type", "default") != "default", f"rope_type {rope.get('rope_type')!r}")
     theta = rope.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
-    eps = config.get("rms_norm_eps")
+    eps = config.get("rms_norm_eps", 1e-6)  # transformers' default, as it would load the file
     for key, value in (("rope_theta", theta), ("rms_norm_eps", eps)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise FormatError(f"{where}: {key!r} must be a positive number, found {value!r}")
