@@ -16,15 +16,15 @@ from conftest import assert_states_equal, load_state
 from meta_helpers import hf_to_meta
 
 from deltamerge.convert import convert
-from deltamerge.digest import raw_bytes
 from deltamerge.errors import FormatError, UnsupportedError, WorkError
-from deltamerge.folders import detect_layout
-from deltamerge.meta import MetaCheckpoint, hf_config
+from deltamerge.integrity.digest import raw_bytes
 from deltamerge.sinks import torch_zip
 from deltamerge.sinks.meta_pth import MetaLayout, MetaWriter, meta_params
 from deltamerge.sinks.torch_pickle import STORAGE_TYPES, PthTensor
 from deltamerge.sinks.torch_zip import TorchZipWriter
 from deltamerge.sinks.torch_zip_sums import crc32_combine
+from deltamerge.sources.folders import detect_layout
+from deltamerge.sources.meta import MetaCheckpoint, hf_config
 
 # ---------------------------------------------------------------------------------------------
 # The .pth writer
