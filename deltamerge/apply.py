@@ -17,6 +17,7 @@ from .dtypes import parse_user_dtype, short_name
 from .engine import Engine
 from .engine.journal import Journal, fingerprint
 from .engine.plan import TensorJob, layout_shards, rows_per_block
+from .engine.recheck import recheck
 from .errors import DiskSpaceError, InputError, InterruptedRun, VerificationError, WorkError
 from .formats.files import inside
 from .integrity.digest import FileHasher, TensorDigest, file_sha256, model_digest
@@ -31,12 +32,14 @@ from .progress import make_progress
 from .results import RESULT_RECORD, ApplyResult
 from .sinks.aux import copy_aux, fix_config
 from .sinks.folder import check_free_space, check_out, discard, partial_dir, publish, write_json
+from .sinks.lock import hold
+from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import AUX_FILES
 from .sources.inputs import Resolved
-from .sources.resolve import resolve_input
+from .sources.resolve import input_region, resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
 
@@ -66,8 +69,9 @@ def apply_delta(
 
     Raises a :class:`~deltamerge.errors.DeltaMergeError` with a one-line message on any failure,
     and then leaves nothing at ``out``. An interrupted run (Ctrl-C, SIGTERM, a failed write)
-    keeps its partial folder beside ``out``; ``resume=True`` finishes it, redoing only the
-    shards not yet recorded as finished.
+    keeps its partial folder beside ``out``; ``resume=True`` finishes it, re-checking the shards
+    recorded as finished (read back and hashed) and redoing the others. One run at a time
+    writes to ``out``: a second is refused while the first holds its lock.
     """
     deltas = [delta] if isinstance(delta, (str, Path)) else list(delta)
     out = Path(out).expanduser()
@@ -75,12 +79,31 @@ def apply_delta(
     if new_rows not in ("zero", "mean"):
         raise InputError(f"--new-rows must be 'zero' or 'mean', not {new_rows!r}")
     shard_bytes = parse_size(max_shard_size)
+    inputs = [(base, "base"), *((d, "delta") for d in deltas)]
+    refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in inputs])
     check_out(out, force)
+    with hold(out):
+        check_out(out, force)  # again under the lock: a run that held it may have published
+        return _apply_locked(
+            base, deltas, out, kind=kind, out_dtype=out_dtype, new_rows=new_rows,
+            shard_bytes=shard_bytes, block_size=block_size, force=force, verify=verify,
+            workers=workers or 1, progress=progress, extra_files=extra_files, hub=hub,
+            expect_md5=expect_md5, resume=resume,
+        )
+
+
+def _apply_locked(
+    base: PathLike, deltas: list[PathLike], out: Path, *, kind: str | None,
+    out_dtype: torch.dtype | None, new_rows: str, shard_bytes: int, block_size: int,
+    force: bool, verify: bool, workers: int, progress: bool | Callable[[int, int], None],
+    extra_files: dict[str, Path | bytes] | None, hub: dict | None,
+    expect_md5: PathLike | None, resume: bool,
+) -> ApplyResult:
+    """The run itself, under OUT's lock: nothing of OUT or its partial folder is touched before."""
     # Hub inputs: pair tensors and check space before the big downloads.
     hub = preflight(base, deltas, kind=kind, **(hub or {}))
     base_in = resolve_input(base, "base", **hub)
     delta_ins = [resolve_input(d, "delta", **hub) for d in deltas]
-    _refuse_overlap(out, [base_in, *delta_ins])
     if kind == "xor-files" or (kind is None and any(
         detect_kind(d.path, None) == "xor-files" for d in delta_ins
     )):
@@ -108,16 +131,21 @@ def apply_delta(
         options_record = {"kind": [k.name for k in opened], "dtype": str(out_dtype),
                           "new_rows": new_rows, "verify": verify, "version": __version__}
         fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
+        sink = SafetensorsSink()
         tmp, journal = _open_partial(out, fp, resume)
         try:
+            checked = recheck(
+                tmp, shards, journal, metadata=sink.metadata, block_bytes=block_size,
+                workers=workers, progress=progress,
+            ) if resume else None
             skip = set(journal.done)
             check_free_space(out.parent, sum(
                 j.out.nbytes for s in shards if s.filename not in skip for j in s.jobs))
             bar = make_progress(progress, sum(
                 j.out.nbytes for s in shards if s.filename not in skip for j in s.jobs), "rebuilding")
             engine = Engine(
-                base_ckpt, shards, tmp, sink=SafetensorsSink(), block_bytes=block_size,
-                workers=workers or 1, expected_base=expected_base, file_hashers=hashers,
+                base_ckpt, shards, tmp, sink=sink, block_bytes=block_size,
+                workers=workers, expected_base=expected_base, file_hashers=hashers,
                 progress=bar.update, skip_shards=skip, on_shard_done=journal.record,
             )
             try:
@@ -125,8 +153,8 @@ def apply_delta(
             finally:
                 bar.close()
             out_digests = dict(run.out_digests)
-            for digests in journal.done.values():
-                out_digests.update(digests)
+            for digests in (checked.kept if checked else {}).values():
+                out_digests.update(digests)  # computed by this run's re-check, not the journal's
             _check_files(delta_ins, manifests, run.file_digests)
             write_index(tmp, shards)
             aux = _aux_files(base_ckpt, opened, extra_files)
@@ -135,10 +163,11 @@ def apply_delta(
             digest = model_digest(out_digests)
             result = ApplyResult(
                 out, [k.name for k in opened], len(jobs), [s.filename for s in shards],
-                run.bytes_read, run.bytes_written, run.seconds, peak_rss_bytes(), digest,
+                run.bytes_read + (checked.bytes_read if checked else 0), run.bytes_written,
+                run.seconds + (checked.seconds if checked else 0), peak_rss_bytes(), digest,
             )
-            if skip:
-                result.notes.append(f"resumed: {len(skip)} finished shard(s) kept")
+            if checked and (checked.kept or checked.redone):
+                result.notes.append(checked.note())
             _compare_result(result, manifests, out_digests, out_dtype, new_rows)
             write_json(
                 tmp / RESULT_RECORD,
@@ -170,6 +199,9 @@ def apply_delta(
 def _open_partial(out: Path, fp: str, resume: bool) -> tuple[Path, Journal]:
     """The partial folder and its journal: fresh, or an earlier run's when resuming."""
     tmp = partial_dir(out)
+    if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
+        raise InputError(f"{tmp}: not a folder an interrupted run left (a symlink or a file): "
+                         f"delete it")
     if tmp.exists():
         if not resume:
             raise InputError(
@@ -194,15 +226,6 @@ def _apply_xor_files(
     return apply_xor_files(
         base.path, deltas[0].path, out, force=force, expect_md5=md5_list, progress=progress
     )
-
-
-def _refuse_overlap(out: Path, inputs: list[Resolved]) -> None:
-    """Inputs are never written to: OUT may not be, or contain, an input folder."""
-    target = out.resolve()
-    for r in inputs:
-        p = r.path.resolve()
-        if p == target or target in p.parents:
-            raise InputError(f"{out}: is the input folder {r.given}; choose another OUT")
 
 
 def plan_chain(

@@ -29,6 +29,7 @@ def convert(
     force: bool = False,
     workers: int | None = None,
     progress: bool | Callable[[int, int], None] = False,
+    resume: bool = False,
 ) -> ApplyResult:
     """Write the Hugging Face layout of a Meta checkpoint folder (``params.json`` + ``.pth``)."""
     layout = detect_layout(Path(meta_dir).expanduser())
@@ -36,5 +37,5 @@ def convert(
         raise InputError(f"{meta_dir}: not a Meta-layout folder (params.json, consolidated.*.pth)")
     return apply_delta(
         meta_dir, [], out, dtype=dtype, max_shard_size=max_shard_size, block_size=block_size,
-        force=force, workers=workers, progress=progress,
+        force=force, workers=workers, progress=progress, resume=resume,
     )

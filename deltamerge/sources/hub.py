@@ -138,6 +138,14 @@ class RemoteFile:
         return self.sha256 or self.blob_id
 
 
+def cache_storage(text: str) -> Path:
+    """The cache folder a repo's files are fetched into (``models--owner--name``), no request."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo_id = parse_repo_id(text)[0]
+    return Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
 def parse_repo_id(text: str) -> tuple[str, str | None]:
     repo_id, _, revision = text.partition("@")
     return repo_id, revision or None
@@ -157,11 +165,7 @@ class RemoteRepo:
         self.files, self.offline = files, offline
         self.xored = False  # set for an xor-files delta: every top-level file is needed
         self.chosen: list[str] | None = None  # weight files picked by the caller instead
-        from huggingface_hub.file_download import repo_folder_name
-
-        self.storage = Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(
-            repo_id=repo_id, repo_type="model"
-        )
+        self.storage = cache_storage(repo_id)
         self.folder = self.storage / "snapshots" / commit
 
     @property
