@@ -18,11 +18,19 @@ from .deltas import detect_kind, open_kind
 from .digest import FileHasher, TensorDigest, file_sha256, model_digest
 from .dtypes import parse_user_dtype
 from .engine import Engine
-from .errors import DiskSpaceError, InputError, InterruptedRun, VerificationError, WorkError
+from .errors import (
+    DiskSpaceError,
+    InputError,
+    InterruptedRun,
+    UnsupportedError,
+    VerificationError,
+    WorkError,
+)
 from .folders import AUX_FILES, inside
 from .journal import Journal, fingerprint
 from .kinds import ApplyOptions, Kind, is_non_weight
 from .kinds.add import VOCAB_TENSORS
+from .kinds.lora import QLORA_MODES
 from .manifest import MANIFEST_NAME, Manifest, Role, find_manifest
 from .memory import peak_rss_bytes
 from .output import (
@@ -86,8 +94,14 @@ def apply_delta(
     hub: dict | None = None,
     expect_md5: PathLike | None = None,
     resume: bool = False,
+    qlora: str | None = None,
+    qlora_dtype: str | torch.dtype | None = None,
 ) -> ApplyResult:
     """Rebuild ``base`` + ``delta`` (or a chain of deltas, applied in order) into ``out``.
+
+    ``qlora="nf4"`` or ``"nf4-dq"`` merges LoRA adapters onto bitsandbytes' NF4 round trip of
+    the weights they target (double quantized or not), as QLoRA trained them; ``qlora_dtype``
+    is the dtype the trainer loaded the base in before quantizing it (default: the base's).
 
     Raises a :class:`~deltamerge.errors.DeltaMergeError` with a one-line message on any failure,
     and then leaves nothing at ``out``. An interrupted run (Ctrl-C, SIGTERM, a failed write)
@@ -99,6 +113,11 @@ def apply_delta(
     out_dtype = parse_user_dtype(dtype)
     if new_rows not in ("zero", "mean"):
         raise InputError(f"--new-rows must be 'zero' or 'mean', not {new_rows!r}")
+    if qlora is not None and qlora not in QLORA_MODES:
+        raise InputError(f"--qlora must be one of {', '.join(QLORA_MODES)}, not {qlora!r}")
+    if qlora_dtype is not None and qlora is None:
+        raise InputError("--qlora-dtype is the dtype the base was quantized from: it needs --qlora")
+    quant_dtype = parse_user_dtype(qlora_dtype)
     shard_bytes = parse_size(max_shard_size)
     check_out(out, force)
     from .hub import preflight  # Hub inputs: pair tensors and check space before big downloads
@@ -110,6 +129,8 @@ def apply_delta(
     if kind == "xor-files" or (kind is None and any(
         detect_kind(d.path, None) == "xor-files" for d in delta_ins
     )):
+        if qlora is not None:
+            raise InputError("--qlora merges LoRA adapters: it does not apply to xor-files deltas")
         return _apply_xor_files(base_in, delta_ins, out, out_dtype, force, verify, expect_md5,
                                 progress)
     if expect_md5 is not None:
@@ -124,7 +145,9 @@ def apply_delta(
         for d, m in zip(delta_ins, found):
             opened.append(open_kind(kind or detect_kind(d.path, m), d.path))
         manifests = found if verify else [None] * len(delta_ins)
-        options = ApplyOptions(new_rows=new_rows)
+        if qlora is not None and not any(k.name == "lora" for k in opened):
+            raise InputError("--qlora merges LoRA adapters onto the NF4 base: no delta is a LoRA")
+        options = ApplyOptions(new_rows=new_rows, qlora=qlora, qlora_dtype=quant_dtype)
         jobs = plan_chain(base_ckpt, opened, options, out_dtype, block_size)
         if new_rows == "mean":
             fill_means(base_ckpt, jobs, block_size)
@@ -133,6 +156,8 @@ def apply_delta(
         expected_base = manifests[0].base.tensors if manifests and manifests[0] else None
         options_record = {"kind": [k.name for k in opened], "dtype": str(out_dtype),
                           "new_rows": new_rows, "verify": verify, "version": __version__}
+        if qlora is not None:
+            options_record.update(qlora=qlora, qlora_dtype=str(quant_dtype))
         fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
         tmp, journal = _open_partial(out, fp, resume)
         try:
@@ -165,11 +190,13 @@ def apply_delta(
             )
             if skip:
                 result.notes.append(f"resumed: {len(skip)} finished shard(s) kept")
-            _compare_result(result, manifests, out_digests, out_dtype, new_rows)
-            write_json(
-                tmp / RESULT_RECORD,
-                _record(base_in, delta_ins, result, out_digests, out_dtype, new_rows),
-            )
+            _compare_result(result, manifests, out_digests, out_dtype, new_rows, qlora)
+            record = _record(base_in, delta_ins, result, out_digests, out_dtype, new_rows)
+            if qlora is not None:
+                record["options"].update(
+                    qlora=qlora, qlora_dtype=str(quant_dtype).removeprefix("torch.")
+                    if quant_dtype else None)
+            write_json(tmp / RESULT_RECORD, record)
             faults.reached("publish")
             publish(tmp, out)
             (out / journal.path.name).unlink(missing_ok=True)
@@ -256,6 +283,12 @@ def plan_chain(
     for k in kinds:
         specs, new = k.plan(specs, options)
         for name, step in new.items():
+            if step.first_pass and (steps.get(name) or name not in base.specs):
+                raise UnsupportedError(
+                    f"tensor {name!r}: the {k.name} delta at {k.folder} needs the base's own rows "
+                    "(--qlora nf4-dq), but an earlier delta changes them: apply that one first, "
+                    "in a run of its own"
+                )
             steps.setdefault(name, []).append(step)
     jobs = []
     for name, spec in specs.items():
@@ -344,6 +377,7 @@ def _compare_result(
     digests: dict[str, TensorDigest],
     out_dtype: torch.dtype | None,
     new_rows: str,
+    qlora: str | None = None,
 ) -> None:
     last = manifests[-1] if manifests else None
     if last is None:
@@ -352,9 +386,9 @@ def _compare_result(
     if result.model_digest == last.result.model_digest:
         result.verified = True
         return
-    if out_dtype is not None or new_rows != last.options.get("new_rows", "zero"):
+    if out_dtype is not None or qlora or new_rows != last.options.get("new_rows", "zero"):
         result.notes.append(
-            "options differ from the publisher's (--dtype/--new-rows): result not compared"
+            "options differ from the publisher's (--dtype/--new-rows/--qlora): result not compared"
         )
         return
     names = sorted(

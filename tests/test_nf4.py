@@ -187,13 +187,158 @@ def test_quantizing_in_fp32_gives_fp16_codes() -> None:
     assert torch.equal(got, bnb_roundtrip(w.float(), True))
 
 
-def test_thread_count_changes_only_what_bitsandbytes_changes() -> None:
-    """Over 32768 blocks torch's fp32 mean depends on its threads; at each, both agree."""
-    w = weights((1024, 4096), torch.bfloat16, seed=2)
+def test_double_quant_offset_is_the_one_thread_mean() -> None:
+    """Over 32768 blocks torch's fp32 mean depends on its threads, so bitsandbytes' does too;
+    the round trip here is bitsandbytes' under one thread, whatever the thread count. (For these
+    fp32 weights bitsandbytes' offset under 3 threads is one ulp off, and 68% of its round trip
+    differs from its own under one thread.)"""
+    w = weights((1024, 4096), torch.float32, seed=2)
     before = torch.get_num_threads()
     try:
+        torch.set_num_threads(1)
+        reference = bnb_roundtrip(w, True)
         for threads in (1, 3):
             torch.set_num_threads(threads)
-            assert torch.equal(nf4.nf4_roundtrip_tensor(w, True), bnb_roundtrip(w, True))
+            assert torch.equal(nf4.nf4_roundtrip_tensor(w, True), reference)
+            assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+# -- QLoRA-faithful merges, against peft's own Linear4bit.merge on a bitsandbytes 4-bit model --
+
+HIDDEN, FFN = 64, 300  # down_proj rows of 300: blocks of 16 rows; 300 blocks of absmax: two of 256
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SMALL_BLOCK = 1000  # bytes: a few rows a block, so every tensor streams in several
+
+
+def tiny_llama(folder, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
+                         num_attention_heads=4, vocab_size=96)
+    LlamaForCausalLM(config).to(dtype).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def random_adapter(base, dtype: torch.dtype, out, targets=TARGETS):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base, dtype=dtype),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def peft_4bit_merge(base, adapter, dq: bool, quant_dtype: torch.dtype, monkeypatch):
+    """What peft's Linear4bit.merge computes, ``dequantize_4bit(W4) + delta``, per merged weight.
+
+    The base is loaded in 4 bits by transformers and bitsandbytes on CPU (quantized from
+    ``quant_dtype``); merge then quantizes that sum again, so it is caught on its way there.
+    """
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from peft.tuners.lora.bnb import Linear4bit
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=dq, bnb_4bit_compute_dtype=quant_dtype)
+    model = LlamaForCausalLM.from_pretrained(base, quantization_config=config, dtype=quant_dtype,
+                                             device_map="cpu")
+    model = PeftModel.from_pretrained(model, adapter)
+    caught: list[torch.Tensor] = []
+    params4bit = bnb.nn.Params4bit
+
+    def catch(data, *args, **kwargs):
+        caught.append(data.clone())
+        return params4bit(data, *args, **kwargs)
+
+    monkeypatch.setattr(bnb.nn, "Params4bit", catch)
+    merged = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            module.merge()
+            merged[name.removeprefix("base_model.model.") + ".weight"] = caught.pop()
+    assert merged and not caught
+    return merged
+
+
+@pytest.mark.parametrize("base_dtype, quant_dtype, out_dtype, dq", [
+    (torch.float16, None, None, True),
+    (torch.float16, None, None, False),
+    (torch.bfloat16, None, None, True),
+    (torch.float32, None, None, True),
+    (torch.float16, torch.bfloat16, None, True),  # Guanaco: an fp16 LLaMA loaded in bf16
+    (torch.float16, torch.float32, torch.float32, True),
+], ids=["fp16-dq", "fp16", "bf16-dq", "fp32-dq", "fp16-as-bf16-dq", "fp16-as-fp32-dq-out-fp32"])
+def test_qlora_merge_is_peft_4bit_merge_rounded_once(
+    tmp_path, monkeypatch, base_dtype, quant_dtype, out_dtype, dq
+) -> None:
+    from conftest import load_state
+
+    from deltamerge import apply_delta
+
+    base = tiny_llama(tmp_path / "base", base_dtype)
+    adapter = random_adapter(base, base_dtype, tmp_path / "adapter")
+    merged = peft_4bit_merge(base, adapter, dq, quant_dtype or base_dtype, monkeypatch)
+    apply_delta(base, adapter, tmp_path / "out", block_size=SMALL_BLOCK, workers=2,
+                qlora="nf4-dq" if dq else "nf4", qlora_dtype=quant_dtype, dtype=out_dtype)
+    got, original = load_state(tmp_path / "out"), load_state(base)
+    assert len(merged) == 14 and set(merged) < set(got) == set(original)
+    for name, tensor in got.items():
+        want = merged[name] if name in merged else original[name]
+        want = want.to(out_dtype or base_dtype)
+        assert tensor.dtype == want.dtype and torch.equal(tensor, want), name
+
+
+def test_qlora_merge_is_merge_and_unload_onto_the_roundtrip(tmp_path) -> None:
+    """The same, built as the issue puts it: bitsandbytes' round trip of the targeted weights
+    put into an fp16 model, then peft's merge_and_unload (the Linear layers peft merges in fp16)."""
+    from conftest import load_state
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from deltamerge import apply_delta
+
+    base = tiny_llama(tmp_path / "base", torch.float16)
+    adapter = random_adapter(base, torch.float16, tmp_path / "adapter", ["q_proj", "down_proj"])
+    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "down_proj.weight")):
+                p.copy_(bnb_roundtrip(p.data, True))
+    reference = PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict()
+    apply_delta(base, adapter, tmp_path / "out", block_size=SMALL_BLOCK, qlora="nf4-dq")
+    got = load_state(tmp_path / "out")
+    for name, tensor in got.items():
+        assert torch.equal(tensor, reference[name]), name
+    plain = tmp_path / "plain"
+    apply_delta(base, adapter, plain, block_size=SMALL_BLOCK)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert not torch.equal(load_state(plain)[name], got[name])  # the round trip shows
+
+
+def test_qlora_options_are_checked(tmp_path) -> None:
+    from conftest import apply_in_process, llama_state, save_checkpoint
+
+    base = tiny_llama(tmp_path / "base", torch.float16)
+    adapter = random_adapter(base, torch.float16, tmp_path / "adapter", ["q_proj"])
+    code, err = apply_in_process(base, adapter, tmp_path / "o1", "--qlora-dtype", "bfloat16")
+    assert code == 2 and "needs --qlora" in err
+    additive = save_checkpoint(llama_state(3), tmp_path / "add")
+    code, err = apply_in_process(base, additive, tmp_path / "o2", "--qlora", "nf4")
+    assert code == 2 and "no delta is a LoRA" in err
+    code, err = apply_in_process(base, adapter, adapter, tmp_path / "o3", "--qlora", "nf4-dq")
+    assert code == 2 and "an earlier delta changes them" in err
+    from deltamerge import apply_delta
+
+    # without double quantization each step rounds what it is given: a chain is fine
+    assert apply_delta(base, [adapter, adapter], tmp_path / "o4", qlora="nf4").kinds == ["lora"] * 2
+    assert not any(tmp_path.glob("o[123]*"))

@@ -27,9 +27,11 @@ multiple of 64 elements (:func:`row_multiple`, :func:`aligned_rows`). Double qua
 offset is the mean of every block's absmax, so it needs a first pass over the tensor
 (:class:`Nf4Prepare`, one fp32 value per 64 elements) before the round trip can start.
 
-``mean`` is torch's, as in bitsandbytes: for more than 32768 blocks (tensors over 2M elements)
-torch's fp32 sum depends on its thread count, so bitsandbytes' own offset does too; this module
-computes it with whatever threads torch has when :meth:`Nf4Prepare.finish` runs.
+The offset is torch's fp32 ``mean``, as in bitsandbytes, which makes bitsandbytes' own result
+depend on torch's thread count for tensors of over 2M elements (32768 blocks); here it is always
+the one-thread mean (:func:`single_thread_mean`). On CUDA, where QLoRA quantizes, the mean is
+summed in another order and ``quantize_blockwise`` takes the nearest 8-bit code rather than the
+CPU's table look-up, so a base double-quantized on a GPU can differ in some blocks' scales.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ BLOCKSIZE = 64
 ABSMAX_BLOCKSIZE = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Elements scaled, looked up and multiplied at once: bounds the scratch whatever the block size.
-CHUNK = 1 << 20
+CHUNK = 1 << 18
 _CLAMP = 1e-38  # bitsandbytes' floor for the divisor (a subnormal in fp32)
 _LUT_SIZE = 65536
 _CELLS = 64  # NF4 midpoints are at least 0.08 apart: at most one per cell of 1/64
@@ -73,8 +75,8 @@ def _nf4_bounds() -> torch.Tensor:
 
 
 def _cell(scaled: torch.Tensor) -> torch.Tensor:
-    """A monotone cell index of values in [-1, 1], ``_CELLS`` cells per unit."""
-    return ((scaled + 1.0) * float(_CELLS)).to(torch.int32).clamp_(0, 2 * _CELLS)
+    """A monotone cell index, ``_CELLS`` cells per unit over [-1, 1]; values outside go to the ends."""
+    return torch.add(scaled, 1.0).mul_(float(_CELLS)).to(torch.int32).clamp_(0, 2 * _CELLS)
 
 
 @cache
@@ -94,7 +96,7 @@ def _cell_tables() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def nf4_index(scaled: torch.Tensor) -> torch.Tensor:
-    """``bucketize(scaled, midpoints)`` (int32): the count of midpoints below each value.
+    """``bucketize(scaled, midpoints)`` (int32): the count of NF4 midpoints below each value.
 
     Equal to bitsandbytes' ``bucketize`` for every value (a tie goes to the smaller code), in a
     fraction of its time: two table look-ups and one comparison per value.
@@ -180,9 +182,11 @@ def quantize(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = block_absmax(x)
     com = x[:full].view(-1, BLOCKSIZE)
     scale = absmax[: full // BLOCKSIZE].clamp(min=_CLAMP).reciprocal().view(-1, 1)
-    codes = nf4_index(torch.clamp(com * scale, -1, 1).view(-1))
+    # bitsandbytes clamps the scaled values to [-1, 1]; every midpoint lies inside, so that
+    # changes no index, and is left out.
+    codes = nf4_index((com * scale).view(-1))
     if full < n:
-        tail = nf4_index(torch.clamp(x[full:] / absmax[-1], -1, 1))
+        tail = nf4_index(x[full:] / absmax[-1])
         codes = torch.cat([codes, tail])
     return codes, absmax
 
@@ -220,9 +224,26 @@ def quantize_8bit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.view(-1)[:n], absmax
 
 
+def single_thread_mean(x: torch.Tensor) -> torch.Tensor:
+    """torch's fp32 mean as one thread sums it: bitsandbytes' offset under one torch thread.
+
+    With more threads torch splits sums of over 32768 values between them, so the offset (and
+    every block's scale) would depend on the thread count, here on ``--workers``. The engine
+    already runs torch on one thread with several workers; with one worker nothing else runs.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return x.mean()
+    torch.set_num_threads(1)
+    try:
+        return x.mean()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Double quantization: (8-bit codes, their per-256 absmax, the offset ``mean(absmax)``)."""
-    offset = absmax.mean()
+    offset = single_thread_mean(absmax)
     codes, absmax2 = quantize_8bit(absmax - offset)
     return codes, absmax2, offset
 
@@ -279,9 +300,11 @@ class Nf4Prepare:
             return
         _check_dtype(rows.dtype, self.name)
         start, n, _ = _flat_range(rows, r0, self.shape)
-        absmax = block_absmax(rows)
-        b0 = start // BLOCKSIZE
-        self.absmax[b0 : b0 + absmax.numel()] = absmax
+        flat = rows.reshape(-1)
+        for c0 in range(0, n, CHUNK):
+            absmax = block_absmax(flat[c0 : c0 + CHUNK])
+            b0 = (start + c0) // BLOCKSIZE
+            self.absmax[b0 : b0 + absmax.numel()] = absmax
         self._seen += n
 
     def finish(self) -> Nf4State:
