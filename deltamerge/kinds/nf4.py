@@ -212,14 +212,14 @@ def quantize_8bit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     n = x.numel()
     nblocks = -(n // -ABSMAX_BLOCKSIZE)
-    padded = torch.zeros(nblocks * ABSMAX_BLOCKSIZE, dtype=torch.float32)
-    padded[:n] = x.reshape(-1)
-    blocks = padded.view(nblocks, ABSMAX_BLOCKSIZE)
+    v = torch.zeros(nblocks * ABSMAX_BLOCKSIZE, dtype=torch.float32)
+    v[:n] = x.reshape(-1)
+    blocks = v.view(nblocks, ABSMAX_BLOCKSIZE)
     absmax = blocks.abs().amax(dim=1)
-    v = torch.clamp(blocks * (1.0 / absmax.view(-1, 1)), -1.0, 1.0)
-    index = ((v + 1.0) * 0.5 * float(_LUT_SIZE - 1) + 0.5).nan_to_num_(0.0).to(torch.int64)
-    codes = _dynamic_lut().index_select(0, index.clamp_(0, _LUT_SIZE - 1).view(-1))
-    codes = codes.view(nblocks, ABSMAX_BLOCKSIZE)
+    blocks.mul_(1.0 / absmax.view(-1, 1)).clamp_(-1.0, 1.0)
+    v.add_(1.0).mul_(0.5).mul_(float(_LUT_SIZE - 1)).add_(0.5).nan_to_num_(0.0)
+    index = v.to(torch.int32).clamp_(0, _LUT_SIZE - 1)
+    codes = _dynamic_lut().index_select(0, index).view(nblocks, ABSMAX_BLOCKSIZE)
     codes[absmax == 0] = 0
     return codes.view(-1)[:n], absmax
 
@@ -251,9 +251,11 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 def dequantize_absmax(codes: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """``code[q] * absmax2`` per block of 256 in fp32, then ``+ offset``: the scales NF4 uses."""
     n = codes.numel()
-    vals = dynamic_code()[codes.to(torch.int64)]
-    block = torch.arange(n) // ABSMAX_BLOCKSIZE
-    return vals * absmax2[block] + offset if n else vals
+    nblocks = absmax2.numel()
+    vals = torch.zeros(nblocks * ABSMAX_BLOCKSIZE, dtype=torch.float32)
+    vals[:n] = dynamic_code().index_select(0, codes.to(torch.int32))
+    vals.view(nblocks, ABSMAX_BLOCKSIZE).mul_(absmax2.view(-1, 1))
+    return vals[:n].add_(offset)
 
 
 @dataclass(frozen=True)
@@ -316,6 +318,7 @@ class Nf4Prepare:
                 f"{self.name}: the NF4 first pass saw {self._seen} of {numel} elements"
             )
         codes, absmax2, offset = quantize_absmax(self.absmax)
+        self.absmax = torch.empty(0)
         scale = dequantize_absmax(codes, absmax2, offset)
         return Nf4State(self.shape, True, scale, codes, absmax2, offset)
 
