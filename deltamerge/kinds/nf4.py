@@ -279,7 +279,7 @@ class Nf4State:
 class Nf4Prepare:
     """The first pass over one tensor: each block's absmax, for double quantization's offset.
 
-    Feed it every row block (in any order, each aligned as :func:`aligned_rows` says), then
+    Feed it every row block once (in any order, each aligned as :func:`aligned_rows` says), then
     :meth:`finish`. Without double quantization no rows are needed. It holds one fp32 value per
     64 elements (2.8 MB for a 4096 x 11008 tensor).
     """
@@ -292,10 +292,6 @@ class Nf4Prepare:
         nblocks = -(numel // -BLOCKSIZE)
         self.absmax = torch.empty(nblocks if double_quant else 0, dtype=torch.float32)
         self._seen = 0
-
-    @property
-    def needs_rows(self) -> bool:
-        return self.double_quant
 
     def add(self, rows: torch.Tensor, r0: int) -> None:
         if not self.double_quant:
