@@ -18,13 +18,21 @@ from .engine import Engine
 from .engine.journal import Journal, fingerprint
 from .engine.plan import TensorJob, layout_shards, rows_per_block
 from .engine.recheck import recheck
-from .errors import DiskSpaceError, InputError, InterruptedRun, VerificationError, WorkError
+from .errors import (
+    DiskSpaceError,
+    InputError,
+    InterruptedRun,
+    UnsupportedError,
+    VerificationError,
+    WorkError,
+)
 from .formats.files import inside
 from .integrity.digest import FileHasher, TensorDigest, file_sha256, model_digest
 from .integrity.manifest import MANIFEST_NAME, Manifest, Role, find_manifest
 from .kinds import ApplyOptions, Kind, is_non_weight
 from .kinds.add import VOCAB_TENSORS
 from .kinds.detect import detect_kind, open_kind
+from .kinds.lora import QLORA_MODES
 from .kinds.xor_files import apply_xor_files
 from .memory import peak_rss_bytes
 from .preflight import preflight
@@ -64,8 +72,14 @@ def apply_delta(
     hub: dict | None = None,
     expect_md5: PathLike | None = None,
     resume: bool = False,
+    qlora: str | None = None,
+    qlora_dtype: str | torch.dtype | None = None,
 ) -> ApplyResult:
     """Rebuild ``base`` + ``delta`` (or a chain of deltas, applied in order) into ``out``.
+
+    ``qlora="nf4"`` or ``"nf4-dq"`` merges LoRA adapters onto bitsandbytes' NF4 round trip of
+    the weights they target (double quantized or not), as QLoRA trained them; ``qlora_dtype``
+    is the dtype the trainer loaded the base in before quantizing it (default: the base's).
 
     Raises a :class:`~deltamerge.errors.DeltaMergeError` with a one-line message on any failure,
     and then leaves nothing at ``out``. An interrupted run (Ctrl-C, SIGTERM, a failed write)
@@ -78,6 +92,11 @@ def apply_delta(
     out_dtype = parse_user_dtype(dtype)
     if new_rows not in ("zero", "mean"):
         raise InputError(f"--new-rows must be 'zero' or 'mean', not {new_rows!r}")
+    if qlora is not None and qlora not in QLORA_MODES:
+        raise InputError(f"--qlora must be one of {', '.join(QLORA_MODES)}, not {qlora!r}")
+    if qlora_dtype is not None and qlora is None:
+        raise InputError("--qlora-dtype is the dtype the base was quantized from: it needs --qlora")
+    quant_dtype = parse_user_dtype(qlora_dtype)
     shard_bytes = parse_size(max_shard_size)
     inputs = [(base, "base"), *((d, "delta") for d in deltas)]
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in inputs])
@@ -88,7 +107,7 @@ def apply_delta(
             base, deltas, out, kind=kind, out_dtype=out_dtype, new_rows=new_rows,
             shard_bytes=shard_bytes, block_size=block_size, force=force, verify=verify,
             workers=workers or 1, progress=progress, extra_files=extra_files, hub=hub,
-            expect_md5=expect_md5, resume=resume,
+            expect_md5=expect_md5, resume=resume, qlora=qlora, quant_dtype=quant_dtype,
         )
 
 
@@ -97,7 +116,8 @@ def _apply_locked(
     out_dtype: torch.dtype | None, new_rows: str, shard_bytes: int, block_size: int,
     force: bool, verify: bool, workers: int, progress: bool | Callable[[int, int], None],
     extra_files: dict[str, Path | bytes] | None, hub: dict | None,
-    expect_md5: PathLike | None, resume: bool,
+    expect_md5: PathLike | None, resume: bool, qlora: str | None,
+    quant_dtype: torch.dtype | None,
 ) -> ApplyResult:
     """The run itself, under OUT's lock: nothing of OUT or its partial folder is touched before."""
     # Hub inputs: pair tensors and check space before the big downloads.
@@ -107,6 +127,8 @@ def _apply_locked(
     if kind == "xor-files" or (kind is None and any(
         detect_kind(d.path, None) == "xor-files" for d in delta_ins
     )):
+        if qlora is not None:
+            raise InputError("--qlora merges LoRA adapters: it does not apply to xor-files deltas")
         return _apply_xor_files(base_in, delta_ins, out, out_dtype, force, verify, expect_md5,
                                 progress)
     if expect_md5 is not None:
@@ -121,7 +143,9 @@ def _apply_locked(
         for d, m in zip(delta_ins, found):
             opened.append(open_kind(kind or detect_kind(d.path, m), d.path))
         manifests = found if verify else [None] * len(delta_ins)
-        options = ApplyOptions(new_rows=new_rows)
+        if qlora is not None and not any(k.name == "lora" for k in opened):
+            raise InputError("--qlora merges LoRA adapters onto the NF4 base: no delta is a LoRA")
+        options = ApplyOptions(new_rows=new_rows, qlora=qlora, qlora_dtype=quant_dtype)
         jobs = plan_chain(base_ckpt, opened, options, out_dtype, block_size)
         if new_rows == "mean":
             fill_means(base_ckpt, jobs, block_size)
@@ -130,6 +154,8 @@ def _apply_locked(
         expected_base = manifests[0].base.tensors if manifests and manifests[0] else None
         options_record = {"kind": [k.name for k in opened], "dtype": str(out_dtype),
                           "new_rows": new_rows, "verify": verify, "version": __version__}
+        if qlora is not None:
+            options_record.update(qlora=qlora, qlora_dtype=str(quant_dtype))
         fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
         sink = SafetensorsSink()
         tmp, journal = _open_partial(out, fp, resume)
@@ -168,11 +194,13 @@ def _apply_locked(
             )
             if checked and (checked.kept or checked.redone):
                 result.notes.append(checked.note())
-            _compare_result(result, manifests, out_digests, out_dtype, new_rows)
-            write_json(
-                tmp / RESULT_RECORD,
-                _record(base_in, delta_ins, result, out_digests, out_dtype, new_rows),
-            )
+            _compare_result(result, manifests, out_digests, out_dtype, new_rows, qlora)
+            record = _record(base_in, delta_ins, result, out_digests, out_dtype, new_rows)
+            if qlora is not None:
+                record["options"].update(
+                    qlora=qlora, qlora_dtype=str(quant_dtype).removeprefix("torch.")
+                    if quant_dtype else None)
+            write_json(tmp / RESULT_RECORD, record)
             faults.reached("publish")
             publish(tmp, out)
             (out / journal.path.name).unlink(missing_ok=True)
@@ -241,6 +269,12 @@ def plan_chain(
     for k in kinds:
         specs, new = k.plan(specs, options)
         for name, step in new.items():
+            if step.first_pass and (steps.get(name) or name not in base.specs):
+                raise UnsupportedError(
+                    f"tensor {name!r}: the {k.name} delta at {k.folder} needs the base's own rows "
+                    "(--qlora nf4-dq), but an earlier delta changes them: apply that one first, "
+                    "in a run of its own"
+                )
             steps.setdefault(name, []).append(step)
     jobs = []
     for name, spec in specs.items():
@@ -338,6 +372,7 @@ def _compare_result(
     digests: dict[str, TensorDigest],
     out_dtype: torch.dtype | None,
     new_rows: str,
+    qlora: str | None = None,
 ) -> None:
     last = manifests[-1] if manifests else None
     if last is None:
@@ -346,9 +381,9 @@ def _compare_result(
     if result.model_digest == last.result.model_digest:
         result.verified = True
         return
-    if out_dtype is not None or new_rows != last.options.get("new_rows", "zero"):
+    if out_dtype is not None or qlora or new_rows != last.options.get("new_rows", "zero"):
         result.notes.append(
-            "options differ from the publisher's (--dtype/--new-rows): result not compared"
+            "options differ from the publisher's (--dtype/--new-rows/--qlora): result not compared"
         )
         return
     names = sorted(

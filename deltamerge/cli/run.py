@@ -17,6 +17,13 @@ from .common import common_run_options, default_workers, handle_errors, human, m
 @click.option("--new-rows", type=click.Choice(["zero", "mean"]), default="zero", show_default=True,
               help="Rows the delta adds to embed_tokens/lm_head start at zero (FastChat v0) or "
                    "at the mean of the base's rows (Alpaca).")
+@click.option("--qlora", type=click.Choice(["nf4", "nf4-dq"]), default=None,
+              help="Merge a QLoRA adapter onto the NF4 round trip of the weights it targets, as "
+                   "it was trained (nf4-dq: with double quantization, QLoRA's default); bit for "
+                   "bit as bitsandbytes on CPU.")
+@click.option("--qlora-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="The dtype the trainer loaded the base in before quantizing it (default: the "
+                   "base's; Guanaco: bfloat16).")
 @click.option("--no-verify", is_flag=True, help="Skip all checksum checks.")
 @click.option("--expect-md5", type=click.Path(exists=True, dir_okay=False), default=None,
               metavar="FILE", help="xor-files: the release's `md5  filename` list of the decoded "
@@ -27,8 +34,8 @@ from .common import common_run_options, default_workers, handle_errors, human, m
               help="Upload the result to this Hub repo when done (with a model card).")
 @common_run_options
 @handle_errors
-def apply_cmd(paths, kind, dtype, new_rows, no_verify, expect_md5, resume, push_to,
-              max_shard_size, block_size, force, workers, quiet) -> None:
+def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expect_md5, resume,
+              push_to, max_shard_size, block_size, force, workers, quiet) -> None:
     """Rebuild a model from BASE and one or more DELTAs into OUT.
 
     BASE and each DELTA are local folders (or Hub repo ids). Several DELTAs are applied in
@@ -47,7 +54,8 @@ def apply_cmd(paths, kind, dtype, new_rows, no_verify, expect_md5, resume, push_
         base, deltas, out, kind=kind, dtype=dtype, new_rows=new_rows,
         max_shard_size=max_shard_size, block_size=block_size or DEFAULT_BLOCK_BYTES,
         force=force, verify=not no_verify, workers=workers or default_workers(),
-        progress=not quiet, resume=resume, expect_md5=expect_md5,
+        progress=not quiet, resume=resume, expect_md5=expect_md5, qlora=qlora,
+        qlora_dtype=qlora_dtype,
     )
     if not quiet:
         _print_apply(result, base, deltas, no_verify)
