@@ -403,11 +403,30 @@ def permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _encode(tensor: GGUFTensor, rows: torch.Tensor) -> memoryview:
-    x = rows if rows.dtype in _CONVERTED_AS_IS else rows.to(torch.float32)
+    """The converter's conversion: widen what is not f16/f32 to f32, permute, ``gguf.quants``."""
+    qtype = gguf.GGMLQuantizationType(tensor.qtype)
+    if rows.dtype == torch.bfloat16 and qtype == gguf.GGMLQuantizationType.BF16:
+        x = _bf16_as_gguf_quantizes_it(rows)
+    else:
+        x = rows if rows.dtype in _CONVERTED_AS_IS else rows.to(torch.float32)
     if tensor.permute_heads:
         x = permute(x, x.shape[0] // tensor.head_rows)
-    data = gguf.quants.quantize(x.contiguous().numpy(), gguf.GGMLQuantizationType(tensor.qtype))
+    if x.dtype == torch.int16:
+        return memoryview(x.contiguous().numpy().reshape(-1).view(np.uint8))
+    with np.errstate(over="ignore"):  # beyond f16's range is inf, as the converter makes it
+        data = gguf.quants.quantize(x.contiguous().numpy(), qtype)
     return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+
+
+def _bf16_as_gguf_quantizes_it(rows: torch.Tensor) -> torch.Tensor:
+    """bf16 widened to f32 and rounded back by ``gguf.quants``: the same bits, NaNs made quiet.
+
+    Its rounding adds at most 0x8000 to the 16 zero bits widening appends, so nothing carries;
+    only a NaN changes, gaining the quiet bit. Done on the bits, this skips two conversions.
+    """
+    bits = rows.view(torch.int16)
+    nan = (bits & 0x7FFF) > 0x7F80
+    return torch.where(nan, bits | 0x40, bits) if bool(nan.any()) else bits
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
