@@ -318,6 +318,18 @@ def test_resume_rewrites_only_what_is_missing(tmp_path: Path, sp_model: bytes):
         GGUFStreamWriter(other, out, done=[])
 
 
+def test_rows_out_of_order_or_of_another_dtype_are_refused(tmp_path: Path, sp_model: bytes):
+    hf = tiny_llama(tmp_path / "hf", sp_model)
+    state = load_state(hf)
+    name = "model.layers.0.mlp.up_proj.weight"
+    writer = GGUFStreamWriter(plan_gguf(hf, specs(state)), tmp_path)
+    with pytest.raises(ValueError, match="rows from 0 expected"):
+        writer.write_rows(name, 4, 8, state[name][4:8])
+    with pytest.raises(ValueError, match="given as torch.float32"):
+        writer.write_rows(name, 0, 4, state[name][:4].float())
+    writer.abort()
+
+
 def test_a_tensor_not_written_is_an_error_at_close(tmp_path: Path, sp_model: bytes):
     hf = tiny_llama(tmp_path / "hf", sp_model)
     state = load_state(hf)

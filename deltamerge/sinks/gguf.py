@@ -59,6 +59,7 @@ class GGUFTensor:
     """One tensor of the GGUF file set, and where its bytes go."""
 
     hf_name: str
+    hf_dtype: torch.dtype  # what its rows come as
     name: str  # the GGUF name, e.g. blk.0.attn_q.weight
     qtype: int  # gguf.GGMLQuantizationType
     shape: tuple[int, ...]  # row-major like torch; GGUF's tensor info lists it reversed
@@ -267,7 +268,8 @@ def plan_gguf(
         offset = len(header)
         for gguf_name in infos:
             hf_name, qtype, shape, nbytes, heads = planned[gguf_name]
-            table.append(GGUFTensor(hf_name, gguf_name, qtype, shape, nbytes, i, offset, heads))
+            table.append(GGUFTensor(hf_name, by_name[hf_name][0], gguf_name, qtype, shape, nbytes, i, offset,
+                                    heads))
             offset += gguf.GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
         files.append(GGUFFile(name, header, offset))
     kv = {key: value.value for key, value in writer.kv_data[0].items()}
@@ -344,8 +346,8 @@ class GGUFStreamWriter:
         n_rows = tensor.shape[0]
         if r0 != p.next_row or not r0 < r1 <= n_rows:
             raise ValueError(f"tensor {hf_name}: rows {r0}:{r1} given, rows from {p.next_row} expected")
-        if tuple(rows.shape) != (r1 - r0, *tensor.shape[1:]):
-            raise ValueError(f"tensor {hf_name}: rows {r0}:{r1} given as {list(rows.shape)}")
+        if tuple(rows.shape) != (r1 - r0, *tensor.shape[1:]) or rows.dtype != tensor.hf_dtype:
+            raise ValueError(f"tensor {hf_name}: rows {r0}:{r1} given as {rows.dtype} {list(rows.shape)}")
         p.next_row = r1
         start = r0
         if p.pending is not None:
