@@ -135,7 +135,7 @@ def _outtype(outtype: str | None, specs: list[tuple[str, torch.dtype, tuple[int,
             raise InputError(f"unknown GGUF outtype {outtype!r}: use {', '.join(OUTTYPES)}")
         return outtype
     first = next((dtype for _, dtype, shape in specs if len(shape) >= 2), None)
-    return {torch.float32: "f32", torch.bfloat16: "bf16"}.get(first, "f16")  # type: ignore[arg-type]
+    return {torch.float32: "f32", torch.bfloat16: "bf16"}.get(first, "f16")
 
 
 def _types(outtype: str) -> tuple[int, int]:
@@ -319,8 +319,12 @@ class GGUFStreamWriter:
         path = self.folder / f.name
         if not resume:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            _pwrite_all(fd, memoryview(f.header), 0, path)
-            os.ftruncate(fd, f.size)
+            try:
+                _pwrite_all(fd, memoryview(f.header), 0, path)
+                os.ftruncate(fd, f.size)
+            except BaseException:
+                os.close(fd)
+                raise
             return fd
         try:
             fd = os.open(path, os.O_RDWR)

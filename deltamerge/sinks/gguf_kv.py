@@ -93,7 +93,7 @@ def hparams(config: dict[str, Any]) -> dict[str, Any]:
     The converter falls back to config.json as it is when ``AutoConfig`` cannot read it (an
     unknown ``model_type``), and so does this.
     """
-    defaults = _CONFIG_DEFAULTS.get(config.get("model_type"))  # type: ignore[arg-type]
+    defaults = _CONFIG_DEFAULTS.get(str(config.get("model_type")))
     if defaults is None:
         return dict(config)
     h = {**defaults, **config}
