@@ -26,6 +26,10 @@ class ApplyResult:
     publisher_digest: str | None = None  # the manifest's expected result, when there is one
     verified: bool = False  # True when the result matched the publisher's digest
     notes: list[str] = field(default_factory=list)
+    format: str = "hf"  # what OUT holds: hf, gguf or meta
+    # gguf and meta: model_digest is of the tensors as written; this one of the merge's tensors
+    # before conversion, which the publisher's digest is of (and is compared with)
+    merged_digest: str | None = None
 
 
 @dataclass

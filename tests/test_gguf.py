@@ -315,7 +315,12 @@ def test_resume_rewrites_only_what_is_missing(tmp_path: Path, sp_model: bytes):
     assert (out / file.name).read_bytes() == (tmp_path / "fresh" / file.name).read_bytes()
     other = plan_gguf(hf, specs(state), outtype="f16", filename=file.name, dir_name="another-name")
     with pytest.raises(WorkError, match="not the planned GGUF file"):
-        GGUFStreamWriter(other, out, done=[])
+        GGUFStreamWriter(other, out, done=names[:1])
+    (out / file.name).unlink()
+    with pytest.raises(WorkError, match="missing, cannot resume"):
+        GGUFStreamWriter(plan, out, done=names[:1])
+    GGUFStreamWriter(other, out, done=[]).abort()  # no tensor kept in it: the file is made again
+    assert (out / file.name).read_bytes()[: len(other.files[0].header)] == other.files[0].header
 
 
 def test_rows_out_of_order_or_of_another_dtype_are_refused(tmp_path: Path, sp_model: bytes):

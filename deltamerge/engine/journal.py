@@ -2,9 +2,10 @@
 
 It lives in the partial folder beside OUT. Its first line fingerprints the plan (inputs, options,
 shard layout); each later line records one shard that was written, fsynced and hashed, with the
-digests of its tensors. A resumed run takes those lines as claims only: ``recheck.py`` reads each
-shard again and keeps those that still hold what the journal says; it refuses to resume a
-partial folder whose plan differs from its own.
+digests of its tensors (and, for a sink that converts them, of the tensors as written). A resumed
+run takes those lines as claims only: ``recheck.py`` reads each shard again and keeps those that
+still hold what the journal says; it refuses to resume a partial folder whose plan differs from
+its own.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ def fingerprint(inputs: list[Path], options: dict, shards: list[Shard]) -> str:
 
 @dataclass(frozen=True)
 class Entry:
-    """One journaled shard: its size and its tensors' digests, as the run that wrote it said."""
+    """One journaled shard: its size and its tensors' digests, as the run that wrote it said
+    (``written``: the tensors as a converting sink wrote them; empty otherwise)."""
 
     size: int
     digests: dict[str, TensorDigest]
+    written: dict[str, TensorDigest] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,23 +82,23 @@ class Journal:
         for line in lines[1:]:
             try:
                 entry = json.loads(line)
-                digests = {
-                    n: TensorDigest(d["dtype"], tuple(d["shape"]), d["sha256"])
-                    for n, d in entry["tensors"].items()
-                }
+                digests = _digests(entry["tensors"])
+                written = _digests(entry.get("written", {}))
                 if not isinstance(entry["shard"], str):
                     raise TypeError("shard name")
-                journal.recorded[entry["shard"]] = Entry(int(entry["size"]), digests)
+                journal.recorded[entry["shard"]] = Entry(int(entry["size"]), digests, written)
             except (ValueError, KeyError, TypeError, AttributeError):
                 break  # a line cut short by the kill: that shard is redone
         return journal
 
-    def restart(self, kept: dict[str, tuple[int, dict[str, TensorDigest]]]) -> None:
+    def restart(
+        self, kept: dict[str, tuple[int, dict[str, TensorDigest], dict[str, TensorDigest]]]
+    ) -> None:
         """Replace the journal with the shards a re-check kept (a rename: never written through
         whatever was at its name)."""
         fresh = self.path.with_name(self.path.name + ".new")
         lines = [{"fingerprint": self.fingerprint}] + [
-            _line(shard, size, digests) for shard, (size, digests) in kept.items()
+            _line(shard, size, digests, written) for shard, (size, digests, written) in kept.items()
         ]
         fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         try:
@@ -105,11 +108,14 @@ class Journal:
             os.close(fd)
         os.replace(fresh, self.path)
         self.recorded = {}
-        self.done = {shard: digests for shard, (_, digests) in kept.items()}
+        self.done = {shard: digests for shard, (_, digests, _) in kept.items()}
 
-    def record(self, shard: str, size: int, digests: dict[str, TensorDigest]) -> None:
+    def record(
+        self, shard: str, size: int, digests: dict[str, TensorDigest],
+        written: dict[str, TensorDigest] | None = None,
+    ) -> None:
         self.done[shard] = digests
-        self._append(_line(shard, size, digests))
+        self._append(_line(shard, size, digests, written or {}))
 
     def _append(self, obj: dict) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
@@ -120,5 +126,14 @@ class Journal:
             os.close(fd)
 
 
-def _line(shard: str, size: int, digests: dict[str, TensorDigest]) -> dict:
-    return {"shard": shard, "size": size, "tensors": {n: d.to_json() for n, d in digests.items()}}
+def _digests(obj: dict) -> dict[str, TensorDigest]:
+    return {n: TensorDigest(d["dtype"], tuple(d["shape"]), d["sha256"]) for n, d in obj.items()}
+
+
+def _line(
+    shard: str, size: int, digests: dict[str, TensorDigest], written: dict[str, TensorDigest]
+) -> dict:
+    line = {"shard": shard, "size": size, "tensors": {n: d.to_json() for n, d in digests.items()}}
+    if written:
+        line["written"] = {n: d.to_json() for n, d in written.items()}
+    return line

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,35 @@ class TensorHasher:
         return TensorDigest(
             TORCH_TO_SAFETENSORS[self.spec.dtype], self.spec.shape, self._h.hexdigest()
         )
+
+
+class BytesHasher:
+    """Hashes a tensor given as runs of bytes in order, whatever its type (a GGUF quantized one).
+
+    A run that does not start where the last one ended is a bug in the writer that produced it:
+    the digest would be of other bytes than the tensor's.
+    """
+
+    def __init__(self, name: str, dtype: str, shape: tuple[int, ...], nbytes: int):
+        self.name, self.dtype, self.shape, self.nbytes = name, dtype, shape, nbytes
+        self.position = 0
+        self._h = hashlib.sha256()
+
+    def update(self, offset: int, data: Sequence[memoryview]) -> None:
+        if offset != self.position:
+            raise ValueError(
+                f"tensor {self.name!r}: bytes from {offset} given, from {self.position} expected"
+            )
+        for buffer in data:
+            self._h.update(buffer)
+            self.position += len(buffer)
+
+    @property
+    def done(self) -> bool:
+        return self.position == self.nbytes
+
+    def digest(self) -> TensorDigest:
+        return TensorDigest(self.dtype, self.shape, self._h.hexdigest())
 
 
 def raw_bytes(block: torch.Tensor) -> memoryview:

@@ -293,8 +293,8 @@ class GGUFStreamWriter:
     tensors (``plan.dropped``) are accepted and ignored.
 
     Files are created at their final size, so padding needs no writes. ``done`` resumes: the
-    files must exist with the planned header and size, and the tensors named are taken as
-    written already.
+    tensors named are taken as written already, and the files that hold one must exist with the
+    planned header and size; a file that holds none of them is made again.
     """
 
     def __init__(self, plan: GGUFPlan, folder: Path, *, done: Iterable[str] | None = None):
@@ -304,21 +304,20 @@ class GGUFStreamWriter:
         self._dropped = set(plan.dropped)
         self._progress = {t.hf_name: _Progress() for t in plan.tensors}
         self._fds: list[int] = []
+        kept = [t for t in map(plan.tensor, done or ()) if t is not None]
         try:
-            for f in plan.files:
-                self._fds.append(self._open(f, resume=done is not None))
+            for i, f in enumerate(plan.files):
+                self._fds.append(self._open(f, resume=any(t.file == i for t in kept)))
         except BaseException:
             self.abort()
             raise
-        for hf_name in done or ():
-            tensor = plan.tensor(hf_name)
-            if tensor is not None:
-                self._progress[hf_name].next_row = tensor.shape[0]
+        for tensor in kept:
+            self._progress[tensor.hf_name].next_row = tensor.shape[0]
 
     def _open(self, f: GGUFFile, resume: bool) -> int:
         path = self.folder / f.name
         if not resume:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
             try:
                 _pwrite_all(fd, memoryview(f.header), 0, path)
                 os.ftruncate(fd, f.size)
@@ -327,7 +326,7 @@ class GGUFStreamWriter:
                 raise
             return fd
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise WorkError(f"{path}: missing, cannot resume the GGUF output") from None
         if os.fstat(fd).st_size != f.size or os.pread(fd, len(f.header), 0) != f.header:

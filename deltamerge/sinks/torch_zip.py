@@ -23,7 +23,7 @@ import os
 import struct
 import sys
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,9 +180,17 @@ class TorchZipWriter:
     Every byte of every tensor is written exactly once through :meth:`write`, in pieces of any
     size and order; :meth:`close` refuses an archive with a byte missing. Nothing of the data
     is held: memory is one range entry per tensor written in order (one per gap otherwise).
+
+    ``kept`` resumes an archive an earlier run left: the storages named (by tensor, with the
+    CRC-32 and first bytes read back from the file now) are taken as written, so the file is
+    not truncated; everything else, the leading records and every header included, is written
+    again.
     """
 
-    def __init__(self, path: Path, tensors: Sequence[TensorLike], archive_name: str | None = None):
+    def __init__(
+        self, path: Path, tensors: Sequence[TensorLike], archive_name: str | None = None,
+        kept: Mapping[str, tuple[int, bytes]] | None = None,
+    ):
         self.path = path
         self.layout = ArchiveLayout(tensors, archive_name or archive_name_for(path))
         self._ranges = {
@@ -190,10 +198,15 @@ class TorchZipWriter:
             for name, record in self.layout.storages.items()
         }
         self._high = 0  # the furthest byte written: write-behind follows it, close checks it
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        truncate = 0 if kept else os.O_TRUNC
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | truncate, 0o644)
         self._open = True
         self._behind = WriteBehind(self.fd)
         try:
+            for name, (crc, head) in (kept or {}).items():
+                self._ranges[name].adopt(crc, head)
+            if kept:
+                os.ftruncate(self.fd, self.layout.size)
             for record, data in zip(self.layout.records, self.layout.leading.values()):
                 chunk = record.local_header() + data + record.descriptor(zlib.crc32(data))
                 self._pwrite([memoryview(chunk)], record.header)
