@@ -44,7 +44,7 @@ def make_delta(
     out: PathLike,
     *,
     kind: str = "add",
-    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    max_shard_size: str | int | None = None,
     block_size: int = DEFAULT_BLOCK_BYTES,
     force: bool = False,
     workers: int | None = None,
@@ -55,7 +55,7 @@ def make_delta(
     if kind not in MAKE_KINDS:
         raise InputError(f"make-delta --kind must be one of {', '.join(MAKE_KINDS)}, not {kind!r}")
     out = Path(out).expanduser()
-    shard_bytes = parse_size(max_shard_size)
+    shard_bytes = parse_size(max_shard_size or DEFAULT_SHARD_SIZE)
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in
                          ((base, "base"), (target, "target"))])
     check_out(out, force)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..sizes import DEFAULT_BLOCK_BYTES
-from .common import common_run_options, default_workers, handle_errors, human, mib
+from .common import common_run_options, default_workers, format_options, handle_errors, human, mib
 
 
 @click.command("apply", context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,18 +32,21 @@ from .common import common_run_options, default_workers, handle_errors, human, m
               help="Finish an interrupted run of the same command, redoing only unfinished shards.")
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None,
               help="Upload the result to this Hub repo when done (with a model card).")
+@format_options
 @common_run_options
 @handle_errors
 def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expect_md5, resume,
-              push_to, max_shard_size, block_size, force, workers, quiet) -> None:
+              push_to, fmt, outtype, mp, max_shard_size, block_size, force, workers, quiet) -> None:
     """Rebuild a model from BASE and one or more DELTAs into OUT.
 
     BASE and each DELTA are local folders (or Hub repo ids). Several DELTAs are applied in
     order in one pass. OUT appears only when complete.
 
     \b
-    Example:
+    Examples:
       deltamerge apply ./llama-13b ./vicuna-13b-delta-v1.1 ./vicuna-13b
+      deltamerge apply ./llama-2-7b ./my-lora ./my-model-gguf --format gguf --outtype q8_0
+      deltamerge apply ./llama-13b ./vicuna-13b-delta-v1.1 ./vicuna-13b-meta --format meta --mp 2
     """
     from ..apply import apply_delta  # deferred so --help and --version answer without loading torch
 
@@ -55,7 +58,7 @@ def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expec
         max_shard_size=max_shard_size, block_size=block_size or DEFAULT_BLOCK_BYTES,
         force=force, verify=not no_verify, workers=workers or default_workers(),
         progress=not quiet, resume=resume, expect_md5=expect_md5, qlora=qlora,
-        qlora_dtype=qlora_dtype,
+        qlora_dtype=qlora_dtype, format=fmt, outtype=outtype, mp=int(mp) if mp else None,
     )
     if not quiet:
         _print_apply(result, base, deltas, no_verify)
@@ -77,8 +80,10 @@ def _print_apply(result, base: str, deltas: list[str], no_verify: bool) -> None:
                f"(kind: {', '.join(result.kinds)})")
     if result.kinds == ["xor-files"]:
         click.echo(f"  files     {len(result.shards)} decoded")
-    else:
+    elif result.format == "hf":
         click.echo(f"  tensors   {result.tensors} in {len(result.shards)} shard(s)")
+    else:
+        click.echo(f"  tensors   {result.tensors} in {', '.join(result.shards)}")
     click.echo(f"  bytes     {human(result.bytes_read)} read, {human(result.bytes_written)} written")
     click.echo(f"  time      {result.seconds:.1f} s ({human(rate)}/s written)")
     click.echo(f"  peak mem  {mib(result.peak_rss)}")
@@ -92,7 +97,18 @@ def _print_apply(result, base: str, deltas: list[str], no_verify: bool) -> None:
         verdict = "no manifest from the publisher: compare this digest with theirs"
     else:
         verdict = "not compared"
-    click.echo(f"  digest    {result.model_digest} ({verdict})")
+    print_digests(result, verdict)
+
+
+def print_digests(result, verdict: str) -> None:
+    """hf: one digest. gguf and meta: the tensors as written, then the merge's before conversion,
+    which is what a publisher's digest is of (so that is the one compared)."""
+    if result.merged_digest is None:
+        click.echo(f"  digest    {result.model_digest} ({verdict})")
+        return
+    what = "GGUF tensors" if result.format == "gguf" else "Meta tensors"
+    click.echo(f"  digest    {result.model_digest} ({what} as written)")
+    click.echo(f"  merged    {result.merged_digest} (Hugging Face tensors before conversion: {verdict})")
 
 
 @click.command("make-delta", context_settings={"help_option_names": ["-h", "--help"]})

@@ -200,6 +200,10 @@ def load_expected(manifest_path: Path | str, role: str = "result") -> Role:
     A ``deltamerge.json`` has both roles; a ``deltamerge-result.json`` (what apply writes into
     OUT) has only its ``result``; a ``checksum --output`` file describes one model, whatever the
     role. A folder stands for the ``deltamerge.json`` or ``deltamerge-result.json`` in it.
+
+    A result written as GGUF or in Meta's layout records, beside the tensors as written, the
+    ``merged`` Hugging Face tensors they were converted from: those are what deltamerge reads
+    back from a Meta folder, so they are what a folder is verified against.
     """
     if role not in ROLES:
         raise InputError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
@@ -221,7 +225,7 @@ def load_expected(manifest_path: Path | str, role: str = "result") -> Role:
                 f"{path}: a result record has no base role; verify the base against the "
                 f"delta's {MANIFEST_NAME}"
             )
-        return _role(path, obj["result"], "result")
+        return _role(path, obj.get("merged", obj["result"]), "result")
     raise FormatError(
         f"{path}: not a {MANIFEST_NAME}, {RESULT_RECORD} or `deltamerge checksum --output` file"
     )

@@ -71,7 +71,7 @@ def type_name(tensor: GGUFTensor) -> str:
 
 class GGUFSink(Sink):
     converts = True
-    unit = "group of tensors"
+    unit = "tensor group"
 
     def __init__(self, plan: GGUFPlan, shards: Sequence[ShardLayout]):
         self.plan = plan

@@ -42,7 +42,7 @@ Kept = dict[tuple[int, str], tuple[int, bytes]]  # (shard file, Meta name) -> (C
 
 class MetaSink(Sink):
     converts = True
-    unit = "group of tensors"
+    unit = "tensor group"
 
     def __init__(self, layout: MetaLayout, shards: Sequence[ShardLayout], folder: Path):
         """``folder``: where the files are written (torch names an archive after its path)."""
