@@ -309,7 +309,7 @@ def test_xor_files_delta_from_the_hub_pairs_base_files_by_name(hub, api, tmp_pat
     from test_kinds_xor import _oa_release, oa_encode
 
     base, tuned, delta = _oa_release(tmp_path)
-    oa_encode(tuned, base, delta, compress=False)
+    oa_encode(tuned, base, delta)
     (delta / "README.md").write_text("# oasst xor weights\n")
     local = apply_delta(base, delta, tmp_path / "local")
     push_to_hub(base, "alice/llama-hf", api=api)

@@ -11,8 +11,11 @@ whatever their format. The decoder's exact behaviour, reproduced here:
 * other files the base lacks are skipped (the decoder prints an exception and goes on). Here a
   missing base *weight* file (a shard or an index) is an error instead, since skipping it leaves
   an incomplete model; other skipped files are reported in the result's notes;
-* a delta file named ``X.gz`` is gzip-compressed (the decoder's ``--compress``) and decodes to
-  ``X``, paired with the base's ``X``. Files without the suffix are raw, as in the OA releases.
+* the decoder's ``--compress`` gzips every XORed file under its plain name (only an
+  ``added_tokens.json`` the base lacks stays plain, as copied): a payload whose first bytes are
+  a gzip header (``1f 8b 08``, which no raw XOR of two files of one format starts with) is
+  decompressed as it is read. A file named ``X.gz`` is gzip-compressed too and decodes to ``X``,
+  paired with the base's ``X``. Raw files, as in the OA releases, are XORed as they are.
 
 What is checked, and when:
 
@@ -63,7 +66,7 @@ CHUNK = 16 * 1024 * 1024
 ADDED_TOKENS = "added_tokens.json"
 WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pth", ".pt")
 ZIP_MAGIC = b"PK\x03\x04"
-GZIP_MAGIC = b"\x1f\x8b"
+GZIP_DEFLATE = b"\x1f\x8b\x08"  # gzip's magic and the only compression method it defines
 _EOCD = b"PK\x05\x06"
 _ZIP64_LOCATOR = b"PK\x06\x07"
 _ZIP64_EOCD = b"PK\x06\x06"
@@ -104,13 +107,18 @@ def looks_like_xor_files(folder: Path) -> bool:
         if name.endswith(WEIGHT_SUFFIXES):
             with open(path, "rb") as f:
                 head = f.read(9)
-            if head[:2] == GZIP_MAGIC:
+            if head[:3] == GZIP_DEFLATE:
                 return True
             if name.endswith(".safetensors") and len(head) == 9 and head[8] == 0:
                 return True
             if not name.endswith(".safetensors") and head[:4] == b"\0\0\0\0":
                 return True
     return False
+
+
+def is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(3) == GZIP_DEFLATE
 
 
 def pair_files(base: Path, delta: Path) -> tuple[list[Pair], list[str]]:
@@ -125,7 +133,7 @@ def pair_files(base: Path, delta: Path) -> tuple[list[Pair], list[str]]:
             raise InputError(f"{delta}: both {out_name} and {name}: which one is the delta?")
         base_file = base / out_name
         if base_file.is_file():
-            pairs.append(Pair(delta / name, base_file, out_name, gz))
+            pairs.append(Pair(delta / name, base_file, out_name, gz or is_gzip(delta / name)))
         elif out_name == ADDED_TOKENS:
             pairs.append(Pair(delta / name, None, out_name, gz))
         elif is_weight_name(out_name):
@@ -332,15 +340,6 @@ def _verify(
     return not unlisted
 
 
-def _likely_cause(pair: Pair) -> str:
-    with open(pair.payload, "rb") as f:
-        compressed = f.read(2) == GZIP_MAGIC
-    if compressed and not pair.gz:
-        return (f"{pair.payload.name} looks gzip-compressed (xor_codec.py --compress): name it "
-                f"{pair.payload.name}.gz")
-    return f"the base file {pair.base} is not byte-identical to the publisher's"
-
-
 def files_digest(decoded: list[Decoded]) -> str:
     """sha256 of the decoded files' md5 list (``md5  name`` lines, sorted): one comparable line."""
     listing = "".join(f"{d.md5}  {d.name}\n" for d in sorted(decoded, key=lambda d: d.name))
@@ -384,8 +383,10 @@ def apply_xor_files(
                 raise WorkError(f"{exc.filename or pair.payload}: {exc.strerror or exc}") from None
             problem = format_problem(tmp / pair.name)
             if problem is not None:
-                raise VerificationError(f"{pair.name}: the decoded file is not complete ({problem}): "
-                                        f"{_likely_cause(pair)}")
+                raise VerificationError(
+                    f"{pair.name}: the decoded file is not complete ({problem}): the base file "
+                    f"{pair.base} is not byte-identical to the publisher's"
+                )
         bar.close()
         verified = _verify(decoded, expected, expect_md5, notes) if expected is not None else False
         digest = files_digest(decoded)
