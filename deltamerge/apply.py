@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from . import faults
-from .dtypes import parse_user_dtype, short_name
+from .dtypes import itemsize, parse_user_dtype, short_name
 from .engine import Engine
+from .engine.cascade_sum import TorchRowSum
 from .engine.journal import Journal, fingerprint
 from .engine.plan import TensorJob, layout_shards, rows_per_block
 from .engine.recheck import recheck
@@ -293,17 +294,21 @@ def plan_chain(
 def fill_means(base: Checkpoint, jobs: list[TensorJob], block_bytes: int) -> None:
     """The fp32 mean of the base's rows, for rows a delta adds (Alpaca's resize).
 
-    Accumulated in fp64 block by block: exact for fp16 weights whatever the block size.
+    Alpaca's ``mean(dim=0)`` of the fp32 rows is torch's CPU sum then a division, with the sum's
+    additions in torch's order: :class:`~deltamerge.engine.cascade_sum.TorchRowSum` makes the same
+    additions a block of rows at a time, so the mean is Alpaca's bit for bit.
     """
     for job in jobs:
         if job.base is None or job.out.rows <= job.base_rows or job.base_rows == 0:
             continue
-        total = torch.zeros(job.base.shape[1:], dtype=torch.float64)
-        buf = torch.empty(job.rows_per_block * job.base.row_numel * 8, dtype=torch.uint8)
+        summed = TorchRowSum(job.base_rows, job.base.row_numel)
+        buf = torch.empty(job.rows_per_block * job.base.row_numel * itemsize(job.base.dtype),
+                          dtype=torch.uint8)
         for r0 in range(0, job.base_rows, job.rows_per_block):
             r1 = min(job.base_rows, r0 + job.rows_per_block)
-            total += base.read_rows(job.base.name, r0, r1, buf).to(torch.float64).sum(dim=0)
-        job.mean = (total / job.base_rows).to(torch.float32)
+            rows = base.read_rows(job.base.name, r0, r1, buf)
+            summed.add(rows.reshape(r1 - r0, -1).to(torch.float32))
+        job.mean = summed.mean().reshape(job.base.shape[1:])
 
 
 def _delta_file_hashers(
