@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from . import faults
-from .dtypes import parse_user_dtype, short_name
+from .dtypes import itemsize, parse_user_dtype, short_name
 from .engine import Engine
+from .engine.cascade_sum import TorchRowSum
 from .engine.journal import Journal, fingerprint
 from .engine.plan import TensorJob, layout_shards, rows_per_block
 from .engine.recheck import recheck
@@ -27,11 +28,13 @@ from .errors import (
     WorkError,
 )
 from .formats.files import inside
+from .integrity.checks import checksum
 from .integrity.digest import FileHasher, TensorDigest, file_sha256, model_digest
 from .integrity.manifest import MANIFEST_NAME, Manifest, Role, find_manifest
 from .kinds import ApplyOptions, Kind, is_non_weight
 from .kinds.add import VOCAB_TENSORS
-from .kinds.detect import detect_kind, open_kind
+from .kinds.detect import WHOLE_FILE_KINDS, detect_kind, open_kind
+from .kinds.enc import OPENBUDDY_KEY_MD5, apply_enc
 from .kinds.lora import QLORA_MODES
 from .kinds.xor_files import apply_xor_files
 from .memory import peak_rss_bytes
@@ -71,6 +74,7 @@ def apply_delta(
     extra_files: dict[str, Path | bytes] | None = None,
     hub: dict | None = None,
     expect_md5: PathLike | None = None,
+    key_md5: str | None = None,
     resume: bool = False,
     qlora: str | None = None,
     qlora_dtype: str | torch.dtype | None = None,
@@ -86,6 +90,10 @@ def apply_delta(
     keeps its partial folder beside ``out``; ``resume=True`` finishes it, re-checking the shards
     recorded as finished (read back and hashed) and redoing the others. One run at a time
     writes to ``out``: a second is refused while the first holds its lock.
+
+    Deltas of whole files (``xor-files``, OpenBuddy's ``enc``) are decoded alone: ``expect_md5``
+    is the release's md5 list for xor-files, ``key_md5`` the md5 an enc delta's key must have
+    (OpenBuddy's by default; tests make keys of their own).
     """
     deltas = [delta] if isinstance(delta, (str, Path)) else list(delta)
     out = Path(out).expanduser()
@@ -107,7 +115,8 @@ def apply_delta(
             base, deltas, out, kind=kind, out_dtype=out_dtype, new_rows=new_rows,
             shard_bytes=shard_bytes, block_size=block_size, force=force, verify=verify,
             workers=workers or 1, progress=progress, extra_files=extra_files, hub=hub,
-            expect_md5=expect_md5, resume=resume, qlora=qlora, quant_dtype=quant_dtype,
+            expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
+            quant_dtype=quant_dtype,
         )
 
 
@@ -116,7 +125,7 @@ def _apply_locked(
     out_dtype: torch.dtype | None, new_rows: str, shard_bytes: int, block_size: int,
     force: bool, verify: bool, workers: int, progress: bool | Callable[[int, int], None],
     extra_files: dict[str, Path | bytes] | None, hub: dict | None,
-    expect_md5: PathLike | None, resume: bool, qlora: str | None,
+    expect_md5: PathLike | None, key_md5: str | None, resume: bool, qlora: str | None,
     quant_dtype: torch.dtype | None,
 ) -> ApplyResult:
     """The run itself, under OUT's lock: nothing of OUT or its partial folder is touched before."""
@@ -124,15 +133,20 @@ def _apply_locked(
     hub = preflight(base, deltas, kind=kind, **(hub or {}))
     base_in = resolve_input(base, "base", **hub)
     delta_ins = [resolve_input(d, "delta", **hub) for d in deltas]
-    if kind == "xor-files" or (kind is None and any(
-        detect_kind(d.path, None) == "xor-files" for d in delta_ins
-    )):
+    if kind is None:
+        detected = [detect_kind(d.path, None) for d in delta_ins]
+        whole = next((k for k in detected if k in WHOLE_FILE_KINDS), None)
+    else:
+        whole = kind if kind in WHOLE_FILE_KINDS else None
+    if whole is not None:
         if qlora is not None:
-            raise InputError("--qlora merges LoRA adapters: it does not apply to xor-files deltas")
-        return _apply_xor_files(base_in, delta_ins, out, out_dtype, force, verify, expect_md5,
-                                progress)
+            raise InputError(f"--qlora merges LoRA adapters: it does not apply to {whole} deltas")
+        return _apply_whole_files(whole, base_in, delta_ins, out, out_dtype, force, verify,
+                                  expect_md5, key_md5, progress)
     if expect_md5 is not None:
         raise InputError("--expect-md5 checks whole decoded files: it applies to xor-files deltas")
+    if key_md5 is not None:
+        raise InputError("--key-md5 is the md5 of an OpenBuddy key: it applies to enc deltas")
 
     base_ckpt = open_checkpoint(base_in.path)
     opened: list[Kind] = []
@@ -241,19 +255,38 @@ def _open_partial(out: Path, fp: str, resume: bool) -> tuple[Path, Journal]:
     return tmp, Journal.start(tmp, fp)
 
 
-def _apply_xor_files(
-    base: Resolved, deltas: list[Resolved], out: Path, out_dtype: torch.dtype | None,
-    force: bool, verify: bool, expect_md5: PathLike | None, progress,
+def _apply_whole_files(
+    kind: str, base: Resolved, deltas: list[Resolved], out: Path,
+    out_dtype: torch.dtype | None, force: bool, verify: bool, expect_md5: PathLike | None,
+    key_md5: str | None, progress,
 ) -> ApplyResult:
-    """Whole-file XOR deltas (OpenAssistant) are decoded alone, byte for byte, in kinds/xor_files."""
+    """Whole-file XOR deltas (OpenAssistant's, OpenBuddy's) are decoded alone, byte for byte."""
     if len(deltas) != 1:
-        raise InputError(f"{deltas[0].given}: a xor-files delta is decoded alone, not in a chain")
+        raise InputError(f"{deltas[0].given}: a {kind} delta is decoded alone, not in a chain")
     if out_dtype is not None:
-        raise InputError("--dtype does not apply to xor-files deltas: the files are decoded as is")
+        raise InputError(f"--dtype does not apply to {kind} deltas: the files are decoded as is")
+    if kind == "enc":
+        if expect_md5 is not None:
+            raise InputError(
+                "--expect-md5 checks whole decoded files: it applies to xor-files deltas"
+            )
+        return apply_enc(
+            base.path, deltas[0].path, out, force=force, progress=progress,
+            key_md5=key_md5 or OPENBUDDY_KEY_MD5,
+            model_digest=lambda folder: _tensor_digests(folder, progress),
+        )
+    if key_md5 is not None:
+        raise InputError("--key-md5 is the md5 of an OpenBuddy key: it applies to enc deltas")
     md5_list = Path(expect_md5).expanduser() if expect_md5 is not None and verify else None
     return apply_xor_files(
         base.path, deltas[0].path, out, force=force, expect_md5=md5_list, progress=progress
     )
+
+
+def _tensor_digests(folder: Path, progress) -> tuple[str, dict]:
+    """The model digest of a decoded folder, and its tensors' digests as a result record has them."""
+    summed = checksum(folder, progress=progress)
+    return summed.model_digest, Role.of(summed.tensors).to_json()
 
 
 def plan_chain(
@@ -293,17 +326,21 @@ def plan_chain(
 def fill_means(base: Checkpoint, jobs: list[TensorJob], block_bytes: int) -> None:
     """The fp32 mean of the base's rows, for rows a delta adds (Alpaca's resize).
 
-    Accumulated in fp64 block by block: exact for fp16 weights whatever the block size.
+    Alpaca's ``mean(dim=0)`` of the fp32 rows is torch's CPU sum then a division, with the sum's
+    additions in torch's order: :class:`~deltamerge.engine.cascade_sum.TorchRowSum` makes the same
+    additions a block of rows at a time, so the mean is Alpaca's bit for bit.
     """
     for job in jobs:
         if job.base is None or job.out.rows <= job.base_rows or job.base_rows == 0:
             continue
-        total = torch.zeros(job.base.shape[1:], dtype=torch.float64)
-        buf = torch.empty(job.rows_per_block * job.base.row_numel * 8, dtype=torch.uint8)
+        summed = TorchRowSum(job.base_rows, job.base.row_numel)
+        buf = torch.empty(job.rows_per_block * job.base.row_numel * itemsize(job.base.dtype),
+                          dtype=torch.uint8)
         for r0 in range(0, job.base_rows, job.rows_per_block):
             r1 = min(job.base_rows, r0 + job.rows_per_block)
-            total += base.read_rows(job.base.name, r0, r1, buf).to(torch.float64).sum(dim=0)
-        job.mean = (total / job.base_rows).to(torch.float32)
+            rows = base.read_rows(job.base.name, r0, r1, buf)
+            summed.add(rows.reshape(r1 - r0, -1).to(torch.float32))
+        job.mean = summed.mean().reshape(job.base.shape[1:])
 
 
 def _delta_file_hashers(

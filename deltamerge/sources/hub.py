@@ -163,7 +163,7 @@ class RemoteRepo:
     ):
         self.api, self.repo_id, self.revision, self.commit = api, repo_id, revision, commit
         self.files, self.offline = files, offline
-        self.xored = False  # set for an xor-files delta: every top-level file is needed
+        self.xored = False  # set for a whole-file delta (xor-files, enc): every top-level file is needed
         self.chosen: list[str] | None = None  # weight files picked by the caller instead
         self.storage = cache_storage(repo_id)
         self.folder = self.storage / "snapshots" / commit
@@ -185,7 +185,7 @@ class RemoteRepo:
 
         An OpenAssistant xor-files delta XORs every file, its index and config included, so
         for one (``--kind xor-files``, ``.gz`` payloads, or an index that is not JSON) every
-        top-level file is taken.
+        top-level file is taken; so for OpenBuddy's ``.enc`` files.
         """
         if self.chosen is not None:
             return self.chosen
@@ -206,9 +206,15 @@ class RemoteRepo:
                 raise FormatError(f"{self.label}: {index} names {shard}, which the repo lacks")
         return shards
 
+    def is_encrypted(self) -> bool:
+        """Whether this is OpenBuddy's enc delta: ``.enc`` files, XORed with a key, not a base."""
+        return any(n.endswith(".enc") and "/" not in n for n in self.files)
+
     def is_xored(self) -> bool:
-        """Whether this is an xor-files delta (decided once its small files are fetched)."""
-        if not self.xored and any(n.endswith(".gz") and "/" not in n for n in self.files):
+        """Whether this is a whole-file delta (decided once its small files are fetched)."""
+        if not self.xored and (self.is_encrypted() or any(
+            n.endswith(".gz") and "/" not in n for n in self.files
+        )):
             self.xored = True
         index, _ = self._weights_plan()
         if not self.xored and index is not None and (self.folder / index).is_file():
