@@ -40,6 +40,7 @@ from ..sources.folders import aux_files
 from ..tensor_spec import TensorSpec
 from . import ApplyOptions, Kind, RowInput, Scratch, Step, nf4
 from .add import VOCAB_TENSORS
+from .patterns import check_patterns, match_patterns
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -103,19 +104,12 @@ def read_adapter_config(folder: Path) -> dict:
             isinstance(k, str) and _is_number(v) for k, v in pattern.items()
         ):
             raise FormatError(f"{path}: {key!r} must map module patterns to numbers")
+        check_patterns(path, key, pattern)
     return config
 
 
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
-
-
-def pattern_value(patterns: dict, module: str, default: float) -> float:
-    """peft's ``get_pattern_key``: the first key ``k`` such that ``(.*\\.)?(k)$`` matches."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def _load_whole(ckpt: Checkpoint, name: str) -> torch.Tensor:
@@ -345,7 +339,9 @@ class LoraKind(Kind):
                 raise FormatError(f"{self.weights}: module {name!r} has only one of lora_A/lora_B")
         return whole, modules
 
-    def _factors(self, module: str, mod: _Module, spec: TensorSpec) -> Factors:
+    def _factors(
+        self, module: str, mod: _Module, spec: TensorSpec, patterns: dict[str, dict[str, float]]
+    ) -> Factors:
         a, b = self.checkpoint.specs[mod.a], self.checkpoint.specs[mod.b]
         transposed = mod.embedding or bool(self.config.get("fan_in_fan_out"))
         if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
@@ -360,14 +356,13 @@ class LoraKind(Kind):
                 f"tensor {spec.name!r} is {list(spec.shape)}"
             )
         r = a.shape[0]
-        declared = pattern_value(self.config.get("rank_pattern") or {}, module, self.config["r"])
+        declared = patterns["rank_pattern"].get(module, self.config["r"])
         if declared != r:
             raise MismatchError(
                 f"{self.weights}: module {module!r} has rank {r} but {ADAPTER_CONFIG} says "
                 f"{declared}: peft would refuse to load it"
             )
-        alpha = pattern_value(self.config.get("alpha_pattern") or {}, module,
-                              self.config["lora_alpha"])
+        alpha = patterns["alpha_pattern"].get(module, self.config["lora_alpha"])
         scale = alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
         return Factors(self.source, mod.a, mod.b, scale, transposed, spec.rows,
                        spec.dtype if mod.embedding else None)
@@ -388,13 +383,16 @@ class LoraKind(Kind):
                 )
             after[name] = TensorSpec(name, cur.dtype, new.shape)
         factors: dict[str, Factors] = {}
+        patterns = match_patterns(self.folder / ADAPTER_CONFIG, {
+            key: self.config.get(key) or {} for key in ("rank_pattern", "alpha_pattern")
+        }, list(modules))
         for module, mod in modules.items():
             name = f"{module}.weight"
             if name not in after:
                 raise MismatchError(
                     f"{self.weights}: LoRA module {module!r} has no tensor {name!r} in the base"
                 )
-            factors[name] = self._factors(module, mod, after[name])
+            factors[name] = self._factors(module, mod, after[name], patterns)
         self._check_vocab(specs, after)
         quantized = self._quantized(modules, whole, after, options)
         steps = {

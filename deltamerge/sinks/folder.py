@@ -24,7 +24,9 @@ def check_out(out: Path, force: bool) -> None:
         raise OutputExistsError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise OutputExistsError(f"{out}: exists and is not empty (use --force to replace it)")
-    if not out.parent.exists():
+    if not out.parent.is_dir():
+        if out.parent.exists():
+            raise InputError(f"{out.parent}: a file, not a folder: {out.name} cannot go in it")
         raise InputError(f"{out.parent}: no such folder to write {out.name} into")
 
 

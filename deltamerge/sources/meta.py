@@ -28,7 +28,7 @@ from ..formats.files import inside, read_json_object
 from ..memory import drop_file_range, drop_mapped_range
 from ..tensor_spec import TensorSpec
 from .checkpoint import Checkpoint, register, view_rows
-from .folders import Layout
+from .folders import Layout, own_file
 from .torch_bin import load_torch_file
 
 PARAMS = "params.json"
@@ -283,7 +283,8 @@ class MetaCheckpoint(Checkpoint):
         tokenizer = self.path / TOKENIZER
         if not tokenizer.is_file() and (self.path.parent / TOKENIZER).is_file():
             tokenizer = self.path.parent / TOKENIZER
-        self.tokenizer: Path | None = tokenizer if tokenizer.is_file() else None
+        # Copied into the result: it must be its folder's own file, not a symlink leading out.
+        self.tokenizer = own_file(tokenizer.parent, tokenizer) if tokenizer.is_file() else None
         if verify_checklist:
             self.verify_checklist()
         params_path = self.path / PARAMS

@@ -6,6 +6,7 @@ are torch files too.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import warnings
@@ -22,6 +23,12 @@ from ..tensor_spec import TensorSpec
 from .checkpoint import Checkpoint, register, view_rows
 from .folders import Layout, aux_files, read_weight_map
 
+# Element sizes of the storage classes a torch pickle names (UntypedStorage counts bytes).
+_STORAGE_ITEMSIZE = {
+    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+    "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
+    "BoolStorage": 1, "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "UntypedStorage": 1,
+}
 # A legacy (pre-zip) torch file starts with this pickled magic number; any other pickle is not one.
 LEGACY_TORCH_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
 _PICKLE_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
@@ -64,7 +71,95 @@ def load_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         raise FormatError(
             f"{path}: not a readable torch archive (truncated or corrupt?): {msg}"
         ) from None
-    return _check_state(path, obj), is_zip
+    state = _check_state(path, obj)
+    if is_zip:
+        _check_records(path)
+    return state, is_zip
+
+
+class _Placeholder:
+    """What the storage scan builds in place of every object a torch pickle names."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> _Placeholder:
+        return object.__new__(cls)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+    def append(self, value: object) -> None:
+        pass
+
+    def extend(self, values: object) -> None:
+        pass
+
+    def add(self, value: object) -> None:
+        pass
+
+
+class _StorageScan(pickle.Unpickler):
+    """The storages a torch pickle refers to (record key, storage class, element count).
+
+    Nothing is imported and nothing called: every name the pickle gives becomes a placeholder
+    class. It runs after ``torch.load(weights_only=True)`` accepted the same pickle.
+    """
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.storages: dict[str, tuple[str, int]] = {}
+
+    def find_class(self, module: str, name: str) -> type:
+        return type(f"{module}.{name}", (_Placeholder,), {})
+
+    def persistent_load(self, pid: object) -> object:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            _, kind, key, _, numel = pid
+            self.storages[str(key)] = (getattr(kind, "__name__", ""), numel)
+        return _Placeholder()
+
+
+def _check_records(path: Path) -> None:
+    """Every storage must lie in its own stored (uncompressed) record, whole.
+
+    ``torch.load(mmap=True)`` takes a storage's bytes from the record's offset in the file for as
+    many bytes as the pickle declares: from a short record it reads on into the next members,
+    from a compressed one it reads the compressed bytes, silently. Such tensors have no true
+    bytes to read, so they are refused here, when the file is opened.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = {info.filename: info for info in archive.infolist()}
+            pickles = [n for n in records if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pickles) != 1:
+                raise FormatError(f"{path}: not a torch archive: no single data.pkl")
+            prefix = pickles[0].removesuffix("data.pkl")
+            scan = _StorageScan(archive.read(pickles[0]))
+            scan.load()
+    except FormatError:
+        raise
+    except Exception as exc:  # the pickle torch just accepted: a failure here is a corrupt file
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise FormatError(f"{path}: not a readable torch archive (truncated or corrupt?): {msg}") from None
+    for key, (kind, numel) in scan.storages.items():
+        info = records.get(f"{prefix}data/{key}")
+        if info is None:
+            raise FormatError(f"{path}: storage record data/{key} is missing")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise FormatError(
+                f"{path}: storage record data/{key} is compressed: torch reads records in place, "
+                "so its tensors would be read as compressed bytes (re-save it with torch.save)"
+            )
+        needed = numel * _STORAGE_ITEMSIZE.get(kind.rsplit(".", 1)[-1], 1) if isinstance(numel, int) else -1
+        if needed < 0 or info.file_size < needed:
+            raise FormatError(
+                f"{path}: storage record data/{key} holds {info.file_size} bytes but the pickle "
+                f"declares {needed}: the archive is truncated or corrupt"
+            )
 
 
 def _has_central_directory(path: Path) -> bool:
@@ -106,6 +201,13 @@ def _check_state(path: Path, obj: object) -> dict[str, torch.Tensor]:
             )
         if value.dtype not in TORCH_TO_SAFETENSORS:
             raise UnsupportedError(f"{path}: tensor {name!r} has dtype {value.dtype}: not supported")
+        if value.device.type != "cpu":
+            # A "meta" tensor has a shape and no storage: torch saves one from a model that was
+            # never materialized, and its bytes exist nowhere, so no run could ever read them.
+            raise FormatError(
+                f"{path}: tensor {name!r} has no data (device {value.device.type!r}): the file was "
+                "saved from a model whose weights were never loaded; save it again from a loaded one"
+            )
     return obj
 
 
