@@ -79,6 +79,12 @@ def check_roles(folders: list[Path], givens: list[str], kind: str | None) -> Non
     ``folders`` are the base's and each delta's (for Hub repos, the snapshot holding their small
     files so far), ``givens`` what the user typed for them.
     """
+    for folder, given in zip(folders[1:], givens[1:]):
+        if folder.exists() and folders[0].exists() and folder.resolve() == folders[0].resolve():
+            raise InputError(
+                f"{given}: is BASE itself, given again as a DELTA: a model applied to itself "
+                "is no rebuild; give the delta's folder"
+            )
     if len(folders) > 1 and (folders[0] / MANIFEST_NAME).is_file():
         raise InputError(
             f"{givens[0]}: BASE holds a {MANIFEST_NAME}: it looks like a delta; did you swap BASE "

@@ -335,24 +335,44 @@ def rezip(src: Path, dst: Path, change, compression: int = zipfile.ZIP_STORED) -
             w.writestr(info.filename, change(info.filename, z.read(info.filename)))
 
 
-@pytest.mark.parametrize("how,words", [
-    ("short", "holds 40 bytes but the pickle declares"),
-    ("compressed", "is compressed"),
-])
-def test_bin_storage_record_whose_bytes_are_not_the_tensor_s(tmp_path, world, how, words):
-    """attack: a .bin whose storage record is cut short (torch's mapped load then reads on into
-    the next members) or deflate-compressed (it then reads the compressed bytes), both loaded by
-    torch without a word -> outcome: exit 2 at open naming the record, nothing written."""
-    state = llama_state(1)
-    delta = bin_delta(tmp_path / "delta", state)
+def test_bin_storage_record_cut_short(tmp_path, world):
+    """attack: a .bin whose first storage record is cut to 40 bytes, the archive rebuilt around
+    it (torch's mapped load then reads on into the next members without a word) -> outcome:
+    exit 2 at open naming the record, nothing written."""
+    delta = bin_delta(tmp_path / "delta", llama_state(1))
     good = tmp_path / "good.bin"
     (delta / "pytorch_model.bin").rename(good)
-    rezip(good, delta / "pytorch_model.bin",
-          (lambda n, d: d[:40] if n.endswith("/data/0") else d) if how == "short" else (lambda n, d: d),
-          zipfile.ZIP_STORED if how == "short" else zipfile.ZIP_DEFLATED)
+    rezip(good, delta / "pytorch_model.bin", lambda n, d: d[:40] if n.endswith("/data/0") else d)
     out = tmp_path / "out"
     proc = cli("apply", world["base"], delta, out, "-q")
-    one_line(proc, 2, "pytorch_model.bin", "data/0", words)
+    one_line(proc, 2, "pytorch_model.bin", "data/0", "holds 40 bytes but the pickle declares")
+    nothing_written(out)
+
+
+def test_bin_with_compressed_members(tmp_path, world):
+    """attack: the same archive deflate-compressed (torch's mapped load would read compressed
+    bytes as the tensor's) -> outcome: exit 2 at open naming a compressed member."""
+    delta = bin_delta(tmp_path / "delta", llama_state(1))
+    good = tmp_path / "good.bin"
+    (delta / "pytorch_model.bin").rename(good)
+    rezip(good, delta / "pytorch_model.bin", lambda n, d: d, zipfile.ZIP_DEFLATED)
+    out = tmp_path / "out"
+    one_line(cli("apply", world["base"], delta, out, "-q"), 2, "pytorch_model.bin", "is compressed")
+    nothing_written(out)
+
+
+def test_bin_zip_bomb_pickle(tmp_path, world):
+    """attack: a 200 KB .bin whose data.pkl inflates to 256 MB of zeros (torch reads the pickle
+    whole: a few MB of file can cost gigabytes) -> outcome: refused from the zip directory,
+    before torch reads a byte of it, exit 2."""
+    delta = bin_delta(tmp_path / "delta", llama_state(1))
+    with zipfile.ZipFile(delta / "pytorch_model.bin", "w", zipfile.ZIP_DEFLATED) as w:
+        with w.open("archive/data.pkl", "w", force_zip64=True) as f:
+            for _ in range(16):
+                f.write(bytes(1 << 24))
+    assert (delta / "pytorch_model.bin").stat().st_size < 1 << 20
+    out = tmp_path / "out"
+    one_line(cli("apply", world["base"], delta, out, "-q"), 2, "archive/data.pkl", "is compressed")
     nothing_written(out)
 
 
@@ -535,3 +555,104 @@ def test_resume_after_an_input_file_changed(tmp_path, world):
     os.utime(delta / "model.safetensors", ns=(1, 1))
     proc = cli(*args, "--resume")
     one_line(proc, 2, f"input file {delta / 'model.safetensors'} changed")
+
+
+# --- further attacks, not handled before ---------------------------------------------------------
+
+
+def test_tensor_names_holding_terminal_escape_sequences(tmp_path, world):
+    """attack: a checkpoint whose tensor name holds ESC ] 0 ; ... BEL and ESC [ 2 J (retitle and
+    clear the terminal of whoever inspects or diffs it) -> outcome: printed escaped (\\x1b),
+    never raw, by inspect and diff."""
+    state = llama_state(0)
+    state["model.\x1b]0;owned\x07\x1b[2Jx"] = torch.zeros(2, dtype=torch.float16)
+    folder = save_checkpoint(state, tmp_path / "escapes")
+    shown = cli("inspect", folder, "--no-digest", "-q")
+    assert shown.returncode == 0, shown.stderr
+    differ = cli("diff", folder, world["base"], "-q")
+    assert differ.returncode == 1, differ.stderr
+    for proc in (shown, differ):
+        assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout
+        assert "model.\\x1b]0;owned\\x07\\x1b[2Jx" in proc.stdout
+
+
+def test_error_message_naming_a_path_with_a_newline(tmp_path, world):
+    """attack: a path holding a newline (and an escape) in an error message, which was cut at
+    the newline (the rest, and the advice, lost) -> outcome: one whole line, escaped."""
+    proc = cli("apply", world["base"], tmp_path / "del\nta\x1b[2J", tmp_path / "out")
+    line = one_line(proc, 2, "del\\nta\\x1b[2J: no such folder (delta)")
+    assert "\x1b" not in line
+
+
+def test_out_where_nothing_can_be_written(tmp_path, world):
+    """attack: OUT on a read-only file system (or, not as root, in a folder without write
+    permission) -> outcome: exit 2 before any work, saying why (was: exit 1 after planning;
+    for Hub inputs, after the downloads)."""
+    target = tmp_path / "locked"
+    target.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(target)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a read-only tmpfs here")
+        why = "read-only file system"
+    else:
+        target.chmod(0o555)
+        why = "permission denied"
+    try:
+        one_line(cli("apply", world["base"], world["delta"], target / "out", "-q"), 2,
+                 "cannot write out there", why)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(target)], check=False)
+        else:
+            target.chmod(0o755)
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_out_named_dot_or_dot_dot(tmp_path, world, monkeypatch, name):
+    """attack: OUT given as . (or ..) with --force: the whole merge ran, then renaming the
+    current folder failed ("Device or resource busy", exit 1) -> outcome: exit 2 up front."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "precious").write_text("kept")
+    monkeypatch.chdir(work)
+    one_line(cli("apply", world["base"], world["delta"], name, "--force", "-q"), 2,
+             "OUT must name the folder to create")
+    assert (work / "precious").read_text() == "kept"
+
+
+def test_base_given_again_as_the_delta(tmp_path, world):
+    """attack: `apply base base out` (or the same folder spelled ./base/../base): the base
+    "applied" to itself, every weight doubled, exit 0 -> outcome: exit 2, nothing written."""
+    spelled = world["base"] / ".." / world["base"].name
+    out = tmp_path / "out"
+    one_line(cli("apply", world["base"], spelled, out, "-q"), 2, "is BASE itself")
+    nothing_written(out)
+
+
+def test_revision_that_climbs_out_of_the_hub_cache(tmp_path, world):
+    """attack: a revision `owner/name@../../../../x`, which offline names the file the cache's
+    refs/ lookup reads (its content then taken as a snapshot folder) -> outcome: exit 2, not a
+    valid revision, no file read."""
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = run_cli("apply", world["base"], "owner/name@../../../../x", tmp_path / "out", env=env)
+    one_line(proc, 2, "not a valid revision")
+
+
+def test_cache_ref_naming_a_path_instead_of_a_commit(tmp_path, world):
+    """attack: offline, the cache's refs/main holds "../../../elsewhere", not a commit (the
+    snapshot folder would then be a folder outside the cache) -> outcome: exit 2, one line."""
+    refs = tmp_path / "hf" / "hub" / "models--owner--name" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("../../../elsewhere")
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = run_cli("apply", world["base"], "owner/name", tmp_path / "out", env=env)
+    one_line(proc, 2, "not a commit")
+
+
+def test_invalid_repo_id_offline(tmp_path, world):
+    """attack: a repo id huggingface_hub rejects (`owner/..`), offline -> outcome: its one-line
+    validation message, exit 2 (was: a raw HFValidationError traceback, exit 1)."""
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    one_line(run_cli("apply", world["base"], "owner/..", tmp_path / "out", env=env), 2,
+             "owner/..", "Repo id must")

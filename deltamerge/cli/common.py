@@ -25,10 +25,25 @@ DEBUG = {"on": False}
 BROKEN_PIPE_STATUS = 128 + int(signal.SIGPIPE)
 
 
+def printable(text: str) -> str:
+    """``text`` with control and format characters escaped (``\\x1b``, ``\\n``, ``\\u202e``).
+
+    Tensor and file names come from strangers' files: printed raw, an escape sequence in one
+    would drive the user's terminal (retitle it, clear it, or write the clipboard), and a
+    newline in a path would cut an error message in two.
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def say(text: str) -> None:
+    """One line of a command's report, printable whatever names it holds."""
+    click.echo(printable(text))
+
+
 def _fail(message: str, code: int) -> None:
     if DEBUG["on"]:
         traceback.print_exc()
-    click.echo(f"deltamerge: error: {message}", err=True)
+    click.echo(f"deltamerge: error: {printable(message)}", err=True)
     sys.exit(code)
 
 
@@ -58,7 +73,7 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except DeltaMergeError as exc:
-            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
+            _fail(str(exc) or type(exc).__name__, exc.exit_code)
         except KeyboardInterrupt as exc:
             _fail("interrupted; nothing was written to OUT", signal_status(exc))
         except OSError as exc:

@@ -29,6 +29,8 @@ _STORAGE_ITEMSIZE = {
     "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
     "BoolStorage": 1, "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "UntypedStorage": 1,
 }
+# A checkpoint's pickle lists its tensors (about 150 bytes each); torch reads it whole.
+MAX_PICKLE_BYTES = 100_000_000
 # A legacy (pre-zip) torch file starts with this pickled magic number; any other pickle is not one.
 LEGACY_TORCH_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
 _PICKLE_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
@@ -57,6 +59,7 @@ def load_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         raise FormatError(
             f"{path}: not a PyTorch checkpoint (neither a torch zip archive nor a torch pickle)"
         )
+    pickle_name = _check_archive(path) if is_zip else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -72,9 +75,38 @@ def load_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
             f"{path}: not a readable torch archive (truncated or corrupt?): {msg}"
         ) from None
     state = _check_state(path, obj)
-    if is_zip:
-        _check_records(path)
+    if pickle_name is not None:
+        _check_records(path, pickle_name)
     return state, is_zip
+
+
+def _check_archive(path: Path) -> str:
+    """Before torch reads it: every member stored as torch.save stores it, the pickle bounded.
+
+    torch reads ``data.pkl`` whole into memory, so a few MB of deflated zeros would cost
+    gigabytes (a zip bomb); and ``mmap`` reads storage records in place, which is only right
+    for uncompressed ones. torch.save compresses nothing. Returns the pickle's member name.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise FormatError(f"{path}: not a readable torch archive (truncated or corrupt?): {exc}") from None
+    for info in members:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise FormatError(
+                f"{path}: member {info.filename} is compressed: torch.save stores its members "
+                "as they are and torch reads storage records in place (re-save it with torch.save)"
+            )
+    pickles = [i for i in members if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
+    if len(pickles) != 1:
+        raise FormatError(f"{path}: not a torch archive: no single data.pkl")
+    if pickles[0].file_size > MAX_PICKLE_BYTES:
+        raise FormatError(
+            f"{path}: its pickle is {pickles[0].file_size} bytes: too large for the tensor list "
+            "of a checkpoint"
+        )
+    return pickles[0].filename
 
 
 class _Placeholder:
@@ -123,39 +155,29 @@ class _StorageScan(pickle.Unpickler):
         return _Placeholder()
 
 
-def _check_records(path: Path) -> None:
-    """Every storage must lie in its own stored (uncompressed) record, whole.
+def _check_records(path: Path, pickle_name: str) -> None:
+    """Every storage the pickle declares must lie whole in its own record.
 
-    ``torch.load(mmap=True)`` takes a storage's bytes from the record's offset in the file for as
-    many bytes as the pickle declares: from a short record it reads on into the next members,
-    from a compressed one it reads the compressed bytes, silently. Such tensors have no true
-    bytes to read, so they are refused here, when the file is opened.
+    ``torch.load(mmap=True)`` takes a storage's bytes from its record's offset for as many bytes
+    as the pickle declares: from a short record it reads on into the next members, silently.
+    Such tensors have no true bytes to read, so they are refused here, when the file is opened.
     """
     try:
         with zipfile.ZipFile(path) as archive:
             records = {info.filename: info for info in archive.infolist()}
-            pickles = [n for n in records if n.endswith("/data.pkl") and n.count("/") == 1]
-            if len(pickles) != 1:
-                raise FormatError(f"{path}: not a torch archive: no single data.pkl")
-            prefix = pickles[0].removesuffix("data.pkl")
-            scan = _StorageScan(archive.read(pickles[0]))
+            scan = _StorageScan(archive.read(pickle_name))
             scan.load()
-    except FormatError:
-        raise
     except Exception as exc:  # the pickle torch just accepted: a failure here is a corrupt file
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise FormatError(f"{path}: not a readable torch archive (truncated or corrupt?): {msg}") from None
+    prefix = pickle_name.removesuffix("data.pkl")
     for key, (kind, numel) in scan.storages.items():
         info = records.get(f"{prefix}data/{key}")
         if info is None:
             raise FormatError(f"{path}: storage record data/{key} is missing")
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise FormatError(
-                f"{path}: storage record data/{key} is compressed: torch reads records in place, "
-                "so its tensors would be read as compressed bytes (re-save it with torch.save)"
-            )
-        needed = numel * _STORAGE_ITEMSIZE.get(kind.rsplit(".", 1)[-1], 1) if isinstance(numel, int) else -1
-        if needed < 0 or info.file_size < needed:
+        itemsize = _STORAGE_ITEMSIZE.get(kind.rsplit(".", 1)[-1], 1)
+        needed = numel * itemsize if isinstance(numel, int) and numel >= 0 else None
+        if needed is None or info.file_size < needed:
             raise FormatError(
                 f"{path}: storage record data/{key} holds {info.file_size} bytes but the pickle "
                 f"declares {needed}: the archive is truncated or corrupt"
