@@ -108,7 +108,7 @@ def apply_delta(
     quant_dtype = parse_user_dtype(qlora_dtype)
     shard_bytes = parse_size(max_shard_size)
     inputs = [(base, "base"), *((d, "delta") for d in deltas)]
-    _need_folders(inputs)
+    _need_folders(inputs[1:])
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in inputs])
     check_out(out, force)
     with hold(out):
@@ -140,6 +140,8 @@ def _apply_locked(
         whole = next((k for k in detected if k in WHOLE_FILE_KINDS), None)
     else:
         whole = kind if kind in WHOLE_FILE_KINDS else None
+    if whole != "enc":  # OpenBuddy's key is a file: BASE may be Meta's consolidated.00.pth
+        _need_folders([(base, "base")])
     if whole is not None:
         if qlora is not None:
             raise InputError(f"--qlora merges LoRA adapters: it does not apply to {whole} deltas")
@@ -244,7 +246,8 @@ def _apply_locked(
 
 
 def _need_folders(inputs: list[tuple[PathLike, str]]) -> None:
-    """BASE and DELTA are folders: a weight file given instead has no config, manifest or index."""
+    """BASE and DELTA are folders (but an enc delta's key file): a weight file given instead has
+    no config, manifest or index."""
     for given, role in inputs:
         path = Path(str(given)).expanduser()
         if path.exists() and not path.is_dir():

@@ -650,9 +650,10 @@ def test_cache_ref_naming_a_path_instead_of_a_commit(tmp_path, world):
     one_line(proc, 2, "not a commit")
 
 
-def test_invalid_repo_id_offline(tmp_path, world):
-    """attack: a repo id huggingface_hub rejects (`owner/..`), offline -> outcome: its one-line
-    validation message, exit 2 (was: a raw HFValidationError traceback, exit 1)."""
+def test_invalid_repo_id(tmp_path, world):
+    """attack: a repo id huggingface_hub rejects (`owner/..`), here offline -> outcome: its
+    one-line validation message, exit 2 (was: a raw HFValidationError traceback, exit 1, from
+    the overlap check's cache path, online or not)."""
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     one_line(run_cli("apply", world["base"], "owner/..", tmp_path / "out", env=env), 2,
              "owner/..", "Repo id must")

@@ -143,7 +143,8 @@ def cache_storage(text: str) -> Path:
     from huggingface_hub.file_download import repo_folder_name
 
     repo_id = parse_repo_id(text)[0]
-    return Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    with hub_errors(text, str(hf_constants.ENDPOINT)):  # the id is validated: one line if wrong
+        return Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
 def parse_repo_id(text: str) -> tuple[str, str | None]:
