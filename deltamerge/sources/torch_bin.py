@@ -90,8 +90,9 @@ def _check_archive(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise FormatError(f"{path}: not a readable torch archive (truncated or corrupt?): {exc}") from None
+    except Exception as exc:  # zipfile raises many types on a damaged directory
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise FormatError(f"{path}: not a readable torch archive (truncated or corrupt?): {msg}") from None
     for info in members:
         if info.compress_type != zipfile.ZIP_STORED:
             raise FormatError(
