@@ -34,7 +34,7 @@ from .sinks.folder import check_free_space, check_out, discard, partial_dir, pub
 from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
-from .sources.folders import AUX_FILES
+from .sources.folders import is_aux_file
 from .sources.inputs import Resolved
 from .sources.resolve import resolve_input
 from .tensor_spec import TensorSpec
@@ -61,13 +61,17 @@ def apply_delta(
     hub: dict | None = None,
     expect_md5: PathLike | None = None,
     resume: bool = False,
+    lora_r: int | None = None,
+    lora_alpha: float | None = None,
+    lora_prefix: str | None = None,
 ) -> ApplyResult:
     """Rebuild ``base`` + ``delta`` (or a chain of deltas, applied in order) into ``out``.
 
     Raises a :class:`~deltamerge.errors.DeltaMergeError` with a one-line message on any failure,
     and then leaves nothing at ``out``. An interrupted run (Ctrl-C, SIGTERM, a failed write)
     keeps its partial folder beside ``out``; ``resume=True`` finishes it, redoing only the
-    shards not yet recorded as finished.
+    shards not yet recorded as finished. ``lora_r``, ``lora_alpha`` and ``lora_prefix`` describe
+    a LoRA state dict that has no ``adapter_config.json`` (PandaGPT's ``pytorch_model.pt``).
     """
     deltas = [delta] if isinstance(delta, (str, Path)) else list(delta)
     out = Path(out).expanduser()
@@ -98,7 +102,9 @@ def apply_delta(
         for d, m in zip(delta_ins, found):
             opened.append(open_kind(kind or detect_kind(d.path, m), d.path))
         manifests = found if verify else [None] * len(delta_ins)
-        options = ApplyOptions(new_rows=new_rows)
+        options = ApplyOptions(new_rows=new_rows, lora_r=lora_r, lora_alpha=lora_alpha,
+                               lora_prefix=lora_prefix)
+        _check_lora_options(opened, options)
         jobs = plan_chain(base_ckpt, opened, options, out_dtype, block_size)
         if new_rows == "mean":
             fill_means(base_ckpt, jobs, block_size)
@@ -106,7 +112,8 @@ def apply_delta(
         hashers = _delta_file_hashers(delta_ins, manifests) if verify else {}
         expected_base = manifests[0].base.tensors if manifests and manifests[0] else None
         options_record = {"kind": [k.name for k in opened], "dtype": str(out_dtype),
-                          "new_rows": new_rows, "verify": verify, "version": __version__}
+                          "new_rows": new_rows, "verify": verify, "version": __version__,
+                          **_lora_record(options)}
         fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
         tmp, journal = _open_partial(out, fp, resume)
         try:
@@ -131,7 +138,7 @@ def apply_delta(
             write_index(tmp, shards)
             aux = _aux_files(base_ckpt, opened, extra_files)
             copy_aux(tmp, aux)
-            fix_config(tmp, _vocab_rows(jobs), _result_dtype(jobs))
+            fix_config(tmp, _vocab_rows(jobs), _result_dtype(jobs), _config_updates(opened))
             digest = model_digest(out_digests)
             result = ApplyResult(
                 out, [k.name for k in opened], len(jobs), [s.filename for s in shards],
@@ -290,7 +297,32 @@ def _aux_files(
     for k in kinds:
         files.update(k.aux_files())
     files.update(extra or {})
-    return {n: f for n, f in files.items() if n in AUX_FILES or (extra and n in extra)}
+    return {n: f for n, f in files.items() if is_aux_file(n) or (extra and n in extra)}
+
+
+def _config_updates(kinds: list[Kind]) -> dict:
+    """config.json fields the deltas set (a P-tuning checkpoint's pre_seq_len), the last one's win."""
+    updates: dict = {}
+    for k in kinds:
+        updates.update(k.config_updates())
+    return updates
+
+
+def _check_lora_options(kinds: list[Kind], options: ApplyOptions) -> None:
+    """--lora-r/--lora-alpha/--lora-prefix describe a bare LoRA state dict; refuse them unused."""
+    given = [n for n, v in (("--lora-r", options.lora_r), ("--lora-alpha", options.lora_alpha),
+                            ("--lora-prefix", options.lora_prefix)) if v is not None]
+    if given and not any(getattr(k, "bare", False) for k in kinds):
+        raise InputError(
+            f"{given[0]} describes a LoRA state dict without adapter_config.json, and no delta "
+            "is one (an adapter's own config gives its rank and alpha)"
+        )
+
+
+def _lora_record(options: ApplyOptions) -> dict:
+    """The --lora-* options given, for the journal's fingerprint (they change the result)."""
+    return {k: v for k, v in (("lora_r", options.lora_r), ("lora_alpha", options.lora_alpha),
+                              ("lora_prefix", options.lora_prefix)) if v is not None}
 
 
 def _vocab_rows(jobs: list[TensorJob]) -> int | None:

@@ -27,7 +27,7 @@ from .sinks.folder import check_out, discard, make_partial, publish
 from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
-from .sources.folders import AUX_FILES
+from .sources.folders import is_aux_file
 from .sources.resolve import resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
@@ -84,7 +84,7 @@ def make_delta(
                 if name not in result_digests and is_non_weight(name):
                     result_digests[name] = base_digests[name]
             write_index(tmp, shards)
-            copy_aux(tmp, {n: p for n, p in target_ckpt.aux_files().items() if n in AUX_FILES})
+            copy_aux(tmp, {n: p for n, p in target_ckpt.aux_files().items() if is_aux_file(n)})
             files = _file_table(tmp, engine.written_files)
             manifest = Manifest(
                 kind, __version__, files, Role.of(base_digests), Role.of(result_digests),

@@ -10,7 +10,7 @@ from .common import common_run_options, default_workers, handle_errors, human, m
 
 @click.command("apply", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1, required=True, metavar="BASE DELTA... OUT")
-@click.option("--kind", type=click.Choice(["add", "xor", "xor-files", "lora"]), default=None,
+@click.option("--kind", type=click.Choice(["add", "xor", "xor-files", "lora", "prefix"]), default=None,
               help="Delta kind (default: detected from the delta's files).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="Output dtype (default: the delta's; for LoRA, the base's).")
@@ -23,20 +23,27 @@ from .common import common_run_options, default_workers, handle_errors, human, m
                                    "files; every listed file must match.")
 @click.option("--resume", is_flag=True,
               help="Finish an interrupted run of the same command, redoing only unfinished shards.")
+@click.option("--lora-alpha", type=float, default=None, metavar="ALPHA",
+              help="LoRA state dict without adapter_config.json (PandaGPT): its lora_alpha.")
+@click.option("--lora-r", type=int, default=None, metavar="R",
+              help="...and its rank, checked against the factors' shapes.")
+@click.option("--lora-prefix", default=None, metavar="PREFIX",
+              help="...and what precedes the base's names in its keys (default: detected).")
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None,
               help="Upload the result to this Hub repo when done (with a model card).")
 @common_run_options
 @handle_errors
-def apply_cmd(paths, kind, dtype, new_rows, no_verify, expect_md5, resume, push_to,
-              max_shard_size, block_size, force, workers, quiet) -> None:
+def apply_cmd(paths, kind, dtype, new_rows, no_verify, expect_md5, resume, lora_alpha, lora_r,
+              lora_prefix, push_to, max_shard_size, block_size, force, workers, quiet) -> None:
     """Rebuild a model from BASE and one or more DELTAs into OUT.
 
     BASE and each DELTA are local folders (or Hub repo ids). Several DELTAs are applied in
     order in one pass. OUT appears only when complete.
 
     \b
-    Example:
+    Examples:
       deltamerge apply ./llama-13b ./vicuna-13b-delta-v1.1 ./vicuna-13b
+      deltamerge apply ./llama-13b ./vicuna-13b-delta-v0 ./pandagpt-13b ./out --lora-alpha 32
     """
     from ..apply import apply_delta  # deferred so --help and --version answer without loading torch
 
@@ -48,6 +55,7 @@ def apply_cmd(paths, kind, dtype, new_rows, no_verify, expect_md5, resume, push_
         max_shard_size=max_shard_size, block_size=block_size or DEFAULT_BLOCK_BYTES,
         force=force, verify=not no_verify, workers=workers or default_workers(),
         progress=not quiet, resume=resume, expect_md5=expect_md5,
+        lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
     )
     if not quiet:
         _print_apply(result, base, deltas, no_verify)
