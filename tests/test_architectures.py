@@ -34,6 +34,8 @@ from transformers import (
     MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
 )
 
 from deltamerge import apply_delta, make_delta
@@ -59,17 +61,20 @@ ARCHS = {
         **{**GQA, "intermediate_size": 48}, num_local_experts=4, num_experts_per_tok=2)),
 }
 TIED = {"falcon", "bloom", "gpt2", "gemma"}
+MOE = {"qwen2-moe": (Qwen2MoeForCausalLM, lambda: Qwen2MoeConfig(
+    **GQA, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4,
+    num_experts_per_tok=2))}
 
 
 def save_model(name: str, folder: Path, seed: int, dtype: torch.dtype = torch.float16) -> Path:
-    cls, config = ARCHS[name]
+    cls, config = {**ARCHS, **MOE}[name]
     torch.manual_seed(seed)
     cls(config()).to(dtype).save_pretrained(folder)
     return folder
 
 
 def load(name: str, folder: Path, dtype: torch.dtype = torch.float16):
-    return ARCHS[name][0].from_pretrained(folder, dtype=dtype)
+    return {**ARCHS, **MOE}[name][0].from_pretrained(folder, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +196,17 @@ def test_mixtral_experts_stored_fused(tmp_path: Path, pairs) -> None:
     assert sorted(got) == sorted(reference)
     for key, tensor in reference.items():
         assert torch.equal(got[key], tensor), key
+
+
+def test_qwen2_moe_experts_stored_per_expert(tmp_path: Path) -> None:
+    """Qwen2-MoE stores experts.{e}.gate_proj/up_proj/down_proj; peft sees them fused."""
+    base = save_model("qwen2-moe", tmp_path / "base", 0)
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in load_state(base)
+    adapter = make_adapter("qwen2-moe", base, tmp_path / "adapter", r=4, lora_alpha=8,
+                           target_modules=["q_proj"], target_parameters=[
+                               "mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"])
+    apply_delta(base, adapter, tmp_path / "out", block_size=SMALL_BLOCK)
+    assert_loads_as("qwen2-moe", tmp_path / "out", peft_merge("qwen2-moe", base, adapter))
 
 
 class Experts(nn.Module):

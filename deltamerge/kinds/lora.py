@@ -81,7 +81,7 @@ _EMBEDDING_FACTOR = re.compile(r"(?P<module>.+)\.(?P<which>lora_embedding_A|lora
 _BASE_LAYER = re.compile(r"\.base_layer(?=\.)")
 # A raw state dict (named_parameters) keeps the adapter's name: modules_to_save.default.weight.
 _SAVED_COPY = re.compile(r"\.modules_to_save\.(?:[^.]+\.)?(?=[^.]+$)")
-FACTOR_CACHE = 4  # factor tensors kept loaded: per-expert pieces reuse a layer's few factors
+FACTOR_CACHE = 4  # factors kept loaded for per-expert pieces, which slice a layer's few factors
 
 
 def looks_like_lora_state(names: Iterable[str]) -> bool:
@@ -166,7 +166,8 @@ class Factors:
         if self._window_at == w0 and self._window is not None:
             return self._window.T if self.transposed else self._window
         if self._a is None or self._b is None:
-            a, b = self.source.load(self.a_name), self.source.load(self.b_name)
+            keep = self.pick is not None  # the other experts' tensors slice the same factors
+            a, b = self.source.load(self.a_name, keep), self.source.load(self.b_name, keep)
             self._a, self._b = self.pick(a, b) if self.pick is not None else (a, b)
         if self.transposed:
             shape = (self._b.shape[0], w1 - w0)
@@ -284,17 +285,18 @@ class FactorSource:
             self._checkpoint = open_checkpoint(self.path)
         return self._checkpoint
 
-    def load(self, name: str) -> torch.Tensor:
-        """A factor, whole, in fp32 (peft's autocast); the last few stay loaded for reuse."""
+    def load(self, name: str, keep: bool = False) -> torch.Tensor:
+        """A factor, whole, in fp32 (peft's autocast); with ``keep``, the last few stay loaded."""
         if name in self._loaded:
             self._loaded.move_to_end(name)
             return self._loaded[name]
         spec = self.checkpoint.specs[name]
         buf = torch.empty(max(spec.nbytes, 1), dtype=torch.uint8)
         tensor = self.checkpoint.read_rows(name, 0, spec.rows, buf).to(torch.float32)
-        self._loaded[name] = tensor
-        while len(self._loaded) > FACTOR_CACHE:
-            self._loaded.popitem(last=False)
+        if keep:
+            self._loaded[name] = tensor
+            while len(self._loaded) > FACTOR_CACHE:
+                self._loaded.popitem(last=False)
         return tensor
 
     def close(self) -> None:
@@ -499,6 +501,7 @@ class LoraKind(Kind):
 
     def _param_factors(
         self, config: dict, module: str, wrappers: list[_Module], params: dict[str, Stored],
+        specs: dict[str, TensorSpec],
     ) -> dict[str, Factors | ExpertFactors]:
         """Each ParamWrapper's factors matched to the parameter their shapes fit, per stored tensor."""
         out: dict[str, Factors | ExpertFactors] = {}
@@ -508,10 +511,11 @@ class LoraKind(Kind):
             _check_multiply(self.weights, module, a, b)
             fits = {p: t for p, s in params.items() if (t := _orientation(s, a, b)) is not None}
             if len(fits) != 1 or next(iter(fits)) in used:
+                which = "none" if not fits else " and ".join(sorted(fits))
                 raise UnsupportedError(
-                    f"{self.weights}: LoRA factors {mod.a!r} fit "
-                    f"{'none' if not fits else ' and '.join(sorted(fits))} of the parameters "
+                    f"{self.weights}: LoRA factors {mod.a!r} fit {which} of the parameters "
                     f"target_parameters names on {module!r} ({', '.join(sorted(params))})"
+                    + (", adapted by other factors too" if fits.keys() <= used and fits else "")
                 )
             (param, transposed), = fits.items()
             used.add(param)
@@ -523,9 +527,9 @@ class LoraKind(Kind):
                 for piece in stored.pieces:
                     pick = expert_pick(piece.expert, experts, r, (piece.r0, piece.r1))
                     out[piece.name] = Factors(self.source, mod.a, mod.b, scale, False,
-                                              piece.r1 - piece.r0, self._dtype(piece.name), pick)
-            elif experts > 1 or len(stored.shape) == 3:
-                dtype = self._dtype(stored.name)
+                                              piece.r1 - piece.r0, specs[piece.name].dtype, pick)
+            elif len(stored.shape) == 3:
+                dtype = specs[stored.name].dtype
                 out[stored.name] = ExpertFactors([
                     Factors(self.source, mod.a, mod.b, scale, transposed, stored.shape[1], dtype,
                             expert_pick(e, experts, r))
@@ -533,12 +537,11 @@ class LoraKind(Kind):
                 ])
             else:
                 out[stored.name] = Factors(self.source, mod.a, mod.b, scale, False,
-                                           stored.shape[0], self._dtype(stored.name))
+                                           stored.shape[0], specs[stored.name].dtype)
         return out
 
     def plan(self, specs: dict[str, TensorSpec], options: ApplyOptions):
         config = self.config if self.config is not None else self._bare_config(options, specs)
-        self._specs = specs
         whole, modules, extra = self._classify()
         whole = {stored_name(n, specs) or n: k for n, k in whole.items()}
         after = dict(specs)
@@ -573,9 +576,8 @@ class LoraKind(Kind):
                 )
             factors[name] = self._factors(config, module, mod, after[name])
         for module, wrappers in wrapped.items():
-            for name, f in self._param_factors(
-                config, module, wrappers, self._targeted(config, module, after)
-            ).items():
+            params = self._targeted(config, module, after)
+            for name, f in self._param_factors(config, module, wrappers, params, after).items():
                 if name in factors:
                     raise UnsupportedError(f"{self.weights}: tensor {name!r} is adapted twice")
                 factors[name] = f
@@ -597,9 +599,6 @@ class LoraKind(Kind):
         after, kept = overlay(after, self.checkpoint, {n: k for k, n in extra.items()})
         steps.update(kept)
         return after, steps
-
-    def _dtype(self, name: str) -> torch.dtype:
-        return self._specs[name].dtype
 
     def _check_vocab(self, before: dict[str, TensorSpec], after: dict[str, TensorSpec]) -> None:
         """An extended vocabulary must extend every vocabulary tensor, or peft's resize is random."""
