@@ -35,6 +35,7 @@ _EXPORTS = {
     "InterruptedRun": "errors",
     "MismatchError": "errors",
     "NotFoundError": "errors",
+    "OutputBusyError": "errors",
     "OutputExistsError": "errors",
     "UnsupportedError": "errors",
     "VerificationError": "errors",

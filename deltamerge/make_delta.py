@@ -24,11 +24,13 @@ from .progress import make_progress
 from .results import MakeDeltaResult
 from .sinks.aux import copy_aux
 from .sinks.folder import check_out, discard, make_partial, publish
+from .sinks.lock import hold
+from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import is_aux_file
-from .sources.resolve import resolve_input
+from .sources.resolve import input_region, resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
 
@@ -54,14 +56,22 @@ def make_delta(
         raise InputError(f"make-delta --kind must be one of {', '.join(MAKE_KINDS)}, not {kind!r}")
     out = Path(out).expanduser()
     shard_bytes = parse_size(max_shard_size)
+    refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in
+                         ((base, "base"), (target, "target"))])
     check_out(out, force)
-    hub = hub or {}
+    with hold(out):
+        check_out(out, force)  # again under the lock: a run that held it may have published
+        return _make_locked(base, target, out, kind, shard_bytes, block_size, workers or 1,
+                            progress, hub or {})
+
+
+def _make_locked(
+    base: PathLike, target: PathLike, out: Path, kind: str, shard_bytes: int, block_size: int,
+    workers: int, progress: bool | Callable[[int, int], None], hub: dict,
+) -> MakeDeltaResult:
+    """The run itself, under OUT's lock: a leftover partial folder is removed only under it."""
     base_in = resolve_input(base, "base", **hub)
     target_in = resolve_input(target, "target", **hub)
-    for given in (base_in, target_in):
-        p = given.path.resolve()
-        if p == out.resolve() or out.resolve() in p.parents:
-            raise InputError(f"{out}: is the input folder {given.given}; choose another OUT")
     with open_checkpoint(base_in.path) as base_ckpt, open_checkpoint(target_in.path) as target_ckpt:
         check_pairing(target_ckpt, base_ckpt.specs, role="the target")
         jobs, steps, results = _plan(base_ckpt, target_ckpt, kind, block_size)
@@ -71,7 +81,7 @@ def make_delta(
         try:
             engine = Engine(
                 base_ckpt, shards, tmp, sink=SafetensorsSink(), block_bytes=block_size,
-                workers=workers or 1, hash_base=True, hash_out=False, hash_files=True,
+                workers=workers, hash_base=True, hash_out=False, hash_files=True,
                 progress=bar.update,
             )
             run = engine.run()

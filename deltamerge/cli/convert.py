@@ -13,9 +13,11 @@ from .common import common_run_options, default_workers, handle_errors, human, m
 @click.argument("out")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="Output dtype (default: the checkpoint's own).")
+@click.option("--resume", is_flag=True,
+              help="Finish an interrupted run of the same command, redoing only unfinished shards.")
 @common_run_options
 @handle_errors
-def convert_cmd(meta_dir, out, dtype, max_shard_size, block_size, force, workers, quiet) -> None:
+def convert_cmd(meta_dir, out, dtype, resume, max_shard_size, block_size, force, workers, quiet) -> None:
     """Convert Meta's LLaMA download (params.json, consolidated.NN.pth) into OUT.
 
     Streams tensor by tensor: a 13B model converts in a few hundred MiB of memory, and the
@@ -31,10 +33,12 @@ def convert_cmd(meta_dir, out, dtype, max_shard_size, block_size, force, workers
     result = convert(
         meta_dir, out, dtype=dtype, max_shard_size=max_shard_size,
         block_size=block_size or DEFAULT_BLOCK_BYTES, force=force,
-        workers=workers or default_workers(), progress=not quiet,
+        workers=workers or default_workers(), progress=not quiet, resume=resume,
     )
     if not quiet:
         click.echo(f"converted {meta_dir} into {result.out}: {result.tensors} tensors, "
                    f"{len(result.shards)} shard(s), {human(result.bytes_written)}, "
                    f"{result.seconds:.1f} s, peak {mib(result.peak_rss)}")
+        for note in result.notes:
+            click.echo(f"  note      {note}")
         click.echo(f"  digest    {result.model_digest}")

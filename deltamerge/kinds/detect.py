@@ -1,10 +1,11 @@
 """Which kind a delta folder is, and opening it as that kind.
 
 The kind is read from the contents: a PEFT ``adapter_config.json`` is a LoRA adapter, a
-``deltamerge.json`` names its kind, weight files XORed whole (OpenAssistant ``xor_codec.py``) are
-``xor-files``; otherwise the tensor names decide: LoRA factors without an adapter config are a
-LoRA state dict (PandaGPT), tensors all of a ``prefix_encoder`` are a P-tuning checkpoint
-(ChatGLM), anything else is an additive delta. ``--kind`` overrides.
+``deltamerge.json`` names its kind, ``*.enc`` files (OpenBuddy's encrypted releases) are ``enc``,
+weight files XORed whole (OpenAssistant ``xor_codec.py``) are ``xor-files``; otherwise the tensor
+names decide: LoRA factors without an adapter config are a LoRA state dict (PandaGPT), tensors
+all of a ``prefix_encoder`` are a P-tuning checkpoint (ChatGLM), anything else is an additive
+delta. ``--kind`` overrides.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from ..integrity.manifest import MANIFEST_NAME, Manifest
 from ..sources import open_checkpoint
 from . import Kind
 from .add import AddKind
+from .enc import looks_like_enc
 from .lora import LoraKind, looks_like_lora_state
 from .prefix import PrefixKind, looks_like_prefix
 from .xor import XorKind
 from .xor_files import looks_like_xor_files
 
-KINDS = ("add", "xor", "xor-files", "lora", "prefix")
+KINDS = ("add", "xor", "xor-files", "enc", "lora", "prefix")
+WHOLE_FILE_KINDS = ("xor-files", "enc")  # decoded file by file, alone, not in the tensor stream
 
 
 def detect_kind(folder: Path, manifest: Manifest | None) -> str:
@@ -29,6 +32,8 @@ def detect_kind(folder: Path, manifest: Manifest | None) -> str:
         return "lora"
     if manifest is not None:
         return manifest.kind
+    if looks_like_enc(folder):
+        return "enc"
     if looks_like_xor_files(folder):
         return "xor-files"
     return _kind_of_names(folder)
@@ -60,9 +65,9 @@ def open_kind(kind: str, folder: Path) -> Kind:
         return LoraKind(folder)
     if kind == "prefix":
         return PrefixKind(folder)
-    if kind == "xor-files":
-        raise InputError(f"{folder}: a xor-files delta is decoded whole, alone: it cannot be chained")
+    if kind in WHOLE_FILE_KINDS:
+        raise InputError(f"{folder}: a {kind} delta is decoded whole, alone: it cannot be chained")
     raise InputError(f"{folder}: unknown delta kind {kind!r} (choose from {', '.join(KINDS)})")
 
 
-__all__ = ["KINDS", "MANIFEST_NAME", "detect_kind", "open_kind"]
+__all__ = ["KINDS", "MANIFEST_NAME", "WHOLE_FILE_KINDS", "detect_kind", "open_kind"]
