@@ -48,7 +48,7 @@ from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
-from .sources.folders import AUX_FILES
+from .sources.folders import is_aux_file
 from .sources.inputs import Resolved
 from .sources.resolve import input_region, resolve_input
 from .tensor_spec import TensorSpec
@@ -78,6 +78,9 @@ def apply_delta(
     resume: bool = False,
     qlora: str | None = None,
     qlora_dtype: str | torch.dtype | None = None,
+    lora_r: int | None = None,
+    lora_alpha: float | None = None,
+    lora_prefix: str | None = None,
 ) -> ApplyResult:
     """Rebuild ``base`` + ``delta`` (or a chain of deltas, applied in order) into ``out``.
 
@@ -93,7 +96,9 @@ def apply_delta(
 
     Deltas of whole files (``xor-files``, OpenBuddy's ``enc``) are decoded alone: ``expect_md5``
     is the release's md5 list for xor-files, ``key_md5`` the md5 an enc delta's key must have
-    (OpenBuddy's by default; tests make keys of their own).
+    (OpenBuddy's by default; tests make keys of their own). ``lora_r``, ``lora_alpha`` and
+    ``lora_prefix`` describe a LoRA state dict that has no ``adapter_config.json`` (PandaGPT's
+    ``pytorch_model.pt``).
     """
     deltas = [delta] if isinstance(delta, (str, Path)) else list(delta)
     out = Path(out).expanduser()
@@ -116,7 +121,7 @@ def apply_delta(
             shard_bytes=shard_bytes, block_size=block_size, force=force, verify=verify,
             workers=workers or 1, progress=progress, extra_files=extra_files, hub=hub,
             expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
-            quant_dtype=quant_dtype,
+            quant_dtype=quant_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
         )
 
 
@@ -126,7 +131,8 @@ def _apply_locked(
     force: bool, verify: bool, workers: int, progress: bool | Callable[[int, int], None],
     extra_files: dict[str, Path | bytes] | None, hub: dict | None,
     expect_md5: PathLike | None, key_md5: str | None, resume: bool, qlora: str | None,
-    quant_dtype: torch.dtype | None,
+    quant_dtype: torch.dtype | None, lora_r: int | None, lora_alpha: float | None,
+    lora_prefix: str | None,
 ) -> ApplyResult:
     """The run itself, under OUT's lock: nothing of OUT or its partial folder is touched before."""
     # Hub inputs: pair tensors and check space before the big downloads.
@@ -159,7 +165,9 @@ def _apply_locked(
         manifests = found if verify else [None] * len(delta_ins)
         if qlora is not None and not any(k.name == "lora" for k in opened):
             raise InputError("--qlora merges LoRA adapters onto the NF4 base: no delta is a LoRA")
-        options = ApplyOptions(new_rows=new_rows, qlora=qlora, qlora_dtype=quant_dtype)
+        options = ApplyOptions(new_rows=new_rows, qlora=qlora, qlora_dtype=quant_dtype,
+                               lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix)
+        _check_lora_options(opened, options)
         jobs = plan_chain(base_ckpt, opened, options, out_dtype, block_size)
         if new_rows == "mean":
             fill_means(base_ckpt, jobs, block_size)
@@ -167,7 +175,8 @@ def _apply_locked(
         hashers = _delta_file_hashers(delta_ins, manifests) if verify else {}
         expected_base = manifests[0].base.tensors if manifests and manifests[0] else None
         options_record = {"kind": [k.name for k in opened], "dtype": str(out_dtype),
-                          "new_rows": new_rows, "verify": verify, "version": __version__}
+                          "new_rows": new_rows, "verify": verify, "version": __version__,
+                          **_lora_record(options)}
         if qlora is not None:
             options_record.update(qlora=qlora, qlora_dtype=str(quant_dtype))
         fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
@@ -199,7 +208,7 @@ def _apply_locked(
             write_index(tmp, shards)
             aux = _aux_files(base_ckpt, opened, extra_files)
             copy_aux(tmp, aux)
-            fix_config(tmp, _vocab_rows(jobs), _result_dtype(jobs))
+            fix_config(tmp, _vocab_rows(jobs), _result_dtype(jobs), _config_updates(opened))
             digest = model_digest(out_digests)
             result = ApplyResult(
                 out, [k.name for k in opened], len(jobs), [s.filename for s in shards],
@@ -384,7 +393,32 @@ def _aux_files(
     for k in kinds:
         files.update(k.aux_files())
     files.update(extra or {})
-    return {n: f for n, f in files.items() if n in AUX_FILES or (extra and n in extra)}
+    return {n: f for n, f in files.items() if is_aux_file(n) or (extra and n in extra)}
+
+
+def _config_updates(kinds: list[Kind]) -> dict:
+    """config.json fields the deltas set (a P-tuning checkpoint's pre_seq_len), the last one's win."""
+    updates: dict = {}
+    for k in kinds:
+        updates.update(k.config_updates())
+    return updates
+
+
+def _check_lora_options(kinds: list[Kind], options: ApplyOptions) -> None:
+    """--lora-r/--lora-alpha/--lora-prefix describe a bare LoRA state dict; refuse them unused."""
+    given = [n for n, v in (("--lora-r", options.lora_r), ("--lora-alpha", options.lora_alpha),
+                            ("--lora-prefix", options.lora_prefix)) if v is not None]
+    if given and not any(getattr(k, "bare", False) for k in kinds):
+        raise InputError(
+            f"{given[0]} describes a LoRA state dict without adapter_config.json, and no delta "
+            "is one (an adapter's own config gives its rank and alpha)"
+        )
+
+
+def _lora_record(options: ApplyOptions) -> dict:
+    """The --lora-* options given, for the journal's fingerprint (they change the result)."""
+    return {k: v for k, v in (("lora_r", options.lora_r), ("lora_alpha", options.lora_alpha),
+                              ("lora_prefix", options.lora_prefix)) if v is not None}
 
 
 def _vocab_rows(jobs: list[TensorJob]) -> int | None:

@@ -29,7 +29,7 @@ from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
-from .sources.folders import AUX_FILES
+from .sources.folders import is_aux_file
 from .sources.resolve import input_region, resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
@@ -94,7 +94,7 @@ def _make_locked(
                 if name not in result_digests and is_non_weight(name):
                     result_digests[name] = base_digests[name]
             write_index(tmp, shards)
-            copy_aux(tmp, {n: p for n, p in target_ckpt.aux_files().items() if n in AUX_FILES})
+            copy_aux(tmp, {n: p for n, p in target_ckpt.aux_files().items() if is_aux_file(n)})
             files = _file_table(tmp, engine.written_files)
             manifest = Manifest(
                 kind, __version__, files, Role.of(base_digests), Role.of(result_digests),

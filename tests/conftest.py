@@ -183,3 +183,14 @@ def join_safetensors(header: object, body: bytes, pad: bool) -> bytes:
 @pytest.fixture
 def base_dir(tmp_path: Path) -> Path:
     return save_checkpoint(llama_state(0), tmp_path / "base")
+
+
+@pytest.fixture(scope="session")
+def hf_modules_cache(tmp_path_factory):
+    """Where ``trust_remote_code`` copies a model's code: one folder for the whole session (the
+    package transformers imports it as is cached with its path), never ~/.cache."""
+    import transformers.dynamic_module_utils as dynamic
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf-modules")))
+        yield

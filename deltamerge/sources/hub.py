@@ -45,6 +45,8 @@ from .folders import (
     BIN_SINGLE,
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
+    is_aux_file,
+    lone_torch_file,
     read_weight_map,
 )
 from .inputs import Resolved
@@ -177,6 +179,7 @@ class RemoteRepo:
 
     def small_files(self) -> list[str]:
         names = [n for n in SMALL_FILES if n in self.files]
+        names += sorted(n for n in self.files if is_aux_file(n) and n not in names)
         index, _ = self._weights_plan()
         return names + ([index] if index else [])
 
@@ -238,7 +241,10 @@ class RemoteRepo:
         if "params.json" in names and meta:
             return None, meta
         singles = [n for n in names if n.endswith(".safetensors") and "/" not in n]
-        return None, singles if len(singles) == 1 else []
+        if len(singles) == 1:
+            return None, singles
+        lone = lone_torch_file(sorted(names))
+        return None, [lone] if lone else []
 
     def missing_bytes(self, names: Iterable[str]) -> int:
         """Bytes still to download: files whose blob is not in the cache yet."""

@@ -106,7 +106,8 @@ def _check_state(path: Path, obj: object) -> dict[str, torch.Tensor]:
             )
         if value.dtype not in TORCH_TO_SAFETENSORS:
             raise UnsupportedError(f"{path}: tensor {name!r} has dtype {value.dtype}: not supported")
-    return obj
+    # A saved nn.Parameter (PandaGPT's named_parameters()) would make every copy of it track grad.
+    return {name: value.detach() for name, value in obj.items()}
 
 
 class BinCheckpoint(Checkpoint):
