@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from safetensors.torch import save_file
 
 HIDDEN, HEADS, LAYERS, FFN, VOCAB = 64, 4, 2, 172, 96
+ALGORITHMS = ("blake3", "sha256")  # manifest format 2, format 1
+FORMAT_ALGORITHM = {2: "blake3", 1: "sha256"}
+DTYPE_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}
 
 
 def llama_config(vocab: int = VOCAB, dtype: str = "float16", **extra) -> dict:
@@ -183,3 +189,65 @@ def join_safetensors(header: object, body: bytes, pad: bool) -> bytes:
 @pytest.fixture
 def base_dir(tmp_path: Path) -> Path:
     return save_checkpoint(llama_state(0), tmp_path / "base")
+
+
+# -- digests and manifests, from docs/manifest.md rather than from deltamerge's own code ----------
+def hash_hex(data: bytes, algorithm: str) -> str:
+    return blake3.blake3(data).hexdigest() if algorithm == "blake3" else hashlib.sha256(data).hexdigest()
+
+
+def documented_digests(
+    state: dict[str, torch.Tensor], algorithm: str = "blake3"
+) -> tuple[str, dict[str, str]]:
+    """docs/manifest.md, literally: the hash of raw LE bytes; sorted tab-separated lines."""
+    tensors = {
+        name: hash_hex(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes(), algorithm)
+        for name, t in state.items()
+    }
+    lines = "".join(
+        f"{name}\t{DTYPE_NAMES[state[name].dtype]}\t"
+        f"[{','.join(str(d) for d in state[name].shape)}]\t{tensors[name]}\n"
+        for name in sorted(state)
+    )
+    return hash_hex(lines.encode("utf-8"), algorithm), tensors
+
+
+def documented_role(state: dict[str, torch.Tensor], algorithm: str) -> dict:
+    model, tensors = documented_digests(state, algorithm)
+    return {"model_digest": model, "tensors": {
+        n: {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), algorithm: tensors[n]}
+        for n, t in state.items()}}
+
+
+def write_format1_manifest(
+    delta: Path, base: dict[str, torch.Tensor], result: dict[str, torch.Tensor],
+    kind: str = "add",
+) -> None:
+    """The ``deltamerge.json`` deltamerge wrote before format 2: sha256 everywhere, whole files
+    only, no delta role. Replaces the delta's manifest (if any)."""
+    manifest = delta / "deltamerge.json"
+    manifest.unlink(missing_ok=True)
+    files = {
+        p.relative_to(delta).as_posix(): {"sha256": hash_hex(p.read_bytes(), "sha256"),
+                                          "size": p.stat().st_size}
+        for p in sorted(delta.rglob("*")) if p.is_file()
+    }
+    manifest.write_text(json.dumps({
+        "format": "deltamerge-manifest", "format_version": 1, "kind": kind,
+        "deltamerge_version": "0.1.0", "options": {"new_rows": "zero"}, "files": files,
+        "base": documented_role(base, "sha256"), "result": documented_role(result, "sha256"),
+    }, indent=1))
+
+
+def with_manifest_format(
+    fmt: int, delta: Path, base: Path, scratch: Path, kind: str = "add"
+) -> str:
+    """Leave ``delta`` (made by make-delta, format 2) as it is, or rewrite its manifest as format
+    1 (the result role from applying it unchecked into ``scratch``); the algorithm it implies."""
+    if fmt == 1:
+        from deltamerge import apply_delta
+
+        apply_delta(base, delta, scratch, verify=False)
+        write_format1_manifest(delta, load_state(base), load_state(scratch), kind)
+        shutil.rmtree(scratch)
+    return FORMAT_ALGORITHM[fmt]
