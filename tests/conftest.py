@@ -219,35 +219,47 @@ def documented_role(state: dict[str, torch.Tensor], algorithm: str) -> dict:
         for n, t in state.items()}}
 
 
-def write_format1_manifest(
-    delta: Path, base: dict[str, torch.Tensor], result: dict[str, torch.Tensor],
+def write_manifest(
+    fmt: int, delta: Path, base: dict[str, torch.Tensor], result: dict[str, torch.Tensor],
     kind: str = "add",
 ) -> None:
-    """The ``deltamerge.json`` deltamerge wrote before format 2: sha256 everywhere, whole files
-    only, no delta role. Replaces the delta's manifest (if any)."""
+    """A ``deltamerge.json`` for ``delta`` as docs/manifest.md specifies it, written here rather
+    than by deltamerge. Format 1 is what deltamerge wrote before format 2: sha256 everywhere,
+    whole files only, no delta role. Format 2: BLAKE3, the delta's own tensors, and each
+    safetensors file's header. Replaces the delta's manifest (if any)."""
+    algorithm = FORMAT_ALGORITHM[fmt]
     manifest = delta / "deltamerge.json"
     manifest.unlink(missing_ok=True)
-    files = {
-        p.relative_to(delta).as_posix(): {"sha256": hash_hex(p.read_bytes(), "sha256"),
-                                          "size": p.stat().st_size}
-        for p in sorted(delta.rglob("*")) if p.is_file()
-    }
-    manifest.write_text(json.dumps({
-        "format": "deltamerge-manifest", "format_version": 1, "kind": kind,
+    files = {}
+    for p in sorted(delta.rglob("*")):
+        if not p.is_file():
+            continue
+        data = p.read_bytes()
+        entry: dict = {algorithm: hash_hex(data, algorithm), "size": len(data)}
+        if fmt == 2 and p.suffix == ".safetensors":
+            start = 8 + struct.unpack("<Q", data[:8])[0]
+            entry["header"] = {"size": start, algorithm: hash_hex(data[:start], algorithm)}
+        files[p.relative_to(delta).as_posix()] = entry
+    obj = {
+        "format": "deltamerge-manifest", "format_version": fmt, "kind": kind,
         "deltamerge_version": "0.1.0", "options": {"new_rows": "zero"}, "files": files,
-        "base": documented_role(base, "sha256"), "result": documented_role(result, "sha256"),
-    }, indent=1))
+        "base": documented_role(base, algorithm), "result": documented_role(result, algorithm),
+    }
+    if fmt == 2:
+        obj["delta"] = documented_role(load_state(delta), algorithm)
+    manifest.write_text(json.dumps(obj, indent=1))
 
 
 def with_manifest_format(
-    fmt: int, delta: Path, base: Path, scratch: Path, kind: str = "add"
+    fmt: int, delta: Path, base: Path, scratch: Path, kind: str = "add", always: bool = False
 ) -> str:
-    """Leave ``delta`` (made by make-delta, format 2) as it is, or rewrite its manifest as format
-    1 (the result role from applying it unchecked into ``scratch``); the algorithm it implies."""
-    if fmt == 1:
+    """Leave ``delta`` as make-delta made it (format 2), or write its manifest as ``fmt`` (the
+    result role from applying it unchecked into ``scratch``); the algorithm that implies.
+    ``always`` writes a format 2 manifest too (for deltas make-delta did not make)."""
+    if fmt == 1 or always:
         from deltamerge import apply_delta
 
-        apply_delta(base, delta, scratch, verify=False)
-        write_format1_manifest(delta, load_state(base), load_state(scratch), kind)
+        apply_delta(base, delta, scratch, verify=False, kind=kind)
+        write_manifest(fmt, delta, load_state(base), load_state(scratch), kind)
         shutil.rmtree(scratch)
     return FORMAT_ALGORITHM[fmt]

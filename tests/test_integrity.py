@@ -289,3 +289,98 @@ def test_no_verify_still_takes_the_kind_from_the_manifest(world, tmp_path):
     unchecked = apply_delta(world["base"], delta, tmp_path / "unchecked", verify=False)
     assert checked.verified and not unchecked.verified
     assert unchecked.kinds == ["xor"] and unchecked.model_digest == checked.model_digest
+
+
+@pytest.mark.parametrize("old, new", [(b'"F16"', b'"I16"'), (b'"pt"', b'"pu"')],
+                         ids=["dtype", "metadata"])
+def test_changed_header_that_still_parses_is_caught(world, tmp_path, old, new):
+    """A header edited in place, the same length and still valid (another dtype of the same
+    size, which changes what the bytes mean; or its metadata): format 2 checks the tensor table
+    against the manifest and the header's bytes against their digest."""
+    delta = copy(world["delta"], tmp_path / "delta")
+    victim = max(delta.glob("*.safetensors"), key=lambda f: f.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    at = data.index(old)
+    data[at : at + len(old)] = new
+    victim.write_bytes(bytes(data))
+    read_header(victim)  # still a valid safetensors file
+    out = tmp_path / "out"
+    if world["format"] == 1 or old == b'"pt"':
+        pattern = f"{victim.name}: .*{world['algorithm']} .*does not match deltamerge.json"
+    else:
+        pattern = f"{victim.name}: tensor .* is I16.* but F16.* in deltamerge.json"
+    with pytest.raises(VerificationError, match=pattern):
+        apply_delta(world["base"], delta, out)
+    assert not out.exists() and not partial_dir(out).exists()
+
+
+def test_format2_round_trip_records_what_other_tools_can_check(world, tmp_path):
+    """make-delta's manifest: b3sum of every file, of each shard's header bytes, and the delta's
+    own tensors; apply checks them and records its result in BLAKE3."""
+    if world["format"] != 2:
+        pytest.skip("the manifest make-delta writes is format 2")
+    import blake3
+    from conftest import documented_digests
+
+    delta = world["delta"]
+    manifest = json.loads((delta / MANIFEST_NAME).read_text())
+    assert manifest["format_version"] == 2
+    for name, entry in manifest["files"].items():
+        data = (delta / name).read_bytes()
+        assert entry["blake3"] == blake3.blake3(data).hexdigest() and entry["size"] == len(data)
+        if name.endswith(".safetensors"):
+            start = read_header(delta / name).data_start
+            assert entry["header"] == {"size": start, "blake3": blake3.blake3(data[:start]).hexdigest()}
+        else:
+            assert "header" not in entry
+    expected, tensors = documented_digests(load_state(delta))
+    assert manifest["delta"]["model_digest"] == expected
+    assert {n: t["blake3"] for n, t in manifest["delta"]["tensors"].items()} == tensors
+    assert manifest["base"]["model_digest"] == documented_digests(load_state(world["base"]))[0]
+
+    result = apply_delta(world["base"], delta, tmp_path / "out")
+    assert result.verified and result.algorithm == "blake3"
+    assert result.model_digest == documented_digests(load_state(tmp_path / "out"))[0]
+    assert result.model_digest == manifest["result"]["model_digest"]
+
+
+def test_a_verified_apply_hashes_each_byte_once(world, tmp_path, monkeypatch):
+    """The base's tensors, the delta's content and the result, and nothing twice: with format 2 a
+    delta shard is never hashed as a file (only its header); format 1 hashes each file once."""
+    import deltamerge.integrity.digest as digest_module
+
+    hashed = []
+    real = digest_module.new_hash
+
+    class Counting:
+        def __init__(self, algorithm, data=b""):
+            self._h = real(algorithm, data)
+            hashed.append(len(data))
+
+        def update(self, data):
+            hashed.append(len(memoryview(data).cast("B")))
+            self._h.update(data)
+
+        def hexdigest(self):
+            return self._h.hexdigest()
+
+    monkeypatch.setattr(digest_module, "new_hash", Counting)
+    out = tmp_path / "out"
+    result = apply_delta(world["base"], world["delta"], out, workers=2)
+    monkeypatch.undo()
+    assert result.verified
+
+    def tensor_bytes(folder: Path) -> int:
+        return sum(t.numel() * t.element_size() for t in load_state(folder).values())
+
+    files = [f for f in world["delta"].iterdir() if f.name != MANIFEST_NAME]
+    if world["format"] == 2:
+        shards = [f for f in files if f.suffix == ".safetensors"]
+        delta_bytes = tensor_bytes(world["delta"]) + sum(read_header(f).data_start for f in shards)
+        delta_bytes += sum(f.stat().st_size for f in files if f not in shards)
+    else:
+        delta_bytes = sum(f.stat().st_size for f in files)
+    expected = tensor_bytes(world["base"]) + delta_bytes + tensor_bytes(out)
+    lines = sum(hashed) - expected  # model digests: a short line per tensor, a few times over
+    smallest_shard = min(f.stat().st_size for f in files if f.suffix == ".safetensors")
+    assert 0 <= lines < 32 * 1024 < smallest_shard
