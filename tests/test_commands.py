@@ -360,3 +360,42 @@ def test_missing_folder_is_a_one_line_input_error(world, tmp_path, command):
     result = CliRunner().invoke(main, [command, *args])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [f"deltamerge: error: {nope}: no such file or folder"]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_the_python_of_docs_manifest_md_gives_deltamerges_digests(tmp_path, algorithm):
+    """docs/manifest.md's snippet for other tools, run as printed (sha256 as its comment says)."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "manifest.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    if algorithm == "sha256":
+        code = code.replace("from blake3 import blake3", "from hashlib import sha256 as blake3")
+    namespace: dict = {}
+    exec(code, namespace)
+    folder = save_checkpoint(llama_state(0), tmp_path / "m", shard_bytes=40_000)
+    files = sorted(folder.glob("*.safetensors"))
+    assert len(files) > 1
+    digest = namespace["model_digest"](namespace["tensor_digests"](files))
+    assert digest == checksum(folder, algorithm=algorithm).model_digest
+
+
+def test_the_digests_readme_and_docs_show_are_the_demos(tmp_path):
+    """README.md and docs/manifest.md print the demo's result digest in both algorithms."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, str(root / "scripts" / "make_example.py"), str(tmp_path)],
+                   check=True, capture_output=True, timeout=120)
+    make_delta(tmp_path / "base", tmp_path / "target", tmp_path / "delta")
+    result = apply_delta(tmp_path / "base", tmp_path / "delta", tmp_path / "rebuilt")
+    assert result.verified
+    shown = {a: checksum(tmp_path / "rebuilt", algorithm=a).model_digest for a in ALGORITHMS}
+    assert shown["blake3"] == result.model_digest
+    for doc in ("README.md", "docs/manifest.md"):
+        text = (root / doc).read_text()
+        for algorithm, digest in shown.items():
+            assert digest in text, (doc, algorithm)
