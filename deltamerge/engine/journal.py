@@ -123,7 +123,8 @@ def _line(shard: str, size: int, digests: dict[str, TensorDigest]) -> dict:
 
 def _digest(obj: dict) -> TensorDigest:
     """A tensor digest as ``TensorDigest.to_json`` wrote it (the fingerprint fixes the algorithm)."""
-    algorithm = next((a for a in ALGORITHMS if a in obj), None)
-    if algorithm is None:
-        raise KeyError("no digest")
+    found = [a for a in ALGORITHMS if a in obj]
+    if len(found) != 1:
+        raise KeyError("one digest")
+    algorithm = found[0]
     return TensorDigest(obj["dtype"], tuple(obj["shape"]), obj[algorithm], algorithm)
