@@ -27,10 +27,10 @@ from .errors import (
     VerificationError,
     WorkError,
 )
-from .formats.files import inside
 from .integrity.checks import checksum
-from .integrity.digest import FileHasher, TensorDigest, file_sha256, model_digest
-from .integrity.manifest import MANIFEST_NAME, Manifest, Role, find_manifest
+from .integrity.delta_checks import finish_delta_checks, plan_delta_checks
+from .integrity.digest import DEFAULT_ALGORITHM, TensorDigest, model_digest
+from .integrity.manifest import Manifest, Role, find_manifest
 from .kinds import ApplyOptions, Kind, is_non_weight
 from .kinds.add import VOCAB_TENSORS
 from .kinds.detect import WHOLE_FILE_KINDS, detect_kind, open_kind
@@ -172,11 +172,14 @@ def _apply_locked(
         if new_rows == "mean":
             fill_means(base_ckpt, jobs, block_size)
         shards = layout_shards(jobs, shard_bytes)
-        hashers = _delta_file_hashers(delta_ins, manifests) if verify else {}
-        expected_base = manifests[0].base.tensors if manifests and manifests[0] else None
+        checks = plan_delta_checks([d.path for d in delta_ins], manifests,
+                                   [k.checkpoint for k in opened])
+        first = manifests[0] if manifests else None
+        base_algorithm = first.algorithm if first else DEFAULT_ALGORITHM
+        out_algorithm = _result_algorithm(manifests, out_dtype, new_rows)
         options_record = {"kind": [k.name for k in opened], "dtype": str(out_dtype),
                           "new_rows": new_rows, "verify": verify, "version": __version__,
-                          **_lora_record(options)}
+                          **_lora_record(options), "algorithm": out_algorithm}
         if qlora is not None:
             options_record.update(qlora=qlora, qlora_dtype=str(quant_dtype))
         fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
@@ -194,7 +197,9 @@ def _apply_locked(
                 j.out.nbytes for s in shards if s.filename not in skip for j in s.jobs), "rebuilding")
             engine = Engine(
                 base_ckpt, shards, tmp, sink=sink, block_bytes=block_size,
-                workers=workers, expected_base=expected_base, file_hashers=hashers,
+                workers=workers, expected_base=first.base.tensors if first else None,
+                base_algorithm=base_algorithm, out_algorithm=out_algorithm,
+                expected_inputs=checks.expected_inputs, file_hashers=checks.file_hashers,
                 progress=bar.update, skip_shards=skip, on_shard_done=journal.record,
             )
             try:
@@ -204,16 +209,17 @@ def _apply_locked(
             out_digests = dict(run.out_digests)
             for digests in (checked.kept if checked else {}).values():
                 out_digests.update(digests)  # computed by this run's re-check, not the journal's
-            _check_files(delta_ins, manifests, run.file_digests)
+            finish_delta_checks(checks, run.input_digests, run.file_digests, block_size)
             write_index(tmp, shards)
             aux = _aux_files(base_ckpt, opened, extra_files)
             copy_aux(tmp, aux)
             fix_config(tmp, _vocab_rows(jobs), _result_dtype(jobs), _config_updates(opened))
-            digest = model_digest(out_digests)
+            digest = model_digest(out_digests, out_algorithm)
             result = ApplyResult(
                 out, [k.name for k in opened], len(jobs), [s.filename for s in shards],
                 run.bytes_read + (checked.bytes_read if checked else 0), run.bytes_written,
                 run.seconds + (checked.seconds if checked else 0), peak_rss_bytes(), digest,
+                algorithm=out_algorithm,
             )
             if checked and (checked.kept or checked.redone):
                 result.notes.append(checked.note())
@@ -352,37 +358,15 @@ def fill_means(base: Checkpoint, jobs: list[TensorJob], block_bytes: int) -> Non
         job.mean = summed.mean().reshape(job.base.shape[1:])
 
 
-def _delta_file_hashers(
-    delta_ins: list[Resolved], manifests: list[Manifest | None]
-) -> dict[Path, FileHasher]:
-    hashers = {}
-    for d, m in zip(delta_ins, manifests):
-        if m is None:
-            continue
-        for name in m.files:
-            path = inside(d.path, name, d.path / MANIFEST_NAME)
-            if path.is_file() and path.stat().st_size > 1 << 20:
-                hashers[path] = FileHasher(path)
-    return hashers
-
-
-def _check_files(
-    delta_ins: list[Resolved], manifests: list[Manifest | None], streamed: dict[Path, str]
-) -> None:
-    """Every file the manifest lists must be present with its sha256."""
-    for d, m in zip(delta_ins, manifests):
-        if m is None:
-            continue
-        for name, info in m.files.items():
-            path = inside(d.path, name, d.path / MANIFEST_NAME)
-            if not path.is_file():
-                raise VerificationError(f"{path}: listed in {MANIFEST_NAME} but missing")
-            sha = streamed.get(path) or file_sha256(path)
-            if sha != info["sha256"]:
-                raise VerificationError(
-                    f"{path}: sha256 {sha[:16]}… does not match {MANIFEST_NAME} "
-                    f"({info['sha256'][:16]}…): the file is corrupt or was changed"
-                )
+def _result_algorithm(
+    manifests: list[Manifest | None], out_dtype: torch.dtype | None, new_rows: str
+) -> str:
+    """The result is hashed in the algorithm of the digest it is compared with: the last
+    manifest's when its result role applies (sha256 for format 1), BLAKE3 otherwise."""
+    last = manifests[-1] if manifests else None
+    if last is None or out_dtype is not None or new_rows != last.options.get("new_rows", "zero"):
+        return DEFAULT_ALGORITHM
+    return last.algorithm
 
 
 def _aux_files(
@@ -483,6 +467,7 @@ def _record(
         "deltas": [dict(d.describe(), kind=k) for d, k in zip(deltas, result.kinds)],
         "options": {"dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
                     "new_rows": new_rows},
-        "result": Role.of(digests).to_json(),
+        "algorithm": result.algorithm,
+        "result": Role.of(digests, result.algorithm).to_json(),
         "publisher_digest": result.publisher_digest,
     }

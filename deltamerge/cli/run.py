@@ -104,7 +104,7 @@ def _print_apply(result, base: str, deltas: list[str], no_verify: bool) -> None:
         verdict = "no manifest from the publisher: compare this digest with theirs"
     else:
         verdict = "not compared"
-    click.echo(f"  digest    {result.model_digest} ({verdict})")
+    click.echo(f"  digest    {result.algorithm} {result.model_digest} ({verdict})")
 
 
 @click.command("make-delta", context_settings={"help_option_names": ["-h", "--help"]})
@@ -144,5 +144,5 @@ def _print_make(result) -> None:
     share = result.mismatched_elements / max(result.elements, 1)
     click.echo(f"  base + delta reproduces the target except {result.mismatched_elements} of "
                f"{result.elements} elements ({share:.4%})")
-    click.echo(f"  base digest    {result.base_digest}")
-    click.echo(f"  result digest  {result.result_digest}")
+    click.echo(f"  base digest    blake3 {result.base_digest}")
+    click.echo(f"  result digest  blake3 {result.result_digest}")

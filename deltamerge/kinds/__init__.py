@@ -122,9 +122,14 @@ class ApplyOptions:
 
 
 class Kind(ABC):
-    """A delta of one kind, opened from its folder."""
+    """A delta of one kind, opened from its folder.
+
+    ``checkpoint`` is the delta's tensors where it has them as a checkpoint, so that apply can
+    check them against the delta's manifest.
+    """
 
     name: str = "?"
+    checkpoint: Checkpoint | None = None
 
     def __init__(self, folder: Path):
         self.folder = folder
