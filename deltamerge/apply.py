@@ -28,10 +28,10 @@ from .errors import (
     WorkError,
     signal_status,
 )
-from .formats.files import inside
 from .integrity.checks import checksum
-from .integrity.digest import FileHasher, TensorDigest, file_sha256, model_digest
-from .integrity.manifest import MANIFEST_NAME, Manifest, Role, check_base_dtypes, find_manifest
+from .integrity.delta_checks import finish_delta_checks, plan_delta_checks
+from .integrity.digest import DEFAULT_ALGORITHM, TensorDigest, model_digest
+from .integrity.manifest import Manifest, Role, check_base_dtypes, find_manifest
 from .kinds import ApplyOptions, Kind, is_non_weight
 from .kinds.add import VOCAB_TENSORS
 from .kinds.detect import WHOLE_FILE_KINDS, detect_kind, open_kind
@@ -49,7 +49,7 @@ from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
-from .sources.folders import AUX_FILES
+from .sources.folders import is_aux_file
 from .sources.inputs import Resolved
 from .sources.resolve import input_region, resolve_input
 from .tensor_spec import TensorSpec
@@ -79,6 +79,9 @@ def apply_delta(
     resume: bool = False,
     qlora: str | None = None,
     qlora_dtype: str | torch.dtype | None = None,
+    lora_r: int | None = None,
+    lora_alpha: float | None = None,
+    lora_prefix: str | None = None,
 ) -> ApplyResult:
     """Rebuild ``base`` + ``delta`` (or a chain of deltas, applied in order) into ``out``.
 
@@ -94,7 +97,9 @@ def apply_delta(
 
     Deltas of whole files (``xor-files``, OpenBuddy's ``enc``) are decoded alone: ``expect_md5``
     is the release's md5 list for xor-files, ``key_md5`` the md5 an enc delta's key must have
-    (OpenBuddy's by default; tests make keys of their own).
+    (OpenBuddy's by default; tests make keys of their own). ``lora_r``, ``lora_alpha`` and
+    ``lora_prefix`` describe a LoRA state dict that has no ``adapter_config.json`` (PandaGPT's
+    ``pytorch_model.pt``).
     """
     deltas = [delta] if isinstance(delta, (str, Path)) else list(delta)
     out = Path(out).expanduser()
@@ -118,7 +123,7 @@ def apply_delta(
             shard_bytes=shard_bytes, block_size=block_size, force=force, verify=verify,
             workers=workers or 1, progress=progress, extra_files=extra_files, hub=hub,
             expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
-            quant_dtype=quant_dtype,
+            quant_dtype=quant_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
         )
 
 
@@ -128,7 +133,8 @@ def _apply_locked(
     force: bool, verify: bool, workers: int, progress: bool | Callable[[int, int], None],
     extra_files: dict[str, Path | bytes] | None, hub: dict | None,
     expect_md5: PathLike | None, key_md5: str | None, resume: bool, qlora: str | None,
-    quant_dtype: torch.dtype | None,
+    quant_dtype: torch.dtype | None, lora_r: int | None, lora_alpha: float | None,
+    lora_prefix: str | None,
 ) -> ApplyResult:
     """The run itself, under OUT's lock: nothing of OUT or its partial folder is touched before."""
     # Hub inputs: pair tensors and check space before the big downloads.
@@ -165,15 +171,21 @@ def _apply_locked(
             raise InputError("--qlora merges LoRA adapters onto the NF4 base: no delta is a LoRA")
         if manifests and manifests[0]:
             check_base_dtypes(str(base), base_ckpt.specs, manifests[0].base)
-        options = ApplyOptions(new_rows=new_rows, qlora=qlora, qlora_dtype=quant_dtype)
+        options = ApplyOptions(new_rows=new_rows, qlora=qlora, qlora_dtype=quant_dtype,
+                               lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix)
+        _check_lora_options(opened, options)
         jobs = plan_chain(base_ckpt, opened, options, out_dtype, block_size)
         if new_rows == "mean":
             fill_means(base_ckpt, jobs, block_size)
         shards = layout_shards(jobs, shard_bytes)
-        hashers = _delta_file_hashers(delta_ins, manifests) if verify else {}
-        expected_base = manifests[0].base.tensors if manifests and manifests[0] else None
+        checks = plan_delta_checks([d.path for d in delta_ins], manifests,
+                                   [k.checkpoint for k in opened])
+        first = manifests[0] if manifests else None
+        base_algorithm = first.algorithm if first else DEFAULT_ALGORITHM
+        out_algorithm = _result_algorithm(manifests, out_dtype, new_rows)
         options_record = {"kind": [k.name for k in opened], "dtype": str(out_dtype),
-                          "new_rows": new_rows, "verify": verify, "version": __version__}
+                          "new_rows": new_rows, "verify": verify, "version": __version__,
+                          **_lora_record(options), "algorithm": out_algorithm}
         if qlora is not None:
             options_record.update(qlora=qlora, qlora_dtype=str(quant_dtype))
         fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
@@ -191,7 +203,9 @@ def _apply_locked(
                 j.out.nbytes for s in shards if s.filename not in skip for j in s.jobs), "rebuilding")
             engine = Engine(
                 base_ckpt, shards, tmp, sink=sink, block_bytes=block_size,
-                workers=workers, expected_base=expected_base, file_hashers=hashers,
+                workers=workers, expected_base=first.base.tensors if first else None,
+                base_algorithm=base_algorithm, out_algorithm=out_algorithm,
+                expected_inputs=checks.expected_inputs, file_hashers=checks.file_hashers,
                 progress=bar.update, skip_shards=skip, on_shard_done=journal.record,
             )
             try:
@@ -201,16 +215,17 @@ def _apply_locked(
             out_digests = dict(run.out_digests)
             for digests in (checked.kept if checked else {}).values():
                 out_digests.update(digests)  # computed by this run's re-check, not the journal's
-            _check_files(delta_ins, manifests, run.file_digests)
+            finish_delta_checks(checks, run.input_digests, run.file_digests, block_size)
             write_index(tmp, shards)
             aux = _aux_files(base_ckpt, opened, extra_files)
             copy_aux(tmp, aux)
-            fix_config(tmp, _vocab_rows(jobs), _result_dtype(jobs))
-            digest = model_digest(out_digests)
+            fix_config(tmp, _vocab_rows(jobs), _result_dtype(jobs), _config_updates(opened))
+            digest = model_digest(out_digests, out_algorithm)
             result = ApplyResult(
                 out, [k.name for k in opened], len(jobs), [s.filename for s in shards],
                 run.bytes_read + (checked.bytes_read if checked else 0), run.bytes_written,
                 run.seconds + (checked.seconds if checked else 0), peak_rss_bytes(), digest,
+                algorithm=out_algorithm,
             )
             if checked and (checked.kept or checked.redone):
                 result.notes.append(checked.note())
@@ -362,37 +377,15 @@ def fill_means(base: Checkpoint, jobs: list[TensorJob], block_bytes: int) -> Non
         job.mean = summed.mean().reshape(job.base.shape[1:])
 
 
-def _delta_file_hashers(
-    delta_ins: list[Resolved], manifests: list[Manifest | None]
-) -> dict[Path, FileHasher]:
-    hashers = {}
-    for d, m in zip(delta_ins, manifests):
-        if m is None:
-            continue
-        for name in m.files:
-            path = inside(d.path, name, d.path / MANIFEST_NAME)
-            if path.is_file() and path.stat().st_size > 1 << 20:
-                hashers[path] = FileHasher(path)
-    return hashers
-
-
-def _check_files(
-    delta_ins: list[Resolved], manifests: list[Manifest | None], streamed: dict[Path, str]
-) -> None:
-    """Every file the manifest lists must be present with its sha256."""
-    for d, m in zip(delta_ins, manifests):
-        if m is None:
-            continue
-        for name, info in m.files.items():
-            path = inside(d.path, name, d.path / MANIFEST_NAME)
-            if not path.is_file():
-                raise VerificationError(f"{path}: listed in {MANIFEST_NAME} but missing")
-            sha = streamed.get(path) or file_sha256(path)
-            if sha != info["sha256"]:
-                raise VerificationError(
-                    f"{path}: sha256 {sha[:16]}… does not match {MANIFEST_NAME} "
-                    f"({info['sha256'][:16]}…): the file is corrupt or was changed"
-                )
+def _result_algorithm(
+    manifests: list[Manifest | None], out_dtype: torch.dtype | None, new_rows: str
+) -> str:
+    """The result is hashed in the algorithm of the digest it is compared with: the last
+    manifest's when its result role applies (sha256 for format 1), BLAKE3 otherwise."""
+    last = manifests[-1] if manifests else None
+    if last is None or out_dtype is not None or new_rows != last.options.get("new_rows", "zero"):
+        return DEFAULT_ALGORITHM
+    return last.algorithm
 
 
 def _aux_files(
@@ -403,7 +396,32 @@ def _aux_files(
     for k in kinds:
         files.update(k.aux_files())
     files.update(extra or {})
-    return {n: f for n, f in files.items() if n in AUX_FILES or (extra and n in extra)}
+    return {n: f for n, f in files.items() if is_aux_file(n) or (extra and n in extra)}
+
+
+def _config_updates(kinds: list[Kind]) -> dict:
+    """config.json fields the deltas set (a P-tuning checkpoint's pre_seq_len), the last one's win."""
+    updates: dict = {}
+    for k in kinds:
+        updates.update(k.config_updates())
+    return updates
+
+
+def _check_lora_options(kinds: list[Kind], options: ApplyOptions) -> None:
+    """--lora-r/--lora-alpha/--lora-prefix describe a bare LoRA state dict; refuse them unused."""
+    given = [n for n, v in (("--lora-r", options.lora_r), ("--lora-alpha", options.lora_alpha),
+                            ("--lora-prefix", options.lora_prefix)) if v is not None]
+    if given and not any(getattr(k, "bare", False) for k in kinds):
+        raise InputError(
+            f"{given[0]} describes a LoRA state dict without adapter_config.json, and no delta "
+            "is one (an adapter's own config gives its rank and alpha)"
+        )
+
+
+def _lora_record(options: ApplyOptions) -> dict:
+    """The --lora-* options given, for the journal's fingerprint (they change the result)."""
+    return {k: v for k, v in (("lora_r", options.lora_r), ("lora_alpha", options.lora_alpha),
+                              ("lora_prefix", options.lora_prefix)) if v is not None}
 
 
 def _vocab_rows(jobs: list[TensorJob]) -> int | None:
@@ -468,6 +486,7 @@ def _record(
         "deltas": [dict(d.describe(), kind=k) for d, k in zip(deltas, result.kinds)],
         "options": {"dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
                     "new_rows": new_rows},
-        "result": Role.of(digests).to_json(),
+        "algorithm": result.algorithm,
+        "result": Role.of(digests, result.algorithm).to_json(),
         "publisher_digest": result.publisher_digest,
     }

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from .engine import Engine
 from .engine.plan import TensorJob, layout_shards, rows_per_block
+from .engine.stream import WrittenFile
 from .errors import InputError
-from .integrity.checks import hash_tensor
-from .integrity.digest import TensorHasher, file_sha256
-from .integrity.manifest import MANIFEST_NAME, Manifest, Role
+from .integrity.digest import TensorHasher, file_digest, hash_tensor
+from .integrity.manifest import MANIFEST_NAME, FileEntry, Manifest, Role
 from .kinds import Step, is_non_weight
 from .kinds.add import MakeAddStep, check_pairing
 from .kinds.xor import MakeXorStep
@@ -29,7 +29,7 @@ from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
-from .sources.folders import AUX_FILES
+from .sources.folders import is_aux_file
 from .sources.resolve import input_region, resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
@@ -51,7 +51,11 @@ def make_delta(
     progress: bool | Callable[[int, int], None] = False,
     hub: dict | None = None,
 ) -> MakeDeltaResult:
-    """Write ``target - base`` (or ``target XOR base``) to ``out`` with a ``deltamerge.json``."""
+    """Write ``target - base`` (or ``target XOR base``) to ``out`` with a ``deltamerge.json``.
+
+    The one pass hashes the base (the manifest's base role), what apply will rebuild (its result
+    role), the delta's tensors (its delta role) and the delta's files as they are written.
+    """
     if kind not in MAKE_KINDS:
         raise InputError(f"make-delta --kind must be one of {', '.join(MAKE_KINDS)}, not {kind!r}")
     out = Path(out).expanduser()
@@ -81,7 +85,7 @@ def _make_locked(
         try:
             engine = Engine(
                 base_ckpt, shards, tmp, sink=SafetensorsSink(), block_bytes=block_size,
-                workers=workers, hash_base=True, hash_out=False, hash_files=True,
+                workers=workers, hash_base=True, hash_out=True, hash_files=True,
                 progress=bar.update,
             )
             run = engine.run()
@@ -94,11 +98,11 @@ def _make_locked(
                 if name not in result_digests and is_non_weight(name):
                     result_digests[name] = base_digests[name]
             write_index(tmp, shards)
-            copy_aux(tmp, {n: p for n, p in target_ckpt.aux_files().items() if n in AUX_FILES})
+            copy_aux(tmp, {n: p for n, p in target_ckpt.aux_files().items() if is_aux_file(n)})
             files = _file_table(tmp, engine.written_files)
             manifest = Manifest(
                 kind, __version__, files, Role.of(base_digests), Role.of(result_digests),
-                {"new_rows": "zero"},
+                {"new_rows": "zero"}, delta=Role.of(run.out_digests),
             )
             manifest.write(tmp / MANIFEST_NAME)
             publish(tmp, out)
@@ -136,11 +140,15 @@ def _make_step(kind: str, before: TensorSpec, target: Checkpoint, name: str) -> 
     return MakeAddStep(before, target, name)
 
 
-def _file_table(folder: Path, streamed: dict[str, str]) -> dict[str, dict]:
-    """sha256 and size of every file of the delta; shards were hashed as they were written."""
+def _file_table(folder: Path, written: dict[str, WrittenFile]) -> dict[str, FileEntry]:
+    """Digest and size of every file of the delta; shards were hashed as they were written."""
     table = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.name != MANIFEST_NAME:
-            sha = streamed.get(path.name) or file_sha256(path)
-            table[path.name] = {"sha256": sha, "size": path.stat().st_size}
+            size = path.stat().st_size
+            shard = written.get(path.name)
+            if shard is None:
+                table[path.name] = FileEntry(file_digest(path), size)
+            else:
+                table[path.name] = FileEntry(shard.digest, size, (shard.header_size, shard.header_digest))
     return table

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import FormatError, InputError
+from .formats.files import read_json_object
 from .integrity.manifest import MANIFEST_NAME, check_base_dtypes, find_manifest
 from .kinds import is_non_weight
 from .kinds.add import check_pairing
@@ -102,9 +103,13 @@ def check_roles(folders: list[Path], givens: list[str], kind: str | None) -> Non
 
 
 def _declared_kind(folder: Path) -> tuple[str | None, str]:
-    """The kind a delta's own files declare (a PEFT config, a manifest), or None."""
+    """The kind a delta's own files declare (a PEFT LoRA config, a manifest), or None."""
     if (folder / ADAPTER_CONFIG).is_file():
-        return "lora", ADAPTER_CONFIG
+        try:
+            peft_type = read_json_object(folder / ADAPTER_CONFIG).get("peft_type")
+        except FormatError:
+            peft_type = None  # reported where it is used
+        return ("lora" if peft_type == "LORA" else None), ADAPTER_CONFIG
     try:
         manifest = find_manifest(folder)
     except FormatError:

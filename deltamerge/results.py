@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+DEFAULT_ALGORITHM = "blake3"  # integrity.digest's default, named here for the leaf
+
 # Provenance and digests of a rebuilt model, written into it by apply (and by xor-files).
 RESULT_RECORD = "deltamerge-result.json"
 
@@ -21,11 +23,12 @@ class ApplyResult:
     bytes_read: int
     bytes_written: int
     seconds: float
-    peak_rss: int
+    peak_rss: int  # this process's own peak resident memory (VmHWM), in bytes
     model_digest: str
     publisher_digest: str | None = None  # the manifest's expected result, when there is one
     verified: bool = False  # True when the result matched the publisher's digest
     notes: list[str] = field(default_factory=list)
+    algorithm: str = DEFAULT_ALGORITHM  # of model_digest: sha256 when checked against format 1
 
 
 @dataclass
@@ -35,8 +38,8 @@ class MakeDeltaResult:
     tensors: int
     elements: int
     mismatched_elements: int  # elements base + delta does not give back exactly
-    base_digest: str
+    base_digest: str  # BLAKE3 model digests, as the manifest (format 2) records them
     result_digest: str
     bytes_written: int
     seconds: float
-    peak_rss: int
+    peak_rss: int  # this process's own peak resident memory (VmHWM), in bytes

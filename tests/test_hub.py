@@ -7,6 +7,7 @@ HF_HOME per test) and ends by checking that no request fell outside the routes i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -125,6 +126,38 @@ def test_damaged_cache_blob_is_hashed_again_and_refused(hub, api, models, tmp_pa
     assert not blob.exists()  # removed, so the next run downloads it again
     again = apply_delta("alice/base", "alice/delta", tmp_path / "three", hub={"api": api})
     assert again.model_digest == models.local.model_digest
+
+
+def test_a_verified_blob_is_not_hashed_again_and_a_change_behind_its_back_is_still_caught(
+    hub, api, models, tmp_path, monkeypatch
+):
+    """The Hub's sha256 is checked once, at download; a warm apply hashes no blob as a file. A
+    byte changed in a cached blob with its size, inode and mtime kept fools that memory, and is
+    then caught by what every apply checks: the base's tensors against the delta's manifest."""
+    import deltamerge.sources.hub as hub_module
+    from deltamerge.formats.safetensors import read_header
+
+    publish(api, models)
+    apply_delta("alice/base", "alice/delta", tmp_path / "one", hub={"api": api})
+    hashed = []
+    for name in ("file_digest", "git_blob_sha1"):
+        real = getattr(hub_module, name)
+        monkeypatch.setattr(hub_module, name, lambda *a, real=real, **k: hashed.append(a) or real(*a, **k))
+    again = apply_delta("alice/base", "alice/delta", tmp_path / "two", hub={"api": api})
+    assert again.verified and hashed == []
+
+    blob = (open_repo("alice/base", api).folder / "model.safetensors").resolve()
+    st = blob.stat()
+    stored = read_header(blob).tensors["model.norm.weight"]
+    with open(blob, "r+b") as f:  # in place: the same inode
+        f.seek(stored.offset)
+        byte = f.read(1)[0]
+        f.seek(stored.offset)
+        f.write(bytes([byte ^ 1]))
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(VerificationError, match="'model.norm.weight' does not match the publisher's base"):
+        apply_delta("alice/base", "alice/delta", tmp_path / "three", hub={"api": api})
+    assert hashed == []
 
 
 def test_offline_with_a_warm_cache(hub, api, models, tmp_path, monkeypatch):

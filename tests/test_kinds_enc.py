@@ -26,7 +26,7 @@ from conftest import (
 
 from deltamerge import apply_delta
 from deltamerge.errors import InputError, MismatchError, NotFoundError, VerificationError
-from deltamerge.integrity.checks import checksum
+from deltamerge.integrity.checks import checksum, verify
 from deltamerge.kinds.detect import detect_kind
 from deltamerge.kinds.enc import OPENBUDDY_KEY_MD5
 from deltamerge.sinks.folder import partial_dir
@@ -116,7 +116,8 @@ def test_enc_is_decoded_as_decrypt_py_does(openbuddy, tmp_path: Path) -> None:
     assert_states_equal(load_state(out), load_state(model))
     digest = checksum(out).model_digest
     assert digest == checksum(model).model_digest
-    assert f"digest    {digest}" in done.stdout
+    assert f"digest    blake3 {digest}" in done.stdout
+    assert verify(out, out / "deltamerge-result.json").ok  # the record names its algorithm
 
 
 def test_enc_base_may_be_the_pth_file(openbuddy, tmp_path: Path) -> None:

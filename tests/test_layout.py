@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("public API", ["deltamerge"]),  # the package itself: lazy names only
     ("entry points", [
         "deltamerge.apply", "deltamerge.make_delta", "deltamerge.convert", "deltamerge.preflight",
-        "deltamerge.integrity.checks", "deltamerge.hub",
+        "deltamerge.integrity.checks", "deltamerge.integrity.delta_checks", "deltamerge.hub",
     ]),
     ("engine", ["deltamerge.engine"]),
     ("kinds", ["deltamerge.kinds"]),

@@ -10,25 +10,20 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import click
 
 from ..errors import VerificationError
 from .common import handle_errors, human, say
 
-if TYPE_CHECKING:
-    from ..integrity.digest import TensorDigest
-
 HELP = {"help_option_names": ["-h", "--help"]}
-
-
-def _spec(d: TensorDigest) -> str:
-    return f"{d.dtype}{list(d.shape)}"
 
 
 def _quiet_option(fn: Callable) -> Callable:
     return click.option("-q", "--quiet", is_flag=True, help="No progress bar.")(fn)
+
+
+ALGORITHM_CHOICE = click.Choice(["blake3", "sha256"])
 
 
 def _json_option(fn: Callable) -> Callable:
@@ -39,23 +34,27 @@ def _json_option(fn: Callable) -> Callable:
 @click.argument("folder", metavar="DIR")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write every tensor's digest to this JSON file (for verify --manifest).")
+@click.option("-a", "--algorithm", type=ALGORITHM_CHOICE, default="blake3", show_default=True,
+              help="blake3 (manifest format 2) or sha256 (format 1, and digests published "
+                   "before it).")
 @_quiet_option
 @handle_errors
-def checksum_cmd(folder: str, output: str | None, quiet: bool) -> None:
-    """Print the model digest of the checkpoint in DIR.
+def checksum_cmd(folder: str, output: str | None, algorithm: str, quiet: bool) -> None:
+    """Print the model digest of the checkpoint in DIR, as `DIGEST  DIR`.
 
     The digest is of the tensors' names, dtypes, shapes and bytes, not of the files: the same
     weights give the same digest as safetensors or .bin, in any number of shards (see
-    docs/manifest.md). Compare it with the one a publisher gives.
+    docs/manifest.md). Compare it with the one a publisher gives, in the same algorithm.
 
     \b
     Example:
       deltamerge checksum ./llama-7b --output llama-7b.digests.json
       deltamerge verify ./other-copy --manifest llama-7b.digests.json
+      deltamerge checksum ./llama-7b --algorithm sha256
     """
     from ..integrity.checks import checksum  # deferred so --help and --version answer without loading torch
 
-    result = checksum(folder, progress=not quiet)
+    result = checksum(folder, progress=not quiet, algorithm=algorithm)
     if output:
         result.write(output)
     say(f"{result.model_digest}  {folder}")
@@ -68,13 +67,19 @@ def checksum_cmd(folder: str, output: str | None, quiet: bool) -> None:
                    "(a folder: its deltamerge.json or deltamerge-result.json).")
 @click.option("--role", type=click.Choice(["result", "base"]), default="result", show_default=True,
               help="Which side of a deltamerge.json DIR should be: the delta's result or its base.")
+@click.option("-a", "--algorithm", type=ALGORITHM_CHOICE, default=None,
+              help="Insist on the manifest's digests being in this algorithm (default: compare "
+                   "in whichever the manifest holds: sha256 for format 1, blake3 for format 2).")
 @_json_option
 @_quiet_option
 @handle_errors
-def verify_cmd(folder: str, manifest: str, role: str, as_json: bool, quiet: bool) -> None:
+def verify_cmd(
+    folder: str, manifest: str, role: str, algorithm: str | None, as_json: bool, quiet: bool
+) -> None:
     """Check every tensor of DIR against a manifest's digests.
 
-    Exits 0 when all match, 1 listing every tensor that is missing, extra or different.
+    DIR is hashed in the algorithm of the manifest (format 1: sha256, format 2: blake3). Exits 0
+    when all match, 1 listing every tensor that is missing, extra or different.
 
     \b
     Examples:
@@ -84,7 +89,7 @@ def verify_cmd(folder: str, manifest: str, role: str, as_json: bool, quiet: bool
     """
     from ..integrity.checks import verify  # deferred so --help and --version answer without loading torch
 
-    report = verify(folder, manifest, role, progress=not quiet and not as_json)
+    report = verify(folder, manifest, role, progress=not quiet and not as_json, algorithm=algorithm)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=1))
     else:
@@ -93,8 +98,8 @@ def verify_cmd(folder: str, manifest: str, role: str, as_json: bool, quiet: bool
         for name in report.extra:
             say(f"extra    {name}")
         for m in report.differ:
-            say(f"differs  {m.name}: {m.reason}: sha256 {m.actual.sha256[:16]}… "
-                       f"{_spec(m.actual)}, expected {m.expected.sha256[:16]}… {_spec(m.expected)}")
+            say(f"differs  {m.name}: {m.reason}: {m.actual.describe()}, "
+                       f"expected {m.expected.describe()}")
     if not report.ok:
         raise VerificationError(
             f"{folder}: {report.failures} tensor(s) do not match the {role} in {manifest} "
@@ -102,7 +107,7 @@ def verify_cmd(folder: str, manifest: str, role: str, as_json: bool, quiet: bool
         )
     if not as_json:
         say(f"OK  {folder} matches the {role} in {manifest}: {report.matched} tensors, "
-                   f"model digest {report.model_digest}")
+                   f"model digest {report.algorithm} {report.model_digest}")
 
 
 @click.command("inspect", context_settings=HELP)

@@ -10,7 +10,8 @@ from .common import common_run_options, default_workers, handle_errors, human, m
 
 @click.command("apply", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1, required=True, metavar="BASE DELTA... OUT")
-@click.option("--kind", type=click.Choice(["add", "xor", "xor-files", "enc", "lora"]), default=None,
+@click.option("--kind", type=click.Choice(["add", "xor", "xor-files", "enc", "lora", "prefix"]),
+              default=None,
               help="Delta kind (default: detected from the delta's files).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="Output dtype (default: the delta's; for LoRA, the base's).")
@@ -32,12 +33,19 @@ from .common import common_run_options, default_workers, handle_errors, human, m
               help="enc: the md5 the key must have instead of OpenBuddy's (for made-up keys).")
 @click.option("--resume", is_flag=True,
               help="Finish an interrupted run of the same command, redoing only unfinished shards.")
+@click.option("--lora-alpha", type=float, default=None, metavar="ALPHA",
+              help="LoRA state dict without adapter_config.json (PandaGPT): its lora_alpha.")
+@click.option("--lora-r", type=int, default=None, metavar="R",
+              help="...and its rank, checked against the factors' shapes.")
+@click.option("--lora-prefix", default=None, metavar="PREFIX",
+              help="...and what precedes the base's names in its keys (default: detected).")
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None,
               help="Upload the result to this Hub repo when done (with a model card).")
 @common_run_options
 @handle_errors
 def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expect_md5, key_md5,
-              resume, push_to, max_shard_size, block_size, force, workers, quiet) -> None:
+              resume, lora_alpha, lora_r, lora_prefix, push_to, max_shard_size, block_size, force,
+              workers, quiet) -> None:
     """Rebuild a model from BASE and one or more DELTAs into OUT.
 
     BASE and each DELTA are local folders (or Hub repo ids). Several DELTAs are applied in
@@ -45,8 +53,9 @@ def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expec
     (*.enc files), BASE is Meta's original LLaMA-7B folder or its consolidated.00.pth.
 
     \b
-    Example:
+    Examples:
       deltamerge apply ./llama-13b ./vicuna-13b-delta-v1.1 ./vicuna-13b
+      deltamerge apply ./llama-13b ./vicuna-13b-delta-v0 ./pandagpt-13b ./out --lora-alpha 32
     """
     from ..apply import apply_delta  # deferred so --help and --version answer without loading torch
 
@@ -58,7 +67,7 @@ def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expec
         max_shard_size=max_shard_size, block_size=block_size or DEFAULT_BLOCK_BYTES,
         force=force, verify=not no_verify, workers=workers or default_workers(),
         progress=not quiet, resume=resume, expect_md5=expect_md5, key_md5=key_md5, qlora=qlora,
-        qlora_dtype=qlora_dtype,
+        qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
     )
     if not quiet:
         _print_apply(result, base, deltas, no_verify)
@@ -95,7 +104,7 @@ def _print_apply(result, base: str, deltas: list[str], no_verify: bool) -> None:
         verdict = "no manifest from the publisher: compare this digest with theirs"
     else:
         verdict = "not compared"
-    click.echo(f"  digest    {result.model_digest} ({verdict})")
+    click.echo(f"  digest    {result.algorithm} {result.model_digest} ({verdict})")
 
 
 @click.command("make-delta", context_settings={"help_option_names": ["-h", "--help"]})
@@ -135,5 +144,5 @@ def _print_make(result) -> None:
     share = result.mismatched_elements / max(result.elements, 1)
     click.echo(f"  base + delta reproduces the target except {result.mismatched_elements} of "
                f"{result.elements} elements ({share:.4%})")
-    click.echo(f"  base digest    {result.base_digest}")
-    click.echo(f"  result digest  {result.result_digest}")
+    click.echo(f"  base digest    blake3 {result.base_digest}")
+    click.echo(f"  result digest  blake3 {result.result_digest}")

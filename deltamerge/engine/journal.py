@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
-from ..integrity.digest import TensorDigest
+from ..integrity.digest import ALGORITHMS, TensorDigest
 from .plan import Shard
 
 JOURNAL_NAME = "journal.jsonl"
@@ -145,10 +145,7 @@ class Journal:
         for line in lines[1:]:
             try:
                 entry = json.loads(line)
-                digests = {
-                    n: TensorDigest(d["dtype"], tuple(d["shape"]), d["sha256"])
-                    for n, d in entry["tensors"].items()
-                }
+                digests = {n: _digest(d) for n, d in entry["tensors"].items()}
                 if not isinstance(entry["shard"], str):
                     raise TypeError("shard name")
                 journal.recorded[entry["shard"]] = Entry(int(entry["size"]), digests)
@@ -188,3 +185,12 @@ class Journal:
 
 def _line(shard: str, size: int, digests: dict[str, TensorDigest]) -> dict:
     return {"shard": shard, "size": size, "tensors": {n: d.to_json() for n, d in digests.items()}}
+
+
+def _digest(obj: dict) -> TensorDigest:
+    """A tensor digest as ``TensorDigest.to_json`` wrote it (the fingerprint fixes the algorithm)."""
+    found = [a for a in ALGORITHMS if a in obj]
+    if len(found) != 1:
+        raise KeyError("one digest")
+    algorithm = found[0]
+    return TensorDigest(obj["dtype"], tuple(obj["shape"]), obj[algorithm], algorithm)

@@ -110,16 +110,18 @@ def _result_card(
         rows.append(f"| delta | {source} | {commit} | {d.get('kind', '?')} |")
     result = record.get("result")
     digest = result.get("model_digest") if isinstance(result, dict) else None
+    algorithm = record.get("algorithm", "sha256")  # records before manifest format 2: sha256
+    option = "" if algorithm == "blake3" else f" --algorithm {algorithm}"
     version = record.get("deltamerge_version") or __version__
     body = (
         f"# {title}\n\n"
         f"This model was rebuilt with [deltamerge]({PROJECT_URL}) {version} by applying "
         f"{'a delta' if len(deltas) == 1 else f'{len(deltas)} deltas, in order,'} to a base "
         "model:\n\n" + "\n".join(rows) + "\n\n"
-        f"Model digest of the result: `{digest}`\n\n"
+        f"Model digest of the result ({algorithm}): `{digest}`\n\n"
         "The digest covers every tensor's name, dtype, shape and bytes, whatever the file "
         "layout. Check a copy with:\n\n"
-        f"```bash\ndeltamerge checksum {repo_id}\n```\n\n"
+        f"```bash\ndeltamerge checksum {repo_id}{option}\n```\n\n"
         f"`{RESULT_RECORD}` records the inputs, the options and every tensor's digest.\n"
     )
     return data, body
@@ -135,7 +137,7 @@ def _delta_card(folder: Path, title: str, repo_id: str) -> tuple[ModelCardData, 
     digests = ""
     if manifest is not None:
         digests = (
-            "| | model digest |\n|---|---|\n"
+            f"| | model digest ({manifest.algorithm}) |\n|---|---|\n"
             f"| base | `{manifest.base.model_digest}` |\n"
             f"| result | `{manifest.result.model_digest}` |\n\n"
         )

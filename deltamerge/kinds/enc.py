@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InputError, MismatchError, NotFoundError
+from ..integrity.digest import DEFAULT_ALGORITHM
 from ..memory import drop_file_range, peak_rss_bytes
 from ..results import RESULT_RECORD, ApplyResult
 from ..sinks.folder import write_json
@@ -148,7 +149,7 @@ def apply_enc(
             "key_md5": key_md5.lower(),
             "files": {d.name: {"md5": d.md5, "size": d.size} for d in decoded},
             "files_digest": files_digest(decoded),
-            **({"result": tensors[1]} if tensors is not None else {}),
+            **({"algorithm": DEFAULT_ALGORITHM, "result": tensors[1]} if tensors is not None else {}),
         })
     copied = sum(p.stat().st_size for p in others)
     return ApplyResult(
@@ -156,6 +157,8 @@ def apply_enc(
         [d.name for d in decoded], KEY_SIZE + sum(d.bytes_read for d in decoded) + copied,
         sum(d.size for d in decoded) + copied,
         time.monotonic() - start, peak_rss_bytes(), digest, notes=notes,
+        # the tensors' model digest (BLAKE3), or the files digest (sha256 of their md5 list)
+        algorithm=DEFAULT_ALGORITHM if tensors is not None else "sha256",
     )
 
 

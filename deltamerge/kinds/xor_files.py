@@ -254,6 +254,7 @@ def apply_xor_files(
         sum(d.size for d in decoded),
         time.monotonic() - start, peak_rss_bytes(), digest,
         publisher_digest=digest if verified else None, verified=verified, notes=notes,
+        algorithm="sha256",  # of the md5 list: OpenAssistant published md5s, not tensors
     )
 
 

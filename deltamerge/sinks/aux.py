@@ -21,10 +21,14 @@ def copy_aux(tmp: Path, files: dict[str, Path | bytes]) -> None:
             shutil.copyfile(src, tmp / name)
 
 
-def fix_config(tmp: Path, vocab_rows: int | None, dtype: str | None) -> None:
+def fix_config(
+    tmp: Path, vocab_rows: int | None, dtype: str | None, updates: dict | None = None
+) -> None:
     """config.json must describe the result as written, not its inputs: ``vocab_size`` its
     embedding rows (or loading fails), its dtype (or ``from_pretrained(dtype="auto")`` loads it in
-    another one), and no ``_name_or_path``, which names a folder on the machine that made an input.
+    another one), no ``_name_or_path``, which names a folder on the machine that made an input,
+    and the fields a delta's tensors need (``updates``: a prefix encoder's ``pre_seq_len``).
+    ``auto_map`` (the model's own code, for ``trust_remote_code``) is kept as it is.
     """
     path = tmp / "config.json"
     if not path.is_file():
@@ -43,5 +47,6 @@ def fix_config(tmp: Path, vocab_rows: int | None, dtype: str | None) -> None:
         # transformers 5 writes "dtype", earlier releases "torch_dtype"; both read the latter.
         for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
             fixed[key] = dtype
+    fixed.update(updates or {})
     if fixed != config:
         write_json(path, fixed)

@@ -34,7 +34,7 @@ from ..errors import (
     VerificationError,
     WorkError,
 )
-from ..integrity.digest import file_sha256
+from ..integrity.digest import SHA256, file_digest
 from ..integrity.manifest import MANIFEST_NAME
 from ..results import RESULT_RECORD
 from ..tensor_spec import TensorSpec
@@ -45,6 +45,8 @@ from .folders import (
     BIN_SINGLE,
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
+    is_aux_file,
+    lone_torch_file,
     read_weight_map,
 )
 from .inputs import Resolved
@@ -182,6 +184,7 @@ class RemoteRepo:
 
     def small_files(self) -> list[str]:
         names = [n for n in SMALL_FILES if n in self.files]
+        names += sorted(n for n in self.files if is_aux_file(n) and n not in names)
         index, _ = self._weights_plan()
         return names + ([index] if index else [])
 
@@ -243,7 +246,10 @@ class RemoteRepo:
         if "params.json" in names and meta:
             return None, meta
         singles = [n for n in names if n.endswith(".safetensors") and "/" not in n]
-        return None, singles if len(singles) == 1 else []
+        if len(singles) == 1:
+            return None, singles
+        lone = lone_torch_file(sorted(names))
+        return None, [lone] if lone else []
 
     def missing_bytes(self, names: Iterable[str]) -> int:
         """Bytes still to download: files whose blob is not in the cache yet."""
@@ -280,7 +286,7 @@ class RemoteRepo:
         if _verified(expected.blob or "", blob):
             return
         if expected.sha256 is not None:
-            actual, want, algo = file_sha256(blob), expected.sha256, "sha256"
+            actual, want, algo = file_digest(blob, SHA256), expected.sha256, "sha256"
         else:
             actual, want, algo = git_blob_sha1(blob), expected.blob_id, "git sha1"
         if actual != want:
@@ -320,19 +326,26 @@ def git_blob_sha1(path: Path) -> str:
     return h.hexdigest()
 
 
-def _marker(checksum: str) -> Path:
-    return Path(hf_constants.HF_HOME) / "deltamerge" / "verified" / checksum
+def _marker(checksum: str, blob: Path) -> Path:
+    """Where a match of this very file is remembered: one marker per checksum and inode, since
+    several repos can hold the same file (a config, a mirrored shard) as blobs of their own."""
+    st = blob.stat()
+    return Path(hf_constants.HF_HOME) / "deltamerge" / "verified" / checksum / f"{st.st_dev}-{st.st_ino}"
 
 
 def _identity(blob: Path) -> str:
     st = blob.stat()
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _verified(checksum: str, blob: Path) -> bool:
-    """Whether this very blob (same inode, size and mtime) was hashed and matched before."""
+    """Whether this very blob (same inode, size and mtime) was hashed and matched before.
+
+    A change that keeps all three (a byte rewritten in place, the mtime set back) is not seen
+    here; the tensor digests every verified apply checks still see it (docs/design.md).
+    """
     try:
-        return _marker(checksum).read_text() == _identity(blob)
+        return _marker(checksum, blob).read_text() == _identity(blob)
     except OSError:
         return False
 
@@ -340,7 +353,7 @@ def _verified(checksum: str, blob: Path) -> bool:
 def _mark_verified(checksum: str, blob: Path) -> None:
     """Remember a match so a warm cache is not hashed again; a read-only HF_HOME just rehashes."""
     try:
-        marker = _marker(checksum)
+        marker = _marker(checksum, blob)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(_identity(blob))
     except OSError:

@@ -231,7 +231,8 @@ def _check_state(path: Path, obj: object) -> dict[str, torch.Tensor]:
                 f"{path}: tensor {name!r} has no data (device {value.device.type!r}): the file was "
                 "saved from a model whose weights were never loaded; save it again from a loaded one"
             )
-    return obj
+    # A saved nn.Parameter (PandaGPT's named_parameters()) would make every copy of it track grad.
+    return {name: value.detach() for name, value in obj.items()}
 
 
 class BinCheckpoint(Checkpoint):
