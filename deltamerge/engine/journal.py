@@ -26,6 +26,8 @@ JOURNAL_NAME = "journal.jsonl"
 OPTION_NAMES = {
     "kind": "the delta kind", "dtype": "--dtype", "new_rows": "--new-rows",
     "verify": "verification (--no-verify)", "version": "the deltamerge version",
+    "qlora": "--qlora", "qlora_dtype": "--qlora-dtype", "lora_r": "--lora-r",
+    "lora_alpha": "--lora-alpha", "lora_prefix": "--lora-prefix", "algorithm": "the digest algorithm",
 }
 
 
