@@ -128,18 +128,22 @@ def test_make_delta_target_tokenizer_symlinked_out(tmp_path, world):
     nothing_written(out)
 
 
-def test_meta_tokenizer_in_the_parent_folder_symlinked_out(tmp_path):
-    """attack: Meta's layout takes tokenizer.model from the size folder's parent; there it is a
-    symlink to a secret -> outcome: convert exits 2 naming it, nothing written."""
+@pytest.mark.parametrize("linked", ["tokenizer.model", "special_tokens_map.json"])
+def test_meta_tokenizer_files_in_the_parent_folder_symlinked_out(tmp_path, linked):
+    """attack: Meta's layout takes tokenizer.model, and the tokenizer settings beside it, from
+    the size folder's parent; there one is a symlink to a secret -> outcome: convert exits 2 at
+    open naming it, nothing written."""
     params = {"dim": 64, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-5, "multiple_of": 4,
               "vocab_size": -1}
     hf_to_meta(llama_state(0), params, 1, tmp_path / "LLaMA" / "7B")
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
-    (tmp_path / "LLaMA" / "tokenizer.model").symlink_to(secret)
+    (tmp_path / "LLaMA" / "tokenizer.model").write_bytes(b"a tokenizer")
+    (tmp_path / "LLaMA" / linked).unlink(missing_ok=True)
+    (tmp_path / "LLaMA" / linked).symlink_to(secret)
     out = tmp_path / "out"
     proc = cli("convert", tmp_path / "LLaMA" / "7B", out, "-q")
-    one_line(proc, 2, "tokenizer.model", "outside")
+    one_line(proc, 2, linked, "outside")
     nothing_written(out)
 
 

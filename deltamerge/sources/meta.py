@@ -285,6 +285,9 @@ class MetaCheckpoint(Checkpoint):
             tokenizer = self.path.parent / TOKENIZER
         # Copied into the result: it must be its folder's own file, not a symlink leading out.
         self.tokenizer = own_file(tokenizer.parent, tokenizer) if tokenizer.is_file() else None
+        beside = self.tokenizer.parent if self.tokenizer is not None else self.path
+        self.tokenizer_settings = {name: own_file(beside, beside / name) for name in
+                                   TOKENIZER_SETTINGS if (beside / name).is_file()}
         if verify_checklist:
             self.verify_checklist()
         params_path = self.path / PARAMS
@@ -526,9 +529,8 @@ class MetaCheckpoint(Checkpoint):
         }
         if self.tokenizer is not None:
             files[TOKENIZER] = self.tokenizer
-            own = {name: self.tokenizer.parent / name for name in TOKENIZER_SETTINGS
-                   if (self.tokenizer.parent / name).is_file()}
-            files.update(own or {name: _json_bytes(obj) for name, obj in tokenizer_files().items()})
+            files.update(self.tokenizer_settings or {
+                name: _json_bytes(obj) for name, obj in tokenizer_files().items()})
         return files
 
     def close(self) -> None:
