@@ -27,7 +27,7 @@ from .kinds.detect import detect_kind, open_kind
 from .kinds.xor_files import apply_xor_files
 from .memory import peak_rss_bytes
 from .preflight import preflight
-from .progress import make_progress
+from .progress import make_progress, reports_progress
 from .results import RESULT_RECORD, ApplyResult
 from .sinks.aux import copy_aux, fix_config
 from .sinks.folder import check_free_space, check_out, discard, partial_dir, publish, write_json
@@ -43,6 +43,7 @@ from .version import __version__
 PathLike = str | Path
 
 
+@reports_progress
 def apply_delta(
     base: PathLike,
     delta: PathLike | Sequence[PathLike],
@@ -85,7 +86,7 @@ def apply_delta(
         detect_kind(d.path, None) == "xor-files" for d in delta_ins
     )):
         return _apply_xor_files(base_in, delta_ins, out, out_dtype, force, verify, expect_md5,
-                                progress)
+                                progress, resume, workers or 1)
     if expect_md5 is not None:
         raise InputError("--expect-md5 checks whole decoded files: it applies to xor-files deltas")
 
@@ -118,7 +119,7 @@ def apply_delta(
             engine = Engine(
                 base_ckpt, shards, tmp, sink=SafetensorsSink(), block_bytes=block_size,
                 workers=workers or 1, expected_base=expected_base, file_hashers=hashers,
-                progress=bar.update, skip_shards=skip, on_shard_done=journal.record,
+                progress=bar.update, at=bar.at, skip_shards=skip, on_shard_done=journal.record,
             )
             try:
                 run = engine.run()
@@ -183,7 +184,7 @@ def _open_partial(out: Path, fp: str, resume: bool) -> tuple[Path, Journal]:
 
 def _apply_xor_files(
     base: Resolved, deltas: list[Resolved], out: Path, out_dtype: torch.dtype | None,
-    force: bool, verify: bool, expect_md5: PathLike | None, progress,
+    force: bool, verify: bool, expect_md5: PathLike | None, progress, resume: bool, workers: int,
 ) -> ApplyResult:
     """Whole-file XOR deltas (OpenAssistant) are decoded alone, byte for byte, in kinds/xor_files."""
     if len(deltas) != 1:
@@ -192,7 +193,8 @@ def _apply_xor_files(
         raise InputError("--dtype does not apply to xor-files deltas: the files are decoded as is")
     md5_list = Path(expect_md5).expanduser() if expect_md5 is not None and verify else None
     return apply_xor_files(
-        base.path, deltas[0].path, out, force=force, expect_md5=md5_list, progress=progress
+        base.path, deltas[0].path, out, force=force, expect_md5=md5_list, progress=progress,
+        resume=resume, workers=workers,
     )
 
 

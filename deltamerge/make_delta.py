@@ -3,31 +3,40 @@
 One streaming pass reads base and target, writes the delta, and also computes what apply will
 rebuild from it, so the manifest can record the publisher's result digest and the user learns
 how many elements a lossy (fp16 additive) delta does not reproduce.
+
+Shards are journaled as apply's are (``engine/journal.py``), each with what the manifest needs
+of it: its file's sha256, the digests of what apply will rebuild from it and the elements it
+loses. ``resume=True`` finishes an interrupted run: each journaled shard is hashed again and
+kept only if its sha256 is the journal's; the others are written again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from .apply import _open_partial
 from .engine import Engine
-from .engine.plan import TensorJob, layout_shards, rows_per_block
-from .errors import InputError
+from .engine.journal import JOURNAL_NAME, Journal, fingerprint
+from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
+from .errors import InputError, InterruptedRun, WorkError
 from .integrity.checks import hash_tensor
-from .integrity.digest import TensorHasher, file_sha256
+from .integrity.digest import TensorDigest, TensorHasher, file_sha256
 from .integrity.manifest import MANIFEST_NAME, Manifest, Role
 from .kinds import Step, is_non_weight
 from .kinds.add import MakeAddStep, check_pairing
 from .kinds.xor import MakeXorStep
 from .memory import peak_rss_bytes
-from .progress import make_progress
+from .progress import make_progress, reports_progress, step_bar
 from .results import MakeDeltaResult
 from .sinks.aux import copy_aux
-from .sinks.folder import check_out, discard, make_partial, publish
+from .sinks.folder import check_out, discard, publish
 from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import AUX_FILES
+from .sources.inputs import Resolved
 from .sources.resolve import resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
@@ -36,6 +45,7 @@ PathLike = str | Path
 MAKE_KINDS = ("add", "xor")
 
 
+@reports_progress
 def make_delta(
     base: PathLike,
     target: PathLike,
@@ -48,8 +58,13 @@ def make_delta(
     workers: int | None = None,
     progress: bool | Callable[[int, int], None] = False,
     hub: dict | None = None,
+    resume: bool = False,
 ) -> MakeDeltaResult:
-    """Write ``target - base`` (or ``target XOR base``) to ``out`` with a ``deltamerge.json``."""
+    """Write ``target - base`` (or ``target XOR base``) to ``out`` with a ``deltamerge.json``.
+
+    An interrupted run keeps its partial folder beside ``out``; ``resume=True`` finishes it,
+    keeping the journaled shards whose files still hash to what the journal recorded.
+    """
     if kind not in MAKE_KINDS:
         raise InputError(f"make-delta --kind must be one of {', '.join(MAKE_KINDS)}, not {kind!r}")
     out = Path(out).expanduser()
@@ -66,18 +81,28 @@ def make_delta(
         check_pairing(target_ckpt, base_ckpt.specs, role="the target")
         jobs, steps, results = _plan(base_ckpt, target_ckpt, kind, block_size)
         shards = layout_shards(jobs, shard_bytes)
-        bar = make_progress(progress, sum(j.out.nbytes for j in jobs), "making delta")
-        tmp = make_partial(out)
+        fp = fingerprint([base_in.path, target_in.path],
+                         {"make_delta": kind, "version": __version__}, shards)
+        tmp, journal = _open_partial(out, fp, resume)
         try:
+            kept = _recheck(tmp, journal) if resume else {}
+            bar = make_progress(progress, sum(
+                j.out.nbytes for s in shards if s.filename not in kept for j in s.jobs),
+                "making delta")
             engine = Engine(
                 base_ckpt, shards, tmp, sink=SafetensorsSink(), block_bytes=block_size,
                 workers=workers or 1, hash_base=True, hash_out=False, hash_files=True,
-                progress=bar.update,
+                progress=bar.update, at=bar.at, skip_shards=set(kept),
             )
-            run = engine.run()
-            bar.close()
+            engine.on_shard_done = _journal_shard(journal, engine, shards, results)
+            try:
+                run = engine.run()
+            finally:
+                bar.close()
             base_digests = dict(run.base_digests)
             result_digests = {name: h.digest() for name, h in results.items()}
+            for shard in kept.values():
+                result_digests.update(shard.digests)
             for name, spec in base_ckpt.specs.items():
                 if name not in base_digests:
                     base_digests[name] = hash_tensor(base_ckpt, spec, block_size)
@@ -85,22 +110,82 @@ def make_delta(
                     result_digests[name] = base_digests[name]
             write_index(tmp, shards)
             copy_aux(tmp, {n: p for n, p in target_ckpt.aux_files().items() if n in AUX_FILES})
-            files = _file_table(tmp, engine.written_files)
+            streamed = {**engine.written_files, **{n: k.sha256 for n, k in kept.items()}}
+            files = _file_table(tmp, streamed)
             manifest = Manifest(
                 kind, __version__, files, Role.of(base_digests), Role.of(result_digests),
-                {"new_rows": "zero"},
+                {"new_rows": "zero"}, base_source=_base_source(base_in),
             )
             manifest.write(tmp / MANIFEST_NAME)
             publish(tmp, out)
+            (out / JOURNAL_NAME).unlink(missing_ok=True)
+        except (KeyboardInterrupt, WorkError) as exc:
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            raise InterruptedRun(
+                f"{reason}; the partial delta is kept in {tmp}: run the same command with "
+                f"--resume to finish it"
+            ) from exc
         except BaseException:
-            bar.close()
             discard(tmp)
             raise
+    mismatches = sum(getattr(s, "mismatches", 0) for s in steps)
+    notes = [f"resumed: {len(kept)} finished shard(s) kept, each hashed again"] if kept else []
     return MakeDeltaResult(
         out, kind, len(jobs), sum(j.out.numel for j in jobs),
-        sum(getattr(s, "mismatches", 0) for s in steps), manifest.base.model_digest,
-        manifest.result.model_digest, run.bytes_written, run.seconds, peak_rss_bytes(),
+        mismatches + sum(k.mismatches for k in kept.values()), manifest.base.model_digest,
+        manifest.result.model_digest, run.bytes_written, run.seconds, peak_rss_bytes(), notes,
     )
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """A shard an earlier run wrote, checked again by this one: what the manifest needs of it."""
+
+    sha256: str
+    digests: dict[str, TensorDigest]  # of what apply will rebuild from its tensors
+    mismatches: int
+
+
+def _journal_shard(
+    journal: Journal, engine: Engine, shards: list[Shard], results: dict[str, TensorHasher],
+) -> Callable[[str, int, dict], None]:
+    """The engine's ``on_shard_done``: journal a written shard with what the manifest needs."""
+    by_name = {s.filename: s for s in shards}
+
+    def record(filename: str, size: int, _digests: dict) -> None:
+        jobs = by_name[filename].jobs
+        journal.record(filename, size, {j.name: results[j.name].digest() for j in jobs}, extra={
+            "sha256": engine.written_files[filename],
+            "mismatches": sum(getattr(j.steps[0], "mismatches", 0) for j in jobs),
+        })
+
+    return record
+
+
+def _recheck(folder: Path, journal: Journal) -> dict[str, _Kept]:
+    """The journaled shards whose files hash, now, to the sha256 the journal recorded."""
+    claims = {name: journal.extra.get(name, {}) for name in journal.done}
+    bar = step_bar(sum((folder / n).stat().st_size for n in claims), "re-checking kept shards")
+    kept = {}
+    try:
+        for name, extra in claims.items():
+            path = folder / name
+            sha = file_sha256(path)
+            bar.update(path.stat().st_size)
+            if sha == extra.get("sha256") and isinstance(extra.get("mismatches"), int):
+                kept[name] = _Kept(sha, journal.done[name], extra["mismatches"])
+    finally:
+        bar.close()
+    journal.done = {n: journal.done[n] for n in kept}
+    return kept
+
+
+def _base_source(base: Resolved) -> dict:
+    """Where the base came from, for the delta's card: the Hub repo and commit, or the folder's
+    name (never a path: a delta is published)."""
+    if base.repo_id is not None:
+        return {"repo_id": base.repo_id, "revision": base.commit}
+    return {"folder": base.path.resolve().name}
 
 
 def _plan(
@@ -130,7 +215,7 @@ def _file_table(folder: Path, streamed: dict[str, str]) -> dict[str, dict]:
     """sha256 and size of every file of the delta; shards were hashed as they were written."""
     table = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name != MANIFEST_NAME:
+        if path.is_file() and path.name not in (MANIFEST_NAME, JOURNAL_NAME):
             sha = streamed.get(path.name) or file_sha256(path)
             table[path.name] = {"sha256": sha, "size": path.stat().st_size}
     return table

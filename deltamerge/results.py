@@ -3,7 +3,7 @@ use these without importing an entry point."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # Provenance and digests of a rebuilt model, written into it by apply (and by xor-files).
@@ -27,6 +27,10 @@ class ApplyResult:
     verified: bool = False  # True when the result matched the publisher's digest
     notes: list[str] = field(default_factory=list)
 
+    def to_json(self) -> dict:
+        """Every field, paths as strings: what ``apply --json`` prints for pipelines."""
+        return _jsonable(asdict(self))
+
 
 @dataclass
 class MakeDeltaResult:
@@ -40,3 +44,12 @@ class MakeDeltaResult:
     bytes_written: int
     seconds: float
     peak_rss: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """Every field, paths as strings: what ``make-delta --json`` prints."""
+        return _jsonable(asdict(self))
+
+
+def _jsonable(record: dict) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in record.items()}

@@ -41,6 +41,7 @@ class Journal:
     path: Path
     fingerprint: str
     done: dict[str, dict[str, TensorDigest]] = field(default_factory=dict)
+    extra: dict[str, dict] = field(default_factory=dict)  # what a run recorded beside the digests
 
     @classmethod
     def start(cls, folder: Path, fp: str) -> Journal:
@@ -76,12 +77,18 @@ class Journal:
                 (folder / entry["shard"]).stat().st_size == entry.get("size")
             ):
                 journal.done[entry["shard"]] = digests
+                extra = entry.get("extra")
+                journal.extra[entry["shard"]] = extra if isinstance(extra, dict) else {}
         return journal
 
-    def record(self, shard: str, size: int, digests: dict[str, TensorDigest]) -> None:
+    def record(
+        self, shard: str, size: int, digests: dict[str, TensorDigest], extra: dict | None = None
+    ) -> None:
+        """``extra``: what else a resumed run needs of the shard (make-delta: its sha256)."""
         self.done[shard] = digests
-        self._append({"shard": shard, "size": size,
-                      "tensors": {n: d.to_json() for n, d in digests.items()}})
+        line = {"shard": shard, "size": size,
+                "tensors": {n: d.to_json() for n, d in digests.items()}}
+        self._append({**line, "extra": extra} if extra else line)
 
     def _append(self, obj: dict) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

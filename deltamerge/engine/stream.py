@@ -108,6 +108,7 @@ class Engine:
         expected_base: dict[str, TensorDigest] | None = None,
         file_hashers: dict[Path, FileHasher] | None = None,
         progress: Progress | None = None,
+        at: Callable[[str], None] | None = None,
         slots: int | None = None,
         hash_files: bool = False,
         skip_shards: set[str] | None = None,
@@ -124,6 +125,7 @@ class Engine:
         self.expected_base = expected_base
         self.file_hashers = file_hashers or {}
         self.progress = progress
+        self.at = at  # told "shard: tensor" as each tensor starts to be written, for the bar
         self.hash_files = hash_files
         self.skip_shards = skip_shards or set()
         self.on_shard_done = on_shard_done
@@ -270,6 +272,8 @@ class Engine:
 
     def _write(self, b: Block) -> None:
         shard = self.shards[b.shard]
+        if b.first and self.at is not None:
+            self.at(f"{shard.filename}: {b.job.name}")
         if b.first_in_shard:
             self._writer = self.sink.open_shard(self.out_dir / shard.filename, shard.specs)
             faults.reached("header")

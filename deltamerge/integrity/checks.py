@@ -21,7 +21,7 @@ import torch
 from ..dtypes import BITS_DTYPE, TORCH_TO_SAFETENSORS, itemsize
 from ..errors import FormatError, InputError, NotFoundError
 from ..formats.files import read_json_object
-from ..progress import Progress, make_progress
+from ..progress import Progress, make_progress, reports_progress
 from ..results import RESULT_RECORD
 from ..sizes import DEFAULT_BLOCK_BYTES
 from ..sources import Checkpoint, open_checkpoint
@@ -66,6 +66,7 @@ def _hash_all(ckpt: Checkpoint, block_bytes: int, bar: Progress) -> dict[str, Te
     buf = _buffer(specs, block_bytes, 1)
     digests = {}
     for spec in specs:
+        bar.at(f"{ckpt.file_of(spec.name).name}: {spec.name}")
         digests[spec.name] = hash_tensor(ckpt, spec, block_bytes, buf, bar)
     return digests
 
@@ -112,6 +113,7 @@ class Checksum(NamedTuple):
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
 
 
+@reports_progress
 def checksum(
     path: Path | str,
     *,
@@ -252,6 +254,7 @@ def compare_digests(
     return missing, extra, differ
 
 
+@reports_progress
 def verify(
     path: Path | str,
     manifest_path: Path | str,
@@ -339,6 +342,7 @@ def _relative(ckpt: Checkpoint, file: Path) -> str:
         return file.name
 
 
+@reports_progress
 def inspect(
     path: Path | str,
     *,
@@ -482,6 +486,7 @@ def _diff_tensor(
     return count, largest
 
 
+@reports_progress
 def diff(
     a: Path | str,
     b: Path | str,
@@ -522,6 +527,7 @@ def diff(
                 if sa.shape != sb.shape:
                     layout.append(SpecDifference(name, da, sa.shape, db, sb.shape, None))
                     continue
+                bar.at(name)
                 count, largest = _diff_tensor(ca, cb, name, block_bytes, widest, bufs, bar)
                 if sa.dtype != sb.dtype:
                     layout.append(SpecDifference(name, da, sa.shape, db, sb.shape, largest))

@@ -48,8 +48,12 @@ class Manifest:
     base: Role
     result: Role
     options: dict = field(default_factory=dict)
+    # Where the base came from, for the delta's card: {"repo_id", "revision" (the commit)} for a
+    # Hub repo, {"folder": its name} for a local folder. Optional: older manifests lack it.
+    base_source: dict | None = None
 
     def to_json(self) -> dict:
+        source = {"base_source": self.base_source} if self.base_source is not None else {}
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -59,6 +63,7 @@ class Manifest:
             "files": dict(sorted(self.files.items())),
             "base": self.base.to_json(),
             "result": self.result.to_json(),
+            **source,
         }
 
     def write(self, path: Path) -> None:
@@ -121,8 +126,21 @@ def parse_manifest(path: Path, obj: object) -> Manifest:
     version = obj.get("deltamerge_version", "")
     return Manifest(
         kind, str(version), files, _role(path, obj.get("base"), "base"),
-        _role(path, obj.get("result"), "result"), options,
+        _role(path, obj.get("result"), "result"), options, _base_source(path, obj),
     )
+
+
+def _base_source(path: Path, obj: dict) -> dict | None:
+    """The optional ``base_source``: an object of short strings, or absent."""
+    source = obj.get("base_source")
+    if source is None:
+        return None
+    if not isinstance(source, dict) or not source or not all(
+        k in ("repo_id", "revision", "folder") and isinstance(v, str) and text_ok(v)
+        and len(v) <= 256 for k, v in source.items()
+    ):
+        raise _fail(path, "'base_source' must map repo_id and revision, or folder, to names")
+    return source
 
 
 def read_manifest(path: Path) -> Manifest:

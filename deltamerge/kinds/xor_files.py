@@ -31,7 +31,9 @@ What is checked, and when:
   checksum list.
 
 Nothing is left at OUT on failure: the files are written to the partial folder and published
-only when all checks pass.
+only when all checks pass. An interrupted run keeps that folder, with a journal of the files
+decoded (size and md5); ``--resume`` hashes each of them again, keeps those that match and
+decodes the rest. ``--workers N`` decodes N files at once.
 """
 
 from __future__ import annotations
@@ -39,24 +41,35 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import re
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import FormatError, InputError, NotFoundError, VerificationError, WorkError
+from .. import faults
+from ..errors import (
+    FormatError,
+    InputError,
+    InterruptedRun,
+    NotFoundError,
+    VerificationError,
+    WorkError,
+)
 from ..formats.files import LFS_POINTER_PREFIX
 from ..formats.safetensors import read_header
 from ..memory import drop_file_range, peak_rss_bytes
-from ..progress import make_progress
+from ..progress import Progress, make_progress, step_bar
 from ..results import RESULT_RECORD, ApplyResult
-from ..sinks.folder import check_out, discard, make_partial, partial_dir, publish, write_json
+from ..sinks.folder import check_out, discard, partial_dir, publish, write_json
 from ..version import __version__
 
 CHUNK = 16 * 1024 * 1024
@@ -68,6 +81,7 @@ _EOCD = b"PK\x05\x06"
 _ZIP64_LOCATOR = b"PK\x06\x07"
 _ZIP64_EOCD = b"PK\x06\x06"
 _MD5_LINE = re.compile(r"([0-9a-fA-F]{32}) [ *](.+)")
+JOURNAL = "journal.jsonl"  # in the partial folder, as the engine's journal is for shards
 
 
 @dataclass(frozen=True)
@@ -355,8 +369,15 @@ def apply_xor_files(
     force: bool = False,
     expect_md5: Path | None = None,
     progress: bool | Callable[[int, int], None] = False,
+    resume: bool = False,
+    workers: int = 1,
 ) -> ApplyResult:
     """Decode an OpenAssistant-style XOR delta folder against ``base`` into ``out``.
+
+    ``workers`` files are decoded at once, each with its own buffers. Each decoded file is
+    journaled in the partial folder with its size and md5; an interrupted run keeps the folder,
+    and ``resume=True`` finishes it: every journaled file is hashed again and kept only if its
+    md5 is the journal's, and the rest are decoded.
 
     Returns an :class:`~deltamerge.results.ApplyResult` whose ``shards`` are the decoded files and
     whose ``model_digest`` is :func:`files_digest` (there are no tensors at this level).
@@ -364,29 +385,24 @@ def apply_xor_files(
     start = time.monotonic()
     base, delta, out = Path(base), Path(delta), Path(out).expanduser()
     check_out(out, force)
-    if partial_dir(out).exists():
-        raise InputError(
-            f"{out}: an interrupted run left {partial_dir(out)}: delete that folder first"
-        )
     expected = read_md5_list(expect_md5) if expect_md5 is not None else None
     pairs, skipped = pair_files(base, delta)
+    if any(p.name == JOURNAL for p in pairs):
+        raise InputError(f"{delta}: a file named {JOURNAL} would be decoded over the run's journal")
     check_bases(pairs)
     notes = [f"skipped (not in the base, as xor_codec.py does): {', '.join(skipped)}"] if skipped else []
-    bar = make_progress(progress, sum(p.payload.stat().st_size for p in pairs), "decoding")
-    tmp = make_partial(out)
+    tmp, journal = _FileJournal.open(out, _fingerprint(pairs), resume)
     try:
-        bufs = (bytearray(CHUNK), bytearray(CHUNK))
-        decoded = []
-        for pair in pairs:
-            try:
-                decoded.append(_decode(pair, tmp / pair.name, bufs, expected is not None, bar.update))
-            except OSError as exc:
-                raise WorkError(f"{exc.filename or pair.payload}: {exc.strerror or exc}") from None
-            problem = format_problem(tmp / pair.name)
-            if problem is not None:
-                raise VerificationError(f"{pair.name}: the decoded file is not complete ({problem}): "
-                                        f"{_likely_cause(pair)}")
-        bar.close()
+        kept, reread = journal.recheck(tmp)
+        if kept:
+            notes.append(f"resumed: {len(kept)} decoded file(s) kept, each hashed again")
+        todo = [p for p in pairs if p.name not in kept]
+        bar = make_progress(progress, sum(p.payload.stat().st_size for p in todo), "decoding")
+        try:
+            fresh = _decode_all(todo, tmp, expected is not None, bar, journal, max(1, workers))
+        finally:
+            bar.close()
+        decoded = [kept.get(p.name) or fresh[p.name] for p in pairs]
         verified = _verify(decoded, expected, expect_md5, notes) if expected is not None else False
         digest = files_digest(decoded)
         write_json(tmp / RESULT_RECORD, {
@@ -399,16 +415,173 @@ def apply_xor_files(
             "verified_against": str(expect_md5) if verified else None,
         })
         publish(tmp, out)
+        (out / JOURNAL).unlink(missing_ok=True)
+    except (KeyboardInterrupt, WorkError) as exc:
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        raise InterruptedRun(
+            f"{reason}; the files decoded so far are kept in {tmp}: run the same command with "
+            "--resume to finish"
+        ) from exc
     except BaseException:
-        bar.close()
         discard(tmp)
         raise
     return ApplyResult(
-        out, ["xor-files"], 0, [d.name for d in decoded], sum(d.bytes_read for d in decoded),
-        sum(d.size for d in decoded),
+        out, ["xor-files"], 0, [d.name for d in decoded],
+        reread + sum(d.bytes_read for d in fresh.values()), sum(d.size for d in fresh.values()),
         time.monotonic() - start, peak_rss_bytes(), digest,
         publisher_digest=digest if verified else None, verified=verified, notes=notes,
     )
+
+
+def _decode_all(
+    pairs: list[Pair], tmp: Path, hash_base: bool, bar: Progress, journal: _FileJournal,
+    workers: int,
+) -> dict[str, Decoded]:
+    """Decode ``pairs`` into ``tmp``, ``workers`` files at once; each is journaled when done.
+
+    Reading, XOR (torch, which releases the GIL), md5 and writing of different files overlap
+    on threads; memory is two chunk buffers per worker.
+    """
+    free: list[tuple[bytearray, bytearray]] = [
+        (bytearray(CHUNK), bytearray(CHUNK)) for _ in range(min(workers, max(1, len(pairs))))
+    ]
+    lock = threading.Lock()
+    stop = threading.Event()  # set when one file fails or the run is interrupted
+
+    def tick(n: int) -> None:
+        if stop.is_set():
+            raise _Stopped
+        bar.update(n)
+
+    def one(pair: Pair) -> Decoded:
+        with lock:
+            bufs = free.pop()
+        try:
+            bar.at(pair.name)
+            try:
+                d = _decode(pair, tmp / pair.name, bufs, hash_base, tick)
+            except OSError as exc:
+                raise WorkError(f"{exc.filename or pair.payload}: {exc.strerror or exc}") from None
+        finally:
+            with lock:
+                free.append(bufs)
+        problem = format_problem(tmp / pair.name)
+        if problem is not None:
+            raise VerificationError(f"{pair.name}: the decoded file is not complete ({problem}): "
+                                    f"{_likely_cause(pair)}")
+        with lock:
+            journal.record(d)
+        faults.reached("shard")
+        return d
+
+    if len(free) == 1:
+        return {p.name: one(p) for p in pairs}
+    pool = ThreadPoolExecutor(max_workers=len(free), thread_name_prefix="deltamerge-xor")
+    try:
+        futures = {p.name: pool.submit(one, p) for p in pairs}
+        return {name: f.result() for name, f in futures.items()}
+    except BaseException:
+        stop.set()  # the other files stop at their next chunk
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Stopped(Exception):
+    """Ends a decode whose run is stopping; never reaches the caller."""
+
+
+def _fingerprint(pairs: list[Pair]) -> str:
+    """What decides the decoded bytes: each payload's and base file's path, size and mtime."""
+    h = hashlib.sha256(f"xor-files {__version__}\n".encode())
+    for p in pairs:
+        for path in (p.payload, p.base):
+            if path is None:
+                h.update(b"-\n")
+                continue
+            st = path.stat()
+            h.update(f"{p.name}\0{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class _FileJournal:
+    """``journal.jsonl`` in the partial folder: the plan's fingerprint, then one line per file
+    decoded (size, md5 and the base's md5). Lines are claims: :meth:`recheck` keeps a file only
+    if hashing it again gives the journal's md5."""
+
+    path: Path
+    claims: dict[str, dict]
+
+    @classmethod
+    def open(cls, out: Path, fp: str, resume: bool) -> tuple[Path, _FileJournal]:
+        tmp = partial_dir(out)
+        if not tmp.exists():
+            tmp.mkdir(parents=True)
+            journal = cls(tmp / JOURNAL, {})
+            journal._append({"fingerprint": fp})
+            return tmp, journal
+        if not resume:
+            raise InputError(
+                f"{out}: an interrupted run left {tmp}: run the same command with --resume to "
+                "finish it, or delete that folder"
+            )
+        lines = (tmp / JOURNAL).read_text().splitlines() if (tmp / JOURNAL).is_file() else []
+        entries = []
+        for line in lines:
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                break  # a line cut short by the kill: that file is decoded again
+        if not entries or not isinstance(entries[0], dict) or entries[0].get("fingerprint") != fp:
+            raise InputError(
+                f"{tmp}: was left by a run with other inputs; delete it, or run the original "
+                "command with --resume"
+            )
+        claims = {e["name"]: e for e in entries[1:] if isinstance(e, dict) and isinstance(e.get("name"), str)}
+        return tmp, cls(tmp / JOURNAL, claims)
+
+    def recheck(self, tmp: Path) -> tuple[dict[str, Decoded], int]:
+        """The journaled files whose size and md5 are still the journal's, and the bytes read."""
+        files = {n: tmp / n for n in self.claims if (tmp / n).is_file() and not (tmp / n).is_symlink()}
+        bar = step_bar(sum(p.stat().st_size for p in files.values()), "re-checking decoded files")
+        kept, reread = {}, 0
+        try:
+            for name, path in files.items():
+                bar.at(name)
+                claim = self.claims[name]
+                size = path.stat().st_size
+                md5 = _file_md5(path, bar.update)
+                reread += size
+                if size == claim.get("size") and md5 == claim.get("md5"):
+                    base_md5 = claim.get("base_md5")
+                    kept[name] = Decoded(name, size, md5, base_md5 if isinstance(base_md5, str) else None, 0)
+        finally:
+            bar.close()
+        return kept, reread
+
+    def record(self, d: Decoded) -> None:
+        self._append({"name": d.name, "size": d.size, "md5": d.md5, "base_md5": d.base_md5})
+
+    def _append(self, obj: dict) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, (json.dumps(obj) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _file_md5(path: Path, progress: Callable[[int], None]) -> str:
+    md5 = hashlib.md5()
+    with open(path, "rb", buffering=0) as f:
+        done = 0
+        while chunk := f.read(CHUNK):
+            md5.update(chunk)
+            drop_file_range(f.fileno(), done, len(chunk))
+            done += len(chunk)
+            progress(len(chunk))
+    return md5.hexdigest()
 
 
 __all__ = [
