@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from click.testing import CliRunner
 from conftest import llama_state, run_cli, save_checkpoint
 from hubserver import DEFAULT_TOKEN, HubServer
 from huggingface_hub import HfApi, ModelCard, constants
@@ -19,6 +20,7 @@ from huggingface_hub import file_download as hf_download
 from test_progress import ETA, Terminal
 
 from deltamerge import apply_delta, make_delta, push_to_hub
+from deltamerge.cli import main
 from deltamerge.errors import PushError, VerificationError
 from deltamerge.integrity.checks import checksum
 from deltamerge.sources.hub import download_input
@@ -69,6 +71,11 @@ def one_line(proc) -> str:
     return lines[0]
 
 
+def invoke(*args: object):
+    """The CLI in this process (the hub fixture points huggingface_hub at the test Hub here too)."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
 def uploads(hub: HubServer) -> int:
     return len(hub.requests_to("/lfs-upload/", "PUT"))
 
@@ -87,8 +94,8 @@ def test_a_push_cut_at_its_commit_is_finished_by_running_it_again(hub, models, m
     assert sent == len(list(models.target.glob("*.safetensors")))  # every object went up
 
     monkeypatch.delenv("HF_TOKEN")
-    second = run_cli("push", models.target, "alice/model", "--token", DEFAULT_TOKEN, "-q")
-    assert second.returncode == 0, second.stderr
+    second = invoke("push", models.target, "alice/model", "--token", DEFAULT_TOKEN, "-q")
+    assert second.exit_code == 0, second.output
     assert uploads(hub) == sent  # none sent again: the storage kept them
     assert_repo_holds(hub, "alice/model", models.target)
 
@@ -117,11 +124,11 @@ def test_push_to_hub_is_checked_before_the_merge_and_a_failed_push_keeps_the_res
 ):
     out = tmp_path / "out"
     base, delta = models.base, models.delta
-    no_token = run_cli("apply", base, delta, out, "--push-to-hub", "alice/rebuilt")
-    assert no_token.returncode == 2 and "HF_TOKEN" in one_line(no_token)
-    bad_id = run_cli("apply", base, delta, out, "--push-to-hub", "alice/two words",
-                     env={"HF_TOKEN": DEFAULT_TOKEN})
-    assert bad_id.returncode == 2 and "alice/two words" in one_line(bad_id)
+    no_token = invoke("apply", base, delta, out, "--push-to-hub", "alice/rebuilt")
+    assert no_token.exit_code == 2 and "HF_TOKEN" in no_token.stderr
+    bad_id = invoke("apply", base, delta, out, "--push-to-hub", "alice/two words", "--token",
+                    DEFAULT_TOKEN)
+    assert bad_id.exit_code == 2 and "alice/two words" in bad_id.stderr
     assert list(tmp_path.iterdir()) == []  # refused before any work: no OUT, no partial folder
     assert ("model", "alice/rebuilt") not in hub.repos
 
@@ -134,8 +141,8 @@ def test_push_to_hub_is_checked_before_the_merge_and_a_failed_push_keeps_the_res
     assert (out / "model.safetensors").is_file() and (out / "deltamerge-result.json").is_file()
     assert set(hub.files("alice/rebuilt")) == {".gitattributes"}  # created before the merge
 
-    again = run_cli("push", out, "alice/rebuilt", "-q", env={"HF_TOKEN": DEFAULT_TOKEN})
-    assert again.returncode == 0, again.stderr
+    again = invoke("push", out, "alice/rebuilt", "-q", "--token", DEFAULT_TOKEN)
+    assert again.exit_code == 0, again.output
     assert_repo_holds(hub, "alice/rebuilt", out)
 
 
@@ -159,6 +166,7 @@ def test_a_delta_card_names_its_base_and_its_relation(hub, api, models, tmp_path
     push_to_hub(models.delta, "alice/local-delta", api=api)
     card = ModelCard(hub.files("alice/local-delta")["README.md"].decode())
     assert card.data.base_model is None and "a local folder (`base`)" in card.text
+    assert "base_model_relation" not in card.data.to_dict()  # no relation to an unnamed base
 
     lora = tmp_path / "lora"
     lora.mkdir()
@@ -228,10 +236,10 @@ def test_token_revision_and_cache_dir_as_huggingface_cli_spells_them(hub, models
     assert not (Path(constants.HF_HUB_CACHE) / "models--alice--private").exists()
     assert DEFAULT_TOKEN not in proc.stdout + proc.stderr
 
-    two = run_cli("apply", "alice/a", "alice/b", tmp_path / "out", "--revision", "v1")
-    assert two.returncode == 2 and "REPO@REV" in two.stderr
-    denied = run_cli("checksum", "alice/private", "-q")  # no token: private looks missing
-    assert denied.returncode == 2
+    two = invoke("apply", "alice/a", "alice/b", tmp_path / "out", "--revision", "v1")
+    assert two.exit_code == 2 and "REPO@REV" in two.stderr
+    denied = invoke("checksum", "alice/private", "-q")  # no token: private looks missing
+    assert denied.exit_code == 2 and "no such repository" in denied.stderr
 
 
 def test_quiet_silences_huggingface_hub_bars_too(hub, api, models, tmp_path, monkeypatch):

@@ -103,9 +103,10 @@ def _result_card(
     base = record.get("base")
     deltas = [d for d in record.get("deltas", []) if isinstance(d, dict)]
     base_repo = base.get("repo_id") if isinstance(base, dict) else None
+    base_repo = base_repo if isinstance(base_repo, str) else None
     data = ModelCardData(
-        base_model=base_repo if isinstance(base_repo, str) else None,
-        base_model_relation="finetune",
+        base_model=base_repo,
+        base_model_relation="finetune" if base_repo else None,  # a relation to a named base only
         library_name="transformers",
         tags=[TAG],
         **_license(record, cards),
@@ -195,7 +196,8 @@ def _adapter_card(folder: Path, title: str, repo_id: str) -> tuple[ModelCardData
         config = {}
     base_repo = _repo_id(config.get("base_model_name_or_path"))
     data = ModelCardData(
-        base_model=base_repo, base_model_relation="adapter", library_name="peft", tags=[TAG],
+        base_model=base_repo, base_model_relation="adapter" if base_repo else None,
+        library_name="peft", tags=[TAG],
     )
     base = f"`{base_repo}`" if base_repo else "its base model"
     body = (
