@@ -13,17 +13,29 @@ from pathlib import Path
 import torch
 
 from . import faults
-from .dtypes import parse_user_dtype, short_name
+from .dtypes import itemsize, parse_user_dtype, short_name
 from .engine import Engine
+from .engine.cascade_sum import TorchRowSum
 from .engine.journal import Journal, fingerprint
 from .engine.plan import TensorJob, layout_shards, rows_per_block
-from .errors import DiskSpaceError, InputError, InterruptedRun, VerificationError, WorkError
+from .engine.recheck import recheck
+from .errors import (
+    DiskSpaceError,
+    InputError,
+    InterruptedRun,
+    UnsupportedError,
+    VerificationError,
+    WorkError,
+)
 from .formats.files import inside
+from .integrity.checks import checksum
 from .integrity.digest import FileHasher, TensorDigest, file_sha256, model_digest
 from .integrity.manifest import MANIFEST_NAME, Manifest, Role, find_manifest
 from .kinds import ApplyOptions, Kind, is_non_weight
 from .kinds.add import VOCAB_TENSORS
-from .kinds.detect import detect_kind, open_kind
+from .kinds.detect import WHOLE_FILE_KINDS, detect_kind, open_kind
+from .kinds.enc import OPENBUDDY_KEY_MD5, apply_enc
+from .kinds.lora import QLORA_MODES
 from .kinds.xor_files import apply_xor_files
 from .memory import peak_rss_bytes
 from .preflight import preflight
@@ -31,12 +43,14 @@ from .progress import make_progress, reports_progress
 from .results import RESULT_RECORD, ApplyResult
 from .sinks.aux import copy_aux, fix_config
 from .sinks.folder import check_free_space, check_out, discard, partial_dir, publish, write_json
+from .sinks.lock import hold
+from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import AUX_FILES
 from .sources.inputs import Resolved
-from .sources.resolve import resolve_input
+from .sources.resolve import input_region, resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
 
@@ -61,34 +75,79 @@ def apply_delta(
     extra_files: dict[str, Path | bytes] | None = None,
     hub: dict | None = None,
     expect_md5: PathLike | None = None,
+    key_md5: str | None = None,
     resume: bool = False,
+    qlora: str | None = None,
+    qlora_dtype: str | torch.dtype | None = None,
 ) -> ApplyResult:
     """Rebuild ``base`` + ``delta`` (or a chain of deltas, applied in order) into ``out``.
 
+    ``qlora="nf4"`` or ``"nf4-dq"`` merges LoRA adapters onto bitsandbytes' NF4 round trip of
+    the weights they target (double quantized or not), as QLoRA trained them; ``qlora_dtype``
+    is the dtype the trainer loaded the base in before quantizing it (default: the base's).
+
     Raises a :class:`~deltamerge.errors.DeltaMergeError` with a one-line message on any failure,
     and then leaves nothing at ``out``. An interrupted run (Ctrl-C, SIGTERM, a failed write)
-    keeps its partial folder beside ``out``; ``resume=True`` finishes it, redoing only the
-    shards not yet recorded as finished.
+    keeps its partial folder beside ``out``; ``resume=True`` finishes it, re-checking the shards
+    recorded as finished (read back and hashed) and redoing the others. One run at a time
+    writes to ``out``: a second is refused while the first holds its lock.
+
+    Deltas of whole files (``xor-files``, OpenBuddy's ``enc``) are decoded alone: ``expect_md5``
+    is the release's md5 list for xor-files, ``key_md5`` the md5 an enc delta's key must have
+    (OpenBuddy's by default; tests make keys of their own).
     """
     deltas = [delta] if isinstance(delta, (str, Path)) else list(delta)
     out = Path(out).expanduser()
     out_dtype = parse_user_dtype(dtype)
     if new_rows not in ("zero", "mean"):
         raise InputError(f"--new-rows must be 'zero' or 'mean', not {new_rows!r}")
+    if qlora is not None and qlora not in QLORA_MODES:
+        raise InputError(f"--qlora must be one of {', '.join(QLORA_MODES)}, not {qlora!r}")
+    if qlora_dtype is not None and qlora is None:
+        raise InputError("--qlora-dtype is the dtype the base was quantized from: it needs --qlora")
+    quant_dtype = parse_user_dtype(qlora_dtype)
     shard_bytes = parse_size(max_shard_size)
+    inputs = [(base, "base"), *((d, "delta") for d in deltas)]
+    refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in inputs])
     check_out(out, force)
+    with hold(out):
+        check_out(out, force)  # again under the lock: a run that held it may have published
+        return _apply_locked(
+            base, deltas, out, kind=kind, out_dtype=out_dtype, new_rows=new_rows,
+            shard_bytes=shard_bytes, block_size=block_size, force=force, verify=verify,
+            workers=workers or 1, progress=progress, extra_files=extra_files, hub=hub,
+            expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
+            quant_dtype=quant_dtype,
+        )
+
+
+def _apply_locked(
+    base: PathLike, deltas: list[PathLike], out: Path, *, kind: str | None,
+    out_dtype: torch.dtype | None, new_rows: str, shard_bytes: int, block_size: int,
+    force: bool, verify: bool, workers: int, progress: bool | Callable[[int, int], None],
+    extra_files: dict[str, Path | bytes] | None, hub: dict | None,
+    expect_md5: PathLike | None, key_md5: str | None, resume: bool, qlora: str | None,
+    quant_dtype: torch.dtype | None,
+) -> ApplyResult:
+    """The run itself, under OUT's lock: nothing of OUT or its partial folder is touched before."""
     # Hub inputs: pair tensors and check space before the big downloads.
     hub = preflight(base, deltas, kind=kind, **(hub or {}))
     base_in = resolve_input(base, "base", **hub)
     delta_ins = [resolve_input(d, "delta", **hub) for d in deltas]
-    _refuse_overlap(out, [base_in, *delta_ins])
-    if kind == "xor-files" or (kind is None and any(
-        detect_kind(d.path, None) == "xor-files" for d in delta_ins
-    )):
-        return _apply_xor_files(base_in, delta_ins, out, out_dtype, force, verify, expect_md5,
-                                progress, resume, workers or 1)
+    if kind is None:
+        detected = [detect_kind(d.path, None) for d in delta_ins]
+        whole = next((k for k in detected if k in WHOLE_FILE_KINDS), None)
+    else:
+        whole = kind if kind in WHOLE_FILE_KINDS else None
+    if whole is not None:
+        if qlora is not None:
+            raise InputError(f"--qlora merges LoRA adapters: it does not apply to {whole} deltas")
+        return _apply_whole_files(whole, base_in, delta_ins, out, out_dtype, force, verify,
+                                  expect_md5, key_md5, progress, resume, workers)
     if expect_md5 is not None:
         raise InputError("--expect-md5 checks whole decoded files: it applies to xor-files deltas")
+    if key_md5 is not None:
+        raise InputError("--key-md5 is the md5 of an OpenBuddy key: it applies to enc deltas")
 
     base_ckpt = open_checkpoint(base_in.path)
     opened: list[Kind] = []
@@ -99,7 +158,9 @@ def apply_delta(
         for d, m in zip(delta_ins, found):
             opened.append(open_kind(kind or detect_kind(d.path, m), d.path))
         manifests = found if verify else [None] * len(delta_ins)
-        options = ApplyOptions(new_rows=new_rows)
+        if qlora is not None and not any(k.name == "lora" for k in opened):
+            raise InputError("--qlora merges LoRA adapters onto the NF4 base: no delta is a LoRA")
+        options = ApplyOptions(new_rows=new_rows, qlora=qlora, qlora_dtype=quant_dtype)
         jobs = plan_chain(base_ckpt, opened, options, out_dtype, block_size)
         if new_rows == "mean":
             fill_means(base_ckpt, jobs, block_size)
@@ -108,17 +169,24 @@ def apply_delta(
         expected_base = manifests[0].base.tensors if manifests and manifests[0] else None
         options_record = {"kind": [k.name for k in opened], "dtype": str(out_dtype),
                           "new_rows": new_rows, "verify": verify, "version": __version__}
+        if qlora is not None:
+            options_record.update(qlora=qlora, qlora_dtype=str(quant_dtype))
         fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
+        sink = SafetensorsSink()
         tmp, journal = _open_partial(out, fp, resume)
         try:
+            checked = recheck(
+                tmp, shards, journal, metadata=sink.metadata, block_bytes=block_size,
+                workers=workers, progress=progress,
+            ) if resume else None
             skip = set(journal.done)
             check_free_space(out.parent, sum(
                 j.out.nbytes for s in shards if s.filename not in skip for j in s.jobs))
             bar = make_progress(progress, sum(
                 j.out.nbytes for s in shards if s.filename not in skip for j in s.jobs), "rebuilding")
             engine = Engine(
-                base_ckpt, shards, tmp, sink=SafetensorsSink(), block_bytes=block_size,
-                workers=workers or 1, expected_base=expected_base, file_hashers=hashers,
+                base_ckpt, shards, tmp, sink=sink, block_bytes=block_size,
+                workers=workers, expected_base=expected_base, file_hashers=hashers,
                 progress=bar.update, at=bar.at, skip_shards=skip, on_shard_done=journal.record,
             )
             try:
@@ -126,8 +194,8 @@ def apply_delta(
             finally:
                 bar.close()
             out_digests = dict(run.out_digests)
-            for digests in journal.done.values():
-                out_digests.update(digests)
+            for digests in (checked.kept if checked else {}).values():
+                out_digests.update(digests)  # computed by this run's re-check, not the journal's
             _check_files(delta_ins, manifests, run.file_digests)
             write_index(tmp, shards)
             aux = _aux_files(base_ckpt, opened, extra_files)
@@ -136,15 +204,18 @@ def apply_delta(
             digest = model_digest(out_digests)
             result = ApplyResult(
                 out, [k.name for k in opened], len(jobs), [s.filename for s in shards],
-                run.bytes_read, run.bytes_written, run.seconds, peak_rss_bytes(), digest,
+                run.bytes_read + (checked.bytes_read if checked else 0), run.bytes_written,
+                run.seconds + (checked.seconds if checked else 0), peak_rss_bytes(), digest,
             )
-            if skip:
-                result.notes.append(f"resumed: {len(skip)} finished shard(s) kept")
-            _compare_result(result, manifests, out_digests, out_dtype, new_rows)
-            write_json(
-                tmp / RESULT_RECORD,
-                _record(base_in, delta_ins, result, out_digests, out_dtype, new_rows),
-            )
+            if checked and (checked.kept or checked.redone):
+                result.notes.append(checked.note())
+            _compare_result(result, manifests, out_digests, out_dtype, new_rows, qlora)
+            record = _record(base_in, delta_ins, result, out_digests, out_dtype, new_rows)
+            if qlora is not None:
+                record["options"].update(
+                    qlora=qlora, qlora_dtype=str(quant_dtype).removeprefix("torch.")
+                    if quant_dtype else None)
+            write_json(tmp / RESULT_RECORD, record)
             faults.reached("publish")
             publish(tmp, out)
             (out / journal.path.name).unlink(missing_ok=True)
@@ -171,6 +242,9 @@ def apply_delta(
 def _open_partial(out: Path, fp: str, resume: bool) -> tuple[Path, Journal]:
     """The partial folder and its journal: fresh, or an earlier run's when resuming."""
     tmp = partial_dir(out)
+    if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
+        raise InputError(f"{tmp}: not a folder an interrupted run left (a symlink or a file): "
+                         f"delete it")
     if tmp.exists():
         if not resume:
             raise InputError(
@@ -182,15 +256,29 @@ def _open_partial(out: Path, fp: str, resume: bool) -> tuple[Path, Journal]:
     return tmp, Journal.start(tmp, fp)
 
 
-def _apply_xor_files(
-    base: Resolved, deltas: list[Resolved], out: Path, out_dtype: torch.dtype | None,
-    force: bool, verify: bool, expect_md5: PathLike | None, progress, resume: bool, workers: int,
+def _apply_whole_files(
+    kind: str, base: Resolved, deltas: list[Resolved], out: Path,
+    out_dtype: torch.dtype | None, force: bool, verify: bool, expect_md5: PathLike | None,
+    key_md5: str | None, progress, resume: bool, workers: int,
 ) -> ApplyResult:
-    """Whole-file XOR deltas (OpenAssistant) are decoded alone, byte for byte, in kinds/xor_files."""
+    """Whole-file XOR deltas (OpenAssistant's, OpenBuddy's) are decoded alone, byte for byte."""
     if len(deltas) != 1:
-        raise InputError(f"{deltas[0].given}: a xor-files delta is decoded alone, not in a chain")
+        raise InputError(f"{deltas[0].given}: a {kind} delta is decoded alone, not in a chain")
     if out_dtype is not None:
-        raise InputError("--dtype does not apply to xor-files deltas: the files are decoded as is")
+        raise InputError(f"--dtype does not apply to {kind} deltas: the files are decoded as is")
+    if kind == "enc":
+        if expect_md5 is not None:
+            raise InputError(
+                "--expect-md5 checks whole decoded files: it applies to xor-files deltas"
+            )
+        return apply_enc(
+            base.path, deltas[0].path, out, force=force, progress=progress,
+            key_md5=key_md5 or OPENBUDDY_KEY_MD5,
+            model_digest=lambda folder: _tensor_digests(folder, progress),
+            resume=resume, workers=workers,
+        )
+    if key_md5 is not None:
+        raise InputError("--key-md5 is the md5 of an OpenBuddy key: it applies to enc deltas")
     md5_list = Path(expect_md5).expanduser() if expect_md5 is not None and verify else None
     return apply_xor_files(
         base.path, deltas[0].path, out, force=force, expect_md5=md5_list, progress=progress,
@@ -198,13 +286,10 @@ def _apply_xor_files(
     )
 
 
-def _refuse_overlap(out: Path, inputs: list[Resolved]) -> None:
-    """Inputs are never written to: OUT may not be, or contain, an input folder."""
-    target = out.resolve()
-    for r in inputs:
-        p = r.path.resolve()
-        if p == target or target in p.parents:
-            raise InputError(f"{out}: is the input folder {r.given}; choose another OUT")
+def _tensor_digests(folder: Path, progress) -> tuple[str, dict]:
+    """The model digest of a decoded folder, and its tensors' digests as a result record has them."""
+    summed = checksum(folder, progress=progress)
+    return summed.model_digest, Role.of(summed.tensors).to_json()
 
 
 def plan_chain(
@@ -220,6 +305,12 @@ def plan_chain(
     for k in kinds:
         specs, new = k.plan(specs, options)
         for name, step in new.items():
+            if step.first_pass and (steps.get(name) or name not in base.specs):
+                raise UnsupportedError(
+                    f"tensor {name!r}: the {k.name} delta at {k.folder} needs the base's own rows "
+                    "(--qlora nf4-dq), but an earlier delta changes them: apply that one first, "
+                    "in a run of its own"
+                )
             steps.setdefault(name, []).append(step)
     jobs = []
     for name, spec in specs.items():
@@ -238,17 +329,21 @@ def plan_chain(
 def fill_means(base: Checkpoint, jobs: list[TensorJob], block_bytes: int) -> None:
     """The fp32 mean of the base's rows, for rows a delta adds (Alpaca's resize).
 
-    Accumulated in fp64 block by block: exact for fp16 weights whatever the block size.
+    Alpaca's ``mean(dim=0)`` of the fp32 rows is torch's CPU sum then a division, with the sum's
+    additions in torch's order: :class:`~deltamerge.engine.cascade_sum.TorchRowSum` makes the same
+    additions a block of rows at a time, so the mean is Alpaca's bit for bit.
     """
     for job in jobs:
         if job.base is None or job.out.rows <= job.base_rows or job.base_rows == 0:
             continue
-        total = torch.zeros(job.base.shape[1:], dtype=torch.float64)
-        buf = torch.empty(job.rows_per_block * job.base.row_numel * 8, dtype=torch.uint8)
+        summed = TorchRowSum(job.base_rows, job.base.row_numel)
+        buf = torch.empty(job.rows_per_block * job.base.row_numel * itemsize(job.base.dtype),
+                          dtype=torch.uint8)
         for r0 in range(0, job.base_rows, job.rows_per_block):
             r1 = min(job.base_rows, r0 + job.rows_per_block)
-            total += base.read_rows(job.base.name, r0, r1, buf).to(torch.float64).sum(dim=0)
-        job.mean = (total / job.base_rows).to(torch.float32)
+            rows = base.read_rows(job.base.name, r0, r1, buf)
+            summed.add(rows.reshape(r1 - r0, -1).to(torch.float32))
+        job.mean = summed.mean().reshape(job.base.shape[1:])
 
 
 def _delta_file_hashers(
@@ -317,6 +412,7 @@ def _compare_result(
     digests: dict[str, TensorDigest],
     out_dtype: torch.dtype | None,
     new_rows: str,
+    qlora: str | None = None,
 ) -> None:
     last = manifests[-1] if manifests else None
     if last is None:
@@ -325,9 +421,9 @@ def _compare_result(
     if result.model_digest == last.result.model_digest:
         result.verified = True
         return
-    if out_dtype is not None or new_rows != last.options.get("new_rows", "zero"):
+    if out_dtype is not None or qlora or new_rows != last.options.get("new_rows", "zero"):
         result.notes.append(
-            "options differ from the publisher's (--dtype/--new-rows): result not compared"
+            "options differ from the publisher's (--dtype/--new-rows/--qlora): result not compared"
         )
         return
     names = sorted(

@@ -17,6 +17,7 @@ from .errors import InputError
 from .results import ApplyResult
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE
 from .sources.folders import detect_layout
+from .sources.meta import TOKENIZER
 
 
 def convert(
@@ -29,12 +30,22 @@ def convert(
     force: bool = False,
     workers: int | None = None,
     progress: bool | Callable[[int, int], None] = False,
+    resume: bool = False,
 ) -> ApplyResult:
-    """Write the Hugging Face layout of a Meta checkpoint folder (``params.json`` + ``.pth``)."""
+    """Write the Hugging Face layout of a Meta checkpoint folder (``params.json`` + ``.pth``).
+
+    The tokenizer comes along (``tokenizer.model`` from the folder or its parent, with its own
+    settings files); without one the weights are still written, and the result's notes say so.
+    """
     layout = detect_layout(Path(meta_dir).expanduser())
     if layout.format != "meta":
         raise InputError(f"{meta_dir}: not a Meta-layout folder (params.json, consolidated.*.pth)")
-    return apply_delta(
+    result = apply_delta(
         meta_dir, [], out, dtype=dtype, max_shard_size=max_shard_size, block_size=block_size,
-        force=force, workers=workers, progress=progress,
+        force=force, workers=workers, progress=progress, resume=resume,
     )
+    if not (result.out / TOKENIZER).is_file():
+        result.notes.append(
+            f"no {TOKENIZER} in {meta_dir} or its parent: the result has no tokenizer"
+        )
+    return result

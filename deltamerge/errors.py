@@ -40,6 +40,10 @@ class OutputExistsError(InputError):
     """OUT exists and is not empty, and ``force`` was not given."""
 
 
+class OutputBusyError(InputError):
+    """Another run holds OUT's lock: one writer per OUT, so this one is refused at once."""
+
+
 class VerificationError(DeltaMergeError):
     """A checksum did not match: the base is not the publisher's, or a file was corrupted."""
 

@@ -4,14 +4,16 @@ One streaming pass reads base and target, writes the delta, and also computes wh
 rebuild from it, so the manifest can record the publisher's result digest and the user learns
 how many elements a lossy (fp16 additive) delta does not reproduce.
 
-Shards are journaled as apply's are (``engine/journal.py``), each with what the manifest needs
-of it: its file's sha256, the digests of what apply will rebuild from it and the elements it
-loses. ``resume=True`` finishes an interrupted run: each journaled shard is hashed again and
-kept only if its sha256 is the journal's; the others are written again.
+Shards are journaled as apply's are (``engine/journal.py``), each line with what the manifest
+needs of its shard: the digests of what apply will rebuild from it, and (its ``extra``) the
+file's sha256 and the elements it loses. ``resume=True`` finishes an interrupted run: each
+journaled shard file is hashed again and kept only if its sha256 is the journal's; the others,
+and anything else in the partial folder, are removed and written again.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +33,15 @@ from .memory import peak_rss_bytes
 from .progress import make_progress, reports_progress, step_bar
 from .results import MakeDeltaResult
 from .sinks.aux import copy_aux
-from .sinks.folder import check_out, discard, publish
+from .sinks.folder import check_out, discard, publish, remove_entry
+from .sinks.lock import hold
+from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import AUX_FILES
 from .sources.inputs import Resolved
-from .sources.resolve import resolve_input
+from .sources.resolve import input_region, resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
 
@@ -69,14 +73,22 @@ def make_delta(
         raise InputError(f"make-delta --kind must be one of {', '.join(MAKE_KINDS)}, not {kind!r}")
     out = Path(out).expanduser()
     shard_bytes = parse_size(max_shard_size)
+    refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in
+                         ((base, "base"), (target, "target"))])
     check_out(out, force)
-    hub = hub or {}
+    with hold(out):
+        check_out(out, force)  # again under the lock: a run that held it may have published
+        return _make_locked(base, target, out, kind, shard_bytes, block_size, workers or 1,
+                            progress, hub or {}, resume)
+
+
+def _make_locked(
+    base: PathLike, target: PathLike, out: Path, kind: str, shard_bytes: int, block_size: int,
+    workers: int, progress: bool | Callable[[int, int], None], hub: dict, resume: bool,
+) -> MakeDeltaResult:
+    """The run itself, under OUT's lock: a leftover partial folder is touched only under it."""
     base_in = resolve_input(base, "base", **hub)
     target_in = resolve_input(target, "target", **hub)
-    for given in (base_in, target_in):
-        p = given.path.resolve()
-        if p == out.resolve() or out.resolve() in p.parents:
-            raise InputError(f"{out}: is the input folder {given.given}; choose another OUT")
     with open_checkpoint(base_in.path) as base_ckpt, open_checkpoint(target_in.path) as target_ckpt:
         check_pairing(target_ckpt, base_ckpt.specs, role="the target")
         jobs, steps, results = _plan(base_ckpt, target_ckpt, kind, block_size)
@@ -85,13 +97,13 @@ def make_delta(
                          {"make_delta": kind, "version": __version__}, shards)
         tmp, journal = _open_partial(out, fp, resume)
         try:
-            kept = _recheck(tmp, journal) if resume else {}
+            kept = _recheck(tmp, journal, shards) if resume else {}
             bar = make_progress(progress, sum(
                 j.out.nbytes for s in shards if s.filename not in kept for j in s.jobs),
                 "making delta")
             engine = Engine(
                 base_ckpt, shards, tmp, sink=SafetensorsSink(), block_bytes=block_size,
-                workers=workers or 1, hash_base=True, hash_out=False, hash_files=True,
+                workers=workers, hash_base=True, hash_out=False, hash_files=True,
                 progress=bar.update, at=bar.at, skip_shards=set(kept),
             )
             engine.on_shard_done = _journal_shard(journal, engine, shards, results)
@@ -162,21 +174,33 @@ def _journal_shard(
     return record
 
 
-def _recheck(folder: Path, journal: Journal) -> dict[str, _Kept]:
-    """The journaled shards whose files hash, now, to the sha256 the journal recorded."""
-    claims = {name: journal.extra.get(name, {}) for name in journal.done}
-    bar = step_bar(sum((folder / n).stat().st_size for n in claims), "re-checking kept shards")
+def _recheck(folder: Path, journal: Journal, shards: list[Shard]) -> dict[str, _Kept]:
+    """The journaled shards whose files hash, now, to the sha256 the journal recorded; the
+    others and anything else in the partial folder are removed (only what was checked is kept)."""
+    planned = {s.filename: {j.name for j in s.jobs} for s in shards}
+    claims = {n: e for n, e in journal.recorded.items() if n in planned}
+    for entry in os.scandir(folder):
+        if entry.name != JOURNAL_NAME and entry.name not in claims:
+            remove_entry(folder / entry.name)
+    files = {n: folder / n for n in claims
+             if (folder / n).is_file() and not (folder / n).is_symlink()}
+    bar = step_bar(sum(p.stat().st_size for p in files.values()), "re-checking kept shards")
     kept = {}
     try:
-        for name, extra in claims.items():
-            path = folder / name
-            sha = file_sha256(path)
+        for name, path in files.items():
+            bar.at(name)
+            claim, sha = claims[name], file_sha256(path)
             bar.update(path.stat().st_size)
-            if sha == extra.get("sha256") and isinstance(extra.get("mismatches"), int):
-                kept[name] = _Kept(sha, journal.done[name], extra["mismatches"])
+            lost = claim.extra.get("mismatches")
+            if (sha == claim.extra.get("sha256") and path.stat().st_size == claim.size
+                    and isinstance(lost, int) and set(claim.digests) == planned[name]):
+                kept[name] = _Kept(sha, claim.digests, lost)
     finally:
         bar.close()
-    journal.done = {n: journal.done[n] for n in kept}
+    for name in set(claims) - set(kept):
+        remove_entry(folder / name)
+    journal.restart({n: (claims[n].size, claims[n].digests) for n in kept},
+                    extras={n: claims[n].extra for n in kept})
     return kept
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from .integrity.manifest import find_manifest
 from .kinds import is_non_weight
 from .kinds.add import check_pairing
-from .kinds.detect import detect_kind
+from .kinds.detect import WHOLE_FILE_KINDS, detect_kind
 from .progress import step_bar
 from .sources import open_checkpoint
 from .sources.hub import (
@@ -59,7 +59,7 @@ def preflight(
             if text is not None and text not in repos:
                 bar.at(text)
                 repos[text] = open_repo(text, client)
-                repos[text].xored = role == "delta" and kind == "xor-files"
+                repos[text].xored = role == "delta" and kind in WHOLE_FILE_KINDS
                 repos[text].fetch(repos[text].small_files())
                 bar.update(1)
         _pair_xored_files(repos.get(ids[0]) if ids[0] else None, [repos[t] for t in ids[1:] if t])
@@ -76,20 +76,25 @@ def preflight(
 
 def _pair_xored_files(base: RemoteRepo | None, deltas: list[RemoteRepo]) -> None:
     """A base for an xor-files delta needs the files of the same names, whatever their format."""
-    names = {n.removesuffix(".gz") for d in deltas if d.is_xored() for n in d.weight_files()}
+    names = {n.removesuffix(".gz") for d in deltas if d.is_xored() and not d.is_encrypted()
+             for n in d.weight_files()}
     if base is not None and names:
         base.chosen = sorted(n for n in names if n in base.files)
 
 
 def _check_pairing(inputs: list[RemoteRepo | Path], kind: str | None) -> None:
-    """``kinds.add.check_pairing`` along the chain, for the additive and XOR deltas it can judge."""
+    """``kinds.add.check_pairing`` along the chain, for the additive and XOR deltas it can judge.
+
+    Whole-file deltas pair by files, not tensors (an enc delta's base is one Meta file), so a
+    chain with one is not judged here.
+    """
+    if any(isinstance(d, RemoteRepo) and d.is_xored() for d in inputs[1:]):
+        return
     base = _specs_of(inputs[0])
     if base is None:
         return
     specs = base.specs
     for delta in inputs[1:]:
-        if isinstance(delta, RemoteRepo) and delta.is_xored():
-            return
         folder = delta.folder if isinstance(delta, RemoteRepo) else delta
         delta_kind = kind or detect_kind(folder, find_manifest(folder))
         if delta_kind == "lora":

@@ -309,7 +309,7 @@ def test_xor_files_delta_from_the_hub_pairs_base_files_by_name(hub, api, tmp_pat
     from test_kinds_xor import _oa_release, oa_encode
 
     base, tuned, delta = _oa_release(tmp_path)
-    oa_encode(tuned, base, delta, compress=False)
+    oa_encode(tuned, base, delta)
     (delta / "README.md").write_text("# oasst xor weights\n")
     local = apply_delta(base, delta, tmp_path / "local")
     push_to_hub(base, "alice/llama-hf", api=api)
@@ -324,6 +324,22 @@ def test_xor_files_delta_from_the_hub_pairs_base_files_by_name(hub, api, tmp_pat
     assert result.kinds == ["xor-files"] and result.model_digest == local.model_digest
     assert "model.safetensors" not in resolved_files(hub, "alice/llama-hf")  # the .bin shards only
     assert resolved_files(hub, "alice/oa-xor") == {p.name for p in delta.iterdir()} - {"README.md"}
+
+
+def test_enc_release_from_the_hub_is_fetched_whole(hub, api, tmp_path):
+    """OpenBuddy's .enc files are fetched whole and decoded with the local Meta file's key."""
+    from test_kinds_enc import fake_meta_7b, openbuddy_release
+
+    from deltamerge.integrity.checks import checksum
+
+    meta, key_md5 = fake_meta_7b(tmp_path)
+    model, release = openbuddy_release(tmp_path, meta / "consolidated.00.pth")
+    push_to_hub(release, "openbuddy/openbuddy-7b-enc", api=api)
+    result = apply_delta(meta / "consolidated.00.pth", "openbuddy/openbuddy-7b-enc",
+                         tmp_path / "out", key_md5=key_md5, hub={"api": api})
+    assert result.kinds == ["enc"]
+    assert result.model_digest == checksum(model).model_digest
+    assert resolved_files(hub, "openbuddy/openbuddy-7b-enc") == {p.name for p in release.iterdir()}
 
 
 def test_make_delta_and_the_integrity_commands_take_repo_ids(hub, api, models, tmp_path):

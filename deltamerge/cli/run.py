@@ -26,7 +26,7 @@ PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); 
 
 @click.command("apply", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1, required=True, metavar="BASE DELTA... OUT")
-@click.option("--kind", type=click.Choice(["add", "xor", "xor-files", "lora"]), default=None,
+@click.option("--kind", type=click.Choice(["add", "xor", "xor-files", "enc", "lora"]), default=None,
               help="Delta kind (default: detected from the delta's files).")
 @click.option("--dtype", type=DTYPE, default=None,
               help="Output dtype: float16 (fp16), bfloat16 (bf16) or float32 (fp32) (default: "
@@ -34,26 +34,37 @@ PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); 
 @click.option("--new-rows", type=click.Choice(["zero", "mean"]), default="zero", show_default=True,
               help="Rows the delta adds to embed_tokens/lm_head start at zero (FastChat v0) or "
                    "at the mean of the base's rows (Alpaca).")
+@click.option("--qlora", type=click.Choice(["nf4", "nf4-dq"]), default=None,
+              help="Merge a QLoRA adapter onto the NF4 round trip of the weights it targets, as "
+                   "it was trained (nf4-dq: with double quantization, QLoRA's default); bit for "
+                   "bit as bitsandbytes on CPU.")
+@click.option("--qlora-dtype", type=DTYPE, default=None,
+              help="The dtype the trainer loaded the base in before quantizing it (default: the "
+                   "base's; Guanaco: bfloat16).")
 @click.option("--no-verify", is_flag=True, help="Skip all checksum checks.")
 @click.option("--expect-md5", type=click.Path(exists=True, dir_okay=False), default=None,
               metavar="FILE", help="xor-files: the release's `md5  filename` list of the decoded "
                                    "files; every listed file must match.")
+@click.option("--key-md5", default=None, hidden=True,
+              help="enc: the md5 the key must have instead of OpenBuddy's (for made-up keys).")
 @click.option("--resume", is_flag=True,
               help="Finish an interrupted run of the same command, redoing only unfinished shards "
-                   "(files, for xor-files).")
+                   "(decoded files, for xor-files and enc).")
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None, help=PUSH_HELP)
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as JSON (the library's ApplyResult) instead of the summary.")
 @hub_options
 @common_run_options
 @handle_errors
-def apply_cmd(paths, kind, dtype, new_rows, no_verify, expect_md5, resume, push_to, as_json,
-              token, revision, cache_dir, max_shard_size, block_size, force, workers,
-              quiet) -> None:
+def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expect_md5, key_md5,
+              resume, push_to, as_json, token, revision, cache_dir, max_shard_size, block_size,
+              force, workers, quiet) -> None:
     """Rebuild a model from BASE and one or more DELTAs into OUT.
 
     BASE and each DELTA are local folders (or Hub repo ids, REPO@REV for a revision). Several
-    DELTAs are applied in order in one pass. OUT appears only when complete.
+    DELTAs are applied in order in one pass. OUT appears only when complete. For OpenBuddy's
+    encrypted releases (*.enc files), BASE is Meta's original LLaMA-7B folder or its
+    consolidated.00.pth.
 
     \b
     Example:
@@ -71,7 +82,8 @@ def apply_cmd(paths, kind, dtype, new_rows, no_verify, expect_md5, resume, push_
         base, deltas, out, kind=kind, dtype=dtype, new_rows=new_rows,
         max_shard_size=max_shard_size, block_size=block_size or DEFAULT_BLOCK_BYTES,
         force=force, verify=not no_verify, workers=workers or default_workers(),
-        progress=not quiet, resume=resume, expect_md5=expect_md5, hub=hub,
+        progress=not quiet, resume=resume, expect_md5=expect_md5, key_md5=key_md5, qlora=qlora,
+        qlora_dtype=qlora_dtype, hub=hub,
     )
     if not quiet and not as_json:
         _print_apply(result, base, deltas, no_verify)
@@ -109,7 +121,7 @@ def _print_apply(result, base: str, deltas: list[str], no_verify: bool) -> None:
     rate = result.bytes_written / result.seconds if result.seconds else 0
     click.echo(f"rebuilt {result.out} from {base} + {' + '.join(deltas)} "
                f"(kind: {', '.join(result.kinds)})")
-    if result.kinds == ["xor-files"]:
+    if result.kinds in (["xor-files"], ["enc"]):
         click.echo(f"  files     {len(result.shards)} decoded")
     else:
         click.echo(f"  tensors   {result.tensors} in {len(result.shards)} shard(s)")

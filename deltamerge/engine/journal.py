@@ -2,7 +2,8 @@
 
 It lives in the partial folder beside OUT. Its first line fingerprints the plan (inputs, options,
 shard layout); each later line records one shard that was written, fsynced and hashed, with the
-digests of its tensors. A resumed run skips exactly those shards, and refuses to resume a
+digests of its tensors. A resumed run takes those lines as claims only: ``recheck.py`` reads each
+shard again and keeps those that still hold what the journal says; it refuses to resume a
 partial folder whose plan differs from its own.
 """
 
@@ -36,12 +37,24 @@ def fingerprint(inputs: list[Path], options: dict, shards: list[Shard]) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One journaled shard: its size and its tensors' digests, as the run that wrote it said."""
+
+    size: int
+    digests: dict[str, TensorDigest]
+    extra: dict = field(default_factory=dict)  # what else a resumed run needs (make-delta's)
+
+
 @dataclass
 class Journal:
+    """``recorded``: what an earlier run journaled (claims, re-checked before any is kept);
+    ``done``: the shards this run keeps or finished, with digests this run computed."""
+
     path: Path
     fingerprint: str
     done: dict[str, dict[str, TensorDigest]] = field(default_factory=dict)
-    extra: dict[str, dict] = field(default_factory=dict)  # what a run recorded beside the digests
+    recorded: dict[str, Entry] = field(default_factory=dict)
 
     @classmethod
     def start(cls, folder: Path, fp: str) -> Journal:
@@ -58,7 +71,7 @@ class Journal:
             head = json.loads(lines[0]) if lines else {}
         except ValueError:
             head = {}
-        if head.get("fingerprint") != fp:
+        if not isinstance(head, dict) or head.get("fingerprint") != fp:
             raise InputError(
                 f"{folder}: was left by a run with other inputs or options; delete it, or run "
                 f"the original command with --resume ({command})"
@@ -71,29 +84,55 @@ class Journal:
                     n: TensorDigest(d["dtype"], tuple(d["shape"]), d["sha256"])
                     for n, d in entry["tensors"].items()
                 }
-            except (ValueError, KeyError, TypeError):
-                break  # a line cut short by the kill: that shard is redone
-            if (folder / entry["shard"]).is_file() and (
-                (folder / entry["shard"]).stat().st_size == entry.get("size")
-            ):
-                journal.done[entry["shard"]] = digests
+                if not isinstance(entry["shard"], str):
+                    raise TypeError("shard name")
                 extra = entry.get("extra")
-                journal.extra[entry["shard"]] = extra if isinstance(extra, dict) else {}
+                journal.recorded[entry["shard"]] = Entry(
+                    int(entry["size"]), digests, extra if isinstance(extra, dict) else {}
+                )
+            except (ValueError, KeyError, TypeError, AttributeError):
+                break  # a line cut short by the kill: that shard is redone
         return journal
+
+    def restart(
+        self, kept: dict[str, tuple[int, dict[str, TensorDigest]]],
+        extras: dict[str, dict] | None = None,
+    ) -> None:
+        """Replace the journal with the shards a re-check kept (a rename: never written through
+        whatever was at its name); ``extras``: their lines' ``extra``, where a run records one."""
+        fresh = self.path.with_name(self.path.name + ".new")
+        lines = [{"fingerprint": self.fingerprint}] + [
+            _line(shard, size, digests, (extras or {}).get(shard))
+            for shard, (size, digests) in kept.items()
+        ]
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, "".join(json.dumps(obj) + "\n" for obj in lines).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(fresh, self.path)
+        self.recorded = {}
+        self.done = {shard: digests for shard, (_, digests) in kept.items()}
 
     def record(
         self, shard: str, size: int, digests: dict[str, TensorDigest], extra: dict | None = None
     ) -> None:
         """``extra``: what else a resumed run needs of the shard (make-delta: its sha256)."""
         self.done[shard] = digests
-        line = {"shard": shard, "size": size,
-                "tensors": {n: d.to_json() for n, d in digests.items()}}
-        self._append({**line, "extra": extra} if extra else line)
+        self._append(_line(shard, size, digests, extra))
 
     def _append(self, obj: dict) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
         try:
             os.write(fd, (json.dumps(obj) + "\n").encode())
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _line(
+    shard: str, size: int, digests: dict[str, TensorDigest], extra: dict | None = None
+) -> dict:
+    line = {"shard": shard, "size": size, "tensors": {n: d.to_json() for n, d in digests.items()}}
+    return {**line, "extra": extra} if extra else line

@@ -7,6 +7,7 @@ row blocks each tensor is cut into.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -48,14 +49,17 @@ class TensorJob:
 
 
 def rows_per_block(job: TensorJob, block_bytes: int) -> int:
-    """As many rows as keep the widest buffer (fp32 work, or any wider input) within the limit."""
+    """As many rows as keep the widest buffer (fp32 work, or any wider input) within the limit,
+    rounded down to a multiple every step accepts."""
     widest = max(
         [4, itemsize(job.out.dtype)]
         + ([itemsize(job.base.dtype)] if job.base is not None else [])
         + [itemsize(i.spec.dtype) for s in job.steps for i in s.inputs]
     )
     per_row = max(1, job.out.row_numel * widest)
-    return max(1, block_bytes // per_row)
+    rows = max(1, block_bytes // per_row)
+    multiple = math.lcm(1, *(s.row_multiple for s in job.steps))
+    return max(multiple, rows // multiple * multiple)
 
 
 @dataclass

@@ -170,6 +170,8 @@ class Engine:
         job, slot = b.job, b.slot
         assert slot is not None
         n = max(0, min(b.r1, job.base_rows) - b.r0)
+        if b.r0 == 0 and job.steps and job.steps[0].first_pass:
+            self._first_pass(job, slot.base)
         if job.base is not None and self.base is not None:
             b.base_rows = self.base.read_rows(job.base.name, b.r0, b.r0 + n, slot.base)
             self.bytes_read += b.base_rows.nbytes
@@ -190,6 +192,18 @@ class Engine:
             nxt = min(job.base_rows, b.r1 + job.rows_per_block)
             if nxt > b.r1:
                 self.base.prefetch(job.base.name, b.r1, nxt)
+
+    def _first_pass(self, job: TensorJob, buffer: torch.Tensor) -> None:
+        """Every row of the base tensor, in the job's blocks, for a step that needs them all
+        before its first block; read here, where the base's reader lives, into the slot's buffer
+        before the first block's rows."""
+        assert job.base is not None and self.base is not None, "planned without a base tensor"
+        step = job.steps[0]
+        for r0, r1 in job.blocks():
+            rows = self.base.read_rows(job.base.name, r0, min(r1, job.base_rows), buffer)
+            self.bytes_read += rows.nbytes
+            step.feed(rows, r0)
+        step.end_first_pass()
 
     def _hash_files(self, b: Block) -> None:
         """Feed the delta files' sha256 with the rows just read (a stage of its own: on a

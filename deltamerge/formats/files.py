@@ -102,11 +102,17 @@ def leaves_folder(name: str) -> bool:
 
 def _hub_blob(root: Path, target: Path) -> bool:
     """Whether ``target`` is a blob of the Hub cache repository whose snapshot holds ``root``."""
+    repo = hub_repo_of(root)
+    return repo is not None and target.parent == repo / "blobs"
+
+
+def hub_repo_of(root: Path) -> Path | None:
+    """The Hub cache repository folder (``models--owner--name``) whose snapshot holds ``root``."""
     for folder in (root, *root.parents):
         if folder.parent.name == "snapshots":
             repo = folder.parent.parent
-            return repo.name.startswith(HUB_CACHE_PREFIXES) and target.parent == repo / "blobs"
-    return False
+            return repo if repo.name.startswith(HUB_CACHE_PREFIXES) else None
+    return None
 
 
 def _reject_constant(name: str) -> object:

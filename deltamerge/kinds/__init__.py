@@ -74,6 +74,11 @@ class Step(ABC):
     """
 
     inputs: tuple[RowInput, ...] = ()
+    # Rows per block must be a multiple of this (NF4 blocks run along the flattened tensor).
+    row_multiple: int = 1
+    # True: the engine feeds every row of the base tensor to ``feed`` before the first block
+    # (NF4 double quantization needs the mean over the whole tensor); only a first step may ask.
+    first_pass: bool = False
 
     def __init__(self, before: TensorSpec | None, after: TensorSpec):
         self.before = before
@@ -90,6 +95,12 @@ class Step(ABC):
         filled in; ``inputs`` the same rows of each of ``self.inputs``.
         """
 
+    def feed(self, rows: torch.Tensor, r0: int) -> None:  # noqa: B027 - optional hook
+        """With ``first_pass``: rows ``[r0, r0 + len(rows))`` of the base, in order, before ``apply``."""
+
+    def end_first_pass(self) -> None:  # noqa: B027 - optional hook
+        """With ``first_pass``: every row has been fed."""
+
     def seal(self) -> None:  # noqa: B027 - optional hook
         """Called for each block, in order, once it is written: finish work set aside by apply."""
 
@@ -102,6 +113,8 @@ class ApplyOptions:
     """What the user chose, as every kind sees it."""
 
     new_rows: str = "zero"  # "zero" | "mean": how rows beyond the base start
+    qlora: str | None = None  # None | "nf4" | "nf4-dq": LoRA onto the NF4 round trip of the base
+    qlora_dtype: torch.dtype | None = None  # the dtype the base was quantized from (default: its own)
 
 
 class Kind(ABC):

@@ -1,8 +1,9 @@
 """Which kind a delta folder is, and opening it as that kind.
 
 The kind is read from the contents: a PEFT ``adapter_config.json`` is a LoRA adapter, a
-``deltamerge.json`` names its kind, weight files XORed whole (OpenAssistant ``xor_codec.py``) are
-``xor-files``, anything else is an additive delta. ``--kind`` overrides.
+``deltamerge.json`` names its kind, ``*.enc`` files (OpenBuddy's encrypted releases) are ``enc``,
+weight files XORed whole (OpenAssistant ``xor_codec.py``) are ``xor-files``, anything else is an
+additive delta. ``--kind`` overrides.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from ..errors import InputError
 from ..integrity.manifest import MANIFEST_NAME, Manifest
 from . import Kind
 from .add import AddKind
+from .enc import looks_like_enc
 from .lora import LoraKind
 from .xor import XorKind
 from .xor_files import looks_like_xor_files
 
-KINDS = ("add", "xor", "xor-files", "lora")
+KINDS = ("add", "xor", "xor-files", "enc", "lora")
+WHOLE_FILE_KINDS = ("xor-files", "enc")  # decoded file by file, alone, not in the tensor stream
 
 
 def detect_kind(folder: Path, manifest: Manifest | None) -> str:
@@ -25,6 +28,8 @@ def detect_kind(folder: Path, manifest: Manifest | None) -> str:
         return "lora"
     if manifest is not None:
         return manifest.kind
+    if looks_like_enc(folder):
+        return "enc"
     if looks_like_xor_files(folder):
         return "xor-files"
     return "add"
@@ -37,9 +42,9 @@ def open_kind(kind: str, folder: Path) -> Kind:
         return XorKind(folder)
     if kind == "lora":
         return LoraKind(folder)
-    if kind == "xor-files":
-        raise InputError(f"{folder}: a xor-files delta is decoded whole, alone: it cannot be chained")
+    if kind in WHOLE_FILE_KINDS:
+        raise InputError(f"{folder}: a {kind} delta is decoded whole, alone: it cannot be chained")
     raise InputError(f"{folder}: unknown delta kind {kind!r} (choose from {', '.join(KINDS)})")
 
 
-__all__ = ["KINDS", "MANIFEST_NAME", "detect_kind", "open_kind"]
+__all__ = ["KINDS", "MANIFEST_NAME", "WHOLE_FILE_KINDS", "detect_kind", "open_kind"]

@@ -19,6 +19,9 @@ row), or as the whole product when the tensor is smaller than a window: peft's o
 with MKL on x86 for 1 to 16 threads, windows of 16 rows and more give peft's bits; 256 leaves a
 margin. A block of rows takes the rows it needs from the windows it overlaps; the last window is
 kept, since the next block usually starts inside it.
+
+With ``--qlora nf4`` or ``nf4-dq`` a QLoRA adapter is merged as it was trained: onto bitsandbytes'
+NF4 round trip of each targeted Linear weight (``kinds/nf4.py``), not onto the weight itself.
 """
 
 from __future__ import annotations
@@ -35,13 +38,14 @@ from ..formats.files import read_json_object
 from ..sources import Checkpoint, open_checkpoint
 from ..sources.folders import aux_files
 from ..tensor_spec import TensorSpec
-from . import ApplyOptions, Kind, RowInput, Scratch, Step
+from . import ApplyOptions, Kind, RowInput, Scratch, Step, nf4
 from .add import VOCAB_TENSORS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
 WINDOW_ROWS = 256
+QLORA_MODES = {"nf4": False, "nf4-dq": True}  # --qlora: NF4, with double quantization or not
 # Files the adapter's folder brings to the result: its tokenizer (an extended vocabulary), never
 # its config, which is the base's (vocab_size is then set from the embedding's rows).
 TOKENIZER_FILES = (
@@ -179,16 +183,66 @@ class Factors:
         self._window_at = -1
 
 
+class Nf4Base:
+    """QLoRA: the base rows become bitsandbytes' ``dequantize_4bit(quantize_4bit(W))`` first.
+
+    peft's ``Linear4bit.merge`` computes ``dequantize_4bit(W4) + delta``: the dequantized weight
+    (in the dtype the base was quantized from) plus the fp32 product, an fp32 sum that it then
+    quantizes again. Here the sum is rounded once to the output dtype instead, as for a plain
+    LoRA. With double quantization every row must be seen first (the offset is the mean of every
+    block's absmax): the engine feeds them through the step's first pass.
+    """
+
+    def __init__(self, spec: TensorSpec, double_quant: bool, dtype: torch.dtype | None):
+        self.spec = spec
+        self.double_quant = double_quant
+        self.dtype = dtype or spec.dtype
+        self.row_multiple = nf4.row_multiple(spec.row_numel)
+        self._prepare: nf4.Nf4Prepare | None = None
+        self._state: nf4.Nf4State | None = None
+
+    def feed(self, rows: torch.Tensor, r0: int) -> None:
+        if self._prepare is None:
+            self._prepare = nf4.Nf4Prepare(self.spec.shape, self.double_quant, self.spec.name)
+        self._prepare.add(rows.to(self.dtype), r0)
+
+    def end_first_pass(self) -> None:
+        assert self._prepare is not None
+        self._state, self._prepare = self._prepare.finish(), None
+
+    def roundtrip(self, cur: torch.Tensor, r0: int, scratch: Scratch) -> torch.Tensor:
+        if self._state is None:
+            assert not self.double_quant, "double quantization without its first pass"
+            self._state = nf4.Nf4State(self.spec.shape, False)
+        out = scratch.get("lora-nf4", self.dtype, tuple(cur.shape))
+        return nf4.nf4_roundtrip(cur.to(self.dtype), self._state, r0, out=out)
+
+    def release(self) -> None:
+        self._prepare = self._state = None
+
+
 class LoraStep(Step):
     """Replace the tensor with the adapter's (if it stores one), then add the LoRA product."""
 
     def __init__(
         self, before: TensorSpec, after: TensorSpec, replace: RowInput | None,
-        factors: Factors | None,
+        factors: Factors | None, nf4_base: Nf4Base | None = None,
     ):
         super().__init__(before, after)
         self.inputs = (replace,) if replace is not None else ()
         self.factors = factors
+        self.nf4_base = nf4_base
+        if nf4_base is not None:
+            self.row_multiple = nf4_base.row_multiple
+            self.first_pass = nf4_base.double_quant
+
+    def feed(self, rows: torch.Tensor, r0: int) -> None:
+        assert self.nf4_base is not None
+        self.nf4_base.feed(rows, r0)
+
+    def end_first_pass(self) -> None:
+        assert self.nf4_base is not None
+        self.nf4_base.end_first_pass()
 
     def apply(self, cur, inputs, r0, out, scratch: Scratch) -> None:
         shape = tuple(out.shape)
@@ -196,6 +250,8 @@ class LoraStep(Step):
             loaded = scratch.get("lora-loaded", self.after.dtype, shape)
             loaded.copy_(inputs[0])
             cur = loaded
+        if self.nf4_base is not None:
+            cur = self.nf4_base.roundtrip(cur, r0, scratch)
         if self.factors is None:
             out.copy_(cur)
             return
@@ -207,6 +263,8 @@ class LoraStep(Step):
     def close(self) -> None:
         if self.factors is not None:
             self.factors.release()
+        if self.nf4_base is not None:
+            self.nf4_base.release()
 
 
 class FactorSource:
@@ -338,15 +396,46 @@ class LoraKind(Kind):
                 )
             factors[name] = self._factors(module, mod, after[name])
         self._check_vocab(specs, after)
+        quantized = self._quantized(modules, whole, after, options)
         steps = {
             name: LoraStep(
                 specs[name], after[name],
                 RowInput(self.checkpoint, whole[name]) if name in whole else None,
-                factors.get(name),
+                factors.get(name), quantized.get(name),
             )
             for name in after if name in whole or name in factors
         }
         return after, steps
+
+    def _quantized(
+        self, modules: dict[str, _Module], whole: dict[str, str], after: dict[str, TensorSpec],
+        options: ApplyOptions,
+    ) -> dict[str, Nf4Base]:
+        """With ``--qlora``: the tensors bitsandbytes quantized, the LoRA-targeted Linear weights.
+
+        Embeddings, the output layer (``lm_head``, which transformers leaves unquantized) and
+        whole tensors the adapter stores are not quantized.
+        """
+        if options.qlora is None:
+            return {}
+        if self.config.get("fan_in_fan_out"):
+            raise UnsupportedError(
+                f"{self.folder / ADAPTER_CONFIG}: fan_in_fan_out (Conv1D) layers cannot be merged "
+                "with --qlora"
+            )
+        quantized = {}
+        for module, mod in modules.items():
+            name = f"{module}.weight"
+            if mod.embedding or name in whole or module.rsplit(".", 1)[-1] == "lm_head":
+                continue
+            spec = after[name]
+            if spec.dtype not in nf4.DTYPES:
+                raise UnsupportedError(
+                    f"{self.weights}: tensor {name!r} is {spec.dtype}: NF4 quantizes float16, "
+                    "bfloat16 or float32 weights"
+                )
+            quantized[name] = Nf4Base(spec, QLORA_MODES[options.qlora], options.qlora_dtype)
+        return quantized
 
     def _check_vocab(self, before: dict[str, TensorSpec], after: dict[str, TensorSpec]) -> None:
         """An extended vocabulary must extend every vocabulary tensor, or peft's resize is random."""

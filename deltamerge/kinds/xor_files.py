@@ -11,8 +11,11 @@ whatever their format. The decoder's exact behaviour, reproduced here:
 * other files the base lacks are skipped (the decoder prints an exception and goes on). Here a
   missing base *weight* file (a shard or an index) is an error instead, since skipping it leaves
   an incomplete model; other skipped files are reported in the result's notes;
-* a delta file named ``X.gz`` is gzip-compressed (the decoder's ``--compress``) and decodes to
-  ``X``, paired with the base's ``X``. Files without the suffix are raw, as in the OA releases.
+* the decoder's ``--compress`` gzips every XORed file under its plain name (only an
+  ``added_tokens.json`` the base lacks stays plain, as copied): a payload whose first bytes are
+  a gzip header (``1f 8b 08``, which no raw XOR of two files of one format starts with) is
+  decompressed as it is read. A file named ``X.gz`` is gzip-compressed too and decodes to ``X``,
+  paired with the base's ``X``. Raw files, as in the OA releases, are XORed as they are.
 
 What is checked, and when:
 
@@ -31,57 +34,41 @@ What is checked, and when:
   checksum list.
 
 Nothing is left at OUT on failure: the files are written to the partial folder and published
-only when all checks pass. An interrupted run keeps that folder, with a journal of the files
-decoded (size and md5); ``--resume`` hashes each of them again, keeps those that match and
-decodes the rest. ``--workers N`` decodes N files at once.
+only when all checks pass. An interrupted run keeps that folder; ``--resume`` keeps the decoded
+files that still hash to what its journal says and decodes the rest (``whole_files.Build``);
+``--workers N`` decodes N files at once.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
-import json
-import os
 import re
-import struct
-import threading
 import time
-import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from .. import faults
-from ..errors import (
-    FormatError,
-    InputError,
-    InterruptedRun,
-    NotFoundError,
-    VerificationError,
-    WorkError,
-)
-from ..formats.files import LFS_POINTER_PREFIX
-from ..formats.safetensors import read_header
-from ..memory import drop_file_range, peak_rss_bytes
-from ..progress import Progress, make_progress, step_bar
+from ..errors import FormatError, InputError, NotFoundError, VerificationError
+from ..memory import peak_rss_bytes
 from ..results import RESULT_RECORD, ApplyResult
-from ..sinks.folder import check_out, discard, partial_dir, publish, write_json
+from ..sinks.folder import check_out, write_json
 from ..version import __version__
+from .whole_files import (
+    CHUNK,
+    WEIGHT_SUFFIXES,
+    Decoded,
+    FileJob,
+    FileMask,
+    building,
+    decode_all,
+    files_digest,
+    fingerprint,
+    format_problem,
+    is_weight_name,
+)
 
-CHUNK = 16 * 1024 * 1024
 ADDED_TOKENS = "added_tokens.json"
-WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pth", ".pt")
-ZIP_MAGIC = b"PK\x03\x04"
-GZIP_MAGIC = b"\x1f\x8b"
-_EOCD = b"PK\x05\x06"
-_ZIP64_LOCATOR = b"PK\x06\x07"
-_ZIP64_EOCD = b"PK\x06\x06"
+GZIP_DEFLATE = b"\x1f\x8b\x08"  # gzip's magic and the only compression method it defines
 _MD5_LINE = re.compile(r"([0-9a-fA-F]{32}) [ *](.+)")
-JOURNAL = "journal.jsonl"  # in the partial folder, as the engine's journal is for shards
 
 
 @dataclass(frozen=True)
@@ -95,10 +82,6 @@ class Pair:
 
 
 # -- what the delta folder is ---------------------------------------------------------------------
-def is_weight_name(name: str) -> bool:
-    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json")
-
-
 def looks_like_xor_files(folder: Path) -> bool:
     """A folder of XORed files, from the weight files' first bytes.
 
@@ -118,13 +101,18 @@ def looks_like_xor_files(folder: Path) -> bool:
         if name.endswith(WEIGHT_SUFFIXES):
             with open(path, "rb") as f:
                 head = f.read(9)
-            if head[:2] == GZIP_MAGIC:
+            if head[:3] == GZIP_DEFLATE:
                 return True
             if name.endswith(".safetensors") and len(head) == 9 and head[8] == 0:
                 return True
             if not name.endswith(".safetensors") and head[:4] == b"\0\0\0\0":
                 return True
     return False
+
+
+def is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(3) == GZIP_DEFLATE
 
 
 def pair_files(base: Path, delta: Path) -> tuple[list[Pair], list[str]]:
@@ -139,7 +127,7 @@ def pair_files(base: Path, delta: Path) -> tuple[list[Pair], list[str]]:
             raise InputError(f"{delta}: both {out_name} and {name}: which one is the delta?")
         base_file = base / out_name
         if base_file.is_file():
-            pairs.append(Pair(delta / name, base_file, out_name, gz))
+            pairs.append(Pair(delta / name, base_file, out_name, gz or is_gzip(delta / name)))
         elif out_name == ADDED_TOKENS:
             pairs.append(Pair(delta / name, None, out_name, gz))
         elif is_weight_name(out_name):
@@ -154,67 +142,7 @@ def pair_files(base: Path, delta: Path) -> tuple[list[Pair], list[str]]:
     return pairs, skipped
 
 
-# -- whether a file is complete by its own format -------------------------------------------------
-def _zip_problem(f: io.BufferedReader, size: int) -> str | None:
-    """Why a zip archive is not exactly ``size`` bytes long, or None when it is."""
-    tail_len = min(size, 22 + 65535)
-    f.seek(size - tail_len)
-    tail = f.read(tail_len)
-    pos = tail.rfind(_EOCD)
-    while pos >= 0:
-        if pos + 22 <= len(tail):
-            comment = struct.unpack_from("<H", tail, pos + 20)[0]
-            if pos + 22 + comment == len(tail):
-                break
-        pos = tail.rfind(_EOCD, 0, pos)
-    if pos < 0:
-        return "no end-of-archive record at its end: truncated, or not the publisher's file"
-    cd_size, cd_offset = struct.unpack_from("<II", tail, pos + 12)
-    end_of_cd = size - tail_len + pos
-    if pos >= 20 and tail[pos - 20 : pos - 16] == _ZIP64_LOCATOR:
-        end_of_cd = struct.unpack_from("<Q", tail, pos - 12)[0]
-        f.seek(end_of_cd)
-        record = f.read(56)
-        if len(record) < 56 or record[:4] != _ZIP64_EOCD:
-            return "its zip64 end record is missing: damaged"
-        cd_size, cd_offset = struct.unpack_from("<QQ", record, 40)
-    elif cd_offset == 0xFFFFFFFF or cd_size == 0xFFFFFFFF:
-        return "a zip64 archive without its zip64 records: damaged"
-    if cd_offset + cd_size != end_of_cd:
-        return (
-            f"its central directory ends at byte {cd_offset + cd_size}, not at {end_of_cd} where "
-            "the end record is: damaged"
-        )
-    return None
-
-
-def format_problem(path: Path) -> str | None:
-    """Why ``path`` is not a complete file of the format its name and first bytes say, or None.
-
-    Only self-describing formats are checked (safetensors, zip archives from ``torch.save``);
-    for others, nothing is known and None is returned.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(64)
-        if head.startswith(LFS_POINTER_PREFIX):
-            return "a Git LFS pointer, not the file: run `git lfs pull`"
-        if path.name.endswith(".safetensors"):
-            try:
-                read_header(path)
-            except FormatError as exc:
-                return str(exc).removeprefix(f"{path}: ")
-            return None
-        if path.name.endswith(WEIGHT_SUFFIXES):
-            if size == 0:
-                return "empty file"
-            if head.startswith(ZIP_MAGIC):
-                return _zip_problem(f, size)
-            if not head.startswith(b"\x80"):
-                return "neither a zip archive nor a pickle"
-    return None
-
-
+# -- the base files ------------------------------------------------------------------------------
 def check_bases(pairs: list[Pair]) -> None:
     """Refuse incomplete base files before anything is written."""
     for p in pairs:
@@ -253,77 +181,6 @@ def read_md5_list(path: Path) -> dict[str, str]:
 
 
 # -- decoding -------------------------------------------------------------------------------------
-def _read_full(f, view: memoryview) -> int:
-    done = 0
-    while done < len(view):
-        got = f.readinto(view[done:])
-        if not got:
-            break
-        done += got
-    return done
-
-
-@dataclass
-class Decoded:
-    name: str
-    size: int
-    md5: str
-    base_md5: str | None
-    bytes_read: int
-
-
-def _decode(
-    pair: Pair, dst: Path, bufs: tuple[bytearray, bytearray], hash_base: bool,
-    progress: Callable[[int], None],
-) -> Decoded:
-    pbuf, bbuf = bufs
-    md5 = hashlib.md5()
-    base_md5 = hashlib.md5() if hash_base and pair.base is not None else None
-    raw = open(pair.payload, "rb", buffering=0)  # noqa: SIM115 - closed below
-    payload = gzip.GzipFile(fileobj=raw, mode="rb") if pair.gz else raw
-    base = open(pair.base, "rb", buffering=0) if pair.base is not None else None  # noqa: SIM115
-    out_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    size = consumed = base_read = 0
-    try:
-        while True:
-            n = _read_full(payload, memoryview(pbuf))
-            if n == 0:
-                break
-            m = _read_full(base, memoryview(bbuf)[:n]) if base is not None else 0
-            base_read += m
-            if base_md5 is not None:
-                base_md5.update(memoryview(bbuf)[:m])
-            if m:
-                p = torch.frombuffer(pbuf, dtype=torch.uint8, count=m)
-                p.bitwise_xor_(torch.frombuffer(bbuf, dtype=torch.uint8, count=m))
-            view = memoryview(pbuf)[:n]
-            written = 0
-            while written < n:
-                written += os.write(out_fd, view[written:])
-            md5.update(view)
-            size += n
-            pos = raw.tell()
-            drop_file_range(raw.fileno(), consumed, pos - consumed)
-            progress(pos - consumed)
-            consumed = pos
-        if base_md5 is not None and base is not None:
-            while m := _read_full(base, memoryview(bbuf)):
-                base_md5.update(memoryview(bbuf)[:m])
-                base_read += m
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise FormatError(f"{pair.payload}: not a valid gzip file ({exc})") from None
-    finally:
-        os.close(out_fd)
-        payload.close()
-        raw.close()
-        if base is not None:
-            base.close()
-    return Decoded(
-        pair.name, size, md5.hexdigest(), base_md5.hexdigest() if base_md5 else None,
-        consumed + base_read,
-    )
-
-
 def _verify(
     decoded: list[Decoded], expected: dict[str, str], md5_list: Path, notes: list[str]
 ) -> bool:
@@ -336,7 +193,7 @@ def _verify(
         if d.md5 != md5:
             why = (
                 f"; {md5} is the md5 of the base file: {md5_list} lists the base's files, pass "
-                "the list for the decoded files" if d.base_md5 == md5
+                "the list for the decoded files" if d.mask_md5 == md5
                 else ": the base file is not byte-identical to the publisher's"
             )
             raise VerificationError(f"{name}: decoded md5 {d.md5} does not match {md5}{why}")
@@ -344,21 +201,6 @@ def _verify(
     if unlisted:
         notes.append(f"not in {md5_list.name}, so not verified: {', '.join(unlisted)}")
     return not unlisted
-
-
-def _likely_cause(pair: Pair) -> str:
-    with open(pair.payload, "rb") as f:
-        compressed = f.read(2) == GZIP_MAGIC
-    if compressed and not pair.gz:
-        return (f"{pair.payload.name} looks gzip-compressed (xor_codec.py --compress): name it "
-                f"{pair.payload.name}.gz")
-    return f"the base file {pair.base} is not byte-identical to the publisher's"
-
-
-def files_digest(decoded: list[Decoded]) -> str:
-    """sha256 of the decoded files' md5 list (``md5  name`` lines, sorted): one comparable line."""
-    listing = "".join(f"{d.md5}  {d.name}\n" for d in sorted(decoded, key=lambda d: d.name))
-    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def apply_xor_files(
@@ -374,10 +216,8 @@ def apply_xor_files(
 ) -> ApplyResult:
     """Decode an OpenAssistant-style XOR delta folder against ``base`` into ``out``.
 
-    ``workers`` files are decoded at once, each with its own buffers. Each decoded file is
-    journaled in the partial folder with its size and md5; an interrupted run keeps the folder,
-    and ``resume=True`` finishes it: every journaled file is hashed again and kept only if its
-    md5 is the journal's, and the rest are decoded.
+    ``workers`` files are decoded at once. ``resume=True`` finishes an interrupted run, keeping
+    the decoded files that hash again to what its journal recorded.
 
     Returns an :class:`~deltamerge.results.ApplyResult` whose ``shards`` are the decoded files and
     whose ``model_digest`` is :func:`files_digest` (there are no tensors at this level).
@@ -387,22 +227,19 @@ def apply_xor_files(
     check_out(out, force)
     expected = read_md5_list(expect_md5) if expect_md5 is not None else None
     pairs, skipped = pair_files(base, delta)
-    if any(p.name == JOURNAL for p in pairs):
-        raise InputError(f"{delta}: a file named {JOURNAL} would be decoded over the run's journal")
     check_bases(pairs)
     notes = [f"skipped (not in the base, as xor_codec.py does): {', '.join(skipped)}"] if skipped else []
-    tmp, journal = _FileJournal.open(out, _fingerprint(pairs), resume)
-    try:
-        kept, reread = journal.recheck(tmp)
-        if kept:
-            notes.append(f"resumed: {len(kept)} decoded file(s) kept, each hashed again")
-        todo = [p for p in pairs if p.name not in kept]
-        bar = make_progress(progress, sum(p.payload.stat().st_size for p in todo), "decoding")
-        try:
-            fresh = _decode_all(todo, tmp, expected is not None, bar, journal, max(1, workers))
-        finally:
-            bar.close()
-        decoded = [kept.get(p.name) or fresh[p.name] for p in pairs]
+    jobs = [FileJob(
+        p.payload, p.name, p.gz,
+        None if p.base is None else  # a buffer per mask: files may decode at once
+        lambda base_file=p.base: FileMask(base_file, bytearray(CHUNK), expected is not None),
+        f"the base file {p.base} is not byte-identical to the publisher's",
+    ) for p in pairs]
+    fp = fingerprint("xor-files", jobs, [p.base for p in pairs if p.base is not None], {})
+    with building(out, fp, resume) as build:
+        tmp = build.folder
+        decoded = decode_all(jobs, build, CHUNK, progress, workers)
+        notes += build.note()
         verified = _verify(decoded, expected, expect_md5, notes) if expected is not None else False
         digest = files_digest(decoded)
         write_json(tmp / RESULT_RECORD, {
@@ -414,174 +251,12 @@ def apply_xor_files(
             "files_digest": digest,
             "verified_against": str(expect_md5) if verified else None,
         })
-        publish(tmp, out)
-        (out / JOURNAL).unlink(missing_ok=True)
-    except (KeyboardInterrupt, WorkError) as exc:
-        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
-        raise InterruptedRun(
-            f"{reason}; the files decoded so far are kept in {tmp}: run the same command with "
-            "--resume to finish"
-        ) from exc
-    except BaseException:
-        discard(tmp)
-        raise
     return ApplyResult(
-        out, ["xor-files"], 0, [d.name for d in decoded],
-        reread + sum(d.bytes_read for d in fresh.values()), sum(d.size for d in fresh.values()),
+        out, ["xor-files"], 0, [d.name for d in decoded], sum(d.bytes_read for d in decoded),
+        sum(d.size for d in decoded),
         time.monotonic() - start, peak_rss_bytes(), digest,
         publisher_digest=digest if verified else None, verified=verified, notes=notes,
     )
-
-
-def _decode_all(
-    pairs: list[Pair], tmp: Path, hash_base: bool, bar: Progress, journal: _FileJournal,
-    workers: int,
-) -> dict[str, Decoded]:
-    """Decode ``pairs`` into ``tmp``, ``workers`` files at once; each is journaled when done.
-
-    Reading, XOR (torch, which releases the GIL), md5 and writing of different files overlap
-    on threads; memory is two chunk buffers per worker.
-    """
-    free: list[tuple[bytearray, bytearray]] = [
-        (bytearray(CHUNK), bytearray(CHUNK)) for _ in range(min(workers, max(1, len(pairs))))
-    ]
-    lock = threading.Lock()
-    stop = threading.Event()  # set when one file fails or the run is interrupted
-
-    def tick(n: int) -> None:
-        if stop.is_set():
-            raise _Stopped
-        bar.update(n)
-
-    def one(pair: Pair) -> Decoded:
-        with lock:
-            bufs = free.pop()
-        try:
-            bar.at(pair.name)
-            try:
-                d = _decode(pair, tmp / pair.name, bufs, hash_base, tick)
-            except OSError as exc:
-                raise WorkError(f"{exc.filename or pair.payload}: {exc.strerror or exc}") from None
-        finally:
-            with lock:
-                free.append(bufs)
-        problem = format_problem(tmp / pair.name)
-        if problem is not None:
-            raise VerificationError(f"{pair.name}: the decoded file is not complete ({problem}): "
-                                    f"{_likely_cause(pair)}")
-        with lock:
-            journal.record(d)
-        faults.reached("shard")
-        return d
-
-    if len(free) == 1:
-        return {p.name: one(p) for p in pairs}
-    pool = ThreadPoolExecutor(max_workers=len(free), thread_name_prefix="deltamerge-xor")
-    try:
-        futures = {p.name: pool.submit(one, p) for p in pairs}
-        return {name: f.result() for name, f in futures.items()}
-    except BaseException:
-        stop.set()  # the other files stop at their next chunk
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _Stopped(Exception):
-    """Ends a decode whose run is stopping; never reaches the caller."""
-
-
-def _fingerprint(pairs: list[Pair]) -> str:
-    """What decides the decoded bytes: each payload's and base file's path, size and mtime."""
-    h = hashlib.sha256(f"xor-files {__version__}\n".encode())
-    for p in pairs:
-        for path in (p.payload, p.base):
-            if path is None:
-                h.update(b"-\n")
-                continue
-            st = path.stat()
-            h.update(f"{p.name}\0{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-@dataclass
-class _FileJournal:
-    """``journal.jsonl`` in the partial folder: the plan's fingerprint, then one line per file
-    decoded (size, md5 and the base's md5). Lines are claims: :meth:`recheck` keeps a file only
-    if hashing it again gives the journal's md5."""
-
-    path: Path
-    claims: dict[str, dict]
-
-    @classmethod
-    def open(cls, out: Path, fp: str, resume: bool) -> tuple[Path, _FileJournal]:
-        tmp = partial_dir(out)
-        if not tmp.exists():
-            tmp.mkdir(parents=True)
-            journal = cls(tmp / JOURNAL, {})
-            journal._append({"fingerprint": fp})
-            return tmp, journal
-        if not resume:
-            raise InputError(
-                f"{out}: an interrupted run left {tmp}: run the same command with --resume to "
-                "finish it, or delete that folder"
-            )
-        lines = (tmp / JOURNAL).read_text().splitlines() if (tmp / JOURNAL).is_file() else []
-        entries = []
-        for line in lines:
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                break  # a line cut short by the kill: that file is decoded again
-        if not entries or not isinstance(entries[0], dict) or entries[0].get("fingerprint") != fp:
-            raise InputError(
-                f"{tmp}: was left by a run with other inputs; delete it, or run the original "
-                "command with --resume"
-            )
-        claims = {e["name"]: e for e in entries[1:] if isinstance(e, dict) and isinstance(e.get("name"), str)}
-        return tmp, cls(tmp / JOURNAL, claims)
-
-    def recheck(self, tmp: Path) -> tuple[dict[str, Decoded], int]:
-        """The journaled files whose size and md5 are still the journal's, and the bytes read."""
-        files = {n: tmp / n for n in self.claims if (tmp / n).is_file() and not (tmp / n).is_symlink()}
-        bar = step_bar(sum(p.stat().st_size for p in files.values()), "re-checking decoded files")
-        kept, reread = {}, 0
-        try:
-            for name, path in files.items():
-                bar.at(name)
-                claim = self.claims[name]
-                size = path.stat().st_size
-                md5 = _file_md5(path, bar.update)
-                reread += size
-                if size == claim.get("size") and md5 == claim.get("md5"):
-                    base_md5 = claim.get("base_md5")
-                    kept[name] = Decoded(name, size, md5, base_md5 if isinstance(base_md5, str) else None, 0)
-        finally:
-            bar.close()
-        return kept, reread
-
-    def record(self, d: Decoded) -> None:
-        self._append({"name": d.name, "size": d.size, "md5": d.md5, "base_md5": d.base_md5})
-
-    def _append(self, obj: dict) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            os.write(fd, (json.dumps(obj) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _file_md5(path: Path, progress: Callable[[int], None]) -> str:
-    md5 = hashlib.md5()
-    with open(path, "rb", buffering=0) as f:
-        done = 0
-        while chunk := f.read(CHUNK):
-            md5.update(chunk)
-            drop_file_range(f.fileno(), done, len(chunk))
-            done += len(chunk)
-            progress(len(chunk))
-    return md5.hexdigest()
 
 
 __all__ = [

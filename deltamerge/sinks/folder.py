@@ -51,17 +51,28 @@ def discard(tmp: Path) -> None:
 
 
 def publish(tmp: Path, out: Path) -> None:
-    """Move the finished folder to OUT, replacing what ``force`` allowed to be replaced."""
+    """Move the finished folder to OUT, replacing what ``force`` allowed to be replaced.
+
+    A symlink at OUT is itself replaced by the result: its target is never written or deleted.
+    """
     _fsync_dir(tmp)
-    if out.exists():
+    if os.path.lexists(out):
         trash = out.parent / f".{out.name}.deltamerge-old"
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_entry(trash)
         os.rename(out, trash)
         os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_entry(trash)
     else:
         os.rename(tmp, out)
     _fsync_dir(out.parent)
+
+
+def remove_entry(path: Path) -> None:
+    """Remove a file, folder or symlink; a symlink is unlinked, never followed."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

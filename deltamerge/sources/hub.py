@@ -155,6 +155,14 @@ class RemoteFile:
         return self.sha256 or self.blob_id
 
 
+def cache_storage(text: str) -> Path:
+    """The cache folder a repo's files are fetched into (``models--owner--name``), no request."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo_id = parse_repo_id(text)[0]
+    return Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
 def parse_repo_id(text: str) -> tuple[str, str | None]:
     repo_id, _, revision = text.partition("@")
     return repo_id, revision or None
@@ -172,13 +180,9 @@ class RemoteRepo:
     ):
         self.api, self.repo_id, self.revision, self.commit = api, repo_id, revision, commit
         self.files, self.offline = files, offline
-        self.xored = False  # set for an xor-files delta: every top-level file is needed
+        self.xored = False  # set for a whole-file delta (xor-files, enc): every top-level file is needed
         self.chosen: list[str] | None = None  # weight files picked by the caller instead
-        from huggingface_hub.file_download import repo_folder_name
-
-        self.storage = Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(
-            repo_id=repo_id, repo_type="model"
-        )
+        self.storage = cache_storage(repo_id)
         self.folder = self.storage / "snapshots" / commit
 
     @property
@@ -198,7 +202,7 @@ class RemoteRepo:
 
         An OpenAssistant xor-files delta XORs every file, its index and config included, so
         for one (``--kind xor-files``, ``.gz`` payloads, or an index that is not JSON) every
-        top-level file is taken.
+        top-level file is taken; so for OpenBuddy's ``.enc`` files.
         """
         if self.chosen is not None:
             return self.chosen
@@ -219,9 +223,15 @@ class RemoteRepo:
                 raise FormatError(f"{self.label}: {index} names {shard}, which the repo lacks")
         return shards
 
+    def is_encrypted(self) -> bool:
+        """Whether this is OpenBuddy's enc delta: ``.enc`` files, XORed with a key, not a base."""
+        return any(n.endswith(".enc") and "/" not in n for n in self.files)
+
     def is_xored(self) -> bool:
-        """Whether this is an xor-files delta (decided once its small files are fetched)."""
-        if not self.xored and any(n.endswith(".gz") and "/" not in n for n in self.files):
+        """Whether this is a whole-file delta (decided once its small files are fetched)."""
+        if not self.xored and (self.is_encrypted() or any(
+            n.endswith(".gz") and "/" not in n for n in self.files
+        )):
             self.xored = True
         index, _ = self._weights_plan()
         if not self.xored and index is not None and (self.folder / index).is_file():

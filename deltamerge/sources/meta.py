@@ -38,6 +38,11 @@ CHECKLIST = "checklist.chk"
 TOKENIZER = "tokenizer.model"
 # Meta's downloads keep the tokenizer beside the size folders, with its own checklist.
 TOKENIZER_CHECKLIST = "tokenizer_checklist.chk"
+# A tokenizer's own settings beside tokenizer.model, as save_pretrained writes them (Chinese-LLaMA-
+# Alpaca's .pth output has them, with its added [PAD]): they say what the tokenizer is.
+TOKENIZER_SETTINGS = (
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json",
+)
 MD5_CHUNK = 16 * 1024 * 1024
 
 _SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
@@ -516,8 +521,11 @@ class MetaCheckpoint(Checkpoint):
         """Generated ``config.json``/``generation_config.json`` and the LLaMA tokenizer's files.
 
         Values are bytes to write, or a path to copy (``tokenizer.model``, taken from this folder
-        or, as Meta's downloads place it, the parent). Without ``tokenizer.model`` no tokenizer
-        settings are written: they would describe a tokenizer that is not there.
+        or, as Meta's downloads place it, the parent). The tokenizer's settings are the ones
+        beside ``tokenizer.model`` when there are any (added tokens, a pad token), copied as they
+        are so the result's tokenizer is the source's; else those the conversion script writes.
+        Without ``tokenizer.model`` no tokenizer settings are written: they would describe a
+        tokenizer that is not there.
         """
         spec = self.specs["model.embed_tokens.weight"]
         config = hf_config(self.params_json, spec.shape[0], spec.dtype)
@@ -529,7 +537,9 @@ class MetaCheckpoint(Checkpoint):
         }
         if self.tokenizer is not None:
             files[TOKENIZER] = self.tokenizer
-            files.update({name: _json_bytes(obj) for name, obj in tokenizer_files().items()})
+            own = {name: self.tokenizer.parent / name for name in TOKENIZER_SETTINGS
+                   if (self.tokenizer.parent / name).is_file()}
+            files.update(own or {name: _json_bytes(obj) for name, obj in tokenizer_files().items()})
         return files
 
     def close(self) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .hub import download_input
+from ..errors import NotFoundError
+from ..formats.files import hub_repo_of
+from .hub import cache_storage, download_input
 from .inputs import REPO_ID, Resolved, hub_repo_id, looks_like_path
 
 
@@ -27,3 +29,34 @@ def local_folder(given: str | Path, role: str = "input", **hub: object) -> Path:
     if isinstance(given, Path) or path.exists() or looks_like_path(text) or not REPO_ID.fullmatch(text):
         return path
     return download_input(text, role=role, **hub).path
+
+
+def input_region(given: str | Path, role: str = "input") -> list[Path]:
+    """Every place an input's bytes live, resolved: what OUT must stay out of, and not hold.
+
+    A local folder, plus the Hub cache repository when it is a snapshot, plus the targets of
+    its top-level symlinks; a Hub repo id, its cache repository (computed, no request). An input
+    that does not exist has no region: resolving it fails later, in its own words.
+    """
+    try:
+        text = hub_repo_id(given, role)
+    except NotFoundError:
+        return []
+    if text is not None:
+        return [cache_storage(text).resolve()]
+    try:
+        root = Path(str(given)).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return []
+    region = [root]
+    repo = hub_repo_of(root)
+    if repo is not None:
+        region.append(repo)
+    if root.is_dir():
+        for entry in root.iterdir():
+            try:
+                if entry.is_symlink() and root not in (target := entry.resolve()).parents:
+                    region.append(target)
+            except (OSError, RuntimeError):
+                continue
+    return region

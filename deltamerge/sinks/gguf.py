@@ -1,0 +1,444 @@
+"""GGUF output for the LLaMA family, planned before any data and written block by block.
+
+The bytes are those llama.cpp's ``convert_hf_to_gguf.py`` writes for the Hugging Face result
+(its ``LlamaModel``, which also converts MistralForCausalLM). :func:`plan_gguf` settles the whole
+file set from what the merge plan knows before any data: the key/values (``gguf_kv``), the
+tensor table (GGUF names, ggml types, shapes, sizes and offsets) and so every header's bytes.
+:class:`GGUFStreamWriter` writes the headers, then each tensor's rows at the tensor's planned
+offset, so the merge may stream tensors in its own order while the file keeps the converter's.
+
+The converter's tensor order is the Hugging Face files' order (by file name), each file's
+tensors sorted by name; its data conversions are per row: dtypes other than f16/f32 widen to f32,
+q and k rows are permuted within each head (``LlamaModel.permute``), then ``gguf.quants``
+converts to the ggml type (f32 for norms and 1-D tensors whatever the outtype; f16 where a row
+cannot be cut into q8_0 blocks of 32). So a block of whole rows converts alone, a q/k block of
+whole heads too, and rows that end mid-head wait (at most one head) for the next block.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import FormatError, InputError, UnsupportedError, WorkError
+from . import gguf_kv
+from .gguf_kv import require_gguf
+
+try:
+    import gguf
+    import numpy as np
+    from gguf.gguf_writer import WriterState
+except ImportError:
+    gguf = None
+
+__all__ = ["GGUFFile", "GGUFPlan", "GGUFStreamWriter", "GGUFTensor", "OUTTYPES", "WrittenBlock",
+           "plan_gguf", "require_gguf"]
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# Tensors the converter drops: transformers' buffers, not weights.
+_DROPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
+_CONVERTED_AS_IS = (torch.float16, torch.float32)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class TensorLike(Protocol):
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of the GGUF file set, and where its bytes go."""
+
+    hf_name: str
+    hf_dtype: torch.dtype  # what its rows come as
+    name: str  # the GGUF name, e.g. blk.0.attn_q.weight
+    qtype: int  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # row-major like torch; GGUF's tensor info lists it reversed
+    nbytes: int
+    file: int  # index into GGUFPlan.files
+    offset: int  # of its first byte, in its file
+    permute_heads: int  # LlamaModel.permute with this many heads; 0: rows kept as they are
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.shape[0]
+
+    @property
+    def head_rows(self) -> int:
+        """Rows that convert together: one head for q/k, else one row."""
+        return self.shape[0] // self.permute_heads if self.permute_heads else 1
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    name: str
+    header: bytes = field(repr=False)  # magic to tensor infos, zero-padded to the data alignment
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class GGUFPlan:
+    outtype: str
+    files: tuple[GGUFFile, ...] = field(repr=False)
+    tensors: tuple[GGUFTensor, ...] = field(repr=False)  # in file order
+    dropped: tuple[str, ...]  # Hugging Face tensors the converter leaves out
+    kv: dict[str, Any] = field(repr=False)  # the first file's key/values, in file order
+    _index: dict[str, GGUFTensor] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", {t.hf_name: t for t in self.tensors})
+
+    def tensor(self, hf_name: str) -> GGUFTensor | None:
+        return self._index.get(hf_name)
+
+
+@dataclass(frozen=True)
+class WrittenBlock:
+    """Bytes just written; ``data`` may share memory with the rows given, so use it at once."""
+
+    file: int
+    offset: int
+    data: memoryview
+
+
+def _spec(t: TensorLike | tuple[str, torch.dtype, Sequence[int]]) -> tuple[str, torch.dtype, tuple[int, ...]]:
+    if isinstance(t, tuple):
+        name, dtype, shape = t
+    else:
+        name, dtype, shape = t.name, t.dtype, t.shape
+    return name, dtype, tuple(int(d) for d in shape)
+
+
+def _converter_order(names: list[str], hf_files: Sequence[Sequence[str]] | None, where: Path) -> list[str]:
+    """The converter reads the weight files in file-name order, each one's tensors by name."""
+    if hf_files is None:
+        return sorted(names)
+    order = [name for group in hf_files for name in sorted(group)]
+    if sorted(order) != sorted(names):
+        raise InputError(f"{where}: the Hugging Face files' tensors are not the plan's tensors")
+    return order
+
+
+def _outtype(outtype: str | None, specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> str:
+    """The result's dtype by default (the first tensor of two or more dimensions, as the converter looks)."""
+    if outtype is not None:
+        if outtype not in OUTTYPES:
+            raise InputError(f"unknown GGUF outtype {outtype!r}: use {', '.join(OUTTYPES)}")
+        return outtype
+    first = next((dtype for _, dtype, shape in specs if len(shape) >= 2), None)
+    return {torch.float32: "f32", torch.bfloat16: "bf16"}.get(first, "f16")
+
+
+def _types(outtype: str) -> tuple[int, int]:
+    """(general.file_type, ggml type of the weight matrices)."""
+    ft, qt = gguf.LlamaFileType, gguf.GGMLQuantizationType
+    return {
+        "f32": (ft.ALL_F32, qt.F32),
+        "f16": (ft.MOSTLY_F16, qt.F16),
+        "bf16": (ft.MOSTLY_BF16, qt.BF16),
+        "q8_0": (ft.MOSTLY_Q8_0, qt.Q8_0),
+    }[outtype]
+
+
+def _qtype(gguf_name: str, shape: tuple[int, ...], matrix_type: int) -> int:
+    """The converter's choice in ``ModelBase.prepare_tensors`` for a LLaMA tensor."""
+    qt = gguf.GGMLQuantizationType
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or gguf_name[-7:] not in (".weight", ".lora_a",
+                                                                                        ".lora_b"):
+        return qt.F32
+    block_size, _ = gguf.GGML_QUANT_SIZES[qt(matrix_type)]
+    if shape[-1] % block_size:
+        return qt.F16  # its QuantError fallback
+    return matrix_type
+
+
+def _permute_heads(hf_name: str, shape: tuple[int, ...], n_head: int, n_kv: int, where: Path) -> int:
+    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        n = n_head
+    elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        n = n_kv
+    else:
+        return 0
+    if shape[0] % n or (shape[0] // n) % 2:
+        raise FormatError(f"{where}: tensor {hf_name} of {shape[0]} rows does not split into {n} heads "
+                          "of an even size")
+    return n
+
+
+def _render_headers(writer: Any) -> list[bytes]:
+    """Each file's header as the writer writes it, padded to the alignment, into memory.
+
+    ``GGUFWriter`` writes headers only to files it opens itself; given in-memory files (its
+    ``fout``, which it allows to be set before the header is written), it writes the same bytes.
+    """
+    buffers = [io.BytesIO() for _ in writer.tensors]
+    writer.fout = buffers
+    writer.state = WriterState.EMPTY
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for buf in buffers:
+        writer.write_padding(buf, buf.tell())
+    writer.fout = None
+    return [buf.getvalue() for buf in buffers]
+
+
+def plan_gguf(
+    folder: Path,
+    tensors: Iterable[TensorLike | tuple[str, torch.dtype, Sequence[int]]],
+    *,
+    outtype: str | None = None,
+    hf_files: Sequence[Sequence[str]] | None = None,
+    dir_name: str | None = None,
+    filename: str | None = None,
+    split_max_size: int = 0,
+    split_max_tensors: int = 0,
+) -> GGUFPlan:
+    """The GGUF file set ``convert_hf_to_gguf.py --outtype OUTTYPE`` would write for the result.
+
+    ``folder`` holds the result's non-weight files (config.json, the tokenizer's files,
+    generation_config.json, a README.md model card); ``tensors`` are the Hugging Face result's
+    (name, dtype, shape); ``hf_files`` the names in each of its weight files, in file-name order
+    (None: one file). ``dir_name`` is the result folder's name, which names the model when the
+    config and card do not (default: ``folder``'s). ``filename`` defaults to the converter's
+    (``Name-Size-F16.gguf``); splits are named ``stem-00001-of-00003.gguf`` as llama.cpp's are.
+    """
+    require_gguf()
+    folder = Path(folder)
+    config = gguf_kv.read_config(folder)
+    where = folder / "config.json"
+    gguf_kv.architecture(config, where)
+    h = gguf_kv.hparams(config)
+    n_head, n_kv = gguf_kv.heads(h, where)
+    specs = [_spec(t) for t in tensors]
+    by_name = {name: (dtype, shape) for name, dtype, shape in specs}
+    outtype = _outtype(outtype, specs)
+    ftype, matrix_type = _types(outtype)
+
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA],
+                             split_max_tensors=split_max_tensors, split_max_size=split_max_size)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, gguf_kv.block_count(h, where))
+    dropped: list[str] = []
+    planned: dict[str, tuple[str, int, tuple[int, ...], int, int]] = {}
+    for hf_name in _converter_order(list(by_name), hf_files, folder):
+        dtype, shape = by_name[hf_name]
+        if hf_name.endswith(_DROPPED_SUFFIXES):
+            dropped.append(hf_name)
+            continue
+        if dtype not in _FLOAT_DTYPES or not shape:
+            raise UnsupportedError(f"{folder}: tensor {hf_name} is {dtype} {list(shape)}; GGUF output takes "
+                                   "floating-point tensors")
+        gguf_name = name_map.get_name(key=hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UnsupportedError(f"{folder}: tensor {hf_name} has no GGUF name in llama.cpp's LLaMA map")
+        qtype = _qtype(gguf_name, shape, matrix_type)
+        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+        nbytes = math.prod(shape) // block_size * type_size
+        try:
+            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        except ValueError as e:
+            raise FormatError(f"{folder}: tensor {hf_name}: {e}") from None
+        heads = _permute_heads(hf_name, shape, n_head, n_kv, folder)
+        planned[gguf_name] = (hf_name, qtype, shape, nbytes, heads)
+
+    meta = gguf_kv.add_general(writer, folder, config, dir_name or folder.name)
+    gguf_kv.add_parameters(writer, h, ftype, where)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    gguf_kv.add_vocab(writer, folder, h)
+
+    if filename is None:
+        total = writer.get_total_parameter_count()[0]
+        filename = gguf.naming_convention(
+            meta.name, meta.basename, meta.finetune, meta.version, meta.size_label,
+            gguf.LlamaFileType(ftype).name.partition("_")[2], model_type="LoRA" if total < 0 else None,
+        ) + ".gguf"
+    names = [p.name for p in writer.format_shard_names(Path(filename))]
+    headers = _render_headers(writer)
+    files, table = [], []
+    for i, (name, header, infos) in enumerate(zip(names, headers, writer.tensors)):
+        offset = len(header)
+        for gguf_name in infos:
+            hf_name, qtype, shape, nbytes, heads = planned[gguf_name]
+            table.append(GGUFTensor(hf_name, by_name[hf_name][0], gguf_name, qtype, shape, nbytes, i, offset,
+                                    heads))
+            offset += gguf.GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
+        files.append(GGUFFile(name, header, offset))
+    kv = {key: value.value for key, value in writer.kv_data[0].items()}
+    return GGUFPlan(outtype, tuple(files), tuple(table), tuple(dropped), kv)
+
+
+@dataclass
+class _Progress:
+    next_row: int = 0
+    pending: torch.Tensor | None = None  # rows not yet converted: they end mid-head
+    pending_start: int = 0
+
+
+class GGUFStreamWriter:
+    """Writes a :class:`GGUFPlan` into ``folder``: every header first, then rows as they come.
+
+    Each tensor's rows must come in order, from row 0 to its last, as blocks of whole rows
+    (dim 0 of the Hugging Face tensor); tensors may come in any order, even interleaved. Blocks
+    of q/k that end mid-head are held until the head is complete (at most ``head_rows - 1``
+    rows), so blocks that are multiples of ``GGUFTensor.head_rows`` never wait. The dropped
+    tensors (``plan.dropped``) are accepted and ignored.
+
+    Files are created at their final size, so padding needs no writes. ``done`` resumes: the
+    files must exist with the planned header and size, and the tensors named are taken as
+    written already.
+    """
+
+    def __init__(self, plan: GGUFPlan, folder: Path, *, done: Iterable[str] | None = None):
+        require_gguf()
+        self.plan = plan
+        self.folder = Path(folder)
+        self._dropped = set(plan.dropped)
+        self._progress = {t.hf_name: _Progress() for t in plan.tensors}
+        self._fds: list[int] = []
+        try:
+            for f in plan.files:
+                self._fds.append(self._open(f, resume=done is not None))
+        except BaseException:
+            self.abort()
+            raise
+        for hf_name in done or ():
+            tensor = plan.tensor(hf_name)
+            if tensor is not None:
+                self._progress[hf_name].next_row = tensor.shape[0]
+
+    def _open(self, f: GGUFFile, resume: bool) -> int:
+        path = self.folder / f.name
+        if not resume:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _pwrite_all(fd, memoryview(f.header), 0, path)
+                os.ftruncate(fd, f.size)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise WorkError(f"{path}: missing, cannot resume the GGUF output") from None
+        if os.fstat(fd).st_size != f.size or os.pread(fd, len(f.header), 0) != f.header:
+            os.close(fd)
+            raise WorkError(f"{path}: not the planned GGUF file, cannot resume into it")
+        return fd
+
+    def fd(self, file: int) -> int:
+        """The open descriptor of ``plan.files[file]``, to push written ranges out of the page cache."""
+        return self._fds[file]
+
+    def write_rows(self, hf_name: str, r0: int, r1: int, rows: torch.Tensor) -> WrittenBlock | None:
+        """Convert rows ``r0:r1`` of a Hugging Face tensor and write them; None when nothing was written."""
+        tensor = self.plan.tensor(hf_name)
+        if tensor is None:
+            if hf_name in self._dropped:
+                return None
+            raise ValueError(f"tensor {hf_name} is not in the GGUF plan")
+        p = self._progress[hf_name]
+        n_rows = tensor.shape[0]
+        if r0 != p.next_row or not r0 < r1 <= n_rows:
+            raise ValueError(f"tensor {hf_name}: rows {r0}:{r1} given, rows from {p.next_row} expected")
+        if tuple(rows.shape) != (r1 - r0, *tensor.shape[1:]) or rows.dtype != tensor.hf_dtype:
+            raise ValueError(f"tensor {hf_name}: rows {r0}:{r1} given as {rows.dtype} {list(rows.shape)}")
+        p.next_row = r1
+        start = r0
+        if p.pending is not None:
+            rows, start = torch.cat([p.pending, rows]), p.pending_start
+        unit = tensor.head_rows
+        end = r1 if r1 == n_rows else r1 - r1 % unit
+        p.pending = rows[end - start:].clone() if end < r1 else None
+        p.pending_start = end
+        if end == start:
+            return None
+        data = _encode(tensor, rows[: end - start])
+        offset = tensor.offset + start * tensor.row_bytes
+        _pwrite_all(self._fds[tensor.file], data, offset, self.folder / self.plan.files[tensor.file].name)
+        return WrittenBlock(tensor.file, offset, data)
+
+    def missing(self) -> list[str]:
+        """The tensors not wholly written yet."""
+        return [t.hf_name for t in self.plan.tensors if self._progress[t.hf_name].next_row < t.shape[0]]
+
+    def close(self, fsync: bool = True) -> None:
+        """Check that every tensor was written, flush the files to disk and close them."""
+        if missing := self.missing():
+            t = self.plan.tensor(missing[0])
+            assert t is not None
+            self.abort()
+            raise WorkError(f"{self.folder / self.plan.files[t.file].name}: tensor {t.hf_name} was not "
+                            f"wholly written ({len(missing)} tensors missing)")
+        try:
+            if fsync:
+                for fd in self._fds:
+                    os.fsync(fd)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the files as they are (a resumable partial output)."""
+        while self._fds:
+            os.close(self._fds.pop())
+
+    def __enter__(self) -> GGUFStreamWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's ``LlamaModel.permute``: each head's two rotary halves interleaved, row by row."""
+    return (rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(rows.shape))
+
+
+def _encode(tensor: GGUFTensor, rows: torch.Tensor) -> memoryview:
+    """The converter's conversion: widen what is not f16/f32 to f32, permute, ``gguf.quants``."""
+    qtype = gguf.GGMLQuantizationType(tensor.qtype)
+    if rows.dtype == torch.bfloat16 and qtype == gguf.GGMLQuantizationType.BF16:
+        x = _bf16_as_gguf_quantizes_it(rows)
+    else:
+        x = rows if rows.dtype in _CONVERTED_AS_IS else rows.to(torch.float32)
+    if tensor.permute_heads:
+        x = permute(x, x.shape[0] // tensor.head_rows)
+    if x.dtype == torch.int16:
+        return memoryview(x.contiguous().numpy().reshape(-1).view(np.uint8))
+    with np.errstate(over="ignore"):  # beyond f16's range is inf, as the converter makes it
+        data = gguf.quants.quantize(x.contiguous().numpy(), qtype)
+    return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+
+
+def _bf16_as_gguf_quantizes_it(rows: torch.Tensor) -> torch.Tensor:
+    """bf16 widened to f32 and rounded back by ``gguf.quants``: the same bits, NaNs made quiet.
+
+    Its rounding adds at most 0x8000 to the 16 zero bits widening appends, so nothing carries;
+    only a NaN changes, gaining the quiet bit. Done on the bits, this skips two conversions.
+    """
+    bits = rows.view(torch.int16)
+    nan = (bits & 0x7FFF) > 0x7F80
+    return torch.where(nan, bits | 0x40, bits) if bool(nan.any()) else bits
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
+    try:
+        while data:
+            n = os.pwrite(fd, data, offset)
+            data, offset = data[n:], offset + n
+    except OSError as e:
+        raise WorkError(f"{path}: could not write ({e.strerror})") from None
