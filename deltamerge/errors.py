@@ -62,3 +62,16 @@ class DiskSpaceError(WorkError):
 
 class InterruptedRun(WorkError):
     """SIGINT or SIGTERM stopped the run; the partial folder is kept for ``--resume``."""
+
+
+class PushError(WorkError):
+    """A push that did not finish (a dropped connection, the Hub failing): nothing was committed.
+
+    ``reason`` is what went wrong, ``retry`` the command that finishes it: files already uploaded
+    are not sent again.
+    """
+
+    def __init__(self, reason: str, retry: str):
+        super().__init__(f"{reason}; nothing was committed: run `{retry}` again to finish the push "
+                         "(files already uploaded are not sent again)")
+        self.reason, self.retry = reason, retry
