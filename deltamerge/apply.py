@@ -40,7 +40,7 @@ from .kinds.lora import QLORA_MODES
 from .kinds.xor_files import apply_xor_files
 from .memory import peak_rss_bytes
 from .preflight import preflight
-from .progress import make_progress
+from .progress import make_progress, reports_progress
 from .results import RESULT_RECORD, ApplyResult
 from .sinks.aux import copy_aux, fix_config
 from .sinks.folder import check_free_space, check_out, discard, partial_dir, publish, write_json
@@ -58,6 +58,7 @@ from .version import __version__
 PathLike = str | Path
 
 
+@reports_progress
 def apply_delta(
     base: PathLike,
     delta: PathLike | Sequence[PathLike],
@@ -152,7 +153,7 @@ def _apply_locked(
         if qlora is not None:
             raise InputError(f"--qlora merges LoRA adapters: it does not apply to {whole} deltas")
         return _apply_whole_files(whole, base_in, delta_ins, out, out_dtype, force, verify,
-                                  expect_md5, key_md5, progress)
+                                  expect_md5, key_md5, progress, resume, workers)
     if expect_md5 is not None:
         raise InputError("--expect-md5 checks whole decoded files: it applies to xor-files deltas")
     if key_md5 is not None:
@@ -206,7 +207,7 @@ def _apply_locked(
                 workers=workers, expected_base=first.base.tensors if first else None,
                 base_algorithm=base_algorithm, out_algorithm=out_algorithm,
                 expected_inputs=checks.expected_inputs, file_hashers=checks.file_hashers,
-                progress=bar.update, skip_shards=skip, on_shard_done=journal.record,
+                progress=bar.update, at=bar.at, skip_shards=skip, on_shard_done=journal.record,
             )
             try:
                 run = engine.run()
@@ -292,7 +293,7 @@ def _open_partial(out: Path, fp: Fingerprint, resume: bool) -> tuple[Path, Journ
 def _apply_whole_files(
     kind: str, base: Resolved, deltas: list[Resolved], out: Path,
     out_dtype: torch.dtype | None, force: bool, verify: bool, expect_md5: PathLike | None,
-    key_md5: str | None, progress,
+    key_md5: str | None, progress, resume: bool, workers: int,
 ) -> ApplyResult:
     """Whole-file XOR deltas (OpenAssistant's, OpenBuddy's) are decoded alone, byte for byte."""
     if len(deltas) != 1:
@@ -308,12 +309,14 @@ def _apply_whole_files(
             base.path, deltas[0].path, out, force=force, progress=progress,
             key_md5=key_md5 or OPENBUDDY_KEY_MD5,
             model_digest=lambda folder: _tensor_digests(folder, progress),
+            resume=resume, workers=workers,
         )
     if key_md5 is not None:
         raise InputError("--key-md5 is the md5 of an OpenBuddy key: it applies to enc deltas")
     md5_list = Path(expect_md5).expanduser() if expect_md5 is not None and verify else None
     return apply_xor_files(
-        base.path, deltas[0].path, out, force=force, expect_md5=md5_list, progress=progress
+        base.path, deltas[0].path, out, force=force, expect_md5=md5_list, progress=progress,
+        resume=resume, workers=workers,
     )
 
 

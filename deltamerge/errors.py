@@ -83,3 +83,16 @@ def signal_status(stop: KeyboardInterrupt) -> int:
     """The exit status for a run stopped by Ctrl-C (130) or SIGTERM (143)."""
     signum = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
     return 128 + int(signum)
+
+
+class PushError(WorkError):
+    """A push that did not finish (a dropped connection, the Hub failing): nothing was committed.
+
+    ``reason`` is what went wrong, ``retry`` the command that finishes it: files already uploaded
+    are not sent again.
+    """
+
+    def __init__(self, reason: str, retry: str):
+        super().__init__(f"{reason}; nothing was committed: run `{retry}` again to finish the push "
+                         "(files already uploaded are not sent again)")
+        self.reason, self.retry = reason, retry

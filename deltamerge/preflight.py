@@ -18,6 +18,7 @@ from .kinds import is_non_weight
 from .kinds.add import check_pairing
 from .kinds.detect import WHOLE_FILE_KINDS, detect_kind
 from .kinds.lora import ADAPTER_CONFIG
+from .progress import step_bar
 from .sources import open_checkpoint
 from .sources.hub import (
     HeaderSpecs,
@@ -58,19 +59,26 @@ def preflight(
         return {"endpoint": endpoint, "token": token, "api": api}
     client = make_api(endpoint, token, api)
     repos: dict[str, RemoteRepo] = {}
-    for text, (_, role) in zip(ids, inputs):
-        if text is not None and text not in repos:
-            repos[text] = open_repo(text, client)
-            repos[text].xored = role == "delta" and kind in WHOLE_FILE_KINDS
-            repos[text].fetch(repos[text].small_files())
-    check_roles([repos[t].folder if t else Path(g).expanduser() for t, g in zip(ids, givens)],
-                givens, kind)
-    _pair_xored_files(repos.get(ids[0]) if ids[0] else None, [repos[t] for t in ids[1:] if t])
-    needed = sum(r.missing_bytes(r.weight_files()) for r in repos.values())
-    if needed:
-        _check_pairing([repos.get(t) if t else Path(str(g)).expanduser()
-                        for t, (g, _) in zip(ids, inputs)], kind, verify)
-        check_cache_space(needed, ", ".join(r.label for r in repos.values()))
+    bar = step_bar(len(set(filter(None, ids))), "Hub preflight", unit="repo")
+    try:
+        for text, (_, role) in zip(ids, inputs):
+            if text is not None and text not in repos:
+                bar.at(text)
+                repos[text] = open_repo(text, client)
+                repos[text].xored = role == "delta" and kind in WHOLE_FILE_KINDS
+                repos[text].fetch(repos[text].small_files())
+                bar.update(1)
+        check_roles([repos[t].folder if t else Path(g).expanduser() for t, g in zip(ids, givens)],
+                    givens, kind)
+        _pair_xored_files(repos.get(ids[0]) if ids[0] else None, [repos[t] for t in ids[1:] if t])
+        needed = sum(r.missing_bytes(r.weight_files()) for r in repos.values())
+        if needed:
+            bar.at("pairing the remote headers")
+            _check_pairing([repos.get(t) if t else Path(str(g)).expanduser()
+                            for t, (g, _) in zip(ids, inputs)], kind, verify)
+            check_cache_space(needed, ", ".join(r.label for r in repos.values()))
+    finally:
+        bar.close()
     return {"api": client, "repos": repos}
 
 

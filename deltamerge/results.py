@@ -3,7 +3,7 @@ use these without importing an entry point."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 DEFAULT_ALGORITHM = "blake3"  # integrity.digest's default, named here for the leaf
@@ -30,6 +30,10 @@ class ApplyResult:
     notes: list[str] = field(default_factory=list)
     algorithm: str = DEFAULT_ALGORITHM  # of model_digest: sha256 when checked against format 1
 
+    def to_json(self) -> dict:
+        """Every field, paths as strings: what ``apply --json`` prints for pipelines."""
+        return _jsonable(asdict(self))
+
 
 @dataclass
 class MakeDeltaResult:
@@ -43,3 +47,12 @@ class MakeDeltaResult:
     bytes_written: int
     seconds: float
     peak_rss: int  # this process's own peak resident memory (VmHWM), in bytes
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """Every field, paths as strings: what ``make-delta --json`` prints."""
+        return _jsonable(asdict(self))
+
+
+def _jsonable(record: dict) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in record.items()}

@@ -464,14 +464,15 @@ def test_ctrl_c_in_a_merge(tmp_path, world):
     assert not out.exists() and (tmp_path / ".out.deltamerge-partial").is_dir()
 
 
-def test_ctrl_c_outside_a_merge(tmp_path, world):
-    """attack: Ctrl-C while make-delta works (its partial folder is discarded) -> outcome: 130."""
+def test_ctrl_c_in_make_delta(tmp_path, world):
+    """attack: Ctrl-C while make-delta works -> outcome: 130 too, its partial delta kept for
+    --resume."""
     out = tmp_path / "out"
     proc = run_cli("make-delta", world["base"], world["target"], out, "--block-size", "4096", "-q",
                    env={"DELTAMERGE_KILL_AT": "block:3", "DELTAMERGE_KILL_SIGNAL": "INT"},
                    prelude=FOREGROUND)
-    one_line(proc, 130, "interrupted")
-    nothing_written(out)
+    one_line(proc, 130, "interrupted", "--resume")
+    assert not out.exists() and (tmp_path / ".out.deltamerge-partial").is_dir()
 
 
 def test_reader_of_stdout_goes_away(world):

@@ -8,6 +8,7 @@ one line; ``--debug`` adds the traceback before it and never changes the status.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import select
 import signal
@@ -127,3 +128,74 @@ def common_run_options(fn: Callable) -> Callable:
 
 def default_workers() -> int:
     return 1 if (os.cpu_count() or 1) < 2 else 2
+
+
+# The spellings dtypes.USER_DTYPES accepts, named here so that --help does not load torch
+# (tests/test_cli_grammar.py keeps the two lists equal).
+DTYPE_NAMES = ("float16", "fp16", "bfloat16", "bf16", "float32", "fp32")
+DTYPE = click.Choice(DTYPE_NAMES, case_sensitive=False)
+
+
+def _debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        DEBUG["on"] = True
+
+
+def debug_option() -> click.Option:
+    """``--debug`` for a subcommand, so it works after the command's name as well as before."""
+    return click.Option(["--debug"], is_flag=True, expose_value=False, is_eager=True,
+                        callback=_debug, help="Show tracebacks on errors.")
+
+
+def hub_options(fn: Callable) -> Callable:
+    """``--token``, ``--revision`` and ``--cache-dir``, spelled as huggingface-cli spells them."""
+    options = [
+        click.option("--token", metavar="TOKEN", default=None,
+                     help="Hub token (default: HF_TOKEN, or the one `hf auth login` saved)."),
+        click.option("--revision", metavar="REV", default=None,
+                     help="Revision (branch, tag or commit) of the one Hub input; with several, "
+                          "write REPO@REV for each."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                     help="Hugging Face cache to download into (default: HF_HUB_CACHE)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def hub_setup(token: str | None, cache_dir: str | None, quiet: bool) -> dict | None:
+    """The library's ``hub=`` argument for these options; -q silences huggingface_hub's bars too."""
+    from ..sources.hub import quiet_downloads, use_cache_dir  # deferred: loads huggingface_hub
+
+    if cache_dir is not None:
+        use_cache_dir(cache_dir)
+    if quiet:
+        quiet_downloads()
+    return {"token": token} if token else None
+
+
+def with_revision(inputs: list[str], revision: str | None) -> list[str]:
+    """``--revision`` applied to the one input that is a Hub repo id without a revision of its own."""
+    if revision is None:
+        return inputs
+    from ..errors import NotFoundError
+    from ..sources.inputs import hub_repo_id  # deferred: the sources package loads torch
+
+    def is_repo(text: str) -> bool:
+        try:
+            return hub_repo_id(text) is not None
+        except NotFoundError:
+            return False  # a missing path: the command names it in its own words
+
+    hub = [i for i, text in enumerate(inputs) if is_repo(text)]
+    if len(hub) != 1:
+        what = "no input is a Hub repo id" if not hub else f"{len(hub)} inputs are Hub repo ids"
+        raise click.UsageError(f"--revision names the revision of one Hub input, and {what}: "
+                               "write REPO@REV for each instead")
+    if "@" in inputs[hub[0]]:
+        raise click.UsageError(f"{inputs[hub[0]]} already names its revision: drop --revision")
+    return [f"{text}@{revision}" if i == hub[0] else text for i, text in enumerate(inputs)]
+
+
+def print_json(obj: object) -> None:
+    click.echo(json.dumps(obj, indent=1))

@@ -14,13 +14,15 @@ from collections.abc import Callable
 import click
 
 from ..errors import VerificationError
-from .common import handle_errors, human, say
+from .common import handle_errors, hub_options, hub_setup, human, say, with_revision
 
 HELP = {"help_option_names": ["-h", "--help"]}
 
 
 def _quiet_option(fn: Callable) -> Callable:
-    return click.option("-q", "--quiet", is_flag=True, help="No progress bar.")(fn)
+    """-q and the Hub options every check takes (a DIR may be a Hub repo id)."""
+    fn = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")(fn)
+    return hub_options(fn)
 
 
 ALGORITHM_CHOICE = click.Choice(["blake3", "sha256"])
@@ -31,33 +33,52 @@ def _json_option(fn: Callable) -> Callable:
 
 
 @click.command("checksum", context_settings=HELP)
-@click.argument("folder", metavar="DIR")
+@click.argument("folders", nargs=-1, required=True, metavar="DIR...")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Also write every tensor's digest to this JSON file (for verify --manifest).")
+              help="Also write every tensor's digest to this JSON file (for verify --manifest; "
+                   "one DIR only).")
 @click.option("-a", "--algorithm", type=ALGORITHM_CHOICE, default="blake3", show_default=True,
               help="blake3 (manifest format 2) or sha256 (format 1, and digests published "
                    "before it).")
+@_json_option
 @_quiet_option
 @handle_errors
-def checksum_cmd(folder: str, output: str | None, algorithm: str, quiet: bool) -> None:
-    """Print the model digest of the checkpoint in DIR, as `DIGEST  DIR`.
+def checksum_cmd(folders: tuple[str, ...], output: str | None, algorithm: str, as_json: bool,
+                 quiet: bool, token: str | None, revision: str | None,
+                 cache_dir: str | None) -> None:
+    """Print the model digest of the checkpoint in each DIR, one `DIGEST  DIR` line each.
 
     The digest is of the tensors' names, dtypes, shapes and bytes, not of the files: the same
     weights give the same digest as safetensors or .bin, in any number of shards (see
-    docs/manifest.md). Compare it with the one a publisher gives, in the same algorithm.
+    docs/manifest.md). Compare it with the one a publisher gives, in the same algorithm. A DIR
+    may be a Hub repo id. With --json, a list of one object per DIR: its folder, model digest
+    and tensors' digests.
 
     \b
-    Example:
+    Examples:
+      deltamerge checksum ./llama-7b ./my-llama-7b
       deltamerge checksum ./llama-7b --output llama-7b.digests.json
       deltamerge verify ./other-copy --manifest llama-7b.digests.json
       deltamerge checksum ./llama-7b --algorithm sha256
     """
     from ..integrity.checks import checksum  # deferred so --help and --version answer without loading torch
 
-    result = checksum(folder, progress=not quiet, algorithm=algorithm)
-    if output:
-        result.write(output)
-    say(f"{result.model_digest}  {folder}")
+    if output and len(folders) > 1:
+        raise click.UsageError("--output writes the digests of one DIR: give one, or use --json")
+    folders = tuple(with_revision(list(folders), revision))
+    hub = hub_setup(token, cache_dir, quiet)
+    reports = []
+    for folder in folders:
+        result = checksum(folder, progress=not quiet and not as_json, hub=hub,
+                          algorithm=algorithm)
+        if output:
+            result.write(output)
+        if as_json:
+            reports.append({"folder": folder, **result.to_json()})
+        else:
+            say(f"{result.model_digest}  {folder}")
+    if as_json:
+        click.echo(json.dumps(reports, indent=1))
 
 
 @click.command("verify", context_settings=HELP)
@@ -73,9 +94,9 @@ def checksum_cmd(folder: str, output: str | None, algorithm: str, quiet: bool) -
 @_json_option
 @_quiet_option
 @handle_errors
-def verify_cmd(
-    folder: str, manifest: str, role: str, algorithm: str | None, as_json: bool, quiet: bool
-) -> None:
+def verify_cmd(folder: str, manifest: str, role: str, algorithm: str | None, as_json: bool,
+               quiet: bool, token: str | None, revision: str | None,
+               cache_dir: str | None) -> None:
     """Check every tensor of DIR against a manifest's digests.
 
     DIR is hashed in the algorithm of the manifest (format 1: sha256, format 2: blake3). Exits 0
@@ -89,7 +110,10 @@ def verify_cmd(
     """
     from ..integrity.checks import verify  # deferred so --help and --version answer without loading torch
 
-    report = verify(folder, manifest, role, progress=not quiet and not as_json, algorithm=algorithm)
+    folder, manifest = with_revision([folder, manifest], revision)
+    hub = hub_setup(token, cache_dir, quiet)
+    report = verify(folder, manifest, role, progress=not quiet and not as_json, hub=hub,
+                    algorithm=algorithm)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=1))
     else:
@@ -117,7 +141,8 @@ def verify_cmd(
 @_json_option
 @_quiet_option
 @handle_errors
-def inspect_cmd(folder: str, no_digest: bool, as_json: bool, quiet: bool) -> None:
+def inspect_cmd(folder: str, no_digest: bool, as_json: bool, quiet: bool, token: str | None,
+                revision: str | None, cache_dir: str | None) -> None:
     """Show what the checkpoint in DIR holds: format, files, dtypes, size, tensors, digest.
 
     \b
@@ -127,7 +152,9 @@ def inspect_cmd(folder: str, no_digest: bool, as_json: bool, quiet: bool) -> Non
     """
     from ..integrity.checks import inspect  # deferred so --help and --version answer without loading torch
 
-    r = inspect(folder, digest=not no_digest, progress=not quiet and not as_json)
+    (folder,) = with_revision([folder], revision)
+    hub = hub_setup(token, cache_dir, quiet)
+    r = inspect(folder, digest=not no_digest, progress=not quiet and not as_json, hub=hub)
     if as_json:
         click.echo(json.dumps(r.to_json(), indent=1))
         return
@@ -153,7 +180,8 @@ def inspect_cmd(folder: str, no_digest: bool, as_json: bool, quiet: bool) -> Non
 @_json_option
 @_quiet_option
 @handle_errors
-def diff_cmd(a: str, b: str, as_json: bool, quiet: bool) -> None:
+def diff_cmd(a: str, b: str, as_json: bool, quiet: bool, token: str | None,
+             revision: str | None, cache_dir: str | None) -> None:
     """Compare the checkpoints A and B tensor by tensor, by value.
 
     Lists tensors on one side only, dtype and shape differences, and for each tensor whose
@@ -166,7 +194,9 @@ def diff_cmd(a: str, b: str, as_json: bool, quiet: bool) -> None:
     """
     from ..integrity.checks import diff  # deferred so --help and --version answer without loading torch
 
-    r = diff(a, b, progress=not quiet and not as_json)
+    a, b = with_revision([a, b], revision)
+    hub = hub_setup(token, cache_dir, quiet)
+    r = diff(a, b, progress=not quiet and not as_json, hub=hub)
     if as_json:
         click.echo(json.dumps(r.to_json(), indent=1))
     else:

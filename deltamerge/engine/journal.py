@@ -106,6 +106,7 @@ class Entry:
 
     size: int
     digests: dict[str, TensorDigest]
+    extra: dict = field(default_factory=dict)  # what else a resumed run needs (make-delta's)
 
 
 @dataclass
@@ -147,20 +148,27 @@ class Journal:
         for line in lines[1:]:
             try:
                 entry = json.loads(line)
-                digests = {n: _digest(d) for n, d in entry["tensors"].items()}
+                digests = {n: read_digest(d) for n, d in entry["tensors"].items()}
                 if not isinstance(entry["shard"], str):
                     raise TypeError("shard name")
-                journal.recorded[entry["shard"]] = Entry(int(entry["size"]), digests)
+                extra = entry.get("extra")
+                journal.recorded[entry["shard"]] = Entry(
+                    int(entry["size"]), digests, extra if isinstance(extra, dict) else {}
+                )
             except (ValueError, KeyError, TypeError, AttributeError):
                 break  # a line cut short by the kill: that shard is redone
         return journal
 
-    def restart(self, kept: dict[str, tuple[int, dict[str, TensorDigest]]]) -> None:
+    def restart(
+        self, kept: dict[str, tuple[int, dict[str, TensorDigest]]],
+        extras: dict[str, dict] | None = None,
+    ) -> None:
         """Replace the journal with the shards a re-check kept (a rename: never written through
-        whatever was at its name)."""
+        whatever was at its name); ``extras``: their lines' ``extra``, where a run records one."""
         fresh = self.path.with_name(self.path.name + ".new")
         lines = [{"fingerprint": self.fingerprint, "parts": self.parts}] + [
-            _line(shard, size, digests) for shard, (size, digests) in kept.items()
+            _line(shard, size, digests, (extras or {}).get(shard))
+            for shard, (size, digests) in kept.items()
         ]
         fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         try:
@@ -172,9 +180,12 @@ class Journal:
         self.recorded = {}
         self.done = {shard: digests for shard, (_, digests) in kept.items()}
 
-    def record(self, shard: str, size: int, digests: dict[str, TensorDigest]) -> None:
+    def record(
+        self, shard: str, size: int, digests: dict[str, TensorDigest], extra: dict | None = None
+    ) -> None:
+        """``extra``: what else a resumed run needs of the shard (make-delta: its sha256)."""
         self.done[shard] = digests
-        self._append(_line(shard, size, digests))
+        self._append(_line(shard, size, digests, extra))
 
     def _append(self, obj: dict) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
@@ -185,11 +196,14 @@ class Journal:
             os.close(fd)
 
 
-def _line(shard: str, size: int, digests: dict[str, TensorDigest]) -> dict:
-    return {"shard": shard, "size": size, "tensors": {n: d.to_json() for n, d in digests.items()}}
+def _line(
+    shard: str, size: int, digests: dict[str, TensorDigest], extra: dict | None = None
+) -> dict:
+    line = {"shard": shard, "size": size, "tensors": {n: d.to_json() for n, d in digests.items()}}
+    return {**line, "extra": extra} if extra else line
 
 
-def _digest(obj: dict) -> TensorDigest:
+def read_digest(obj: dict) -> TensorDigest:
     """A tensor digest as ``TensorDigest.to_json`` wrote it (the fingerprint fixes the algorithm)."""
     found = [a for a in ALGORITHMS if a in obj]
     if len(found) != 1:

@@ -133,6 +133,7 @@ class Engine:
         expected_inputs: dict[Checkpoint, dict[str, TensorDigest]] | None = None,
         file_hashers: dict[Path, FileHasher] | None = None,
         progress: Progress | None = None,
+        at: Callable[[str], None] | None = None,
         slots: int | None = None,
         hash_files: bool = False,
         skip_shards: set[str] | None = None,
@@ -152,6 +153,7 @@ class Engine:
         self.expected_inputs = expected_inputs or {}
         self.file_hashers = file_hashers or {}
         self.progress = progress
+        self.at = at  # told "shard: tensor" as each tensor starts to be written, for the bar
         self.hash_files = hash_files
         self.skip_shards = skip_shards or set()
         self.on_shard_done = on_shard_done
@@ -334,6 +336,8 @@ class Engine:
 
     def _write(self, b: Block) -> None:
         shard = self.shards[b.shard]
+        if b.first and self.at is not None:
+            self.at(f"{shard.filename}: {b.job.name}")
         if b.first_in_shard:
             self._writer = self.sink.open_shard(self.out_dir / shard.filename, shard.specs)
             faults.reached("header")

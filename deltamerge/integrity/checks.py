@@ -20,7 +20,7 @@ import torch
 from ..dtypes import BITS_DTYPE, TORCH_TO_SAFETENSORS, itemsize
 from ..errors import FormatError, InputError, NotFoundError
 from ..formats.files import read_json_object
-from ..progress import Progress, make_progress
+from ..progress import Progress, make_progress, reports_progress
 from ..results import RESULT_RECORD
 from ..sizes import DEFAULT_BLOCK_BYTES
 from ..sources import Checkpoint, open_checkpoint
@@ -59,7 +59,11 @@ def _hash_all(
     """The digest of every tensor, in stored order (sequential reads), a block at a time."""
     specs = list(ckpt.specs.values())
     buf = block_buffer(specs, block_bytes, 1)
-    return {s.name: hash_tensor(ckpt, s, block_bytes, buf, bar.update, algorithm) for s in specs}
+    digests = {}
+    for spec in specs:
+        bar.at(f"{ckpt.file_of(spec.name).name}: {spec.name}")
+        digests[spec.name] = hash_tensor(ckpt, spec, block_bytes, buf, bar.update, algorithm)
+    return digests
 
 
 def _total_bytes(ckpt: Checkpoint) -> int:
@@ -91,6 +95,7 @@ class Checksum:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
 
 
+@reports_progress
 def checksum(
     path: Path | str,
     *,
@@ -243,6 +248,7 @@ def compare_digests(
     return missing, extra, differ
 
 
+@reports_progress
 def verify(
     path: Path | str,
     manifest_path: Path | str,
@@ -340,6 +346,7 @@ def _relative(ckpt: Checkpoint, file: Path) -> str:
         return file.name
 
 
+@reports_progress
 def inspect(
     path: Path | str,
     *,
@@ -484,6 +491,7 @@ def _diff_tensor(
     return count, largest
 
 
+@reports_progress
 def diff(
     a: Path | str,
     b: Path | str,
@@ -524,6 +532,7 @@ def diff(
                 if sa.shape != sb.shape:
                     layout.append(SpecDifference(name, da, sa.shape, db, sb.shape, None))
                     continue
+                bar.at(name)
                 count, largest = _diff_tensor(ca, cb, name, block_bytes, widest, bufs, bar)
                 if sa.dtype != sb.dtype:
                     layout.append(SpecDifference(name, da, sa.shape, db, sb.shape, largest))

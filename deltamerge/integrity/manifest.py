@@ -75,12 +75,16 @@ class Manifest:
     options: dict = field(default_factory=dict)
     delta: Role | None = None  # the delta's own tensors (format 2)
     algorithm: str = DEFAULT_ALGORITHM
+    # Where the base came from, for the delta's card: {"repo_id", "revision" (the commit)} for a
+    # Hub repo, {"folder": its name} for a local folder. Optional: older manifests lack it.
+    base_source: dict | None = None
 
     @property
     def format_version(self) -> int:
         return ALGORITHM_VERSION[self.algorithm]
 
     def to_json(self) -> dict:
+        source = {"base_source": self.base_source} if self.base_source is not None else {}
         obj = {
             "format": FORMAT,
             "format_version": self.format_version,
@@ -90,6 +94,7 @@ class Manifest:
             "files": {n: e.to_json(self.algorithm) for n, e in sorted(self.files.items())},
             "base": self.base.to_json(),
             "result": self.result.to_json(),
+            **source,
         }
         if self.delta is not None and self.format_version >= 2:
             obj["delta"] = self.delta.to_json()
@@ -179,6 +184,7 @@ def parse_manifest(path: Path, obj: object) -> Manifest:
         kind, str(obj.get("deltamerge_version", "")), entries,
         parse_role(path, obj.get("base"), "base", algorithm),
         parse_role(path, obj.get("result"), "result", algorithm), options, delta, algorithm,
+        _base_source(path, obj),
     )
 
 
@@ -194,6 +200,19 @@ def delta_mismatch(
         f"{where}: tensor {name!r}: {digest.describe()} does not match {MANIFEST_NAME} "
         f"({expected.describe()}): the file is corrupt or was changed"
     )
+
+
+def _base_source(path: Path, obj: dict) -> dict | None:
+    """The optional ``base_source``: an object of short strings, or absent."""
+    source = obj.get("base_source")
+    if source is None:
+        return None
+    if not isinstance(source, dict) or not source or not all(
+        k in ("repo_id", "revision", "folder") and isinstance(v, str) and text_ok(v)
+        and len(v) <= 256 for k, v in source.items()
+    ):
+        raise _fail(path, "'base_source' must map repo_id and revision, or folder, to names")
+    return source
 
 
 def read_manifest(path: Path) -> Manifest:

@@ -32,7 +32,7 @@ from ..errors import InputError, MismatchError, NotFoundError
 from ..integrity.digest import DEFAULT_ALGORITHM
 from ..memory import drop_file_range, peak_rss_bytes
 from ..results import RESULT_RECORD, ApplyResult
-from ..sinks.folder import write_json
+from ..sinks.folder import check_out, write_json
 from ..sources.folders import own_file
 from ..version import __version__
 from .whole_files import (
@@ -41,9 +41,9 @@ from .whole_files import (
     FileJob,
     RepeatingKey,
     building,
-    check_fresh,
     decode_all,
     files_digest,
+    fingerprint,
     is_torch_weights,
     read_full,
 )
@@ -119,6 +119,8 @@ def apply_enc(
     key_md5: str = OPENBUDDY_KEY_MD5,
     progress: bool | Callable[[int, int], None] = False,
     model_digest: Callable[[Path], tuple[str, dict]],
+    resume: bool = False,
+    workers: int = 1,
 ) -> ApplyResult:
     """Decode an OpenBuddy ``-enc`` release with the key from ``base`` into ``out``.
 
@@ -130,14 +132,17 @@ def apply_enc(
     """
     start = time.monotonic()
     base, delta, out = Path(base), Path(delta), Path(out).expanduser()
-    check_fresh(out, force)
+    check_out(out, force)
     source = key_file(base)
     key = read_key(source, key_md5)
     jobs, others = enc_jobs(delta, key)
     notes = [f"{p.name} is replaced by the decoded {p.name}{SUFFIX}" for p in _listed(delta)
              if any(j.name == p.name for j in jobs)]
-    with building(out) as tmp:
-        decoded: list[Decoded] = decode_all(jobs, tmp, bytearray(KEY_SIZE), progress)
+    fp = fingerprint("enc", jobs, [source], {"key_md5": key_md5.lower()})
+    with building(out, fp, resume) as build:
+        tmp = build.folder
+        decoded: list[Decoded] = decode_all(jobs, build, KEY_SIZE, progress, workers)
+        notes += build.note()
         for p in others:
             shutil.copyfile(p, tmp / p.name)
         weights = any(is_torch_weights(tmp / d.name) for d in decoded)

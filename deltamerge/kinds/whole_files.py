@@ -7,6 +7,12 @@ the tensor stream: each payload streams through one reused chunk buffer, is XORe
 :class:`Mask` and written to the partial folder, its md5 taken on the way; the payload's pages
 are dropped from the page cache behind the reads. A decoded weight file must then be complete by
 its own format, and the folder is published whole, or not at all.
+
+The partial folder keeps a journal of the files decoded (``journal.jsonl``: the inputs'
+fingerprint, then each file's name, size and md5), since kinds sit below the engine and its
+shard journal. An interrupted run keeps the folder; ``resume=True`` hashes every journaled file
+again and keeps those whose size and md5 are the journal's, removes everything else, and decodes
+the rest, ``workers`` files at once.
 """
 
 from __future__ import annotations
@@ -14,25 +20,38 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import struct
+import threading
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..errors import FormatError, InputError, VerificationError, WorkError
+from .. import faults
+from ..errors import (
+    FormatError,
+    InputError,
+    InterruptedRun,
+    VerificationError,
+    WorkError,
+    signal_status,
+)
 from ..formats.files import LFS_POINTER_PREFIX
 from ..formats.safetensors import read_header
 from ..memory import drop_file_range
-from ..progress import make_progress
-from ..sinks.folder import check_out, discard, make_partial, partial_dir, publish
+from ..progress import Progress, make_progress, step_bar
+from ..sinks.folder import discard, partial_dir, publish, remove_entry
+from ..version import __version__
 
 CHUNK = 16 * 1024 * 1024
+JOURNAL = "journal.jsonl"  # in the partial folder, as the engine's journal is for shards
 WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pth", ".pt")
 ZIP_MAGIC = b"PK\x03\x04"
 # llama.cpp's files (ggml, ggmf, ggjt, GGUF), also named .bin: not torch's, and not checked here.
@@ -250,26 +269,78 @@ def decode_file(
 
 
 def decode_all(
-    jobs: list[FileJob], folder: Path, buffer: bytearray,
-    progress: bool | Callable[[int, int], None],
+    jobs: list[FileJob], build: Build, chunk: int,
+    progress: bool | Callable[[int, int], None], workers: int = 1,
 ) -> list[Decoded]:
-    """Decode every job into ``folder``; a decoded weight file must be complete by its format."""
-    bar = make_progress(progress, sum(j.payload.stat().st_size for j in jobs), "decoding")
-    decoded = []
+    """Decode every job into the build's folder, ``workers`` files at once, each journaled when
+    done; a decoded weight file must be complete by its format. On a resumed build the files a
+    re-check keeps are not decoded again. Returns the decoded files in the jobs' order.
+
+    Each worker has its own ``chunk``-byte buffer (and each mask its own); reading, XOR (torch
+    releases the GIL), md5 and writing of different files overlap on the threads.
+    """
+    if any(j.name == JOURNAL for j in jobs):
+        raise InputError(f"{jobs[0].payload.parent}: a file named {JOURNAL} would be decoded "
+                         "over the run's journal")
+    kept = build.recheck(jobs)
+    todo = [j for j in jobs if j.name not in kept]
+    bar = make_progress(progress, sum(j.payload.stat().st_size for j in todo), "decoding")
     try:
-        for job in jobs:
-            try:
-                decoded.append(decode_file(job, folder / job.name, buffer, bar.update))
-            except OSError as exc:
-                raise WorkError(f"{exc.filename or job.payload}: {exc.strerror or exc}") from None
-            problem = format_problem(folder / job.name)
-            if problem is not None:
-                raise VerificationError(
-                    f"{job.name}: the decoded file is not complete ({problem}): {job.cause}"
-                )
+        fresh = _decode_parallel(todo, build, chunk, bar, max(1, workers))
     finally:
         bar.close()
-    return decoded
+    return [kept.get(j.name) or fresh[j.name] for j in jobs]
+
+
+def _decode_parallel(
+    jobs: list[FileJob], build: Build, chunk: int, bar: Progress, workers: int
+) -> dict[str, Decoded]:
+    buffers = [bytearray(chunk) for _ in range(min(workers, max(1, len(jobs))))]
+    lock = threading.Lock()
+    stop = threading.Event()  # set when one file fails or the run is interrupted
+
+    def tick(n: int) -> None:
+        if stop.is_set():
+            raise _Stopped
+        bar.update(n)
+
+    def one(job: FileJob) -> Decoded:
+        with lock:
+            buffer = buffers.pop()
+        try:
+            bar.at(job.name)
+            try:
+                d = decode_file(job, build.folder / job.name, buffer, tick)
+            except OSError as exc:
+                raise WorkError(f"{exc.filename or job.payload}: {exc.strerror or exc}") from None
+        finally:
+            with lock:
+                buffers.append(buffer)
+        problem = format_problem(build.folder / job.name)
+        if problem is not None:
+            raise VerificationError(
+                f"{job.name}: the decoded file is not complete ({problem}): {job.cause}"
+            )
+        with lock:
+            build.record(d)
+        faults.reached("shard")
+        return d
+
+    if len(buffers) == 1:
+        return {j.name: one(j) for j in jobs}
+    pool = ThreadPoolExecutor(max_workers=len(buffers), thread_name_prefix="deltamerge-decode")
+    try:
+        futures = {j.name: pool.submit(one, j) for j in jobs}
+        return {name: f.result() for name, f in futures.items()}
+    except BaseException:
+        stop.set()  # the other files stop at their next chunk
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Stopped(Exception):
+    """Ends a decode whose run is stopping; never reaches the caller."""
 
 
 def files_digest(decoded: list[Decoded]) -> str:
@@ -278,23 +349,131 @@ def files_digest(decoded: list[Decoded]) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
-# -- the result folder ----------------------------------------------------------------------------
-def check_fresh(out: Path, force: bool) -> None:
-    """OUT may be written, and no earlier run left its partial folder (these runs do not resume)."""
-    check_out(out, force)
-    if partial_dir(out).exists():
-        raise InputError(
-            f"{out}: an interrupted run left {partial_dir(out)}: delete that folder first"
-        )
+# -- the result folder and its journal -----------------------------------------------------------
+def fingerprint(kind: str, jobs: list[FileJob], inputs: list[Path], options: dict) -> str:
+    """What decides the decoded bytes: each payload and each other input file (path, size,
+    mtime), and the options."""
+    h = hashlib.sha256(f"{kind} {__version__}\n".encode())
+    for job in jobs:
+        h.update(f"{job.name}\0{int(job.gz)}\n".encode())
+    for path in [j.payload for j in jobs] + inputs:
+        st = path.stat()
+        h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    h.update(json.dumps(options, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Build:
+    """The partial folder of a decode, and the claims an earlier run's journal makes."""
+
+    out: Path
+    folder: Path
+    claims: dict[str, dict] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)  # the files a re-check kept
+
+    @classmethod
+    def open(cls, out: Path, fp: str, resume: bool) -> Build:
+        folder = partial_dir(out)
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise InputError(f"{folder}: not a folder an interrupted run left (a symlink or a "
+                             "file): delete it")
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            build = cls(out, folder)
+            build._append({"fingerprint": fp})
+            return build
+        if not resume:
+            raise InputError(
+                f"{out}: an interrupted run left {folder}: run the same command with --resume "
+                "to finish it, or delete that folder"
+            )
+        path = folder / JOURNAL
+        entries = []
+        for line in (path.read_text().splitlines() if path.is_file() else []):
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                break  # a line cut short by the kill: that file is decoded again
+        if not entries or not isinstance(entries[0], dict) or entries[0].get("fingerprint") != fp:
+            raise InputError(f"{folder}: was left by a run with other inputs; delete it, or run "
+                             "the original command with --resume")
+        claims = {e["name"]: e for e in entries[1:]
+                  if isinstance(e, dict) and isinstance(e.get("name"), str)}
+        return cls(out, folder, claims)
+
+    def recheck(self, jobs: list[FileJob]) -> dict[str, Decoded]:
+        """The journaled files whose size and md5 are still the journal's, hashed again now;
+        everything else in the folder is removed, so only what was checked is published."""
+        names = {j.name for j in jobs}
+        claims = {n: c for n, c in self.claims.items() if n in names
+                  and (self.folder / n).is_file() and not (self.folder / n).is_symlink()}
+        for entry in os.scandir(self.folder):
+            if entry.name != JOURNAL and entry.name not in claims:
+                remove_entry(self.folder / entry.name)
+        bar = step_bar(sum((self.folder / n).stat().st_size for n in claims),
+                       "re-checking decoded files")
+        kept = {}
+        try:
+            for name, claim in claims.items():
+                bar.at(name)
+                path = self.folder / name
+                size, md5 = path.stat().st_size, _file_md5(path, bar.update)
+                mask_md5 = claim.get("mask_md5")
+                if size == claim.get("size") and md5 == claim.get("md5"):
+                    kept[name] = Decoded(name, size, md5,
+                                         mask_md5 if isinstance(mask_md5, str) else None, size)
+                else:
+                    remove_entry(path)
+        finally:
+            bar.close()
+        self.kept = sorted(kept)
+        return kept
+
+    def note(self) -> list[str]:
+        return [f"resumed: {len(self.kept)} decoded file(s) kept, each hashed again"] if self.kept else []
+
+    def record(self, d: Decoded) -> None:
+        self._append({"name": d.name, "size": d.size, "md5": d.md5, "mask_md5": d.mask_md5})
+
+    def _append(self, obj: dict) -> None:
+        fd = os.open(self.folder / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                     0o644)
+        try:
+            os.write(fd, (json.dumps(obj) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _file_md5(path: Path, progress: Callable[[int], None]) -> str:
+    md5 = hashlib.md5()
+    with open(path, "rb", buffering=0) as f:
+        done = 0
+        while chunk := f.read(CHUNK):
+            md5.update(chunk)
+            drop_file_range(f.fileno(), done, len(chunk))
+            done += len(chunk)
+            progress(len(chunk))
+    return md5.hexdigest()
 
 
 @contextmanager
-def building(out: Path) -> Iterator[Path]:
-    """The partial folder beside ``out``: published when the block ends, discarded if it fails."""
-    tmp = make_partial(out)
+def building(out: Path, fp: str, resume: bool = False) -> Iterator[Build]:
+    """The partial folder beside ``out``: published when the block ends; kept for ``--resume``
+    when the run is interrupted or fails while working, discarded on any other failure."""
+    build = Build.open(out, fp, resume)
     try:
-        yield tmp
-        publish(tmp, out)
+        yield build
+        publish(build.folder, out)
+        (out / JOURNAL).unlink(missing_ok=True)
+    except (KeyboardInterrupt, WorkError) as exc:
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        raise InterruptedRun(
+            f"{reason}; the files decoded so far are kept in {build.folder}: run the same "
+            "command with --resume to finish",
+            signal_status(exc) if isinstance(exc, KeyboardInterrupt) else 1,
+        ) from exc
     except BaseException:
-        discard(tmp)
+        discard(build.folder)
         raise

@@ -34,7 +34,9 @@ What is checked, and when:
   checksum list.
 
 Nothing is left at OUT on failure: the files are written to the partial folder and published
-only when all checks pass.
+only when all checks pass. An interrupted run keeps that folder; ``--resume`` keeps the decoded
+files that still hash to what its journal says and decodes the rest (``whole_files.Build``);
+``--workers N`` decodes N files at once.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from pathlib import Path
 from ..errors import FormatError, InputError, NotFoundError, VerificationError
 from ..memory import peak_rss_bytes
 from ..results import RESULT_RECORD, ApplyResult
-from ..sinks.folder import write_json
+from ..sinks.folder import check_out, write_json
 from ..sources.folders import own_file
 from ..version import __version__
 from .whole_files import (
@@ -58,9 +60,9 @@ from .whole_files import (
     FileJob,
     FileMask,
     building,
-    check_fresh,
     decode_all,
     files_digest,
+    fingerprint,
     format_problem,
     is_weight_name,
 )
@@ -216,28 +218,35 @@ def apply_xor_files(
     force: bool = False,
     expect_md5: Path | None = None,
     progress: bool | Callable[[int, int], None] = False,
+    resume: bool = False,
+    workers: int = 1,
 ) -> ApplyResult:
     """Decode an OpenAssistant-style XOR delta folder against ``base`` into ``out``.
+
+    ``workers`` files are decoded at once. ``resume=True`` finishes an interrupted run, keeping
+    the decoded files that hash again to what its journal recorded.
 
     Returns an :class:`~deltamerge.results.ApplyResult` whose ``shards`` are the decoded files and
     whose ``model_digest`` is :func:`files_digest` (there are no tensors at this level).
     """
     start = time.monotonic()
     base, delta, out = Path(base), Path(delta), Path(out).expanduser()
-    check_fresh(out, force)
+    check_out(out, force)
     expected = read_md5_list(expect_md5) if expect_md5 is not None else None
     pairs, skipped = pair_files(base, delta)
     check_bases(pairs)
     notes = [f"skipped (not in the base, as xor_codec.py does): {', '.join(skipped)}"] if skipped else []
-    buffer, base_buffer = bytearray(CHUNK), bytearray(CHUNK)
     jobs = [FileJob(
         p.payload, p.name, p.gz,
-        None if p.base is None else
-        lambda base_file=p.base: FileMask(base_file, base_buffer, expected is not None),
+        None if p.base is None else  # a buffer per mask: files may decode at once
+        lambda base_file=p.base: FileMask(base_file, bytearray(CHUNK), expected is not None),
         f"the base file {p.base} is not byte-identical to the publisher's",
     ) for p in pairs]
-    with building(out) as tmp:
-        decoded = decode_all(jobs, tmp, buffer, progress)
+    fp = fingerprint("xor-files", jobs, [p.base for p in pairs if p.base is not None], {})
+    with building(out, fp, resume) as build:
+        tmp = build.folder
+        decoded = decode_all(jobs, build, CHUNK, progress, workers)
+        notes += build.note()
         verified = _verify(decoded, expected, expect_md5, notes) if expected is not None else False
         digest = files_digest(decoded)
         write_json(tmp / RESULT_RECORD, {

@@ -36,6 +36,7 @@ from ..errors import (
 )
 from ..integrity.digest import SHA256, file_digest
 from ..integrity.manifest import MANIFEST_NAME
+from ..progress import step_bar
 from ..results import RESULT_RECORD
 from ..tensor_spec import TensorSpec
 from ..version import __version__
@@ -115,6 +116,22 @@ def hub_errors(what: str, endpoint: str) -> Iterator[None]:
         raise WorkError(f"{what}: the Hub at {endpoint} answered HTTP {status}") from None
     except transport_errors() as exc:
         raise WorkError(f"{what}: cannot reach the Hub at {endpoint} ({type(exc).__name__})") from None
+
+
+def use_cache_dir(path: str | Path) -> None:
+    """Download into this Hugging Face cache for the rest of the process (``--cache-dir``).
+
+    huggingface_hub and this module read ``HF_HUB_CACHE`` when each call is made, so setting it
+    here is what the variable does when set before the process starts.
+    """
+    hf_constants.HF_HUB_CACHE = str(Path(path).expanduser())
+
+
+def quiet_downloads() -> None:
+    """No progress bars from huggingface_hub (downloads, uploads), as ``-q`` asks."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
 
 
 def make_api(
@@ -269,7 +286,23 @@ class RemoteRepo:
         if todo:
             with hub_errors(self.label, self.api.endpoint):
                 _parallel(self._download, todo)
-        _parallel(self._verify, names)
+        pending = [n for n in names if self._unverified(n)]
+        bar = step_bar(sum(self.files[n].size for n in pending), f"sha256 of {self.label}")
+
+        def verify(name: str) -> None:
+            bar.at(name)
+            self._verify(name)
+            bar.update(self.files[name].size)
+
+        try:
+            _parallel(verify, pending)
+        finally:
+            bar.close()
+
+    def _unverified(self, name: str) -> bool:
+        """Whether the file still has to be hashed (the Hub gave a checksum, none matched yet)."""
+        expected = self.files[name]
+        return expected.blob is not None and not _verified(expected.blob, (self.folder / name).resolve())
 
     def _download(self, name: str) -> None:
         hf.hf_hub_download(
@@ -290,7 +323,9 @@ class RemoteRepo:
         else:
             actual, want, algo = git_blob_sha1(blob), expected.blob_id, "git sha1"
         if actual != want:
-            for p in (blob, path):
+            # With Xet the repo's blob is a link into huggingface_hub's shared store (reused
+            # across repos on its size alone): the file, the link and the snapshot's entry go.
+            for p in (blob, self.storage / "blobs" / want, path):
                 try:
                     p.unlink()
                 except OSError:

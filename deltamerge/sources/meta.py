@@ -18,6 +18,7 @@ import json
 import os
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 from ..errors import FormatError, UnsupportedError, VerificationError
 from ..formats.files import inside, read_json_object
 from ..memory import drop_file_range, drop_mapped_range
+from ..progress import step_bar
 from ..tensor_spec import TensorSpec
 from .checkpoint import Checkpoint, register, view_rows
 from .folders import Layout, own_file
@@ -220,7 +222,7 @@ def _json_bytes(obj: dict) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-def file_md5(path: Path) -> str:
+def file_md5(path: Path, progress: Callable[[int], None] | None = None) -> str:
     """md5 of a file read sequentially in 16 MiB chunks, dropping each from the page cache."""
     digest = hashlib.md5(usedforsecurity=False)
     buffer = memoryview(bytearray(MD5_CHUNK))
@@ -231,6 +233,8 @@ def file_md5(path: Path) -> str:
             digest.update(buffer[:got])
             drop_file_range(fd, offset, got)
             offset += got
+            if progress is not None:
+                progress(got)
     finally:
         os.close(fd)
     return digest.hexdigest()
@@ -333,11 +337,17 @@ class MetaCheckpoint(Checkpoint):
         checklist = self.path / CHECKLIST
         if checklist.is_file():
             entries = read_checklist(checklist)
-            for name, expected in entries.items():
-                path = inside(self.path, name, checklist)
+            paths = {name: inside(self.path, name, checklist) for name in entries}
+            for path in paths.values():
                 if not path.is_file():
                     raise FormatError(f"{path}: listed in {checklist} but missing")
-                self._check_md5(path, expected, checklist)
+            bar = step_bar(sum(p.stat().st_size for p in paths.values()), f"md5 ({CHECKLIST})")
+            try:
+                for name, expected in entries.items():
+                    bar.at(name)
+                    self._check_md5(paths[name], expected, checklist, bar.update)
+            finally:
+                bar.close()
             listed = {(self.path / name).resolve() for name in entries}
             for shard in self.shard_files:
                 if shard.resolve() not in listed:
@@ -350,8 +360,10 @@ class MetaCheckpoint(Checkpoint):
                     self._check_md5(self.tokenizer, expected, tokenizer_checklist)
 
     @staticmethod
-    def _check_md5(path: Path, expected: str, checklist: Path) -> None:
-        actual = file_md5(path)
+    def _check_md5(
+        path: Path, expected: str, checklist: Path, progress: Callable[[int], None] | None = None
+    ) -> None:
+        actual = file_md5(path, progress)
         if actual != expected:
             raise VerificationError(
                 f"{path}: md5 {actual} does not match {expected} listed in {checklist.name}"
