@@ -16,7 +16,7 @@ from . import faults
 from .dtypes import itemsize, parse_user_dtype, short_name
 from .engine import Engine
 from .engine.cascade_sum import TorchRowSum
-from .engine.journal import Journal, fingerprint
+from .engine.journal import Fingerprint, Journal, fingerprint
 from .engine.plan import TensorJob, layout_shards, rows_per_block
 from .engine.recheck import recheck
 from .errors import (
@@ -26,11 +26,12 @@ from .errors import (
     UnsupportedError,
     VerificationError,
     WorkError,
+    signal_status,
 )
 from .integrity.checks import checksum
 from .integrity.delta_checks import finish_delta_checks, plan_delta_checks
 from .integrity.digest import DEFAULT_ALGORITHM, TensorDigest, model_digest
-from .integrity.manifest import Manifest, Role, find_manifest
+from .integrity.manifest import Manifest, Role, check_base_dtypes, find_manifest
 from .kinds import ApplyOptions, Kind, is_non_weight
 from .kinds.add import VOCAB_TENSORS
 from .kinds.detect import WHOLE_FILE_KINDS, detect_kind, open_kind
@@ -113,6 +114,7 @@ def apply_delta(
     quant_dtype = parse_user_dtype(qlora_dtype)
     shard_bytes = parse_size(max_shard_size)
     inputs = [(base, "base"), *((d, "delta") for d in deltas)]
+    _need_folders(inputs[1:])
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in inputs])
     check_out(out, force)
     with hold(out):
@@ -137,7 +139,7 @@ def _apply_locked(
 ) -> ApplyResult:
     """The run itself, under OUT's lock: nothing of OUT or its partial folder is touched before."""
     # Hub inputs: pair tensors and check space before the big downloads.
-    hub = preflight(base, deltas, kind=kind, **(hub or {}))
+    hub = preflight(base, deltas, kind=kind, verify=verify, **(hub or {}))
     base_in = resolve_input(base, "base", **hub)
     delta_ins = [resolve_input(d, "delta", **hub) for d in deltas]
     if kind is None:
@@ -145,6 +147,8 @@ def _apply_locked(
         whole = next((k for k in detected if k in WHOLE_FILE_KINDS), None)
     else:
         whole = kind if kind in WHOLE_FILE_KINDS else None
+    if whole != "enc":  # OpenBuddy's key is a file: BASE may be Meta's consolidated.00.pth
+        _need_folders([(base, "base")])
     if whole is not None:
         if qlora is not None:
             raise InputError(f"--qlora merges LoRA adapters: it does not apply to {whole} deltas")
@@ -166,6 +170,8 @@ def _apply_locked(
         manifests = found if verify else [None] * len(delta_ins)
         if qlora is not None and not any(k.name == "lora" for k in opened):
             raise InputError("--qlora merges LoRA adapters onto the NF4 base: no delta is a LoRA")
+        if manifests and manifests[0]:
+            check_base_dtypes(str(base), base_ckpt.specs, manifests[0].base)
         options = ApplyOptions(new_rows=new_rows, qlora=qlora, qlora_dtype=quant_dtype,
                                lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix)
         _check_lora_options(opened, options)
@@ -240,10 +246,11 @@ def _apply_locked(
                 if not journal.done:
                     discard(tmp)
                 raise
-            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            stopped = isinstance(exc, KeyboardInterrupt)
             raise InterruptedRun(
-                f"{reason}; the partial result is kept in {tmp}: run the same command with "
-                f"--resume to finish it"
+                f"{'interrupted' if stopped else exc}; the partial result is kept in {tmp}: run "
+                f"the same command with --resume to finish it",
+                signal_status(exc) if stopped else 1,
             ) from exc
         except BaseException:
             discard(tmp)
@@ -254,7 +261,19 @@ def _apply_locked(
         base_ckpt.close()
 
 
-def _open_partial(out: Path, fp: str, resume: bool) -> tuple[Path, Journal]:
+def _need_folders(inputs: list[tuple[PathLike, str]]) -> None:
+    """BASE and DELTA are folders (but an enc delta's key file): a weight file given instead has
+    no config, manifest or index."""
+    for given, role in inputs:
+        path = Path(str(given)).expanduser()
+        if path.exists() and not path.is_dir():
+            raise InputError(
+                f"{given}: a file, not a folder: {role.upper()} is the folder that holds the model's "
+                f"files (give {path.parent})"
+            )
+
+
+def _open_partial(out: Path, fp: Fingerprint, resume: bool) -> tuple[Path, Journal]:
     """The partial folder and its journal: fresh, or an earlier run's when resuming."""
     tmp = partial_dir(out)
     if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):

@@ -23,7 +23,7 @@ from .engine import Engine
 from .engine.journal import JOURNAL_NAME, Journal, fingerprint, read_digest
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
 from .engine.stream import WrittenFile
-from .errors import InputError, InterruptedRun, WorkError
+from .errors import InputError, InterruptedRun, WorkError, signal_status
 from .integrity.digest import TensorDigest, TensorHasher, file_digest, hash_tensor
 from .integrity.manifest import MANIFEST_NAME, FileEntry, Manifest, Role
 from .kinds import Step, is_non_weight
@@ -141,7 +141,8 @@ def _make_locked(
             reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
             raise InterruptedRun(
                 f"{reason}; the partial delta is kept in {tmp}: run the same command with "
-                f"--resume to finish it"
+                f"--resume to finish it",
+                signal_status(exc) if isinstance(exc, KeyboardInterrupt) else 1,
             ) from exc
         except BaseException:
             discard(tmp)

@@ -183,8 +183,8 @@ def test_enc_refuses_what_does_not_apply(openbuddy, tmp_path: Path) -> None:
         apply_delta(meta, release, tmp_path / "out", key_md5=key_md5, dtype="float32")
     with pytest.raises(InputError, match="alone"):
         apply_delta(meta, [release, model], tmp_path / "out", key_md5=key_md5)
-    with pytest.raises(InputError, match="--key-md5"):
-        apply_delta(model, model, tmp_path / "out", key_md5=key_md5)
+    with pytest.raises(InputError, match="--key-md5"):  # (model as BASE too is refused first)
+        apply_delta(meta, model, tmp_path / "out", key_md5=key_md5)
     with pytest.raises(InputError, match=r"no \*\.enc files"):
         apply_delta(meta, model, tmp_path / "out", kind="enc", key_md5=key_md5)
     assert not (tmp_path / "out").exists()

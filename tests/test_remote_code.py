@@ -71,7 +71,8 @@ def test_code_leading_out_of_its_folder_is_refused(tmp_path: Path) -> None:
     outside = tmp_path / "elsewhere.py"
     outside.write_text("print('not the model')\n")
     os.symlink(outside, base / "quantization.py")
-    code, err = apply_in_process(base, base, tmp_path / "out", "--kind", "add")
+    delta = write_tiny_glm(tmp_path / "delta", seed=1)  # (BASE as its own DELTA is refused first)
+    code, err = apply_in_process(base, delta, tmp_path / "out", "--kind", "add")
     assert code == 2
     assert "quantization.py" in err and "outside the folder" in err
     assert not (tmp_path / "out").exists()

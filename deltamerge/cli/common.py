@@ -1,7 +1,8 @@
 """What every command shares: one-line errors with the documented exit status, sizes, options.
 
-Exit status: 0 done, 2 bad usage or input, 1 the result could not be made or verified.
-Errors are one line without a traceback (``--debug`` shows it).
+Exit status: 0 done, 2 bad usage or input, 1 the result could not be made or verified, 130 after
+Ctrl-C and 143 after SIGTERM, 141 when the reader of stdout went away (``| head``). Errors are
+one line; ``--debug`` adds the traceback before it and never changes the status.
 """
 
 from __future__ import annotations
@@ -9,20 +10,60 @@ from __future__ import annotations
 import functools
 import json
 import os
+import select
+import signal
 import sys
+import traceback
 from collections.abc import Callable
 
 import click
 
-from ..errors import DeltaMergeError
+from ..errors import DeltaMergeError, Terminated, signal_status
 from ..sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 
 DEBUG = {"on": False}
+# What a shell reports for a process SIGPIPE killed, as git and coreutils end in `... | head`.
+BROKEN_PIPE_STATUS = 128 + int(signal.SIGPIPE)
+
+
+def printable(text: str) -> str:
+    """``text`` with control and format characters escaped (``\\x1b``, ``\\n``, ``\\u202e``).
+
+    Tensor and file names come from strangers' files: printed raw, an escape sequence in one
+    would drive the user's terminal (retitle it, clear it, or write the clipboard), and a
+    newline in a path would cut an error message in two.
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def say(text: str) -> None:
+    """One line of a command's report, printable whatever names it holds."""
+    click.echo(printable(text))
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"deltamerge: error: {message}", err=True)
+    if DEBUG["on"]:
+        traceback.print_exc()
+    click.echo(f"deltamerge: error: {printable(message)}", err=True)
     sys.exit(code)
+
+
+def _stdout_gone() -> bool:
+    """Whether nobody reads stdout any more (its pipe's reader exited, as ``head`` does)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _quiet_exit() -> None:
+    """End without a word: what is left in stdout's buffer goes to /dev/null, not to an error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    sys.exit(BROKEN_PIPE_STATUS)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -33,14 +74,12 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except DeltaMergeError as exc:
-            if DEBUG["on"]:
-                raise
-            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted; nothing was written to OUT", 1)
+            _fail(str(exc) or type(exc).__name__, exc.exit_code)
+        except KeyboardInterrupt as exc:
+            _fail("interrupted; nothing was written to OUT", signal_status(exc))
         except OSError as exc:
-            if DEBUG["on"]:
-                raise
+            if isinstance(exc, BrokenPipeError) and _stdout_gone():
+                _quiet_exit()
             _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), 1)
 
     return wrapper
@@ -67,7 +106,7 @@ def mib(n: int) -> str:
 
 def interrupt(signum: int, frame: object) -> None:
     """SIGTERM stops a run as Ctrl-C does: cleanly, keeping its partial folder for --resume."""
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def common_run_options(fn: Callable) -> Callable:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import click
 
 from ..errors import VerificationError
-from .common import handle_errors, hub_options, hub_setup, human, with_revision
+from .common import handle_errors, hub_options, hub_setup, human, say, with_revision
 
 HELP = {"help_option_names": ["-h", "--help"]}
 
@@ -76,7 +76,7 @@ def checksum_cmd(folders: tuple[str, ...], output: str | None, algorithm: str, a
         if as_json:
             reports.append({"folder": folder, **result.to_json()})
         else:
-            click.echo(f"{result.model_digest}  {folder}")
+            say(f"{result.model_digest}  {folder}")
     if as_json:
         click.echo(json.dumps(reports, indent=1))
 
@@ -118,11 +118,11 @@ def verify_cmd(folder: str, manifest: str, role: str, algorithm: str | None, as_
         click.echo(json.dumps(report.to_json(), indent=1))
     else:
         for name in report.missing:
-            click.echo(f"missing  {name}")
+            say(f"missing  {name}")
         for name in report.extra:
-            click.echo(f"extra    {name}")
+            say(f"extra    {name}")
         for m in report.differ:
-            click.echo(f"differs  {m.name}: {m.reason}: {m.actual.describe()}, "
+            say(f"differs  {m.name}: {m.reason}: {m.actual.describe()}, "
                        f"expected {m.expected.describe()}")
     if not report.ok:
         raise VerificationError(
@@ -130,7 +130,7 @@ def verify_cmd(folder: str, manifest: str, role: str, algorithm: str | None, as_
             f"({report.matched} of {report.tensors} matched)"
         )
     if not as_json:
-        click.echo(f"OK  {folder} matches the {role} in {manifest}: {report.matched} tensors, "
+        say(f"OK  {folder} matches the {role} in {manifest}: {report.matched} tensors, "
                    f"model digest {report.algorithm} {report.model_digest}")
 
 
@@ -158,20 +158,20 @@ def inspect_cmd(folder: str, no_digest: bool, as_json: bool, quiet: bool, token:
     if as_json:
         click.echo(json.dumps(r.to_json(), indent=1))
         return
-    click.echo(f"{folder}: {r.format}, {len(r.shards)} file(s)"
+    say(f"{folder}: {r.format}, {len(r.shards)} file(s)"
                + (f" indexed by {r.index}" if r.index else ""))
-    click.echo(f"  parameters  {r.parameters:,}")
-    click.echo(f"  bytes       {human(r.bytes)} of tensor data")
+    say(f"  parameters  {r.parameters:,}")
+    say(f"  bytes       {human(r.bytes)} of tensor data")
     for dtype, c in r.dtypes.items():
-        click.echo(f"  {dtype:<11} {c.tensors} tensors, {c.parameters:,} parameters")
+        say(f"  {dtype:<11} {c.tensors} tensors, {c.parameters:,} parameters")
     for s in r.shards:
-        click.echo(f"  file        {s.file} ({human(s.size)}, {s.tensors} tensors)")
+        say(f"  file        {s.file} ({human(s.size)}, {s.tensors} tensors)")
     if r.model_digest:
-        click.echo(f"  digest      {r.model_digest}")
+        say(f"  digest      {r.model_digest}")
     width = max((len(t.name) for t in r.tensors), default=0)
-    click.echo("tensors:")
+    say("tensors:")
     for t in r.tensors:
-        click.echo(f"  {t.name:<{width}}  {t.dtype:<5} {str(list(t.shape)):<14} {t.file}")
+        say(f"  {t.name:<{width}}  {t.dtype:<5} {str(list(t.shape)):<14} {t.file}")
 
 
 @click.command("diff", context_settings=HELP)
@@ -201,21 +201,21 @@ def diff_cmd(a: str, b: str, as_json: bool, quiet: bool, token: str | None,
         click.echo(json.dumps(r.to_json(), indent=1))
     else:
         for name in r.only_a:
-            click.echo(f"only in {a}: {name}")
+            say(f"only in {a}: {name}")
         for name in r.only_b:
-            click.echo(f"only in {b}: {name}")
+            say(f"only in {b}: {name}")
         for d in r.layout:
             values = "" if d.max_abs_diff is None else f", max abs diff {d.max_abs_diff:.6g}"
-            click.echo(f"layout   {d.name}: {d.a_dtype}{list(d.a_shape)} vs "
+            say(f"layout   {d.name}: {d.a_dtype}{list(d.a_shape)} vs "
                        f"{d.b_dtype}{list(d.b_shape)}{values}")
         for c in r.content:
-            click.echo(f"differs  {c.name}: {c.differing} of {c.elements} elements, "
+            say(f"differs  {c.name}: {c.differing} of {c.elements} elements, "
                        f"max abs diff {c.max_abs_diff:.6g}")
         if r.identical:
-            click.echo(f"identical: {r.same} tensors with the same names, dtypes, shapes and values")
+            say(f"identical: {r.same} tensors with the same names, dtypes, shapes and values")
         else:
             largest = "" if r.max_abs_diff is None else f"; max abs diff {r.max_abs_diff:.6g}"
-            click.echo(f"{a} and {b} differ: {len(r.only_a)} only in A, {len(r.only_b)} only in B, "
+            say(f"{a} and {b} differ: {len(r.only_a)} only in A, {len(r.only_b)} only in B, "
                        f"{len(r.layout)} dtype/shape, {len(r.content)} values, "
                        f"{r.same} identical{largest}")
     if not r.identical:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import huggingface_hub as hf  # attributes load on first use: importing this module stays cheap
 
 from ..errors import InputError, NotFoundError, PushError, WorkError
+from ..formats.files import stays_inside
 from ..sources.hub import HubAuthError, hub_errors, make_api, transport_errors
 from ..version import __version__
 from .model_card import CARD_NAME, build_card, hub_inputs
@@ -60,6 +61,8 @@ def push_to_hub(
     added to the commit only: the folder itself is never written to.
     """
     folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: a file, not a folder: push uploads a folder (OUT of a run)")
     if not folder.is_dir():
         raise NotFoundError(f"{folder}: no such folder")
     files = _files_to_upload(folder)
@@ -147,13 +150,24 @@ def _commit(client: HfApi, repo_id: str, operations: list, **options: object):
 
 
 def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
-    """Every file under ``folder`` by its path in the repo, as upload_folder would take them."""
+    """Every file under ``folder`` by its path in the repo, as upload_folder would take them.
+
+    Only the folder's own: a symlink leading out of it (``tokenizer.model -> ~/secret``) is
+    refused before anything is sent, as :func:`~deltamerge.sources.folders.own_file` refuses
+    it as an input. FIFOs and devices are skipped; symlinked folders are not followed.
+    """
     found = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if rel.parts[0] in SKIP_DIRS or not path.is_file():
+        if rel.parts[0] in SKIP_DIRS:
             continue
-        found.append((rel.as_posix(), path))
+        if path.is_symlink() and path.exists() and not stays_inside(folder, path):
+            raise InputError(
+                f"{path}: a symlink leading outside {folder} (to {path.resolve()}): push uploads "
+                "only the folder's own files; copy the file in instead of linking it"
+            )
+        if path.is_file():
+            found.append((rel.as_posix(), path))
     return found
 
 

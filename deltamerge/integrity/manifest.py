@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import FormatError, VerificationError
+from ..dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, short_name
+from ..errors import FormatError, MismatchError, VerificationError
 from ..formats.files import leaves_folder, read_json_object, text_ok, valid_name
+from ..tensor_spec import TensorSpec
 from .digest import BLAKE3, DEFAULT_ALGORITHM, SHA256, TensorDigest, model_digest
 
 MANIFEST_NAME = "deltamerge.json"
@@ -218,3 +222,31 @@ def read_manifest(path: Path) -> Manifest:
 def find_manifest(folder: Path) -> Manifest | None:
     path = folder / MANIFEST_NAME
     return read_manifest(path) if path.is_file() else None
+
+
+def check_base_dtypes(base: str, specs: Mapping[str, TensorSpec], expected: Role) -> None:
+    """A base in another dtype than the publisher's is named as such, before any work.
+
+    Its digests cannot match (they are of the bytes in the stored dtype), so the run would fail
+    at its first tensor with "does not match"; a bf16 copy of an fp16 base is a common mistake
+    with a plain fix.
+    """
+    differ = [
+        name for name, spec in specs.items()
+        if name in expected.tensors and tuple(spec.shape) == expected.tensors[name].shape
+        and TORCH_TO_SAFETENSORS.get(spec.dtype) != expected.tensors[name].dtype
+    ]
+    if not differ:
+        return
+    have = Counter(short_name(specs[n].dtype) for n in differ).most_common(1)[0][0]
+    want = Counter(_dtype_name(expected.tensors[n].dtype) for n in differ).most_common(1)[0][0]
+    raise MismatchError(
+        f"{base}: BASE is {have}, the delta was made against a {want} base ({len(differ)} of "
+        f"{len(expected.tensors)} tensors differ in dtype, first {differ[0]!r}): convert it to "
+        f"{want} or use the original"
+    )
+
+
+def _dtype_name(safetensors_name: str) -> str:
+    dtype = SAFETENSORS_TO_TORCH.get(safetensors_name)
+    return short_name(dtype) if dtype is not None else safetensors_name

@@ -33,8 +33,10 @@ from ..integrity.digest import DEFAULT_ALGORITHM
 from ..memory import drop_file_range, peak_rss_bytes
 from ..results import RESULT_RECORD, ApplyResult
 from ..sinks.folder import check_out, write_json
+from ..sources.folders import own_file
 from ..version import __version__
 from .whole_files import (
+    WEIGHT_SUFFIXES,
     Decoded,
     FileJob,
     RepeatingKey,
@@ -101,7 +103,11 @@ def enc_jobs(delta: Path, key: bytearray) -> tuple[list[FileJob], list[Path]]:
     jobs = [FileJob(p, p.name.removesuffix(SUFFIX), False, lambda: RepeatingKey(key),
                     f"{p} is damaged or incomplete: download it again") for p in encrypted]
     decoded = {j.name for j in jobs}
-    return jobs, [p for p in files if not p.name.endswith(SUFFIX) and p.name not in decoded]
+    others = [p for p in files if not p.name.endswith(SUFFIX) and p.name not in decoded]
+    # Copied, or decoded with no format check: they must be the folder's own, not links out.
+    for p in others + [j.payload for j in jobs if not j.name.endswith(WEIGHT_SUFFIXES)]:
+        own_file(delta, p)
+    return jobs, others
 
 
 def apply_enc(

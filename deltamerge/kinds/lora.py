@@ -52,6 +52,7 @@ from ..tensor_spec import TensorSpec
 from . import ApplyOptions, Kind, RowInput, Scratch, Step, nf4
 from .add import VOCAB_TENSORS
 from .overlay import overlay
+from .patterns import check_patterns, match_patterns
 from .targets import Stored, stored_name, stored_parameter
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -102,6 +103,17 @@ def _unwrap(module: str) -> tuple[str, int]:
     return module, depth
 
 
+def _pattern_keys(config: dict, modules: dict) -> list[str]:
+    """Every name ``rank_pattern``/``alpha_pattern`` may be asked about: each module, and each
+    ``module.param`` that ``target_parameters`` could name on it."""
+    params = [str(e).rpartition(".")[2] for e in config.get("target_parameters") or ()]
+    keys = []
+    for raw in modules:
+        module = _unwrap(raw)[0]
+        keys += [module, *(f"{module}.{p}" for p in params)]
+    return list(dict.fromkeys(keys))
+
+
 def read_adapter_config(folder: Path) -> dict:
     """``adapter_config.json``, refused when it asks for arithmetic other than plain LoRA."""
     path = folder / ADAPTER_CONFIG
@@ -132,19 +144,12 @@ def read_adapter_config(folder: Path) -> dict:
             isinstance(k, str) and _is_number(v) for k, v in pattern.items()
         ):
             raise FormatError(f"{path}: {key!r} must map module patterns to numbers")
+        check_patterns(path, key, pattern)
     return config
 
 
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
-
-
-def pattern_value(patterns: dict, module: str, default: float) -> float:
-    """peft's ``get_pattern_key``: the first key ``k`` such that ``(.*\\.)?(k)$`` matches."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 class Factors:
@@ -420,6 +425,8 @@ class LoraKind(Kind):
         self.weights = files[0] if len(files) == 1 else folder
         self.source = FactorSource(self.weights)
         self.prefix = PREFIX
+        # rank_pattern/alpha_pattern values by module, matched once per plan (kinds/patterns.py)
+        self._patterns: dict[str, dict[str, float]] = {"rank_pattern": {}, "alpha_pattern": {}}
 
     @property
     def bare(self) -> bool:
@@ -532,14 +539,14 @@ class LoraKind(Kind):
 
     def _scale(self, config: dict, key: str, r: int) -> float:
         """``alpha / r`` for this module (or parameter), after checking its rank is declared."""
-        declared = pattern_value(config.get("rank_pattern") or {}, key, config["r"] or r)
+        declared = self._patterns["rank_pattern"].get(key, config["r"] or r)
         if declared != r:
             where = ADAPTER_CONFIG if not self.bare else "--lora-r"
             raise MismatchError(
                 f"{self.weights}: module {key!r} has rank {r} but {where} says "
                 f"{declared}: peft would refuse to load it"
             )
-        alpha = pattern_value(config.get("alpha_pattern") or {}, key, config["lora_alpha"])
+        alpha = self._patterns["alpha_pattern"].get(key, config["lora_alpha"])
         return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
     def _targeted(self, config: dict, module: str, specs: dict[str, TensorSpec]) -> dict[str, Stored]:
@@ -601,6 +608,9 @@ class LoraKind(Kind):
     def plan(self, specs: dict[str, TensorSpec], options: ApplyOptions):
         config = self.config if self.config is not None else self._bare_config(options, specs)
         whole, modules, extra = self._classify()
+        self._patterns = match_patterns(self.folder / ADAPTER_CONFIG, {
+            key: config.get(key) or {} for key in ("rank_pattern", "alpha_pattern")
+        }, _pattern_keys(config, modules))
         whole = {stored_name(n, specs) or n: k for n, k in whole.items()}
         after = dict(specs)
         for name, key in whole.items():

@@ -35,7 +35,14 @@ from pathlib import Path
 import torch
 
 from .. import faults
-from ..errors import FormatError, InputError, InterruptedRun, VerificationError, WorkError
+from ..errors import (
+    FormatError,
+    InputError,
+    InterruptedRun,
+    VerificationError,
+    WorkError,
+    signal_status,
+)
 from ..formats.files import LFS_POINTER_PREFIX
 from ..formats.safetensors import read_header
 from ..memory import drop_file_range
@@ -464,7 +471,8 @@ def building(out: Path, fp: str, resume: bool = False) -> Iterator[Build]:
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
         raise InterruptedRun(
             f"{reason}; the files decoded so far are kept in {build.folder}: run the same "
-            "command with --resume to finish"
+            "command with --resume to finish",
+            signal_status(exc) if isinstance(exc, KeyboardInterrupt) else 1,
         ) from exc
     except BaseException:
         discard(build.folder)

@@ -51,6 +51,7 @@ from ..errors import FormatError, InputError, NotFoundError, VerificationError
 from ..memory import peak_rss_bytes
 from ..results import RESULT_RECORD, ApplyResult
 from ..sinks.folder import check_out, write_json
+from ..sources.folders import own_file
 from ..version import __version__
 from .whole_files import (
     CHUNK,
@@ -126,6 +127,12 @@ def pair_files(base: Path, delta: Path) -> tuple[list[Pair], list[str]]:
         if gz and out_name in plain:
             raise InputError(f"{delta}: both {out_name} and {name}: which one is the delta?")
         base_file = base / out_name
+        if not out_name.endswith(WEIGHT_SUFFIXES):
+            # Decoded with no format check (format_problem knows only weight files), so a linked
+            # secret would reach OUT XORed with a file anyone with the base has.
+            own_file(delta, delta / name)
+            if base_file.is_file():
+                own_file(base, base_file)
         if base_file.is_file():
             pairs.append(Pair(delta / name, base_file, out_name, gz or is_gzip(delta / name)))
         elif out_name == ADDED_TOKENS:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FormatError, InputError, NotFoundError
-from ..formats.files import inside, read_json_object
+from ..formats.files import inside, read_json_object, stays_inside
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -124,10 +124,11 @@ def _is_file(path: Path) -> bool:
 def aux_files(folder: Path) -> dict[str, Path]:
     """The non-weight files present in ``folder``, by name.
 
-    They are copied into results, so a JSON one that is not an object (an LFS pointer, a
-    truncated download, a hostile config) is refused rather than passed on.
+    They are copied into results, so one that is a symlink leading out of the folder is refused
+    (see :func:`own_file`), and a JSON one that is not an object (an LFS pointer, a truncated
+    download, a hostile config) is refused rather than passed on. FIFOs and devices are skipped.
     """
-    found = {name: folder / name for name in AUX_FILES if _is_file(folder / name)}
+    found = {name: own_file(folder, folder / name) for name in AUX_FILES if _is_file(folder / name)}
     found.update(code_files(folder))
     for name, path in found.items():
         if name.endswith(".json"):
@@ -135,6 +136,27 @@ def aux_files(folder: Path) -> dict[str, Path]:
             if name == "config.json":
                 _check_config(path, obj)
     return found
+
+
+def own_file(folder: Path, path: Path) -> Path:
+    """``path``, refused when a symlink leads it out of ``folder`` (into the Hub cache's blobs of
+    the same repository is allowed: that is how a snapshot holds its files).
+
+    For files whose bytes are copied into a result: weight files are parsed, never copied.
+    """
+    if not stays_inside(folder, path):
+        raise FormatError(
+            f"{path}: a symlink leading outside {folder} (to {_target(path)}): files copied "
+            "into the result must be the folder's own; copy the file in instead of linking it"
+        )
+    return path
+
+
+def _target(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):
+        return "a path that cannot be resolved"
 
 
 def _check_config(path: Path, config: dict) -> None:

@@ -162,11 +162,16 @@ def cache_storage(text: str) -> Path:
     from huggingface_hub.file_download import repo_folder_name
 
     repo_id = parse_repo_id(text)[0]
-    return Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    with hub_errors(text, str(hf_constants.ENDPOINT)):  # the id is validated: one line if wrong
+        return Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
 def parse_repo_id(text: str) -> tuple[str, str | None]:
     repo_id, _, revision = text.partition("@")
+    if revision and (".." in revision or revision.startswith("/") or revision.endswith("/")
+                     or "//" in revision):
+        # git refuses these in ref names; offline, a revision names a file of the cache
+        raise InputError(f"{text}: {revision!r} is not a valid revision (branch, tag or commit)")
     return repo_id, revision or None
 
 
@@ -396,7 +401,8 @@ def open_repo(text: str, api: HfApi) -> RemoteRepo:
 
     repo_id, revision = parse_repo_id(text)
     if hf.is_offline_mode():
-        return _cached_repo(text, api, repo_id, revision, "HF_HUB_OFFLINE is set")
+        with hub_errors(text, api.endpoint):  # the client validates the id offline too
+            return _cached_repo(text, api, repo_id, revision, "HF_HUB_OFFLINE is set")
     with hub_errors(text, api.endpoint):
         try:
             commit = api.resolve_revision(repo_id, revision=revision).resolved
@@ -433,6 +439,8 @@ def _cached_repo(
             f"{text}: not in the cache ({hf_constants.HF_HUB_CACHE}) and {reason}: run once "
             "online first"
         ) from None
+    if not _SHA1.fullmatch(commit):  # read from a refs file: it names a folder of the cache
+        raise NotCachedError(f"{text}: the cache's ref names {commit[:50]!r}, not a commit")
     repo = RemoteRepo(api, repo_id, revision, commit, {}, offline=reason)
     if not repo.folder.is_dir():
         raise NotCachedError(

@@ -30,7 +30,7 @@ from ..memory import drop_file_range, drop_mapped_range
 from ..progress import step_bar
 from ..tensor_spec import TensorSpec
 from .checkpoint import Checkpoint, register, view_rows
-from .folders import Layout
+from .folders import Layout, own_file
 from .torch_bin import load_torch_file
 
 PARAMS = "params.json"
@@ -287,7 +287,11 @@ class MetaCheckpoint(Checkpoint):
         tokenizer = self.path / TOKENIZER
         if not tokenizer.is_file() and (self.path.parent / TOKENIZER).is_file():
             tokenizer = self.path.parent / TOKENIZER
-        self.tokenizer: Path | None = tokenizer if tokenizer.is_file() else None
+        # Copied into the result: it must be its folder's own file, not a symlink leading out.
+        self.tokenizer = own_file(tokenizer.parent, tokenizer) if tokenizer.is_file() else None
+        beside = self.tokenizer.parent if self.tokenizer is not None else self.path
+        self.tokenizer_settings = {name: own_file(beside, beside / name) for name in
+                                   TOKENIZER_SETTINGS if (beside / name).is_file()}
         if verify_checklist:
             self.verify_checklist()
         params_path = self.path / PARAMS
@@ -537,9 +541,8 @@ class MetaCheckpoint(Checkpoint):
         }
         if self.tokenizer is not None:
             files[TOKENIZER] = self.tokenizer
-            own = {name: self.tokenizer.parent / name for name in TOKENIZER_SETTINGS
-                   if (self.tokenizer.parent / name).is_file()}
-            files.update(own or {name: _json_bytes(obj) for name, obj in tokenizer_files().items()})
+            files.update(self.tokenizer_settings or {
+                name: _json_bytes(obj) for name, obj in tokenizer_files().items()})
         return files
 
     def close(self) -> None:
