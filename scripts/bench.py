@@ -14,7 +14,9 @@ generated in a child too.
 
 Runs: a raw I/O baseline, b apply (verified), c apply --no-verify, d make-delta, e LoRA merge,
 f XOR apply, g the naive in-memory merge (load_file, add, save_file), h convert from Meta's layout
-(the base written again as 2 model-parallel .pth shards).
+(the base written again as 2 model-parallel .pth shards), i run b written as GGUF f16
+(--format gguf --outtype f16), j run b written in Meta's layout (--format meta --mp 1); compare
+i and j with b.
 """
 
 from __future__ import annotations
@@ -56,7 +58,11 @@ RUNS = {
     "f": "XOR apply",
     "g": "naive in-memory",
     "h": "convert from Meta",
+    "i": "apply to GGUF f16",
+    "j": "apply to Meta",
 }
+# Runs i and j: run b's apply written in another format (which takes no --max-shard-size).
+FORMAT_RUNS = {"i": ["--format", "gguf", "--outtype", "f16"], "j": ["--format", "meta", "--mp", "1"]}
 
 
 @dataclass(frozen=True)
@@ -306,6 +312,26 @@ def child_generate(spec: dict) -> None:
                  spec["sparse"])
     if spec["lora"]:
         write_lora(p, Path(spec["lora"]), spec["sparse"])
+    if spec.get("tokenizer"):
+        write_tokenizer(Path(spec["models"][0]))
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A small sentencepiece tokenizer.model, which GGUF output needs (run i): the converter pads
+    its vocabulary to the config's 32000 with [PADn] tokens."""
+    import io
+
+    import sentencepiece as spm
+
+    words = "the quick brown fox jumps over the lazy dog llama alpaca vicuna mistral merge".split()
+    rnd = random.Random(0)
+    lines = [" ".join(rnd.choice(words) for _ in range(12)) for _ in range(200)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=300, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        minloglevel=2, hard_vocab_limit=False, num_threads=1)
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -416,7 +442,7 @@ class Bench:
             f"{', sparse' if self.sparse else ''}) in {self.data}")
         spec = {"preset": vars(self.preset), "dtype": self.dtype, "sparse": self.sparse,
                 "models": [str(self.base), str(self.target)],
-                "lora": str(self.lora) if "e" in self.runs else None}
+                "lora": str(self.lora) if "e" in self.runs else None, "tokenizer": "i" in self.runs}
         m = measure(self.child("generate", spec), self.data / "setup-generate.log")
         if m.returncode != 0:
             raise SystemExit(f"bench: generating the inputs failed: {m.last_error}")
@@ -484,6 +510,10 @@ class Bench:
         if run == "h":
             meta = sorted(self.meta.glob("consolidated.*.pth"))
             return self.deltamerge("convert", self.meta, self.out), files_bytes(meta)
+        if run in FORMAT_RUNS:
+            cmd = [sys.executable, "-m", "deltamerge", "apply", *map(str, (self.base, self.delta, self.out)),
+                   "--quiet", *FORMAT_RUNS[run], *self.workers]
+            return cmd, reads
         spec = {"base": list(map(str, base)), "delta": list(map(str, delta)), "out": str(self.out)}
         return self.child("naive", spec), reads
 
@@ -680,7 +710,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--data", type=Path, help="Where to put the files (default: a temp dir in bench-data/).")
     ap.add_argument("--keep", action="store_true", help="Keep the generated files.")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--runs", default=",".join(RUNS), help="Subset of a,b,c,d,e,f,g,h.")
+    ap.add_argument("--runs", default=",".join(RUNS),
+                    help="Subset of a,b,c,d,e,f,g,h,i,j (i, j: b written as GGUF f16 and as Meta's layout).")
     ap.add_argument("--workers", type=int, help="Passed to deltamerge.")
     ap.add_argument("--shard-size", help="Shard size of every checkpoint (default: the preset's).")
     ap.add_argument("--json", action="store_true", help="Print the results as JSON instead of a table.")
