@@ -127,6 +127,9 @@ def test_transformers_loads_the_gguf_with_the_hf_results_logits(tmp_path: Path, 
     apply_delta(base, adapter, tmp_path / "hf")
     result = apply_delta(base, adapter, tmp_path / "gguf", format="gguf")  # f32: the result's dtype
     [name] = result.shards
+    # tensors kept as they are take the merge's digests, q and k (reordered rows) are hashed
+    record = json.loads((tmp_path / "gguf" / RECORD).read_text())
+    assert record["result"]["tensors"] == gguf_digests([tmp_path / "gguf" / name])
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=name)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     ids = torch.tensor([[1, 17, 42, 99, 5, 250, 3]])

@@ -286,7 +286,7 @@ def test_written_blocks_are_the_file_bytes_and_heads_wait_whole(tmp_path: Path, 
         for r0, r1 in ((5, 24), (24, HIDDEN)):
             block = writer.write_rows(q, r0, r1, state[q][r0:r1])
             assert block is not None and block.offset == plan.tensor(q).offset + len(got)
-            got += block.data
+            got += b"".join(block.data)
         for name, t in state.items():
             if name != q:
                 writer.write_rows(name, 0, t.shape[0], t)

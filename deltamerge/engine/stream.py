@@ -355,8 +355,13 @@ class Engine:
             faults.reached("header")
         assert self._writer is not None and b.out is not None
         rows = b.out.contiguous()
+        kept = b.slot.kept if b.slot is not None else self._scratch
+
+        def buffer(n: int) -> torch.Tensor:
+            return kept.get("written", torch.uint8, (n,))
+
         try:
-            b.written = self._writer.write_block(b.job.out, b.r0, b.r1, rows)
+            b.written = self._writer.write_block(b.job.out, b.r0, b.r1, rows, buffer)
         except OSError as exc:
             what = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
             raise WorkError(f"{self._writer.path}: {what} while writing tensor {b.job.name!r}") from None
@@ -406,7 +411,10 @@ class Engine:
             self._shard_done(b)
 
     def _hash_written(self, b: Block) -> None:
-        """Hash the bytes a converting sink wrote, tensor by tensor as the output holds them."""
+        """Hash the bytes a converting sink wrote, tensor by tensor as the output holds them.
+
+        A tensor written as the rows' own bytes (``Written.same_as_rows``) has the digest the seal
+        computed of those rows, so it is not hashed twice."""
         names = self._written_names.setdefault(b.job.name, [])
         for w in b.written:
             hasher = self._written_hashers.get(w.name)
@@ -415,9 +423,19 @@ class Engine:
                     w.name, w.dtype, w.shape, w.nbytes, self.out_algorithm
                 )
                 names.append(w.name)
-            hasher.update(w.offset, w.data)
+            if w.same_as_rows and self.hash_out:
+                hasher.skip(w.offset, w.data)
+            else:
+                hasher.update(w.offset, w.data)
             if hasher.done:
-                self.written_digests[w.name] = self._written_hashers.pop(w.name).digest()
+                hasher = self._written_hashers.pop(w.name)
+                if hasher.skipped:
+                    rows = self.out_digests[b.job.name]  # sealed already: this block's seal ran first
+                    self.written_digests[w.name] = TensorDigest(
+                        w.dtype, w.shape, rows.hexdigest, rows.algorithm
+                    )
+                else:
+                    self.written_digests[w.name] = hasher.digest()
         b.written = []
         if b.last:
             short = [n for n in names if n not in self.written_digests]

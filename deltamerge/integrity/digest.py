@@ -109,15 +109,27 @@ class BytesHasher:
         self.name, self.dtype, self.shape, self.nbytes = name, dtype, shape, nbytes
         self.algorithm = algorithm
         self.position = 0
+        self.skipped = False
         self._h = new_hash(algorithm)
 
     def update(self, offset: int, data: Sequence[memoryview]) -> None:
+        self._advance(offset, data, hash_them=True)
+
+    def skip(self, offset: int, data: Sequence[memoryview]) -> None:
+        """Bytes another hasher hashes: only counted (a tensor is skipped whole, or not at all)."""
+        self._advance(offset, data, hash_them=False)
+
+    def _advance(self, offset: int, data: Sequence[memoryview], hash_them: bool) -> None:
         if offset != self.position:
             raise ValueError(
                 f"tensor {self.name!r}: bytes from {offset} given, from {self.position} expected"
             )
+        if self.position and self.skipped == hash_them:
+            raise ValueError(f"tensor {self.name!r}: hashed in part only")
+        self.skipped = not hash_them
         for buffer in data:
-            self._h.update(buffer)
+            if hash_them:
+                self._h.update(buffer)
             self.position += len(buffer)
 
     @property

@@ -52,6 +52,13 @@ class Written:
     nbytes: int  # the whole tensor's
     offset: int
     data: Sequence[memoryview]
+    # Every piece of this tensor is the rows' own bytes, in order (a tensor kept as it is): its
+    # digest is the plan tensor's, which the engine computes anyway.
+    same_as_rows: bool = False
+
+
+# n -> an n-byte uint8 tensor that stays valid until the block has passed every stage.
+Buffer = Callable[[int], torch.Tensor]
 
 
 class Mismatch(Exception):
@@ -65,10 +72,13 @@ class ShardWriter(ABC):
     size: int = 0  # bytes this shard put on disk, known after close (the journal records it)
 
     @abstractmethod
-    def write_block(self, spec: TensorSpec, r0: int, r1: int, rows: torch.Tensor) -> list[Written]:
+    def write_block(
+        self, spec: TensorSpec, r0: int, r1: int, rows: torch.Tensor, buffer: Buffer
+    ) -> list[Written]:
         """Rows ``r0:r1`` of tensor ``spec`` (C-contiguous, the spec's dtype); each tensor's rows
-        come in order, tensors in the order of the shard's specs. Returns what was written when
-        the sink converts, else nothing."""
+        come in order, tensors in the order of the shard's specs. ``buffer`` is where converted
+        bytes go (reused block after block, so that writing allocates nothing). Returns what was
+        written when the sink converts, else nothing."""
 
     @abstractmethod
     def close(self) -> None:

@@ -29,10 +29,10 @@ from ..errors import DeltaMergeError
 from ..integrity.digest import TensorDigest, new_hash
 from ..memory import WriteBehind, drop_file_range
 from ..tensor_spec import TensorSpec
-from . import Mismatch, ShardLayout, ShardWriter, Sink, Written
+from . import Buffer, Mismatch, ShardLayout, ShardWriter, Sink, Written
 from .aux import copy_aux, fix_config
 from .folder import remove_entry
-from .gguf import GGUFPlan, GGUFStreamWriter, GGUFTensor, plan_gguf, require_gguf
+from .gguf import GGUFPlan, GGUFStreamWriter, GGUFTensor, as_is, plan_gguf, require_gguf
 
 try:
     import gguf
@@ -221,14 +221,16 @@ class _GGUFShard(ShardWriter):
         self.sink, self.stream, self.shard = sink, stream, shard
         self.path = folder / sink.plan.files[0].name
 
-    def write_block(self, spec: TensorSpec, r0: int, r1: int, rows: torch.Tensor) -> list[Written]:
-        block = self.stream.write_rows(spec.name, r0, r1, rows)
+    def write_block(
+        self, spec: TensorSpec, r0: int, r1: int, rows: torch.Tensor, buffer: Buffer
+    ) -> list[Written]:
+        block = self.stream.write_rows(spec.name, r0, r1, rows, buffer)
         tensor = self.sink.plan.tensor(spec.name)
         if block is None or tensor is None:
             return []
-        self.sink._behind[block.file].advance(block.offset + len(block.data))
+        self.sink._behind[block.file].advance(block.offset + block.nbytes)
         return [Written(tensor.name, type_name(tensor), tensor.shape, tensor.nbytes,
-                        block.offset - tensor.offset, [block.data])]
+                        block.offset - tensor.offset, block.data, as_is(tensor))]
 
     def close(self) -> None:
         """The shard's tensors are durable once the files are synced (and their pages dropped)."""

@@ -30,7 +30,7 @@ from ..dtypes import TORCH_TO_SAFETENSORS, itemsize
 from ..integrity.digest import DEFAULT_ALGORITHM, TensorDigest, new_hash
 from ..memory import drop_file_range
 from ..tensor_spec import TensorSpec
-from . import Mismatch, ShardLayout, ShardWriter, Sink, Written
+from . import Buffer, Mismatch, ShardLayout, ShardWriter, Sink, Written
 from .folder import remove_entry
 from .meta_pth import MetaLayout, MetaWriter
 from .torch_zip import ArchiveLayout, archive_name_for
@@ -190,11 +190,16 @@ class _MetaShard(ShardWriter):
         self.sink, self.writer, self.shard = sink, writer, shard
         self.path = folder / sink.layout.filenames[0]
 
-    def write_block(self, spec: TensorSpec, r0: int, r1: int, rows: torch.Tensor) -> list[Written]:
+    def write_block(
+        self, spec: TensorSpec, r0: int, r1: int, rows: torch.Tensor, buffer: Buffer
+    ) -> list[Written]:
+        """The rows go straight from their buffer to their places (nothing is converted)."""
+        p = self.sink.layout.placements.get(spec.name)
+        whole = p is not None and (p.split is None or (self.sink.layout.mp == 1 and p.head_dim is None))
         pieces = []
         for k, meta, offset, buffers in self.writer.write_rows(spec.name, r0, r1, rows):
             name, dtype, shape, nbytes = self.sink.written(k, meta)
-            pieces.append(Written(name, dtype, shape, nbytes, offset, buffers))
+            pieces.append(Written(name, dtype, shape, nbytes, offset, buffers, whole))
         return pieces
 
     def close(self) -> None:

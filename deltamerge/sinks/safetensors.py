@@ -16,7 +16,7 @@ from ..memory import WriteBehind, drop_file_range
 from ..sources.folders import Layout
 from ..sources.safetensors import SafetensorsCheckpoint
 from ..tensor_spec import TensorSpec
-from . import Mismatch, ShardLayout, ShardWriter, Sink, Written
+from . import Buffer, Mismatch, ShardLayout, ShardWriter, Sink, Written
 from .folder import write_json
 
 
@@ -37,7 +37,9 @@ class StreamingWriter(ShardWriter):
         self._behind = WriteBehind(self.fd)
         self.write(header)
 
-    def write_block(self, spec: TensorSpec, r0: int, r1: int, rows: torch.Tensor) -> list[Written]:
+    def write_block(
+        self, spec: TensorSpec, r0: int, r1: int, rows: torch.Tensor, buffer: Buffer
+    ) -> list[Written]:
         """The rows' bytes, appended: the plan's order is the file's."""
         self.write(raw_bytes(rows))
         return []

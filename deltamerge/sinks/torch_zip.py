@@ -209,9 +209,9 @@ class TorchZipWriter:
                 os.ftruncate(self.fd, self.layout.size)
             for record, data in zip(self.layout.records, self.layout.leading.values()):
                 chunk = record.local_header() + data + record.descriptor(zlib.crc32(data))
-                self._pwrite([memoryview(chunk)], record.header)
+                self._pwrite([memoryview(chunk)], record.header, behind=False)
             for record in self.layout.storages.values():
-                self._pwrite([memoryview(record.local_header())], record.header)
+                self._pwrite([memoryview(record.local_header())], record.header, behind=False)
         except BaseException:
             self.abort()
             raise
@@ -233,7 +233,9 @@ class TorchZipWriter:
         self._ranges[name].add(offset, buffers)
         self._pwrite(buffers, record.data + offset)
 
-    def _pwrite(self, buffers: list[memoryview], offset: int) -> None:
+    def _pwrite(self, buffers: list[memoryview], offset: int, behind: bool = True) -> None:
+        """``behind``: push what is before the end of this write to disk (the storages come in
+        order; the headers written ahead of them must not move that point past their data)."""
         pending, first = [b for b in buffers if len(b)], 0
         while first < len(pending):
             written = os.pwritev(self.fd, pending[first : first + _IOV_MAX], offset)
@@ -243,8 +245,8 @@ class TorchZipWriter:
                 first += 1
             if written:
                 pending[first] = pending[first][written:]
-        if offset > self._high:
-            self._high = offset
+        self._high = max(self._high, offset)
+        if behind:
             self._behind.advance(offset)
 
     def close(self, sync: bool = True) -> None:
