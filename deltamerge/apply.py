@@ -294,15 +294,14 @@ def _plan_output(
     block_size: int, config_updates: dict,
 ) -> tuple[list[Shard], Sink]:
     """The shards the ``hf`` format would write (GGUF's tensor order follows them), and the
-    format's sink planned from them; each shard's tensors in the order the sink writes them, in
-    blocks of whole heads where the sink reorders rows within heads."""
+    format's sink planned from them; tensors are written in the plan's order (the inputs' own,
+    so they are read front to back), in blocks of whole heads where the sink reorders rows within
+    heads."""
     shards = layout_shards(jobs, fmt.shard_bytes if fmt.name == "hf" else parse_size(DEFAULT_SHARD_SIZE))
     if fmt.name != "hf":  # journal names: no safetensors file is written
         shards = [Shard(f"tensors-{i + 1:05d}-of-{len(shards):05d}", s.jobs) for i, s in enumerate(shards)]
     sink = open_sink(fmt, shards, aux, vocab_rows=_vocab_rows(jobs), dtype=_result_dtype(jobs), out=out,
                      folder=partial_dir(out), config_updates=config_updates)
-    for shard in shards:
-        shard.jobs.sort(key=lambda job: sink.sort_key(job.name))
     for job in jobs:
         job.rows_per_block = rows_per_block(job, block_size, sink.row_multiple(job.name))
     return shards, sink

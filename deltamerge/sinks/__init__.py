@@ -110,10 +110,6 @@ class Sink(ABC):
         """Blocks of tensor ``name`` should hold a multiple of this many rows (whole heads)."""
         return 1
 
-    def sort_key(self, name: str) -> int:
-        """Where tensor ``name`` goes within its shard (a stable sort; all equal: the plan's order)."""
-        return 0
-
     def aux_files(self, source: Mapping[str, Path | bytes]) -> dict[str, Path | bytes]:
         """The non-weight files the result folder holds, from those the inputs give (``source``)."""
         return dict(source)

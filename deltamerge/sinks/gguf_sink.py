@@ -27,7 +27,7 @@ import torch
 
 from ..errors import DeltaMergeError
 from ..integrity.digest import TensorDigest, new_hash
-from ..memory import WriteBehind, drop_file_range
+from ..memory import RangeWriteBehind, drop_file_range
 from ..tensor_spec import TensorSpec
 from . import Buffer, Mismatch, ShardLayout, ShardWriter, Sink, Written
 from .aux import copy_aux, fix_config
@@ -76,16 +76,11 @@ class GGUFSink(Sink):
     def __init__(self, plan: GGUFPlan, shards: Sequence[ShardLayout]):
         self.plan = plan
         self._names = {s.filename: [spec.name for spec in s.specs] for s in shards}
-        self._position = {t.hf_name: i for i, t in enumerate(plan.tensors)}
         self._writer: GGUFStreamWriter | None = None
-        self._behind: list[WriteBehind] = []
+        self._behind: list[RangeWriteBehind] = []
         self._done: set[str] = set()
         self._checked: dict[int, str | None] = {}  # file index -> why it cannot be kept
         self._lock = threading.Lock()
-
-    def sort_key(self, name: str) -> int:
-        """The GGUF file's order, so that each file is written front to back."""
-        return self._position.get(name, len(self._position))
 
     def row_multiple(self, name: str) -> int:
         tensor = self.plan.tensor(name)
@@ -109,7 +104,7 @@ class GGUFSink(Sink):
     def _stream(self, folder: Path) -> GGUFStreamWriter:
         if self._writer is None:
             self._writer = GGUFStreamWriter(self.plan, folder, done=self._done)
-            self._behind = [WriteBehind(self._writer.fd(i)) for i in range(len(self.plan.files))]
+            self._behind = [RangeWriteBehind(self._writer.fd(i)) for i in range(len(self.plan.files))]
         return self._writer
 
     def open_shard(self, folder: Path, shard: ShardLayout) -> ShardWriter:
@@ -228,7 +223,7 @@ class _GGUFShard(ShardWriter):
         tensor = self.sink.plan.tensor(spec.name)
         if block is None or tensor is None:
             return []
-        self.sink._behind[block.file].advance(block.offset + block.nbytes)
+        self.sink._behind[block.file].written(block.offset, block.nbytes)
         return [Written(tensor.name, type_name(tensor), tensor.shape, tensor.nbytes,
                         block.offset - tensor.offset, block.data, as_is(tensor))]
 
