@@ -1,7 +1,8 @@
 """``apply_delta``: rebuild a model from a base and one or more deltas, streaming.
 
-The data flows one way: resolve the inputs, plan (pair tensors, check shapes, lay out shards),
-stream (the engine), verify (the publisher's digests), publish (rename into OUT).
+The data flows one way: resolve the inputs, plan (pair tensors, check shapes, lay out shards,
+plan the output format's files), stream (the engine, writing through the format's sink), verify
+(the publisher's digests), publish (rename into OUT).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .dtypes import itemsize, parse_user_dtype, short_name
 from .engine import Engine
 from .engine.cascade_sum import TorchRowSum
 from .engine.journal import Fingerprint, Journal, fingerprint
-from .engine.plan import TensorJob, layout_shards, rows_per_block
+from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
 from .engine.recheck import recheck
 from .errors import (
     DiskSpaceError,
@@ -42,11 +43,13 @@ from .memory import peak_rss_bytes
 from .preflight import preflight
 from .progress import make_progress, reports_progress
 from .results import RESULT_RECORD, ApplyResult
+from .sinks import Sink
 from .sinks.aux import copy_aux, fix_config
 from .sinks.folder import check_free_space, check_out, discard, partial_dir, publish, write_json
 from .sinks.lock import hold
+from .sinks.output import OutputFormat, open_sink, output_format
 from .sinks.overlap import refuse_overlap
-from .sinks.safetensors import SafetensorsSink, write_index
+from .sinks.safetensors import write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import is_aux_file
@@ -67,7 +70,7 @@ def apply_delta(
     kind: str | None = None,
     dtype: str | torch.dtype | None = None,
     new_rows: str = "zero",
-    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    max_shard_size: str | int | None = None,
     block_size: int = DEFAULT_BLOCK_BYTES,
     force: bool = False,
     verify: bool = True,
@@ -83,12 +86,22 @@ def apply_delta(
     lora_r: int | None = None,
     lora_alpha: float | None = None,
     lora_prefix: str | None = None,
+    format: str = "hf",
+    outtype: str | None = None,
+    mp: int | None = None,
 ) -> ApplyResult:
     """Rebuild ``base`` + ``delta`` (or a chain of deltas, applied in order) into ``out``.
 
     ``qlora="nf4"`` or ``"nf4-dq"`` merges LoRA adapters onto bitsandbytes' NF4 round trip of
     the weights they target (double quantized or not), as QLoRA trained them; ``qlora_dtype``
     is the dtype the trainer loaded the base in before quantizing it (default: the base's).
+
+    ``format`` is what OUT holds: ``"hf"`` (sharded safetensors at most ``max_shard_size``
+    each, 5GB by default, with the config and tokenizer files), ``"gguf"`` (the GGUF file
+    llama.cpp's ``convert_hf_to_gguf.py --outtype OUTTYPE`` would write for that result; f32,
+    f16, bf16 or q8_0, by default the result's dtype; split as llama.cpp splits when
+    ``max_shard_size`` is given) or ``"meta"`` (Meta's ``consolidated.NN.pth`` in ``mp``
+    model-parallel shards, 1 by default, with ``params.json`` and ``tokenizer.model``).
 
     Raises a :class:`~deltamerge.errors.DeltaMergeError` with a one-line message on any failure,
     and then leaves nothing at ``out``. An interrupted run (Ctrl-C, SIGTERM, a failed write)
@@ -112,7 +125,7 @@ def apply_delta(
     if qlora_dtype is not None and qlora is None:
         raise InputError("--qlora-dtype is the dtype the base was quantized from: it needs --qlora")
     quant_dtype = parse_user_dtype(qlora_dtype)
-    shard_bytes = parse_size(max_shard_size)
+    fmt = output_format(format, outtype=outtype, mp=mp, max_shard_size=max_shard_size)
     inputs = [(base, "base"), *((d, "delta") for d in deltas)]
     _need_folders(inputs[1:])
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in inputs])
@@ -121,7 +134,7 @@ def apply_delta(
         check_out(out, force)  # again under the lock: a run that held it may have published
         return _apply_locked(
             base, deltas, out, kind=kind, out_dtype=out_dtype, new_rows=new_rows,
-            shard_bytes=shard_bytes, block_size=block_size, force=force, verify=verify,
+            fmt=fmt, block_size=block_size, force=force, verify=verify,
             workers=workers or 1, progress=progress, extra_files=extra_files, hub=hub,
             expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
             quant_dtype=quant_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
@@ -130,7 +143,7 @@ def apply_delta(
 
 def _apply_locked(
     base: PathLike, deltas: list[PathLike], out: Path, *, kind: str | None,
-    out_dtype: torch.dtype | None, new_rows: str, shard_bytes: int, block_size: int,
+    out_dtype: torch.dtype | None, new_rows: str, fmt: OutputFormat, block_size: int,
     force: bool, verify: bool, workers: int, progress: bool | Callable[[int, int], None],
     extra_files: dict[str, Path | bytes] | None, hub: dict | None,
     expect_md5: PathLike | None, key_md5: str | None, resume: bool, qlora: str | None,
@@ -152,6 +165,9 @@ def _apply_locked(
     if whole is not None:
         if qlora is not None:
             raise InputError(f"--qlora merges LoRA adapters: it does not apply to {whole} deltas")
+        if fmt.name != "hf":
+            raise InputError(f"--format {fmt.name}: {whole} deltas decode whole files as they were "
+                             "published; convert the result afterwards")
         return _apply_whole_files(whole, base_in, delta_ins, out, out_dtype, force, verify,
                                   expect_md5, key_md5, progress, resume, workers)
     if expect_md5 is not None:
@@ -178,7 +194,8 @@ def _apply_locked(
         jobs = plan_chain(base_ckpt, opened, options, out_dtype, block_size)
         if new_rows == "mean":
             fill_means(base_ckpt, jobs, block_size)
-        shards = layout_shards(jobs, shard_bytes)
+        aux = _aux_files(base_ckpt, opened, extra_files)
+        shards, sink = _plan_output(fmt, jobs, aux, out, block_size, _config_updates(opened))
         checks = plan_delta_checks([d.path for d in delta_ins], manifests,
                                    [k.checkpoint for k in opened])
         first = manifests[0] if manifests else None
@@ -186,20 +203,18 @@ def _apply_locked(
         out_algorithm = _result_algorithm(manifests, out_dtype, new_rows)
         options_record = {"kind": [k.name for k in opened], "dtype": str(out_dtype),
                           "new_rows": new_rows, "verify": verify, "version": __version__,
-                          **_lora_record(options), "algorithm": out_algorithm}
+                          **_lora_record(options), "algorithm": out_algorithm, **fmt.options()}
         if qlora is not None:
             options_record.update(qlora=qlora, qlora_dtype=str(quant_dtype))
         fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
-        sink = SafetensorsSink()
         tmp, journal = _open_partial(out, fp, resume)
         try:
             checked = recheck(
-                tmp, shards, journal, metadata=sink.metadata, block_bytes=block_size,
-                workers=workers, progress=progress,
+                tmp, shards, journal, sink=sink, block_bytes=block_size, workers=workers,
+                progress=progress,
             ) if resume else None
             skip = set(journal.done)
-            check_free_space(out.parent, sum(
-                j.out.nbytes for s in shards if s.filename not in skip for j in s.jobs))
+            check_free_space(out.parent, sink.planned_bytes(shards, skip))
             bar = make_progress(progress, sum(
                 j.out.nbytes for s in shards if s.filename not in skip for j in s.jobs), "rebuilding")
             engine = Engine(
@@ -211,27 +226,40 @@ def _apply_locked(
             )
             try:
                 run = engine.run()
+                sink.finish(tmp)
+            except BaseException:
+                sink.abort()
+                raise
             finally:
                 bar.close()
             out_digests = dict(run.out_digests)
-            for digests in (checked.kept if checked else {}).values():
+            written = dict(run.written_digests)
+            for shard, digests in (checked.kept if checked else {}).items():
                 out_digests.update(digests)  # computed by this run's re-check, not the journal's
+                written.update(checked.written[shard])  # computed by this run's re-check
             finish_delta_checks(checks, run.input_digests, run.file_digests, block_size)
-            write_index(tmp, shards)
-            aux = _aux_files(base_ckpt, opened, extra_files)
-            copy_aux(tmp, aux)
+            if fmt.name == "hf":
+                write_index(tmp, shards)
+            copy_aux(tmp, sink.aux_files(aux))
             fix_config(tmp, _vocab_rows(jobs), _result_dtype(jobs), _config_updates(opened))
-            digest = model_digest(out_digests, out_algorithm)
+            merged = model_digest(out_digests, out_algorithm)
+            digest = model_digest(written, out_algorithm) if sink.converts else merged
+            files = sink.outputs() or [s.filename for s in shards]
             result = ApplyResult(
-                out, [k.name for k in opened], len(jobs), [s.filename for s in shards],
+                out, [k.name for k in opened], len(jobs), files,
                 run.bytes_read + (checked.bytes_read if checked else 0), run.bytes_written,
                 run.seconds + (checked.seconds if checked else 0), peak_rss_bytes(), digest,
-                algorithm=out_algorithm,
+                algorithm=out_algorithm, format=fmt.name,
+                merged_digest=merged if sink.converts else None,
             )
             if checked and (checked.kept or checked.redone):
                 result.notes.append(checked.note())
             _compare_result(result, manifests, out_digests, out_dtype, new_rows, qlora)
-            record = _record(base_in, delta_ins, result, out_digests, out_dtype, new_rows)
+            record = _record(base_in, delta_ins, result, written if sink.converts else out_digests,
+                             out_dtype, new_rows)
+            record["options"].update(fmt.options())
+            if sink.converts:
+                record["merged"] = Role.of(out_digests, out_algorithm).to_json()
             if qlora is not None:
                 record["options"].update(
                     qlora=qlora, qlora_dtype=str(quant_dtype).removeprefix("torch.")
@@ -259,6 +287,24 @@ def _apply_locked(
         for k in opened:
             k.close()
         base_ckpt.close()
+
+
+def _plan_output(
+    fmt: OutputFormat, jobs: list[TensorJob], aux: dict[str, Path | bytes], out: Path,
+    block_size: int, config_updates: dict,
+) -> tuple[list[Shard], Sink]:
+    """The shards the ``hf`` format would write (GGUF's tensor order follows them), and the
+    format's sink planned from them; tensors are written in the plan's order (the inputs' own,
+    so they are read front to back), in blocks of whole heads where the sink reorders rows within
+    heads."""
+    shards = layout_shards(jobs, fmt.shard_bytes if fmt.name == "hf" else parse_size(DEFAULT_SHARD_SIZE))
+    if fmt.name != "hf":  # journal names: no safetensors file is written
+        shards = [Shard(f"tensors-{i + 1:05d}-of-{len(shards):05d}", s.jobs) for i, s in enumerate(shards)]
+    sink = open_sink(fmt, shards, aux, vocab_rows=_vocab_rows(jobs), dtype=_result_dtype(jobs), out=out,
+                     folder=partial_dir(out), config_updates=config_updates)
+    for job in jobs:
+        job.rows_per_block = rows_per_block(job, block_size, sink.row_multiple(job.name))
+    return shards, sink
 
 
 def _need_folders(inputs: list[tuple[PathLike, str]]) -> None:
@@ -451,11 +497,14 @@ def _compare_result(
     new_rows: str,
     qlora: str | None = None,
 ) -> None:
+    """The publisher's digests are of Hugging Face tensors: compared with the merge's (for gguf and
+    meta, as computed before conversion)."""
     last = manifests[-1] if manifests else None
     if last is None:
         return
     result.publisher_digest = last.result.model_digest
-    if result.model_digest == last.result.model_digest:
+    merged = result.merged_digest or result.model_digest
+    if merged == last.result.model_digest:
         result.verified = True
         return
     if out_dtype is not None or qlora or new_rows != last.options.get("new_rows", "zero"):
@@ -468,7 +517,7 @@ def _compare_result(
         if digests.get(n) != last.result.tensors.get(n)
     )
     raise VerificationError(
-        f"result does not match the publisher's: model digest {result.model_digest[:16]}…, "
+        f"result does not match the publisher's: model digest {merged[:16]}…, "
         f"expected {last.result.model_digest[:16]}…; {len(names)} tensors differ, first "
         f"{names[0]!r}" if names else "result does not match the publisher's model digest"
     )

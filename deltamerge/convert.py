@@ -1,8 +1,10 @@
-"""``convert``: Meta's original LLaMA layout to a Hugging Face folder, streamed.
+"""``convert``: Meta's original LLaMA layout to a Hugging Face folder (or GGUF, or Meta's layout
+in another number of model-parallel shards), streamed.
 
 Applying no delta to a base is writing the base, so conversion is :func:`apply_delta` with an
 empty chain: the Meta reader joins and permutes shards row block by row block, and the engine
-writes sharded safetensors with the config and tokenizer files the reader generates.
+writes the result in ``format`` (by default sharded safetensors with the config and tokenizer
+files the reader generates).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from .apply import apply_delta
 from .errors import InputError
 from .results import ApplyResult
-from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE
+from .sizes import DEFAULT_BLOCK_BYTES
 from .sources.folders import detect_layout
 from .sources.meta import TOKENIZER
 
@@ -25,14 +27,18 @@ def convert(
     out: str | Path,
     *,
     dtype: str | torch.dtype | None = None,
-    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    max_shard_size: str | int | None = None,
     block_size: int = DEFAULT_BLOCK_BYTES,
     force: bool = False,
     workers: int | None = None,
     progress: bool | Callable[[int, int], None] = False,
     resume: bool = False,
+    format: str = "hf",
+    outtype: str | None = None,
+    mp: int | None = None,
 ) -> ApplyResult:
-    """Write the Hugging Face layout of a Meta checkpoint folder (``params.json`` + ``.pth``).
+    """Write the Hugging Face layout of a Meta checkpoint folder (``params.json`` + ``.pth``), or
+    the ``format`` :func:`~deltamerge.apply.apply_delta` names.
 
     The tokenizer comes along (``tokenizer.model`` from the folder or its parent, with its own
     settings files); without one the weights are still written, and the result's notes say so.
@@ -42,9 +48,10 @@ def convert(
         raise InputError(f"{meta_dir}: not a Meta-layout folder (params.json, consolidated.*.pth)")
     result = apply_delta(
         meta_dir, [], out, dtype=dtype, max_shard_size=max_shard_size, block_size=block_size,
-        force=force, workers=workers, progress=progress, resume=resume,
+        force=force, workers=workers, progress=progress, resume=resume, format=format,
+        outtype=outtype, mp=mp,
     )
-    if not (result.out / TOKENIZER).is_file():
+    if format != "gguf" and not (result.out / TOKENIZER).is_file():  # GGUF holds its vocab
         result.notes.append(
             f"no {TOKENIZER} in {meta_dir} or its parent: the result has no tokenizer"
         )

@@ -22,7 +22,7 @@ from .apply import _open_partial
 from .engine import Engine
 from .engine.journal import JOURNAL_NAME, Journal, fingerprint, read_digest
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
-from .engine.stream import WrittenFile
+from .engine.stream import ShardDone, WrittenFile
 from .errors import InputError, InterruptedRun, WorkError, signal_status
 from .integrity.digest import TensorDigest, TensorHasher, file_digest, hash_tensor
 from .integrity.manifest import MANIFEST_NAME, FileEntry, Manifest, Role
@@ -56,7 +56,7 @@ def make_delta(
     out: PathLike,
     *,
     kind: str = "add",
-    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    max_shard_size: str | int | None = None,
     block_size: int = DEFAULT_BLOCK_BYTES,
     force: bool = False,
     workers: int | None = None,
@@ -74,7 +74,7 @@ def make_delta(
     if kind not in MAKE_KINDS:
         raise InputError(f"make-delta --kind must be one of {', '.join(MAKE_KINDS)}, not {kind!r}")
     out = Path(out).expanduser()
-    shard_bytes = parse_size(max_shard_size)
+    shard_bytes = parse_size(max_shard_size or DEFAULT_SHARD_SIZE)
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in
                          ((base, "base"), (target, "target"))])
     check_out(out, force)
@@ -168,15 +168,18 @@ class _Kept:
 
 def _journal_shard(
     journal: Journal, engine: Engine, shards: list[Shard], results: dict[str, TensorHasher],
-) -> Callable[[str, int, dict], None]:
-    """The engine's ``on_shard_done``: journal a written shard with what the manifest needs."""
+) -> ShardDone:
+    """The engine's ``on_shard_done``: journal a written shard with what the manifest needs
+    (make-delta writes safetensors: nothing is converted, so nothing is ``written`` apart)."""
     by_name = {s.filename: s for s in shards}
 
-    def record(filename: str, size: int, digests: dict[str, TensorDigest]) -> None:
+    def record(
+        filename: str, size: int, digests: dict[str, TensorDigest], written: dict[str, TensorDigest]
+    ) -> None:
         jobs = by_name[filename].jobs
-        written = engine.written_files[filename]
+        shard = engine.written_files[filename]
         journal.record(filename, size, {j.name: results[j.name].digest() for j in jobs}, extra={
-            "file": [written.digest, written.header_size, written.header_digest],
+            "file": [shard.digest, shard.header_size, shard.header_digest],
             "delta": {n: d.to_json() for n, d in digests.items()},
             "mismatches": sum(getattr(j.steps[0], "mismatches", 0) for j in jobs),
         })
@@ -216,7 +219,7 @@ def _recheck(folder: Path, journal: Journal, shards: list[Shard]) -> dict[str, _
         bar.close()
     for name in set(claims) - set(kept):
         remove_entry(folder / name)
-    journal.restart({n: (claims[n].size, claims[n].digests) for n in kept},
+    journal.restart({n: (claims[n].size, claims[n].digests, {}) for n in kept},
                     extras={n: claims[n].extra for n in kept})
     return kept
 

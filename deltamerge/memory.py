@@ -13,6 +13,7 @@ import mmap
 import os
 import resource
 import sys
+from collections import deque
 
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
@@ -95,6 +96,35 @@ class WriteBehind:
         except (OSError, AttributeError):
             return
         self._flushed = position
+
+
+class RangeWriteBehind:
+    """:class:`WriteBehind` for a file written at any offsets (a tensor's planned place).
+
+    Each range is queued for writeback as soon as it is written; once more than ``chunk`` bytes
+    are in flight, the oldest ranges are waited for and dropped from the page cache.
+    """
+
+    def __init__(self, fd: int, chunk: int = 64 * 1024 * 1024):
+        self.fd = fd
+        self.chunk = chunk
+        self._in_flight: deque[tuple[int, int]] = deque()
+        self._bytes = 0
+
+    def written(self, offset: int, length: int) -> None:
+        if _LIBC is None or length <= 0:
+            return
+        try:
+            _LIBC.sync_file_range(self.fd, offset, length, _SYNC_WRITE)
+            self._in_flight.append((offset, length))
+            self._bytes += length
+            while self._bytes - self._in_flight[0][1] >= self.chunk:
+                start, n = self._in_flight.popleft()
+                self._bytes -= n
+                _LIBC.sync_file_range(self.fd, start, n, _SYNC_WAIT_BEFORE | _SYNC_WRITE | _SYNC_WAIT_AFTER)
+                drop_file_range(self.fd, start, n)
+        except (OSError, AttributeError):
+            return
 
 
 def address_view(address: int, nbytes: int, owner: object) -> memoryview:

@@ -29,6 +29,10 @@ class ApplyResult:
     verified: bool = False  # True when the result matched the publisher's digest
     notes: list[str] = field(default_factory=list)
     algorithm: str = DEFAULT_ALGORITHM  # of model_digest: sha256 when checked against format 1
+    format: str = "hf"  # what OUT holds: hf, gguf or meta
+    # gguf and meta: model_digest is of the tensors as written; this one of the merge's tensors
+    # before conversion, which the publisher's digest is of (and is compared with)
+    merged_digest: str | None = None
 
     def to_json(self) -> dict:
         """Every field, paths as strings: what ``apply --json`` prints for pipelines."""

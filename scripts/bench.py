@@ -18,6 +18,8 @@ Runs (--runs, default all):
   f  an XOR delta applied (make-delta --kind xor)
   g  the naive in-memory merge (load_file both, add, save_file); skipped when it cannot fit
   h  convert from Meta's layout (the base written again as 2 model-parallel .pth shards)
+  i  run b written as GGUF f16 (--format gguf --outtype f16; the base gets a small tokenizer)
+  j  run b written in Meta's layout (--format meta --mp 1); compare i and j with b
 
 Method: the rounds alternate (a b c ... a b c ...) so drift in the machine hits every run alike;
 each figure is the median of --repeat rounds. Before every run the inputs are evicted from the
@@ -87,18 +89,22 @@ RUNS = {
     "f": "XOR apply",
     "g": "naive in-memory",
     "h": "convert from Meta",
+    "i": "apply to GGUF f16",
+    "j": "apply to Meta",
 }
 # The input folders each run reads (the floor's reads for it); all write one result.
 RUN_INPUTS = {
     "a": ("base", "delta"), "b": ("base", "delta"), "c": ("base", "delta"),
     "d": ("base", "target"), "e": ("base", "lora"), "f": ("base", "xor"),
-    "g": ("base", "delta"), "h": ("meta",),
+    "g": ("base", "delta"), "h": ("meta",), "i": ("base", "delta"), "j": ("base", "delta"),
 }
 STAMP = "bench-inputs.json"
 DATA_VERSION = 2  # bumped when generated inputs change meaning (2: deltas with manifest format 2)
 FLOOR_NOTE = ("x floor: the run's wall time over its disk floor (its inputs read once and its "
               "result written, past the page cache, one after the other, in the same round). A "
               "pipelined run can go below 1.0 only where the disk serves reads and writes at once.")
+# Runs i and j: run b's apply written in another format (which takes no --max-shard-size).
+FORMAT_RUNS = {"i": ["--format", "gguf", "--outtype", "f16"], "j": ["--format", "meta", "--mp", "1"]}
 
 
 @dataclass(frozen=True)
@@ -353,6 +359,24 @@ def child_generate(spec: dict) -> None:
         write_lora(p, Path(spec["lora"]), spec["sparse"])
 
 
+def write_tokenizer(folder: Path) -> None:
+    """A small sentencepiece tokenizer.model, which GGUF output needs (run i): the converter pads
+    its vocabulary to the config's 32000 with [PADn] tokens."""
+    import io
+
+    import sentencepiece as spm
+
+    words = "the quick brown fox jumps over the lazy dog llama alpaca vicuna mistral merge".split()
+    rnd = random.Random(0)
+    lines = [" ".join(rnd.choice(words) for _ in range(12)) for _ in range(200)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=300, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        minloglevel=2, hard_vocab_limit=False, num_threads=1)
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+
+
 # -- measuring -------------------------------------------------------------------------------------
 @dataclass
 class Measured:
@@ -578,6 +602,8 @@ class Bench:
                     self.unrecord(piece)
             if lora:
                 self.record("lora")
+        if "i" in self.runs and not (self.base / "tokenizer.model").is_file():
+            write_tokenizer(self.base)  # GGUF output needs one; small, so made whenever missing
         if not self.made("delta"):
             say("making the additive delta (deltamerge make-delta)")
             err = self._make_delta(self.delta, "add")
@@ -656,6 +682,10 @@ class Bench:
         if run == "h":
             meta = sorted(self.meta.glob("consolidated.*.pth"))
             return self.deltamerge("convert", self.meta, self.out), files_bytes(meta)
+        if run in FORMAT_RUNS:
+            cmd = ["-m", "deltamerge", "apply", *map(str, (self.base, self.delta, self.out)),
+                   "--quiet", *FORMAT_RUNS[run], *self.workers]
+            return cmd, reads
         spec = {"base": list(map(str, base)), "delta": list(map(str, delta)), "out": str(self.out)}
         return self.child("naive", spec), reads
 
@@ -895,7 +925,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="Keep the generated files.")
     ap.add_argument("--repeat", type=int, default=3,
                     help="Rounds (each runs every selected run once, in turn); figures are medians.")
-    ap.add_argument("--runs", default=",".join(RUNS), help="Subset of a,b,c,d,e,f,g,h.")
+    ap.add_argument("--runs", default=",".join(RUNS),
+                    help="Subset of a,b,c,d,e,f,g,h,i,j (i, j: b written as GGUF f16 and as Meta's layout).")
     ap.add_argument("--workers", type=int, help="Passed to deltamerge.")
     ap.add_argument("--shard-size", help="Shard size of every checkpoint (default: the preset's).")
     ap.add_argument("--json", action="store_true", help="Print the results as JSON instead of a table.")

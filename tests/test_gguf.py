@@ -286,7 +286,7 @@ def test_written_blocks_are_the_file_bytes_and_heads_wait_whole(tmp_path: Path, 
         for r0, r1 in ((5, 24), (24, HIDDEN)):
             block = writer.write_rows(q, r0, r1, state[q][r0:r1])
             assert block is not None and block.offset == plan.tensor(q).offset + len(got)
-            got += block.data
+            got += b"".join(block.data)
         for name, t in state.items():
             if name != q:
                 writer.write_rows(name, 0, t.shape[0], t)
@@ -315,7 +315,12 @@ def test_resume_rewrites_only_what_is_missing(tmp_path: Path, sp_model: bytes):
     assert (out / file.name).read_bytes() == (tmp_path / "fresh" / file.name).read_bytes()
     other = plan_gguf(hf, specs(state), outtype="f16", filename=file.name, dir_name="another-name")
     with pytest.raises(WorkError, match="not the planned GGUF file"):
-        GGUFStreamWriter(other, out, done=[])
+        GGUFStreamWriter(other, out, done=names[:1])
+    (out / file.name).unlink()
+    with pytest.raises(WorkError, match="missing, cannot resume"):
+        GGUFStreamWriter(plan, out, done=names[:1])
+    GGUFStreamWriter(other, out, done=[]).abort()  # no tensor kept in it: the file is made again
+    assert (out / file.name).read_bytes()[: len(other.files[0].header)] == other.files[0].header
 
 
 def test_rows_out_of_order_or_of_another_dtype_are_refused(tmp_path: Path, sp_model: bytes):

@@ -15,7 +15,7 @@ import warnings
 import click
 
 from ..version import __version__
-from .common import DEBUG, debug_option, interrupt
+from .common import DEBUG, debug_option, interrupt, route_library_logs
 from .convert import convert_cmd
 from .hub import push_cmd
 from .integrity import checksum_cmd, diff_cmd, inspect_cmd, verify_cmd
@@ -37,6 +37,7 @@ def main(debug: bool) -> None:
     signal.signal(signal.SIGTERM, interrupt)
     # torch warns on import when numpy is absent; deltamerge never uses numpy (not a dependency).
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    route_library_logs()
 
 
 for _command in (apply_cmd, make_delta_cmd, convert_cmd, push_cmd, checksum_cmd, verify_cmd,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import select
 import signal
@@ -111,8 +112,10 @@ def interrupt(signum: int, frame: object) -> None:
 
 def common_run_options(fn: Callable) -> Callable:
     options = [
-        click.option("--max-shard-size", default=DEFAULT_SHARD_SIZE, show_default=True,
-                     help="Largest output shard (5GB = 5e9 bytes; 2GiB also accepted)."),
+        click.option("--max-shard-size", default=None, metavar="SIZE",
+                     help=f"Largest output shard (default {DEFAULT_SHARD_SIZE}; 5GB = 5e9 bytes, 2GiB "
+                          "also accepted); with --format gguf, split as llama.cpp splits (default: "
+                          "one file)."),
         click.option("--block-size", default=None, callback=_size, metavar="SIZE",
                      help=f"Largest working buffer (default {DEFAULT_BLOCK_BYTES >> 20}MiB); "
                           "peak memory is a few of these."),
@@ -124,6 +127,40 @@ def common_run_options(fn: Callable) -> Callable:
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def format_options(fn: Callable) -> Callable:
+    """What OUT holds: the format and its own options."""
+    options = [
+        click.option("--format", "fmt", type=click.Choice(["hf", "gguf", "meta"]), default="hf",
+                     show_default=True,
+                     help="hf: safetensors shards and the model's files; gguf: the file llama.cpp's "
+                          "convert_hf_to_gguf.py would write from that; meta: Meta's "
+                          "consolidated.NN.pth, params.json, tokenizer.model."),
+        click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default=None,
+                     help="GGUF tensor type (default: the result's dtype)."),
+        click.option("--mp", type=click.Choice(["1", "2", "4", "8"]), default=None,
+                     help="Meta model-parallel shards (default 1)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+class OneLineLog(logging.Handler):
+    """Warnings of the libraries deltamerge drives (the gguf package's), in deltamerge's style."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage().strip().splitlines()
+        click.echo(f"deltamerge: warning: {message[0] if message else record.name}", err=True)
+
+
+def route_library_logs() -> None:
+    log = logging.getLogger("gguf")
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+    if not any(isinstance(h, OneLineLog) for h in log.handlers):
+        log.addHandler(OneLineLog())
 
 
 def default_workers() -> int:

@@ -5,7 +5,17 @@ from __future__ import annotations
 import click
 
 from ..sizes import DEFAULT_BLOCK_BYTES
-from .common import DTYPE, common_run_options, default_workers, handle_errors, human, mib, print_json
+from .common import (
+    DTYPE,
+    common_run_options,
+    default_workers,
+    format_options,
+    handle_errors,
+    human,
+    mib,
+    print_json,
+)
+from .run import print_digests
 
 
 @click.command("convert", context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,33 +28,38 @@ from .common import DTYPE, common_run_options, default_workers, handle_errors, h
               help="Finish an interrupted run of the same command, redoing only unfinished shards.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as JSON (the library's ApplyResult) instead of the summary.")
+@format_options
 @common_run_options
 @handle_errors
-def convert_cmd(meta_dir, out, dtype, resume, as_json, max_shard_size, block_size, force, workers,
+def convert_cmd(meta_dir, out, dtype, resume, as_json, fmt, outtype, mp, max_shard_size, block_size,
+                force, workers,
                 quiet) -> None:
     """Convert Meta's LLaMA download (params.json, consolidated.NN.pth) into OUT.
 
     Streams tensor by tensor: a 13B model converts in a few hundred MiB of memory, and the
     tensors equal transformers' conversion bit for bit in the same dtype. checklist.chk is
-    checked when present.
+    checked when present. --format gguf writes what llama.cpp's converter would write from
+    that Hugging Face result; --format meta re-shards (--mp).
 
     \b
-    Example:
+    Examples:
       deltamerge convert ./LLaMA/13B ./llama-13b-hf
+      deltamerge convert ./LLaMA/13B ./llama-13b-gguf --format gguf --outtype f16
     """
     from ..convert import convert  # deferred so --help and --version answer without loading torch
 
     result = convert(
         meta_dir, out, dtype=dtype, max_shard_size=max_shard_size,
         block_size=block_size or DEFAULT_BLOCK_BYTES, force=force,
-        workers=workers or default_workers(), progress=not quiet, resume=resume,
+        workers=workers or default_workers(), progress=not quiet, resume=resume, format=fmt,
+        outtype=outtype, mp=int(mp) if mp else None,
     )
     if as_json:
         print_json(result.to_json())
     elif not quiet:
         click.echo(f"converted {meta_dir} into {result.out}: {result.tensors} tensors, "
-                   f"{len(result.shards)} shard(s), {human(result.bytes_written)}, "
-                   f"{result.seconds:.1f} s, peak {mib(result.peak_rss)}")
+                   f"{len(result.shards)} {'shard' if result.format == 'hf' else 'file'}(s), "
+                   f"{human(result.bytes_written)}, {result.seconds:.1f} s, peak {mib(result.peak_rss)}")
         for note in result.notes:
             click.echo(f"  note      {note}")
-        click.echo(f"  digest    {result.model_digest}")
+        print_digests(result, "compare this digest with others' conversions")

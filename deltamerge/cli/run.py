@@ -11,6 +11,7 @@ from .common import (
     DTYPE,
     common_run_options,
     default_workers,
+    format_options,
     handle_errors,
     hub_options,
     hub_setup,
@@ -60,12 +61,13 @@ PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); 
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None, help=PUSH_HELP)
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as JSON (the library's ApplyResult) instead of the summary.")
+@format_options
 @hub_options
 @common_run_options
 @handle_errors
 def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expect_md5, key_md5,
-              resume, lora_alpha, lora_r, lora_prefix, push_to, as_json, token, revision,
-              cache_dir, max_shard_size, block_size, force, workers, quiet) -> None:
+              resume, lora_alpha, lora_r, lora_prefix, push_to, as_json, fmt, outtype, mp, token,
+              revision, cache_dir, max_shard_size, block_size, force, workers, quiet) -> None:
     """Rebuild a model from BASE and one or more DELTAs into OUT.
 
     BASE and each DELTA are local folders (or Hub repo ids, REPO@REV for a revision). Several
@@ -77,6 +79,8 @@ def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expec
     Examples:
       deltamerge apply ./llama-13b ./vicuna-13b-delta-v1.1 ./vicuna-13b
       deltamerge apply ./llama-13b ./vicuna-13b-delta-v0 ./pandagpt-13b ./out --lora-alpha 32
+      deltamerge apply ./llama-2-7b ./my-lora ./my-model-gguf --format gguf --outtype q8_0
+      deltamerge apply ./llama-13b ./vicuna-13b-delta-v1.1 ./vicuna-13b-meta --format meta --mp 2
     """
     from ..apply import apply_delta  # deferred so --help and --version answer without loading torch
 
@@ -92,7 +96,7 @@ def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expec
         force=force, verify=not no_verify, workers=workers or default_workers(),
         progress=not quiet, resume=resume, expect_md5=expect_md5, key_md5=key_md5, qlora=qlora,
         qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
-        hub=hub,
+        hub=hub, format=fmt, outtype=outtype, mp=int(mp) if mp else None,
     )
     if not quiet and not as_json:
         _print_apply(result, base, deltas, no_verify)
@@ -132,8 +136,10 @@ def _print_apply(result, base: str, deltas: list[str], no_verify: bool) -> None:
                f"(kind: {', '.join(result.kinds)})")
     if result.kinds in (["xor-files"], ["enc"]):
         click.echo(f"  files     {len(result.shards)} decoded")
-    else:
+    elif result.format == "hf":
         click.echo(f"  tensors   {result.tensors} in {len(result.shards)} shard(s)")
+    else:
+        click.echo(f"  tensors   {result.tensors} in {', '.join(result.shards)}")
     click.echo(f"  bytes     {human(result.bytes_read)} read, {human(result.bytes_written)} written")
     click.echo(f"  time      {result.seconds:.1f} s ({human(rate)}/s written)")
     click.echo(f"  peak mem  {mib(result.peak_rss)}")
@@ -147,7 +153,19 @@ def _print_apply(result, base: str, deltas: list[str], no_verify: bool) -> None:
         verdict = "no manifest from the publisher: compare this digest with theirs"
     else:
         verdict = "not compared"
-    click.echo(f"  digest    {result.algorithm} {result.model_digest} ({verdict})")
+    print_digests(result, verdict)
+
+
+def print_digests(result, verdict: str) -> None:
+    """hf: one digest. gguf and meta: the tensors as written, then the merge's before conversion,
+    which is what a publisher's digest is of (so that is the one compared)."""
+    if result.merged_digest is None:
+        click.echo(f"  digest    {result.algorithm} {result.model_digest} ({verdict})")
+        return
+    what = "GGUF tensors" if result.format == "gguf" else "Meta tensors"
+    click.echo(f"  digest    {result.algorithm} {result.model_digest} ({what} as written)")
+    click.echo(f"  merged    {result.algorithm} {result.merged_digest} (Hugging Face tensors before "
+               f"conversion: {verdict})")
 
 
 @click.command("make-delta", context_settings={"help_option_names": ["-h", "--help"]})

@@ -2,9 +2,10 @@
 
 It lives in the partial folder beside OUT. Its first line fingerprints the plan (inputs, options,
 shard layout); each later line records one shard that was written, fsynced and hashed, with the
-digests of its tensors. A resumed run takes those lines as claims only: ``recheck.py`` reads each
-shard again and keeps those that still hold what the journal says; it refuses to resume a
-partial folder whose plan differs from its own.
+digests of its tensors (and, for a sink that converts them, of the tensors as written). A resumed
+run takes those lines as claims only: ``recheck.py`` reads each shard again and keeps those that
+still hold what the journal says; it refuses to resume a partial folder whose plan differs from
+its own.
 """
 
 from __future__ import annotations
@@ -102,10 +103,12 @@ def fingerprint(inputs: list[Path], options: dict, shards: list[Shard]) -> Finge
 
 @dataclass(frozen=True)
 class Entry:
-    """One journaled shard: its size and its tensors' digests, as the run that wrote it said."""
+    """One journaled shard: its size and its tensors' digests, as the run that wrote it said
+    (``written``: the tensors as a converting sink wrote them; empty otherwise)."""
 
     size: int
     digests: dict[str, TensorDigest]
+    written: dict[str, TensorDigest] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # what else a resumed run needs (make-delta's)
 
 
@@ -149,26 +152,27 @@ class Journal:
             try:
                 entry = json.loads(line)
                 digests = {n: read_digest(d) for n, d in entry["tensors"].items()}
+                written = {n: read_digest(d) for n, d in entry.get("written", {}).items()}
                 if not isinstance(entry["shard"], str):
                     raise TypeError("shard name")
                 extra = entry.get("extra")
                 journal.recorded[entry["shard"]] = Entry(
-                    int(entry["size"]), digests, extra if isinstance(extra, dict) else {}
+                    int(entry["size"]), digests, written, extra if isinstance(extra, dict) else {}
                 )
             except (ValueError, KeyError, TypeError, AttributeError):
                 break  # a line cut short by the kill: that shard is redone
         return journal
 
     def restart(
-        self, kept: dict[str, tuple[int, dict[str, TensorDigest]]],
+        self, kept: dict[str, tuple[int, dict[str, TensorDigest], dict[str, TensorDigest]]],
         extras: dict[str, dict] | None = None,
     ) -> None:
         """Replace the journal with the shards a re-check kept (a rename: never written through
         whatever was at its name); ``extras``: their lines' ``extra``, where a run records one."""
         fresh = self.path.with_name(self.path.name + ".new")
         lines = [{"fingerprint": self.fingerprint, "parts": self.parts}] + [
-            _line(shard, size, digests, (extras or {}).get(shard))
-            for shard, (size, digests) in kept.items()
+            _line(shard, size, digests, written, (extras or {}).get(shard))
+            for shard, (size, digests, written) in kept.items()
         ]
         fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         try:
@@ -178,14 +182,16 @@ class Journal:
             os.close(fd)
         os.replace(fresh, self.path)
         self.recorded = {}
-        self.done = {shard: digests for shard, (_, digests) in kept.items()}
+        self.done = {shard: digests for shard, (_, digests, _) in kept.items()}
 
     def record(
-        self, shard: str, size: int, digests: dict[str, TensorDigest], extra: dict | None = None
+        self, shard: str, size: int, digests: dict[str, TensorDigest],
+        written: dict[str, TensorDigest] | None = None, extra: dict | None = None,
     ) -> None:
-        """``extra``: what else a resumed run needs of the shard (make-delta: its sha256)."""
+        """``written``: the tensors as a converting sink wrote them; ``extra``: what else a
+        resumed run needs of the shard (make-delta: its file's digest)."""
         self.done[shard] = digests
-        self._append(_line(shard, size, digests, extra))
+        self._append(_line(shard, size, digests, written, extra))
 
     def _append(self, obj: dict) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
@@ -197,9 +203,12 @@ class Journal:
 
 
 def _line(
-    shard: str, size: int, digests: dict[str, TensorDigest], extra: dict | None = None
+    shard: str, size: int, digests: dict[str, TensorDigest],
+    written: dict[str, TensorDigest] | None = None, extra: dict | None = None,
 ) -> dict:
     line = {"shard": shard, "size": size, "tensors": {n: d.to_json() for n, d in digests.items()}}
+    if written:
+        line["written"] = {n: d.to_json() for n, d in written.items()}
     return {**line, "extra": extra} if extra else line
 
 

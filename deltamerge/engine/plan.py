@@ -48,9 +48,9 @@ class TensorJob:
             yield r0, min(rows, r0 + self.rows_per_block)
 
 
-def rows_per_block(job: TensorJob, block_bytes: int) -> int:
+def rows_per_block(job: TensorJob, block_bytes: int, multiple: int = 1) -> int:
     """As many rows as keep the widest buffer (fp32 work, or any wider input) within the limit,
-    rounded down to a multiple every step accepts."""
+    rounded down to a multiple every step (and ``multiple``: the sink's, whole heads) accepts."""
     widest = max(
         [4, itemsize(job.out.dtype)]
         + ([itemsize(job.base.dtype)] if job.base is not None else [])
@@ -58,7 +58,7 @@ def rows_per_block(job: TensorJob, block_bytes: int) -> int:
     )
     per_row = max(1, job.out.row_numel * widest)
     rows = max(1, block_bytes // per_row)
-    multiple = math.lcm(1, *(s.row_multiple for s in job.steps))
+    multiple = math.lcm(multiple, *(s.row_multiple for s in job.steps))
     return max(multiple, rows // multiple * multiple)
 
 

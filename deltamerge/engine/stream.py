@@ -2,11 +2,13 @@
 
 Work flows through five stages, each a function of one block: read (base rows and the rows of
 each step's inputs into a slot's reused buffers), check (hash the base rows read; compare base
-tensors against the publisher's digests), compute (the kinds' steps), write (into the writer the
-sink opened for the shard) and seal (hash what was written). A verified run adds a stage beside
-the check for the deltas: it hashes the input rows just read and compares each delta tensor
-with its manifest (format 2), or feeds whole-file digests from them (format 1). make-delta adds
-one after the write that hashes the shard files it writes. Each byte is hashed once per digest
+tensors against the publisher's digests), compute (the kinds' steps), write (the rows, with their
+tensor and row range, to the writer the sink opened for the shard) and seal (hash the rows
+written). A verified run adds a stage beside the check for the deltas: it hashes the input rows
+just read and compares each delta tensor with its manifest (format 2), or feeds whole-file digests
+from them (format 1). make-delta adds one after the write that hashes the shard files it writes;
+a sink that converts the rows (GGUF, Meta's layout) adds one after the seal hashing the bytes it
+wrote, so the result's digests are of the tensors as written. Each byte is hashed once per digest
 it is part of, from the buffer it is already in. With ``workers == 1`` the stages run one after
 the other in this thread; otherwise each stage is a thread and blocks pass between them through
 bounded queues, so reading, hashing, arithmetic and writing overlap. Slots bound the memory: at
@@ -29,6 +31,7 @@ from .. import faults
 from ..errors import DeltaMergeError, VerificationError, WorkError
 from ..integrity.digest import (
     DEFAULT_ALGORITHM,
+    BytesHasher,
     FileHasher,
     Hash,
     TensorDigest,
@@ -38,11 +41,12 @@ from ..integrity.digest import (
 )
 from ..integrity.manifest import delta_mismatch
 from ..kinds import RowInput, Scratch
-from ..sinks import ShardWriter, Sink
+from ..sinks import ShardWriter, Sink, Written
 from ..sources.checkpoint import Checkpoint, view_rows
 from .plan import Shard, TensorJob
 
 Progress = Callable[[int], None]
+ShardDone = Callable[[str, int, dict[str, TensorDigest], dict[str, TensorDigest]], None]
 
 
 @dataclass
@@ -79,6 +83,7 @@ class Block:
     located: list[tuple[tuple[Path, int] | None, torch.Tensor]] = field(default_factory=list)
     read_inputs: list[tuple[RowInput, int, torch.Tensor]] = field(default_factory=list)
     out: torch.Tensor | None = None
+    written: list[Written] = field(default_factory=list)
 
     @property
     def first(self) -> bool:
@@ -101,19 +106,22 @@ class WrittenFile:
 @dataclass
 class EngineResult:
     base_digests: dict[str, TensorDigest]
-    out_digests: dict[str, TensorDigest]
+    out_digests: dict[str, TensorDigest]  # the plan's tensors, as computed
     file_digests: dict[Path, str]
     input_digests: dict[tuple[Checkpoint, str], TensorDigest]  # delta tensors checked as read
     bytes_read: int
     bytes_written: int
     seconds: float
+    written_digests: dict[str, TensorDigest] = field(default_factory=dict)  # a converting sink's
 
 
 class Engine:
     """Runs a plan: ``shards`` of jobs over ``base``, written by ``sink`` into ``out_dir``.
 
     The sink is the only thing that knows the result's file format: the engine opens one
-    writer per shard through it and hands it each block's bytes in plan order.
+    writer per shard through it and hands it each block's rows in plan order. ``on_shard_done``
+    is told each finished shard (name, size on disk, its tensors' digests and, for a converting
+    sink, the digests of what it wrote for them) once its bytes are durable and hashed.
     """
 
     def __init__(
@@ -137,7 +145,7 @@ class Engine:
         slots: int | None = None,
         hash_files: bool = False,
         skip_shards: set[str] | None = None,
-        on_shard_done: Callable[[str, int, dict[str, TensorDigest]], None] | None = None,
+        on_shard_done: ShardDone | None = None,
     ):
         self.base = base
         self.shards = shards
@@ -168,6 +176,10 @@ class Engine:
         self._input_hashers: dict[tuple[Checkpoint, str], TensorHasher] = {}
         self.input_digests: dict[tuple[Checkpoint, str], TensorDigest] = {}
         self._writer: ShardWriter | None = None
+        self._sizes: dict[str, int] = {}
+        self.written_digests: dict[str, TensorDigest] = {}
+        self._written_hashers: dict[str, BytesHasher] = {}
+        self._written_names: dict[str, list[str]] = {}
         self._scratch = Scratch()
         self._matched = 0
         self.bytes_read = 0
@@ -339,24 +351,33 @@ class Engine:
         if b.first and self.at is not None:
             self.at(f"{shard.filename}: {b.job.name}")
         if b.first_in_shard:
-            self._writer = self.sink.open_shard(self.out_dir / shard.filename, shard.specs)
+            self._writer = self.sink.open_shard(self.out_dir, shard)
             faults.reached("header")
         assert self._writer is not None and b.out is not None
-        data = raw_bytes(b.out.contiguous())
+        rows = b.out.contiguous()
+        kept = b.slot.kept if b.slot is not None else self._scratch
+
+        def buffer(n: int) -> torch.Tensor:
+            return kept.get("written", torch.uint8, (n,))
+
         try:
-            self._writer.write(data)
+            b.written = self._writer.write_block(b.job.out, b.r0, b.r1, rows, buffer)
         except OSError as exc:
             what = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
             raise WorkError(f"{self._writer.path}: {what} while writing tensor {b.job.name!r}") from None
-        self.bytes_written += len(data)
+        if self.sink.converts:
+            self.bytes_written += sum(len(d) for w in b.written for d in w.data)
+        else:
+            self.bytes_written += rows.nbytes
         faults.reached("block")
         if b.last_in_shard:
             writer, self._writer = self._writer, None
             writer.close()
+            self._sizes[shard.filename] = writer.size
         if self.progress is not None:
-            self.progress(len(data))
+            self.progress(rows.nbytes)
 
-    def _hash_written(self, b: Block) -> None:
+    def _hash_files_written(self, b: Block) -> None:
         """make-delta: the digest of each shard file it writes, and of the file's header."""
         shard = self.shards[b.shard]
         if b.out is None:
@@ -374,7 +395,6 @@ class Engine:
     def _seal(self, b: Block) -> None:
         """Hash the tensors written and finish the steps' set-aside work, off the writer."""
         job = b.job
-        shard = self.shards[b.shard]
         if self.hash_out and b.out is not None:
             hasher = self._out_hashers.get(job.name)
             if hasher is None:
@@ -387,11 +407,53 @@ class Engine:
         if b.last:
             for step in job.steps:
                 step.close()
-        if b.last_in_shard and self.on_shard_done is not None:
-            size = (self.out_dir / shard.filename).stat().st_size
-            digests = {j.name: self.out_digests[j.name] for j in shard.jobs if j.name in self.out_digests}
-            self.on_shard_done(shard.filename, size, digests)
-            faults.reached("shard")
+        if not self.sink.converts:
+            self._shard_done(b)
+
+    def _hash_written(self, b: Block) -> None:
+        """Hash the bytes a converting sink wrote, tensor by tensor as the output holds them.
+
+        A tensor written as the rows' own bytes (``Written.same_as_rows``) has the digest the seal
+        computed of those rows, so it is not hashed twice."""
+        names = self._written_names.setdefault(b.job.name, [])
+        for w in b.written:
+            hasher = self._written_hashers.get(w.name)
+            if hasher is None:
+                hasher = self._written_hashers[w.name] = BytesHasher(
+                    w.name, w.dtype, w.shape, w.nbytes, self.out_algorithm
+                )
+                names.append(w.name)
+            if w.same_as_rows and self.hash_out:
+                hasher.skip(w.offset, w.data)
+            else:
+                hasher.update(w.offset, w.data)
+            if hasher.done:
+                hasher = self._written_hashers.pop(w.name)
+                if hasher.skipped:
+                    rows = self.out_digests[b.job.name]  # sealed already: this block's seal ran first
+                    self.written_digests[w.name] = TensorDigest(
+                        w.dtype, w.shape, rows.hexdigest, rows.algorithm
+                    )
+                else:
+                    self.written_digests[w.name] = hasher.digest()
+        b.written = []
+        if b.last:
+            short = [n for n in names if n not in self.written_digests]
+            if short:
+                raise WorkError(f"internal error: tensor {b.job.name!r}: {short[0]} not wholly written")
+        self._shard_done(b)
+
+    def _shard_done(self, b: Block) -> None:
+        """The shard's last block has passed every stage: tell the journal."""
+        if not b.last_in_shard or self.on_shard_done is None:
+            return
+        shard = self.shards[b.shard]
+        digests = {j.name: self.out_digests[j.name] for j in shard.jobs if j.name in self.out_digests}
+        written = {
+            n: self.written_digests[n] for j in shard.jobs for n in self._written_names.get(j.name, ())
+        }
+        self.on_shard_done(shard.filename, self._sizes.pop(shard.filename), digests, written)
+        faults.reached("shard")
 
     # -- running ---------------------------------------------------------------------------
     def run(self) -> EngineResult:
@@ -401,7 +463,9 @@ class Engine:
         if self.expected_inputs or self.file_hashers:
             stages.insert(1, self._check_inputs)
         if self.hash_files:
-            stages.insert(-1, self._hash_written)
+            stages.insert(-1, self._hash_files_written)
+        if self.sink.converts:
+            stages.append(self._hash_written)
         torch_threads = torch.get_num_threads()
         if self.workers > 1:
             # The stages are the parallelism: torch's own worker threads spin after each op and
@@ -424,7 +488,7 @@ class Engine:
         files = {path: h.finish() for path, h in self.file_hashers.items()}
         return EngineResult(
             self.base_digests, self.out_digests, files, dict(self.input_digests),
-            self.bytes_read, self.bytes_written, time.monotonic() - start,
+            self.bytes_read, self.bytes_written, time.monotonic() - start, self.written_digests,
         )
 
 

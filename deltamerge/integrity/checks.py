@@ -193,6 +193,10 @@ def load_expected(manifest_path: Path | str, role: str = "result") -> Role:
     A ``deltamerge.json`` has both roles; a ``deltamerge-result.json`` (what apply writes into
     OUT) has only its ``result``; a ``checksum --output`` file describes one model, whatever the
     role. A folder stands for the ``deltamerge.json`` or ``deltamerge-result.json`` in it.
+
+    A result written as GGUF or in Meta's layout records, beside the tensors as written, the
+    ``merged`` Hugging Face tensors they were converted from: those are what deltamerge reads
+    back from a Meta folder, so they are what a folder is verified against.
     """
     if role not in ROLES:
         raise InputError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
@@ -217,7 +221,7 @@ def load_expected(manifest_path: Path | str, role: str = "result") -> Role:
         algorithm = obj.get("algorithm", SHA256)
         if algorithm not in ALGORITHMS:
             raise FormatError(f"{path}: unknown digest algorithm {algorithm!r}")
-        return parse_role(path, obj["result"], "result", algorithm)
+        return parse_role(path, obj.get("merged", obj["result"]), "result", algorithm)
     raise FormatError(
         f"{path}: not a {MANIFEST_NAME}, {RESULT_RECORD} or `deltamerge checksum --output` file"
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -93,6 +93,51 @@ class TensorHasher:
             TORCH_TO_SAFETENSORS[self.spec.dtype], self.spec.shape, self._h.hexdigest(),
             self.algorithm,
         )
+
+
+class BytesHasher:
+    """Hashes a tensor given as runs of bytes in order, whatever its type (a GGUF quantized one).
+
+    A run that does not start where the last one ended is a bug in the writer that produced it:
+    the digest would be of other bytes than the tensor's.
+    """
+
+    def __init__(
+        self, name: str, dtype: str, shape: tuple[int, ...], nbytes: int,
+        algorithm: str = DEFAULT_ALGORITHM,
+    ):
+        self.name, self.dtype, self.shape, self.nbytes = name, dtype, shape, nbytes
+        self.algorithm = algorithm
+        self.position = 0
+        self.skipped = False
+        self._h = new_hash(algorithm)
+
+    def update(self, offset: int, data: Sequence[memoryview]) -> None:
+        self._advance(offset, data, hash_them=True)
+
+    def skip(self, offset: int, data: Sequence[memoryview]) -> None:
+        """Bytes another hasher hashes: only counted (a tensor is skipped whole, or not at all)."""
+        self._advance(offset, data, hash_them=False)
+
+    def _advance(self, offset: int, data: Sequence[memoryview], hash_them: bool) -> None:
+        if offset != self.position:
+            raise ValueError(
+                f"tensor {self.name!r}: bytes from {offset} given, from {self.position} expected"
+            )
+        if self.position and self.skipped == hash_them:
+            raise ValueError(f"tensor {self.name!r}: hashed in part only")
+        self.skipped = not hash_them
+        for buffer in data:
+            if hash_them:
+                self._h.update(buffer)
+            self.position += len(buffer)
+
+    @property
+    def done(self) -> bool:
+        return self.position == self.nbytes
+
+    def digest(self) -> TensorDigest:
+        return TensorDigest(self.dtype, self.shape, self._h.hexdigest(), self.algorithm)
 
 
 class RowSource(Protocol):

@@ -1,46 +1,146 @@
-"""How results are written: the seam the engine writes shards through, and the sinks behind it.
+"""How results are written: the seam the engine writes through, and the sinks behind it.
 
-The engine knows no file format. For each shard of the plan it asks its :class:`Sink` for a
-:class:`ShardWriter` and hands it the shard's tensor bytes in plan order; the sink decides
-what a file looks like around them (today ``safetensors``: a header first). What comes after
-the engine (the index, the non-weight files, the partial folder and its atomic publish) lives
-beside it here: ``safetensors``, ``aux``, ``folder``.
+The engine knows no file format. The plan groups the result's tensors into shards (the unit the
+journal records); for each shard the engine asks its :class:`Sink` for a :class:`ShardWriter` and
+hands it every block of rows with its tensor and row range, in plan order. The sink decides what
+the files look like: ``safetensors`` writes each shard as one file, header first; ``gguf_sink``
+and ``meta_sink`` convert the rows and write them at their planned places in files of their own
+(the GGUF file set, Meta's ``consolidated.NN.pth``), which every shard of the plan writes into.
+
+A writer returns what it put on disk (:class:`Written` pieces) when the tensors as written are
+not the plan's own (``Sink.converts``), so the engine can hash the result as written. What comes
+after the engine (the index, the non-weight files, the partial folder and its atomic publish)
+lives beside it here: ``safetensors``, ``aux``, ``folder``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+import torch
+
+from ..integrity.digest import TensorDigest
 from ..tensor_spec import TensorSpec
 
 
+class ShardLayout(Protocol):
+    """A shard as a sink sees it: its name and its tensors (the plan's ``Shard``)."""
+
+    filename: str
+
+    @property
+    def specs(self) -> list[TensorSpec]: ...
+
+
+@dataclass(frozen=True)
+class Written:
+    """A run of bytes a writer put on disk: part of one tensor as the output format holds it.
+
+    ``name``, ``dtype`` and ``shape`` are the tensor's in the output (a GGUF name and ggml type,
+    say); ``offset`` is where the run starts in that tensor's bytes. Pieces of a tensor come in
+    byte order. ``data`` may share memory with the rows given, so it is used before the block's
+    buffers are reused.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int  # the whole tensor's
+    offset: int
+    data: Sequence[memoryview]
+    # Every piece of this tensor is the rows' own bytes, in order (a tensor kept as it is): its
+    # digest is the plan tensor's, which the engine computes anyway.
+    same_as_rows: bool = False
+
+
+# n -> an n-byte uint8 tensor that stays valid until the block has passed every stage.
+Buffer = Callable[[int], torch.Tensor]
+
+
+class Mismatch(Exception):
+    """Why a re-checked shard is not kept (one line, for the run's notes)."""
+
+
 class ShardWriter(ABC):
-    """One output file being written front to back; ``path`` names it in messages."""
+    """Writes one shard of the plan; ``path`` names it in messages."""
 
     path: Path
+    size: int = 0  # bytes this shard put on disk, known after close (the journal records it)
 
     @abstractmethod
-    def write(self, data: memoryview | bytes) -> None:
-        """Append the next tensor bytes, in the order of the specs the shard was opened with."""
+    def write_block(
+        self, spec: TensorSpec, r0: int, r1: int, rows: torch.Tensor, buffer: Buffer
+    ) -> list[Written]:
+        """Rows ``r0:r1`` of tensor ``spec`` (C-contiguous, the spec's dtype); each tensor's rows
+        come in order, tensors in the order of the shard's specs. ``buffer`` is where converted
+        bytes go (reused block after block, so that writing allocates nothing). Returns what was
+        written when the sink converts, else nothing."""
 
     @abstractmethod
     def close(self) -> None:
-        """Finish the file (durably); a file shorter than its specs is an error, never a success."""
+        """Make the shard's bytes durable; a shard with bytes missing is an error, never a success."""
 
     @abstractmethod
     def abort(self) -> None:
-        """Give up on the file after a failure; the partial folder it is in is kept or discarded."""
+        """Give up after a failure; the partial folder it is in is kept or discarded."""
 
 
 class Sink(ABC):
-    """A result format: how one shard's tensors become one file."""
+    """A result format: how the plan's shards become files."""
+
+    #: False: the tensors as written are the plan's own, so their digests are the merge's.
+    converts: bool = False
+    #: What a shard of the plan is called in the run's notes.
+    unit: str = "shard"
 
     @abstractmethod
-    def open_shard(self, path: Path, specs: list[TensorSpec]) -> ShardWriter:
-        """A writer for the shard file ``path`` that will hold ``specs``, in this order."""
+    def open_shard(self, folder: Path, shard: ShardLayout) -> ShardWriter:
+        """A writer for ``shard``, whose files are (or go) in ``folder``."""
 
-    @abstractmethod
     def file_prefix(self, specs: list[TensorSpec]) -> bytes:
-        """The bytes the file holds before the tensor bytes; the file is exactly these and then
-        the tensor bytes in order, so make-delta hashes whole shard files off the writer."""
+        """The bytes a shard file holds before its tensor bytes, for sinks that write a shard as
+        one file of its tensors' bytes in order (make-delta hashes whole files off the writer)."""
+        raise NotImplementedError(f"{type(self).__name__} does not write a shard as one file")
+
+    def row_multiple(self, name: str) -> int:
+        """Blocks of tensor ``name`` should hold a multiple of this many rows (whole heads)."""
+        return 1
+
+    def aux_files(self, source: Mapping[str, Path | bytes]) -> dict[str, Path | bytes]:
+        """The non-weight files the result folder holds, from those the inputs give (``source``)."""
+        return dict(source)
+
+    def outputs(self) -> list[str]:
+        """Files the sink writes that serve every shard; a resume keeps them (with a re-check)."""
+        return []
+
+    def planned_bytes(self, shards: Sequence[ShardLayout], skip: set[str]) -> int:
+        """Disk space the shards not in ``skip`` still need."""
+        return sum(spec.nbytes for s in shards if s.filename not in skip for spec in s.specs)
+
+    @abstractmethod
+    def recheck(
+        self, folder: Path, shard: ShardLayout, size: int, digests: Mapping[str, TensorDigest],
+        written: Mapping[str, TensorDigest], block_bytes: int, advance: Callable[[int], None],
+    ) -> dict[str, TensorDigest]:
+        """Read back what a journal says ``shard`` wrote (``size`` bytes; the plan's tensors'
+        ``digests``; ``written``: the tensors as written, for a sink that converts) and hash it
+        again; returns the digests computed now (of the tensors as written), or raises
+        :class:`Mismatch`. ``advance`` counts the bytes read (and raises to stop)."""
+
+    @abstractmethod
+    def resume(self, folder: Path, kept: Mapping[str, Mapping[str, TensorDigest]]) -> None:
+        """Before any shard is opened: the shards a re-check kept, by name, and their written
+        tensors' digests (a sink whose files serve every shard continues them)."""
+
+    @abstractmethod
+    def finish(self, folder: Path) -> None:
+        """After the last shard: complete the output's files (and what goes with them)."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """After a failure: close whatever is open, leaving the files to a resume."""

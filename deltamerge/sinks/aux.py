@@ -24,21 +24,39 @@ def copy_aux(tmp: Path, files: dict[str, Path | bytes]) -> None:
 def fix_config(
     tmp: Path, vocab_rows: int | None, dtype: str | None, updates: dict | None = None
 ) -> None:
-    """config.json must describe the result as written, not its inputs: ``vocab_size`` its
-    embedding rows (or loading fails), its dtype (or ``from_pretrained(dtype="auto")`` loads it in
-    another one), no ``_name_or_path``, which names a folder on the machine that made an input,
-    and the fields a delta's tensors need (``updates``: a prefix encoder's ``pre_seq_len``).
-    ``auto_map`` (the model's own code, for ``trust_remote_code``) is kept as it is.
-    """
+    """config.json must describe the result as written, not its inputs (see :func:`fixed_config`);
+    it is rewritten only when that changes it."""
     path = tmp / "config.json"
     if not path.is_file():
         return
+    config = load_config(path)
+    if config is None:
+        return
+    fixed = fixed_config(config, vocab_rows, dtype, updates)
+    if fixed != config:
+        write_json(path, fixed)
+
+
+def load_config(src: Path | bytes | None) -> dict | None:
+    """A config.json's object; None when there is none, or it is not a JSON object."""
+    if src is None:
+        return None
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(src if isinstance(src, bytes) else src.read_text())
     except (ValueError, RecursionError):
-        return
-    if not isinstance(config, dict):
-        return
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def fixed_config(
+    config: dict, vocab_rows: int | None, dtype: str | None, updates: dict | None = None
+) -> dict:
+    """``vocab_size`` the result's embedding rows (or loading fails), its dtype (or
+    ``from_pretrained(dtype="auto")`` loads it in another one), no ``_name_or_path``, which
+    names a folder on the machine that made an input, and the fields a delta's tensors need
+    (``updates``: a prefix encoder's ``pre_seq_len``). ``auto_map`` (the model's own code, for
+    ``trust_remote_code``) is kept as it is.
+    """
     fixed = dict(config)
     fixed.pop("_name_or_path", None)
     if vocab_rows is not None:
@@ -48,5 +66,4 @@ def fix_config(
         for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
             fixed[key] = dtype
     fixed.update(updates or {})
-    if fixed != config:
-        write_json(path, fixed)
+    return fixed

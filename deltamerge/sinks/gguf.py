@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +42,10 @@ __all__ = ["GGUFFile", "GGUFPlan", "GGUFStreamWriter", "GGUFTensor", "OUTTYPES",
            "plan_gguf", "require_gguf"]
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# Rows convert this many elements at a time, so that gguf.quants' temporaries stay small.
+_CHUNK_ELEMENTS = 1 << 18
+Buffer = Callable[[int], torch.Tensor]  # n -> an n-byte uint8 tensor
+_IOV_MAX = 1024
 # Tensors the converter drops: transformers' buffers, not weights.
 _DROPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 _CONVERTED_AS_IS = (torch.float16, torch.float32)
@@ -103,11 +107,16 @@ class GGUFPlan:
 
 @dataclass(frozen=True)
 class WrittenBlock:
-    """Bytes just written; ``data`` may share memory with the rows given, so use it at once."""
+    """Bytes just written from ``offset``, the buffers one after another; ``data`` may share
+    memory with the rows given, so use it before they are reused."""
 
     file: int
     offset: int
-    data: memoryview
+    data: tuple[memoryview, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(d) for d in self.data)
 
 
 def _spec(t: TensorLike | tuple[str, torch.dtype, Sequence[int]]) -> tuple[str, torch.dtype, tuple[int, ...]]:
@@ -293,8 +302,8 @@ class GGUFStreamWriter:
     tensors (``plan.dropped``) are accepted and ignored.
 
     Files are created at their final size, so padding needs no writes. ``done`` resumes: the
-    files must exist with the planned header and size, and the tensors named are taken as
-    written already.
+    tensors named are taken as written already, and the files that hold one must exist with the
+    planned header and size; a file that holds none of them is made again.
     """
 
     def __init__(self, plan: GGUFPlan, folder: Path, *, done: Iterable[str] | None = None):
@@ -304,30 +313,29 @@ class GGUFStreamWriter:
         self._dropped = set(plan.dropped)
         self._progress = {t.hf_name: _Progress() for t in plan.tensors}
         self._fds: list[int] = []
+        kept = [t for t in map(plan.tensor, done or ()) if t is not None]
         try:
-            for f in plan.files:
-                self._fds.append(self._open(f, resume=done is not None))
+            for i, f in enumerate(plan.files):
+                self._fds.append(self._open(f, resume=any(t.file == i for t in kept)))
         except BaseException:
             self.abort()
             raise
-        for hf_name in done or ():
-            tensor = plan.tensor(hf_name)
-            if tensor is not None:
-                self._progress[hf_name].next_row = tensor.shape[0]
+        for tensor in kept:
+            self._progress[tensor.hf_name].next_row = tensor.shape[0]
 
     def _open(self, f: GGUFFile, resume: bool) -> int:
         path = self.folder / f.name
         if not resume:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
             try:
-                _pwrite_all(fd, memoryview(f.header), 0, path)
+                _pwrite_all(fd, (memoryview(f.header),), 0, path)
                 os.ftruncate(fd, f.size)
             except BaseException:
                 os.close(fd)
                 raise
             return fd
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise WorkError(f"{path}: missing, cannot resume the GGUF output") from None
         if os.fstat(fd).st_size != f.size or os.pread(fd, len(f.header), 0) != f.header:
@@ -339,8 +347,15 @@ class GGUFStreamWriter:
         """The open descriptor of ``plan.files[file]``, to push written ranges out of the page cache."""
         return self._fds[file]
 
-    def write_rows(self, hf_name: str, r0: int, r1: int, rows: torch.Tensor) -> WrittenBlock | None:
-        """Convert rows ``r0:r1`` of a Hugging Face tensor and write them; None when nothing was written."""
+    def write_rows(
+        self, hf_name: str, r0: int, r1: int, rows: torch.Tensor, out: Buffer | None = None
+    ) -> WrittenBlock | None:
+        """Convert rows ``r0:r1`` of a Hugging Face tensor and write them; None when nothing was written.
+
+        ``out(n)`` gives the n-byte uint8 buffer converted bytes go into (one the caller reuses,
+        so that no block allocates); by default each block gets a new one. Rows kept in their
+        own type and order are written from their own memory.
+        """
         tensor = self.plan.tensor(hf_name)
         if tensor is None:
             if hf_name in self._dropped:
@@ -362,7 +377,7 @@ class GGUFStreamWriter:
         p.pending_start = end
         if end == start:
             return None
-        data = _encode(tensor, rows[: end - start])
+        data = _encode(tensor, rows[: end - start], out)
         offset = tensor.offset + start * tensor.row_bytes
         _pwrite_all(self._fds[tensor.file], data, offset, self.folder / self.plan.files[tensor.file].name)
         return WrittenBlock(tensor.file, offset, data)
@@ -408,8 +423,52 @@ def permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
             .reshape(rows.shape))
 
 
-def _encode(tensor: GGUFTensor, rows: torch.Tensor) -> memoryview:
-    """The converter's conversion: widen what is not f16/f32 to f32, permute, ``gguf.quants``."""
+def kept_type(tensor: GGUFTensor) -> bool:
+    """Whether the tensor stays in its Hugging Face type (f16 or f32): its rows' bytes are kept."""
+    kept = {torch.float16: gguf.GGMLQuantizationType.F16, torch.float32: gguf.GGMLQuantizationType.F32}
+    return kept.get(tensor.hf_dtype) == tensor.qtype
+
+
+def as_is(tensor: GGUFTensor) -> bool:
+    """Whether the tensor's GGUF bytes are its Hugging Face bytes (its type kept, no permutation)."""
+    return kept_type(tensor) and not tensor.permute_heads
+
+
+def permuted_order(rows: int, head_rows: int) -> list[int]:
+    """``permute``'s row order: row ``2i + j`` of each head is its row ``j * head_rows / 2 + i``."""
+    half = head_rows // 2
+    heads = range(rows // head_rows)
+    return [h * head_rows + j * half + i for h in heads for i in range(half) for j in (0, 1)]
+
+
+def _encode(tensor: GGUFTensor, rows: torch.Tensor, out: Buffer | None) -> tuple[memoryview, ...]:
+    """The converter's conversion of whole rows (of whole heads for q and k), into ``out``'s buffer.
+
+    Rows kept in their type are written from their own memory (q and k gathered in ``permute``'s
+    order, which moves whole rows). Conversions are per element, or per 32-element q8_0 block of
+    a row, so rows convert a few at a time (``_CHUNK_ELEMENTS``): ``gguf.quants``' temporaries stay
+    small whatever the block.
+    """
+    if kept_type(tensor):
+        flat = memoryview(rows.contiguous().numpy().reshape(-1).view(np.uint8))
+        if not tensor.permute_heads:
+            return (flat,)
+        n = tensor.row_bytes
+        return tuple(flat[r * n : (r + 1) * n] for r in permuted_order(rows.shape[0], tensor.head_rows))
+    row_bytes = tensor.row_bytes
+    buffer = out(rows.shape[0] * row_bytes) if out is not None else torch.empty(
+        rows.shape[0] * row_bytes, dtype=torch.uint8)
+    dest = buffer.numpy()
+    unit = tensor.head_rows
+    step = max(unit, _CHUNK_ELEMENTS // max(1, rows[0].numel()) // unit * unit)
+    for a in range(0, rows.shape[0], step):
+        b = min(rows.shape[0], a + step)
+        dest[a * row_bytes : b * row_bytes] = _convert(tensor, rows[a:b])
+    return (memoryview(dest),)
+
+
+def _convert(tensor: GGUFTensor, rows: torch.Tensor) -> np.ndarray:
+    """widen what is not f16/f32 to f32, permute, ``gguf.quants``: the bytes, as uint8."""
     qtype = gguf.GGMLQuantizationType(tensor.qtype)
     if rows.dtype == torch.bfloat16 and qtype == gguf.GGMLQuantizationType.BF16:
         x = _bf16_as_gguf_quantizes_it(rows)
@@ -418,10 +477,10 @@ def _encode(tensor: GGUFTensor, rows: torch.Tensor) -> memoryview:
     if tensor.permute_heads:
         x = permute(x, x.shape[0] // tensor.head_rows)
     if x.dtype == torch.int16:
-        return memoryview(x.contiguous().numpy().reshape(-1).view(np.uint8))
+        return x.contiguous().numpy().reshape(-1).view(np.uint8)
     with np.errstate(over="ignore"):  # beyond f16's range is inf, as the converter makes it
         data = gguf.quants.quantize(x.contiguous().numpy(), qtype)
-    return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
 
 
 def _bf16_as_gguf_quantizes_it(rows: torch.Tensor) -> torch.Tensor:
@@ -435,10 +494,16 @@ def _bf16_as_gguf_quantizes_it(rows: torch.Tensor) -> torch.Tensor:
     return torch.where(nan, bits | 0x40, bits) if bool(nan.any()) else bits
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
+def _pwrite_all(fd: int, data: Sequence[memoryview], offset: int, path: Path) -> None:
+    """The buffers one after another from ``offset`` (gathered, ``_IOV_MAX`` at a time)."""
+    pending = [d for d in data if len(d)]
     try:
-        while data:
-            n = os.pwrite(fd, data, offset)
-            data, offset = data[n:], offset + n
+        while pending:
+            n = os.pwritev(fd, pending[:_IOV_MAX], offset)
+            offset += n
+            while pending and n >= len(pending[0]):
+                n -= len(pending.pop(0))
+            if n:
+                pending[0] = pending[0][n:]
     except OSError as e:
         raise WorkError(f"{path}: could not write ({e.strerror})") from None

@@ -276,28 +276,41 @@ def _rotary_runs(lo: int, hi: int, head_dim: int) -> list[tuple[int, list[int]]]
     return runs
 
 
+# What one write put in a shard: (shard index, Meta tensor name, byte offset in its storage, bytes).
+Piece = tuple[int, str, int, list[memoryview]]
+
+
 class MetaWriter:
     """Writes a :class:`MetaLayout`'s shards into ``folder`` from blocks of HF rows.
 
     Every row of every HF tensor must be written exactly once (:meth:`close` refuses a missing
     byte); blocks may have any number of rows and come in any order, across tensors too.
     ``params.json`` and ``tokenizer.model`` are not written here: see :meth:`MetaLayout.aux_files`.
+    ``kept`` resumes: per shard, the storages an earlier run wrote (see :class:`TorchZipWriter`).
     """
 
-    def __init__(self, folder: Path, layout: MetaLayout):
+    def __init__(
+        self, folder: Path, layout: MetaLayout,
+        kept: Sequence[Mapping[str, tuple[int, bytes]]] | None = None,
+    ):
         self.layout = layout
         self.writers: list[TorchZipWriter] = []
         try:
-            for filename, tensors in zip(layout.filenames, layout.shards, strict=True):
-                self.writers.append(TorchZipWriter(folder / filename, tensors))
+            for k, (filename, tensors) in enumerate(zip(layout.filenames, layout.shards, strict=True)):
+                own = kept[k] if kept else None
+                self.writers.append(TorchZipWriter(folder / filename, tensors, kept=own))
         except BaseException:
             self.abort()
             raise
 
-    def write_rows(self, name: str, start: int, stop: int, rows: torch.Tensor) -> None:
-        """Rows ``[start, stop)`` of HF tensor ``name``, in its dtype (a dropped buffer: ignored)."""
+    def write_rows(self, name: str, start: int, stop: int, rows: torch.Tensor) -> list[Piece]:
+        """Rows ``[start, stop)`` of HF tensor ``name``, in its dtype (a dropped buffer: ignored).
+
+        Returns what went where, in the order written: a block of whole heads (any block, for
+        tensors other than q and k) makes one run per shard, following the previous block's.
+        """
         if name in self.layout.dropped:
-            return
+            return []
         p = self.layout.placements.get(name)
         if p is None or rows.dtype != p.dtype or tuple(rows.shape) != (stop - start, *p.shape[1:]):
             raise WorkError(
@@ -306,31 +319,34 @@ class MetaWriter:
             )
         rows = rows.contiguous()
         if not rows.numel():
-            return
+            return []
         data = address_view(rows.data_ptr(), rows.nbytes, rows)
         row_bytes = rows.nbytes // (stop - start)
         mp = self.layout.mp
+        pieces: list[Piece] = []
         if p.split is None or (mp == 1 and p.head_dim is None):
-            for writer in self.writers:
-                writer.write(p.meta, start * row_bytes, data)
+            pieces = [(k, p.meta, start * row_bytes, [data]) for k in range(mp)]
         elif p.split == 1:
             part = row_bytes // mp
-            for k, writer in enumerate(self.writers):
+            for k in range(mp):
                 columns = [data[r + k * part : r + (k + 1) * part] for r in range(0, len(data), row_bytes)]
-                writer.write(p.meta, start * part, columns)
+                pieces.append((k, p.meta, start * part, columns))
         else:
             per_shard = p.shape[0] // mp
-            for k, writer in enumerate(self.writers):
+            for k in range(mp):
                 lo, hi = max(start, k * per_shard), min(stop, (k + 1) * per_shard)
                 if lo >= hi:
                     continue
                 if p.head_dim is None:
                     part = data[(lo - start) * row_bytes : (hi - start) * row_bytes]
-                    writer.write(p.meta, (lo - k * per_shard) * row_bytes, part)
+                    pieces.append((k, p.meta, (lo - k * per_shard) * row_bytes, [part]))
                     continue
                 for first, sources in _rotary_runs(lo, hi, p.head_dim):
                     gathered = [data[(s - start) * row_bytes : (s - start + 1) * row_bytes] for s in sources]
-                    writer.write(p.meta, (first - k * per_shard) * row_bytes, gathered)
+                    pieces.append((k, p.meta, (first - k * per_shard) * row_bytes, gathered))
+        for k, meta, offset, buffers in pieces:
+            self.writers[k].write(meta, offset, buffers)
+        return pieces
 
     def close(self, sync: bool = True) -> None:
         """Finish every shard; if one fails, the others are abandoned (the folder is partial)."""

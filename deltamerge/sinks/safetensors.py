@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import stat
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+
+import torch
 
 from ..errors import FormatError
 from ..formats.safetensors import build_header
+from ..integrity.digest import TensorDigest, TensorHasher, raw_bytes
 from ..memory import WriteBehind, drop_file_range
+from ..sources.folders import Layout
+from ..sources.safetensors import SafetensorsCheckpoint
 from ..tensor_spec import TensorSpec
-from . import ShardWriter, Sink
+from . import Buffer, Mismatch, ShardLayout, ShardWriter, Sink, Written
 from .folder import write_json
 
 
@@ -32,6 +37,13 @@ class StreamingWriter(ShardWriter):
         self._behind = WriteBehind(self.fd)
         self.write(header)
 
+    def write_block(
+        self, spec: TensorSpec, r0: int, r1: int, rows: torch.Tensor, buffer: Buffer
+    ) -> list[Written]:
+        """The rows' bytes, appended: the plan's order is the file's."""
+        self.write(raw_bytes(rows))
+        return []
+
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
         while view:
@@ -50,6 +62,7 @@ class StreamingWriter(ShardWriter):
             if sync:
                 os.fsync(self.fd)
             drop_file_range(self.fd, 0, self.position)
+            self.size = self.position
         finally:
             os.close(self.fd)
 
@@ -66,20 +79,85 @@ class SafetensorsSink(Sink):
     def __init__(self, metadata: dict[str, str] | None = None):
         self.metadata = metadata if metadata is not None else {"format": "pt"}
 
-    def open_shard(self, path: Path, specs: list[TensorSpec]) -> StreamingWriter:
-        return StreamingWriter(path, specs, self.metadata)
+    def open_shard(self, folder: Path, shard: ShardLayout) -> StreamingWriter:
+        return StreamingWriter(folder / shard.filename, shard.specs, self.metadata)
 
     def file_prefix(self, specs: list[TensorSpec]) -> bytes:
         return build_header(specs, self.metadata)
 
+    def finish(self, folder: Path) -> None:
+        """Nothing: each shard file was finished when its last tensor was written."""
 
-class ShardLayout(Protocol):
-    """A shard as the index sees it: its file name and its tensors (the plan's ``Shard``)."""
+    def abort(self) -> None:
+        """Nothing: the engine aborts the one shard file open."""
 
-    filename: str
+    def resume(self, folder: Path, kept: Mapping[str, Mapping[str, TensorDigest]]) -> None:
+        """Nothing: each kept shard is a finished file of its own."""
 
-    @property
-    def specs(self) -> list[TensorSpec]: ...
+    def recheck(
+        self, folder: Path, shard: ShardLayout, size: int, digests: Mapping[str, TensorDigest],
+        written: Mapping[str, TensorDigest], block_bytes: int, advance: Callable[[int], None],
+    ) -> dict[str, TensorDigest]:
+        """The shard file read back through the reader the merge uses: its header against the
+        plan's shard and this run's metadata, each tensor hashed against the journal."""
+        path = folder / shard.filename
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            raise Mismatch("the file is missing") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise Mismatch("not a regular file (a symlink?)")
+        if info.st_size != size:
+            raise Mismatch(f"size {info.st_size} differs from the journal's {size}")
+        try:
+            ckpt = SafetensorsCheckpoint(Layout(path.parent, "safetensors", (path,), None))
+        except FormatError as exc:
+            raise Mismatch(str(exc).removeprefix(f"{path}: ")) from None
+        try:
+            return self._check_tensors(ckpt, path, shard, digests, block_bytes, advance)
+        except FormatError as exc:
+            raise Mismatch(str(exc).removeprefix(f"{path}: ")) from None
+        except OSError as exc:
+            raise Mismatch(f"cannot read it: {exc.strerror or exc}") from None
+        finally:
+            ckpt.close()
+
+    def _check_tensors(
+        self, ckpt: SafetensorsCheckpoint, path: Path, shard: ShardLayout,
+        claimed: Mapping[str, TensorDigest], block_bytes: int, advance: Callable[[int], None],
+    ) -> dict[str, TensorDigest]:
+        table = [(s.name, s.dtype, s.shape) for s in ckpt.specs.values()]
+        if table != [(s.name, s.dtype, s.shape) for s in shard.specs]:
+            raise Mismatch("its tensor table differs from the plan's shard")
+        if ckpt.headers[path].metadata != self.metadata:
+            raise Mismatch("its header metadata differs from what this run writes")
+        if set(claimed) != {s.name for s in shard.specs}:
+            raise Mismatch("the journal does not list its tensors")
+        digests = {}
+        for spec in shard.specs:
+            digest = _hash_tensor(ckpt, spec, block_bytes, advance, claimed[spec.name].algorithm)
+            if digest != claimed[spec.name]:
+                raise Mismatch(f"tensor {spec.name!r} digest differs from the journal")
+            digests[spec.name] = digest
+        return digests
+
+
+def _hash_tensor(
+    ckpt: SafetensorsCheckpoint, spec: TensorSpec, block_bytes: int,
+    advance: Callable[[int], None], algorithm: str,
+) -> TensorDigest:
+    """The tensor's digest from blocks of rows, as the engine hashes what it writes (in the
+    journal's algorithm: the run's, which the plan's fingerprint fixes)."""
+    hasher = TensorHasher(spec, algorithm)
+    row_bytes = spec.nbytes // spec.rows if spec.rows else 0
+    step = max(1, block_bytes // row_bytes) if row_bytes else max(spec.rows, 1)
+    buffer = torch.empty(max(1, min(spec.nbytes, step * row_bytes)), dtype=torch.uint8)
+    for r0 in range(0, spec.rows, step):
+        r1 = min(spec.rows, r0 + step)
+        block = ckpt.read_rows(spec.name, r0, r1, buffer)
+        hasher.update(block.contiguous())
+        advance(block.nbytes)
+    return hasher.digest()
 
 
 def write_index(tmp: Path, shards: Sequence[ShardLayout], prefix: str = "model") -> None:

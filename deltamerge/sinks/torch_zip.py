@@ -23,7 +23,7 @@ import os
 import struct
 import sys
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,9 +180,17 @@ class TorchZipWriter:
     Every byte of every tensor is written exactly once through :meth:`write`, in pieces of any
     size and order; :meth:`close` refuses an archive with a byte missing. Nothing of the data
     is held: memory is one range entry per tensor written in order (one per gap otherwise).
+
+    ``kept`` resumes an archive an earlier run left: the storages named (by tensor, with the
+    CRC-32 and first bytes read back from the file now) are taken as written, so the file is
+    not truncated; everything else, the leading records and every header included, is written
+    again.
     """
 
-    def __init__(self, path: Path, tensors: Sequence[TensorLike], archive_name: str | None = None):
+    def __init__(
+        self, path: Path, tensors: Sequence[TensorLike], archive_name: str | None = None,
+        kept: Mapping[str, tuple[int, bytes]] | None = None,
+    ):
         self.path = path
         self.layout = ArchiveLayout(tensors, archive_name or archive_name_for(path))
         self._ranges = {
@@ -190,15 +198,20 @@ class TorchZipWriter:
             for name, record in self.layout.storages.items()
         }
         self._high = 0  # the furthest byte written: write-behind follows it, close checks it
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        truncate = 0 if kept else os.O_TRUNC
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | truncate, 0o644)
         self._open = True
         self._behind = WriteBehind(self.fd)
         try:
+            for name, (crc, head) in (kept or {}).items():
+                self._ranges[name].adopt(crc, head)
+            if kept:
+                os.ftruncate(self.fd, self.layout.size)
             for record, data in zip(self.layout.records, self.layout.leading.values()):
                 chunk = record.local_header() + data + record.descriptor(zlib.crc32(data))
-                self._pwrite([memoryview(chunk)], record.header)
+                self._pwrite([memoryview(chunk)], record.header, behind=False)
             for record in self.layout.storages.values():
-                self._pwrite([memoryview(record.local_header())], record.header)
+                self._pwrite([memoryview(record.local_header())], record.header, behind=False)
         except BaseException:
             self.abort()
             raise
@@ -220,7 +233,9 @@ class TorchZipWriter:
         self._ranges[name].add(offset, buffers)
         self._pwrite(buffers, record.data + offset)
 
-    def _pwrite(self, buffers: list[memoryview], offset: int) -> None:
+    def _pwrite(self, buffers: list[memoryview], offset: int, behind: bool = True) -> None:
+        """``behind``: push what is before the end of this write to disk (the storages come in
+        order; the headers written ahead of them must not move that point past their data)."""
         pending, first = [b for b in buffers if len(b)], 0
         while first < len(pending):
             written = os.pwritev(self.fd, pending[first : first + _IOV_MAX], offset)
@@ -230,8 +245,8 @@ class TorchZipWriter:
                 first += 1
             if written:
                 pending[first] = pending[first][written:]
-        if offset > self._high:
-            self._high = offset
+        self._high = max(self._high, offset)
+        if behind:
             self._behind.advance(offset)
 
     def close(self, sync: bool = True) -> None:

@@ -93,6 +93,14 @@ class CrcRanges:
             crc, end = crc32_combine(crc, after_crc, after_end - after), after_end
         self._ranges[start] = (end, crc)
 
+    def adopt(self, crc: int, head: bytes) -> None:
+        """The whole record, written by an earlier run and read back now: its CRC-32 and first bytes."""
+        if self._ranges:
+            raise WorkError(f"internal error: {self.what}: adopted after bytes were written")
+        if self.size:
+            self._starts, self._ranges = [0], {0: (self.size, crc)}
+            self.head[: min(self.HEAD, len(head))] = head[: self.HEAD]
+
     def crc(self) -> int:
         """The record's CRC-32; a byte never written is an error (a bug in the caller)."""
         if not self.size:
