@@ -143,8 +143,8 @@ def _apply_locked(
         if qlora is not None:
             raise InputError("--qlora merges LoRA adapters: it does not apply to xor-files deltas")
         if fmt.name != "hf":
-            raise InputError(f"--format {fmt.name}: xor-files deltas decode whole files as they were "
-                             "published; convert the result afterwards")
+            raise InputError(f"--format {fmt.name}: xor-files deltas decode the publisher's files as "
+                             "they are: decode with --format hf")
         return _apply_xor_files(base_in, delta_ins, out, out_dtype, force, verify, expect_md5,
                                 progress)
     if expect_md5 is not None:
