@@ -8,6 +8,8 @@ use, so ``deltamerge --help`` and ``--version`` answer without loading torch.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 from .version import __version__
@@ -52,3 +54,17 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
+
+
+class _Package(types.ModuleType):
+    """Importing a submodule sets it as an attribute of its package, and ``make_delta`` and
+    ``convert`` are both a function here and the module that defines it: without this, the first
+    ``import deltamerge.make_delta`` anywhere (the CLI does) would hide the function."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from . import faults
-from .dtypes import parse_user_dtype, short_name
+from .dtypes import itemsize, parse_user_dtype, short_name
 from .engine import Engine
-from .engine.journal import Journal, fingerprint
+from .engine.cascade_sum import TorchRowSum
+from .engine.journal import Fingerprint, Journal, fingerprint
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
 from .engine.recheck import recheck
 from .errors import (
@@ -26,18 +27,21 @@ from .errors import (
     UnsupportedError,
     VerificationError,
     WorkError,
+    signal_status,
 )
-from .formats.files import inside
-from .integrity.digest import FileHasher, TensorDigest, file_sha256, model_digest
-from .integrity.manifest import MANIFEST_NAME, Manifest, Role, find_manifest
+from .integrity.checks import checksum
+from .integrity.delta_checks import finish_delta_checks, plan_delta_checks
+from .integrity.digest import DEFAULT_ALGORITHM, TensorDigest, model_digest
+from .integrity.manifest import Manifest, Role, check_base_dtypes, find_manifest
 from .kinds import ApplyOptions, Kind, is_non_weight
 from .kinds.add import VOCAB_TENSORS
-from .kinds.detect import detect_kind, open_kind
+from .kinds.detect import WHOLE_FILE_KINDS, detect_kind, open_kind
+from .kinds.enc import OPENBUDDY_KEY_MD5, apply_enc
 from .kinds.lora import QLORA_MODES
 from .kinds.xor_files import apply_xor_files
 from .memory import peak_rss_bytes
 from .preflight import preflight
-from .progress import make_progress
+from .progress import make_progress, reports_progress
 from .results import RESULT_RECORD, ApplyResult
 from .sinks import Sink
 from .sinks.aux import copy_aux, fix_config
@@ -48,7 +52,7 @@ from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
-from .sources.folders import AUX_FILES
+from .sources.folders import is_aux_file
 from .sources.inputs import Resolved
 from .sources.resolve import input_region, resolve_input
 from .tensor_spec import TensorSpec
@@ -57,6 +61,7 @@ from .version import __version__
 PathLike = str | Path
 
 
+@reports_progress
 def apply_delta(
     base: PathLike,
     delta: PathLike | Sequence[PathLike],
@@ -74,9 +79,13 @@ def apply_delta(
     extra_files: dict[str, Path | bytes] | None = None,
     hub: dict | None = None,
     expect_md5: PathLike | None = None,
+    key_md5: str | None = None,
     resume: bool = False,
     qlora: str | None = None,
     qlora_dtype: str | torch.dtype | None = None,
+    lora_r: int | None = None,
+    lora_alpha: float | None = None,
+    lora_prefix: str | None = None,
     format: str = "hf",
     outtype: str | None = None,
     mp: int | None = None,
@@ -99,6 +108,12 @@ def apply_delta(
     keeps its partial folder beside ``out``; ``resume=True`` finishes it, re-checking the shards
     recorded as finished (read back and hashed) and redoing the others. One run at a time
     writes to ``out``: a second is refused while the first holds its lock.
+
+    Deltas of whole files (``xor-files``, OpenBuddy's ``enc``) are decoded alone: ``expect_md5``
+    is the release's md5 list for xor-files, ``key_md5`` the md5 an enc delta's key must have
+    (OpenBuddy's by default; tests make keys of their own). ``lora_r``, ``lora_alpha`` and
+    ``lora_prefix`` describe a LoRA state dict that has no ``adapter_config.json`` (PandaGPT's
+    ``pytorch_model.pt``).
     """
     deltas = [delta] if isinstance(delta, (str, Path)) else list(delta)
     out = Path(out).expanduser()
@@ -112,6 +127,7 @@ def apply_delta(
     quant_dtype = parse_user_dtype(qlora_dtype)
     fmt = output_format(format, outtype=outtype, mp=mp, max_shard_size=max_shard_size)
     inputs = [(base, "base"), *((d, "delta") for d in deltas)]
+    _need_folders(inputs[1:])
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in inputs])
     check_out(out, force)
     with hold(out):
@@ -120,7 +136,8 @@ def apply_delta(
             base, deltas, out, kind=kind, out_dtype=out_dtype, new_rows=new_rows,
             fmt=fmt, block_size=block_size, force=force, verify=verify,
             workers=workers or 1, progress=progress, extra_files=extra_files, hub=hub,
-            expect_md5=expect_md5, resume=resume, qlora=qlora, quant_dtype=quant_dtype,
+            expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
+            quant_dtype=quant_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
         )
 
 
@@ -129,26 +146,34 @@ def _apply_locked(
     out_dtype: torch.dtype | None, new_rows: str, fmt: OutputFormat, block_size: int,
     force: bool, verify: bool, workers: int, progress: bool | Callable[[int, int], None],
     extra_files: dict[str, Path | bytes] | None, hub: dict | None,
-    expect_md5: PathLike | None, resume: bool, qlora: str | None,
-    quant_dtype: torch.dtype | None,
+    expect_md5: PathLike | None, key_md5: str | None, resume: bool, qlora: str | None,
+    quant_dtype: torch.dtype | None, lora_r: int | None, lora_alpha: float | None,
+    lora_prefix: str | None,
 ) -> ApplyResult:
     """The run itself, under OUT's lock: nothing of OUT or its partial folder is touched before."""
     # Hub inputs: pair tensors and check space before the big downloads.
-    hub = preflight(base, deltas, kind=kind, **(hub or {}))
+    hub = preflight(base, deltas, kind=kind, verify=verify, **(hub or {}))
     base_in = resolve_input(base, "base", **hub)
     delta_ins = [resolve_input(d, "delta", **hub) for d in deltas]
-    if kind == "xor-files" or (kind is None and any(
-        detect_kind(d.path, None) == "xor-files" for d in delta_ins
-    )):
+    if kind is None:
+        detected = [detect_kind(d.path, None) for d in delta_ins]
+        whole = next((k for k in detected if k in WHOLE_FILE_KINDS), None)
+    else:
+        whole = kind if kind in WHOLE_FILE_KINDS else None
+    if whole != "enc":  # OpenBuddy's key is a file: BASE may be Meta's consolidated.00.pth
+        _need_folders([(base, "base")])
+    if whole is not None:
         if qlora is not None:
-            raise InputError("--qlora merges LoRA adapters: it does not apply to xor-files deltas")
+            raise InputError(f"--qlora merges LoRA adapters: it does not apply to {whole} deltas")
         if fmt.name != "hf":
-            raise InputError(f"--format {fmt.name}: xor-files deltas decode the publisher's files as "
+            raise InputError(f"--format {fmt.name}: {whole} deltas decode the publisher's files as "
                              "they are: decode with --format hf")
-        return _apply_xor_files(base_in, delta_ins, out, out_dtype, force, verify, expect_md5,
-                                progress)
+        return _apply_whole_files(whole, base_in, delta_ins, out, out_dtype, force, verify,
+                                  expect_md5, key_md5, progress, resume, workers)
     if expect_md5 is not None:
         raise InputError("--expect-md5 checks whole decoded files: it applies to xor-files deltas")
+    if key_md5 is not None:
+        raise InputError("--key-md5 is the md5 of an OpenBuddy key: it applies to enc deltas")
 
     base_ckpt = open_checkpoint(base_in.path)
     opened: list[Kind] = []
@@ -161,17 +186,24 @@ def _apply_locked(
         manifests = found if verify else [None] * len(delta_ins)
         if qlora is not None and not any(k.name == "lora" for k in opened):
             raise InputError("--qlora merges LoRA adapters onto the NF4 base: no delta is a LoRA")
-        options = ApplyOptions(new_rows=new_rows, qlora=qlora, qlora_dtype=quant_dtype)
+        if manifests and manifests[0]:
+            check_base_dtypes(str(base), base_ckpt.specs, manifests[0].base)
+        options = ApplyOptions(new_rows=new_rows, qlora=qlora, qlora_dtype=quant_dtype,
+                               lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix)
+        _check_lora_options(opened, options)
         jobs = plan_chain(base_ckpt, opened, options, out_dtype, block_size)
         if new_rows == "mean":
             fill_means(base_ckpt, jobs, block_size)
         aux = _aux_files(base_ckpt, opened, extra_files)
-        shards, sink = _plan_output(fmt, jobs, aux, out, block_size)
-        hashers = _delta_file_hashers(delta_ins, manifests) if verify else {}
-        expected_base = manifests[0].base.tensors if manifests and manifests[0] else None
+        shards, sink = _plan_output(fmt, jobs, aux, out, block_size, _config_updates(opened))
+        checks = plan_delta_checks([d.path for d in delta_ins], manifests,
+                                   [k.checkpoint for k in opened])
+        first = manifests[0] if manifests else None
+        base_algorithm = first.algorithm if first else DEFAULT_ALGORITHM
+        out_algorithm = _result_algorithm(manifests, out_dtype, new_rows)
         options_record = {"kind": [k.name for k in opened], "dtype": str(out_dtype),
                           "new_rows": new_rows, "verify": verify, "version": __version__,
-                          **fmt.options()}
+                          **_lora_record(options), "algorithm": out_algorithm, **fmt.options()}
         if qlora is not None:
             options_record.update(qlora=qlora, qlora_dtype=str(quant_dtype))
         fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
@@ -187,8 +219,10 @@ def _apply_locked(
                 j.out.nbytes for s in shards if s.filename not in skip for j in s.jobs), "rebuilding")
             engine = Engine(
                 base_ckpt, shards, tmp, sink=sink, block_bytes=block_size,
-                workers=workers, expected_base=expected_base, file_hashers=hashers,
-                progress=bar.update, skip_shards=skip, on_shard_done=journal.record,
+                workers=workers, expected_base=first.base.tensors if first else None,
+                base_algorithm=base_algorithm, out_algorithm=out_algorithm,
+                expected_inputs=checks.expected_inputs, file_hashers=checks.file_hashers,
+                progress=bar.update, at=bar.at, skip_shards=skip, on_shard_done=journal.record,
             )
             try:
                 run = engine.run()
@@ -201,21 +235,22 @@ def _apply_locked(
             out_digests = dict(run.out_digests)
             written = dict(run.written_digests)
             for shard, digests in (checked.kept if checked else {}).items():
-                out_digests.update(digests)
+                out_digests.update(digests)  # computed by this run's re-check, not the journal's
                 written.update(checked.written[shard])  # computed by this run's re-check
-            _check_files(delta_ins, manifests, run.file_digests)
+            finish_delta_checks(checks, run.input_digests, run.file_digests, block_size)
             if fmt.name == "hf":
                 write_index(tmp, shards)
             copy_aux(tmp, sink.aux_files(aux))
-            fix_config(tmp, _vocab_rows(jobs), _result_dtype(jobs))
-            merged = model_digest(out_digests)
-            digest = model_digest(written) if sink.converts else merged
+            fix_config(tmp, _vocab_rows(jobs), _result_dtype(jobs), _config_updates(opened))
+            merged = model_digest(out_digests, out_algorithm)
+            digest = model_digest(written, out_algorithm) if sink.converts else merged
             files = sink.outputs() or [s.filename for s in shards]
             result = ApplyResult(
                 out, [k.name for k in opened], len(jobs), files,
                 run.bytes_read + (checked.bytes_read if checked else 0), run.bytes_written,
                 run.seconds + (checked.seconds if checked else 0), peak_rss_bytes(), digest,
-                format=fmt.name, merged_digest=merged if sink.converts else None,
+                algorithm=out_algorithm, format=fmt.name,
+                merged_digest=merged if sink.converts else None,
             )
             if checked and (checked.kept or checked.redone):
                 result.notes.append(checked.note())
@@ -224,7 +259,7 @@ def _apply_locked(
                              out_dtype, new_rows)
             record["options"].update(fmt.options())
             if sink.converts:
-                record["merged"] = Role.of(out_digests).to_json()
+                record["merged"] = Role.of(out_digests, out_algorithm).to_json()
             if qlora is not None:
                 record["options"].update(
                     qlora=qlora, qlora_dtype=str(quant_dtype).removeprefix("torch.")
@@ -239,10 +274,11 @@ def _apply_locked(
                 if not journal.done:
                     discard(tmp)
                 raise
-            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            stopped = isinstance(exc, KeyboardInterrupt)
             raise InterruptedRun(
-                f"{reason}; the partial result is kept in {tmp}: run the same command with "
-                f"--resume to finish it"
+                f"{'interrupted' if stopped else exc}; the partial result is kept in {tmp}: run "
+                f"the same command with --resume to finish it",
+                signal_status(exc) if stopped else 1,
             ) from exc
         except BaseException:
             discard(tmp)
@@ -254,7 +290,8 @@ def _apply_locked(
 
 
 def _plan_output(
-    fmt: OutputFormat, jobs: list[TensorJob], aux: dict[str, Path | bytes], out: Path, block_size: int
+    fmt: OutputFormat, jobs: list[TensorJob], aux: dict[str, Path | bytes], out: Path,
+    block_size: int, config_updates: dict,
 ) -> tuple[list[Shard], Sink]:
     """The shards the ``hf`` format would write (GGUF's tensor order follows them), and the
     format's sink planned from them; tensors are written in the plan's order (the inputs' own,
@@ -264,13 +301,25 @@ def _plan_output(
     if fmt.name != "hf":  # journal names: no safetensors file is written
         shards = [Shard(f"tensors-{i + 1:05d}-of-{len(shards):05d}", s.jobs) for i, s in enumerate(shards)]
     sink = open_sink(fmt, shards, aux, vocab_rows=_vocab_rows(jobs), dtype=_result_dtype(jobs), out=out,
-                     folder=partial_dir(out))
+                     folder=partial_dir(out), config_updates=config_updates)
     for job in jobs:
         job.rows_per_block = rows_per_block(job, block_size, sink.row_multiple(job.name))
     return shards, sink
 
 
-def _open_partial(out: Path, fp: str, resume: bool) -> tuple[Path, Journal]:
+def _need_folders(inputs: list[tuple[PathLike, str]]) -> None:
+    """BASE and DELTA are folders (but an enc delta's key file): a weight file given instead has
+    no config, manifest or index."""
+    for given, role in inputs:
+        path = Path(str(given)).expanduser()
+        if path.exists() and not path.is_dir():
+            raise InputError(
+                f"{given}: a file, not a folder: {role.upper()} is the folder that holds the model's "
+                f"files (give {path.parent})"
+            )
+
+
+def _open_partial(out: Path, fp: Fingerprint, resume: bool) -> tuple[Path, Journal]:
     """The partial folder and its journal: fresh, or an earlier run's when resuming."""
     tmp = partial_dir(out)
     if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
@@ -287,19 +336,40 @@ def _open_partial(out: Path, fp: str, resume: bool) -> tuple[Path, Journal]:
     return tmp, Journal.start(tmp, fp)
 
 
-def _apply_xor_files(
-    base: Resolved, deltas: list[Resolved], out: Path, out_dtype: torch.dtype | None,
-    force: bool, verify: bool, expect_md5: PathLike | None, progress,
+def _apply_whole_files(
+    kind: str, base: Resolved, deltas: list[Resolved], out: Path,
+    out_dtype: torch.dtype | None, force: bool, verify: bool, expect_md5: PathLike | None,
+    key_md5: str | None, progress, resume: bool, workers: int,
 ) -> ApplyResult:
-    """Whole-file XOR deltas (OpenAssistant) are decoded alone, byte for byte, in kinds/xor_files."""
+    """Whole-file XOR deltas (OpenAssistant's, OpenBuddy's) are decoded alone, byte for byte."""
     if len(deltas) != 1:
-        raise InputError(f"{deltas[0].given}: a xor-files delta is decoded alone, not in a chain")
+        raise InputError(f"{deltas[0].given}: a {kind} delta is decoded alone, not in a chain")
     if out_dtype is not None:
-        raise InputError("--dtype does not apply to xor-files deltas: the files are decoded as is")
+        raise InputError(f"--dtype does not apply to {kind} deltas: the files are decoded as is")
+    if kind == "enc":
+        if expect_md5 is not None:
+            raise InputError(
+                "--expect-md5 checks whole decoded files: it applies to xor-files deltas"
+            )
+        return apply_enc(
+            base.path, deltas[0].path, out, force=force, progress=progress,
+            key_md5=key_md5 or OPENBUDDY_KEY_MD5,
+            model_digest=lambda folder: _tensor_digests(folder, progress),
+            resume=resume, workers=workers,
+        )
+    if key_md5 is not None:
+        raise InputError("--key-md5 is the md5 of an OpenBuddy key: it applies to enc deltas")
     md5_list = Path(expect_md5).expanduser() if expect_md5 is not None and verify else None
     return apply_xor_files(
-        base.path, deltas[0].path, out, force=force, expect_md5=md5_list, progress=progress
+        base.path, deltas[0].path, out, force=force, expect_md5=md5_list, progress=progress,
+        resume=resume, workers=workers,
     )
+
+
+def _tensor_digests(folder: Path, progress) -> tuple[str, dict]:
+    """The model digest of a decoded folder, and its tensors' digests as a result record has them."""
+    summed = checksum(folder, progress=progress)
+    return summed.model_digest, Role.of(summed.tensors).to_json()
 
 
 def plan_chain(
@@ -339,50 +409,32 @@ def plan_chain(
 def fill_means(base: Checkpoint, jobs: list[TensorJob], block_bytes: int) -> None:
     """The fp32 mean of the base's rows, for rows a delta adds (Alpaca's resize).
 
-    Accumulated in fp64 block by block: exact for fp16 weights whatever the block size.
+    Alpaca's ``mean(dim=0)`` of the fp32 rows is torch's CPU sum then a division, with the sum's
+    additions in torch's order: :class:`~deltamerge.engine.cascade_sum.TorchRowSum` makes the same
+    additions a block of rows at a time, so the mean is Alpaca's bit for bit.
     """
     for job in jobs:
         if job.base is None or job.out.rows <= job.base_rows or job.base_rows == 0:
             continue
-        total = torch.zeros(job.base.shape[1:], dtype=torch.float64)
-        buf = torch.empty(job.rows_per_block * job.base.row_numel * 8, dtype=torch.uint8)
+        summed = TorchRowSum(job.base_rows, job.base.row_numel)
+        buf = torch.empty(job.rows_per_block * job.base.row_numel * itemsize(job.base.dtype),
+                          dtype=torch.uint8)
         for r0 in range(0, job.base_rows, job.rows_per_block):
             r1 = min(job.base_rows, r0 + job.rows_per_block)
-            total += base.read_rows(job.base.name, r0, r1, buf).to(torch.float64).sum(dim=0)
-        job.mean = (total / job.base_rows).to(torch.float32)
+            rows = base.read_rows(job.base.name, r0, r1, buf)
+            summed.add(rows.reshape(r1 - r0, -1).to(torch.float32))
+        job.mean = summed.mean().reshape(job.base.shape[1:])
 
 
-def _delta_file_hashers(
-    delta_ins: list[Resolved], manifests: list[Manifest | None]
-) -> dict[Path, FileHasher]:
-    hashers = {}
-    for d, m in zip(delta_ins, manifests):
-        if m is None:
-            continue
-        for name in m.files:
-            path = inside(d.path, name, d.path / MANIFEST_NAME)
-            if path.is_file() and path.stat().st_size > 1 << 20:
-                hashers[path] = FileHasher(path)
-    return hashers
-
-
-def _check_files(
-    delta_ins: list[Resolved], manifests: list[Manifest | None], streamed: dict[Path, str]
-) -> None:
-    """Every file the manifest lists must be present with its sha256."""
-    for d, m in zip(delta_ins, manifests):
-        if m is None:
-            continue
-        for name, info in m.files.items():
-            path = inside(d.path, name, d.path / MANIFEST_NAME)
-            if not path.is_file():
-                raise VerificationError(f"{path}: listed in {MANIFEST_NAME} but missing")
-            sha = streamed.get(path) or file_sha256(path)
-            if sha != info["sha256"]:
-                raise VerificationError(
-                    f"{path}: sha256 {sha[:16]}… does not match {MANIFEST_NAME} "
-                    f"({info['sha256'][:16]}…): the file is corrupt or was changed"
-                )
+def _result_algorithm(
+    manifests: list[Manifest | None], out_dtype: torch.dtype | None, new_rows: str
+) -> str:
+    """The result is hashed in the algorithm of the digest it is compared with: the last
+    manifest's when its result role applies (sha256 for format 1), BLAKE3 otherwise."""
+    last = manifests[-1] if manifests else None
+    if last is None or out_dtype is not None or new_rows != last.options.get("new_rows", "zero"):
+        return DEFAULT_ALGORITHM
+    return last.algorithm
 
 
 def _aux_files(
@@ -393,7 +445,32 @@ def _aux_files(
     for k in kinds:
         files.update(k.aux_files())
     files.update(extra or {})
-    return {n: f for n, f in files.items() if n in AUX_FILES or (extra and n in extra)}
+    return {n: f for n, f in files.items() if is_aux_file(n) or (extra and n in extra)}
+
+
+def _config_updates(kinds: list[Kind]) -> dict:
+    """config.json fields the deltas set (a P-tuning checkpoint's pre_seq_len), the last one's win."""
+    updates: dict = {}
+    for k in kinds:
+        updates.update(k.config_updates())
+    return updates
+
+
+def _check_lora_options(kinds: list[Kind], options: ApplyOptions) -> None:
+    """--lora-r/--lora-alpha/--lora-prefix describe a bare LoRA state dict; refuse them unused."""
+    given = [n for n, v in (("--lora-r", options.lora_r), ("--lora-alpha", options.lora_alpha),
+                            ("--lora-prefix", options.lora_prefix)) if v is not None]
+    if given and not any(getattr(k, "bare", False) for k in kinds):
+        raise InputError(
+            f"{given[0]} describes a LoRA state dict without adapter_config.json, and no delta "
+            "is one (an adapter's own config gives its rank and alpha)"
+        )
+
+
+def _lora_record(options: ApplyOptions) -> dict:
+    """The --lora-* options given, for the journal's fingerprint (they change the result)."""
+    return {k: v for k, v in (("lora_r", options.lora_r), ("lora_alpha", options.lora_alpha),
+                              ("lora_prefix", options.lora_prefix)) if v is not None}
 
 
 def _vocab_rows(jobs: list[TensorJob]) -> int | None:
@@ -461,6 +538,7 @@ def _record(
         "deltas": [dict(d.describe(), kind=k) for d, k in zip(deltas, result.kinds)],
         "options": {"dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
                     "new_rows": new_rows},
-        "result": Role.of(digests).to_json(),
+        "algorithm": result.algorithm,
+        "result": Role.of(digests, result.algorithm).to_json(),
         "publisher_digest": result.publisher_digest,
     }

@@ -19,6 +19,7 @@ from .errors import InputError
 from .results import ApplyResult
 from .sizes import DEFAULT_BLOCK_BYTES
 from .sources.folders import detect_layout
+from .sources.meta import TOKENIZER
 
 
 def convert(
@@ -37,12 +38,21 @@ def convert(
     mp: int | None = None,
 ) -> ApplyResult:
     """Write the Hugging Face layout of a Meta checkpoint folder (``params.json`` + ``.pth``), or
-    the ``format`` :func:`~deltamerge.apply.apply_delta` names."""
+    the ``format`` :func:`~deltamerge.apply.apply_delta` names.
+
+    The tokenizer comes along (``tokenizer.model`` from the folder or its parent, with its own
+    settings files); without one the weights are still written, and the result's notes say so.
+    """
     layout = detect_layout(Path(meta_dir).expanduser())
     if layout.format != "meta":
         raise InputError(f"{meta_dir}: not a Meta-layout folder (params.json, consolidated.*.pth)")
-    return apply_delta(
+    result = apply_delta(
         meta_dir, [], out, dtype=dtype, max_shard_size=max_shard_size, block_size=block_size,
         force=force, workers=workers, progress=progress, resume=resume, format=format,
         outtype=outtype, mp=mp,
     )
+    if format != "gguf" and not (result.out / TOKENIZER).is_file():  # GGUF holds its vocab
+        result.notes.append(
+            f"no {TOKENIZER} in {meta_dir} or its parent: the result has no tokenizer"
+        )
+    return result

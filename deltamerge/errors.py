@@ -2,10 +2,14 @@
 
 Every failure a user can cause or meet is a :class:`DeltaMergeError` whose message is one line
 naming the file and, where there is one, the tensor. The CLI prints that line and exits with the
-class's ``exit_code``: 2 for bad usage or input, 1 when the result could not be made or verified.
+class's ``exit_code``: 2 for bad usage or input, 1 when the result could not be made or verified,
+and 128 + the signal's number when a signal stopped it (130 for Ctrl-C, 143 for SIGTERM), as a
+shell reports a process that signal killed.
 """
 
 from __future__ import annotations
+
+import signal
 
 
 class DeltaMergeError(Exception):
@@ -61,4 +65,34 @@ class DiskSpaceError(WorkError):
 
 
 class InterruptedRun(WorkError):
-    """SIGINT or SIGTERM stopped the run; the partial folder is kept for ``--resume``."""
+    """A run stopped part way (a signal, a failed write); the partial folder is kept for --resume.
+
+    ``exit_code`` is 1 after a failure, 128 + the signal's number after a signal.
+    """
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that both stop a run alike."""
+
+
+def signal_status(stop: KeyboardInterrupt) -> int:
+    """The exit status for a run stopped by Ctrl-C (130) or SIGTERM (143)."""
+    signum = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
+    return 128 + int(signum)
+
+
+class PushError(WorkError):
+    """A push that did not finish (a dropped connection, the Hub failing): nothing was committed.
+
+    ``reason`` is what went wrong, ``retry`` the command that finishes it: files already uploaded
+    are not sent again.
+    """
+
+    def __init__(self, reason: str, retry: str):
+        super().__init__(f"{reason}; nothing was committed: run `{retry}` again to finish the push "
+                         "(files already uploaded are not sent again)")
+        self.reason, self.retry = reason, retry

@@ -3,33 +3,44 @@
 One streaming pass reads base and target, writes the delta, and also computes what apply will
 rebuild from it, so the manifest can record the publisher's result digest and the user learns
 how many elements a lossy (fp16 additive) delta does not reproduce.
+
+Shards are journaled as apply's are (``engine/journal.py``), each line with what the manifest
+needs of its shard: the digests of what apply will rebuild from it, and (its ``extra``) the
+file's sha256 and the elements it loses. ``resume=True`` finishes an interrupted run: each
+journaled shard file is hashed again and kept only if its sha256 is the journal's; the others,
+and anything else in the partial folder, are removed and written again.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from .apply import _open_partial
 from .engine import Engine
-from .engine.plan import TensorJob, layout_shards, rows_per_block
-from .errors import InputError
-from .integrity.checks import hash_tensor
-from .integrity.digest import TensorHasher, file_sha256
-from .integrity.manifest import MANIFEST_NAME, Manifest, Role
+from .engine.journal import JOURNAL_NAME, Journal, fingerprint, read_digest
+from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
+from .engine.stream import ShardDone, WrittenFile
+from .errors import InputError, InterruptedRun, WorkError, signal_status
+from .integrity.digest import TensorDigest, TensorHasher, file_digest, hash_tensor
+from .integrity.manifest import MANIFEST_NAME, FileEntry, Manifest, Role
 from .kinds import Step, is_non_weight
 from .kinds.add import MakeAddStep, check_pairing
 from .kinds.xor import MakeXorStep
 from .memory import peak_rss_bytes
-from .progress import make_progress
+from .progress import make_progress, reports_progress, step_bar
 from .results import MakeDeltaResult
 from .sinks.aux import copy_aux
-from .sinks.folder import check_out, discard, make_partial, publish
+from .sinks.folder import check_out, discard, publish, remove_entry
 from .sinks.lock import hold
 from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
-from .sources.folders import AUX_FILES
+from .sources.folders import is_aux_file
+from .sources.inputs import Resolved
 from .sources.resolve import input_region, resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
@@ -38,6 +49,7 @@ PathLike = str | Path
 MAKE_KINDS = ("add", "xor")
 
 
+@reports_progress
 def make_delta(
     base: PathLike,
     target: PathLike,
@@ -50,8 +62,15 @@ def make_delta(
     workers: int | None = None,
     progress: bool | Callable[[int, int], None] = False,
     hub: dict | None = None,
+    resume: bool = False,
 ) -> MakeDeltaResult:
-    """Write ``target - base`` (or ``target XOR base``) to ``out`` with a ``deltamerge.json``."""
+    """Write ``target - base`` (or ``target XOR base``) to ``out`` with a ``deltamerge.json``.
+
+    The one pass hashes the base (the manifest's base role), what apply will rebuild (its result
+    role), the delta's tensors (its delta role) and the delta's files as they are written.
+    An interrupted run keeps its partial folder beside ``out``; ``resume=True`` finishes it,
+    keeping the journaled shards whose files still hash to what the journal recorded.
+    """
     if kind not in MAKE_KINDS:
         raise InputError(f"make-delta --kind must be one of {', '.join(MAKE_KINDS)}, not {kind!r}")
     out = Path(out).expanduser()
@@ -62,55 +81,155 @@ def make_delta(
     with hold(out):
         check_out(out, force)  # again under the lock: a run that held it may have published
         return _make_locked(base, target, out, kind, shard_bytes, block_size, workers or 1,
-                            progress, hub or {})
+                            progress, hub or {}, resume)
 
 
 def _make_locked(
     base: PathLike, target: PathLike, out: Path, kind: str, shard_bytes: int, block_size: int,
-    workers: int, progress: bool | Callable[[int, int], None], hub: dict,
+    workers: int, progress: bool | Callable[[int, int], None], hub: dict, resume: bool,
 ) -> MakeDeltaResult:
-    """The run itself, under OUT's lock: a leftover partial folder is removed only under it."""
+    """The run itself, under OUT's lock: a leftover partial folder is touched only under it."""
     base_in = resolve_input(base, "base", **hub)
     target_in = resolve_input(target, "target", **hub)
     with open_checkpoint(base_in.path) as base_ckpt, open_checkpoint(target_in.path) as target_ckpt:
         check_pairing(target_ckpt, base_ckpt.specs, role="the target")
         jobs, steps, results = _plan(base_ckpt, target_ckpt, kind, block_size)
         shards = layout_shards(jobs, shard_bytes)
-        bar = make_progress(progress, sum(j.out.nbytes for j in jobs), "making delta")
-        tmp = make_partial(out)
+        fp = fingerprint([base_in.path, target_in.path],
+                         {"make_delta": kind, "version": __version__}, shards)
+        tmp, journal = _open_partial(out, fp, resume)
         try:
+            kept = _recheck(tmp, journal, shards) if resume else {}
+            bar = make_progress(progress, sum(
+                j.out.nbytes for s in shards if s.filename not in kept for j in s.jobs),
+                "making delta")
             engine = Engine(
                 base_ckpt, shards, tmp, sink=SafetensorsSink(), block_bytes=block_size,
-                workers=workers, hash_base=True, hash_out=False, hash_files=True,
-                progress=bar.update,
+                workers=workers, hash_base=True, hash_out=True, hash_files=True,
+                progress=bar.update, at=bar.at, skip_shards=set(kept),
             )
-            run = engine.run()
-            bar.close()
+            engine.on_shard_done = _journal_shard(journal, engine, shards, results)
+            try:
+                run = engine.run()
+            finally:
+                bar.close()
             base_digests = dict(run.base_digests)
             result_digests = {name: h.digest() for name, h in results.items()}
+            for shard in kept.values():
+                result_digests.update(shard.digests)
             for name, spec in base_ckpt.specs.items():
                 if name not in base_digests:
                     base_digests[name] = hash_tensor(base_ckpt, spec, block_size)
                 if name not in result_digests and is_non_weight(name):
                     result_digests[name] = base_digests[name]
             write_index(tmp, shards)
-            copy_aux(tmp, {n: p for n, p in target_ckpt.aux_files().items() if n in AUX_FILES})
-            files = _file_table(tmp, engine.written_files)
+            copy_aux(tmp, {n: p for n, p in target_ckpt.aux_files().items() if is_aux_file(n)})
+            delta_digests = dict(run.out_digests)
+            for shard in kept.values():
+                delta_digests.update(shard.delta)
+            files = _file_table(tmp, {**engine.written_files,
+                                      **{n: k.file for n, k in kept.items()}})
             manifest = Manifest(
                 kind, __version__, files, Role.of(base_digests), Role.of(result_digests),
-                {"new_rows": "zero"},
+                {"new_rows": "zero"}, delta=Role.of(delta_digests),
+                base_source=_base_source(base_in),
             )
             manifest.write(tmp / MANIFEST_NAME)
             publish(tmp, out)
+            (out / JOURNAL_NAME).unlink(missing_ok=True)
+        except (KeyboardInterrupt, WorkError) as exc:
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            raise InterruptedRun(
+                f"{reason}; the partial delta is kept in {tmp}: run the same command with "
+                f"--resume to finish it",
+                signal_status(exc) if isinstance(exc, KeyboardInterrupt) else 1,
+            ) from exc
         except BaseException:
-            bar.close()
             discard(tmp)
             raise
+    mismatches = sum(getattr(s, "mismatches", 0) for s in steps)
+    notes = [f"resumed: {len(kept)} finished shard(s) kept, each hashed again"] if kept else []
     return MakeDeltaResult(
         out, kind, len(jobs), sum(j.out.numel for j in jobs),
-        sum(getattr(s, "mismatches", 0) for s in steps), manifest.base.model_digest,
-        manifest.result.model_digest, run.bytes_written, run.seconds, peak_rss_bytes(),
+        mismatches + sum(k.mismatches for k in kept.values()), manifest.base.model_digest,
+        manifest.result.model_digest, run.bytes_written, run.seconds, peak_rss_bytes(), notes,
     )
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """A shard an earlier run wrote, checked again by this one: what the manifest needs of it."""
+
+    file: WrittenFile  # the shard's digest and its header's, for the manifest's file table
+    digests: dict[str, TensorDigest]  # of what apply will rebuild from its tensors
+    delta: dict[str, TensorDigest]  # of the delta tensors it holds, for the delta role
+    mismatches: int
+
+
+def _journal_shard(
+    journal: Journal, engine: Engine, shards: list[Shard], results: dict[str, TensorHasher],
+) -> ShardDone:
+    """The engine's ``on_shard_done``: journal a written shard with what the manifest needs
+    (make-delta writes safetensors: nothing is converted, so nothing is ``written`` apart)."""
+    by_name = {s.filename: s for s in shards}
+
+    def record(
+        filename: str, size: int, digests: dict[str, TensorDigest], written: dict[str, TensorDigest]
+    ) -> None:
+        jobs = by_name[filename].jobs
+        shard = engine.written_files[filename]
+        journal.record(filename, size, {j.name: results[j.name].digest() for j in jobs}, extra={
+            "file": [shard.digest, shard.header_size, shard.header_digest],
+            "delta": {n: d.to_json() for n, d in digests.items()},
+            "mismatches": sum(getattr(j.steps[0], "mismatches", 0) for j in jobs),
+        })
+
+    return record
+
+
+def _recheck(folder: Path, journal: Journal, shards: list[Shard]) -> dict[str, _Kept]:
+    """The journaled shards whose files hash, now, to the digest the journal recorded; the
+    others and anything else in the partial folder are removed (only what was checked is kept).
+    A file that hashes as journaled holds the bytes the journal's tensor digests were made of."""
+    planned = {s.filename: {j.name for j in s.jobs} for s in shards}
+    claims = {n: e for n, e in journal.recorded.items() if n in planned}
+    for entry in os.scandir(folder):
+        if entry.name != JOURNAL_NAME and entry.name not in claims:
+            remove_entry(folder / entry.name)
+    files = {n: folder / n for n in claims
+             if (folder / n).is_file() and not (folder / n).is_symlink()}
+    bar = step_bar(sum(p.stat().st_size for p in files.values()), "re-checking kept shards")
+    kept = {}
+    try:
+        for name, path in files.items():
+            bar.at(name)
+            claim, digest = claims[name], file_digest(path)
+            bar.update(path.stat().st_size)
+            file, lost = claim.extra.get("file"), claim.extra.get("mismatches")
+            try:
+                delta = {n: read_digest(d) for n, d in claim.extra.get("delta", {}).items()}
+                written = WrittenFile(*file)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
+            if (digest == written.digest and path.stat().st_size == claim.size
+                    and isinstance(lost, int) and set(claim.digests) == planned[name]
+                    and set(delta) == planned[name]):
+                kept[name] = _Kept(written, claim.digests, delta, lost)
+    finally:
+        bar.close()
+    for name in set(claims) - set(kept):
+        remove_entry(folder / name)
+    journal.restart({n: (claims[n].size, claims[n].digests, {}) for n in kept},
+                    extras={n: claims[n].extra for n in kept})
+    return kept
+
+
+def _base_source(base: Resolved) -> dict:
+    """Where the base came from, for the delta's card: the Hub repo and commit, or the folder's
+    name (never a path: a delta is published)."""
+    if base.repo_id is not None:
+        return {"repo_id": base.repo_id, "revision": base.commit}
+    return {"folder": base.path.resolve().name}
 
 
 def _plan(
@@ -136,11 +255,15 @@ def _make_step(kind: str, before: TensorSpec, target: Checkpoint, name: str) -> 
     return MakeAddStep(before, target, name)
 
 
-def _file_table(folder: Path, streamed: dict[str, str]) -> dict[str, dict]:
-    """sha256 and size of every file of the delta; shards were hashed as they were written."""
+def _file_table(folder: Path, written: dict[str, WrittenFile]) -> dict[str, FileEntry]:
+    """Digest and size of every file of the delta; shards were hashed as they were written."""
     table = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name != MANIFEST_NAME:
-            sha = streamed.get(path.name) or file_sha256(path)
-            table[path.name] = {"sha256": sha, "size": path.stat().st_size}
+        if path.is_file() and path.name not in (MANIFEST_NAME, JOURNAL_NAME):
+            size = path.stat().st_size
+            shard = written.get(path.name)
+            if shard is None:
+                table[path.name] = FileEntry(file_digest(path), size)
+            else:
+                table[path.name] = FileEntry(shard.digest, size, (shard.header_size, shard.header_digest))
     return table

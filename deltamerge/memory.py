@@ -139,6 +139,18 @@ def address_view(address: int, nbytes: int, owner: object) -> memoryview:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far."""
+    """This process's own peak resident set size so far.
+
+    ``VmHWM`` where the kernel reports it: it starts afresh at ``exec``, whereas ``getrusage``'s
+    ``ru_maxrss`` keeps the peak of the image before it, so a run started from a large parent
+    (a notebook, a training job) would report the parent's peak as its own.
+    """
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024  # in kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024

@@ -11,10 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .integrity.manifest import find_manifest
+from .errors import FormatError, InputError
+from .formats.files import read_json_object
+from .integrity.manifest import MANIFEST_NAME, check_base_dtypes, find_manifest
 from .kinds import is_non_weight
 from .kinds.add import check_pairing
-from .kinds.detect import detect_kind
+from .kinds.detect import WHOLE_FILE_KINDS, detect_kind
+from .kinds.lora import ADAPTER_CONFIG
+from .progress import step_bar
 from .sources import open_checkpoint
 from .sources.hub import (
     HeaderSpecs,
@@ -35,6 +39,7 @@ def preflight(
     deltas: list[str | Path],
     *,
     kind: str | None = None,
+    verify: bool = True,
     endpoint: str | None = None,
     token: str | bool | None = None,
     api: HfApi | None = None,
@@ -48,40 +53,105 @@ def preflight(
     """
     inputs = [(base, "base"), *((d, "delta") for d in deltas)]
     ids = [hub_repo_id(given, role) for given, role in inputs]
+    givens = [str(given) for given, _ in inputs]
     if not any(ids):
+        check_roles([Path(g).expanduser() for g in givens], givens, kind)
         return {"endpoint": endpoint, "token": token, "api": api}
     client = make_api(endpoint, token, api)
     repos: dict[str, RemoteRepo] = {}
-    for text, (_, role) in zip(ids, inputs):
-        if text is not None and text not in repos:
-            repos[text] = open_repo(text, client)
-            repos[text].xored = role == "delta" and kind == "xor-files"
-            repos[text].fetch(repos[text].small_files())
-    _pair_xored_files(repos.get(ids[0]) if ids[0] else None, [repos[t] for t in ids[1:] if t])
-    needed = sum(r.missing_bytes(r.weight_files()) for r in repos.values())
-    if needed:
-        _check_pairing([repos.get(t) if t else Path(str(g)).expanduser()
-                        for t, (g, _) in zip(ids, inputs)], kind)
-        check_cache_space(needed, ", ".join(r.label for r in repos.values()))
+    bar = step_bar(len(set(filter(None, ids))), "Hub preflight", unit="repo")
+    try:
+        for text, (_, role) in zip(ids, inputs):
+            if text is not None and text not in repos:
+                bar.at(text)
+                repos[text] = open_repo(text, client)
+                repos[text].xored = role == "delta" and kind in WHOLE_FILE_KINDS
+                repos[text].fetch(repos[text].small_files())
+                bar.update(1)
+        check_roles([repos[t].folder if t else Path(g).expanduser() for t, g in zip(ids, givens)],
+                    givens, kind)
+        _pair_xored_files(repos.get(ids[0]) if ids[0] else None, [repos[t] for t in ids[1:] if t])
+        needed = sum(r.missing_bytes(r.weight_files()) for r in repos.values())
+        if needed:
+            bar.at("pairing the remote headers")
+            _check_pairing([repos.get(t) if t else Path(str(g)).expanduser()
+                            for t, (g, _) in zip(ids, inputs)], kind, verify)
+            check_cache_space(needed, ", ".join(r.label for r in repos.values()))
+    finally:
+        bar.close()
     return {"api": client, "repos": repos}
+
+
+def check_roles(folders: list[Path], givens: list[str], kind: str | None) -> None:
+    """Arguments in the wrong places, caught from the small files before any weight is read.
+
+    ``folders`` are the base's and each delta's (for Hub repos, the snapshot holding their small
+    files so far), ``givens`` what the user typed for them.
+    """
+    for folder, given in zip(folders[1:], givens[1:]):
+        if folder.exists() and folders[0].exists() and folder.resolve() == folders[0].resolve():
+            raise InputError(
+                f"{given}: is BASE itself, given again as a DELTA: a model applied to itself "
+                "is no rebuild; give the delta's folder"
+            )
+    if len(folders) > 1 and (folders[0] / MANIFEST_NAME).is_file():
+        raise InputError(
+            f"{givens[0]}: BASE holds a {MANIFEST_NAME}: it looks like a delta; did you swap BASE "
+            f"and DELTA? (the base comes first: apply BASE DELTA... OUT)"
+        )
+    if kind is None:
+        return
+    for folder, given in zip(folders[1:], givens[1:]):
+        said, where = _declared_kind(folder)
+        if said is not None and said != kind:
+            raise InputError(
+                f"{given}: --kind {kind} contradicts its {where}, which says {said}: leave out "
+                f"--kind (the kind is detected) or give the delta you meant"
+            )
+
+
+def _declared_kind(folder: Path) -> tuple[str | None, str]:
+    """The kind a delta's own files declare (a PEFT LoRA config, a manifest), or None."""
+    if (folder / ADAPTER_CONFIG).is_file():
+        try:
+            peft_type = read_json_object(folder / ADAPTER_CONFIG).get("peft_type")
+        except FormatError:
+            peft_type = None  # reported where it is used
+        return ("lora" if peft_type == "LORA" else None), ADAPTER_CONFIG
+    try:
+        manifest = find_manifest(folder)
+    except FormatError:
+        return None, MANIFEST_NAME  # a broken manifest is reported where it is used
+    return (manifest.kind if manifest else None), MANIFEST_NAME
 
 
 def _pair_xored_files(base: RemoteRepo | None, deltas: list[RemoteRepo]) -> None:
     """A base for an xor-files delta needs the files of the same names, whatever their format."""
-    names = {n.removesuffix(".gz") for d in deltas if d.is_xored() for n in d.weight_files()}
+    names = {n.removesuffix(".gz") for d in deltas if d.is_xored() and not d.is_encrypted()
+             for n in d.weight_files()}
     if base is not None and names:
         base.chosen = sorted(n for n in names if n in base.files)
 
 
-def _check_pairing(inputs: list[RemoteRepo | Path], kind: str | None) -> None:
-    """``kinds.add.check_pairing`` along the chain, for the additive and XOR deltas it can judge."""
+def _check_pairing(inputs: list[RemoteRepo | Path], kind: str | None, verify: bool) -> None:
+    """``kinds.add.check_pairing`` along the chain, for the additive and XOR deltas it can judge;
+    and, when verifying, the base's dtypes against the first delta's manifest.
+
+    Whole-file deltas pair by files, not tensors (an enc delta's base is one Meta file), so a
+    chain with one is not judged here.
+    """
+    if any(isinstance(d, RemoteRepo) and d.is_xored() for d in inputs[1:]):
+        return
     base = _specs_of(inputs[0])
     if base is None:
         return
     specs = base.specs
+    first = inputs[1] if len(inputs) > 1 else None
+    manifest = find_manifest(first.folder if isinstance(first, RemoteRepo) else first) if (
+        verify and first is not None) else None
+    if manifest is not None:
+        check_base_dtypes(base.path, specs, manifest.base)
     for delta in inputs[1:]:
-        if isinstance(delta, RemoteRepo) and delta.is_xored():
-            return
         folder = delta.folder if isinstance(delta, RemoteRepo) else delta
         delta_kind = kind or detect_kind(folder, find_manifest(folder))
         if delta_kind == "lora":

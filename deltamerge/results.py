@@ -3,8 +3,10 @@ use these without importing an entry point."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+DEFAULT_ALGORITHM = "blake3"  # integrity.digest's default, named here for the leaf
 
 # Provenance and digests of a rebuilt model, written into it by apply (and by xor-files).
 RESULT_RECORD = "deltamerge-result.json"
@@ -21,15 +23,20 @@ class ApplyResult:
     bytes_read: int
     bytes_written: int
     seconds: float
-    peak_rss: int
+    peak_rss: int  # this process's own peak resident memory (VmHWM), in bytes
     model_digest: str
     publisher_digest: str | None = None  # the manifest's expected result, when there is one
     verified: bool = False  # True when the result matched the publisher's digest
     notes: list[str] = field(default_factory=list)
+    algorithm: str = DEFAULT_ALGORITHM  # of model_digest: sha256 when checked against format 1
     format: str = "hf"  # what OUT holds: hf, gguf or meta
     # gguf and meta: model_digest is of the tensors as written; this one of the merge's tensors
     # before conversion, which the publisher's digest is of (and is compared with)
     merged_digest: str | None = None
+
+    def to_json(self) -> dict:
+        """Every field, paths as strings: what ``apply --json`` prints for pipelines."""
+        return _jsonable(asdict(self))
 
 
 @dataclass
@@ -39,8 +46,17 @@ class MakeDeltaResult:
     tensors: int
     elements: int
     mismatched_elements: int  # elements base + delta does not give back exactly
-    base_digest: str
+    base_digest: str  # BLAKE3 model digests, as the manifest (format 2) records them
     result_digest: str
     bytes_written: int
     seconds: float
-    peak_rss: int
+    peak_rss: int  # this process's own peak resident memory (VmHWM), in bytes
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """Every field, paths as strings: what ``make-delta --json`` prints."""
+        return _jsonable(asdict(self))
+
+
+def _jsonable(record: dict) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in record.items()}

@@ -1,31 +1,61 @@
 #!/usr/bin/env python
-"""Benchmark deltamerge against a raw I/O baseline on generated LLaMA-shaped checkpoints.
+r"""Benchmark deltamerge against the disk's own floor, on generated LLaMA-shaped checkpoints.
 
-A merge reads two models and writes one, so on a machine like ours it is bound by the disk: the
-question is how close deltamerge gets to just moving the bytes, and at what memory. Every run is
-a child process (its own peak RSS from ``wait4``), runs alternate so drift in the machine hits
-all of them alike, and the page cache of the inputs is dropped before each run. This process never
-imports torch: a child's ru_maxrss starts at the RSS of the process that forked it, so inputs are
-generated in a child too.
+A merge reads two models and writes one, so it can be no faster than the disk moving those bytes.
+Run a, the floor, measures exactly that in every round: each input folder read once and a file of
+the result's size written, each past the page cache (O_DIRECT, 64 MiB aligned blocks, fsync), one
+after the other. Every other run is reported as a ratio to its own floor (its inputs' reads plus
+its result's write, from the same round). A pipelined run can go below 1.0x only where the disk
+serves reads and writes at the same time.
+
+Runs (--runs, default all):
+  a  the disk floor (above)
+  b  deltamerge apply BASE DELTA OUT: verified against the delta's deltamerge.json (format 2:
+     the base's tensors, the delta's tensors and the result, each byte hashed once, BLAKE3)
+  c  deltamerge apply --no-verify: only the result is hashed (for its record)
+  d  deltamerge make-delta BASE TARGET OUT (base, target, delta and rebuilt result hashed)
+  e  a LoRA merge: a PEFT adapter, rank 64 on all seven linear projections of every layer
+  f  an XOR delta applied (make-delta --kind xor)
+  g  the naive in-memory merge (load_file both, add, save_file); skipped when it cannot fit
+  h  convert from Meta's layout (the base written again as 2 model-parallel .pth shards)
+  i  run b written as GGUF f16 (--format gguf --outtype f16; the base gets a small tokenizer)
+  j  run b written in Meta's layout (--format meta --mp 1); compare i and j with b
+
+Method: the rounds alternate (a b c ... a b c ...) so drift in the machine hits every run alike;
+each figure is the median of --repeat rounds. Before every run the inputs are evicted from the
+page cache (sync, then posix_fadvise DONTNEED on every input file), so every run reads the disk.
+Every run is a child process whose peak memory is its own VmHWM (/proc/self/status, read as it
+exits: VmHWM starts afresh at exec, whereas ru_maxrss keeps the image the child was forked from).
+
+Inputs are generated first (random fp16 values; base, a fine-tune of it, and the deltas made with
+this deltamerge); --reuse DIR keeps them in DIR and reuses them in later runs of the same preset,
+layers, dtype, shard size and --sparse (DIR records what it holds and refuses another config).
+--sparse makes all-zero inputs that take no disk: for memory at full scale, not for speed.
+
+The runs for issue 15's targets (7B, real data, medians of 3, cache dropped):
+
+    python scripts/bench.py --preset 7b --runs a,b,c,d,e --repeat 3 --reuse bench-data/7b \
+        --json --plot docs/bench-7b.png > bench-7b.json
+    python scripts/bench.py --preset 65b --sparse --layers 4 --runs a,b,c,e --repeat 1 \
+        --reuse bench-data/65b-sparse
+
+Smaller checks:
 
     python scripts/bench.py --preset tiny --repeat 1
-    python scripts/bench.py --preset 7b --sparse --runs a,b,c,d --repeat 1
     python scripts/bench.py --preset 13b --layers 6 --runs a,b,c,d --plot bench.png
-
-Runs: a raw I/O baseline, b apply (verified), c apply --no-verify, d make-delta, e LoRA merge,
-f XOR apply, g the naive in-memory merge (load_file, add, save_file), h convert from Meta's layout
-(the base written again as 2 model-parallel .pth shards), i run b written as GGUF f16
-(--format gguf --outtype f16), j run b written in Meta's layout (--format meta --mp 1); compare
-i and j with b.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import errno
 import json
 import math
+import mmap
 import os
 import random
+import runpy
 import shlex
 import shutil
 import statistics
@@ -42,7 +72,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 META = {"format": "pt"}
-IO_BLOCK = 64 * 1024 * 1024
+DIRECT_BLOCK = 64 * 1024 * 1024  # O_DIRECT transfers: large, and a multiple of any block size
+ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of the device's logical block
 CHUNK_ELEMS = 8 * 1024 * 1024
 POOL_BYTES = 64 * 1024 * 1024
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -50,7 +81,7 @@ LORA_RANK = 64
 LORA_ALPHA = 16
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RUNS = {
-    "a": "raw I/O baseline",
+    "a": "disk floor",
     "b": "apply (verify)",
     "c": "apply --no-verify",
     "d": "make-delta",
@@ -61,6 +92,17 @@ RUNS = {
     "i": "apply to GGUF f16",
     "j": "apply to Meta",
 }
+# The input folders each run reads (the floor's reads for it); all write one result.
+RUN_INPUTS = {
+    "a": ("base", "delta"), "b": ("base", "delta"), "c": ("base", "delta"),
+    "d": ("base", "target"), "e": ("base", "lora"), "f": ("base", "xor"),
+    "g": ("base", "delta"), "h": ("meta",), "i": ("base", "delta"), "j": ("base", "delta"),
+}
+STAMP = "bench-inputs.json"
+DATA_VERSION = 2  # bumped when generated inputs change meaning (2: deltas with manifest format 2)
+FLOOR_NOTE = ("x floor: the run's wall time over its disk floor (its inputs read once and its "
+              "result written, past the page cache, one after the other, in the same round). A "
+              "pipelined run can go below 1.0 only where the disk serves reads and writes at once.")
 # Runs i and j: run b's apply written in another format (which takes no --max-shard-size).
 FORMAT_RUNS = {"i": ["--format", "gguf", "--outtype", "f16"], "j": ["--format", "meta", "--mp", "1"]}
 
@@ -79,6 +121,8 @@ PRESETS = {
     "tiny": Preset(128, 4, 2, 344, "8MB"),
     "7b": Preset(4096, 32, 32, 11008, "5GB"),
     "13b": Preset(5120, 40, 40, 13824, "5GB"),
+    # LLaMA-65B's widths: with --sparse --layers 4 the memory of the largest shapes, at no disk.
+    "65b": Preset(8192, 64, 80, 22016, "5GB"),
 }
 
 
@@ -304,16 +348,15 @@ def child_meta(spec: dict) -> None:
 
 
 def child_generate(spec: dict) -> None:
-    """Write the inputs (the parent stays free of torch, so the runs' peak RSS is their own)."""
+    """Write the inputs asked for (in a child: this process stays small and free of torch)."""
     import torch
 
     p = Preset(**spec["preset"])
-    write_models(p, getattr(torch, spec["dtype"]), p.shard, [Path(f) for f in spec["models"]],
-                 spec["sparse"])
+    if spec["models"]:
+        write_models(p, getattr(torch, spec["dtype"]), p.shard, [Path(f) for f in spec["models"]],
+                     spec["sparse"])
     if spec["lora"]:
         write_lora(p, Path(spec["lora"]), spec["sparse"])
-    if spec.get("tokenizer"):
-        write_tokenizer(Path(spec["models"][0]))
 
 
 def write_tokenizer(folder: Path) -> None:
@@ -339,20 +382,63 @@ def write_tokenizer(folder: Path) -> None:
 class Measured:
     wall: float
     peak_rss: int
+    peak_source: str  # "VmHWM" (the child's own) or "ru_maxrss" (when it could not report)
     returncode: int
     last_error: str
+    stdout: str
+
+
+def vmhwm() -> int | None:
+    """This process's own peak resident set (VmHWM), or None where the kernel has no such line."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def measure(cmd: list[str], log: Path) -> Measured:
-    """Run ``cmd`` as a child: wall time around it, and that child's own peak RSS from wait4."""
-    with open(log, "wb") as err:
+    """Run ``cmd`` (arguments to python: ``-m deltamerge ...`` or ``--child ...``) as a child,
+    through this script's ``--peak`` wrapper, which reports the child's own VmHWM as it exits."""
+    peak_file, out_file = log.with_suffix(".peak"), log.with_suffix(".out")
+    peak_file.unlink(missing_ok=True)
+    wrapped = [sys.executable, str(Path(__file__).resolve()), "--peak", str(peak_file), *cmd]
+    with open(log, "wb") as err, open(out_file, "wb") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+        proc = subprocess.Popen(wrapped, stdout=out, stderr=err, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    code = os.waitstatus_to_exitcode(status)
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    return Measured(wall, usage.ru_maxrss * 1024, proc.returncode, lines[-1] if lines else "")
+    try:
+        peak, source = int(peak_file.read_text()), "VmHWM"
+    except (OSError, ValueError):
+        peak, source = usage.ru_maxrss * 1024, "ru_maxrss"
+    return Measured(wall, peak, source, code, lines[-1] if lines else "",
+                    out_file.read_text(errors="replace"))
+
+
+def run_reporting_peak(argv: list[str]) -> int:
+    """``--peak FILE ARGS...``: run ARGS in this very process and write its VmHWM to FILE at exit.
+
+    In-process, not a further exec: what is measured is the run and the interpreter it needs,
+    nothing the bench holds."""
+    peak_file, inner = argv[0], argv[1:]
+
+    def report() -> None:
+        peak = vmhwm()
+        if peak is not None:
+            Path(peak_file).write_text(str(peak))
+
+    atexit.register(report)
+    if inner[:1] == ["-m"]:
+        sys.argv = [inner[1], *inner[2:]]
+        runpy.run_module(inner[1], run_name="__main__", alter_sys=True)
+        return 0
+    return main(inner)
 
 
 def drop_cache(folders: list[Path]) -> None:
@@ -391,20 +477,27 @@ class RunResult:
     run: str
     status: str = "ok"
     walls: list[float] = field(default_factory=list)
+    floors: list[float] = field(default_factory=list)  # this run's floor, in the same rounds
     peak_rss: list[int] = field(default_factory=list)
+    peak_source: str = "VmHWM"
     bytes_read: int = 0
     bytes_written: int = 0
+    extra: dict = field(default_factory=dict)
 
-    def summary(self, baseline: float | None) -> dict:
+    def summary(self) -> dict:
         out = {"run": self.run, "label": RUNS[self.run], "status": self.status,
-               "walls_s": [round(w, 3) for w in self.walls], "bytes_read": self.bytes_read,
-               "bytes_written": self.bytes_written}
+               "walls_s": [round(w, 3) for w in self.walls],
+               "floors_s": [round(w, 3) for w in self.floors], "bytes_read": self.bytes_read,
+               "bytes_written": self.bytes_written, **self.extra}
         if self.walls:
             med = statistics.median(self.walls)
+            floor = statistics.median(self.floors) if self.floors else None
             out.update(
                 median_s=round(med, 3),
-                ratio_to_a=round(med / baseline, 3) if baseline else None,
+                floor_s=round(floor, 3) if floor else None,
+                ratio_to_floor=round(med / floor, 3) if floor else None,
                 peak_rss_mib=round(max(self.peak_rss) / 2**20, 1),
+                peak_source=self.peak_source,
                 gb_per_s=round((self.bytes_read + self.bytes_written) / med / 1e9, 3),
             )
         return out
@@ -422,52 +515,130 @@ class Bench:
         self.sparse = args.sparse
         self.runs = args.runs
         self.data = data
+        self.reuse = args.reuse is not None
         self.workers = ["--workers", str(args.workers)] if args.workers else []
         self.model_bytes = model_bytes(self.preset, self.dtype)
-        self.base, self.target = data / "base", data / "target"
-        self.delta, self.xor, self.lora = data / "delta-add", data / "delta-xor", data / "lora"
-        self.out, self.meta = data / "out", data / "meta"
+        self.folders = {
+            "base": data / "base", "target": data / "target", "delta": data / "delta-add",
+            "xor": data / "delta-xor", "lora": data / "lora", "meta": data / "meta",
+        }
+        self.base, self.target = self.folders["base"], self.folders["target"]
+        self.delta, self.xor, self.lora = self.folders["delta"], self.folders["xor"], self.folders["lora"]
+        self.meta, self.out = self.folders["meta"], data / "out"
         self.setup_errors: dict[str, str] = {}
+        self.floor_rounds: list[dict] = []
+
+    # -- what the data folder holds ------------------------------------------------------------
+    def config(self) -> dict:
+        """What decides the generated inputs; a reused folder must have been made for the same."""
+        return {"version": DATA_VERSION, "preset": vars(self.preset), "dtype": self.dtype,
+                "sparse": self.sparse}
+
+    def stamp(self) -> dict:
+        path = self.data / STAMP
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def check_reusable(self) -> None:
+        found = self.stamp()
+        if not found:
+            if any(p.name != STAMP for p in self.data.iterdir()):
+                raise SystemExit(f"bench: {self.data} holds files the bench did not make; give "
+                                 "--reuse an empty, new or earlier --reuse folder")
+            return
+        if found.get("config") != self.config():
+            raise SystemExit(f"bench: {self.data} holds inputs for {found.get('config')}, not "
+                             f"{self.config()}: give another --reuse folder, or delete it")
+
+    def made(self, piece: str) -> bool:
+        return piece in self.stamp().get("made", []) and self.folders.get(piece, self.base).exists()
+
+    def record(self, piece: str) -> None:
+        """Note a finished input in the folder's stamp (written last, so a killed setup redoes it)."""
+        stamp = self.stamp() or {"config": self.config(), "made": []}
+        stamp["made"] = sorted(set(stamp["made"]) | {piece})
+        tmp = self.data / (STAMP + ".tmp")
+        tmp.write_text(json.dumps(stamp, indent=1))
+        tmp.replace(self.data / STAMP)
 
     # -- setup -------------------------------------------------------------------------------
+    def needed(self) -> set[str]:
+        pieces = {"base", "delta"}
+        for run in self.runs:
+            pieces.update(RUN_INPUTS[run])
+        return pieces
+
     def disk_needed(self) -> int:
-        """Bytes of disk the inputs and one output take at their peak."""
+        """Bytes of disk the inputs still to make and one output take at their peak."""
         n = self.model_bytes
+        todo = [p for p in self.needed() | {"target"} if not self.made(p) and p != "lora"]
         if self.sparse:
-            return n * (2 if "f" in self.runs else 1) + n  # dense deltas before sparsify, OUT
-        return n * (3 + ("f" in self.runs) + ("h" in self.runs)) + n
+            return n * sum(p in ("delta", "xor") for p in todo) + n  # dense deltas, then OUT
+        return n * len(todo) + n
 
     def setup(self) -> None:
-        say(f"generating base and target ({self.model_bytes / 1e9:.2f} GB each"
-            f"{', sparse' if self.sparse else ''}) in {self.data}")
-        spec = {"preset": vars(self.preset), "dtype": self.dtype, "sparse": self.sparse,
-                "models": [str(self.base), str(self.target)],
-                "lora": str(self.lora) if "e" in self.runs else None, "tokenizer": "i" in self.runs}
-        m = measure(self.child("generate", spec), self.data / "setup-generate.log")
-        if m.returncode != 0:
-            raise SystemExit(f"bench: generating the inputs failed: {m.last_error}")
-        say(f"  done in {m.wall:.1f} s")
-        say("making the additive delta (deltamerge make-delta)")
-        err = self._make_delta(self.delta, "add")
-        if err:
-            raise SystemExit(f"bench: make-delta failed, nothing to measure: {err}")
-        if "f" in self.runs:
+        need = self.needed()
+        models = not (self.made("base") and self.made("target"))
+        lora = "lora" in need and not self.made("lora")
+        if models or lora:
+            say(f"generating {'base and target' if models else ''}{' and ' if models and lora else ''}"
+                f"{'a LoRA adapter' if lora else ''} ({self.model_bytes / 1e9:.2f} GB a model"
+                f"{', sparse' if self.sparse else ''}) in {self.data}")
+            if models:
+                for folder in (self.base, self.target):
+                    shutil.rmtree(folder, ignore_errors=True)
+            if lora:
+                shutil.rmtree(self.lora, ignore_errors=True)
+            spec = {"preset": vars(self.preset), "dtype": self.dtype, "sparse": self.sparse,
+                    "models": [str(self.base), str(self.target)] if models else [],
+                    "lora": str(self.lora) if lora else None}
+            m = measure(self.child("generate", spec), self.data / "setup-generate.log")
+            if m.returncode != 0:
+                raise SystemExit(f"bench: generating the inputs failed: {m.last_error}")
+            say(f"  done in {m.wall:.1f} s")
+            if models:
+                self.record("base")
+                self.record("target")
+                for piece in ("delta", "xor", "meta"):  # made from the old models: redo
+                    self.unrecord(piece)
+            if lora:
+                self.record("lora")
+        if "i" in self.runs and not (self.base / "tokenizer.model").is_file():
+            write_tokenizer(self.base)  # GGUF output needs one; small, so made whenever missing
+        if not self.made("delta"):
+            say("making the additive delta (deltamerge make-delta)")
+            err = self._make_delta(self.delta, "add")
+            if err:
+                raise SystemExit(f"bench: make-delta failed, nothing to measure: {err}")
+            self.record("delta")
+        if "xor" in need and not self.made("xor"):
             say("making the XOR delta (deltamerge make-delta --kind xor)")
             err = self._make_delta(self.xor, "xor")
             if err:
                 self.setup_errors["f"] = f"failed: setup make-delta --kind xor: {err}"
-        if "h" in self.runs:
+            else:
+                self.record("xor")
+        if "meta" in need and not self.made("meta"):
             say("writing the base again in Meta's layout (2 model-parallel shards)")
+            shutil.rmtree(self.meta, ignore_errors=True)
             spec = {"preset": vars(self.preset), "base": str(self.base), "out": str(self.meta),
                     "shards": 2}
             m = measure(self.child("meta", spec), self.data / "setup-meta.log")
             if m.returncode != 0:
                 self.setup_errors["h"] = f"failed: setup Meta layout: {m.last_error}"
-        if "d" not in self.runs and not self.sparse:
+            else:
+                self.record("meta")
+        if "target" not in need and not self.sparse and not self.reuse:
             shutil.rmtree(self.target)
         os.sync()
 
+    def unrecord(self, piece: str) -> None:
+        stamp = self.stamp()
+        if piece in stamp.get("made", []):
+            stamp["made"].remove(piece)
+            (self.data / STAMP).write_text(json.dumps(stamp, indent=1))
+
     def _make_delta(self, out: Path, kind: str) -> str | None:
+        shutil.rmtree(out, ignore_errors=True)
         cmd = self.deltamerge("make-delta", self.base, self.target, out, "--kind", kind)
         m = measure(cmd, self.data / f"setup-{kind}.log")
         if m.returncode != 0:
@@ -479,11 +650,11 @@ class Bench:
 
     # -- the runs ----------------------------------------------------------------------------
     def deltamerge(self, command: str, *args) -> list[str]:
-        return [sys.executable, "-m", "deltamerge", command, *map(str, args), "--quiet",
+        return ["-m", "deltamerge", command, *map(str, args), "--quiet",
                 "--max-shard-size", self.shard, *self.workers]
 
     def child(self, mode: str, spec: dict) -> list[str]:
-        return [sys.executable, str(Path(__file__).resolve()), "--child", mode, json.dumps(spec)]
+        return ["--child", mode, json.dumps(spec)]
 
     def command(self, run: str) -> tuple[list[str], int]:
         """The command of a run and the bytes of input it reads."""
@@ -491,9 +662,10 @@ class Bench:
         delta = weight_files(self.delta)
         reads = files_bytes(base) + files_bytes(delta)
         if run == "a":
-            writes = [[str(self.out / f.name), f.stat().st_size] for f in base]
-            spec = {"reads": [list(map(str, base)), list(map(str, delta))], "writes": writes}
-            return self.child("io", spec), reads
+            needed = sorted({i for r in self.runs for i in RUN_INPUTS[r]})
+            spec = {"reads": {i: [str(f) for f in files_of(self.folders[i])] for i in needed},
+                    "write": str(self.data / "floor.bin"), "bytes": self.model_bytes}
+            return self.child("floor", spec), reads
         if run == "b":
             return self.deltamerge("apply", self.base, self.delta, self.out), reads
         if run == "c":
@@ -511,7 +683,7 @@ class Bench:
             meta = sorted(self.meta.glob("consolidated.*.pth"))
             return self.deltamerge("convert", self.meta, self.out), files_bytes(meta)
         if run in FORMAT_RUNS:
-            cmd = [sys.executable, "-m", "deltamerge", "apply", *map(str, (self.base, self.delta, self.out)),
+            cmd = ["-m", "deltamerge", "apply", *map(str, (self.base, self.delta, self.out)),
                    "--quiet", *FORMAT_RUNS[run], *self.workers]
             return cmd, reads
         spec = {"base": list(map(str, base)), "delta": list(map(str, delta)), "out": str(self.out)}
@@ -528,8 +700,13 @@ class Bench:
         return None
 
     def inputs(self) -> list[Path]:
-        return [f for f in (self.base, self.target, self.delta, self.xor, self.lora, self.meta)
-                if f.exists()]
+        return [f for f in self.folders.values() if f.exists()]
+
+    def floor_of(self, run: str, round_floor: dict, written: int) -> float:
+        """A run's floor in one round: its inputs' reads, and its result's size written."""
+        reads = sum(round_floor["reads"][i]["seconds"] for i in RUN_INPUTS[run])
+        write = round_floor["write"]
+        return reads + write["seconds"] * written / max(write["bytes"], 1)
 
     def measure_all(self, repeat: int) -> list[RunResult]:
         results = {r: RunResult(r) for r in self.runs}
@@ -538,92 +715,122 @@ class Bench:
             if reason:
                 results[r].status = reason
         for i in range(repeat):
+            floor = None
             for r in self.runs:
                 res = results[r]
                 if res.status != "ok":
                     continue
                 cmd, reads = self.command(r)
                 shutil.rmtree(self.out, ignore_errors=True)
-                if r == "a":
-                    self.out.mkdir()
                 drop_cache(self.inputs())
                 m = measure(cmd, self.data / f"run-{r}.log")
                 if m.returncode != 0:
                     res.status = f"failed: {m.last_error or f'exit status {m.returncode}'}"
                     say(f"  {r} {RUNS[r]:<20} {res.status}")
                     continue
-                res.walls.append(m.wall)
                 res.peak_rss.append(m.peak_rss)
-                res.bytes_read, res.bytes_written = reads, folder_bytes(self.out)
-                say(f"  {r} {RUNS[r]:<20} {i + 1}/{repeat}: {m.wall:7.2f} s  "
+                if m.peak_source != "VmHWM":
+                    res.peak_source = m.peak_source
+                if r == "a":
+                    floor = json.loads(m.stdout)
+                    self.floor_rounds.append(floor)
+                    (self.data / "floor.bin").unlink(missing_ok=True)
+                    written = self.model_bytes
+                    res.walls.append(self.floor_of("a", floor, written))
+                    res.extra = {"o_direct": floor["direct"], "components": floor}
+                else:
+                    res.walls.append(m.wall)
+                    written = folder_bytes(self.out)
+                res.bytes_read, res.bytes_written = reads, written
+                if floor is not None:
+                    res.floors.append(self.floor_of(r, floor, written))
+                shown = res.walls[-1]
+                say(f"  {r} {RUNS[r]:<20} {i + 1}/{repeat}: {shown:7.2f} s  "
                     f"peak {m.peak_rss / 2**20:6.0f} MiB")
         shutil.rmtree(self.out, ignore_errors=True)
         return [results[r] for r in self.runs]
 
 
+def files_of(folder: Path) -> list[Path]:
+    """Every file of an input folder, as the floor reads it (weights, index, configs)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
 # -- children --------------------------------------------------------------------------------------
-class ReadStream:
-    """Several files read front to back as one stream, dropped from the page cache behind."""
-
-    def __init__(self, paths: list[str]):
-        self.paths = list(paths)
-        self.fd: int | None = None
-        self.offset = 0
-
-    def read(self, view: memoryview) -> int:
-        while self.paths or self.fd is not None:
-            if self.fd is None:
-                self.fd, self.offset = os.open(self.paths.pop(0), os.O_RDONLY), 0
-            got = os.preadv(self.fd, [view], self.offset)
-            if got:
-                os.posix_fadvise(self.fd, self.offset, got, os.POSIX_FADV_DONTNEED)
-                self.offset += got
-                return got
-            os.close(self.fd)
-            self.fd = None
-        return 0
+def aligned_buffer(size: int) -> mmap.mmap:
+    """Page-aligned memory (an anonymous mapping), as O_DIRECT transfers need."""
+    return mmap.mmap(-1, size)
 
 
-class WriteStream:
-    """Output files of given sizes, filled in order, each fsynced when complete (as deltamerge does)."""
-
-    def __init__(self, files: list[tuple[str, int]]):
-        self.files = list(files)
-        self.fd: int | None = None
-        self.left = 0
-        self.offset = 0
-
-    def write(self, view: memoryview) -> bool:
-        if self.fd is None:
-            if not self.files:
-                return False
-            path, self.left = self.files.pop(0)
-            self.fd, self.offset = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 0
-        chunk = view[:self.left]
-        while chunk:
-            n = os.pwrite(self.fd, chunk, self.offset)
-            self.offset += n
-            self.left -= n
-            chunk = chunk[n:]
-        if self.left == 0:
-            os.fsync(self.fd)
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(self.fd)
-            self.fd = None
-        return True
+def open_direct(path: str, flags: int) -> tuple[int, bool]:
+    """``path`` opened past the page cache, or through it where the filesystem refuses (tmpfs)."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            return os.open(path, flags | direct, 0o644), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, 0o644), False
 
 
-def child_io(spec: dict) -> None:
-    """The floor: read base and delta, write as many bytes as the result, compute nothing."""
-    view = memoryview(bytearray(IO_BLOCK))
-    readers = [ReadStream(paths) for paths in spec["reads"]]
-    writer = WriteStream([(p, n) for p, n in spec["writes"]])
-    busy = True
-    while busy:
-        busy = False
-        for r in readers:
-            busy |= r.read(view) > 0
-        busy |= writer.write(view)
+def read_once(path: str, view: memoryview) -> tuple[int, bool]:
+    """Read a whole file in large aligned blocks past the page cache; its size and whether
+    O_DIRECT held. The last block comes back short, at the end of the file."""
+    fd, direct = open_direct(path, os.O_RDONLY)
+    size, offset = os.fstat(fd).st_size, 0
+    try:
+        while offset < size:
+            got = os.preadv(fd, [view], offset)
+            if got <= 0:
+                break
+            offset += got
+            if offset % ALIGN and offset < size:  # a short read inside the file: finish plainly
+                os.close(fd)
+                fd, direct = os.open(path, os.O_RDONLY), False
+    finally:
+        if not direct:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    return offset, direct
+
+
+def write_once(path: str, nbytes: int, view: memoryview) -> bool:
+    """Write ``nbytes`` in large aligned blocks past the page cache, then fsync."""
+    fd, direct = open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        done = 0
+        while done < nbytes:  # O_DIRECT wants whole blocks: the last is rounded up, then cut
+            want = min(len(view), -(-(nbytes - done) // ALIGN) * ALIGN)
+            done += os.pwrite(fd, view[:want], done)
+        os.ftruncate(fd, nbytes)
+        os.fsync(fd)
+        if not direct:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return direct
+
+
+def child_floor(spec: dict) -> None:
+    """The disk's floor: each input read once, then a file of the result's size written, each
+    past the page cache, one after the other; prints the time of each as JSON."""
+    buf = aligned_buffer(DIRECT_BLOCK)
+    for at in range(0, DIRECT_BLOCK, 1 << 20):  # not zeros: no disk may compress them
+        buf[at : at + (1 << 20)] = os.urandom(1 << 20)
+    view = memoryview(buf)
+    report: dict = {"reads": {}, "direct": True}
+    for label, paths in spec["reads"].items():
+        start, total = time.perf_counter(), 0
+        for path in paths:
+            got, direct = read_once(path, view)
+            total += got
+            report["direct"] &= direct
+        report["reads"][label] = {"bytes": total, "seconds": time.perf_counter() - start}
+    start = time.perf_counter()
+    report["direct"] &= write_once(spec["write"], spec["bytes"], view)
+    report["write"] = {"bytes": spec["bytes"], "seconds": time.perf_counter() - start}
+    print(json.dumps(report))
 
 
 def child_naive(spec: dict) -> None:
@@ -659,16 +866,18 @@ def say(message: str) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'run':<24}{'median s':>10}{'x (a)':>8}{'peak RSS MiB':>14}{'GB/s':>8}  status"
+    head = (f"{'run':<24}{'median s':>10}{'floor s':>9}{'x floor':>9}{'peak RSS MiB':>14}"
+            f"{'GB/s':>8}  status")
     lines = [head, "-" * len(head)]
     for row in rows:
         name = f"{row['run']} {row['label']}"
         if "median_s" in row:
-            ratio = f"{row['ratio_to_a']:.2f}" if row["ratio_to_a"] else "-"
-            lines.append(f"{name:<24}{row['median_s']:>10.2f}{ratio:>8}"
+            floor = f"{row['floor_s']:.2f}" if row.get("floor_s") else "-"
+            ratio = f"{row['ratio_to_floor']:.2f}" if row.get("ratio_to_floor") else "-"
+            lines.append(f"{name:<24}{row['median_s']:>10.2f}{floor:>9}{ratio:>9}"
                          f"{row['peak_rss_mib']:>14.0f}{row['gb_per_s']:>8.2f}  {row['status']}")
         else:
-            lines.append(f"{name:<24}{'-':>10}{'-':>8}{'-':>14}{'-':>8}  {row['status']}")
+            lines.append(f"{name:<24}{'-':>10}{'-':>9}{'-':>9}{'-':>14}{'-':>8}  {row['status']}")
     return "\n".join(lines)
 
 
@@ -686,12 +895,12 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     bars = ax.bar([f"{r['run']}\n{r['label']}" for r in done], [r["median_s"] for r in done])
     for bar, r in zip(bars, done):
-        ratio = f" (x{r['ratio_to_a']:.2f})" if r["ratio_to_a"] else ""
+        ratio = f" (x{r['ratio_to_floor']:.2f})" if r.get("ratio_to_floor") else ""
         label = f"{r['median_s']:.1f} s{ratio}\n{r['peak_rss_mib']:.0f} MiB"
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8)
     ax.set_ylim(0, max([r["median_s"] for r in done], default=1) * 1.25)
-    ax.set_ylabel("median wall seconds (x: ratio to a)")
+    ax.set_ylabel("median wall seconds (x: ratio to its disk floor)")
     ax.set_title(title)
     ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
@@ -702,14 +911,20 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 # -- main ------------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                    help="Model widths: tiny, 7b, 13b, 65b (65b: use --sparse --layers 4).")
     ap.add_argument("--layers", type=int, help="Fewer (or more) layers than the preset's.")
     ap.add_argument("--sparse", action="store_true",
                     help="All-zero inputs that take no disk: for memory at full scale, not speed.")
     ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
-    ap.add_argument("--data", type=Path, help="Where to put the files (default: a temp dir in bench-data/).")
+    ap.add_argument("--data", type=Path, help="Where to put the files (default: a temp dir in "
+                    "bench-data/), removed at the end unless --keep.")
+    ap.add_argument("--reuse", type=Path, metavar="DIR",
+                    help="Keep the generated inputs in DIR and reuse them when DIR already holds "
+                         "them for the same preset, layers, dtype, shard size and --sparse.")
     ap.add_argument("--keep", action="store_true", help="Keep the generated files.")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="Rounds (each runs every selected run once, in turn); figures are medians.")
     ap.add_argument("--runs", default=",".join(RUNS),
                     help="Subset of a,b,c,d,e,f,g,h,i,j (i, j: b written as GGUF f16 and as Meta's layout).")
     ap.add_argument("--workers", type=int, help="Passed to deltamerge.")
@@ -724,10 +939,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.runs = sorted(set(runs))
     if args.repeat < 1 or (args.layers is not None and args.layers < 1):
         ap.error("--repeat and --layers must be at least 1")
+    if args.reuse is not None and args.data is not None:
+        ap.error("--reuse DIR is where the data goes: give it or --data, not both")
     return args
 
 
 def make_data_dir(args: argparse.Namespace) -> Path:
+    if args.reuse is not None:
+        data = args.reuse.resolve()
+        data.mkdir(parents=True, exist_ok=True)
+        return data
     if args.data is None:
         parent = ROOT / "bench-data"
         parent.mkdir(exist_ok=True)
@@ -735,7 +956,8 @@ def make_data_dir(args: argparse.Namespace) -> Path:
     data = args.data.resolve()
     data.mkdir(parents=True, exist_ok=True)
     if any(data.iterdir()):
-        raise SystemExit(f"bench: {data} is not empty; give an empty or new folder to --data")
+        raise SystemExit(f"bench: {data} is not empty; give an empty or new folder to --data, "
+                         "or --reuse it")
     return data
 
 
@@ -752,8 +974,10 @@ def clean(data: Path, whole: bool) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--peak"]:
+        return run_reporting_peak(argv[1:])
     if argv[:1] == ["--child"]:
-        children = {"io": child_io, "naive": child_naive, "generate": child_generate,
+        children = {"floor": child_floor, "naive": child_naive, "generate": child_generate,
                     "meta": child_meta}
         children[argv[1]](json.loads(argv[2]))
         return 0
@@ -762,6 +986,8 @@ def main(argv: list[str]) -> int:
     data = make_data_dir(args)
     try:
         bench = Bench(args, data)
+        if bench.reuse:
+            bench.check_reusable()
         machine = dict(host(), disk_free_bytes=shutil.disk_usage(data).free)
         if bench.disk_needed() > machine["disk_free_bytes"] - 2 * 10**9:
             raise SystemExit(f"bench: needs about {bench.disk_needed() / 1e9:.1f} GB of disk, "
@@ -769,16 +995,16 @@ def main(argv: list[str]) -> int:
         bench.setup()
         results = bench.measure_all(args.repeat)
     finally:
-        if not args.keep:
+        if not args.keep and args.reuse is None:
             clean(data, whole=args.data is None)
-    baseline = next((statistics.median(r.walls) for r in results if r.run == "a" and r.walls), None)
-    rows = [r.summary(baseline) for r in results]
+    rows = [r.summary() for r in results]
     config = {"preset": args.preset, "layers": bench.preset.layers, "dtype": args.dtype,
               "sparse": args.sparse, "model_bytes": bench.model_bytes, "shard_size": bench.shard,
-              "repeat": args.repeat, "workers": args.workers}
+              "repeat": args.repeat, "workers": args.workers,
+              "reused": str(data) if args.reuse is not None else None}
     if args.json:
-        print(json.dumps({"command": command, "machine": machine, "config": config, "runs": rows},
-                         indent=2))
+        print(json.dumps({"command": command, "machine": machine, "config": config,
+                          "note": FLOOR_NOTE, "runs": rows}, indent=2))
     else:
         print(f"command: {command}")
         print(f"machine: {machine['cpu']}, {machine['cores']} cores, "
@@ -786,8 +1012,12 @@ def main(argv: list[str]) -> int:
               f"{machine['disk_free_bytes'] / 1e9:.0f} GB disk free")
         print(f"model:   {args.preset}, {bench.preset.layers} layers, {args.dtype}, "
               f"{bench.model_bytes / 1e9:.2f} GB{', sparse' if args.sparse else ''}; "
-              f"median of {args.repeat}, inputs evicted from the page cache before each run")
+              f"median of {args.repeat} alternating rounds, inputs evicted from the page cache "
+              "before each run; peak RSS is each run's own VmHWM")
         print(table(rows))
+        print(FLOOR_NOTE)
+        if any(r.get("o_direct") is False for r in rows):
+            print("note: this filesystem refused O_DIRECT; the floor went through the page cache")
     if args.plot:
         plot(rows, args.plot, f"deltamerge, {args.preset} x{bench.preset.layers} layers "
                               f"({bench.model_bytes / 1e9:.2f} GB{', sparse' if args.sparse else ''})")

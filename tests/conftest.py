@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from safetensors.torch import save_file
 
 HIDDEN, HEADS, LAYERS, FFN, VOCAB = 64, 4, 2, 172, 96
+ALGORITHMS = ("blake3", "sha256")  # manifest format 2, format 1
+FORMAT_ALGORITHM = {2: "blake3", 1: "sha256"}
+DTYPE_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}
 
 
 def llama_config(vocab: int = VOCAB, dtype: str = "float16", **extra) -> dict:
@@ -183,3 +189,88 @@ def join_safetensors(header: object, body: bytes, pad: bool) -> bytes:
 @pytest.fixture
 def base_dir(tmp_path: Path) -> Path:
     return save_checkpoint(llama_state(0), tmp_path / "base")
+
+
+@pytest.fixture(scope="session")
+def hf_modules_cache(tmp_path_factory):
+    """Where ``trust_remote_code`` copies a model's code: one folder for the whole session (the
+    package transformers imports it as is cached with its path), never ~/.cache."""
+    import transformers.dynamic_module_utils as dynamic
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf-modules")))
+        yield
+
+
+# -- digests and manifests, from docs/manifest.md rather than from deltamerge's own code ----------
+def hash_hex(data: bytes, algorithm: str) -> str:
+    return blake3.blake3(data).hexdigest() if algorithm == "blake3" else hashlib.sha256(data).hexdigest()
+
+
+def documented_digests(
+    state: dict[str, torch.Tensor], algorithm: str = "blake3"
+) -> tuple[str, dict[str, str]]:
+    """docs/manifest.md, literally: the hash of raw LE bytes; sorted tab-separated lines."""
+    tensors = {
+        name: hash_hex(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes(), algorithm)
+        for name, t in state.items()
+    }
+    lines = "".join(
+        f"{name}\t{DTYPE_NAMES[state[name].dtype]}\t"
+        f"[{','.join(str(d) for d in state[name].shape)}]\t{tensors[name]}\n"
+        for name in sorted(state)
+    )
+    return hash_hex(lines.encode("utf-8"), algorithm), tensors
+
+
+def documented_role(state: dict[str, torch.Tensor], algorithm: str) -> dict:
+    model, tensors = documented_digests(state, algorithm)
+    return {"model_digest": model, "tensors": {
+        n: {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), algorithm: tensors[n]}
+        for n, t in state.items()}}
+
+
+def write_manifest(
+    fmt: int, delta: Path, base: dict[str, torch.Tensor], result: dict[str, torch.Tensor],
+    kind: str = "add",
+) -> None:
+    """A ``deltamerge.json`` for ``delta`` as docs/manifest.md specifies it, written here rather
+    than by deltamerge. Format 1 is what deltamerge wrote before format 2: sha256 everywhere,
+    whole files only, no delta role. Format 2: BLAKE3, the delta's own tensors, and each
+    safetensors file's header. Replaces the delta's manifest (if any)."""
+    algorithm = FORMAT_ALGORITHM[fmt]
+    manifest = delta / "deltamerge.json"
+    manifest.unlink(missing_ok=True)
+    files = {}
+    for p in sorted(delta.rglob("*")):
+        if not p.is_file():
+            continue
+        data = p.read_bytes()
+        entry: dict = {algorithm: hash_hex(data, algorithm), "size": len(data)}
+        if fmt == 2 and p.suffix == ".safetensors":
+            start = 8 + struct.unpack("<Q", data[:8])[0]
+            entry["header"] = {"size": start, algorithm: hash_hex(data[:start], algorithm)}
+        files[p.relative_to(delta).as_posix()] = entry
+    obj = {
+        "format": "deltamerge-manifest", "format_version": fmt, "kind": kind,
+        "deltamerge_version": "0.1.0", "options": {"new_rows": "zero"}, "files": files,
+        "base": documented_role(base, algorithm), "result": documented_role(result, algorithm),
+    }
+    if fmt == 2:
+        obj["delta"] = documented_role(load_state(delta), algorithm)
+    manifest.write_text(json.dumps(obj, indent=1))
+
+
+def with_manifest_format(
+    fmt: int, delta: Path, base: Path, scratch: Path, kind: str = "add", always: bool = False
+) -> str:
+    """Leave ``delta`` as make-delta made it (format 2), or write its manifest as ``fmt`` (the
+    result role from applying it unchecked into ``scratch``); the algorithm that implies.
+    ``always`` writes a format 2 manifest too (for deltas make-delta did not make)."""
+    if fmt == 1 or always:
+        from deltamerge import apply_delta
+
+        apply_delta(base, delta, scratch, verify=False, kind=kind)
+        write_manifest(fmt, delta, load_state(base), load_state(scratch), kind)
+        shutil.rmtree(scratch)
+    return FORMAT_ALGORITHM[fmt]

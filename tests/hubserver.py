@@ -11,6 +11,12 @@ LFS objects are served (and uploaded) on ``http://localhost:PORT`` while the API
 ``http://127.0.0.1:PORT``: the client treats them as different origins, exactly like the Hub and its
 CDN/S3, so the HEAD of an LFS file stops at the 302 (which carries the file metadata) and the
 ``Authorization`` header is never forwarded to the storage URLs.
+
+Two switches stand in for what a real network and the Hub's storage do: ``drop_connections``
+closes the connection of chosen requests without an answer (a dropped connection, mid-upload or
+at the commit), and ``xet = True`` announces LFS files as stored in Xet (``X-Xet-Hash`` on their
+HEAD), which sends the client down its Xet download path. No Xet CAS is served: tests put the
+bytes where hf_xet would (its shared blob store) or stand in for the transfer itself.
 """
 
 from __future__ import annotations
@@ -154,6 +160,29 @@ def _card_data(commit: Commit) -> Json | None:
         return None
 
 
+@dataclass
+class Drop:
+    """A rule of :meth:`HubServer.drop_connections`; ``stop()`` ends it."""
+
+    fragment: str
+    method: str | None
+    after: int
+    times: int | None
+    seen: int = 0
+    active: bool = True
+
+    def matches(self, method: str, path: str) -> bool:
+        if not self.active or self.fragment not in path or self.method not in (None, method):
+            return False
+        self.seen += 1
+        if self.seen <= self.after:
+            return False
+        return self.times is None or self.seen <= self.after + self.times
+
+    def stop(self) -> None:
+        self.active = False
+
+
 class HubServer:
     """In-memory Hub: repos -> refs -> commits -> {path: Blob}, LFS objects by sha256.
 
@@ -170,6 +199,9 @@ class HubServer:
         self.log: list[tuple[str, str, int]] = []
         self.unhandled: list[tuple[str, str]] = []
         self.errors: list[str] = []
+        self.xet = False  # announce LFS files as stored in Xet (X-Xet-Hash on their HEAD)
+        self.drops: list[Drop] = []  # connections to drop, as a network failure would
+        self.dropped: list[tuple[str, str]] = []  # (method, path) of requests whose connection was dropped
         self._lock = threading.RLock()
         self._commit_counter = 0
         self._httpd: ThreadingHTTPServer | None = None
@@ -293,6 +325,33 @@ class HubServer:
             raise ValueError(f"{path} is not an LFS file")
         obj = repo.lfs[blob.lfs_oid]
         obj[len(obj) // 2] ^= 0xFF
+
+    @staticmethod
+    def xet_hash(oid: str) -> str:
+        """The Xet file hash announced for an LFS object (a stand-in: no CAS serves it here)."""
+        return hashlib.sha256(b"xet:" + oid.encode()).hexdigest()
+
+    def drop_connections(
+        self, fragment: str, method: str | None = None, *, after: int = 0, times: int | None = 1
+    ) -> Drop:
+        """Close the connection, answering nothing, on requests whose path contains ``fragment``.
+
+        The first ``after`` matching requests are served; the next ``times`` (None: all, until
+        ``drop.stop()``) lose their connection once their body has been read, as when the network
+        fails mid-transfer. The client sees a dropped connection, never an HTTP status.
+        """
+        drop = Drop(fragment, method, after, times)
+        with self._lock:
+            self.drops.append(drop)
+        return drop
+
+    def _should_drop(self, method: str, path: str) -> bool:
+        with self._lock:
+            for drop in self.drops:
+                if drop.matches(method, path):
+                    self.dropped.append((method, path))
+                    return True
+        return False
 
     def requests_to(self, fragment: str, method: str | None = None) -> list[tuple[str, str, int]]:
         """Log entries whose path contains ``fragment``, e.g. ``"/lfs-objects/"``."""
@@ -524,6 +583,12 @@ class HubServer:
         if blob.lfs_oid is not None:
             location = f"{self.cdn_url}/lfs-objects/{repo.type}s/{repo.id}/{blob.lfs_oid}"
             headers |= {"Location": location, "X-Linked-Etag": f'"{blob.lfs_oid}"'}
+            if self.xet:  # what the Hub adds for files stored in Xet: the client then fetches
+                # them through hf_xet (or its shared blob store), not through this redirect
+                headers |= {
+                    "X-Xet-Hash": self.xet_hash(blob.lfs_oid),
+                    "X-Xet-Refresh-Route": f"{self.url}/api/{repo.type}s/{repo.id}/xet-read-token/{sha}",
+                }
             return 302, headers | {"X-Linked-Size": str(blob.size)}, b""
         assert blob.data is not None
         return _ranged(req, blob.data, headers | {"ETag": f'"{blob.blob_id}"'})
@@ -714,6 +779,13 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         auth = self.headers.get("Authorization", "")
         token_ok = auth.startswith("Bearer ") and auth[7:] in self.hub.tokens
+        if self.hub._should_drop(self.command, unquote(split.path)):
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
         for route_method, regex, fn in self.hub._routes:
             match = regex.fullmatch(split.path) if route_method == method else None
             if match is None:

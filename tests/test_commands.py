@@ -6,7 +6,6 @@ so the documented algorithm and the code cannot drift apart.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -14,7 +13,15 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import llama_state, run_cli, save_checkpoint
+from conftest import (
+    ALGORITHMS,
+    DTYPE_NAMES,
+    documented_digests,
+    llama_state,
+    run_cli,
+    save_checkpoint,
+    with_manifest_format,
+)
 from test_integrity import fine_tune, flip_bit
 
 from deltamerge import InputError, apply_delta, make_delta
@@ -22,22 +29,7 @@ from deltamerge.cli import main
 from deltamerge.errors import FormatError
 from deltamerge.integrity.checks import checksum, diff, inspect, load_expected, verify
 
-DTYPE_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}
 TAMPERED = "model.layers.0.self_attn.v_proj.weight"
-
-
-def documented_digests(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, str]]:
-    """docs/manifest.md, literally: sha256 of raw LE bytes; sorted tab-separated lines."""
-    tensors = {
-        name: hashlib.sha256(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-        for name, t in state.items()
-    }
-    lines = "".join(
-        f"{name}\t{DTYPE_NAMES[state[name].dtype]}\t"
-        f"[{','.join(str(d) for d in state[name].shape)}]\t{tensors[name]}\n"
-        for name in sorted(state)
-    )
-    return hashlib.sha256(lines.encode("utf-8")).hexdigest(), tensors
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +64,16 @@ def one_line_error(proc, code: int, *needles: str) -> str:
 
 
 # -- checksum -------------------------------------------------------------------------------
-def test_checksum_follows_the_documented_algorithm(world):
-    expected_model, expected_tensors = documented_digests(world["base_state"])
-    result = checksum(world["base"])
-    assert result.model_digest == expected_model
-    assert {n: d.sha256 for n, d in result.tensors.items()} == expected_tensors
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_checksum_follows_the_documented_algorithm(world, algorithm):
+    expected_model, expected_tensors = documented_digests(world["base_state"], algorithm)
+    result = checksum(world["base"], algorithm=algorithm)
+    assert result.model_digest == expected_model and result.algorithm == algorithm
+    assert {n: d.hexdigest for n, d in result.tensors.items()} == expected_tensors
     digest, tensors = result  # unpacks as (model_digest, tensors)
     assert digest == expected_model and tensors is result.tensors
+    if algorithm == "blake3":
+        assert checksum(world["base"]) == result  # the default
 
 
 def test_checksum_covers_odd_shapes_and_dtypes(tmp_path):
@@ -99,37 +94,55 @@ def test_checksum_covers_odd_shapes_and_dtypes(tmp_path):
     assert checksum(tmp_path / "m", block_bytes=10_000).model_digest == expected
 
 
-def test_the_worked_example_of_docs_manifest_md(tmp_path):
+WORKED_EXAMPLE = {  # docs/manifest.md: tensor w, tensor a.scale, model digest
+    "blake3": ("83376e7b4f6f582d", "58549620097146b5",
+               "e3467601e1ceea02660e0ae8e4671f3f949cc7d0a8b2883a55f61e75ae200f24"),
+    "sha256": ("b9c80b5adeca4507", "195f58bc6d6b7b36",
+               "324c5c9e004c7b44ac5e59ad9ec04a26aa6a85f563ae026ea24d6c9c59ff2dae"),
+}
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_the_worked_example_of_docs_manifest_md(tmp_path, algorithm):
     from safetensors.torch import save_file
 
     (tmp_path / "ex").mkdir()
     save_file({"w": torch.tensor([1.0, 2.0]), "a.scale": torch.tensor(0.5, dtype=torch.float16)},
               tmp_path / "ex" / "model.safetensors")
-    result = checksum(tmp_path / "ex")
-    assert result.tensors["w"].sha256.startswith("b9c80b5adeca4507")
-    assert result.tensors["a.scale"].sha256.startswith("195f58bc6d6b7b36")
-    assert result.model_digest == "324c5c9e004c7b44ac5e59ad9ec04a26aa6a85f563ae026ea24d6c9c59ff2dae"
+    result = checksum(tmp_path / "ex", algorithm=algorithm)
+    w, scale, model = WORKED_EXAMPLE[algorithm]
+    assert result.tensors["w"].hexdigest.startswith(w)
+    assert result.tensors["a.scale"].hexdigest.startswith(scale)
+    assert result.model_digest == model
 
 
 def test_block_size_does_not_change_digests(world):
     assert checksum(world["base"], block_bytes=1000) == checksum(world["base"])
 
 
-def test_checksum_cli_prints_the_digest_and_writes_a_manifest_verify_accepts(world, tmp_path):
+@pytest.mark.parametrize("algorithm, version", [("blake3", 2), ("sha256", 1)])
+def test_checksum_cli_prints_the_digest_and_writes_a_manifest_verify_accepts(
+    world, tmp_path, algorithm, version
+):
+    """docs/manifest.md: `DIGEST  DIR`; --output writes format 2 (blake3) or 1 (sha256)."""
     digests = tmp_path / "base.digests.json"
-    proc = invoke("checksum", world["base"], "--output", digests)
+    proc = invoke("checksum", world["base"], "--algorithm", algorithm, "--output", digests)
     assert proc.exit_code == 0, proc.output
-    expected, tensors = documented_digests(world["base_state"])
-    assert proc.stdout.split() == [expected, str(world["base"])]
+    expected, tensors = documented_digests(world["base_state"], algorithm)
+    assert proc.stdout == f"{expected}  {world['base']}\n"
     written = json.loads(digests.read_text())
-    assert written["format"] == "deltamerge-checksums" and written["format_version"] == 1
+    assert written["format"] == "deltamerge-checksums" and written["format_version"] == version
     assert written["model_digest"] == expected
-    assert {n: d["sha256"] for n, d in written["tensors"].items()} == tensors
+    assert {n: d[algorithm] for n, d in written["tensors"].items()} == tensors
     # The same weights as .bin shards pass against it: digests are of content, not files.
     as_bin = save_checkpoint(world["base_state"], tmp_path / "bin", fmt="bin", shard_bytes=50_000)
-    assert verify(as_bin, digests).ok
+    report = verify(as_bin, digests)
+    assert report.ok and report.algorithm == algorithm
     proc = run_cli("verify", "-q", world["target"], "--manifest", digests)
     one_line_error(proc, 1, "21 tensor(s) do not match")
+    other = "sha256" if algorithm == "blake3" else "blake3"
+    proc = run_cli("verify", "-q", as_bin, "--manifest", digests, "--algorithm", other)
+    one_line_error(proc, 2, f"holds {algorithm} digests, not {other}")
 
 
 # -- verify ---------------------------------------------------------------------------------
@@ -141,6 +154,30 @@ def test_verify_passes_on_a_good_result_with_either_manifest(world):
         assert report.matched == report.tensors == 21
         assert report.model_digest == report.expected_digest
     assert verify(world["base"], world["delta"] / "deltamerge.json", role="base").ok
+
+
+def test_format1_manifests_and_old_result_records_still_verify(world, tmp_path):
+    """Digests made before format 2 (sha256) are checked in sha256, by the CLI too."""
+    delta = tmp_path / "delta"
+    shutil.copytree(world["delta"], delta)
+    with_manifest_format(1, delta, world["base"], tmp_path / "scratch")
+    manifest = delta / "deltamerge.json"
+    assert json.loads(manifest.read_text())["format_version"] == 1
+    for role, folder in (("result", world["out"]), ("base", world["base"])):
+        report = verify(folder, manifest, role)
+        assert report.ok and report.algorithm == "sha256" and report.matched == 21
+    proc = invoke("verify", world["out"], "--manifest", manifest, "--algorithm", "sha256")
+    assert proc.exit_code == 0, proc.output
+    sha = json.loads(manifest.read_text())["result"]["model_digest"]
+    assert f"model digest sha256 {sha}" in proc.stdout
+    # A deltamerge-result.json from before format 2: no "algorithm", sha256 digests.
+    record = json.loads((world["out"] / "deltamerge-result.json").read_text())
+    assert record["algorithm"] == "blake3"
+    del record["algorithm"]
+    record["result"] = json.loads(manifest.read_text())["result"]
+    old = tmp_path / "deltamerge-result.json"
+    old.write_text(json.dumps(record))
+    assert verify(world["out"], old).ok
 
 
 def test_verify_cli_passes_then_lists_the_tampered_tensor(world, tmp_path):
@@ -155,7 +192,7 @@ def test_verify_cli_passes_then_lists_the_tampered_tensor(world, tmp_path):
     proc = run_cli("verify", "-q", out, "--manifest", manifest)
     one_line_error(proc, 1, str(out), "1 tensor(s) do not match", "20 of 21 matched")
     listed = proc.stdout.strip().splitlines()
-    assert len(listed) == 1 and listed[0].startswith(f"differs  {TAMPERED}: content: sha256")
+    assert len(listed) == 1 and listed[0].startswith(f"differs  {TAMPERED}: content: blake3")
 
 
 def test_verify_reports_missing_extra_and_changed_tensors(world, tmp_path):
@@ -323,3 +360,42 @@ def test_missing_folder_is_a_one_line_input_error(world, tmp_path, command):
     result = CliRunner().invoke(main, [command, *args])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [f"deltamerge: error: {nope}: no such file or folder"]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_the_python_of_docs_manifest_md_gives_deltamerges_digests(tmp_path, algorithm):
+    """docs/manifest.md's snippet for other tools, run as printed (sha256 as its comment says)."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "manifest.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    if algorithm == "sha256":
+        code = code.replace("from blake3 import blake3", "from hashlib import sha256 as blake3")
+    namespace: dict = {}
+    exec(code, namespace)
+    folder = save_checkpoint(llama_state(0), tmp_path / "m", shard_bytes=40_000)
+    files = sorted(folder.glob("*.safetensors"))
+    assert len(files) > 1
+    digest = namespace["model_digest"](namespace["tensor_digests"](files))
+    assert digest == checksum(folder, algorithm=algorithm).model_digest
+
+
+def test_the_digests_readme_and_docs_show_are_the_demos(tmp_path):
+    """README.md and docs/manifest.md print the demo's result digest in both algorithms."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, str(root / "scripts" / "make_example.py"), str(tmp_path)],
+                   check=True, capture_output=True, timeout=120)
+    make_delta(tmp_path / "base", tmp_path / "target", tmp_path / "delta")
+    result = apply_delta(tmp_path / "base", tmp_path / "delta", tmp_path / "rebuilt")
+    assert result.verified
+    shown = {a: checksum(tmp_path / "rebuilt", algorithm=a).model_digest for a in ALGORITHMS}
+    assert shown["blake3"] == result.model_digest
+    for doc in ("README.md", "docs/manifest.md"):
+        text = (root / doc).read_text()
+        for algorithm, digest in shown.items():
+            assert digest in text, (doc, algorithm)

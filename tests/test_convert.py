@@ -69,3 +69,41 @@ def test_convert_refuses_a_hugging_face_folder(tmp_path: Path):
     hf = save_checkpoint(llama_state(0), tmp_path / "hf")
     proc = run_cli("convert", hf, tmp_path / "out")
     assert proc.returncode == 2 and "not a Meta-layout folder" in proc.stderr
+
+
+def test_convert_keeps_the_sources_added_tokens_and_pad(tmp_path: Path):
+    """Chinese-LLaMA-Alpaca's .pth output: save_pretrained's files beside tokenizer.model."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("google.protobuf", reason="transformers reads tokenizer.model with it")
+    from test_meta import train_tokenizer
+
+    meta = tmp_path / "meta"
+    hf_to_meta(llama_state(8), PARAMS, 1, meta)
+    train_tokenizer(meta / "tokenizer.model")
+    (meta / "added_tokens.json").write_text(json.dumps({"[PAD]": 60}))
+    (meta / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "[PAD]", "unk_token": "<unk>"}))
+    (meta / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "model_max_length": 1000000000000000019884624838656, "tokenizer_class": "LlamaTokenizer"}))
+    source = transformers.AutoTokenizer.from_pretrained(meta)
+    assert (len(source), source.pad_token) == (61, "[PAD]")
+    convert(meta, tmp_path / "hf")
+    for name in ("added_tokens.json", "special_tokens_map.json", "tokenizer_config.json"):
+        assert (tmp_path / "hf" / name).read_bytes() == (meta / name).read_bytes(), name
+    for cls in (transformers.LlamaTokenizer, transformers.AutoTokenizer):
+        result = cls.from_pretrained(tmp_path / "hf")
+        assert (len(result), result.pad_token, result.pad_token_id) == (61, "[PAD]", 60)
+        text = "alpha [PAD] beta"
+        assert result(text)["input_ids"] == source(text)["input_ids"]
+
+
+def test_convert_without_a_tokenizer_says_so(tmp_path: Path):
+    state = llama_state(9)
+    hf_to_meta(state, PARAMS, 1, tmp_path / "meta")
+    proc = run_cli("convert", tmp_path / "meta", tmp_path / "hf")
+    assert proc.returncode == 0, proc.stderr
+    assert f"no tokenizer.model in {tmp_path / 'meta'} or its parent: the result has no tokenizer" \
+        in proc.stdout
+    assert_states_equal(load_state(tmp_path / "hf"), state)
+    assert not (tmp_path / "hf" / "tokenizer_config.json").exists()

@@ -2,7 +2,8 @@
 
 Every case is checked twice: through ``open_checkpoint`` (a :class:`FormatError`) and through
 ``deltamerge apply`` as a user runs it (exit 2, one line naming the file, no traceback, and
-neither OUT nor its partial folder left behind).
+neither OUT nor its partial folder left behind), the latter for a delta without a manifest and
+with one of either format: the damage is named for what it is, not as a checksum mismatch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from conftest import (
     run_cli,
     save_checkpoint,
     split_safetensors,
+    with_manifest_format,
 )
 
 from deltamerge.errors import FormatError
@@ -123,10 +125,16 @@ CASES = [
 SUBPROCESS_CASES = {"lfs-safetensors", "truncated-bin", "header-not-json"}
 
 
-def _damaged_delta(tmp_path: Path, fmt: str, sharded: bool, target: str, damage) -> Path:
+def _damaged_delta(
+    tmp_path: Path, fmt: str, sharded: bool, target: str, damage, manifest: int | None = None,
+    base: Path | None = None,
+) -> Path:
     delta = save_checkpoint(
         llama_state(1), tmp_path / "delta", fmt=fmt, shard_bytes=40_000 if sharded else None
     )
+    if manifest is not None:
+        assert base is not None
+        with_manifest_format(manifest, delta, base, tmp_path / "scratch", always=True)
     if target == "index":
         victim = next(delta.glob("*.index.json"))
     else:
@@ -149,14 +157,15 @@ def test_open_checkpoint_names_the_damage(tmp_path, fmt, sharded, target, damage
         assert word in message
 
 
+@pytest.mark.parametrize("manifest", [None, 2, 1], ids=["no-manifest", "format2", "format1"])
 @pytest.mark.parametrize(
     "case, fmt, sharded, target, damage, words", CASES, ids=[c[0] for c in CASES]
 )
-def test_apply_refuses_damaged_delta(tmp_path, case, fmt, sharded, target, damage, words):
+def test_apply_refuses_damaged_delta(tmp_path, case, fmt, sharded, target, damage, words, manifest):
     base = save_checkpoint(llama_state(0), tmp_path / "base")
-    victim = _damaged_delta(tmp_path, fmt, sharded, target, damage)
+    victim = _damaged_delta(tmp_path, fmt, sharded, target, damage, manifest, base)
     out = tmp_path / "out"
-    if case in SUBPROCESS_CASES:
+    if case in SUBPROCESS_CASES and manifest is None:
         r = run_cli("apply", base, tmp_path / "delta", out, "-q")
         code, stderr = r.returncode, r.stderr
     else:

@@ -8,7 +8,6 @@ ours must give that result back.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import struct
@@ -27,7 +26,7 @@ import deltamerge.apply
 from deltamerge import apply_delta
 from deltamerge.convert import convert
 from deltamerge.integrity.checks import verify
-from deltamerge.integrity.digest import TensorDigest, TensorHasher
+from deltamerge.integrity.digest import TensorDigest, TensorHasher, hash_bytes
 from deltamerge.integrity.manifest import Role
 from deltamerge.sinks.gguf import GGUFStreamWriter, plan_gguf
 from deltamerge.tensor_spec import TensorSpec
@@ -85,7 +84,7 @@ def gguf_digests(paths: list[Path]) -> dict:
         for t in gguf.GGUFReader(path).tensors:
             shape = tuple(int(d) for d in reversed(t.shape))
             digests[t.name] = {"dtype": t.tensor_type.name, "shape": list(shape),
-                               "sha256": hashlib.sha256(t.data.tobytes()).hexdigest()}
+                               "blake3": hash_bytes(t.data.tobytes())}
     return digests
 
 

@@ -273,20 +273,24 @@ def test_mutated_index(work, renames, edits, raw_cut):
 
 
 def valid_manifest() -> dict:
+    """A format 2 manifest with every optional part: a delta role and a header entry."""
     tensors = {
         name: TensorDigest("F16", (i + 1, 4), f"{i:064x}") for i, name in enumerate(["a", "b"])
     }
     role = {"model_digest": model_digest(tensors), "tensors": {n: d.to_json() for n, d in tensors.items()}}
     return {
-        "format": "deltamerge-manifest", "format_version": 1, "kind": "add",
+        "format": "deltamerge-manifest", "format_version": 2, "kind": "add",
         "deltamerge_version": "0.1.0", "options": {"new_rows": "zero"},
-        "files": {"model.safetensors": {"sha256": "f" * 64, "size": 10}},
-        "base": role, "result": copy.deepcopy(role),
+        "files": {"model.safetensors": {"blake3": "f" * 64, "size": 100,
+                                        "header": {"size": 72, "blake3": "e" * 64}}},
+        "base": role, "result": copy.deepcopy(role), "delta": copy.deepcopy(role),
     }
 
 
 def test_valid_manifest_parses(tmp_path):
-    assert parse_manifest(tmp_path / "deltamerge.json", valid_manifest()).kind == "add"
+    manifest = parse_manifest(tmp_path / "deltamerge.json", valid_manifest())
+    assert manifest.kind == "add" and manifest.delta is not None
+    assert manifest.files["model.safetensors"].header == (72, "e" * 64)
 
 
 @FUZZ

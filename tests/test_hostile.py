@@ -432,42 +432,70 @@ def test_fix_config_survives_any_config(tmp_path, config):
         assert json.loads((tmp_path / "config.json").read_text())["vocab_size"] == 32001
 
 
-def _manifest(**override) -> dict:
+def _manifest(version: int = 2, **override) -> dict:
+    algorithm = {1: "sha256", 2: "blake3"}[version]
     sha = "0" * 64
     from deltamerge.integrity.digest import TensorDigest, model_digest
 
-    tensors = {"a": TensorDigest("F16", (2,), sha)}
-    role = {"model_digest": model_digest(tensors), "tensors": {"a": tensors["a"].to_json()}}
+    tensors = {"a": TensorDigest("F16", (2,), sha, algorithm)}
+    role = {"model_digest": model_digest(tensors, algorithm),
+            "tensors": {"a": tensors["a"].to_json()}}
     obj = {
-        "format": "deltamerge-manifest", "format_version": 1, "kind": "add",
+        "format": "deltamerge-manifest", "format_version": version, "kind": "add",
         "deltamerge_version": "0.1.0", "options": {},
-        "files": {"model.safetensors": {"sha256": sha, "size": 10}},
+        "files": {"model.safetensors": {algorithm: sha, "size": 10}},
         "base": role, "result": role,
     }
     obj.update(override)
     return obj
 
 
+def _hostile_manifests(version: int) -> list[tuple[dict, str]]:
+    algorithm = {1: "sha256", 2: "blake3"}[version]
+    zero = {algorithm: "0" * 64}
+
+    def m(**override) -> dict:
+        return _manifest(version, **override)
+
+    cases = [
+        ([1, 2], "expected a JSON object"),
+        (m(format="other"), "unknown format"),
+        (m(format_version=str(version)), "unknown format"),
+        (m(format_version=True), "unknown format"),
+        (m(format_version=3), "unknown format"),
+        (m(kind=["add"]), "'kind' must be a string"),
+        (m(files=[]), "'files' must be an object"),
+        (m(files={"../x": {**zero, "size": 1}}), "relative path"),
+        (m(files={"/etc/passwd": {**zero, "size": 1}}), "relative path"),
+        (m(files={"a": {**zero, "size": True}}), "integer size"),
+        (m(files={"a": {**zero, "size": "1"}}), "integer size"),
+        (m(files={"a": {algorithm: "xyz", "size": 1}}), f"64-hex {algorithm}"),
+        (m(options=[]), "'options' must be an object"),
+        (m(base=[]), "'base' must be an object"),
+        (m(base={"tensors": {"a": 1}}), "is not an object"),
+        (m(base={"tensors": {"a": {"dtype": "F16", "shape": "2", **zero}}}), "shape must be"),
+        (m(result={"tensors": {}, "model_digest": "0" * 64}), "does not match"),
+    ]
+    other = "sha256" if algorithm == "blake3" else "blake3"
+    # Digests in the other format's algorithm: a format 1 file is sha256 throughout, 2 blake3.
+    cases.append((m(files={"a": {other: "0" * 64, "size": 1}}), f"64-hex {algorithm}"))
+    cases.append((m(base={"model_digest": "0" * 64, "tensors": {
+        "a": {"dtype": "F16", "shape": [2], other: "0" * 64}}}), f"64-hex {algorithm}"))
+    if version == 2:
+        cases += [
+            (m(files={"a": {**zero, "size": 100, "header": []}}), "'header' needs"),
+            (m(files={"a": {**zero, "size": 100, "header": {**zero, "size": 101}}}), "'header' needs"),
+            (m(files={"a": {**zero, "size": 100, "header": {"size": 8}}}), "'header' needs"),
+            (m(delta={"tensors": {}, "model_digest": "0" * 64}), "'delta' model_digest"),
+            (m(delta=[]), "'delta' must be an object"),
+        ]
+    return cases
+
+
 @pytest.mark.parametrize(
     "manifest, words",
-    [
-        ([1, 2], "expected a JSON object"),
-        (_manifest(format="other"), "unknown format"),
-        (_manifest(format_version="1"), "unknown format"),
-        (_manifest(kind=["add"]), "'kind' must be a string"),
-        (_manifest(files=[]), "'files' must be an object"),
-        (_manifest(files={"../x": {"sha256": "0" * 64, "size": 1}}), "relative path"),
-        (_manifest(files={"/etc/passwd": {"sha256": "0" * 64, "size": 1}}), "relative path"),
-        (_manifest(files={"a": {"sha256": "0" * 64, "size": True}}), "integer size"),
-        (_manifest(files={"a": {"sha256": "0" * 64, "size": "1"}}), "integer size"),
-        (_manifest(files={"a": {"sha256": "xyz", "size": 1}}), "64-hex sha256"),
-        (_manifest(options=[]), "'options' must be an object"),
-        (_manifest(base=[]), "'base' must be an object"),
-        (_manifest(base={"tensors": {"a": 1}}), "is not an object"),
-        (_manifest(base={"tensors": {"a": {"dtype": "F16", "shape": "2", "sha256": "0" * 64}}}),
-         "shape must be"),
-        (_manifest(result={"tensors": {}, "model_digest": "0" * 64}), "does not match"),
-    ],
+    _hostile_manifests(2) + _hostile_manifests(1),
+    ids=[f"format{v}-{i}" for v in (2, 1) for i in range(len(_hostile_manifests(v)))],
 )
 def test_hostile_manifest_is_refused(tmp_path, manifest, words):
     base = save_checkpoint(llama_state(0), tmp_path / "base")

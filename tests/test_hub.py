@@ -7,6 +7,7 @@ HF_HOME per test) and ends by checking that no request fell outside the routes i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -125,6 +126,38 @@ def test_damaged_cache_blob_is_hashed_again_and_refused(hub, api, models, tmp_pa
     assert not blob.exists()  # removed, so the next run downloads it again
     again = apply_delta("alice/base", "alice/delta", tmp_path / "three", hub={"api": api})
     assert again.model_digest == models.local.model_digest
+
+
+def test_a_verified_blob_is_not_hashed_again_and_a_change_behind_its_back_is_still_caught(
+    hub, api, models, tmp_path, monkeypatch
+):
+    """The Hub's sha256 is checked once, at download; a warm apply hashes no blob as a file. A
+    byte changed in a cached blob with its size, inode and mtime kept fools that memory, and is
+    then caught by what every apply checks: the base's tensors against the delta's manifest."""
+    import deltamerge.sources.hub as hub_module
+    from deltamerge.formats.safetensors import read_header
+
+    publish(api, models)
+    apply_delta("alice/base", "alice/delta", tmp_path / "one", hub={"api": api})
+    hashed = []
+    for name in ("file_digest", "git_blob_sha1"):
+        real = getattr(hub_module, name)
+        monkeypatch.setattr(hub_module, name, lambda *a, real=real, **k: hashed.append(a) or real(*a, **k))
+    again = apply_delta("alice/base", "alice/delta", tmp_path / "two", hub={"api": api})
+    assert again.verified and hashed == []
+
+    blob = (open_repo("alice/base", api).folder / "model.safetensors").resolve()
+    st = blob.stat()
+    stored = read_header(blob).tensors["model.norm.weight"]
+    with open(blob, "r+b") as f:  # in place: the same inode
+        f.seek(stored.offset)
+        byte = f.read(1)[0]
+        f.seek(stored.offset)
+        f.write(bytes([byte ^ 1]))
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(VerificationError, match="'model.norm.weight' does not match the publisher's base"):
+        apply_delta("alice/base", "alice/delta", tmp_path / "three", hub={"api": api})
+    assert hashed == []
 
 
 def test_offline_with_a_warm_cache(hub, api, models, tmp_path, monkeypatch):
@@ -309,7 +342,7 @@ def test_xor_files_delta_from_the_hub_pairs_base_files_by_name(hub, api, tmp_pat
     from test_kinds_xor import _oa_release, oa_encode
 
     base, tuned, delta = _oa_release(tmp_path)
-    oa_encode(tuned, base, delta, compress=False)
+    oa_encode(tuned, base, delta)
     (delta / "README.md").write_text("# oasst xor weights\n")
     local = apply_delta(base, delta, tmp_path / "local")
     push_to_hub(base, "alice/llama-hf", api=api)
@@ -324,6 +357,22 @@ def test_xor_files_delta_from_the_hub_pairs_base_files_by_name(hub, api, tmp_pat
     assert result.kinds == ["xor-files"] and result.model_digest == local.model_digest
     assert "model.safetensors" not in resolved_files(hub, "alice/llama-hf")  # the .bin shards only
     assert resolved_files(hub, "alice/oa-xor") == {p.name for p in delta.iterdir()} - {"README.md"}
+
+
+def test_enc_release_from_the_hub_is_fetched_whole(hub, api, tmp_path):
+    """OpenBuddy's .enc files are fetched whole and decoded with the local Meta file's key."""
+    from test_kinds_enc import fake_meta_7b, openbuddy_release
+
+    from deltamerge.integrity.checks import checksum
+
+    meta, key_md5 = fake_meta_7b(tmp_path)
+    model, release = openbuddy_release(tmp_path, meta / "consolidated.00.pth")
+    push_to_hub(release, "openbuddy/openbuddy-7b-enc", api=api)
+    result = apply_delta(meta / "consolidated.00.pth", "openbuddy/openbuddy-7b-enc",
+                         tmp_path / "out", key_md5=key_md5, hub={"api": api})
+    assert result.kinds == ["enc"]
+    assert result.model_digest == checksum(model).model_digest
+    assert resolved_files(hub, "openbuddy/openbuddy-7b-enc") == {p.name for p in release.iterdir()}
 
 
 def test_make_delta_and_the_integrity_commands_take_repo_ids(hub, api, models, tmp_path):

@@ -1,7 +1,9 @@
 """Checksums end to end in apply and make-delta: what is caught, what is said, what is left behind.
 
 Each case is a user story: a bit flipped on disk in the base, a corrupted download of the delta,
-the wrong base of the same shapes (LLaMA-2 for LLaMA-1), the same base in another format.
+the wrong base of the same shapes (LLaMA-2 for LLaMA-1), the same base in another format. Every
+case runs with both manifest formats: 2 (BLAKE3, the delta checked by its tensors), as
+make-delta writes it, and 1 (sha256, whole files), as deltamerge wrote it before.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import assert_states_equal, llama_state, load_state, run_cli, save_checkpoint
+from conftest import (
+    assert_states_equal,
+    llama_state,
+    load_state,
+    run_cli,
+    save_checkpoint,
+    with_manifest_format,
+)
 
 from deltamerge import VerificationError, apply_delta, make_delta
 from deltamerge.cli import main
@@ -49,8 +58,8 @@ def fine_tune(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tens
     return {k: (v.float() + noise[k].float()).to(v.dtype) for k, v in state.items()}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
+@pytest.fixture(scope="module", params=[2, 1], ids=["format2", "format1"])
+def world(tmp_path_factory, request) -> dict:
     """A base, a fine-tune of it, and the delta between them with its manifest (made once)."""
     root = tmp_path_factory.mktemp("integrity")
     base_state = llama_state(0, vocab=BIG_VOCAB)
@@ -58,7 +67,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
     target = save_checkpoint(fine_tune(base_state, 7), root / "target")
     delta = root / "delta"
     make_delta(base, target, delta, max_shard_size="600KB")
-    return {"root": root, "base": base, "target": target, "delta": delta}
+    algorithm = with_manifest_format(request.param, delta, base, root / "scratch")
+    return {"root": root, "base": base, "target": target, "delta": delta, "algorithm": algorithm,
+            "format": request.param}
 
 
 def invoke(*args: object) -> Result:
@@ -142,16 +153,21 @@ def test_changed_byte_in_a_delta_shard_fails_the_cli(world, tmp_path):
     victim = corrupt_delta_file(delta, "large shard")
     out = tmp_path / "out"
     proc = run_cli("apply", "-q", world["base"], delta, out)
-    assert_failed_cleanly(proc, out, 1, victim.name, "sha256", "does not match deltamerge.json")
+    line = assert_failed_cleanly(proc, out, 1, victim.name, world["algorithm"],
+                                 "does not match deltamerge.json")
+    if world["format"] == 2:  # checked by its tensors, named
+        assert f"tensor {next(iter(read_header(victim).tensors))!r}" in line
 
 
 @pytest.mark.parametrize("which", ["large shard", "small shard", "config.json"])
-def test_changed_byte_in_a_delta_file_is_caught_by_its_sha256(world, tmp_path, which):
-    """Shards above 1 MiB are hashed from the reads the merge makes; others and config.json whole."""
+def test_changed_byte_in_a_delta_file_is_caught_by_its_digest(world, tmp_path, which):
+    """Format 2: shards by their tensors, from the merge's reads, and config.json whole.
+    Format 1: shards above 1 MiB hashed from the merge's reads; the others read whole."""
     delta = copy(world["delta"], tmp_path / "delta")
     victim = corrupt_delta_file(delta, which)
     out = tmp_path / "out"
-    with pytest.raises(VerificationError, match=f"{victim.name}: sha256 .* does not match") as err:
+    pattern = f"{victim.name}: .*{world['algorithm']} .*does not match deltamerge.json"
+    with pytest.raises(VerificationError, match=pattern) as err:
         apply_delta(world["base"], delta, out)
     assert err.value.exit_code == 1
     assert not out.exists() and not partial_dir(out).exists()
@@ -171,7 +187,9 @@ def test_same_base_in_other_layouts_has_one_digest_and_passes(world, tmp_path):
     as_bin = save_checkpoint(state, tmp_path / "bin", fmt="bin", shard_bytes=400_000)
     resharded = save_checkpoint(state, tmp_path / "st", shard_bytes=150_000)
     assert len(list(as_bin.glob("*.bin"))) > 1 and len(list(resharded.glob("*.safetensors"))) > 2
-    digests = {checksum(p).model_digest for p in (world["base"], as_bin, resharded)}
+    algorithm = world["algorithm"]
+    digests = {checksum(p, algorithm=algorithm).model_digest
+               for p in (world["base"], as_bin, resharded)}
     assert len(digests) == 1
     manifest = world["delta"] / MANIFEST_NAME
     assert json.loads(manifest.read_text())["base"]["model_digest"] in digests
@@ -191,13 +209,15 @@ def test_make_delta_then_apply_matches_the_publishers_result(world, tmp_path):
     proc = invoke("apply", world["base"], delta, out)
     assert proc.exit_code == 0, proc.output
     manifest = json.loads((delta / MANIFEST_NAME).read_text())
+    algorithm = world["algorithm"]
     expected = manifest["result"]["model_digest"]
-    assert f"digest    {expected} (matches the publisher's result)" in proc.stdout
-    assert checksum(out).model_digest == expected
+    assert f"digest    {algorithm} {expected} (matches the publisher's result)" in proc.stdout
+    assert checksum(out, algorithm=algorithm).model_digest == expected
     record = json.loads((out / "deltamerge-result.json").read_text())
+    assert record["algorithm"] == algorithm
     assert record["result"]["model_digest"] == expected
     assert record["publisher_digest"] == expected
-    assert manifest["base"]["model_digest"] == checksum(world["base"]).model_digest
+    assert manifest["base"]["model_digest"] == checksum(world["base"], algorithm=algorithm).model_digest
 
 
 def test_manifest_records_every_delta_file(world):
@@ -215,7 +235,7 @@ def test_delta_without_a_manifest_still_applies_and_prints_the_digest(world, tmp
     proc = invoke("apply", world["base"], delta, out)
     assert proc.exit_code == 0, proc.output
     digest = checksum(out).model_digest
-    assert f"digest    {digest} (no manifest from the publisher" in proc.stdout
+    assert f"digest    blake3 {digest} (no manifest from the publisher" in proc.stdout
     record = json.loads((out / "deltamerge-result.json").read_text())
     assert record["publisher_digest"] is None
     assert record["result"]["model_digest"] == digest
@@ -240,11 +260,12 @@ def test_result_that_differs_from_the_publishers_is_refused(world, tmp_path):
     path = delta / MANIFEST_NAME
     manifest = json.loads(path.read_text())
     tensors = manifest["result"]["tensors"]
-    tensors[TAMPERED]["sha256"] = "0" * 64
+    algorithm = world["algorithm"]
+    tensors[TAMPERED][algorithm] = "0" * 64
     from deltamerge.integrity.manifest import parse_manifest
 
     manifest["result"]["model_digest"] = model_digest(
-        {n: _digest(d) for n, d in tensors.items()}
+        {n: _digest(d, algorithm) for n, d in tensors.items()}, algorithm
     )
     path.write_text(json.dumps(manifest))
     parse_manifest(path, manifest)  # still a valid manifest
@@ -254,10 +275,10 @@ def test_result_that_differs_from_the_publishers_is_refused(world, tmp_path):
     assert not out.exists() and not partial_dir(out).exists()
 
 
-def _digest(obj: dict):
+def _digest(obj: dict, algorithm: str):
     from deltamerge.integrity.digest import TensorDigest
 
-    return TensorDigest(obj["dtype"], tuple(obj["shape"]), obj["sha256"])
+    return TensorDigest(obj["dtype"], tuple(obj["shape"]), obj[algorithm], algorithm)
 
 
 def test_no_verify_still_takes_the_kind_from_the_manifest(world, tmp_path):
@@ -268,3 +289,98 @@ def test_no_verify_still_takes_the_kind_from_the_manifest(world, tmp_path):
     unchecked = apply_delta(world["base"], delta, tmp_path / "unchecked", verify=False)
     assert checked.verified and not unchecked.verified
     assert unchecked.kinds == ["xor"] and unchecked.model_digest == checked.model_digest
+
+
+@pytest.mark.parametrize("old, new", [(b'"F16"', b'"I16"'), (b'"pt"', b'"pu"')],
+                         ids=["dtype", "metadata"])
+def test_changed_header_that_still_parses_is_caught(world, tmp_path, old, new):
+    """A header edited in place, the same length and still valid (another dtype of the same
+    size, which changes what the bytes mean; or its metadata): format 2 checks the tensor table
+    against the manifest and the header's bytes against their digest."""
+    delta = copy(world["delta"], tmp_path / "delta")
+    victim = max(delta.glob("*.safetensors"), key=lambda f: f.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    at = data.index(old)
+    data[at : at + len(old)] = new
+    victim.write_bytes(bytes(data))
+    read_header(victim)  # still a valid safetensors file
+    out = tmp_path / "out"
+    if world["format"] == 1 or old == b'"pt"':
+        pattern = f"{victim.name}: .*{world['algorithm']} .*does not match deltamerge.json"
+    else:
+        pattern = f"{victim.name}: tensor .* is I16.* but F16.* in deltamerge.json"
+    with pytest.raises(VerificationError, match=pattern):
+        apply_delta(world["base"], delta, out)
+    assert not out.exists() and not partial_dir(out).exists()
+
+
+def test_format2_round_trip_records_what_other_tools_can_check(world, tmp_path):
+    """make-delta's manifest: b3sum of every file, of each shard's header bytes, and the delta's
+    own tensors; apply checks them and records its result in BLAKE3."""
+    if world["format"] != 2:
+        pytest.skip("the manifest make-delta writes is format 2")
+    import blake3
+    from conftest import documented_digests
+
+    delta = world["delta"]
+    manifest = json.loads((delta / MANIFEST_NAME).read_text())
+    assert manifest["format_version"] == 2
+    for name, entry in manifest["files"].items():
+        data = (delta / name).read_bytes()
+        assert entry["blake3"] == blake3.blake3(data).hexdigest() and entry["size"] == len(data)
+        if name.endswith(".safetensors"):
+            start = read_header(delta / name).data_start
+            assert entry["header"] == {"size": start, "blake3": blake3.blake3(data[:start]).hexdigest()}
+        else:
+            assert "header" not in entry
+    expected, tensors = documented_digests(load_state(delta))
+    assert manifest["delta"]["model_digest"] == expected
+    assert {n: t["blake3"] for n, t in manifest["delta"]["tensors"].items()} == tensors
+    assert manifest["base"]["model_digest"] == documented_digests(load_state(world["base"]))[0]
+
+    result = apply_delta(world["base"], delta, tmp_path / "out")
+    assert result.verified and result.algorithm == "blake3"
+    assert result.model_digest == documented_digests(load_state(tmp_path / "out"))[0]
+    assert result.model_digest == manifest["result"]["model_digest"]
+
+
+def test_a_verified_apply_hashes_each_byte_once(world, tmp_path, monkeypatch):
+    """The base's tensors, the delta's content and the result, and nothing twice: with format 2 a
+    delta shard is never hashed as a file (only its header); format 1 hashes each file once."""
+    import deltamerge.integrity.digest as digest_module
+
+    hashed = []
+    real = digest_module.new_hash
+
+    class Counting:
+        def __init__(self, algorithm, data=b""):
+            self._h = real(algorithm, data)
+            hashed.append(len(data))
+
+        def update(self, data):
+            hashed.append(len(memoryview(data).cast("B")))
+            self._h.update(data)
+
+        def hexdigest(self):
+            return self._h.hexdigest()
+
+    monkeypatch.setattr(digest_module, "new_hash", Counting)
+    out = tmp_path / "out"
+    result = apply_delta(world["base"], world["delta"], out, workers=2)
+    monkeypatch.undo()
+    assert result.verified
+
+    def tensor_bytes(folder: Path) -> int:
+        return sum(t.numel() * t.element_size() for t in load_state(folder).values())
+
+    files = [f for f in world["delta"].iterdir() if f.name != MANIFEST_NAME]
+    if world["format"] == 2:
+        shards = [f for f in files if f.suffix == ".safetensors"]
+        delta_bytes = tensor_bytes(world["delta"]) + sum(read_header(f).data_start for f in shards)
+        delta_bytes += sum(f.stat().st_size for f in files if f not in shards)
+    else:
+        delta_bytes = sum(f.stat().st_size for f in files)
+    expected = tensor_bytes(world["base"]) + delta_bytes + tensor_bytes(out)
+    lines = sum(hashed) - expected  # model digests: a short line per tensor, a few times over
+    smallest_shard = min(f.stat().st_size for f in files if f.suffix == ".safetensors")
+    assert 0 <= lines < 32 * 1024 < smallest_shard

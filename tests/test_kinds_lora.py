@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import deltamerge.kinds.lora as lora
 from deltamerge import apply_delta
 from deltamerge.errors import MismatchError, UnsupportedError
-from deltamerge.kinds.lora import pattern_value
+from deltamerge.kinds.patterns import match_patterns
 
 VOCAB = 96
 SMALL_BLOCK = 1000  # bytes: 3 or 4 rows a block, so blocks start inside the product's windows
@@ -219,10 +219,10 @@ def test_rank_must_match_the_config(tmp_path: Path, bases) -> None:
         apply_delta(bases[torch.float16], adapter, tmp_path / "out")
 
 
-def test_pattern_rule_is_peft_s() -> None:
+def test_pattern_rule_is_peft_s(tmp_path: Path) -> None:
     """``(.*\\.)?(key)$``: a key matches whole trailing name components, first key wins."""
-    patterns = {"v_proj": 4, "layers.1.mlp.up_proj": 2}
-    assert pattern_value(patterns, "model.layers.0.self_attn.v_proj", 8) == 4
-    assert pattern_value(patterns, "model.layers.1.mlp.up_proj", 8) == 2
-    assert pattern_value(patterns, "model.layers.11.mlp.up_proj", 8) == 8
-    assert pattern_value(patterns, "model.layers.0.self_attn.xv_proj", 8) == 8
+    modules = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.up_proj",
+               "model.layers.11.mlp.up_proj", "model.layers.0.self_attn.xv_proj"]
+    patterns = {"v_proj": 4, "layers.1.mlp.up_proj": 2, "up_proj": 3}
+    found = match_patterns(tmp_path, {"rank_pattern": patterns}, modules)["rank_pattern"]
+    assert found == {modules[0]: 4, modules[1]: 2, modules[2]: 3}

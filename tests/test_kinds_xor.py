@@ -90,19 +90,19 @@ def oa_xor_file(dst: Path, payload: Path, base: Path, compress: bool, block: int
                     break
 
 
-def oa_encode(finetuned: Path, base: Path, dst: Path, compress: bool = False) -> None:
-    """``xor_codec.py DST FINETUNED BASE --encode [--compress]``, except that compressed files
-    get the ``.gz`` suffix deltamerge reads them by."""
+def oa_encode(finetuned: Path, base: Path, dst: Path, compress: str | None = None) -> None:
+    """``xor_codec.py DST FINETUNED BASE --encode [--compress]``: with ``compress="plain"`` the
+    gzip files keep their names, as xor_codec.py writes them; ``"suffix"`` names them ``X.gz``."""
     dst.mkdir()
     shutil.copy(finetuned / "added_tokens.json", dst / "added_tokens.json")
     for name in os.listdir(finetuned):
-        target = dst / (name + ".gz" if compress else name)
+        target = dst / (name + ".gz" if compress == "suffix" else name)
         try:
-            oa_xor_file(target, finetuned / name, base / name, compress)
+            oa_xor_file(target, finetuned / name, base / name, compress is not None)
         except OSError:
             continue  # "Exception when processing": the base lacks it
-        if compress and name == "added_tokens.json":
-            (dst / name).unlink()  # the decoder overwrote its plain copy under the same name
+        if compress == "suffix" and name == "added_tokens.json":
+            (dst / name).unlink()  # the encoder overwrote its plain copy under the same name
 
 
 def _oa_release(tmp_path: Path, base_added_tokens: bool = False) -> tuple[Path, Path, Path]:
@@ -136,10 +136,10 @@ def _md5_list(folder: Path, names: list[str], path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("compress", [None, "plain", "suffix"])
 @pytest.mark.parametrize("base_added_tokens", [False, True])
 def test_xor_files_decode_byte_for_byte(
-    tmp_path: Path, compress: bool, base_added_tokens: bool
+    tmp_path: Path, compress: str | None, base_added_tokens: bool
 ) -> None:
     base, tuned, delta = _oa_release(tmp_path, base_added_tokens)
     oa_encode(tuned, base, delta, compress)
@@ -245,13 +245,15 @@ def test_md5_list_lines_are_validated(tmp_path: Path) -> None:
         apply_delta(base, delta, tmp_path / "out", expect_md5=bad)
 
 
-def test_xor_files_compressed_without_suffix_is_explained(tmp_path: Path) -> None:
-    """xor_codec.py --compress keeps the names; decoding such files raw breaks the archives."""
-    base, tuned, delta = _oa_release(tmp_path)
-    oa_encode(tuned, base, delta, compress=True)
-    for gz in delta.glob("*.gz"):
-        gz.rename(gz.with_suffix(""))
+def test_xor_files_compressed_under_plain_names_are_decoded(tmp_path: Path) -> None:
+    """xor_codec.py --compress keeps the names: the gzip header, not the name, says compressed."""
+    base, tuned, delta = _oa_release(tmp_path, base_added_tokens=True)
+    oa_encode(tuned, base, delta, compress="plain")
+    assert not list(delta.glob("*.gz"))
+    assert (delta / "config.json").read_bytes()[:2] == b"\x1f\x8b"
     assert looks_like_xor_files(delta)
-    with pytest.raises(VerificationError, match="looks gzip-compressed .* name it"):
-        apply_delta(base, delta, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    done = run_cli("apply", base, delta, tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert "(kind: xor-files)" in done.stdout
+    for name, data in _decoded_files(tuned, base, True).items():
+        assert (tmp_path / "out" / name).read_bytes() == data, name

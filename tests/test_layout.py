@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("public API", ["deltamerge"]),  # the package itself: lazy names only
     ("entry points", [
         "deltamerge.apply", "deltamerge.make_delta", "deltamerge.convert", "deltamerge.preflight",
-        "deltamerge.integrity.checks", "deltamerge.hub",
+        "deltamerge.integrity.checks", "deltamerge.integrity.delta_checks", "deltamerge.hub",
     ]),
     ("engine", ["deltamerge.engine"]),
     ("kinds", ["deltamerge.kinds"]),
@@ -217,3 +217,17 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     assert circle is not None and {"deltamerge.kinds", "deltamerge.sources.checkpoint"} <= set(circle)
     assert ("deltamerge.readers", 1, False) in graph["deltamerge.kinds.stale"]
     assert deferred_imports(graph) == ["deltamerge.kinds.detect:2 imports deltamerge.kinds inside a function"]
+
+
+def test_public_names_survive_their_modules_being_imported():
+    """``deltamerge.make_delta`` is the function even after its module was imported by name (as
+    the CLI does); a fresh interpreter, since the test session may have imported either first."""
+    import subprocess
+    import sys
+
+    code = (
+        "import deltamerge.make_delta, deltamerge.convert, deltamerge, types\n"
+        "for n in ('make_delta', 'convert'):\n"
+        "    assert not isinstance(getattr(deltamerge, n), types.ModuleType), n\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

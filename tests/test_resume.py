@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import assert_states_equal, llama_state, load_state, run_cli, save_checkpoint
+from conftest import (
+    assert_states_equal,
+    llama_state,
+    load_state,
+    run_cli,
+    save_checkpoint,
+    with_manifest_format,
+)
+from test_integrity import file_holding, fine_tune, flip_bit
+
+from deltamerge.formats.safetensors import read_header
+from deltamerge.make_delta import make_delta  # the function: the package name is also a module
 
 SHARD = "30000"  # about nine output shards for the tiny model
 
@@ -69,14 +83,67 @@ def test_resume_refuses_a_partial_folder_from_other_options(tmp_path: Path, inpu
     assert other.returncode == 2 and "other inputs or options" in other.stderr
 
 
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> tuple[Path, Path]:
+    """A base and a delta made by make-delta, with its manifest."""
+    root = tmp_path_factory.mktemp("published")
+    state = llama_state(0)
+    base = save_checkpoint(state, root / "base", shard_bytes=40_000)
+    target = save_checkpoint(fine_tune(state, 5), root / "target")
+    make_delta(base, target, root / "delta", max_shard_size="40KB")
+    return base, root / "delta"
+
+
+def _kill_after_shards(tmp_path: Path, base: Path, delta: Path) -> tuple[tuple, list[str]]:
+    out = tmp_path / "out"
+    args = ("apply", base, delta, out, "--max-shard-size", SHARD, "--workers", "2",
+            "--block-size", "4096")
+    killed = run_cli(*args, "--quiet", env={"DELTAMERGE_KILL_AT": "shard:3"})
+    assert killed.returncode == -9, killed.stderr
+    journal = (tmp_path / ".out.deltamerge-partial" / "journal.jsonl").read_text().splitlines()
+    return args, [json.loads(line)["shard"] for line in journal[1:]]
+
+
+@pytest.mark.parametrize("fmt", [2, 1])
+def test_a_resumed_run_still_checks_the_delta_behind_the_shards_it_kept(tmp_path, published, fmt):
+    """The kept shards' delta rows are not read again, so their check is made after the run: a
+    delta changed between the kill and the resume (size and mtime kept) is still caught."""
+    base, made = published
+    delta = tmp_path / "delta"
+    shutil.copytree(made, delta)
+    algorithm = with_manifest_format(fmt, delta, base, tmp_path / "scratch")
+    args, kept = _kill_after_shards(tmp_path, base, delta)
+    partial = tmp_path / ".out.deltamerge-partial"
+    tensor = next(iter(read_header(partial / kept[0]).tensors))
+    victim = file_holding(delta, tensor)
+    st = victim.stat()
+    flip_bit(victim, tensor)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # the plan's fingerprint still fits
+    resumed = run_cli(*args, "--resume", "--quiet")
+    assert resumed.returncode == 1, resumed.stderr
+    assert victim.name in resumed.stderr and algorithm in resumed.stderr
+    if fmt == 2:
+        assert f"tensor {tensor!r}" in resumed.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_resumed_run_of_a_published_delta_is_verified(tmp_path, published):
+    base, delta = published
+    args, kept = _kill_after_shards(tmp_path, base, delta)
+    assert kept
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(matches the publisher's result)" in resumed.stdout
+
+
 # As from a terminal: a child of a background job starts with SIGINT ignored, and Python then
 # installs no Ctrl-C handler at all, so the child sets the default one itself.
 FOREGROUND = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)"
 
 
-@pytest.mark.parametrize("signal_name,workers", [("TERM", "2"), ("INT", "1")])
+@pytest.mark.parametrize("signal_name,workers,status", [("TERM", "2", 143), ("INT", "1", 130)])
 def test_signals_stop_cleanly_and_keep_the_partial_folder(
-    tmp_path: Path, inputs, signal_name: str, workers: str
+    tmp_path: Path, inputs, signal_name: str, workers: str, status: int
 ):
     base, delta, reference = inputs
     out = tmp_path / "out"
@@ -84,7 +151,7 @@ def test_signals_stop_cleanly_and_keep_the_partial_folder(
             "--block-size", "4096")
     stopped = run_cli(*args, env={"DELTAMERGE_KILL_AT": "block:9",
                                   "DELTAMERGE_KILL_SIGNAL": signal_name}, prelude=FOREGROUND)
-    assert stopped.returncode == 1, stopped.stderr
+    assert stopped.returncode == status, stopped.stderr
     assert "Traceback" not in stopped.stderr and "--resume" in stopped.stderr
     assert not out.exists() and (tmp_path / ".out.deltamerge-partial").is_dir()
     resumed = run_cli(*args, "--resume", "--quiet")

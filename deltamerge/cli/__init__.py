@@ -15,7 +15,7 @@ import warnings
 import click
 
 from ..version import __version__
-from .common import DEBUG, interrupt, route_library_logs
+from .common import DEBUG, debug_option, interrupt, route_library_logs
 from .convert import convert_cmd
 from .hub import push_cmd
 from .integrity import checksum_cmd, diff_cmd, inspect_cmd, verify_cmd
@@ -42,4 +42,5 @@ def main(debug: bool) -> None:
 
 for _command in (apply_cmd, make_delta_cmd, convert_cmd, push_cmd, checksum_cmd, verify_cmd,
                  inspect_cmd, diff_cmd):
+    _command.params.append(debug_option())  # `deltamerge CMD --debug ...` as well as before CMD
     main.add_command(_command)

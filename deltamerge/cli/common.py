@@ -1,28 +1,70 @@
 """What every command shares: one-line errors with the documented exit status, sizes, options.
 
-Exit status: 0 done, 2 bad usage or input, 1 the result could not be made or verified.
-Errors are one line without a traceback (``--debug`` shows it).
+Exit status: 0 done, 2 bad usage or input, 1 the result could not be made or verified, 130 after
+Ctrl-C and 143 after SIGTERM, 141 when the reader of stdout went away (``| head``). Errors are
+one line; ``--debug`` adds the traceback before it and never changes the status.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
+import select
+import signal
 import sys
+import traceback
 from collections.abc import Callable
 
 import click
 
-from ..errors import DeltaMergeError
+from ..errors import DeltaMergeError, Terminated, signal_status
 from ..sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 
 DEBUG = {"on": False}
+# What a shell reports for a process SIGPIPE killed, as git and coreutils end in `... | head`.
+BROKEN_PIPE_STATUS = 128 + int(signal.SIGPIPE)
+
+
+def printable(text: str) -> str:
+    """``text`` with control and format characters escaped (``\\x1b``, ``\\n``, ``\\u202e``).
+
+    Tensor and file names come from strangers' files: printed raw, an escape sequence in one
+    would drive the user's terminal (retitle it, clear it, or write the clipboard), and a
+    newline in a path would cut an error message in two.
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def say(text: str) -> None:
+    """One line of a command's report, printable whatever names it holds."""
+    click.echo(printable(text))
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"deltamerge: error: {message}", err=True)
+    if DEBUG["on"]:
+        traceback.print_exc()
+    click.echo(f"deltamerge: error: {printable(message)}", err=True)
     sys.exit(code)
+
+
+def _stdout_gone() -> bool:
+    """Whether nobody reads stdout any more (its pipe's reader exited, as ``head`` does)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _quiet_exit() -> None:
+    """End without a word: what is left in stdout's buffer goes to /dev/null, not to an error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    sys.exit(BROKEN_PIPE_STATUS)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -33,14 +75,12 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except DeltaMergeError as exc:
-            if DEBUG["on"]:
-                raise
-            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted; nothing was written to OUT", 1)
+            _fail(str(exc) or type(exc).__name__, exc.exit_code)
+        except KeyboardInterrupt as exc:
+            _fail("interrupted; nothing was written to OUT", signal_status(exc))
         except OSError as exc:
-            if DEBUG["on"]:
-                raise
+            if isinstance(exc, BrokenPipeError) and _stdout_gone():
+                _quiet_exit()
             _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), 1)
 
     return wrapper
@@ -67,7 +107,7 @@ def mib(n: int) -> str:
 
 def interrupt(signum: int, frame: object) -> None:
     """SIGTERM stops a run as Ctrl-C does: cleanly, keeping its partial folder for --resume."""
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def common_run_options(fn: Callable) -> Callable:
@@ -125,3 +165,74 @@ def route_library_logs() -> None:
 
 def default_workers() -> int:
     return 1 if (os.cpu_count() or 1) < 2 else 2
+
+
+# The spellings dtypes.USER_DTYPES accepts, named here so that --help does not load torch
+# (tests/test_cli_grammar.py keeps the two lists equal).
+DTYPE_NAMES = ("float16", "fp16", "bfloat16", "bf16", "float32", "fp32")
+DTYPE = click.Choice(DTYPE_NAMES, case_sensitive=False)
+
+
+def _debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        DEBUG["on"] = True
+
+
+def debug_option() -> click.Option:
+    """``--debug`` for a subcommand, so it works after the command's name as well as before."""
+    return click.Option(["--debug"], is_flag=True, expose_value=False, is_eager=True,
+                        callback=_debug, help="Show tracebacks on errors.")
+
+
+def hub_options(fn: Callable) -> Callable:
+    """``--token``, ``--revision`` and ``--cache-dir``, spelled as huggingface-cli spells them."""
+    options = [
+        click.option("--token", metavar="TOKEN", default=None,
+                     help="Hub token (default: HF_TOKEN, or the one `hf auth login` saved)."),
+        click.option("--revision", metavar="REV", default=None,
+                     help="Revision (branch, tag or commit) of the one Hub input; with several, "
+                          "write REPO@REV for each."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                     help="Hugging Face cache to download into (default: HF_HUB_CACHE)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def hub_setup(token: str | None, cache_dir: str | None, quiet: bool) -> dict | None:
+    """The library's ``hub=`` argument for these options; -q silences huggingface_hub's bars too."""
+    from ..sources.hub import quiet_downloads, use_cache_dir  # deferred: loads huggingface_hub
+
+    if cache_dir is not None:
+        use_cache_dir(cache_dir)
+    if quiet:
+        quiet_downloads()
+    return {"token": token} if token else None
+
+
+def with_revision(inputs: list[str], revision: str | None) -> list[str]:
+    """``--revision`` applied to the one input that is a Hub repo id without a revision of its own."""
+    if revision is None:
+        return inputs
+    from ..errors import NotFoundError
+    from ..sources.inputs import hub_repo_id  # deferred: the sources package loads torch
+
+    def is_repo(text: str) -> bool:
+        try:
+            return hub_repo_id(text) is not None
+        except NotFoundError:
+            return False  # a missing path: the command names it in its own words
+
+    hub = [i for i, text in enumerate(inputs) if is_repo(text)]
+    if len(hub) != 1:
+        what = "no input is a Hub repo id" if not hub else f"{len(hub)} inputs are Hub repo ids"
+        raise click.UsageError(f"--revision names the revision of one Hub input, and {what}: "
+                               "write REPO@REV for each instead")
+    if "@" in inputs[hub[0]]:
+        raise click.UsageError(f"{inputs[hub[0]]} already names its revision: drop --revision")
+    return [f"{text}@{revision}" if i == hub[0] else text for i, text in enumerate(inputs)]
+
+
+def print_json(obj: object) -> None:
+    click.echo(json.dumps(obj, indent=1))

@@ -5,21 +5,34 @@ from __future__ import annotations
 import click
 
 from ..sizes import DEFAULT_BLOCK_BYTES
-from .common import common_run_options, default_workers, format_options, handle_errors, human, mib
+from .common import (
+    DTYPE,
+    common_run_options,
+    default_workers,
+    format_options,
+    handle_errors,
+    human,
+    mib,
+    print_json,
+)
 from .run import print_digests
 
 
 @click.command("convert", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("meta_dir")
 @click.argument("out")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
-              help="Output dtype (default: the checkpoint's own).")
+@click.option("--dtype", type=DTYPE, default=None,
+              help="Output dtype: float16 (fp16), bfloat16 (bf16) or float32 (fp32) (default: "
+                   "the checkpoint's own).")
 @click.option("--resume", is_flag=True,
               help="Finish an interrupted run of the same command, redoing only unfinished shards.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result as JSON (the library's ApplyResult) instead of the summary.")
 @format_options
 @common_run_options
 @handle_errors
-def convert_cmd(meta_dir, out, dtype, resume, fmt, outtype, mp, max_shard_size, block_size, force, workers,
+def convert_cmd(meta_dir, out, dtype, resume, as_json, fmt, outtype, mp, max_shard_size, block_size,
+                force, workers,
                 quiet) -> None:
     """Convert Meta's LLaMA download (params.json, consolidated.NN.pth) into OUT.
 
@@ -41,7 +54,9 @@ def convert_cmd(meta_dir, out, dtype, resume, fmt, outtype, mp, max_shard_size, 
         workers=workers or default_workers(), progress=not quiet, resume=resume, format=fmt,
         outtype=outtype, mp=int(mp) if mp else None,
     )
-    if not quiet:
+    if as_json:
+        print_json(result.to_json())
+    elif not quiet:
         click.echo(f"converted {meta_dir} into {result.out}: {result.tensors} tensors, "
                    f"{len(result.shards)} {'shard' if result.format == 'hf' else 'file'}(s), "
                    f"{human(result.bytes_written)}, {result.seconds:.1f} s, peak {mib(result.peak_rss)}")

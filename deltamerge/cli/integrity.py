@@ -10,25 +10,22 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import click
 
 from ..errors import VerificationError
-from .common import handle_errors, human
-
-if TYPE_CHECKING:
-    from ..integrity.digest import TensorDigest
+from .common import handle_errors, hub_options, hub_setup, human, say, with_revision
 
 HELP = {"help_option_names": ["-h", "--help"]}
 
 
-def _spec(d: TensorDigest) -> str:
-    return f"{d.dtype}{list(d.shape)}"
-
-
 def _quiet_option(fn: Callable) -> Callable:
-    return click.option("-q", "--quiet", is_flag=True, help="No progress bar.")(fn)
+    """-q and the Hub options every check takes (a DIR may be a Hub repo id)."""
+    fn = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")(fn)
+    return hub_options(fn)
+
+
+ALGORITHM_CHOICE = click.Choice(["blake3", "sha256"])
 
 
 def _json_option(fn: Callable) -> Callable:
@@ -36,29 +33,52 @@ def _json_option(fn: Callable) -> Callable:
 
 
 @click.command("checksum", context_settings=HELP)
-@click.argument("folder", metavar="DIR")
+@click.argument("folders", nargs=-1, required=True, metavar="DIR...")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Also write every tensor's digest to this JSON file (for verify --manifest).")
+              help="Also write every tensor's digest to this JSON file (for verify --manifest; "
+                   "one DIR only).")
+@click.option("-a", "--algorithm", type=ALGORITHM_CHOICE, default="blake3", show_default=True,
+              help="blake3 (manifest format 2) or sha256 (format 1, and digests published "
+                   "before it).")
+@_json_option
 @_quiet_option
 @handle_errors
-def checksum_cmd(folder: str, output: str | None, quiet: bool) -> None:
-    """Print the model digest of the checkpoint in DIR.
+def checksum_cmd(folders: tuple[str, ...], output: str | None, algorithm: str, as_json: bool,
+                 quiet: bool, token: str | None, revision: str | None,
+                 cache_dir: str | None) -> None:
+    """Print the model digest of the checkpoint in each DIR, one `DIGEST  DIR` line each.
 
     The digest is of the tensors' names, dtypes, shapes and bytes, not of the files: the same
     weights give the same digest as safetensors or .bin, in any number of shards (see
-    docs/manifest.md). Compare it with the one a publisher gives.
+    docs/manifest.md). Compare it with the one a publisher gives, in the same algorithm. A DIR
+    may be a Hub repo id. With --json, a list of one object per DIR: its folder, model digest
+    and tensors' digests.
 
     \b
-    Example:
+    Examples:
+      deltamerge checksum ./llama-7b ./my-llama-7b
       deltamerge checksum ./llama-7b --output llama-7b.digests.json
       deltamerge verify ./other-copy --manifest llama-7b.digests.json
+      deltamerge checksum ./llama-7b --algorithm sha256
     """
     from ..integrity.checks import checksum  # deferred so --help and --version answer without loading torch
 
-    result = checksum(folder, progress=not quiet)
-    if output:
-        result.write(output)
-    click.echo(f"{result.model_digest}  {folder}")
+    if output and len(folders) > 1:
+        raise click.UsageError("--output writes the digests of one DIR: give one, or use --json")
+    folders = tuple(with_revision(list(folders), revision))
+    hub = hub_setup(token, cache_dir, quiet)
+    reports = []
+    for folder in folders:
+        result = checksum(folder, progress=not quiet and not as_json, hub=hub,
+                          algorithm=algorithm)
+        if output:
+            result.write(output)
+        if as_json:
+            reports.append({"folder": folder, **result.to_json()})
+        else:
+            say(f"{result.model_digest}  {folder}")
+    if as_json:
+        click.echo(json.dumps(reports, indent=1))
 
 
 @click.command("verify", context_settings=HELP)
@@ -68,13 +88,19 @@ def checksum_cmd(folder: str, output: str | None, quiet: bool) -> None:
                    "(a folder: its deltamerge.json or deltamerge-result.json).")
 @click.option("--role", type=click.Choice(["result", "base"]), default="result", show_default=True,
               help="Which side of a deltamerge.json DIR should be: the delta's result or its base.")
+@click.option("-a", "--algorithm", type=ALGORITHM_CHOICE, default=None,
+              help="Insist on the manifest's digests being in this algorithm (default: compare "
+                   "in whichever the manifest holds: sha256 for format 1, blake3 for format 2).")
 @_json_option
 @_quiet_option
 @handle_errors
-def verify_cmd(folder: str, manifest: str, role: str, as_json: bool, quiet: bool) -> None:
+def verify_cmd(folder: str, manifest: str, role: str, algorithm: str | None, as_json: bool,
+               quiet: bool, token: str | None, revision: str | None,
+               cache_dir: str | None) -> None:
     """Check every tensor of DIR against a manifest's digests.
 
-    Exits 0 when all match, 1 listing every tensor that is missing, extra or different.
+    DIR is hashed in the algorithm of the manifest (format 1: sha256, format 2: blake3). Exits 0
+    when all match, 1 listing every tensor that is missing, extra or different.
 
     \b
     Examples:
@@ -84,25 +110,28 @@ def verify_cmd(folder: str, manifest: str, role: str, as_json: bool, quiet: bool
     """
     from ..integrity.checks import verify  # deferred so --help and --version answer without loading torch
 
-    report = verify(folder, manifest, role, progress=not quiet and not as_json)
+    folder, manifest = with_revision([folder, manifest], revision)
+    hub = hub_setup(token, cache_dir, quiet)
+    report = verify(folder, manifest, role, progress=not quiet and not as_json, hub=hub,
+                    algorithm=algorithm)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=1))
     else:
         for name in report.missing:
-            click.echo(f"missing  {name}")
+            say(f"missing  {name}")
         for name in report.extra:
-            click.echo(f"extra    {name}")
+            say(f"extra    {name}")
         for m in report.differ:
-            click.echo(f"differs  {m.name}: {m.reason}: sha256 {m.actual.sha256[:16]}… "
-                       f"{_spec(m.actual)}, expected {m.expected.sha256[:16]}… {_spec(m.expected)}")
+            say(f"differs  {m.name}: {m.reason}: {m.actual.describe()}, "
+                       f"expected {m.expected.describe()}")
     if not report.ok:
         raise VerificationError(
             f"{folder}: {report.failures} tensor(s) do not match the {role} in {manifest} "
             f"({report.matched} of {report.tensors} matched)"
         )
     if not as_json:
-        click.echo(f"OK  {folder} matches the {role} in {manifest}: {report.matched} tensors, "
-                   f"model digest {report.model_digest}")
+        say(f"OK  {folder} matches the {role} in {manifest}: {report.matched} tensors, "
+                   f"model digest {report.algorithm} {report.model_digest}")
 
 
 @click.command("inspect", context_settings=HELP)
@@ -112,7 +141,8 @@ def verify_cmd(folder: str, manifest: str, role: str, as_json: bool, quiet: bool
 @_json_option
 @_quiet_option
 @handle_errors
-def inspect_cmd(folder: str, no_digest: bool, as_json: bool, quiet: bool) -> None:
+def inspect_cmd(folder: str, no_digest: bool, as_json: bool, quiet: bool, token: str | None,
+                revision: str | None, cache_dir: str | None) -> None:
     """Show what the checkpoint in DIR holds: format, files, dtypes, size, tensors, digest.
 
     \b
@@ -122,24 +152,26 @@ def inspect_cmd(folder: str, no_digest: bool, as_json: bool, quiet: bool) -> Non
     """
     from ..integrity.checks import inspect  # deferred so --help and --version answer without loading torch
 
-    r = inspect(folder, digest=not no_digest, progress=not quiet and not as_json)
+    (folder,) = with_revision([folder], revision)
+    hub = hub_setup(token, cache_dir, quiet)
+    r = inspect(folder, digest=not no_digest, progress=not quiet and not as_json, hub=hub)
     if as_json:
         click.echo(json.dumps(r.to_json(), indent=1))
         return
-    click.echo(f"{folder}: {r.format}, {len(r.shards)} file(s)"
+    say(f"{folder}: {r.format}, {len(r.shards)} file(s)"
                + (f" indexed by {r.index}" if r.index else ""))
-    click.echo(f"  parameters  {r.parameters:,}")
-    click.echo(f"  bytes       {human(r.bytes)} of tensor data")
+    say(f"  parameters  {r.parameters:,}")
+    say(f"  bytes       {human(r.bytes)} of tensor data")
     for dtype, c in r.dtypes.items():
-        click.echo(f"  {dtype:<11} {c.tensors} tensors, {c.parameters:,} parameters")
+        say(f"  {dtype:<11} {c.tensors} tensors, {c.parameters:,} parameters")
     for s in r.shards:
-        click.echo(f"  file        {s.file} ({human(s.size)}, {s.tensors} tensors)")
+        say(f"  file        {s.file} ({human(s.size)}, {s.tensors} tensors)")
     if r.model_digest:
-        click.echo(f"  digest      {r.model_digest}")
+        say(f"  digest      {r.model_digest}")
     width = max((len(t.name) for t in r.tensors), default=0)
-    click.echo("tensors:")
+    say("tensors:")
     for t in r.tensors:
-        click.echo(f"  {t.name:<{width}}  {t.dtype:<5} {str(list(t.shape)):<14} {t.file}")
+        say(f"  {t.name:<{width}}  {t.dtype:<5} {str(list(t.shape)):<14} {t.file}")
 
 
 @click.command("diff", context_settings=HELP)
@@ -148,7 +180,8 @@ def inspect_cmd(folder: str, no_digest: bool, as_json: bool, quiet: bool) -> Non
 @_json_option
 @_quiet_option
 @handle_errors
-def diff_cmd(a: str, b: str, as_json: bool, quiet: bool) -> None:
+def diff_cmd(a: str, b: str, as_json: bool, quiet: bool, token: str | None,
+             revision: str | None, cache_dir: str | None) -> None:
     """Compare the checkpoints A and B tensor by tensor, by value.
 
     Lists tensors on one side only, dtype and shape differences, and for each tensor whose
@@ -161,26 +194,28 @@ def diff_cmd(a: str, b: str, as_json: bool, quiet: bool) -> None:
     """
     from ..integrity.checks import diff  # deferred so --help and --version answer without loading torch
 
-    r = diff(a, b, progress=not quiet and not as_json)
+    a, b = with_revision([a, b], revision)
+    hub = hub_setup(token, cache_dir, quiet)
+    r = diff(a, b, progress=not quiet and not as_json, hub=hub)
     if as_json:
         click.echo(json.dumps(r.to_json(), indent=1))
     else:
         for name in r.only_a:
-            click.echo(f"only in {a}: {name}")
+            say(f"only in {a}: {name}")
         for name in r.only_b:
-            click.echo(f"only in {b}: {name}")
+            say(f"only in {b}: {name}")
         for d in r.layout:
             values = "" if d.max_abs_diff is None else f", max abs diff {d.max_abs_diff:.6g}"
-            click.echo(f"layout   {d.name}: {d.a_dtype}{list(d.a_shape)} vs "
+            say(f"layout   {d.name}: {d.a_dtype}{list(d.a_shape)} vs "
                        f"{d.b_dtype}{list(d.b_shape)}{values}")
         for c in r.content:
-            click.echo(f"differs  {c.name}: {c.differing} of {c.elements} elements, "
+            say(f"differs  {c.name}: {c.differing} of {c.elements} elements, "
                        f"max abs diff {c.max_abs_diff:.6g}")
         if r.identical:
-            click.echo(f"identical: {r.same} tensors with the same names, dtypes, shapes and values")
+            say(f"identical: {r.same} tensors with the same names, dtypes, shapes and values")
         else:
             largest = "" if r.max_abs_diff is None else f"; max abs diff {r.max_abs_diff:.6g}"
-            click.echo(f"{a} and {b} differ: {len(r.only_a)} only in A, {len(r.only_b)} only in B, "
+            say(f"{a} and {b} differ: {len(r.only_a)} only in A, {len(r.only_b)} only in B, "
                        f"{len(r.layout)} dtype/shape, {len(r.content)} values, "
                        f"{r.same} identical{largest}")
     if not r.identical:

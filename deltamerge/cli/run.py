@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..sizes import DEFAULT_BLOCK_BYTES
-from .common import common_run_options, default_workers, format_options, handle_errors, human, mib
+from .common import (
+    DTYPE,
+    common_run_options,
+    default_workers,
+    format_options,
+    handle_errors,
+    hub_options,
+    hub_setup,
+    human,
+    mib,
+    print_json,
+    with_revision,
+)
+
+PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); the token and "
+             "the repo are checked before any work.")
 
 
 @click.command("apply", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1, required=True, metavar="BASE DELTA... OUT")
-@click.option("--kind", type=click.Choice(["add", "xor", "xor-files", "lora"]), default=None,
+@click.option("--kind", type=click.Choice(["add", "xor", "xor-files", "enc", "lora", "prefix"]),
+              default=None,
               help="Delta kind (default: detected from the delta's files).")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
-              help="Output dtype (default: the delta's; for LoRA, the base's).")
+@click.option("--dtype", type=DTYPE, default=None,
+              help="Output dtype: float16 (fp16), bfloat16 (bf16) or float32 (fp32) (default: "
+                   "the delta's; for LoRA, the base's).")
 @click.option("--new-rows", type=click.Choice(["zero", "mean"]), default="zero", show_default=True,
               help="Rows the delta adds to embed_tokens/lm_head start at zero (FastChat v0) or "
                    "at the mean of the base's rows (Alpaca).")
@@ -21,30 +40,45 @@ from .common import common_run_options, default_workers, format_options, handle_
               help="Merge a QLoRA adapter onto the NF4 round trip of the weights it targets, as "
                    "it was trained (nf4-dq: with double quantization, QLoRA's default); bit for "
                    "bit as bitsandbytes on CPU.")
-@click.option("--qlora-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+@click.option("--qlora-dtype", type=DTYPE, default=None,
               help="The dtype the trainer loaded the base in before quantizing it (default: the "
                    "base's; Guanaco: bfloat16).")
 @click.option("--no-verify", is_flag=True, help="Skip all checksum checks.")
 @click.option("--expect-md5", type=click.Path(exists=True, dir_okay=False), default=None,
               metavar="FILE", help="xor-files: the release's `md5  filename` list of the decoded "
                                    "files; every listed file must match.")
+@click.option("--key-md5", default=None, hidden=True,
+              help="enc: the md5 the key must have instead of OpenBuddy's (for made-up keys).")
 @click.option("--resume", is_flag=True,
-              help="Finish an interrupted run of the same command, redoing only unfinished shards.")
-@click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None,
-              help="Upload the result to this Hub repo when done (with a model card).")
+              help="Finish an interrupted run of the same command, redoing only unfinished shards "
+                   "(decoded files, for xor-files and enc).")
+@click.option("--lora-alpha", type=float, default=None, metavar="ALPHA",
+              help="LoRA state dict without adapter_config.json (PandaGPT): its lora_alpha.")
+@click.option("--lora-r", type=int, default=None, metavar="R",
+              help="...and its rank, checked against the factors' shapes.")
+@click.option("--lora-prefix", default=None, metavar="PREFIX",
+              help="...and what precedes the base's names in its keys (default: detected).")
+@click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None, help=PUSH_HELP)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result as JSON (the library's ApplyResult) instead of the summary.")
 @format_options
+@hub_options
 @common_run_options
 @handle_errors
-def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expect_md5, resume,
-              push_to, fmt, outtype, mp, max_shard_size, block_size, force, workers, quiet) -> None:
+def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expect_md5, key_md5,
+              resume, lora_alpha, lora_r, lora_prefix, push_to, as_json, fmt, outtype, mp, token,
+              revision, cache_dir, max_shard_size, block_size, force, workers, quiet) -> None:
     """Rebuild a model from BASE and one or more DELTAs into OUT.
 
-    BASE and each DELTA are local folders (or Hub repo ids). Several DELTAs are applied in
-    order in one pass. OUT appears only when complete.
+    BASE and each DELTA are local folders (or Hub repo ids, REPO@REV for a revision). Several
+    DELTAs are applied in order in one pass. OUT appears only when complete. For OpenBuddy's
+    encrypted releases (*.enc files), BASE is Meta's original LLaMA-7B folder or its
+    consolidated.00.pth.
 
     \b
     Examples:
       deltamerge apply ./llama-13b ./vicuna-13b-delta-v1.1 ./vicuna-13b
+      deltamerge apply ./llama-13b ./vicuna-13b-delta-v0 ./pandagpt-13b ./out --lora-alpha 32
       deltamerge apply ./llama-2-7b ./my-lora ./my-model-gguf --format gguf --outtype q8_0
       deltamerge apply ./llama-13b ./vicuna-13b-delta-v1.1 ./vicuna-13b-meta --format meta --mp 2
     """
@@ -52,33 +86,55 @@ def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expec
 
     if len(paths) < 3:
         raise click.UsageError("apply needs BASE, at least one DELTA, and OUT")
-    base, deltas, out = paths[0], list(paths[1:-1]), paths[-1]
+    inputs = with_revision(list(paths[:-1]), revision)
+    base, deltas, out = inputs[0], inputs[1:], paths[-1]
+    hub = hub_setup(token, cache_dir, quiet)
+    target = _check_target(push_to, token)
     result = apply_delta(
         base, deltas, out, kind=kind, dtype=dtype, new_rows=new_rows,
         max_shard_size=max_shard_size, block_size=block_size or DEFAULT_BLOCK_BYTES,
         force=force, verify=not no_verify, workers=workers or default_workers(),
-        progress=not quiet, resume=resume, expect_md5=expect_md5, qlora=qlora,
-        qlora_dtype=qlora_dtype, format=fmt, outtype=outtype, mp=int(mp) if mp else None,
+        progress=not quiet, resume=resume, expect_md5=expect_md5, key_md5=key_md5, qlora=qlora,
+        qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
+        hub=hub, format=fmt, outtype=outtype, mp=int(mp) if mp else None,
     )
-    if not quiet:
+    if not quiet and not as_json:
         _print_apply(result, base, deltas, no_verify)
-    if push_to:
-        _push(result.out, push_to, quiet)
+    pushed = _push(result.out, target, quiet or as_json, token) if target else None
+    if as_json:
+        print_json({**result.to_json(), **({"pushed": pushed} if pushed else {})})
 
 
-def _push(folder, repo_id: str, quiet: bool) -> None:
-    from ..hub.push import push_to_hub  # deferred so --help answers without loading huggingface_hub
+def _check_target(repo_id: str | None, token: str | None) -> str | None:
+    """A job that ends in a push checks the token and the repo before it starts."""
+    if repo_id is None:
+        return None
+    from ..hub.push import check_target  # deferred so --help answers without loading huggingface_hub
 
-    pushed = push_to_hub(folder, repo_id)
+    return check_target(repo_id, token=token)
+
+
+def _push(folder: Path, repo_id: str, quiet: bool, token: str | None) -> dict:
+    """Push a finished result; a failure keeps it at OUT and says how to push it again."""
+    from ..errors import DeltaMergeError, PushError
+    from ..hub.push import push_to_hub, retry_command
+
+    try:
+        pushed = push_to_hub(folder, repo_id, token=token)
+    except DeltaMergeError as exc:
+        reason = exc.reason if isinstance(exc, PushError) else str(exc)
+        raise PushError(f"{folder} is finished and kept, but its push to {repo_id} failed: "
+                        f"{reason}", retry_command(folder, repo_id)) from None
     if not quiet:
         click.echo(f"pushed to {pushed.url}")
+    return {"url": pushed.url, "commit": pushed.commit, "repo_id": pushed.repo_id}
 
 
 def _print_apply(result, base: str, deltas: list[str], no_verify: bool) -> None:
     rate = result.bytes_written / result.seconds if result.seconds else 0
     click.echo(f"rebuilt {result.out} from {base} + {' + '.join(deltas)} "
                f"(kind: {', '.join(result.kinds)})")
-    if result.kinds == ["xor-files"]:
+    if result.kinds in (["xor-files"], ["enc"]):
         click.echo(f"  files     {len(result.shards)} decoded")
     elif result.format == "hf":
         click.echo(f"  tensors   {result.tensors} in {len(result.shards)} shard(s)")
@@ -104,11 +160,12 @@ def print_digests(result, verdict: str) -> None:
     """hf: one digest. gguf and meta: the tensors as written, then the merge's before conversion,
     which is what a publisher's digest is of (so that is the one compared)."""
     if result.merged_digest is None:
-        click.echo(f"  digest    {result.model_digest} ({verdict})")
+        click.echo(f"  digest    {result.algorithm} {result.model_digest} ({verdict})")
         return
     what = "GGUF tensors" if result.format == "gguf" else "Meta tensors"
-    click.echo(f"  digest    {result.model_digest} ({what} as written)")
-    click.echo(f"  merged    {result.merged_digest} (Hugging Face tensors before conversion: {verdict})")
+    click.echo(f"  digest    {result.algorithm} {result.model_digest} ({what} as written)")
+    click.echo(f"  merged    {result.algorithm} {result.merged_digest} (Hugging Face tensors before "
+               f"conversion: {verdict})")
 
 
 @click.command("make-delta", context_settings={"help_option_names": ["-h", "--help"]})
@@ -117,13 +174,20 @@ def print_digests(result, verdict: str) -> None:
 @click.argument("out")
 @click.option("--kind", type=click.Choice(["add", "xor"]), default="add", show_default=True,
               help="add: target - base (lossy in fp16); xor: bits XORed, lossless.")
-@click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None,
-              help="Upload the delta to this Hub repo when done (with a model card).")
+@click.option("--resume", is_flag=True,
+              help="Finish an interrupted run of the same command, redoing only unfinished shards.")
+@click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None, help=PUSH_HELP)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result as JSON (the library's MakeDeltaResult) instead of the summary.")
+@hub_options
 @common_run_options
 @handle_errors
-def make_delta_cmd(base, target, out, kind, push_to, max_shard_size, block_size, force, workers,
-                   quiet) -> None:
+def make_delta_cmd(base, target, out, kind, resume, push_to, as_json, token, revision, cache_dir,
+                   max_shard_size, block_size, force, workers, quiet) -> None:
     """Write the delta of TARGET against BASE into OUT, with a deltamerge.json manifest.
+
+    BASE and TARGET are local folders or Hub repo ids; the manifest records where the base came
+    from (the repo and its commit, or the folder's name), for the delta's model card.
 
     \b
     Example:
@@ -131,15 +195,19 @@ def make_delta_cmd(base, target, out, kind, push_to, max_shard_size, block_size,
     """
     from ..make_delta import make_delta  # deferred so --help and --version answer without loading torch
 
+    base, target = with_revision([base, target], revision)
+    hub = hub_setup(token, cache_dir, quiet)
+    repo = _check_target(push_to, token)
     result = make_delta(
         base, target, out, kind=kind, max_shard_size=max_shard_size,
         block_size=block_size or DEFAULT_BLOCK_BYTES, force=force,
-        workers=workers or default_workers(), progress=not quiet,
+        workers=workers or default_workers(), progress=not quiet, resume=resume, hub=hub,
     )
-    if not quiet:
+    if not quiet and not as_json:
         _print_make(result)
-    if push_to:
-        _push(result.out, push_to, quiet)
+    pushed = _push(result.out, repo, quiet or as_json, token) if repo else None
+    if as_json:
+        print_json({**result.to_json(), **({"pushed": pushed} if pushed else {})})
 
 
 def _print_make(result) -> None:
@@ -148,5 +216,7 @@ def _print_make(result) -> None:
     share = result.mismatched_elements / max(result.elements, 1)
     click.echo(f"  base + delta reproduces the target except {result.mismatched_elements} of "
                f"{result.elements} elements ({share:.4%})")
-    click.echo(f"  base digest    {result.base_digest}")
-    click.echo(f"  result digest  {result.result_digest}")
+    for note in result.notes:
+        click.echo(f"  note           {note}")
+    click.echo(f"  base digest    blake3 {result.base_digest}")
+    click.echo(f"  result digest  blake3 {result.result_digest}")

@@ -17,25 +17,88 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
-from ..integrity.digest import TensorDigest
+from ..integrity.digest import ALGORITHMS, TensorDigest
 from .plan import Shard
 
 JOURNAL_NAME = "journal.jsonl"
 
 
-def fingerprint(inputs: list[Path], options: dict, shards: list[Shard]) -> str:
-    """Everything that decides the output's bytes: input files (name, size, mtime), options, layout."""
-    h = hashlib.sha256()
+# How each recorded option is named to the user when a resume is refused for it.
+OPTION_NAMES = {
+    "kind": "the delta kind", "dtype": "--dtype", "new_rows": "--new-rows",
+    "verify": "verification (--no-verify)", "version": "the deltamerge version",
+    "qlora": "--qlora", "qlora_dtype": "--qlora-dtype", "lora_r": "--lora-r",
+    "lora_alpha": "--lora-alpha", "lora_prefix": "--lora-prefix", "algorithm": "the digest algorithm",
+}
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Everything that decides the output's bytes, kept in parts so a refusal can say what differs."""
+
+    digest: str
+    parts: dict
+
+    def differences(self, then: object) -> list[str]:
+        """What differs from an earlier run's parts, in words (empty when they cannot tell)."""
+        if not isinstance(then, dict):
+            return []
+        found = []
+        if then.get("inputs") != self.parts["inputs"]:
+            found.append(f"the inputs differ ({_listing(then.get('inputs'))} then, "
+                         f"{_listing(self.parts['inputs'])} now)")
+        before, now = then.get("options") or {}, self.parts["options"]
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
+                found.append(f"{OPTION_NAMES.get(key, key)} differs ({_shown(before.get(key))} "
+                             f"then, {_shown(now.get(key))} now)")
+        files_then = then.get("files") if isinstance(then.get("files"), dict) else {}
+        for name in sorted(set(files_then) | set(self.parts["files"])):
+            if name not in self.parts["files"]:
+                found.append(f"input file {name} is gone")
+            elif name not in files_then:
+                found.append(f"input file {name} is new")
+            elif files_then[name] != self.parts["files"][name]:
+                found.append(f"input file {name} changed (size or modification time)")
+        if not found and then.get("layout") != self.parts["layout"]:
+            found.append("the shard layout differs (another --max-shard-size?)")
+        return found
+
+
+def _shown(value: object) -> str:
+    if value is None or value == "None":
+        return "not given"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value).removeprefix("torch.")
+
+
+def _listing(value: object) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else "unknown"
+
+
+def fingerprint(inputs: list[Path], options: dict, shards: list[Shard]) -> Fingerprint:
+    """Input files (name, size, mtime; a symlink by its target), options, shard layout."""
+    files = {}
     for folder in inputs:
         for path in sorted(p for p in folder.iterdir() if p.is_file()):
             st = path.stat()
-            h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    h.update(json.dumps(options, sort_keys=True, default=str).encode())
+            files[str(path)] = [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    layout = hashlib.sha256()
     for shard in shards:
-        h.update(shard.filename.encode())
+        layout.update(shard.filename.encode())
         for spec in shard.specs:
-            h.update(f"{spec.name}\0{spec.dtype}\0{list(spec.shape)}\n".encode())
-    return h.hexdigest()
+            layout.update(f"{spec.name}\0{spec.dtype}\0{list(spec.shape)}\n".encode())
+    parts = {
+        "inputs": [str(folder) for folder in inputs],
+        "files": files,
+        "options": json.loads(json.dumps(options, sort_keys=True, default=str)),
+        "layout": layout.hexdigest(),
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return Fingerprint(digest, parts)
 
 
 @dataclass(frozen=True)
@@ -46,6 +109,7 @@ class Entry:
     size: int
     digests: dict[str, TensorDigest]
     written: dict[str, TensorDigest] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # what else a resumed run needs (make-delta's)
 
 
 @dataclass
@@ -57,15 +121,16 @@ class Journal:
     fingerprint: str
     done: dict[str, dict[str, TensorDigest]] = field(default_factory=dict)
     recorded: dict[str, Entry] = field(default_factory=dict)
+    parts: dict = field(default_factory=dict)  # the fingerprint's parts, kept in its first line
 
     @classmethod
-    def start(cls, folder: Path, fp: str) -> Journal:
-        journal = cls(folder / JOURNAL_NAME, fp)
-        journal._append({"fingerprint": fp})
+    def start(cls, folder: Path, fp: Fingerprint) -> Journal:
+        journal = cls(folder / JOURNAL_NAME, fp.digest, parts=fp.parts)
+        journal._append({"fingerprint": fp.digest, "parts": fp.parts})
         return journal
 
     @classmethod
-    def resume(cls, folder: Path, fp: str, command: str) -> Journal:
+    def resume(cls, folder: Path, fp: Fingerprint, command: str) -> Journal:
         """The journal of an earlier run of the same plan; shards not fully recorded are redone."""
         path = folder / JOURNAL_NAME
         lines = path.read_text().splitlines() if path.is_file() else []
@@ -73,32 +138,41 @@ class Journal:
             head = json.loads(lines[0]) if lines else {}
         except ValueError:
             head = {}
-        if not isinstance(head, dict) or head.get("fingerprint") != fp:
+        if not isinstance(head, dict):
+            head = {}
+        if head.get("fingerprint") != fp.digest:
+            what = fp.differences(head.get("parts"))[:3]
             raise InputError(
-                f"{folder}: was left by a run with other inputs or options; delete it, or run "
-                f"the original command with --resume ({command})"
+                f"{folder}: was left by a run with other inputs or options"
+                + (f": {'; '.join(what)}" if what else "")
+                + f"; delete it, or run the original command with --resume ({command})"
             )
-        journal = cls(path, fp)
+        journal = cls(path, fp.digest, parts=fp.parts)
         for line in lines[1:]:
             try:
                 entry = json.loads(line)
-                digests = _digests(entry["tensors"])
-                written = _digests(entry.get("written", {}))
+                digests = {n: read_digest(d) for n, d in entry["tensors"].items()}
+                written = {n: read_digest(d) for n, d in entry.get("written", {}).items()}
                 if not isinstance(entry["shard"], str):
                     raise TypeError("shard name")
-                journal.recorded[entry["shard"]] = Entry(int(entry["size"]), digests, written)
+                extra = entry.get("extra")
+                journal.recorded[entry["shard"]] = Entry(
+                    int(entry["size"]), digests, written, extra if isinstance(extra, dict) else {}
+                )
             except (ValueError, KeyError, TypeError, AttributeError):
                 break  # a line cut short by the kill: that shard is redone
         return journal
 
     def restart(
-        self, kept: dict[str, tuple[int, dict[str, TensorDigest], dict[str, TensorDigest]]]
+        self, kept: dict[str, tuple[int, dict[str, TensorDigest], dict[str, TensorDigest]]],
+        extras: dict[str, dict] | None = None,
     ) -> None:
         """Replace the journal with the shards a re-check kept (a rename: never written through
-        whatever was at its name)."""
+        whatever was at its name); ``extras``: their lines' ``extra``, where a run records one."""
         fresh = self.path.with_name(self.path.name + ".new")
-        lines = [{"fingerprint": self.fingerprint}] + [
-            _line(shard, size, digests, written) for shard, (size, digests, written) in kept.items()
+        lines = [{"fingerprint": self.fingerprint, "parts": self.parts}] + [
+            _line(shard, size, digests, written, (extras or {}).get(shard))
+            for shard, (size, digests, written) in kept.items()
         ]
         fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         try:
@@ -112,10 +186,12 @@ class Journal:
 
     def record(
         self, shard: str, size: int, digests: dict[str, TensorDigest],
-        written: dict[str, TensorDigest] | None = None,
+        written: dict[str, TensorDigest] | None = None, extra: dict | None = None,
     ) -> None:
+        """``written``: the tensors as a converting sink wrote them; ``extra``: what else a
+        resumed run needs of the shard (make-delta: its file's digest)."""
         self.done[shard] = digests
-        self._append(_line(shard, size, digests, written or {}))
+        self._append(_line(shard, size, digests, written, extra))
 
     def _append(self, obj: dict) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
@@ -126,14 +202,20 @@ class Journal:
             os.close(fd)
 
 
-def _digests(obj: dict) -> dict[str, TensorDigest]:
-    return {n: TensorDigest(d["dtype"], tuple(d["shape"]), d["sha256"]) for n, d in obj.items()}
-
-
 def _line(
-    shard: str, size: int, digests: dict[str, TensorDigest], written: dict[str, TensorDigest]
+    shard: str, size: int, digests: dict[str, TensorDigest],
+    written: dict[str, TensorDigest] | None = None, extra: dict | None = None,
 ) -> dict:
     line = {"shard": shard, "size": size, "tensors": {n: d.to_json() for n, d in digests.items()}}
     if written:
         line["written"] = {n: d.to_json() for n, d in written.items()}
-    return line
+    return {**line, "extra": extra} if extra else line
+
+
+def read_digest(obj: dict) -> TensorDigest:
+    """A tensor digest as ``TensorDigest.to_json`` wrote it (the fingerprint fixes the algorithm)."""
+    found = [a for a in ALGORITHMS if a in obj]
+    if len(found) != 1:
+        raise KeyError("one digest")
+    algorithm = found[0]
+    return TensorDigest(obj["dtype"], tuple(obj["shape"]), obj[algorithm], algorithm)

@@ -1,21 +1,23 @@
 """The streaming engine: read a block of rows, apply the deltas, write it, hash both sides.
 
 Work flows through five stages, each a function of one block: read (base rows and the rows of
-each step's inputs into a slot's reused buffers), check (hash what was read; compare base
+each step's inputs into a slot's reused buffers), check (hash the base rows read; compare base
 tensors against the publisher's digests), compute (the kinds' steps), write (the rows, with their
 tensor and row range, to the writer the sink opened for the shard) and seal (hash the rows
-written); a verified run with large delta files adds a stage hashing those files beside the
-check, and a sink that converts the rows (GGUF, Meta's layout) one after the seal hashing the
-bytes it wrote, so the result's digests are of the tensors as written. With ``workers == 1`` they run one
-after the other in this thread; otherwise each stage is a thread and blocks pass between them
-through bounded queues, so reading, hashing, arithmetic and writing overlap. Slots bound the memory:
-at most ``slots`` blocks are in flight, whatever the model's size.
+written). A verified run adds a stage beside the check for the deltas: it hashes the input rows
+just read and compares each delta tensor with its manifest (format 2), or feeds whole-file digests
+from them (format 1). make-delta adds one after the write that hashes the shard files it writes;
+a sink that converts the rows (GGUF, Meta's layout) adds one after the seal hashing the bytes it
+wrote, so the result's digests are of the tensors as written. Each byte is hashed once per digest
+it is part of, from the buffer it is already in. With ``workers == 1`` the stages run one after
+the other in this thread; otherwise each stage is a thread and blocks pass between them through
+bounded queues, so reading, hashing, arithmetic and writing overlap. Slots bound the memory: at
+most ``slots`` blocks are in flight, whatever the model's size.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import queue
 import threading
 import time
@@ -27,8 +29,18 @@ import torch
 
 from .. import faults
 from ..errors import DeltaMergeError, VerificationError, WorkError
-from ..integrity.digest import BytesHasher, FileHasher, TensorDigest, TensorHasher, raw_bytes
-from ..kinds import Scratch
+from ..integrity.digest import (
+    DEFAULT_ALGORITHM,
+    BytesHasher,
+    FileHasher,
+    Hash,
+    TensorDigest,
+    TensorHasher,
+    new_hash,
+    raw_bytes,
+)
+from ..integrity.manifest import delta_mismatch
+from ..kinds import RowInput, Scratch
 from ..sinks import ShardWriter, Sink, Written
 from ..sources.checkpoint import Checkpoint, view_rows
 from .plan import Shard, TensorJob
@@ -69,6 +81,7 @@ class Block:
     base_rows: torch.Tensor | None = None
     inputs: list[list[torch.Tensor]] = field(default_factory=list)
     located: list[tuple[tuple[Path, int] | None, torch.Tensor]] = field(default_factory=list)
+    read_inputs: list[tuple[RowInput, int, torch.Tensor]] = field(default_factory=list)
     out: torch.Tensor | None = None
     written: list[Written] = field(default_factory=list)
 
@@ -81,11 +94,21 @@ class Block:
         return self.r1 >= self.job.out.rows
 
 
+@dataclass(frozen=True)
+class WrittenFile:
+    """A shard make-delta wrote: its digest, and its header's length and digest."""
+
+    digest: str
+    header_size: int
+    header_digest: str
+
+
 @dataclass
 class EngineResult:
     base_digests: dict[str, TensorDigest]
     out_digests: dict[str, TensorDigest]  # the plan's tensors, as computed
     file_digests: dict[Path, str]
+    input_digests: dict[tuple[Checkpoint, str], TensorDigest]  # delta tensors checked as read
     bytes_read: int
     bytes_written: int
     seconds: float
@@ -112,9 +135,13 @@ class Engine:
         workers: int = 1,
         hash_base: bool = False,
         hash_out: bool = True,
+        base_algorithm: str = DEFAULT_ALGORITHM,
+        out_algorithm: str = DEFAULT_ALGORITHM,
         expected_base: dict[str, TensorDigest] | None = None,
+        expected_inputs: dict[Checkpoint, dict[str, TensorDigest]] | None = None,
         file_hashers: dict[Path, FileHasher] | None = None,
         progress: Progress | None = None,
+        at: Callable[[str], None] | None = None,
         slots: int | None = None,
         hash_files: bool = False,
         skip_shards: set[str] | None = None,
@@ -128,19 +155,26 @@ class Engine:
         self.workers = max(1, workers)
         self.hash_base = hash_base or expected_base is not None
         self.hash_out = hash_out
+        self.base_algorithm = base_algorithm
+        self.out_algorithm = out_algorithm
         self.expected_base = expected_base
+        self.expected_inputs = expected_inputs or {}
         self.file_hashers = file_hashers or {}
         self.progress = progress
+        self.at = at  # told "shard: tensor" as each tensor starts to be written, for the bar
         self.hash_files = hash_files
         self.skip_shards = skip_shards or set()
         self.on_shard_done = on_shard_done
-        self.written_files: dict[str, str] = {}
-        self._file_hasher = hashlib.sha256()
+        self.written_files: dict[str, WrittenFile] = {}
+        self._file_hasher: Hash = new_hash()
+        self._header: tuple[int, str] = (0, "")
         self.n_slots = slots or (1 if self.workers == 1 else 3)
         self.base_digests: dict[str, TensorDigest] = {}
         self.out_digests: dict[str, TensorDigest] = {}
         self._base_hashers: dict[str, TensorHasher] = {}
         self._out_hashers: dict[str, TensorHasher] = {}
+        self._input_hashers: dict[tuple[Checkpoint, str], TensorHasher] = {}
+        self.input_digests: dict[tuple[Checkpoint, str], TensorDigest] = {}
         self._writer: ShardWriter | None = None
         self._sizes: dict[str, int] = {}
         self.written_digests: dict[str, TensorDigest] = {}
@@ -186,6 +220,8 @@ class Engine:
             self.bytes_read += b.base_rows.nbytes
         k = 0
         b.inputs = []
+        b.located = []
+        b.read_inputs = []
         for step in job.steps:
             rows = []
             for inp in step.inputs:
@@ -193,6 +229,8 @@ class Engine:
                 t = inp.checkpoint.read_rows(inp.name, b.r0, b.r0 + m, slot.input_buffer(k))
                 self.bytes_read += t.nbytes
                 rows.append(t)
+                if inp.checkpoint in self.expected_inputs:
+                    b.read_inputs.append((inp, b.r0 + m, t))
                 if self.file_hashers:
                     b.located.append((inp.checkpoint.locate(inp.name, b.r0, b.r0 + m), t))
                 k += 1
@@ -214,9 +252,25 @@ class Engine:
             step.feed(rows, r0)
         step.end_first_pass()
 
-    def _hash_files(self, b: Block) -> None:
-        """Feed the delta files' sha256 with the rows just read (a stage of its own: on a
-        verified run it is as much hashing as the base check, and the two overlap)."""
+    def _check_inputs(self, b: Block) -> None:
+        """Check the delta rows just read: each delta tensor against its manifest's digest
+        (format 2), and whole-file digests fed from the same rows (format 1). A stage of its
+        own: on a verified run it is as much hashing as the base check, and the two overlap."""
+        for inp, until, rows in b.read_inputs:
+            key = (inp.checkpoint, inp.name)
+            if key in self.input_digests:
+                continue  # rows past the end of this input: nothing of it in this block
+            hasher = self._input_hashers.get(key)
+            if hasher is None:
+                expected = self.expected_inputs[inp.checkpoint].get(inp.name)
+                algorithm = expected.algorithm if expected else DEFAULT_ALGORITHM
+                hasher = self._input_hashers[key] = TensorHasher(inp.spec, algorithm)
+            hasher.update(rows)
+            if until >= inp.spec.rows:
+                digest = self.input_digests[key] = self._input_hashers.pop(key).digest()
+                expected = self.expected_inputs[inp.checkpoint].get(inp.name)
+                if expected != digest:
+                    raise delta_mismatch(inp.checkpoint.file_of(inp.name), inp.name, digest, expected)
         for where, rows in b.located:
             if where is not None and where[0] in self.file_hashers:
                 self.file_hashers[where[0]].feed(where[1], raw_bytes(rows))
@@ -229,7 +283,7 @@ class Engine:
             return  # rows beyond the base's: nothing of the base in this block
         hasher = self._base_hashers.get(job.base.name)
         if hasher is None:
-            hasher = self._base_hashers[job.base.name] = TensorHasher(job.base)
+            hasher = self._base_hashers[job.base.name] = TensorHasher(job.base, self.base_algorithm)
         hasher.update(b.base_rows)
         if min(b.r1, job.base_rows) >= job.base_rows or b.last:
             digest = hasher.digest()
@@ -249,9 +303,8 @@ class Engine:
             )
         if expected != digest:
             raise VerificationError(
-                f"{where}: tensor {name!r} does not match the publisher's base: sha256 "
-                f"{digest.sha256[:16]}… {digest.dtype}{list(digest.shape)}, expected "
-                f"{expected.sha256[:16]}… {expected.dtype}{list(expected.shape)} "
+                f"{where}: tensor {name!r} does not match the publisher's base: "
+                f"{digest.describe()}, expected {expected.describe()} "
                 f"({self._matched} tensors had matched)"
             )
         self._matched += 1
@@ -295,6 +348,8 @@ class Engine:
 
     def _write(self, b: Block) -> None:
         shard = self.shards[b.shard]
+        if b.first and self.at is not None:
+            self.at(f"{shard.filename}: {b.job.name}")
         if b.first_in_shard:
             self._writer = self.sink.open_shard(self.out_dir, shard)
             faults.reached("header")
@@ -322,20 +377,28 @@ class Engine:
         if self.progress is not None:
             self.progress(rows.nbytes)
 
-    def _seal(self, b: Block) -> None:
-        """Hash what was written (tensors and, for make-delta, whole shard files), off the writer."""
-        job = b.job
+    def _hash_files_written(self, b: Block) -> None:
+        """make-delta: the digest of each shard file it writes, and of the file's header."""
         shard = self.shards[b.shard]
-        if self.hash_files and b.out is not None:
-            if b.first_in_shard:
-                self._file_hasher = hashlib.sha256(self.sink.file_prefix(shard.specs))
-            self._file_hasher.update(raw_bytes(b.out))
-            if b.last_in_shard:
-                self.written_files[shard.filename] = self._file_hasher.hexdigest()
+        if b.out is None:
+            return
+        if b.first_in_shard:
+            prefix = self.sink.file_prefix(shard.specs)
+            self._header = (len(prefix), new_hash(DEFAULT_ALGORITHM, prefix).hexdigest())
+            self._file_hasher = new_hash(DEFAULT_ALGORITHM, prefix)
+        self._file_hasher.update(raw_bytes(b.out))
+        if b.last_in_shard:
+            self.written_files[shard.filename] = WrittenFile(
+                self._file_hasher.hexdigest(), *self._header
+            )
+
+    def _seal(self, b: Block) -> None:
+        """Hash the tensors written and finish the steps' set-aside work, off the writer."""
+        job = b.job
         if self.hash_out and b.out is not None:
             hasher = self._out_hashers.get(job.name)
             if hasher is None:
-                hasher = self._out_hashers[job.name] = TensorHasher(job.out)
+                hasher = self._out_hashers[job.name] = TensorHasher(job.out, self.out_algorithm)
             hasher.update(b.out)
             if b.last:
                 self.out_digests[job.name] = self._out_hashers.pop(job.name).digest()
@@ -356,7 +419,9 @@ class Engine:
         for w in b.written:
             hasher = self._written_hashers.get(w.name)
             if hasher is None:
-                hasher = self._written_hashers[w.name] = BytesHasher(w.name, w.dtype, w.shape, w.nbytes)
+                hasher = self._written_hashers[w.name] = BytesHasher(
+                    w.name, w.dtype, w.shape, w.nbytes, self.out_algorithm
+                )
                 names.append(w.name)
             if w.same_as_rows and self.hash_out:
                 hasher.skip(w.offset, w.data)
@@ -366,7 +431,9 @@ class Engine:
                 hasher = self._written_hashers.pop(w.name)
                 if hasher.skipped:
                     rows = self.out_digests[b.job.name]  # sealed already: this block's seal ran first
-                    self.written_digests[w.name] = TensorDigest(w.dtype, w.shape, rows.sha256)
+                    self.written_digests[w.name] = TensorDigest(
+                        w.dtype, w.shape, rows.hexdigest, rows.algorithm
+                    )
                 else:
                     self.written_digests[w.name] = hasher.digest()
         b.written = []
@@ -393,8 +460,10 @@ class Engine:
         start = time.monotonic()
         capacity = self._capacity()
         stages = [self._read, self._check, self._compute, self._write, self._seal]
-        if self.file_hashers:
-            stages.insert(1, self._hash_files)
+        if self.expected_inputs or self.file_hashers:
+            stages.insert(1, self._check_inputs)
+        if self.hash_files:
+            stages.insert(-1, self._hash_files_written)
         if self.sink.converts:
             stages.append(self._hash_written)
         torch_threads = torch.get_num_threads()
@@ -418,8 +487,8 @@ class Engine:
                 self._writer = None
         files = {path: h.finish() for path, h in self.file_hashers.items()}
         return EngineResult(
-            self.base_digests, self.out_digests, files, self.bytes_read, self.bytes_written,
-            time.monotonic() - start, self.written_digests,
+            self.base_digests, self.out_digests, files, dict(self.input_digests),
+            self.bytes_read, self.bytes_written, time.monotonic() - start, self.written_digests,
         )
 
 

@@ -89,6 +89,20 @@ def inside(folder: Path, name: str, what: Path) -> Path:
     return path
 
 
+def stays_inside(folder: Path, path: Path) -> bool:
+    """Whether ``path``, every symlink followed, is in ``folder`` or a Hub blob of its repository.
+
+    A file deltamerge copies into a result (or push uploads) must be the folder's own: a symlink
+    to ``~/.ssh/id_rsa`` beside the weights would otherwise travel with them.
+    """
+    try:
+        root = folder.resolve()
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    return root in target.parents or _hub_blob(root, target)
+
+
 def valid_name(name: object) -> bool:
     """A file name deltamerge will join to a folder: a non-empty UTF-8 string without NUL."""
     return isinstance(name, str) and bool(name) and "\x00" not in name and text_ok(name)

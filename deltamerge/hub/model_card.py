@@ -1,11 +1,15 @@
 """The README.md model card deltamerge writes for a folder it publishes to the Hub.
 
-The card says what the folder is and where it came from. A rebuilt model (it holds the
-``deltamerge-result.json`` apply writes) is a fine-tune of its base: the front matter names the
-base repo, the body the base and every delta with its commit, and the result's model digest. A
-delta (it holds a ``deltamerge.json``) says its kind and the command that applies it. The front
-matter is built by huggingface_hub's ``ModelCardData`` so the Hub reads it as it writes it.
-Local input folders are named by their last path component only: a card is public.
+The card says what the folder is and where it came from, and its front matter carries the two
+fields the Hub links models by: ``base_model`` and ``base_model_relation``. A rebuilt model (it
+holds the ``deltamerge-result.json`` apply writes) is a ``finetune`` of its base: the front
+matter names the base repo, the body the base and every delta with its commit, and the result's
+model digest. A delta (it holds a ``deltamerge.json``) is an ``adapter`` of its base, as a PEFT
+LoRA folder (``adapter_config.json``) is: it is used on top of it, never alone; its base is the
+repo its manifest's ``base_source`` names (make-delta records it), and the body says its kind
+and the command that applies it. The front matter is built by huggingface_hub's
+``ModelCardData`` so the Hub reads it as it writes it. Local input folders are named by their
+last path component only: a card is public.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from ..errors import DeltaMergeError
 from ..formats.files import read_json_object
 from ..integrity.manifest import MANIFEST_NAME, read_manifest
 from ..results import RESULT_RECORD
+from ..sources.inputs import REPO_ID, looks_like_path
 from ..version import __version__
 
 CARD_NAME = "README.md"
+ADAPTER_CONFIG = "adapter_config.json"
 LICENSE_FIELDS = ("license", "license_name", "license_link")
 TAG = "deltamerge"
 PROJECT_URL = "https://pypi.org/project/deltamerge/"
@@ -59,7 +65,9 @@ def build_card(
     if record is not None:
         data, body = _result_card(record, title, repo_id, input_cards or {}, endpoint)
     elif (folder / MANIFEST_NAME).is_file():
-        data, body = _delta_card(folder, title, repo_id)
+        data, body = _delta_card(folder, title, repo_id, endpoint)
+    elif (folder / ADAPTER_CONFIG).is_file():
+        data, body = _adapter_card(folder, title, repo_id)
     else:
         library = "transformers" if (folder / "config.json").is_file() else None
         data = ModelCardData(library_name=library, tags=[TAG])
@@ -95,9 +103,10 @@ def _result_card(
     base = record.get("base")
     deltas = [d for d in record.get("deltas", []) if isinstance(d, dict)]
     base_repo = base.get("repo_id") if isinstance(base, dict) else None
+    base_repo = base_repo if isinstance(base_repo, str) else None
     data = ModelCardData(
-        base_model=base_repo if isinstance(base_repo, str) else None,
-        base_model_relation="finetune",
+        base_model=base_repo,
+        base_model_relation="finetune" if base_repo else None,  # a relation to a named base only
         library_name="transformers",
         tags=[TAG],
         **_license(record, cards),
@@ -110,45 +119,93 @@ def _result_card(
         rows.append(f"| delta | {source} | {commit} | {d.get('kind', '?')} |")
     result = record.get("result")
     digest = result.get("model_digest") if isinstance(result, dict) else None
+    algorithm = record.get("algorithm", "sha256")  # records before manifest format 2: sha256
+    option = "" if algorithm == "blake3" else f" --algorithm {algorithm}"
     version = record.get("deltamerge_version") or __version__
     body = (
         f"# {title}\n\n"
         f"This model was rebuilt with [deltamerge]({PROJECT_URL}) {version} by applying "
         f"{'a delta' if len(deltas) == 1 else f'{len(deltas)} deltas, in order,'} to a base "
         "model:\n\n" + "\n".join(rows) + "\n\n"
-        f"Model digest of the result: `{digest}`\n\n"
+        f"Model digest of the result ({algorithm}): `{digest}`\n\n"
         "The digest covers every tensor's name, dtype, shape and bytes, whatever the file "
         "layout. Check a copy with:\n\n"
-        f"```bash\ndeltamerge checksum {repo_id}\n```\n\n"
+        f"```bash\ndeltamerge checksum {repo_id}{option}\n```\n\n"
         f"`{RESULT_RECORD}` records the inputs, the options and every tensor's digest.\n"
     )
     return data, body
 
 
-def _delta_card(folder: Path, title: str, repo_id: str) -> tuple[ModelCardData, str]:
+def _repo_id(text: object) -> str | None:
+    """``text`` when it names a Hub repo (``owner/name``), not a path on some machine."""
+    if not isinstance(text, str) or looks_like_path(text) or not REPO_ID.fullmatch(text):
+        return None
+    return text.split("@", 1)[0]
+
+
+def _delta_card(
+    folder: Path, title: str, repo_id: str, endpoint: str
+) -> tuple[ModelCardData, str]:
     try:
         manifest = read_manifest(folder / MANIFEST_NAME)
     except DeltaMergeError:
         manifest = None
     kind = manifest.kind if manifest else "unknown"
-    data = ModelCardData(tags=[TAG, "delta"])
+    source = (manifest.base_source if manifest else None) or {}
+    base_repo = _repo_id(source.get("repo_id"))
+    data = ModelCardData(
+        base_model=base_repo, base_model_relation="adapter" if base_repo else None,
+        tags=[TAG, "delta"],
+    )
     digests = ""
     if manifest is not None:
         digests = (
-            "| | model digest |\n|---|---|\n"
+            f"| | model digest ({manifest.algorithm}) |\n|---|---|\n"
             f"| base | `{manifest.base.model_digest}` |\n"
             f"| result | `{manifest.result.model_digest}` |\n\n"
         )
+    if base_repo:
+        commit = source.get("revision")
+        made_from = (f"It was made against [`{base_repo}`]({endpoint}/{base_repo})"
+                     + (f" at commit `{commit}`" if commit else "") + ".\n\n")
+        base_arg = f"{base_repo}@{commit}" if commit else base_repo
+    else:
+        name = source.get("folder")
+        made_from = f"It was made against a local folder (`{name}`).\n\n" if name else ""
+        base_arg = "BASE"
     version = manifest.deltamerge_version if manifest else __version__
     body = (
         f"# {title}\n\n"
         f"A **{kind}** delta made with [deltamerge]({PROJECT_URL}) {version}: the difference "
         "between a fine-tuned model and its base. It is not a model on its own; rebuild the "
         "model from your copy of the base with:\n\n"
-        f"```bash\npip install deltamerge\ndeltamerge apply BASE {repo_id} ./{title}-rebuilt\n```\n\n"
-        "`BASE` is the base model the delta was made from: a local folder or a Hub repo id. "
+        f"```bash\npip install deltamerge\ndeltamerge apply {base_arg} {repo_id} "
+        f"./{title}-rebuilt\n```\n\n"
+        f"{made_from}"
+        "The base may be a local folder or a Hub repo id. "
         f"deltamerge checks the base against the base digest of `{MANIFEST_NAME}` before it "
         "writes anything, and the result against its result digest:\n\n"
         f"{digests}"
+    )
+    return data, body
+
+
+def _adapter_card(folder: Path, title: str, repo_id: str) -> tuple[ModelCardData, str]:
+    """A PEFT LoRA folder: an adapter of the repo its config names, when that is a repo id."""
+    try:
+        config = read_json_object(folder / ADAPTER_CONFIG)
+    except DeltaMergeError:
+        config = {}
+    base_repo = _repo_id(config.get("base_model_name_or_path"))
+    data = ModelCardData(
+        base_model=base_repo, base_model_relation="adapter" if base_repo else None,
+        library_name="peft", tags=[TAG],
+    )
+    base = f"`{base_repo}`" if base_repo else "its base model"
+    body = (
+        f"# {title}\n\n"
+        f"A LoRA adapter of {base}, uploaded with [deltamerge]({PROJECT_URL}) {__version__}. "
+        "Merge it into the base with:\n\n"
+        f"```bash\ndeltamerge apply {base_repo or 'BASE'} {repo_id} ./{title}-merged\n```\n"
     )
     return data, body

@@ -14,78 +14,56 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
 from ..dtypes import BITS_DTYPE, TORCH_TO_SAFETENSORS, itemsize
 from ..errors import FormatError, InputError, NotFoundError
 from ..formats.files import read_json_object
-from ..progress import Progress, make_progress
+from ..progress import Progress, make_progress, reports_progress
 from ..results import RESULT_RECORD
 from ..sizes import DEFAULT_BLOCK_BYTES
 from ..sources import Checkpoint, open_checkpoint
 from ..sources.resolve import local_folder
-from ..tensor_spec import TensorSpec
 from ..version import __version__
-from .digest import TensorDigest, TensorHasher, model_digest
+from .digest import (
+    ALGORITHMS,
+    DEFAULT_ALGORITHM,
+    SHA256,
+    TensorDigest,
+    block_buffer,
+    hash_tensor,
+    model_digest,
+    row_blocks,
+)
+from .manifest import (
+    ALGORITHM_VERSION,
+    MANIFEST_NAME,
+    VERSION_ALGORITHM,
+    Role,
+    known_version,
+    parse_manifest,
+    parse_role,
+)
 from .manifest import FORMAT as MANIFEST_FORMAT
-from .manifest import MANIFEST_NAME, Role, _role, parse_manifest
 
-CHECKSUMS_FORMAT = "deltamerge-checksums"
-CHECKSUMS_VERSION = 1
+CHECKSUMS_FORMAT = "deltamerge-checksums"  # its format_version says the algorithm, as a manifest's
 ROLES = ("result", "base")
 ProgressArg = bool | Callable[[int, int], None]
 
 
 # -- streaming ------------------------------------------------------------------------------
-def _row_blocks(spec: TensorSpec, block_bytes: int, widest: int) -> Iterator[tuple[int, int]]:
-    """Row ranges whose widest buffer stays within ``block_bytes`` (one row at least).
-
-    ``widest`` is the largest item size the caller's work needs per element (the stored dtype's
-    at least): 4 where blocks are also converted to fp32.
-    """
-    per_row = max(1, spec.row_numel * max(widest, itemsize(spec.dtype)))
-    step = max(1, block_bytes // per_row)
-    for r0 in range(0, spec.rows, step):
-        yield r0, min(spec.rows, r0 + step)
-
-
-def _buffer(specs: list[TensorSpec], block_bytes: int, widest: int) -> torch.Tensor:
-    """One reused read buffer large enough for the largest block of any of ``specs``."""
-    largest = 1
-    for spec in specs:
-        r0, r1 = next(_row_blocks(spec, block_bytes, widest), (0, 0))  # the first is the largest
-        largest = max(largest, (r1 - r0) * spec.row_numel * itemsize(spec.dtype))
-    return torch.empty(largest, dtype=torch.uint8)
-
-
-def _hash_all(ckpt: Checkpoint, block_bytes: int, bar: Progress) -> dict[str, TensorDigest]:
+def _hash_all(
+    ckpt: Checkpoint, block_bytes: int, bar: Progress, algorithm: str
+) -> dict[str, TensorDigest]:
     """The digest of every tensor, in stored order (sequential reads), a block at a time."""
     specs = list(ckpt.specs.values())
-    buf = _buffer(specs, block_bytes, 1)
+    buf = block_buffer(specs, block_bytes, 1)
     digests = {}
     for spec in specs:
-        digests[spec.name] = hash_tensor(ckpt, spec, block_bytes, buf, bar)
+        bar.at(f"{ckpt.file_of(spec.name).name}: {spec.name}")
+        digests[spec.name] = hash_tensor(ckpt, spec, block_bytes, buf, bar.update, algorithm)
     return digests
-
-
-def hash_tensor(
-    ckpt: Checkpoint, spec: TensorSpec, block_bytes: int, buf: torch.Tensor | None = None,
-    bar: Progress | None = None,
-) -> TensorDigest:
-    """One tensor's digest, read a block at a time into ``buf`` (made here when not given)."""
-    buf = buf if buf is not None else _buffer([spec], block_bytes, 1)
-    hasher = TensorHasher(spec)
-    blocks = list(_row_blocks(spec, block_bytes, 1))
-    for i, (r0, r1) in enumerate(blocks):
-        if i + 1 < len(blocks):
-            ckpt.prefetch(spec.name, *blocks[i + 1])
-        rows = ckpt.read_rows(spec.name, r0, r1, buf)
-        hasher.update(rows)
-        if bar is not None:
-            bar.update(rows.nbytes)
-    return hasher.digest()
 
 
 def _total_bytes(ckpt: Checkpoint) -> int:
@@ -93,44 +71,57 @@ def _total_bytes(ckpt: Checkpoint) -> int:
 
 
 # -- checksum -------------------------------------------------------------------------------
-class Checksum(NamedTuple):
+@dataclass(frozen=True)
+class Checksum:
     """A model's digest and its tensors' digests; unpacks as ``(model_digest, tensors)``."""
 
     model_digest: str
     tensors: dict[str, TensorDigest]
+    algorithm: str = DEFAULT_ALGORITHM
+
+    def __iter__(self) -> Iterator:
+        return iter((self.model_digest, self.tensors))
 
     def to_json(self) -> dict:
         """The ``checksum --output`` file: a role object with a format marker (docs/manifest.md)."""
         return {
             "format": CHECKSUMS_FORMAT,
-            "format_version": CHECKSUMS_VERSION,
+            "format_version": ALGORITHM_VERSION[self.algorithm],
             "deltamerge_version": __version__,
-            **Role.of(self.tensors).to_json(),
+            **Role.of(self.tensors, self.algorithm).to_json(),
         }
 
     def write(self, path: Path | str) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
 
 
+@reports_progress
 def checksum(
     path: Path | str,
     *,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress: ProgressArg = False,
     hub: dict | None = None,
+    algorithm: str = DEFAULT_ALGORITHM,
 ) -> Checksum:
     """Digest every tensor of a checkpoint; the same tensors give the same digests in any layout.
 
-    ``path`` may be a Hub repo id (``hub``: ``endpoint``, ``token`` or ``api``), as for every
-    function here.
+    ``algorithm`` is ``"blake3"`` (manifest format 2) or ``"sha256"`` (format 1). ``path`` may be
+    a Hub repo id (``hub``: ``endpoint``, ``token`` or ``api``), as for every function here.
     """
+    _check_algorithm(algorithm)
     with open_checkpoint(local_folder(path, **(hub or {}))) as ckpt:
         bar = make_progress(progress, _total_bytes(ckpt), "hashing")
         try:
-            digests = _hash_all(ckpt, block_bytes, bar)
+            digests = _hash_all(ckpt, block_bytes, bar, algorithm)
         finally:
             bar.close()
-    return Checksum(model_digest(digests), dict(sorted(digests.items())))
+    return Checksum(model_digest(digests, algorithm), dict(sorted(digests.items())), algorithm)
+
+
+def _check_algorithm(algorithm: str | None) -> None:
+    if algorithm is not None and algorithm not in ALGORITHMS:
+        raise InputError(f"algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
 
 
 # -- verify ---------------------------------------------------------------------------------
@@ -165,6 +156,7 @@ class VerifyReport:
     missing: list[str] = field(default_factory=list)  # in the manifest, not in the checkpoint
     extra: list[str] = field(default_factory=list)  # in the checkpoint, not in the manifest
     differ: list[TensorMismatch] = field(default_factory=list)
+    algorithm: str = DEFAULT_ALGORITHM  # the manifest's, in which DIR was hashed
 
     @property
     def ok(self) -> bool:
@@ -179,6 +171,7 @@ class VerifyReport:
             "path": str(self.path),
             "manifest": str(self.manifest),
             "role": self.role,
+            "algorithm": self.algorithm,
             "ok": self.ok,
             "model_digest": self.model_digest,
             "expected_digest": self.expected_digest,
@@ -214,18 +207,21 @@ def load_expected(manifest_path: Path | str, role: str = "result") -> Role:
         manifest = parse_manifest(path, obj)
         return manifest.result if role == "result" else manifest.base
     if fmt == CHECKSUMS_FORMAT:
-        if obj.get("format_version") != CHECKSUMS_VERSION:
-            raise FormatError(
-                f"{path}: unknown {CHECKSUMS_FORMAT} version {obj.get('format_version')!r}"
-            )
-        return _role(path, obj, "checksums")
+        version = obj.get("format_version")
+        if not known_version(version):
+            raise FormatError(f"{path}: unknown {CHECKSUMS_FORMAT} version {version!r}")
+        return parse_role(path, obj, "checksums", VERSION_ALGORITHM[version])
     if fmt is None and "result" in obj:
         if role != "result":
             raise InputError(
                 f"{path}: a result record has no base role; verify the base against the "
                 f"delta's {MANIFEST_NAME}"
             )
-        return _role(path, obj.get("merged", obj["result"]), "result")
+        # Records written before manifest format 2 name no algorithm: theirs was sha256.
+        algorithm = obj.get("algorithm", SHA256)
+        if algorithm not in ALGORITHMS:
+            raise FormatError(f"{path}: unknown digest algorithm {algorithm!r}")
+        return parse_role(path, obj.get("merged", obj["result"]), "result", algorithm)
     raise FormatError(
         f"{path}: not a {MANIFEST_NAME}, {RESULT_RECORD} or `deltamerge checksum --output` file"
     )
@@ -256,6 +252,7 @@ def compare_digests(
     return missing, extra, differ
 
 
+@reports_progress
 def verify(
     path: Path | str,
     manifest_path: Path | str,
@@ -264,21 +261,31 @@ def verify(
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress: ProgressArg = False,
     hub: dict | None = None,
+    algorithm: str | None = None,
 ) -> VerifyReport:
     """Compare every tensor of ``path`` with one role of a manifest; lists every difference.
 
     ``role="base"`` answers "is this the base the delta was made against?"; ``role="result"``
-    "is this what the publisher got?". A mismatch is a report, not an exception; unreadable
-    inputs raise :class:`~deltamerge.errors.DeltaMergeError`.
+    "is this what the publisher got?". The digests are computed in the manifest's algorithm
+    (sha256 for format 1, BLAKE3 for format 2); ``algorithm`` insists on one, and a manifest in
+    the other is bad input. A mismatch is a report, not an exception; unreadable inputs raise
+    :class:`~deltamerge.errors.DeltaMergeError`.
     """
+    _check_algorithm(algorithm)
     manifest_file = local_folder(manifest_path, "manifest", weights=False, **(hub or {}))
     expected = load_expected(manifest_file, role)
-    actual = checksum(path, block_bytes=block_bytes, progress=progress, hub=hub)
+    if algorithm is not None and algorithm != expected.algorithm:
+        raise InputError(
+            f"{manifest_path}: holds {expected.algorithm} digests, not {algorithm}: verify with "
+            f"--algorithm {expected.algorithm}, or against a manifest in {algorithm}"
+        )
+    actual = checksum(path, block_bytes=block_bytes, progress=progress, hub=hub,
+                      algorithm=expected.algorithm)
     missing, extra, differ = compare_digests(actual.tensors, expected.tensors)
     return VerifyReport(
         Path(path), Path(manifest_path), role, actual.model_digest, expected.model_digest,
         len(actual.tensors), len(actual.tensors) - len(extra) - len(differ), missing, extra,
-        differ,
+        differ, expected.algorithm,
     )
 
 
@@ -343,6 +350,7 @@ def _relative(ckpt: Checkpoint, file: Path) -> str:
         return file.name
 
 
+@reports_progress
 def inspect(
     path: Path | str,
     *,
@@ -350,6 +358,7 @@ def inspect(
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress: ProgressArg = False,
     hub: dict | None = None,
+    algorithm: str = DEFAULT_ALGORITHM,
 ) -> InspectReport:
     """Format, files, dtypes, sizes and the tensor table; ``digest=False`` reads headers only."""
     with open_checkpoint(local_folder(path, **(hub or {}))) as ckpt:
@@ -372,7 +381,7 @@ def inspect(
         if digest:
             bar = make_progress(progress, _total_bytes(ckpt), "hashing")
             try:
-                found = model_digest(_hash_all(ckpt, block_bytes, bar))
+                found = model_digest(_hash_all(ckpt, block_bytes, bar, algorithm), algorithm)
             finally:
                 bar.close()
         index = _relative(ckpt, ckpt.layout.index) if ckpt.layout.index else None
@@ -477,7 +486,7 @@ def _diff_tensor(
 ) -> tuple[int, float]:
     sa, sb = ca.specs[name], cb.specs[name]
     count, largest = 0, 0.0
-    for r0, r1 in _row_blocks(sa, block_bytes, widest):
+    for r0, r1 in row_blocks(sa, block_bytes, widest):
         ra = ca.read_rows(name, r0, r1, bufs[0])
         rb = cb.read_rows(name, r0, r1, bufs[1])
         n, m = _compare_values(ra, rb, sa.dtype == sb.dtype)
@@ -486,6 +495,7 @@ def _diff_tensor(
     return count, largest
 
 
+@reports_progress
 def diff(
     a: Path | str,
     b: Path | str,
@@ -511,8 +521,8 @@ def diff(
         comparable = [n for n in common if ca.specs[n].shape == cb.specs[n].shape]
         widest = max([4] + [itemsize(s.dtype) for s in (*ca.specs.values(), *cb.specs.values())])
         bufs = (
-            _buffer([ca.specs[n] for n in comparable], block_bytes, widest),
-            _buffer([cb.specs[n] for n in comparable], block_bytes, widest),
+            block_buffer([ca.specs[n] for n in comparable], block_bytes, widest),
+            block_buffer([cb.specs[n] for n in comparable], block_bytes, widest),
         )
         total = sum(ca.specs[n].nbytes + cb.specs[n].nbytes for n in comparable)
         bar = make_progress(progress, total, "comparing")
@@ -526,6 +536,7 @@ def diff(
                 if sa.shape != sb.shape:
                     layout.append(SpecDifference(name, da, sa.shape, db, sb.shape, None))
                     continue
+                bar.at(name)
                 count, largest = _diff_tensor(ca, cb, name, block_bytes, widest, bufs, bar)
                 if sa.dtype != sb.dtype:
                     layout.append(SpecDifference(name, da, sa.shape, db, sb.shape, largest))

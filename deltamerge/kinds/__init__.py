@@ -115,12 +115,21 @@ class ApplyOptions:
     new_rows: str = "zero"  # "zero" | "mean": how rows beyond the base start
     qlora: str | None = None  # None | "nf4" | "nf4-dq": LoRA onto the NF4 round trip of the base
     qlora_dtype: torch.dtype | None = None  # the dtype the base was quantized from (default: its own)
+    # A LoRA state dict without adapter_config.json (PandaGPT's pytorch_model.pt) names these:
+    lora_r: int | None = None  # checked against the factors' shapes, which give the rank anyway
+    lora_alpha: float | None = None  # required: nothing in the factors gives it
+    lora_prefix: str | None = None  # what precedes the base's names in the keys (else detected)
 
 
 class Kind(ABC):
-    """A delta of one kind, opened from its folder."""
+    """A delta of one kind, opened from its folder.
+
+    ``checkpoint`` is the delta's tensors where it has them as a checkpoint, so that apply can
+    check them against the delta's manifest.
+    """
 
     name: str = "?"
+    checkpoint: Checkpoint | None = None
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -133,6 +142,10 @@ class Kind(ABC):
 
     def aux_files(self) -> dict[str, Path | bytes]:
         """Non-weight files this delta brings (config, tokenizer)."""
+        return {}
+
+    def config_updates(self) -> dict:
+        """Fields of the result's config.json this delta sets, known once it has planned."""
         return {}
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -1,23 +1,30 @@
 """Which kind a delta folder is, and opening it as that kind.
 
 The kind is read from the contents: a PEFT ``adapter_config.json`` is a LoRA adapter, a
-``deltamerge.json`` names its kind, weight files XORed whole (OpenAssistant ``xor_codec.py``) are
-``xor-files``, anything else is an additive delta. ``--kind`` overrides.
+``deltamerge.json`` names its kind, ``*.enc`` files (OpenBuddy's encrypted releases) are ``enc``,
+weight files XORed whole (OpenAssistant ``xor_codec.py``) are ``xor-files``; otherwise the tensor
+names decide: LoRA factors without an adapter config are a LoRA state dict (PandaGPT), tensors
+all of a ``prefix_encoder`` are a P-tuning checkpoint (ChatGLM), anything else is an additive
+delta. ``--kind`` overrides.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import DeltaMergeError, InputError
 from ..integrity.manifest import MANIFEST_NAME, Manifest
+from ..sources import open_checkpoint
 from . import Kind
 from .add import AddKind
-from .lora import LoraKind
+from .enc import looks_like_enc
+from .lora import LoraKind, looks_like_lora_state
+from .prefix import PrefixKind, looks_like_prefix
 from .xor import XorKind
 from .xor_files import looks_like_xor_files
 
-KINDS = ("add", "xor", "xor-files", "lora")
+KINDS = ("add", "xor", "xor-files", "enc", "lora", "prefix")
+WHOLE_FILE_KINDS = ("xor-files", "enc")  # decoded file by file, alone, not in the tensor stream
 
 
 def detect_kind(folder: Path, manifest: Manifest | None) -> str:
@@ -25,8 +32,27 @@ def detect_kind(folder: Path, manifest: Manifest | None) -> str:
         return "lora"
     if manifest is not None:
         return manifest.kind
+    if looks_like_enc(folder):
+        return "enc"
     if looks_like_xor_files(folder):
         return "xor-files"
+    return _kind_of_names(folder)
+
+
+def _kind_of_names(folder: Path) -> str:
+    """"lora", "prefix" or "add", from the tensor names alone (headers, or a mapped pickle).
+
+    A folder that cannot be read here is left to the additive kind, whose opening says why.
+    """
+    try:
+        with open_checkpoint(folder) as ckpt:
+            names = list(ckpt.specs)
+    except DeltaMergeError:
+        return "add"
+    if looks_like_lora_state(names):
+        return "lora"
+    if looks_like_prefix(names):
+        return "prefix"
     return "add"
 
 
@@ -37,9 +63,11 @@ def open_kind(kind: str, folder: Path) -> Kind:
         return XorKind(folder)
     if kind == "lora":
         return LoraKind(folder)
-    if kind == "xor-files":
-        raise InputError(f"{folder}: a xor-files delta is decoded whole, alone: it cannot be chained")
+    if kind == "prefix":
+        return PrefixKind(folder)
+    if kind in WHOLE_FILE_KINDS:
+        raise InputError(f"{folder}: a {kind} delta is decoded whole, alone: it cannot be chained")
     raise InputError(f"{folder}: unknown delta kind {kind!r} (choose from {', '.join(KINDS)})")
 
 
-__all__ = ["KINDS", "MANIFEST_NAME", "detect_kind", "open_kind"]
+__all__ = ["KINDS", "MANIFEST_NAME", "WHOLE_FILE_KINDS", "detect_kind", "open_kind"]

@@ -11,6 +11,15 @@ Linear layers are rounded once. Whole tensors an adapter stores (``modules_to_sa
 ``base_layer`` of an embedding that peft saves with embedding LoRA) replace the base's, entering
 the model in its dtype as ``load_state_dict`` puts them there, before any LoRA product is added.
 
+A LoRA on a parameter rather than a module (peft's ``target_parameters``, its ``ParamWrapper``:
+how peft adapts Mixtral's fused experts in transformers 5) rounds the product to the weight's
+dtype before adding it, as embeddings do. A 3-D parameter of E experts has factors
+``A`` (E*r, in) and ``B`` (out, r*E) whose expert ``e`` is ``A[e*r:(e+1)*r]`` and ``B[:, e::E]``
+(peft's ``einsum("o r e, e r i -> e o i")``); ``targets.py`` finds where the base stores it.
+A state dict without ``adapter_config.json`` (PandaGPT's ``pytorch_model.pt``: peft's names under
+``llama_model.``, next to tensors of its own) is merged the same way, with its alpha given by
+the user; its tensors that are not factors and not the base's are kept under their own names.
+
 The product is formed a block of rows at a time, so memory stays bounded. That alone would not be
 bit-exact: on CPU the BLAS picks other kernels for matrices of a few rows (or a few columns per
 thread), which sum the ``r`` terms in another order. Every product here is therefore computed in
@@ -28,18 +37,23 @@ from __future__ import annotations
 
 import math
 import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import FormatError, MismatchError, NotFoundError, UnsupportedError
+from ..errors import FormatError, InputError, MismatchError, NotFoundError, UnsupportedError
 from ..formats.files import read_json_object
 from ..sources import Checkpoint, open_checkpoint
 from ..sources.folders import aux_files
 from ..tensor_spec import TensorSpec
 from . import ApplyOptions, Kind, RowInput, Scratch, Step, nf4
 from .add import VOCAB_TENSORS
+from .overlay import overlay
+from .patterns import check_patterns, match_patterns
+from .targets import Stored, stored_name, stored_parameter
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -59,7 +73,6 @@ _OTHER_MATH = {
     "use_qalora": "QALoRA (use_qalora) merges into quantized layers",
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens) cannot be merged",
     "layer_replication": "layer_replication changes the model's layers",
-    "target_parameters": "target_parameters puts LoRA on parameters, not modules",
     "trainable_token_indices": "trainable_token_indices trains single token rows",
     "velora_config": "VeLoRA is a LoRA variant",
     "monteclora_config": "MonteCLoRA is a LoRA variant",
@@ -71,6 +84,34 @@ _OTHER_MATH = {
 _FACTOR = re.compile(r"(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight")
 _EMBEDDING_FACTOR = re.compile(r"(?P<module>.+)\.(?P<which>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?")
 _BASE_LAYER = re.compile(r"\.base_layer(?=\.)")
+# A raw state dict (named_parameters) keeps the adapter's name: modules_to_save.default.weight.
+_SAVED_COPY = re.compile(r"\.modules_to_save\.(?:[^.]+\.)?(?=[^.]+$)")
+FACTOR_CACHE = 4  # factors kept loaded for per-expert pieces, which slice a layer's few factors
+
+
+def looks_like_lora_state(names: Iterable[str]) -> bool:
+    """Whether a state dict holds LoRA factors (with no adapter_config.json beside it)."""
+    return any(_FACTOR.fullmatch(n) or _EMBEDDING_FACTOR.fullmatch(n) for n in names)
+
+
+def _unwrap(module: str) -> tuple[str, int]:
+    """peft nests one ParamWrapper per parameter of a module: ``experts.base_layer.lora_A``."""
+    depth = 0
+    while module.endswith(".base_layer"):
+        module = module.removesuffix(".base_layer")
+        depth += 1
+    return module, depth
+
+
+def _pattern_keys(config: dict, modules: dict) -> list[str]:
+    """Every name ``rank_pattern``/``alpha_pattern`` may be asked about: each module, and each
+    ``module.param`` that ``target_parameters`` could name on it."""
+    params = [str(e).rpartition(".")[2] for e in config.get("target_parameters") or ()]
+    keys = []
+    for raw in modules:
+        module = _unwrap(raw)[0]
+        keys += [module, *(f"{module}.{p}" for p in params)]
+    return list(dict.fromkeys(keys))
 
 
 def read_adapter_config(folder: Path) -> dict:
@@ -103,6 +144,7 @@ def read_adapter_config(folder: Path) -> dict:
             isinstance(k, str) and _is_number(v) for k, v in pattern.items()
         ):
             raise FormatError(f"{path}: {key!r} must map module patterns to numbers")
+        check_patterns(path, key, pattern)
     return config
 
 
@@ -110,28 +152,15 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
 
 
-def pattern_value(patterns: dict, module: str, default: float) -> float:
-    """peft's ``get_pattern_key``: the first key ``k`` such that ``(.*\\.)?(k)$`` matches."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _load_whole(ckpt: Checkpoint, name: str) -> torch.Tensor:
-    spec = ckpt.specs[name]
-    buf = torch.empty(max(spec.nbytes, 1), dtype=torch.uint8)
-    return ckpt.read_rows(name, 0, spec.rows, buf).to(torch.float32)
-
-
 class Factors:
     """One module's A and B, loaded at its tensor's first block, and the windows of B @ A."""
 
     def __init__(
         self, source: FactorSource, a: str, b: str, scale: float, transposed: bool, rows: int,
-        round_to: torch.dtype | None = None,
+        round_to: torch.dtype | None = None, pick: Pick | None = None,
     ):
         self.source, self.a_name, self.b_name = source, a, b
+        self.pick = pick  # the slices of A and B this tensor uses (one expert's), if not all
         self.scale = scale
         self.transposed = transposed  # rows of W are columns of B @ A (embeddings, fan_in_fan_out)
         self.rows = rows
@@ -146,8 +175,9 @@ class Factors:
         if self._window_at == w0 and self._window is not None:
             return self._window.T if self.transposed else self._window
         if self._a is None or self._b is None:
-            self._a = _load_whole(self.source.checkpoint, self.a_name)
-            self._b = _load_whole(self.source.checkpoint, self.b_name)
+            keep = self.pick is not None  # the other experts' tensors slice the same factors
+            a, b = self.source.load(self.a_name, keep), self.source.load(self.b_name, keep)
+            self._a, self._b = self.pick(a, b) if self.pick is not None else (a, b)
         if self.transposed:
             shape = (self._b.shape[0], w1 - w0)
         else:
@@ -181,6 +211,39 @@ class Factors:
     def release(self) -> None:
         self._a = self._b = self._window = None
         self._window_at = -1
+
+
+Pick = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def expert_pick(e: int, experts: int, r: int, rows: tuple[int, int] | None = None) -> Pick:
+    """Expert ``e``'s factors, as peft's reshapes see them: A's rows ``e*r..``, B's columns ``e::E``.
+
+    ``rows`` keeps only those rows of the expert's product (its gate or up half, stored apart).
+    Copies are contiguous, so the products are the ones peft's einsum computes, bit for bit.
+    """
+    def pick(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = b[:, e::experts]
+        if rows is not None:
+            b = b[rows[0]:rows[1]]
+        return a[e * r:(e + 1) * r].contiguous(), b.contiguous()
+    return pick
+
+
+class ExpertFactors:
+    """A fused 3-D expert tensor: each of its rows is an expert with its own product."""
+
+    def __init__(self, experts: list[Factors]):
+        self.experts = experts
+
+    def add_to(self, acc: torch.Tensor, r0: int) -> None:
+        for j in range(acc.shape[0]):
+            self.experts[r0 + j].add_to(acc[j], 0)
+            self.experts[r0 + j].release()  # blocks hold whole experts: this one is done
+
+    def release(self) -> None:
+        for f in self.experts:
+            f.release()
 
 
 class Nf4Base:
@@ -226,7 +289,7 @@ class LoraStep(Step):
 
     def __init__(
         self, before: TensorSpec, after: TensorSpec, replace: RowInput | None,
-        factors: Factors | None, nf4_base: Nf4Base | None = None,
+        factors: Factors | ExpertFactors | None, nf4_base: Nf4Base | None = None,
     ):
         super().__init__(before, after)
         self.inputs = (replace,) if replace is not None else ()
@@ -277,6 +340,7 @@ class FactorSource:
     def __init__(self, path: Path):
         self.path = path
         self._checkpoint: Checkpoint | None = None
+        self._loaded: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @property
     def checkpoint(self) -> Checkpoint:
@@ -284,7 +348,22 @@ class FactorSource:
             self._checkpoint = open_checkpoint(self.path)
         return self._checkpoint
 
+    def load(self, name: str, keep: bool = False) -> torch.Tensor:
+        """A factor, whole, in fp32 (peft's autocast); with ``keep``, the last few stay loaded."""
+        if name in self._loaded:
+            self._loaded.move_to_end(name)
+            return self._loaded[name]
+        spec = self.checkpoint.specs[name]
+        buf = torch.empty(max(spec.nbytes, 1), dtype=torch.uint8)
+        tensor = self.checkpoint.read_rows(name, 0, spec.rows, buf).to(torch.float32)
+        if keep:
+            self._loaded[name] = tensor
+            while len(self._loaded) > FACTOR_CACHE:
+                self._loaded.popitem(last=False)
+        return tensor
+
     def close(self) -> None:
+        self._loaded.clear()
         if self._checkpoint is not None:
             self._checkpoint.close()
             self._checkpoint = None
@@ -297,34 +376,88 @@ class _Module:
     embedding: bool = False
 
 
+def _check_multiply(where: Path, module: str, a: TensorSpec, b: TensorSpec) -> None:
+    if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+        raise MismatchError(
+            f"{where}: module {module!r}: lora_A {list(a.shape)} and lora_B "
+            f"{list(b.shape)} do not multiply"
+        )
+
+
+def _orientation(stored: Stored, a: TensorSpec, b: TensorSpec) -> bool | None:
+    """Whether factors A (r*E, in) and B (out, r*E) fit a parameter, and transposed or not.
+
+    ``None``: they do not fit. A 2-D parameter is (out, in). A 3-D one is (experts, out, in),
+    or (experts, in, out) for experts that peft sees as transposed (``is_transposed``), which
+    only the shapes tell apart here; experts stored apart are Linear weights, never transposed.
+    """
+    experts = stored.shape[0] if len(stored.shape) == 3 else 1
+    if len(stored.shape) not in (2, 3) or a.shape[0] % experts:
+        return None
+    d1, d2 = stored.shape[-2:]
+    plain = a.shape[1] == d2 and b.shape[0] == d1
+    flipped = len(stored.shape) == 3 and not stored.pieces and a.shape[1] == d1 and b.shape[0] == d2
+    if plain and flipped:
+        raise UnsupportedError(
+            f"factors {a.name!r}: square experts ({d1} x {d2}): cannot tell from the shapes "
+            "whether peft saw them transposed"
+        )
+    return None if not (plain or flipped) else flipped
+
+
 class LoraKind(Kind):
     name = "lora"
 
     def __init__(self, folder: Path):
         super().__init__(folder)
-        self.config = read_adapter_config(folder)
-        found = [folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()]
-        if not found:
-            raise NotFoundError(
-                f"{folder}: has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}"
-            )
-        self.weights = found[0]
-        self.checkpoint = open_checkpoint(self.weights)
+        self.config: dict | None = None  # None: a bare state dict, its config from the options
+        if (folder / ADAPTER_CONFIG).is_file():
+            self.config = read_adapter_config(folder)
+            found = [folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()]
+            if not found:
+                raise NotFoundError(
+                    f"{folder}: has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}"
+                )
+            self.checkpoint = open_checkpoint(found[0])
+        else:
+            self.checkpoint = open_checkpoint(folder)
+        files = self.checkpoint.files
+        self.weights = files[0] if len(files) == 1 else folder
         self.source = FactorSource(self.weights)
+        self.prefix = PREFIX
+        # rank_pattern/alpha_pattern values by module, matched once per plan (kinds/patterns.py)
+        self._patterns: dict[str, dict[str, float]] = {"rank_pattern": {}, "alpha_pattern": {}}
 
-    def _classify(self) -> tuple[dict[str, str], dict[str, _Module]]:
-        """Adapter keys as whole tensors (by base name) and factor pairs (by module name).
+    @property
+    def bare(self) -> bool:
+        """A state dict without adapter_config.json, merged with the user's --lora-* options."""
+        return self.config is None
+
+    def _short(self, key: str) -> str | None:
+        """The key without what precedes the model's names; None for a key outside the prefix."""
+        if not key.startswith(self.prefix):
+            return None
+        return key[len(self.prefix):].removeprefix(PREFIX)
+
+    def _classify(self) -> tuple[dict[str, str], dict[str, _Module], dict[str, str]]:
+        """Adapter keys as whole tensors (by base name), factor pairs (by module name) and, in a
+        bare state dict, tensors outside the model (by their own name).
 
         peft 0.21 saves a ``modules_to_save`` module as ``<module>.weight``; when the vocabulary
         was resized it also saves the embedding layers' own state: ``<module>.modules_to_save.
         weight`` (the same trained copy, preferred here), ``<module>.original_module.weight``
         (the untrained original, which merge_and_unload drops) and ``<embedding>.base_layer.
-        weight`` under embedding LoRA. The adapter name is stripped from saved keys.
+        weight`` under embedding LoRA. The adapter name is stripped from saved keys; a raw state
+        dict keeps it (``lora_A.default.weight``, ``modules_to_save.default.weight``).
         """
         whole: dict[str, str] = {}
         modules: dict[str, _Module] = {}
+        extra: dict[str, str] = {}
         for key in self.checkpoint.specs:
-            short = key.removeprefix(PREFIX)
+            short = self._short(key)
+            if short is None:
+                extra[key] = key
+                continue
             m = _FACTOR.fullmatch(short) or _EMBEDDING_FACTOR.fullmatch(short)
             if m:
                 mod = modules.setdefault(m["module"], _Module())
@@ -337,46 +470,154 @@ class LoraKind(Kind):
                 )
             elif ".original_module." not in short:  # the untrained original: peft drops it
                 explicit = ".modules_to_save." in short
-                name = _BASE_LAYER.sub("", short).replace(".modules_to_save.", ".")
+                name = _SAVED_COPY.sub(".", _BASE_LAYER.sub("", short))
                 if explicit or name not in whole:
                     whole[name] = key
         for name, mod in modules.items():
             if mod.a is None or mod.b is None:
                 raise FormatError(f"{self.weights}: module {name!r} has only one of lora_A/lora_B")
-        return whole, modules
+        return whole, modules, extra
 
-    def _factors(self, module: str, mod: _Module, spec: TensorSpec) -> Factors:
-        a, b = self.checkpoint.specs[mod.a], self.checkpoint.specs[mod.b]
-        transposed = mod.embedding or bool(self.config.get("fan_in_fan_out"))
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
-            raise MismatchError(
-                f"{self.weights}: module {module!r}: lora_A {list(a.shape)} and lora_B "
-                f"{list(b.shape)} do not multiply"
+    def _bare_config(self, options: ApplyOptions, specs: dict[str, TensorSpec]) -> dict:
+        """What adapter_config.json would say, from the options: alpha is required."""
+        if options.lora_alpha is None:
+            raise InputError(
+                f"{self.weights}: a LoRA state dict without {ADAPTER_CONFIG}: its alpha is not in "
+                "the file: give it with --lora-alpha (and --lora-r to check the rank)"
             )
+        for name, value in (("--lora-alpha", options.lora_alpha), ("--lora-r", options.lora_r)):
+            if value is not None and not _is_number(value):
+                raise InputError(f"{name} must be a positive number, not {value!r}")
+        self.prefix = options.lora_prefix if options.lora_prefix is not None else (
+            self._detect_prefix(specs))
+        if not any(k.startswith(self.prefix) for k in self.checkpoint.specs):
+            raise MismatchError(f"{self.weights}: no tensor name starts with --lora-prefix "
+                                f"{self.prefix!r}")
+        return {"r": options.lora_r, "lora_alpha": options.lora_alpha}
+
+    def _detect_prefix(self, specs: dict[str, TensorSpec]) -> str:
+        """What precedes the base's names in every factor's key (``llama_model.`` for PandaGPT)."""
+        candidates: set[str] | None = None
+        first = None
+        for key in self.checkpoint.specs:
+            m = _FACTOR.fullmatch(key) or _EMBEDDING_FACTOR.fullmatch(key)
+            if m is None:
+                continue
+            first = first or key
+            parts = m["module"].split(".")
+            found = {
+                ".".join(parts[:i] + [""]) if i else ""
+                for i in range(len(parts))
+                if stored_name(".".join(parts[i:]) + ".weight", specs)
+            }
+            candidates = found if candidates is None else candidates & found
+        if not candidates:
+            raise MismatchError(
+                f"{self.weights}: the LoRA factors' names (e.g. {first!r}) do not end in the "
+                "names of the base's tensors: give what precedes them with --lora-prefix"
+            )
+        if len(candidates) > 1:
+            raise InputError(
+                f"{self.weights}: the factors' names fit the base's under several prefixes "
+                f"({', '.join(repr(c) for c in sorted(candidates))}): choose with --lora-prefix"
+            )
+        return candidates.pop()
+
+    def _factors(self, config: dict, module: str, mod: _Module, spec: TensorSpec) -> Factors:
+        a, b = self.checkpoint.specs[mod.a], self.checkpoint.specs[mod.b]
+        transposed = mod.embedding or bool(config.get("fan_in_fan_out"))
+        _check_multiply(self.weights, module, a, b)
         product = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
         if product != spec.shape:
             raise MismatchError(
                 f"{self.weights}: module {module!r}: the LoRA product is {list(product)} but "
                 f"tensor {spec.name!r} is {list(spec.shape)}"
             )
-        r = a.shape[0]
-        declared = pattern_value(self.config.get("rank_pattern") or {}, module, self.config["r"])
-        if declared != r:
-            raise MismatchError(
-                f"{self.weights}: module {module!r} has rank {r} but {ADAPTER_CONFIG} says "
-                f"{declared}: peft would refuse to load it"
-            )
-        alpha = pattern_value(self.config.get("alpha_pattern") or {}, module,
-                              self.config["lora_alpha"])
-        scale = alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+        scale = self._scale(config, module, a.shape[0])
         return Factors(self.source, mod.a, mod.b, scale, transposed, spec.rows,
                        spec.dtype if mod.embedding else None)
 
+    def _scale(self, config: dict, key: str, r: int) -> float:
+        """``alpha / r`` for this module (or parameter), after checking its rank is declared."""
+        declared = self._patterns["rank_pattern"].get(key, config["r"] or r)
+        if declared != r:
+            where = ADAPTER_CONFIG if not self.bare else "--lora-r"
+            raise MismatchError(
+                f"{self.weights}: module {key!r} has rank {r} but {where} says "
+                f"{declared}: peft would refuse to load it"
+            )
+        alpha = self._patterns["alpha_pattern"].get(key, config["lora_alpha"])
+        return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+    def _targeted(self, config: dict, module: str, specs: dict[str, TensorSpec]) -> dict[str, Stored]:
+        """The parameters of ``module`` that ``target_parameters`` names and the base stores.
+
+        peft's rule: ``<module>.<param>`` is the entry, or ends with ``.<entry>``.
+        """
+        found = {}
+        for entry in config.get("target_parameters") or ():
+            param = str(entry).rpartition(".")[2]
+            key = f"{module}.{param}"
+            if key == entry or key.endswith(f".{entry}"):
+                stored = stored_parameter(module, param, specs)
+                if stored is not None:
+                    found[param] = stored
+        return found
+
+    def _param_factors(
+        self, config: dict, module: str, wrappers: list[_Module], params: dict[str, Stored],
+        specs: dict[str, TensorSpec],
+    ) -> dict[str, Factors | ExpertFactors]:
+        """Each ParamWrapper's factors matched to the parameter their shapes fit, per stored tensor."""
+        out: dict[str, Factors | ExpertFactors] = {}
+        used: set[str] = set()
+        for mod in wrappers:
+            a, b = self.checkpoint.specs[mod.a], self.checkpoint.specs[mod.b]
+            _check_multiply(self.weights, module, a, b)
+            fits = {p: t for p, s in params.items() if (t := _orientation(s, a, b)) is not None}
+            if len(fits) != 1 or next(iter(fits)) in used:
+                which = "none" if not fits else " and ".join(sorted(fits))
+                raise UnsupportedError(
+                    f"{self.weights}: LoRA factors {mod.a!r} fit {which} of the parameters "
+                    f"target_parameters names on {module!r} ({', '.join(sorted(params))})"
+                    + (", adapted by other factors too" if fits.keys() <= used and fits else "")
+                )
+            (param, transposed), = fits.items()
+            used.add(param)
+            stored = params[param]
+            experts = stored.shape[0] if len(stored.shape) == 3 else 1
+            r = a.shape[0] // experts
+            scale = self._scale(config, f"{module}.{param}", r)
+            if stored.pieces:
+                for piece in stored.pieces:
+                    pick = expert_pick(piece.expert, experts, r, (piece.r0, piece.r1))
+                    out[piece.name] = Factors(self.source, mod.a, mod.b, scale, False,
+                                              piece.r1 - piece.r0, specs[piece.name].dtype, pick)
+            elif len(stored.shape) == 3:
+                dtype = specs[stored.name].dtype
+                out[stored.name] = ExpertFactors([
+                    Factors(self.source, mod.a, mod.b, scale, transposed, stored.shape[1], dtype,
+                            expert_pick(e, experts, r))
+                    for e in range(experts)
+                ])
+            else:
+                out[stored.name] = Factors(self.source, mod.a, mod.b, scale, False,
+                                           stored.shape[0], specs[stored.name].dtype)
+        return out
+
     def plan(self, specs: dict[str, TensorSpec], options: ApplyOptions):
-        whole, modules = self._classify()
+        config = self.config if self.config is not None else self._bare_config(options, specs)
+        whole, modules, extra = self._classify()
+        self._patterns = match_patterns(self.folder / ADAPTER_CONFIG, {
+            key: config.get(key) or {} for key in ("rank_pattern", "alpha_pattern")
+        }, _pattern_keys(config, modules))
+        whole = {stored_name(n, specs) or n: k for n, k in whole.items()}
         after = dict(specs)
         for name, key in whole.items():
             cur, new = specs.get(name), self.checkpoint.specs[key]
+            if cur is None and self.bare and not self.prefix:
+                extra[key] = name  # a plain state dict: a tensor the model lacks is kept as it is
+                continue
             if cur is None:
                 raise MismatchError(
                     f"{self.weights}: tensor {key!r} replaces {name!r}, which the base lacks"
@@ -387,17 +628,33 @@ class LoraKind(Kind):
                     f"has {list(cur.shape)}"
                 )
             after[name] = TensorSpec(name, cur.dtype, new.shape)
-        factors: dict[str, Factors] = {}
-        for module, mod in modules.items():
-            name = f"{module}.weight"
-            if name not in after:
+        whole = {n: k for n, k in whole.items() if k not in extra}
+        factors: dict[str, Factors | ExpertFactors] = {}
+        modules_of: dict[str, str] = {}  # stored name -> the module whose LoRA it gets
+        wrapped: dict[str, list[_Module]] = {}
+        for raw, mod in modules.items():
+            module, depth = _unwrap(raw)
+            if self._targeted(config, module, after):
+                wrapped.setdefault(module, []).append(mod)
+                continue
+            name = stored_name(f"{module}.weight", after) if not depth else None
+            if name is None:
                 raise MismatchError(
-                    f"{self.weights}: LoRA module {module!r} has no tensor {name!r} in the base"
+                    f"{self.weights}: LoRA module {raw!r} has no tensor {module + '.weight'!r} "
+                    "in the base"
                 )
-            factors[name] = self._factors(module, mod, after[name])
+            factors[name] = self._factors(config, module, mod, after[name])
+            modules_of[name] = raw
+        for module, wrappers in wrapped.items():
+            params = self._targeted(config, module, after)
+            for name, f in self._param_factors(config, module, wrappers, params, after).items():
+                if name in factors:
+                    raise UnsupportedError(f"{self.weights}: tensor {name!r} is adapted twice")
+                factors[name] = f
         self._check_vocab(specs, after)
-        quantized = self._quantized(modules, whole, after, options)
-        steps = {
+        linear = {n: m for n, m in modules_of.items() if not modules[m].embedding}
+        quantized = self._quantized(config, linear, whole, after, options)
+        steps: dict[str, Step] = {
             name: LoraStep(
                 specs[name], after[name],
                 RowInput(self.checkpoint, whole[name]) if name in whole else None,
@@ -405,28 +662,37 @@ class LoraKind(Kind):
             )
             for name in after if name in whole or name in factors
         }
+        clash = [n for n in extra.values() if n in after]
+        if clash:
+            raise MismatchError(
+                f"{self.weights}: tensor {clash[0]!r}, outside --lora-prefix {self.prefix!r}, "
+                "has the name of one of the base's tensors"
+            )
+        after, kept = overlay(after, self.checkpoint, {n: k for k, n in extra.items()})
+        steps.update(kept)
         return after, steps
 
     def _quantized(
-        self, modules: dict[str, _Module], whole: dict[str, str], after: dict[str, TensorSpec],
-        options: ApplyOptions,
+        self, config: dict, linear: dict[str, str], whole: dict[str, str],
+        after: dict[str, TensorSpec], options: ApplyOptions,
     ) -> dict[str, Nf4Base]:
-        """With ``--qlora``: the tensors bitsandbytes quantized, the LoRA-targeted Linear weights.
+        """With ``--qlora``: the tensors bitsandbytes quantized, the LoRA-targeted Linear weights
+        (``linear``: stored name to module, modules only, embeddings left out).
 
-        Embeddings, the output layer (``lm_head``, which transformers leaves unquantized) and
-        whole tensors the adapter stores are not quantized.
+        The output layer (``lm_head``, which transformers leaves unquantized), whole tensors the
+        adapter stores and parameters adapted through ``target_parameters`` (no Linear layer:
+        bitsandbytes leaves them as they are) are not quantized.
         """
         if options.qlora is None:
             return {}
-        if self.config.get("fan_in_fan_out"):
+        if config.get("fan_in_fan_out"):
             raise UnsupportedError(
                 f"{self.folder / ADAPTER_CONFIG}: fan_in_fan_out (Conv1D) layers cannot be merged "
                 "with --qlora"
             )
         quantized = {}
-        for module, mod in modules.items():
-            name = f"{module}.weight"
-            if mod.embedding or name in whole or module.rsplit(".", 1)[-1] == "lm_head":
+        for name, module in linear.items():
+            if name in whole or module.rsplit(".", 1)[-1] == "lm_head":
                 continue
             spec = after[name]
             if spec.dtype not in nf4.DTYPES:

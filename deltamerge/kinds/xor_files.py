@@ -11,8 +11,11 @@ whatever their format. The decoder's exact behaviour, reproduced here:
 * other files the base lacks are skipped (the decoder prints an exception and goes on). Here a
   missing base *weight* file (a shard or an index) is an error instead, since skipping it leaves
   an incomplete model; other skipped files are reported in the result's notes;
-* a delta file named ``X.gz`` is gzip-compressed (the decoder's ``--compress``) and decodes to
-  ``X``, paired with the base's ``X``. Files without the suffix are raw, as in the OA releases.
+* the decoder's ``--compress`` gzips every XORed file under its plain name (only an
+  ``added_tokens.json`` the base lacks stays plain, as copied): a payload whose first bytes are
+  a gzip header (``1f 8b 08``, which no raw XOR of two files of one format starts with) is
+  decompressed as it is read. A file named ``X.gz`` is gzip-compressed too and decodes to ``X``,
+  paired with the base's ``X``. Raw files, as in the OA releases, are XORed as they are.
 
 What is checked, and when:
 
@@ -31,42 +34,41 @@ What is checked, and when:
   checksum list.
 
 Nothing is left at OUT on failure: the files are written to the partial folder and published
-only when all checks pass.
+only when all checks pass. An interrupted run keeps that folder; ``--resume`` keeps the decoded
+files that still hash to what its journal says and decodes the rest (``whole_files.Build``);
+``--workers N`` decodes N files at once.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
-import os
 import re
-import struct
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from ..errors import FormatError, InputError, NotFoundError, VerificationError, WorkError
-from ..formats.files import LFS_POINTER_PREFIX
-from ..formats.safetensors import read_header
-from ..memory import drop_file_range, peak_rss_bytes
-from ..progress import make_progress
+from ..errors import FormatError, InputError, NotFoundError, VerificationError
+from ..memory import peak_rss_bytes
 from ..results import RESULT_RECORD, ApplyResult
-from ..sinks.folder import check_out, discard, make_partial, partial_dir, publish, write_json
+from ..sinks.folder import check_out, write_json
+from ..sources.folders import own_file
 from ..version import __version__
+from .whole_files import (
+    CHUNK,
+    WEIGHT_SUFFIXES,
+    Decoded,
+    FileJob,
+    FileMask,
+    building,
+    decode_all,
+    files_digest,
+    fingerprint,
+    format_problem,
+    is_weight_name,
+)
 
-CHUNK = 16 * 1024 * 1024
 ADDED_TOKENS = "added_tokens.json"
-WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pth", ".pt")
-ZIP_MAGIC = b"PK\x03\x04"
-GZIP_MAGIC = b"\x1f\x8b"
-_EOCD = b"PK\x05\x06"
-_ZIP64_LOCATOR = b"PK\x06\x07"
-_ZIP64_EOCD = b"PK\x06\x06"
+GZIP_DEFLATE = b"\x1f\x8b\x08"  # gzip's magic and the only compression method it defines
 _MD5_LINE = re.compile(r"([0-9a-fA-F]{32}) [ *](.+)")
 
 
@@ -81,10 +83,6 @@ class Pair:
 
 
 # -- what the delta folder is ---------------------------------------------------------------------
-def is_weight_name(name: str) -> bool:
-    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json")
-
-
 def looks_like_xor_files(folder: Path) -> bool:
     """A folder of XORed files, from the weight files' first bytes.
 
@@ -104,13 +102,18 @@ def looks_like_xor_files(folder: Path) -> bool:
         if name.endswith(WEIGHT_SUFFIXES):
             with open(path, "rb") as f:
                 head = f.read(9)
-            if head[:2] == GZIP_MAGIC:
+            if head[:3] == GZIP_DEFLATE:
                 return True
             if name.endswith(".safetensors") and len(head) == 9 and head[8] == 0:
                 return True
             if not name.endswith(".safetensors") and head[:4] == b"\0\0\0\0":
                 return True
     return False
+
+
+def is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(3) == GZIP_DEFLATE
 
 
 def pair_files(base: Path, delta: Path) -> tuple[list[Pair], list[str]]:
@@ -124,8 +127,14 @@ def pair_files(base: Path, delta: Path) -> tuple[list[Pair], list[str]]:
         if gz and out_name in plain:
             raise InputError(f"{delta}: both {out_name} and {name}: which one is the delta?")
         base_file = base / out_name
+        if not out_name.endswith(WEIGHT_SUFFIXES):
+            # Decoded with no format check (format_problem knows only weight files), so a linked
+            # secret would reach OUT XORed with a file anyone with the base has.
+            own_file(delta, delta / name)
+            if base_file.is_file():
+                own_file(base, base_file)
         if base_file.is_file():
-            pairs.append(Pair(delta / name, base_file, out_name, gz))
+            pairs.append(Pair(delta / name, base_file, out_name, gz or is_gzip(delta / name)))
         elif out_name == ADDED_TOKENS:
             pairs.append(Pair(delta / name, None, out_name, gz))
         elif is_weight_name(out_name):
@@ -140,67 +149,7 @@ def pair_files(base: Path, delta: Path) -> tuple[list[Pair], list[str]]:
     return pairs, skipped
 
 
-# -- whether a file is complete by its own format -------------------------------------------------
-def _zip_problem(f: io.BufferedReader, size: int) -> str | None:
-    """Why a zip archive is not exactly ``size`` bytes long, or None when it is."""
-    tail_len = min(size, 22 + 65535)
-    f.seek(size - tail_len)
-    tail = f.read(tail_len)
-    pos = tail.rfind(_EOCD)
-    while pos >= 0:
-        if pos + 22 <= len(tail):
-            comment = struct.unpack_from("<H", tail, pos + 20)[0]
-            if pos + 22 + comment == len(tail):
-                break
-        pos = tail.rfind(_EOCD, 0, pos)
-    if pos < 0:
-        return "no end-of-archive record at its end: truncated, or not the publisher's file"
-    cd_size, cd_offset = struct.unpack_from("<II", tail, pos + 12)
-    end_of_cd = size - tail_len + pos
-    if pos >= 20 and tail[pos - 20 : pos - 16] == _ZIP64_LOCATOR:
-        end_of_cd = struct.unpack_from("<Q", tail, pos - 12)[0]
-        f.seek(end_of_cd)
-        record = f.read(56)
-        if len(record) < 56 or record[:4] != _ZIP64_EOCD:
-            return "its zip64 end record is missing: damaged"
-        cd_size, cd_offset = struct.unpack_from("<QQ", record, 40)
-    elif cd_offset == 0xFFFFFFFF or cd_size == 0xFFFFFFFF:
-        return "a zip64 archive without its zip64 records: damaged"
-    if cd_offset + cd_size != end_of_cd:
-        return (
-            f"its central directory ends at byte {cd_offset + cd_size}, not at {end_of_cd} where "
-            "the end record is: damaged"
-        )
-    return None
-
-
-def format_problem(path: Path) -> str | None:
-    """Why ``path`` is not a complete file of the format its name and first bytes say, or None.
-
-    Only self-describing formats are checked (safetensors, zip archives from ``torch.save``);
-    for others, nothing is known and None is returned.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(64)
-        if head.startswith(LFS_POINTER_PREFIX):
-            return "a Git LFS pointer, not the file: run `git lfs pull`"
-        if path.name.endswith(".safetensors"):
-            try:
-                read_header(path)
-            except FormatError as exc:
-                return str(exc).removeprefix(f"{path}: ")
-            return None
-        if path.name.endswith(WEIGHT_SUFFIXES):
-            if size == 0:
-                return "empty file"
-            if head.startswith(ZIP_MAGIC):
-                return _zip_problem(f, size)
-            if not head.startswith(b"\x80"):
-                return "neither a zip archive nor a pickle"
-    return None
-
-
+# -- the base files ------------------------------------------------------------------------------
 def check_bases(pairs: list[Pair]) -> None:
     """Refuse incomplete base files before anything is written."""
     for p in pairs:
@@ -239,77 +188,6 @@ def read_md5_list(path: Path) -> dict[str, str]:
 
 
 # -- decoding -------------------------------------------------------------------------------------
-def _read_full(f, view: memoryview) -> int:
-    done = 0
-    while done < len(view):
-        got = f.readinto(view[done:])
-        if not got:
-            break
-        done += got
-    return done
-
-
-@dataclass
-class Decoded:
-    name: str
-    size: int
-    md5: str
-    base_md5: str | None
-    bytes_read: int
-
-
-def _decode(
-    pair: Pair, dst: Path, bufs: tuple[bytearray, bytearray], hash_base: bool,
-    progress: Callable[[int], None],
-) -> Decoded:
-    pbuf, bbuf = bufs
-    md5 = hashlib.md5()
-    base_md5 = hashlib.md5() if hash_base and pair.base is not None else None
-    raw = open(pair.payload, "rb", buffering=0)  # noqa: SIM115 - closed below
-    payload = gzip.GzipFile(fileobj=raw, mode="rb") if pair.gz else raw
-    base = open(pair.base, "rb", buffering=0) if pair.base is not None else None  # noqa: SIM115
-    out_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    size = consumed = base_read = 0
-    try:
-        while True:
-            n = _read_full(payload, memoryview(pbuf))
-            if n == 0:
-                break
-            m = _read_full(base, memoryview(bbuf)[:n]) if base is not None else 0
-            base_read += m
-            if base_md5 is not None:
-                base_md5.update(memoryview(bbuf)[:m])
-            if m:
-                p = torch.frombuffer(pbuf, dtype=torch.uint8, count=m)
-                p.bitwise_xor_(torch.frombuffer(bbuf, dtype=torch.uint8, count=m))
-            view = memoryview(pbuf)[:n]
-            written = 0
-            while written < n:
-                written += os.write(out_fd, view[written:])
-            md5.update(view)
-            size += n
-            pos = raw.tell()
-            drop_file_range(raw.fileno(), consumed, pos - consumed)
-            progress(pos - consumed)
-            consumed = pos
-        if base_md5 is not None and base is not None:
-            while m := _read_full(base, memoryview(bbuf)):
-                base_md5.update(memoryview(bbuf)[:m])
-                base_read += m
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise FormatError(f"{pair.payload}: not a valid gzip file ({exc})") from None
-    finally:
-        os.close(out_fd)
-        payload.close()
-        raw.close()
-        if base is not None:
-            base.close()
-    return Decoded(
-        pair.name, size, md5.hexdigest(), base_md5.hexdigest() if base_md5 else None,
-        consumed + base_read,
-    )
-
-
 def _verify(
     decoded: list[Decoded], expected: dict[str, str], md5_list: Path, notes: list[str]
 ) -> bool:
@@ -322,7 +200,7 @@ def _verify(
         if d.md5 != md5:
             why = (
                 f"; {md5} is the md5 of the base file: {md5_list} lists the base's files, pass "
-                "the list for the decoded files" if d.base_md5 == md5
+                "the list for the decoded files" if d.mask_md5 == md5
                 else ": the base file is not byte-identical to the publisher's"
             )
             raise VerificationError(f"{name}: decoded md5 {d.md5} does not match {md5}{why}")
@@ -330,21 +208,6 @@ def _verify(
     if unlisted:
         notes.append(f"not in {md5_list.name}, so not verified: {', '.join(unlisted)}")
     return not unlisted
-
-
-def _likely_cause(pair: Pair) -> str:
-    with open(pair.payload, "rb") as f:
-        compressed = f.read(2) == GZIP_MAGIC
-    if compressed and not pair.gz:
-        return (f"{pair.payload.name} looks gzip-compressed (xor_codec.py --compress): name it "
-                f"{pair.payload.name}.gz")
-    return f"the base file {pair.base} is not byte-identical to the publisher's"
-
-
-def files_digest(decoded: list[Decoded]) -> str:
-    """sha256 of the decoded files' md5 list (``md5  name`` lines, sorted): one comparable line."""
-    listing = "".join(f"{d.md5}  {d.name}\n" for d in sorted(decoded, key=lambda d: d.name))
-    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def apply_xor_files(
@@ -355,8 +218,13 @@ def apply_xor_files(
     force: bool = False,
     expect_md5: Path | None = None,
     progress: bool | Callable[[int, int], None] = False,
+    resume: bool = False,
+    workers: int = 1,
 ) -> ApplyResult:
     """Decode an OpenAssistant-style XOR delta folder against ``base`` into ``out``.
+
+    ``workers`` files are decoded at once. ``resume=True`` finishes an interrupted run, keeping
+    the decoded files that hash again to what its journal recorded.
 
     Returns an :class:`~deltamerge.results.ApplyResult` whose ``shards`` are the decoded files and
     whose ``model_digest`` is :func:`files_digest` (there are no tensors at this level).
@@ -364,29 +232,21 @@ def apply_xor_files(
     start = time.monotonic()
     base, delta, out = Path(base), Path(delta), Path(out).expanduser()
     check_out(out, force)
-    if partial_dir(out).exists():
-        raise InputError(
-            f"{out}: an interrupted run left {partial_dir(out)}: delete that folder first"
-        )
     expected = read_md5_list(expect_md5) if expect_md5 is not None else None
     pairs, skipped = pair_files(base, delta)
     check_bases(pairs)
     notes = [f"skipped (not in the base, as xor_codec.py does): {', '.join(skipped)}"] if skipped else []
-    bar = make_progress(progress, sum(p.payload.stat().st_size for p in pairs), "decoding")
-    tmp = make_partial(out)
-    try:
-        bufs = (bytearray(CHUNK), bytearray(CHUNK))
-        decoded = []
-        for pair in pairs:
-            try:
-                decoded.append(_decode(pair, tmp / pair.name, bufs, expected is not None, bar.update))
-            except OSError as exc:
-                raise WorkError(f"{exc.filename or pair.payload}: {exc.strerror or exc}") from None
-            problem = format_problem(tmp / pair.name)
-            if problem is not None:
-                raise VerificationError(f"{pair.name}: the decoded file is not complete ({problem}): "
-                                        f"{_likely_cause(pair)}")
-        bar.close()
+    jobs = [FileJob(
+        p.payload, p.name, p.gz,
+        None if p.base is None else  # a buffer per mask: files may decode at once
+        lambda base_file=p.base: FileMask(base_file, bytearray(CHUNK), expected is not None),
+        f"the base file {p.base} is not byte-identical to the publisher's",
+    ) for p in pairs]
+    fp = fingerprint("xor-files", jobs, [p.base for p in pairs if p.base is not None], {})
+    with building(out, fp, resume) as build:
+        tmp = build.folder
+        decoded = decode_all(jobs, build, CHUNK, progress, workers)
+        notes += build.note()
         verified = _verify(decoded, expected, expect_md5, notes) if expected is not None else False
         digest = files_digest(decoded)
         write_json(tmp / RESULT_RECORD, {
@@ -398,16 +258,12 @@ def apply_xor_files(
             "files_digest": digest,
             "verified_against": str(expect_md5) if verified else None,
         })
-        publish(tmp, out)
-    except BaseException:
-        bar.close()
-        discard(tmp)
-        raise
     return ApplyResult(
         out, ["xor-files"], 0, [d.name for d in decoded], sum(d.bytes_read for d in decoded),
         sum(d.size for d in decoded),
         time.monotonic() - start, peak_rss_bytes(), digest,
         publisher_digest=digest if verified else None, verified=verified, notes=notes,
+        algorithm="sha256",  # of the md5 list: OpenAssistant published md5s, not tensors
     )
 
 

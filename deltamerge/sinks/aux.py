@@ -21,7 +21,9 @@ def copy_aux(tmp: Path, files: dict[str, Path | bytes]) -> None:
             shutil.copyfile(src, tmp / name)
 
 
-def fix_config(tmp: Path, vocab_rows: int | None, dtype: str | None) -> None:
+def fix_config(
+    tmp: Path, vocab_rows: int | None, dtype: str | None, updates: dict | None = None
+) -> None:
     """config.json must describe the result as written, not its inputs (see :func:`fixed_config`);
     it is rewritten only when that changes it."""
     path = tmp / "config.json"
@@ -30,7 +32,7 @@ def fix_config(tmp: Path, vocab_rows: int | None, dtype: str | None) -> None:
     config = load_config(path)
     if config is None:
         return
-    fixed = fixed_config(config, vocab_rows, dtype)
+    fixed = fixed_config(config, vocab_rows, dtype, updates)
     if fixed != config:
         write_json(path, fixed)
 
@@ -46,10 +48,14 @@ def load_config(src: Path | bytes | None) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
-def fixed_config(config: dict, vocab_rows: int | None, dtype: str | None) -> dict:
+def fixed_config(
+    config: dict, vocab_rows: int | None, dtype: str | None, updates: dict | None = None
+) -> dict:
     """``vocab_size`` the result's embedding rows (or loading fails), its dtype (or
-    ``from_pretrained(dtype="auto")`` loads it in another one), and no ``_name_or_path``, which
-    names a folder on the machine that made an input.
+    ``from_pretrained(dtype="auto")`` loads it in another one), no ``_name_or_path``, which
+    names a folder on the machine that made an input, and the fields a delta's tensors need
+    (``updates``: a prefix encoder's ``pre_seq_len``). ``auto_map`` (the model's own code, for
+    ``trust_remote_code``) is kept as it is.
     """
     fixed = dict(config)
     fixed.pop("_name_or_path", None)
@@ -59,4 +65,5 @@ def fixed_config(config: dict, vocab_rows: int | None, dtype: str | None) -> dic
         # transformers 5 writes "dtype", earlier releases "torch_dtype"; both read the latter.
         for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
             fixed[key] = dtype
+    fixed.update(updates or {})
     return fixed

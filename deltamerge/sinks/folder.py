@@ -20,12 +20,26 @@ def partial_dir(out: Path) -> Path:
 
 def check_out(out: Path, force: bool) -> None:
     """Refuse a non-empty OUT unless ``force``: overwriting a model by accident costs hours."""
+    if out.name in ("", ".."):  # ".", "..", "/": the folder is renamed into place at the end
+        raise InputError(f"{out}: OUT must name the folder to create, not . or .. (e.g. ./merged)")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise OutputExistsError(f"{out}: exists and is not empty (use --force to replace it)")
-    if not out.parent.exists():
+    if not out.parent.is_dir():
+        if out.parent.exists():
+            raise InputError(f"{out.parent}: a file, not a folder: {out.name} cannot go in it")
         raise InputError(f"{out.parent}: no such folder to write {out.name} into")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        why = "a read-only file system" if _read_only(out.parent) else "permission denied"
+        raise InputError(f"{out.parent}: cannot write {out.name} there ({why}): choose another OUT")
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def check_free_space(folder: Path, needed: int) -> None:

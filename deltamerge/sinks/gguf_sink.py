@@ -16,7 +16,6 @@ tensor in it are redone.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DeltaMergeError
-from ..integrity.digest import TensorDigest
+from ..integrity.digest import TensorDigest, new_hash
 from ..memory import RangeWriteBehind, drop_file_range
 from ..tensor_spec import TensorSpec
 from . import Buffer, Mismatch, ShardLayout, ShardWriter, Sink, Written
@@ -44,6 +43,7 @@ except ImportError:
 def plan_gguf_output(
     aux: Mapping[str, Path | bytes], shards: Sequence[ShardLayout], *, vocab_rows: int | None,
     dtype: str | None, outtype: str | None, dir_name: str, split_max_size: int, where: Path,
+    config_updates: dict | None = None,
 ) -> GGUFPlan:
     """The GGUF file set for the result: its non-weight files as the ``hf`` format would write
     them (config.json made to describe the result) are put in a scratch folder for
@@ -53,7 +53,7 @@ def plan_gguf_output(
     with tempfile.TemporaryDirectory(prefix="deltamerge-gguf-") as scratch:
         folder = Path(scratch)
         copy_aux(folder, dict(aux))
-        fix_config(folder, vocab_rows, dtype)
+        fix_config(folder, vocab_rows, dtype, config_updates)
         specs = [spec for shard in shards for spec in shard.specs]
         try:
             return plan_gguf(
@@ -135,7 +135,9 @@ class GGUFSink(Sink):
             why = self._check_file(folder, tensor.file)
             if why is not None:
                 raise Mismatch(why)
-            digest = self._hash_tensor(folder, tensor, block_bytes, advance)
+            digest = self._hash_tensor(
+                folder, tensor, block_bytes, advance, written[tensor.name].algorithm
+            )
             if digest != written[tensor.name]:
                 raise Mismatch(f"tensor {tensor.name!r} digest differs from the journal")
             found[tensor.name] = digest
@@ -149,12 +151,14 @@ class GGUFSink(Sink):
             return self._checked[index]
 
     def _hash_tensor(
-        self, folder: Path, tensor: GGUFTensor, block_bytes: int, advance: Callable[[int], None]
+        self, folder: Path, tensor: GGUFTensor, block_bytes: int, advance: Callable[[int], None],
+        algorithm: str,
     ) -> TensorDigest:
-        """The tensor's bytes at its offset, hashed; the padding after it must be zeros."""
+        """The tensor's bytes at its offset, hashed (in the journal's algorithm); the padding
+        after it must be zeros."""
         path = folder / self.plan.files[tensor.file].name
         pad = -tensor.nbytes % gguf.GGUF_DEFAULT_ALIGNMENT
-        h = hashlib.sha256()
+        h = new_hash(algorithm)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             position, end = tensor.offset, tensor.offset + tensor.nbytes
@@ -172,7 +176,7 @@ class GGUFSink(Sink):
             raise Mismatch(f"cannot read {path.name}: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
-        return TensorDigest(type_name(tensor), tensor.shape, h.hexdigest())
+        return TensorDigest(type_name(tensor), tensor.shape, h.hexdigest(), algorithm)
 
     def resume(self, folder: Path, kept: Mapping[str, Mapping[str, TensorDigest]]) -> None:
         """Continue the kept shards' files; a file none of them is in is made again."""

@@ -16,7 +16,6 @@ storages is written again.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import stat
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import TORCH_TO_SAFETENSORS, itemsize
-from ..integrity.digest import TensorDigest
+from ..integrity.digest import DEFAULT_ALGORITHM, TensorDigest, new_hash
 from ..memory import drop_file_range
 from ..tensor_spec import TensorSpec
 from . import Buffer, Mismatch, ShardLayout, ShardWriter, Sink, Written
@@ -128,9 +127,10 @@ class MetaSink(Sink):
         for k, meta, _ in storages:
             name, dtype, shape, _ = self.written(k, meta)
             record = self._archives[k].storages[meta]
-            sha, crc, head = _read_storage(folder / self.layout.filenames[k], record.data, record.size,
-                                           block_bytes, advance)
-            found[name] = TensorDigest(dtype, shape, sha)
+            algorithm = written[name].algorithm if name in written else DEFAULT_ALGORITHM
+            digest, crc, head = _read_storage(folder / self.layout.filenames[k], record.data,
+                                              record.size, block_bytes, advance, algorithm)
+            found[name] = TensorDigest(dtype, shape, digest, algorithm)
             if found[name] != written[name]:
                 raise Mismatch(f"tensor {name!r} digest differs from the journal")
             read_back[(k, meta)] = (crc, head)
@@ -148,16 +148,17 @@ class MetaSink(Sink):
 
 
 def _read_storage(
-    path: Path, start: int, size: int, block_bytes: int, advance: Callable[[int], None]
+    path: Path, start: int, size: int, block_bytes: int, advance: Callable[[int], None],
+    algorithm: str,
 ) -> tuple[str, int, bytes]:
-    """sha256, CRC-32 and first bytes of ``size`` bytes of a file from ``start``."""
+    """The digest (in ``algorithm``), CRC-32 and first bytes of ``size`` bytes of a file from ``start``."""
     try:
         info = path.lstat()
     except FileNotFoundError:
         raise Mismatch(f"{path.name} is missing") from None
     if not stat.S_ISREG(info.st_mode):
         raise Mismatch(f"{path.name} is not a regular file (a symlink?)")
-    h, crc, head = hashlib.sha256(), 0, b""
+    h, crc, head = new_hash(algorithm), 0, b""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:

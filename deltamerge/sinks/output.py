@@ -78,24 +78,27 @@ def output_format(
 def open_sink(
     fmt: OutputFormat, shards: Sequence[ShardLayout], aux: Mapping[str, Path | bytes], *,
     vocab_rows: int | None, dtype: str | None, out: Path, folder: Path,
+    config_updates: dict | None = None,
 ) -> Sink:
     """The sink for ``fmt``, planned from the shards and the result's non-weight files ``aux``
     (``config.json`` made to describe the result, as the ``hf`` result's would be); ``folder``
     is where its files go (the partial folder), ``out`` the result's final place, whose name
-    names a GGUF model when nothing else does."""
+    names a GGUF model when nothing else does; ``config_updates`` are the fields a delta's
+    tensors need in config.json (see :func:`~.aux.fixed_config`)."""
     if fmt.name == "hf":
         return SafetensorsSink()
     source = aux.get("config.json")
     where = source.parent if isinstance(source, Path) else out
     if fmt.name == "gguf":
         plan = plan_gguf_output(aux, shards, vocab_rows=vocab_rows, dtype=dtype, outtype=fmt.outtype,
-                                dir_name=out.name, split_max_size=fmt.shard_bytes, where=where)
+                                dir_name=out.name, split_max_size=fmt.shard_bytes, where=where,
+                                config_updates=config_updates)
         return GGUFSink(plan, shards)
     config = load_config(source)
     if config is None:
         raise InputError(f"{where}: no config.json the result can be described by; Meta's layout "
                          "needs it (its params.json is made from it)")
-    layout = MetaLayout(fixed_config(config, vocab_rows, dtype),
+    layout = MetaLayout(fixed_config(config, vocab_rows, dtype, config_updates),
                         [spec for shard in shards for spec in shard.specs], fmt.mp,
                         where=where / "config.json")
     return MetaSink(layout, shards, folder)

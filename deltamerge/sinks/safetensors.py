@@ -135,7 +135,7 @@ class SafetensorsSink(Sink):
             raise Mismatch("the journal does not list its tensors")
         digests = {}
         for spec in shard.specs:
-            digest = _hash_tensor(ckpt, spec, block_bytes, advance)
+            digest = _hash_tensor(ckpt, spec, block_bytes, advance, claimed[spec.name].algorithm)
             if digest != claimed[spec.name]:
                 raise Mismatch(f"tensor {spec.name!r} digest differs from the journal")
             digests[spec.name] = digest
@@ -143,10 +143,12 @@ class SafetensorsSink(Sink):
 
 
 def _hash_tensor(
-    ckpt: SafetensorsCheckpoint, spec: TensorSpec, block_bytes: int, advance: Callable[[int], None]
+    ckpt: SafetensorsCheckpoint, spec: TensorSpec, block_bytes: int,
+    advance: Callable[[int], None], algorithm: str,
 ) -> TensorDigest:
-    """The tensor's digest from blocks of rows, as the engine hashes what it writes."""
-    hasher = TensorHasher(spec)
+    """The tensor's digest from blocks of rows, as the engine hashes what it writes (in the
+    journal's algorithm: the run's, which the plan's fingerprint fixes)."""
+    hasher = TensorHasher(spec, algorithm)
     row_bytes = spec.nbytes // spec.rows if spec.rows else 0
     step = max(1, block_bytes // row_bytes) if row_bytes else max(spec.rows, 1)
     buffer = torch.empty(max(1, min(spec.nbytes, step * row_bytes)), dtype=torch.uint8)

@@ -60,6 +60,14 @@ class Checkpoint(ABC):
         """
         return None
 
+    def header_length(self, path: Path) -> int | None:
+        """How many bytes of weight file ``path`` come before its tensor data, for a format whose
+        files hold a header and tensors tiling the rest exactly (safetensors); None otherwise.
+
+        With the header's digest and the tensors' digests that proves the whole file.
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
 

@@ -11,14 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FormatError, InputError, NotFoundError
-from ..formats.files import inside, read_json_object
+from ..formats.files import inside, read_json_object, stays_inside
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 
-# Files that travel with a model and are not weights, copied into results and deltas.
+# Files that travel with a model and are not weights, copied into results and deltas; with them
+# the Python files of the folder's top level (CODE_SUFFIX), which models loaded with
+# trust_remote_code=True (ChatGLM, MOSS, early Falcon, Aquila) name in config.json's auto_map.
+CODE_SUFFIX = ".py"
+# A lone weight file under another name: PandaGPT's pytorch_model.pt.
+LONE_TORCH_SUFFIXES = (".pt", ".bin")
+NOT_WEIGHTS = ("training_args.bin",)  # the Trainer's pickled arguments, beside its checkpoints
 AUX_FILES = (
     "config.json",
     "generation_config.json",
@@ -28,6 +34,18 @@ AUX_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
 )
+
+
+def is_aux_file(name: str) -> bool:
+    """Whether a top-level file of an input travels into results and deltas."""
+    return name in AUX_FILES or (name.endswith(CODE_SUFFIX) and "/" not in name)
+
+
+def lone_torch_file(names: list[str]) -> str | None:
+    """The one top-level ``.pt``/``.bin`` file among ``names`` (not the Trainer's), if only one."""
+    found = [n for n in names if "/" not in n and n.endswith(LONE_TORCH_SUFFIXES)
+             and n not in NOT_WEIGHTS]
+    return found[0] if len(found) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -87,9 +105,12 @@ def detect_layout(path: Path) -> Layout:
     singles = sorted(p for p in path.glob("*.safetensors") if _is_file(p))
     if len(singles) == 1:
         return Layout(path, "safetensors", (singles[0],), None)
+    lone = lone_torch_file(sorted(p.name for p in path.iterdir() if _is_file(p)))
+    if lone is not None:
+        return Layout(path, "bin", (path / lone,), None)
     raise InputError(
         f"{path}: no weights found (expected {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "
-        f"{BIN_INDEX}, {BIN_SINGLE} or Meta's params.json with consolidated.*.pth)"
+        f"{BIN_INDEX}, {BIN_SINGLE}, one .pt file or Meta's params.json with consolidated.*.pth)"
     )
 
 
@@ -103,10 +124,12 @@ def _is_file(path: Path) -> bool:
 def aux_files(folder: Path) -> dict[str, Path]:
     """The non-weight files present in ``folder``, by name.
 
-    They are copied into results, so a JSON one that is not an object (an LFS pointer, a
-    truncated download, a hostile config) is refused rather than passed on.
+    They are copied into results, so one that is a symlink leading out of the folder is refused
+    (see :func:`own_file`), and a JSON one that is not an object (an LFS pointer, a truncated
+    download, a hostile config) is refused rather than passed on. FIFOs and devices are skipped.
     """
-    found = {name: folder / name for name in AUX_FILES if _is_file(folder / name)}
+    found = {name: own_file(folder, folder / name) for name in AUX_FILES if _is_file(folder / name)}
+    found.update(code_files(folder))
     for name, path in found.items():
         if name.endswith(".json"):
             obj = read_json_object(path, strict=False)
@@ -115,8 +138,43 @@ def aux_files(folder: Path) -> dict[str, Path]:
     return found
 
 
+def own_file(folder: Path, path: Path) -> Path:
+    """``path``, refused when a symlink leads it out of ``folder`` (into the Hub cache's blobs of
+    the same repository is allowed: that is how a snapshot holds its files).
+
+    For files whose bytes are copied into a result: weight files are parsed, never copied.
+    """
+    if not stays_inside(folder, path):
+        raise FormatError(
+            f"{path}: a symlink leading outside {folder} (to {_target(path)}): files copied "
+            "into the result must be the folder's own; copy the file in instead of linking it"
+        )
+    return path
+
+
+def _target(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):
+        return "a path that cannot be resolved"
+
+
 def _check_config(path: Path, config: dict) -> None:
     """The fields deltamerge reads or rewrites in config.json must have their types."""
     vocab = config.get("vocab_size")
     if vocab is not None and (not isinstance(vocab, int) or isinstance(vocab, bool)):
         raise FormatError(f"{path}: vocab_size must be an integer, found {vocab!r}")
+
+
+def code_files(folder: Path) -> dict[str, Path]:
+    """The folder's top-level ``*.py`` files (a model's own code), by name.
+
+    They are run by whoever loads the result, so each must be the folder's own: a symlink that
+    leads out of it is refused (the Hub cache's links into its blobs are the folder's own).
+    """
+    found = {}
+    for path in sorted(folder.glob(f"*{CODE_SUFFIX}")):
+        if not _is_file(path):
+            continue  # a folder, a device, a FIFO: not code, skipped as other odd files are
+        found[path.name] = inside(folder, path.name, path)
+    return found

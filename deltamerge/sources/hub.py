@@ -34,8 +34,9 @@ from ..errors import (
     VerificationError,
     WorkError,
 )
-from ..integrity.digest import file_sha256
+from ..integrity.digest import SHA256, file_digest
 from ..integrity.manifest import MANIFEST_NAME
+from ..progress import step_bar
 from ..results import RESULT_RECORD
 from ..tensor_spec import TensorSpec
 from ..version import __version__
@@ -45,6 +46,8 @@ from .folders import (
     BIN_SINGLE,
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
+    is_aux_file,
+    lone_torch_file,
     read_weight_map,
 )
 from .inputs import Resolved
@@ -115,6 +118,22 @@ def hub_errors(what: str, endpoint: str) -> Iterator[None]:
         raise WorkError(f"{what}: cannot reach the Hub at {endpoint} ({type(exc).__name__})") from None
 
 
+def use_cache_dir(path: str | Path) -> None:
+    """Download into this Hugging Face cache for the rest of the process (``--cache-dir``).
+
+    huggingface_hub and this module read ``HF_HUB_CACHE`` when each call is made, so setting it
+    here is what the variable does when set before the process starts.
+    """
+    hf_constants.HF_HUB_CACHE = str(Path(path).expanduser())
+
+
+def quiet_downloads() -> None:
+    """No progress bars from huggingface_hub (downloads, uploads), as ``-q`` asks."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+
+
 def make_api(
     endpoint: str | None = None, token: str | bool | None = None, api: HfApi | None = None
 ) -> HfApi:
@@ -143,11 +162,16 @@ def cache_storage(text: str) -> Path:
     from huggingface_hub.file_download import repo_folder_name
 
     repo_id = parse_repo_id(text)[0]
-    return Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    with hub_errors(text, str(hf_constants.ENDPOINT)):  # the id is validated: one line if wrong
+        return Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
 def parse_repo_id(text: str) -> tuple[str, str | None]:
     repo_id, _, revision = text.partition("@")
+    if revision and (".." in revision or revision.startswith("/") or revision.endswith("/")
+                     or "//" in revision):
+        # git refuses these in ref names; offline, a revision names a file of the cache
+        raise InputError(f"{text}: {revision!r} is not a valid revision (branch, tag or commit)")
     return repo_id, revision or None
 
 
@@ -163,7 +187,7 @@ class RemoteRepo:
     ):
         self.api, self.repo_id, self.revision, self.commit = api, repo_id, revision, commit
         self.files, self.offline = files, offline
-        self.xored = False  # set for an xor-files delta: every top-level file is needed
+        self.xored = False  # set for a whole-file delta (xor-files, enc): every top-level file is needed
         self.chosen: list[str] | None = None  # weight files picked by the caller instead
         self.storage = cache_storage(repo_id)
         self.folder = self.storage / "snapshots" / commit
@@ -177,6 +201,7 @@ class RemoteRepo:
 
     def small_files(self) -> list[str]:
         names = [n for n in SMALL_FILES if n in self.files]
+        names += sorted(n for n in self.files if is_aux_file(n) and n not in names)
         index, _ = self._weights_plan()
         return names + ([index] if index else [])
 
@@ -185,7 +210,7 @@ class RemoteRepo:
 
         An OpenAssistant xor-files delta XORs every file, its index and config included, so
         for one (``--kind xor-files``, ``.gz`` payloads, or an index that is not JSON) every
-        top-level file is taken.
+        top-level file is taken; so for OpenBuddy's ``.enc`` files.
         """
         if self.chosen is not None:
             return self.chosen
@@ -206,9 +231,15 @@ class RemoteRepo:
                 raise FormatError(f"{self.label}: {index} names {shard}, which the repo lacks")
         return shards
 
+    def is_encrypted(self) -> bool:
+        """Whether this is OpenBuddy's enc delta: ``.enc`` files, XORed with a key, not a base."""
+        return any(n.endswith(".enc") and "/" not in n for n in self.files)
+
     def is_xored(self) -> bool:
-        """Whether this is an xor-files delta (decided once its small files are fetched)."""
-        if not self.xored and any(n.endswith(".gz") and "/" not in n for n in self.files):
+        """Whether this is a whole-file delta (decided once its small files are fetched)."""
+        if not self.xored and (self.is_encrypted() or any(
+            n.endswith(".gz") and "/" not in n for n in self.files
+        )):
             self.xored = True
         index, _ = self._weights_plan()
         if not self.xored and index is not None and (self.folder / index).is_file():
@@ -232,7 +263,10 @@ class RemoteRepo:
         if "params.json" in names and meta:
             return None, meta
         singles = [n for n in names if n.endswith(".safetensors") and "/" not in n]
-        return None, singles if len(singles) == 1 else []
+        if len(singles) == 1:
+            return None, singles
+        lone = lone_torch_file(sorted(names))
+        return None, [lone] if lone else []
 
     def missing_bytes(self, names: Iterable[str]) -> int:
         """Bytes still to download: files whose blob is not in the cache yet."""
@@ -252,7 +286,23 @@ class RemoteRepo:
         if todo:
             with hub_errors(self.label, self.api.endpoint):
                 _parallel(self._download, todo)
-        _parallel(self._verify, names)
+        pending = [n for n in names if self._unverified(n)]
+        bar = step_bar(sum(self.files[n].size for n in pending), f"sha256 of {self.label}")
+
+        def verify(name: str) -> None:
+            bar.at(name)
+            self._verify(name)
+            bar.update(self.files[name].size)
+
+        try:
+            _parallel(verify, pending)
+        finally:
+            bar.close()
+
+    def _unverified(self, name: str) -> bool:
+        """Whether the file still has to be hashed (the Hub gave a checksum, none matched yet)."""
+        expected = self.files[name]
+        return expected.blob is not None and not _verified(expected.blob, (self.folder / name).resolve())
 
     def _download(self, name: str) -> None:
         hf.hf_hub_download(
@@ -269,11 +319,13 @@ class RemoteRepo:
         if _verified(expected.blob or "", blob):
             return
         if expected.sha256 is not None:
-            actual, want, algo = file_sha256(blob), expected.sha256, "sha256"
+            actual, want, algo = file_digest(blob, SHA256), expected.sha256, "sha256"
         else:
             actual, want, algo = git_blob_sha1(blob), expected.blob_id, "git sha1"
         if actual != want:
-            for p in (blob, path):
+            # With Xet the repo's blob is a link into huggingface_hub's shared store (reused
+            # across repos on its size alone): the file, the link and the snapshot's entry go.
+            for p in (blob, self.storage / "blobs" / want, path):
                 try:
                     p.unlink()
                 except OSError:
@@ -309,19 +361,26 @@ def git_blob_sha1(path: Path) -> str:
     return h.hexdigest()
 
 
-def _marker(checksum: str) -> Path:
-    return Path(hf_constants.HF_HOME) / "deltamerge" / "verified" / checksum
+def _marker(checksum: str, blob: Path) -> Path:
+    """Where a match of this very file is remembered: one marker per checksum and inode, since
+    several repos can hold the same file (a config, a mirrored shard) as blobs of their own."""
+    st = blob.stat()
+    return Path(hf_constants.HF_HOME) / "deltamerge" / "verified" / checksum / f"{st.st_dev}-{st.st_ino}"
 
 
 def _identity(blob: Path) -> str:
     st = blob.stat()
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _verified(checksum: str, blob: Path) -> bool:
-    """Whether this very blob (same inode, size and mtime) was hashed and matched before."""
+    """Whether this very blob (same inode, size and mtime) was hashed and matched before.
+
+    A change that keeps all three (a byte rewritten in place, the mtime set back) is not seen
+    here; the tensor digests every verified apply checks still see it (docs/design.md).
+    """
     try:
-        return _marker(checksum).read_text() == _identity(blob)
+        return _marker(checksum, blob).read_text() == _identity(blob)
     except OSError:
         return False
 
@@ -329,7 +388,7 @@ def _verified(checksum: str, blob: Path) -> bool:
 def _mark_verified(checksum: str, blob: Path) -> None:
     """Remember a match so a warm cache is not hashed again; a read-only HF_HOME just rehashes."""
     try:
-        marker = _marker(checksum)
+        marker = _marker(checksum, blob)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(_identity(blob))
     except OSError:
@@ -342,7 +401,8 @@ def open_repo(text: str, api: HfApi) -> RemoteRepo:
 
     repo_id, revision = parse_repo_id(text)
     if hf.is_offline_mode():
-        return _cached_repo(text, api, repo_id, revision, "HF_HUB_OFFLINE is set")
+        with hub_errors(text, api.endpoint):  # the client validates the id offline too
+            return _cached_repo(text, api, repo_id, revision, "HF_HUB_OFFLINE is set")
     with hub_errors(text, api.endpoint):
         try:
             commit = api.resolve_revision(repo_id, revision=revision).resolved
@@ -379,6 +439,8 @@ def _cached_repo(
             f"{text}: not in the cache ({hf_constants.HF_HUB_CACHE}) and {reason}: run once "
             "online first"
         ) from None
+    if not _SHA1.fullmatch(commit):  # read from a refs file: it names a folder of the cache
+        raise NotCachedError(f"{text}: the cache's ref names {commit[:50]!r}, not a commit")
     repo = RemoteRepo(api, repo_id, revision, commit, {}, offline=reason)
     if not repo.folder.is_dir():
         raise NotCachedError(

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +27,10 @@ import torch
 from ..errors import FormatError, UnsupportedError, VerificationError
 from ..formats.files import inside, read_json_object
 from ..memory import drop_file_range, drop_mapped_range
+from ..progress import step_bar
 from ..tensor_spec import TensorSpec
 from .checkpoint import Checkpoint, register, view_rows
-from .folders import Layout
+from .folders import Layout, own_file
 from .torch_bin import load_torch_file
 
 PARAMS = "params.json"
@@ -36,6 +38,11 @@ CHECKLIST = "checklist.chk"
 TOKENIZER = "tokenizer.model"
 # Meta's downloads keep the tokenizer beside the size folders, with its own checklist.
 TOKENIZER_CHECKLIST = "tokenizer_checklist.chk"
+# A tokenizer's own settings beside tokenizer.model, as save_pretrained writes them (Chinese-LLaMA-
+# Alpaca's .pth output has them, with its added [PAD]): they say what the tokenizer is.
+TOKENIZER_SETTINGS = (
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json",
+)
 MD5_CHUNK = 16 * 1024 * 1024
 
 _SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
@@ -215,7 +222,7 @@ def _json_bytes(obj: dict) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-def file_md5(path: Path) -> str:
+def file_md5(path: Path, progress: Callable[[int], None] | None = None) -> str:
     """md5 of a file read sequentially in 16 MiB chunks, dropping each from the page cache."""
     digest = hashlib.md5(usedforsecurity=False)
     buffer = memoryview(bytearray(MD5_CHUNK))
@@ -226,6 +233,8 @@ def file_md5(path: Path) -> str:
             digest.update(buffer[:got])
             drop_file_range(fd, offset, got)
             offset += got
+            if progress is not None:
+                progress(got)
     finally:
         os.close(fd)
     return digest.hexdigest()
@@ -278,7 +287,11 @@ class MetaCheckpoint(Checkpoint):
         tokenizer = self.path / TOKENIZER
         if not tokenizer.is_file() and (self.path.parent / TOKENIZER).is_file():
             tokenizer = self.path.parent / TOKENIZER
-        self.tokenizer: Path | None = tokenizer if tokenizer.is_file() else None
+        # Copied into the result: it must be its folder's own file, not a symlink leading out.
+        self.tokenizer = own_file(tokenizer.parent, tokenizer) if tokenizer.is_file() else None
+        beside = self.tokenizer.parent if self.tokenizer is not None else self.path
+        self.tokenizer_settings = {name: own_file(beside, beside / name) for name in
+                                   TOKENIZER_SETTINGS if (beside / name).is_file()}
         if verify_checklist:
             self.verify_checklist()
         params_path = self.path / PARAMS
@@ -324,11 +337,17 @@ class MetaCheckpoint(Checkpoint):
         checklist = self.path / CHECKLIST
         if checklist.is_file():
             entries = read_checklist(checklist)
-            for name, expected in entries.items():
-                path = inside(self.path, name, checklist)
+            paths = {name: inside(self.path, name, checklist) for name in entries}
+            for path in paths.values():
                 if not path.is_file():
                     raise FormatError(f"{path}: listed in {checklist} but missing")
-                self._check_md5(path, expected, checklist)
+            bar = step_bar(sum(p.stat().st_size for p in paths.values()), f"md5 ({CHECKLIST})")
+            try:
+                for name, expected in entries.items():
+                    bar.at(name)
+                    self._check_md5(paths[name], expected, checklist, bar.update)
+            finally:
+                bar.close()
             listed = {(self.path / name).resolve() for name in entries}
             for shard in self.shard_files:
                 if shard.resolve() not in listed:
@@ -341,8 +360,10 @@ class MetaCheckpoint(Checkpoint):
                     self._check_md5(self.tokenizer, expected, tokenizer_checklist)
 
     @staticmethod
-    def _check_md5(path: Path, expected: str, checklist: Path) -> None:
-        actual = file_md5(path)
+    def _check_md5(
+        path: Path, expected: str, checklist: Path, progress: Callable[[int], None] | None = None
+    ) -> None:
+        actual = file_md5(path, progress)
         if actual != expected:
             raise VerificationError(
                 f"{path}: md5 {actual} does not match {expected} listed in {checklist.name}"
@@ -504,8 +525,11 @@ class MetaCheckpoint(Checkpoint):
         """Generated ``config.json``/``generation_config.json`` and the LLaMA tokenizer's files.
 
         Values are bytes to write, or a path to copy (``tokenizer.model``, taken from this folder
-        or, as Meta's downloads place it, the parent). Without ``tokenizer.model`` no tokenizer
-        settings are written: they would describe a tokenizer that is not there.
+        or, as Meta's downloads place it, the parent). The tokenizer's settings are the ones
+        beside ``tokenizer.model`` when there are any (added tokens, a pad token), copied as they
+        are so the result's tokenizer is the source's; else those the conversion script writes.
+        Without ``tokenizer.model`` no tokenizer settings are written: they would describe a
+        tokenizer that is not there.
         """
         spec = self.specs["model.embed_tokens.weight"]
         config = hf_config(self.params_json, spec.shape[0], spec.dtype)
@@ -517,7 +541,8 @@ class MetaCheckpoint(Checkpoint):
         }
         if self.tokenizer is not None:
             files[TOKENIZER] = self.tokenizer
-            files.update({name: _json_bytes(obj) for name, obj in tokenizer_files().items()})
+            files.update(self.tokenizer_settings or {
+                name: _json_bytes(obj) for name, obj in tokenizer_files().items()})
         return files
 
     def close(self) -> None:

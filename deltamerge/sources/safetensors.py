@@ -71,6 +71,10 @@ class SafetensorsCheckpoint(Checkpoint):
     def locate(self, name: str, start: int, stop: int) -> tuple[Path, int] | None:
         return self._where[name][0], self._range(name, start, stop)[1]
 
+    def header_length(self, path: Path) -> int | None:
+        header = self.headers.get(path)
+        return header.data_start if header is not None else None
+
     def read_rows(self, name: str, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
         fd, offset, length = self._range(name, start, stop)
         target = address_view(buffer.data_ptr(), length, buffer)

@@ -6,6 +6,7 @@ are torch files too.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import warnings
@@ -22,6 +23,14 @@ from ..tensor_spec import TensorSpec
 from .checkpoint import Checkpoint, register, view_rows
 from .folders import Layout, aux_files, read_weight_map
 
+# Element sizes of the storage classes a torch pickle names (UntypedStorage counts bytes).
+_STORAGE_ITEMSIZE = {
+    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+    "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
+    "BoolStorage": 1, "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "UntypedStorage": 1,
+}
+# A checkpoint's pickle lists its tensors (about 150 bytes each); torch reads it whole.
+MAX_PICKLE_BYTES = 100_000_000
 # A legacy (pre-zip) torch file starts with this pickled magic number; any other pickle is not one.
 LEGACY_TORCH_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
 _PICKLE_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
@@ -50,6 +59,7 @@ def load_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         raise FormatError(
             f"{path}: not a PyTorch checkpoint (neither a torch zip archive nor a torch pickle)"
         )
+    pickle_name = _check_archive(path) if is_zip else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -64,7 +74,115 @@ def load_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         raise FormatError(
             f"{path}: not a readable torch archive (truncated or corrupt?): {msg}"
         ) from None
-    return _check_state(path, obj), is_zip
+    state = _check_state(path, obj)
+    if pickle_name is not None:
+        _check_records(path, pickle_name)
+    return state, is_zip
+
+
+def _check_archive(path: Path) -> str:
+    """Before torch reads it: every member stored as torch.save stores it, the pickle bounded.
+
+    torch reads ``data.pkl`` whole into memory, so a few MB of deflated zeros would cost
+    gigabytes (a zip bomb); and ``mmap`` reads storage records in place, which is only right
+    for uncompressed ones. torch.save compresses nothing. Returns the pickle's member name.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except Exception as exc:  # zipfile raises many types on a damaged directory
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise FormatError(f"{path}: not a readable torch archive (truncated or corrupt?): {msg}") from None
+    for info in members:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise FormatError(
+                f"{path}: member {info.filename} is compressed: torch.save stores its members "
+                "as they are and torch reads storage records in place (re-save it with torch.save)"
+            )
+    pickles = [i for i in members if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
+    if len(pickles) != 1:
+        raise FormatError(f"{path}: not a torch archive: no single data.pkl")
+    if pickles[0].file_size > MAX_PICKLE_BYTES:
+        raise FormatError(
+            f"{path}: its pickle is {pickles[0].file_size} bytes: too large for the tensor list "
+            "of a checkpoint"
+        )
+    return pickles[0].filename
+
+
+class _Placeholder:
+    """What the storage scan builds in place of every object a torch pickle names."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> _Placeholder:
+        return object.__new__(cls)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+    def append(self, value: object) -> None:
+        pass
+
+    def extend(self, values: object) -> None:
+        pass
+
+    def add(self, value: object) -> None:
+        pass
+
+
+class _StorageScan(pickle.Unpickler):
+    """The storages a torch pickle refers to (record key, storage class, element count).
+
+    Nothing is imported and nothing called: every name the pickle gives becomes a placeholder
+    class. It runs after ``torch.load(weights_only=True)`` accepted the same pickle.
+    """
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.storages: dict[str, tuple[str, int]] = {}
+
+    def find_class(self, module: str, name: str) -> type:
+        return type(f"{module}.{name}", (_Placeholder,), {})
+
+    def persistent_load(self, pid: object) -> object:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            _, kind, key, _, numel = pid
+            self.storages[str(key)] = (getattr(kind, "__name__", ""), numel)
+        return _Placeholder()
+
+
+def _check_records(path: Path, pickle_name: str) -> None:
+    """Every storage the pickle declares must lie whole in its own record.
+
+    ``torch.load(mmap=True)`` takes a storage's bytes from its record's offset for as many bytes
+    as the pickle declares: from a short record it reads on into the next members, silently.
+    Such tensors have no true bytes to read, so they are refused here, when the file is opened.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = {info.filename: info for info in archive.infolist()}
+            scan = _StorageScan(archive.read(pickle_name))
+            scan.load()
+    except Exception as exc:  # the pickle torch just accepted: a failure here is a corrupt file
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise FormatError(f"{path}: not a readable torch archive (truncated or corrupt?): {msg}") from None
+    prefix = pickle_name.removesuffix("data.pkl")
+    for key, (kind, numel) in scan.storages.items():
+        info = records.get(f"{prefix}data/{key}")
+        if info is None:
+            raise FormatError(f"{path}: storage record data/{key} is missing")
+        itemsize = _STORAGE_ITEMSIZE.get(kind.rsplit(".", 1)[-1], 1)
+        needed = numel * itemsize if isinstance(numel, int) and numel >= 0 else None
+        if needed is None or info.file_size < needed:
+            raise FormatError(
+                f"{path}: storage record data/{key} holds {info.file_size} bytes but the pickle "
+                f"declares {needed}: the archive is truncated or corrupt"
+            )
 
 
 def _has_central_directory(path: Path) -> bool:
@@ -106,7 +224,15 @@ def _check_state(path: Path, obj: object) -> dict[str, torch.Tensor]:
             )
         if value.dtype not in TORCH_TO_SAFETENSORS:
             raise UnsupportedError(f"{path}: tensor {name!r} has dtype {value.dtype}: not supported")
-    return obj
+        if value.device.type != "cpu":
+            # A "meta" tensor has a shape and no storage: torch saves one from a model that was
+            # never materialized, and its bytes exist nowhere, so no run could ever read them.
+            raise FormatError(
+                f"{path}: tensor {name!r} has no data (device {value.device.type!r}): the file was "
+                "saved from a model whose weights were never loaded; save it again from a loaded one"
+            )
+    # A saved nn.Parameter (PandaGPT's named_parameters()) would make every copy of it track grad.
+    return {name: value.detach() for name, value in obj.items()}
 
 
 class BinCheckpoint(Checkpoint):

@@ -1,0 +1,97 @@
+"""Where a tensor of the model in memory is stored in its checkpoint.
+
+peft names what it adapts after the model as transformers builds it in memory; a checkpoint
+stores tensors under the names (and in the pieces) of the files it came from. transformers 5
+converts some architectures while loading, and reverts the conversion when saving: Mixtral's
+``block_sparse_moe.`` is ``mlp.`` in memory, and the per-expert weights ``experts.{e}.w1``
+(gate), ``w3`` (up) and ``w2`` (down) become the 3-D parameters ``mlp.experts.gate_up_proj``
+(experts, gate rows then up rows, hidden) and ``mlp.experts.down_proj`` (experts, hidden,
+ffn); Qwen2-MoE-style models fuse ``experts.{e}.gate_proj/up_proj/down_proj`` the same way;
+GPT-NeoX's ``embed_out`` is ``lm_head``. This module maps those names back, so a merge lands on
+the tensors the base stores, in its own layout. A name the base stores as it is always wins.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..tensor_spec import TensorSpec
+
+# (in memory, stored): transformers 5's renames for the architectures deltamerge knows.
+RENAMES = ((re.compile(r"\.mlp\."), ".block_sparse_moe."), (re.compile(r"^lm_head\."), "embed_out."))
+# A fused expert parameter and, per spelling, the per-expert tensors stacked into it, in order.
+FUSED_EXPERTS = {
+    "gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")),
+    "down_proj": (("w2",), ("down_proj",)),
+}
+
+
+def stored_name(name: str, specs: dict[str, TensorSpec]) -> str | None:
+    """The base's name for the in-memory tensor ``name``, or None when the base lacks it."""
+    if name in specs:
+        return name
+    for pattern, repl in RENAMES:
+        alt = pattern.sub(repl, name)
+        if alt != name and alt in specs:
+            return alt
+    return None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A stored tensor holding rows ``[r0, r1)`` of one expert of a fused parameter."""
+
+    name: str
+    expert: int
+    r0: int
+    r1: int
+
+
+@dataclass(frozen=True)
+class Stored:
+    """How the base stores an in-memory parameter of shape ``shape``.
+
+    Either whole under ``name`` (a 2-D weight, or a fused 3-D expert tensor), or as ``pieces``:
+    one 2-D tensor per expert and part, the parameter being their per-expert concatenation.
+    """
+
+    shape: tuple[int, ...]
+    name: str | None = None
+    pieces: tuple[Piece, ...] = ()
+
+
+def stored_parameter(module: str, param: str, specs: dict[str, TensorSpec]) -> Stored | None:
+    """Where the base keeps parameter ``param`` of in-memory ``module``, or None."""
+    whole = stored_name(f"{module}.{param}", specs)
+    if whole is not None:
+        return Stored(specs[whole].shape, name=whole)
+    for spelling in FUSED_EXPERTS.get(param, ()):
+        for folder in dict.fromkeys([module, *(p.sub(r, module) for p, r in RENAMES)]):
+            found = _per_expert(folder, spelling, specs)
+            if found is not None:
+                return found
+    return None
+
+
+def _per_expert(folder: str, parts: tuple[str, ...], specs: dict[str, TensorSpec]) -> Stored | None:
+    """Experts ``0..E-1`` stored as ``{folder}.{e}.{part}.weight``, all of one shape."""
+    pieces: list[Piece] = []
+    shapes = set()
+    e = 0
+    while all(f"{folder}.{e}.{p}.weight" in specs for p in parts):
+        row = 0
+        for p in parts:
+            spec = specs[f"{folder}.{e}.{p}.weight"]
+            if len(spec.shape) != 2:
+                return None
+            pieces.append(Piece(spec.name, e, row, row + spec.shape[0]))
+            row += spec.shape[0]
+            shapes.add((p, spec.shape))
+        e += 1
+    if not pieces or len(shapes) != len(parts):
+        return None
+    widths = {shape[1] for _, shape in shapes}
+    if len(widths) != 1:
+        return None
+    return Stored((e, pieces[-1].r1, widths.pop()), pieces=tuple(pieces))
