@@ -166,8 +166,8 @@ def _apply_locked(
         if qlora is not None:
             raise InputError(f"--qlora merges LoRA adapters: it does not apply to {whole} deltas")
         if fmt.name != "hf":
-            raise InputError(f"--format {fmt.name}: {whole} deltas decode whole files as they were "
-                             "published; convert the result afterwards")
+            raise InputError(f"--format {fmt.name}: {whole} deltas decode the publisher's files as "
+                             "they are: decode with --format hf")
         return _apply_whole_files(whole, base_in, delta_ins, out, out_dtype, force, verify,
                                   expect_md5, key_md5, progress, resume, workers)
     if expect_md5 is not None:

@@ -300,3 +300,16 @@ def test_without_the_gguf_package_the_command_says_how_to_get_it(tmp_path: Path,
     assert proc.returncode == 2 and "pip install 'deltamerge[gguf]'" in proc.stderr
     assert not (tmp_path / "out").exists()
 
+
+
+def test_gguf_package_warnings_are_one_line_each(capsys):
+    """The gguf package logs through logging; the command line prints its warnings as its own."""
+    import logging
+
+    from deltamerge.cli.common import route_library_logs
+
+    route_library_logs()
+    route_library_logs()  # once per process, however often the command runs
+    logging.getLogger("gguf.vocab").info("Setting special token type bos to 1")
+    logging.getLogger("gguf.vocab").warning("Special token type pad, id 32000 out of range\nskipping")
+    assert capsys.readouterr().err == "deltamerge: warning: Special token type pad, id 32000 out of range\n"
