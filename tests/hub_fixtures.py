@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from hubserver import DEFAULT_TOKEN, HubServer
-from huggingface_hub import constants, hf_api
+from huggingface_hub import HfApi, constants, hf_api
 from huggingface_hub.utils import close_session
 
 __all__ = ["DEFAULT_TOKEN", "hub"]
@@ -78,3 +78,16 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
             yield server
         finally:
             close_session()
+
+
+@pytest.fixture
+def api(hub: HubServer) -> HfApi:
+    """A client of the test Hub, with its token."""
+    return HfApi(endpoint=hub.url, token=DEFAULT_TOKEN)
+
+
+@pytest.fixture
+def all_routes_known(hub: HubServer) -> Iterator[None]:
+    """After the test, fail on any request the test Hub did not know (``usefixtures`` it)."""
+    yield
+    hub.assert_clean()

@@ -41,15 +41,7 @@ license_link: https://ai.meta.com/llama/license/
 """
 
 
-@pytest.fixture(autouse=True)
-def _all_routes_known(hub: HubServer):
-    yield
-    hub.assert_clean()
-
-
-@pytest.fixture
-def api(hub: HubServer) -> HfApi:
-    return HfApi(endpoint=hub.url, token=DEFAULT_TOKEN)
+pytestmark = pytest.mark.usefixtures("all_routes_known")
 
 
 @pytest.fixture(scope="module")

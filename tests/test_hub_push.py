@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import llama_state, run_cli, save_checkpoint
 from hubserver import DEFAULT_TOKEN, HubServer
-from huggingface_hub import HfApi, ModelCard, constants
+from huggingface_hub import ModelCard, constants
 from huggingface_hub import file_download as hf_download
 from test_progress import ETA, Terminal
 
@@ -28,15 +28,7 @@ from deltamerge.sources.hub import download_input
 pytest_plugins = ["hub_fixtures"]
 
 
-@pytest.fixture(autouse=True)
-def _all_routes_known(hub: HubServer):
-    yield
-    hub.assert_clean()
-
-
-@pytest.fixture
-def api(hub: HubServer) -> HfApi:
-    return HfApi(endpoint=hub.url, token=DEFAULT_TOKEN)
+pytestmark = pytest.mark.usefixtures("all_routes_known")
 
 
 @pytest.fixture(scope="module")

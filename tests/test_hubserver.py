@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,15 +44,7 @@ tags:
 """
 
 
-@pytest.fixture(autouse=True)
-def _all_routes_known(hub: HubServer) -> Iterator[None]:
-    yield
-    hub.assert_clean()
-
-
-@pytest.fixture
-def api(hub: HubServer) -> HfApi:
-    return HfApi(endpoint=hub.url, token=DEFAULT_TOKEN)
+pytestmark = pytest.mark.usefixtures("all_routes_known")
 
 
 @pytest.fixture
