@@ -17,7 +17,7 @@ from . import faults
 from .dtypes import itemsize, parse_user_dtype, short_name
 from .engine import Engine
 from .engine.cascade_sum import TorchRowSum
-from .engine.journal import Fingerprint, Journal, fingerprint
+from .engine.journal import fingerprint, open_partial
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
 from .engine.recheck import recheck
 from .errors import (
@@ -207,7 +207,7 @@ def _apply_locked(
         if qlora is not None:
             options_record.update(qlora=qlora, qlora_dtype=str(quant_dtype))
         fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
-        tmp, journal = _open_partial(out, fp, resume)
+        tmp, journal = open_partial(out, fp, resume)
         try:
             checked = recheck(
                 tmp, shards, journal, sink=sink, block_bytes=block_size, workers=workers,
@@ -317,23 +317,6 @@ def _need_folders(inputs: list[tuple[PathLike, str]]) -> None:
                 f"{given}: a file, not a folder: {role.upper()} is the folder that holds the model's "
                 f"files (give {path.parent})"
             )
-
-
-def _open_partial(out: Path, fp: Fingerprint, resume: bool) -> tuple[Path, Journal]:
-    """The partial folder and its journal: fresh, or an earlier run's when resuming."""
-    tmp = partial_dir(out)
-    if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
-        raise InputError(f"{tmp}: not a folder an interrupted run left (a symlink or a file): "
-                         f"delete it")
-    if tmp.exists():
-        if not resume:
-            raise InputError(
-                f"{out}: an interrupted run left {tmp}: run the same command with --resume to "
-                f"finish it, or delete that folder"
-            )
-        return tmp, Journal.resume(tmp, fp, "the same command")
-    tmp.mkdir(parents=True)
-    return tmp, Journal.start(tmp, fp)
 
 
 def _apply_whole_files(

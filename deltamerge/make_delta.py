@@ -18,9 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .apply import _open_partial
 from .engine import Engine
-from .engine.journal import JOURNAL_NAME, Journal, fingerprint, read_digest
+from .engine.journal import JOURNAL_NAME, Journal, fingerprint, open_partial, read_digest
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
 from .engine.stream import ShardDone, WrittenFile
 from .errors import InputError, InterruptedRun, WorkError, signal_status
@@ -97,7 +96,7 @@ def _make_locked(
         shards = layout_shards(jobs, shard_bytes)
         fp = fingerprint([base_in.path, target_in.path],
                          {"make_delta": kind, "version": __version__}, shards)
-        tmp, journal = _open_partial(out, fp, resume)
+        tmp, journal = open_partial(out, fp, resume)
         try:
             kept = _recheck(tmp, journal, shards) if resume else {}
             bar = make_progress(progress, sum(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..integrity.digest import ALGORITHMS, TensorDigest
+from ..sinks.folder import partial_dir
 from .plan import Shard
 
 JOURNAL_NAME = "journal.jsonl"
@@ -219,3 +220,20 @@ def read_digest(obj: dict) -> TensorDigest:
         raise KeyError("one digest")
     algorithm = found[0]
     return TensorDigest(obj["dtype"], tuple(obj["shape"]), obj[algorithm], algorithm)
+
+
+def open_partial(out: Path, fp: Fingerprint, resume: bool) -> tuple[Path, Journal]:
+    """The partial folder and its journal: fresh, or an earlier run's when resuming."""
+    tmp = partial_dir(out)
+    if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
+        raise InputError(f"{tmp}: not a folder an interrupted run left (a symlink or a file): "
+                         f"delete it")
+    if tmp.exists():
+        if not resume:
+            raise InputError(
+                f"{out}: an interrupted run left {tmp}: run the same command with --resume to "
+                f"finish it, or delete that folder"
+            )
+        return tmp, Journal.resume(tmp, fp, "the same command")
+    tmp.mkdir(parents=True)
+    return tmp, Journal.start(tmp, fp)
