@@ -386,6 +386,7 @@ class Measured:
     returncode: int
     last_error: str
     stdout: str
+    cpu: float = 0.0  # user + system seconds of the child: near 2x wall on 2 cores is CPU-bound
 
 
 def vmhwm() -> int | None:
@@ -418,7 +419,7 @@ def measure(cmd: list[str], log: Path) -> Measured:
     except (OSError, ValueError):
         peak, source = usage.ru_maxrss * 1024, "ru_maxrss"
     return Measured(wall, peak, source, code, lines[-1] if lines else "",
-                    out_file.read_text(errors="replace"))
+                    out_file.read_text(errors="replace"), usage.ru_utime + usage.ru_stime)
 
 
 def run_reporting_peak(argv: list[str]) -> int:
@@ -479,6 +480,7 @@ class RunResult:
     walls: list[float] = field(default_factory=list)
     floors: list[float] = field(default_factory=list)  # this run's floor, in the same rounds
     peak_rss: list[int] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)  # CPU seconds, user + system
     peak_source: str = "VmHWM"
     bytes_read: int = 0
     bytes_written: int = 0
@@ -498,6 +500,7 @@ class RunResult:
                 ratio_to_floor=round(med / floor, 3) if floor else None,
                 peak_rss_mib=round(max(self.peak_rss) / 2**20, 1),
                 peak_source=self.peak_source,
+                cpu_s=round(statistics.median(self.cpus), 3) if self.cpus else None,
                 gb_per_s=round((self.bytes_read + self.bytes_written) / med / 1e9, 3),
             )
         return out
@@ -729,6 +732,7 @@ class Bench:
                     say(f"  {r} {RUNS[r]:<20} {res.status}")
                     continue
                 res.peak_rss.append(m.peak_rss)
+                res.cpus.append(m.cpu)
                 if m.peak_source != "VmHWM":
                     res.peak_source = m.peak_source
                 if r == "a":
@@ -746,7 +750,7 @@ class Bench:
                     res.floors.append(self.floor_of(r, floor, written))
                 shown = res.walls[-1]
                 say(f"  {r} {RUNS[r]:<20} {i + 1}/{repeat}: {shown:7.2f} s  "
-                    f"peak {m.peak_rss / 2**20:6.0f} MiB")
+                    f"peak {m.peak_rss / 2**20:6.0f} MiB  cpu {m.cpu:6.1f} s")
         shutil.rmtree(self.out, ignore_errors=True)
         return [results[r] for r in self.runs]
 
@@ -867,17 +871,18 @@ def say(message: str) -> None:
 
 def table(rows: list[dict]) -> str:
     head = (f"{'run':<24}{'median s':>10}{'floor s':>9}{'x floor':>9}{'peak RSS MiB':>14}"
-            f"{'GB/s':>8}  status")
+            f"{'GB/s':>8}{'cpu s':>8}  status")
     lines = [head, "-" * len(head)]
     for row in rows:
         name = f"{row['run']} {row['label']}"
         if "median_s" in row:
             floor = f"{row['floor_s']:.2f}" if row.get("floor_s") else "-"
             ratio = f"{row['ratio_to_floor']:.2f}" if row.get("ratio_to_floor") else "-"
+            cpu = f"{row['cpu_s']:.1f}" if row.get("cpu_s") is not None else "-"
             lines.append(f"{name:<24}{row['median_s']:>10.2f}{floor:>9}{ratio:>9}"
-                         f"{row['peak_rss_mib']:>14.0f}{row['gb_per_s']:>8.2f}  {row['status']}")
+                         f"{row['peak_rss_mib']:>14.0f}{row['gb_per_s']:>8.2f}{cpu:>8}  {row['status']}")
         else:
-            lines.append(f"{name:<24}{'-':>10}{'-':>9}{'-':>9}{'-':>14}{'-':>8}  {row['status']}")
+            lines.append(f"{name:<24}{'-':>10}{'-':>9}{'-':>9}{'-':>14}{'-':>8}{'-':>8}  {row['status']}")
     return "\n".join(lines)
 
 
