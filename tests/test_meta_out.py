@@ -121,6 +121,27 @@ def test_bytes_unwritten_twice_or_past_the_end_are_refused(tmp_path):
         writer.close()
 
 
+def test_checksums_taken_apart_from_the_write(tmp_path):
+    """The engine's checksum stage: runs written with ``checksum=False`` get their CRC-32 later,
+    in any order; the archive is torch.save's, and one never checksummed is refused at close."""
+    t = torch.arange(12, dtype=torch.float32)
+    path = tmp_path / "a.pth"
+    writer = TorchZipWriter(path, [PthTensor("a", torch.float32, (12,))])
+    raw = bytes(t.view(torch.uint8).tolist())
+    writer.write("a", 0, raw[:20], checksum=False)
+    writer.write("a", 20, raw[20:], checksum=False)
+    writer.checksum("a", 20, raw[20:])
+    writer.checksum("a", 0, raw[:20])
+    writer.close()
+    (tmp_path / "saved").mkdir()
+    torch.save({"a": t}, tmp_path / "saved" / "a.pth")
+    assert path.read_bytes() == (tmp_path / "saved" / "a.pth").read_bytes()
+    writer = TorchZipWriter(tmp_path / "c.pth", [PthTensor("a", torch.float32, (12,))])
+    writer.write("a", 0, raw, checksum=False)
+    with pytest.raises(WorkError, match="never written"):
+        writer.close()
+
+
 def test_writer_memory_is_independent_of_tensor_size(tmp_path):
     """A 64 MiB tensor written from one reused 1 MiB block: the writer holds less than a block."""
     block = bytes(1 << 20)

@@ -8,7 +8,9 @@ written). A verified run adds a stage beside the check for the deltas: it hashes
 just read and compares each delta tensor with its manifest (format 2), or feeds whole-file digests
 from them (format 1). make-delta adds one after the write that hashes the shard files it writes;
 a sink that converts the rows (GGUF, Meta's layout) adds one after the seal hashing the bytes it
-wrote, so the result's digests are of the tensors as written. Each byte is hashed once per digest
+wrote, so the result's digests are of the tensors as written, and a sink whose format records
+checksums of its own (the CRC-32s of Meta's zip archives) one before that, so the writing thread
+only writes. Each byte is hashed once per digest
 it is part of, from the buffer it is already in. With ``workers == 1`` the stages run one after
 the other in this thread; otherwise each stage is a thread and blocks pass between them through
 bounded queues, so reading, hashing, arithmetic and writing overlap. Slots bound the memory: at
@@ -410,6 +412,10 @@ class Engine:
         if not self.sink.converts:
             self._shard_done(b)
 
+    def _checksum_written(self, b: Block) -> None:
+        """The checksums the output format records of the bytes just written, off the writer."""
+        self.sink.checksum(b.written)
+
     def _hash_written(self, b: Block) -> None:
         """Hash the bytes a converting sink wrote, tensor by tensor as the output holds them.
 
@@ -464,6 +470,8 @@ class Engine:
             stages.insert(1, self._check_inputs)
         if self.hash_files:
             stages.insert(-1, self._hash_files_written)
+        if self.sink.checksums:
+            stages.append(self._checksum_written)
         if self.sink.converts:
             stages.append(self._hash_written)
         torch_threads = torch.get_num_threads()

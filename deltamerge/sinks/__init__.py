@@ -96,6 +96,8 @@ class Sink(ABC):
     converts: bool = False
     #: What a shard of the plan is called in the run's notes.
     unit: str = "shard"
+    #: True: the format checksums what it writes, in :meth:`checksum`, off the writing thread.
+    checksums: bool = False
 
     @abstractmethod
     def open_shard(self, folder: Path, shard: ShardLayout) -> ShardWriter:
@@ -105,6 +107,12 @@ class Sink(ABC):
         """The bytes a shard file holds before its tensor bytes, for sinks that write a shard as
         one file of its tensors' bytes in order (make-delta hashes whole files off the writer)."""
         raise NotImplementedError(f"{type(self).__name__} does not write a shard as one file")
+
+    def checksum(self, pieces: Sequence[Written]) -> None:
+        """The checksums the format records of ``pieces``, which a writer of this sink returned
+        (a zip's CRC-32s). The engine calls it in a stage after the write's, in block order and
+        before the shard is reported done, so that the writing thread only writes."""
+        raise NotImplementedError(f"{type(self).__name__} records no checksums")
 
     def row_multiple(self, name: str) -> int:
         """Blocks of tensor ``name`` should hold a multiple of this many rows (whole heads)."""

@@ -303,11 +303,14 @@ class MetaWriter:
             self.abort()
             raise
 
-    def write_rows(self, name: str, start: int, stop: int, rows: torch.Tensor) -> list[Piece]:
+    def write_rows(
+        self, name: str, start: int, stop: int, rows: torch.Tensor, checksum: bool = True
+    ) -> list[Piece]:
         """Rows ``[start, stop)`` of HF tensor ``name``, in its dtype (a dropped buffer: ignored).
 
         Returns what went where, in the order written: a block of whole heads (any block, for
         tensors other than q and k) makes one run per shard, following the previous block's.
+        ``checksum=False``: the pieces' CRC-32s are left to :meth:`checksum`, while ``rows`` live.
         """
         if name in self.layout.dropped:
             return []
@@ -345,8 +348,12 @@ class MetaWriter:
                     gathered = [data[(s - start) * row_bytes : (s - start + 1) * row_bytes] for s in sources]
                     pieces.append((k, p.meta, (first - k * per_shard) * row_bytes, gathered))
         for k, meta, offset, buffers in pieces:
-            self.writers[k].write(meta, offset, buffers)
+            self.writers[k].write(meta, offset, buffers, checksum)
         return pieces
+
+    def checksum(self, k: int, meta: str, offset: int, buffers: list[memoryview]) -> None:
+        """The CRC-32 of a piece :meth:`write_rows` wrote with ``checksum=False``."""
+        self.writers[k].checksum(meta, offset, buffers)
 
     def close(self, sync: bool = True) -> None:
         """Finish every shard; if one fails, the others are abandoned (the folder is partial)."""

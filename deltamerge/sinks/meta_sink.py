@@ -42,6 +42,7 @@ Kept = dict[tuple[int, str], tuple[int, bytes]]  # (shard file, Meta name) -> (C
 class MetaSink(Sink):
     converts = True
     unit = "tensor group"
+    checksums = True  # the archives' CRC-32s: off the writing thread, which the 7B run waits on
 
     def __init__(self, layout: MetaLayout, shards: Sequence[ShardLayout], folder: Path):
         """``folder``: where the files are written (torch names an archive after its path)."""
@@ -56,6 +57,7 @@ class MetaSink(Sink):
             for k, (filename, tensors) in enumerate(zip(layout.filenames, layout.shards))
             for t in tensors
         }
+        self._places = {name: key for key, (name, *_) in self._written.items()}
         self._read_back: dict[str, Kept] = {}  # plan shard -> what its re-check read
         self._kept: Kept = {}
         self._lock = threading.Lock()
@@ -96,6 +98,12 @@ class MetaSink(Sink):
 
     def open_shard(self, folder: Path, shard: ShardLayout) -> ShardWriter:
         return _MetaShard(self, self._meta_writer(folder), folder, shard)
+
+    def checksum(self, pieces: Sequence[Written]) -> None:
+        assert self._writer is not None, "checksum before any shard was opened"
+        for piece in pieces:
+            k, meta = self._places[piece.name]
+            self._writer.checksum(k, meta, piece.offset, list(piece.data))
 
     def finish(self, folder: Path) -> None:
         """Every tensor written (or kept): the archives get their descriptors and directory."""
@@ -197,7 +205,7 @@ class _MetaShard(ShardWriter):
         p = self.sink.layout.placements.get(spec.name)
         whole = p is not None and (p.split is None or (self.sink.layout.mp == 1 and p.head_dim is None))
         pieces = []
-        for k, meta, offset, buffers in self.writer.write_rows(spec.name, r0, r1, rows):
+        for k, meta, offset, buffers in self.writer.write_rows(spec.name, r0, r1, rows, checksum=False):
             name, dtype, shape, nbytes = self.sink.written(k, meta)
             pieces.append(Written(name, dtype, shape, nbytes, offset, buffers, whole))
         return pieces

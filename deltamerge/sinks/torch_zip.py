@@ -174,6 +174,12 @@ def _as_bytes(data: Bytes) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
+def _buffers(data: Bytes | Sequence[Bytes]) -> list[memoryview]:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return [_as_bytes(data)]
+    return [_as_bytes(b) for b in data]
+
+
 class TorchZipWriter:
     """Writes one ``torch.save`` archive of ``tensors`` (C-contiguous), storage bytes in any order.
 
@@ -220,18 +226,26 @@ class TorchZipWriter:
     def size(self) -> int:
         return self.layout.size
 
-    def write(self, name: str, offset: int, data: Bytes | Sequence[Bytes]) -> None:
+    def write(
+        self, name: str, offset: int, data: Bytes | Sequence[Bytes], checksum: bool = True
+    ) -> None:
         """Bytes of tensor ``name`` from byte ``offset`` of its data. A sequence of buffers is one
-        contiguous run, written by one gathering ``pwritev`` (the rows of a column slice, say)."""
+        contiguous run, written by one gathering ``pwritev`` (the rows of a column slice, say).
+
+        ``checksum=False`` leaves the run's CRC-32 to a later :meth:`checksum` of the same bytes,
+        from another thread, so that the writing thread only writes."""
         record = self.layout.storages.get(name)
         if record is None:
             raise WorkError(f"internal error: {self.path}: no tensor {name!r} in this archive")
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            buffers = [_as_bytes(data)]
-        else:
-            buffers = [_as_bytes(b) for b in data]
-        self._ranges[name].add(offset, buffers)
+        buffers = _buffers(data)
+        if checksum:
+            self._ranges[name].add(offset, buffers)
         self._pwrite(buffers, record.data + offset)
+
+    def checksum(self, name: str, offset: int, data: Bytes | Sequence[Bytes]) -> None:
+        """Take the CRC-32 of a run written with ``checksum=False`` (before :meth:`close`, which
+        refuses a record with a byte unaccounted for)."""
+        self._ranges[name].add(offset, _buffers(data))
 
     def _pwrite(self, buffers: list[memoryview], offset: int, behind: bool = True) -> None:
         """``behind``: push what is before the end of this write to disk (the storages come in
