@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +59,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
 WINDOW_ROWS = 256
+MERGE_ROWS = 64  # rows of fp32 work at a time when a product is added to the base's rows
 QLORA_MODES = {"nf4": False, "nf4-dq": True}  # --qlora: NF4, with double quantization or not
 # Files the adapter's folder brings to the result: its tokenizer (an extended vocabulary), never
 # its config, which is the base's (vocab_size is then set from the embedding's rows).
@@ -194,19 +195,34 @@ class Factors:
         self._window_at = w0
         return self._window.T if self.transposed else self._window
 
-    def add_to(self, acc: torch.Tensor, r0: int) -> None:
-        """``acc`` (fp32 rows ``[r0, r0 + len(acc))`` of W) += the same rows of the product."""
-        r1 = r0 + acc.shape[0]
-        if r1 <= r0:
-            return
+    def _pieces(self, r0: int, r1: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Rows ``[lo, hi)`` within ``[r0, r1)`` of the product, window by window."""
         size = min(WINDOW_ROWS, self.rows)
         k = r0 // size * size
         while k < r1:
             w0 = min(k, self.rows - size)
             prod = self._product(w0, w0 + size)
             lo, hi = max(r0, k), min(r1, k + size)
-            acc[lo - r0 : hi - r0].add_(prod[lo - w0 : hi - w0])
+            yield lo, hi, prod[lo - w0 : hi - w0]
             k += size
+
+    def add_to(self, acc: torch.Tensor, r0: int) -> None:
+        """``acc`` (fp32 rows ``[r0, r0 + len(acc))`` of W) += the same rows of the product."""
+        for lo, hi, prod in self._pieces(r0, r0 + acc.shape[0]):
+            acc[lo - r0 : hi - r0].add_(prod)
+
+    def merge(self, cur: torch.Tensor, out: torch.Tensor, r0: int, scratch: Scratch) -> None:
+        """``out = round(fp32(cur) + product)`` for rows ``[r0, r0 + len(out))``: what
+        :meth:`add_to` into an fp32 copy of ``cur`` gives, bit for bit, through an fp32 buffer of
+        a few rows instead of one of the whole block (mixed-dtype arithmetic straight into
+        ``out`` would save the copies but is several times slower on CPU)."""
+        for lo, hi, prod in self._pieces(r0, r0 + out.shape[0]):
+            for a in range(lo, hi, MERGE_ROWS):
+                b = min(hi, a + MERGE_ROWS)
+                acc = scratch.get("lora-acc", torch.float32, (b - a, *out.shape[1:]))
+                acc.copy_(cur[a - r0 : b - r0])
+                acc.add_(prod[a - lo : b - lo])
+                out[a - r0 : b - r0].copy_(acc)
 
     def release(self) -> None:
         self._a = self._b = self._window = None
@@ -317,6 +333,9 @@ class LoraStep(Step):
             cur = self.nf4_base.roundtrip(cur, r0, scratch)
         if self.factors is None:
             out.copy_(cur)
+            return
+        if isinstance(self.factors, Factors):
+            self.factors.merge(cur, out, r0, scratch)
             return
         acc = scratch.get("lora-acc", torch.float32, shape)
         acc.copy_(cur)
