@@ -6,7 +6,9 @@ import re
 
 from .errors import InputError
 
-DEFAULT_BLOCK_BYTES = 32 * 1024 * 1024
+# 24 MiB of fp32 work a block: on the 7B bench as fast as 32 MiB (16 MiB is slower), and it keeps
+# every run's peak under 400 MiB (at 32 MiB make-delta peaked at 442, a LoRA merge at 403).
+DEFAULT_BLOCK_BYTES = 24 * 1024 * 1024
 DEFAULT_SHARD_SIZE = "5GB"
 
 _UNITS = {
