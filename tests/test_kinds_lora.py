@@ -101,14 +101,17 @@ def test_merge_is_bit_identical_to_peft(
     assert_matches(tmp_path / "out", reference)
 
 
-@pytest.mark.parametrize(("window", "merge_rows"), [(16, 5), (256, 64)])
+@pytest.mark.parametrize(("window", "merge_rows", "window_bytes"),
+                         [(16, 5, lora.WINDOW_BYTES), (256, 64, lora.WINDOW_BYTES), (256, 64, 1)],
+                         ids=["16-rows", "256-rows", "16-rows-by-bytes"])
 def test_windows_of_the_product_give_peft_bits(
-    tmp_path: Path, window: int, merge_rows: int, monkeypatch
+    tmp_path: Path, window: int, merge_rows: int, window_bytes: int, monkeypatch
 ) -> None:
-    """Tensors taller than a window (ffn 700, and 16-row windows): the product in pieces, each
-    added to the base's rows a few rows at a time."""
+    """Tensors taller than a window (ffn 700, and 16-row windows, by count or by the byte cap
+    on wide rows): the product in pieces, each added to the base's rows a few rows at a time."""
     monkeypatch.setattr(lora, "WINDOW_ROWS", window)
     monkeypatch.setattr(lora, "MERGE_ROWS", merge_rows)
+    monkeypatch.setattr(lora, "WINDOW_BYTES", window_bytes)
     base = tiny_llama(tmp_path / "base", torch.float16, ffn=700)
     adapter = make_adapter(base, torch.float16, tmp_path / "adapter", r=16, lora_alpha=32,
                            target_modules=ALL + ["embed_tokens"])

@@ -23,11 +23,13 @@ the user; its tensors that are not factors and not the base's are kept under the
 The product is formed a block of rows at a time, so memory stays bounded. That alone would not be
 bit-exact: on CPU the BLAS picks other kernels for matrices of a few rows (or a few columns per
 thread), which sum the ``r`` terms in another order. Every product here is therefore computed in
-windows of exactly :data:`WINDOW_ROWS` rows on a fixed grid (the last window ends at the last
-row), or as the whole product when the tensor is smaller than a window: peft's own call. Measured
-with MKL on x86 for 1 to 16 threads, windows of 16 rows and more give peft's bits; 256 leaves a
-margin. A block of rows takes the rows it needs from the windows it overlaps; the last window is
-kept, since the next block usually starts inside it.
+windows of a fixed number of rows on a fixed grid (the last window ends at the last row), or as
+the whole product when the tensor is smaller than a window: peft's own call. Measured with MKL on
+x86 for 1 to 16 threads, windows of 16 rows and more give peft's bits; a window holds
+:data:`WINDOW_ROWS` rows, fewer (in multiples of 16) where that would pass :data:`WINDOW_BYTES`,
+so memory does not grow with the model's width. A block of rows takes the rows it needs from the
+windows it overlaps; the last window is kept, since the next block usually starts inside it.
+Every tensor's windows are computed in one buffer per adapter, allocated once.
 
 With ``--qlora nf4`` or ``nf4-dq`` a QLoRA adapter is merged as it was trained: onto bitsandbytes'
 NF4 round trip of each targeted Linear weight (``kinds/nf4.py``), not onto the weight itself.
@@ -59,6 +61,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
 WINDOW_ROWS = 256
+WINDOW_BYTES = 8 * 1024 * 1024  # a window's fp32 product at most (65B's 22016-wide rows: 80 rows)
 MERGE_ROWS = 64  # rows of fp32 work at a time when a product is added to the base's rows
 QLORA_MODES = {"nf4": False, "nf4-dq": True}  # --qlora: NF4, with double quantization or not
 # Files the adapter's folder brings to the result: its tokenizer (an extended vocabulary), never
@@ -168,36 +171,44 @@ class Factors:
         self.round_to = round_to  # the dtype the product is rounded to before the add, if any
         self._a: torch.Tensor | None = None
         self._b: torch.Tensor | None = None
-        self._window: torch.Tensor | None = None
-        self._window_at = -1
+        self._window_at = -1  # the first row of the window last computed in the source's buffer
 
-    def _product(self, w0: int, w1: int) -> torch.Tensor:
-        """Rows ``[w0, w1)`` of ``transpose(B @ A) * s``, always on the same window grid."""
-        if self._window_at == w0 and self._window is not None:
-            return self._window.T if self.transposed else self._window
+    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._a is None or self._b is None:
             keep = self.pick is not None  # the other experts' tensors slice the same factors
             a, b = self.source.load(self.a_name, keep), self.source.load(self.b_name, keep)
             self._a, self._b = self.pick(a, b) if self.pick is not None else (a, b)
+        return self._a, self._b
+
+    def _size(self) -> int:
+        """Rows a window holds: fixed for the tensor, so its grid is."""
+        a, b = self._load()
+        width = b.shape[0] if self.transposed else a.shape[1]
+        fits = WINDOW_BYTES // (4 * max(width, 1)) // 16 * 16
+        return min(WINDOW_ROWS, self.rows, max(16, fits))
+
+    def _product(self, w0: int, w1: int) -> torch.Tensor:
+        """Rows ``[w0, w1)`` of ``transpose(B @ A) * s``, always on the same window grid."""
+        a, b = self._load()
+        shape = (b.shape[0], w1 - w0) if self.transposed else (w1 - w0, a.shape[1])
+        window, mine = self.source.window(self, shape)
+        if mine and self._window_at == w0:
+            return window.T if self.transposed else window
         if self.transposed:
-            shape = (self._b.shape[0], w1 - w0)
+            torch.mm(b, a[:, w0:w1], out=window)
         else:
-            shape = (w1 - w0, self._a.shape[1])
-        if self._window is None or tuple(self._window.shape) != shape:
-            self._window = torch.empty(shape, dtype=torch.float32)
-        if self.transposed:
-            torch.mm(self._b, self._a[:, w0:w1], out=self._window)
-        else:
-            torch.mm(self._b[w0:w1], self._a, out=self._window)
-        self._window.mul_(self.scale)
+            torch.mm(b[w0:w1], a, out=window)
+        window.mul_(self.scale)
         if self.round_to is not None and self.round_to != torch.float32:
-            self._window.copy_(self._window.to(self.round_to))
+            window.copy_(window.to(self.round_to))
         self._window_at = w0
-        return self._window.T if self.transposed else self._window
+        return window.T if self.transposed else window
 
     def _pieces(self, r0: int, r1: int) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Rows ``[lo, hi)`` within ``[r0, r1)`` of the product, window by window."""
-        size = min(WINDOW_ROWS, self.rows)
+        if r1 <= r0:
+            return
+        size = self._size()
         k = r0 // size * size
         while k < r1:
             w0 = min(k, self.rows - size)
@@ -225,7 +236,7 @@ class Factors:
                 out[a - r0 : b - r0].copy_(acc)
 
     def release(self) -> None:
-        self._a = self._b = self._window = None
+        self._a = self._b = None
         self._window_at = -1
 
 
@@ -360,6 +371,9 @@ class FactorSource:
         self.path = path
         self._checkpoint: Checkpoint | None = None
         self._loaded: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._raw = torch.empty(0, dtype=torch.uint8)  # a factor's bytes as read, reused
+        self._window = torch.empty(0, dtype=torch.float32)
+        self._window_owner: object = None
 
     @property
     def checkpoint(self) -> Checkpoint:
@@ -373,16 +387,31 @@ class FactorSource:
             self._loaded.move_to_end(name)
             return self._loaded[name]
         spec = self.checkpoint.specs[name]
-        buf = torch.empty(max(spec.nbytes, 1), dtype=torch.uint8)
-        tensor = self.checkpoint.read_rows(name, 0, spec.rows, buf).to(torch.float32)
+        if self._raw.numel() < spec.nbytes:
+            self._raw = torch.empty(spec.nbytes, dtype=torch.uint8)
+        tensor = self.checkpoint.read_rows(name, 0, spec.rows, self._raw).to(torch.float32, copy=True)
         if keep:
             self._loaded[name] = tensor
             while len(self._loaded) > FACTOR_CACHE:
                 self._loaded.popitem(last=False)
         return tensor
 
+    def window(self, owner: object, shape: tuple[int, int]) -> tuple[torch.Tensor, bool]:
+        """The buffer every tensor's products are computed in (one, grown to the largest window:
+        allocating one per tensor left the allocator holding tens of MiB), and whether
+        ``owner`` used it last, so that it still holds ``owner``'s last window."""
+        mine = self._window_owner is owner
+        self._window_owner = owner
+        n = shape[0] * shape[1]
+        if self._window.numel() < n:
+            self._window = torch.empty(n, dtype=torch.float32)
+            mine = False
+        return self._window[:n].view(shape), mine
+
     def close(self) -> None:
         self._loaded.clear()
+        self._window = torch.empty(0, dtype=torch.float32)
+        self._window_owner = None
         if self._checkpoint is not None:
             self._checkpoint.close()
             self._checkpoint = None
