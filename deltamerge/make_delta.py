@@ -31,7 +31,7 @@ from .kinds.xor import MakeXorStep
 from .memory import peak_rss_bytes
 from .progress import make_progress, reports_progress, step_bar
 from .results import MakeDeltaResult
-from .sinks.aux import copy_aux
+from .sinks.aux import copy_aux, fix_config
 from .sinks.folder import check_out, discard, publish, remove_entry
 from .sinks.lock import hold
 from .sinks.overlap import refuse_overlap
@@ -123,6 +123,7 @@ def _make_locked(
                     result_digests[name] = base_digests[name]
             write_index(tmp, shards)
             copy_aux(tmp, {n: p for n, p in target_ckpt.aux_files().items() if is_aux_file(n)})
+            fix_config(tmp, None, None)  # a delta is published: no folder of the publisher's
             delta_digests = dict(run.out_digests)
             for shard in kept.values():
                 delta_digests.update(shard.delta)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from click.testing import CliRunner
@@ -67,3 +68,17 @@ def test_config_without_a_dtype_gets_the_one_written(tmp_path: Path):
                             config=config)
     _apply(base, delta, tmp_path / "out")
     assert json.loads((tmp_path / "out/config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_make_delta_config_names_no_machine_path(tmp_path: Path):
+    """A delta is published: its config.json is the target's without the publisher's folder,
+    and the manifest's file table hashes the config as written."""
+    config = llama_config(_name_or_path=MACHINE_PATH)
+    base = save_checkpoint(llama_state(0), tmp_path / "base", config=llama_config())
+    target = save_checkpoint(llama_state(1), tmp_path / "target", config=config)
+    result = CliRunner().invoke(main, ["make-delta", str(base), str(target), str(tmp_path / "d"), "-q"])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "d/config.json").read_text())
+    assert written == {k: v for k, v in config.items() if k != "_name_or_path"}
+    entry = json.loads((tmp_path / "d/deltamerge.json").read_text())["files"]["config.json"]
+    assert entry["blake3"] == blake3.blake3((tmp_path / "d/config.json").read_bytes()).hexdigest()
