@@ -4,7 +4,7 @@ Work flows through five stages, each a function of one block: read (base rows an
 each step's inputs into a slot's reused buffers), check (hash the base rows read; compare base
 tensors against the publisher's digests), compute (the kinds' steps), write (the rows, with their
 tensor and row range, to the writer the sink opened for the shard) and seal (hash the rows
-written). A verified run adds a stage beside the check for the deltas: it hashes the input rows
+written). On a verified run the check stage also checks the deltas: it hashes the input rows
 just read and compares each delta tensor with its manifest (format 2), or feeds whole-file digests
 from them (format 1). make-delta adds one after the write that hashes the shard files it writes;
 a sink that converts the rows (GGUF, Meta's layout) adds one after the seal hashing the bytes it
@@ -256,8 +256,9 @@ class Engine:
 
     def _check_inputs(self, b: Block) -> None:
         """Check the delta rows just read: each delta tensor against its manifest's digest
-        (format 2), and whole-file digests fed from the same rows (format 1). A stage of its
-        own: on a verified run it is as much hashing as the base check, and the two overlap."""
+        (format 2), and whole-file digests fed from the same rows (format 1). It runs in the
+        check stage's thread, before the base's check: as a stage of its own on two cores it was
+        slower (verified apply, 7B bench, three pairs: 17.88 s median against 17.27 s)."""
         for inp, until, rows in b.read_inputs:
             key = (inp.checkpoint, inp.name)
             if key in self.input_digests:
@@ -276,6 +277,10 @@ class Engine:
         for where, rows in b.located:
             if where is not None and where[0] in self.file_hashers:
                 self.file_hashers[where[0]].feed(where[1], raw_bytes(rows))
+
+    def _checks(self, b: Block) -> None:
+        self._check_inputs(b)
+        self._check(b)
 
     def _check(self, b: Block) -> None:
         job = b.job
@@ -467,7 +472,7 @@ class Engine:
         capacity = self._capacity()
         stages = [self._read, self._check, self._compute, self._write, self._seal]
         if self.expected_inputs or self.file_hashers:
-            stages.insert(1, self._check_inputs)
+            stages[1] = self._checks
         if self.hash_files:
             stages.insert(-1, self._hash_files_written)
         if self.sink.checksums:
