@@ -217,16 +217,11 @@ class Factors:
             yield lo, hi, prod[lo - w0 : hi - w0]
             k += size
 
-    def add_to(self, acc: torch.Tensor, r0: int) -> None:
-        """``acc`` (fp32 rows ``[r0, r0 + len(acc))`` of W) += the same rows of the product."""
-        for lo, hi, prod in self._pieces(r0, r0 + acc.shape[0]):
-            acc[lo - r0 : hi - r0].add_(prod)
-
     def merge(self, cur: torch.Tensor, out: torch.Tensor, r0: int, scratch: Scratch) -> None:
-        """``out = round(fp32(cur) + product)`` for rows ``[r0, r0 + len(out))``: what
-        :meth:`add_to` into an fp32 copy of ``cur`` gives, bit for bit, through an fp32 buffer of
-        a few rows instead of one of the whole block (mixed-dtype arithmetic straight into
-        ``out`` would save the copies but is several times slower on CPU)."""
+        """``out = round(fp32(cur) + product)`` for rows ``[r0, r0 + len(out))``, a few rows at a
+        time through one small fp32 buffer (an fp32 copy of the whole block was the merge's
+        largest buffer; mixed-dtype arithmetic straight into ``out`` would save the copies but
+        is several times slower on CPU)."""
         for lo, hi, prod in self._pieces(r0, r0 + out.shape[0]):
             for a in range(lo, hi, MERGE_ROWS):
                 b = min(hi, a + MERGE_ROWS)
@@ -263,9 +258,9 @@ class ExpertFactors:
     def __init__(self, experts: list[Factors]):
         self.experts = experts
 
-    def add_to(self, acc: torch.Tensor, r0: int) -> None:
-        for j in range(acc.shape[0]):
-            self.experts[r0 + j].add_to(acc[j], 0)
+    def merge(self, cur: torch.Tensor, out: torch.Tensor, r0: int, scratch: Scratch) -> None:
+        for j in range(out.shape[0]):
+            self.experts[r0 + j].merge(cur[j], out[j], 0, scratch)
             self.experts[r0 + j].release()  # blocks hold whole experts: this one is done
 
     def release(self) -> None:
@@ -345,13 +340,7 @@ class LoraStep(Step):
         if self.factors is None:
             out.copy_(cur)
             return
-        if isinstance(self.factors, Factors):
-            self.factors.merge(cur, out, r0, scratch)
-            return
-        acc = scratch.get("lora-acc", torch.float32, shape)
-        acc.copy_(cur)
-        self.factors.add_to(acc, r0)
-        out.copy_(acc)
+        self.factors.merge(cur, out, r0, scratch)
 
     def close(self) -> None:
         if self.factors is not None:
