@@ -6,8 +6,8 @@ how many elements a lossy (fp16 additive) delta does not reproduce.
 
 Shards are journaled as apply's are (``engine/journal.py``), each line with what the manifest
 needs of its shard: the digests of what apply will rebuild from it, and (its ``extra``) the
-file's sha256 and the elements it loses. ``resume=True`` finishes an interrupted run: each
-journaled shard file is hashed again and kept only if its sha256 is the journal's; the others,
+file's BLAKE3 and the elements it loses. ``resume=True`` finishes an interrupted run: each
+journaled shard file is hashed again and kept only if its digest is the journal's; the others,
 and anything else in the partial folder, are removed and written again.
 """
 

@@ -263,7 +263,7 @@ def test_inspect_json_fields(world, tmp_path):
         assert table[name]["dtype"] == DTYPE_NAMES[t.dtype]
         assert table[name]["shape"] == list(t.shape)
         assert table[name]["file"] == weight_map[name]
-    assert r["model_digest"] == documented_digests(state)[0]
+    assert r["model_digest"] == documented_digests(state)[0] and r["algorithm"] == "blake3"
 
 
 def test_inspect_without_digest_reads_headers_only(world):
@@ -272,12 +272,14 @@ def test_inspect_without_digest_reads_headers_only(world):
     assert report.parameters == sum(math.prod(t.shape) for t in world["base_state"].values())
 
 
-def test_inspect_text_output(world):
-    result = CliRunner().invoke(main, ["inspect", "-q", str(world["base"])])
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_inspect_text_output(world, algorithm):
+    result = CliRunner().invoke(main, ["inspect", "-q", "-a", algorithm, str(world["base"])])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == f"{world['base']}: safetensors, 1 file(s)"
-    assert f"  digest      {checksum(world['base']).model_digest}" in lines
+    digest = checksum(world["base"], algorithm=algorithm).model_digest
+    assert f"  digest      {algorithm} {digest}" in lines
     assert any(line.split()[:3] == ["lm_head.weight", "F16", "[96,"] for line in lines)
 
 

@@ -138,23 +138,27 @@ def verify_cmd(folder: str, manifest: str, role: str, algorithm: str | None, as_
 @click.argument("folder", metavar="DIR")
 @click.option("--no-digest", is_flag=True,
               help="Read headers only; skip the model digest (which reads every byte).")
+@click.option("-a", "--algorithm", type=ALGORITHM_CHOICE, default="blake3", show_default=True,
+              help="The model digest's algorithm, as for checksum.")
 @_json_option
 @_quiet_option
 @handle_errors
-def inspect_cmd(folder: str, no_digest: bool, as_json: bool, quiet: bool, token: str | None,
-                revision: str | None, cache_dir: str | None) -> None:
+def inspect_cmd(folder: str, no_digest: bool, algorithm: str, as_json: bool, quiet: bool,
+                token: str | None, revision: str | None, cache_dir: str | None) -> None:
     """Show what the checkpoint in DIR holds: format, files, dtypes, size, tensors, digest.
 
     \b
     Examples:
       deltamerge inspect ./llama-7b
       deltamerge inspect ./llama-7b --json --no-digest
+      deltamerge inspect ./llama-7b --algorithm sha256
     """
     from ..integrity.checks import inspect  # deferred so --help and --version answer without loading torch
 
     (folder,) = with_revision([folder], revision)
     hub = hub_setup(token, cache_dir, quiet)
-    r = inspect(folder, digest=not no_digest, progress=not quiet and not as_json, hub=hub)
+    r = inspect(folder, digest=not no_digest, progress=not quiet and not as_json, hub=hub,
+                algorithm=algorithm)
     if as_json:
         click.echo(json.dumps(r.to_json(), indent=1))
         return
@@ -167,7 +171,7 @@ def inspect_cmd(folder: str, no_digest: bool, as_json: bool, quiet: bool, token:
     for s in r.shards:
         say(f"  file        {s.file} ({human(s.size)}, {s.tensors} tensors)")
     if r.model_digest:
-        say(f"  digest      {r.model_digest}")
+        say(f"  digest      {r.algorithm} {r.model_digest}")
     width = max((len(t.name) for t in r.tensors), default=0)
     say("tensors:")
     for t in r.tensors:

@@ -327,6 +327,7 @@ class InspectReport:
     bytes: int  # tensor data, without headers
     tensors: list[TensorInfo]
     model_digest: str | None
+    algorithm: str = DEFAULT_ALGORITHM  # of model_digest
 
     def to_json(self) -> dict:
         return {
@@ -339,6 +340,7 @@ class InspectReport:
             "parameters": self.parameters,
             "bytes": self.bytes,
             "model_digest": self.model_digest,
+            "algorithm": self.algorithm if self.model_digest else None,
             "tensors": [t.to_json() for t in self.tensors],
         }
 
@@ -388,6 +390,7 @@ def inspect(
         return InspectReport(
             Path(path), ckpt.format, index, shards, dict(sorted(dtypes.items())),
             sum(s.numel for s in ckpt.specs.values()), _total_bytes(ckpt), tensors, found,
+            algorithm,
         )
 
 
