@@ -5,8 +5,10 @@ A merge reads two models and writes one, so it can be no faster than the disk mo
 Run a, the floor, measures exactly that in every round: each input folder read once and a file of
 the result's size written, each past the page cache (O_DIRECT, 64 MiB aligned blocks, fsync), one
 after the other. Every other run is reported as a ratio to its own floor (its inputs' reads plus
-its result's write, from the same round). A pipelined run can go below 1.0x only where the disk
-serves reads and writes at the same time.
+its result's write, from the same round). A pipelined run can go below 1.0x where the disk
+serves reads and writes at the same time, or where reading through the page cache (the kernel's
+read-ahead) is faster than the floor's direct reads: README.md, "What the disk does", has a
+machine where it is.
 
 Runs (--runs, default all):
   a  the disk floor (above)
@@ -102,7 +104,8 @@ STAMP = "bench-inputs.json"
 DATA_VERSION = 2  # bumped when generated inputs change meaning (2: deltas with manifest format 2)
 FLOOR_NOTE = ("x floor: the run's wall time over its disk floor (its inputs read once and its "
               "result written, past the page cache, one after the other, in the same round). A "
-              "pipelined run can go below 1.0 only where the disk serves reads and writes at once.")
+              "pipelined run can go below 1.0 where the disk serves reads and writes at once, or where "
+              "reading through the page cache is faster than the floor's direct reads.")
 # Runs i and j: run b's apply written in another format (which takes no --max-shard-size).
 FORMAT_RUNS = {"i": ["--format", "gguf", "--outtype", "f16"], "j": ["--format", "meta", "--mp", "1"]}
 

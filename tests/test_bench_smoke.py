@@ -37,7 +37,7 @@ def test_tiny_bench_runs_reports_and_reuses_its_inputs(tmp_path: Path) -> None:
     report = json.loads(proc.stdout)
     assert report["config"]["preset"] == "tiny" and report["config"]["reused"] == str(data)
     assert report["machine"]["cores"] >= 1
-    assert "only where the disk serves reads and writes at once" in report["note"]
+    assert "reads and writes at once, or where reading through the page cache" in report["note"]
     runs = {r["run"]: r for r in report["runs"]}
     assert sorted(runs) == ["a", "b", "c"]
     for name in ("a", "b", "c"):
