@@ -138,6 +138,17 @@ def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[name], b[name]), name
 
 
+def one_line(proc: subprocess.CompletedProcess, code: int, *words: str) -> str:
+    """The command failed with ``code`` and one line of stderr holding ``words``; that line."""
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
 def run_cli(
     *args: str, env: dict | None = None, cwd: Path | None = None, prelude: str | None = None
 ) -> subprocess.CompletedProcess:

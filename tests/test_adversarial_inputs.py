@@ -23,6 +23,7 @@ from conftest import (
     assert_states_equal,
     llama_state,
     load_state,
+    one_line,
     run_cli,
     save_checkpoint,
 )
@@ -51,16 +52,6 @@ def cli(*args: object) -> subprocess.CompletedProcess:
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
-
-def one_line(proc: subprocess.CompletedProcess, code: int, *words: str) -> str:
-    """The command failed with ``code`` and one line of stderr holding ``words``; that line."""
-    assert proc.returncode == code, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 def nothing_written(out: Path) -> None:

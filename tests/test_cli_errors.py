@@ -5,16 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import llama_state, run_cli, save_checkpoint
-
-
-def assert_clean_failure(proc, code: int, *words: str) -> None:
-    assert proc.returncode == code, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
+from conftest import llama_state, one_line, run_cli, save_checkpoint
 
 
 def no_output_left(out: Path) -> None:
@@ -34,7 +25,7 @@ def test_missing_tensor(tmp_path: Path, pair):
     del state["model.layers.1.mlp.up_proj.weight"]
     delta = save_checkpoint(state, tmp_path / "delta")
     proc = run_cli("apply", base, delta, tmp_path / "out")
-    assert_clean_failure(proc, 2, "model.layers.1.mlp.up_proj.weight", "not in the delta")
+    one_line(proc, 2, "model.layers.1.mlp.up_proj.weight", "not in the delta")
     no_output_left(tmp_path / "out")
 
 
@@ -43,7 +34,7 @@ def test_tensor_only_in_the_delta(tmp_path: Path, pair):
     state["model.extra.weight"] = state["model.norm.weight"].clone()
     delta = save_checkpoint(state, tmp_path / "delta")
     proc = run_cli("apply", base, delta, tmp_path / "out")
-    assert_clean_failure(proc, 2, "model.extra.weight", "not in the base")
+    one_line(proc, 2, "model.extra.weight", "not in the base")
     no_output_left(tmp_path / "out")
 
 
@@ -52,7 +43,7 @@ def test_shape_mismatch_names_both_shapes(tmp_path: Path, pair):
     state["model.layers.0.mlp.gate_proj.weight"] = state["model.layers.0.mlp.gate_proj.weight"][:100]
     delta = save_checkpoint(state, tmp_path / "delta", "bin")
     proc = run_cli("apply", base, delta, tmp_path / "out")
-    assert_clean_failure(proc, 2, "gate_proj", "[100, 64]", "[172, 64]")
+    one_line(proc, 2, "gate_proj", "[100, 64]", "[172, 64]")
     no_output_left(tmp_path / "out")
 
 
@@ -60,7 +51,7 @@ def test_fewer_vocabulary_rows_is_an_error(tmp_path: Path):
     base = save_checkpoint(llama_state(0, vocab=96), tmp_path / "base")
     delta = save_checkpoint(llama_state(1, vocab=95), tmp_path / "delta")
     proc = run_cli("apply", base, delta, tmp_path / "out")
-    assert_clean_failure(proc, 2, "[95, 64]", "[96, 64]", "in the base")
+    one_line(proc, 2, "[95, 64]", "[96, 64]", "in the base")
 
 
 def test_existing_out_is_refused_unless_force(tmp_path: Path, pair):
@@ -70,7 +61,7 @@ def test_existing_out_is_refused_unless_force(tmp_path: Path, pair):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     proc = run_cli("apply", base, delta, out)
-    assert_clean_failure(proc, 2, str(out), "--force")
+    one_line(proc, 2, str(out), "--force")
     assert (out / "keep.txt").read_text() == "mine"
     proc = run_cli("apply", base, delta, out, "--force", "--quiet")
     assert proc.returncode == 0, proc.stderr
@@ -80,7 +71,7 @@ def test_existing_out_is_refused_unless_force(tmp_path: Path, pair):
 def test_path_that_does_not_exist(tmp_path: Path, pair):
     base, _ = pair
     proc = run_cli("apply", base, tmp_path / "no-such-delta", tmp_path / "out")
-    assert_clean_failure(proc, 2, "no-such-delta", "no such folder")
+    one_line(proc, 2, "no-such-delta", "no such folder")
     no_output_left(tmp_path / "out")
 
 
@@ -95,7 +86,7 @@ def test_inputs_are_never_written(tmp_path: Path, pair):
     delta = save_checkpoint(state, tmp_path / "delta")
     before = {p: p.stat().st_mtime_ns for p in [*base.iterdir(), *delta.iterdir()]}
     proc = run_cli("apply", base, delta, base, "--force")
-    assert_clean_failure(proc, 2, "input folder")
+    one_line(proc, 2, "input folder")
     assert {p: p.stat().st_mtime_ns for p in [*base.iterdir(), *delta.iterdir()]} == before
 
 
