@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_states_equal, load_state
+from lora_factors import randomize_lora
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -142,11 +143,7 @@ def make_adapter(name: str, base: Path, out: Path, dtype: torch.dtype = torch.fl
                  seed: int = 1, **config) -> Path:
     """peft's adapter with random factors (B starts at zero, which would test nothing)."""
     model = get_peft_model(load(name, base, dtype), LoraConfig(**config))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if "lora_" in key or "modules_to_save" in key:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_lora(model, seed)
     model.save_pretrained(out)
     return out
 
@@ -237,11 +234,7 @@ def test_target_parameters_arithmetic_is_peft_s(tmp_path: Path, dtype: torch.dty
               tmp_path / "base" / "model.safetensors")
     adapter = get_peft_model(toy, LoraConfig(r=16, lora_alpha=8, target_parameters=[
         "tall.w", "flipped.w", "single.w", "lin.weight"]))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for key, p in adapter.named_parameters():
-            if "lora_" in key:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_lora(adapter)
     adapter.save_pretrained(tmp_path / "adapter")
     fresh = Toy().to(dtype)
     fresh.load_state_dict(load_file(tmp_path / "base" / "model.safetensors"))

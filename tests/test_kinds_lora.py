@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_state, run_cli
+from lora_factors import randomize_lora
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -43,11 +44,7 @@ def make_adapter(
 ) -> Path:
     """Train nothing: randomise every LoRA factor (B starts at zero) and saved whole module."""
     model = get_peft_model(load_model(base, dtype, vocab, cls), LoraConfig(**config))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_lora(model, seed)
     model.save_pretrained(out, safe_serialization=safe)
     return out
 

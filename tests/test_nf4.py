@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from lora_factors import randomize_lora
 
 import deltamerge.kinds.nf4 as nf4
 from deltamerge.errors import InputError
@@ -228,11 +229,7 @@ def random_adapter(base, dtype: torch.dtype, out, targets=TARGETS):
 
     model = get_peft_model(LlamaForCausalLM.from_pretrained(base, dtype=dtype),
                            LoraConfig(r=8, lora_alpha=16, target_modules=targets))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_lora(model)
     model.save_pretrained(out, safe_serialization=True)
     return out
 

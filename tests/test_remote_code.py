@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import apply_in_process, assert_states_equal, load_state
+from lora_factors import randomize_lora
 from peft import LoraConfig, PeftModel, get_peft_model
 from remote_code import AUTO_MAP, CODE, load_tiny_glm, write_tiny_glm
 
@@ -50,11 +51,7 @@ def test_lora_on_remote_code_is_peft_s_merge(tmp_path: Path) -> None:
     base = write_tiny_glm(tmp_path / "chatglm", seed=0)
     model = get_peft_model(load_tiny_glm(base), LoraConfig(
         r=4, lora_alpha=8, target_modules=["query_key_value", "dense"]))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_lora(model)
     model.save_pretrained(tmp_path / "adapter")
     assert not any(p.suffix == ".py" for p in (tmp_path / "adapter").iterdir())
     reference = PeftModel.from_pretrained(load_tiny_glm(base), tmp_path / "adapter").merge_and_unload()
