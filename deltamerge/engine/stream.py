@@ -391,8 +391,8 @@ class Engine:
             return
         if b.first_in_shard:
             prefix = self.sink.file_prefix(shard.specs)
-            self._header = (len(prefix), new_hash(DEFAULT_ALGORITHM, prefix).hexdigest())
             self._file_hasher = new_hash(DEFAULT_ALGORITHM, prefix)
+            self._header = (len(prefix), self._file_hasher.copy().hexdigest())
         self._file_hasher.update(raw_bytes(b.out))
         if b.last_in_shard:
             self.written_files[shard.filename] = WrittenFile(

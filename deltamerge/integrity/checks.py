@@ -11,7 +11,7 @@ result objects and never print: the CLI (cli/integrity.py) does that.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import torch
 from ..dtypes import BITS_DTYPE, TORCH_TO_SAFETENSORS, itemsize
 from ..errors import FormatError, InputError, NotFoundError
 from ..formats.files import read_json_object
-from ..progress import Progress, make_progress, reports_progress
+from ..progress import Progress, ProgressArg, make_progress, reports_progress
 from ..results import RESULT_RECORD
 from ..sizes import DEFAULT_BLOCK_BYTES
 from ..sources import Checkpoint, open_checkpoint
@@ -49,7 +49,6 @@ from .manifest import FORMAT as MANIFEST_FORMAT
 
 CHECKSUMS_FORMAT = "deltamerge-checksums"  # its format_version says the algorithm, as a manifest's
 ROLES = ("result", "base")
-ProgressArg = bool | Callable[[int, int], None]
 
 
 # -- streaming ------------------------------------------------------------------------------

@@ -52,14 +52,6 @@ def check_free_space(folder: Path, needed: int) -> None:
         )
 
 
-def make_partial(out: Path) -> Path:
-    tmp = partial_dir(out)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
 def discard(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
