@@ -48,6 +48,7 @@ from ..formats.safetensors import read_header
 from ..memory import drop_file_range
 from ..progress import Progress, make_progress, step_bar
 from ..sinks.folder import discard, partial_dir, publish, remove_entry
+from ..sources.meta import file_md5
 from ..version import __version__
 
 CHUNK = 16 * 1024 * 1024
@@ -418,7 +419,7 @@ class Build:
             for name, claim in claims.items():
                 bar.at(name)
                 path = self.folder / name
-                size, md5 = path.stat().st_size, _file_md5(path, bar.update)
+                size, md5 = path.stat().st_size, file_md5(path, bar.update)
                 mask_md5 = claim.get("mask_md5")
                 if size == claim.get("size") and md5 == claim.get("md5"):
                     kept[name] = Decoded(name, size, md5,
@@ -444,18 +445,6 @@ class Build:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _file_md5(path: Path, progress: Callable[[int], None]) -> str:
-    md5 = hashlib.md5()
-    with open(path, "rb", buffering=0) as f:
-        done = 0
-        while chunk := f.read(CHUNK):
-            md5.update(chunk)
-            drop_file_range(f.fileno(), done, len(chunk))
-            done += len(chunk)
-            progress(len(chunk))
-    return md5.hexdigest()
 
 
 @contextmanager
