@@ -319,7 +319,6 @@ class Engine:
     def _compute(self, b: Block) -> None:
         job, slot = b.job, b.slot
         assert slot is not None
-        self._scratch.kept = slot.kept
         out = view_rows(slot.out, job.out, b.r1 - b.r0)
         if job.out.shape == ():
             out = out.reshape(())
@@ -400,7 +399,7 @@ class Engine:
             )
 
     def _seal(self, b: Block) -> None:
-        """Hash the tensors written and finish the steps' set-aside work, off the writer."""
+        """Hash the tensors written, off the writer, and close a tensor's steps after its last block."""
         job = b.job
         if self.hash_out and b.out is not None:
             hasher = self._out_hashers.get(job.name)
@@ -409,8 +408,6 @@ class Engine:
             hasher.update(b.out)
             if b.last:
                 self.out_digests[job.name] = self._out_hashers.pop(job.name).digest()
-        for step in job.steps:
-            step.seal()
         if b.last:
             for step in job.steps:
                 step.close()

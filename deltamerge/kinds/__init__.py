@@ -28,20 +28,11 @@ def is_non_weight(name: str) -> bool:
 
 
 class Scratch:
-    """Reused compute buffers, one per purpose, so no block allocates fresh memory.
-
-    ``get`` buffers belong to the compute stage and are overwritten by the next block;
-    ``keep`` buffers belong to the block's slot and stay valid until the block is sealed, so a
-    step can set rows aside for its ``seal`` (hashing them off the compute thread).
-    """
+    """Reused buffers, one per purpose, so no block allocates fresh memory: the compute
+    stage's are overwritten by the next block; a slot's last until its block is done."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
-        self.kept: Scratch | None = None
-
-    def keep(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        assert self.kept is not None, "keep() is for steps running inside the engine"
-        return self.kept.get(key, dtype, shape)
 
     def get(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         nbytes = itemsize(dtype)
@@ -100,9 +91,6 @@ class Step(ABC):
 
     def end_first_pass(self) -> None:  # noqa: B027 - optional hook
         """With ``first_pass``: every row has been fed."""
-
-    def seal(self) -> None:  # noqa: B027 - optional hook
-        """Called for each block, in order, once it is written: finish work set aside by apply."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release anything the step loaded (LoRA factors) once its tensor is done."""
