@@ -145,6 +145,15 @@ def peak_rss_bytes() -> int:
     ``ru_maxrss`` keeps the peak of the image before it, so a run started from a large parent
     (a notebook, a training job) would report the parent's peak as its own.
     """
+    own = vmhwm_bytes()
+    if own is not None:
+        return own
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def vmhwm_bytes() -> int | None:
+    """``VmHWM`` of ``/proc/self/status``, or None where the kernel has no such line."""
     try:
         with open("/proc/self/status", "rb") as f:
             for line in f:
@@ -152,5 +161,4 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024  # in kB
     except (OSError, ValueError, IndexError):
         pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    return None

@@ -392,18 +392,6 @@ class Measured:
     cpu: float = 0.0  # user + system seconds of the child: near 2x wall on 2 cores is CPU-bound
 
 
-def vmhwm() -> int | None:
-    """This process's own peak resident set (VmHWM), or None where the kernel has no such line."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def measure(cmd: list[str], log: Path) -> Measured:
     """Run ``cmd`` (arguments to python: ``-m deltamerge ...`` or ``--child ...``) as a child,
     through this script's ``--peak`` wrapper, which reports the child's own VmHWM as it exits."""
@@ -433,7 +421,9 @@ def run_reporting_peak(argv: list[str]) -> int:
     peak_file, inner = argv[0], argv[1:]
 
     def report() -> None:
-        peak = vmhwm()
+        from deltamerge.memory import vmhwm_bytes  # no torch: the floor's peak stays its own
+
+        peak = vmhwm_bytes()
         if peak is not None:
             Path(peak_file).write_text(str(peak))
 

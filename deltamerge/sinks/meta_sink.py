@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import TORCH_TO_SAFETENSORS, itemsize
-from ..integrity.digest import DEFAULT_ALGORITHM, TensorDigest, new_hash
+from ..integrity.digest import TensorDigest, new_hash
 from ..memory import drop_file_range
 from ..tensor_spec import TensorSpec
 from . import Buffer, Mismatch, ShardLayout, ShardWriter, Sink, Written
@@ -135,7 +135,7 @@ class MetaSink(Sink):
         for k, meta, _ in storages:
             name, dtype, shape, _ = self.written(k, meta)
             record = self._archives[k].storages[meta]
-            algorithm = written[name].algorithm if name in written else DEFAULT_ALGORITHM
+            algorithm = written[name].algorithm  # every name: checked above
             digest, crc, head = _read_storage(folder / self.layout.filenames[k], record.data,
                                               record.size, block_bytes, advance, algorithm)
             found[name] = TensorDigest(dtype, shape, digest, algorithm)
