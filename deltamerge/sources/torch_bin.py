@@ -36,6 +36,12 @@ LEGACY_TORCH_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
 _PICKLE_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
+def _unreadable(path: Path, exc: Exception) -> FormatError:
+    """What torch or zipfile said of a damaged archive, on one line."""
+    msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return FormatError(f"{path}: not a readable torch archive (truncated or corrupt?): {msg}")
+
+
 def load_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     """``torch.load`` a ``.bin``/``.pth`` safely: weights only, mapped where the file allows.
 
@@ -70,10 +76,7 @@ def load_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
             "more than tensors, or is corrupt; nothing in it was run"
         ) from None
     except Exception as exc:  # torch raises many types on corrupt archives
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise FormatError(
-            f"{path}: not a readable torch archive (truncated or corrupt?): {msg}"
-        ) from None
+        raise _unreadable(path, exc) from None
     state = _check_state(path, obj)
     if pickle_name is not None:
         _check_records(path, pickle_name)
@@ -91,8 +94,7 @@ def _check_archive(path: Path) -> str:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
     except Exception as exc:  # zipfile raises many types on a damaged directory
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise FormatError(f"{path}: not a readable torch archive (truncated or corrupt?): {msg}") from None
+        raise _unreadable(path, exc) from None
     for info in members:
         if info.compress_type != zipfile.ZIP_STORED:
             raise FormatError(
@@ -169,8 +171,7 @@ def _check_records(path: Path, pickle_name: str) -> None:
             scan = _StorageScan(archive.read(pickle_name))
             scan.load()
     except Exception as exc:  # the pickle torch just accepted: a failure here is a corrupt file
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise FormatError(f"{path}: not a readable torch archive (truncated or corrupt?): {msg}") from None
+        raise _unreadable(path, exc) from None
     prefix = pickle_name.removesuffix("data.pkl")
     for key, (kind, numel) in scan.storages.items():
         info = records.get(f"{prefix}data/{key}")
