@@ -35,7 +35,7 @@ from .integrity.digest import DEFAULT_ALGORITHM, TensorDigest, model_digest
 from .integrity.manifest import Manifest, Role, check_base_dtypes, find_manifest
 from .kinds import ApplyOptions, Kind, is_non_weight
 from .kinds.add import VOCAB_TENSORS
-from .kinds.detect import WHOLE_FILE_KINDS, detect_kind, open_kind
+from .kinds.detect import WHOLE_FILE_KINDS, detect_kind, open_kind, whole_file_kind
 from .kinds.enc import OPENBUDDY_KEY_MD5, apply_enc
 from .kinds.lora import QLORA_MODES
 from .kinds.xor_files import apply_xor_files
@@ -156,8 +156,7 @@ def _apply_locked(
     base_in = resolve_input(base, "base", **hub)
     delta_ins = [resolve_input(d, "delta", **hub) for d in deltas]
     if kind is None:
-        detected = [detect_kind(d.path, None) for d in delta_ins]
-        whole = next((k for k in detected if k in WHOLE_FILE_KINDS), None)
+        whole = next((k for d in delta_ins if (k := whole_file_kind(d.path))), None)
     else:
         whole = kind if kind in WHOLE_FILE_KINDS else None
     if whole != "enc":  # OpenBuddy's key is a file: BASE may be Meta's consolidated.00.pth
@@ -195,7 +194,8 @@ def _apply_locked(
         if new_rows == "mean":
             fill_means(base_ckpt, jobs, block_size)
         aux = _aux_files(base_ckpt, opened, extra_files)
-        shards, sink = _plan_output(fmt, jobs, aux, out, block_size, _config_updates(opened))
+        updates = _config_updates(opened)
+        shards, sink = _plan_output(fmt, jobs, aux, out, block_size, updates)
         checks = plan_delta_checks([d.path for d in delta_ins], manifests,
                                    [k.checkpoint for k in opened])
         first = manifests[0] if manifests else None
@@ -241,7 +241,7 @@ def _apply_locked(
             if fmt.name == "hf":
                 write_index(tmp, shards)
             copy_aux(tmp, sink.aux_files(aux))
-            fix_config(tmp, _vocab_rows(jobs), _result_dtype(jobs), _config_updates(opened))
+            fix_config(tmp, _vocab_rows(jobs), _result_dtype(jobs), updates)
             merged = model_digest(out_digests, out_algorithm)
             digest = model_digest(written, out_algorithm) if sink.converts else merged
             files = sink.outputs() or [s.filename for s in shards]

@@ -39,6 +39,18 @@ def detect_kind(folder: Path, manifest: Manifest | None) -> str:
     return _kind_of_names(folder)
 
 
+def whole_file_kind(folder: Path) -> str | None:
+    """The whole-file kind ``detect_kind`` would find without a manifest, if any, found without
+    opening a checkpoint (which ``_kind_of_names`` does, for an answer that is never one)."""
+    if (folder / "adapter_config.json").is_file():
+        return None
+    if looks_like_enc(folder):
+        return "enc"
+    if looks_like_xor_files(folder):
+        return "xor-files"
+    return None
+
+
 def _kind_of_names(folder: Path) -> str:
     """"lora", "prefix" or "add", from the tensor names alone (headers, or a mapped pickle).
 
@@ -70,4 +82,4 @@ def open_kind(kind: str, folder: Path) -> Kind:
     raise InputError(f"{folder}: unknown delta kind {kind!r} (choose from {', '.join(KINDS)})")
 
 
-__all__ = ["KINDS", "MANIFEST_NAME", "WHOLE_FILE_KINDS", "detect_kind", "open_kind"]
+__all__ = ["KINDS", "MANIFEST_NAME", "WHOLE_FILE_KINDS", "detect_kind", "open_kind", "whole_file_kind"]
