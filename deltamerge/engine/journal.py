@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..integrity.digest import ALGORITHMS, TensorDigest
-from ..sinks.folder import partial_dir
+from ..sinks.folder import append_line, claim_partial
 from .plan import Shard
 
 JOURNAL_NAME = "journal.jsonl"
@@ -195,12 +195,7 @@ class Journal:
         self._append(_line(shard, size, digests, written, extra))
 
     def _append(self, obj: dict) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
-        try:
-            os.write(fd, (json.dumps(obj) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_line(self.path, obj)
 
 
 def _line(
@@ -224,16 +219,5 @@ def read_digest(obj: dict) -> TensorDigest:
 
 def open_partial(out: Path, fp: Fingerprint, resume: bool) -> tuple[Path, Journal]:
     """The partial folder and its journal: fresh, or an earlier run's when resuming."""
-    tmp = partial_dir(out)
-    if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
-        raise InputError(f"{tmp}: not a folder an interrupted run left (a symlink or a file): "
-                         f"delete it")
-    if tmp.exists():
-        if not resume:
-            raise InputError(
-                f"{out}: an interrupted run left {tmp}: run the same command with --resume to "
-                f"finish it, or delete that folder"
-            )
-        return tmp, Journal.resume(tmp, fp, "the same command")
-    tmp.mkdir(parents=True)
-    return tmp, Journal.start(tmp, fp)
+    tmp, left = claim_partial(out, resume)
+    return tmp, Journal.resume(tmp, fp, "the same command") if left else Journal.start(tmp, fp)

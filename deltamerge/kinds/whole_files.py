@@ -47,7 +47,7 @@ from ..formats.files import LFS_POINTER_PREFIX
 from ..formats.safetensors import read_header
 from ..memory import drop_file_range
 from ..progress import Progress, make_progress, step_bar
-from ..sinks.folder import discard, partial_dir, publish, remove_entry
+from ..sinks.folder import append_line, claim_partial, discard, publish, remove_entry
 from ..sources.meta import file_md5
 from ..version import __version__
 
@@ -375,20 +375,11 @@ class Build:
 
     @classmethod
     def open(cls, out: Path, fp: str, resume: bool) -> Build:
-        folder = partial_dir(out)
-        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-            raise InputError(f"{folder}: not a folder an interrupted run left (a symlink or a "
-                             "file): delete it")
-        if not folder.exists():
-            folder.mkdir(parents=True)
+        folder, left = claim_partial(out, resume)
+        if not left:
             build = cls(out, folder)
             build._append({"fingerprint": fp})
             return build
-        if not resume:
-            raise InputError(
-                f"{out}: an interrupted run left {folder}: run the same command with --resume "
-                "to finish it, or delete that folder"
-            )
         path = folder / JOURNAL
         entries = []
         for line in (path.read_text().splitlines() if path.is_file() else []):
@@ -438,13 +429,7 @@ class Build:
         self._append({"name": d.name, "size": d.size, "md5": d.md5, "mask_md5": d.mask_md5})
 
     def _append(self, obj: dict) -> None:
-        fd = os.open(self.folder / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
-                     0o644)
-        try:
-            os.write(fd, (json.dumps(obj) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_line(self.folder / JOURNAL, obj)
 
 
 @contextmanager

@@ -18,6 +18,34 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.deltamerge-partial"
 
 
+def claim_partial(out: Path, resume: bool) -> tuple[Path, bool]:
+    """OUT's partial folder, and whether an earlier run left it: one is only taken up with
+    ``resume``, and never when it is a symlink or a file."""
+    tmp = partial_dir(out)
+    if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
+        raise InputError(f"{tmp}: not a folder an interrupted run left (a symlink or a file): "
+                         f"delete it")
+    if tmp.exists():
+        if not resume:
+            raise InputError(
+                f"{out}: an interrupted run left {tmp}: run the same command with --resume to "
+                f"finish it, or delete that folder"
+            )
+        return tmp, True
+    tmp.mkdir(parents=True)
+    return tmp, False
+
+
+def append_line(path: Path, obj: dict) -> None:
+    """One JSON line added to a journal, durable before the call returns."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, (json.dumps(obj) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def check_out(out: Path, force: bool) -> None:
     """Refuse a non-empty OUT unless ``force``: overwriting a model by accident costs hours."""
     if out.name in ("", ".."):  # ".", "..", "/": the folder is renamed into place at the end
