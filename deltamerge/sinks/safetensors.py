@@ -11,7 +11,7 @@ import torch
 
 from ..errors import FormatError
 from ..formats.safetensors import build_header
-from ..integrity.digest import TensorDigest, TensorHasher, raw_bytes
+from ..integrity.digest import TensorDigest, hash_tensor, raw_bytes
 from ..memory import WriteBehind, drop_file_range
 from ..sources.folders import Layout
 from ..sources.safetensors import SafetensorsCheckpoint
@@ -135,29 +135,12 @@ class SafetensorsSink(Sink):
             raise Mismatch("the journal does not list its tensors")
         digests = {}
         for spec in shard.specs:
-            digest = _hash_tensor(ckpt, spec, block_bytes, advance, claimed[spec.name].algorithm)
+            digest = hash_tensor(ckpt, spec, block_bytes, progress=advance,
+                                 algorithm=claimed[spec.name].algorithm)
             if digest != claimed[spec.name]:
                 raise Mismatch(f"tensor {spec.name!r} digest differs from the journal")
             digests[spec.name] = digest
         return digests
-
-
-def _hash_tensor(
-    ckpt: SafetensorsCheckpoint, spec: TensorSpec, block_bytes: int,
-    advance: Callable[[int], None], algorithm: str,
-) -> TensorDigest:
-    """The tensor's digest from blocks of rows, as the engine hashes what it writes (in the
-    journal's algorithm: the run's, which the plan's fingerprint fixes)."""
-    hasher = TensorHasher(spec, algorithm)
-    row_bytes = spec.nbytes // spec.rows if spec.rows else 0
-    step = max(1, block_bytes // row_bytes) if row_bytes else max(spec.rows, 1)
-    buffer = torch.empty(max(1, min(spec.nbytes, step * row_bytes)), dtype=torch.uint8)
-    for r0 in range(0, spec.rows, step):
-        r1 = min(spec.rows, r0 + step)
-        block = ckpt.read_rows(spec.name, r0, r1, buffer)
-        hasher.update(block.contiguous())
-        advance(block.nbytes)
-    return hasher.digest()
 
 
 def write_index(tmp: Path, shards: Sequence[ShardLayout], prefix: str = "model") -> None:
