@@ -263,15 +263,14 @@ class Engine:
             key = (inp.checkpoint, inp.name)
             if key in self.input_digests:
                 continue  # rows past the end of this input: nothing of it in this block
+            # Every tensor of a checked delta is in its manifest (delta_checks._check_table).
+            expected = self.expected_inputs[inp.checkpoint][inp.name]
             hasher = self._input_hashers.get(key)
             if hasher is None:
-                expected = self.expected_inputs[inp.checkpoint].get(inp.name)
-                algorithm = expected.algorithm if expected else DEFAULT_ALGORITHM
-                hasher = self._input_hashers[key] = TensorHasher(inp.spec, algorithm)
+                hasher = self._input_hashers[key] = TensorHasher(inp.spec, expected.algorithm)
             hasher.update(rows)
             if until >= inp.spec.rows:
                 digest = self.input_digests[key] = self._input_hashers.pop(key).digest()
-                expected = self.expected_inputs[inp.checkpoint].get(inp.name)
                 if expected != digest:
                     raise delta_mismatch(inp.checkpoint.file_of(inp.name), inp.name, digest, expected)
         for where, rows in b.located:

@@ -189,13 +189,9 @@ def parse_manifest(path: Path, obj: object) -> Manifest:
 
 
 def delta_mismatch(
-    where: Path | str, name: str, digest: TensorDigest, expected: TensorDigest | None
+    where: Path | str, name: str, digest: TensorDigest, expected: TensorDigest
 ) -> VerificationError:
     """A delta tensor that is not the publisher's: the delta file is corrupt or was changed."""
-    if expected is None:
-        return VerificationError(
-            f"{where}: tensor {name!r} is not in the delta's {MANIFEST_NAME}: the file was changed"
-        )
     return VerificationError(
         f"{where}: tensor {name!r}: {digest.describe()} does not match {MANIFEST_NAME} "
         f"({expected.describe()}): the file is corrupt or was changed"
