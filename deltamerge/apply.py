@@ -27,7 +27,6 @@ from .errors import (
     UnsupportedError,
     VerificationError,
     WorkError,
-    signal_status,
 )
 from .integrity.checks import checksum
 from .integrity.delta_checks import finish_delta_checks, plan_delta_checks
@@ -274,11 +273,9 @@ def _apply_locked(
                 if not journal.done:
                     discard(tmp)
                 raise
-            stopped = isinstance(exc, KeyboardInterrupt)
-            raise InterruptedRun(
-                f"{'interrupted' if stopped else exc}; the partial result is kept in {tmp}: run "
-                f"the same command with --resume to finish it",
-                signal_status(exc) if stopped else 1,
+            raise InterruptedRun.after(
+                exc, f"the partial result is kept in {tmp}: run the same command with --resume "
+                "to finish it",
             ) from exc
         except BaseException:
             discard(tmp)

@@ -74,6 +74,14 @@ class InterruptedRun(WorkError):
         super().__init__(message)
         self.exit_code = exit_code
 
+    @classmethod
+    def after(cls, exc: KeyboardInterrupt | WorkError, kept: str) -> InterruptedRun:
+        """What stopped the run (a signal, or the failure's own words), then ``kept``: where
+        the partial work is and how to finish it; the exit status the stop calls for."""
+        if isinstance(exc, KeyboardInterrupt):
+            return cls(f"interrupted; {kept}", signal_status(exc))
+        return cls(f"{exc}; {kept}", 1)
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that both stop a run alike."""

@@ -22,7 +22,7 @@ from .engine import Engine
 from .engine.journal import JOURNAL_NAME, Journal, fingerprint, open_partial, read_digest
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
 from .engine.stream import ShardDone, WrittenFile
-from .errors import InputError, InterruptedRun, WorkError, signal_status
+from .errors import InputError, InterruptedRun, WorkError
 from .integrity.digest import TensorDigest, TensorHasher, file_digest, hash_tensor
 from .integrity.manifest import MANIFEST_NAME, FileEntry, Manifest, Role
 from .kinds import Step, is_non_weight
@@ -138,11 +138,9 @@ def _make_locked(
             publish(tmp, out)
             (out / JOURNAL_NAME).unlink(missing_ok=True)
         except (KeyboardInterrupt, WorkError) as exc:
-            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
-            raise InterruptedRun(
-                f"{reason}; the partial delta is kept in {tmp}: run the same command with "
-                f"--resume to finish it",
-                signal_status(exc) if isinstance(exc, KeyboardInterrupt) else 1,
+            raise InterruptedRun.after(
+                exc, f"the partial delta is kept in {tmp}: run the same command with --resume "
+                "to finish it",
             ) from exc
         except BaseException:
             discard(tmp)

@@ -41,7 +41,6 @@ from ..errors import (
     InterruptedRun,
     VerificationError,
     WorkError,
-    signal_status,
 )
 from ..formats.files import LFS_POINTER_PREFIX
 from ..formats.safetensors import read_header
@@ -442,11 +441,9 @@ def building(out: Path, fp: str, resume: bool = False) -> Iterator[Build]:
         publish(build.folder, out)
         (out / JOURNAL).unlink(missing_ok=True)
     except (KeyboardInterrupt, WorkError) as exc:
-        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
-        raise InterruptedRun(
-            f"{reason}; the files decoded so far are kept in {build.folder}: run the same "
-            "command with --resume to finish",
-            signal_status(exc) if isinstance(exc, KeyboardInterrupt) else 1,
+        raise InterruptedRun.after(
+            exc, f"the files decoded so far are kept in {build.folder}: run the same command "
+            "with --resume to finish",
         ) from exc
     except BaseException:
         discard(build.folder)
