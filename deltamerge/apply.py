@@ -168,10 +168,7 @@ def _apply_locked(
                              "they are: decode with --format hf")
         return _apply_whole_files(whole, base_in, delta_ins, out, out_dtype, force, verify,
                                   expect_md5, key_md5, progress, resume, workers)
-    if expect_md5 is not None:
-        raise InputError("--expect-md5 checks whole decoded files: it applies to xor-files deltas")
-    if key_md5 is not None:
-        raise InputError("--key-md5 is the md5 of an OpenBuddy key: it applies to enc deltas")
+    _refuse_md5_options(None, expect_md5, key_md5)
 
     base_ckpt = open_checkpoint(base_in.path)
     opened: list[Kind] = []
@@ -316,6 +313,14 @@ def _need_folders(inputs: list[tuple[PathLike, str]]) -> None:
             )
 
 
+def _refuse_md5_options(kind: str | None, expect_md5: PathLike | None, key_md5: str | None) -> None:
+    """Each md5 option belongs to one whole-file kind (``kind``: the delta's, None for others)."""
+    if expect_md5 is not None and kind != "xor-files":
+        raise InputError("--expect-md5 checks whole decoded files: it applies to xor-files deltas")
+    if key_md5 is not None and kind != "enc":
+        raise InputError("--key-md5 is the md5 of an OpenBuddy key: it applies to enc deltas")
+
+
 def _apply_whole_files(
     kind: str, base: Resolved, deltas: list[Resolved], out: Path,
     out_dtype: torch.dtype | None, force: bool, verify: bool, expect_md5: PathLike | None,
@@ -326,19 +331,14 @@ def _apply_whole_files(
         raise InputError(f"{deltas[0].given}: a {kind} delta is decoded alone, not in a chain")
     if out_dtype is not None:
         raise InputError(f"--dtype does not apply to {kind} deltas: the files are decoded as is")
+    _refuse_md5_options(kind, expect_md5, key_md5)
     if kind == "enc":
-        if expect_md5 is not None:
-            raise InputError(
-                "--expect-md5 checks whole decoded files: it applies to xor-files deltas"
-            )
         return apply_enc(
             base.path, deltas[0].path, out, force=force, progress=progress,
             key_md5=key_md5 or OPENBUDDY_KEY_MD5,
             model_digest=lambda folder: _tensor_digests(folder, progress),
             resume=resume, workers=workers,
         )
-    if key_md5 is not None:
-        raise InputError("--key-md5 is the md5 of an OpenBuddy key: it applies to enc deltas")
     md5_list = Path(expect_md5).expanduser() if expect_md5 is not None and verify else None
     return apply_xor_files(
         base.path, deltas[0].path, out, force=force, expect_md5=md5_list, progress=progress,
