@@ -201,18 +201,19 @@ def _recheck(folder: Path, journal: Journal, shards: list[Shard]) -> dict[str, _
     try:
         for name, path in files.items():
             bar.at(name)
-            claim, digest = claims[name], file_digest(path)
-            bar.update(path.stat().st_size)
+            claim, size = claims[name], path.stat().st_size
             file, lost = claim.extra.get("file"), claim.extra.get("mismatches")
             try:
                 delta = {n: read_digest(d) for n, d in claim.extra.get("delta", {}).items()}
                 written = WrittenFile(*file)
             except (KeyError, TypeError, ValueError, AttributeError):
-                continue
-            if (digest == written.digest and path.stat().st_size == claim.size
-                    and isinstance(lost, int) and set(claim.digests) == planned[name]
-                    and set(delta) == planned[name]):
+                written = None
+            # The claim's own checks first: a shard they refuse is not read at all.
+            if (written is not None and size == claim.size and isinstance(lost, int)
+                    and set(claim.digests) == planned[name] and set(delta) == planned[name]
+                    and file_digest(path) == written.digest):
                 kept[name] = _Kept(written, claim.digests, delta, lost)
+            bar.update(size)
     finally:
         bar.close()
     for name in set(claims) - set(kept):
