@@ -50,7 +50,7 @@ def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, cre
     pushed = push_to_hub(folder, repo_id, private=private, revision=revision,
                          create_pr=create_pr, message=message, token=token)
     if as_json:
-        print_json({"url": pushed.url, "commit": pushed.commit, "repo_id": pushed.repo_id})
+        print_json(pushed.to_json())
     elif not quiet:
         what = "opened a pull request" if create_pr else "pushed"
         click.echo(f"{what}: {pushed.url} (commit {pushed.commit[:12]})")

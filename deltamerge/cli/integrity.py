@@ -7,14 +7,13 @@ input; a verification that fails exits 1 after listing every tensor at fault, an
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 
 import click
 
 from ..errors import VerificationError
-from .common import handle_errors, hub_options, hub_setup, human, say, with_revision
+from .common import handle_errors, hub_options, hub_setup, human, print_json, say, with_revision
 
 HELP = {"help_option_names": ["-h", "--help"]}
 
@@ -78,7 +77,7 @@ def checksum_cmd(folders: tuple[str, ...], output: str | None, algorithm: str, a
         else:
             say(f"{result.model_digest}  {folder}")
     if as_json:
-        click.echo(json.dumps(reports, indent=1))
+        print_json(reports)
 
 
 @click.command("verify", context_settings=HELP)
@@ -115,7 +114,7 @@ def verify_cmd(folder: str, manifest: str, role: str, algorithm: str | None, as_
     report = verify(folder, manifest, role, progress=not quiet and not as_json, hub=hub,
                     algorithm=algorithm)
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=1))
+        print_json(report.to_json())
     else:
         for name in report.missing:
             say(f"missing  {name}")
@@ -160,7 +159,7 @@ def inspect_cmd(folder: str, no_digest: bool, algorithm: str, as_json: bool, qui
     r = inspect(folder, digest=not no_digest, progress=not quiet and not as_json, hub=hub,
                 algorithm=algorithm)
     if as_json:
-        click.echo(json.dumps(r.to_json(), indent=1))
+        print_json(r.to_json())
         return
     say(f"{folder}: {r.format}, {len(r.shards)} file(s)"
                + (f" indexed by {r.index}" if r.index else ""))
@@ -202,7 +201,7 @@ def diff_cmd(a: str, b: str, as_json: bool, quiet: bool, token: str | None,
     hub = hub_setup(token, cache_dir, quiet)
     r = diff(a, b, progress=not quiet and not as_json, hub=hub)
     if as_json:
-        click.echo(json.dumps(r.to_json(), indent=1))
+        print_json(r.to_json())
     else:
         for name in r.only_a:
             say(f"only in {a}: {name}")

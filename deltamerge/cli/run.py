@@ -127,7 +127,7 @@ def _push(folder: Path, repo_id: str, quiet: bool, token: str | None) -> dict:
                         f"{reason}", retry_command(folder, repo_id)) from None
     if not quiet:
         click.echo(f"pushed to {pushed.url}")
-    return {"url": pushed.url, "commit": pushed.commit, "repo_id": pushed.repo_id}
+    return pushed.to_json()
 
 
 def _print_apply(result, base: str, deltas: list[str], no_verify: bool) -> None:

@@ -41,6 +41,9 @@ class PushResult:
     commit: str
     repo_id: str
 
+    def to_json(self) -> dict:
+        return {"url": self.url, "commit": self.commit, "repo_id": self.repo_id}
+
 
 def push_to_hub(
     folder: str | Path,
