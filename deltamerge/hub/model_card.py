@@ -22,7 +22,7 @@ from ..errors import DeltaMergeError
 from ..formats.files import read_json_object
 from ..integrity.manifest import MANIFEST_NAME, read_manifest
 from ..results import RESULT_RECORD
-from ..sources.inputs import REPO_ID, looks_like_path
+from ..sources.inputs import is_repo_id
 from ..version import __version__
 
 CARD_NAME = "README.md"
@@ -138,7 +138,7 @@ def _result_card(
 
 def _repo_id(text: object) -> str | None:
     """``text`` when it names a Hub repo (``owner/name``), not a path on some machine."""
-    if not isinstance(text, str) or looks_like_path(text) or not REPO_ID.fullmatch(text):
+    if not isinstance(text, str) or not is_repo_id(text):
         return None
     return text.split("@", 1)[0]
 

@@ -39,6 +39,11 @@ def looks_like_path(text: str) -> bool:
     return text.startswith((".", "/", "~")) or repo.count("/") > 1 or "\\" in text
 
 
+def is_repo_id(text: str) -> bool:
+    """Whether text (not a path on disk) reads as ``owner/name[@revision]``, as the Hub spells one."""
+    return not looks_like_path(text) and REPO_ID.fullmatch(text) is not None
+
+
 def hub_repo_id(given: str | Path, role: str = "input") -> str | None:
     """None for an existing local path, the text for a Hub repo id; else "no such folder".
 
@@ -47,6 +52,6 @@ def hub_repo_id(given: str | Path, role: str = "input") -> str | None:
     text = str(given)
     if Path(text).expanduser().exists():
         return None
-    if isinstance(given, Path) or looks_like_path(text) or not REPO_ID.fullmatch(text):
+    if isinstance(given, Path) or not is_repo_id(text):
         raise NotFoundError(f"{text}: no such folder ({role})")
     return text

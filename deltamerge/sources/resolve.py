@@ -7,7 +7,7 @@ from pathlib import Path
 from ..errors import NotFoundError
 from ..formats.files import hub_repo_of
 from .hub import cache_storage, download_input
-from .inputs import REPO_ID, Resolved, hub_repo_id, looks_like_path
+from .inputs import Resolved, hub_repo_id, is_repo_id
 
 
 def resolve_input(given: str | Path, role: str = "input", **hub: object) -> Resolved:
@@ -26,7 +26,7 @@ def local_folder(given: str | Path, role: str = "input", **hub: object) -> Path:
     """
     text = str(given)
     path = Path(text).expanduser()
-    if isinstance(given, Path) or path.exists() or looks_like_path(text) or not REPO_ID.fullmatch(text):
+    if isinstance(given, Path) or path.exists() or not is_repo_id(text):
         return path
     return download_input(text, role=role, **hub).path
 
