@@ -147,13 +147,14 @@ def apply_enc(
             shutil.copyfile(p, tmp / p.name)
         weights = any(is_torch_weights(tmp / d.name) for d in decoded)
         tensors = model_digest(tmp) if weights else None
-        digest = tensors[0] if tensors is not None else files_digest(decoded)
+        listed = files_digest(decoded)
+        digest = tensors[0] if tensors is not None else listed
         write_json(tmp / RESULT_RECORD, {
             "deltamerge_version": __version__,
             "kind": "enc",
             "key_md5": key_md5.lower(),
             "files": {d.name: {"md5": d.md5, "size": d.size} for d in decoded},
-            "files_digest": files_digest(decoded),
+            "files_digest": listed,
             **({"algorithm": DEFAULT_ALGORITHM, "result": tensors[1]} if tensors is not None else {}),
         })
     copied = sum(p.stat().st_size for p in others)
