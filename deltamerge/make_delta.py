@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .engine import Engine
@@ -218,8 +218,7 @@ def _recheck(folder: Path, journal: Journal, shards: list[Shard]) -> dict[str, _
         bar.close()
     for name in set(claims) - set(kept):
         remove_entry(folder / name)
-    journal.restart({n: (claims[n].size, claims[n].digests, {}) for n in kept},
-                    extras={n: claims[n].extra for n in kept})
+    journal.restart({n: replace(claims[n], written={}) for n in kept})
     return kept
 
 

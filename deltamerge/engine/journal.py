@@ -164,16 +164,12 @@ class Journal:
                 break  # a line cut short by the kill: that shard is redone
         return journal
 
-    def restart(
-        self, kept: dict[str, tuple[int, dict[str, TensorDigest], dict[str, TensorDigest]]],
-        extras: dict[str, dict] | None = None,
-    ) -> None:
+    def restart(self, kept: dict[str, Entry]) -> None:
         """Replace the journal with the shards a re-check kept (a rename: never written through
-        whatever was at its name); ``extras``: their lines' ``extra``, where a run records one."""
+        whatever was at its name)."""
         fresh = self.path.with_name(self.path.name + ".new")
         lines = [{"fingerprint": self.fingerprint, "parts": self.parts}] + [
-            _line(shard, size, digests, written, (extras or {}).get(shard))
-            for shard, (size, digests, written) in kept.items()
+            _line(shard, e.size, e.digests, e.written, e.extra) for shard, e in kept.items()
         ]
         fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         try:
@@ -183,7 +179,7 @@ class Journal:
             os.close(fd)
         os.replace(fresh, self.path)
         self.recorded = {}
-        self.done = {shard: digests for shard, (_, digests, _) in kept.items()}
+        self.done = {shard: e.digests for shard, e in kept.items()}
 
     def record(
         self, shard: str, size: int, digests: dict[str, TensorDigest],

@@ -24,7 +24,7 @@ from ..integrity.digest import TensorDigest
 from ..progress import make_progress
 from ..sinks import Mismatch, Sink
 from ..sinks.folder import remove_entry
-from .journal import JOURNAL_NAME, Journal
+from .journal import JOURNAL_NAME, Entry, Journal
 from .plan import Shard
 
 
@@ -113,7 +113,7 @@ def recheck(
             result.kept[name], result.written[name] = dict(e.digests), outcome
         else:
             result.kept[name], result.written[name] = outcome, {}
-        kept[name] = (e.size, result.kept[name], result.written[name])
+        kept[name] = Entry(e.size, result.kept[name], result.written[name])
     journal.restart(kept)
     sink.resume(folder, result.written)
     result.seconds = time.monotonic() - start
