@@ -184,7 +184,7 @@ def files_bytes(files: list[Path]) -> int:
 
 
 def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
+    return files_bytes(files_of(folder)) if folder.exists() else 0
 
 
 class Pool:
@@ -439,13 +439,12 @@ def drop_cache(folders: list[Path]) -> None:
     """Evict the inputs from the page cache, so every run reads them from the disk."""
     os.sync()
     for folder in folders:
-        for path in folder.rglob("*"):
-            if path.is_file():
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
+        for path in files_of(folder):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def host() -> dict:
