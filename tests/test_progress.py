@@ -64,7 +64,7 @@ def test_meta_checklist_md5_shows_progress(tmp_path: Path, stderr):
     shown = stderr.getvalue()
     final = re.search(r"md5 \(checklist\.chk\): 100%[^\r\n]*", shown)
     assert final and ETA.search(final[0]), shown
-    assert re.search(r"(consolidated\.0[01]\.pth|params\.json)\]$", final[0]), final[0]
+    assert re.search(r"(consolidated\.0[01]\.pth|params\.json)\] *$", final[0]), final[0]
 
     stderr.seek(0)
     stderr.truncate()
