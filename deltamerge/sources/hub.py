@@ -493,10 +493,13 @@ def download_input(
 
 # -- before the big download ----------------------------------------------------------------------
 class HeaderSpecs:
-    """Tensor specs read from headers (over HTTP for Hub repos): enough for ``check_pairing``."""
+    """Tensor specs read from headers (over HTTP for Hub repos): enough for ``check_pairing``;
+    ``metadata``, each file's ``__metadata__`` (a delta's marks), by file name."""
 
-    def __init__(self, label: str, specs: dict[str, TensorSpec], where: dict[str, str]):
+    def __init__(self, label: str, specs: dict[str, TensorSpec], where: dict[str, str],
+                 metadata: dict[str, dict[str, str]] | None = None):
         self.path, self.specs, self._where = label, specs, where
+        self.metadata = metadata or {}
 
     def file_of(self, name: str) -> str:
         return f"{self.path}/{self._where[name]}"
@@ -529,4 +532,5 @@ def remote_specs(repo: RemoteRepo) -> HeaderSpecs | None:
                 raise FormatError(f"{repo.label}/{name}: tensor {tensor!r}: unknown dtype {info.dtype!r}")
             specs[tensor] = TensorSpec(tensor, dtype, tuple(int(d) for d in info.shape))
             where[tensor] = name
-    return HeaderSpecs(repo.label, specs, where)
+    metadata = {name: dict(headers[name].metadata or {}) for name in names}
+    return HeaderSpecs(repo.label, specs, where, metadata)
