@@ -24,11 +24,11 @@ from conftest import (
     split_safetensors,
 )
 from hub_fixtures import api, hub  # noqa: F401
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from deltamerge import apply_delta
 from deltamerge.formats.safetensors import read_header
-from deltamerge.integrity.checks import checksum
+from deltamerge.integrity.checks import checksum, verify
 from deltamerge.make_delta import make_delta  # the function: the package name is also a module
 
 SHARD = 30_000  # several shards for the tiny model
@@ -206,3 +206,56 @@ def test_a_hub_delta_s_marks_are_checked_before_the_download(hub, api, models, t
     code, err = _apply("alice/base", "alice/xor", tmp_path / "out")
     assert code == 0, err
     assert_states_equal(load_file_folder(tmp_path / "out"), load_file_folder(models["target"]))
+
+
+# -- 2. one reading of a folder ------------------------------------------------------------------
+@pytest.fixture
+def both(models, tmp_path) -> Path:
+    """The target's weights in model.safetensors, beside an index and shards of other weights
+    (a folder saved twice: sharded, then whole)."""
+    folder = save_checkpoint(llama_state(5), tmp_path / "both", shard_bytes=SHARD)
+    shutil.copyfile(models["target"] / "model.safetensors", folder / "model.safetensors")
+    return folder
+
+
+def test_transformers_loads_the_single_file(both, models):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(both, dtype=torch.float16)
+    loaded = model.state_dict()
+    target = load_file(models["target"] / "model.safetensors")
+    for name, tensor in target.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_checksum_verify_and_apply_read_what_transformers_loads(both, models, tmp_path):
+    assert checksum(both) == checksum(models["target"])
+    digests = tmp_path / "target.digests.json"
+    checksum(models["target"]).write(digests)
+    assert verify(both, digests).ok
+    # as a base: the delta was made against the single file's weights
+    delta = tmp_path / "delta"
+    make_delta(both, models["other"], delta, kind="xor")
+    result = apply_delta(both, delta, tmp_path / "out")
+    assert result.verified
+    assert_states_equal(load_file_folder(tmp_path / "out"), load_file_folder(models["other"]))
+
+
+def test_bin_pairs_are_read_as_transformers_reads_them(models, tmp_path):
+    """pytorch_model.bin before its index; any safetensors before any .bin."""
+    folder = save_checkpoint(llama_state(5), tmp_path / "bins", fmt="bin", shard_bytes=SHARD)
+    torch.save(load_file(models["target"] / "model.safetensors"), folder / "pytorch_model.bin")
+    assert checksum(folder) == checksum(models["target"])
+    save_file(load_file(models["base"] / "model.safetensors"), folder / "model.safetensors",
+              metadata={"format": "pt"})
+    assert checksum(folder) == checksum(models["base"])
+
+
+def test_the_hub_fetches_what_transformers_loads(hub, api, both, models):  # noqa: F811
+    from deltamerge.sources.hub import download_input
+
+    hub.seed("alice/both", {p.name: p.read_bytes() for p in both.iterdir()})
+    got = download_input("alice/both", api=api)
+    assert (got.path / "model.safetensors").is_file()
+    assert not (got.path / "model.safetensors.index.json").exists()
+    assert not list(got.path.glob("model-*.safetensors"))
+    assert checksum("alice/both", hub={"api": api}) == checksum(models["target"])

@@ -44,8 +44,10 @@ from .folders import (
     AUX_FILES,
     BIN_INDEX,
     BIN_SINGLE,
+    INDEX_SUFFIX,
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
+    WEIGHT_ORDER,
     is_aux_file,
     lone_torch_file,
     read_weight_map,
@@ -220,8 +222,8 @@ class RemoteRepo:
         if index is None:
             if not names:
                 raise FormatError(
-                    f"{self.label}: no weights found (expected {SAFETENSORS_INDEX}, "
-                    f"{SAFETENSORS_SINGLE}, {BIN_INDEX}, {BIN_SINGLE}, Meta's params.json with "
+                    f"{self.label}: no weights found (expected {SAFETENSORS_SINGLE}, "
+                    f"{SAFETENSORS_INDEX}, {BIN_SINGLE}, {BIN_INDEX}, Meta's params.json with "
                     f"consolidated.*.pth, or a PEFT adapter)"
                 )
             return names
@@ -254,11 +256,9 @@ class RemoteRepo:
         names = set(self.files)
         if ADAPTER_CONFIG in names:
             return None, [n for n in ADAPTER_WEIGHTS if n in names][:1]
-        for index, single in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (BIN_INDEX, BIN_SINGLE)):
-            if index in names:
-                return index, []
-            if single in names:
-                return None, [single]
+        for name, _ in WEIGHT_ORDER:
+            if name in names:
+                return (name, []) if name.endswith(INDEX_SUFFIX) else (None, [name])
         meta = sorted(fnmatch.filter(names, "consolidated.*.pth"))
         if "params.json" in names and meta:
             return None, meta
