@@ -18,7 +18,7 @@ from .kinds import is_non_weight
 from .kinds.add import check_pairing
 from .kinds.detect import WHOLE_FILE_KINDS, declared_kind, detect_kind
 from .kinds.lora import ADAPTER_CONFIG
-from .kinds.marks import agreed_marks, check_manifest_marks
+from .kinds.marks import KIND_KEY, agreed_marks, check_manifest_marks, weight_headers
 from .progress import step_bar
 from .sources import open_checkpoint
 from .sources.hub import (
@@ -95,9 +95,10 @@ def check_roles(folders: list[Path], givens: list[str], kind: str | None) -> Non
                 f"{given}: is BASE itself, given again as a DELTA: a model applied to itself "
                 "is no rebuild; give the delta's folder"
             )
-    if len(folders) > 1 and (folders[0] / MANIFEST_NAME).is_file():
+    held = _delta_files(folders[0]) if len(folders) > 1 else None
+    if held is not None:
         raise InputError(
-            f"{givens[0]}: BASE holds a {MANIFEST_NAME}: it looks like a delta; did you swap BASE "
+            f"{givens[0]}: BASE holds {held}: it looks like a delta; did you swap BASE "
             f"and DELTA? (the base comes first: apply BASE DELTA... OUT)"
         )
     if kind is None:
@@ -105,6 +106,17 @@ def check_roles(folders: list[Path], givens: list[str], kind: str | None) -> Non
     for folder, given in zip(folders[1:], givens[1:]):
         said, where = _declared_kind(folder)
         _refuse_contradiction(given, kind, said, where)
+
+
+def _delta_files(folder: Path) -> str | None:
+    """What in a BASE says it is a delta: a manifest, or weight files with make-delta's marks
+    (a delta downloaded without its manifest)."""
+    if (folder / MANIFEST_NAME).is_file():
+        return f"a {MANIFEST_NAME}"
+    for name, metadata in (weight_headers(folder) or {}).items():
+        if KIND_KEY in metadata:
+            return f"weight files marked as a delta ({KIND_KEY} in {Path(name).name})"
+    return None
 
 
 def _refuse_contradiction(given: str, kind: str | None, said: str | None, where: str) -> None:

@@ -183,6 +183,12 @@ def test_kind_contradicting_the_marks_is_refused(models, tmp_path):
     assert code == 0, err  # the kind the marks say is fine
 
 
+def test_a_base_with_delta_marks_is_taken_for_swapped_arguments(models, tmp_path):
+    delta = _copy(models["xor"], tmp_path / "delta")
+    code, err = _apply(delta, models["base"], tmp_path / "out")
+    assert code == 2 and "weight files marked as a delta" in err and "did you swap" in err, err
+
+
 def test_damaged_marks_are_refused(models, tmp_path):
     delta = _copy(models["xor"], tmp_path / "delta")
     damaged = _shards(delta)[0]
