@@ -29,7 +29,7 @@ from .integrity.digest import TensorDigest, TensorHasher, file_digest, hash_tens
 from .integrity.manifest import MANIFEST_NAME, FileEntry, Manifest, Role
 from .kinds import Step, is_non_weight
 from .kinds.add import MakeAddStep, check_pairing
-from .kinds.marks import Marks, delta_id
+from .kinds.marks import MARKED_KINDS, Marks, delta_id
 from .kinds.xor import MakeXorStep
 from .memory import peak_rss_bytes
 from .progress import make_progress, reports_progress, step_bar
@@ -48,7 +48,6 @@ from .tensor_spec import TensorSpec
 from .version import __version__
 
 PathLike = str | Path
-MAKE_KINDS = ("add", "xor")
 
 
 @reports_progress
@@ -73,8 +72,8 @@ def make_delta(
     An interrupted run keeps its partial folder beside ``out``; ``resume=True`` finishes it,
     keeping the journaled shards whose files still hash to what the journal recorded.
     """
-    if kind not in MAKE_KINDS:
-        raise InputError(f"make-delta --kind must be one of {', '.join(MAKE_KINDS)}, not {kind!r}")
+    if kind not in MARKED_KINDS:
+        raise InputError(f"make-delta --kind must be one of {', '.join(MARKED_KINDS)}, not {kind!r}")
     out = Path(out).expanduser()
     shard_bytes = parse_size(max_shard_size or DEFAULT_SHARD_SIZE)
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in
