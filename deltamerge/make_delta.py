@@ -6,9 +6,11 @@ how many elements a lossy (fp16 additive) delta does not reproduce.
 
 Shards are journaled as apply's are (``engine/journal.py``), each line with what the manifest
 needs of its shard: the digests of what apply will rebuild from it, and (its ``extra``) the
-file's BLAKE3 and the elements it loses. ``resume=True`` finishes an interrupted run: each
-journaled shard file is hashed again and kept only if its digest is the journal's; the others,
-and anything else in the partial folder, are removed and written again.
+file's BLAKE3 and the elements it loses. Each shard's header carries the delta's marks
+(``kinds/marks.py``: its kind and an id made from the run's fingerprint, which the manifest
+records too), so the delta says what it is without its manifest. ``resume=True`` finishes an
+interrupted run: each journaled shard file is hashed again and kept only if its digest is the
+journal's; the others, and anything else in the partial folder, are removed and written again.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .integrity.digest import TensorDigest, TensorHasher, file_digest, hash_tens
 from .integrity.manifest import MANIFEST_NAME, FileEntry, Manifest, Role
 from .kinds import Step, is_non_weight
 from .kinds.add import MakeAddStep, check_pairing
+from .kinds.marks import MARKED_KINDS, Marks, delta_id
 from .kinds.xor import MakeXorStep
 from .memory import peak_rss_bytes
 from .progress import make_progress, reports_progress, step_bar
@@ -45,7 +48,6 @@ from .tensor_spec import TensorSpec
 from .version import __version__
 
 PathLike = str | Path
-MAKE_KINDS = ("add", "xor")
 
 
 @reports_progress
@@ -70,8 +72,8 @@ def make_delta(
     An interrupted run keeps its partial folder beside ``out``; ``resume=True`` finishes it,
     keeping the journaled shards whose files still hash to what the journal recorded.
     """
-    if kind not in MAKE_KINDS:
-        raise InputError(f"make-delta --kind must be one of {', '.join(MAKE_KINDS)}, not {kind!r}")
+    if kind not in MARKED_KINDS:
+        raise InputError(f"make-delta --kind must be one of {', '.join(MARKED_KINDS)}, not {kind!r}")
     out = Path(out).expanduser()
     shard_bytes = parse_size(max_shard_size or DEFAULT_SHARD_SIZE)
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in
@@ -96,14 +98,16 @@ def _make_locked(
         shards = layout_shards(jobs, shard_bytes)
         fp = fingerprint([base_in.path, target_in.path],
                          {"make_delta": kind, "version": __version__}, shards)
+        marks = Marks(kind, delta_id(fp.digest), str(out))
         tmp, journal = open_partial(out, fp, resume)
         try:
             kept = _recheck(tmp, journal, shards) if resume else {}
             bar = make_progress(progress, sum(
                 j.out.nbytes for s in shards if s.filename not in kept for j in s.jobs),
                 "making delta")
+            sink = SafetensorsSink({"format": "pt", **marks.metadata()})
             engine = Engine(
-                base_ckpt, shards, tmp, sink=SafetensorsSink(), block_bytes=block_size,
+                base_ckpt, shards, tmp, sink=sink, block_bytes=block_size,
                 workers=workers, hash_base=True, hash_out=True, hash_files=True,
                 progress=bar.update, at=bar.at, skip_shards=set(kept),
             )
@@ -132,7 +136,7 @@ def _make_locked(
             manifest = Manifest(
                 kind, __version__, files, Role.of(base_digests), Role.of(result_digests),
                 {"new_rows": "zero"}, delta=Role.of(delta_digests),
-                base_source=_base_source(base_in),
+                base_source=_base_source(base_in), delta_id=marks.delta_id,
             )
             manifest.write(tmp / MANIFEST_NAME)
             publish(tmp, out)

@@ -16,8 +16,9 @@ from .formats.files import read_json_object
 from .integrity.manifest import MANIFEST_NAME, check_base_dtypes, find_manifest
 from .kinds import is_non_weight
 from .kinds.add import check_pairing
-from .kinds.detect import WHOLE_FILE_KINDS, detect_kind
+from .kinds.detect import WHOLE_FILE_KINDS, declared_kind, detect_kind
 from .kinds.lora import ADAPTER_CONFIG
+from .kinds.marks import KIND_KEY, agreed_marks, check_manifest_marks, weight_headers
 from .progress import step_bar
 from .sources import open_checkpoint
 from .sources.hub import (
@@ -94,24 +95,41 @@ def check_roles(folders: list[Path], givens: list[str], kind: str | None) -> Non
                 f"{given}: is BASE itself, given again as a DELTA: a model applied to itself "
                 "is no rebuild; give the delta's folder"
             )
-    if len(folders) > 1 and (folders[0] / MANIFEST_NAME).is_file():
+    held = _delta_files(folders[0]) if len(folders) > 1 else None
+    if held is not None:
         raise InputError(
-            f"{givens[0]}: BASE holds a {MANIFEST_NAME}: it looks like a delta; did you swap BASE "
+            f"{givens[0]}: BASE holds {held}: it looks like a delta; did you swap BASE "
             f"and DELTA? (the base comes first: apply BASE DELTA... OUT)"
         )
     if kind is None:
         return
     for folder, given in zip(folders[1:], givens[1:]):
         said, where = _declared_kind(folder)
-        if said is not None and said != kind:
-            raise InputError(
-                f"{given}: --kind {kind} contradicts its {where}, which says {said}: leave out "
-                f"--kind (the kind is detected) or give the delta you meant"
-            )
+        _refuse_contradiction(given, kind, said, where)
+
+
+def _delta_files(folder: Path) -> str | None:
+    """What in a BASE says it is a delta: a manifest, or weight files with make-delta's marks
+    (a delta downloaded without its manifest)."""
+    if (folder / MANIFEST_NAME).is_file():
+        return f"a {MANIFEST_NAME}"
+    for name, metadata in (weight_headers(folder) or {}).items():
+        if KIND_KEY in metadata:
+            return f"weight files marked as a delta ({KIND_KEY} in {Path(name).name})"
+    return None
+
+
+def _refuse_contradiction(given: str, kind: str | None, said: str | None, where: str) -> None:
+    if kind is not None and said is not None and said != kind:
+        raise InputError(
+            f"{given}: --kind {kind} contradicts its {where}, which says {said}: leave out "
+            f"--kind (the kind is detected) or give the delta you meant"
+        )
 
 
 def _declared_kind(folder: Path) -> tuple[str | None, str]:
-    """The kind a delta's own files declare (a PEFT LoRA config, a manifest), or None."""
+    """The kind a delta's own files declare (a PEFT LoRA config, a manifest, the weight files'
+    marks), or None."""
     if (folder / ADAPTER_CONFIG).is_file():
         try:
             peft_type = read_json_object(folder / ADAPTER_CONFIG).get("peft_type")
@@ -122,7 +140,7 @@ def _declared_kind(folder: Path) -> tuple[str | None, str]:
         manifest = find_manifest(folder)
     except FormatError:
         return None, MANIFEST_NAME  # a broken manifest is reported where it is used
-    return (manifest.kind if manifest else None), MANIFEST_NAME
+    return declared_kind(folder, manifest)
 
 
 def _pair_xored_files(base: RemoteRepo | None, deltas: list[RemoteRepo]) -> None:
@@ -159,9 +177,22 @@ def _check_pairing(inputs: list[RemoteRepo | Path], kind: str | None, verify: bo
         found = _specs_of(delta) if delta_kind in ("add", "xor") else None
         if found is None:
             return
+        if isinstance(delta, RemoteRepo):
+            _check_remote_marks(delta, found, kind)
         check_pairing(found, specs)
         after = {n: s for n, s in found.specs.items() if not is_non_weight(n)}
         specs = {**after, **{n: s for n, s in specs.items() if n not in after}}
+
+
+def _check_remote_marks(repo: RemoteRepo, found: HeaderSpecs, kind: str | None) -> None:
+    """The marks in a Hub delta's remote headers, checked as ``detect_kind`` and ``check_roles``
+    check a local delta's, before its weights are downloaded (a few KB already read)."""
+    marks = agreed_marks({f"{repo.label}/{n}": m for n, m in found.metadata.items()})
+    manifest = find_manifest(repo.folder)
+    if manifest is not None:
+        check_manifest_marks(repo.label, marks, manifest.kind, manifest.delta_id, MANIFEST_NAME)
+    if marks is not None:
+        _refuse_contradiction(repo.label, kind, marks.kind, marks.said_by)
 
 
 def _specs_of(source: RemoteRepo | Path) -> HeaderSpecs | None:

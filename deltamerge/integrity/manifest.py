@@ -78,13 +78,16 @@ class Manifest:
     # Where the base came from, for the delta's card: {"repo_id", "revision" (the commit)} for a
     # Hub repo, {"folder": its name} for a local folder. Optional: older manifests lack it.
     base_source: dict | None = None
+    # The id make-delta also writes into each weight file's header (kinds/marks.py), so weights
+    # and a manifest of different runs are told apart. Optional: older manifests lack it.
+    delta_id: str | None = None
 
     @property
     def format_version(self) -> int:
         return ALGORITHM_VERSION[self.algorithm]
 
     def to_json(self) -> dict:
-        source = {"base_source": self.base_source} if self.base_source is not None else {}
+        optional = {"base_source": self.base_source, "delta_id": self.delta_id}
         obj = {
             "format": FORMAT,
             "format_version": self.format_version,
@@ -94,7 +97,7 @@ class Manifest:
             "files": {n: e.to_json(self.algorithm) for n, e in sorted(self.files.items())},
             "base": self.base.to_json(),
             "result": self.result.to_json(),
-            **source,
+            **{k: v for k, v in optional.items() if v is not None},
         }
         if self.delta is not None and self.format_version >= 2:
             obj["delta"] = self.delta.to_json()
@@ -184,7 +187,7 @@ def parse_manifest(path: Path, obj: object) -> Manifest:
         kind, str(obj.get("deltamerge_version", "")), entries,
         parse_role(path, obj.get("base"), "base", algorithm),
         parse_role(path, obj.get("result"), "result", algorithm), options, delta, algorithm,
-        _base_source(path, obj),
+        _base_source(path, obj), _delta_id(path, obj),
     )
 
 
@@ -209,6 +212,14 @@ def _base_source(path: Path, obj: dict) -> dict | None:
     ):
         raise _fail(path, "'base_source' must map repo_id and revision, or folder, to names")
     return source
+
+
+def _delta_id(path: Path, obj: dict) -> str | None:
+    """The optional ``delta_id``: 64 lowercase hex digits, or absent."""
+    ident = obj.get("delta_id")
+    if ident is not None and not (isinstance(ident, str) and _HEX64.fullmatch(ident)):
+        raise _fail(path, "'delta_id' must be 64 lowercase hex digits")
+    return ident
 
 
 def read_manifest(path: Path) -> Manifest:

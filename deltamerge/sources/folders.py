@@ -17,6 +17,15 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
+# A folder's weights are the first of these it holds: the order transformers' from_pretrained
+# tries them in (modeling_utils._get_resolved_checkpoint_files, locally and on the Hub), so a
+# folder that also holds another layout (a model.safetensors beside an index and its shards, a
+# pytorch_model.bin beside safetensors) is read, checked and rebuilt as the weights users load.
+WEIGHT_ORDER = (
+    (SAFETENSORS_SINGLE, "safetensors"), (SAFETENSORS_INDEX, "safetensors"),
+    (BIN_SINGLE, "bin"), (BIN_INDEX, "bin"),
+)
+INDEX_SUFFIX = ".index.json"
 
 # Files that travel with a model and are not weights, copied into results and deltas; with them
 # the Python files of the folder's top level (CODE_SUFFIX), which models loaded with
@@ -82,7 +91,8 @@ def _sharded(folder: Path, index: Path, fmt: str) -> Layout:
 
 
 def detect_layout(path: Path) -> Layout:
-    """Choose the weight format of a folder (or a single weight file): safetensors first."""
+    """Choose the weight files of a folder (or a single weight file): those transformers loads
+    (``WEIGHT_ORDER``), else Meta's layout, a lone ``*.safetensors`` or ``.pt`` file."""
     path = Path(path).expanduser()
     if not path.exists():
         raise NotFoundError(f"{path}: no such file or folder")
@@ -92,14 +102,11 @@ def detect_layout(path: Path) -> Layout:
         if path.suffix in (".bin", ".pt", ".pth"):
             return Layout(path.parent, "bin", (path,), None)
         raise InputError(f"{path}: not a checkpoint folder or weight file")
-    if (path / SAFETENSORS_INDEX).is_file():
-        return _sharded(path, path / SAFETENSORS_INDEX, "safetensors")
-    if (path / SAFETENSORS_SINGLE).is_file():
-        return Layout(path, "safetensors", (path / SAFETENSORS_SINGLE,), None)
-    if (path / BIN_INDEX).is_file():
-        return _sharded(path, path / BIN_INDEX, "bin")
-    if (path / BIN_SINGLE).is_file():
-        return Layout(path, "bin", (path / BIN_SINGLE,), None)
+    for name, fmt in WEIGHT_ORDER:
+        if (path / name).is_file():
+            if name.endswith(INDEX_SUFFIX):
+                return _sharded(path, path / name, fmt)
+            return Layout(path, fmt, (path / name,), None)
     if (path / "params.json").is_file() and any(path.glob("consolidated.*.pth")):
         return Layout(path, "meta", tuple(sorted(path.glob("consolidated.*.pth"))), None)
     singles = sorted(p for p in path.glob("*.safetensors") if _is_file(p))
@@ -109,8 +116,8 @@ def detect_layout(path: Path) -> Layout:
     if lone is not None:
         return Layout(path, "bin", (path / lone,), None)
     raise InputError(
-        f"{path}: no weights found (expected {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "
-        f"{BIN_INDEX}, {BIN_SINGLE}, one .pt file or Meta's params.json with consolidated.*.pth)"
+        f"{path}: no weights found (expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
+        f"{BIN_SINGLE}, {BIN_INDEX}, one .pt file or Meta's params.json with consolidated.*.pth)"
     )
 
 

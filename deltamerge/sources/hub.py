@@ -44,8 +44,10 @@ from .folders import (
     AUX_FILES,
     BIN_INDEX,
     BIN_SINGLE,
+    INDEX_SUFFIX,
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
+    WEIGHT_ORDER,
     is_aux_file,
     lone_torch_file,
     read_weight_map,
@@ -220,8 +222,8 @@ class RemoteRepo:
         if index is None:
             if not names:
                 raise FormatError(
-                    f"{self.label}: no weights found (expected {SAFETENSORS_INDEX}, "
-                    f"{SAFETENSORS_SINGLE}, {BIN_INDEX}, {BIN_SINGLE}, Meta's params.json with "
+                    f"{self.label}: no weights found (expected {SAFETENSORS_SINGLE}, "
+                    f"{SAFETENSORS_INDEX}, {BIN_SINGLE}, {BIN_INDEX}, Meta's params.json with "
                     f"consolidated.*.pth, or a PEFT adapter)"
                 )
             return names
@@ -254,11 +256,9 @@ class RemoteRepo:
         names = set(self.files)
         if ADAPTER_CONFIG in names:
             return None, [n for n in ADAPTER_WEIGHTS if n in names][:1]
-        for index, single in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (BIN_INDEX, BIN_SINGLE)):
-            if index in names:
-                return index, []
-            if single in names:
-                return None, [single]
+        for name, _ in WEIGHT_ORDER:
+            if name in names:
+                return (name, []) if name.endswith(INDEX_SUFFIX) else (None, [name])
         meta = sorted(fnmatch.filter(names, "consolidated.*.pth"))
         if "params.json" in names and meta:
             return None, meta
@@ -493,10 +493,13 @@ def download_input(
 
 # -- before the big download ----------------------------------------------------------------------
 class HeaderSpecs:
-    """Tensor specs read from headers (over HTTP for Hub repos): enough for ``check_pairing``."""
+    """Tensor specs read from headers (over HTTP for Hub repos): enough for ``check_pairing``;
+    ``metadata``, each file's ``__metadata__`` (a delta's marks), by file name."""
 
-    def __init__(self, label: str, specs: dict[str, TensorSpec], where: dict[str, str]):
+    def __init__(self, label: str, specs: dict[str, TensorSpec], where: dict[str, str],
+                 metadata: dict[str, dict[str, str]] | None = None):
         self.path, self.specs, self._where = label, specs, where
+        self.metadata = metadata or {}
 
     def file_of(self, name: str) -> str:
         return f"{self.path}/{self._where[name]}"
@@ -529,4 +532,5 @@ def remote_specs(repo: RemoteRepo) -> HeaderSpecs | None:
                 raise FormatError(f"{repo.label}/{name}: tensor {tensor!r}: unknown dtype {info.dtype!r}")
             specs[tensor] = TensorSpec(tensor, dtype, tuple(int(d) for d in info.shape))
             where[tensor] = name
-    return HeaderSpecs(repo.label, specs, where)
+    metadata = {name: dict(headers[name].metadata or {}) for name in names}
+    return HeaderSpecs(repo.label, specs, where, metadata)
