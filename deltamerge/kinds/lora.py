@@ -55,7 +55,8 @@ from . import ApplyOptions, Kind, RowInput, Scratch, Step, nf4
 from .add import VOCAB_TENSORS
 from .overlay import overlay
 from .patterns import check_patterns, match_patterns
-from .targets import Stored, stored_name, stored_parameter
+from .peft_targets import base_modules, check_targeting, select_targets
+from .targets import Stored, conv1d_layer, stored_name, stored_parameter
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -149,6 +150,7 @@ def read_adapter_config(folder: Path) -> dict:
         ):
             raise FormatError(f"{path}: {key!r} must map module patterns to numbers")
         check_patterns(path, key, pattern)
+    check_targeting(path, config)
     return config
 
 
@@ -492,6 +494,11 @@ class LoraKind(Kind):
         extra: dict[str, str] = {}
         for key in self.checkpoint.specs:
             short = self._short(key)
+            if short is None and not self.bare:
+                raise MismatchError(
+                    f"{self.weights}: tensor {key!r} is neither a LoRA factor nor a saved module: "
+                    f"peft loads only names under {PREFIX!r} and would drop it"
+                )
             if short is None:
                 extra[key] = key
                 continue
@@ -560,9 +567,17 @@ class LoraKind(Kind):
             )
         return candidates.pop()
 
-    def _factors(self, config: dict, module: str, mod: _Module, spec: TensorSpec) -> Factors:
+    def _factors(
+        self, config: dict, module: str, mod: _Module, spec: TensorSpec, specs: dict[str, TensorSpec]
+    ) -> Factors:
+        """The factors of one module: an embedding's and a Conv1D layer's product is transposed.
+
+        peft reads ``fan_in_fan_out`` off the layer, not the config: it resets the option to false
+        on an ``nn.Linear`` and to true on a ``Conv1D`` (with a warning), so the layer type the
+        base's tensors show (``targets.conv1d_layer``) decides here too.
+        """
         a, b = self.checkpoint.specs[mod.a], self.checkpoint.specs[mod.b]
-        transposed = mod.embedding or bool(config.get("fan_in_fan_out"))
+        transposed = mod.embedding or conv1d_layer(self.weights, spec.name, specs)
         _check_multiply(self.weights, module, a, b)
         product = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
         if product != spec.shape:
@@ -659,16 +674,20 @@ class LoraKind(Kind):
                 raise MismatchError(
                     f"{self.weights}: tensor {key!r} replaces {name!r}, which the base lacks"
                 )
-            if len(new.shape) != len(cur.shape) or new.shape[1:] != cur.shape[1:]:
+            # A vocabulary tensor may gain rows: the adapter's vocabulary, which peft loads into
+            # a base resized to it (a resize is what changes its rows, and only its rows).
+            resized = name.endswith(VOCAB_TENSORS) and len(new.shape) == len(cur.shape)
+            if new.shape != cur.shape and not (resized and new.shape[1:] == cur.shape[1:]):
                 raise MismatchError(
                     f"{self.weights}: tensor {key!r} has shape {list(new.shape)} but {name!r} "
-                    f"has {list(cur.shape)}"
+                    f"has {list(cur.shape)}: peft refuses to load it"
                 )
             after[name] = TensorSpec(name, cur.dtype, new.shape)
         whole = {n: k for n, k in whole.items() if k not in extra}
         factors: dict[str, Factors | ExpertFactors] = {}
         modules_of: dict[str, str] = {}  # stored name -> the module whose LoRA it gets
         wrapped: dict[str, list[_Module]] = {}
+        targeted = self._select(config, modules, specs, after)
         for raw, mod in modules.items():
             module, depth = _unwrap(raw)
             if self._targeted(config, module, after):
@@ -680,7 +699,9 @@ class LoraKind(Kind):
                     f"{self.weights}: LoRA module {raw!r} has no tensor {module + '.weight'!r} "
                     "in the base"
                 )
-            factors[name] = self._factors(config, module, mod, after[name])
+            if raw not in targeted:
+                continue  # peft wraps only the modules its config selects, and drops these keys
+            factors[name] = self._factors(config, module, mod, after[name], after)
             modules_of[name] = raw
         for module, wrappers in wrapped.items():
             params = self._targeted(config, module, after)
@@ -709,6 +730,20 @@ class LoraKind(Kind):
         steps.update(kept)
         return after, steps
 
+    def _select(
+        self, config: dict, modules: dict[str, _Module], specs: dict[str, TensorSpec],
+        after: dict[str, TensorSpec],
+    ) -> set[str]:
+        """The factor modules peft merges: those its config selects (all, for a bare state dict,
+        which has no config). Modules adapted through ``target_parameters`` are not among them."""
+        factored = {raw: not mod.embedding for raw, mod in modules.items()
+                    if not _unwrap(raw)[1] and not self._targeted(config, raw, after)}
+        if self.bare:
+            return set(factored)
+        params = any(self._targeted(config, _unwrap(raw)[0], after) for raw in modules)
+        base = base_modules((n, len(s.shape)) for n, s in specs.items())
+        return select_targets(self.folder / ADAPTER_CONFIG, config, factored, base, params)
+
     def _quantized(
         self, config: dict, linear: dict[str, str], whole: dict[str, str],
         after: dict[str, TensorSpec], options: ApplyOptions,
@@ -722,15 +757,15 @@ class LoraKind(Kind):
         """
         if options.qlora is None:
             return {}
-        if config.get("fan_in_fan_out"):
-            raise UnsupportedError(
-                f"{self.folder / ADAPTER_CONFIG}: fan_in_fan_out (Conv1D) layers cannot be merged "
-                "with --qlora"
-            )
         quantized = {}
         for name, module in linear.items():
             if name in whole or module.rsplit(".", 1)[-1] == "lm_head":
                 continue
+            if conv1d_layer(self.weights, name, after):
+                raise UnsupportedError(
+                    f"{self.weights}: tensor {name!r} is a Conv1D layer (fan_in_fan_out): it "
+                    "cannot be merged with --qlora"
+                )
             spec = after[name]
             if spec.dtype not in nf4.DTYPES:
                 raise UnsupportedError(
