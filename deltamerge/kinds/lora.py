@@ -51,11 +51,11 @@ from ..formats.files import read_json_object
 from ..sources import Checkpoint, open_checkpoint
 from ..sources.folders import aux_files
 from ..tensor_spec import TensorSpec
-from . import ApplyOptions, Kind, RowInput, Scratch, Step, nf4
+from . import ApplyOptions, Kind, RowInput, Scratch, Step, is_non_weight, nf4
 from .add import VOCAB_TENSORS
 from .overlay import overlay
 from .patterns import check_patterns, match_patterns
-from .peft_targets import base_modules, check_targeting, select_targets
+from .peft_targets import base_modules, check_saved_modules, check_targeting, select_targets
 from .targets import Stored, conv1d_layer, stored_name, stored_parameter
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -684,6 +684,9 @@ class LoraKind(Kind):
                 )
             after[name] = TensorSpec(name, cur.dtype, new.shape)
         whole = {n: k for n, k in whole.items() if k not in extra}
+        if not self.bare:
+            check_saved_modules(self.folder / ADAPTER_CONFIG, self.weights, config,
+                                (n for n in specs if not is_non_weight(n)), set(whole))
         factors: dict[str, Factors | ExpertFactors] = {}
         modules_of: dict[str, str] = {}  # stored name -> the module whose LoRA it gets
         wrapped: dict[str, list[_Module]] = {}

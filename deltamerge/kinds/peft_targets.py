@@ -144,6 +144,29 @@ def select_targets(
     return targeted & set(factored)
 
 
+def check_saved_modules(
+    path: Path, weights: Path, config: dict, base: Iterable[str], saved: set[str]
+) -> None:
+    """Every tensor of a module ``modules_to_save`` wraps must be in the adapter's file.
+
+    peft wraps each module whose name ends with an entry (a plain suffix, not a regex) and loads
+    its whole state from the file; one it lacks is a KeyError in peft.
+    """
+    entries = config.get("modules_to_save") or []
+    for name in base:
+        if name in saved:
+            continue
+        for memory in memory_names(name):
+            parts = memory.split(".")
+            owners = [".".join(parts[:i]) for i in range(1, len(parts))]
+            entry = next((e for e in entries for o in owners if o.endswith(e)), None)
+            if entry is not None:
+                raise MismatchError(
+                    f"{weights}: {path.name} lists {entry!r} in modules_to_save but the adapter "
+                    f"stores no {name!r}: peft fails to load it"
+                )
+
+
 def _decide(
     path: Path, config: dict, names: list[str], factored: dict[str, bool]
 ) -> dict[str, bool | str]:
