@@ -19,6 +19,10 @@ dtype before adding it, as embeddings do. A 3-D parameter of E experts has facto
 A state dict without ``adapter_config.json`` (PandaGPT's ``pytorch_model.pt``: peft's names under
 ``llama_model.``, next to tensors of its own) is merged the same way, with its alpha given by
 the user; its tensors that are not factors and not the base's are kept under their own names.
+An adapter with a config has no such tensors (peft would drop them): one is refused. Its config
+selects the modules peft merges (``kinds/peft_targets.py``), and the factors of any other module
+are dropped, as peft drops them; a layer's type (Linear or GPT-2's Conv1D), not the config's
+``fan_in_fan_out``, says whether the product is transposed, as in peft.
 
 The product is formed a block of rows at a time, so memory stays bounded. That alone would not be
 bit-exact: on CPU the BLAS picks other kernels for matrices of a few rows (or a few columns per
