@@ -253,3 +253,15 @@ def test_fields_deltamerge_does_not_follow_are_refused(
 ) -> None:
     delta = adapter(base, tmp_path / "adapter", target_modules=QV, edit=edit)
     assert_refused(base, delta, tmp_path / "out", "adapter_config.json", field)
+
+
+def test_a_factor_for_a_module_the_base_lacks_is_refused(tmp_path: Path, base: Path) -> None:
+    delta = adapter(base, tmp_path / "adapter", target_modules=QV)
+    weights = delta / "adapter_model.safetensors"
+    state = load_file(weights)
+    key = "base_model.model.model.layers.0.self_attn.x_proj.lora_A.weight"
+    for which in ("lora_A", "lora_B"):
+        state[key.replace("lora_A", which)] = state[key.replace("x_proj", "q_proj")
+                                                     .replace("lora_A", which)].clone()
+    save_file(state, weights)
+    assert_refused(base, delta, tmp_path / "out", "adapter_model.safetensors", key)

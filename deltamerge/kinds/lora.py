@@ -60,7 +60,7 @@ from .add import VOCAB_TENSORS
 from .overlay import overlay
 from .patterns import check_patterns, match_patterns
 from .peft_targets import base_modules, check_saved_modules, check_targeting, select_targets
-from .targets import Stored, conv1d_layer, stored_name, stored_parameter
+from .targets import LayerTypes, Stored, stored_name, stored_parameter
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -572,16 +572,16 @@ class LoraKind(Kind):
         return candidates.pop()
 
     def _factors(
-        self, config: dict, module: str, mod: _Module, spec: TensorSpec, specs: dict[str, TensorSpec]
+        self, config: dict, module: str, mod: _Module, spec: TensorSpec, layers: LayerTypes
     ) -> Factors:
         """The factors of one module: an embedding's and a Conv1D layer's product is transposed.
 
         peft reads ``fan_in_fan_out`` off the layer, not the config: it resets the option to false
         on an ``nn.Linear`` and to true on a ``Conv1D`` (with a warning), so the layer type the
-        base's tensors show (``targets.conv1d_layer``) decides here too.
+        base's tensors show (``targets.LayerTypes``) decides here too.
         """
         a, b = self.checkpoint.specs[mod.a], self.checkpoint.specs[mod.b]
-        transposed = mod.embedding or conv1d_layer(self.weights, spec.name, specs)
+        transposed = mod.embedding or layers.conv1d(spec.name)
         _check_multiply(self.weights, module, a, b)
         product = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
         if product != spec.shape:
@@ -695,6 +695,7 @@ class LoraKind(Kind):
         modules_of: dict[str, str] = {}  # stored name -> the module whose LoRA it gets
         wrapped: dict[str, list[_Module]] = {}
         targeted = self._select(config, modules, specs, after)
+        layers = LayerTypes(self.weights, after)
         for raw, mod in modules.items():
             module, depth = _unwrap(raw)
             if self._targeted(config, module, after):
@@ -704,11 +705,11 @@ class LoraKind(Kind):
             if name is None:
                 raise MismatchError(
                     f"{self.weights}: LoRA module {raw!r} has no tensor {module + '.weight'!r} "
-                    "in the base"
+                    f"in the base (factor {mod.a!r})"
                 )
             if raw not in targeted:
                 continue  # peft wraps only the modules its config selects, and drops these keys
-            factors[name] = self._factors(config, module, mod, after[name], after)
+            factors[name] = self._factors(config, module, mod, after[name], layers)
             modules_of[name] = raw
         for module, wrappers in wrapped.items():
             params = self._targeted(config, module, after)
@@ -718,7 +719,7 @@ class LoraKind(Kind):
                 factors[name] = f
         self._check_vocab(specs, after)
         linear = {n: m for n, m in modules_of.items() if not modules[m].embedding}
-        quantized = self._quantized(config, linear, whole, after, options)
+        quantized = self._quantized(linear, whole, after, layers, options)
         steps: dict[str, Step] = {
             name: LoraStep(
                 specs[name], after[name],
@@ -752,8 +753,8 @@ class LoraKind(Kind):
         return select_targets(self.folder / ADAPTER_CONFIG, config, factored, base, params)
 
     def _quantized(
-        self, config: dict, linear: dict[str, str], whole: dict[str, str],
-        after: dict[str, TensorSpec], options: ApplyOptions,
+        self, linear: dict[str, str], whole: dict[str, str], after: dict[str, TensorSpec],
+        layers: LayerTypes, options: ApplyOptions,
     ) -> dict[str, Nf4Base]:
         """With ``--qlora``: the tensors bitsandbytes quantized, the LoRA-targeted Linear weights
         (``linear``: stored name to module, modules only, embeddings left out).
@@ -768,7 +769,7 @@ class LoraKind(Kind):
         for name, module in linear.items():
             if name in whole or module.rsplit(".", 1)[-1] == "lm_head":
                 continue
-            if conv1d_layer(self.weights, name, after):
+            if layers.conv1d(name):
                 raise UnsupportedError(
                     f"{self.weights}: tensor {name!r} is a Conv1D layer (fan_in_fan_out): it "
                     "cannot be merged with --qlora"

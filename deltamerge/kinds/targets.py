@@ -51,25 +51,32 @@ def memory_names(name: str) -> list[str]:
     return names
 
 
-def conv1d_layer(where: Path, name: str, specs: dict[str, TensorSpec]) -> bool:
-    """Whether the base's weight ``name`` is transformers' ``Conv1D`` ([in, out], GPT-2) rather
-    than an ``nn.Linear`` ([out, in]): peft transposes the product for the one, not the other.
+class LayerTypes:
+    """Whether a weight of the base is transformers' ``Conv1D`` ([in, out], GPT-2) rather than an
+    ``nn.Linear`` ([out, in]): peft transposes the product for the one, not the other.
 
     Only biases tell: a Linear's has its weight's rows, a Conv1D's its columns. A weight that
     cannot tell (square, or without a bias) is the type of the base's weights that can, when
     they agree; a base where none can (LLaMA has no biases) has Linear layers, the only kind of
     the architectures without biases.
     """
-    own = _bias_says(name, specs)
-    if own is not None:
-        return own
-    seen = {found for n in specs if (found := _bias_says(n, specs)) is not None}
-    if len(seen) > 1:
-        raise UnsupportedError(
-            f"{where}: the base has both Linear and Conv1D layers, and {name!r} (square or "
-            "without a bias) could be either: deltamerge cannot tell whether peft transposes it"
-        )
-    return seen.pop() if seen else False
+
+    def __init__(self, where: Path, specs: dict[str, TensorSpec]):
+        self.where = where
+        self.specs = specs
+        self.seen = {found for n in specs if (found := _bias_says(n, specs)) is not None}
+
+    def conv1d(self, name: str) -> bool:
+        own = _bias_says(name, self.specs)
+        if own is not None:
+            return own
+        if len(self.seen) > 1:
+            raise UnsupportedError(
+                f"{self.where}: the base has both Linear and Conv1D layers, and {name!r} (square "
+                "or without a bias) could be either: deltamerge cannot tell whether peft "
+                "transposes its product"
+            )
+        return next(iter(self.seen), False)
 
 
 def _bias_says(name: str, specs: dict[str, TensorSpec]) -> bool | None:
