@@ -265,3 +265,13 @@ def test_a_factor_for_a_module_the_base_lacks_is_refused(tmp_path: Path, base: P
                                                      .replace("lora_A", which)].clone()
     save_file(state, weights)
     assert_refused(base, delta, tmp_path / "out", "adapter_model.safetensors", key)
+
+
+def test_conv1d_layers_are_refused_with_qlora(tmp_path: Path, gpt2: Path) -> None:
+    """bitsandbytes' round trip is reproduced for Linear layers only, whatever the config says."""
+    delta = adapter(gpt2, tmp_path / "adapter", GPT2LMHeadModel, target_modules=["c_attn"],
+                    fan_in_fan_out=True, edit={"fan_in_fan_out": False})
+    out = tmp_path / "out"
+    with pytest.raises(DeltaMergeError, match="'transformer.h.0.attn.c_attn.weight' is a Conv1D"):
+        apply_delta(gpt2, delta, out, qlora="nf4")
+    assert not out.exists()
