@@ -221,12 +221,13 @@ def test_fan_in_fan_out_is_true_on_conv1d_layers(tmp_path: Path, gpt2: Path) -> 
         assert_peft_s(gpt2, delta, tmp_path / "out", GPT2LMHeadModel)
 
 
-def test_a_target_peft_cannot_adapt_is_refused(tmp_path: Path, base: Path) -> None:
+@pytest.mark.parametrize("target", ["input_layernorm", "mlp"])
+def test_a_target_peft_cannot_adapt_is_refused(tmp_path: Path, base: Path, target: str) -> None:
     delta = adapter(base, tmp_path / "adapter", target_modules=QV,
-                    edit={"target_modules": ["q_proj", "input_layernorm"]})
+                    edit={"target_modules": ["q_proj", target]})
     with pytest.raises(ValueError, match="not supported"):
         peft_merge(base, delta)
-    assert_refused(base, delta, tmp_path / "out", "adapter_config.json", "input_layernorm")
+    assert_refused(base, delta, tmp_path / "out", "adapter_config.json", f"layers.0.{target}'")
 
 
 def test_a_random_init_without_factors_is_refused(tmp_path: Path, base: Path) -> None:
