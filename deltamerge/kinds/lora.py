@@ -19,6 +19,10 @@ dtype before adding it, as embeddings do. A 3-D parameter of E experts has facto
 A state dict without ``adapter_config.json`` (PandaGPT's ``pytorch_model.pt``: peft's names under
 ``llama_model.``, next to tensors of its own) is merged the same way, with its alpha given by
 the user; its tensors that are not factors and not the base's are kept under their own names.
+An adapter with a config has no such tensors (peft would drop them): one is refused. Its config
+selects the modules peft merges (``kinds/peft_targets.py``), and the factors of any other module
+are dropped, as peft drops them; a layer's type (Linear or GPT-2's Conv1D), not the config's
+``fan_in_fan_out``, says whether the product is transposed, as in peft.
 
 The product is formed a block of rows at a time, so memory stays bounded. That alone would not be
 bit-exact: on CPU the BLAS picks other kernels for matrices of a few rows (or a few columns per
@@ -51,11 +55,12 @@ from ..formats.files import read_json_object
 from ..sources import Checkpoint, open_checkpoint
 from ..sources.folders import aux_files
 from ..tensor_spec import TensorSpec
-from . import ApplyOptions, Kind, RowInput, Scratch, Step, nf4
+from . import ApplyOptions, Kind, RowInput, Scratch, Step, is_non_weight, nf4
 from .add import VOCAB_TENSORS
 from .overlay import overlay
 from .patterns import check_patterns, match_patterns
-from .targets import Stored, stored_name, stored_parameter
+from .peft_targets import base_modules, check_saved_modules, check_targeting, select_targets
+from .targets import LayerTypes, Stored, stored_name, stored_parameter
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -149,6 +154,7 @@ def read_adapter_config(folder: Path) -> dict:
         ):
             raise FormatError(f"{path}: {key!r} must map module patterns to numbers")
         check_patterns(path, key, pattern)
+    check_targeting(path, config)
     return config
 
 
@@ -492,6 +498,11 @@ class LoraKind(Kind):
         extra: dict[str, str] = {}
         for key in self.checkpoint.specs:
             short = self._short(key)
+            if short is None and not self.bare:
+                raise MismatchError(
+                    f"{self.weights}: tensor {key!r} is neither a LoRA factor nor a saved module: "
+                    f"peft loads only names under {PREFIX!r} and would drop it"
+                )
             if short is None:
                 extra[key] = key
                 continue
@@ -560,9 +571,17 @@ class LoraKind(Kind):
             )
         return candidates.pop()
 
-    def _factors(self, config: dict, module: str, mod: _Module, spec: TensorSpec) -> Factors:
+    def _factors(
+        self, config: dict, module: str, mod: _Module, spec: TensorSpec, layers: LayerTypes
+    ) -> Factors:
+        """The factors of one module: an embedding's and a Conv1D layer's product is transposed.
+
+        peft reads ``fan_in_fan_out`` off the layer, not the config: it resets the option to false
+        on an ``nn.Linear`` and to true on a ``Conv1D`` (with a warning), so the layer type the
+        base's tensors show (``targets.LayerTypes``) decides here too.
+        """
         a, b = self.checkpoint.specs[mod.a], self.checkpoint.specs[mod.b]
-        transposed = mod.embedding or bool(config.get("fan_in_fan_out"))
+        transposed = mod.embedding or layers.conv1d(spec.name)
         _check_multiply(self.weights, module, a, b)
         product = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
         if product != spec.shape:
@@ -659,16 +678,24 @@ class LoraKind(Kind):
                 raise MismatchError(
                     f"{self.weights}: tensor {key!r} replaces {name!r}, which the base lacks"
                 )
-            if len(new.shape) != len(cur.shape) or new.shape[1:] != cur.shape[1:]:
+            # A vocabulary tensor may gain rows: the adapter's vocabulary, which peft loads into
+            # a base resized to it (a resize is what changes its rows, and only its rows).
+            resized = name.endswith(VOCAB_TENSORS) and len(new.shape) == len(cur.shape)
+            if new.shape != cur.shape and not (resized and new.shape[1:] == cur.shape[1:]):
                 raise MismatchError(
                     f"{self.weights}: tensor {key!r} has shape {list(new.shape)} but {name!r} "
-                    f"has {list(cur.shape)}"
+                    f"has {list(cur.shape)}: peft refuses to load it"
                 )
             after[name] = TensorSpec(name, cur.dtype, new.shape)
         whole = {n: k for n, k in whole.items() if k not in extra}
+        if not self.bare:
+            check_saved_modules(self.folder / ADAPTER_CONFIG, self.weights, config,
+                                (n for n in specs if not is_non_weight(n)), set(whole))
         factors: dict[str, Factors | ExpertFactors] = {}
         modules_of: dict[str, str] = {}  # stored name -> the module whose LoRA it gets
         wrapped: dict[str, list[_Module]] = {}
+        targeted = self._select(config, modules, specs, after)
+        layers = LayerTypes(self.weights, after)
         for raw, mod in modules.items():
             module, depth = _unwrap(raw)
             if self._targeted(config, module, after):
@@ -678,9 +705,11 @@ class LoraKind(Kind):
             if name is None:
                 raise MismatchError(
                     f"{self.weights}: LoRA module {raw!r} has no tensor {module + '.weight'!r} "
-                    "in the base"
+                    f"in the base (factor {mod.a!r})"
                 )
-            factors[name] = self._factors(config, module, mod, after[name])
+            if raw not in targeted:
+                continue  # peft wraps only the modules its config selects, and drops these keys
+            factors[name] = self._factors(config, module, mod, after[name], layers)
             modules_of[name] = raw
         for module, wrappers in wrapped.items():
             params = self._targeted(config, module, after)
@@ -690,7 +719,7 @@ class LoraKind(Kind):
                 factors[name] = f
         self._check_vocab(specs, after)
         linear = {n: m for n, m in modules_of.items() if not modules[m].embedding}
-        quantized = self._quantized(config, linear, whole, after, options)
+        quantized = self._quantized(linear, whole, after, layers, options)
         steps: dict[str, Step] = {
             name: LoraStep(
                 specs[name], after[name],
@@ -709,9 +738,23 @@ class LoraKind(Kind):
         steps.update(kept)
         return after, steps
 
+    def _select(
+        self, config: dict, modules: dict[str, _Module], specs: dict[str, TensorSpec],
+        after: dict[str, TensorSpec],
+    ) -> set[str]:
+        """The factor modules peft merges: those its config selects (all, for a bare state dict,
+        which has no config). Modules adapted through ``target_parameters`` are not among them."""
+        factored = {raw: not mod.embedding for raw, mod in modules.items()
+                    if not _unwrap(raw)[1] and not self._targeted(config, raw, after)}
+        if self.bare:
+            return set(factored)
+        params = any(self._targeted(config, _unwrap(raw)[0], after) for raw in modules)
+        base = base_modules((n, len(s.shape)) for n, s in specs.items())
+        return select_targets(self.folder / ADAPTER_CONFIG, config, factored, base, params)
+
     def _quantized(
-        self, config: dict, linear: dict[str, str], whole: dict[str, str],
-        after: dict[str, TensorSpec], options: ApplyOptions,
+        self, linear: dict[str, str], whole: dict[str, str], after: dict[str, TensorSpec],
+        layers: LayerTypes, options: ApplyOptions,
     ) -> dict[str, Nf4Base]:
         """With ``--qlora``: the tensors bitsandbytes quantized, the LoRA-targeted Linear weights
         (``linear``: stored name to module, modules only, embeddings left out).
@@ -722,15 +765,15 @@ class LoraKind(Kind):
         """
         if options.qlora is None:
             return {}
-        if config.get("fan_in_fan_out"):
-            raise UnsupportedError(
-                f"{self.folder / ADAPTER_CONFIG}: fan_in_fan_out (Conv1D) layers cannot be merged "
-                "with --qlora"
-            )
         quantized = {}
         for name, module in linear.items():
             if name in whole or module.rsplit(".", 1)[-1] == "lm_head":
                 continue
+            if layers.conv1d(name):
+                raise UnsupportedError(
+                    f"{self.weights}: tensor {name!r} is a Conv1D layer (fan_in_fan_out): it "
+                    "cannot be merged with --qlora"
+                )
             spec = after[name]
             if spec.dtype not in nf4.DTYPES:
                 raise UnsupportedError(

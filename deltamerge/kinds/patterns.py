@@ -1,16 +1,20 @@
-"""peft's ``rank_pattern`` / ``alpha_pattern`` keys, matched against module names with a deadline.
+"""Regular expressions from an adapter's config, matched against module names with a deadline.
 
-An adapter's config is a stranger's file, and its keys are regular expressions: one that is not
-valid must be a one-line error, and one that backtracks catastrophically (``(.|.)*(.|.)*Z``) must
-not hang the tool. Python's ``re`` cannot be interrupted (a thread cannot be stopped, and no
-signal handler runs inside a match), so every key is compiled here, where a syntax error is
-cheap to name, and matched against every module name in a child process that is killed after
-:data:`MATCH_SECONDS`. The child imports only ``re`` and ``json`` and is started only for
-adapters that have patterns. Refusing "dangerous" constructs instead was rejected: no simple
-rule tells exponential patterns from safe ones, and it would refuse keys peft accepts.
+An adapter's config is a stranger's file, and several of its fields are regular expressions
+(``rank_pattern`` / ``alpha_pattern`` keys; ``target_modules`` or ``exclude_modules`` given as
+a string; ``modules_to_save`` and ``layers_pattern`` entries, which peft pastes into regexes of
+its own): one that is not valid must be a one-line error, and one that backtracks
+catastrophically (``(.|.)*(.|.)*Z``) must not hang the tool. Python's ``re`` cannot be
+interrupted (a thread cannot be stopped, and no signal handler runs inside a match), so every
+expression is compiled here, where a syntax error is cheap to name, and matched against every
+module name in a child process that is killed after :data:`MATCH_SECONDS`. The child imports
+only ``re`` and ``json`` and is started only for adapters that have such fields. Refusing
+"dangerous" constructs instead was rejected: no simple rule tells exponential patterns from
+safe ones, and it would refuse keys peft accepts.
 
-The match is peft's ``get_pattern_key``: the first key ``k`` for which
-``re.match(rf"(.*\\.)?({k})$", module)`` matches.
+A :class:`Rule` is one of peft's regexes and how peft applies it (``re.match`` or
+``re.fullmatch``). The rank/alpha match is peft's ``get_pattern_key``: the first key ``k`` for
+which ``re.match(rf"(.*\\.)?({k})$", module)`` matches.
 """
 
 from __future__ import annotations
@@ -19,39 +23,62 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FormatError, WorkError
 
 MATCH_SECONDS = 10.0
 
+# Per rule, the names it matches: [index, the match's "idx" group (layers_pattern) or null].
 _CHILD = r"""
 import json, re, sys
 job = json.load(sys.stdin)
-for key in job["keys"]:
-    rx = re.compile(rf"(.*\.)?({key})$")
-    print(json.dumps([i for i, m in enumerate(job["modules"]) if rx.match(m)]), flush=True)
+for regex, how in job["rules"]:
+    rx = re.compile(regex)
+    test = rx.fullmatch if how == "fullmatch" else rx.match
+    found = []
+    for i, name in enumerate(job["names"]):
+        m = test(name)
+        if m:
+            found.append([i, m.groupdict().get("idx")])
+    print(json.dumps(found), flush=True)
 """
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One regex peft builds from a config field, and how peft applies it to a module name."""
+
+    field: str  # the config field it comes from, for messages
+    key: str  # what the config wrote (the key or entry), for messages
+    regex: str
+    how: str = "match"  # "match" | "fullmatch"
 
 
 def peft_regex(key: str) -> str:
     return rf"(.*\.)?({key})$"
 
 
+def check_rule(path: Path, rule: Rule) -> None:
+    """The rule must compile as peft will use it; an invalid one is named in one line."""
+    try:
+        re.compile(rule.regex)
+    except re.error as exc:  # its position would count the characters peft adds
+        raise FormatError(
+            f"{path}: {rule.field} {rule.key[:80]!r} is not a valid regular expression ({exc.msg})"
+        ) from None
+    except (RecursionError, OverflowError, ValueError, MemoryError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise FormatError(
+            f"{path}: {rule.field} {rule.key[:80]!r} is not a valid regular expression ({reason})"
+        ) from None
+
+
 def check_patterns(path: Path, field: str, patterns: dict[str, object]) -> None:
     """Every key must compile as peft will use it; an invalid one is named in one line."""
     for key in patterns:
-        try:
-            re.compile(peft_regex(key))
-        except re.error as exc:  # its position would count the characters peft adds
-            raise FormatError(
-                f"{path}: {field} key {key[:80]!r} is not a valid regular expression ({exc.msg})"
-            ) from None
-        except (RecursionError, OverflowError, ValueError, MemoryError) as exc:
-            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise FormatError(
-                f"{path}: {field} key {key[:80]!r} is not a valid regular expression ({reason})"
-            ) from None
+        check_rule(path, Rule(f"{field} key", key, peft_regex(key)))
 
 
 def match_patterns(
@@ -62,7 +89,10 @@ def match_patterns(
     keys = list(dict.fromkeys(k for patterns in fields.values() for k in patterns))
     if not keys or not modules:
         return {field: {} for field in fields}
-    matched = _run_child(path, fields, keys, modules)
+    field_of = {k: next(f for f, patterns in fields.items() if k in patterns) for k in keys}
+    found_by_key = run_rules(path, [Rule(f"{field_of[k]} key", k, peft_regex(k)) for k in keys],
+                             modules)
+    matched = dict(zip(keys, found_by_key))
     found: dict[str, dict[str, float]] = {}
     for field, patterns in fields.items():
         values: dict[str, float] = {}
@@ -73,10 +103,13 @@ def match_patterns(
     return found
 
 
-def _run_child(
-    path: Path, fields: dict[str, dict[str, float]], keys: list[str], modules: list[str]
-) -> dict[str, list[int]]:
-    job = json.dumps({"keys": keys, "modules": modules})
+def run_rules(path: Path, rules: list[Rule], names: list[str]) -> list[dict[int, str | None]]:
+    """Per rule, the names it matches (by index) with their ``idx`` group, within the deadline."""
+    if not rules or not names:
+        return [{} for _ in rules]
+    for rule in rules:
+        check_rule(path, rule)
+    job = json.dumps({"rules": [[r.regex, r.how] for r in rules], "names": names})
     try:
         child = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _CHILD], stdin=subprocess.PIPE,
@@ -89,14 +122,13 @@ def _run_child(
     except subprocess.TimeoutExpired:
         child.kill()
         out, _ = child.communicate()
-        slow = keys[min(len(out.splitlines()), len(keys) - 1)]
-        field = next(f for f, patterns in fields.items() if slow in patterns)
+        slow = rules[min(len(out.splitlines()), len(rules) - 1)]
         raise FormatError(
-            f"{path}: {field} key {slow[:80]!r} takes over {MATCH_SECONDS:g} s to match "
-            f"{len(modules)} module names (a pattern that backtracks catastrophically?): "
+            f"{path}: {slow.field} {slow.key[:80]!r} takes over {MATCH_SECONDS:g} s to match "
+            f"{len(names)} module names (a pattern that backtracks catastrophically?): "
             "peft would hang on it too; simplify the pattern"
         ) from None
     lines = out.splitlines()
-    if child.returncode != 0 or len(lines) != len(keys):
+    if child.returncode != 0 or len(lines) != len(rules):
         raise WorkError(f"{path}: matching its module patterns failed (status {child.returncode})")
-    return {key: json.loads(line) for key, line in zip(keys, lines)}
+    return [{i: idx for i, idx in json.loads(line)} for line in lines]

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
+from ..errors import UnsupportedError
 from ..tensor_spec import TensorSpec
 
 # (in memory, stored): transformers 5's renames for the architectures deltamerge knows.
 RENAMES = ((re.compile(r"\.mlp\."), ".block_sparse_moe."), (re.compile(r"^lm_head\."), "embed_out."))
+RENAMED_BACK = ((re.compile(r"\.block_sparse_moe\."), ".mlp."), (re.compile(r"^embed_out\."), "lm_head."))
 # A fused expert parameter and, per spelling, the per-expert tensors stacked into it, in order.
 FUSED_EXPERTS = {
     "gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")),
@@ -36,6 +39,55 @@ def stored_name(name: str, specs: dict[str, TensorSpec]) -> str | None:
         if alt != name and alt in specs:
             return alt
     return None
+
+
+def memory_names(name: str) -> list[str]:
+    """The names the base's tensor ``name`` may have in memory: its own, and the renamed one."""
+    names = [name]
+    for pattern, repl in RENAMED_BACK:
+        alt = pattern.sub(repl, name, count=1)
+        if alt != name:
+            names.append(alt)
+    return names
+
+
+class LayerTypes:
+    """Whether a weight of the base is transformers' ``Conv1D`` ([in, out], GPT-2) rather than an
+    ``nn.Linear`` ([out, in]): peft transposes the product for the one, not the other.
+
+    Only biases tell: a Linear's has its weight's rows, a Conv1D's its columns. A weight that
+    cannot tell (square, or without a bias) is the type of the base's weights that can, when
+    they agree; a base where none can (LLaMA has no biases) has Linear layers, the only kind of
+    the architectures without biases.
+    """
+
+    def __init__(self, where: Path, specs: dict[str, TensorSpec]):
+        self.where = where
+        self.specs = specs
+        self.seen = {found for n in specs if (found := _bias_says(n, specs)) is not None}
+
+    def conv1d(self, name: str) -> bool:
+        own = _bias_says(name, self.specs)
+        if own is not None:
+            return own
+        if len(self.seen) > 1:
+            raise UnsupportedError(
+                f"{self.where}: the base has both Linear and Conv1D layers, and {name!r} (square "
+                "or without a bias) could be either: deltamerge cannot tell whether peft "
+                "transposes its product"
+            )
+        return next(iter(self.seen), False)
+
+
+def _bias_says(name: str, specs: dict[str, TensorSpec]) -> bool | None:
+    """Conv1D (True) or Linear (False), by the bias beside a non-square weight; None: no answer."""
+    spec, bias = specs.get(name), specs.get(name.removesuffix("weight") + "bias")
+    if not name.endswith(".weight") or spec is None or bias is None or len(spec.shape) != 2:
+        return None
+    rows, cols = spec.shape
+    if rows == cols or len(bias.shape) != 1:
+        return None
+    return {rows: False, cols: True}.get(bias.shape[0])
 
 
 @dataclass(frozen=True)
