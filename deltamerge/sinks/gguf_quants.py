@@ -1,0 +1,307 @@
+"""llama.cpp's row quantizers for GGUF, bit for bit: its k-quants ported to torch float32.
+
+``llama-quantize`` without an importance matrix quantizes each row with the ``_ref`` functions of
+``ggml/src/ggml-quants.c`` (``quantize_row_q4_K_ref`` ...): scalar float32 arithmetic, no fused
+multiply-add in the x86-64 build. gguf-py has no k-quant quantizer, so they are ported here, each
+256-value super-block independent of the others. Float32 results depend on the order of every
+operation, so the port keeps the C code's: sums accumulate position by position within a block
+(never torch's pairwise ``sum``), divisions stay divisions, and no op fuses a multiply with an add
+(no ``addcmul``, no ``alpha=``). The work is vectorized across blocks (and across the trial scales
+of ``make_qkx2_quants``/``make_qx_quants``), never within one. ``nearest_int`` (the 1.5 * 2^23
+trick) and the ``(uint8_t)``/``(int8_t)`` wraps are reproduced on the bits, so even values out of
+its range give the C code's bytes. The bytes match the C code's on x86-64 for finite inputs.
+
+The legacy types (Q4_0 ... Q8_0) are gguf-py's own quantizers, which ``convert_hf_to_gguf.py``
+uses and which match ggml's ``quantize_row_*_ref``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .gguf_kv import require_gguf
+
+try:
+    import gguf
+except ImportError:
+    gguf = None
+
+__all__ = ["quantize_rows"]
+
+QK_K = 256
+GROUP_MAX_EPS = 1e-15
+_MAGIC = 12582912.0  # 1.5 * 2^23: nearest_int's rounding constant
+# Blocks of 256 quantized together: bounds the (positions, trials, blocks) temporaries (~10 MB).
+_CHUNK_SUPERBLOCKS = 128
+
+
+def nearest_int(f: torch.Tensor) -> torch.Tensor:
+    """ggml's ``nearest_int``: ``f + 12582912.f``, read back as int32, low 23 bits less 2^22.
+
+    Round half to even for |f| <= 4194303; beyond, and for NaN, the same bits the C code reads.
+    """
+    v = f + _MAGIC
+    return (v.view(torch.int32) & 0x7FFFFF) - 0x400000
+
+
+def _f16_bits(f: torch.Tensor) -> torch.Tensor:
+    """``GGML_FP32_TO_FP16`` (round half to even, NaN as 0x7E00 with its sign), as int32 bits."""
+    h = f.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    nan = torch.isnan(f)
+    if bool(nan.any()):
+        h = torch.where(nan, (f.view(torch.int32) >> 16 & 0x8000) | 0x7E00, h)
+    return h
+
+
+def _f16_value(bits: torch.Tensor) -> torch.Tensor:
+    """``GGML_FP16_TO_FP32`` of the int32 bits (exact)."""
+    return bits.to(torch.int16).view(torch.float16).to(torch.float32)
+
+
+def _seq_sum(terms: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``float s = 0; for (i...) s += terms[i];`` along dim 0, vectorized over the rest."""
+    out.zero_()
+    for t in terms:
+        out += t
+    return out
+
+
+def _first_max(values: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``if (v[j] > best) best = v[j]`` over dim 0 from ``start``: (best, index of the winner or -1)."""
+    best = start.clone()
+    index = torch.full_like(start, -1, dtype=torch.int64)
+    for j, v in enumerate(values):
+        gt = v > best
+        best = torch.where(gt, v, best)
+        index = torch.where(gt, j, index)
+    return best, index
+
+
+def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+                     nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qkx2_quants`` (``use_mad`` false) for blocks as columns: ``x``, ``w`` (n, blocks).
+
+    Returns (scale, the_min, L) with L (n, blocks) as int32. The initial fit and the nstep + 1
+    trial scales are computed together, shape (n, trials, blocks), each trial's sums in the C
+    code's order; the winner is then picked trial after trial, as the C loop does (a strictly
+    lower error replaces the best, so the earliest wins a tie).
+    """
+    n, blocks = x.shape
+    mn = x.amin(0)
+    mx = x.amax(0)
+    sum_w = w[0].clone()
+    sum_x = w[0] * x[0]
+    for i in range(1, n):
+        sum_w += w[i]
+        sum_x += w[i] * x[i]
+    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
+    flat = mx == mn
+    rng = mx - mn
+    steps = torch.arange(nstep + 1, dtype=torch.float32)
+    f32 = torch.float32
+    tries = (torch.tensor(rmin, dtype=f32) + torch.tensor(rdelta, dtype=f32) * steps) + float(nmax)
+    nums = torch.cat([torch.tensor([float(nmax)]), tries])
+    trials = nums.shape[0]
+    iscale = nums[:, None] / rng  # (trials, blocks)
+    xs = x - mn
+    lq = nearest_int(xs[:, None, :] * iscale).clamp_(0, nmax)
+    lf = lq.to(torch.float32)  # (n, trials, blocks)
+    wl = w[:, None, :] * lf
+    acc = torch.empty(trials, blocks)
+    sum_l = _seq_sum(wl, acc.clone())
+    sum_l2 = _seq_sum(wl * lf, acc.clone())
+    sum_xl = _seq_sum(wl * x[:, None, :], acc.clone())
+    d = sum_w * sum_l2 - sum_l * sum_l
+    this_scale = (sum_w * sum_xl - sum_x * sum_l) / d
+    this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d
+    pos = this_min > 0
+    this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+    this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+    this_scale[0] = 1 / iscale[0]
+    this_min[0] = mn
+    diff = this_scale * lf + this_min - x[:, None, :]
+    err = _seq_sum(w[:, None, :] * (diff * diff), acc)
+    best = err[0]
+    choice = torch.zeros(blocks, dtype=torch.int64)
+    for t in range(1, trials):
+        ok = (d[t] > 0) & (err[t] < best)
+        best = torch.where(ok, err[t], best)
+        choice = torch.where(ok, t, choice)
+    scale = this_scale.gather(0, choice[None])[0]
+    the_min = -this_min.gather(0, choice[None])[0]
+    L = lq.gather(1, choice[None, None].expand(n, 1, blocks))[:, 0]
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    the_min = torch.where(flat, -mn, the_min)
+    L = torch.where(flat, torch.zeros_like(L), L)
+    return scale, the_min, L
+
+
+def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` for blocks as columns: ``x`` (n, blocks).
+
+    Returns (scale, L) with L (n, blocks) int32 in 0..2*nmax-1. The first fit and the 18 tries
+    ``is = -9..9`` are computed together; acceptance then goes try after try as in C.
+    """
+    n, blocks = x.shape
+    amax = torch.zeros(blocks)
+    mx = torch.zeros(blocks)
+    for xi in x:
+        ax = xi.abs()
+        gt = ax > amax
+        amax = torch.where(gt, ax, amax)
+        mx = torch.where(gt, xi, mx)
+    tries = [0] + [i for i in range(-9, 10) if i != 0]
+    nums = float(nmax) + torch.tensor(0.1, dtype=torch.float32) * torch.tensor(tries, dtype=torch.float32)
+    iscale = -nums[:, None] / mx  # (tries, blocks)
+    lq = nearest_int(x[:, None, :] * iscale).clamp_(-nmax, nmax - 1)
+    lf = lq.to(torch.float32)
+    w = x * x
+    wx = (w * x)[:, None, :]
+    acc = torch.empty(len(tries), blocks)
+    sumlx = _seq_sum(wx * lf, acc.clone())
+    suml2 = _seq_sum(w[:, None, :] * lf * lf, acc)
+    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(suml2[0]))
+    best = scale * sumlx[0]
+    choice = torch.zeros(blocks, dtype=torch.int64)
+    for t in range(1, len(tries)):
+        ok = (suml2[t] > 0) & (sumlx[t] * sumlx[t] > best * suml2[t])
+        new_scale = sumlx[t] / suml2[t]
+        scale = torch.where(ok, new_scale, scale)
+        best = torch.where(ok, new_scale * sumlx[t], best)
+        choice = torch.where(ok, t, choice)
+    L = lq.gather(1, choice[None, None].expand(n, 1, blocks))[:, 0] + nmax
+    zero = amax < GROUP_MAX_EPS
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    L = torch.where(zero, torch.zeros_like(L), L)
+    return scale, L
+
+
+def _k_scales(scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's super-block scales, as ``quantize_row_q4_K_ref`` packs them: (S, 8) each in.
+
+    Returns the 12 packed scale bytes, the fp16 bits of d and dmin, and per block the requantizing
+    ``d`` and ``dm`` that ``get_scale_min_k4`` and ``GGML_FP16_TO_FP32`` give back.
+    """
+    zero = torch.zeros(scales.shape[0])
+    max_scale, _ = _first_max(scales.T, zero)
+    max_min, _ = _first_max(mins.T, zero)
+    inv_scale = torch.where(max_scale > 0, 63.0 / max_scale, zero)
+    inv_min = torch.where(max_min > 0, 63.0 / max_min, zero)
+    ls = (nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp_(max=63)  # (uint8_t), then MIN(63, .)
+    lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp_(max=63)
+    packed = torch.empty(scales.shape[0], 12, dtype=torch.int32)
+    packed[:, 0:4] = ls[:, 0:4] | (ls[:, 4:8] >> 4) << 6
+    packed[:, 4:8] = lm[:, 0:4] | (lm[:, 4:8] >> 4) << 6
+    packed[:, 8:12] = (ls[:, 4:8] & 0xF) | (lm[:, 4:8] & 0xF) << 4
+    d_bits = _f16_bits(max_scale / 63.0)
+    dmin_bits = _f16_bits(max_min / 63.0)
+    d = _f16_value(d_bits)[:, None] * ls.to(torch.float32)
+    dm = _f16_value(dmin_bits)[:, None] * lm.to(torch.float32)
+    return packed, d_bits, dmin_bits, d, dm
+
+
+def _qkx_superblocks(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """The part Q4_K and Q5_K share: per 32 values ``make_qkx2_quants`` with weights
+    ``av_x + |x|``, the packed scales, and every value requantized with the stored scales."""
+    s = x.shape[0]
+    blocks = x.reshape(s * 8, 32).T.contiguous()  # (32, S*8): positions first
+    sum_x2 = torch.zeros(s * 8)
+    for xi in blocks:
+        sum_x2 += xi * xi
+    av_x = torch.sqrt(sum_x2 / 32.0)
+    w = av_x + blocks.abs()
+    scales, mins, L = make_qkx2_quants(blocks, w, nmax, rmin, rdelta, nstep)
+    packed, d_bits, dmin_bits, d, dm = _k_scales(scales.reshape(s, 8), mins.reshape(s, 8))
+    xb = x.reshape(s, 8, 32)
+    lq = nearest_int((xb + dm[..., None]) / d[..., None]).clamp_(0, nmax)
+    L = torch.where((d != 0)[..., None], lq, L.T.reshape(s, 8, 32))
+    return L.reshape(s, QK_K), packed, d_bits, dmin_bits
+
+
+def _fp16_bytes(bits: torch.Tensor) -> torch.Tensor:
+    return torch.stack([bits & 0xFF, bits >> 8 & 0xFF], 1)
+
+
+def quantize_q4_k(x: torch.Tensor) -> torch.Tensor:
+    """``quantize_row_q4_K_ref`` for super-blocks ``x`` (S, 256): block_q4_K bytes (S, 144)."""
+    L, packed, d_bits, dmin_bits = _qkx_superblocks(x, 15, -1.0, 0.1, 20)
+    L = L.reshape(-1, 4, 2, 32)
+    qs = (L[:, :, 0] | L[:, :, 1] << 4).reshape(-1, 128)
+    return torch.cat([_fp16_bytes(d_bits), _fp16_bytes(dmin_bits), packed, qs], 1).to(torch.uint8)
+
+
+def quantize_q5_k(x: torch.Tensor) -> torch.Tensor:
+    """``quantize_row_q5_K_ref`` for super-blocks ``x`` (S, 256): block_q5_K bytes (S, 176)."""
+    L, packed, d_bits, dmin_bits = _qkx_superblocks(x, 31, -0.5, 0.1, 15)
+    L = L.reshape(-1, 4, 2, 32)
+    low = L & 0xF
+    qs = (low[:, :, 0] | low[:, :, 1] << 4).reshape(-1, 128)
+    high = L >> 4  # (S, 4, 2, 32): bit 2*k of qh[j] for L[64k + j], bit 2*k + 1 for L[64k + 32 + j]
+    shifts = torch.arange(8, dtype=torch.int32).reshape(1, 4, 2, 1)
+    qh = (high << shifts).sum((1, 2), dtype=torch.int32)
+    return torch.cat([_fp16_bytes(d_bits), _fp16_bytes(dmin_bits), packed, qh, qs], 1).to(torch.uint8)
+
+
+def quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
+    """``quantize_row_q6_K_ref`` for super-blocks ``x`` (S, 256): block_q6_K bytes (S, 210)."""
+    s = x.shape[0]
+    blocks = x.reshape(s * 16, 16).T.contiguous()
+    scales, L = make_qx_quants_rmse1(blocks, 32)
+    scales = scales.reshape(s, 16)
+    L = L.T.reshape(s, 16, 16)
+    max_abs, index = _first_max(scales.abs().T, torch.zeros(s))
+    max_scale = scales.gather(1, index.clamp(min=0)[:, None])[:, 0]
+    zero = max_abs < GROUP_MAX_EPS
+    iscale = -128.0 / max_scale
+    d_bits = _f16_bits(1 / iscale)
+    sc = nearest_int(iscale[:, None] * scales).clamp_(max=127)
+    sc = (sc & 0xFF) - ((sc & 0x80) << 1)  # (int8_t)
+    d = _f16_value(d_bits)[:, None] * sc.to(torch.float32)
+    lq = nearest_int(x.reshape(s, 16, 16) / d[..., None]).clamp_(-32, 31) + 32
+    L = torch.where((d != 0)[..., None], lq, L).reshape(s, 2, 4, 32)
+    low = L & 0xF
+    ql = torch.cat([low[:, :, 0] | low[:, :, 2] << 4, low[:, :, 1] | low[:, :, 3] << 4], 2).reshape(s, 128)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32).reshape(1, 1, 4, 1)
+    qh = ((L >> 4) << shifts).sum(2, dtype=torch.int32).reshape(s, 64)
+    out = torch.cat([ql, qh, sc & 0xFF, _fp16_bytes(d_bits)], 1)
+    out[zero] = 0
+    return out.to(torch.uint8)
+
+
+_K_QUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "Q4_K": quantize_q4_k,
+    "Q5_K": quantize_q5_k,
+    "Q6_K": quantize_q6_k,
+}
+
+
+def quantize_rows(rows: torch.Tensor, qtype: int) -> torch.Tensor:
+    """Rows (n, width) of float32 as llama-quantize writes them in ``qtype``: uint8 (n, bytes per row).
+
+    ``width`` must be a multiple of the type's block size. Q4_K, Q5_K and Q6_K are ported from
+    ggml; Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 are gguf-py's quantizers, as the converter's.
+    Work is done some super-blocks at a time, so memory stays bounded whatever the rows.
+    """
+    require_gguf()
+    qtype = gguf.GGMLQuantizationType(qtype)
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    if rows.dim() != 2 or rows.dtype != torch.float32 or rows.shape[1] % block:
+        raise ValueError(f"{qtype.name} quantizes float32 rows of a multiple of {block} values, "
+                         f"not {rows.dtype} {list(rows.shape)}")
+    n, width = rows.shape
+    row_bytes = width // block * type_size
+    quantizer = _K_QUANTIZERS.get(qtype.name)
+    if quantizer is None:
+        import numpy as np
+        data = gguf.quants.quantize(rows.contiguous().numpy(), qtype)
+        return torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(n, row_bytes))
+    out = torch.empty(n, row_bytes, dtype=torch.uint8)
+    flat_in = rows.contiguous().reshape(-1, QK_K)
+    flat_out = out.reshape(-1, type_size)
+    for a in range(0, flat_in.shape[0], _CHUNK_SUPERBLOCKS):
+        b = min(a + _CHUNK_SUPERBLOCKS, flat_in.shape[0])
+        flat_out[a:b] = quantizer(flat_in[a:b])
+    return out
