@@ -25,6 +25,7 @@ from .gguf_kv import require_gguf
 
 try:
     import gguf
+    import numpy as np
 except ImportError:
     gguf = None
 
@@ -79,14 +80,28 @@ def _first_max(values: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor,
     return best, index
 
 
+def _rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
+    """``num / t`` as a division: torch's ``float / tensor`` multiplies by the reciprocal."""
+    return torch.tensor(num, dtype=torch.float32) / t
+
+
+def _sqrt(t: torch.Tensor) -> torch.Tensor:
+    """``sqrtf``, correctly rounded: torch's float32 sqrt is not (the double's is, rounded once more)."""
+    return torch.sqrt(t.to(torch.float64)).to(torch.float32)
+
+
+def _clamped_nearest(f: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``MAX(lo, MIN(hi, nearest_int(f)))`` as float32."""
+    return nearest_int(f).clamp_(lo, hi).to(torch.float32)
+
+
 def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
                      nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's ``make_qkx2_quants`` (``use_mad`` false) for blocks as columns: ``x``, ``w`` (n, blocks).
 
-    Returns (scale, the_min, L) with L (n, blocks) as int32. The initial fit and the nstep + 1
-    trial scales are computed together, shape (n, trials, blocks), each trial's sums in the C
-    code's order; the winner is then picked trial after trial, as the C loop does (a strictly
-    lower error replaces the best, so the earliest wins a tie).
+    Returns (scale, the_min, L) with L (n, blocks) as float32 levels. The trials go one after
+    another as in C, since a trial that wins moves ``min``, which the next trials' scales and
+    levels start from; each is vectorized across the blocks.
     """
     n, blocks = x.shape
     mn = x.amin(0)
@@ -98,42 +113,37 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
         sum_x += w[i] * x[i]
     mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
     flat = mx == mn
-    rng = mx - mn
-    steps = torch.arange(nstep + 1, dtype=torch.float32)
+    iscale = _rdiv(float(nmax), mx - mn)
+    scale = _rdiv(1.0, iscale)
+    L = _clamped_nearest(iscale * (x - mn), 0, nmax)
+    diff = scale * L + mn - x
+    best = _seq_sum(w * (diff * diff), torch.empty(blocks))
+    cur_min = mn
     f32 = torch.float32
-    tries = (torch.tensor(rmin, dtype=f32) + torch.tensor(rdelta, dtype=f32) * steps) + float(nmax)
-    nums = torch.cat([torch.tensor([float(nmax)]), tries])
-    trials = nums.shape[0]
-    iscale = nums[:, None] / rng  # (trials, blocks)
-    xs = x - mn
-    lq = nearest_int(xs[:, None, :] * iscale).clamp_(0, nmax)
-    lf = lq.to(torch.float32)  # (n, trials, blocks)
-    wl = w[:, None, :] * lf
-    acc = torch.empty(trials, blocks)
-    sum_l = _seq_sum(wl, acc.clone())
-    sum_l2 = _seq_sum(wl * lf, acc.clone())
-    sum_xl = _seq_sum(wl * x[:, None, :], acc.clone())
-    d = sum_w * sum_l2 - sum_l * sum_l
-    this_scale = (sum_w * sum_xl - sum_x * sum_l) / d
-    this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d
-    pos = this_min > 0
-    this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-    this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
-    this_scale[0] = 1 / iscale[0]
-    this_min[0] = mn
-    diff = this_scale * lf + this_min - x[:, None, :]
-    err = _seq_sum(w[:, None, :] * (diff * diff), acc)
-    best = err[0]
-    choice = torch.zeros(blocks, dtype=torch.int64)
-    for t in range(1, trials):
-        ok = (d[t] > 0) & (err[t] < best)
-        best = torch.where(ok, err[t], best)
-        choice = torch.where(ok, t, choice)
-    scale = this_scale.gather(0, choice[None])[0]
-    the_min = -this_min.gather(0, choice[None])[0]
-    L = lq.gather(1, choice[None, None].expand(n, 1, blocks))[:, 0]
+    steps = torch.arange(nstep + 1, dtype=f32)
+    nums = (torch.tensor(rmin, dtype=f32) + torch.tensor(rdelta, dtype=f32) * steps) + float(nmax)
+    acc = torch.empty(3, blocks)
+    err = torch.empty(blocks)
+    for num in nums:
+        iscale = num / (mx - cur_min)
+        lf = _clamped_nearest(iscale * (x - cur_min), 0, nmax)
+        wl = w * lf
+        sum_l, sum_l2, sum_xl = _seq_sum(torch.stack([wl, wl * lf, wl * x], 1), acc)
+        d = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / d
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d
+        pos = this_min > 0
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+        diff = this_scale * lf + this_min - x
+        _seq_sum(w * (diff * diff), err)
+        ok = (d > 0) & (err < best)
+        best = torch.where(ok, err, best)
+        scale = torch.where(ok, this_scale, scale)
+        cur_min = torch.where(ok, this_min, cur_min)
+        L = torch.where(ok, lf, L)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    the_min = torch.where(flat, -mn, the_min)
+    the_min = torch.where(flat, -mn, -cur_min)
     L = torch.where(flat, torch.zeros_like(L), L)
     return scale, the_min, L
 
@@ -188,8 +198,8 @@ def _k_scales(scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, t
     zero = torch.zeros(scales.shape[0])
     max_scale, _ = _first_max(scales.T, zero)
     max_min, _ = _first_max(mins.T, zero)
-    inv_scale = torch.where(max_scale > 0, 63.0 / max_scale, zero)
-    inv_min = torch.where(max_min > 0, 63.0 / max_min, zero)
+    inv_scale = torch.where(max_scale > 0, _rdiv(63.0, max_scale), zero)
+    inv_min = torch.where(max_min > 0, _rdiv(63.0, max_min), zero)
     ls = (nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp_(max=63)  # (uint8_t), then MIN(63, .)
     lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp_(max=63)
     packed = torch.empty(scales.shape[0], 12, dtype=torch.int32)
@@ -211,13 +221,13 @@ def _qkx_superblocks(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nst
     sum_x2 = torch.zeros(s * 8)
     for xi in blocks:
         sum_x2 += xi * xi
-    av_x = torch.sqrt(sum_x2 / 32.0)
+    av_x = _sqrt(sum_x2 / 32.0)
     w = av_x + blocks.abs()
     scales, mins, L = make_qkx2_quants(blocks, w, nmax, rmin, rdelta, nstep)
     packed, d_bits, dmin_bits, d, dm = _k_scales(scales.reshape(s, 8), mins.reshape(s, 8))
     xb = x.reshape(s, 8, 32)
     lq = nearest_int((xb + dm[..., None]) / d[..., None]).clamp_(0, nmax)
-    L = torch.where((d != 0)[..., None], lq, L.T.reshape(s, 8, 32))
+    L = torch.where((d != 0)[..., None], lq, L.T.reshape(s, 8, 32).to(torch.int32))
     return L.reshape(s, QK_K), packed, d_bits, dmin_bits
 
 
@@ -255,8 +265,8 @@ def quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
     max_abs, index = _first_max(scales.abs().T, torch.zeros(s))
     max_scale = scales.gather(1, index.clamp(min=0)[:, None])[:, 0]
     zero = max_abs < GROUP_MAX_EPS
-    iscale = -128.0 / max_scale
-    d_bits = _f16_bits(1 / iscale)
+    iscale = _rdiv(-128.0, max_scale)
+    d_bits = _f16_bits(_rdiv(1.0, iscale))
     sc = nearest_int(iscale[:, None] * scales).clamp_(max=127)
     sc = (sc & 0xFF) - ((sc & 0x80) << 1)  # (int8_t)
     d = _f16_value(d_bits)[:, None] * sc.to(torch.float32)
@@ -295,8 +305,8 @@ def quantize_rows(rows: torch.Tensor, qtype: int) -> torch.Tensor:
     row_bytes = width // block * type_size
     quantizer = _K_QUANTIZERS.get(qtype.name)
     if quantizer is None:
-        import numpy as np
-        data = gguf.quants.quantize(rows.contiguous().numpy(), qtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # inf where a scale is beyond f16, as in C
+            data = gguf.quants.quantize(rows.contiguous().numpy(), qtype)
         return torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(n, row_bytes))
     out = torch.empty(n, row_bytes, dtype=torch.uint8)
     flat_in = rows.contiguous().reshape(-1, QK_K)
