@@ -4,7 +4,7 @@
  * tree. Usage: kquant_golden TYPE N_VALUES IN.f32 OUT.bin [REPEATS]
  * quantizes N_VALUES float32 values (whole rows, one after another) with quantize_row_TYPE_ref,
  * the functions llama-quantize uses without an importance matrix, and writes the blocks. With
- * REPEATS it quantizes that many times and prints the seconds taken, for a throughput figure.
+ * REPEATS it quantizes that many times and prints the CPU seconds taken, for a throughput figure.
  */
 #include <stdarg.h>
 #include <stdint.h>
@@ -68,9 +68,9 @@ int main(int argc, char ** argv) {
     fclose(f);
     int repeats = argc == 6 ? atoi(argv[5]) : 1;
     struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t0);
     for (int r = 0; r < repeats; ++r) TYPES[t].fn(x, y, n);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t1);
     if (argc == 6) printf("%.6f\n", (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec));
     f = fopen(argv[4], "wb");
     if (!f || fwrite(y, 1, out_size, f) != out_size || fclose(f)) {

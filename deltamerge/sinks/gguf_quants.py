@@ -61,11 +61,14 @@ def _f16_value(bits: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int16).view(torch.float16).to(torch.float32)
 
 
-def _seq_sum(terms: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``float s = 0; for (i...) s += terms[i];`` along dim 0, vectorized over the rest."""
+def _seq_sum(terms: torch.Tensor | list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """``float s = 0; for (i...) s += terms[i];`` along dim 0, vectorized over the rest.
+
+    ``terms`` may be a buffer's ``unbind(0)`` made once: the loop runs for every trial scale.
+    """
     out.zero_()
     for t in terms:
-        out += t
+        out.add_(t)
     return out
 
 
@@ -95,56 +98,93 @@ def _clamped_nearest(f: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return nearest_int(f).clamp_(lo, hi).to(torch.float32)
 
 
+def _levels_(f: torch.Tensor, nmax: int, exact: bool) -> torch.Tensor:
+    """``MAX(0, MIN(nmax, nearest_int(f)))`` in place, as float32.
+
+    Unless ``exact``, it is done in floats, rounding half to even as ``f + 12582912.f`` does: the
+    same for |f| <= 4194303, which the caller checks (beyond, only the bits give the C code's value).
+    """
+    if exact:
+        return f.copy_(_clamped_nearest(f, 0, nmax))
+    return f.round_().clamp_(0.0, float(nmax))
+
+
+def _out_of_range(iscale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """Blocks where some ``iscale * (x - at)``, x in [lo, hi], may be beyond nearest_int's range (or NaN)."""
+    span = torch.maximum((hi - at).abs_(), (lo - at).abs_())
+    return ~(iscale.abs() * span <= 4194303.0)
+
+
 def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
                      nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's ``make_qkx2_quants`` (``use_mad`` false) for blocks as columns: ``x``, ``w`` (n, blocks).
 
     Returns (scale, the_min, L) with L (n, blocks) as float32 levels. The trials go one after
     another as in C, since a trial that wins moves ``min``, which the next trials' scales and
-    levels start from; each is vectorized across the blocks.
+    levels start from; each is vectorized across the blocks. Levels are rounded in floats; where
+    that could differ from ``nearest_int`` (values near float32's limits) all is done again on bits.
     """
+    result = _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, exact=False)
+    return result if result is not None else _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, exact=True)
+
+
+def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                      exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     n, blocks = x.shape
-    mn = x.amin(0)
+    lo = x.amin(0)
     mx = x.amax(0)
     sum_w = w[0].clone()
     sum_x = w[0] * x[0]
+    tmp = torch.empty(blocks)
     for i in range(1, n):
         sum_w += w[i]
-        sum_x += w[i] * x[i]
-    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
+        sum_x += torch.mul(w[i], x[i], out=tmp)
+    zero = torch.zeros(blocks)
+    mn = torch.where(lo > 0, zero, lo)
     flat = mx == mn
     iscale = _rdiv(float(nmax), mx - mn)
+    bad = _out_of_range(iscale, lo, mx, mn)
     scale = _rdiv(1.0, iscale)
-    L = _clamped_nearest(iscale * (x - mn), 0, nmax)
-    diff = scale * L + mn - x
-    best = _seq_sum(w * (diff * diff), torch.empty(blocks))
-    cur_min = mn
+    f = torch.empty(n, blocks)
+    lf = _levels_(torch.mul(x - mn, iscale, out=f), nmax, exact)
+    e = torch.mul(lf, scale)
+    best = _seq_sum(e.add_(mn).sub_(x).square_().mul_(w), torch.empty(blocks))
+    win_iscale, win_min, cur_min = iscale, mn, mn
     f32 = torch.float32
     steps = torch.arange(nstep + 1, dtype=f32)
     nums = (torch.tensor(rmin, dtype=f32) + torch.tensor(rdelta, dtype=f32) * steps) + float(nmax)
+    sums = torch.empty(n, 3, blocks)
+    sum_terms, err_terms = sums.unbind(0), e.unbind(0)
     acc = torch.empty(3, blocks)
     err = torch.empty(blocks)
     for num in nums:
         iscale = num / (mx - cur_min)
-        lf = _clamped_nearest(iscale * (x - cur_min), 0, nmax)
-        wl = w * lf
-        sum_l, sum_l2, sum_xl = _seq_sum(torch.stack([wl, wl * lf, wl * x], 1), acc)
+        bad |= _out_of_range(iscale, lo, mx, cur_min)
+        lf = _levels_(torch.mul(torch.sub(x, cur_min, out=f), iscale, out=f), nmax, exact)
+        wl = torch.mul(w, lf, out=sums[:, 0])
+        torch.mul(wl, lf, out=sums[:, 1])
+        torch.mul(wl, x, out=sums[:, 2])
+        sum_l, sum_l2, sum_xl = _seq_sum(sum_terms, acc)
         d = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / d
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d
         pos = this_min > 0
-        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        this_min = torch.where(pos, zero, this_min)
         this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
-        diff = this_scale * lf + this_min - x
-        _seq_sum(w * (diff * diff), err)
+        torch.mul(lf, this_scale, out=e).add_(this_min).sub_(x).square_().mul_(w)
+        _seq_sum(err_terms, err)
         ok = (d > 0) & (err < best)
         best = torch.where(ok, err, best)
         scale = torch.where(ok, this_scale, scale)
+        win_iscale = torch.where(ok, iscale, win_iscale)
+        win_min = torch.where(ok, cur_min, win_min)
         cur_min = torch.where(ok, this_min, cur_min)
-        L = torch.where(ok, lf, L)
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    if not exact and bool((bad & ~flat).any()):
+        return None
+    L = _levels_(torch.mul(torch.sub(x, win_min, out=f), win_iscale, out=f), nmax, exact)
+    scale = torch.where(flat, zero, scale)
     the_min = torch.where(flat, -mn, -cur_min)
-    L = torch.where(flat, torch.zeros_like(L), L)
+    L.masked_fill_(flat, 0.0)
     return scale, the_min, L
 
 
