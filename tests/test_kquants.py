@@ -46,7 +46,7 @@ def test_bytes_are_ggmls(case: str, qtype: str):
     assert torch.equal(out, golden(case, qtype))
 
 
-@pytest.mark.parametrize("qtype", PORTED)
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 def test_rows_and_chunks_quantize_alone(qtype: str, monkeypatch: pytest.MonkeyPatch):
     """Super-blocks are independent: how rows are grouped, or chunked inside, changes no byte."""
     x = torch.cat([rows_of("weights"), rows_of("normal")])

@@ -34,8 +34,9 @@ __all__ = ["quantize_rows"]
 QK_K = 256
 GROUP_MAX_EPS = 1e-15
 _MAGIC = 12582912.0  # 1.5 * 2^23: nearest_int's rounding constant
-# Blocks of 256 quantized together: bounds the (positions, trials, blocks) temporaries (~10 MB).
-_CHUNK_SUPERBLOCKS = 128
+# Super-blocks quantized together: large enough that each op works on many blocks, small enough
+# that the buffers of a trial (a few times 1 MB) stay in cache.
+_CHUNK_SUPERBLOCKS = 1024
 
 
 def nearest_int(f: torch.Tensor) -> torch.Tensor:
@@ -98,15 +99,15 @@ def _clamped_nearest(f: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return nearest_int(f).clamp_(lo, hi).to(torch.float32)
 
 
-def _levels_(f: torch.Tensor, nmax: int, exact: bool) -> torch.Tensor:
-    """``MAX(0, MIN(nmax, nearest_int(f)))`` in place, as float32.
+def _levels_(f: torch.Tensor, lo: int, hi: int, exact: bool) -> torch.Tensor:
+    """``MAX(lo, MIN(hi, nearest_int(f)))`` in place, as float32.
 
     Unless ``exact``, it is done in floats, rounding half to even as ``f + 12582912.f`` does: the
     same for |f| <= 4194303, which the caller checks (beyond, only the bits give the C code's value).
     """
     if exact:
-        return f.copy_(_clamped_nearest(f, 0, nmax))
-    return f.round_().clamp_(0.0, float(nmax))
+        return f.copy_(_clamped_nearest(f, lo, hi))
+    return f.round_().clamp_(float(lo), float(hi))
 
 
 def _out_of_range(iscale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
@@ -146,7 +147,7 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
     bad = _out_of_range(iscale, lo, mx, mn)
     scale = _rdiv(1.0, iscale)
     f = torch.empty(n, blocks)
-    lf = _levels_(torch.mul(x - mn, iscale, out=f), nmax, exact)
+    lf = _levels_(torch.mul(x - mn, iscale, out=f), 0, nmax, exact)
     e = torch.mul(lf, scale)
     best = _seq_sum(e.add_(mn).sub_(x).square_().mul_(w), torch.empty(blocks))
     win_iscale, win_min, cur_min = iscale, mn, mn
@@ -160,7 +161,7 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
     for num in nums:
         iscale = num / (mx - cur_min)
         bad |= _out_of_range(iscale, lo, mx, cur_min)
-        lf = _levels_(torch.mul(torch.sub(x, cur_min, out=f), iscale, out=f), nmax, exact)
+        lf = _levels_(torch.mul(torch.sub(x, cur_min, out=f), iscale, out=f), 0, nmax, exact)
         wl = torch.mul(w, lf, out=sums[:, 0])
         torch.mul(wl, lf, out=sums[:, 1])
         torch.mul(wl, x, out=sums[:, 2])
@@ -181,7 +182,7 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
         cur_min = torch.where(ok, this_min, cur_min)
     if not exact and bool((bad & ~flat).any()):
         return None
-    L = _levels_(torch.mul(torch.sub(x, win_min, out=f), win_iscale, out=f), nmax, exact)
+    L = _levels_(torch.mul(torch.sub(x, win_min, out=f), win_iscale, out=f), 0, nmax, exact)
     scale = torch.where(flat, zero, scale)
     the_min = torch.where(flat, -mn, -cur_min)
     L.masked_fill_(flat, 0.0)
@@ -191,9 +192,15 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
 def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` for blocks as columns: ``x`` (n, blocks).
 
-    Returns (scale, L) with L (n, blocks) int32 in 0..2*nmax-1. The first fit and the 18 tries
-    ``is = -9..9`` are computed together; acceptance then goes try after try as in C.
+    Returns (scale, L) with L (n, blocks) as float32 levels in 0..2*nmax-1. The first fit, then
+    the tries ``is = -9..9`` one after another on reused buffers, each vectorized across blocks.
     """
+    result = _make_qx_quants_rmse1(x, nmax, exact=False)
+    return result if result is not None else _make_qx_quants_rmse1(x, nmax, exact=True)
+
+
+def _make_qx_quants_rmse1(x: torch.Tensor, nmax: int,
+                          exact: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     n, blocks = x.shape
     amax = torch.zeros(blocks)
     mx = torch.zeros(blocks)
@@ -202,29 +209,40 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torc
         gt = ax > amax
         amax = torch.where(gt, ax, amax)
         mx = torch.where(gt, xi, mx)
-    tries = [0] + [i for i in range(-9, 10) if i != 0]
-    nums = float(nmax) + torch.tensor(0.1, dtype=torch.float32) * torch.tensor(tries, dtype=torch.float32)
-    iscale = -nums[:, None] / mx  # (tries, blocks)
-    lq = nearest_int(x[:, None, :] * iscale).clamp_(-nmax, nmax - 1)
-    lf = lq.to(torch.float32)
-    w = x * x
-    wx = (w * x)[:, None, :]
-    acc = torch.empty(len(tries), blocks)
-    sumlx = _seq_sum(wx * lf, acc.clone())
-    suml2 = _seq_sum(w[:, None, :] * lf * lf, acc)
-    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(suml2[0]))
-    best = scale * sumlx[0]
-    choice = torch.zeros(blocks, dtype=torch.int64)
-    for t in range(1, len(tries)):
-        ok = (suml2[t] > 0) & (sumlx[t] * sumlx[t] > best * suml2[t])
-        new_scale = sumlx[t] / suml2[t]
-        scale = torch.where(ok, new_scale, scale)
-        best = torch.where(ok, new_scale * sumlx[t], best)
-        choice = torch.where(ok, t, choice)
-    L = lq.gather(1, choice[None, None].expand(n, 1, blocks))[:, 0] + nmax
     zero = amax < GROUP_MAX_EPS
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    L = torch.where(zero, torch.zeros_like(L), L)
+    w = x * x
+    wx = w * x
+    f = torch.empty(n, blocks)
+    sums = torch.empty(n, 2, blocks)
+    terms = sums.unbind(0)
+    wl = torch.empty(n, blocks)
+    acc = torch.empty(2, blocks)
+    f32 = torch.float32
+    nums = float(nmax) + torch.tensor(0.1, dtype=f32) * torch.arange(-9, 10, dtype=f32)
+    best = scale = win_iscale = None
+    bad = torch.zeros(blocks, dtype=torch.bool)
+    for k in [9] + [k for k in range(19) if k != 9]:  # is = 0 first: its fit is the start
+        iscale = -nums[k] / mx
+        bad |= ~(iscale.abs() * amax <= 4194303.0)
+        lf = _levels_(torch.mul(x, iscale, out=f), -nmax, nmax - 1, exact)
+        torch.mul(wx, lf, out=sums[:, 0])
+        torch.mul(torch.mul(w, lf, out=wl), lf, out=sums[:, 1])
+        sumlx, suml2 = _seq_sum(terms, acc)
+        if best is None:
+            scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros(blocks))
+            best = scale * sumlx
+            win_iscale = iscale
+            continue
+        ok = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        new_scale = sumlx / suml2
+        scale = torch.where(ok, new_scale, scale)
+        best = torch.where(ok, new_scale * sumlx, best)
+        win_iscale = torch.where(ok, iscale, win_iscale)
+    if not exact and bool((bad & ~zero).any()):
+        return None
+    L = _levels_(torch.mul(x, win_iscale, out=f), -nmax, nmax - 1, exact).add_(nmax)
+    scale = torch.where(zero, torch.zeros(blocks), scale)
+    L.masked_fill_(zero, 0.0)
     return scale, L
 
 
@@ -301,7 +319,7 @@ def quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
     blocks = x.reshape(s * 16, 16).T.contiguous()
     scales, L = make_qx_quants_rmse1(blocks, 32)
     scales = scales.reshape(s, 16)
-    L = L.T.reshape(s, 16, 16)
+    L = L.T.reshape(s, 16, 16).to(torch.int32)
     max_abs, index = _first_max(scales.abs().T, torch.zeros(s))
     max_scale = scales.gather(1, index.clamp(min=0)[:, None])[:, 0]
     zero = max_abs < GROUP_MAX_EPS
