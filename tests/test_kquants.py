@@ -21,7 +21,7 @@ from deltamerge.sinks.gguf_quants import quantize_rows  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "kquants"
 GOLDEN = json.loads((DATA / "golden.json").read_text())
-PORTED = ("Q4_K", "Q5_K", "Q6_K")
+PORTED = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 QT = gguf.GGMLQuantizationType
 
@@ -56,7 +56,8 @@ def test_rows_and_chunks_quantize_alone(qtype: str, monkeypatch: pytest.MonkeyPa
     assert torch.equal(quantize_rows(x, QT[qtype]), whole)
 
 
-@pytest.mark.parametrize(("qtype", "bound"), [("Q4_K", 0.1), ("Q5_K", 0.05), ("Q6_K", 0.025)])
+@pytest.mark.parametrize(("qtype", "bound"), [("Q2_K", 0.5), ("Q3_K", 0.25), ("Q4_K", 0.1), ("Q5_K", 0.05),
+                                             ("Q6_K", 0.025)])
 def test_round_trip_through_ggufs_dequantizer(qtype: str, bound: float):
     x = rows_of("weights")
     q = quantize_rows(x, QT[qtype])

@@ -117,20 +117,23 @@ def _out_of_range(iscale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, at: 
 
 
 def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
-                     nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml's ``make_qkx2_quants`` (``use_mad`` false) for blocks as columns: ``x``, ``w`` (n, blocks).
+                     nstep: int, use_mad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qkx2_quants`` for blocks as columns: ``x``, ``w`` (n, blocks).
 
     Returns (scale, the_min, L) with L (n, blocks) as float32 levels. The trials go one after
     another as in C, since a trial that wins moves ``min``, which the next trials' scales and
     levels start from; each is vectorized across the blocks. Levels are rounded in floats; where
     that could differ from ``nearest_int`` (values near float32's limits) all is done again on bits.
     """
-    result = _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, exact=False)
-    return result if result is not None else _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, exact=True)
+    result = _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, exact=False)
+    if result is None:
+        result = _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, exact=True)
+    assert result is not None
+    return result
 
 
 def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
-                      exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                      use_mad: bool, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     n, blocks = x.shape
     lo = x.amin(0)
     mx = x.amax(0)
@@ -149,7 +152,8 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
     f = torch.empty(n, blocks)
     lf = _levels_(torch.mul(x - mn, iscale, out=f), 0, nmax, exact)
     e = torch.mul(lf, scale)
-    best = _seq_sum(e.add_(mn).sub_(x).square_().mul_(w), torch.empty(blocks))
+    e.add_(mn).sub_(x)
+    best = _seq_sum((e.abs_() if use_mad else e.square_()).mul_(w), torch.empty(blocks))
     win_iscale, win_min, cur_min = iscale, mn, mn
     f32 = torch.float32
     steps = torch.arange(nstep + 1, dtype=f32)
@@ -172,7 +176,8 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
         pos = this_min > 0
         this_min = torch.where(pos, zero, this_min)
         this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
-        torch.mul(lf, this_scale, out=e).add_(this_min).sub_(x).square_().mul_(w)
+        torch.mul(lf, this_scale, out=e).add_(this_min).sub_(x)
+        (e.abs_() if use_mad else e.square_()).mul_(w)
         _seq_sum(err_terms, err)
         ok = (d > 0) & (err < best)
         best = torch.where(ok, err, best)
@@ -196,7 +201,10 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torc
     the tries ``is = -9..9`` one after another on reused buffers, each vectorized across blocks.
     """
     result = _make_qx_quants_rmse1(x, nmax, exact=False)
-    return result if result is not None else _make_qx_quants_rmse1(x, nmax, exact=True)
+    if result is None:
+        result = _make_qx_quants_rmse1(x, nmax, exact=True)
+    assert result is not None
+    return result
 
 
 def _make_qx_quants_rmse1(x: torch.Tensor, nmax: int,
@@ -339,7 +347,111 @@ def quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
     return out.to(torch.uint8)
 
 
+def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``make_q3_quants(n, nmax, x, L, do_rmse=true)`` for blocks as columns: ``x`` (n, blocks).
+
+    Returns (scale, L) with L (n, blocks) int32 in 0..2*nmax-1. The refinement visits the values
+    one after another, each step vectorized across blocks. C stops a block's passes once one
+    changes nothing; a pass after that would change nothing either, so all blocks make all five.
+    """
+    n, blocks = x.shape
+    amax = torch.zeros(blocks)
+    mx = torch.zeros(blocks)
+    for xi in x:
+        ax = xi.abs()
+        gt = ax > amax
+        amax = torch.where(gt, ax, amax)
+        mx = torch.where(gt, xi, mx)
+    zero = amax < GROUP_MAX_EPS
+    iscale = _rdiv(-float(nmax), mx)
+    L = nearest_int(x * iscale).clamp_(-nmax, nmax - 1).to(torch.float32)
+    w = x * x
+    wx = w * x
+    sumlx = torch.zeros(blocks)
+    suml2 = torch.zeros(blocks)
+    for i in range(n):
+        sumlx = sumlx + wx[i] * L[i]
+        suml2 = suml2 + w[i] * L[i] * L[i]
+    for _ in range(5):
+        for i in range(n):
+            li = L[i]
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - w[i] * li * li
+            new_l = nearest_int(x[i] * sl2 / slx).clamp_(-nmax, nmax - 1).to(torch.float32)
+            slx = slx + wx[i] * new_l
+            sl2 = sl2 + w[i] * new_l * new_l
+            ok = ((sumlx - wx[i] * li > 0) & (new_l != li) & (sl2 > 0)
+                  & (slx * slx * suml2 > sumlx * sumlx * sl2))
+            L[i] = torch.where(ok, new_l, li)
+            sumlx = torch.where(ok, slx, sumlx)
+            suml2 = torch.where(ok, sl2, suml2)
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros(blocks))
+    scale = torch.where(zero, torch.zeros(blocks), scale)
+    L = torch.where(zero[None], 0, L.to(torch.int32) + nmax)
+    return scale, L
+
+
+def _pack_2bit(L: torch.Tensor) -> torch.Tensor:
+    """``qs[j/4 + l] = L[j+l] | L[j+l+32] << 2 | L[j+l+64] << 4 | L[j+l+96] << 6`` of (S, 256): (S, 64)."""
+    L = L.reshape(-1, 2, 4, 32)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32).reshape(1, 1, 4, 1)
+    return (L << shifts).sum(2, dtype=torch.int32).reshape(-1, 64)
+
+
+def quantize_q2_k(x: torch.Tensor) -> torch.Tensor:
+    """``quantize_row_q2_K_ref`` for super-blocks ``x`` (S, 256): block_q2_K bytes (S, 84)."""
+    s = x.shape[0]
+    blocks = x.reshape(s * 16, 16).T.contiguous()
+    scales, mins, L = make_qkx2_quants(blocks, blocks.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+    scales, mins = scales.reshape(s, 16), mins.reshape(s, 16)
+    zero = torch.zeros(s)
+    max_scale, _ = _first_max(scales.T, zero)
+    max_min, _ = _first_max(mins.T, zero)
+    has_scale, has_min = max_scale > 0, max_min > 0
+    ls = torch.where(has_scale[:, None], nearest_int(_rdiv(15.0, max_scale)[:, None] * scales), 0)
+    lm = nearest_int(_rdiv(15.0, max_min)[:, None] * mins)
+    sc = torch.where(has_min[:, None], ls | lm << 4, ls) & 0xFF
+    d_bits = torch.where(has_scale, _f16_bits(max_scale / 15.0), 0)
+    dmin_bits = torch.where(has_min, _f16_bits(max_min / 15.0), 0)
+    d = _f16_value(d_bits)[:, None] * (sc & 0xF).to(torch.float32)
+    dm = _f16_value(dmin_bits)[:, None] * (sc >> 4).to(torch.float32)
+    xb = x.reshape(s, 16, 16)
+    lq = nearest_int((xb + dm[..., None]) / d[..., None]).clamp_(0, 3)
+    L = torch.where((d != 0)[..., None], lq, L.T.reshape(s, 16, 16).to(torch.int32))
+    return torch.cat([sc, _pack_2bit(L), _fp16_bytes(d_bits), _fp16_bytes(dmin_bits)], 1).to(torch.uint8)
+
+
+def quantize_q3_k(x: torch.Tensor) -> torch.Tensor:
+    """``quantize_row_q3_K_ref`` for super-blocks ``x`` (S, 256): block_q3_K bytes (S, 110)."""
+    s = x.shape[0]
+    blocks = x.reshape(s * 16, 16).T.contiguous()
+    scales, L = make_q3_quants(blocks, 4)
+    scales = scales.reshape(s, 16)
+    max_abs, index = _first_max(scales.abs().T, torch.zeros(s))
+    max_scale = torch.where(index >= 0, scales.gather(1, index.clamp(min=0)[:, None])[:, 0], 0.0)
+    has = max_scale != 0
+    iscale = _rdiv(-32.0, max_scale)
+    l8 = nearest_int(iscale[:, None] * scales) & 0xFF
+    l8 = l8 - ((l8 & 0x80) << 1)  # (int8_t)
+    l6 = torch.where(has[:, None], l8.clamp_(-32, 31) + 32, 0)  # what the 12 bytes hold
+    packed = torch.zeros(s, 12, dtype=torch.int32)
+    packed[:, 0:8] = l6[:, 0:8] & 0xF | (l6[:, 8:16] & 0xF) << 4
+    high = (l6 >> 4).reshape(s, 4, 4)  # [j // 4, j % 4]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32).reshape(1, 4, 1)
+    packed[:, 8:12] = (high << shifts).sum(1, dtype=torch.int32)
+    d_bits = torch.where(has, _f16_bits(_rdiv(1.0, iscale)), 0)
+    d = _f16_value(d_bits)[:, None] * (l6 - 32).to(torch.float32)
+    lq = nearest_int(x.reshape(s, 16, 16) / d[..., None]).clamp_(-4, 3) + 4
+    L = torch.where((d != 0)[..., None], lq, L.T.reshape(s, 16, 16)).reshape(s, 8, 32)
+    hbits = (L > 3).to(torch.int32)  # value j: bit j // 32 of hmask[j % 32]
+    hmask = (hbits << torch.arange(8, dtype=torch.int32).reshape(1, 8, 1)).sum(1, dtype=torch.int32)
+    L = L - 4 * hbits
+    return torch.cat([hmask, _pack_2bit(L.reshape(s, 256)), packed, _fp16_bytes(d_bits)], 1).to(torch.uint8)
+
+
 _K_QUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "Q2_K": quantize_q2_k,
+    "Q3_K": quantize_q3_k,
     "Q4_K": quantize_q4_k,
     "Q5_K": quantize_q5_k,
     "Q6_K": quantize_q6_k,
@@ -349,8 +461,8 @@ _K_QUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 def quantize_rows(rows: torch.Tensor, qtype: int) -> torch.Tensor:
     """Rows (n, width) of float32 as llama-quantize writes them in ``qtype``: uint8 (n, bytes per row).
 
-    ``width`` must be a multiple of the type's block size. Q4_K, Q5_K and Q6_K are ported from
-    ggml; Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 are gguf-py's quantizers, as the converter's.
+    ``width`` must be a multiple of the type's block size. Q2_K to Q6_K are ported from ggml;
+    Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 are gguf-py's quantizers, as the converter's.
     Work is done some super-blocks at a time, so memory stays bounded whatever the rows.
     """
     require_gguf()
