@@ -5,11 +5,14 @@
 multiply-add in the x86-64 build. gguf-py has no k-quant quantizer, so they are ported here, each
 256-value super-block independent of the others. Float32 results depend on the order of every
 operation, so the port keeps the C code's: sums accumulate position by position within a block
-(never torch's pairwise ``sum``), divisions stay divisions, and no op fuses a multiply with an add
-(no ``addcmul``, no ``alpha=``). The work is vectorized across blocks (and across the trial scales
-of ``make_qkx2_quants``/``make_qx_quants``), never within one. ``nearest_int`` (the 1.5 * 2^23
-trick) and the ``(uint8_t)``/``(int8_t)`` wraps are reproduced on the bits, so even values out of
-its range give the C code's bytes. The bytes match the C code's on x86-64 for finite inputs.
+(never torch's pairwise ``sum``), divisions stay divisions (torch's ``float / tensor`` multiplies
+by a reciprocal), ``sqrtf`` is rounded from float64 (torch's float32 sqrt is not correctly
+rounded), and no op fuses a multiply with an add (no ``addcmul``, no ``alpha=``). The work is
+vectorized across blocks, never within one; the trial scales of ``make_qkx2_quants`` and
+``make_qx_quants`` go one after another on buffers reused from trial to trial. ``nearest_int``
+(the 1.5 * 2^23 trick) rounds in floats where its range holds and is redone on the bits where it
+may not, and the ``(uint8_t)``/``(int8_t)`` wraps are kept, so the bytes are the C code's on
+x86-64 for every finite input, even one whose ``max - min`` overflows.
 
 The legacy types (Q4_0 ... Q8_0) are gguf-py's own quantizers, which ``convert_hf_to_gguf.py``
 uses and which match ggml's ``quantize_row_*_ref``.
@@ -146,25 +149,30 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
     zero = torch.zeros(blocks)
     mn = torch.where(lo > 0, zero, lo)
     flat = mx == mn
-    iscale = _rdiv(float(nmax), mx - mn)
-    bad = _out_of_range(iscale, lo, mx, mn)
+    f32 = torch.float32
+    steps = torch.arange(nstep + 1, dtype=f32)
+    nums = (torch.tensor(rmin, dtype=f32) + torch.tensor(rdelta, dtype=f32) * steps) + float(nmax)
+    # Each trial's iscale and min (row 0: the first fit's), to rebuild the winner's levels and to
+    # check nearest_int's range once at the end.
+    iscales = torch.empty(nstep + 2, blocks)
+    mins = torch.empty(nstep + 2, blocks)
+    iscale = torch.div(torch.tensor(float(nmax)), mx - mn, out=iscales[0])
+    mins[0] = mn
     scale = _rdiv(1.0, iscale)
     f = torch.empty(n, blocks)
     lf = _levels_(torch.mul(x - mn, iscale, out=f), 0, nmax, exact)
     e = torch.mul(lf, scale)
     e.add_(mn).sub_(x)
     best = _seq_sum((e.abs_() if use_mad else e.square_()).mul_(w), torch.empty(blocks))
-    win_iscale, win_min, cur_min = iscale, mn, mn
-    f32 = torch.float32
-    steps = torch.arange(nstep + 1, dtype=f32)
-    nums = (torch.tensor(rmin, dtype=f32) + torch.tensor(rdelta, dtype=f32) * steps) + float(nmax)
+    cur_min = mn
+    win = torch.zeros(blocks, dtype=torch.int64)
     sums = torch.empty(n, 3, blocks)
     sum_terms, err_terms = sums.unbind(0), e.unbind(0)
     acc = torch.empty(3, blocks)
     err = torch.empty(blocks)
-    for num in nums:
-        iscale = num / (mx - cur_min)
-        bad |= _out_of_range(iscale, lo, mx, cur_min)
+    for t, num in enumerate(nums, 1):
+        iscale = torch.div(num, torch.sub(mx, cur_min, out=tmp), out=iscales[t])
+        mins[t] = cur_min
         lf = _levels_(torch.mul(torch.sub(x, cur_min, out=f), iscale, out=f), 0, nmax, exact)
         wl = torch.mul(w, lf, out=sums[:, 0])
         torch.mul(wl, lf, out=sums[:, 1])
@@ -173,21 +181,21 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
         d = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / d
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d
-        pos = this_min > 0
-        this_min = torch.where(pos, zero, this_min)
-        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+        this_scale = torch.where(this_min > 0, sum_xl / sum_l2, this_scale)
+        this_min.clamp_(max=0.0)  # if (this_min > 0) this_min = 0
         torch.mul(lf, this_scale, out=e).add_(this_min).sub_(x)
         (e.abs_() if use_mad else e.square_()).mul_(w)
         _seq_sum(err_terms, err)
         ok = (d > 0) & (err < best)
         best = torch.where(ok, err, best)
         scale = torch.where(ok, this_scale, scale)
-        win_iscale = torch.where(ok, iscale, win_iscale)
-        win_min = torch.where(ok, cur_min, win_min)
         cur_min = torch.where(ok, this_min, cur_min)
-    if not exact and bool((bad & ~flat).any()):
+        win.masked_fill_(ok, t)
+    if not exact and bool((_out_of_range(iscales, lo, mx, mins) & ~flat).any()):
         return None
-    L = _levels_(torch.mul(torch.sub(x, win_min, out=f), win_iscale, out=f), 0, nmax, exact)
+    win = win[None]
+    L = torch.sub(x, mins.gather(0, win), out=f).mul_(iscales.gather(0, win))
+    L = _levels_(L, 0, nmax, exact)
     scale = torch.where(flat, zero, scale)
     the_min = torch.where(flat, -mn, -cur_min)
     L.masked_fill_(flat, 0.0)
