@@ -59,12 +59,28 @@ def edge_rows() -> torch.Tensor:
     return torch.stack(rows).to(torch.float32)
 
 
+def nonfinite_rows() -> torch.Tensor:
+    """Rows of 256 with NaN and infinities: the C code's comparisons decide what they become."""
+    g = torch.Generator().manual_seed(5)
+    nan, inf = float("nan"), float("inf")
+    rows = [
+        torch.full((256,), nan),
+        torch.full((256,), inf),
+        torch.randn(256, generator=g).index_fill_(0, torch.tensor([3]), nan),
+        torch.randn(256, generator=g).index_fill_(0, torch.tensor([0, 77]), -nan),
+        torch.randn(256, generator=g).index_fill_(0, torch.tensor([40]), inf),
+        torch.randn(256, generator=g).index_fill_(0, torch.tensor([40, 200]), -inf),
+    ]
+    return torch.stack(rows).to(torch.float32)
+
+
 def cases() -> dict[str, tuple[torch.Tensor, str]]:
     g = torch.Generator().manual_seed(1)
     return {
         "normal": (torch.randn(6, 512, generator=g), "standard normal, width 512"),
         "weights": (torch.randn(6, 512, generator=g) * 0.02, "normal * 0.02, as LLM weights, width 512"),
         "edge": (edge_rows(), "rows of 256: zeros, constants, huge, tiny, subnormal, mixed signs, ..."),
+        "nonfinite": (nonfinite_rows(), "rows of 256 with NaN and infinities"),
     }
 
 

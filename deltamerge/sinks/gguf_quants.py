@@ -126,9 +126,12 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
     Returns (scale, the_min, L) with L (n, blocks) as float32 levels. The trials go one after
     another as in C, since a trial that wins moves ``min``, which the next trials' scales and
     levels start from; each is vectorized across the blocks. Levels are rounded in floats; where
-    that could differ from ``nearest_int`` (values near float32's limits) all is done again on bits.
+    that could differ from ``nearest_int`` (NaN, infinities, values near float32's limits) all is
+    done again on bits.
     """
-    result = _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, exact=False)
+    result = None
+    if bool(torch.isfinite(x).all()):
+        result = _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, exact=False)
     if result is None:
         result = _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, exact=True)
     assert result is not None
@@ -138,8 +141,10 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
 def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                       use_mad: bool, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     n, blocks = x.shape
-    lo = x.amin(0)
-    mx = x.amax(0)
+    lo, mx = x[0].clone(), x[0].clone()
+    for xi in x[1:]:  # comparisons in C's order, as NaNs make them matter
+        lo = torch.where(xi < lo, xi, lo)
+        mx = torch.where(xi > mx, xi, mx)
     sum_w = w[0].clone()
     sum_x = w[0] * x[0]
     tmp = torch.empty(blocks)
@@ -208,7 +213,7 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torc
     Returns (scale, L) with L (n, blocks) as float32 levels in 0..2*nmax-1. The first fit, then
     the tries ``is = -9..9`` one after another on reused buffers, each vectorized across blocks.
     """
-    result = _make_qx_quants_rmse1(x, nmax, exact=False)
+    result = _make_qx_quants_rmse1(x, nmax, exact=False) if bool(torch.isfinite(x).all()) else None
     if result is None:
         result = _make_qx_quants_rmse1(x, nmax, exact=True)
     assert result is not None
