@@ -5,7 +5,9 @@ Compiles ``scripts/kquant_golden.c`` with ``ggml/src/ggml-quants.c`` of a llama.
 (the one vendored in llama-cpp-python: ``pip download --no-deps --no-binary :all:
 llama-cpp-python==0.3.36``, then ``vendor/llama.cpp``) as llama-quantize's ggml-base is built on
 x86-64: plain ``gcc -O2 -DNDEBUG``, no ``-march``, no ``-ffast-math``, ``-ffp-contract=off``
-(x86-64 without ``-march`` has no FMA; the flag keeps other hosts from contracting). It then
+(x86-64 without ``-march`` has no FMA; the flag keeps other hosts from contracting). ggml's CMake
+adds ``-march=native`` to the CPU backend only, not to ggml-base, which holds ggml-quants.c;
+``-O3`` gives the same bytes, ``-march=native`` does not (gcc contracts into FMA). It then
 quantizes the rows below with ggml's ``quantize_row_*_ref`` for every type and writes, under
 ``tests/data/kquants``: ``CASE.f32`` (the rows, raw little-endian float32), ``CASE.TYPE.bin``
 (ggml's blocks) and ``golden.json`` (the cases, the types and the build).
