@@ -20,7 +20,7 @@ uses and which match ggml's ``quantize_row_*_ref``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -65,7 +65,7 @@ def _f16_value(bits: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int16).view(torch.float16).to(torch.float32)
 
 
-def _seq_sum(terms: torch.Tensor | list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+def _seq_sum(terms: Iterable[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """``float s = 0; for (i...) s += terms[i];`` along dim 0, vectorized over the rest.
 
     ``terms`` may be a buffer's ``unbind(0)`` made once: the loop runs for every trial scale.
@@ -292,7 +292,8 @@ def _k_scales(scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, t
     return packed, d_bits, dmin_bits, d, dm
 
 
-def _qkx_superblocks(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
+def _qkx_superblocks(x: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+                     nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The part Q4_K and Q5_K share: per 32 values ``make_qkx2_quants`` with weights
     ``av_x + |x|``, the packed scales, and every value requantized with the stored scales."""
     s = x.shape[0]
