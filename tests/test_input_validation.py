@@ -1,0 +1,169 @@
+"""No crash on any input: every bad argument, size, shape or side file is one InputError line.
+
+The library's entry points get arguments of the wrong type, sizes of hundreds of digits,
+zero-size tensors with huge (or absurd) dimensions, remote headers of the wrong shape and GGUF
+side files with fields of the wrong type; each is refused by an :class:`InputError` naming the
+argument (or the file and field or tensor), and nothing is written.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import (
+    assert_states_equal,
+    llama_state,
+    load_state,
+    run_cli,
+    save_checkpoint,
+)
+
+from deltamerge import apply_delta, checksum, convert, diff, inspect, make_delta, push_to_hub, verify
+from deltamerge.errors import InputError
+from deltamerge.sizes import parse_size
+
+HUGE = "9" * 400
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> SimpleNamespace:
+    """A base, a target and the delta between them (built once)."""
+    root = tmp_path_factory.mktemp("models")
+    base = save_checkpoint(llama_state(0), root / "base")
+    target = save_checkpoint(llama_state(1), root / "target")
+    delta = root / "delta"
+    make_delta(base, target, delta)
+    return SimpleNamespace(root=root, base=base, target=target, delta=delta)
+
+
+def refused(call, *words: str) -> str:
+    """``call`` raises an InputError whose one-line message holds ``words``; that message."""
+    with pytest.raises(InputError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+    return message
+
+
+# -- sizes --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text", [HUGE, HUGE + "GB", "1" + "0" * 30 + "TiB", "1e400"])
+def test_parse_size_refuses_sizes_no_file_can_have(text):
+    message = refused(lambda: parse_size(text), "invalid size")
+    assert len(message) < 200
+
+
+def test_parse_size_reads_decimals_exactly():
+    assert parse_size("1.5KiB") == 1536
+    assert parse_size("0.000001GB") == 1000
+    assert parse_size(2**63 - 1) == 2**63 - 1
+
+
+@pytest.mark.parametrize("option", ["--max-shard-size", "--block-size"])
+def test_cli_huge_sizes_are_one_line(models, tmp_path, option):
+    out = tmp_path / "out"
+    proc = run_cli("apply", models.base, models.delta, out, option, HUGE, "-q")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "invalid size" in line]
+    assert len(errors) == 1 and len(errors[0]) < 300, proc.stderr
+    assert not out.exists()
+
+
+# -- the library's arguments --------------------------------------------------------------------
+def test_paths_of_the_wrong_type_are_named(models, tmp_path):
+    out = tmp_path / "out"
+    refused(lambda: apply_delta(None, models.delta, out), "base")
+    refused(lambda: apply_delta(models.base, 5, out), "delta")
+    refused(lambda: apply_delta(models.base, [models.delta, None], out), "delta[1]")
+    refused(lambda: apply_delta(models.base, models.delta, 7), "out")
+    refused(lambda: make_delta(models.base, None, out), "target")
+    refused(lambda: make_delta(models.base, models.target, b"out"), "out")
+    refused(lambda: convert(3, out), "meta_dir")
+    refused(lambda: checksum(None), "path")
+    refused(lambda: verify(models.base, 5), "manifest_path")
+    refused(lambda: inspect(1.5), "path")
+    refused(lambda: diff(models.base, None), "b")
+    refused(lambda: push_to_hub(None, "me/model"), "folder")
+    refused(lambda: push_to_hub(models.base, None), "repo_id")
+    refused(lambda: push_to_hub(models.base, "me/model", private="yes"), "private")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    ({"dtype": 5}, "dtype"),
+    ({"dtype": torch.int8}, "dtype"),
+    ({"dtype": torch.float64}, "dtype"),
+    ({"block_size": [1]}, "block_size"),
+    ({"block_size": HUGE}, "block_size"),
+    ({"max_shard_size": 1.5}, "max_shard_size"),
+    ({"hub": {"endpiont": "http://x"}}, "endpiont"),
+    ({"hub": ["endpoint"]}, "hub"),
+    ({"hub": {"token": 5}}, "token"),
+    ({"workers": "2"}, "workers"),
+    ({"force": "no"}, "force"),
+    ({"progress": 3}, "progress"),
+    ({"new_rows": None}, "new-rows"),
+    ({"lora_alpha": "16"}, "lora_alpha"),
+    ({"extra_files": {"../escape.txt": b"x"}}, "extra_files"),
+    ({"extra_files": {"/tmp/abs.txt": b"x"}}, "extra_files"),
+    ({"extra_files": {"sub/x.txt": b"x"}}, "extra_files"),
+    ({"extra_files": {"x.txt": 5}}, "extra_files"),
+])
+def test_apply_arguments_are_checked_before_any_work(models, tmp_path, kwargs, word):
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+    refused(lambda: apply_delta(models.base, models.delta, out, **kwargs), word)
+    assert list(out.parent.iterdir()) == []
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_make_delta_and_checks_arguments(models, tmp_path):
+    out = tmp_path / "out"
+    refused(lambda: make_delta(models.base, models.target, out, block_size=object()), "block_size")
+    refused(lambda: make_delta(models.base, models.target, out, hub={"tokn": "x"}), "tokn")
+    refused(lambda: make_delta(models.base, models.target, out, kind=1), "kind")
+    refused(lambda: checksum(models.base, hub={"api": "http://x"}), "api")
+    refused(lambda: checksum(models.base, algorithm=5), "algorithm")
+    refused(lambda: inspect(models.base, digest="no"), "digest")
+    refused(lambda: verify(models.base, models.delta / "deltamerge.json", role=None), "role")
+    refused(lambda: diff(models.base, models.base, block_bytes="lots"), "block_bytes")
+    assert not out.exists()
+
+
+def test_apply_needs_a_delta(models, tmp_path):
+    out = tmp_path / "out"
+    refused(lambda: apply_delta(models.base, [], out), "at least one delta")
+    assert not out.exists()
+
+
+def test_block_size_as_a_string_is_a_size(models, tmp_path):
+    a = apply_delta(models.base, models.delta, tmp_path / "a", block_size="24KB")
+    b = apply_delta(models.base, models.delta, tmp_path / "b")
+    assert a.model_digest == b.model_digest
+    assert_states_equal(load_state(tmp_path / "a"), load_state(tmp_path / "b"))
+
+
+def test_extra_files_are_written_inside_out(models, tmp_path):
+    src = tmp_path / "notes.md"
+    src.write_text("# notes\n")
+    out = tmp_path / "out"
+    apply_delta(models.base, models.delta, out, extra_files={"README.md": b"# hi\n", "notes.md": src})
+    assert (out / "README.md").read_bytes() == b"# hi\n"
+    assert (out / "notes.md").read_text() == "# notes\n"
+
+
+def test_a_float_dtype_object_is_accepted(models, tmp_path):
+    apply_delta(models.base, models.delta, tmp_path / "out", dtype=torch.bfloat16)
+    assert {t.dtype for t in load_state(tmp_path / "out").values()} == {torch.bfloat16}
+
+
+def test_cli_still_refuses_an_int_dtype_spelling(models, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("apply", models.base, models.delta, out, "--dtype", "int8", "-q")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert not out.exists()
+
