@@ -8,19 +8,27 @@ argument (or the file and field or tensor), and nothing is written.
 
 from __future__ import annotations
 
+import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import (
     assert_states_equal,
+    join_safetensors,
     llama_state,
     load_state,
     run_cli,
     save_checkpoint,
+    split_safetensors,
 )
 
 from deltamerge import apply_delta, checksum, convert, diff, inspect, make_delta, push_to_hub, verify
+from deltamerge.cli import main
 from deltamerge.errors import InputError
 from deltamerge.sizes import parse_size
 
@@ -47,6 +55,25 @@ def refused(call, *words: str) -> str:
     for word in words:
         assert word in message, message
     return message
+
+
+def cli(*args: object) -> tuple[int, str]:
+    """A ``deltamerge`` command through click in this process (the CLI's error handling, without
+    a new interpreter's start-up): its exit status and stderr."""
+    result = CliRunner().invoke(main, [*map(str, args), "-q"])
+    assert isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.stderr
+
+
+def cli_error(result: tuple[int, str], *words: str) -> str:
+    """A command exited 2 with one line of stderr holding ``words``; that line."""
+    code, err = result
+    assert code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
 
 
 # -- sizes --------------------------------------------------------------------------------------
@@ -167,3 +194,79 @@ def test_cli_still_refuses_an_int_dtype_spelling(models, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert not out.exists()
 
+
+
+# -- zero-size tensors and absurd shapes --------------------------------------------------------
+ZEROS = {
+    "extra.wide": (0, 2**31),
+    "extra.tall": (2**20, 0, 2**30),
+    "extra.none": (0,),
+}
+
+
+@contextmanager
+def address_space(extra: int) -> Iterator[None]:
+    """At most ``extra`` more bytes of address space for this process: a run needs far less, a
+    buffer sized from a zero-size tensor's row (8 GiB for [0, 2**31] float16 as fp32) does not
+    fit, even where the kernel would hand it out untouched."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    status = Path("/proc/self/status").read_text()
+    used = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmSize:")))
+    resource.setrlimit(resource.RLIMIT_AS, (used * 1024 + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def with_zeros(seed: int, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    return {**llama_state(seed), **{n: torch.empty(s, dtype=dtype) for n, s in ZEROS.items()}}
+
+
+def test_zero_size_tensors_stream_as_zero_size_tensors(tmp_path):
+    base = save_checkpoint(with_zeros(0), tmp_path / "base")
+    target = save_checkpoint(with_zeros(1), tmp_path / "target")
+    delta, out = tmp_path / "delta", tmp_path / "out"
+    with address_space(4 << 30):
+        make_delta(base, target, delta, kind="xor")
+        apply_delta(base, delta, out)
+    result = load_state(out)  # read by the safetensors library itself
+    assert_states_equal(result, load_state(target))
+    for name, shape in ZEROS.items():
+        assert result[name].shape == shape and result[name].dtype == torch.float16
+
+
+def add_tensor(folder: Path, name: str, dtype: str, shape: list[int], nbytes: int = 0) -> Path:
+    """Add an entry of ``shape`` holding ``nbytes`` bytes to the folder's model.safetensors."""
+    file = folder / "model.safetensors"
+    header, body = split_safetensors(file.read_bytes())
+    header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(body), len(body) + nbytes]}
+    file.write_bytes(join_safetensors(header, body + b"\0" * nbytes, pad=True))
+    return file
+
+
+@pytest.mark.parametrize("shape, nbytes, words", [
+    ([0, 2**31, 2**31, 2**31], 0, "overflow"),
+    ([0, 2**40], 0, "no file of this size"),
+    ([2**62, 0], 0, "no file of this size"),
+    ([4, 4], 8, "needs 32 bytes"),
+])
+def test_absurd_safetensors_shapes_are_one_line(models, tmp_path, shape, nbytes, words):
+    base = save_checkpoint(llama_state(0), tmp_path / "base")
+    file = add_tensor(base, "extra.bad", "F16", shape, nbytes)
+    out = tmp_path / "out"
+    line = cli_error(cli("apply", base, models.delta, out), str(file), "'extra.bad'", words)
+    assert len(line) < 400
+    assert not out.exists()
+
+
+def test_absurd_bin_shapes_are_one_line(tmp_path):
+    """A .bin tensor of shape [0, 2**37] on both sides: sized from its row, each buffer of the
+    run would be 512 GiB."""
+    huge = {"extra.bad": torch.empty(0, 2**37, dtype=torch.float16)}
+    base = save_checkpoint({**llama_state(0), **huge}, tmp_path / "base", fmt="bin")
+    target = save_checkpoint({**llama_state(1), **huge}, tmp_path / "target", fmt="bin")
+    out = tmp_path / "out"
+    cli_error(cli("make-delta", base, target, out), str(base / "pytorch_model.bin"),
+              "'extra.bad'", "no file of this size")
+    assert not out.exists()

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
 from ..errors import FormatError
 from ..tensor_spec import TensorSpec
@@ -25,6 +27,8 @@ MAX_HEADER_BYTES = 100_000_000
 # A zero-size tensor's dimensions are not bounded by its bytes; beyond this (or the file's size)
 # they are nonsense, and would make the engine loop over billions of empty row blocks.
 MAX_EMPTY_DIM = 2**31
+# Sizes, strides and offsets are signed 64-bit in torch and in the format.
+MAX_BYTES = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -99,11 +103,10 @@ def _parse(path: Path, raw: bytes, size: int, data_start: int) -> Header:
         isinstance(v, str) and text_ok(k) and text_ok(v) for k, v in metadata.items()
     ):
         raise FormatError(f"{path}: __metadata__ must map strings to strings")
-    max_dim = max(size, MAX_EMPTY_DIM)
     tensors: dict[str, StoredTensor] = {}
     spans: list[tuple[int, int, str]] = []
     for name, info in obj.items():
-        spec, begin, end = _parse_entry(path, name, info, max_dim)
+        spec, begin, end = _parse_entry(path, name, info, size)
         tensors[name] = StoredTensor(spec, data_start + begin)
         spans.append((begin, end, name))
     _check_spans(path, sorted(spans), size - data_start, data_start)
@@ -141,8 +144,22 @@ def _check_spans(path: Path, spans: list[tuple[int, int, str]], data: int, start
         )
 
 
+def check_shape(where: str, shape: tuple[int, ...] | list[int], dtype: torch.dtype, size: int) -> None:
+    """Refuse a shape no file of ``size`` bytes can hold, before anything is sized from it.
+
+    A zero-size tensor's other dimensions are not bounded by its bytes: each is bounded here by
+    the file's size (or ``MAX_EMPTY_DIM``), and the product of all of them (zeros counted as
+    one, as strides are) times the item size must fit in 64 bits. Readers of every format call
+    this, so a shape one of them accepts is one every writer and reader here handles.
+    """
+    if any(d > max(size, MAX_EMPTY_DIM) for d in shape):
+        raise FormatError(f"{where}: shape {list(shape)} has a dimension no file of this size can hold")
+    if math.prod(max(d, 1) for d in shape) * itemsize(dtype) > MAX_BYTES:
+        raise FormatError(f"{where}: shape {list(shape)} is too large: its strides overflow 64 bits")
+
+
 def _parse_entry(
-    path: Path, name: str, info: object, max_dim: int
+    path: Path, name: str, info: object, size: int
 ) -> tuple[TensorSpec, int, int]:
     where = f"{path}: tensor {name!r}"
     if not text_ok(name):
@@ -157,8 +174,8 @@ def _parse_entry(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise FormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    if any(d > max_dim for d in shape):
-        raise FormatError(f"{where}: shape {shape} has a dimension no file of this size can hold")
+    dtype = SAFETENSORS_TO_TORCH[dtype_name]
+    check_shape(where, shape, dtype, size)
     offsets = info.get("data_offsets")
     if (
         not isinstance(offsets, list)
@@ -169,7 +186,6 @@ def _parse_entry(
     begin, end = offsets
     if begin < 0 or end < begin:
         raise FormatError(f"{where}: data_offsets [{begin}, {end}] are negative or reversed")
-    dtype = SAFETENSORS_TO_TORCH[dtype_name]
     nbytes = math.prod(shape) * itemsize(dtype)
     if nbytes != end - begin:
         raise FormatError(
