@@ -32,6 +32,8 @@ from deltamerge.cli import main
 from deltamerge.errors import InputError
 from deltamerge.sizes import parse_size
 
+pytest_plugins = ["hub_fixtures"]
+
 HUGE = "9" * 400
 
 
@@ -269,4 +271,38 @@ def test_absurd_bin_shapes_are_one_line(tmp_path):
     out = tmp_path / "out"
     cli_error(cli("make-delta", base, target, out), str(base / "pytorch_model.bin"),
               "'extra.bad'", "no file of this size")
+    assert not out.exists()
+
+
+# -- remote headers -----------------------------------------------------------------------------
+def _entry_is_a_list(header: dict) -> object:
+    header["model.norm.weight"] = list(header["model.norm.weight"].values())
+    return header
+
+
+def _header_is_a_list(header: dict) -> object:
+    return [header]
+
+
+def _zero_size_absurd(header: dict) -> object:
+    header["extra.bad"] = {"dtype": "F16", "shape": [0, 2**31, 2**31, 2**31], "data_offsets": [0, 0]}
+    return header
+
+
+@pytest.mark.usefixtures("all_routes_known")
+@pytest.mark.parametrize("edit, words", [
+    (_entry_is_a_list, ("'model.norm.weight'", "not an object")),
+    (_header_is_a_list, ("not a JSON object",)),
+    (_zero_size_absurd, ("'extra.bad'", "overflow")),
+])
+def test_remote_headers_are_validated_as_local_ones(hub, api, models, tmp_path, edit, words):
+    files = {p.name: p.read_bytes() for p in models.base.iterdir()}
+    header, body = split_safetensors(files["model.safetensors"])
+    files["model.safetensors"] = join_safetensors(edit(header), body, pad=True)
+    hub.seed("alice/bad-base", files)
+    out = tmp_path / "out"
+    message = refused(lambda: apply_delta("alice/bad-base", models.delta, out, hub={"api": api}),
+                      "alice/bad-base@", "model.safetensors", *words)
+    assert len(message) < 400
+    assert [e for e in hub.requests_to("/lfs-objects/", "GET") if e[2] != 206] == []  # headers only
     assert not out.exists()

@@ -62,25 +62,11 @@ def read_header(path: Path, fd: int | None = None) -> Header:
         fd = open_for_reading(path)
     try:
         size = os.fstat(fd).st_size
-        head = os.pread(fd, 64, 0)
-        known = describe_non_safetensors(path, head)
-        if known:
-            raise FormatError(known)
-        if size == 0:
-            raise FormatError(f"{path}: empty file (an interrupted download?)")
-        if len(head) < 8:
-            raise FormatError(f"{path}: truncated: {size} bytes is shorter than a safetensors header")
-        n = struct.unpack("<Q", head[:8])[0]
-        if n > MAX_HEADER_BYTES:
-            raise FormatError(
-                f"{path}: header length {n} exceeds the 100 MB limit: not a valid safetensors file"
-            )
-        if 8 + n > size:
-            raise FormatError(f"{path}: truncated: header claims {n} bytes but the file has {size}")
+        n = header_length(path, os.pread(fd, 64, 0), size)
         raw = os.pread(fd, n, 8)
         if len(raw) != n:
             raise FormatError(f"{path}: truncated while reading its header")
-        return _parse(path, raw, size, 8 + n)
+        return parse_header(path, raw, size)
     except OSError as exc:
         raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
     finally:
@@ -88,7 +74,30 @@ def read_header(path: Path, fd: int | None = None) -> Header:
             os.close(fd)
 
 
-def _parse(path: Path, raw: bytes, size: int, data_start: int) -> Header:
+def header_length(path: Path, head: bytes, size: int) -> int:
+    """The header's length from the file's first 64 bytes (``head``), checked against the limit
+    and the file's ``size`` before a byte of the header is read (here or over HTTP)."""
+    known = describe_non_safetensors(path, head)
+    if known:
+        raise FormatError(known)
+    if size == 0:
+        raise FormatError(f"{path}: empty file (an interrupted download?)")
+    if len(head) < 8:
+        raise FormatError(f"{path}: truncated: {size} bytes is shorter than a safetensors header")
+    n = struct.unpack("<Q", head[:8])[0]
+    if n > MAX_HEADER_BYTES:
+        raise FormatError(
+            f"{path}: header length {n} exceeds the 100 MB limit: not a valid safetensors file"
+        )
+    if 8 + n > size:
+        raise FormatError(f"{path}: truncated: header claims {n} bytes but the file has {size}")
+    return n
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> Header:
+    """Validate the header ``raw`` of a file of ``size`` bytes: every entry, and that the
+    tensors tile the data exactly. Local files and remote (Hub) headers alike come through here."""
+    data_start = 8 + len(raw)
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

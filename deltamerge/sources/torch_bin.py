@@ -17,8 +17,8 @@ import torch
 
 from ..dtypes import TORCH_TO_SAFETENSORS
 from ..errors import FormatError, UnsupportedError
-from ..formats.safetensors import check_shape
 from ..formats.files import describe_download, open_for_reading, text_ok
+from ..formats.safetensors import check_shape
 from ..memory import drop_mapped_range
 from ..tensor_spec import TensorSpec
 from .checkpoint import Checkpoint, register, view_rows
