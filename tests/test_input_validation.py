@@ -8,6 +8,7 @@ argument (or the file and field or tensor), and nothing is written.
 
 from __future__ import annotations
 
+import json
 import resource
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,10 +27,13 @@ from conftest import (
     save_checkpoint,
     split_safetensors,
 )
+from test_gguf import sp_model, specs, tiny_llama  # noqa: F401 - sp_model is a fixture
 
 from deltamerge import apply_delta, checksum, convert, diff, inspect, make_delta, push_to_hub, verify
 from deltamerge.cli import main
 from deltamerge.errors import InputError
+from deltamerge.sinks.gguf import plan_gguf
+from deltamerge.sinks.meta_pth import meta_params
 from deltamerge.sizes import parse_size
 
 pytest_plugins = ["hub_fixtures"]
@@ -305,4 +309,76 @@ def test_remote_headers_are_validated_as_local_ones(hub, api, models, tmp_path, 
                       "alice/bad-base@", "model.safetensors", *words)
     assert len(message) < 400
     assert [e for e in hub.requests_to("/lfs-objects/", "GET") if e[2] != 206] == []  # headers only
+    assert not out.exists()
+
+
+# -- side files the GGUF writer reads -----------------------------------------------------------
+def edit_json(path: Path, **fields: object) -> None:
+    obj = json.loads(path.read_text()) if path.is_file() else {}
+    obj.update(fields)
+    path.write_text(json.dumps(obj))
+
+
+GGUF_SIDE_FILES = [
+    ("config.json", {"num_attention_heads": "4"}, "'num_attention_heads'"),
+    ("config.json", {"num_attention_heads": 0}, "'num_attention_heads'"),
+    ("config.json", {"num_key_value_heads": 3}, "'num_key_value_heads'"),
+    ("config.json", {"hidden_size": 66}, "'hidden_size'"),
+    ("config.json", {"rope_scaling": "linear"}, "'rope_scaling'"),
+    ("config.json", {"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "'factor'"),
+    ("config.json", {"rms_norm_eps": "1e-6"}, "'rms_norm_eps'"),
+    ("config.json", {"bos_token_id": -1}, "'bos_token_id'"),
+    ("config.json", {"max_position_embeddings": [4096]}, "'max_position_embeddings'"),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"3": "<x>"}}, "added_tokens_decoder['3']"),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"x": {"content": "<x>"}}}, "added_tokens_decoder"),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"3": {"content": 3}}}, "added_tokens_decoder['3']"),
+    ("tokenizer_config.json", {"added_tokens_decoder": []}, "'added_tokens_decoder'"),
+    ("tokenizer_config.json", {"add_prefix_space": "yes"}, "'add_prefix_space'"),
+    ("tokenizer_config.json", {"add_bos_token": 1}, "'add_bos_token'"),
+    ("tokenizer_config.json", {"bos_token": 5}, "'bos_token'"),
+    ("tokenizer_config.json", {"chat_template": 5}, "'chat_template'"),
+    ("tokenizer.json", {"added_tokens": {"a": 1}}, "'added_tokens'"),
+    ("tokenizer.json", {"added_tokens": [{"id": "1", "content": "<s>"}]}, "'id'"),
+    ("tokenizer.json", {"model": {"type": "BPE", "vocab": {"a": "1"}}}, "vocab['a']"),
+    ("generation_config.json", {"temperature": "hot"}, "'temperature'"),
+    ("generation_config.json", {"top_k": 4.5}, "'top_k'"),
+]
+
+
+@pytest.mark.parametrize("name, fields, word", GGUF_SIDE_FILES)
+def test_gguf_side_file_fields_are_checked(tmp_path, sp_model, name, fields, word):  # noqa: F811
+    folder = tiny_llama(tmp_path / "hf", sp_model)
+    edit_json(folder / name, **fields)
+    refused(lambda: plan_gguf(folder, specs(load_state(folder))), f"{folder / name}", word)
+
+
+def test_a_generation_config_that_is_no_object_is_refused(tmp_path, sp_model):  # noqa: F811
+    folder = tiny_llama(tmp_path / "hf", sp_model)
+    (folder / "generation_config.json").write_text("[1, 2]")
+    refused(lambda: plan_gguf(folder, specs(load_state(folder))), "generation_config.json", "object")
+
+
+def test_meta_and_gguf_name_a_bad_field_alike(tmp_path, sp_model):  # noqa: F811
+    folder = tiny_llama(tmp_path / "hf", sp_model)
+    edit_json(folder / "config.json", num_attention_heads="4")
+    config = json.loads((folder / "config.json").read_text())
+    gguf_message = refused(lambda: plan_gguf(folder, specs(load_state(folder))))
+    meta_message = refused(lambda: meta_params(config, folder / "config.json"))
+    assert gguf_message == meta_message
+
+
+@pytest.mark.parametrize("fmt, name, fields, words", [
+    ("gguf", "tokenizer_config.json", {"added_tokens_decoder": {"0": ["<unk>"]}},
+     ("added_tokens_decoder['0']",)),
+    ("gguf", "config.json", {"num_attention_heads": 0}, ("'num_attention_heads'",)),
+    ("meta", "config.json", {"num_attention_heads": 0}, ("'num_attention_heads'",)),
+])
+def test_cli_output_side_files_are_one_line(tmp_path, sp_model, fmt, name, fields, words):  # noqa: F811
+    base = tiny_llama(tmp_path / "base", sp_model)
+    target = tiny_llama(tmp_path / "target", sp_model)
+    delta = tmp_path / "delta"
+    make_delta(base, target, delta)
+    edit_json(delta / name, **fields)
+    out = tmp_path / "out"
+    cli_error(cli("apply", base, delta, out, "--format", fmt), str(delta / name), *words)
     assert not out.exists()

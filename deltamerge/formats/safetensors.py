@@ -161,8 +161,16 @@ def check_shape(where: str, shape: tuple[int, ...] | list[int], dtype: torch.dty
     one, as strides are) times the item size must fit in 64 bits. Readers of every format call
     this, so a shape one of them accepts is one every writer and reader here handles.
     """
+    _check_dims(where, shape, size)
+    _check_strides(where, shape, dtype)
+
+
+def _check_dims(where: str, shape: tuple[int, ...] | list[int], size: int) -> None:
     if any(d > max(size, MAX_EMPTY_DIM) for d in shape):
         raise FormatError(f"{where}: shape {list(shape)} has a dimension no file of this size can hold")
+
+
+def _check_strides(where: str, shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> None:
     if math.prod(max(d, 1) for d in shape) * itemsize(dtype) > MAX_BYTES:
         raise FormatError(f"{where}: shape {list(shape)} is too large: its strides overflow 64 bits")
 
@@ -183,8 +191,7 @@ def _parse_entry(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise FormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    dtype = SAFETENSORS_TO_TORCH[dtype_name]
-    check_shape(where, shape, dtype, size)
+    _check_dims(where, shape, size)
     offsets = info.get("data_offsets")
     if (
         not isinstance(offsets, list)
@@ -195,11 +202,13 @@ def _parse_entry(
     begin, end = offsets
     if begin < 0 or end < begin:
         raise FormatError(f"{where}: data_offsets [{begin}, {end}] are negative or reversed")
+    dtype = SAFETENSORS_TO_TORCH[dtype_name]
     nbytes = math.prod(shape) * itemsize(dtype)
     if nbytes != end - begin:
         raise FormatError(
             f"{where}: shape {shape} of {dtype_name} needs {nbytes} bytes, data_offsets give {end - begin}"
         )
+    _check_strides(where, shape, dtype)  # a zero-size tensor's bytes bound none of its dimensions
     return TensorSpec(name, dtype, tuple(shape)), begin, end
 
 
