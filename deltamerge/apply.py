@@ -15,7 +15,7 @@ import torch
 
 from . import arguments as args
 from . import faults
-from .dtypes import itemsize, short_name
+from .dtypes import itemsize, parse_user_dtype, short_name
 from .engine import Engine
 from .engine.cascade_sum import TorchRowSum
 from .engine.journal import fingerprint, open_partial
@@ -147,7 +147,7 @@ def run_apply(
     in another layout is applying an empty chain), which the public function refuses."""
     base = args.path("base", base)
     out = Path(args.path("out", out)).expanduser()
-    out_dtype = args.dtype("dtype", dtype)
+    out_dtype = parse_user_dtype(dtype, "dtype")
     args.text("kind", kind)
     args.text("new_rows", new_rows)
     if new_rows not in ("zero", "mean"):
@@ -157,7 +157,7 @@ def run_apply(
         raise InputError(f"--qlora must be one of {', '.join(QLORA_MODES)}, not {qlora!r}")
     if qlora_dtype is not None and qlora is None:
         raise InputError("--qlora-dtype is the dtype the base was quantized from: it needs --qlora")
-    quant_dtype = args.dtype("qlora_dtype", qlora_dtype)
+    quant_dtype = parse_user_dtype(qlora_dtype, "qlora_dtype")
     args.size("max_shard_size", max_shard_size)
     block_size = args.size("block_size", block_size) or DEFAULT_BLOCK_BYTES
     args.flag("force", force)

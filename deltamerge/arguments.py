@@ -1,9 +1,10 @@
 """Checks of the library's arguments, shared by every public entry point.
 
 The CLI's options are typed by click; a library caller can pass anything, and a wrong type would
-otherwise surface deep in a run as a ``TypeError`` or ``AttributeError`` (or, worse, be used: an
-int8 ``dtype`` writes zeros). Each check raises an :class:`InputError` that names the argument,
-before any file is read or written. Kept free of torch so that importing it stays cheap.
+otherwise surface deep in a run as a ``TypeError`` or ``AttributeError``, or be used (an
+``extra_files`` name of ``../x`` writes outside OUT). Each check raises an :class:`InputError`
+that names the argument, before any file is read or written. Kept free of torch so that
+importing it stays cheap: dtypes are checked by ``dtypes.parse_user_dtype``.
 """
 
 from __future__ import annotations
@@ -11,13 +12,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import InputError
 from .sizes import parse_size
-
-if TYPE_CHECKING:
-    import torch
 
 PathLike = str | os.PathLike
 HUB_KEYS = ("endpoint", "token", "api")
@@ -106,15 +104,6 @@ def size(name: str, value: object) -> int | None:
         return parse_size(value)
     except InputError as exc:
         raise InputError(f"{name}: {exc}") from None
-
-
-def dtype(name: str, value: object) -> torch.dtype | None:
-    """float16, bfloat16 or float32, as a torch dtype or a name: the dtypes a result is written in."""
-    from .dtypes import parse_user_dtype
-
-    if value is not None and not isinstance(value, str) and type(value).__name__ != "dtype":
-        raise InputError(f"{name} must be a dtype name or a torch.dtype, not {_shown(value)}")
-    return parse_user_dtype(value, name)  # type: ignore[arg-type]
 
 
 def progress(value: object) -> bool | Callable[[int, int], None]:

@@ -45,6 +45,8 @@ def parse_user_dtype(name: str | torch.dtype | None, argument: str = "dtype") ->
     could describe. ``argument`` is the option or parameter the message names."""
     if name is None:
         return None
+    if not isinstance(name, (str, torch.dtype)):
+        raise InputError(f"{argument} must be a dtype name or a torch.dtype, not {type(name).__name__}")
     if isinstance(name, torch.dtype):
         if name not in USER_DTYPES.values():
             raise InputError(f"{argument}={name}: use float16, bfloat16 or float32")
