@@ -44,10 +44,10 @@ def optional_path(name: str, value: object) -> str | Path | None:
 
 
 def paths(name: str, value: object) -> list[str | Path]:
-    """One path, or a list or tuple of them."""
+    """One path, or a sequence (list, tuple) of them."""
     if isinstance(value, (str, os.PathLike)):
         items: list[object] = [value]
-    elif isinstance(value, (list, tuple)):
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         items = list(value)
     else:
         raise InputError(f"{name} must be a path or a list of paths, not {_shown(value)}")
