@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import arguments as args
 from . import faults
 from .dtypes import itemsize, parse_user_dtype, short_name
 from .engine import Engine
@@ -70,7 +71,7 @@ def apply_delta(
     dtype: str | torch.dtype | None = None,
     new_rows: str = "zero",
     max_shard_size: str | int | None = None,
-    block_size: int = DEFAULT_BLOCK_BYTES,
+    block_size: int | str = DEFAULT_BLOCK_BYTES,
     force: bool = False,
     verify: bool = True,
     workers: int | None = None,
@@ -113,17 +114,67 @@ def apply_delta(
     (OpenBuddy's by default; tests make keys of their own). ``lora_r``, ``lora_alpha`` and
     ``lora_prefix`` describe a LoRA state dict that has no ``adapter_config.json`` (PandaGPT's
     ``pytorch_model.pt``).
+
+    ``block_size`` (bytes, or a size such as ``"24MB"``) bounds each row block's buffers;
+    ``extra_files`` maps plain file names to the bytes (or the path of a file) to add to ``out``.
+    Arguments of the wrong type are an :class:`~deltamerge.errors.InputError` naming them.
     """
-    deltas = [delta] if isinstance(delta, (str, Path)) else list(delta)
-    out = Path(out).expanduser()
-    out_dtype = parse_user_dtype(dtype)
+    deltas = args.paths("delta", delta)
+    if not deltas:
+        raise InputError("delta: apply needs at least one delta (with none it would only copy "
+                         "the base); convert writes a Meta checkpoint in another layout")
+    return run_apply(
+        base, deltas, out, kind=kind, dtype=dtype, new_rows=new_rows,
+        max_shard_size=max_shard_size, block_size=block_size, force=force, verify=verify,
+        workers=workers, progress=progress, extra_files=extra_files, hub=hub,
+        expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
+        qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
+        format=format, outtype=outtype, mp=mp,
+    )
+
+
+def run_apply(
+    base: PathLike, deltas: list[PathLike], out: PathLike, *, kind: str | None,
+    dtype: str | torch.dtype | None, new_rows: str, max_shard_size: str | int | None,
+    block_size: int | str, force: bool, verify: bool, workers: int | None,
+    progress: bool | Callable[[int, int], None], extra_files: dict[str, Path | bytes] | None,
+    hub: dict | None, expect_md5: PathLike | None, key_md5: str | None, resume: bool,
+    qlora: str | None, qlora_dtype: str | torch.dtype | None, lora_r: int | None,
+    lora_alpha: float | None, lora_prefix: str | None, format: str, outtype: str | None,
+    mp: int | None,
+) -> ApplyResult:
+    """:func:`apply_delta` for a chain of any length: ``convert`` applies none (writing the base
+    in another layout is applying an empty chain), which the public function refuses."""
+    base = args.path("base", base)
+    out = Path(args.path("out", out)).expanduser()
+    out_dtype = parse_user_dtype(dtype, "dtype")
+    args.text("kind", kind)
+    args.text("new_rows", new_rows)
     if new_rows not in ("zero", "mean"):
         raise InputError(f"--new-rows must be 'zero' or 'mean', not {new_rows!r}")
+    args.text("qlora", qlora)
     if qlora is not None and qlora not in QLORA_MODES:
         raise InputError(f"--qlora must be one of {', '.join(QLORA_MODES)}, not {qlora!r}")
     if qlora_dtype is not None and qlora is None:
         raise InputError("--qlora-dtype is the dtype the base was quantized from: it needs --qlora")
-    quant_dtype = parse_user_dtype(qlora_dtype)
+    quant_dtype = parse_user_dtype(qlora_dtype, "qlora_dtype")
+    args.size("max_shard_size", max_shard_size)
+    block_size = args.size("block_size", block_size) or DEFAULT_BLOCK_BYTES
+    args.flag("force", force)
+    args.flag("verify", verify)
+    args.flag("resume", resume)
+    workers = args.integer("workers", workers)
+    progress = args.progress(progress)
+    extra_files = args.extra_files(extra_files)
+    hub = args.hub(hub)
+    expect_md5 = args.optional_path("expect_md5", expect_md5)
+    args.text("key_md5", key_md5)
+    lora_r = args.integer("lora_r", lora_r)
+    lora_alpha = args.number("lora_alpha", lora_alpha)
+    args.text("lora_prefix", lora_prefix)
+    args.text("format", format)
+    args.text("outtype", outtype)
+    mp = args.integer("mp", mp)
     fmt = output_format(format, outtype=outtype, mp=mp, max_shard_size=max_shard_size)
     inputs = [(base, "base"), *((d, "delta") for d in deltas)]
     _need_folders(inputs[1:])

@@ -1,10 +1,10 @@
 """``convert``: Meta's original LLaMA layout to a Hugging Face folder (or GGUF, or Meta's layout
 in another number of model-parallel shards), streamed.
 
-Applying no delta to a base is writing the base, so conversion is :func:`apply_delta` with an
-empty chain: the Meta reader joins and permutes shards row block by row block, and the engine
-writes the result in ``format`` (by default sharded safetensors with the config and tokenizer
-files the reader generates).
+Applying no delta to a base is writing the base, so conversion is :func:`apply_delta`'s run
+with an empty chain (which the public function refuses): the Meta reader joins and permutes
+shards row block by row block, and the engine writes the result in ``format`` (by default
+sharded safetensors with the config and tokenizer files the reader generates).
 """
 
 from __future__ import annotations
@@ -14,21 +14,24 @@ from pathlib import Path
 
 import torch
 
-from .apply import apply_delta
+from . import arguments as args
+from .apply import run_apply
 from .errors import InputError
+from .progress import reports_progress
 from .results import ApplyResult
 from .sizes import DEFAULT_BLOCK_BYTES
 from .sources.folders import detect_layout
 from .sources.meta import TOKENIZER
 
 
+@reports_progress
 def convert(
     meta_dir: str | Path,
     out: str | Path,
     *,
     dtype: str | torch.dtype | None = None,
     max_shard_size: str | int | None = None,
-    block_size: int = DEFAULT_BLOCK_BYTES,
+    block_size: int | str = DEFAULT_BLOCK_BYTES,
     force: bool = False,
     workers: int | None = None,
     progress: bool | Callable[[int, int], None] = False,
@@ -43,12 +46,14 @@ def convert(
     The tokenizer comes along (``tokenizer.model`` from the folder or its parent, with its own
     settings files); without one the weights are still written, and the result's notes say so.
     """
-    layout = detect_layout(Path(meta_dir).expanduser())
+    layout = detect_layout(Path(args.path("meta_dir", meta_dir)).expanduser())
     if layout.format != "meta":
         raise InputError(f"{meta_dir}: not a Meta-layout folder (params.json, consolidated.*.pth)")
-    result = apply_delta(
-        meta_dir, [], out, dtype=dtype, max_shard_size=max_shard_size, block_size=block_size,
-        force=force, workers=workers, progress=progress, resume=resume, format=format,
+    result = run_apply(
+        meta_dir, [], out, kind=None, dtype=dtype, new_rows="zero", max_shard_size=max_shard_size,
+        block_size=block_size, force=force, verify=True, workers=workers, progress=progress,
+        extra_files=None, hub=None, expect_md5=None, key_md5=None, resume=resume, qlora=None,
+        qlora_dtype=None, lora_r=None, lora_alpha=None, lora_prefix=None, format=format,
         outtype=outtype, mp=mp,
     )
     if format != "gguf" and not (result.out / TOKENIZER).is_file():  # GGUF holds its vocab

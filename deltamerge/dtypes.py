@@ -39,15 +39,23 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def parse_user_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """Accept the spellings users type on the command line (``float16``, ``bf16``...)."""
-    if name is None or isinstance(name, torch.dtype):
+def parse_user_dtype(name: str | torch.dtype | None, argument: str = "dtype") -> torch.dtype | None:
+    """Accept the spellings users type on the command line (``float16``, ``bf16``...), or one of
+    those torch dtypes: a result in any other dtype (int8, float64) is not a model the config
+    could describe. ``argument`` is the option or parameter the message names."""
+    if name is None:
+        return None
+    if not isinstance(name, (str, torch.dtype)):
+        raise InputError(f"{argument} must be a dtype name or a torch.dtype, not {type(name).__name__}")
+    if isinstance(name, torch.dtype):
+        if name not in USER_DTYPES.values():
+            raise InputError(f"{argument}={name}: use float16, bfloat16 or float32")
         return name
     try:
         return USER_DTYPES[name.lower()]
     except KeyError:
         raise InputError(
-            f"unknown dtype {name!r}: use float16, bfloat16 or float32"
+            f"unknown {argument} {name!r}: use float16, bfloat16 or float32"
         ) from None
 
 

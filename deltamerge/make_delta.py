@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from . import arguments as args
 from .engine import Engine
 from .engine.journal import JOURNAL_NAME, Journal, fingerprint, open_partial, read_digest
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
@@ -58,7 +59,7 @@ def make_delta(
     *,
     kind: str = "add",
     max_shard_size: str | int | None = None,
-    block_size: int = DEFAULT_BLOCK_BYTES,
+    block_size: int | str = DEFAULT_BLOCK_BYTES,
     force: bool = False,
     workers: int | None = None,
     progress: bool | Callable[[int, int], None] = False,
@@ -72,10 +73,18 @@ def make_delta(
     An interrupted run keeps its partial folder beside ``out``; ``resume=True`` finishes it,
     keeping the journaled shards whose files still hash to what the journal recorded.
     """
+    base, target = args.path("base", base), args.path("target", target)
+    out = Path(args.path("out", out)).expanduser()
+    args.text("kind", kind)
     if kind not in MARKED_KINDS:
         raise InputError(f"make-delta --kind must be one of {', '.join(MARKED_KINDS)}, not {kind!r}")
-    out = Path(out).expanduser()
-    shard_bytes = parse_size(max_shard_size or DEFAULT_SHARD_SIZE)
+    shard_bytes = args.size("max_shard_size", max_shard_size) or parse_size(DEFAULT_SHARD_SIZE)
+    block_size = args.size("block_size", block_size) or DEFAULT_BLOCK_BYTES
+    args.flag("force", force)
+    args.flag("resume", resume)
+    workers = args.integer("workers", workers)
+    progress = args.progress(progress)
+    hub = args.hub(hub)
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in
                          ((base, "base"), (target, "target"))])
     check_out(out, force)

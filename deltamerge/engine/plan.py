@@ -50,7 +50,14 @@ class TensorJob:
 
 def rows_per_block(job: TensorJob, block_bytes: int, multiple: int = 1) -> int:
     """As many rows as keep the widest buffer (fp32 work, or any wider input) within the limit,
-    rounded down to a multiple every step (and ``multiple``: the sink's, whole heads) accepts."""
+    rounded down to a multiple every step (and ``multiple``: the sink's, whole heads) accepts.
+
+    A tensor of no elements is one block of all its rows, whatever its dimensions: its buffers
+    are empty, and cutting a zero-width tensor of 2**31 rows into blocks would only loop.
+    """
+    multiple = math.lcm(multiple, *(s.row_multiple for s in job.steps))
+    if job.out.numel == 0:
+        return -(-max(job.out.rows, 1) // multiple) * multiple
     widest = max(
         [4, itemsize(job.out.dtype)]
         + ([itemsize(job.base.dtype)] if job.base is not None else [])
@@ -58,7 +65,6 @@ def rows_per_block(job: TensorJob, block_bytes: int, multiple: int = 1) -> int:
     )
     per_row = max(1, job.out.row_numel * widest)
     rows = max(1, block_bytes // per_row)
-    multiple = math.lcm(multiple, *(s.row_multiple for s in job.steps))
     return max(multiple, rows // multiple * multiple)
 
 

@@ -199,11 +199,12 @@ class Engine:
                 yield Block(s, job, r0, r1, i == 0, i == len(pairs) - 1)
 
     def _capacity(self) -> int:
-        """A slot's buffer size: the largest block any job reads or writes."""
+        """A slot's buffer size: the largest block any job reads or writes. A tensor of no rows
+        reads and writes none, whatever the size of a row: it is not sized from the row."""
         largest = 1
         for shard in self.shards:
             for job in shard.jobs:
-                rows = min(job.rows_per_block, max(job.out.rows, 1))
+                rows = min(job.rows_per_block, job.out.rows)
                 specs = [job.out] + ([job.base] if job.base else [])
                 specs += [i.spec for step in job.steps for i in step.inputs]
                 for spec in specs:

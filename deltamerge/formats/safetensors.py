@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
 from ..errors import FormatError
 from ..tensor_spec import TensorSpec
@@ -25,6 +27,8 @@ MAX_HEADER_BYTES = 100_000_000
 # A zero-size tensor's dimensions are not bounded by its bytes; beyond this (or the file's size)
 # they are nonsense, and would make the engine loop over billions of empty row blocks.
 MAX_EMPTY_DIM = 2**31
+# Sizes, strides and offsets are signed 64-bit in torch and in the format.
+MAX_BYTES = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -58,25 +62,11 @@ def read_header(path: Path, fd: int | None = None) -> Header:
         fd = open_for_reading(path)
     try:
         size = os.fstat(fd).st_size
-        head = os.pread(fd, 64, 0)
-        known = describe_non_safetensors(path, head)
-        if known:
-            raise FormatError(known)
-        if size == 0:
-            raise FormatError(f"{path}: empty file (an interrupted download?)")
-        if len(head) < 8:
-            raise FormatError(f"{path}: truncated: {size} bytes is shorter than a safetensors header")
-        n = struct.unpack("<Q", head[:8])[0]
-        if n > MAX_HEADER_BYTES:
-            raise FormatError(
-                f"{path}: header length {n} exceeds the 100 MB limit: not a valid safetensors file"
-            )
-        if 8 + n > size:
-            raise FormatError(f"{path}: truncated: header claims {n} bytes but the file has {size}")
+        n = header_length(path, os.pread(fd, 64, 0), size)
         raw = os.pread(fd, n, 8)
         if len(raw) != n:
             raise FormatError(f"{path}: truncated while reading its header")
-        return _parse(path, raw, size, 8 + n)
+        return parse_header(path, raw, size)
     except OSError as exc:
         raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
     finally:
@@ -84,7 +74,30 @@ def read_header(path: Path, fd: int | None = None) -> Header:
             os.close(fd)
 
 
-def _parse(path: Path, raw: bytes, size: int, data_start: int) -> Header:
+def header_length(path: Path, head: bytes, size: int) -> int:
+    """The header's length from the file's first 64 bytes (``head``), checked against the limit
+    and the file's ``size`` before a byte of the header is read (here or over HTTP)."""
+    known = describe_non_safetensors(path, head)
+    if known:
+        raise FormatError(known)
+    if size == 0:
+        raise FormatError(f"{path}: empty file (an interrupted download?)")
+    if len(head) < 8:
+        raise FormatError(f"{path}: truncated: {size} bytes is shorter than a safetensors header")
+    n = struct.unpack("<Q", head[:8])[0]
+    if n > MAX_HEADER_BYTES:
+        raise FormatError(
+            f"{path}: header length {n} exceeds the 100 MB limit: not a valid safetensors file"
+        )
+    if 8 + n > size:
+        raise FormatError(f"{path}: truncated: header claims {n} bytes but the file has {size}")
+    return n
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> Header:
+    """Validate the header ``raw`` of a file of ``size`` bytes: every entry, and that the
+    tensors tile the data exactly. Local files and remote (Hub) headers alike come through here."""
+    data_start = 8 + len(raw)
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -99,11 +112,10 @@ def _parse(path: Path, raw: bytes, size: int, data_start: int) -> Header:
         isinstance(v, str) and text_ok(k) and text_ok(v) for k, v in metadata.items()
     ):
         raise FormatError(f"{path}: __metadata__ must map strings to strings")
-    max_dim = max(size, MAX_EMPTY_DIM)
     tensors: dict[str, StoredTensor] = {}
     spans: list[tuple[int, int, str]] = []
     for name, info in obj.items():
-        spec, begin, end = _parse_entry(path, name, info, max_dim)
+        spec, begin, end = _parse_entry(path, name, info, size)
         tensors[name] = StoredTensor(spec, data_start + begin)
         spans.append((begin, end, name))
     _check_spans(path, sorted(spans), size - data_start, data_start)
@@ -141,8 +153,30 @@ def _check_spans(path: Path, spans: list[tuple[int, int, str]], data: int, start
         )
 
 
+def check_shape(where: str, shape: tuple[int, ...] | list[int], dtype: torch.dtype, size: int) -> None:
+    """Refuse a shape no file of ``size`` bytes can hold, before anything is sized from it.
+
+    A zero-size tensor's other dimensions are not bounded by its bytes: each is bounded here by
+    the file's size (or ``MAX_EMPTY_DIM``), and the product of all of them (zeros counted as
+    one, as strides are) times the item size must fit in 64 bits. Readers of every format call
+    this, so a shape one of them accepts is one every writer and reader here handles.
+    """
+    _check_dims(where, shape, size)
+    _check_strides(where, shape, dtype)
+
+
+def _check_dims(where: str, shape: tuple[int, ...] | list[int], size: int) -> None:
+    if any(d > max(size, MAX_EMPTY_DIM) for d in shape):
+        raise FormatError(f"{where}: shape {list(shape)} has a dimension no file of this size can hold")
+
+
+def _check_strides(where: str, shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> None:
+    if math.prod(max(d, 1) for d in shape) * itemsize(dtype) > MAX_BYTES:
+        raise FormatError(f"{where}: shape {list(shape)} is too large: its strides overflow 64 bits")
+
+
 def _parse_entry(
-    path: Path, name: str, info: object, max_dim: int
+    path: Path, name: str, info: object, size: int
 ) -> tuple[TensorSpec, int, int]:
     where = f"{path}: tensor {name!r}"
     if not text_ok(name):
@@ -157,8 +191,7 @@ def _parse_entry(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise FormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    if any(d > max_dim for d in shape):
-        raise FormatError(f"{where}: shape {shape} has a dimension no file of this size can hold")
+    _check_dims(where, shape, size)
     offsets = info.get("data_offsets")
     if (
         not isinstance(offsets, list)
@@ -175,6 +208,7 @@ def _parse_entry(
         raise FormatError(
             f"{where}: shape {shape} of {dtype_name} needs {nbytes} bytes, data_offsets give {end - begin}"
         )
+    _check_strides(where, shape, dtype)  # a zero-size tensor's bytes bound none of its dimensions
     return TensorSpec(name, dtype, tuple(shape)), begin, end
 
 

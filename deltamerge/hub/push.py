@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import huggingface_hub as hf  # attributes load on first use: importing this module stays cheap
 
+from .. import arguments as args
 from ..errors import InputError, NotFoundError, PushError, WorkError
 from ..formats.files import stays_inside
 from ..sources.hub import HubAuthError, hub_errors, make_api, transport_errors
@@ -63,7 +64,8 @@ def push_to_hub(
     new; ``create_pr`` opens a pull request instead of committing to the branch. The card is
     added to the commit only: the folder itself is never written to.
     """
-    folder = Path(folder).expanduser()
+    folder = Path(args.path("folder", folder)).expanduser()
+    _check_push_args(repo_id, private, revision, create_pr, message, token, endpoint, api)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: a file, not a folder: push uploads a folder (OUT of a run)")
     if not folder.is_dir():
@@ -92,6 +94,21 @@ def push_to_hub(
         raise PushError(str(exc), retry) from None
     url = f"{client.endpoint}/{repo_id}" + (f"/tree/{revision}" if revision else "")
     return PushResult(commit.pr_url if create_pr and commit.pr_url else url, commit.oid, repo_id)
+
+
+def _check_push_args(
+    repo_id: object, private: object, revision: object, create_pr: object, message: object,
+    token: object, endpoint: object, api: object,
+) -> None:
+    """The library caller's arguments, checked before any request (an InputError naming one)."""
+    args.text("repo_id", repo_id, optional=False)
+    args.flag("private", private)
+    args.flag("create_pr", create_pr)
+    args.text("revision", revision)
+    args.text("message", message)
+    args.text("endpoint", endpoint)
+    args.token("token", token)
+    args.api("api", api)
 
 
 def check_target(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .. import arguments as args
 from ..dtypes import BITS_DTYPE, TORCH_TO_SAFETENSORS, itemsize
 from ..errors import FormatError, InputError, NotFoundError
 from ..formats.files import read_json_object
@@ -108,8 +109,10 @@ def checksum(
     ``algorithm`` is ``"blake3"`` (manifest format 2) or ``"sha256"`` (format 1). ``path`` may be
     a Hub repo id (``hub``: ``endpoint``, ``token`` or ``api``), as for every function here.
     """
+    path = args.path("path", path)
+    block_bytes, progress, hub = _common_args(block_bytes, progress, hub)
     _check_algorithm(algorithm)
-    with open_checkpoint(local_folder(path, **(hub or {}))) as ckpt:
+    with open_checkpoint(local_folder(path, **hub)) as ckpt:
         bar = make_progress(progress, _total_bytes(ckpt), "hashing")
         try:
             digests = _hash_all(ckpt, block_bytes, bar, algorithm)
@@ -118,7 +121,16 @@ def checksum(
     return Checksum(model_digest(digests, algorithm), dict(sorted(digests.items())), algorithm)
 
 
+def _common_args(
+    block_bytes: object, progress: object, hub: object
+) -> tuple[int, ProgressArg, dict]:
+    """The arguments every function here takes, checked (an InputError naming the argument)."""
+    block = args.size("block_bytes", block_bytes) or DEFAULT_BLOCK_BYTES
+    return block, args.progress(progress), args.hub(hub)
+
+
 def _check_algorithm(algorithm: str | None) -> None:
+    args.text("algorithm", algorithm)
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise InputError(f"algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
 
@@ -270,8 +282,11 @@ def verify(
     the other is bad input. A mismatch is a report, not an exception; unreadable inputs raise
     :class:`~deltamerge.errors.DeltaMergeError`.
     """
+    path, manifest_path = args.path("path", path), args.path("manifest_path", manifest_path)
+    args.text("role", role)
+    block_bytes, progress, hub = _common_args(block_bytes, progress, hub)
     _check_algorithm(algorithm)
-    manifest_file = local_folder(manifest_path, "manifest", weights=False, **(hub or {}))
+    manifest_file = local_folder(manifest_path, "manifest", weights=False, **hub)
     expected = load_expected(manifest_file, role)
     if algorithm is not None and algorithm != expected.algorithm:
         raise InputError(
@@ -362,7 +377,11 @@ def inspect(
     algorithm: str = DEFAULT_ALGORITHM,
 ) -> InspectReport:
     """Format, files, dtypes, sizes and the tensor table; ``digest=False`` reads headers only."""
-    with open_checkpoint(local_folder(path, **(hub or {}))) as ckpt:
+    path = args.path("path", path)
+    args.flag("digest", digest)
+    block_bytes, progress, hub = _common_args(block_bytes, progress, hub)
+    _check_algorithm(algorithm)
+    with open_checkpoint(local_folder(path, **hub)) as ckpt:
         tensors = [
             TensorInfo(n, TORCH_TO_SAFETENSORS[s.dtype], s.shape, _relative(ckpt, ckpt.file_of(n)))
             for n, s in sorted(ckpt.specs.items())
@@ -512,7 +531,8 @@ def diff(
     differences, and for each tensor that differs how many elements do and by how much at most
     (the largest absolute difference, computed block by block in fp32).
     """
-    hub = hub or {}
+    a, b = args.path("a", a), args.path("b", b)
+    block_bytes, progress, hub = _common_args(block_bytes, progress, hub)
     with (
         open_checkpoint(local_folder(a, "A", **hub)) as ca,
         open_checkpoint(local_folder(b, "B", **hub)) as cb,

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import FormatError, InputError, UnsupportedError, WorkError
-from . import gguf_kv
+from . import gguf_checks, gguf_kv
 from .gguf_kv import require_gguf
 
 try:
@@ -226,6 +226,7 @@ def plan_gguf(
     config = gguf_kv.read_config(folder)
     where = folder / "config.json"
     gguf_kv.architecture(config, where)
+    gguf_checks.check_side_files(folder, config)
     h = gguf_kv.hparams(config)
     n_head, n_kv = gguf_kv.heads(h, where)
     specs = [_spec(t) for t in tensors]
@@ -259,17 +260,17 @@ def plan_gguf(
         heads = _permute_heads(hf_name, shape, n_head, n_kv, folder)
         planned[gguf_name] = (hf_name, qtype, shape, nbytes, heads)
 
-    meta = gguf_kv.add_general(writer, folder, config, dir_name or folder.name)
-    gguf_kv.add_parameters(writer, h, ftype, where)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    gguf_kv.add_vocab(writer, folder, h)
-
-    if filename is None:
-        total = writer.get_total_parameter_count()[0]
-        filename = gguf.naming_convention(
-            meta.name, meta.basename, meta.finetune, meta.version, meta.size_label,
-            gguf.LlamaFileType(ftype).name.partition("_")[2], model_type="LoRA" if total < 0 else None,
-        ) + ".gguf"
+    with gguf_checks.reading(folder):
+        meta = gguf_kv.add_general(writer, folder, config, dir_name or folder.name)
+        gguf_kv.add_parameters(writer, h, ftype, where)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        gguf_kv.add_vocab(writer, folder, h)
+        if filename is None:
+            total = writer.get_total_parameter_count()[0]
+            filename = gguf.naming_convention(
+                meta.name, meta.basename, meta.finetune, meta.version, meta.size_label,
+                gguf.LlamaFileType(ftype).name.partition("_")[2], model_type="LoRA" if total < 0 else None,
+            ) + ".gguf"
     names = [p.name for p in writer.format_shard_names(Path(filename))]
     headers = _render_headers(writer)
     files, table = [], []

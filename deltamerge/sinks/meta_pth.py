@@ -24,6 +24,7 @@ import torch
 
 from ..errors import FormatError, UnsupportedError, WorkError
 from ..memory import address_view
+from .side_fields import positive_int, positive_number
 from .torch_pickle import PthTensor, TensorLike
 from .torch_zip import TorchZipWriter
 
@@ -89,10 +90,7 @@ def meta_params(config: Mapping[str, object], where: str | Path = "config.json")
     """
 
     def integer(key: str, default: int | None = None) -> int:
-        value = config.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise FormatError(f"{where}: {key!r} must be a positive integer, found {value!r}")
-        return value
+        return positive_int(config, key, where, default)
 
     def refuse(condition: object, what: str) -> None:
         if condition:
@@ -115,11 +113,9 @@ def meta_params(config: Mapping[str, object], where: str | Path = "config.json")
         raise FormatError(f"{where}: 'rope_parameters' must be an object, found {rope!r}")
     refuse(config.get("rope_scaling"), "rope scaling")
     refuse(rope.get("rope_type", "default") != "default", f"rope_type {rope.get('rope_type')!r}")
-    theta = rope.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
-    eps = config.get("rms_norm_eps", 1e-6)  # transformers' default, as it would load the file
-    for key, value in (("rope_theta", theta), ("rms_norm_eps", eps)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise FormatError(f"{where}: {key!r} must be a positive number, found {value!r}")
+    theta = positive_number(rope if "rope_theta" in rope else config, "rope_theta", where,
+                            DEFAULT_ROPE_THETA)
+    eps = positive_number(config, "rms_norm_eps", where, 1e-6)  # transformers' default
     multiple_of, multiplier = _ffn_rule(dim, intermediate)
     params: dict[str, object] = {"dim": dim, "multiple_of": multiple_of}  # Meta's key order
     if multiplier is not None:

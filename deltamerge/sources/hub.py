@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 import huggingface_hub as hf  # attributes load on first use: importing this module stays cheap
 from huggingface_hub import constants as hf_constants
 
-from ..dtypes import SAFETENSORS_TO_TORCH
 from ..errors import (
     DiskSpaceError,
     FormatError,
@@ -34,6 +33,7 @@ from ..errors import (
     VerificationError,
     WorkError,
 )
+from ..formats.safetensors import Header, header_length, parse_header
 from ..integrity.digest import SHA256, file_digest
 from ..integrity.manifest import MANIFEST_NAME
 from ..progress import step_bar
@@ -506,31 +506,54 @@ class HeaderSpecs:
 
 
 def remote_specs(repo: RemoteRepo) -> HeaderSpecs | None:
-    """The repo's tensors from its safetensors headers (a few KB each), or None for other formats."""
-    from huggingface_hub.errors import SafetensorsParsingError
+    """The repo's tensors from its safetensors headers (a few KB each), or None for other formats.
 
+    Each header is validated by the local reader's own parser (``formats/safetensors.py``),
+    against the file's size the Hub lists: a remote header is as strictly checked as a local one.
+    """
     names = repo.weight_files()
     if not all(n.endswith(".safetensors") for n in names):
         return None
-    headers: dict[str, object] = {}
+    headers: dict[str, Header] = {}
 
     def read(name: str) -> None:
         with hub_errors(f"{repo.label}/{name}", repo.api.endpoint):
-            try:
-                headers[name] = repo.api.parse_safetensors_file_metadata(
-                    repo.repo_id, name, revision=repo.commit
-                )
-            except SafetensorsParsingError:
-                raise FormatError(f"{repo.label}/{name}: the safetensors header does not parse") from None
+            headers[name] = _remote_header(repo, name)
 
     _parallel(read, names)
     specs, where = {}, {}
     for name in names:
-        for tensor, info in headers[name].tensors.items():
-            dtype = SAFETENSORS_TO_TORCH.get(info.dtype)
-            if dtype is None:
-                raise FormatError(f"{repo.label}/{name}: tensor {tensor!r}: unknown dtype {info.dtype!r}")
-            specs[tensor] = TensorSpec(tensor, dtype, tuple(int(d) for d in info.shape))
+        for tensor, stored in headers[name].tensors.items():
+            specs[tensor] = stored.spec
             where[tensor] = name
     metadata = {name: dict(headers[name].metadata or {}) for name in names}
     return HeaderSpecs(repo.label, specs, where, metadata)
+
+
+# huggingface_hub reads this much first: most headers are whole in it, saving a second request.
+_FIRST_READ = 100_000
+
+
+def _remote_header(repo: RemoteRepo, name: str) -> Header:
+    """A safetensors file's header over HTTP (Range requests), parsed by the local parser."""
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    label = Path(f"{repo.label}/{name}")
+    size = repo.files[name].size
+    url = hf.hf_hub_url(repo.repo_id, name, revision=repo.commit, endpoint=repo.api.endpoint)
+    http = build_hf_headers(token=repo.api.token, library_name=repo.api.library_name,
+                            library_version=repo.api.library_version,
+                            user_agent=repo.api.user_agent, headers=repo.api.headers)
+
+    def get(first: int, last: int) -> bytes:
+        response = get_session().get(url, headers={**http, "range": f"bytes={first}-{last}"},
+                                     timeout=hf_constants.HF_HUB_DOWNLOAD_TIMEOUT)
+        hf_raise_for_status(response)
+        return response.content
+
+    head = get(0, _FIRST_READ - 1) if size else b""
+    n = header_length(label, head[:64], size)
+    raw = head[8 : 8 + n] if 8 + n <= len(head) else get(8, 7 + n)
+    if len(raw) != n:
+        raise FormatError(f"{label}: truncated while reading its header")
+    return parse_header(label, raw, size)

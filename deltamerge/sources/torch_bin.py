@@ -18,6 +18,7 @@ import torch
 from ..dtypes import TORCH_TO_SAFETENSORS
 from ..errors import FormatError, UnsupportedError
 from ..formats.files import describe_download, open_for_reading, text_ok
+from ..formats.safetensors import check_shape
 from ..memory import drop_mapped_range
 from ..tensor_spec import TensorSpec
 from .checkpoint import Checkpoint, register, view_rows
@@ -225,6 +226,7 @@ def _check_state(path: Path, obj: object) -> dict[str, torch.Tensor]:
             )
         if value.dtype not in TORCH_TO_SAFETENSORS:
             raise UnsupportedError(f"{path}: tensor {name!r} has dtype {value.dtype}: not supported")
+        check_shape(f"{path}: tensor {name!r}", tuple(value.shape), value.dtype, path.stat().st_size)
         if value.device.type != "cpu":
             # A "meta" tensor has a shape and no storage: torch saves one from a model that was
             # never materialized, and its bytes exist nowhere, so no run could ever read them.
