@@ -52,7 +52,7 @@ from .sinks.safetensors import write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import is_aux_file
-from .sources.inputs import Resolved
+from .sources.inputs import Resolved, need_folders
 from .sources.resolve import input_region, resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
@@ -126,7 +126,7 @@ def apply_delta(
     quant_dtype = parse_user_dtype(qlora_dtype)
     fmt = output_format(format, outtype=outtype, mp=mp, max_shard_size=max_shard_size)
     inputs = [(base, "base"), *((d, "delta") for d in deltas)]
-    _need_folders(inputs[1:])
+    need_folders(inputs[1:])
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in inputs])
     check_out(out, force)
     with hold(out):
@@ -159,7 +159,7 @@ def _apply_locked(
     else:
         whole = kind if kind in WHOLE_FILE_KINDS else None
     if whole != "enc":  # OpenBuddy's key is a file: BASE may be Meta's consolidated.00.pth
-        _need_folders([(base, "base")])
+        need_folders([(base, "base")])
     if whole is not None:
         if qlora is not None:
             raise InputError(f"--qlora merges LoRA adapters: it does not apply to {whole} deltas")
@@ -299,18 +299,6 @@ def _plan_output(
     for job in jobs:
         job.rows_per_block = rows_per_block(job, block_size, sink.row_multiple(job.name))
     return shards, sink
-
-
-def _need_folders(inputs: list[tuple[PathLike, str]]) -> None:
-    """BASE and DELTA are folders (but an enc delta's key file): a weight file given instead has
-    no config, manifest or index."""
-    for given, role in inputs:
-        path = Path(str(given)).expanduser()
-        if path.exists() and not path.is_dir():
-            raise InputError(
-                f"{given}: a file, not a folder: {role.upper()} is the folder that holds the model's "
-                f"files (give {path.parent})"
-            )
 
 
 def _refuse_md5_options(kind: str | None, expect_md5: PathLike | None, key_md5: str | None) -> None:

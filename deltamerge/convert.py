@@ -19,6 +19,7 @@ from .errors import InputError
 from .results import ApplyResult
 from .sizes import DEFAULT_BLOCK_BYTES
 from .sources.folders import detect_layout
+from .sources.inputs import need_folders
 from .sources.meta import TOKENIZER
 
 
@@ -43,6 +44,7 @@ def convert(
     The tokenizer comes along (``tokenizer.model`` from the folder or its parent, with its own
     settings files); without one the weights are still written, and the result's notes say so.
     """
+    need_folders([(meta_dir, "meta_dir")])
     layout = detect_layout(Path(meta_dir).expanduser())
     if layout.format != "meta":
         raise InputError(f"{meta_dir}: not a Meta-layout folder (params.json, consolidated.*.pth)")

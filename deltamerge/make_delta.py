@@ -39,7 +39,7 @@ from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import is_aux_file
-from .sources.inputs import Resolved
+from .sources.inputs import Resolved, need_folders
 from .sources.resolve import input_region, resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
@@ -74,6 +74,7 @@ def make_delta(
         raise InputError(f"make-delta --kind must be one of {', '.join(MAKE_KINDS)}, not {kind!r}")
     out = Path(out).expanduser()
     shard_bytes = parse_size(max_shard_size or DEFAULT_SHARD_SIZE)
+    need_folders([(base, "base"), (target, "target")])
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in
                          ((base, "base"), (target, "target"))])
     check_out(out, force)

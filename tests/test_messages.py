@@ -12,6 +12,26 @@ from hubserver import HubServer
 from deltamerge.errors import InputError, WorkError
 
 
+def cli(*args: object) -> tuple[int, str]:
+    """A command through click in this process (the CLI's error handling, no start-up cost):
+    its exit status and its one line of stderr."""
+    from click.testing import CliRunner
+
+    from deltamerge.cli import main
+
+    result = CliRunner().invoke(main, [*map(str, args)])
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) <= 1, result.stderr
+    return result.exit_code, lines[0] if lines else ""
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> tuple[Path, Path]:
+    return (save_checkpoint(llama_state(0), tmp_path / "base"),
+            save_checkpoint(llama_state(1), tmp_path / "target"))
+
+
 def _seed(server: HubServer, repo_id: str, folder: Path) -> None:
     server.seed(repo_id, {p.name: p.read_bytes() for p in folder.iterdir()})
 
@@ -36,3 +56,33 @@ def test_hub_server_error_on_a_weight_download_is_a_work_error(
     message = str(caught.value)
     assert "answered HTTP 500" in message and "model.safetensors" in message
     assert "not in the cache" not in message
+
+
+# -- mistyped local paths ---------------------------------------------------------------------
+def test_verify_with_a_mistyped_manifest_path_says_no_such_file(models, tmp_path: Path):
+    """``nodir/deltamerge.json`` reads like a repo id, but a manifest's file name is a file to
+    read: no Hub (or cache) is asked, and the message says the file is missing."""
+    base, _ = models
+    code, line = cli("verify", base, "-m", "nodir/deltamerge.json", "-q")
+    assert code == 2
+    assert line == "deltamerge: error: nodir/deltamerge.json: no such file (manifest)"
+
+
+@pytest.mark.parametrize("command", ["make-delta", "make-delta-target", "convert", "apply"])
+def test_a_weight_file_given_for_a_folder_is_one_input_error(models, tmp_path: Path, command):
+    base, target = models
+    weights = base / "model.safetensors"
+    out = tmp_path / "out"
+    args = {
+        "make-delta": ["make-delta", weights, target, out],
+        "make-delta-target": ["make-delta", base, target / "model.safetensors", out],
+        "convert": ["convert", weights, out],
+        "apply": ["apply", weights, target, out],
+    }[command]
+    code, line = cli(*args, "-q")
+    given = args[1] if command != "make-delta-target" else args[2]
+    role = {"convert": "META_DIR", "make-delta-target": "TARGET"}.get(command, "BASE")
+    assert code == 2
+    assert line == (f"deltamerge: error: {given}: a file, not a folder: {role} is the folder "
+                    f"that holds the model's files (give {Path(given).parent})")
+    assert not out.exists()
