@@ -86,3 +86,39 @@ def test_a_weight_file_given_for_a_folder_is_one_input_error(models, tmp_path: P
     assert line == (f"deltamerge: error: {given}: a file, not a folder: {role} is the folder "
                     f"that holds the model's files (give {Path(given).parent})")
     assert not out.exists()
+
+
+# -- Ctrl-C --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["checksum", "verify", "inspect", "diff"])
+def test_an_interrupted_command_without_out_does_not_mention_one(
+    models, monkeypatch: pytest.MonkeyPatch, command
+):
+    """checksum, verify, inspect and diff write no OUT: Ctrl-C during them says so in their
+    own terms (exit 130), not "nothing was written to OUT"."""
+    import deltamerge.integrity.checks as checks
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checks, command, stopped)
+    base, target = models
+    args = {"checksum": [base], "verify": [base, "-m", base / "config.json"],
+            "inspect": [base], "diff": [base, target]}[command]
+    code, line = cli(command, *args, "-q")
+    assert code == 130
+    assert line.startswith("deltamerge: error: interrupted")
+    assert "OUT" not in line
+
+
+def test_an_interrupted_apply_before_any_work_says_out_is_untouched(
+    models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import deltamerge.apply as apply
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(apply, "apply_delta", stopped)
+    base, target = models
+    code, line = cli("apply", base, target, tmp_path / "out", "-q")
+    assert (code, line) == (130, "deltamerge: error: interrupted; nothing was written to OUT")
