@@ -122,3 +122,24 @@ def test_an_interrupted_apply_before_any_work_says_out_is_untouched(
     base, target = models
     code, line = cli("apply", base, target, tmp_path / "out", "-q")
     assert (code, line) == (130, "deltamerge: error: interrupted; nothing was written to OUT")
+
+
+# -- the summary prints names as the errors do ----------------------------------------------------
+def test_the_summary_escapes_control_characters_in_paths(models, tmp_path: Path):
+    """A newline in OUT's name does not split a summary line, and an escape sequence in it does
+    not reach the terminal: printed as errors print them (``\\n``, ``\\x1b``)."""
+    from click.testing import CliRunner
+
+    from deltamerge.cli import main
+
+    base, target = models
+    delta = tmp_path / "delta"
+    result = CliRunner().invoke(main, ["make-delta", str(base), str(target), str(delta), "-q"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "vicuna\n\x1b]0;pwned\x07"
+    result = CliRunner().invoke(main, ["apply", str(base), str(delta), str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.is_dir()
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("rebuilt ") and "vicuna\\n\\x1b]0;pwned\\x07 from " in first

@@ -18,6 +18,7 @@ from .common import (
     human,
     mib,
     print_json,
+    say,
     with_revision,
 )
 
@@ -126,25 +127,25 @@ def _push(folder: Path, repo_id: str, quiet: bool, token: str | None) -> dict:
         raise PushError(f"{folder} is finished and kept, but its push to {repo_id} failed: "
                         f"{reason}", retry_command(folder, repo_id)) from None
     if not quiet:
-        click.echo(f"pushed to {pushed.url}")
+        say(f"pushed to {pushed.url}")
     return pushed.to_json()
 
 
 def _print_apply(result, base: str, deltas: list[str], no_verify: bool) -> None:
     rate = result.bytes_written / result.seconds if result.seconds else 0
-    click.echo(f"rebuilt {result.out} from {base} + {' + '.join(deltas)} "
+    say(f"rebuilt {result.out} from {base} + {' + '.join(deltas)} "
                f"(kind: {', '.join(result.kinds)})")
     if result.kinds in (["xor-files"], ["enc"]):
-        click.echo(f"  files     {len(result.shards)} decoded")
+        say(f"  files     {len(result.shards)} decoded")
     elif result.format == "hf":
-        click.echo(f"  tensors   {result.tensors} in {len(result.shards)} shard(s)")
+        say(f"  tensors   {result.tensors} in {len(result.shards)} shard(s)")
     else:
-        click.echo(f"  tensors   {result.tensors} in {', '.join(result.shards)}")
-    click.echo(f"  bytes     {human(result.bytes_read)} read, {human(result.bytes_written)} written")
-    click.echo(f"  time      {result.seconds:.1f} s ({human(rate)}/s written)")
-    click.echo(f"  peak mem  {mib(result.peak_rss)}")
+        say(f"  tensors   {result.tensors} in {', '.join(result.shards)}")
+    say(f"  bytes     {human(result.bytes_read)} read, {human(result.bytes_written)} written")
+    say(f"  time      {result.seconds:.1f} s ({human(rate)}/s written)")
+    say(f"  peak mem  {mib(result.peak_rss)}")
     for note in result.notes:
-        click.echo(f"  note      {note}")
+        say(f"  note      {note}")
     if result.verified:
         verdict = "matches the publisher's result"
     elif no_verify:
@@ -160,11 +161,11 @@ def print_digests(result, verdict: str) -> None:
     """hf: one digest. gguf and meta: the tensors as written, then the merge's before conversion,
     which is what a publisher's digest is of (so that is the one compared)."""
     if result.merged_digest is None:
-        click.echo(f"  digest    {result.algorithm} {result.model_digest} ({verdict})")
+        say(f"  digest    {result.algorithm} {result.model_digest} ({verdict})")
         return
     what = "GGUF tensors" if result.format == "gguf" else "Meta tensors"
-    click.echo(f"  digest    {result.algorithm} {result.model_digest} ({what} as written)")
-    click.echo(f"  merged    {result.algorithm} {result.merged_digest} (Hugging Face tensors before "
+    say(f"  digest    {result.algorithm} {result.model_digest} ({what} as written)")
+    say(f"  merged    {result.algorithm} {result.merged_digest} (Hugging Face tensors before "
                f"conversion: {verdict})")
 
 
@@ -211,12 +212,12 @@ def make_delta_cmd(base, target, out, kind, resume, push_to, as_json, token, rev
 
 
 def _print_make(result) -> None:
-    click.echo(f"wrote {result.kind} delta {result.out} ({result.tensors} tensors, "
+    say(f"wrote {result.kind} delta {result.out} ({result.tensors} tensors, "
                f"{human(result.bytes_written)}, {result.seconds:.1f} s, peak {mib(result.peak_rss)})")
     share = result.mismatched_elements / max(result.elements, 1)
-    click.echo(f"  base + delta reproduces the target except {result.mismatched_elements} of "
+    say(f"  base + delta reproduces the target except {result.mismatched_elements} of "
                f"{result.elements} elements ({share:.4%})")
     for note in result.notes:
-        click.echo(f"  note           {note}")
-    click.echo(f"  base digest    blake3 {result.base_digest}")
-    click.echo(f"  result digest  blake3 {result.result_digest}")
+        say(f"  note           {note}")
+    say(f"  base digest    blake3 {result.base_digest}")
+    say(f"  result digest  blake3 {result.result_digest}")
