@@ -143,3 +143,18 @@ def test_the_summary_escapes_control_characters_in_paths(models, tmp_path: Path)
     assert "\x1b" not in result.stdout and "\x07" not in result.stdout
     first = result.stdout.splitlines()[0]
     assert first.startswith("rebuilt ") and "vicuna\\n\\x1b]0;pwned\\x07 from " in first
+
+
+# -- --resume -------------------------------------------------------------------------------------
+def test_resume_with_the_journal_deleted_says_the_journal_is_missing(models, tmp_path: Path):
+    base, target = models
+    delta = tmp_path / "delta"
+    assert cli("make-delta", base, target, delta, "-q") == (0, "")
+    partial = tmp_path / ".out.deltamerge-partial"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"left by a run whose journal was deleted")
+    code, line = cli("apply", base, delta, tmp_path / "out", "--resume", "-q")
+    assert code == 2
+    assert f"{partial}: its journal journal.jsonl is missing" in line
+    assert "other inputs or options" not in line
+    assert not (tmp_path / "out").exists()

@@ -46,7 +46,14 @@ from ..formats.files import LFS_POINTER_PREFIX
 from ..formats.safetensors import read_header
 from ..memory import drop_file_range
 from ..progress import Progress, make_progress, step_bar
-from ..sinks.folder import append_line, claim_partial, discard, publish, remove_entry
+from ..sinks.folder import (
+    append_line,
+    claim_partial,
+    discard,
+    missing_journal,
+    publish,
+    remove_entry,
+)
 from ..sources.meta import file_md5
 from ..version import __version__
 
@@ -380,8 +387,10 @@ class Build:
             build._append({"fingerprint": fp})
             return build
         path = folder / JOURNAL
+        if not path.is_file():
+            raise missing_journal(folder, JOURNAL)
         entries = []
-        for line in (path.read_text().splitlines() if path.is_file() else []):
+        for line in path.read_text().splitlines():
             try:
                 entries.append(json.loads(line))
             except ValueError:

@@ -36,6 +36,15 @@ def claim_partial(out: Path, resume: bool) -> tuple[Path, bool]:
     return tmp, False
 
 
+def missing_journal(folder: Path, name: str) -> InputError:
+    """A partial folder whose journal is gone: nothing in it says what its files are, or which
+    run made them, so it is not resumed (what it holds would be taken on trust)."""
+    return InputError(
+        f"{folder}: its journal {name} is missing, so what it holds cannot be checked: delete "
+        "the folder and run the command again without --resume"
+    )
+
+
 def append_line(path: Path, obj: dict) -> None:
     """One JSON line added to a journal, durable before the call returns."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
