@@ -20,7 +20,7 @@ def cli(*args: object) -> tuple[int, str]:
     from deltamerge.cli import main
 
     result = CliRunner().invoke(main, [*map(str, args)])
-    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) <= 1, result.stderr
     return result.exit_code, lines[0] if lines else ""
