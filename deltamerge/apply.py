@@ -43,7 +43,7 @@ from .preflight import preflight
 from .progress import make_progress, reports_progress
 from .results import RESULT_RECORD, ApplyResult
 from .sinks import Sink
-from .sinks.aux import copy_aux, fix_config
+from .sinks.aux import aux_bytes, copy_aux, fix_config
 from .sinks.folder import check_free_space, check_out, discard, partial_dir, publish, write_json
 from .sinks.lock import hold
 from .sinks.output import OutputFormat, open_sink, output_format
@@ -210,7 +210,8 @@ def _apply_locked(
                 progress=progress,
             ) if resume else None
             skip = set(journal.done)
-            check_free_space(out.parent, sink.planned_bytes(shards, skip))
+            check_free_space(out.parent, sink.planned_bytes(shards, skip)
+                             + aux_bytes(sink.aux_files(aux)))
             bar = make_progress(progress, sum(
                 j.out.nbytes for s in shards if s.filename not in skip for j in s.jobs), "rebuilding")
             engine = Engine(

@@ -158,3 +158,31 @@ def test_resume_with_the_journal_deleted_says_the_journal_is_missing(models, tmp
     assert f"{partial}: its journal journal.jsonl is missing" in line
     assert "other inputs or options" not in line
     assert not (tmp_path / "out").exists()
+
+
+# -- free space -----------------------------------------------------------------------------------
+def test_the_free_space_check_counts_the_non_weight_files(
+    models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A disk with room for the weights but not for the tokenizer beside them is refused
+    before any work, not filled part way."""
+    import shutil
+    from collections import namedtuple
+
+    import deltamerge.sinks.folder as folder
+    from deltamerge import apply_delta
+    from deltamerge.errors import DiskSpaceError
+
+    base, target = models
+    (target / "tokenizer.json").write_bytes(b"{}" + b" " * 1_000_000)
+    delta = tmp_path / "delta"
+    assert cli("make-delta", base, target, delta, "-q") == (0, "")
+    weights = sum(t.numel() * t.element_size() for t in llama_state(0).values())
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(folder.shutil, "disk_usage", lambda path: usage(
+        real(path).total, 0, weights + 100_000))
+    out = tmp_path / "out"
+    with pytest.raises(DiskSpaceError, match="not enough free space"):
+        apply_delta(base, delta, out)
+    assert not out.exists() and not (tmp_path / ".out.deltamerge-partial").exists()
