@@ -88,6 +88,7 @@ def apply_delta(
     format: str = "hf",
     outtype: str | None = None,
     mp: int | None = None,
+    allow_repeat: bool = False,
 ) -> ApplyResult:
     """Rebuild ``base`` + ``delta`` (or a chain of deltas, applied in order) into ``out``.
 
@@ -113,6 +114,9 @@ def apply_delta(
     (OpenBuddy's by default; tests make keys of their own). ``lora_r``, ``lora_alpha`` and
     ``lora_prefix`` describe a LoRA state dict that has no ``adapter_config.json`` (PandaGPT's
     ``pytorch_model.pt``).
+
+    The same delta twice in ``delta`` is refused (a slip: it would be applied twice) unless
+    ``allow_repeat``.
     """
     deltas = [delta] if isinstance(delta, (str, Path)) else list(delta)
     out = Path(out).expanduser()
@@ -137,6 +141,7 @@ def apply_delta(
             workers=workers or 1, progress=progress, extra_files=extra_files, hub=hub,
             expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
             quant_dtype=quant_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
+            allow_repeat=allow_repeat,
         )
 
 
@@ -147,11 +152,11 @@ def _apply_locked(
     extra_files: dict[str, Path | bytes] | None, hub: dict | None,
     expect_md5: PathLike | None, key_md5: str | None, resume: bool, qlora: str | None,
     quant_dtype: torch.dtype | None, lora_r: int | None, lora_alpha: float | None,
-    lora_prefix: str | None,
+    lora_prefix: str | None, allow_repeat: bool,
 ) -> ApplyResult:
     """The run itself, under OUT's lock: nothing of OUT or its partial folder is touched before."""
     # Hub inputs: pair tensors and check space before the big downloads.
-    hub = preflight(base, deltas, kind=kind, verify=verify, **(hub or {}))
+    hub = preflight(base, deltas, kind=kind, verify=verify, allow_repeat=allow_repeat, **(hub or {}))
     base_in = resolve_input(base, "base", **hub)
     delta_ins = [resolve_input(d, "delta", **hub) for d in deltas]
     if kind is None:

@@ -186,3 +186,24 @@ def test_the_free_space_check_counts_the_non_weight_files(
     with pytest.raises(DiskSpaceError, match="not enough free space"):
         apply_delta(base, delta, out)
     assert not out.exists() and not (tmp_path / ".out.deltamerge-partial").exists()
+
+
+# -- the same delta twice -------------------------------------------------------------------------
+def test_the_same_delta_twice_in_a_chain_is_refused_unless_allowed(models, tmp_path: Path):
+    from conftest import assert_states_equal, load_state
+
+    from deltamerge import apply_delta
+
+    base, target = models
+    delta = tmp_path / "delta"
+    assert cli("make-delta", base, target, delta, "-q", "--kind", "xor") == (0, "")
+    out = tmp_path / "out"
+    code, line = cli("apply", base, delta, f"{tmp_path}/./delta/", out, "-q")
+    assert code == 2
+    assert f"./delta/: the same delta as {delta}, given twice" in line
+    assert not out.exists() and not (tmp_path / ".out.deltamerge-partial").exists()
+    with pytest.raises(InputError, match="given twice"):
+        apply_delta(base, [delta, delta], out)
+    # XORed twice is the base again: what --allow-repeat was asked for, done
+    assert cli("apply", base, delta, delta, out, "-q", "--allow-repeat", "--no-verify") == (0, "")
+    assert_states_equal(load_state(out), load_state(base))

@@ -59,6 +59,8 @@ PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); 
               help="...and its rank, checked against the factors' shapes.")
 @click.option("--lora-prefix", default=None, metavar="PREFIX",
               help="...and what precedes the base's names in its keys (default: detected).")
+@click.option("--allow-repeat", is_flag=True,
+              help="Apply a DELTA given twice twice (refused by default: usually a slip).")
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None, help=PUSH_HELP)
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as JSON (the library's ApplyResult) instead of the summary.")
@@ -67,8 +69,9 @@ PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); 
 @common_run_options
 @handle_errors
 def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expect_md5, key_md5,
-              resume, lora_alpha, lora_r, lora_prefix, push_to, as_json, fmt, outtype, mp, token,
-              revision, cache_dir, max_shard_size, block_size, force, workers, quiet) -> None:
+              resume, lora_alpha, lora_r, lora_prefix, allow_repeat, push_to, as_json, fmt, outtype,
+              mp, token, revision, cache_dir, max_shard_size, block_size, force, workers,
+              quiet) -> None:
     """Rebuild a model from BASE and one or more DELTAs into OUT.
 
     BASE and each DELTA are local folders (or Hub repo ids, REPO@REV for a revision). Several
@@ -98,6 +101,7 @@ def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expec
         progress=not quiet, resume=resume, expect_md5=expect_md5, key_md5=key_md5, qlora=qlora,
         qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
         hub=hub, format=fmt, outtype=outtype, mp=int(mp) if mp else None,
+        allow_repeat=allow_repeat,
     )
     if not quiet and not as_json:
         _print_apply(result, base, deltas, no_verify)
