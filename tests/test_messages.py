@@ -207,3 +207,38 @@ def test_the_same_delta_twice_in_a_chain_is_refused_unless_allowed(models, tmp_p
     # XORed twice is the base again: what --allow-repeat was asked for, done
     assert cli("apply", base, delta, delta, out, "-q", "--allow-repeat", "--no-verify") == (0, "")
     assert_states_equal(load_state(out), load_state(base))
+
+
+# -- --push-to-hub --------------------------------------------------------------------------------
+def test_push_to_hub_creates_no_repo_for_a_merge_that_fails(
+    hub: HubServer, models, tmp_path: Path  # noqa: F811
+):
+    """The token is checked before the merge, but the repo is created by the push: a merge that
+    fails leaves no empty repo on the Hub; one that succeeds is pushed to a repo made then."""
+    from hub_fixtures import DEFAULT_TOKEN
+
+    base, target = models
+    delta = tmp_path / "delta"
+    assert cli("make-delta", base, target, delta, "-q") == (0, "")
+    mismatched = save_checkpoint(llama_state(2, vocab=97), tmp_path / "other-base")
+    code, line = cli("apply", mismatched, delta, tmp_path / "bad", "-q", "--no-verify",
+                     "--push-to-hub", "alice/merged", "--token", DEFAULT_TOKEN)
+    assert code == 2 and "in the base" in line
+    assert ("model", "alice/merged") not in hub.repos
+    assert hub.requests_to("/api/repos/create") == []
+    code, line = cli("apply", base, delta, tmp_path / "out", "-q", "--push-to-hub",
+                     "alice/merged", "--token", DEFAULT_TOKEN)
+    assert (code, line) == (0, "")
+    assert hub.files("alice/merged")["model.safetensors"] == (
+        tmp_path / "out" / "model.safetensors").read_bytes()
+
+
+def test_push_to_hub_refuses_a_bad_token_before_any_work(
+    hub: HubServer, models, tmp_path: Path  # noqa: F811
+):
+    base, target = models
+    code, line = cli("make-delta", base, target, tmp_path / "delta", "-q", "--push-to-hub",
+                     "alice/delta", "--token", "hf_not_a_valid_token")
+    assert code == 2 and "HF_TOKEN" in line and "hf_not_a_valid_token" not in line
+    assert not (tmp_path / "delta").exists()
+    assert ("model", "alice/delta") not in hub.repos

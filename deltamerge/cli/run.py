@@ -23,7 +23,7 @@ from .common import (
 )
 
 PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); the token and "
-             "the repo are checked before any work.")
+             "the repo id are checked before any work, and the repo is created by the push.")
 
 
 @click.command("apply", context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,7 +111,7 @@ def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expec
 
 
 def _check_target(repo_id: str | None, token: str | None) -> str | None:
-    """A job that ends in a push checks the token and the repo before it starts."""
+    """A job that ends in a push checks the token and the repo id before it starts."""
     if repo_id is None:
         return None
     from ..hub.push import check_target  # deferred so --help answers without loading huggingface_hub
