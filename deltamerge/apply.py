@@ -44,7 +44,15 @@ from .progress import make_progress, reports_progress
 from .results import RESULT_RECORD, ApplyResult
 from .sinks import Sink
 from .sinks.aux import aux_bytes, copy_aux, fix_config
-from .sinks.folder import check_free_space, check_out, discard, partial_dir, publish, write_json
+from .sinks.folder import (
+    OutputTakenError,
+    check_free_space,
+    check_out,
+    discard,
+    partial_dir,
+    publish,
+    write_json,
+)
 from .sinks.lock import hold
 from .sinks.output import OutputFormat, open_sink, output_format
 from .sinks.overlap import refuse_overlap
@@ -268,9 +276,11 @@ def _apply_locked(
                     if quant_dtype else None)
             write_json(tmp / RESULT_RECORD, record)
             faults.reached("publish")
-            publish(tmp, out)
+            publish(tmp, out, force)
             (out / journal.path.name).unlink(missing_ok=True)
             return result
+        except OutputTakenError:
+            raise  # the finished partial folder stays, for --resume once OUT is moved away
         except (KeyboardInterrupt, WorkError) as exc:
             if isinstance(exc, DiskSpaceError):
                 if not journal.done:

@@ -32,7 +32,7 @@ from .memory import peak_rss_bytes
 from .progress import make_progress, reports_progress, step_bar
 from .results import MakeDeltaResult
 from .sinks.aux import copy_aux, fix_config
-from .sinks.folder import check_out, discard, publish, remove_entry
+from .sinks.folder import OutputTakenError, check_out, discard, publish, remove_entry
 from .sinks.lock import hold
 from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import SafetensorsSink, write_index
@@ -81,12 +81,13 @@ def make_delta(
     with hold(out):
         check_out(out, force)  # again under the lock: a run that held it may have published
         return _make_locked(base, target, out, kind, shard_bytes, block_size, workers or 1,
-                            progress, hub or {}, resume)
+                            progress, hub or {}, resume, force)
 
 
 def _make_locked(
     base: PathLike, target: PathLike, out: Path, kind: str, shard_bytes: int, block_size: int,
     workers: int, progress: bool | Callable[[int, int], None], hub: dict, resume: bool,
+    force: bool,
 ) -> MakeDeltaResult:
     """The run itself, under OUT's lock: a leftover partial folder is touched only under it."""
     base_in = resolve_input(base, "base", **hub)
@@ -136,8 +137,10 @@ def _make_locked(
                 base_source=_base_source(base_in),
             )
             manifest.write(tmp / MANIFEST_NAME)
-            publish(tmp, out)
+            publish(tmp, out, force)
             (out / JOURNAL_NAME).unlink(missing_ok=True)
+        except OutputTakenError:
+            raise  # the finished partial folder stays, for --resume once OUT is moved away
         except (KeyboardInterrupt, WorkError) as exc:
             raise InterruptedRun.after(
                 exc, f"the partial delta is kept in {tmp}: run the same command with --resume "

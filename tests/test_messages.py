@@ -242,3 +242,44 @@ def test_push_to_hub_refuses_a_bad_token_before_any_work(
     assert code == 2 and "HF_TOKEN" in line and "hf_not_a_valid_token" not in line
     assert not (tmp_path / "delta").exists()
     assert ("model", "alice/delta") not in hub.repos
+
+
+# -- OUT at publish time ---------------------------------------------------------------------------
+def test_an_out_filled_during_the_run_is_not_replaced_without_force(
+    models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """OUT was absent when the run started and another program filled it meanwhile: the run
+    refuses to replace it (one line, exit 2), keeps it as it is, and keeps its finished partial
+    folder, which --resume publishes once OUT is moved away."""
+    from conftest import assert_states_equal, load_state
+
+    from deltamerge import apply_delta, faults
+    from deltamerge.errors import OutputExistsError
+
+    base, target = models
+    delta = tmp_path / "delta"
+    assert cli("make-delta", base, target, delta, "-q", "--kind", "xor") == (0, "")
+    out, partial = tmp_path / "out", tmp_path / ".out.deltamerge-partial"
+
+    def someone_else(point: str) -> None:
+        if point == "publish":
+            out.mkdir()
+            (out / "theirs.txt").write_text("not deltamerge's")
+
+    monkeypatch.setattr(faults, "reached", someone_else)
+    with pytest.raises(OutputExistsError) as refused:
+        apply_delta(base, delta, out)
+    assert refused.value.exit_code == 2
+    assert "appeared during the run" in str(refused.value) and "--resume" in str(refused.value)
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert (partial / "model.safetensors").is_file()
+    monkeypatch.undo()
+    out.rename(tmp_path / "theirs")
+    apply_delta(base, delta, out, resume=True)
+    assert_states_equal(load_state(out), load_state(target))
+    assert not partial.exists()
+
+    monkeypatch.setattr(faults, "reached", lambda point: (
+        (tmp_path / "forced").mkdir() if point == "publish" else None))
+    apply_delta(base, delta, tmp_path / "forced", force=True)
+    assert_states_equal(load_state(tmp_path / "forced"), load_state(target))

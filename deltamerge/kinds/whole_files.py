@@ -47,6 +47,7 @@ from ..formats.safetensors import read_header
 from ..memory import drop_file_range
 from ..progress import Progress, make_progress, step_bar
 from ..sinks.folder import (
+    OutputTakenError,
     append_line,
     claim_partial,
     discard,
@@ -441,14 +442,17 @@ class Build:
 
 
 @contextmanager
-def building(out: Path, fp: str, resume: bool = False) -> Iterator[Build]:
+def building(out: Path, fp: str, resume: bool = False, force: bool = False) -> Iterator[Build]:
     """The partial folder beside ``out``: published when the block ends; kept for ``--resume``
-    when the run is interrupted or fails while working, discarded on any other failure."""
+    when the run is interrupted or fails while working, or when OUT was filled meanwhile
+    (and ``force`` not given); discarded on any other failure."""
     build = Build.open(out, fp, resume)
     try:
         yield build
-        publish(build.folder, out)
+        publish(build.folder, out, force)
         (out / JOURNAL).unlink(missing_ok=True)
+    except OutputTakenError:
+        raise  # the finished partial folder stays, for --resume once OUT is moved away
     except (KeyboardInterrupt, WorkError) as exc:
         raise InterruptedRun.after(
             exc, f"the files decoded so far are kept in {build.folder}: run the same command "
