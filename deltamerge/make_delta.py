@@ -46,6 +46,7 @@ from .version import __version__
 
 PathLike = str | Path
 MAKE_KINDS = ("add", "xor")
+OVERFLOWS_NAMED = 3  # tensors named in the note; the result lists them all
 
 
 @reports_progress
@@ -151,11 +152,27 @@ def _make_locked(
             raise
     mismatches = sum(getattr(s, "mismatches", 0) for s in steps)
     notes = [f"resumed: {len(kept)} finished shard(s) kept, each hashed again"] if kept else []
+    overflowed = _overflowed(jobs, kept)
+    if overflowed:
+        notes.append(
+            f"{len(overflowed)} tensor(s) differ from the base by more than their dtype can hold: "
+            f"the delta stores Inf there, and apply rebuilds Inf (first "
+            f"{', '.join(map(repr, overflowed[:OVERFLOWS_NAMED]))})"
+        )
     return MakeDeltaResult(
         out, kind, len(jobs), sum(j.out.numel for j in jobs),
         mismatches + sum(k.mismatches for k in kept.values()), manifest.base.model_digest,
         manifest.result.model_digest, run.bytes_written, run.seconds, peak_rss_bytes(), notes,
+        overflowed,
     )
+
+
+def _overflowed(jobs: list[TensorJob], kept: dict[str, _Kept]) -> list[str]:
+    """The tensors whose delta overflowed to Inf, in the plan's order: this run's steps say,
+    and the journal of each kept shard for the tensors in it."""
+    counted = {n: c for k in kept.values() for n, c in k.overflows.items()}
+    return [j.name for j in jobs
+            if getattr(j.steps[0], "overflows", 0) or counted.get(j.name, 0)]
 
 
 @dataclass(frozen=True)
@@ -166,6 +183,7 @@ class _Kept:
     digests: dict[str, TensorDigest]  # of what apply will rebuild from its tensors
     delta: dict[str, TensorDigest]  # of the delta tensors it holds, for the delta role
     mismatches: int
+    overflows: dict[str, int]  # elements stored as Inf, by tensor (only those with any)
 
 
 def _journal_shard(
@@ -184,6 +202,7 @@ def _journal_shard(
             "file": [shard.digest, shard.header_size, shard.header_digest],
             "delta": {n: d.to_json() for n, d in digests.items()},
             "mismatches": sum(getattr(j.steps[0], "mismatches", 0) for j in jobs),
+            "overflows": {j.name: n for j in jobs if (n := getattr(j.steps[0], "overflows", 0))},
         })
 
     return record
@@ -210,13 +229,14 @@ def _recheck(folder: Path, journal: Journal, shards: list[Shard]) -> dict[str, _
             try:
                 delta = {n: read_digest(d) for n, d in claim.extra.get("delta", {}).items()}
                 written = WrittenFile(*file)
+                overflows = {str(n): int(c) for n, c in claim.extra.get("overflows", {}).items()}
             except (KeyError, TypeError, ValueError, AttributeError):
                 written = None
             # The claim's own checks first: a shard they refuse is not read at all.
             if (written is not None and size == claim.size and isinstance(lost, int)
                     and set(claim.digests) == planned[name] and set(delta) == planned[name]
                     and file_digest(path) == written.digest):
-                kept[name] = _Kept(written, claim.digests, delta, lost)
+                kept[name] = _Kept(written, claim.digests, delta, lost, overflows)
             bar.update(size)
     finally:
         bar.close()

@@ -283,3 +283,53 @@ def test_an_out_filled_during_the_run_is_not_replaced_without_force(
         (tmp_path / "forced").mkdir() if point == "publish" else None))
     apply_delta(base, delta, tmp_path / "forced", force=True)
     assert_states_equal(load_state(tmp_path / "forced"), load_state(target))
+
+
+# -- make-delta names the tensors whose delta overflowed -------------------------------------------
+def test_make_delta_names_the_tensors_whose_fp16_delta_overflowed(tmp_path: Path):
+    from click.testing import CliRunner
+
+    from deltamerge import make_delta
+    from deltamerge.cli import main
+
+    base_state, target_state = llama_state(0), llama_state(1)
+    for name in ("model.layers.1.mlp.up_proj.weight", "model.norm.weight"):
+        base_state[name][0] = -60000.0
+        target_state[name][0] = 60000.0  # 120000 apart: beyond float16's 65504
+    base = save_checkpoint(base_state, tmp_path / "base")
+    target = save_checkpoint(target_state, tmp_path / "target")
+    result = make_delta(base, target, tmp_path / "delta")
+    assert result.overflowed == ["model.layers.1.mlp.up_proj.weight", "model.norm.weight"]
+    assert any("'model.layers.1.mlp.up_proj.weight', 'model.norm.weight'" in n and "Inf" in n
+               for n in result.notes), result.notes
+    printed = CliRunner().invoke(main, ["make-delta", str(base), str(target), str(tmp_path / "d2")])
+    assert printed.exit_code == 0, printed.output
+    assert "'model.norm.weight'" in printed.stdout and "Inf" in printed.stdout
+
+
+def test_a_resumed_make_delta_still_names_the_overflows_of_the_shards_it_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from deltamerge import faults, make_delta
+    from deltamerge.errors import InterruptedRun
+
+    base_state, target_state = llama_state(0), llama_state(1)
+    base_state["model.embed_tokens.weight"][0] = -60000.0  # the first tensor: the first shard
+    target_state["model.embed_tokens.weight"][0] = 60000.0
+    base = save_checkpoint(base_state, tmp_path / "base")
+    target = save_checkpoint(target_state, tmp_path / "target")
+    shards = []
+
+    def stop_after_two(point: str) -> None:
+        if point == "shard":
+            shards.append(point)
+            if len(shards) == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(faults, "reached", stop_after_two)
+    with pytest.raises(InterruptedRun):
+        make_delta(base, target, tmp_path / "delta", max_shard_size="40KB")
+    monkeypatch.undo()
+    result = make_delta(base, target, tmp_path / "delta", max_shard_size="40KB", resume=True)
+    assert any(n.startswith("resumed: 2 ") for n in result.notes), result.notes
+    assert result.overflowed == ["model.embed_tokens.weight"]
