@@ -17,7 +17,7 @@ from . import faults
 from .dtypes import itemsize, parse_user_dtype, short_name
 from .engine import Engine
 from .engine.cascade_sum import TorchRowSum
-from .engine.journal import fingerprint, open_partial
+from .engine.journal import JOURNAL_NAME, fingerprint, open_partial
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
 from .engine.recheck import recheck
 from .errors import (
@@ -28,6 +28,7 @@ from .errors import (
     VerificationError,
     WorkError,
 )
+from .formats.files import read_json_object
 from .integrity.checks import checksum
 from .integrity.delta_checks import finish_delta_checks, plan_delta_checks
 from .integrity.digest import DEFAULT_ALGORITHM, TensorDigest, model_digest
@@ -140,17 +141,36 @@ def apply_delta(
     inputs = [(base, "base"), *((d, "delta") for d in deltas)]
     need_folders(inputs[1:])
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in inputs])
-    check_out(out, force)
+    if finished_record(out, force) is None:
+        check_out(out, force)
     with hold(out):
-        check_out(out, force)  # again under the lock: a run that held it may have published
+        # again under the lock: a run that held it may have published
+        finished = finished_record(out, force)
+        if finished is None:
+            check_out(out, force)
         return _apply_locked(
             base, deltas, out, kind=kind, out_dtype=out_dtype, new_rows=new_rows,
             fmt=fmt, block_size=block_size, force=force, verify=verify,
             workers=workers or 1, progress=progress, extra_files=extra_files, hub=hub,
             expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
             quant_dtype=quant_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
-            allow_repeat=allow_repeat,
+            allow_repeat=allow_repeat, finished=finished,
         )
+
+
+def finished_record(out: Path, force: bool) -> dict | None:
+    """OUT's result record, when OUT is a finished rebuild whose record names the run that made
+    it (its fingerprint) and ``force`` is not given: the same command run again (after a Ctrl-C
+    that came just after publishing, say) then finds its work done instead of being refused.
+    Whether it was the same command is known once this run's plan is made."""
+    path = out / RESULT_RECORD
+    if force or path.is_symlink() or not path.is_file():
+        return None
+    try:
+        record = read_json_object(path)
+    except InputError:
+        return None
+    return record if isinstance(record.get("fingerprint"), str) else None
 
 
 def _apply_locked(
@@ -160,7 +180,7 @@ def _apply_locked(
     extra_files: dict[str, Path | bytes] | None, hub: dict | None,
     expect_md5: PathLike | None, key_md5: str | None, resume: bool, qlora: str | None,
     quant_dtype: torch.dtype | None, lora_r: int | None, lora_alpha: float | None,
-    lora_prefix: str | None, allow_repeat: bool,
+    lora_prefix: str | None, allow_repeat: bool, finished: dict | None,
 ) -> ApplyResult:
     """The run itself, under OUT's lock: nothing of OUT or its partial folder is touched before."""
     # Hub inputs: pair tensors and check space before the big downloads.
@@ -174,6 +194,8 @@ def _apply_locked(
     if whole != "enc":  # OpenBuddy's key is a file: BASE may be Meta's consolidated.00.pth
         need_folders([(base, "base")])
     if whole is not None:
+        if finished is not None:
+            check_out(out, force)  # a whole-file decode's record holds no fingerprint to match
         if qlora is not None:
             raise InputError(f"--qlora merges LoRA adapters: it does not apply to {whole} deltas")
         if fmt.name != "hf":
@@ -216,6 +238,11 @@ def _apply_locked(
         if qlora is not None:
             options_record.update(qlora=qlora, qlora_dtype=str(quant_dtype))
         fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
+        if finished is not None:
+            if finished["fingerprint"] != fp.digest:
+                check_out(out, force)  # made by another command, or from other inputs: refused
+            return _already_finished(out, finished, [k.name for k in opened], len(jobs),
+                                     sink.outputs() or [s.filename for s in shards], fmt.name)
         tmp, journal = open_partial(out, fp, resume)
         try:
             checked = recheck(
@@ -268,6 +295,7 @@ def _apply_locked(
             record = _record(base_in, delta_ins, result, written if sink.converts else out_digests,
                              out_dtype, new_rows)
             record["options"].update(fmt.options())
+            record["fingerprint"] = fp.digest
             if sink.converts:
                 record["merged"] = Role.of(out_digests, out_algorithm).to_json()
             if qlora is not None:
@@ -277,8 +305,6 @@ def _apply_locked(
             write_json(tmp / RESULT_RECORD, record)
             faults.reached("publish")
             publish(tmp, out, force)
-            (out / journal.path.name).unlink(missing_ok=True)
-            return result
         except OutputTakenError:
             raise  # the finished partial folder stays, for --resume once OUT is moved away
         except (KeyboardInterrupt, WorkError) as exc:
@@ -293,10 +319,43 @@ def _apply_locked(
         except BaseException:
             discard(tmp)
             raise
+        try:
+            faults.reached("published")
+            (out / journal.path.name).unlink(missing_ok=True)
+        except KeyboardInterrupt as exc:
+            raise InterruptedRun.after(
+                exc, f"{out} was published, complete, just before: the same command run again "
+                "finds it finished",
+            ) from exc
+        return result
     finally:
         for k in opened:
             k.close()
         base_ckpt.close()
+
+
+def _already_finished(
+    out: Path, record: dict, kinds: list[str], tensors: int, files: list[str], fmt: str
+) -> ApplyResult:
+    """The result a run of this same command already published at OUT, as its record says;
+    nothing is read or written but the journal a stop right after publishing left in OUT."""
+    (out / JOURNAL_NAME).unlink(missing_ok=True)
+    result_role = record.get("result") if isinstance(record.get("result"), dict) else {}
+    merged_role = record.get("merged") if isinstance(record.get("merged"), dict) else None
+    digest = str(result_role.get("model_digest"))
+    merged = str(merged_role.get("model_digest")) if merged_role else None
+    publisher = record.get("publisher_digest")
+    publisher = publisher if isinstance(publisher, str) else None
+    result = ApplyResult(
+        out, kinds, tensors, files, 0, 0, 0.0, peak_rss_bytes(), digest,
+        publisher_digest=publisher, verified=publisher is not None and (merged or digest) == publisher,
+        algorithm=str(record.get("algorithm", DEFAULT_ALGORITHM)), format=fmt, merged_digest=merged,
+    )
+    result.notes.append(
+        f"{out} was already finished by this same command (its {RESULT_RECORD} says so): nothing "
+        f"was done; `deltamerge verify {out} -m {out / RESULT_RECORD}` checks its files"
+    )
+    return result
 
 
 def _plan_output(

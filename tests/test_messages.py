@@ -333,3 +333,46 @@ def test_a_resumed_make_delta_still_names_the_overflows_of_the_shards_it_kept(
     result = make_delta(base, target, tmp_path / "delta", max_shard_size="40KB", resume=True)
     assert any(n.startswith("resumed: 2 ") for n in result.notes), result.notes
     assert result.overflowed == ["model.embed_tokens.weight"]
+
+
+# -- a stop just after publishing ------------------------------------------------------------------
+def test_a_rerun_after_a_stop_just_after_publishing_finds_out_finished(
+    models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Ctrl-C after OUT was published: OUT is complete, and the same command run again says so
+    (exit 0, OUT untouched); another command, or other options, is still refused."""
+    from deltamerge import faults
+
+    base, target = models
+    delta = tmp_path / "delta"
+    assert cli("make-delta", base, target, delta, "-q", "--kind", "xor") == (0, "")
+    out = tmp_path / "out"
+
+    def stop_after_publishing(point: str) -> None:
+        if point == "published":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(faults, "reached", stop_after_publishing)
+    code, line = cli("apply", base, delta, out, "-q")
+    monkeypatch.undo()
+    assert code == 130
+    assert f"{out} was published, complete" in line
+    assert (out / "journal.jsonl").is_file()  # the stop came before its removal
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "journal.jsonl"}
+
+    from click.testing import CliRunner
+
+    from deltamerge.cli import main
+
+    again = CliRunner().invoke(main, ["apply", str(base), str(delta), str(out)])
+    assert again.exit_code == 0, again.output
+    assert "already finished by this same command" in again.stdout
+    assert "matches the publisher's result" in again.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    code, line = cli("apply", base, delta, out, "-q", "--dtype", "float32")
+    assert code == 2 and "exists and is not empty" in line
+    other = save_checkpoint(llama_state(3), tmp_path / "other")
+    code, line = cli("make-delta", base, other, out, "-q")
+    assert code == 2 and "exists and is not empty" in line
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
