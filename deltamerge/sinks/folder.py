@@ -106,7 +106,7 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
     again, not recomputed). A symlink at OUT is itself replaced by the result: its target is
     never written or deleted.
     """
-    if not force and (any(out.iterdir()) if out.is_dir() else os.path.lexists(out)):
+    if not force and (any(out.iterdir()) if out.is_dir() else out.exists()):  # as check_out
         raise OutputTakenError(
             f"{out}: appeared during the run (not empty; not replaced without --force): the "
             f"finished result is kept in {tmp}: move {out.name} away and run the same command "
