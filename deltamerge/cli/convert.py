@@ -59,8 +59,8 @@ def convert_cmd(meta_dir, out, dtype, resume, as_json, fmt, outtype, mp, max_sha
         print_json(result.to_json())
     elif not quiet:
         say(f"converted {meta_dir} into {result.out}: {result.tensors} tensors, "
-                   f"{len(result.shards)} {'shard' if result.format == 'hf' else 'file'}(s), "
-                   f"{human(result.bytes_written)}, {result.seconds:.1f} s, peak {mib(result.peak_rss)}")
+            f"{len(result.shards)} {'shard' if result.format == 'hf' else 'file'}(s), "
+            f"{human(result.bytes_written)}, {result.seconds:.1f} s, peak {mib(result.peak_rss)}")
         for note in result.notes:
             say(f"  note      {note}")
         print_digests(result, "compare this digest with others' conversions")

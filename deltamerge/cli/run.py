@@ -138,7 +138,7 @@ def _push(folder: Path, repo_id: str, quiet: bool, token: str | None) -> dict:
 def _print_apply(result, base: str, deltas: list[str], no_verify: bool) -> None:
     rate = result.bytes_written / result.seconds if result.seconds else 0
     say(f"rebuilt {result.out} from {base} + {' + '.join(deltas)} "
-               f"(kind: {', '.join(result.kinds)})")
+        f"(kind: {', '.join(result.kinds)})")
     if result.kinds in (["xor-files"], ["enc"]):
         say(f"  files     {len(result.shards)} decoded")
     elif result.format == "hf":
@@ -170,7 +170,7 @@ def print_digests(result, verdict: str) -> None:
     what = "GGUF tensors" if result.format == "gguf" else "Meta tensors"
     say(f"  digest    {result.algorithm} {result.model_digest} ({what} as written)")
     say(f"  merged    {result.algorithm} {result.merged_digest} (Hugging Face tensors before "
-               f"conversion: {verdict})")
+        f"conversion: {verdict})")
 
 
 @click.command("make-delta", context_settings={"help_option_names": ["-h", "--help"]})
@@ -217,10 +217,10 @@ def make_delta_cmd(base, target, out, kind, resume, push_to, as_json, token, rev
 
 def _print_make(result) -> None:
     say(f"wrote {result.kind} delta {result.out} ({result.tensors} tensors, "
-               f"{human(result.bytes_written)}, {result.seconds:.1f} s, peak {mib(result.peak_rss)})")
+        f"{human(result.bytes_written)}, {result.seconds:.1f} s, peak {mib(result.peak_rss)})")
     share = result.mismatched_elements / max(result.elements, 1)
     say(f"  base + delta reproduces the target except {result.mismatched_elements} of "
-               f"{result.elements} elements ({share:.4%})")
+        f"{result.elements} elements ({share:.4%})")
     for note in result.notes:
         say(f"  note           {note}")
     say(f"  base digest    blake3 {result.base_digest}")
