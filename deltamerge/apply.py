@@ -18,7 +18,7 @@ from . import faults
 from .dtypes import itemsize, parse_user_dtype, short_name
 from .engine import Engine
 from .engine.cascade_sum import TorchRowSum
-from .engine.journal import fingerprint, open_partial
+from .engine.journal import JOURNAL_NAME, fingerprint, open_partial
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
 from .engine.recheck import recheck
 from .errors import (
@@ -29,6 +29,7 @@ from .errors import (
     VerificationError,
     WorkError,
 )
+from .formats.files import read_json_object
 from .integrity.checks import checksum
 from .integrity.delta_checks import finish_delta_checks, plan_delta_checks
 from .integrity.digest import DEFAULT_ALGORITHM, TensorDigest, model_digest
@@ -44,8 +45,16 @@ from .preflight import preflight
 from .progress import make_progress, reports_progress
 from .results import RESULT_RECORD, ApplyResult
 from .sinks import Sink
-from .sinks.aux import copy_aux, fix_config
-from .sinks.folder import check_free_space, check_out, discard, partial_dir, publish, write_json
+from .sinks.aux import aux_bytes, copy_aux, fix_config
+from .sinks.folder import (
+    OutputTakenError,
+    check_free_space,
+    check_out,
+    discard,
+    partial_dir,
+    publish,
+    write_json,
+)
 from .sinks.lock import hold
 from .sinks.output import OutputFormat, open_sink, output_format
 from .sinks.overlap import refuse_overlap
@@ -53,7 +62,7 @@ from .sinks.safetensors import write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import is_aux_file
-from .sources.inputs import Resolved
+from .sources.inputs import Resolved, need_folders
 from .sources.resolve import input_region, resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
@@ -89,6 +98,7 @@ def apply_delta(
     format: str = "hf",
     outtype: str | None = None,
     mp: int | None = None,
+    allow_repeat: bool = False,
 ) -> ApplyResult:
     """Rebuild ``base`` + ``delta`` (or a chain of deltas, applied in order) into ``out``.
 
@@ -115,6 +125,9 @@ def apply_delta(
     ``lora_prefix`` describe a LoRA state dict that has no ``adapter_config.json`` (PandaGPT's
     ``pytorch_model.pt``).
 
+    The same delta twice in ``delta`` is refused (a slip: it would be applied twice) unless
+    ``allow_repeat``.
+
     ``block_size`` (bytes, or a size such as ``"24MB"``) bounds each row block's buffers;
     ``extra_files`` maps plain file names to the bytes (or the path of a file) to add to ``out``.
     Arguments of the wrong type are an :class:`~deltamerge.errors.InputError` naming them.
@@ -129,7 +142,7 @@ def apply_delta(
         workers=workers, progress=progress, extra_files=extra_files, hub=hub,
         expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
         qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
-        format=format, outtype=outtype, mp=mp,
+        format=format, outtype=outtype, mp=mp, allow_repeat=allow_repeat,
     )
 
 
@@ -141,7 +154,7 @@ def run_apply(
     hub: dict | None, expect_md5: PathLike | None, key_md5: str | None, resume: bool,
     qlora: str | None, qlora_dtype: str | torch.dtype | None, lora_r: int | None,
     lora_alpha: float | None, lora_prefix: str | None, format: str, outtype: str | None,
-    mp: int | None,
+    mp: int | None, allow_repeat: bool = False,
 ) -> ApplyResult:
     """:func:`apply_delta` for a chain of any length: ``convert`` applies none (writing the base
     in another layout is applying an empty chain), which the public function refuses."""
@@ -163,6 +176,7 @@ def run_apply(
     args.flag("force", force)
     args.flag("verify", verify)
     args.flag("resume", resume)
+    args.flag("allow_repeat", allow_repeat)
     workers = args.integer("workers", workers)
     progress = args.progress(progress)
     extra_files = args.extra_files(extra_files)
@@ -177,18 +191,38 @@ def run_apply(
     mp = args.integer("mp", mp)
     fmt = output_format(format, outtype=outtype, mp=mp, max_shard_size=max_shard_size)
     inputs = [(base, "base"), *((d, "delta") for d in deltas)]
-    _need_folders(inputs[1:])
+    need_folders(inputs[1:])
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in inputs])
-    check_out(out, force)
+    if finished_record(out, force) is None:
+        check_out(out, force)
     with hold(out):
-        check_out(out, force)  # again under the lock: a run that held it may have published
+        # again under the lock: a run that held it may have published
+        finished = finished_record(out, force)
+        if finished is None:
+            check_out(out, force)
         return _apply_locked(
             base, deltas, out, kind=kind, out_dtype=out_dtype, new_rows=new_rows,
             fmt=fmt, block_size=block_size, force=force, verify=verify,
             workers=workers or 1, progress=progress, extra_files=extra_files, hub=hub,
             expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
             quant_dtype=quant_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
+            allow_repeat=allow_repeat, finished=finished,
         )
+
+
+def finished_record(out: Path, force: bool) -> dict | None:
+    """OUT's result record, when OUT is a finished rebuild whose record names the run that made
+    it (its fingerprint) and ``force`` is not given: the same command run again (after a Ctrl-C
+    that came just after publishing, say) then finds its work done instead of being refused.
+    Whether it was the same command is known once this run's plan is made."""
+    path = out / RESULT_RECORD
+    if force or path.is_symlink() or not path.is_file():
+        return None
+    try:
+        record = read_json_object(path)
+    except InputError:
+        return None
+    return record if isinstance(record.get("fingerprint"), str) else None
 
 
 def _apply_locked(
@@ -198,11 +232,11 @@ def _apply_locked(
     extra_files: dict[str, Path | bytes] | None, hub: dict | None,
     expect_md5: PathLike | None, key_md5: str | None, resume: bool, qlora: str | None,
     quant_dtype: torch.dtype | None, lora_r: int | None, lora_alpha: float | None,
-    lora_prefix: str | None,
+    lora_prefix: str | None, allow_repeat: bool, finished: dict | None,
 ) -> ApplyResult:
     """The run itself, under OUT's lock: nothing of OUT or its partial folder is touched before."""
     # Hub inputs: pair tensors and check space before the big downloads.
-    hub = preflight(base, deltas, kind=kind, verify=verify, **(hub or {}))
+    hub = preflight(base, deltas, kind=kind, verify=verify, allow_repeat=allow_repeat, **(hub or {}))
     base_in = resolve_input(base, "base", **hub)
     delta_ins = [resolve_input(d, "delta", **hub) for d in deltas]
     if kind is None:
@@ -210,8 +244,10 @@ def _apply_locked(
     else:
         whole = kind if kind in WHOLE_FILE_KINDS else None
     if whole != "enc":  # OpenBuddy's key is a file: BASE may be Meta's consolidated.00.pth
-        _need_folders([(base, "base")])
+        need_folders([(base, "base")])
     if whole is not None:
+        if finished is not None:
+            check_out(out, force)  # a whole-file decode's record holds no fingerprint to match
         if qlora is not None:
             raise InputError(f"--qlora merges LoRA adapters: it does not apply to {whole} deltas")
         if fmt.name != "hf":
@@ -254,6 +290,11 @@ def _apply_locked(
         if qlora is not None:
             options_record.update(qlora=qlora, qlora_dtype=str(quant_dtype))
         fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
+        if finished is not None:
+            if finished["fingerprint"] != fp.digest:
+                check_out(out, force)  # made by another command, or from other inputs: refused
+            return _already_finished(out, finished, [k.name for k in opened], len(jobs),
+                                     sink.outputs() or [s.filename for s in shards], fmt.name)
         tmp, journal = open_partial(out, fp, resume)
         try:
             checked = recheck(
@@ -261,7 +302,8 @@ def _apply_locked(
                 progress=progress,
             ) if resume else None
             skip = set(journal.done)
-            check_free_space(out.parent, sink.planned_bytes(shards, skip))
+            check_free_space(out.parent, sink.planned_bytes(shards, skip)
+                             + aux_bytes(sink.aux_files(aux)))
             bar = make_progress(progress, sum(
                 j.out.nbytes for s in shards if s.filename not in skip for j in s.jobs), "rebuilding")
             engine = Engine(
@@ -305,6 +347,7 @@ def _apply_locked(
             record = _record(base_in, delta_ins, result, written if sink.converts else out_digests,
                              out_dtype, new_rows)
             record["options"].update(fmt.options())
+            record["fingerprint"] = fp.digest
             if sink.converts:
                 record["merged"] = Role.of(out_digests, out_algorithm).to_json()
             if qlora is not None:
@@ -313,9 +356,9 @@ def _apply_locked(
                     if quant_dtype else None)
             write_json(tmp / RESULT_RECORD, record)
             faults.reached("publish")
-            publish(tmp, out)
-            (out / journal.path.name).unlink(missing_ok=True)
-            return result
+            publish(tmp, out, force)
+        except OutputTakenError:
+            raise  # the finished partial folder stays, for --resume once OUT is moved away
         except (KeyboardInterrupt, WorkError) as exc:
             if isinstance(exc, DiskSpaceError):
                 if not journal.done:
@@ -328,10 +371,43 @@ def _apply_locked(
         except BaseException:
             discard(tmp)
             raise
+        try:
+            faults.reached("published")
+            (out / journal.path.name).unlink(missing_ok=True)
+        except KeyboardInterrupt as exc:
+            raise InterruptedRun.after(
+                exc, f"{out} was published, complete, just before: the same command run again "
+                "finds it finished",
+            ) from exc
+        return result
     finally:
         for k in opened:
             k.close()
         base_ckpt.close()
+
+
+def _already_finished(
+    out: Path, record: dict, kinds: list[str], tensors: int, files: list[str], fmt: str
+) -> ApplyResult:
+    """The result a run of this same command already published at OUT, as its record says;
+    nothing is read or written but the journal a stop right after publishing left in OUT."""
+    (out / JOURNAL_NAME).unlink(missing_ok=True)
+    result_role = record.get("result") if isinstance(record.get("result"), dict) else {}
+    merged_role = record.get("merged") if isinstance(record.get("merged"), dict) else None
+    digest = str(result_role.get("model_digest"))
+    merged = str(merged_role.get("model_digest")) if merged_role else None
+    publisher = record.get("publisher_digest")
+    publisher = publisher if isinstance(publisher, str) else None
+    result = ApplyResult(
+        out, kinds, tensors, files, 0, 0, 0.0, peak_rss_bytes(), digest,
+        publisher_digest=publisher, verified=publisher is not None and (merged or digest) == publisher,
+        algorithm=str(record.get("algorithm", DEFAULT_ALGORITHM)), format=fmt, merged_digest=merged,
+    )
+    result.notes.append(
+        f"{out} was already finished by this same command (its {RESULT_RECORD} says so): nothing "
+        f"was done; `deltamerge verify {out} -m {out / RESULT_RECORD}` checks its files"
+    )
+    return result
 
 
 def _plan_output(
@@ -350,18 +426,6 @@ def _plan_output(
     for job in jobs:
         job.rows_per_block = rows_per_block(job, block_size, sink.row_multiple(job.name))
     return shards, sink
-
-
-def _need_folders(inputs: list[tuple[PathLike, str]]) -> None:
-    """BASE and DELTA are folders (but an enc delta's key file): a weight file given instead has
-    no config, manifest or index."""
-    for given, role in inputs:
-        path = Path(str(given)).expanduser()
-        if path.exists() and not path.is_dir():
-            raise InputError(
-                f"{given}: a file, not a folder: {role.upper()} is the folder that holds the model's "
-                f"files (give {path.parent})"
-            )
 
 
 def _refuse_md5_options(kind: str | None, expect_md5: PathLike | None, key_md5: str | None) -> None:

@@ -21,6 +21,7 @@ from .progress import reports_progress
 from .results import ApplyResult
 from .sizes import DEFAULT_BLOCK_BYTES
 from .sources.folders import detect_layout
+from .sources.inputs import need_folders
 from .sources.meta import TOKENIZER
 
 
@@ -46,7 +47,9 @@ def convert(
     The tokenizer comes along (``tokenizer.model`` from the folder or its parent, with its own
     settings files); without one the weights are still written, and the result's notes say so.
     """
-    layout = detect_layout(Path(args.path("meta_dir", meta_dir)).expanduser())
+    meta_dir = args.path("meta_dir", meta_dir)
+    need_folders([(meta_dir, "meta_dir")])
+    layout = detect_layout(Path(meta_dir).expanduser())
     if layout.format != "meta":
         raise InputError(f"{meta_dir}: not a Meta-layout folder (params.json, consolidated.*.pth)")
     result = run_apply(

@@ -3,7 +3,7 @@
 ``DELTAMERGE_KILL_AT=point[:n]`` sends SIGKILL to the process when the run reaches that point
 for the n-th time (points: ``locked`` once the run holds OUT's lock, ``header`` after a shard's
 header is written, ``block`` after a block is written, ``shard`` after a shard is journaled,
-``publish`` just before the final rename).
+``publish`` just before the final rename, ``published`` just after it, in apply).
 ``DELTAMERGE_KILL_SIGNAL=TERM`` (or ``INT``) sends that signal instead, to test clean stops.
 ``DELTAMERGE_STOP_AT=point[:n]`` sends SIGSTOP instead, so a test can hold a run at that point
 (and start a second run against it) until it sends SIGCONT.

@@ -36,19 +36,20 @@ from .memory import peak_rss_bytes
 from .progress import make_progress, reports_progress, step_bar
 from .results import MakeDeltaResult
 from .sinks.aux import copy_aux, fix_config
-from .sinks.folder import check_out, discard, publish, remove_entry
+from .sinks.folder import OutputTakenError, check_out, discard, publish, remove_entry
 from .sinks.lock import hold
 from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import SafetensorsSink, write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import is_aux_file
-from .sources.inputs import Resolved
+from .sources.inputs import Resolved, need_folders
 from .sources.resolve import input_region, resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
 
 PathLike = str | Path
+OVERFLOWS_NAMED = 3  # tensors named in the note; the result lists them all
 
 
 @reports_progress
@@ -76,6 +77,7 @@ def make_delta(
     base, target = args.path("base", base), args.path("target", target)
     out = Path(args.path("out", out)).expanduser()
     args.text("kind", kind)
+    need_folders([(base, "base"), (target, "target")])
     if kind not in MARKED_KINDS:
         raise InputError(f"make-delta --kind must be one of {', '.join(MARKED_KINDS)}, not {kind!r}")
     shard_bytes = args.size("max_shard_size", max_shard_size) or parse_size(DEFAULT_SHARD_SIZE)
@@ -91,12 +93,13 @@ def make_delta(
     with hold(out):
         check_out(out, force)  # again under the lock: a run that held it may have published
         return _make_locked(base, target, out, kind, shard_bytes, block_size, workers or 1,
-                            progress, hub or {}, resume)
+                            progress, hub or {}, resume, force)
 
 
 def _make_locked(
     base: PathLike, target: PathLike, out: Path, kind: str, shard_bytes: int, block_size: int,
     workers: int, progress: bool | Callable[[int, int], None], hub: dict, resume: bool,
+    force: bool,
 ) -> MakeDeltaResult:
     """The run itself, under OUT's lock: a leftover partial folder is touched only under it."""
     base_in = resolve_input(base, "base", **hub)
@@ -148,8 +151,10 @@ def _make_locked(
                 base_source=_base_source(base_in), delta_id=marks.delta_id,
             )
             manifest.write(tmp / MANIFEST_NAME)
-            publish(tmp, out)
+            publish(tmp, out, force)
             (out / JOURNAL_NAME).unlink(missing_ok=True)
+        except OutputTakenError:
+            raise  # the finished partial folder stays, for --resume once OUT is moved away
         except (KeyboardInterrupt, WorkError) as exc:
             raise InterruptedRun.after(
                 exc, f"the partial delta is kept in {tmp}: run the same command with --resume "
@@ -160,11 +165,27 @@ def _make_locked(
             raise
     mismatches = sum(getattr(s, "mismatches", 0) for s in steps)
     notes = [f"resumed: {len(kept)} finished shard(s) kept, each hashed again"] if kept else []
+    overflowed = _overflowed(jobs, kept)
+    if overflowed:
+        notes.append(
+            f"{len(overflowed)} tensor(s) differ from the base by more than their dtype can hold: "
+            f"the delta stores Inf there, and apply rebuilds Inf (first "
+            f"{', '.join(map(repr, overflowed[:OVERFLOWS_NAMED]))})"
+        )
     return MakeDeltaResult(
         out, kind, len(jobs), sum(j.out.numel for j in jobs),
         mismatches + sum(k.mismatches for k in kept.values()), manifest.base.model_digest,
         manifest.result.model_digest, run.bytes_written, run.seconds, peak_rss_bytes(), notes,
+        overflowed,
     )
+
+
+def _overflowed(jobs: list[TensorJob], kept: dict[str, _Kept]) -> list[str]:
+    """The tensors whose delta overflowed to Inf, in the plan's order: this run's steps say,
+    and the journal of each kept shard for the tensors in it."""
+    counted = {n: c for k in kept.values() for n, c in k.overflows.items()}
+    return [j.name for j in jobs
+            if getattr(j.steps[0], "overflows", 0) or counted.get(j.name, 0)]
 
 
 @dataclass(frozen=True)
@@ -175,6 +196,7 @@ class _Kept:
     digests: dict[str, TensorDigest]  # of what apply will rebuild from its tensors
     delta: dict[str, TensorDigest]  # of the delta tensors it holds, for the delta role
     mismatches: int
+    overflows: dict[str, int]  # elements stored as Inf, by tensor (only those with any)
 
 
 def _journal_shard(
@@ -193,6 +215,7 @@ def _journal_shard(
             "file": [shard.digest, shard.header_size, shard.header_digest],
             "delta": {n: d.to_json() for n, d in digests.items()},
             "mismatches": sum(getattr(j.steps[0], "mismatches", 0) for j in jobs),
+            "overflows": {j.name: n for j in jobs if (n := getattr(j.steps[0], "overflows", 0))},
         })
 
     return record
@@ -219,13 +242,14 @@ def _recheck(folder: Path, journal: Journal, shards: list[Shard]) -> dict[str, _
             try:
                 delta = {n: read_digest(d) for n, d in claim.extra.get("delta", {}).items()}
                 written = WrittenFile(*file)
+                overflows = {str(n): int(c) for n, c in claim.extra.get("overflows", {}).items()}
             except (KeyError, TypeError, ValueError, AttributeError):
                 written = None
             # The claim's own checks first: a shard they refuse is not read at all.
             if (written is not None and size == claim.size and isinstance(lost, int)
                     and set(claim.digests) == planned[name] and set(delta) == planned[name]
                     and file_digest(path) == written.digest):
-                kept[name] = _Kept(written, claim.digests, delta, lost)
+                kept[name] = _Kept(written, claim.digests, delta, lost, overflows)
             bar.update(size)
     finally:
         bar.close()

@@ -44,6 +44,7 @@ def preflight(
     endpoint: str | None = None,
     token: str | bool | None = None,
     api: HfApi | None = None,
+    allow_repeat: bool = False,
 ) -> dict:
     """Before any weights are downloaded: pair the inputs' tensors and check the cache's space.
 
@@ -56,7 +57,7 @@ def preflight(
     ids = [hub_repo_id(given, role) for given, role in inputs]
     givens = [str(given) for given, _ in inputs]
     if not any(ids):
-        check_roles([Path(g).expanduser() for g in givens], givens, kind)
+        check_roles([Path(g).expanduser() for g in givens], givens, kind, allow_repeat)
         return {"endpoint": endpoint, "token": token, "api": api}
     client = make_api(endpoint, token, api)
     repos: dict[str, RemoteRepo] = {}
@@ -70,7 +71,7 @@ def preflight(
                 repos[text].fetch(repos[text].small_files())
                 bar.update(1)
         check_roles([repos[t].folder if t else Path(g).expanduser() for t, g in zip(ids, givens)],
-                    givens, kind)
+                    givens, kind, allow_repeat)
         _pair_xored_files(repos.get(ids[0]) if ids[0] else None, [repos[t] for t in ids[1:] if t])
         needed = sum(r.missing_bytes(r.weight_files()) for r in repos.values())
         if needed:
@@ -83,18 +84,31 @@ def preflight(
     return {"api": client, "repos": repos}
 
 
-def check_roles(folders: list[Path], givens: list[str], kind: str | None) -> None:
+def check_roles(
+    folders: list[Path], givens: list[str], kind: str | None, allow_repeat: bool = False
+) -> None:
     """Arguments in the wrong places, caught from the small files before any weight is read.
 
     ``folders`` are the base's and each delta's (for Hub repos, the snapshot holding their small
-    files so far), ``givens`` what the user typed for them.
+    files so far), ``givens`` what the user typed for them. A delta given twice in a chain
+    (however spelled) is a slip far more often than a wish: refused unless ``allow_repeat``.
     """
+    seen: dict[Path, str] = {}
     for folder, given in zip(folders[1:], givens[1:]):
         if folder.exists() and folders[0].exists() and folder.resolve() == folders[0].resolve():
             raise InputError(
                 f"{given}: is BASE itself, given again as a DELTA: a model applied to itself "
                 "is no rebuild; give the delta's folder"
             )
+        if not folder.exists():
+            continue
+        where = folder.resolve()
+        if where in seen and not allow_repeat:
+            raise InputError(
+                f"{given}: the same delta as {seen[where]}, given twice: it would be applied "
+                "twice; drop one (or pass --allow-repeat if applying it twice is meant)"
+            )
+        seen.setdefault(where, given)
     held = _delta_files(folders[0]) if len(folders) > 1 else None
     if held is not None:
         raise InputError(

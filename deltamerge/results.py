@@ -52,6 +52,7 @@ class MakeDeltaResult:
     seconds: float
     peak_rss: int  # this process's own peak resident memory (VmHWM), in bytes
     notes: list[str] = field(default_factory=list)
+    overflowed: list[str] = field(default_factory=list)  # tensors whose delta holds Inf (overflow)
 
     def to_json(self) -> dict:
         """Every field, paths as strings: what ``make-delta --json`` prints."""

@@ -12,9 +12,10 @@ LFS objects are served (and uploaded) on ``http://localhost:PORT`` while the API
 CDN/S3, so the HEAD of an LFS file stops at the 302 (which carries the file metadata) and the
 ``Authorization`` header is never forwarded to the storage URLs.
 
-Two switches stand in for what a real network and the Hub's storage do: ``drop_connections``
+Three switches stand in for what a real network and the Hub's storage do: ``drop_connections``
 closes the connection of chosen requests without an answer (a dropped connection, mid-upload or
-at the commit), and ``xet = True`` announces LFS files as stored in Xet (``X-Xet-Hash`` on their
+at the commit), ``fail_requests`` answers chosen requests with an HTTP error (a Hub outage),
+and ``xet = True`` announces LFS files as stored in Xet (``X-Xet-Hash`` on their
 HEAD), which sends the client down its Xet download path. No Xet CAS is served: tests put the
 bytes where hf_xet would (its shared blob store) or stand in for the transfer itself.
 """
@@ -202,6 +203,7 @@ class HubServer:
         self.xet = False  # announce LFS files as stored in Xet (X-Xet-Hash on their HEAD)
         self.drops: list[Drop] = []  # connections to drop, as a network failure would
         self.dropped: list[tuple[str, str]] = []  # (method, path) of requests whose connection was dropped
+        self.failures: list[tuple[Drop, int]] = []  # requests answered with an HTTP error status
         self._lock = threading.RLock()
         self._commit_counter = 0
         self._httpd: ThreadingHTTPServer | None = None
@@ -344,6 +346,20 @@ class HubServer:
         with self._lock:
             self.drops.append(drop)
         return drop
+
+    def fail_requests(
+        self, fragment: str, status: int = 500, method: str | None = None, *, times: int | None = None
+    ) -> Drop:
+        """Answer ``status`` (with the Hub's JSON error body) to requests whose path contains
+        ``fragment``: the next ``times`` of them (None: all, until ``rule.stop()``)."""
+        rule = Drop(fragment, method, 0, times)
+        with self._lock:
+            self.failures.append((rule, status))
+        return rule
+
+    def _failure(self, method: str, path: str) -> int | None:
+        with self._lock:
+            return next((status for rule, status in self.failures if rule.matches(method, path)), None)
 
     def _should_drop(self, method: str, path: str) -> bool:
         with self._lock:
@@ -786,6 +802,10 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
             return
+        status = self.hub._failure(self.command, unquote(split.path))
+        if status is not None:
+            status, headers, payload = _json({"error": "Internal Error"}, status)
+            return self._send(status, headers, payload, unquote(split.path))
         for route_method, regex, fn in self.hub._routes:
             match = regex.fullmatch(split.path) if route_method == method else None
             if match is None:

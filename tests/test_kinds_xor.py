@@ -210,7 +210,7 @@ def test_xor_files_refuses_dtype_and_chains(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="--dtype"):
         apply_delta(base, delta, tmp_path / "out", dtype="float32")
     with pytest.raises(InputError, match="not in a chain"):
-        apply_delta(base, [delta, delta], tmp_path / "out")
+        apply_delta(base, [delta, delta], tmp_path / "out", allow_repeat=True)
     with pytest.raises(InputError, match="applies to xor-files"):
         apply_delta(base, tuned, tmp_path / "out", expect_md5=tmp_path / "md5.txt")
 

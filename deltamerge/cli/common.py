@@ -67,6 +67,28 @@ def _quiet_exit() -> None:
     sys.exit(BROKEN_PIPE_STATUS)
 
 
+# What a signal that stopped a command before it kept anything means, in its own terms: only
+# apply, make-delta and convert have an OUT (a later stop keeps their partial folder, and says so).
+_OUT_UNTOUCHED = "interrupted; nothing was written to OUT"
+INTERRUPTED = {
+    "apply": _OUT_UNTOUCHED,
+    "make-delta": _OUT_UNTOUCHED,
+    "convert": _OUT_UNTOUCHED,
+    "push": "interrupted before the push finished: a push commits all of the folder or nothing; "
+            "run the same command again (files already uploaded are not sent again)",
+    "checksum": "interrupted before the digests were complete; nothing was written",
+    "verify": "interrupted before every tensor was checked: nothing was verified",
+    "inspect": "interrupted",
+    "diff": "interrupted before the comparison was complete",
+}
+
+
+def interrupted_message() -> str:
+    """The line for a Ctrl-C or SIGTERM, for the command that was running."""
+    ctx = click.get_current_context(silent=True)
+    return INTERRUPTED.get(ctx.info_name if ctx else "", "interrupted")
+
+
 def handle_errors(fn: Callable) -> Callable:
     """One line per failure, the documented exit status, a traceback only with --debug."""
 
@@ -77,7 +99,7 @@ def handle_errors(fn: Callable) -> Callable:
         except DeltaMergeError as exc:
             _fail(str(exc) or type(exc).__name__, exc.exit_code)
         except KeyboardInterrupt as exc:
-            _fail("interrupted; nothing was written to OUT", signal_status(exc))
+            _fail(interrupted_message(), signal_status(exc))
         except OSError as exc:
             if isinstance(exc, BrokenPipeError) and _stdout_gone():
                 _quiet_exit()

@@ -14,6 +14,7 @@ from .common import (
     human,
     mib,
     print_json,
+    say,
 )
 from .run import print_digests
 
@@ -57,9 +58,9 @@ def convert_cmd(meta_dir, out, dtype, resume, as_json, fmt, outtype, mp, max_sha
     if as_json:
         print_json(result.to_json())
     elif not quiet:
-        click.echo(f"converted {meta_dir} into {result.out}: {result.tensors} tensors, "
-                   f"{len(result.shards)} {'shard' if result.format == 'hf' else 'file'}(s), "
-                   f"{human(result.bytes_written)}, {result.seconds:.1f} s, peak {mib(result.peak_rss)}")
+        say(f"converted {meta_dir} into {result.out}: {result.tensors} tensors, "
+            f"{len(result.shards)} {'shard' if result.format == 'hf' else 'file'}(s), "
+            f"{human(result.bytes_written)}, {result.seconds:.1f} s, peak {mib(result.peak_rss)}")
         for note in result.notes:
-            click.echo(f"  note      {note}")
+            say(f"  note      {note}")
         print_digests(result, "compare this digest with others' conversions")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from .common import handle_errors, hub_setup, print_json
+from .common import handle_errors, hub_setup, print_json, say
 
 
 @click.command("push", context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,4 +53,4 @@ def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, cre
         print_json(pushed.to_json())
     elif not quiet:
         what = "opened a pull request" if create_pr else "pushed"
-        click.echo(f"{what}: {pushed.url} (commit {pushed.commit[:12]})")
+        say(f"{what}: {pushed.url} (commit {pushed.commit[:12]})")

@@ -18,11 +18,12 @@ from .common import (
     human,
     mib,
     print_json,
+    say,
     with_revision,
 )
 
 PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); the token and "
-             "the repo are checked before any work.")
+             "the repo id are checked before any work, and the repo is created by the push.")
 
 
 @click.command("apply", context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,6 +59,8 @@ PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); 
               help="...and its rank, checked against the factors' shapes.")
 @click.option("--lora-prefix", default=None, metavar="PREFIX",
               help="...and what precedes the base's names in its keys (default: detected).")
+@click.option("--allow-repeat", is_flag=True,
+              help="Apply a DELTA given twice twice (refused by default: usually a slip).")
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None, help=PUSH_HELP)
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as JSON (the library's ApplyResult) instead of the summary.")
@@ -66,8 +69,9 @@ PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); 
 @common_run_options
 @handle_errors
 def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expect_md5, key_md5,
-              resume, lora_alpha, lora_r, lora_prefix, push_to, as_json, fmt, outtype, mp, token,
-              revision, cache_dir, max_shard_size, block_size, force, workers, quiet) -> None:
+              resume, lora_alpha, lora_r, lora_prefix, allow_repeat, push_to, as_json, fmt, outtype,
+              mp, token, revision, cache_dir, max_shard_size, block_size, force, workers,
+              quiet) -> None:
     """Rebuild a model from BASE and one or more DELTAs into OUT.
 
     BASE and each DELTA are local folders (or Hub repo ids, REPO@REV for a revision). Several
@@ -97,6 +101,7 @@ def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expec
         progress=not quiet, resume=resume, expect_md5=expect_md5, key_md5=key_md5, qlora=qlora,
         qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
         hub=hub, format=fmt, outtype=outtype, mp=int(mp) if mp else None,
+        allow_repeat=allow_repeat,
     )
     if not quiet and not as_json:
         _print_apply(result, base, deltas, no_verify)
@@ -106,7 +111,7 @@ def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expec
 
 
 def _check_target(repo_id: str | None, token: str | None) -> str | None:
-    """A job that ends in a push checks the token and the repo before it starts."""
+    """A job that ends in a push checks the token and the repo id before it starts."""
     if repo_id is None:
         return None
     from ..hub.push import check_target  # deferred so --help answers without loading huggingface_hub
@@ -126,25 +131,25 @@ def _push(folder: Path, repo_id: str, quiet: bool, token: str | None) -> dict:
         raise PushError(f"{folder} is finished and kept, but its push to {repo_id} failed: "
                         f"{reason}", retry_command(folder, repo_id)) from None
     if not quiet:
-        click.echo(f"pushed to {pushed.url}")
+        say(f"pushed to {pushed.url}")
     return pushed.to_json()
 
 
 def _print_apply(result, base: str, deltas: list[str], no_verify: bool) -> None:
     rate = result.bytes_written / result.seconds if result.seconds else 0
-    click.echo(f"rebuilt {result.out} from {base} + {' + '.join(deltas)} "
-               f"(kind: {', '.join(result.kinds)})")
+    say(f"rebuilt {result.out} from {base} + {' + '.join(deltas)} "
+        f"(kind: {', '.join(result.kinds)})")
     if result.kinds in (["xor-files"], ["enc"]):
-        click.echo(f"  files     {len(result.shards)} decoded")
+        say(f"  files     {len(result.shards)} decoded")
     elif result.format == "hf":
-        click.echo(f"  tensors   {result.tensors} in {len(result.shards)} shard(s)")
+        say(f"  tensors   {result.tensors} in {len(result.shards)} shard(s)")
     else:
-        click.echo(f"  tensors   {result.tensors} in {', '.join(result.shards)}")
-    click.echo(f"  bytes     {human(result.bytes_read)} read, {human(result.bytes_written)} written")
-    click.echo(f"  time      {result.seconds:.1f} s ({human(rate)}/s written)")
-    click.echo(f"  peak mem  {mib(result.peak_rss)}")
+        say(f"  tensors   {result.tensors} in {', '.join(result.shards)}")
+    say(f"  bytes     {human(result.bytes_read)} read, {human(result.bytes_written)} written")
+    say(f"  time      {result.seconds:.1f} s ({human(rate)}/s written)")
+    say(f"  peak mem  {mib(result.peak_rss)}")
     for note in result.notes:
-        click.echo(f"  note      {note}")
+        say(f"  note      {note}")
     if result.verified:
         verdict = "matches the publisher's result"
     elif no_verify:
@@ -160,12 +165,12 @@ def print_digests(result, verdict: str) -> None:
     """hf: one digest. gguf and meta: the tensors as written, then the merge's before conversion,
     which is what a publisher's digest is of (so that is the one compared)."""
     if result.merged_digest is None:
-        click.echo(f"  digest    {result.algorithm} {result.model_digest} ({verdict})")
+        say(f"  digest    {result.algorithm} {result.model_digest} ({verdict})")
         return
     what = "GGUF tensors" if result.format == "gguf" else "Meta tensors"
-    click.echo(f"  digest    {result.algorithm} {result.model_digest} ({what} as written)")
-    click.echo(f"  merged    {result.algorithm} {result.merged_digest} (Hugging Face tensors before "
-               f"conversion: {verdict})")
+    say(f"  digest    {result.algorithm} {result.model_digest} ({what} as written)")
+    say(f"  merged    {result.algorithm} {result.merged_digest} (Hugging Face tensors before "
+        f"conversion: {verdict})")
 
 
 @click.command("make-delta", context_settings={"help_option_names": ["-h", "--help"]})
@@ -211,12 +216,12 @@ def make_delta_cmd(base, target, out, kind, resume, push_to, as_json, token, rev
 
 
 def _print_make(result) -> None:
-    click.echo(f"wrote {result.kind} delta {result.out} ({result.tensors} tensors, "
-               f"{human(result.bytes_written)}, {result.seconds:.1f} s, peak {mib(result.peak_rss)})")
+    say(f"wrote {result.kind} delta {result.out} ({result.tensors} tensors, "
+        f"{human(result.bytes_written)}, {result.seconds:.1f} s, peak {mib(result.peak_rss)})")
     share = result.mismatched_elements / max(result.elements, 1)
-    click.echo(f"  base + delta reproduces the target except {result.mismatched_elements} of "
-               f"{result.elements} elements ({share:.4%})")
+    say(f"  base + delta reproduces the target except {result.mismatched_elements} of "
+        f"{result.elements} elements ({share:.4%})")
     for note in result.notes:
-        click.echo(f"  note           {note}")
-    click.echo(f"  base digest    blake3 {result.base_digest}")
-    click.echo(f"  result digest  blake3 {result.result_digest}")
+        say(f"  note           {note}")
+    say(f"  base digest    blake3 {result.base_digest}")
+    say(f"  result digest  blake3 {result.result_digest}")

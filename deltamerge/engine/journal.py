@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..integrity.digest import ALGORITHMS, TensorDigest
-from ..sinks.folder import append_line, claim_partial
+from ..sinks.folder import append_line, claim_partial, missing_journal
 from .plan import Shard
 
 JOURNAL_NAME = "journal.jsonl"
@@ -134,7 +134,9 @@ class Journal:
     def resume(cls, folder: Path, fp: Fingerprint, command: str) -> Journal:
         """The journal of an earlier run of the same plan; shards not fully recorded are redone."""
         path = folder / JOURNAL_NAME
-        lines = path.read_text().splitlines() if path.is_file() else []
+        if not path.is_file():
+            raise missing_journal(folder, JOURNAL_NAME)
+        lines = path.read_text().splitlines()
         try:
             head = json.loads(lines[0]) if lines else {}
         except ValueError:

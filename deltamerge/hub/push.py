@@ -114,15 +114,17 @@ def _check_push_args(
 def check_target(
     repo_id: str,
     *,
-    private: bool = False,
     token: str | bool | None = None,
     endpoint: str | None = None,
     api: HfApi | None = None,
 ) -> str:
-    """Before a long job that ends in a push: the repo id is valid, the token is one the Hub
-    knows, and the repo exists or can be created (it is created now, empty, if it is new).
+    """Before a long job that ends in a push: the repo id is valid and the token is one the Hub
+    knows, with write access. Nothing is created: a job that fails leaves no empty repo behind;
+    :func:`push_to_hub` creates the repo when there is something to publish (``private``
+    applies then).
 
-    Returns the full repo id (``owner/name``). Raises the errors the push itself would.
+    Returns the full repo id (``owner/name``; a bare name is the token owner's). Raises the
+    errors the push itself would.
     """
     from huggingface_hub.errors import LocalTokenNotFoundError
     from huggingface_hub.utils import validate_repo_id
@@ -131,13 +133,18 @@ def check_target(
     with hub_errors(repo_id, client.endpoint):
         validate_repo_id(repo_id)
         try:
-            client.whoami()
+            me = client.whoami()
         except LocalTokenNotFoundError:
             raise HubAuthError(
                 f"{repo_id}: pushing needs a token with write access: set HF_TOKEN (or run "
                 "`hf auth login`, or pass --token)"
             ) from None
-        return client.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if "/" not in repo_id:
+        repo_id = f"{me.get('name')}/{repo_id}"
+    if ((me.get("auth") or {}).get("accessToken") or {}).get("role") == "read":
+        raise HubAuthError(f"{repo_id}: the token is read-only: pushing needs one with write "
+                           "access (set HF_TOKEN, or pass --token)")
+    return repo_id
 
 
 def retry_command(

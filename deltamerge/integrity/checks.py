@@ -241,7 +241,7 @@ def load_expected(manifest_path: Path | str, role: str = "result") -> Role:
 def _manifest_file(path: Path) -> Path:
     if not path.is_dir():
         if not path.exists():
-            raise NotFoundError(f"{path}: no such manifest file")
+            raise NotFoundError(f"{path}: no such file (manifest)")
         return path
     for name in (MANIFEST_NAME, RESULT_RECORD):
         if (path / name).is_file():
@@ -286,6 +286,10 @@ def verify(
     args.text("role", role)
     block_bytes, progress, hub = _common_args(block_bytes, progress, hub)
     _check_algorithm(algorithm)
+    text = str(manifest_path)
+    if text.endswith(".json") and not Path(text).expanduser().exists():
+        # a manifest's own name, mistyped: a file to read, never a Hub repo to look up
+        raise NotFoundError(f"{text}: no such file (manifest)")
     manifest_file = local_folder(manifest_path, "manifest", weights=False, **hub)
     expected = load_expected(manifest_file, role)
     if algorithm is not None and algorithm != expected.algorithm:

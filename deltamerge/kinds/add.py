@@ -143,7 +143,19 @@ class MakeStep(Step):
 
 
 class MakeAddStep(MakeStep):
-    """target - base in the target's dtype (fp32 arithmetic, rounded once)."""
+    """target - base in the target's dtype (fp32 arithmetic, rounded once).
+
+    ``overflows`` counts the elements whose difference is beyond the dtype's range (fp16's
+    65504): stored as Inf, they rebuild as Inf, so make-delta names the tensors that have any.
+    """
+
+    def __init__(self, before: TensorSpec | None, target: Checkpoint, name: str):
+        super().__init__(before, target, name)
+        self.overflows = 0
+
+    def apply(self, cur, inputs, r0, out, scratch: Scratch) -> None:
+        super().apply(cur, inputs, r0, out, scratch)
+        self.overflows += count_overflows(out, inputs[0], scratch)
 
     def encode(self, target, cur, out, scratch: Scratch) -> None:
         rounded_sum(target, cur, out, scratch, subtract=True)
@@ -158,3 +170,14 @@ def count_differences(a: torch.Tensor, b: torch.Tensor, scratch: Scratch) -> int
     flags = scratch.get("differ", torch.bool, tuple(a.shape))
     torch.ne(a.view(bits), b.view(bits), out=flags)
     return int(torch.count_nonzero(flags))
+
+
+def count_overflows(delta: torch.Tensor, target: torch.Tensor, scratch: Scratch) -> int:
+    """Elements of ``delta`` that are ±Inf where the target is finite: a difference that
+    overflowed. The common case (none) costs two comparisons into a reused buffer."""
+    if not delta.is_floating_point():
+        return 0
+    flags = scratch.get("differ", torch.bool, tuple(delta.shape))
+    if not any(bool(torch.eq(delta, v, out=flags).any()) for v in (float("inf"), float("-inf"))):
+        return 0
+    return int(torch.count_nonzero(torch.isinf(delta) & torch.isfinite(target)))

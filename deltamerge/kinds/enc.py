@@ -139,7 +139,7 @@ def apply_enc(
     notes = [f"{p.name} is replaced by the decoded {p.name}{SUFFIX}" for p in _listed(delta)
              if any(j.name == p.name for j in jobs)]
     fp = fingerprint("enc", jobs, [source], {"key_md5": key_md5.lower()})
-    with building(out, fp, resume) as build:
+    with building(out, fp, resume, force) as build:
         tmp = build.folder
         decoded: list[Decoded] = decode_all(jobs, build, KEY_SIZE, progress, workers)
         notes += build.note()

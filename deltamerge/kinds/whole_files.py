@@ -46,7 +46,15 @@ from ..formats.files import LFS_POINTER_PREFIX
 from ..formats.safetensors import read_header
 from ..memory import drop_file_range
 from ..progress import Progress, make_progress, step_bar
-from ..sinks.folder import append_line, claim_partial, discard, publish, remove_entry
+from ..sinks.folder import (
+    OutputTakenError,
+    append_line,
+    claim_partial,
+    discard,
+    missing_journal,
+    publish,
+    remove_entry,
+)
 from ..sources.meta import file_md5
 from ..version import __version__
 
@@ -380,8 +388,10 @@ class Build:
             build._append({"fingerprint": fp})
             return build
         path = folder / JOURNAL
+        if not path.is_file():
+            raise missing_journal(folder, JOURNAL)
         entries = []
-        for line in (path.read_text().splitlines() if path.is_file() else []):
+        for line in path.read_text().splitlines():
             try:
                 entries.append(json.loads(line))
             except ValueError:
@@ -432,14 +442,17 @@ class Build:
 
 
 @contextmanager
-def building(out: Path, fp: str, resume: bool = False) -> Iterator[Build]:
+def building(out: Path, fp: str, resume: bool = False, force: bool = False) -> Iterator[Build]:
     """The partial folder beside ``out``: published when the block ends; kept for ``--resume``
-    when the run is interrupted or fails while working, discarded on any other failure."""
+    when the run is interrupted or fails while working, or when OUT was filled meanwhile
+    (and ``force`` not given); discarded on any other failure."""
     build = Build.open(out, fp, resume)
     try:
         yield build
-        publish(build.folder, out)
+        publish(build.folder, out, force)
         (out / JOURNAL).unlink(missing_ok=True)
+    except OutputTakenError:
+        raise  # the finished partial folder stays, for --resume once OUT is moved away
     except (KeyboardInterrupt, WorkError) as exc:
         raise InterruptedRun.after(
             exc, f"the files decoded so far are kept in {build.folder}: run the same command "

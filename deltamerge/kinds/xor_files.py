@@ -243,7 +243,7 @@ def apply_xor_files(
         f"the base file {p.base} is not byte-identical to the publisher's",
     ) for p in pairs]
     fp = fingerprint("xor-files", jobs, [p.base for p in pairs if p.base is not None], {})
-    with building(out, fp, resume) as build:
+    with building(out, fp, resume, force) as build:
         tmp = build.folder
         decoded = decode_all(jobs, build, CHUNK, progress, workers)
         notes += build.note()

@@ -21,6 +21,12 @@ def copy_aux(tmp: Path, files: dict[str, Path | bytes]) -> None:
             shutil.copyfile(src, tmp / name)
 
 
+def aux_bytes(files: dict[str, Path | bytes]) -> int:
+    """The disk space ``copy_aux`` will take: a tokenizer (tens of MB for some models) counts
+    toward the free-space check as the weights do."""
+    return sum(len(src) if isinstance(src, bytes) else src.stat().st_size for src in files.values())
+
+
 def fix_config(
     tmp: Path, vocab_rows: int | None, dtype: str | None, updates: dict | None = None
 ) -> None:

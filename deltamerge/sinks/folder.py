@@ -14,6 +14,10 @@ from pathlib import Path
 from ..errors import DiskSpaceError, InputError, OutputExistsError
 
 
+class OutputTakenError(OutputExistsError):
+    """OUT was filled by someone else while the run worked: the finished partial folder is kept."""
+
+
 def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.deltamerge-partial"
 
@@ -34,6 +38,15 @@ def claim_partial(out: Path, resume: bool) -> tuple[Path, bool]:
         return tmp, True
     tmp.mkdir(parents=True)
     return tmp, False
+
+
+def missing_journal(folder: Path, name: str) -> InputError:
+    """A partial folder whose journal is gone: nothing in it says what its files are, or which
+    run made them, so it is not resumed (what it holds would be taken on trust)."""
+    return InputError(
+        f"{folder}: its journal {name} is missing, so what it holds cannot be checked: delete "
+        "the folder and run the command again without --resume"
+    )
 
 
 def append_line(path: Path, obj: dict) -> None:
@@ -84,11 +97,21 @@ def discard(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish(tmp: Path, out: Path) -> None:
+def publish(tmp: Path, out: Path, force: bool) -> None:
     """Move the finished folder to OUT, replacing what ``force`` allowed to be replaced.
 
-    A symlink at OUT is itself replaced by the result: its target is never written or deleted.
+    OUT is checked again here: something another program put there during the run (OUT was
+    absent or empty at the start) is not replaced without ``force``; the finished folder is then
+    kept where it is, for ``--resume`` to publish once OUT is moved away (its shards are hashed
+    again, not recomputed). A symlink at OUT is itself replaced by the result: its target is
+    never written or deleted.
     """
+    if not force and (any(out.iterdir()) if out.is_dir() else out.exists()):  # as check_out
+        raise OutputTakenError(
+            f"{out}: appeared during the run (not empty; not replaced without --force): the "
+            f"finished result is kept in {tmp}: move {out.name} away and run the same command "
+            "with --resume (or add --force to replace it)"
+        )
     _fsync_dir(tmp)
     if os.path.lexists(out):
         trash = out.parent / f".{out.name}.deltamerge-old"

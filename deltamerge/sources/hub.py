@@ -99,7 +99,15 @@ def hub_errors(what: str, endpoint: str) -> Iterator[None]:
             f"{what}: no such repository on {endpoint} (if it is private, set HF_TOKEN to a token "
             "that can read it)"
         ) from None
-    except (e.OfflineModeIsEnabled, e.LocalEntryNotFoundError):
+    except (e.OfflineModeIsEnabled, e.LocalEntryNotFoundError) as exc:
+        # huggingface_hub reports a failed request for a file it has no copy of as "not in the
+        # local cache", whatever failed: the Hub's own answer or the network, when that is what
+        # it was, is the error (exit 1, retry later), not a cache to fill.
+        cause = exc.__cause__
+        if isinstance(cause, e.HfHubHTTPError):
+            raise _answered(what, endpoint, cause) from None
+        if isinstance(cause, transport_errors()):
+            raise WorkError(f"{what}: cannot reach the Hub at {endpoint} ({type(cause).__name__})") from None
         raise NotCachedError(
             f"{what}: not in the cache, and the Hub at {endpoint} cannot be reached (or "
             "HF_HUB_OFFLINE is set)"
@@ -109,15 +117,21 @@ def hub_errors(what: str, endpoint: str) -> Iterator[None]:
     except e.EntryNotFoundError:
         raise NotFoundError(f"{what}: a file is missing from the repository") from None
     except e.HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status in (401, 403):
-            raise HubAuthError(
-                f"{what}: the Hub refused access (HTTP {status}): set HF_TOKEN to a valid token "
-                "with the rights this needs"
-            ) from None
-        raise WorkError(f"{what}: the Hub at {endpoint} answered HTTP {status}") from None
+        raise _answered(what, endpoint, exc) from None
     except transport_errors() as exc:
         raise WorkError(f"{what}: cannot reach the Hub at {endpoint} ({type(exc).__name__})") from None
+
+
+def _answered(what: str, endpoint: str, exc: Exception) -> InputError | WorkError:
+    """An HTTP error status the Hub answered: a refused token (exit 2), or the Hub failing (1)."""
+    response = getattr(exc, "response", None)
+    status = response.status_code if response is not None else None
+    if status in (401, 403):
+        return HubAuthError(
+            f"{what}: the Hub refused access (HTTP {status}): set HF_TOKEN to a valid token "
+            "with the rights this needs"
+        )
+    return WorkError(f"{what}: the Hub at {endpoint} answered HTTP {status}")
 
 
 def use_cache_dir(path: str | Path) -> None:
@@ -284,8 +298,7 @@ class RemoteRepo:
                 f"{self.offline}: run once online first"
             )
         if todo:
-            with hub_errors(self.label, self.api.endpoint):
-                _parallel(self._download, todo)
+            _parallel(self._download, todo)
         pending = [n for n in names if self._unverified(n)]
         bar = step_bar(sum(self.files[n].size for n in pending), f"sha256 of {self.label}")
 
@@ -305,10 +318,11 @@ class RemoteRepo:
         return expected.blob is not None and not _verified(expected.blob, (self.folder / name).resolve())
 
     def _download(self, name: str) -> None:
-        hf.hf_hub_download(
-            self.repo_id, name, revision=self.commit, endpoint=self.api.endpoint,
-            token=self.api.token, library_name="deltamerge", library_version=__version__,
-        )
+        with hub_errors(f"{self.label}/{name}", self.api.endpoint):
+            hf.hf_hub_download(
+                self.repo_id, name, revision=self.commit, endpoint=self.api.endpoint,
+                token=self.api.token, library_name="deltamerge", library_version=__version__,
+            )
 
     def _verify(self, name: str) -> None:
         """Hash one file ``_unverified`` named, against the Hub's checksum."""

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import NotFoundError
+from ..errors import InputError, NotFoundError
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
@@ -55,3 +55,15 @@ def hub_repo_id(given: str | Path, role: str = "input") -> str | None:
     if isinstance(given, Path) or not is_repo_id(text):
         raise NotFoundError(f"{text}: no such folder ({role})")
     return text
+
+
+def need_folders(inputs: list[tuple[str | Path, str]]) -> None:
+    """Each ``(given, role)`` that exists is a folder: a weight file given instead has no config,
+    manifest or index, and every command that takes a folder refuses it in these words."""
+    for given, role in inputs:
+        path = Path(str(given)).expanduser()
+        if path.exists() and not path.is_dir():
+            raise InputError(
+                f"{given}: a file, not a folder: {role.upper()} is the folder that holds the model's "
+                f"files (give {path.parent})"
+            )
