@@ -1,15 +1,18 @@
-"""GGUF output for the LLaMA family, planned before any data and written block by block.
+"""GGUF output, planned before any data and written block by block.
 
-The bytes are those llama.cpp's ``convert_hf_to_gguf.py`` writes for the Hugging Face result
-(its ``LlamaModel``, which also converts MistralForCausalLM). :func:`plan_gguf` settles the whole
-file set from what the merge plan knows before any data: the key/values (``gguf_kv``), the
-tensor table (GGUF names, ggml types, shapes, sizes and offsets) and so every header's bytes.
+The bytes are those llama.cpp's ``convert_hf_to_gguf.py`` writes for the Hugging Face result,
+with the converter class of its architecture (``gguf_arch``: LLaMA, Qwen, ...). :func:`plan_gguf`
+settles the whole file set from what the merge plan knows before any data: the key/values
+(``gguf_kv`` and the architecture's), the tensor table (GGUF names, ggml types, shapes, sizes
+and offsets), the tensors the architecture generates (written with the headers) and so every
+header's bytes.
 :class:`GGUFStreamWriter` writes the headers, then each tensor's rows at the tensor's planned
 offset, so the merge may stream tensors in its own order while the file keeps the converter's.
 
 The converter's tensor order is the Hugging Face files' order (by file name), each file's
 tensors sorted by name; its data conversions are per row: dtypes other than f16/f32 widen to f32,
-q and k rows are permuted within each head (``LlamaModel.permute``), then ``gguf.quants``
+q and k rows are permuted within each head where the architecture does (``LlamaModel.permute``),
+then ``gguf.quants``
 converts to the ggml type (f32 for norms and 1-D tensors whatever the outtype; f16 where a row
 cannot be cut into q8_0 blocks of 32). So a block of whole rows converts alone, a q/k block of
 whole heads too, and rows that end mid-head wait (at most one head) for the next block.
@@ -28,7 +31,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import FormatError, InputError, UnsupportedError, WorkError
-from . import gguf_kv
+from . import gguf_arch, gguf_kv
 from .gguf_kv import require_gguf
 
 try:
@@ -38,8 +41,8 @@ try:
 except ImportError:
     gguf = None
 
-__all__ = ["GGUFFile", "GGUFPlan", "GGUFStreamWriter", "GGUFTensor", "OUTTYPES", "WrittenBlock",
-           "plan_gguf", "require_gguf"]
+__all__ = ["GGUFFile", "GGUFPlan", "GGUFStreamWriter", "GGUFTensor", "GeneratedTensor", "OUTTYPES",
+           "WrittenBlock", "plan_gguf", "require_gguf"]
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # Rows convert this many elements at a time, so that gguf.quants' temporaries stay small.
@@ -83,6 +86,17 @@ class GGUFTensor:
 
 
 @dataclass(frozen=True)
+class GeneratedTensor:
+    """A tensor the architecture makes from the config (``rope_freqs``): its bytes are known
+    when planning, and written with its file's header."""
+
+    name: str
+    data: bytes = field(repr=False)
+    file: int
+    offset: int
+
+
+@dataclass(frozen=True)
 class GGUFFile:
     name: str
     header: bytes = field(repr=False)  # magic to tensor infos, zero-padded to the data alignment
@@ -96,6 +110,7 @@ class GGUFPlan:
     tensors: tuple[GGUFTensor, ...] = field(repr=False)  # in file order
     dropped: tuple[str, ...]  # Hugging Face tensors the converter leaves out
     kv: dict[str, Any] = field(repr=False)  # the first file's key/values, in file order
+    generated: tuple[GeneratedTensor, ...] = field(default=(), repr=False)
     _index: dict[str, GGUFTensor] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -170,12 +185,9 @@ def _qtype(gguf_name: str, shape: tuple[int, ...], matrix_type: int) -> int:
     return matrix_type
 
 
-def _permute_heads(hf_name: str, shape: tuple[int, ...], n_head: int, n_kv: int, where: Path) -> int:
-    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-        n = n_head
-    elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-        n = n_kv
-    else:
+def _permute_heads(hf_name: str, shape: tuple[int, ...], n: int, where: Path) -> int:
+    """The architecture's head count for the tensor, checked against its rows."""
+    if not n:
         return 0
     if shape[0] % n or (shape[0] // n) % 2:
         raise FormatError(f"{where}: tensor {hf_name} of {shape[0]} rows does not split into {n} heads "
@@ -225,22 +237,27 @@ def plan_gguf(
     folder = Path(folder)
     config = gguf_kv.read_config(folder)
     where = folder / "config.json"
-    gguf_kv.architecture(config, where)
-    h = gguf_kv.hparams(config)
-    n_head, n_kv = gguf_kv.heads(h, where)
+    arch = gguf_arch.for_config(config, where)
+    h = gguf_kv.hparams(config, folder)
+    arch.check(config, h, where)
     specs = [_spec(t) for t in tensors]
     by_name = {name: (dtype, shape) for name, dtype, shape in specs}
     outtype = _outtype(outtype, specs)
     ftype, matrix_type = _types(outtype)
 
-    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA],
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch.model_arch],
                              split_max_tensors=split_max_tensors, split_max_size=split_max_size)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, gguf_kv.block_count(h, where))
+    name_map = gguf.get_tensor_name_map(arch.model_arch, gguf_kv.block_count(h, where))
+    generated = {}
+    for gguf_name, data in arch.generated(h, where):
+        raw = data.contiguous().numpy()
+        writer.add_tensor_info(gguf_name, raw.shape, raw.dtype, raw.nbytes)
+        generated[gguf_name] = raw.tobytes()
     dropped: list[str] = []
     planned: dict[str, tuple[str, int, tuple[int, ...], int, int]] = {}
     for hf_name in _converter_order(list(by_name), hf_files, folder):
         dtype, shape = by_name[hf_name]
-        if hf_name.endswith(_DROPPED_SUFFIXES):
+        if hf_name.endswith(_DROPPED_SUFFIXES) or arch.dropped(hf_name, h):
             dropped.append(hf_name)
             continue
         if dtype not in _FLOAT_DTYPES or not shape:
@@ -248,7 +265,8 @@ def plan_gguf(
                                    "floating-point tensors")
         gguf_name = name_map.get_name(key=hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise UnsupportedError(f"{folder}: tensor {hf_name} has no GGUF name in llama.cpp's LLaMA map")
+            raise UnsupportedError(f"{folder}: tensor {hf_name} has no GGUF name in llama.cpp's "
+                                   f"{gguf.MODEL_ARCH_NAMES[arch.model_arch]} map")
         qtype = _qtype(gguf_name, shape, matrix_type)
         block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
         nbytes = math.prod(shape) // block_size * type_size
@@ -256,13 +274,13 @@ def plan_gguf(
             writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
         except ValueError as e:
             raise FormatError(f"{folder}: tensor {hf_name}: {e}") from None
-        heads = _permute_heads(hf_name, shape, n_head, n_kv, folder)
+        heads = _permute_heads(hf_name, shape, arch.permute_heads(hf_name, h), folder)
         planned[gguf_name] = (hf_name, qtype, shape, nbytes, heads)
 
     meta = gguf_kv.add_general(writer, folder, config, dir_name or folder.name)
-    gguf_kv.add_parameters(writer, h, ftype, where)
+    arch.add_parameters(writer, h, ftype, where)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    gguf_kv.add_vocab(writer, folder, h)
+    arch.add_vocab(writer, folder, h)
 
     if filename is None:
         total = writer.get_total_parameter_count()[0]
@@ -272,17 +290,20 @@ def plan_gguf(
         ) + ".gguf"
     names = [p.name for p in writer.format_shard_names(Path(filename))]
     headers = _render_headers(writer)
-    files, table = [], []
+    files, table, extra = [], [], []
     for i, (name, header, infos) in enumerate(zip(names, headers, writer.tensors)):
         offset = len(header)
-        for gguf_name in infos:
-            hf_name, qtype, shape, nbytes, heads = planned[gguf_name]
-            table.append(GGUFTensor(hf_name, by_name[hf_name][0], gguf_name, qtype, shape, nbytes, i, offset,
-                                    heads))
-            offset += gguf.GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
+        for gguf_name, info in infos.items():
+            if gguf_name in generated:
+                extra.append(GeneratedTensor(gguf_name, generated[gguf_name], i, offset))
+            else:
+                hf_name, qtype, shape, nbytes, heads = planned[gguf_name]
+                table.append(GGUFTensor(hf_name, by_name[hf_name][0], gguf_name, qtype, shape, nbytes, i,
+                                        offset, heads))
+            offset += gguf.GGUFWriter.ggml_pad(info.nbytes, writer.data_alignment)
         files.append(GGUFFile(name, header, offset))
     kv = {key: value.value for key, value in writer.kv_data[0].items()}
-    return GGUFPlan(outtype, tuple(files), tuple(table), tuple(dropped), kv)
+    return GGUFPlan(outtype, tuple(files), tuple(table), tuple(dropped), kv, tuple(extra))
 
 
 @dataclass
@@ -330,6 +351,9 @@ class GGUFStreamWriter:
             try:
                 _pwrite_all(fd, (memoryview(f.header),), 0, path)
                 os.ftruncate(fd, f.size)
+                for t in self.plan.generated:
+                    if self.plan.files[t.file] is f:
+                        _pwrite_all(fd, (memoryview(t.data),), t.offset, path)
             except BaseException:
                 os.close(fd)
                 raise

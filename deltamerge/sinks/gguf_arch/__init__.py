@@ -1,0 +1,92 @@
+"""The architectures GGUF output supports, one module each, behind one interface (:class:`Arch`).
+
+Each module mirrors one of llama.cpp's converter classes (``conversion/*.py`` of the pinned
+``convert_hf_to_gguf.py``): which GGUF architecture it writes, the tensors it drops, how a
+tensor's rows change on the way (q/k head permutation, +1 on norms), the hyperparameter and
+tokenizer key/values, and the tensors it generates from the config alone (``rope_freqs``).
+:func:`plan_gguf` asks the architecture for all of that before any data, so a new architecture
+is one module registered here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...errors import UnsupportedError
+from .. import gguf_kv
+
+try:
+    import gguf
+except ImportError:
+    gguf = None
+
+
+class Arch:
+    """A converter class of llama.cpp: the defaults are ``TextModel``'s."""
+
+    gguf_arch = "LLAMA"  # a gguf.MODEL_ARCH member's name
+    hf_architectures: tuple[str, ...] = ()
+    label = ""  # the models it covers, for the refusal message
+    refused_keys: tuple[str, ...] = ("quantization_config", "text_config", "mrope_section")
+
+    @property
+    def model_arch(self) -> Any:
+        return gguf.MODEL_ARCH[self.gguf_arch]
+
+    def check(self, config: dict[str, Any], h: dict[str, Any], where: Path) -> None:
+        """Refuse what the converter's class handles another way (experts, pre-quantized weights)."""
+        arch = config["architectures"][0]
+        for key in self.refused_keys:
+            if config.get(key) is not None or h.get(key) is not None:
+                raise UnsupportedError(f"{where}: GGUF output of a {arch} with {key!r} is not supported")
+
+    def dropped(self, hf_name: str, h: dict[str, Any]) -> bool:
+        """Tensors the converter leaves out (besides transformers' buffers, which every class drops)."""
+        return False
+
+    def permute_heads(self, hf_name: str, h: dict[str, Any]) -> int:
+        """``LlamaModel.permute``'s head count for this tensor's rows; 0: rows kept in order."""
+        return 0
+
+    def plus_one(self, hf_name: str, h: dict[str, Any]) -> bool:
+        """Whether the converter adds 1 to the tensor (Gemma's norms)."""
+        return False
+
+    def add_parameters(self, writer: Any, h: dict[str, Any], ftype: int, where: Path) -> None:
+        gguf_kv.add_parameters(writer, h, ftype, where)
+
+    def add_vocab(self, writer: Any, folder: Path, h: dict[str, Any]) -> None:
+        """``TextModel.set_vocab``: a GPT-2 style BPE."""
+        from .bpe import add_gpt2_vocab
+
+        add_gpt2_vocab(writer, folder, h)
+
+    def generated(self, h: dict[str, Any], where: Path) -> list[tuple[str, torch.Tensor]]:
+        """Tensors made from the config (GGUF name, f32 data), written before all others."""
+        return []
+
+
+def _registry() -> dict[str, Arch]:
+    from . import llama, qwen
+
+    archs: list[Arch] = [*llama.ARCHS, *qwen.ARCHS]
+    return {name: arch for arch in archs for name in arch.hf_architectures}
+
+
+def supported() -> list[str]:
+    return list(_registry())
+
+
+def for_config(config: dict[str, Any], where: Path) -> Arch:
+    """The module for config.json's first architecture, or a one-line refusal listing the supported."""
+    arches = config.get("architectures")
+    name = arches[0] if isinstance(arches, list) and arches else None
+    arch = _registry().get(name) if isinstance(name, str) else None
+    if arch is None:
+        raise UnsupportedError(
+            f"{where}: GGUF output supports {', '.join(supported())}; "
+            f"not {name or 'a config without architectures'}")
+    return arch
