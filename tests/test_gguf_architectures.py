@@ -1,0 +1,139 @@
+"""``apply --format gguf`` writes, byte for byte, what llama.cpp's pinned converter writes.
+
+For each architecture a tiny model is built from transformers' own config class (random
+weights), with a real tokenizer: the tiny sentencepiece model test_gguf trains for LLaMA, or one
+of llama.cpp's vocab GGUFs rebuilt by transformers (``scripts/fetch_llamacpp.sh`` caches them).
+A small additive delta is merged twice, to safetensors and to GGUF; the converter
+(``convert_hf_to_gguf.py`` run in a subprocess, see ``llamacpp.py``) converts the safetensors
+result, and its file must be ours.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from llamacpp import convert, llamacpp_dir
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+np = pytest.importorskip("numpy")
+
+from deltamerge.cli import main  # noqa: E402
+from deltamerge.errors import UnsupportedError  # noqa: E402
+from deltamerge.sinks.gguf import plan_gguf  # noqa: E402
+from test_gguf import sp_model, specs, tiny_llama  # noqa: E402,F401
+
+from conftest import load_state, save_checkpoint  # noqa: E402
+
+TINY = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_hidden_layers": 2, "max_position_embeddings": 256}
+
+
+def cli(*args: object) -> None:
+    result = CliRunner().invoke(main, [*map(str, args), "-q"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+
+
+def tokenizer_files(name: str) -> Path:
+    folder = llamacpp_dir() / "tokenizers" / name
+    if not folder.is_dir():
+        pytest.fail(f"{folder} is missing: scripts/fetch_llamacpp.sh rebuilds it")
+    return folder
+
+
+def perturbed(folder: Path, out: Path, seed: int) -> Path:
+    """A fine-tune of ``folder``: every tensor plus small noise, the other files as they are."""
+    state = load_state(folder)
+    g = torch.Generator().manual_seed(seed)
+    tuned = {n: (t.float() + torch.randn(t.shape, generator=g) * 0.01).to(t.dtype) for n, t in state.items()}
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    save_checkpoint(tuned, out, config=json.loads((folder / "config.json").read_text()), tokenizer=False)
+    return out
+
+
+def hf_model(folder: Path, model_type: str, tokenizer: str, **config: object) -> Path:
+    """A tiny model of transformers' own classes for ``model_type``, with a real tokenizer's files."""
+    shutil.copytree(tokenizer_files(tokenizer), folder, ignore=shutil.ignore_patterns("done"))
+    vocab = len(transformers.AutoTokenizer.from_pretrained(folder))
+    cfg = transformers.AutoConfig.for_model(model_type, **{**TINY, "vocab_size": vocab, **config})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.float16)
+    model.save_pretrained(folder)
+    return folder
+
+
+def merged_both_ways(tmp_path: Path, base: Path, outtype: str) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """(our GGUF of the merged result, the converter's GGUF of the same result in safetensors)."""
+    target = perturbed(base, tmp_path / "target", seed=1)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "gguf").mkdir()
+    cli("make-delta", base, target, tmp_path / "delta")
+    cli("apply", base, tmp_path / "delta", tmp_path / "hf" / "tiny-merged")
+    cli("apply", base, tmp_path / "delta", tmp_path / "gguf" / "tiny-merged", "--format", "gguf",
+        "--outtype", outtype)
+    ours = {p.name: p.read_bytes() for p in sorted((tmp_path / "gguf" / "tiny-merged").glob("*.gguf"))}
+    return ours, convert(tmp_path / "hf" / "tiny-merged", tmp_path / "converted", outtype)
+
+
+def assert_same_files(ours: dict[str, bytes], theirs: dict[str, bytes]) -> None:
+    assert list(ours) == list(theirs)
+    for name in ours:
+        if ours[name] != theirs[name]:
+            first = next(i for i, (x, y) in enumerate(zip(ours[name], theirs[name])) if x != y)
+            pytest.fail(f"{name}: {len(ours[name])} bytes, the converter's {len(theirs[name])}; "
+                        f"first difference at byte {first}")
+
+
+def pre_tokenizer(files: dict[str, bytes]) -> str:
+    reader = gguf.GGUFReader(np.frombuffer(next(iter(files.values())), dtype=np.uint8))
+    return reader.fields["tokenizer.ggml.pre"].contents()
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_llama_with_sentencepiece(tmp_path: Path, sp_model: bytes, outtype: str):  # noqa: F811
+    base = tiny_llama(tmp_path / "base", sp_model, kv_heads=2)
+    ours, theirs = merged_both_ways(tmp_path, base, outtype)
+    assert_same_files(ours, theirs)
+
+
+@pytest.mark.parametrize(("model_type", "tokenizer", "config", "pre"), [
+    # Llama 3.1: its BPE (which transformers' rebuild makes hash as smaug-bpe) and llama3 RoPE.
+    ("llama", "llama-bpe", {"tie_word_embeddings": True, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}, "smaug-bpe"),
+    # A LLaMA-architecture model with a GPT-2 BPE (SmolLM's kind).
+    ("llama", "gpt-2", {"tie_word_embeddings": True}, "gpt-2"),
+    ("qwen2", "qwen2", {"tie_word_embeddings": True}, "qwen2"),
+    ("qwen3", "qwen2", {"tie_word_embeddings": True, "head_dim": 32}, "qwen2"),
+], ids=["llama3", "llama-gpt2", "qwen2", "qwen3"])
+def test_bpe_architectures(tmp_path: Path, model_type: str, tokenizer: str, config: dict, pre: str):
+    base = hf_model(tmp_path / "base", model_type, tokenizer, **config)
+    ours, theirs = merged_both_ways(tmp_path, base, "f16")
+    assert pre_tokenizer(theirs) == pre
+    assert_same_files(ours, theirs)
+
+
+def test_llama3_rope_freqs_come_first(tmp_path: Path):
+    base = hf_model(tmp_path / "base", "llama", "gpt-2", tie_word_embeddings=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    plan = plan_gguf(base, specs(load_state(base)), outtype="f16")
+    [extra] = plan.generated
+    assert extra.name == "rope_freqs.weight" and extra.offset < min(t.offset for t in plan.tensors)
+    factors = torch.frombuffer(bytearray(extra.data), dtype=torch.float32)
+    assert factors.shape == (TINY["hidden_size"] // TINY["num_attention_heads"] // 2,)
+    assert factors[0] == 1 and factors[-1] == 8  # high frequencies kept, low ones scaled by the factor
+
+
+def test_other_architectures_are_refused_naming_them_and_the_supported(tmp_path: Path, sp_model: bytes):  # noqa: F811
+    base = tiny_llama(tmp_path / "base", sp_model, architectures=["GPTJForCausalLM"])
+    with pytest.raises(UnsupportedError) as e:
+        plan_gguf(base, specs(load_state(base)))
+    message = str(e.value)
+    assert "\n" not in message and "not GPTJForCausalLM" in message
+    assert "LlamaForCausalLM" in message and "Qwen2ForCausalLM" in message and "Qwen3ForCausalLM" in message
