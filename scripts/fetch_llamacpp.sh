@@ -28,7 +28,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 dest = Path(sys.argv[1])
-for name in ("gpt-2", "llama-bpe", "qwen2"):
+for name in ("gpt-2", "qwen2"):
     tokenizer = AutoTokenizer.from_pretrained(dest / "models", gguf_file=f"ggml-vocab-{name}.gguf")
     tokenizer.save_pretrained(dest / "tokenizers" / name)
 (dest / "tokenizers" / "done").touch()
