@@ -23,7 +23,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 from conftest import load_state, save_checkpoint  # noqa: E402
-from test_gguf import sp_model, specs, tiny_llama  # noqa: E402,F401
+from test_gguf import sp_model, sp_vocab_size, specs, tiny_llama  # noqa: E402,F401
 
 from deltamerge.cli import main  # noqa: E402
 from deltamerge.errors import UnsupportedError  # noqa: E402
@@ -55,15 +55,34 @@ def perturbed(folder: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def hf_model(folder: Path, model_type: str, tokenizer: str, **config: object) -> Path:
+def hf_model(folder: Path, model_type: str, tokenizer: str, dtype: torch.dtype = torch.float16,
+             **config: object) -> Path:
     """A tiny model of transformers' own classes for ``model_type``, with a real tokenizer's files."""
     shutil.copytree(tokenizer_files(tokenizer), folder, ignore=shutil.ignore_patterns("done"))
     vocab = len(transformers.AutoTokenizer.from_pretrained(folder))
+    return tiny_model(folder, model_type, vocab, dtype, **config)
+
+
+def tiny_model(folder: Path, model_type: str, vocab: int, dtype: torch.dtype, **config: object) -> Path:
     cfg = transformers.AutoConfig.for_model(model_type, **{**TINY, "vocab_size": vocab, **config})
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.float16)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
+    with torch.no_grad():  # norms of ones (and zeros for Gemma's) would hide the +1 and a wrong order
+        for t in model.parameters():
+            if t.dim() == 1:
+                t.add_(torch.randn(t.shape, dtype=torch.float32).to(dtype) * 0.1)
     model.save_pretrained(folder)
     return folder
+
+
+def sentencepiece_model(folder: Path, model_type: str, sp: bytes, dtype: torch.dtype,
+                        **config: object) -> Path:
+    """A tiny model with test_gguf's sentencepiece tokenizer (Gemma's kind)."""
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(sp)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}))
+    return tiny_model(folder, model_type, sp_vocab_size(sp), dtype, **config)
 
 
 def merged_both_ways(tmp_path: Path, base: Path, outtype: str) -> tuple[dict[str, bytes], dict[str, bytes]]:
@@ -115,6 +134,17 @@ def test_bpe_architectures(tmp_path: Path, model_type: str, tokenizer: str, conf
     base = hf_model(tmp_path / "base", model_type, tokenizer, **config)
     ours, theirs = merged_both_ways(tmp_path, base, "f16")
     assert pre_tokenizer(tmp_path / "converted") == pre
+    assert_same_files(ours, theirs)
+
+
+@pytest.mark.parametrize(("model_type", "dtype", "config"), [
+    ("gemma", torch.bfloat16, {"head_dim": 16}),  # +1 on the norms after widening to f32
+    ("gemma2", torch.float16, {"head_dim": 16}),  # +1 in f16, as the converter adds it
+    ("gemma3_text", torch.float16, {"head_dim": 16, "sliding_window": 32}),
+], ids=["gemma", "gemma2", "gemma3"])
+def test_gemma(tmp_path: Path, sp_model: bytes, model_type: str, dtype: torch.dtype, config: dict):  # noqa: F811
+    base = sentencepiece_model(tmp_path / "base", model_type, sp_model, dtype, **config)
+    ours, theirs = merged_both_ways(tmp_path, base, "f16")
     assert_same_files(ours, theirs)
 
 

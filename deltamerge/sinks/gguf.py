@@ -74,6 +74,12 @@ class GGUFTensor:
     file: int  # index into GGUFPlan.files
     offset: int  # of its first byte, in its file
     permute_heads: int  # LlamaModel.permute with this many heads; 0: rows kept as they are
+    plus_one: bool = False  # 1 added to every element (Gemma's norms), in the converter's dtype
+    hf_rows: int = 0  # the Hugging Face tensor's rows, when the GGUF tensor keeps only the first
+
+    @property
+    def source_rows(self) -> int:
+        return self.hf_rows or self.shape[0]
 
     @property
     def row_bytes(self) -> int:
@@ -254,7 +260,7 @@ def plan_gguf(
         writer.add_tensor_info(gguf_name, raw.shape, raw.dtype, raw.nbytes)
         generated[gguf_name] = raw.tobytes()
     dropped: list[str] = []
-    planned: dict[str, tuple[str, int, tuple[int, ...], int, int]] = {}
+    planned: dict[str, tuple[str, int, tuple[int, ...], int, int, bool, int]] = {}
     for hf_name in _converter_order(list(by_name), hf_files, folder):
         dtype, shape = by_name[hf_name]
         if hf_name.endswith(_DROPPED_SUFFIXES) or arch.dropped(hf_name, h):
@@ -267,6 +273,8 @@ def plan_gguf(
         if gguf_name is None:
             raise UnsupportedError(f"{folder}: tensor {hf_name} has no GGUF name in llama.cpp's "
                                    f"{gguf.MODEL_ARCH_NAMES[arch.model_arch]} map")
+        hf_rows, shape = shape[0], (arch.kept_rows(hf_name, shape, h, folder), *shape[1:])
+        hf_rows = 0 if hf_rows == shape[0] else hf_rows
         qtype = _qtype(gguf_name, shape, matrix_type)
         block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
         nbytes = math.prod(shape) // block_size * type_size
@@ -275,7 +283,7 @@ def plan_gguf(
         except ValueError as e:
             raise FormatError(f"{folder}: tensor {hf_name}: {e}") from None
         heads = _permute_heads(hf_name, shape, arch.permute_heads(hf_name, h), folder)
-        planned[gguf_name] = (hf_name, qtype, shape, nbytes, heads)
+        planned[gguf_name] = (hf_name, qtype, shape, nbytes, heads, arch.plus_one(hf_name, h), hf_rows)
 
     meta = gguf_kv.add_general(writer, folder, config, dir_name or folder.name)
     arch.add_parameters(writer, h, ftype, where)
@@ -297,9 +305,9 @@ def plan_gguf(
             if gguf_name in generated:
                 extra.append(GeneratedTensor(gguf_name, generated[gguf_name], i, offset))
             else:
-                hf_name, qtype, shape, nbytes, heads = planned[gguf_name]
+                hf_name, qtype, shape, nbytes, heads, plus_one, hf_rows = planned[gguf_name]
                 table.append(GGUFTensor(hf_name, by_name[hf_name][0], gguf_name, qtype, shape, nbytes, i,
-                                        offset, heads))
+                                        offset, heads, plus_one, hf_rows))
             offset += gguf.GGUFWriter.ggml_pad(info.nbytes, writer.data_alignment)
         files.append(GGUFFile(name, header, offset))
     kv = {key: value.value for key, value in writer.kv_data[0].items()}
@@ -342,7 +350,7 @@ class GGUFStreamWriter:
             self.abort()
             raise
         for tensor in kept:
-            self._progress[tensor.hf_name].next_row = tensor.shape[0]
+            self._progress[tensor.hf_name].next_row = tensor.source_rows
 
     def _open(self, f: GGUFFile, resume: bool) -> int:
         path = self.folder / f.name
@@ -386,12 +394,16 @@ class GGUFStreamWriter:
                 return None
             raise ValueError(f"tensor {hf_name} is not in the GGUF plan")
         p = self._progress[hf_name]
-        n_rows = tensor.shape[0]
-        if r0 != p.next_row or not r0 < r1 <= n_rows:
+        if r0 != p.next_row or not r0 < r1 <= tensor.source_rows:
             raise ValueError(f"tensor {hf_name}: rows {r0}:{r1} given, rows from {p.next_row} expected")
         if tuple(rows.shape) != (r1 - r0, *tensor.shape[1:]) or rows.dtype != tensor.hf_dtype:
             raise ValueError(f"tensor {hf_name}: rows {r0}:{r1} given as {rows.dtype} {list(rows.shape)}")
         p.next_row = r1
+        n_rows = tensor.shape[0]
+        if r0 >= n_rows:  # rows the converter cuts off (Gemma 3's out-of-vocabulary embeddings)
+            return None
+        if r1 > n_rows:
+            rows, r1 = rows[: n_rows - r0], n_rows
         start = r0
         if p.pending is not None:
             rows, start = torch.cat([p.pending, rows]), p.pending_start
@@ -408,7 +420,7 @@ class GGUFStreamWriter:
 
     def missing(self) -> list[str]:
         """The tensors not wholly written yet."""
-        return [t.hf_name for t in self.plan.tensors if self._progress[t.hf_name].next_row < t.shape[0]]
+        return [t.hf_name for t in self.plan.tensors if self._progress[t.hf_name].next_row < t.source_rows]
 
     def close(self, fsync: bool = True) -> None:
         """Check that every tensor was written, flush the files to disk and close them."""
@@ -450,7 +462,7 @@ def permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
 def kept_type(tensor: GGUFTensor) -> bool:
     """Whether the tensor stays in its Hugging Face type (f16 or f32): its rows' bytes are kept."""
     kept = {torch.float16: gguf.GGMLQuantizationType.F16, torch.float32: gguf.GGMLQuantizationType.F32}
-    return kept.get(tensor.hf_dtype) == tensor.qtype
+    return kept.get(tensor.hf_dtype) == tensor.qtype and not tensor.plus_one
 
 
 def as_is(tensor: GGUFTensor) -> bool:
@@ -494,10 +506,12 @@ def _encode(tensor: GGUFTensor, rows: torch.Tensor, out: Buffer | None) -> tuple
 def _convert(tensor: GGUFTensor, rows: torch.Tensor) -> np.ndarray:
     """widen what is not f16/f32 to f32, permute, ``gguf.quants``: the bytes, as uint8."""
     qtype = gguf.GGMLQuantizationType(tensor.qtype)
-    if rows.dtype == torch.bfloat16 and qtype == gguf.GGMLQuantizationType.BF16:
+    if rows.dtype == torch.bfloat16 and qtype == gguf.GGMLQuantizationType.BF16 and not tensor.plus_one:
         x = _bf16_as_gguf_quantizes_it(rows)
     else:
         x = rows if rows.dtype in _CONVERTED_AS_IS else rows.to(torch.float32)
+        if tensor.plus_one:
+            x = x + 1
     if tensor.permute_heads:
         x = permute(x, x.shape[0] // tensor.head_rows)
     if x.dtype == torch.int16:

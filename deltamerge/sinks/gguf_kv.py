@@ -176,9 +176,10 @@ def add_parameters(writer: Any, h: dict[str, Any], ftype: int, where: Path) -> N
             add(value)
     if h.get("is_causal") is False:
         writer.add_causal_attention(False)
-    rope = _rope_parameters(h)
-    _add_rope_scaling(writer, rope)
-    if (theta := rope.get("rope_theta")) is not None:
+    rope = rope_parameters(h)
+    full = rope.get("full_attention", rope)
+    _add_rope_scaling(writer, full)
+    if (theta := full.get("rope_theta")) is not None:
         writer.add_rope_freq_base(theta)
     if (swa_theta := rope.get("sliding_attention", {}).get("rope_theta")) is not None:
         writer.add_rope_freq_base_swa(swa_theta)
@@ -197,17 +198,18 @@ def add_parameters(writer: Any, h: dict[str, Any], ftype: int, where: Path) -> N
     writer.add_file_type(ftype)
 
 
-def _rope_parameters(h: dict[str, Any]) -> dict[str, Any]:
-    """``TextModel.__init__``'s ``rope_parameters``: the config's, with the top-level values mirrored."""
+def rope_parameters(h: dict[str, Any]) -> dict[str, Any]:
+    """``TextModel.__init__``'s ``rope_parameters``: the config's, with the top-level values mirrored
+    unless it is per layer type (``full_attention``/``sliding_attention``, Gemma 3's)."""
     rope = dict(h.get("rope_parameters", h.get("rope_scaling")) or {})
     if "full_attention" in rope or "sliding_attention" in rope:
-        raise UnsupportedError("GGUF output of per-layer-type RoPE parameters is not supported")
-    theta = find_hparam(h, ("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta",
-                            "rotary_emb_base"))
+        return rope
     local_theta = find_hparam(h, ("local_rope_theta", "rope_local_theta", "rope_theta_local",
                                   "swa_rope_theta", "rope_local_base_freq"))
     if local_theta is not None:
         rope["sliding_attention"] = {"rope_theta": local_theta}
+    theta = find_hparam(h, ("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta",
+                            "rotary_emb_base"))
     if "rope_theta" not in rope and theta is not None:
         rope["rope_theta"] = theta
     if "rope_type" not in rope and (rope_type := rope.get("type")) is not None:

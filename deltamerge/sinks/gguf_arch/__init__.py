@@ -55,6 +55,11 @@ class Arch:
         """Whether the converter adds 1 to the tensor (Gemma's norms)."""
         return False
 
+    def kept_rows(self, hf_name: str, shape: tuple[int, ...], h: dict[str, Any], folder: Path) -> int:
+        """How many of the tensor's rows the converter keeps (Gemma 3 cuts its embedding to the
+        tokenizer's vocabulary); the rest are dropped as they stream."""
+        return shape[0]
+
     def add_parameters(self, writer: Any, h: dict[str, Any], ftype: int, where: Path) -> None:
         gguf_kv.add_parameters(writer, h, ftype, where)
 
@@ -70,9 +75,9 @@ class Arch:
 
 
 def _registry() -> dict[str, Arch]:
-    from . import llama, qwen
+    from . import gemma, llama, qwen
 
-    archs: list[Arch] = [*llama.ARCHS, *qwen.ARCHS]
+    archs: list[Arch] = [*llama.ARCHS, *qwen.ARCHS, *gemma.ARCHS]
     return {name: arch for arch in archs for name in arch.hf_architectures}
 
 

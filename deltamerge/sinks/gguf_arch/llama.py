@@ -70,18 +70,17 @@ class Llama(Arch):
 
     def generated(self, h: dict[str, Any], where: Path) -> list[tuple[str, torch.Tensor]]:
         """``LlamaModel.generate_extra_tensors``: Llama 3's RoPE frequency factors, in its float32 ops."""
-        rope = h.get("rope_parameters", h.get("rope_scaling")) or {}
+        rope = gguf_kv.rope_parameters(h)
         rope = rope.get("full_attention", rope)
-        if str(rope.get("rope_type", rope.get("type", ""))).lower() != "llama3":
+        if not rope or str(rope.get("rope_type", "")).lower() != "llama3":
             return []
-        base = rope.get("rope_theta", h.get("rope_theta", 10000.0))
+        base = rope.get("rope_theta", 10000.0)
         dim = h.get("head_dim") or h["hidden_size"] // h["num_attention_heads"]
         freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         factor = rope.get("factor", 8.0)
         low = rope.get("low_freq_factor", 1.0)
         high = rope.get("high_freq_factor", 4.0)
-        old_context = rope.get("original_max_position_embeddings",
-                               h.get("original_max_position_embeddings", 8192))
+        old_context = rope.get("original_max_position_embeddings", 8192)
         low_wavelen, high_wavelen = old_context / low, old_context / high
         factors: list[float] = []
         for freq in freqs:
