@@ -33,6 +33,10 @@ TINY = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "n
         "num_hidden_layers": 2, "max_position_embeddings": 256}
 
 
+# Architectures whose configs name their sizes otherwise: the test gives them all.
+OWN_SIZES = ("falcon", "bloom", "gpt_neox")
+
+
 def cli(*args: object) -> None:
     result = CliRunner().invoke(main, [*map(str, args), "-q"])
     assert result.exit_code == 0, (result.stderr, result.exception)
@@ -64,7 +68,8 @@ def hf_model(folder: Path, model_type: str, tokenizer: str, dtype: torch.dtype =
 
 
 def tiny_model(folder: Path, model_type: str, vocab: int, dtype: torch.dtype, **config: object) -> Path:
-    cfg = transformers.AutoConfig.for_model(model_type, **{**TINY, "vocab_size": vocab, **config})
+    sizes = {} if model_type in OWN_SIZES else TINY
+    cfg = transformers.AutoConfig.for_model(model_type, **{**sizes, "vocab_size": vocab, **config})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
     with torch.no_grad():  # norms of ones (and zeros for Gemma's) would hide the +1 and a wrong order
@@ -144,6 +149,37 @@ def test_bpe_architectures(tmp_path: Path, model_type: str, tokenizer: str, conf
 ], ids=["gemma", "gemma2", "gemma3"])
 def test_gemma(tmp_path: Path, sp_model: bytes, model_type: str, dtype: torch.dtype, config: dict):  # noqa: F811
     base = sentencepiece_model(tmp_path / "base", model_type, sp_model, dtype, **config)
+    ours, theirs = merged_both_ways(tmp_path, base, "f16")
+    assert_same_files(ours, theirs)
+
+
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0 + i / 4 for i in range(8)],
+            "short_factor": [1.0 + i / 8 for i in range(8)], "original_max_position_embeddings": 128}
+
+
+@pytest.mark.parametrize("config", [{}, {"max_position_embeddings": 512, "rope_parameters": LONGROPE}],
+                         ids=["phi3", "phi3-longrope"])
+def test_phi3(tmp_path: Path, sp_model: bytes, config: dict):  # noqa: F811
+    """qkv and gate_up stay fused; LongRoPE's factors are tensors written first."""
+    base = sentencepiece_model(tmp_path / "base", "phi3", sp_model, torch.float16, pad_token_id=0,
+                               original_max_position_embeddings=128, **config)
+    tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "tokenizer_class": "LlamaTokenizer"}))
+    ours, theirs = merged_both_ways(tmp_path, base, "f16")
+    assert_same_files(ours, theirs)
+
+
+@pytest.mark.parametrize(("model_type", "config"), [
+    # Falcon 40B's layout: kv groups of query heads, a key and a value in one fused tensor.
+    ("falcon", {"hidden_size": 64, "num_attention_heads": 8, "num_kv_heads": 2, "num_hidden_layers": 2,
+                "new_decoder_architecture": True, "bias": False}),
+    ("bloom", {"hidden_size": 64, "n_head": 4, "n_layer": 2}),
+    ("gpt_neox", {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 128,
+                  "max_position_embeddings": 256}),
+], ids=["falcon", "bloom", "gpt-neox"])
+def test_fused_qkv_architectures(tmp_path: Path, model_type: str, config: dict):
+    """Their fused qkv rows are regrouped across the tensor, which converts once whole."""
+    base = hf_model(tmp_path / "base", model_type, "gpt-2", **config)
     ours, theirs = merged_both_ways(tmp_path, base, "f16")
     assert_same_files(ours, theirs)
 

@@ -76,6 +76,9 @@ class GGUFTensor:
     permute_heads: int  # LlamaModel.permute with this many heads; 0: rows kept as they are
     plus_one: bool = False  # 1 added to every element (Gemma's norms), in the converter's dtype
     hf_rows: int = 0  # the Hugging Face tensor's rows, when the GGUF tensor keeps only the first
+    # Rows regrouped across the whole tensor (fused qkv of Falcon, BLOOM, GPT-NeoX): the source
+    # row of each row of the GGUF tensor; such a tensor converts once all its rows are there.
+    row_order: tuple[int, ...] = field(default=(), repr=False)
 
     @property
     def source_rows(self) -> int:
@@ -87,7 +90,9 @@ class GGUFTensor:
 
     @property
     def head_rows(self) -> int:
-        """Rows that convert together: one head for q/k, else one row."""
+        """Rows that convert together: one head for q/k, all for a regrouped tensor, else one row."""
+        if self.row_order:
+            return self.shape[0]
         return self.shape[0] // self.permute_heads if self.permute_heads else 1
 
 
@@ -255,12 +260,12 @@ def plan_gguf(
                              split_max_tensors=split_max_tensors, split_max_size=split_max_size)
     name_map = gguf.get_tensor_name_map(arch.model_arch, gguf_kv.block_count(h, where))
     generated = {}
-    for gguf_name, data in arch.generated(h, where):
+    for gguf_name, data in arch.generated(writer, h, where):
         raw = data.contiguous().numpy()
         writer.add_tensor_info(gguf_name, raw.shape, raw.dtype, raw.nbytes)
         generated[gguf_name] = raw.tobytes()
     dropped: list[str] = []
-    planned: dict[str, tuple[str, int, tuple[int, ...], int, int, bool, int]] = {}
+    planned: dict[str, tuple[str, int, tuple[int, ...], int, int, bool, int, tuple[int, ...]]] = {}
     for hf_name in _converter_order(list(by_name), hf_files, folder):
         dtype, shape = by_name[hf_name]
         if hf_name.endswith(_DROPPED_SUFFIXES) or arch.dropped(hf_name, h):
@@ -269,7 +274,7 @@ def plan_gguf(
         if dtype not in _FLOAT_DTYPES or not shape:
             raise UnsupportedError(f"{folder}: tensor {hf_name} is {dtype} {list(shape)}; GGUF output takes "
                                    "floating-point tensors")
-        gguf_name = name_map.get_name(key=hf_name, try_suffixes=(".weight", ".bias"))
+        gguf_name = name_map.get_name(key=arch.map_name(hf_name), try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise UnsupportedError(f"{folder}: tensor {hf_name} has no GGUF name in llama.cpp's "
                                    f"{gguf.MODEL_ARCH_NAMES[arch.model_arch]} map")
@@ -283,7 +288,8 @@ def plan_gguf(
         except ValueError as e:
             raise FormatError(f"{folder}: tensor {hf_name}: {e}") from None
         heads = _permute_heads(hf_name, shape, arch.permute_heads(hf_name, h), folder)
-        planned[gguf_name] = (hf_name, qtype, shape, nbytes, heads, arch.plus_one(hf_name, h), hf_rows)
+        planned[gguf_name] = (hf_name, qtype, shape, nbytes, heads, arch.plus_one(hf_name, h), hf_rows,
+                              arch.row_order(hf_name, shape, h))
 
     meta = gguf_kv.add_general(writer, folder, config, dir_name or folder.name)
     arch.add_parameters(writer, h, ftype, where)
@@ -305,9 +311,9 @@ def plan_gguf(
             if gguf_name in generated:
                 extra.append(GeneratedTensor(gguf_name, generated[gguf_name], i, offset))
             else:
-                hf_name, qtype, shape, nbytes, heads, plus_one, hf_rows = planned[gguf_name]
+                hf_name, qtype, shape, nbytes, heads, plus_one, hf_rows, order = planned[gguf_name]
                 table.append(GGUFTensor(hf_name, by_name[hf_name][0], gguf_name, qtype, shape, nbytes, i,
-                                        offset, heads, plus_one, hf_rows))
+                                        offset, heads, plus_one, hf_rows, order))
             offset += gguf.GGUFWriter.ggml_pad(info.nbytes, writer.data_alignment)
         files.append(GGUFFile(name, header, offset))
     kv = {key: value.value for key, value in writer.kv_data[0].items()}
@@ -467,7 +473,7 @@ def kept_type(tensor: GGUFTensor) -> bool:
 
 def as_is(tensor: GGUFTensor) -> bool:
     """Whether the tensor's GGUF bytes are its Hugging Face bytes (its type kept, no permutation)."""
-    return kept_type(tensor) and not tensor.permute_heads
+    return kept_type(tensor) and not tensor.permute_heads and not tensor.row_order
 
 
 def permuted_order(rows: int, head_rows: int) -> list[int]:
@@ -487,10 +493,11 @@ def _encode(tensor: GGUFTensor, rows: torch.Tensor, out: Buffer | None) -> tuple
     """
     if kept_type(tensor):
         flat = memoryview(rows.contiguous().numpy().reshape(-1).view(np.uint8))
-        if not tensor.permute_heads:
+        if not tensor.permute_heads and not tensor.row_order:
             return (flat,)
         n = tensor.row_bytes
-        return tuple(flat[r * n : (r + 1) * n] for r in permuted_order(rows.shape[0], tensor.head_rows))
+        order = tensor.row_order or permuted_order(rows.shape[0], tensor.head_rows)
+        return tuple(flat[r * n : (r + 1) * n] for r in order)
     row_bytes = tensor.row_bytes
     buffer = out(rows.shape[0] * row_bytes) if out is not None else torch.empty(
         rows.shape[0] * row_bytes, dtype=torch.uint8)
@@ -514,6 +521,8 @@ def _convert(tensor: GGUFTensor, rows: torch.Tensor) -> np.ndarray:
             x = x + 1
     if tensor.permute_heads:
         x = permute(x, x.shape[0] // tensor.head_rows)
+    if tensor.row_order:
+        x = x[list(tensor.row_order)]
     if x.dtype == torch.int16:
         return x.contiguous().numpy().reshape(-1).view(np.uint8)
     with np.errstate(over="ignore"):  # beyond f16's range is inf, as the converter makes it

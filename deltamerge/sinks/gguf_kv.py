@@ -245,12 +245,12 @@ def _add_rope_scaling(writer: Any, rope: dict[str, Any]) -> None:
     # llama3 scaling is a generated tensor (LLaMA's ``rope_freqs``); others write no key, as there.
 
 
-def add_sentencepiece_vocab(writer: Any, folder: Path, h: dict[str, Any]) -> bool:
+def addsentencepiece_vocab(writer: Any, folder: Path, h: dict[str, Any]) -> bool:
     """``_set_vocab_sentencepiece``; False (nothing written) when there is no ``tokenizer.model``."""
     if not (folder / "tokenizer.model").is_file():
         return False
-    tokens, scores, toktypes = _sentencepiece_vocab(folder, h, json_file(folder / "tokenizer_config.json"))
-    _add_llama_tokens(writer, folder, tokens, scores, toktypes)
+    tokens, scores, toktypes = sentencepiece_vocab(folder, h, json_file(folder / "tokenizer_config.json"))
+    add_llama_tokens(writer, folder, tokens, scores, toktypes)
     return True
 
 
@@ -272,11 +272,11 @@ def add_llama_hf_vocab(writer: Any, folder: Path) -> bool:
         tokens.append(text)
         scores.append(score)
         toktypes.append(int(toktype))
-    _add_llama_tokens(writer, folder, tokens, scores, toktypes)
+    add_llama_tokens(writer, folder, tokens, scores, toktypes)
     return True
 
 
-def _add_llama_tokens(writer: Any, folder: Path, tokens: list[bytes], scores: list[float],
+def add_llama_tokens(writer: Any, folder: Path, tokens: list[bytes], scores: list[float],
                       toktypes: list[int]) -> None:
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
@@ -306,7 +306,7 @@ def looks_special(token: str) -> bool:
             or (token.startswith("<unused") and token.endswith(">")))
 
 
-def _sentencepiece_vocab(
+def sentencepiece_vocab(
     folder: Path, h: dict[str, Any], tokenizer_config: dict[str, Any] | None
 ) -> tuple[list[bytes], list[float], list[int]]:
     """The converter's ``_create_vocab_sentencepiece``, which the gguf package does not hold.

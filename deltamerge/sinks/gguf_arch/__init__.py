@@ -51,6 +51,15 @@ class Arch:
         """``LlamaModel.permute``'s head count for this tensor's rows; 0: rows kept in order."""
         return 0
 
+    def map_name(self, hf_name: str) -> str:
+        """The name the converter looks up in llama.cpp's tensor map (BLOOM strips ``transformer.``)."""
+        return hf_name
+
+    def row_order(self, hf_name: str, shape: tuple[int, ...], h: dict[str, Any]) -> tuple[int, ...]:
+        """The source row of each GGUF row, for a tensor the converter regroups as a whole (fused
+        qkv); empty: rows in their order."""
+        return ()
+
     def plus_one(self, hf_name: str, h: dict[str, Any]) -> bool:
         """Whether the converter adds 1 to the tensor (Gemma's norms)."""
         return False
@@ -69,15 +78,30 @@ class Arch:
 
         add_gpt2_vocab(writer, folder, h)
 
-    def generated(self, h: dict[str, Any], where: Path) -> list[tuple[str, torch.Tensor]]:
-        """Tensors made from the config (GGUF name, f32 data), written before all others."""
+    def generated(self, writer: Any, h: dict[str, Any], where: Path) -> list[tuple[str, torch.Tensor]]:
+        """Tensors made from the config (GGUF name, f32 data), written before all others; a key
+        the converter adds while making them goes into ``writer`` (before ``general.*``, as there)."""
         return []
 
 
-def _registry() -> dict[str, Arch]:
-    from . import gemma, llama, qwen
+def blocks_order(blocks: list[int], block_rows: int) -> tuple[int, ...]:
+    """The row order that puts source block ``blocks[i]`` (of ``block_rows`` rows) at block i."""
+    return tuple(b * block_rows + r for b in blocks for r in range(block_rows))
 
-    archs: list[Arch] = [*llama.ARCHS, *qwen.ARCHS, *gemma.ARCHS]
+
+def by_kind_order(hf_name: str, shape: tuple[int, ...], n_head: int, suffix: str) -> tuple[int, ...]:
+    """BLOOM's and GPT-NeoX's fused qkv, (n_head, 3, head_dim) rows made (3, n_head, head_dim)."""
+    if not hf_name.endswith((f"{suffix}.weight", f"{suffix}.bias")):
+        return ()
+    return blocks_order([head * 3 + kind for kind in range(3) for head in range(n_head)],
+                        shape[0] // (3 * n_head))
+
+
+def _registry() -> dict[str, Arch]:
+    from . import bloom, falcon, gemma, gptneox, llama, phi3, qwen
+
+    archs: list[Arch] = [*llama.ARCHS, *qwen.ARCHS, *gemma.ARCHS, *phi3.ARCHS, *falcon.ARCHS,
+                         *bloom.ARCHS, *gptneox.ARCHS]
     return {name: arch for arch in archs for name in arch.hf_architectures}
 
 

@@ -68,7 +68,7 @@ class Llama(Arch):
         if vocab_size == 49152:
             writer.add_add_bos_token(False)
 
-    def generated(self, h: dict[str, Any], where: Path) -> list[tuple[str, torch.Tensor]]:
+    def generated(self, writer: Any, h: dict[str, Any], where: Path) -> list[tuple[str, torch.Tensor]]:
         """``LlamaModel.generate_extra_tensors``: Llama 3's RoPE frequency factors, in its float32 ops."""
         rope = gguf_kv.rope_parameters(h)
         rope = rope.get("full_attention", rope)
