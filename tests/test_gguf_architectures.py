@@ -18,11 +18,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from llamacpp import convert, llamacpp_dir
+from safetensors.torch import save_file
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from conftest import load_state, save_checkpoint  # noqa: E402
+from conftest import load_state  # noqa: E402
 from test_gguf import sp_model, sp_vocab_size, specs, tiny_llama  # noqa: E402,F401
 
 from deltamerge.cli import main  # noqa: E402
@@ -55,7 +56,7 @@ def perturbed(folder: Path, out: Path, seed: int) -> Path:
     g = torch.Generator().manual_seed(seed)
     tuned = {n: (t.float() + torch.randn(t.shape, generator=g) * 0.01).to(t.dtype) for n, t in state.items()}
     shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    save_checkpoint(tuned, out, config=json.loads((folder / "config.json").read_text()), tokenizer=False)
+    save_file(tuned, out / "model.safetensors", metadata={"format": "pt"})
     return out
 
 
@@ -164,7 +165,8 @@ def test_phi3(tmp_path: Path, sp_model: bytes, config: dict):  # noqa: F811
     base = sentencepiece_model(tmp_path / "base", "phi3", sp_model, torch.float16, pad_token_id=0,
                                original_max_position_embeddings=128, **config)
     tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
-    (base / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "tokenizer_class": "LlamaTokenizer"}))
+    tokenizer_config["tokenizer_class"] = "LlamaTokenizer"  # the converter reads it
+    (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     ours, theirs = merged_both_ways(tmp_path, base, "f16")
     assert_same_files(ours, theirs)
 
@@ -174,8 +176,8 @@ def test_phi3(tmp_path: Path, sp_model: bytes, config: dict):  # noqa: F811
     ("falcon", {"hidden_size": 64, "num_attention_heads": 8, "num_kv_heads": 2, "num_hidden_layers": 2,
                 "new_decoder_architecture": True, "bias": False}),
     ("bloom", {"hidden_size": 64, "n_head": 4, "n_layer": 2}),
-    ("gpt_neox", {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 128,
-                  "max_position_embeddings": 256}),
+    ("gpt_neox", {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                  "intermediate_size": 128, "max_position_embeddings": 256}),
 ], ids=["falcon", "bloom", "gpt-neox"])
 def test_fused_qkv_architectures(tmp_path: Path, model_type: str, config: dict):
     """Their fused qkv rows are regrouped across the tensor, which converts once whole."""
