@@ -176,14 +176,22 @@ def test_phi3(tmp_path: Path, sp_model: bytes, config: dict):  # noqa: F811
     ("falcon", {"hidden_size": 64, "num_attention_heads": 8, "num_kv_heads": 2, "num_hidden_layers": 2,
                 "new_decoder_architecture": True, "bias": False}),
     ("bloom", {"hidden_size": 64, "n_head": 4, "n_layer": 2}),
-    ("gpt_neox", {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
-                  "intermediate_size": 128, "max_position_embeddings": 256}),
-], ids=["falcon", "bloom", "gpt-neox"])
+], ids=["falcon", "bloom"])
 def test_fused_qkv_architectures(tmp_path: Path, model_type: str, config: dict):
     """Their fused qkv rows are regrouped across the tensor, which converts once whole."""
     base = hf_model(tmp_path / "base", model_type, "gpt-2", **config)
     ours, theirs = merged_both_ways(tmp_path, base, "f16")
     assert_same_files(ours, theirs)
+
+
+def test_gpt_neox_is_refused_as_the_converter_fails_on_it(tmp_path: Path):
+    """The converter reads ``rotary_pct``, which transformers 5 moves into ``rope_parameters``."""
+    base = hf_model(tmp_path / "base", "gpt_neox", "gpt-2", hidden_size=64, num_attention_heads=4,
+                    num_hidden_layers=1, intermediate_size=128, rotary_pct=0.25)
+    assert "rotary_pct" not in transformers.AutoConfig.from_pretrained(base).to_dict()
+    with pytest.raises(UnsupportedError, match="GPT-NeoX needs rotary_pct") as e:
+        plan_gguf(base, specs(load_state(base)))
+    assert "\n" not in str(e.value)
 
 
 def test_llama3_rope_freqs_come_first(tmp_path: Path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ...errors import UnsupportedError
 from .. import gguf_kv
 from . import Arch, by_kind_order
 
@@ -23,7 +24,12 @@ class GPTNeoX(Arch):
         return by_kind_order(hf_name, shape, n_head, "attention.query_key_value")
 
     def add_parameters(self, writer: Any, h: dict[str, Any], ftype: int, where: Path) -> None:
-        """``GPTNeoXModel.set_gguf_parameters``."""
+        """``GPTNeoXModel.set_gguf_parameters``, which reads ``rotary_pct``: transformers 5's
+        ``AutoConfig`` moves it into ``rope_parameters``, and the converter fails then; so does this."""
+        if "rotary_pct" not in h:
+            raise UnsupportedError(f"{where}: GGUF output of GPT-NeoX needs rotary_pct, which this "
+                                   "transformers reads into rope_parameters (llama.cpp's converter fails "
+                                   "on it too)")
         writer.add_context_length(h["max_position_embeddings"])
         writer.add_embedding_length(h["hidden_size"])
         writer.add_block_count(gguf_kv.block_count(h, where))
