@@ -154,6 +154,18 @@ def test_gemma(tmp_path: Path, sp_model: bytes, model_type: str, dtype: torch.dt
     assert_same_files(ours, theirs)
 
 
+def test_gemma3_embedding_is_cut_to_the_tokenizers_vocabulary(tmp_path: Path):
+    """With a tokenizer.json, Gemma 3's embedding keeps the tokenizer's rows only (as they stream)."""
+    base = hf_model(tmp_path / "base", "gemma3_text", "gpt-2", head_dim=16, sliding_window=32,
+                    vocab_size=50257 + 15)  # gpt-2's 50257 tokens, and rows beyond them
+    ours, theirs = merged_both_ways(tmp_path, base, "f16")
+    assert_same_files(ours, theirs)
+    plan = plan_gguf(base, specs(load_state(base)), outtype="f16")
+    embedding = plan.tensor("model.embed_tokens.weight")
+    # the converter counts vocab plus added_tokens, so gpt-2's <|endoftext|> twice: 50258 rows kept
+    assert embedding.shape[0] == 50258 and embedding.source_rows == 50257 + 15
+
+
 LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0 + i / 4 for i in range(8)],
             "short_factor": [1.0 + i / 8 for i in range(8)], "original_max_position_embeddings": 128}
 

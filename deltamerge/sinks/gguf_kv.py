@@ -245,7 +245,7 @@ def _add_rope_scaling(writer: Any, rope: dict[str, Any]) -> None:
     # llama3 scaling is a generated tensor (LLaMA's ``rope_freqs``); others write no key, as there.
 
 
-def addsentencepiece_vocab(writer: Any, folder: Path, h: dict[str, Any]) -> bool:
+def add_sentencepiece_vocab(writer: Any, folder: Path, h: dict[str, Any]) -> bool:
     """``_set_vocab_sentencepiece``; False (nothing written) when there is no ``tokenizer.model``."""
     if not (folder / "tokenizer.model").is_file():
         return False

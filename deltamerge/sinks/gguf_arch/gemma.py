@@ -10,6 +10,7 @@ vocabulary.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +103,18 @@ class Gemma3(Gemma):
 
     def add_parameters(self, writer: Any, h: dict[str, Any], ftype: int, where: Path) -> None:
         """``Gemma3Model.set_gguf_parameters``: ``TextModel``'s, then its own (a key written again
-        keeps its place and takes the new value, as in the converter's writer)."""
+        keeps its place and takes the new value, as in the converter's writer, which warns of it:
+        expected here, so not passed on)."""
         gguf_kv.add_parameters(writer, h, ftype, where)
+        writer_log = logging.getLogger("gguf.gguf_writer")
+        level = writer_log.level
+        writer_log.setLevel(logging.ERROR)
+        try:
+            self._add_own_parameters(writer, h, where)
+        finally:
+            writer_log.setLevel(level)
+
+    def _add_own_parameters(self, writer: Any, h: dict[str, Any], where: Path) -> None:
         writer.add_context_length(h.get("max_position_embeddings", 131072))
         writer.add_head_count(h.get("num_attention_heads", 8))
         writer.add_layer_norm_rms_eps(h.get("rms_norm_eps", 1e-6))
