@@ -11,8 +11,8 @@ offset, so the merge may stream tensors in its own order while the file keeps th
 
 The converter's tensor order is the Hugging Face files' order (by file name), each file's
 tensors sorted by name; its data conversions are per row: dtypes other than f16/f32 widen to f32,
-q and k rows are permuted within each head where the architecture does (``LlamaModel.permute``),
-then ``gguf.quants``
+the architecture's transforms apply (q and k rows permuted within each head as
+``LlamaModel.permute`` does, +1 on Gemma's norms, fused qkv rows regrouped), then ``gguf.quants``
 converts to the ggml type (f32 for norms and 1-D tensors whatever the outtype; f16 where a row
 cannot be cut into q8_0 blocks of 32). So a block of whole rows converts alone, a q/k block of
 whole heads too, and rows that end mid-head wait (at most one head) for the next block.
@@ -265,7 +265,7 @@ def plan_gguf(
         writer.add_tensor_info(gguf_name, raw.shape, raw.dtype, raw.nbytes)
         generated[gguf_name] = raw.tobytes()
     dropped: list[str] = []
-    planned: dict[str, tuple[str, int, tuple[int, ...], int, int, bool, int, tuple[int, ...]]] = {}
+    planned: dict[str, dict[str, Any]] = {}  # GGUF name -> GGUFTensor's fields but its place
     for hf_name in _converter_order(list(by_name), hf_files, folder):
         dtype, shape = by_name[hf_name]
         if hf_name.endswith(_DROPPED_SUFFIXES) or arch.dropped(hf_name, h):
@@ -287,9 +287,10 @@ def plan_gguf(
             writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
         except ValueError as e:
             raise FormatError(f"{folder}: tensor {hf_name}: {e}") from None
-        heads = _permute_heads(hf_name, shape, arch.permute_heads(hf_name, h), folder)
-        planned[gguf_name] = (hf_name, qtype, shape, nbytes, heads, arch.plus_one(hf_name, h), hf_rows,
-                              arch.row_order(hf_name, shape, h))
+        planned[gguf_name] = dict(
+            hf_name=hf_name, hf_dtype=dtype, name=gguf_name, qtype=qtype, shape=shape, nbytes=nbytes,
+            permute_heads=_permute_heads(hf_name, shape, arch.permute_heads(hf_name, h), folder),
+            plus_one=arch.plus_one(hf_name, h), hf_rows=hf_rows, row_order=arch.row_order(hf_name, shape, h))
 
     meta = gguf_kv.add_general(writer, folder, config, dir_name or folder.name)
     arch.add_parameters(writer, h, ftype, where)
@@ -311,9 +312,7 @@ def plan_gguf(
             if gguf_name in generated:
                 extra.append(GeneratedTensor(gguf_name, generated[gguf_name], i, offset))
             else:
-                hf_name, qtype, shape, nbytes, heads, plus_one, hf_rows, order = planned[gguf_name]
-                table.append(GGUFTensor(hf_name, by_name[hf_name][0], gguf_name, qtype, shape, nbytes, i,
-                                        offset, heads, plus_one, hf_rows, order))
+                table.append(GGUFTensor(**planned[gguf_name], file=i, offset=offset))
             offset += gguf.GGUFWriter.ggml_pad(info.nbytes, writer.data_alignment)
         files.append(GGUFFile(name, header, offset))
     kv = {key: value.value for key, value in writer.kv_data[0].items()}
