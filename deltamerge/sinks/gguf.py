@@ -1,15 +1,18 @@
-"""GGUF output for the LLaMA family, planned before any data and written block by block.
+"""GGUF output, planned before any data and written block by block.
 
-The bytes are those llama.cpp's ``convert_hf_to_gguf.py`` writes for the Hugging Face result
-(its ``LlamaModel``, which also converts MistralForCausalLM). :func:`plan_gguf` settles the whole
-file set from what the merge plan knows before any data: the key/values (``gguf_kv``), the
-tensor table (GGUF names, ggml types, shapes, sizes and offsets) and so every header's bytes.
+The bytes are those llama.cpp's ``convert_hf_to_gguf.py`` writes for the Hugging Face result,
+with the converter class of its architecture (``gguf_arch``: LLaMA, Qwen, ...). :func:`plan_gguf`
+settles the whole file set from what the merge plan knows before any data: the key/values
+(``gguf_kv`` and the architecture's), the tensor table (GGUF names, ggml types, shapes, sizes
+and offsets), the tensors the architecture generates (written with the headers) and so every
+header's bytes.
 :class:`GGUFStreamWriter` writes the headers, then each tensor's rows at the tensor's planned
 offset, so the merge may stream tensors in its own order while the file keeps the converter's.
 
 The converter's tensor order is the Hugging Face files' order (by file name), each file's
 tensors sorted by name; its data conversions are per row: dtypes other than f16/f32 widen to f32,
-q and k rows are permuted within each head (``LlamaModel.permute``), then ``gguf.quants``
+the architecture's transforms apply (q and k rows permuted within each head as
+``LlamaModel.permute`` does, +1 on Gemma's norms, fused qkv rows regrouped), then ``gguf.quants``
 converts to the ggml type (f32 for norms and 1-D tensors whatever the outtype; f16 where a row
 cannot be cut into q8_0 blocks of 32). So a block of whole rows converts alone, a q/k block of
 whole heads too, and rows that end mid-head wait (at most one head) for the next block.
@@ -28,7 +31,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import FormatError, InputError, UnsupportedError, WorkError
-from . import gguf_checks, gguf_kv
+from . import gguf_arch, gguf_checks, gguf_kv
 from .gguf_kv import require_gguf
 
 try:
@@ -38,8 +41,8 @@ try:
 except ImportError:
     gguf = None
 
-__all__ = ["GGUFFile", "GGUFPlan", "GGUFStreamWriter", "GGUFTensor", "OUTTYPES", "WrittenBlock",
-           "plan_gguf", "require_gguf"]
+__all__ = ["GGUFFile", "GGUFPlan", "GGUFStreamWriter", "GGUFTensor", "GeneratedTensor", "OUTTYPES",
+           "WrittenBlock", "plan_gguf", "require_gguf"]
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # Rows convert this many elements at a time, so that gguf.quants' temporaries stay small.
@@ -71,6 +74,15 @@ class GGUFTensor:
     file: int  # index into GGUFPlan.files
     offset: int  # of its first byte, in its file
     permute_heads: int  # LlamaModel.permute with this many heads; 0: rows kept as they are
+    plus_one: bool = False  # 1 added to every element (Gemma's norms), in the converter's dtype
+    hf_rows: int = 0  # the Hugging Face tensor's rows, when the GGUF tensor keeps only the first
+    # Rows regrouped across the whole tensor (fused qkv of Falcon, BLOOM, GPT-NeoX): the source
+    # row of each row of the GGUF tensor; such a tensor converts once all its rows are there.
+    row_order: tuple[int, ...] = field(default=(), repr=False)
+
+    @property
+    def source_rows(self) -> int:
+        return self.hf_rows or self.shape[0]
 
     @property
     def row_bytes(self) -> int:
@@ -78,8 +90,21 @@ class GGUFTensor:
 
     @property
     def head_rows(self) -> int:
-        """Rows that convert together: one head for q/k, else one row."""
+        """Rows that convert together: one head for q/k, all for a regrouped tensor, else one row."""
+        if self.row_order:
+            return self.shape[0]
         return self.shape[0] // self.permute_heads if self.permute_heads else 1
+
+
+@dataclass(frozen=True)
+class GeneratedTensor:
+    """A tensor the architecture makes from the config (``rope_freqs``): its bytes are known
+    when planning, and written with its file's header."""
+
+    name: str
+    data: bytes = field(repr=False)
+    file: int
+    offset: int
 
 
 @dataclass(frozen=True)
@@ -96,6 +121,7 @@ class GGUFPlan:
     tensors: tuple[GGUFTensor, ...] = field(repr=False)  # in file order
     dropped: tuple[str, ...]  # Hugging Face tensors the converter leaves out
     kv: dict[str, Any] = field(repr=False)  # the first file's key/values, in file order
+    generated: tuple[GeneratedTensor, ...] = field(default=(), repr=False)
     _index: dict[str, GGUFTensor] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -170,12 +196,9 @@ def _qtype(gguf_name: str, shape: tuple[int, ...], matrix_type: int) -> int:
     return matrix_type
 
 
-def _permute_heads(hf_name: str, shape: tuple[int, ...], n_head: int, n_kv: int, where: Path) -> int:
-    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-        n = n_head
-    elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-        n = n_kv
-    else:
+def _permute_heads(hf_name: str, shape: tuple[int, ...], n: int, where: Path) -> int:
+    """The architecture's head count for the tensor, checked against its rows."""
+    if not n:
         return 0
     if shape[0] % n or (shape[0] // n) % 2:
         raise FormatError(f"{where}: tensor {hf_name} of {shape[0]} rows does not split into {n} heads "
@@ -225,31 +248,39 @@ def plan_gguf(
     folder = Path(folder)
     config = gguf_kv.read_config(folder)
     where = folder / "config.json"
-    gguf_kv.architecture(config, where)
+    arch = gguf_arch.for_config(config, where)
     gguf_checks.check_side_files(folder, config)
-    h = gguf_kv.hparams(config)
-    n_head, n_kv = gguf_kv.heads(h, where)
+    h = gguf_kv.hparams(config, folder)
+    arch.check(config, h, where)
     specs = [_spec(t) for t in tensors]
     by_name = {name: (dtype, shape) for name, dtype, shape in specs}
     outtype = _outtype(outtype, specs)
     ftype, matrix_type = _types(outtype)
 
-    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA],
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch.model_arch],
                              split_max_tensors=split_max_tensors, split_max_size=split_max_size)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, gguf_kv.block_count(h, where))
+    name_map = gguf.get_tensor_name_map(arch.model_arch, gguf_kv.block_count(h, where))
+    generated = {}
+    for gguf_name, data in arch.generated(writer, h, where):
+        raw = data.contiguous().numpy()
+        writer.add_tensor_info(gguf_name, raw.shape, raw.dtype, raw.nbytes)
+        generated[gguf_name] = raw.tobytes()
     dropped: list[str] = []
-    planned: dict[str, tuple[str, int, tuple[int, ...], int, int]] = {}
+    planned: dict[str, dict[str, Any]] = {}  # GGUF name -> GGUFTensor's fields but its place
     for hf_name in _converter_order(list(by_name), hf_files, folder):
         dtype, shape = by_name[hf_name]
-        if hf_name.endswith(_DROPPED_SUFFIXES):
+        if hf_name.endswith(_DROPPED_SUFFIXES) or arch.dropped(hf_name, h):
             dropped.append(hf_name)
             continue
         if dtype not in _FLOAT_DTYPES or not shape:
             raise UnsupportedError(f"{folder}: tensor {hf_name} is {dtype} {list(shape)}; GGUF output takes "
                                    "floating-point tensors")
-        gguf_name = name_map.get_name(key=hf_name, try_suffixes=(".weight", ".bias"))
+        gguf_name = name_map.get_name(key=arch.map_name(hf_name), try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise UnsupportedError(f"{folder}: tensor {hf_name} has no GGUF name in llama.cpp's LLaMA map")
+            raise UnsupportedError(f"{folder}: tensor {hf_name} has no GGUF name in llama.cpp's "
+                                   f"{gguf.MODEL_ARCH_NAMES[arch.model_arch]} map")
+        hf_rows, shape = shape[0], (arch.kept_rows(hf_name, shape, h, folder), *shape[1:])
+        hf_rows = 0 if hf_rows == shape[0] else hf_rows
         qtype = _qtype(gguf_name, shape, matrix_type)
         block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
         nbytes = math.prod(shape) // block_size * type_size
@@ -257,14 +288,16 @@ def plan_gguf(
             writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
         except ValueError as e:
             raise FormatError(f"{folder}: tensor {hf_name}: {e}") from None
-        heads = _permute_heads(hf_name, shape, n_head, n_kv, folder)
-        planned[gguf_name] = (hf_name, qtype, shape, nbytes, heads)
+        planned[gguf_name] = dict(
+            hf_name=hf_name, hf_dtype=dtype, name=gguf_name, qtype=qtype, shape=shape, nbytes=nbytes,
+            permute_heads=_permute_heads(hf_name, shape, arch.permute_heads(hf_name, h), folder),
+            plus_one=arch.plus_one(hf_name, h), hf_rows=hf_rows, row_order=arch.row_order(hf_name, shape, h))
 
     with gguf_checks.reading(folder):
         meta = gguf_kv.add_general(writer, folder, config, dir_name or folder.name)
-        gguf_kv.add_parameters(writer, h, ftype, where)
+        arch.add_parameters(writer, h, ftype, where)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        gguf_kv.add_vocab(writer, folder, h)
+        arch.add_vocab(writer, folder, h)
         if filename is None:
             total = writer.get_total_parameter_count()[0]
             filename = gguf.naming_convention(
@@ -273,17 +306,18 @@ def plan_gguf(
             ) + ".gguf"
     names = [p.name for p in writer.format_shard_names(Path(filename))]
     headers = _render_headers(writer)
-    files, table = [], []
+    files, table, extra = [], [], []
     for i, (name, header, infos) in enumerate(zip(names, headers, writer.tensors)):
         offset = len(header)
-        for gguf_name in infos:
-            hf_name, qtype, shape, nbytes, heads = planned[gguf_name]
-            table.append(GGUFTensor(hf_name, by_name[hf_name][0], gguf_name, qtype, shape, nbytes, i, offset,
-                                    heads))
-            offset += gguf.GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
+        for gguf_name, info in infos.items():
+            if gguf_name in generated:
+                extra.append(GeneratedTensor(gguf_name, generated[gguf_name], i, offset))
+            else:
+                table.append(GGUFTensor(**planned[gguf_name], file=i, offset=offset))
+            offset += gguf.GGUFWriter.ggml_pad(info.nbytes, writer.data_alignment)
         files.append(GGUFFile(name, header, offset))
     kv = {key: value.value for key, value in writer.kv_data[0].items()}
-    return GGUFPlan(outtype, tuple(files), tuple(table), tuple(dropped), kv)
+    return GGUFPlan(outtype, tuple(files), tuple(table), tuple(dropped), kv, tuple(extra))
 
 
 @dataclass
@@ -322,7 +356,7 @@ class GGUFStreamWriter:
             self.abort()
             raise
         for tensor in kept:
-            self._progress[tensor.hf_name].next_row = tensor.shape[0]
+            self._progress[tensor.hf_name].next_row = tensor.source_rows
 
     def _open(self, f: GGUFFile, resume: bool) -> int:
         path = self.folder / f.name
@@ -331,6 +365,9 @@ class GGUFStreamWriter:
             try:
                 _pwrite_all(fd, (memoryview(f.header),), 0, path)
                 os.ftruncate(fd, f.size)
+                for t in self.plan.generated:
+                    if self.plan.files[t.file] is f:
+                        _pwrite_all(fd, (memoryview(t.data),), t.offset, path)
             except BaseException:
                 os.close(fd)
                 raise
@@ -363,12 +400,16 @@ class GGUFStreamWriter:
                 return None
             raise ValueError(f"tensor {hf_name} is not in the GGUF plan")
         p = self._progress[hf_name]
-        n_rows = tensor.shape[0]
-        if r0 != p.next_row or not r0 < r1 <= n_rows:
+        if r0 != p.next_row or not r0 < r1 <= tensor.source_rows:
             raise ValueError(f"tensor {hf_name}: rows {r0}:{r1} given, rows from {p.next_row} expected")
         if tuple(rows.shape) != (r1 - r0, *tensor.shape[1:]) or rows.dtype != tensor.hf_dtype:
             raise ValueError(f"tensor {hf_name}: rows {r0}:{r1} given as {rows.dtype} {list(rows.shape)}")
         p.next_row = r1
+        n_rows = tensor.shape[0]
+        if r0 >= n_rows:  # rows the converter cuts off (Gemma 3's out-of-vocabulary embeddings)
+            return None
+        if r1 > n_rows:
+            rows, r1 = rows[: n_rows - r0], n_rows
         start = r0
         if p.pending is not None:
             rows, start = torch.cat([p.pending, rows]), p.pending_start
@@ -385,7 +426,7 @@ class GGUFStreamWriter:
 
     def missing(self) -> list[str]:
         """The tensors not wholly written yet."""
-        return [t.hf_name for t in self.plan.tensors if self._progress[t.hf_name].next_row < t.shape[0]]
+        return [t.hf_name for t in self.plan.tensors if self._progress[t.hf_name].next_row < t.source_rows]
 
     def close(self, fsync: bool = True) -> None:
         """Check that every tensor was written, flush the files to disk and close them."""
@@ -427,12 +468,12 @@ def permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
 def kept_type(tensor: GGUFTensor) -> bool:
     """Whether the tensor stays in its Hugging Face type (f16 or f32): its rows' bytes are kept."""
     kept = {torch.float16: gguf.GGMLQuantizationType.F16, torch.float32: gguf.GGMLQuantizationType.F32}
-    return kept.get(tensor.hf_dtype) == tensor.qtype
+    return kept.get(tensor.hf_dtype) == tensor.qtype and not tensor.plus_one
 
 
 def as_is(tensor: GGUFTensor) -> bool:
     """Whether the tensor's GGUF bytes are its Hugging Face bytes (its type kept, no permutation)."""
-    return kept_type(tensor) and not tensor.permute_heads
+    return kept_type(tensor) and not tensor.permute_heads and not tensor.row_order
 
 
 def permuted_order(rows: int, head_rows: int) -> list[int]:
@@ -452,10 +493,11 @@ def _encode(tensor: GGUFTensor, rows: torch.Tensor, out: Buffer | None) -> tuple
     """
     if kept_type(tensor):
         flat = memoryview(rows.contiguous().numpy().reshape(-1).view(np.uint8))
-        if not tensor.permute_heads:
+        if not tensor.permute_heads and not tensor.row_order:
             return (flat,)
         n = tensor.row_bytes
-        return tuple(flat[r * n : (r + 1) * n] for r in permuted_order(rows.shape[0], tensor.head_rows))
+        order = tensor.row_order or permuted_order(rows.shape[0], tensor.head_rows)
+        return tuple(flat[r * n : (r + 1) * n] for r in order)
     row_bytes = tensor.row_bytes
     buffer = out(rows.shape[0] * row_bytes) if out is not None else torch.empty(
         rows.shape[0] * row_bytes, dtype=torch.uint8)
@@ -471,12 +513,16 @@ def _encode(tensor: GGUFTensor, rows: torch.Tensor, out: Buffer | None) -> tuple
 def _convert(tensor: GGUFTensor, rows: torch.Tensor) -> np.ndarray:
     """widen what is not f16/f32 to f32, permute, ``gguf.quants``: the bytes, as uint8."""
     qtype = gguf.GGMLQuantizationType(tensor.qtype)
-    if rows.dtype == torch.bfloat16 and qtype == gguf.GGMLQuantizationType.BF16:
+    if rows.dtype == torch.bfloat16 and qtype == gguf.GGMLQuantizationType.BF16 and not tensor.plus_one:
         x = _bf16_as_gguf_quantizes_it(rows)
     else:
         x = rows if rows.dtype in _CONVERTED_AS_IS else rows.to(torch.float32)
+        if tensor.plus_one:
+            x = x + 1
     if tensor.permute_heads:
         x = permute(x, x.shape[0] // tensor.head_rows)
+    if tensor.row_order:
+        x = x[list(tensor.row_order)]
     if x.dtype == torch.int16:
         return x.contiguous().numpy().reshape(-1).view(np.uint8)
     with np.errstate(over="ignore"):  # beyond f16's range is inf, as the converter makes it

@@ -68,7 +68,7 @@ def check_side_files(folder: Path, config: Mapping[str, Any]) -> None:
 def check_config(config: Mapping[str, Any], where: Path) -> None:
     check_fields(config, where, positive_ints=CONFIG_POSITIVE_INTS,
                  positive_numbers=CONFIG_POSITIVE_NUMBERS, flags=("is_causal",),
-                 strings=("model_type",), ints=tuple(f"{t}_token_id" for t in SPECIAL_TYPES))
+                 strings=("model_type",), token_ids=tuple(f"{t}_token_id" for t in SPECIAL_TYPES))
     for key in ("rope_scaling", "rope_parameters"):
         check_fields(config, where, objects=(key,))
         if isinstance(rope := config.get(key), Mapping):

@@ -1,14 +1,16 @@
-"""The GGUF key/values llama.cpp's ``convert_hf_to_gguf.py`` writes for a LLaMA-family model.
+"""The GGUF key/values llama.cpp's ``convert_hf_to_gguf.py`` writes that its model classes share.
 
 Everything here is known before any weight is read: ``config.json``, the tokenizer files, the
 model card and ``generation_config.json`` of the result folder, and the tensor table (for the
 parameter count in ``general.size_label``). Keys are added in the converter's order, since a
 GGUF file's bytes depend on it: ``general.*`` (its ``Metadata`` heuristics), the hyperparameters
-(``TextModel``/``LlamaModel.set_gguf_parameters``), then the tokenizer (``LlamaModel.set_vocab``).
+(``TextModel.set_gguf_parameters``, then the architecture's own, in ``gguf_arch``), then the
+tokenizer (the architecture's ``set_vocab``, from the readers here and in ``gguf_arch.bpe``).
 
 The converter reads ``config.json`` through transformers' ``AutoConfig``, which fills in defaults
 a config may leave out (``head_dim``, ``rope_theta``, ``rms_norm_eps``...); :func:`hparams` derives
-the same values without transformers, as transformers 4.45 and later (5.x included) do.
+the same values for LLaMA and Mistral without transformers, as transformers 4.45 and later (5.x
+included) do, and asks ``AutoConfig`` for the other architectures.
 """
 
 from __future__ import annotations
@@ -29,9 +31,6 @@ try:
 except ImportError:
     SentencePieceProcessor = None
 
-# The architectures llama.cpp converts with its ``LlamaModel`` whose output is plain ``llama``.
-ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM")
-
 # What ``AutoConfig`` fills in when config.json leaves a field out (LlamaConfig, MistralConfig).
 _CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {
@@ -46,9 +45,6 @@ _CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 _DEFAULT_ROPE_THETA = 10000.0
-# Configs of mixture-of-experts or pre-quantized models: other converter classes, other keys.
-_REFUSED_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "quantization_config",
-                        "draft_vocab_size", "text_config", "mrope_section")
 # SentencePiece token types, as the converter numbers them (its ``SentencePieceTokenTypes``).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _SPACE = "\u2581"
@@ -73,29 +69,17 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def architecture(config: dict[str, Any], where: Path) -> str:
-    """The Hugging Face architecture, refused unless it is one of the LLaMA family's."""
-    arches = config.get("architectures")
-    arch = arches[0] if isinstance(arches, list) and arches else None
-    if arch not in ARCHITECTURES:
-        raise UnsupportedError(
-            f"{where}: GGUF output supports LlamaForCausalLM and MistralForCausalLM (LLaMA 1/2, Vicuna, "
-            f"Alpaca, Mistral), not {arch or 'a config without architectures'}")
-    for key in _REFUSED_CONFIG_KEYS:
-        if config.get(key) is not None:
-            raise UnsupportedError(f"{where}: GGUF output of a {arch} with {key!r} is not supported")
-    return arch
+def hparams(config: dict[str, Any], folder: Path | None = None) -> dict[str, Any]:
+    """``AutoConfig.from_pretrained(folder).to_dict()``, which the converter reads.
 
-
-def hparams(config: dict[str, Any]) -> dict[str, Any]:
-    """``AutoConfig.from_pretrained(folder).to_dict()`` for a LLaMA or Mistral config.
-
-    The converter falls back to config.json as it is when ``AutoConfig`` cannot read it (an
-    unknown ``model_type``), and so does this.
+    LLaMA and Mistral configs get transformers' defaults without transformers (as 4.45 and
+    later, 5.x included, fill them in); other model types are read by ``AutoConfig`` itself,
+    which their BPE tokenizers need anyway. The converter falls back to config.json as it is
+    when ``AutoConfig`` cannot read it (an unknown ``model_type``), and so does this.
     """
     defaults = _CONFIG_DEFAULTS.get(str(config.get("model_type")))
     if defaults is None:
-        return dict(config)
+        return _auto_config(config, folder)
     h = {**defaults, **config}
     if h.get("num_key_value_heads") is None:
         h["num_key_value_heads"] = h["num_attention_heads"]
@@ -110,12 +94,27 @@ def hparams(config: dict[str, Any]) -> dict[str, Any]:
     return h
 
 
-def _find(h: dict[str, Any], keys: tuple[str, ...]) -> Any:
+def _auto_config(config: dict[str, Any], folder: Path | None) -> dict[str, Any]:
+    if folder is None:
+        return dict(config)
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise UnsupportedError(
+            f"{folder}/config.json: GGUF output of a {config.get('model_type')!r} model reads its config "
+            "with transformers: pip install 'deltamerge[gguf]'") from None
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False).to_dict()
+    except Exception:  # noqa: BLE001 - the converter's own fallback, whatever AutoConfig raised
+        return dict(config)
+
+
+def find_hparam(h: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return next((h[k] for k in keys if k in h), None)
 
 
 def block_count(h: dict[str, Any], where: Path) -> int:
-    n = _find(h, ("n_layers", "num_hidden_layers", "n_layer", "num_layers"))
+    n = find_hparam(h, ("n_layers", "num_hidden_layers", "n_layer", "num_layers"))
     if not isinstance(n, int) or n <= 0:
         raise FormatError(f"{where}: num_hidden_layers must be a positive integer, found {n!r}")
     return n
@@ -123,8 +122,8 @@ def block_count(h: dict[str, Any], where: Path) -> int:
 
 def heads(h: dict[str, Any], where: Path) -> tuple[int, int]:
     """(n_head, n_head_kv), which the q and k permutations need."""
-    n_head = _find(h, ("n_heads", "num_attention_heads"))
-    n_kv = _find(h, ("n_kv_heads", "num_key_value_heads"))
+    n_head = find_hparam(h, ("n_heads", "num_attention_heads"))
+    n_kv = find_hparam(h, ("n_kv_heads", "num_key_value_heads"))
     for name, n in (("num_attention_heads", n_head), ("num_key_value_heads", n_kv)):
         if not isinstance(n, int) or n <= 0:
             raise FormatError(f"{where}: {name} must be a positive integer, found {n!r}")
@@ -160,7 +159,8 @@ def add_general(writer: Any, folder: Path, config: dict[str, Any], dir_name: str
 
 
 def add_parameters(writer: Any, h: dict[str, Any], ftype: int, where: Path) -> None:
-    """``TextModel.set_gguf_parameters`` then ``LlamaModel``'s, for the keys a LLaMA has."""
+    """``TextModel.set_gguf_parameters``, for the keys the supported architectures have; each
+    architecture (``gguf_arch``) adds its own after these."""
     writer.add_block_count(block_count(h, where))
     keys = (
         (("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
@@ -172,46 +172,58 @@ def add_parameters(writer: Any, h: dict[str, Any], ftype: int, where: Path) -> N
         (("num_key_value_heads", "n_kv_heads"), writer.add_head_count_kv),
     )
     for names, add in keys:
-        if (value := _find(h, names)) is not None:
+        if (value := find_hparam(h, names)) is not None:
             add(value)
     if h.get("is_causal") is False:
         writer.add_causal_attention(False)
-    rope = _rope_parameters(h)
-    _add_rope_scaling(writer, rope, where)
-    if (theta := rope.get("rope_theta")) is not None:
+    rope = rope_parameters(h)
+    full = rope.get("full_attention", rope)
+    _add_rope_scaling(writer, full)
+    if (theta := full.get("rope_theta")) is not None:
         writer.add_rope_freq_base(theta)
-    if (eps := _find(h, ("rms_norm_eps", "norm_eps"))) is not None:
+    if (swa_theta := rope.get("sliding_attention", {}).get("rope_theta")) is not None:
+        writer.add_rope_freq_base_swa(swa_theta)
+    if (eps := find_hparam(h, ("rms_norm_eps", "norm_eps"))) is not None:
         writer.add_layer_norm_rms_eps(eps)
-    if (eps := _find(h, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
+    if (eps := find_hparam(h, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
         writer.add_layer_norm_eps(eps)
+    if (n_experts := find_hparam(h, ("num_local_experts", "num_experts", "n_routed_experts"))) is not None:
+        writer.add_expert_count(n_experts)
+    n_used = find_hparam(h, ("num_experts_per_tok", "num_experts_per_token", "top_k_experts"))
+    if n_used is not None:
+        writer.add_expert_used_count(n_used)
     if (head_dim := h.get("head_dim")) is not None:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_file_type(ftype)
-    if "vocab_size" in h:
-        writer.add_vocab_size(h["vocab_size"])
-    n_head, _ = heads(h, where)
-    writer.add_rope_dimension_count(h.get("head_dim") or h["hidden_size"] // n_head)
 
 
-def _rope_parameters(h: dict[str, Any]) -> dict[str, Any]:
-    """``TextModel.__init__``'s ``rope_parameters``: the config's, with the top-level values mirrored."""
+def rope_parameters(h: dict[str, Any]) -> dict[str, Any]:
+    """``TextModel.__init__``'s ``rope_parameters``: the config's, with the top-level values mirrored
+    unless it is per layer type (``full_attention``/``sliding_attention``, Gemma 3's)."""
     rope = dict(h.get("rope_parameters", h.get("rope_scaling")) or {})
     if "full_attention" in rope or "sliding_attention" in rope:
-        raise UnsupportedError("GGUF output of per-layer-type RoPE parameters is not supported")
-    theta = _find(h, ("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta",
-                      "rotary_emb_base"))
+        return rope
+    local_theta = find_hparam(h, ("local_rope_theta", "rope_local_theta", "rope_theta_local",
+                                  "swa_rope_theta", "rope_local_base_freq"))
+    if local_theta is not None:
+        rope["sliding_attention"] = {"rope_theta": local_theta}
+    theta = find_hparam(h, ("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta",
+                            "rotary_emb_base"))
     if "rope_theta" not in rope and theta is not None:
         rope["rope_theta"] = theta
     if "rope_type" not in rope and (rope_type := rope.get("type")) is not None:
         rope["rope_type"] = rope_type
+    factor = find_hparam(h, ("partial_rotary_factor", "rope_pct", "rope_percent"))
+    if "partial_rotary_factor" not in rope and factor is not None:
+        rope["partial_rotary_factor"] = factor
     original = h.get("original_max_position_embeddings")
     if "original_max_position_embeddings" not in rope and original is not None:
         rope["original_max_position_embeddings"] = original
     return rope
 
 
-def _add_rope_scaling(writer: Any, rope: dict[str, Any], where: Path) -> None:
+def _add_rope_scaling(writer: Any, rope: dict[str, Any]) -> None:
     rope_type = rope.get("rope_type")
     factor = rope.get("factor")
     if rope_type == "linear" and factor is not None:
@@ -228,46 +240,53 @@ def _add_rope_scaling(writer: Any, rope: dict[str, Any], where: Path) -> None:
                 add(value)
         if (attn := rope.get("attention_factor", rope.get("attn_factor"))) is not None:
             writer.add_rope_scaling_yarn_attn_factor(attn)
-    elif isinstance(rope_type, str) and rope_type.lower() in ("llama3", "su", "longrope"):
-        # llama3 adds a rope_freqs tensor, longrope per-model factors: not the survey's models.
-        raise UnsupportedError(f"{where}: GGUF output with {rope_type!r} RoPE scaling is not supported")
+    elif rope_type in ("su", "longrope"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)  # its factors are tensors (Phi-3)
+    # llama3 scaling is a generated tensor (LLaMA's ``rope_freqs``); others write no key, as there.
 
 
-def add_vocab(writer: Any, folder: Path, h: dict[str, Any]) -> None:
-    """``LlamaModel.set_vocab``: sentencepiece's ``tokenizer.model``, else a Llama ``tokenizer.json``."""
-    tokenizer_config = _json_file(folder / "tokenizer_config.json")
-    if (folder / "tekken.json").is_file() and not (folder / "tokenizer.json").is_file():
-        raise UnsupportedError(f"{folder}: GGUF output of a Mistral tekken tokenizer is not supported")
-    if tokenizer_config is not None:
-        if (add_prefix_space := tokenizer_config.get("add_prefix_space")) is not None:
-            writer.add_add_space_prefix(add_prefix_space)
-        if tokenizer_config.get("tokenizer_class") == "HybridDNATokenizer":
-            raise UnsupportedError(f"{folder}: GGUF output of a HybridDNATokenizer is not supported")
-    if (folder / "tokenizer.model").is_file():
-        tokens, scores, toktypes = _sentencepiece_vocab(folder, h, tokenizer_config)
-    elif (folder / "tokenizer.json").is_file():
-        tokens, scores, toktypes = _llama_hf_vocab(folder)
-    else:
+def add_sentencepiece_vocab(writer: Any, folder: Path, h: dict[str, Any]) -> bool:
+    """``_set_vocab_sentencepiece``; False (nothing written) when there is no ``tokenizer.model``."""
+    if not (folder / "tokenizer.model").is_file():
+        return False
+    tokens, scores, toktypes = sentencepiece_vocab(folder, h, json_file(folder / "tokenizer_config.json"))
+    add_llama_tokens(writer, folder, tokens, scores, toktypes)
+    return True
+
+
+def add_llama_hf_vocab(writer: Any, folder: Path) -> bool:
+    """``_set_vocab_llama_hf``; False (nothing written) unless ``tokenizer.json`` is a
+    sentencepiece-style BPE (byte fallback), which ``gguf.LlamaHfVocab`` reads."""
+    if not (folder / "tokenizer.json").is_file():
+        return False
+    try:
+        vocab = gguf.LlamaHfVocab(folder)
+    except (FileNotFoundError, TypeError):
+        return False
+    except ImportError:
         raise UnsupportedError(
-            f"{folder}: GGUF output needs the tokenizer (tokenizer.model or tokenizer.json), found neither")
+            f"{folder}/tokenizer.json: reading it for GGUF needs transformers: pip install 'deltamerge[gguf]'"
+        ) from None
+    tokens, scores, toktypes = [], [], []
+    for text, score, toktype in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        toktypes.append(int(toktype))
+    add_llama_tokens(writer, folder, tokens, scores, toktypes)
+    return True
+
+
+def add_llama_tokens(writer: Any, folder: Path, tokens: list[bytes], scores: list[float],
+                      toktypes: list[int]) -> None:
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(toktypes)
     gguf.SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
-    vocab_size = h.get("vocab_size", 32000)
-    if vocab_size == 32016:  # Code Llama's infill tokens
-        special = gguf.SpecialVocab(folder, load_merges=False,
-                                    special_token_types=["prefix", "suffix", "middle", "eot"])
-        for typ, tid in (("prefix", 32007), ("suffix", 32008), ("middle", 32009), ("eot", 32010)):
-            special._set_special_token(typ, tid)
-        special.add_to_gguf(writer, quiet=True)
-    if vocab_size == 49152:
-        writer.add_add_bos_token(False)
 
 
-def _json_file(path: Path) -> dict[str, Any] | None:
+def json_file(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
@@ -279,7 +298,7 @@ def _json_file(path: Path) -> dict[str, Any] | None:
     return obj
 
 
-def _looks_special(token: str) -> bool:
+def looks_special(token: str) -> bool:
     """The converter's ``does_token_look_special``."""
     return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
             or (token.startswith("<|") and token.endswith("|>"))
@@ -287,7 +306,7 @@ def _looks_special(token: str) -> bool:
             or (token.startswith("<unused") and token.endswith(">")))
 
 
-def _sentencepiece_vocab(
+def sentencepiece_vocab(
     folder: Path, h: dict[str, Any], tokenizer_config: dict[str, Any] | None
 ) -> tuple[list[bytes], list[float], list[int]]:
     """The converter's ``_create_vocab_sentencepiece``, which the gguf package does not hold.
@@ -304,7 +323,7 @@ def _sentencepiece_vocab(
         sp.LoadFromFile(str(path))
     except (OSError, RuntimeError) as e:
         raise FormatError(f"{path}: not a sentencepiece model ({e})") from None
-    vocab_size = _find(h, ("vocab_size_per_layer_input", "vocab_size")) or sp.vocab_size()
+    vocab_size = find_hparam(h, ("vocab_size_per_layer_input", "vocab_size")) or sp.vocab_size()
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size
     toktypes = [_UNUSED] * vocab_size
@@ -321,7 +340,7 @@ def _sentencepiece_vocab(
         tokens[i] = sp.IdToPiece(i).encode("utf-8")
         scores[i] = sp.GetScore(i)
         toktypes[i] = toktype
-    added = _json_file(folder / "added_tokens.json") or {}
+    added = json_file(folder / "added_tokens.json") or {}
     for text, tid in added.items():
         if isinstance(tid, int) and 0 <= tid < vocab_size:
             tokens[tid], scores[tid], toktypes[tid] = text.encode("utf-8"), -1000.0, _USER_DEFINED
@@ -330,30 +349,10 @@ def _sentencepiece_vocab(
         tid, text = int(key), data["content"]
         if tid >= vocab_size:
             continue
-        if data.get("special") or _looks_special(text):
+        if data.get("special") or looks_special(text):
             toktypes[tid] = _CONTROL
         else:
             text = text.replace(_SPACE, " ")
             toktypes[tid] = _USER_DEFINED
         scores[tid], tokens[tid] = -1000.0, text.encode("utf-8")
-    return tokens, scores, toktypes
-
-
-def _llama_hf_vocab(folder: Path) -> tuple[list[bytes], list[float], list[int]]:
-    """``gguf.LlamaHfVocab``: a sentencepiece-style BPE ``tokenizer.json`` (byte fallback)."""
-    try:
-        vocab = gguf.LlamaHfVocab(folder)
-    except (FileNotFoundError, TypeError):
-        raise UnsupportedError(
-            f"{folder}/tokenizer.json: GGUF output supports sentencepiece-style LLaMA tokenizers, "
-            "not this one (a GPT-2/Llama 3 BPE)") from None
-    except ImportError:
-        raise UnsupportedError(
-            f"{folder}/tokenizer.json: reading it for GGUF needs transformers: pip install transformers"
-        ) from None
-    tokens, scores, toktypes = [], [], []
-    for text, score, toktype in vocab.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        toktypes.append(int(toktype))
     return tokens, scores, toktypes

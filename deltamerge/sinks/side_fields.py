@@ -47,6 +47,10 @@ def positive_number(
 _KINDS = {
     "positive_ints": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "ints": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    # a special token's id: Llama 3.1 and Gemma 3 list several end-of-sequence ids
+    "token_ids": (lambda v: (_is_int(v) and v >= 0) or (
+        isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)),
+        "a non-negative integer or a list of them"),
     "positive_numbers": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "numbers": (_is_number, "a number"),
     "strings": (lambda v: isinstance(v, str), "a string"),
@@ -56,8 +60,9 @@ _KINDS = {
 
 
 def check_fields(obj: Mapping[str, object], where: Where, **kinds: Iterable[str]) -> None:
-    """Each field named under a kind (``positive_ints``, ``ints``, ``positive_numbers``,
-    ``numbers``, ``strings``, ``flags``, ``objects``) is absent, null, or of that kind."""
+    """Each field named under a kind (``positive_ints``, ``ints``, ``token_ids``,
+    ``positive_numbers``, ``numbers``, ``strings``, ``flags``, ``objects``) is absent, null, or of
+    that kind."""
     for kind, keys in kinds.items():
         ok, what = _KINDS[kind]
         for key in keys:

@@ -1,0 +1,101 @@
+"""GPT-2 style BPE tokenizers (Llama 3, Qwen, SmolLM...) as the converter writes them.
+
+``TextModel._set_vocab_gpt2``: the tokens come from transformers' ``AutoTokenizer`` (which is
+what the converter reads, so the same added-token normalisation applies), the pre-tokenizer is
+named by the hash of how the tokenizer encodes a fixed text (:mod:`.bpe_pre`), and the merges
+and special tokens come from ``gguf.SpecialVocab``.
+"""
+
+from __future__ import annotations
+
+from hashlib import sha256
+from pathlib import Path
+from typing import Any
+
+from ...errors import FormatError, UnsupportedError
+from .bpe_pre import CHECK_TEXT, PRE_TOKENIZERS
+
+try:
+    import gguf
+except ImportError:
+    gguf = None
+
+
+def _looks_special(token: str) -> bool:
+    """The converter's ``does_token_look_special``."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
+def auto_tokenizer(folder: Path) -> Any:
+    """``AutoTokenizer.from_pretrained(folder)``, as the converter loads a BPE tokenizer."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise UnsupportedError(
+            f"{folder}/tokenizer.json: GGUF output of a BPE tokenizer needs transformers to read it: "
+            "pip install 'deltamerge[gguf]'") from None
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FormatError(f"{folder}/tokenizer.json: transformers cannot load the tokenizer ({first})"
+                          ) from None
+
+
+def pre_tokenizer(tokenizer: Any, folder: Path) -> str:
+    """``get_vocab_base_pre``: the name llama.cpp gives the tokenizer's pre-tokenizer."""
+    digest = sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+    name = PRE_TOKENIZERS.get(digest)
+    if name is None:
+        raise UnsupportedError(f"{folder}/tokenizer.json: a BPE pre-tokenizer llama.cpp does not know "
+                               f"(check hash {digest})")
+    return name
+
+
+def vocab(folder: Path, h: dict[str, Any]) -> tuple[list[str], list[int], str]:
+    """``get_vocab_base``: tokens padded to ``vocab_size``, their types, the pre-tokenizer's name."""
+    tokenizer = auto_tokenizer(folder)
+    tok_vocab = tokenizer.vocab
+    vocab_size = h.get("vocab_size", len(tok_vocab))
+    if max(tok_vocab.values()) >= vocab_size:
+        raise FormatError(f"{folder}/tokenizer.json: token ids reach {max(tok_vocab.values())}, beyond the "
+                          f"config's vocab_size {vocab_size}")
+    pre = pre_tokenizer(tokenizer, folder)
+    reverse = {i: token for token, i in tok_vocab.items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        token = reverse[i]
+        if token in added:
+            if not decoder[i].normalized:
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            if decoder[i].special or _looks_special(token):
+                types.append(gguf.TokenType.CONTROL)
+            else:
+                token = token.replace("\u2581", " ")
+                types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(token)
+    return tokens, types, pre
+
+
+def add_gpt2_vocab(writer: Any, folder: Path, h: dict[str, Any]) -> None:
+    """``_set_vocab_gpt2``."""
+    if not (folder / "tokenizer.json").is_file():
+        raise UnsupportedError(f"{folder}: GGUF output needs the tokenizer (tokenizer.json), found none")
+    tokens, types, pre = vocab(folder, h)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(folder, load_merges=True).add_to_gguf(writer, quiet=True)
