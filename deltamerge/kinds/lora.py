@@ -125,7 +125,8 @@ def read_adapter_config(folder: Path) -> dict:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise UnsupportedError(
-            f"{path}: peft_type {peft_type!r}: only LORA adapters can be merged by deltamerge"
+            f"{path}: peft_type {peft_type!r}: deltamerge merges LORA, IA3, LOHA and LOKR "
+            "adapters only"
         )
     for key, why in _OTHER_MATH.items():
         if config.get(key):
