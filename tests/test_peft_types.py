@@ -1,0 +1,183 @@
+"""peft adapter types besides LoRA (IA3, LoHa, LoKr), compared bit for bit with merge_and_unload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import apply_in_process
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
+from test_kinds_lora import SMALL_BLOCK, assert_matches, load_model, peft_merge, tiny_llama
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+from deltamerge import apply_delta
+from deltamerge.errors import MismatchError, UnsupportedError
+from deltamerge.kinds.detect import detect_kind
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ADAPTER_PARTS = ("ia3_l", "hada_", "lokr_", "lora_")
+
+CONFIGS = {
+    "ia3": lambda: IA3Config(target_modules=["k_proj", "down_proj", "up_proj"],
+                             feedforward_modules=["down_proj"]),
+    "loha": lambda: LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"],
+                               alpha_pattern={"down_proj": 3}, rank_pattern={"q_proj": 2}),
+    # r=2 below half of every factor's side: w1 and w2 both given as factors
+    "lokr-both": lambda: LoKrConfig(r=2, alpha=8, target_modules=["q_proj", "down_proj"],
+                                    decompose_both=True),
+    # w1 whole, w2 as factors; decompose_factor picks other shapes
+    "lokr-factor": lambda: LoKrConfig(r=2, alpha=3, target_modules=["q_proj", "gate_proj"],
+                                      decompose_factor=4),
+    # w1 and w2 whole (r large next to the factors' sides): r only in the scale
+    "lokr-whole": lambda: LoKrConfig(r=16, alpha=5, target_modules=["v_proj", "up_proj"],
+                                     alpha_pattern={"up_proj": 7}),
+}
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Every adapter parameter random and non-zero: peft starts them at identity or zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ADAPTER_PARTS):
+                shift = 1.0 if "ia3_l" in name else 0.0
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + shift)
+
+
+def with_biases(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers starts biases at zero, where no rescaling would show: random ones."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()
+    return model
+
+
+def make(base: Path, dtype: torch.dtype, config, out: Path, seed: int = 1, cls=None) -> Path:
+    model = load_model(base, dtype) if cls is None else load_model(base, dtype, cls=cls)
+    model = get_peft_model(model, config)
+    randomize(model, seed)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[torch.dtype, Path]:
+    root = tmp_path_factory.mktemp("bases")
+    return {d: tiny_llama(root / str(d).removeprefix("torch."), d) for d in DTYPES}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("which", list(CONFIGS))
+def test_merge_matches_peft(tmp_path: Path, bases, which: str, dtype: torch.dtype) -> None:
+    adapter = make(bases[dtype], dtype, CONFIGS[which](), tmp_path / "adapter")
+    assert detect_kind(adapter, None) == which.split("-")[0]
+    apply_delta(bases[dtype], adapter, tmp_path / "out", block_size=SMALL_BLOCK)
+    assert_matches(tmp_path / "out", peft_merge(bases[dtype], dtype, [adapter]))
+
+
+def test_lokr_factors_as_configured(tmp_path: Path, bases) -> None:
+    """The configs above do cover LoKr's three layouts (else the test above proves less)."""
+    seen = set()
+    for which in ("lokr-both", "lokr-factor", "lokr-whole"):
+        adapter = make(bases[torch.float16], torch.float16, CONFIGS[which](), tmp_path / which)
+        names = apply_keys(adapter)
+        seen |= {n.rpartition(".")[2] for n in names}
+    assert {"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"} <= seen
+
+
+def apply_keys(adapter: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        return list(f.keys())
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=("float16", "bfloat16"))
+def test_types_chain_in_one_pass(tmp_path: Path, bases, dtype: torch.dtype) -> None:
+    """``apply BASE A B C D OUT`` with one adapter of each type, as peft merges them in turn."""
+    base = bases[dtype]
+    adapters = [
+        make(base, dtype, CONFIGS["ia3"](), tmp_path / "ia3", seed=2),
+        make(base, dtype, CONFIGS["loha"](), tmp_path / "loha", seed=3),
+        make(base, dtype, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]),
+             tmp_path / "lora", seed=4),
+        make(base, dtype, CONFIGS["lokr-both"](), tmp_path / "lokr", seed=5),
+    ]
+    apply_delta(base, adapters, tmp_path / "out", block_size=SMALL_BLOCK)
+    assert_matches(tmp_path / "out", peft_merge(base, dtype, adapters))
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=("float16", "bfloat16"))
+def test_ia3_scales_gpt_neox_biases(tmp_path: Path, dtype: torch.dtype) -> None:
+    """A module that is not feedforward has its bias rescaled too; a feedforward one does not."""
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, vocab_size=64)
+    base = tmp_path / "base"
+    with_biases(GPTNeoXForCausalLM(config)).to(dtype).save_pretrained(base, safe_serialization=True)
+    ia3 = IA3Config(target_modules=["query_key_value", "dense_4h_to_h", "dense_h_to_4h"],
+                    feedforward_modules=["dense_4h_to_h"])
+    adapter = make(base, dtype, ia3, tmp_path / "adapter", cls=GPTNeoXForCausalLM)
+    apply_delta(base, adapter, tmp_path / "out", block_size=SMALL_BLOCK)
+    reference = peft_merge(base, dtype, [adapter], cls=GPTNeoXForCausalLM)
+    reference["embed_out.weight"] = reference.pop("lm_head.weight")  # transformers 5's name
+    assert_matches(tmp_path / "out", reference)
+    before = load_model(base, dtype, cls=GPTNeoXForCausalLM).state_dict()
+    qkv, ff = "gpt_neox.layers.0.attention.query_key_value.bias", "gpt_neox.layers.0.mlp.dense_4h_to_h.bias"
+    assert not torch.equal(reference[qkv], before[qkv])
+    assert torch.equal(reference[ff], before[ff])
+
+
+def test_ia3_on_gpt2_conv1d(tmp_path: Path) -> None:
+    """fan_in_fan_out: GPT-2 stores its weights (in, out), so the vector runs the other way."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32)
+    base = tmp_path / "base"
+    with_biases(GPT2LMHeadModel(config)).to(torch.float16).save_pretrained(
+        base, safe_serialization=True)
+    ia3 = IA3Config(target_modules=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
+                    feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True)
+    adapter = make(base, torch.float16, ia3, tmp_path / "adapter", cls=GPT2LMHeadModel)
+    apply_delta(base, adapter, tmp_path / "out")
+    assert_matches(tmp_path / "out", peft_merge(base, torch.float16, [adapter], cls=GPT2LMHeadModel))
+
+
+def _edit_config(adapter: Path, change: dict) -> None:
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | change))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"peft_type": "VERA"}, "peft_type 'VERA'"),
+    ({"peft_type": "OFT"}, "peft_type 'OFT'"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save .* LOKR"),
+    ({"rank_pattern": {"q_proj": 3}}, "not factors of rank 3"),
+])
+def test_refusals_name_what(tmp_path: Path, bases, change: dict, message: str) -> None:
+    adapter = make(bases[torch.float16], torch.float16, CONFIGS["lokr-both"](), tmp_path / "a")
+    _edit_config(adapter, change)
+    with pytest.raises((UnsupportedError, MismatchError), match=message):
+        apply_delta(bases[torch.float16], adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ia3_vector_of_the_wrong_length_is_refused(tmp_path: Path, bases) -> None:
+    """An IA3 vector that fits neither side of its weight: one line naming both tensors."""
+    base = bases[torch.float16]
+    adapter = make(base, torch.float16, CONFIGS["ia3"](), tmp_path / "a")
+    other = make(bases[torch.float16], torch.float16,
+                 IA3Config(target_modules=["k_proj"], feedforward_modules=["k_proj"]),
+                 tmp_path / "b")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.mlp.down_proj.ia3_l"
+    state[key] = load_file(other / "adapter_model.safetensors")[
+        "base_model.model.model.layers.0.self_attn.k_proj.ia3_l"]
+    save_file(state, adapter / "adapter_model.safetensors")
+    code, err = apply_in_process(base, adapter, tmp_path / "out")
+    assert code != 0 and "down_proj.ia3_l" in err and "down_proj.weight" in err
+    assert not (tmp_path / "out").exists()
