@@ -12,6 +12,7 @@ from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
 from test_kinds_lora import SMALL_BLOCK, assert_matches, load_model, peft_merge, tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
+import deltamerge.kinds.lora as lora
 from deltamerge import apply_delta
 from deltamerge.errors import MismatchError, UnsupportedError
 from deltamerge.kinds.detect import detect_kind
@@ -76,6 +77,24 @@ def test_merge_matches_peft(tmp_path: Path, bases, which: str, dtype: torch.dtyp
     assert detect_kind(adapter, None) == which.split("-")[0]
     apply_delta(bases[dtype], adapter, tmp_path / "out", block_size=SMALL_BLOCK)
     assert_matches(tmp_path / "out", peft_merge(bases[dtype], dtype, [adapter]))
+
+
+@pytest.mark.parametrize(("window", "merge_rows", "window_bytes"),
+                         [(16, 5, 8 << 20), (256, 64, 1)], ids=["16-rows", "16-rows-by-bytes"])
+def test_loha_windows_give_peft_bits(
+    tmp_path: Path, window: int, merge_rows: int, window_bytes: int, monkeypatch
+) -> None:
+    """Tensors taller than LoHa's windows of products (ffn 700), blocks starting inside them."""
+    monkeypatch.setattr(lora, "WINDOW_ROWS", window)
+    monkeypatch.setattr(lora, "MERGE_ROWS", merge_rows)
+    monkeypatch.setattr(lora, "WINDOW_BYTES", window_bytes)
+    base = tiny_llama(tmp_path / "base", torch.float16, ffn=700)
+    config = LoHaConfig(r=8, alpha=4, target_modules=["gate_proj", "down_proj", "k_proj"])
+    adapter = make(base, torch.float16, config, tmp_path / "adapter")
+    reference = peft_merge(base, torch.float16, [adapter])
+    for block in (SMALL_BLOCK, 50_000):
+        apply_delta(base, adapter, tmp_path / f"out{block}", block_size=block, workers=2)
+        assert_matches(tmp_path / f"out{block}", reference)
 
 
 def test_lokr_factors_as_configured(tmp_path: Path, bases) -> None:

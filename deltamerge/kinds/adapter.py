@@ -24,8 +24,8 @@ from ..errors import FormatError, MismatchError, NotFoundError, UnsupportedError
 from ..formats.files import read_json_object
 from ..sources import open_checkpoint
 from ..tensor_spec import TensorSpec
-from . import ApplyOptions, Kind, Scratch, Step
-from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGE_ROWS, PREFIX, FactorSource, LoraStep
+from . import ApplyOptions, Kind, Scratch, Step, lora
+from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, FactorSource, LoraStep
 from .patterns import check_patterns, match_patterns
 from .targets import stored_name
 
@@ -77,8 +77,8 @@ class RowDelta(ABC):
 
     def merge(self, cur: torch.Tensor, out: torch.Tensor, r0: int, scratch: Scratch) -> None:
         self.tensors()
-        for a in range(0, out.shape[0], MERGE_ROWS):
-            b = min(out.shape[0], a + MERGE_ROWS)
+        for a in range(0, out.shape[0], lora.MERGE_ROWS):
+            b = min(out.shape[0], a + lora.MERGE_ROWS)
             acc = scratch.get("adapter-acc", torch.float32, (b - a, *out.shape[1:]))
             acc.copy_(cur[a:b])
             self.combine(acc, r0 + a, scratch)

@@ -18,7 +18,7 @@ from ..errors import MismatchError, UnsupportedError
 from ..tensor_spec import TensorSpec
 from . import Scratch
 from .adapter import AdapterKind, RowDelta
-from .lora import WINDOW_BYTES, WINDOW_ROWS
+from .lora import window_rows
 
 PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
@@ -30,7 +30,7 @@ class LohaDelta(RowDelta):
         super().__init__(source, parts)
         self.scale = torch.tensor(scale)  # peft's own: the scale rounded to fp32
         self.rows = rows
-        self.size = min(WINDOW_ROWS, rows, max(16, WINDOW_BYTES // (4 * max(width, 1)) // 16 * 16))
+        self.size = window_rows(rows, width)
         self._window_at = -1
 
     def _window(self, w0: int, scratch: Scratch) -> torch.Tensor:

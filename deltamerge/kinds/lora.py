@@ -157,6 +157,12 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
 
 
+def window_rows(rows: int, width: int) -> int:
+    """Rows of a product's window for a tensor of ``rows`` rows of ``width``: a fixed grid."""
+    fits = WINDOW_BYTES // (4 * max(width, 1)) // 16 * 16
+    return min(WINDOW_ROWS, rows, max(16, fits))
+
+
 class Factors:
     """One module's A and B, loaded at its tensor's first block, and the windows of B @ A."""
 
@@ -184,9 +190,7 @@ class Factors:
     def _size(self) -> int:
         """Rows a window holds: fixed for the tensor, so its grid is."""
         a, b = self._load()
-        width = b.shape[0] if self.transposed else a.shape[1]
-        fits = WINDOW_BYTES // (4 * max(width, 1)) // 16 * 16
-        return min(WINDOW_ROWS, self.rows, max(16, fits))
+        return window_rows(self.rows, b.shape[0] if self.transposed else a.shape[1])
 
     def _product(self, w0: int, w1: int) -> torch.Tensor:
         """Rows ``[w0, w1)`` of ``transpose(B @ A) * s``, always on the same window grid."""
