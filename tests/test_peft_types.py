@@ -7,10 +7,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import apply_in_process
-from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
-from test_kinds_lora import SMALL_BLOCK, assert_matches, load_model, peft_merge, tiny_llama
-from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+from conftest import apply_in_process, load_state
+from peft import (
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    TrainableTokensConfig,
+    get_peft_model,
+)
+from test_kinds_lora import SMALL_BLOCK, VOCAB, assert_matches, load_model, peft_merge, tiny_llama
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import deltamerge.kinds.lora as lora
 from deltamerge import apply_delta
@@ -18,7 +32,7 @@ from deltamerge.errors import MismatchError, UnsupportedError
 from deltamerge.kinds.detect import detect_kind
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-ADAPTER_PARTS = ("ia3_l", "hada_", "lokr_", "lora_")
+ADAPTER_PARTS = ("ia3_l", "hada_", "lokr_", "lora_", "trainable_tokens_delta")
 
 CONFIGS = {
     "ia3": lambda: IA3Config(target_modules=["k_proj", "down_proj", "up_proj"],
@@ -200,3 +214,23 @@ def test_ia3_vector_of_the_wrong_length_is_refused(tmp_path: Path, bases) -> Non
     code, err = apply_in_process(base, adapter, tmp_path / "out")
     assert code != 0 and "down_proj.ia3_l" in err and "down_proj.weight" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=("float16", "bfloat16"))
+def test_trainable_tokens_replace_rows(tmp_path: Path, dtype: torch.dtype, tied: bool) -> None:
+    """Whole embedding rows replaced (not added); tied embeddings: the one stored weight."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, vocab_size=VOCAB, tie_word_embeddings=tied)
+    base = tmp_path / "base"
+    LlamaForCausalLM(config).to(dtype).save_pretrained(base, safe_serialization=True)
+    tokens = TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[5, 0, VOCAB - 1, 40])
+    adapter = make(base, dtype, tokens, tmp_path / "adapter")
+    assert detect_kind(adapter, None) == "trainable-tokens"
+    apply_delta(base, adapter, tmp_path / "out", block_size=SMALL_BLOCK)
+    reference = peft_merge(base, dtype, [adapter])
+    assert_matches(tmp_path / "out", reference)
+    before = load_state(base)["model.embed_tokens.weight"]
+    changed = (reference["model.embed_tokens.weight"] != before).any(dim=1).nonzero().flatten()
+    assert changed.tolist() == [0, 5, 40, VOCAB - 1]

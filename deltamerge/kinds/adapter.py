@@ -30,7 +30,8 @@ from .patterns import check_patterns, match_patterns
 from .targets import stored_name
 
 # peft_type in adapter_config.json -> the kind that merges it.
-PEFT_KINDS = {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr"}
+PEFT_KINDS = {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr",
+              "TRAINABLE_TOKENS": "trainable-tokens"}
 # Config fields that would need arithmetic (or tensors) these kinds do not have yet.
 _UNSUPPORTED = {
     "modules_to_save": "modules_to_save (whole modules saved with the adapter)",
@@ -169,6 +170,8 @@ class AdapterKind(Kind):
         steps: dict[str, Step] = {}
         for module, parts in self.modules().items():
             name = stored_name(f"{module}.weight", specs)
+            if name is None and self.tied_copy(module):
+                continue
             if name is None:
                 raise MismatchError(
                     f"{self.weights}: {self.peft_type} module {module!r} has no tensor "
@@ -183,6 +186,11 @@ class AdapterKind(Kind):
             for target, delta in self.deltas(module, parts, specs[name], specs).items():
                 steps[target] = LoraStep(specs[target], specs[target], None, delta)
         return dict(specs), steps
+
+    def tied_copy(self, module: str) -> bool:
+        """Whether ``module``'s parameters are a copy peft saves for a weight tied to another
+        (the output layer of tied embeddings), left out when the base does not store it."""
+        return False
 
     def prepare_plan(self, modules: list[str]) -> None:  # noqa: B027 - optional hook
         """What the type reads from its config for all modules at once (rank/alpha patterns)."""
