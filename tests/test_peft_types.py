@@ -14,6 +14,7 @@ from peft import (
     LoKrConfig,
     LoraConfig,
     TrainableTokensConfig,
+    VeraConfig,
     get_peft_model,
 )
 from test_kinds_lora import SMALL_BLOCK, VOCAB, assert_matches, load_model, peft_merge, tiny_llama
@@ -32,7 +33,8 @@ from deltamerge.errors import MismatchError, UnsupportedError
 from deltamerge.kinds.detect import detect_kind
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-ADAPTER_PARTS = ("ia3_l", "hada_", "lokr_", "lora_", "trainable_tokens_delta")
+ADAPTER_PARTS = ("ia3_l", "hada_", "lokr_", "lora_", "trainable_tokens_delta",
+                 "vera_lambda")
 
 CONFIGS = {
     "ia3": lambda: IA3Config(target_modules=["k_proj", "down_proj", "up_proj"],
@@ -48,6 +50,8 @@ CONFIGS = {
     # w1 and w2 whole (r large next to the factors' sides): r only in the scale
     "lokr-whole": lambda: LoKrConfig(r=16, alpha=5, target_modules=["v_proj", "up_proj"],
                                      alpha_pattern={"up_proj": 7}),
+    # vera_A/vera_B sized to the widest module, sliced for each
+    "vera": lambda: VeraConfig(r=8, target_modules=["q_proj", "down_proj", "gate_proj"]),
 }
 
 
@@ -130,7 +134,7 @@ def apply_keys(adapter: Path) -> list[str]:
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=("float16", "bfloat16"))
 def test_types_chain_in_one_pass(tmp_path: Path, bases, dtype: torch.dtype) -> None:
-    """``apply BASE A B C D OUT`` with one adapter of each type, as peft merges them in turn."""
+    """``apply BASE A B C D E OUT`` with one adapter of each type, as peft merges them in turn."""
     base = bases[dtype]
     adapters = [
         make(base, dtype, CONFIGS["ia3"](), tmp_path / "ia3", seed=2),
@@ -138,6 +142,7 @@ def test_types_chain_in_one_pass(tmp_path: Path, bases, dtype: torch.dtype) -> N
         make(base, dtype, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]),
              tmp_path / "lora", seed=4),
         make(base, dtype, CONFIGS["lokr-both"](), tmp_path / "lokr", seed=5),
+        make(base, dtype, CONFIGS["vera"](), tmp_path / "vera", seed=6),
     ]
     apply_delta(base, adapters, tmp_path / "out", block_size=SMALL_BLOCK)
     assert_matches(tmp_path / "out", peft_merge(base, dtype, adapters))
@@ -184,7 +189,7 @@ def _edit_config(adapter: Path, change: dict) -> None:
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"peft_type": "VERA"}, "peft_type 'VERA'"),
+    ({"peft_type": "BOFT"}, "peft_type 'BOFT'"),
     ({"peft_type": "OFT"}, "peft_type 'OFT'"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save .* LOKR"),
     ({"rank_pattern": {"q_proj": 3}}, "not factors of rank 3"),
@@ -234,3 +239,15 @@ def test_trainable_tokens_replace_rows(tmp_path: Path, dtype: torch.dtype, tied:
     before = load_state(base)["model.embed_tokens.weight"]
     changed = (reference["model.embed_tokens.weight"] != before).any(dim=1).nonzero().flatten()
     assert changed.tolist() == [0, 5, 40, VOCAB - 1]
+
+
+def test_vera_on_gpt2_conv1d(tmp_path: Path) -> None:
+    """fan_in_fan_out: the product transposed onto GPT-2's (in, out) weights."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32)
+    base = tmp_path / "base"
+    GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(base, safe_serialization=True)
+    vera = VeraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    adapter = make(base, torch.bfloat16, vera, tmp_path / "adapter", cls=GPT2LMHeadModel)
+    apply_delta(base, adapter, tmp_path / "out", block_size=SMALL_BLOCK)
+    assert_matches(tmp_path / "out", peft_merge(base, torch.bfloat16, [adapter], cls=GPT2LMHeadModel))

@@ -31,7 +31,7 @@ from .targets import stored_name
 
 # peft_type in adapter_config.json -> the kind that merges it.
 PEFT_KINDS = {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr",
-              "TRAINABLE_TOKENS": "trainable-tokens"}
+              "TRAINABLE_TOKENS": "trainable-tokens", "VERA": "vera"}
 # Config fields that would need arithmetic (or tensors) these kinds do not have yet.
 _UNSUPPORTED = {
     "modules_to_save": "modules_to_save (whole modules saved with the adapter)",

@@ -1,7 +1,7 @@
 """Which kind a delta folder is, and opening it as that kind.
 
 The kind is read from the contents: a PEFT ``adapter_config.json`` is an adapter of the kind its
-``peft_type`` names (LoRA, IA3, LoHa, LoKr, trainable tokens; any other is refused by LoRA's opening), a
+``peft_type`` names (LoRA, IA3, LoHa, LoKr, trainable tokens, VeRA; any other is refused by LoRA's opening), a
 ``deltamerge.json`` names its kind, and so do the marks make-delta writes into every weight
 file's header (``marks.py``: they must agree with each other and with the manifest), ``*.enc``
 files (OpenBuddy's encrypted releases) are ``enc``, weight files XORed whole (OpenAssistant
@@ -30,14 +30,15 @@ from .lora import LoraKind, looks_like_lora_state
 from .marks import Marks, agreed_marks, check_manifest_marks, weight_headers
 from .prefix import PrefixKind, looks_like_prefix
 from .trainable_tokens import TrainableTokensKind
+from .vera import VeraKind
 from .xor import XorKind
 from .xor_files import looks_like_xor_files
 
 KINDS = ("add", "xor", "xor-files", "enc", "lora", "ia3", "loha", "lokr", "trainable-tokens",
-         "prefix")
+         "vera", "prefix")
 WHOLE_FILE_KINDS = ("xor-files", "enc")  # decoded file by file, alone, not in the tensor stream
 _ADAPTER_KINDS = {"ia3": Ia3Kind, "loha": LohaKind, "lokr": LokrKind,
-                  "trainable-tokens": TrainableTokensKind}  # peft types besides LoRA
+                  "trainable-tokens": TrainableTokensKind, "vera": VeraKind}  # peft types besides LoRA
 
 
 def detect_kind(folder: Path, manifest: Manifest | None) -> str:

@@ -125,8 +125,8 @@ def read_adapter_config(folder: Path) -> dict:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise UnsupportedError(
-            f"{path}: peft_type {peft_type!r}: deltamerge merges LORA, IA3, LOHA, LOKR and "
-            "TRAINABLE_TOKENS adapters only"
+            f"{path}: peft_type {peft_type!r}: deltamerge merges LORA, IA3, LOHA, LOKR, "
+            "TRAINABLE_TOKENS and VERA adapters only"
         )
     for key, why in _OTHER_MATH.items():
         if config.get(key):
