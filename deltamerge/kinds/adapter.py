@@ -2,10 +2,11 @@
 
 peft saves an adapter as ``adapter_config.json`` (its ``peft_type`` names the type) and its
 parameters under ``base_model.model.<module>.<part>`` (``ia3_l``, ``hada_w1_a``, ``lokr_w1``...).
-A type's module (``ia3.py``, ``loha.py``, ``lokr.py``) names its parts and builds, per adapted
-module, a :class:`RowDelta`: what its rows of the merge are. Every adapted module's weight is
-found in the base as LoRA's are (``targets.stored_name``), and merged by ``lora.LoraStep`` (the
-replacement-free step: ``merge`` a block of rows, ``release`` when the tensor is done).
+A type's module (``ia3.py``, ``loha.py``, ``lokr.py``, ``trainable_tokens.py``, ``vera.py``)
+names its parts and builds, per adapted module, a :class:`RowDelta` (or, for VeRA, a
+``lora.Factors``): what its rows of the merge are. Every adapted module's weight is found in the base as LoRA's are (``targets.stored_name``), and
+merged by ``lora.LoraStep`` without a replacement: it needs only ``merge`` (a block of rows) and
+``release`` (the tensor is done) of what it is given.
 
 peft loads an adapter's fp16/bf16 parameters as fp32 (``autocast_adapter_dtype``), computes the
 delta in fp32 and merges into the weight in its own dtype; a :class:`RowDelta` does the same
@@ -36,7 +37,6 @@ PEFT_KINDS = {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr",
 _UNSUPPORTED = {
     "modules_to_save": "modules_to_save (whole modules saved with the adapter)",
     "trainable_token_indices": "trainable_token_indices (trained token rows)",
-    "use_effective_conv2d": "use_effective_conv2d (convolution layers)",
 }
 
 
@@ -166,9 +166,10 @@ class AdapterKind(Kind):
         """The merge of each stored tensor ``module`` changes (its weight, IA3's bias too)."""
 
     def plan(self, specs: dict[str, TensorSpec], options: ApplyOptions):
-        self.prepare_plan(list(self.modules()))
+        modules = self.modules()
+        self.prepare_plan(list(modules))
         steps: dict[str, Step] = {}
-        for module, parts in self.modules().items():
+        for module, parts in modules.items():
             name = stored_name(f"{module}.weight", specs)
             if name is None and self.tied_copy(module):
                 continue
