@@ -19,6 +19,8 @@ from peft import (
 )
 from test_kinds_lora import SMALL_BLOCK, VOCAB, assert_matches, load_model, peft_merge, tiny_llama
 from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,
@@ -251,3 +253,26 @@ def test_vera_on_gpt2_conv1d(tmp_path: Path) -> None:
     adapter = make(base, torch.bfloat16, vera, tmp_path / "adapter", cls=GPT2LMHeadModel)
     apply_delta(base, adapter, tmp_path / "out", block_size=SMALL_BLOCK)
     assert_matches(tmp_path / "out", peft_merge(base, torch.bfloat16, [adapter], cls=GPT2LMHeadModel))
+
+
+def test_gemma_tied_embeddings_chain(tmp_path: Path) -> None:
+    """Gemma (tied embeddings, bf16): trainable tokens, then a LoKr and an IA3, in one pass."""
+    torch.manual_seed(0)
+    config = GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                         vocab_size=VOCAB)
+    base = tmp_path / "base"
+    GemmaForCausalLM(config).to(torch.bfloat16).save_pretrained(base, safe_serialization=True)
+    dtype, cls = torch.bfloat16, GemmaForCausalLM
+    adapters = [
+        make(base, dtype, TrainableTokensConfig(target_modules=["embed_tokens"],
+                                                token_indices=[1, 7, 50]),
+             tmp_path / "tokens", seed=2, cls=cls),
+        make(base, dtype, LoKrConfig(r=2, alpha=4, target_modules=["o_proj", "up_proj"],
+                                     decompose_both=True), tmp_path / "lokr", seed=3, cls=cls),
+        make(base, dtype, IA3Config(target_modules=["v_proj", "down_proj"],
+                                    feedforward_modules=["down_proj"]),
+             tmp_path / "ia3", seed=4, cls=cls),
+    ]
+    apply_delta(base, adapters, tmp_path / "out", block_size=SMALL_BLOCK)
+    assert_matches(tmp_path / "out", peft_merge(base, dtype, adapters, cls=cls))

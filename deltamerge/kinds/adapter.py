@@ -2,11 +2,11 @@
 
 peft saves an adapter as ``adapter_config.json`` (its ``peft_type`` names the type) and its
 parameters under ``base_model.model.<module>.<part>`` (``ia3_l``, ``hada_w1_a``, ``lokr_w1``...).
-A type's module (``ia3.py``, ``loha.py``, ``lokr.py``, ``trainable_tokens.py``, ``vera.py``)
-names its parts and builds, per adapted module, a :class:`RowDelta` (or, for VeRA, a
-``lora.Factors``): what its rows of the merge are. Every adapted module's weight is found in the base as LoRA's are (``targets.stored_name``), and
-merged by ``lora.LoraStep`` without a replacement: it needs only ``merge`` (a block of rows) and
-``release`` (the tensor is done) of what it is given.
+A type's module (``ia3.py``, ``loha.py``, ``lokr.py``, ``trainable_tokens.py``, ``vera.py``) names
+its parts and builds, per adapted module, a :class:`RowDelta` (or, for VeRA, a ``lora.Factors``):
+what its rows of the merge are. Every adapted module's weight is found in the base as LoRA's are
+(``targets.stored_name``), and merged by ``lora.LoraStep`` without a replacement: it needs only
+``merge`` (a block of rows) and ``release`` (the tensor is done) of what it is given.
 
 peft loads an adapter's fp16/bf16 parameters as fp32 (``autocast_adapter_dtype``), computes the
 delta in fp32 and merges into the weight in its own dtype; a :class:`RowDelta` does the same
