@@ -17,6 +17,8 @@ from peft import (
     VeraConfig,
     get_peft_model,
 )
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from test_kinds_lora import SMALL_BLOCK, VOCAB, assert_matches, load_model, peft_merge, tiny_llama
 from transformers import (
     GemmaConfig,
@@ -122,14 +124,12 @@ def test_lokr_factors_as_configured(tmp_path: Path, bases) -> None:
     seen = set()
     for which in ("lokr-both", "lokr-factor", "lokr-whole"):
         adapter = make(bases[torch.float16], torch.float16, CONFIGS[which](), tmp_path / which)
-        names = apply_keys(adapter)
+        names = adapter_keys(adapter)
         seen |= {n.rpartition(".")[2] for n in names}
     assert {"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"} <= seen
 
 
-def apply_keys(adapter: Path) -> list[str]:
-    from safetensors import safe_open
-
+def adapter_keys(adapter: Path) -> list[str]:
     with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
         return list(f.keys())
 
@@ -211,8 +211,6 @@ def test_ia3_vector_of_the_wrong_length_is_refused(tmp_path: Path, bases) -> Non
     other = make(bases[torch.float16], torch.float16,
                  IA3Config(target_modules=["k_proj"], feedforward_modules=["k_proj"]),
                  tmp_path / "b")
-    from safetensors.torch import load_file, save_file
-
     state = load_file(adapter / "adapter_model.safetensors")
     key = "base_model.model.model.layers.0.mlp.down_proj.ia3_l"
     state[key] = load_file(other / "adapter_model.safetensors")[
