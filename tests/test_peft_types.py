@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import apply_in_process, load_state
+from conftest import apply_in_process, load_state, run_cli
 from peft import (
     IA3Config,
     LoHaConfig,
@@ -102,7 +102,8 @@ def test_merge_matches_peft(tmp_path: Path, bases, which: str, dtype: torch.dtyp
 
 
 @pytest.mark.parametrize(("window", "merge_rows", "window_bytes"),
-                         [(16, 5, 8 << 20), (256, 64, 1)], ids=["16-rows", "16-rows-by-bytes"])
+                         [(16, 5, 8 << 20), (256, 64, 8 << 20), (256, 64, 1)],
+                         ids=["16-rows", "256-rows", "16-rows-by-bytes"])
 def test_loha_windows_give_peft_bits(
     tmp_path: Path, window: int, merge_rows: int, window_bytes: int, monkeypatch
 ) -> None:
@@ -148,6 +149,16 @@ def test_types_chain_in_one_pass(tmp_path: Path, bases, dtype: torch.dtype) -> N
     ]
     apply_delta(base, adapters, tmp_path / "out", block_size=SMALL_BLOCK)
     assert_matches(tmp_path / "out", peft_merge(base, dtype, adapters))
+
+
+def test_cli_chains_types(tmp_path: Path, bases) -> None:
+    """``deltamerge apply BASE A B OUT`` as a user runs it: the kinds detected, one pass."""
+    base = bases[torch.float16]
+    adapters = [make(base, torch.float16, CONFIGS["vera"](), tmp_path / "vera", seed=7),
+                make(base, torch.float16, CONFIGS["ia3"](), tmp_path / "ia3", seed=8)]
+    done = run_cli("apply", base, *adapters, tmp_path / "out", "-q")
+    assert done.returncode == 0, done.stderr
+    assert_matches(tmp_path / "out", peft_merge(base, torch.float16, adapters))
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=("float16", "bfloat16"))
