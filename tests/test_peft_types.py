@@ -120,6 +120,35 @@ def test_loha_windows_give_peft_bits(
         assert_matches(tmp_path / f"out{block}", reference)
 
 
+@pytest.mark.parametrize("which", ["ia3", "lokr-both", "loha"])
+def test_modules_to_save_replace_the_base(tmp_path: Path, bases, which: str) -> None:
+    """Whole modules saved with the adapter replace the base's, in its dtype (fp32 -> bf16)."""
+    dtype = torch.bfloat16
+    config = CONFIGS[which]()
+    config.modules_to_save = ["lm_head", "norm"]
+    adapter = make(bases[dtype], dtype, config, tmp_path / "adapter")
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert "base_model.model.lm_head.weight" in saved
+    state = {k: v.float() * 2 + 1 if not any(p in k for p in ADAPTER_PARTS) else v
+             for k, v in saved.items()}  # trained copies, saved in fp32
+    save_file(state, adapter / "adapter_model.safetensors")
+    apply_delta(bases[dtype], adapter, tmp_path / "out", block_size=SMALL_BLOCK)
+    reference = peft_merge(bases[dtype], dtype, [adapter])
+    assert_matches(tmp_path / "out", reference)
+    assert torch.equal(reference["lm_head.weight"], state["base_model.model.lm_head.weight"].to(dtype))
+
+
+def test_saved_module_the_base_lacks_is_refused(tmp_path: Path, bases) -> None:
+    adapter = make(bases[torch.float16], torch.float16, CONFIGS["ia3"](), tmp_path / "a")
+    _edit_config(adapter, {"modules_to_save": ["score"]})
+    state = load_file(adapter / "adapter_model.safetensors")
+    state["base_model.model.score.weight"] = torch.ones(2, 64)
+    save_file(state, adapter / "adapter_model.safetensors")
+    with pytest.raises(MismatchError, match="'score.weight', which the base lacks"):
+        apply_delta(bases[torch.float16], adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_lokr_factors_as_configured(tmp_path: Path, bases) -> None:
     """The configs above do cover LoKr's three layouts (else the test above proves less)."""
     seen = set()
@@ -204,7 +233,7 @@ def _edit_config(adapter: Path, change: dict) -> None:
 @pytest.mark.parametrize("change,message", [
     ({"peft_type": "BOFT"}, "peft_type 'BOFT'"),
     ({"peft_type": "OFT"}, "peft_type 'OFT'"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save .* LOKR"),
+    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices .* LOKR"),
     ({"rank_pattern": {"q_proj": 3}}, "not factors of rank 3"),
 ])
 def test_refusals_name_what(tmp_path: Path, bases, change: dict, message: str) -> None:

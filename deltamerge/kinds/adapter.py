@@ -25,7 +25,7 @@ from ..errors import FormatError, MismatchError, NotFoundError, UnsupportedError
 from ..formats.files import read_json_object
 from ..sources import open_checkpoint
 from ..tensor_spec import TensorSpec
-from . import ApplyOptions, Kind, Scratch, Step, lora
+from . import ApplyOptions, Kind, RowInput, Scratch, Step, lora
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, FactorSource, LoraStep
 from .patterns import check_patterns, match_patterns
 from .targets import stored_name
@@ -34,10 +34,7 @@ from .targets import stored_name
 PEFT_KINDS = {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr",
               "TRAINABLE_TOKENS": "trainable-tokens", "VERA": "vera"}
 # Config fields that would need arithmetic (or tensors) these kinds do not have yet.
-_UNSUPPORTED = {
-    "modules_to_save": "modules_to_save (whole modules saved with the adapter)",
-    "trainable_token_indices": "trainable_token_indices (trained token rows)",
-}
+_UNSUPPORTED = {"trainable_token_indices": "trainable_token_indices (trained token rows)"}
 
 
 def adapter_kind(folder: Path) -> str:
@@ -144,17 +141,41 @@ class AdapterKind(Kind):
                     found["alpha_pattern"].get(m, self.config["alpha"])) for m in modules}
 
     def modules(self) -> dict[str, dict[str, str]]:
-        """The adapter's keys by module (the model's name for it) and part."""
+        """The adapter's keys by module (the model's name for it) and part; the tensors of its
+        ``modules_to_save`` go to ``self.whole`` (the model's name to the key)."""
         modules: dict[str, dict[str, str]] = {}
+        self.whole: dict[str, str] = {}
         for key in self.checkpoint.specs:
-            m = self._part.fullmatch(key.removeprefix(PREFIX))
-            if m is None:
+            short = key.removeprefix(PREFIX)
+            m = self._part.fullmatch(short)
+            if m is not None:
+                modules.setdefault(m["module"], {})[m["part"]] = key
+            elif self.config.get("modules_to_save") and key.startswith(PREFIX) and not re.search(
+                r"\.(modules_to_save|original_module)\.", short
+            ):
+                self.whole[short] = key
+            else:
                 raise UnsupportedError(
-                    f"{self.weights}: tensor {key!r} is not a {self.peft_type} parameter: "
-                    f"deltamerge merges the {self.peft_type} parameters only"
+                    f"{self.weights}: tensor {key!r} is not a {self.peft_type} parameter nor a "
+                    f"saved module: deltamerge merges the {self.peft_type} parameters and the "
+                    "modules_to_save peft saves under their own names only"
                 )
-            modules.setdefault(m["module"], {})[m["part"]] = key
         return modules
+
+    def _replacements(self, specs: dict[str, TensorSpec]) -> dict[str, Step]:
+        """A step per saved module tensor: the base's tensor replaced, in the base's dtype, as
+        peft's ``load_state_dict`` copies it into the module before ``merge_and_unload``."""
+        steps: dict[str, Step] = {}
+        for short, key in self.whole.items():
+            name = stored_name(short, specs)
+            new = self.checkpoint.specs[key]
+            if name is None or specs[name].shape != new.shape:
+                where = "which the base lacks" if name is None else f"of shape {list(specs[name].shape)}"
+                raise MismatchError(
+                    f"{self.weights}: tensor {key!r} {list(new.shape)} replaces {short!r}, {where}"
+                )
+            steps[name] = LoraStep(specs[name], specs[name], RowInput(self.checkpoint, key), None)
+        return steps
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.checkpoint.specs[key].shape)
@@ -168,7 +189,7 @@ class AdapterKind(Kind):
     def plan(self, specs: dict[str, TensorSpec], options: ApplyOptions):
         modules = self.modules()
         self.prepare_plan(list(modules))
-        steps: dict[str, Step] = {}
+        steps = self._replacements(specs)
         for module, parts in modules.items():
             name = stored_name(f"{module}.weight", specs)
             if name is None and self.tied_copy(module):
@@ -185,6 +206,9 @@ class AdapterKind(Kind):
                     "layers only"
                 )
             for target, delta in self.deltas(module, parts, specs[name], specs).items():
+                if target in steps:
+                    raise UnsupportedError(f"{self.weights}: tensor {target!r} is saved whole and "
+                                           f"adapted by {self.peft_type} too")
                 steps[target] = LoraStep(specs[target], specs[target], None, delta)
         return dict(specs), steps
 
