@@ -6,7 +6,9 @@ A type's module (``ia3.py``, ``loha.py``, ``lokr.py``, ``trainable_tokens.py``, 
 its parts and builds, per adapted module, a :class:`RowDelta` (or, for VeRA, a ``lora.Factors``):
 what its rows of the merge are. Every adapted module's weight is found in the base as LoRA's are
 (``targets.stored_name``), and merged by ``lora.LoraStep`` without a replacement: it needs only
-``merge`` (a block of rows) and ``release`` (the tensor is done) of what it is given.
+``merge`` (a block of rows) and ``release`` (the tensor is done) of what it is given. The
+tensors of ``modules_to_save``, saved under the model's own names, replace the base's in its
+dtype (what ``load_state_dict`` does to them), through the same step with a replacement.
 
 peft loads an adapter's fp16/bf16 parameters as fp32 (``autocast_adapter_dtype``), computes the
 delta in fp32 and merges into the weight in its own dtype; a :class:`RowDelta` does the same
