@@ -15,6 +15,7 @@ from .errors import FormatError, InputError
 from .formats.files import read_json_object
 from .integrity.manifest import MANIFEST_NAME, check_base_dtypes, find_manifest
 from .kinds import is_non_weight
+from .kinds.adapter import PEFT_KINDS
 from .kinds.add import check_pairing
 from .kinds.detect import WHOLE_FILE_KINDS, declared_kind, detect_kind
 from .kinds.lora import ADAPTER_CONFIG
@@ -149,7 +150,7 @@ def _declared_kind(folder: Path) -> tuple[str | None, str]:
             peft_type = read_json_object(folder / ADAPTER_CONFIG).get("peft_type")
         except FormatError:
             peft_type = None  # reported where it is used
-        return ("lora" if peft_type == "LORA" else None), ADAPTER_CONFIG
+        return PEFT_KINDS.get(peft_type) if isinstance(peft_type, str) else None, ADAPTER_CONFIG
     try:
         manifest = find_manifest(folder)
     except FormatError:
@@ -186,7 +187,7 @@ def _check_pairing(inputs: list[RemoteRepo | Path], kind: str | None, verify: bo
     for delta in inputs[1:]:
         folder = delta.folder if isinstance(delta, RemoteRepo) else delta
         delta_kind = kind or detect_kind(folder, find_manifest(folder))
-        if delta_kind == "lora":
+        if delta_kind in PEFT_KINDS.values():
             continue
         found = _specs_of(delta) if delta_kind in ("add", "xor") else None
         if found is None:

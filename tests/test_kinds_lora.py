@@ -199,7 +199,7 @@ def test_dora_is_refused_by_the_cli(tmp_path: Path, bases) -> None:
 @pytest.mark.parametrize("change,message", [
     ({"lora_bias": True}, "lora_bias"),
     ({"bias": "all"}, "bias='all'"),
-    ({"peft_type": "IA3"}, "only LORA"),
+    ({"peft_type": "OFT"}, "peft_type .OFT.: deltamerge merges LORA, IA3"),
     ({"trainable_token_indices": [3, 4]}, "trainable_token_indices"),
 ])
 def test_other_adapter_math_is_refused(

@@ -28,7 +28,8 @@ PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); 
 
 @click.command("apply", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1, required=True, metavar="BASE DELTA... OUT")
-@click.option("--kind", type=click.Choice(["add", "xor", "xor-files", "enc", "lora", "prefix"]),
+@click.option("--kind", type=click.Choice(["add", "xor", "xor-files", "enc", "lora", "ia3", "loha", "lokr",
+                                          "trainable-tokens", "vera", "prefix"]),
               default=None,
               help="Delta kind (default: detected from the delta's files).")
 @click.option("--dtype", type=DTYPE, default=None,

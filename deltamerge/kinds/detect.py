@@ -1,6 +1,7 @@
 """Which kind a delta folder is, and opening it as that kind.
 
-The kind is read from the contents: a PEFT ``adapter_config.json`` is a LoRA adapter, a
+The kind is read from the contents: a PEFT ``adapter_config.json`` is an adapter of the kind its
+``peft_type`` names (LoRA, IA3, LoHa, LoKr, trainable tokens, VeRA; any other is refused by LoRA's opening), a
 ``deltamerge.json`` names its kind, and so do the marks make-delta writes into every weight
 file's header (``marks.py``: they must agree with each other and with the manifest), ``*.enc``
 files (OpenBuddy's encrypted releases) are ``enc``, weight files XORed whole (OpenAssistant
@@ -19,21 +20,30 @@ from ..errors import DeltaMergeError, InputError
 from ..integrity.manifest import MANIFEST_NAME, Manifest
 from ..sources import open_checkpoint
 from . import Kind
+from .adapter import adapter_kind
 from .add import AddKind
 from .enc import looks_like_enc
+from .ia3 import Ia3Kind
+from .loha import LohaKind
+from .lokr import LokrKind
 from .lora import LoraKind, looks_like_lora_state
 from .marks import Marks, agreed_marks, check_manifest_marks, weight_headers
 from .prefix import PrefixKind, looks_like_prefix
+from .trainable_tokens import TrainableTokensKind
+from .vera import VeraKind
 from .xor import XorKind
 from .xor_files import looks_like_xor_files
 
-KINDS = ("add", "xor", "xor-files", "enc", "lora", "prefix")
+KINDS = ("add", "xor", "xor-files", "enc", "lora", "ia3", "loha", "lokr", "trainable-tokens",
+         "vera", "prefix")
 WHOLE_FILE_KINDS = ("xor-files", "enc")  # decoded file by file, alone, not in the tensor stream
+_ADAPTER_KINDS = {"ia3": Ia3Kind, "loha": LohaKind, "lokr": LokrKind,
+                  "trainable-tokens": TrainableTokensKind, "vera": VeraKind}  # peft types besides LoRA
 
 
 def detect_kind(folder: Path, manifest: Manifest | None) -> str:
     if (folder / "adapter_config.json").is_file():
-        return "lora"
+        return adapter_kind(folder)
     said, _ = declared_kind(folder, manifest)
     if said is not None:
         return said
@@ -106,6 +116,8 @@ def open_kind(kind: str, folder: Path) -> Kind:
         return XorKind(folder)
     if kind == "lora":
         return LoraKind(folder)
+    if kind in _ADAPTER_KINDS:
+        return _ADAPTER_KINDS[kind](folder)
     if kind == "prefix":
         return PrefixKind(folder)
     if kind in WHOLE_FILE_KINDS:

@@ -130,7 +130,8 @@ def read_adapter_config(folder: Path) -> dict:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise UnsupportedError(
-            f"{path}: peft_type {peft_type!r}: only LORA adapters can be merged by deltamerge"
+            f"{path}: peft_type {peft_type!r}: deltamerge merges LORA, IA3, LOHA, LOKR, "
+            "TRAINABLE_TOKENS and VERA adapters only"
         )
     for key, why in _OTHER_MATH.items():
         if config.get(key):
@@ -162,6 +163,12 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
 
 
+def window_rows(rows: int, width: int) -> int:
+    """Rows of a product's window for a tensor of ``rows`` rows of ``width``: a fixed grid."""
+    fits = WINDOW_BYTES // (4 * max(width, 1)) // 16 * 16
+    return min(WINDOW_ROWS, rows, max(16, fits))
+
+
 class Factors:
     """One module's A and B, loaded at its tensor's first block, and the windows of B @ A."""
 
@@ -189,9 +196,7 @@ class Factors:
     def _size(self) -> int:
         """Rows a window holds: fixed for the tensor, so its grid is."""
         a, b = self._load()
-        width = b.shape[0] if self.transposed else a.shape[1]
-        fits = WINDOW_BYTES // (4 * max(width, 1)) // 16 * 16
-        return min(WINDOW_ROWS, self.rows, max(16, fits))
+        return window_rows(self.rows, b.shape[0] if self.transposed else a.shape[1])
 
     def _product(self, w0: int, w1: int) -> torch.Tensor:
         """Rows ``[w0, w1)`` of ``transpose(B @ A) * s``, always on the same window grid."""

@@ -1,0 +1,75 @@
+"""peft VeRA adapters: LoRA with frozen shared random factors and trained per-row scales.
+
+peft's ``get_delta_weight`` is ``transpose((lambda_b * B[:out]) @ (lambda_d * A[:, :in]),
+fan_in_fan_out)`` in fp32, ``A`` (``vera_A``, r x widest in) and ``B`` (``vera_B``, widest out
+x r) shared by every module and saved once with the adapter (``save_projection``); ``merge``
+adds it to the weight in the weight's dtype. That is a LoRA product with ``lambda_d * A[:, :in]``
+for A, ``lambda_b * B[:out]`` for B and no scale, so ``lora.Factors`` forms it in the same
+windows, the scaled factors computed when its tensor's first block needs them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import MismatchError, UnsupportedError
+from ..tensor_spec import TensorSpec
+from .adapter import AdapterKind
+from .lora import Factors, FactorSource
+
+SHARED = ("vera_A", "vera_B")
+
+
+def scaled(source: FactorSource, lambda_b: str, lambda_d: str, rows: int, cols: int):
+    """The ``pick`` that turns the shared A and B into this module's scaled factors."""
+    def pick(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d, s = source.load(lambda_d), source.load(lambda_b)
+        return d.unsqueeze(-1) * a[:, :cols], s.unsqueeze(-1) * b[:rows]
+    return pick
+
+
+class VeraKind(AdapterKind):
+    name = "vera"
+    peft_type = "VERA"
+    parts = ("vera_lambda_b", "vera_lambda_d", *SHARED)
+
+    def check_config(self, path: Path) -> None:
+        if self.config.get("bias", "none") != "none":
+            raise UnsupportedError(
+                f"{path}: bias={self.config['bias']!r} trains the biases too: deltamerge merges "
+                "VeRA adapters with bias='none' only"
+            )
+        if self.config.get("save_projection") is False:
+            raise UnsupportedError(
+                f"{path}: save_projection=false: vera_A/vera_B are not in the adapter (peft "
+                "regenerates them from projection_prng_key): deltamerge cannot merge it"
+            )
+
+    def modules(self) -> dict[str, dict[str, str]]:
+        modules = super().modules()
+        shared = {p: k for parts in modules.values() for p, k in parts.items() if p in SHARED}
+        if sorted(shared) != sorted(SHARED):
+            raise MismatchError(f"{self.weights}: a VeRA adapter without vera_A and vera_B")
+        self.shared = shared
+        return {m: parts for m, parts in modules.items() if not set(parts) & set(SHARED)}
+
+    def deltas(
+        self, module: str, parts: dict[str, str], spec: TensorSpec, specs: dict[str, TensorSpec]
+    ) -> dict[str, Factors]:
+        flip = bool(self.config.get("fan_in_fan_out"))
+        out_dim, in_dim = reversed(spec.shape) if flip else spec.shape
+        (r, widest_in), (widest_out, r_b) = (self.shape(self.shared[p]) for p in SHARED)
+        lambda_b, lambda_d = (self.shape(parts[p]) if p in parts else None
+                              for p in ("vera_lambda_b", "vera_lambda_d"))
+        if (lambda_b != (out_dim,) or lambda_d != (r,) or r_b != r or widest_in < in_dim
+                or widest_out < out_dim):
+            raise MismatchError(
+                f"{self.weights}: VeRA module {module!r}: lambda_b {lambda_b}, lambda_d {lambda_d}, "
+                f"vera_A [{r}, {widest_in}] and vera_B [{widest_out}, {r_b}] do not make "
+                f"{spec.name!r} {list(spec.shape)}"
+            )
+        pick = scaled(self.source, parts["vera_lambda_b"], parts["vera_lambda_d"], out_dim, in_dim)
+        return {spec.name: Factors(self.source, self.shared["vera_A"], self.shared["vera_B"], 1.0,
+                                   flip, spec.rows, pick=pick)}
