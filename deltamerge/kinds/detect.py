@@ -26,8 +26,9 @@ from .marks import Marks, agreed_marks, check_manifest_marks, weight_headers
 from .prefix import PrefixKind, looks_like_prefix
 from .xor import XorKind
 from .xor_files import looks_like_xor_files
+from .xor_zstd import XorZstdKind
 
-KINDS = ("add", "xor", "xor-files", "enc", "lora", "prefix")
+KINDS = ("add", "xor", "xor-zstd", "xor-files", "enc", "lora", "prefix")
 WHOLE_FILE_KINDS = ("xor-files", "enc")  # decoded file by file, alone, not in the tensor stream
 
 
@@ -104,6 +105,8 @@ def open_kind(kind: str, folder: Path) -> Kind:
         return AddKind(folder)
     if kind == "xor":
         return XorKind(folder)
+    if kind == "xor-zstd":
+        return XorZstdKind(folder)
     if kind == "lora":
         return LoraKind(folder)
     if kind == "prefix":
