@@ -26,6 +26,8 @@ from .engine.journal import JOURNAL_NAME, Journal, fingerprint, open_partial, re
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
 from .engine.stream import ShardDone, WrittenFile
 from .errors import InputError, InterruptedRun, WorkError
+from .formats.xor_zstd import DEFAULT_LEVEL
+from .formats.xor_zstd import KIND as XOR_ZSTD
 from .integrity.digest import TensorDigest, TensorHasher, file_digest, hash_tensor
 from .integrity.manifest import MANIFEST_NAME, FileEntry, Manifest, Role
 from .kinds import Step, is_non_weight
@@ -40,6 +42,7 @@ from .sinks.folder import OutputTakenError, check_out, discard, publish, remove_
 from .sinks.lock import hold
 from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import SafetensorsSink, write_index
+from .sinks.xor_zstd import ZstdXorSink
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import is_aux_file
@@ -66,6 +69,8 @@ def make_delta(
     progress: bool | Callable[[int, int], None] = False,
     hub: dict | None = None,
     resume: bool = False,
+    compress: bool = False,
+    compress_level: int = DEFAULT_LEVEL,
 ) -> MakeDeltaResult:
     """Write ``target - base`` (or ``target XOR base``) to ``out`` with a ``deltamerge.json``.
 
@@ -73,11 +78,17 @@ def make_delta(
     role), the delta's tensors (its delta role) and the delta's files as they are written.
     An interrupted run keeps its partial folder beside ``out``; ``resume=True`` finishes it,
     keeping the journaled shards whose files still hash to what the journal recorded.
+    ``compress`` (XOR only) stores the delta zstd-compressed at ``compress_level``
+    (``formats/xor_zstd.py``), as kind ``xor-zstd``.
     """
     base, target = args.path("base", base), args.path("target", target)
     out = Path(args.path("out", out)).expanduser()
     args.text("kind", kind)
     need_folders([(base, "base"), (target, "target")])
+    args.flag("compress", compress)
+    compress_level = args.integer("compress_level", compress_level, minimum=-(2**31))  # range: below
+    if compress:
+        kind = _compressed_kind(kind, compress_level)
     if kind not in MARKED_KINDS:
         raise InputError(f"make-delta --kind must be one of {', '.join(MARKED_KINDS)}, not {kind!r}")
     shard_bytes = args.size("max_shard_size", max_shard_size) or parse_size(DEFAULT_SHARD_SIZE)
@@ -93,13 +104,13 @@ def make_delta(
     with hold(out):
         check_out(out, force)  # again under the lock: a run that held it may have published
         return _make_locked(base, target, out, kind, shard_bytes, block_size, workers or 1,
-                            progress, hub or {}, resume, force)
+                            progress, hub or {}, resume, force, compress_level)
 
 
 def _make_locked(
     base: PathLike, target: PathLike, out: Path, kind: str, shard_bytes: int, block_size: int,
     workers: int, progress: bool | Callable[[int, int], None], hub: dict, resume: bool,
-    force: bool,
+    force: bool, level: int,
 ) -> MakeDeltaResult:
     """The run itself, under OUT's lock: a leftover partial folder is touched only under it."""
     base_in = resolve_input(base, "base", **hub)
@@ -108,8 +119,10 @@ def _make_locked(
         check_pairing(target_ckpt, base_ckpt.specs, role="the target")
         jobs, steps, results = _plan(base_ckpt, target_ckpt, kind, block_size)
         shards = layout_shards(jobs, shard_bytes)
-        fp = fingerprint([base_in.path, target_in.path],
-                         {"make_delta": kind, "version": __version__}, shards)
+        options = {"make_delta": kind, "version": __version__}
+        if kind == XOR_ZSTD:
+            options["compress_level"] = level
+        fp = fingerprint([base_in.path, target_in.path], options, shards)
         marks = Marks(kind, delta_id(fp.digest), str(out))
         tmp, journal = open_partial(out, fp, resume)
         try:
@@ -117,13 +130,15 @@ def _make_locked(
             bar = make_progress(progress, sum(
                 j.out.nbytes for s in shards if s.filename not in kept for j in s.jobs),
                 "making delta")
-            sink = SafetensorsSink({"format": "pt", **marks.metadata()})
+            metadata = {"format": "pt", **marks.metadata()}
+            sink = ZstdXorSink(metadata, level) if kind == XOR_ZSTD else SafetensorsSink(metadata)
             engine = Engine(
                 base_ckpt, shards, tmp, sink=sink, block_bytes=block_size,
-                workers=workers, hash_base=True, hash_out=True, hash_files=True,
+                workers=workers, hash_base=True, hash_out=True, hash_files=kind != XOR_ZSTD,
                 progress=bar.update, at=bar.at, skip_shards=set(kept),
             )
-            engine.on_shard_done = _journal_shard(journal, engine, shards, results)
+            written = _written_file(engine, sink)
+            engine.on_shard_done = _journal_shard(journal, written, shards, results)
             try:
                 run = engine.run()
             finally:
@@ -143,7 +158,8 @@ def _make_locked(
             delta_digests = dict(run.out_digests)
             for shard in kept.values():
                 delta_digests.update(shard.delta)
-            files = _file_table(tmp, {**engine.written_files,
+            files = _file_table(tmp, {**{s.filename: written(s.filename) for s in shards
+                                         if s.filename not in kept},
                                       **{n: k.file for n, k in kept.items()}})
             manifest = Manifest(
                 kind, __version__, files, Role.of(base_digests), Role.of(result_digests),
@@ -164,6 +180,9 @@ def _make_locked(
             discard(tmp)
             raise
     mismatches = sum(getattr(s, "mismatches", 0) for s in steps)
+    written = run.bytes_written
+    if kind == XOR_ZSTD:  # what went to disk, compressed, rather than the rows compressed
+        written = sum(files[s.filename].size for s in shards if s.filename not in kept)
     notes = [f"resumed: {len(kept)} finished shard(s) kept, each hashed again"] if kept else []
     overflowed = _overflowed(jobs, kept)
     if overflowed:
@@ -175,7 +194,7 @@ def _make_locked(
     return MakeDeltaResult(
         out, kind, len(jobs), sum(j.out.numel for j in jobs),
         mismatches + sum(k.mismatches for k in kept.values()), manifest.base.model_digest,
-        manifest.result.model_digest, run.bytes_written, run.seconds, peak_rss_bytes(), notes,
+        manifest.result.model_digest, written, run.seconds, peak_rss_bytes(), notes,
         overflowed,
     )
 
@@ -199,8 +218,26 @@ class _Kept:
     overflows: dict[str, int]  # elements stored as Inf, by tensor (only those with any)
 
 
+def _compressed_kind(kind: str, level: int) -> str:
+    if kind != "xor":
+        raise InputError(f"make-delta --compress applies to --kind xor only, not {kind!r}")
+    if not 1 <= level <= 22:
+        raise InputError(f"make-delta --compress-level must be a zstd level from 1 to 22, not {level}")
+    return XOR_ZSTD
+
+
+def _written_file(engine: Engine, sink: object) -> Callable[[str], WrittenFile]:
+    """How a finished shard file's digests are found: the engine hashes files of the rows' own
+    bytes as they are written; a compressing sink writes each file whole at the shard's end,
+    and hashes it then."""
+    if isinstance(sink, ZstdXorSink):
+        return lambda filename: WrittenFile(*sink.files[filename])
+    return engine.written_files.__getitem__
+
+
 def _journal_shard(
-    journal: Journal, engine: Engine, shards: list[Shard], results: dict[str, TensorHasher],
+    journal: Journal, file_of: Callable[[str], WrittenFile], shards: list[Shard],
+    results: dict[str, TensorHasher],
 ) -> ShardDone:
     """The engine's ``on_shard_done``: journal a written shard with what the manifest needs
     (make-delta writes safetensors: nothing is converted, so nothing is ``written`` apart)."""
@@ -210,7 +247,7 @@ def _journal_shard(
         filename: str, size: int, digests: dict[str, TensorDigest], written: dict[str, TensorDigest]
     ) -> None:
         jobs = by_name[filename].jobs
-        shard = engine.written_files[filename]
+        shard = file_of(filename)
         journal.record(filename, size, {j.name: results[j.name].digest() for j in jobs}, extra={
             "file": [shard.digest, shard.header_size, shard.header_digest],
             "delta": {n: d.to_json() for n, d in digests.items()},
@@ -285,7 +322,7 @@ def _plan(
 
 
 def _make_step(kind: str, before: TensorSpec, target: Checkpoint, name: str) -> Step:
-    if kind == "xor":
+    if kind in ("xor", XOR_ZSTD):
         return MakeXorStep(before, target, name)
     return MakeAddStep(before, target, name)
 

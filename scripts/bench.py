@@ -22,6 +22,10 @@ Runs (--runs, default all):
   h  convert from Meta's layout (the base written again as 2 model-parallel .pth shards)
   i  run b written as GGUF f16 (--format gguf --outtype f16; the base gets a small tokenizer)
   j  run b written in Meta's layout (--format meta --mp 1); compare i and j with b
+  k  make-delta --kind xor --compress (zstd byte planes); reports its weights' size over the
+     plain XOR delta's (size_ratio_to_xor)
+  l  that compressed XOR delta applied; reports the same size ratio, and its time over run f's
+     (time_ratio_to_f, when f ran too)
 
 Method: the rounds alternate (a b c ... a b c ...) so drift in the machine hits every run alike;
 each figure is the median of --repeat rounds. Before every run the inputs are evicted from the
@@ -93,13 +97,17 @@ RUNS = {
     "h": "convert from Meta",
     "i": "apply to GGUF f16",
     "j": "apply to Meta",
+    "k": "XOR-zstd make-delta",
+    "l": "XOR-zstd apply",
 }
 # The input folders each run reads (the floor's reads for it); all write one result.
 RUN_INPUTS = {
     "a": ("base", "delta"), "b": ("base", "delta"), "c": ("base", "delta"),
     "d": ("base", "target"), "e": ("base", "lora"), "f": ("base", "xor"),
     "g": ("base", "delta"), "h": ("meta",), "i": ("base", "delta"), "j": ("base", "delta"),
+    "k": ("base", "target"), "l": ("base", "xorz"),
 }
+XOR_ZSTD_RUNS = ("k", "l")  # their sizes are compared with the plain XOR delta's
 STAMP = "bench-inputs.json"
 DATA_VERSION = 2  # bumped when generated inputs change meaning (2: deltas with manifest format 2)
 FLOOR_NOTE = ("x floor: the run's wall time over its disk floor (its inputs read once and its "
@@ -516,10 +524,12 @@ class Bench:
         self.folders = {
             "base": data / "base", "target": data / "target", "delta": data / "delta-add",
             "xor": data / "delta-xor", "lora": data / "lora", "meta": data / "meta",
+            "xorz": data / "delta-xor-zstd",
         }
         self.base, self.target = self.folders["base"], self.folders["target"]
         self.delta, self.xor, self.lora = self.folders["delta"], self.folders["xor"], self.folders["lora"]
         self.meta, self.out = self.folders["meta"], data / "out"
+        self.xorz = self.folders["xorz"]
         self.setup_errors: dict[str, str] = {}
         self.floor_rounds: list[dict] = []
 
@@ -560,6 +570,8 @@ class Bench:
         pieces = {"base", "delta"}
         for run in self.runs:
             pieces.update(RUN_INPUTS[run])
+        if any(r in XOR_ZSTD_RUNS for r in self.runs):
+            pieces.add("xor")
         return pieces
 
     def disk_needed(self) -> int:
@@ -593,7 +605,7 @@ class Bench:
             if models:
                 self.record("base")
                 self.record("target")
-                for piece in ("delta", "xor", "meta"):  # made from the old models: redo
+                for piece in ("delta", "xor", "xorz", "meta"):  # made from the old models: redo
                     self.unrecord(piece)
             if lora:
                 self.record("lora")
@@ -612,6 +624,13 @@ class Bench:
                 self.setup_errors["f"] = f"failed: setup make-delta --kind xor: {err}"
             else:
                 self.record("xor")
+        if "xorz" in need and not self.made("xorz"):
+            say("making the compressed XOR delta (deltamerge make-delta --kind xor --compress)")
+            err = self._make_delta(self.xorz, "xor", "--compress")
+            if err:
+                self.setup_errors["l"] = f"failed: setup make-delta --kind xor --compress: {err}"
+            else:
+                self.record("xorz")
         if "meta" in need and not self.made("meta"):
             say("writing the base again in Meta's layout (2 model-parallel shards)")
             shutil.rmtree(self.meta, ignore_errors=True)
@@ -632,14 +651,14 @@ class Bench:
             stamp["made"].remove(piece)
             (self.data / STAMP).write_text(json.dumps(stamp, indent=1))
 
-    def _make_delta(self, out: Path, kind: str) -> str | None:
+    def _make_delta(self, out: Path, kind: str, *options: str) -> str | None:
         shutil.rmtree(out, ignore_errors=True)
-        cmd = self.deltamerge("make-delta", self.base, self.target, out, "--kind", kind)
-        m = measure(cmd, self.data / f"setup-{kind}.log")
+        cmd = self.deltamerge("make-delta", self.base, self.target, out, "--kind", kind, *options)
+        m = measure(cmd, self.data / f"setup-{out.name}.log")
         if m.returncode != 0:
             shutil.rmtree(out, ignore_errors=True)
             return m.last_error or f"exit status {m.returncode}"
-        if self.sparse:
+        if self.sparse and not options:  # compressed frames are small already, and not zeros
             sparsify(out)
         return None
 
@@ -674,6 +693,13 @@ class Bench:
         if run == "f":
             xor = files_bytes(weight_files(self.xor))
             return self.deltamerge("apply", self.base, self.xor, self.out), files_bytes(base) + xor
+        if run == "k":
+            target = files_bytes(weight_files(self.target))
+            return self.deltamerge("make-delta", self.base, self.target, self.out, "--kind", "xor",
+                                   "--compress"), files_bytes(base) + target
+        if run == "l":
+            xorz = files_bytes(weight_files(self.xorz))
+            return self.deltamerge("apply", self.base, self.xorz, self.out), files_bytes(base) + xorz
         if run == "h":
             meta = sorted(self.meta.glob("consolidated.*.pth"))
             return self.deltamerge("convert", self.meta, self.out), files_bytes(meta)
@@ -737,6 +763,9 @@ class Bench:
                 else:
                     res.walls.append(m.wall)
                     written = folder_bytes(self.out)
+                if r in XOR_ZSTD_RUNS:
+                    res.extra["size_ratio_to_xor"] = self.size_ratio_to_xor(
+                        self.out if r == "k" else self.xorz)
                 res.bytes_read, res.bytes_written = reads, written
                 if floor is not None:
                     res.floors.append(self.floor_of(r, floor, written))
@@ -744,7 +773,16 @@ class Bench:
                 say(f"  {r} {RUNS[r]:<20} {i + 1}/{repeat}: {shown:7.2f} s  "
                     f"peak {m.peak_rss / 2**20:6.0f} MiB  cpu {m.cpu:6.1f} s")
         shutil.rmtree(self.out, ignore_errors=True)
+        f, zstd = results.get("f"), results.get("l")
+        if f is not None and zstd is not None and f.walls and zstd.walls:
+            zstd.extra["time_ratio_to_f"] = round(
+                statistics.median(zstd.walls) / statistics.median(f.walls), 3)
         return [results[r] for r in self.runs]
+
+    def size_ratio_to_xor(self, compressed: Path) -> float | None:
+        """A compressed XOR delta's weight files over the plain XOR delta's, of the same pair."""
+        plain = files_bytes(weight_files(self.xor)) if self.made("xor") else 0
+        return round(files_bytes(weight_files(compressed)) / plain, 4) if plain else None
 
 
 def files_of(folder: Path) -> list[Path]:
@@ -1012,6 +1050,11 @@ def main(argv: list[str]) -> int:
               f"median of {args.repeat} alternating rounds, inputs evicted from the page cache "
               "before each run; peak RSS is each run's own VmHWM")
         print(table(rows))
+        for row in rows:
+            if row.get("size_ratio_to_xor") is not None:
+                vs_f = row.get("time_ratio_to_f")
+                print(f"{row['run']}: compressed XOR weights are {row['size_ratio_to_xor']:.3f} of the "
+                      "plain XOR delta's" + (f"; its apply takes {vs_f:.2f}x run f's" if vs_f else ""))
         print(FLOOR_NOTE)
         if any(r.get("o_direct") is False for r in rows):
             print("note: this filesystem refused O_DIRECT; the floor went through the page cache")

@@ -28,8 +28,8 @@ PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); 
 
 @click.command("apply", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1, required=True, metavar="BASE DELTA... OUT")
-@click.option("--kind", type=click.Choice(["add", "xor", "xor-files", "enc", "lora", "ia3", "loha", "lokr",
-                                          "trainable-tokens", "vera", "prefix"]),
+@click.option("--kind", type=click.Choice(["add", "xor", "xor-zstd", "xor-files", "enc", "lora", "ia3",
+                                          "loha", "lokr", "trainable-tokens", "vera", "prefix"]),
               default=None,
               help="Delta kind (default: detected from the delta's files).")
 @click.option("--dtype", type=DTYPE, default=None,
@@ -180,6 +180,11 @@ def print_digests(result, verdict: str) -> None:
 @click.argument("out")
 @click.option("--kind", type=click.Choice(["add", "xor"]), default="add", show_default=True,
               help="add: target - base (lossy in fp16); xor: bits XORed, lossless.")
+@click.option("--compress", is_flag=True,
+              help="With --kind xor: store the XOR zstd-compressed by byte planes (kind xor-zstd; "
+                   "needs deltamerge[zstd]).")
+@click.option("--compress-level", type=click.IntRange(1, 22), default=3, show_default=True,
+              help="The zstd level of --compress.")
 @click.option("--resume", is_flag=True,
               help="Finish an interrupted run of the same command, redoing only unfinished shards.")
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None, help=PUSH_HELP)
@@ -188,8 +193,8 @@ def print_digests(result, verdict: str) -> None:
 @hub_options
 @common_run_options
 @handle_errors
-def make_delta_cmd(base, target, out, kind, resume, push_to, as_json, token, revision, cache_dir,
-                   max_shard_size, block_size, force, workers, quiet) -> None:
+def make_delta_cmd(base, target, out, kind, compress, compress_level, resume, push_to, as_json, token,
+                   revision, cache_dir, max_shard_size, block_size, force, workers, quiet) -> None:
     """Write the delta of TARGET against BASE into OUT, with a deltamerge.json manifest.
 
     BASE and TARGET are local folders or Hub repo ids; the manifest records where the base came
@@ -208,6 +213,7 @@ def make_delta_cmd(base, target, out, kind, resume, push_to, as_json, token, rev
         base, target, out, kind=kind, max_shard_size=max_shard_size,
         block_size=block_size or DEFAULT_BLOCK_BYTES, force=force,
         workers=workers or default_workers(), progress=not quiet, resume=resume, hub=hub,
+        compress=compress, compress_level=compress_level,
     )
     if not quiet and not as_json:
         _print_make(result)

@@ -33,9 +33,10 @@ from .trainable_tokens import TrainableTokensKind
 from .vera import VeraKind
 from .xor import XorKind
 from .xor_files import looks_like_xor_files
+from .xor_zstd import XorZstdKind
 
-KINDS = ("add", "xor", "xor-files", "enc", "lora", "ia3", "loha", "lokr", "trainable-tokens",
-         "vera", "prefix")
+KINDS = ("add", "xor", "xor-zstd", "xor-files", "enc", "lora", "ia3", "loha", "lokr",
+         "trainable-tokens", "vera", "prefix")
 WHOLE_FILE_KINDS = ("xor-files", "enc")  # decoded file by file, alone, not in the tensor stream
 _ADAPTER_KINDS = {"ia3": Ia3Kind, "loha": LohaKind, "lokr": LokrKind,
                   "trainable-tokens": TrainableTokensKind, "vera": VeraKind}  # peft types besides LoRA
@@ -114,6 +115,8 @@ def open_kind(kind: str, folder: Path) -> Kind:
         return AddKind(folder)
     if kind == "xor":
         return XorKind(folder)
+    if kind == "xor-zstd":
+        return XorZstdKind(folder)
     if kind == "lora":
         return LoraKind(folder)
     if kind in _ADAPTER_KINDS:

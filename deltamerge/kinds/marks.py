@@ -29,7 +29,7 @@ from ..sources.folders import detect_layout
 PREFIX = "deltamerge."
 KIND_KEY = "deltamerge.kind"
 ID_KEY = "deltamerge.delta_id"
-MARKED_KINDS = ("add", "xor")  # the kinds make-delta writes
+MARKED_KINDS = ("add", "xor", "xor-zstd")  # the kinds make-delta writes
 _ID = re.compile(r"[0-9a-f]{64}")
 
 
