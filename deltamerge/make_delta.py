@@ -27,6 +27,7 @@ from .engine.stream import ShardDone, WrittenFile
 from .errors import InputError, InterruptedRun, WorkError
 from .integrity.digest import TensorDigest, TensorHasher, file_digest, hash_tensor
 from .integrity.manifest import MANIFEST_NAME, FileEntry, Manifest, Role
+from .integrity.signing import SigningKey, check_signing_key, sign_folder
 from .kinds import Step, is_non_weight
 from .kinds.add import MakeAddStep, check_pairing
 from .kinds.marks import MARKED_KINDS, Marks, delta_id
@@ -64,6 +65,7 @@ def make_delta(
     progress: bool | Callable[[int, int], None] = False,
     hub: dict | None = None,
     resume: bool = False,
+    sign: SigningKey | None = None,
 ) -> MakeDeltaResult:
     """Write ``target - base`` (or ``target XOR base``) to ``out`` with a ``deltamerge.json``.
 
@@ -71,11 +73,15 @@ def make_delta(
     role), the delta's tensors (its delta role) and the delta's files as they are written.
     An interrupted run keeps its partial folder beside ``out``; ``resume=True`` finishes it,
     keeping the journaled shards whose files still hash to what the journal recorded.
+    ``sign`` writes ``model.sig`` over the finished folder before it is published, so OUT never
+    appears unsigned (``integrity/signing.py``).
     """
     if kind not in MARKED_KINDS:
         raise InputError(f"make-delta --kind must be one of {', '.join(MARKED_KINDS)}, not {kind!r}")
     out = Path(out).expanduser()
     shard_bytes = parse_size(max_shard_size or DEFAULT_SHARD_SIZE)
+    if sign is not None:
+        check_signing_key(sign)  # a missing package or key fails before the long run
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in
                          ((base, "base"), (target, "target"))])
     check_out(out, force)
@@ -88,6 +94,7 @@ def make_delta(
 def _make_locked(
     base: PathLike, target: PathLike, out: Path, kind: str, shard_bytes: int, block_size: int,
     workers: int, progress: bool | Callable[[int, int], None], hub: dict, resume: bool,
+    sign: SigningKey | None,
 ) -> MakeDeltaResult:
     """The run itself, under OUT's lock: a leftover partial folder is touched only under it."""
     base_in = resolve_input(base, "base", **hub)
@@ -139,6 +146,8 @@ def _make_locked(
                 base_source=_base_source(base_in), delta_id=marks.delta_id,
             )
             manifest.write(tmp / MANIFEST_NAME)
+            # The journal is the partial folder's, removed once published: not signed.
+            signer = sign_folder(tmp, sign, ignore=(JOURNAL_NAME,)) if sign else None
             publish(tmp, out)
             (out / JOURNAL_NAME).unlink(missing_ok=True)
         except (KeyboardInterrupt, WorkError) as exc:
@@ -155,6 +164,7 @@ def _make_locked(
         out, kind, len(jobs), sum(j.out.numel for j in jobs),
         mismatches + sum(k.mismatches for k in kept.values()), manifest.base.model_digest,
         manifest.result.model_digest, run.bytes_written, run.seconds, peak_rss_bytes(), notes,
+        signed_by=signer.to_json() if signer else None,
     )
 
 
