@@ -88,7 +88,7 @@ def make_delta(
     with hold(out):
         check_out(out, force)  # again under the lock: a run that held it may have published
         return _make_locked(base, target, out, kind, shard_bytes, block_size, workers or 1,
-                            progress, hub or {}, resume)
+                            progress, hub or {}, resume, sign)
 
 
 def _make_locked(

@@ -22,6 +22,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +107,7 @@ class SignatureCheck:
 def check_signing_key(signing: SigningKey) -> None:
     """Before a long run that ends in a signature: the package is installed and the files load."""
     _package()
-    _public_of(_need(signing.key, "--sign-key"))
+    _private_key(_need(signing.key, "--sign-key"))
     for path in (signing.cert, *signing.chain):
         if path is not None:
             _need(path, "--sign-cert/--sign-chain")
@@ -140,7 +141,7 @@ def sign_folder(folder: Path, signing: SigningKey, *, ignore: tuple[str, ...] = 
     part.write_bytes(data)
     os.replace(part, folder / SIGNATURE_NAME)
     if signing.cert is None:
-        return Signer("key", _fingerprint(_public_of(signing.key)))
+        return Signer("key", _fingerprint(_private_key(signing.key).public_key()))
     return Signer("certificate", _subject(_leaf(data)))
 
 
@@ -171,7 +172,7 @@ def verify_folder(folder: Path, pin: SignerPin, *, symlinks: bool = False) -> Si
     data = sig.read_bytes()
     if pin.key is not None:
         _need(pin.key, "--signer-key")
-        signer = Signer("key", _fingerprint(_public_of(pin.key)))
+        signer = Signer("key", _fingerprint(_public_key(pin.key)))
     else:
         _need(pin.root, "--signer-root")
         signer = Signer("certificate", _pinned_subject(folder, data, pin.name or ""))
@@ -187,9 +188,26 @@ def verify_folder(folder: Path, pin: SignerPin, *, symlinks: bool = False) -> Si
             copy.write_bytes(data)
             config.verify(folder, copy)
     except Exception as exc:  # the package raises ValueError, InvalidSignature, OpenSSL errors
+        files = _files_at_fault(str(exc))
+        if files:
+            raise SignatureError(f"{folder}: the files are not the ones signed: {files}") from None
         raise SignatureError(f"{folder}: the signature does not check against the pinned "
                              f"{'key' if pin.key else 'root'}: {_first_line(exc)}") from None
     return signer
+
+
+def _files_at_fault(message: str) -> str:
+    """The package's list of differences (digests as Python reprs) as one short line: which
+    files changed, were added or were removed since signing; empty for other failures."""
+    if not message.startswith("Signature mismatch"):
+        return ""
+    message = message.replace("\\'", "'")
+    changed = re.findall(r"Hash mismatch for '([^']*)'", message)
+    added = re.findall(r"Extra files found in model '[^']*': ([^\]\"]*)", message)
+    removed = re.findall(r"Missing files in model '[^']*': ([^\]\"]*)", message)
+    parts = [f"{what}: {', '.join(names)}" for what, names in
+             (("changed", changed), ("added", added), ("removed", removed)) if names]
+    return "; ".join(parts)
 
 
 def _pinned_subject(folder: Path, data: bytes, name: str) -> str:
@@ -224,19 +242,30 @@ def _common_names(cert) -> list[str]:
     return [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
 
 
-def _public_of(path: Path):
-    """The public key of a PEM private or public key (what a key signer's identity is of)."""
+def _private_key(path: Path):
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
 
-    data = path.read_bytes()
     try:
-        return serialization.load_pem_public_key(data)
-    except ValueError:
-        pass
-    try:
-        return serialization.load_pem_private_key(data, password=None).public_key()
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError):
-        raise InputError(f"{path}: not a PEM EC key") from None
+        key = None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InputError(f"{path}: not a PEM EC private key (unencrypted)")
+    return key
+
+
+def _public_key(path: Path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except (ValueError, TypeError):
+        key = None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise InputError(f"{path}: not a PEM EC public key")
+    return key
 
 
 def _fingerprint(public_key) -> str:
@@ -251,6 +280,7 @@ def _hashing(ms, ignore: tuple[str, ...], *, symlinks: bool):
     """sha256 per file, the algorithm every verifier must support (the stock CLI's only one)."""
     config = ms.hashing.Config().use_file_serialization(hashing_algorithm="sha256",
                                                         allow_symlinks=symlinks)
+    config.set_allow_symlinks(symlinks)  # the serializer's flag is reset from this one at hashing
     return config.set_ignored_paths(paths=list(ignore), ignore_git_paths=True)
 
 
