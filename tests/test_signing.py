@@ -304,3 +304,44 @@ def test_push_uploads_the_signature_and_a_hub_delta_is_checked(hub, made, tmp_pa
     assert record["signatures"][0]["signer"] == made.alice.fingerprint
     refused(invoke("apply", made.base, "alice/signed-delta", tmp_path / "out2", "--signer-key",
                    made.mallory.public), "does not check against the pinned key")
+
+
+def test_sigstore_pins_identity_and_issuer(made, tmp_path, monkeypatch):
+    """At the package's boundary: its Sigstore configurations (network: OIDC, Fulcio, Rekor) are
+    stood in for by its key signer and verifier; what deltamerge passes them is checked."""
+    import model_signing.signing
+    import model_signing.verifying
+
+    calls: dict[str, list] = {"sign": [], "verify": []}
+    trusted = {"key": made.alice.public}
+
+    def signer(self, **kwargs):
+        calls["sign"].append(kwargs)
+        return self.use_elliptic_key_signer(private_key=made.alice.private)
+
+    def verifier(self, **kwargs):
+        calls["verify"].append(kwargs)
+        return self.use_elliptic_key_verifier(public_key=trusted["key"])
+
+    monkeypatch.setattr(model_signing.signing.Config, "use_sigstore_signer", signer)
+    monkeypatch.setattr(model_signing.verifying.Config, "use_sigstore_verifier", verifier)
+    delta = tmp_path / "delta"
+    made_delta = invoke("make-delta", made.base, made.target, delta, "--sign-sigstore")
+    assert made_delta.exit_code == 0, made_delta.output
+    assert calls["sign"] == [{"use_ambient_credentials": True}]
+    pin = ("--signer-identity", "alice@example.com", "--signer-issuer", "https://issuer.example")
+    out = tmp_path / "out"
+    result = invoke("apply", made.base, delta, out, *pin)
+    assert result.exit_code == 0, result.output
+    assert calls["verify"] == [{"identity": "alice@example.com",
+                                "oidc_issuer": "https://issuer.example"}]
+    record = json.loads((out / "deltamerge-result.json").read_text())
+    assert record["signatures"][0]["method"] == "sigstore"
+    assert record["signatures"][0]["signer"] == "alice@example.com (issuer https://issuer.example)"
+
+    trusted["key"] = made.mallory.public  # Sigstore's check fails: another identity signed
+    refused(invoke("apply", made.base, delta, tmp_path / "out2", *pin),
+            "does not check against the pinned Sigstore identity")
+    refused(invoke("apply", made.base, delta, tmp_path / "out3", *pin[:2]),
+            "--signer-identity and --signer-issuer go together")
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()

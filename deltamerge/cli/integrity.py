@@ -97,7 +97,8 @@ def checksum_cmd(folders: tuple[str, ...], output: str | None, algorithm: str, a
 @handle_errors
 def verify_cmd(folder: str, manifest: str, role: str, algorithm: str | None,
                signer_key: str | None, signer_root: str | None, signer_name: str | None,
-               as_json: bool, quiet: bool, token: str | None, revision: str | None,
+               signer_identity: str | None, signer_issuer: str | None, as_json: bool,
+               quiet: bool, token: str | None, revision: str | None,
                cache_dir: str | None) -> None:
     """Check every tensor of DIR against a manifest's digests.
 
@@ -115,7 +116,7 @@ def verify_cmd(folder: str, manifest: str, role: str, algorithm: str | None,
     from ..integrity.checks import verify  # deferred so --help and --version answer without loading torch
 
     folder, manifest = with_revision([folder, manifest], revision)
-    pin = signer_pin(signer_key, signer_root, signer_name)
+    pin = signer_pin(signer_key, signer_root, signer_name, signer_identity, signer_issuer)
     signed = _check_signer(manifest, pin) if pin else None
     hub = hub_setup(token, cache_dir, quiet)
     report = verify(folder, manifest, role, progress=not quiet and not as_json, hub=hub,
@@ -152,7 +153,7 @@ def _check_signer(manifest: str, pin):
 
     path = Path(manifest).expanduser()
     if not path.exists():
-        raise InputError(f"{manifest}: --signer-key/--signer-root check a local folder's "
+        raise InputError(f"{manifest}: --signer-* options check a local folder's "
                          "model.sig: download the signed folder and give its path")
     return verify_folder(path if path.is_dir() else path.parent, pin)
 

@@ -69,8 +69,8 @@ PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); 
 @handle_errors
 def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expect_md5, key_md5,
               resume, lora_alpha, lora_r, lora_prefix, push_to, as_json, fmt, outtype, mp,
-              signer_key, signer_root, signer_name, token, revision, cache_dir, max_shard_size,
-              block_size, force, workers, quiet) -> None:
+              signer_key, signer_root, signer_name, signer_identity, signer_issuer, token,
+              revision, cache_dir, max_shard_size, block_size, force, workers, quiet) -> None:
     """Rebuild a model from BASE and one or more DELTAs into OUT.
 
     BASE and each DELTA are local folders (or Hub repo ids, REPO@REV for a revision). Several
@@ -100,7 +100,7 @@ def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expec
         progress=not quiet, resume=resume, expect_md5=expect_md5, key_md5=key_md5, qlora=qlora,
         qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
         hub=hub, format=fmt, outtype=outtype, mp=int(mp) if mp else None,
-        signer=signer_pin(signer_key, signer_root, signer_name),
+        signer=signer_pin(signer_key, signer_root, signer_name, signer_identity, signer_issuer),
     )
     if not quiet and not as_json:
         _print_apply(result, base, deltas, no_verify)
@@ -191,8 +191,8 @@ def print_digests(result, verdict: str) -> None:
 @common_run_options
 @handle_errors
 def make_delta_cmd(base, target, out, kind, resume, push_to, as_json, sign_key, sign_cert,
-                   sign_chain, token, revision, cache_dir, max_shard_size, block_size, force,
-                   workers, quiet) -> None:
+                   sign_chain, sign_sigstore, token, revision, cache_dir, max_shard_size,
+                   block_size, force, workers, quiet) -> None:
     """Write the delta of TARGET against BASE into OUT, with a deltamerge.json manifest.
 
     BASE and TARGET are local folders or Hub repo ids; the manifest records where the base came
@@ -211,7 +211,7 @@ def make_delta_cmd(base, target, out, kind, resume, push_to, as_json, sign_key, 
         base, target, out, kind=kind, max_shard_size=max_shard_size,
         block_size=block_size or DEFAULT_BLOCK_BYTES, force=force,
         workers=workers or default_workers(), progress=not quiet, resume=resume, hub=hub,
-        sign=signing_key(sign_key, sign_cert, sign_chain),
+        sign=signing_key(sign_key, sign_cert, sign_chain, sign_sigstore),
     )
     if not quiet and not as_json:
         _print_make(result)

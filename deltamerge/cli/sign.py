@@ -37,6 +37,10 @@ def signing_options(prefix: str) -> Callable[[Callable], Callable]:
         click.option(f"{prefix}chain", "sign_chain", type=PEM, multiple=True, metavar="CHAIN.pem",
                      help="The certificates from the signing certificate up to its root "
                           "(repeatable; needed with a certificate)."),
+        click.option(f"{prefix}sigstore", "sign_sigstore", is_flag=True,
+                     help="Sign with Sigstore instead of a key: a certificate for your OIDC "
+                          "identity (ambient credentials in CI, else a browser login), logged "
+                          "publicly in Rekor."),
     ])
 
 
@@ -52,27 +56,37 @@ def pin_options(fn: Callable) -> Callable:
         click.option("--signer-name", default=None, metavar="NAME",
                      help="With --signer-root: the signing certificate's subject, as RFC 4514 "
                           "(CN=...,O=..., compared whole) or its common name alone."),
+        click.option("--signer-identity", default=None, metavar="EMAIL|URI",
+                     help="Refuse unless model.sig is a Sigstore signature by this identity "
+                          "(with --signer-issuer)."),
+        click.option("--signer-issuer", default=None, metavar="URL",
+                     help="With --signer-identity: the OIDC issuer that vouched for it "
+                          "(e.g. https://github.com/login/oauth)."),
     ])
 
 
-def signing_key(key: str | None, cert: str | None, chain: tuple[str, ...]) -> SigningKey | None:
-    """The library's ``sign=`` for the signing options (None when no key is given)."""
-    if key is None:
+def signing_key(key: str | None, cert: str | None, chain: tuple[str, ...],
+                sigstore: bool = False) -> SigningKey | None:
+    """The library's ``sign=`` for the signing options (None when no signer is given)."""
+    if key is None and not sigstore:
         if cert or chain:
             raise click.UsageError("a certificate signs with its private key: give the key too")
         return None
     from ..integrity.signing import SigningKey
 
-    return SigningKey(Path(key), Path(cert) if cert else None, tuple(Path(c) for c in chain))
+    return SigningKey(Path(key) if key else None, Path(cert) if cert else None,
+                      tuple(Path(c) for c in chain), sigstore)
 
 
-def signer_pin(key: str | None, root: str | None, name: str | None) -> SignerPin | None:
+def signer_pin(key: str | None, root: str | None, name: str | None, identity: str | None = None,
+               issuer: str | None = None) -> SignerPin | None:
     """The library's ``signer=`` for the ``--signer-*`` options (None when none is given)."""
-    if key is None and root is None and name is None:
+    if all(v is None for v in (key, root, name, identity, issuer)):
         return None
     from ..integrity.signing import SignerPin
 
-    return SignerPin(Path(key) if key else None, Path(root) if root else None, name)
+    return SignerPin(Path(key) if key else None, Path(root) if root else None, name, identity,
+                     issuer)
 
 
 @click.command("sign", context_settings=HELP)
@@ -80,7 +94,7 @@ def signer_pin(key: str | None, root: str | None, name: str | None) -> SignerPin
 @signing_options("--")
 @handle_errors
 def sign_cmd(folder: str, sign_key: str | None, sign_cert: str | None,
-             sign_chain: tuple[str, ...]) -> None:
+             sign_chain: tuple[str, ...], sign_sigstore: bool) -> None:
     """Sign every file of DIR into DIR/model.sig (OpenSSF Model Signing, sha256 per file).
 
     Any tool that reads the format checks it (`model_signing verify key DIR --signature
@@ -91,12 +105,14 @@ def sign_cmd(folder: str, sign_key: str | None, sign_cert: str | None,
     Examples:
       deltamerge sign ./my-delta --key signing-key.pem
       deltamerge sign ./my-delta --key leaf-key.pem --cert leaf.pem --chain chain.pem
+      deltamerge sign ./my-delta --sigstore
     """
     from ..integrity.signing import sign_folder
 
-    signing = signing_key(sign_key, sign_cert, sign_chain)
+    signing = signing_key(sign_key, sign_cert, sign_chain, sign_sigstore)
     if signing is None:
-        raise click.UsageError("sign needs --key (and --cert/--chain for a certificate)")
+        raise click.UsageError("sign needs --key (and --cert/--chain for a certificate) or "
+                               "--sigstore")
     signer = sign_folder(Path(folder), signing)
     say(f"signed {folder}/model.sig by {signer.describe()}")
 

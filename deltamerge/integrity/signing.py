@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, SignatureError
+from ..errors import InputError, SignatureError, WorkError
 
 SIGNATURE_NAME = "model.sig"
 INSTALL_HINT = "pip install 'deltamerge[sign]'"
@@ -37,13 +37,18 @@ INSTALL_HINT = "pip install 'deltamerge[sign]'"
 @dataclass(frozen=True)
 class SigningKey:
     """What a publisher signs with: an EC private key, and for a certificate signer its
-    certificate and the chain up to the root (the package needs at least one chain file)."""
+    certificate and the chain up to the root (the package needs at least one chain file); or
+    ``sigstore``: a short-lived Fulcio certificate for the signer's OIDC identity (ambient
+    credentials in CI, else the browser flow), logged in Rekor (needs the network)."""
 
-    key: Path
+    key: Path | None = None
     cert: Path | None = None
     chain: tuple[Path, ...] = ()
+    sigstore: bool = False
 
     def __post_init__(self) -> None:
+        if (self.key is None) != self.sigstore:
+            raise InputError("sign with one of a key (--sign-key) and Sigstore (--sign-sigstore)")
         if self.cert is not None and not self.chain:
             raise InputError("--sign-cert needs --sign-chain: the certificates up to the root")
         if self.cert is None and self.chain:
@@ -54,15 +59,22 @@ class SigningKey:
 class SignerPin:
     """What the consumer trusts, from another channel than the folder: a public key, or a
     certificate root and the leaf's subject (an RFC 4514 string when it holds ``=``, e.g.
-    ``CN=Alice,O=Example``; otherwise the leaf's common name)."""
+    ``CN=Alice,O=Example``; otherwise the leaf's common name); or a Sigstore identity (the
+    certificate's email or URI) and the OIDC issuer that vouched for it, both required, checked
+    against Sigstore's public trust root."""
 
     key: Path | None = None
     root: Path | None = None
     name: str | None = None
+    identity: str | None = None
+    issuer: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.key is None) == (self.root is None):
-            raise InputError("give one of --signer-key and --signer-root")
+        if sum(x is not None for x in (self.key, self.root, self.identity)) != 1:
+            raise InputError("give one of --signer-key, --signer-root and --signer-identity")
+        if (self.identity is None) != (self.issuer is None):
+            raise InputError("--signer-identity and --signer-issuer go together: Sigstore vouches "
+                             "for an identity as one issuer saw it")
         if self.root is not None and not self.name:
             raise InputError("--signer-root needs --signer-name: the root vouches for every "
                              "certificate it issued, the name says which one signs")
@@ -73,8 +85,8 @@ class SignerPin:
 @dataclass(frozen=True)
 class Signer:
     """Who signed a folder: ``method`` "key" (``identity`` the public key's fingerprint, sha256
-    of its DER SubjectPublicKeyInfo) or "certificate" (``identity`` the leaf's RFC 4514
-    subject); ``verified`` when the signature was checked against a pin."""
+    of its DER SubjectPublicKeyInfo), "certificate" (``identity`` the leaf's RFC 4514 subject)
+    or "sigstore" (the pinned identity and issuer); ``verified`` when checked against a pin."""
 
     method: str
     identity: str
@@ -107,6 +119,8 @@ class SignatureCheck:
 def check_signing_key(signing: SigningKey) -> None:
     """Before a long run that ends in a signature: the package is installed and the files load."""
     _package()
+    if signing.sigstore:
+        return
     _private_key(_need(signing.key, "--sign-key"))
     for path in (signing.cert, *signing.chain):
         if path is not None:
@@ -125,7 +139,9 @@ def sign_folder(folder: Path, signing: SigningKey, *, ignore: tuple[str, ...] = 
     check_signing_key(signing)
     config = ms.signing.Config()
     try:
-        if signing.cert is None:
+        if signing.sigstore:
+            config.use_sigstore_signer(use_ambient_credentials=True)
+        elif signing.cert is None:
             config.use_elliptic_key_signer(private_key=signing.key)
         else:
             config.use_certificate_signer(private_key=signing.key, signing_certificate=signing.cert,
@@ -135,11 +151,15 @@ def sign_folder(folder: Path, signing: SigningKey, *, ignore: tuple[str, ...] = 
             made = Path(scratch) / SIGNATURE_NAME
             config.sign(folder, made)
             data = made.read_bytes()
-    except (ValueError, TypeError, OSError) as exc:
+    except Exception as exc:  # Sigstore's network, OIDC and log errors, the key's ValueError
+        if signing.sigstore:  # the folder is complete: a run kept for --resume can sign it again
+            raise WorkError(f"{folder}: Sigstore could not sign: {_first_line(exc)}") from None
         raise InputError(f"{folder}: cannot sign: {_first_line(exc)}") from None
     part = folder / f".{SIGNATURE_NAME}.partial"
     part.write_bytes(data)
     os.replace(part, folder / SIGNATURE_NAME)
+    if signing.sigstore:
+        return Signer("sigstore", _sigstore_identity(data))
     if signing.cert is None:
         return Signer("key", _fingerprint(_private_key(signing.key).public_key()))
     return Signer("certificate", _subject(_leaf(data)))
@@ -173,6 +193,8 @@ def verify_folder(folder: Path, pin: SignerPin, *, symlinks: bool = False) -> Si
     if pin.key is not None:
         _need(pin.key, "--signer-key")
         signer = Signer("key", _fingerprint(_public_key(pin.key)))
+    elif pin.identity is not None:
+        signer = Signer("sigstore", f"{pin.identity} (issuer {pin.issuer})")
     else:
         _need(pin.root, "--signer-root")
         signer = Signer("certificate", _pinned_subject(folder, data, pin.name or ""))
@@ -180,6 +202,8 @@ def verify_folder(folder: Path, pin: SignerPin, *, symlinks: bool = False) -> Si
     try:
         if pin.key is not None:
             config.use_elliptic_key_verifier(public_key=pin.key)
+        elif pin.identity is not None:
+            config.use_sigstore_verifier(identity=pin.identity, oidc_issuer=pin.issuer)
         else:
             config.use_certificate_verifier(certificate_chain=[pin.root])
         config.set_hashing_config(_hashing(ms, (SIGNATURE_NAME,), symlinks=symlinks))
@@ -192,8 +216,26 @@ def verify_folder(folder: Path, pin: SignerPin, *, symlinks: bool = False) -> Si
         if files:
             raise SignatureError(f"{folder}: the files are not the ones signed: {files}") from None
         raise SignatureError(f"{folder}: the signature does not check against the pinned "
-                             f"{'key' if pin.key else 'root'}: {_first_line(exc)}") from None
+                             f"{_pinned(pin)}: {_first_line(exc)}") from None
     return signer
+
+
+def _pinned(pin: SignerPin) -> str:
+    return "key" if pin.key else "root" if pin.root else "Sigstore identity"
+
+
+def _sigstore_identity(data: bytes) -> str:
+    """The email or URI a Sigstore bundle's Fulcio certificate was issued to, for the summary
+    (what a verifier pins with --signer-identity)."""
+    from cryptography import x509
+
+    try:
+        raw = json.loads(data)["verificationMaterial"]["certificate"]["rawBytes"]
+        cert = x509.load_der_x509_certificate(base64.b64decode(raw))
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return str(next(iter(names)).value)
+    except (ValueError, KeyError, TypeError, StopIteration, x509.ExtensionNotFound):
+        return "a Sigstore certificate"
 
 
 def _files_at_fault(message: str) -> str:
