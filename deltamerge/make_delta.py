@@ -25,6 +25,7 @@ from .engine.journal import JOURNAL_NAME, Journal, fingerprint, open_partial, re
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
 from .engine.stream import ShardDone, WrittenFile
 from .errors import InputError, InterruptedRun, WorkError
+from .hub.model_card import CARD_NAME
 from .integrity.digest import TensorDigest, TensorHasher, file_digest, hash_tensor
 from .integrity.manifest import MANIFEST_NAME, FileEntry, Manifest, Role
 from .integrity.signing import SigningKey, check_signing_key, sign_folder
@@ -146,8 +147,8 @@ def _make_locked(
                 base_source=_base_source(base_in), delta_id=marks.delta_id,
             )
             manifest.write(tmp / MANIFEST_NAME)
-            # The journal is the partial folder's, removed once published: not signed.
-            signer = sign_folder(tmp, sign, ignore=(JOURNAL_NAME,)) if sign else None
+            # Not signed: the journal (removed once published) and the model card push adds.
+            signer = sign_folder(tmp, sign, ignore=(JOURNAL_NAME, CARD_NAME)) if sign else None
             publish(tmp, out)
             (out / JOURNAL_NAME).unlink(missing_ok=True)
         except (KeyboardInterrupt, WorkError) as exc:

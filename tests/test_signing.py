@@ -139,6 +139,9 @@ def test_make_delta_signs_the_finished_folder_and_apply_checks_it(made, tmp_path
         json.loads((made.delta / SIGNATURE_NAME).read_bytes())["dsseEnvelope"]["payload"]))
     signed = {r["name"]: r for r in statement["predicate"]["resources"]}
     assert set(signed) == set(files) - {SIGNATURE_NAME}  # every file, the manifest included
+    ignored = statement["predicate"]["serialization"]["ignore_paths"]
+    git = {".git", ".github", ".gitattributes", ".gitignore"}  # as the format's tool leaves out
+    assert set(ignored) - git == {SIGNATURE_NAME, "journal.jsonl", "README.md"}  # card: push's
     assert {r["algorithm"] for r in signed.values()} == {"sha256"}
 
     out = tmp_path / "out"
@@ -296,6 +299,11 @@ def test_push_uploads_the_signature_and_a_hub_delta_is_checked(hub, made, tmp_pa
     pushed = invoke("push", made.delta, "alice/signed-delta", "-q")
     assert pushed.exit_code == 0, pushed.output
     assert hub.files("alice/signed-delta")[SIGNATURE_NAME] == (made.delta / SIGNATURE_NAME).read_bytes()
+    clone = Path(shutil.copytree(made.delta, tmp_path / "clone"))  # the repo as git clones it
+    for name, data in hub.files("alice/signed-delta").items():
+        (clone / name).write_bytes(data)  # with the card push wrote, and .gitattributes
+    assert {"README.md", ".gitattributes"} <= {p.name for p in clone.iterdir()}
+    assert verify_folder(clone, SignerPin(key=made.alice.public)).identity == made.alice.fingerprint
     out = tmp_path / "out"
     result = invoke("apply", made.base, "alice/signed-delta", out, "--signer-key",
                     made.alice.public)
