@@ -93,8 +93,7 @@ class Signer:
     verified: bool = True
 
     def describe(self) -> str:
-        what = "key" if self.method == "key" else "certificate"
-        return f"{what} {self.identity}"
+        return f"{self.method} {self.identity}"
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "signer": self.identity, "verified": self.verified}
@@ -186,8 +185,8 @@ def verify_folder(folder: Path, pin: SignerPin, *, symlinks: bool = False) -> Si
     folder = Path(folder)
     sig = folder / SIGNATURE_NAME
     if not sig.is_file() or (sig.is_symlink() and not symlinks):
-        raise SignatureError(f"{folder}: no {SIGNATURE_NAME}: the folder is not signed, and a "
-                             "signer was pinned")
+        what = "a symlink, not a file" if sig.is_symlink() else "the folder is not signed"
+        raise SignatureError(f"{folder}: no {SIGNATURE_NAME} ({what}), and a signer was pinned")
     ms = _package()
     data = sig.read_bytes()
     if pin.key is not None:
