@@ -34,6 +34,7 @@ from .integrity.checks import checksum
 from .integrity.delta_checks import finish_delta_checks, plan_delta_checks
 from .integrity.digest import DEFAULT_ALGORITHM, TensorDigest, model_digest
 from .integrity.manifest import Manifest, Role, check_base_dtypes, find_manifest
+from .integrity.signing import SignatureCheck, SignerPin, check_folder
 from .kinds import ApplyOptions, Kind, is_non_weight
 from .kinds.add import VOCAB_TENSORS
 from .kinds.detect import WHOLE_FILE_KINDS, detect_kind, open_kind, whole_file_kind
@@ -62,7 +63,7 @@ from .sinks.safetensors import write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import is_aux_file
-from .sources.inputs import Resolved, need_folders
+from .sources.inputs import Resolved, hub_repo_id, need_folders
 from .sources.resolve import input_region, resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
@@ -99,6 +100,7 @@ def apply_delta(
     outtype: str | None = None,
     mp: int | None = None,
     allow_repeat: bool = False,
+    signer: SignerPin | None = None,
 ) -> ApplyResult:
     """Rebuild ``base`` + ``delta`` (or a chain of deltas, applied in order) into ``out``.
 
@@ -131,6 +133,9 @@ def apply_delta(
     ``block_size`` (bytes, or a size such as ``"24MB"``) bounds each row block's buffers;
     ``extra_files`` maps plain file names to the bytes (or the path of a file) to add to ``out``.
     Arguments of the wrong type are an :class:`~deltamerge.errors.InputError` naming them.
+
+    ``signer`` pins who must have signed every delta (its ``model.sig``, OMS format): each
+    signature is checked before any weight is read, and the result records who signed.
     """
     deltas = args.paths("delta", delta)
     if not deltas:
@@ -142,7 +147,7 @@ def apply_delta(
         workers=workers, progress=progress, extra_files=extra_files, hub=hub,
         expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
         qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
-        format=format, outtype=outtype, mp=mp, allow_repeat=allow_repeat,
+        format=format, outtype=outtype, mp=mp, allow_repeat=allow_repeat, signer=signer,
     )
 
 
@@ -154,7 +159,7 @@ def run_apply(
     hub: dict | None, expect_md5: PathLike | None, key_md5: str | None, resume: bool,
     qlora: str | None, qlora_dtype: str | torch.dtype | None, lora_r: int | None,
     lora_alpha: float | None, lora_prefix: str | None, format: str, outtype: str | None,
-    mp: int | None, allow_repeat: bool = False,
+    mp: int | None, allow_repeat: bool = False, signer: SignerPin | None = None,
 ) -> ApplyResult:
     """:func:`apply_delta` for a chain of any length: ``convert`` applies none (writing the base
     in another layout is applying an empty chain), which the public function refuses."""
@@ -206,7 +211,7 @@ def run_apply(
             workers=workers or 1, progress=progress, extra_files=extra_files, hub=hub,
             expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
             quant_dtype=quant_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
-            allow_repeat=allow_repeat, finished=finished,
+            allow_repeat=allow_repeat, finished=finished, signer=signer,
         )
 
 
@@ -233,12 +238,17 @@ def _apply_locked(
     expect_md5: PathLike | None, key_md5: str | None, resume: bool, qlora: str | None,
     quant_dtype: torch.dtype | None, lora_r: int | None, lora_alpha: float | None,
     lora_prefix: str | None, allow_repeat: bool, finished: dict | None,
+    signer: SignerPin | None,
 ) -> ApplyResult:
     """The run itself, under OUT's lock: nothing of OUT or its partial folder is touched before."""
+    local = {str(d): check_folder(Path(d).expanduser(), signer)
+             for d in deltas if hub_repo_id(d, "delta") is None}  # before anything reads them
     # Hub inputs: pair tensors and check space before the big downloads.
     hub = preflight(base, deltas, kind=kind, verify=verify, allow_repeat=allow_repeat, **(hub or {}))
     base_in = resolve_input(base, "base", **hub)
     delta_ins = [resolve_input(d, "delta", **hub) for d in deltas]
+    signed = [local.get(str(g)) or check_folder(d.path, signer, symlinks=True)  # a Hub snapshot
+              for g, d in zip(deltas, delta_ins)]
     if kind is None:
         whole = next((k for d in delta_ins if (k := whole_file_kind(d.path))), None)
     else:
@@ -253,8 +263,9 @@ def _apply_locked(
         if fmt.name != "hf":
             raise InputError(f"--format {fmt.name}: {whole} deltas decode the publisher's files as "
                              "they are: decode with --format hf")
-        return _apply_whole_files(whole, base_in, delta_ins, out, out_dtype, force, verify,
-                                  expect_md5, key_md5, progress, resume, workers)
+        return _signed(_apply_whole_files(whole, base_in, delta_ins, out, out_dtype, force,
+                                          verify, expect_md5, key_md5, progress, resume, workers),
+                       delta_ins, signed)
     _refuse_md5_options(None, expect_md5, key_md5)
 
     base_ckpt = open_checkpoint(base_in.path)
@@ -344,6 +355,7 @@ def _apply_locked(
             if checked and (checked.kept or checked.redone):
                 result.notes.append(checked.note())
             _compare_result(result, manifests, out_digests, out_dtype, new_rows, qlora)
+            _signed(result, delta_ins, signed)
             record = _record(base_in, delta_ins, result, written if sink.converts else out_digests,
                              out_dtype, new_rows)
             record["options"].update(fmt.options())
@@ -618,6 +630,13 @@ def _compare_result(
     )
 
 
+def _signed(result: ApplyResult, deltas: list[Resolved], checks: list[SignatureCheck]) -> ApplyResult:
+    """Who signed each signed delta (verified against the pin, or said to be unchecked)."""
+    result.signatures = [{**d.describe(), **c.to_json()} for d, c in zip(deltas, checks) if c.signed]
+    result.notes.extend(note for c in checks for note in c.notes)
+    return result
+
+
 def _record(
     base: Resolved,
     deltas: list[Resolved],
@@ -636,4 +655,5 @@ def _record(
         "algorithm": result.algorithm,
         "result": Role.of(digests, result.algorithm).to_json(),
         "publisher_digest": result.publisher_digest,
+        **({"signatures": result.signatures} if result.signatures else {}),
     }

@@ -48,6 +48,12 @@ class OutputBusyError(InputError):
     """Another run holds OUT's lock: one writer per OUT, so this one is refused at once."""
 
 
+class SignatureError(InputError):
+    """A pinned signer's signature is missing, is another signer's, or no longer covers the
+    folder's files (one changed, added or removed after signing); checked before any weight is
+    read, so nothing was written."""
+
+
 class VerificationError(DeltaMergeError):
     """A checksum did not match: the base is not the publisher's, or a file was corrupted."""
 

@@ -28,8 +28,10 @@ from .engine.stream import ShardDone, WrittenFile
 from .errors import InputError, InterruptedRun, WorkError
 from .formats.xor_zstd import DEFAULT_LEVEL
 from .formats.xor_zstd import KIND as XOR_ZSTD
+from .hub.model_card import CARD_NAME
 from .integrity.digest import TensorDigest, TensorHasher, file_digest, hash_tensor
 from .integrity.manifest import MANIFEST_NAME, FileEntry, Manifest, Role
+from .integrity.signing import SigningKey, check_signing_key, sign_folder
 from .kinds import Step, is_non_weight
 from .kinds.add import MakeAddStep, check_pairing
 from .kinds.marks import MARKED_KINDS, Marks, delta_id
@@ -71,6 +73,7 @@ def make_delta(
     resume: bool = False,
     compress: bool = False,
     compress_level: int = DEFAULT_LEVEL,
+    sign: SigningKey | None = None,
 ) -> MakeDeltaResult:
     """Write ``target - base`` (or ``target XOR base``) to ``out`` with a ``deltamerge.json``.
 
@@ -80,6 +83,8 @@ def make_delta(
     keeping the journaled shards whose files still hash to what the journal recorded.
     ``compress`` (XOR only) stores the delta zstd-compressed at ``compress_level``
     (``formats/xor_zstd.py``), as kind ``xor-zstd``.
+    ``sign`` writes ``model.sig`` over the finished folder before it is published, so OUT never
+    appears unsigned (``integrity/signing.py``).
     """
     base, target = args.path("base", base), args.path("target", target)
     out = Path(args.path("out", out)).expanduser()
@@ -98,19 +103,21 @@ def make_delta(
     workers = args.integer("workers", workers)
     progress = args.progress(progress)
     hub = args.hub(hub)
+    if sign is not None:
+        check_signing_key(sign)  # a missing package or key fails before the long run
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in
                          ((base, "base"), (target, "target"))])
     check_out(out, force)
     with hold(out):
         check_out(out, force)  # again under the lock: a run that held it may have published
         return _make_locked(base, target, out, kind, shard_bytes, block_size, workers or 1,
-                            progress, hub or {}, resume, force, compress_level)
+                            progress, hub or {}, resume, force, compress_level, sign)
 
 
 def _make_locked(
     base: PathLike, target: PathLike, out: Path, kind: str, shard_bytes: int, block_size: int,
     workers: int, progress: bool | Callable[[int, int], None], hub: dict, resume: bool,
-    force: bool, level: int,
+    force: bool, level: int, sign: SigningKey | None,
 ) -> MakeDeltaResult:
     """The run itself, under OUT's lock: a leftover partial folder is touched only under it."""
     base_in = resolve_input(base, "base", **hub)
@@ -167,6 +174,8 @@ def _make_locked(
                 base_source=_base_source(base_in), delta_id=marks.delta_id,
             )
             manifest.write(tmp / MANIFEST_NAME)
+            # Not signed: the journal (removed once published) and the model card push adds.
+            signer = sign_folder(tmp, sign, ignore=(JOURNAL_NAME, CARD_NAME)) if sign else None
             publish(tmp, out, force)
             (out / JOURNAL_NAME).unlink(missing_ok=True)
         except OutputTakenError:
@@ -195,7 +204,7 @@ def _make_locked(
         out, kind, len(jobs), sum(j.out.numel for j in jobs),
         mismatches + sum(k.mismatches for k in kept.values()), manifest.base.model_digest,
         manifest.result.model_digest, written, run.seconds, peak_rss_bytes(), notes,
-        overflowed,
+        overflowed, signed_by=signer.to_json() if signer else None,
     )
 
 

@@ -33,6 +33,8 @@ class ApplyResult:
     # gguf and meta: model_digest is of the tensors as written; this one of the merge's tensors
     # before conversion, which the publisher's digest is of (and is compared with)
     merged_digest: str | None = None
+    # each delta's model.sig as checked: its signer and verified, or {"signed", "verified": False}
+    signatures: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """Every field, paths as strings: what ``apply --json`` prints for pipelines."""
@@ -53,6 +55,7 @@ class MakeDeltaResult:
     peak_rss: int  # this process's own peak resident memory (VmHWM), in bytes
     notes: list[str] = field(default_factory=list)
     overflowed: list[str] = field(default_factory=list)  # tensors whose delta holds Inf (overflow)
+    signed_by: dict | None = None  # model.sig's signer (integrity.signing.Signer.to_json)
 
     def to_json(self) -> dict:
         """Every field, paths as strings: what ``make-delta --json`` prints."""

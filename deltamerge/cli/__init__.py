@@ -1,7 +1,7 @@
 """The command line: a thin layer over the library that prints results and maps errors to exits.
 
 Each command group is one module (``run``: apply, make-delta; ``convert``; ``hub``: push;
-``integrity``: checksum, verify, inspect, diff) defining plain click commands; they are put
+``integrity``: checksum, verify, inspect, diff; ``sign``: sign) defining plain click commands; they are put
 together on :func:`main` here and nowhere else. The library is imported inside each command,
 when it runs, so that ``--help`` and ``--version`` answer without loading torch.
 """
@@ -20,6 +20,7 @@ from .convert import convert_cmd
 from .hub import push_cmd
 from .integrity import checksum_cmd, diff_cmd, inspect_cmd, verify_cmd
 from .run import apply_cmd, make_delta_cmd
+from .sign import sign_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,6 +42,6 @@ def main(debug: bool) -> None:
 
 
 for _command in (apply_cmd, make_delta_cmd, convert_cmd, push_cmd, checksum_cmd, verify_cmd,
-                 inspect_cmd, diff_cmd):
+                 inspect_cmd, diff_cmd, sign_cmd):
     _command.params.append(debug_option())  # `deltamerge CMD --debug ...` as well as before CMD
     main.add_command(_command)

@@ -14,6 +14,7 @@ import click
 
 from ..errors import VerificationError
 from .common import handle_errors, hub_options, hub_setup, human, print_json, say, with_revision
+from .sign import pin_options, signer_pin
 
 HELP = {"help_option_names": ["-h", "--help"]}
 
@@ -90,16 +91,21 @@ def checksum_cmd(folders: tuple[str, ...], output: str | None, algorithm: str, a
 @click.option("-a", "--algorithm", type=ALGORITHM_CHOICE, default=None,
               help="Insist on the manifest's digests being in this algorithm (default: compare "
                    "in whichever the manifest holds: sha256 for format 1, blake3 for format 2).")
+@pin_options
 @_json_option
 @_quiet_option
 @handle_errors
-def verify_cmd(folder: str, manifest: str, role: str, algorithm: str | None, as_json: bool,
+def verify_cmd(folder: str, manifest: str, role: str, algorithm: str | None,
+               signer_key: str | None, signer_root: str | None, signer_name: str | None,
+               signer_identity: str | None, signer_issuer: str | None, as_json: bool,
                quiet: bool, token: str | None, revision: str | None,
                cache_dir: str | None) -> None:
     """Check every tensor of DIR against a manifest's digests.
 
     DIR is hashed in the algorithm of the manifest (format 1: sha256, format 2: blake3). Exits 0
-    when all match, 1 listing every tensor that is missing, extra or different.
+    when all match, 1 listing every tensor that is missing, extra or different. With
+    --signer-key or --signer-root, the local folder holding the manifest (the delta) must be
+    signed by that signer first (its model.sig, every file unchanged), or DIR is not read.
 
     \b
     Examples:
@@ -110,12 +116,16 @@ def verify_cmd(folder: str, manifest: str, role: str, algorithm: str | None, as_
     from ..integrity.checks import verify  # deferred so --help and --version answer without loading torch
 
     folder, manifest = with_revision([folder, manifest], revision)
+    pin = signer_pin(signer_key, signer_root, signer_name, signer_identity, signer_issuer)
+    signed = _check_signer(manifest, pin) if pin else None
     hub = hub_setup(token, cache_dir, quiet)
     report = verify(folder, manifest, role, progress=not quiet and not as_json, hub=hub,
                     algorithm=algorithm)
     if as_json:
-        print_json(report.to_json())
+        print_json({**report.to_json(), **({"signature": signed.to_json()} if signed else {})})
     else:
+        if signed:
+            say(f"signed   {signed.describe()} (verified: model.sig of the manifest's folder)")
         for name in report.missing:
             say(f"missing  {name}")
         for name in report.extra:
@@ -131,6 +141,21 @@ def verify_cmd(folder: str, manifest: str, role: str, algorithm: str | None, as_
     if not as_json:
         say(f"OK  {folder} matches the {role} in {manifest}: {report.matched} tensors, "
                    f"model digest {report.algorithm} {report.model_digest}")
+
+
+def _check_signer(manifest: str, pin):
+    """The manifest's own folder's signature, checked before anything is hashed: it is what
+    makes the manifest the publisher's."""
+    from pathlib import Path
+
+    from ..errors import InputError
+    from ..integrity.signing import verify_folder
+
+    path = Path(manifest).expanduser()
+    if not path.exists():
+        raise InputError(f"{manifest}: --signer-* options check a local folder's "
+                         "model.sig: download the signed folder and give its path")
+    return verify_folder(path if path.is_dir() else path.parent, pin)
 
 
 @click.command("inspect", context_settings=HELP)

@@ -21,6 +21,7 @@ from .common import (
     say,
     with_revision,
 )
+from .sign import pin_options, signer_pin, signing_key, signing_options
 
 PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); the token and "
              "the repo id are checked before any work, and the repo is created by the push.")
@@ -66,13 +67,14 @@ PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); 
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as JSON (the library's ApplyResult) instead of the summary.")
 @format_options
+@pin_options
 @hub_options
 @common_run_options
 @handle_errors
 def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expect_md5, key_md5,
               resume, lora_alpha, lora_r, lora_prefix, allow_repeat, push_to, as_json, fmt, outtype,
-              mp, token, revision, cache_dir, max_shard_size, block_size, force, workers,
-              quiet) -> None:
+              mp, signer_key, signer_root, signer_name, signer_identity, signer_issuer, token,
+              revision, cache_dir, max_shard_size, block_size, force, workers, quiet) -> None:
     """Rebuild a model from BASE and one or more DELTAs into OUT.
 
     BASE and each DELTA are local folders (or Hub repo ids, REPO@REV for a revision). Several
@@ -103,6 +105,7 @@ def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expec
         qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
         hub=hub, format=fmt, outtype=outtype, mp=int(mp) if mp else None,
         allow_repeat=allow_repeat,
+        signer=signer_pin(signer_key, signer_root, signer_name, signer_identity, signer_issuer),
     )
     if not quiet and not as_json:
         _print_apply(result, base, deltas, no_verify)
@@ -151,6 +154,9 @@ def _print_apply(result, base: str, deltas: list[str], no_verify: bool) -> None:
     say(f"  peak mem  {mib(result.peak_rss)}")
     for note in result.notes:
         say(f"  note      {note}")
+    for signed in result.signatures:
+        if signed["verified"]:
+            say(f"  signed    by {signed['method']} {signed['signer']} (verified)")
     if result.verified:
         verdict = "matches the publisher's result"
     elif no_verify:
@@ -190,11 +196,13 @@ def print_digests(result, verdict: str) -> None:
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None, help=PUSH_HELP)
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as JSON (the library's MakeDeltaResult) instead of the summary.")
+@signing_options("--sign-")
 @hub_options
 @common_run_options
 @handle_errors
-def make_delta_cmd(base, target, out, kind, compress, compress_level, resume, push_to, as_json, token,
-                   revision, cache_dir, max_shard_size, block_size, force, workers, quiet) -> None:
+def make_delta_cmd(base, target, out, kind, compress, compress_level, resume, push_to, as_json,
+                   sign_key, sign_cert, sign_chain, sign_sigstore, token, revision, cache_dir,
+                   max_shard_size, block_size, force, workers, quiet) -> None:
     """Write the delta of TARGET against BASE into OUT, with a deltamerge.json manifest.
 
     BASE and TARGET are local folders or Hub repo ids; the manifest records where the base came
@@ -214,6 +222,7 @@ def make_delta_cmd(base, target, out, kind, compress, compress_level, resume, pu
         block_size=block_size or DEFAULT_BLOCK_BYTES, force=force,
         workers=workers or default_workers(), progress=not quiet, resume=resume, hub=hub,
         compress=compress, compress_level=compress_level,
+        sign=signing_key(sign_key, sign_cert, sign_chain, sign_sigstore),
     )
     if not quiet and not as_json:
         _print_make(result)
@@ -232,3 +241,6 @@ def _print_make(result) -> None:
         say(f"  note           {note}")
     say(f"  base digest    blake3 {result.base_digest}")
     say(f"  result digest  blake3 {result.result_digest}")
+    if result.signed_by:
+        say(f"  signed by      {result.signed_by['method']} {result.signed_by['signer']} "
+            "(model.sig)")

@@ -36,6 +36,7 @@ from ..errors import (
 from ..formats.safetensors import Header, header_length, parse_header
 from ..integrity.digest import SHA256, file_digest
 from ..integrity.manifest import MANIFEST_NAME
+from ..integrity.signing import SIGNATURE_NAME
 from ..progress import step_bar
 from ..results import RESULT_RECORD
 from ..tensor_spec import TensorSpec
@@ -60,7 +61,8 @@ if TYPE_CHECKING:
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 META_SMALL = ("params.json", "checklist.chk")
-SMALL_FILES = (*AUX_FILES, MANIFEST_NAME, RESULT_RECORD, ADAPTER_CONFIG, *META_SMALL)
+# model.sig: a pinned signer's signature is checked over the snapshot (integrity/signing.py).
+SMALL_FILES = (*AUX_FILES, MANIFEST_NAME, RESULT_RECORD, ADAPTER_CONFIG, *META_SMALL, SIGNATURE_NAME)
 MAX_WORKERS = 8
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
