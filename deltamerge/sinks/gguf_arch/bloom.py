@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import gguf_kv
-from . import Arch, by_kind_order
+from .base import Arch, by_kind_order
 
 
 class Bloom(Arch):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import gguf_kv
-from . import Arch, blocks_order
+from .base import Arch, blocks_order
 
 
 def _heads(h: dict[str, Any]) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ...errors import FormatError, UnsupportedError
 from .. import gguf_kv
-from . import Arch
+from .base import Arch
 from .bpe import add_gpt2_vocab
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ...errors import UnsupportedError
 from .. import gguf_kv
-from . import Arch, by_kind_order
+from .base import Arch, by_kind_order
 
 
 class GPTNeoX(Arch):

@@ -15,7 +15,7 @@ import torch
 
 from ...errors import UnsupportedError
 from .. import gguf_kv
-from . import Arch
+from .base import Arch
 from .bpe import add_gpt2_vocab
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ...errors import FormatError, UnsupportedError
 from .. import gguf_kv
-from . import Arch
+from .base import Arch
 from .bpe import add_gpt2_vocab
 
 _USER_DEFINED, _CONTROL = 4, 3  # SentencePieceTokenTypes

@@ -12,7 +12,7 @@ from typing import Any
 
 from ...errors import UnsupportedError
 from .. import gguf_kv
-from . import Arch
+from .base import Arch
 from .bpe import add_gpt2_vocab
 
 
