@@ -18,6 +18,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from meta_helpers import hf_to_meta
 from test_gguf import sp_model, sp_vocab_size  # noqa: F401 - sp_model: the fixture, shared
 
 from deltamerge import apply_delta, convert, make_delta
+from deltamerge.engine.stream import Slot, _run_threads
 
 SWEEP = int(os.environ.get("DELTAMERGE_INTERRUPT_SWEEP", "1"))
 PARAMS = {"dim": 64, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-5, "multiple_of": 4,
@@ -211,8 +213,8 @@ def test_a_signal_at_start_up_ends_with_the_one_line(tmp_path, world, sig):
 
 
 # Sends SIGTERM to the process as numpy starts to be imported (torch imports it, and swallows an
-# exception raised there): before the fix the run went on and `--format meta` failed later with
-# "ImportError: cannot load module more than once per process", exit 1.
+# exception raised there): before the fix the signal was lost and the run went on (exit 0), or
+# `--format meta` failed later with "ImportError: cannot load module more than once per process".
 TERM_IN_IMPORT = """
 import importlib.abc, os, signal, sys
 class Trap(importlib.abc.MetaPathFinder):
@@ -256,3 +258,36 @@ def test_ctrl_c_after_out_is_published(tmp_path, world):
     one_line(proc, 130, "interrupted")
     apply_delta(world["base"], [world["delta"]], tmp_path / "ref")
     assert model_files(out) == model_files(tmp_path / "ref")
+
+
+def test_ctrl_c_waits_for_the_pipeline_threads():
+    """attack: Ctrl-C while the engine's feeder thread is inside a call that releases the GIL
+    (as a stage inside torch does) -> outcome: the KeyboardInterrupt leaves the engine only once
+    every thread is out of its work (was: Thread.join, interrupted, marked the live thread
+    stopped and returned; the process exited with it inside torch, and C++ aborted the process:
+    "terminate called without an active exception")."""
+    inside = []
+
+    class Item:
+        slot = None
+
+    def slow_blocks():
+        while True:
+            inside.append(1)
+            time.sleep(0.3)  # releases the GIL, as torch's kernels do
+            inside.pop()
+            yield Item()
+
+    def stage(b: Item) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            _run_threads(slow_blocks(), [stage], [Slot(1)])
+        timer.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert inside == []
