@@ -10,9 +10,14 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import Any
 
 from .version import __version__
+
+# typing (and with it re, collections, functools) is not imported at run time: the CLI's signal
+# handlers go in just after this package loads, and the sooner the better (deltamerge.interrupts).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _EXPORTS = {
     "apply_delta": "apply",

@@ -9,13 +9,12 @@ when it runs, so that ``--help`` and ``--version`` answer without loading torch.
 from __future__ import annotations
 
 import os
-import signal
 import warnings
 
 import click
 
 from ..version import __version__
-from .common import DEBUG, debug_option, interrupt, route_library_logs
+from .common import DEBUG, debug_option, route_library_logs
 from .convert import convert_cmd
 from .hub import push_cmd
 from .integrity import checksum_cmd, diff_cmd, inspect_cmd, verify_cmd
@@ -35,7 +34,6 @@ def main(debug: bool) -> None:
       deltamerge make-delta ./llama-7b ./my-finetune ./my-finetune-delta
     """
     DEBUG["on"] = debug or bool(os.environ.get("DELTAMERGE_DEBUG"))
-    signal.signal(signal.SIGTERM, interrupt)
     # torch warns on import when numpy is absent; deltamerge never uses numpy (not a dependency).
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     route_library_logs()

@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import click
 
-from ..errors import DeltaMergeError, Terminated, signal_status
+from ..errors import DeltaMergeError, signal_status
+from ..interrupts import running
 from ..sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 
 DEBUG = {"on": False}
@@ -90,12 +91,16 @@ def interrupted_message() -> str:
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """One line per failure, the documented exit status, a traceback only with --debug."""
+    """One line per failure, the documented exit status, a traceback only with --debug.
+
+    The command's work is ``interrupts.running()``: a signal raises there, and is reported here.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with running():
+                return fn(*args, **kwargs)
         except DeltaMergeError as exc:
             _fail(str(exc) or type(exc).__name__, exc.exit_code)
         except KeyboardInterrupt as exc:
@@ -125,11 +130,6 @@ def human(n: float) -> str:
 
 def mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
-
-
-def interrupt(signum: int, frame: object) -> None:
-    """SIGTERM stops a run as Ctrl-C does: cleanly, keeping its partial folder for --resume."""
-    raise Terminated
 
 
 def common_run_options(fn: Callable) -> Callable:
