@@ -5,10 +5,12 @@ parameters under ``base_model.model.<module>.<part>`` (``ia3_l``, ``hada_w1_a``,
 A type's module (``ia3.py``, ``loha.py``, ``lokr.py``, ``trainable_tokens.py``, ``vera.py``) names
 its parts and builds, per adapted module, a :class:`RowDelta` (or, for VeRA, a ``lora.Factors``):
 what its rows of the merge are. Every adapted module's weight is found in the base as LoRA's are
-(``targets.stored_name``), and merged by ``lora.LoraStep`` without a replacement: it needs only
-``merge`` (a block of rows) and ``release`` (the tensor is done) of what it is given. The
-tensors of ``modules_to_save``, saved under the model's own names, replace the base's in its
-dtype (what ``load_state_dict`` does to them), through the same step with a replacement.
+(``targets.stored_name``), once ``peft_targets`` has kept the modules the config selects (as
+for LoRA, with the type's own fields, layers and init: ``peft_targets.PEFT_TYPES``), and
+merged by ``lora.LoraStep`` without a replacement: it needs only ``merge`` (a block of rows)
+and ``release`` (the tensor is done) of what it is given. The tensors of ``modules_to_save``,
+saved under the model's own names, replace the base's in its dtype (what ``load_state_dict``
+does to them), through the same step with a replacement.
 
 peft loads an adapter's fp16/bf16 parameters as fp32 (``autocast_adapter_dtype``), computes the
 delta in fp32 and merges into the weight in its own dtype; a :class:`RowDelta` does the same
@@ -30,7 +32,8 @@ from ..tensor_spec import TensorSpec
 from . import ApplyOptions, Kind, RowInput, Scratch, Step, lora
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, FactorSource, LoraStep
 from .patterns import check_patterns, match_patterns
-from .targets import stored_name
+from .peft_targets import base_modules, check_targeting, own_fields, select_targets
+from .targets import LayerTypes, stored_name
 
 # peft_type in adapter_config.json -> the kind that merges it.
 PEFT_KINDS = {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr",
@@ -101,6 +104,8 @@ class AdapterKind(Kind):
         peft_type = self.config.get("peft_type")
         if peft_type != self.peft_type:
             raise UnsupportedError(f"{path}: peft_type {peft_type!r} is not {self.peft_type}")
+        self.config = own_fields(self.config, self.peft_type)
+        check_targeting(path, self.config, self.peft_type)
         for key, what in _UNSUPPORTED.items():
             if self.config.get(key):
                 raise UnsupportedError(
@@ -179,6 +184,11 @@ class AdapterKind(Kind):
             steps[name] = LoraStep(specs[name], specs[name], RowInput(self.checkpoint, key), None)
         return steps
 
+    def transposed(self, name: str) -> bool:
+        """peft's ``fan_in_fan_out`` for the weight ``name``: read off the layer, not the config
+        (peft resets it to false on ``nn.Linear``, to true on ``Conv1D``, with a warning)."""
+        return self.layer_types.conv1d(name)
+
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.checkpoint.specs[key].shape)
 
@@ -188,8 +198,26 @@ class AdapterKind(Kind):
     ) -> dict[str, RowDelta]:
         """The merge of each stored tensor ``module`` changes (its weight, IA3's bias too)."""
 
+    def select(
+        self, modules: dict[str, dict[str, str]], specs: dict[str, TensorSpec]
+    ) -> dict[str, dict[str, str]]:
+        """The modules peft adapts (``peft_targets``, as for LoRA): the parameters of any other
+        are unexpected keys to peft, dropped; a tied output layer's copy is kept for
+        ``tied_copy``. ``check_selection`` sees every selected module, with parameters or not."""
+        factored = {m: self.peft_type != "TRAINABLE_TOKENS" for m in modules
+                    if not self.tied_copy(m)}
+        base = base_modules((n, len(s.shape)) for n, s in specs.items())
+        targeted = select_targets(self.folder / ADAPTER_CONFIG, self.config, factored, base,
+                                  False, self.peft_type)
+        self.check_selection(targeted, specs)
+        return {m: p for m, p in modules.items() if m in targeted or m not in factored}
+
+    def check_selection(self, targeted: set[str], specs: dict[str, TensorSpec]) -> None:  # noqa: B027
+        """Refuse a selection that peft would size its shared tensors by differently (VeRA)."""
+
     def plan(self, specs: dict[str, TensorSpec], options: ApplyOptions):
-        modules = self.modules()
+        self.layer_types = LayerTypes(self.weights, specs)
+        modules = self.select(self.modules(), specs)
         self.prepare_plan(list(modules))
         steps = self._replacements(specs)
         for module, parts in modules.items():

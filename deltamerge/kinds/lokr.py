@@ -3,8 +3,10 @@
 peft's ``get_delta_weight`` is ``kron(w1, w2) * (alpha / r)`` in fp32, ``w1`` being ``lokr_w1``
 or ``lokr_w1_a @ lokr_w1_b`` (``decompose_both``) and ``w2`` ``lokr_w2`` or ``lokr_w2_a @
 lokr_w2_b`` (when ``r`` is small next to its shape), with ``r`` and ``alpha`` per module from
-``rank_pattern``/``alpha_pattern``; ``decompose_factor`` only chooses the shapes, read here from
-the tensors. ``merge`` adds the delta to the weight in the weight's dtype (one fp32 sum, rounded
+``rank_pattern``/``alpha_pattern``. Which of these peft makes, and their shapes, follow from the
+weight's shape, ``r``, ``decompose_both`` and ``decompose_factor`` (``peft_layout``); peft loads
+only those, so a file with others is refused (its factors would be dropped, the module left at
+its init). ``merge`` adds the delta to the weight in the weight's dtype (one fp32 sum, rounded
 once). ``w1`` and ``w2`` are small (about the square root of the weight) and computed whole, as
 peft does; each element of ``kron`` is one product, so row ``p * b + q`` of the delta is
 ``outer(w1[p], w2[q])`` flattened, times the scale, for any block of rows.
@@ -16,12 +18,47 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MismatchError, UnsupportedError
+from ..errors import FormatError, MismatchError, UnsupportedError
 from ..tensor_spec import TensorSpec
 from . import Scratch
 from .adapter import AdapterKind, RowDelta
 
 PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """peft's ``lokr.layer.factorization``: two factors of ``dimension``, the smaller first."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > m + n or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+def peft_layout(
+    out_dim: int, in_dim: int, r: float, both: bool, factor: int
+) -> dict[str, tuple[int, int]]:
+    """The parameters peft's ``update_layer`` makes for a Linear layer, with their shapes."""
+    (in_m, in_n), (out_l, out_k) = factorization(in_dim, factor), factorization(out_dim, factor)
+    want: dict[str, tuple[int, int]] = {}
+    if both and r < max(out_l, in_m) / 2:
+        want.update(lokr_w1_a=(out_l, r), lokr_w1_b=(r, in_m))
+    else:
+        want["lokr_w1"] = (out_l, in_m)
+    if r < max(out_k, in_n) / 2:
+        want.update(lokr_w2_a=(out_k, r), lokr_w2_b=(r, in_n))
+    else:
+        want["lokr_w2"] = (out_k, in_n)
+    return want
 
 
 class LokrDelta(RowDelta):
@@ -54,6 +91,9 @@ class LokrKind(AdapterKind):
 
     def check_config(self, path: Path) -> None:
         self.check_patterns(path, ("r", "alpha"))
+        factor = self.config.get("decompose_factor", -1)
+        if not isinstance(factor, int) or isinstance(factor, bool):
+            raise FormatError(f"{path}: 'decompose_factor' must be an integer, not {factor!r}")
 
     def prepare_plan(self, modules: list[str]) -> None:
         self._rank_alpha = self.rank_alpha(modules)
@@ -91,5 +131,13 @@ class LokrKind(AdapterKind):
             raise MismatchError(
                 f"{self.weights}: LoKr module {module!r}: kron of [{a}, {c}] and [{b}, {d}] is "
                 f"[{a * b}, {c * d}] but tensor {spec.name!r} is {list(spec.shape)}"
+            )
+        want = peft_layout(*spec.shape, r, bool(self.config.get("decompose_both")),
+                           self.config.get("decompose_factor", -1))
+        got = {p: self.shape(k) for p, k in parts.items()}
+        if got != want:
+            raise MismatchError(
+                f"{self.weights}: LoKr module {module!r} stores {got} but peft makes {want} for "
+                f"{spec.name!r} (r {r}, decompose_both, decompose_factor) and loads only those"
             )
         return {spec.name: LokrDelta(self.source, parts, alpha / r)}

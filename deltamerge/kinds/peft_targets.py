@@ -13,6 +13,9 @@ or Conv1D layer but the output layer (``lm_head``): here every module with ``lor
 factors, which only such layers have. peft refuses a config that selects nothing, and a target
 that is not a layer it can adapt (a block of layers, a norm); so does this module, as far as the
 base's tensor names show them (modules without parameters, an activation, are not in them).
+The other adapter types select as LoRA does, with the fields their config class has (an IA3
+config's ``layers_to_transform`` is dropped, as peft drops it), their own layer types and their
+own init field (``PEFT_TYPES``).
 
 The module names are the model's in memory (``targets.memory_names`` maps the base's back).
 Every regex goes through ``patterns.run_rules``, under its deadline.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FormatError, MismatchError, UnsupportedError
@@ -37,6 +41,46 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 # Inits that leave a targeted module's B non-zero and random: peft would add noise where the
 # adapter file has no factors for a module its config targets.
 RANDOM_INITS = (False, "orthogonal")
+
+
+@dataclass(frozen=True)
+class PeftTypeInfo:
+    """What selecting modules differs in between peft's adapter types."""
+
+    fields: tuple[str, ...]  # the selecting fields its config class has (peft drops the others)
+    dims: tuple[int, ...]  # the numbers of dimensions of the weights of the layers it adapts
+    layers: str  # those layers, for messages
+    init: str  # the config field that initialises a module the file has no factors for
+    random: tuple[object, ...]  # the values of ``init`` that make those factors random
+
+
+_SELECTING = ("exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
+_LYCORIS = PeftTypeInfo(_SELECTING, (2, 3, 4), "a Linear, Conv1d or Conv2d layer",
+                        "init_weights", (False,))
+PEFT_TYPES = {
+    "LORA": PeftTypeInfo(_SELECTING, (2,), "a Linear or Embedding layer", "init_lora_weights",
+                         RANDOM_INITS),
+    # init_ia3_weights=False leaves the vector torch.randn
+    "IA3": PeftTypeInfo(("exclude_modules", "modules_to_save"), (2, 4, 5),
+                        "a Linear, Conv1D, Conv2d or Conv3d layer", "init_ia3_weights", (False,)),
+    "LOHA": _LYCORIS,
+    # "lycoris" zeroes w2 instead of w1: no effect either
+    "LOKR": _LYCORIS,
+    # VeraConfig has no exclude_modules; init_weights=False leaves lambda_b at ones
+    "VERA": PeftTypeInfo(("layers_to_transform", "layers_pattern", "modules_to_save"), (2,),
+                         "a Linear or Conv1D layer", "init_weights", (False,)),
+    # init_weights=True copies the base's rows: no effect; False makes them random
+    "TRAINABLE_TOKENS": PeftTypeInfo((), (2,), "an Embedding layer", "init_weights", (False,)),
+}
+
+
+def own_fields(config: dict, peft_type: str) -> dict:
+    """The config as peft reads it for ``peft_type``: a selecting field its config class lacks is
+    an unexpected key, which peft drops with a warning."""
+    own = PEFT_TYPES[peft_type].fields
+    return {k: v for k, v in config.items() if k not in _SELECTING or k in own}
+
+
 _LAYER = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")  # peft's layer index without layers_pattern
 
 
@@ -44,9 +88,9 @@ def _strings(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def check_targeting(path: Path, config: dict) -> None:
+def check_targeting(path: Path, config: dict, peft_type: str = "LORA") -> None:
     """The fields that select modules, with the types peft accepts and the combinations
-    LoraConfig's ``__post_init__`` allows; ``init_lora_weights`` that would change the base."""
+    the type's config ``__post_init__`` allows; ``init_lora_weights`` that would change the base."""
     targets, params = config.get("target_modules"), config.get("target_parameters")
     if targets is None and not params:
         raise UnsupportedError(
@@ -65,7 +109,8 @@ def check_targeting(path: Path, config: dict) -> None:
     if layers is not None and not (_int(layers) or (isinstance(layers, list)
                                                     and all(_int(v) for v in layers))):
         raise FormatError(f"{path}: layers_to_transform must be an integer or a list of them")
-    if isinstance(targets, str) and (layers is not None or config.get("layers_pattern") is not None):
+    if peft_type == "LORA" and isinstance(targets, str) and (
+            layers is not None or config.get("layers_pattern") is not None):
         field = "layers_to_transform" if layers is not None else "layers_pattern"
         raise FormatError(f"{path}: {field} cannot be used when target_modules is a string "
                           "(peft refuses this config)")
@@ -113,10 +158,12 @@ def base_modules(names: Iterable[tuple[str, int]]) -> dict[str, int]:
 
 def select_targets(
     path: Path, config: dict, factored: dict[str, bool], base: dict[str, int],
-    params_targeted: bool,
+    params_targeted: bool, peft_type: str = "LORA",
 ) -> set[str]:
-    """The modules of ``factored`` (module -> has Linear factors) peft adapts; refused where
-    peft refuses, or where a target without factors would get a random product."""
+    """The modules peft adapts, given ``factored`` (module -> has Linear factors): those of
+    ``factored`` and those without factors, which peft initialises as ``init`` says. Refused
+    where peft refuses, or where a target without factors would get random values."""
+    kind = PEFT_TYPES[peft_type]
     names = list(dict.fromkeys([*factored, *base]))
     decision = _decide(path, config, names, factored)
     targeted = {n for n, d in decision.items() if d is True}
@@ -129,19 +176,19 @@ def select_targets(
             + " selects no module of the base: peft refuses to load this adapter"
         )
     for name in sorted(targeted - set(factored)):
-        if base.get(name) != 2:
+        if base.get(name) not in kind.dims:
             raise UnsupportedError(
                 f"{path}: target_modules selects {name!r}, "
-                + ("a block of layers" if base.get(name) == 0 else "not a Linear or Embedding layer")
+                + ("a block of layers" if base.get(name) == 0 else f"not {kind.layers}")
                 + ": peft cannot adapt it and refuses to load this adapter"
             )
-        if config.get("init_lora_weights", True) in RANDOM_INITS:
+        init = config.get(kind.init, True)
+        if init in kind.random:
             raise MismatchError(
                 f"{path}: target_modules selects {name!r} but the adapter has no factors for it: "
-                f"with init_lora_weights={config.get('init_lora_weights')!r} peft would add a "
-                "random product there"
+                f"with {kind.init}={init!r} peft would initialise them at random"
             )
-    return targeted & set(factored)
+    return targeted
 
 
 def check_saved_modules(

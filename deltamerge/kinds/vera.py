@@ -1,11 +1,12 @@
 """peft VeRA adapters: LoRA with frozen shared random factors and trained per-row scales.
 
 peft's ``get_delta_weight`` is ``transpose((lambda_b * B[:out]) @ (lambda_d * A[:, :in]),
-fan_in_fan_out)`` in fp32, ``A`` (``vera_A``, r x widest in) and ``B`` (``vera_B``, widest out
-x r) shared by every module and saved once with the adapter (``save_projection``); ``merge``
-adds it to the weight in the weight's dtype. That is a LoRA product with ``lambda_d * A[:, :in]``
-for A, ``lambda_b * B[:out]`` for B and no scale, so ``lora.Factors`` forms it in the same
-windows, the scaled factors computed when its tensor's first block needs them.
+fan_in_fan_out)`` in fp32 (the layer's ``fan_in_fan_out``: ``AdapterKind.transposed``), ``A``
+(``vera_A``, r x widest in) and ``B`` (``vera_B``, widest out x r) shared by every module and
+saved once with the adapter (``save_projection``); ``merge`` adds it to the weight in the weight's
+dtype. That is a LoRA product with ``lambda_d * A[:, :in]`` for A, ``lambda_b * B[:out]`` for B
+and no scale, so ``lora.Factors`` forms it in the same windows, the scaled factors computed when
+its tensor's first block needs them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..errors import MismatchError, UnsupportedError
 from ..tensor_spec import TensorSpec
 from .adapter import AdapterKind
 from .lora import Factors, FactorSource
+from .targets import stored_name
 
 SHARED = ("vera_A", "vera_B")
 
@@ -55,10 +57,33 @@ class VeraKind(AdapterKind):
         self.shared = shared
         return {m: parts for m, parts in modules.items() if not set(parts) & set(SHARED)}
 
+    def check_selection(self, targeted: set[str], specs: dict[str, TensorSpec]) -> None:
+        """peft sizes vera_A and vera_B by the widest selected module (``_find_dim``) and fails
+        to load saved ones of another size."""
+        shapes = []
+        for module in targeted:
+            name = stored_name(f"{module}.weight", specs)
+            if name is not None and len(specs[name].shape) == 2:
+                flip = self.transposed(name)
+                shapes.append(tuple(reversed(specs[name].shape)) if flip else specs[name].shape)
+        (r, widest_in), (widest_out, _) = (self.shape(self.shared[p]) for p in SHARED)
+        if self.config.get("r", 256) != r:
+            raise MismatchError(f"{self.weights}: vera_A has rank {r} but the config's r is "
+                                f"{self.config.get('r', 256)!r}: peft fails to load it")
+        if not shapes:
+            return
+        want = (max(s[0] for s in shapes), max(s[1] for s in shapes))
+        if (widest_out, widest_in) != want:
+            raise MismatchError(
+                f"{self.weights}: vera_A and vera_B fit modules up to [{widest_out}, {widest_in}] "
+                f"but the modules the config selects are up to {list(want)}: peft sizes them by "
+                "those and fails to load this adapter"
+            )
+
     def deltas(
         self, module: str, parts: dict[str, str], spec: TensorSpec, specs: dict[str, TensorSpec]
     ) -> dict[str, Factors]:
-        flip = bool(self.config.get("fan_in_fan_out"))
+        flip = self.transposed(spec.name)
         out_dim, in_dim = reversed(spec.shape) if flip else spec.shape
         (r, widest_in), (widest_out, r_b) = (self.shape(self.shared[p]) for p in SHARED)
         lambda_b, lambda_d = (self.shape(parts[p]) if p in parts else None
