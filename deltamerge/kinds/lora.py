@@ -37,6 +37,8 @@ Every tensor's windows are computed in one buffer per adapter, allocated once.
 
 With ``--qlora nf4`` or ``nf4-dq`` a QLoRA adapter is merged as it was trained: onto bitsandbytes'
 NF4 round trip of each targeted Linear weight (``kinds/nf4.py``), not onto the weight itself.
+A DoRA adapter (``use_dora``) is merged through the same windows, each row's fp32 sum rescaled
+to its magnitude before it is rounded (``kinds/dora.py``).
 """
 
 from __future__ import annotations
