@@ -139,7 +139,7 @@ def read_adapter_config(folder: Path) -> dict:
     for key, why in _OTHER_MATH.items():
         if config.get(key):
             raise UnsupportedError(
-                f"{path}: {why}; deltamerge merges plain LoRA only (merge with peft instead)"
+                f"{path}: {why}; deltamerge merges plain LoRA and DoRA only (merge with peft instead)"
             )
     if config.get("init_lora_weights") == "mica":
         raise UnsupportedError(f"{path}: MiCA (init_lora_weights='mica') is a LoRA variant")
