@@ -37,6 +37,8 @@ Every tensor's windows are computed in one buffer per adapter, allocated once.
 
 With ``--qlora nf4`` or ``nf4-dq`` a QLoRA adapter is merged as it was trained: onto bitsandbytes'
 NF4 round trip of each targeted Linear weight (``kinds/nf4.py``), not onto the weight itself.
+A DoRA adapter (``use_dora``) is merged through the same windows, each row's fp32 sum rescaled
+to its magnitude before it is rounded (``kinds/dora.py``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from ..sources.folders import aux_files
 from ..tensor_spec import TensorSpec
 from . import ApplyOptions, Kind, RowInput, Scratch, Step, is_non_weight, nf4
 from .add import VOCAB_TENSORS
+from .dora import DoraFactors
 from .overlay import overlay
 from .patterns import check_patterns, match_patterns
 from .peft_targets import base_modules, check_saved_modules, check_targeting, select_targets
@@ -77,7 +80,6 @@ TOKENIZER_FILES = (
 )
 # Options that make peft use another formula (a LoRA "variant", biases, other layer types).
 _OTHER_MATH = {
-    "use_dora": "DoRA (use_dora) rescales each column by a learned magnitude",
     "lora_bias": "lora_bias also changes the biases",
     "use_qalora": "QALoRA (use_qalora) merges into quantized layers",
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens) cannot be merged",
@@ -92,6 +94,7 @@ _OTHER_MATH = {
 }
 _FACTOR = re.compile(r"(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight")
 _EMBEDDING_FACTOR = re.compile(r"(?P<module>.+)\.(?P<which>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?")
+_MAGNITUDE = re.compile(r"(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+\.weight)?")
 _BASE_LAYER = re.compile(r"\.base_layer(?=\.)")
 # A raw state dict (named_parameters) keeps the adapter's name: modules_to_save.default.weight.
 _SAVED_COPY = re.compile(r"\.modules_to_save\.(?:[^.]+\.)?(?=[^.]+$)")
@@ -136,7 +139,7 @@ def read_adapter_config(folder: Path) -> dict:
     for key, why in _OTHER_MATH.items():
         if config.get(key):
             raise UnsupportedError(
-                f"{path}: {why}; deltamerge merges plain LoRA only (merge with peft instead)"
+                f"{path}: {why}; deltamerge merges plain LoRA and DoRA only (merge with peft instead)"
             )
     if config.get("init_lora_weights") == "mica":
         raise UnsupportedError(f"{path}: MiCA (init_lora_weights='mica') is a LoRA variant")
@@ -156,6 +159,9 @@ def read_adapter_config(folder: Path) -> dict:
             raise FormatError(f"{path}: {key!r} must map module patterns to numbers")
         check_patterns(path, key, pattern)
     check_targeting(path, config)
+    if config.get("use_dora") and config.get("target_parameters"):
+        raise UnsupportedError(f"{path}: use_dora with target_parameters: peft's ParamWrapper "
+                               "does not support DoRA")
     return config
 
 
@@ -228,17 +234,23 @@ class Factors:
             yield lo, hi, prod[lo - w0 : hi - w0]
             k += size
 
-    def merge(self, cur: torch.Tensor, out: torch.Tensor, r0: int, scratch: Scratch) -> None:
+    def merge(
+        self, cur: torch.Tensor, out: torch.Tensor, r0: int, scratch: Scratch,
+        rescale: Callable[[torch.Tensor, int], None] | None = None,
+    ) -> None:
         """``out = round(fp32(cur) + product)`` for rows ``[r0, r0 + len(out))``, a few rows at a
         time through one small fp32 buffer (an fp32 copy of the whole block was the merge's
         largest buffer; mixed-dtype arithmetic straight into ``out`` would save the copies but
-        is several times slower on CPU)."""
+        is several times slower on CPU). ``rescale(sum, first_row)`` changes the fp32 sum in
+        place before it is rounded (DoRA's magnitude)."""
         for lo, hi, prod in self._pieces(r0, r0 + out.shape[0]):
             for a in range(lo, hi, MERGE_ROWS):
                 b = min(hi, a + MERGE_ROWS)
                 acc = scratch.get("lora-acc", torch.float32, (b - a, *out.shape[1:]))
                 acc.copy_(cur[a - r0 : b - r0])
                 acc.add_(prod[a - lo : b - lo])
+                if rescale is not None:
+                    rescale(acc, a)
                 out[a - r0 : b - r0].copy_(acc)
 
     def release(self) -> None:
@@ -322,7 +334,7 @@ class LoraStep(Step):
 
     def __init__(
         self, before: TensorSpec, after: TensorSpec, replace: RowInput | None,
-        factors: Factors | ExpertFactors | None, nf4_base: Nf4Base | None = None,
+        factors: Factors | DoraFactors | ExpertFactors | None, nf4_base: Nf4Base | None = None,
     ):
         super().__init__(before, after)
         self.inputs = (replace,) if replace is not None else ()
@@ -422,6 +434,7 @@ class _Module:
     a: str | None = None
     b: str | None = None
     embedding: bool = False
+    magnitude: str | None = None  # DoRA's lora_magnitude_vector
 
 
 def _check_multiply(where: Path, module: str, a: TensorSpec, b: TensorSpec) -> None:
@@ -512,14 +525,18 @@ class LoraKind(Kind):
                 extra[key] = key
                 continue
             m = _FACTOR.fullmatch(short) or _EMBEDDING_FACTOR.fullmatch(short)
-            if m:
+            dora = _MAGNITUDE.fullmatch(short)
+            if dora and self.config is not None and self.config.get("use_dora"):
+                modules.setdefault(dora["module"], _Module()).magnitude = key
+            elif m:
                 mod = modules.setdefault(m["module"], _Module())
                 mod.embedding = m["which"].startswith("lora_embedding")
                 setattr(mod, "a" if m["which"].endswith("A") else "b", key)
             elif re.search(r"(^|\.)(lora_|trainable_tokens_)", short):
                 raise UnsupportedError(
-                    f"{self.weights}: tensor {key!r} is not a plain LoRA factor (DoRA magnitude, "
-                    "LoRA bias or trainable tokens?): deltamerge merges plain LoRA only"
+                    f"{self.weights}: tensor {key!r} is not a LoRA factor (a DoRA magnitude "
+                    "without use_dora, LoRA bias or trainable tokens?): deltamerge merges LoRA and "
+                    "DoRA only"
                 )
             elif ".original_module." not in short:  # the untrained original: peft drops it
                 explicit = ".modules_to_save." in short
@@ -527,6 +544,9 @@ class LoraKind(Kind):
                 if explicit or name not in whole:
                     whole[name] = key
         for name, mod in modules.items():
+            if mod.a is None and mod.b is None:
+                raise FormatError(f"{self.weights}: module {name!r} has a DoRA magnitude but no "
+                                  "lora_A/lora_B")
             if mod.a is None or mod.b is None:
                 raise FormatError(f"{self.weights}: module {name!r} has only one of lora_A/lora_B")
         return whole, modules, extra
@@ -595,8 +615,32 @@ class LoraKind(Kind):
                 f"tensor {spec.name!r} is {list(spec.shape)}"
             )
         scale = self._scale(config, module, a.shape[0])
-        return Factors(self.source, mod.a, mod.b, scale, transposed, spec.rows,
-                       spec.dtype if mod.embedding else None)
+        factors = Factors(self.source, mod.a, mod.b, scale, transposed, spec.rows,
+                          spec.dtype if mod.embedding else None)
+        return self._dora(config, module, mod, spec, factors) if config.get("use_dora") else factors
+
+    def _dora(
+        self, config: dict, module: str, mod: _Module, spec: TensorSpec, factors: Factors
+    ) -> DoraFactors:
+        """A Linear module's DoRA: its magnitude has one entry per row of the weight."""
+        if factors.transposed:
+            layer = "an embedding" if mod.embedding else "a Conv1D layer (fan_in_fan_out)"
+            raise UnsupportedError(
+                f"{self.weights}: module {module!r} is {layer}: DoRA rescales its columns, a norm "
+                "over every row; deltamerge merges DoRA on Linear layers only"
+            )
+        if mod.magnitude is None:
+            raise MismatchError(
+                f"{self.weights}: module {module!r} has no lora_magnitude_vector though "
+                f"{ADAPTER_CONFIG} sets use_dora (peft would start it from the base's norms)"
+            )
+        shape = self.checkpoint.specs[mod.magnitude].shape
+        if shape != (spec.rows,):
+            raise MismatchError(
+                f"{self.weights}: tensor {mod.magnitude!r} has shape {list(shape)} but "
+                f"{spec.name!r} has {spec.rows} rows"
+            )
+        return DoraFactors(factors, mod.magnitude)
 
     def _scale(self, config: dict, key: str, r: int) -> float:
         """``alpha / r`` for this module (or parameter), after checking its rank is declared."""
@@ -628,7 +672,7 @@ class LoraKind(Kind):
     def _param_factors(
         self, config: dict, module: str, wrappers: list[_Module], params: dict[str, Stored],
         specs: dict[str, TensorSpec],
-    ) -> dict[str, Factors | ExpertFactors]:
+    ) -> dict[str, Factors | DoraFactors | ExpertFactors]:
         """Each ParamWrapper's factors matched to the parameter their shapes fit, per stored tensor."""
         out: dict[str, Factors | ExpertFactors] = {}
         used: set[str] = set()
@@ -696,7 +740,7 @@ class LoraKind(Kind):
         if not self.bare:
             check_saved_modules(self.folder / ADAPTER_CONFIG, self.weights, config,
                                 (n for n in specs if not is_non_weight(n)), set(whole))
-        factors: dict[str, Factors | ExpertFactors] = {}
+        factors: dict[str, Factors | DoraFactors | ExpertFactors] = {}
         modules_of: dict[str, str] = {}  # stored name -> the module whose LoRA it gets
         wrapped: dict[str, list[_Module]] = {}
         targeted = self._select(config, modules, specs, after)
@@ -770,6 +814,10 @@ class LoraKind(Kind):
         """
         if options.qlora is None:
             return {}
+        if self.config is not None and self.config.get("use_dora"):
+            raise UnsupportedError(
+                f"{self.weights}: a DoRA adapter (use_dora) cannot be merged with --qlora"
+            )
         quantized = {}
         for name, module in linear.items():
             if name in whole or module.rsplit(".", 1)[-1] == "lm_head":
