@@ -4,7 +4,10 @@ place and caught as the builtins they also are."""
 
 from __future__ import annotations
 
+import ast
+import importlib
 import os
+import pkgutil
 import signal
 import subprocess
 import sys
@@ -14,7 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import assert_states_equal, llama_state, load_state, run_cli, save_checkpoint
 
-from deltamerge import apply_delta, make_delta
+import deltamerge
+from deltamerge import apply_delta, errors, make_delta
 
 # Run first in a child: fcntl and resource are then missing, as on Windows; peak memory has no
 # measure either (VmHWM is Linux's), so the CLI must print that it has none.
@@ -101,3 +105,73 @@ def test_lock_refuses_a_second_writer_without_fcntl(tmp_path: Path, models) -> N
             first.kill()
             first.communicate()
     assert not (tmp_path / ".delta.deltamerge-lock").exists()
+
+
+# --- the typed public API ----------------------------------------------------------------------
+
+
+def _static_exports() -> dict[str, str]:
+    """The names ``if TYPE_CHECKING:`` imports in deltamerge/__init__.py, and from which module."""
+    tree = ast.parse((Path(deltamerge.__file__)).read_text())
+    (block,) = [n for n in tree.body
+                if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING"]
+    return {alias.name: node.module for node in block.body
+            if isinstance(node, ast.ImportFrom) and node.level == 1 for alias in node.names}
+
+
+def test_static_imports_are_the_lazy_exports() -> None:
+    """What type checkers see is what ``deltamerge.NAME`` gives, from the same module."""
+    assert _static_exports() == deltamerge._EXPORTS
+    assert sorted(deltamerge.__all__) == sorted(["__version__", *deltamerge._EXPORTS])
+    for name, module in deltamerge._EXPORTS.items():
+        assert getattr(deltamerge, name) is getattr(importlib.import_module(f"deltamerge.{module}"), name)
+
+
+def test_no_public_name_is_also_a_submodule() -> None:
+    """A submodule named like a function would replace it on the package when imported; the
+    package is a plain module (no ``__class__`` swap guarding against that)."""
+    submodules = {m.name for m in pkgutil.iter_modules(deltamerge.__path__)}
+    assert not submodules & set(deltamerge._EXPORTS)
+    code = ("import deltamerge.make, deltamerge.conversion, deltamerge.apply, types, sys\n"
+            "from deltamerge import apply_delta, convert, make_delta\n"
+            "assert type(sys.modules['deltamerge']) is types.ModuleType\n"
+            "assert all(callable(f) and not isinstance(f, types.ModuleType)"
+            " for f in (apply_delta, convert, make_delta))\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+ERRORS = [name for name, value in vars(errors).items()
+          if isinstance(value, type) and issubclass(value, errors.DeltaMergeError)]
+
+
+def test_every_public_error_is_in_deltamerge_errors() -> None:
+    exported = {n for n in deltamerge._EXPORTS if n.endswith("Error")} | {"InterruptedRun"}
+    for name in exported | {"PushError", "HubAuthError", "NotCachedError", "OutputTakenError"}:
+        assert name in ERRORS, name
+    assert issubclass(errors.NotFoundError, FileNotFoundError)
+    assert issubclass(errors.FormatError, ValueError)
+    # The older homes still give the same classes.
+    from deltamerge.sinks.folder import OutputTakenError
+    from deltamerge.sources.hub import HubAuthError, NotCachedError
+    assert (HubAuthError, NotCachedError, OutputTakenError) == (
+        errors.HubAuthError, errors.NotCachedError, errors.OutputTakenError)
+
+
+def test_builtin_catches_work(tmp_path: Path, models) -> None:
+    """A caller who knows only the standard library still catches a missing folder and a bad file."""
+    with pytest.raises(FileNotFoundError) as missing:
+        deltamerge.checksum(tmp_path / "nowhere")
+    assert isinstance(missing.value, errors.NotFoundError) and missing.value.exit_code == 2
+    assert str(tmp_path / "nowhere") in str(missing.value)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    (bad / "model.safetensors").write_bytes((16).to_bytes(8, "little") + b"{not json}      ")
+    with pytest.raises(ValueError) as malformed:
+        deltamerge.inspect(bad)
+    assert isinstance(malformed.value, errors.FormatError) and malformed.value.exit_code == 2
+    assert "model.safetensors" in str(malformed.value)
+
+    proc = run_cli("checksum", tmp_path / "nowhere")
+    assert proc.returncode == 2, proc.stderr

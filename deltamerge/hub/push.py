@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 import huggingface_hub as hf  # attributes load on first use: importing this module stays cheap
 
 from .. import arguments as args
-from ..errors import InputError, NotFoundError, PushError, WorkError
+from ..errors import HubAuthError, InputError, NotFoundError, PushError, WorkError
 from ..formats.files import stays_inside
-from ..sources.hub import HubAuthError, hub_errors, make_api, transport_errors
+from ..sources.hub import hub_errors, make_api, transport_errors
 from ..version import __version__
 from .model_card import CARD_NAME, build_card, hub_inputs
 
