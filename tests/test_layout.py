@@ -16,7 +16,7 @@ ROOT = "deltamerge"
 PACKAGE = Path(__file__).resolve().parent.parent / ROOT
 
 LAYERS: list[tuple[str, list[str]]] = [
-    ("command line", ["deltamerge.__main__", "deltamerge.cli"]),
+    ("command line", ["deltamerge.__main__", "deltamerge.cli", "deltamerge.interrupts"]),
     ("public API", ["deltamerge"]),  # the package itself: lazy names only
     ("entry points", [
         "deltamerge.apply", "deltamerge.make", "deltamerge.conversion", "deltamerge.preflight",
