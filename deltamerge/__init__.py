@@ -1,30 +1,66 @@
 """deltamerge: rebuild models from published delta weights, streaming, with checksums end to end.
 
 The library API mirrors the CLI: :func:`apply_delta`, :func:`make_delta`, :func:`convert`, and
-the checksum functions; every failure is a :class:`DeltaMergeError`. Names are imported on first
-use, so ``deltamerge --help`` and ``--version`` answer without loading torch.
+the checksum functions; every failure is a :class:`DeltaMergeError` (all of them importable from
+:mod:`deltamerge.errors`). Names are imported on first use, so ``deltamerge --help`` and
+``--version`` answer without loading torch; the ``if TYPE_CHECKING:`` block below imports the same
+names for type checkers and IDEs (tests/test_public_api.py keeps the two lists equal).
+
+No public name is also a submodule's name: importing a submodule sets it as an attribute of the
+package, which would hide a function of the same name. So :func:`make_delta` lives in
+``deltamerge.make``, :func:`convert` in ``deltamerge.conversion``, :func:`apply_delta` in
+``deltamerge.apply``.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 from .version import __version__
 
 # typing (and with it re, collections, functools) is not imported at run time: the CLI's signal
 # handlers go in just after this package loads, and the sooner the better (deltamerge.interrupts).
+# Type checkers take any name TYPE_CHECKING as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from .apply import apply_delta
+    from .conversion import convert
+    from .errors import (
+        DeltaMergeError,
+        DiskSpaceError,
+        FormatError,
+        InputError,
+        InterruptedRun,
+        MismatchError,
+        NotFoundError,
+        OutputBusyError,
+        OutputExistsError,
+        UnsupportedError,
+        VerificationError,
+        WorkError,
+    )
+    from .hub.push import PushResult, push_to_hub
+    from .integrity.checks import (
+        Checksum,
+        DiffReport,
+        InspectReport,
+        VerifyReport,
+        checksum,
+        diff,
+        inspect,
+        verify,
+    )
+    from .make import make_delta
+    from .results import ApplyResult, MakeDeltaResult
+
 _EXPORTS = {
     "apply_delta": "apply",
     "ApplyResult": "results",
-    "make_delta": "make_delta",
+    "make_delta": "make",
     "MakeDeltaResult": "results",
-    "convert": "convert",
+    "convert": "conversion",
     "checksum": "integrity.checks",
     "Checksum": "integrity.checks",
     "verify": "integrity.checks",
@@ -59,17 +95,3 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
-
-
-class _Package(types.ModuleType):
-    """Importing a submodule sets it as an attribute of its package, and ``make_delta`` and
-    ``convert`` are both a function here and the module that defines it: without this, the first
-    ``import deltamerge.make_delta`` anywhere (the CLI does) would hide the function."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -104,38 +104,62 @@ def apply_delta(
 ) -> ApplyResult:
     """Rebuild ``base`` + ``delta`` (or a chain of deltas, applied in order) into ``out``.
 
-    ``qlora="nf4"`` or ``"nf4-dq"`` merges LoRA adapters onto bitsandbytes' NF4 round trip of
-    the weights they target (double quantized or not), as QLoRA trained them; ``qlora_dtype``
-    is the dtype the trainer loaded the base in before quantizing it (default: the base's).
-
-    ``format`` is what OUT holds: ``"hf"`` (sharded safetensors at most ``max_shard_size``
-    each, 5GB by default, with the config and tokenizer files), ``"gguf"`` (the GGUF file
-    llama.cpp's ``convert_hf_to_gguf.py --outtype OUTTYPE`` would write for that result; f32,
-    f16, bf16 or q8_0, by default the result's dtype; split as llama.cpp splits when
-    ``max_shard_size`` is given) or ``"meta"`` (Meta's ``consolidated.NN.pth`` in ``mp``
-    model-parallel shards, 1 by default, with ``params.json`` and ``tokenizer.model``).
-
-    Raises a :class:`~deltamerge.errors.DeltaMergeError` with a one-line message on any failure,
-    and then leaves nothing at ``out``. An interrupted run (Ctrl-C, SIGTERM, a failed write)
-    keeps its partial folder beside ``out``; ``resume=True`` finishes it, re-checking the shards
-    recorded as finished (read back and hashed) and redoing the others. One run at a time
-    writes to ``out``: a second is refused while the first holds its lock.
-
-    Deltas of whole files (``xor-files``, OpenBuddy's ``enc``) are decoded alone: ``expect_md5``
-    is the release's md5 list for xor-files, ``key_md5`` the md5 an enc delta's key must have
-    (OpenBuddy's by default; tests make keys of their own). ``lora_r``, ``lora_alpha`` and
-    ``lora_prefix`` describe a LoRA state dict that has no ``adapter_config.json`` (PandaGPT's
-    ``pytorch_model.pt``).
-
-    The same delta twice in ``delta`` is refused (a slip: it would be applied twice) unless
-    ``allow_repeat``.
-
-    ``block_size`` (bytes, or a size such as ``"24MB"``) bounds each row block's buffers;
-    ``extra_files`` maps plain file names to the bytes (or the path of a file) to add to ``out``.
+    One pass reads each byte of the inputs once, writes the result, and hashes it: a result the
+    publisher's manifest describes is verified as it is written, not read again afterwards.
     Arguments of the wrong type are an :class:`~deltamerge.errors.InputError` naming them.
 
-    ``signer`` pins who must have signed every delta (its ``model.sig``, OMS format): each
-    signature is checked before any weight is read, and the result records who signed.
+    Args:
+        base: the base model: a folder, a weight file, or a Hub repo id (``REPO@REV``).
+        delta: one delta (folder, file or repo id), or several applied in order. The same delta
+            twice is refused (a slip: it would be applied twice) unless ``allow_repeat``.
+        out: the folder to create; it must be absent or empty unless ``force``.
+        kind: the delta's kind (``add``, ``xor``, ``lora``, ...); by default read from the delta.
+        dtype: the result's dtype; by default the one config.json names.
+        new_rows: ``"zero"`` or ``"mean"``: what rows a delta adds to the vocabulary start from.
+        max_shard_size: bytes (or e.g. ``"5GB"``) per output shard; 5GB by default.
+        block_size: bytes (or e.g. ``"24MB"``) bounding each row block's buffers.
+        force: replace a non-empty ``out`` (at publish, so a failed run leaves it untouched).
+        verify: check the result against the delta's manifest as it is written.
+        workers: threads for the stream; 1 by default (the CLI picks from the CPUs).
+        progress: show bars, or a ``callback(done_bytes, total_bytes)``.
+        extra_files: plain file names mapped to the bytes (or the path of a file) to add to OUT.
+        hub: ``endpoint``, ``token`` or ``api`` for inputs that are Hub repo ids.
+        expect_md5: the release's md5 list, for ``xor-files`` deltas (decoded alone).
+        key_md5: the md5 an ``enc`` delta's key must have (OpenBuddy's by default).
+        resume: finish the partial folder an interrupted run left beside ``out``, re-checking
+            the shards it recorded as finished (read back and hashed) and redoing the others.
+        qlora: ``"nf4"`` or ``"nf4-dq"``: merge LoRA adapters onto bitsandbytes' NF4 round trip
+            of the weights they target (double quantized or not), as QLoRA trained them.
+        qlora_dtype: the dtype the trainer loaded the base in before quantizing it (default:
+            the base's).
+        lora_r: the rank of a LoRA state dict that has no ``adapter_config.json`` (PandaGPT's
+            ``pytorch_model.pt``), with ``lora_alpha`` and ``lora_prefix`` likewise.
+        lora_alpha: see ``lora_r``.
+        lora_prefix: see ``lora_r``.
+        format: what OUT holds: ``"hf"`` (sharded safetensors with the config and tokenizer
+            files), ``"gguf"`` (the GGUF file llama.cpp's ``convert_hf_to_gguf.py --outtype
+            OUTTYPE`` would write for that result, split as llama.cpp splits when
+            ``max_shard_size`` is given) or ``"meta"`` (Meta's ``consolidated.NN.pth``, with
+            ``params.json`` and ``tokenizer.model``).
+        outtype: for ``format="gguf"``: f32, f16, bf16 or q8_0; by default the result's dtype.
+        mp: for ``format="meta"``: the model-parallel shards, 1 by default.
+        allow_repeat: see ``delta``.
+        signer: who must have signed every delta (its ``model.sig``, OMS format): each
+            signature is checked before any weight is read, and the result records who signed.
+
+    Returns:
+        An :class:`~deltamerge.results.ApplyResult`: where the result is, its digest, whether it
+        was verified against the publisher's, its size, time and peak memory.
+
+    Raises:
+        InputError: bad arguments or inputs (its subclasses :class:`~deltamerge.errors.NotFoundError`,
+            also a FileNotFoundError; :class:`~deltamerge.errors.FormatError`, also a ValueError;
+            ``MismatchError``, ``UnsupportedError``, ``OutputExistsError``, and
+            ``OutputBusyError`` while another run holds ``out``'s lock); nothing was written.
+        VerificationError: the base or the result is not the publisher's; nothing is left at
+            ``out``.
+        WorkError: the run failed while working (``DiskSpaceError`` before any work;
+            ``InterruptedRun`` when stopped part way: its partial folder is kept for ``resume``).
     """
     deltas = args.paths("delta", delta)
     if not deltas:

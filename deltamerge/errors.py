@@ -5,6 +5,12 @@ naming the file and, where there is one, the tensor. The CLI prints that line an
 class's ``exit_code``: 2 for bad usage or input, 1 when the result could not be made or verified,
 and 128 + the signal's number when a signal stopped it (130 for Ctrl-C, 143 for SIGTERM), as a
 shell reports a process that signal killed.
+
+Every public error is importable from here. Where an error is also what the standard library
+raises for the same trouble, it is that builtin too, so a caller's ``except FileNotFoundError``
+or ``except ValueError`` catches it: :class:`NotFoundError` is a :class:`FileNotFoundError`,
+:class:`FormatError` a :class:`ValueError`. The CLI's handler catches :class:`DeltaMergeError`
+before :class:`OSError`, so the exit status stays the class's ``exit_code``.
 """
 
 from __future__ import annotations
@@ -24,11 +30,19 @@ class InputError(DeltaMergeError):
     exit_code = 2
 
 
-class NotFoundError(InputError):
+class NotFoundError(InputError, FileNotFoundError):
     """A path or repository that does not exist."""
 
 
-class FormatError(InputError):
+class NotCachedError(NotFoundError):
+    """Offline (HF_HUB_OFFLINE, or the Hub unreachable) and the files are not in the cache."""
+
+
+class HubAuthError(InputError):
+    """The Hub refused the request for want of a (valid) token."""
+
+
+class FormatError(InputError, ValueError):
     """A file that is not what its name says: corrupt, truncated, a Git LFS pointer, hostile."""
 
 
@@ -42,6 +56,10 @@ class UnsupportedError(InputError):
 
 class OutputExistsError(InputError):
     """OUT exists and is not empty, and ``force`` was not given."""
+
+
+class OutputTakenError(OutputExistsError):
+    """OUT was filled by someone else while the run worked: the finished partial folder is kept."""
 
 
 class OutputBusyError(InputError):

@@ -48,7 +48,7 @@ def install() -> None:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _on_signal)
             handled = True
-    if handled:
+    if handled and hasattr(signal, "setitimer"):  # Windows has no SIGALRM nor setitimer
         signal.signal(signal.SIGALRM, _on_retry)
 
 
@@ -67,7 +67,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     phase = _state["phase"]
     if phase != "run":
         _end(signum, _PHASE_MESSAGES[str(phase)])
-    if _importing(frame):
+    if _importing(frame) and hasattr(signal, "setitimer"):
         _state["pending"] = signum
         signal.setitimer(signal.ITIMER_REAL, _RETRY_SECONDS)
         return

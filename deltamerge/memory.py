@@ -11,7 +11,6 @@ import ctypes
 import ctypes.util
 import mmap
 import os
-import resource
 import sys
 from collections import deque
 
@@ -138,8 +137,9 @@ def address_view(address: int, nbytes: int, owner: object) -> memoryview:
     return memoryview(array).cast("B")
 
 
-def peak_rss_bytes() -> int:
-    """This process's own peak resident set size so far.
+def peak_rss_bytes() -> int | None:
+    """This process's own peak resident set size so far, or None where the platform has no
+    measure of it (Windows: no ``resource`` module).
 
     ``VmHWM`` where the kernel reports it: it starts afresh at ``exec``, whereas ``getrusage``'s
     ``ru_maxrss`` keeps the peak of the image before it, so a run started from a large parent
@@ -148,6 +148,10 @@ def peak_rss_bytes() -> int:
     own = vmhwm_bytes()
     if own is not None:
         return own
+    try:
+        import resource
+    except ImportError:
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

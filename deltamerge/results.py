@@ -23,7 +23,7 @@ class ApplyResult:
     bytes_read: int
     bytes_written: int
     seconds: float
-    peak_rss: int  # this process's own peak resident memory (VmHWM), in bytes
+    peak_rss: int | None  # this process's own peak resident memory (VmHWM), in bytes; None: unknown
     model_digest: str
     publisher_digest: str | None = None  # the manifest's expected result, when there is one
     verified: bool = False  # True when the result matched the publisher's digest
@@ -52,7 +52,7 @@ class MakeDeltaResult:
     result_digest: str
     bytes_written: int
     seconds: float
-    peak_rss: int  # this process's own peak resident memory (VmHWM), in bytes
+    peak_rss: int | None  # this process's own peak resident memory (VmHWM), in bytes; None: unknown
     notes: list[str] = field(default_factory=list)
     overflowed: list[str] = field(default_factory=list)  # tensors whose delta holds Inf (overflow)
     signed_by: dict | None = None  # model.sig's signer (integrity.signing.Signer.to_json)

@@ -35,10 +35,10 @@ from meta_helpers import hf_to_meta
 
 from deltamerge.apply import apply_delta
 from deltamerge.cli import main
-from deltamerge.convert import convert
+from deltamerge.conversion import convert
 from deltamerge.errors import InputError, OutputBusyError
 from deltamerge.integrity.checks import checksum
-from deltamerge.make_delta import make_delta
+from deltamerge.make import make_delta
 
 SHARD = "30000"  # about nine output shards for the tiny model
 META_PARAMS = {"dim": 64, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-5, "multiple_of": 4,

@@ -11,7 +11,7 @@ from conftest import assert_states_equal, llama_state, load_state, run_cli, save
 from meta_helpers import hf_to_meta
 
 import deltamerge
-from deltamerge.convert import convert
+from deltamerge.conversion import convert
 
 PARAMS = {"dim": 64, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-5, "multiple_of": 4,
           "vocab_size": -1}

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from deltamerge import apply_delta
 from deltamerge.formats.safetensors import read_header
 from deltamerge.integrity.checks import checksum, verify
-from deltamerge.make_delta import make_delta  # the function: the package name is also a module
+from deltamerge.make import make_delta
 
 SHARD = 30_000  # several shards for the tiny model
 MARKS = ("deltamerge.kind", "deltamerge.delta_id")

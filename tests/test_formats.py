@@ -24,7 +24,7 @@ from test_meta_out import hf_state
 
 import deltamerge.apply
 from deltamerge import apply_delta
-from deltamerge.convert import convert
+from deltamerge.conversion import convert
 from deltamerge.integrity.checks import verify
 from deltamerge.integrity.digest import TensorDigest, TensorHasher, hash_bytes
 from deltamerge.integrity.manifest import Role

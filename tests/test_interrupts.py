@@ -44,7 +44,7 @@ MODEL_FILES = (".safetensors", ".gguf", ".pth")
 # "pid N" at once and "rc R" when the child has ended.
 SERVER = r"""
 import json, os, runpy, signal, sys
-import torch, deltamerge.apply, deltamerge.make_delta, deltamerge.convert, deltamerge.cli
+import torch, deltamerge.apply, deltamerge.make, deltamerge.conversion, deltamerge.cli
 import deltamerge.sinks.gguf, deltamerge.sinks.meta_sink
 for line in sys.stdin:
     job = json.loads(line)

@@ -16,10 +16,10 @@ ROOT = "deltamerge"
 PACKAGE = Path(__file__).resolve().parent.parent / ROOT
 
 LAYERS: list[tuple[str, list[str]]] = [
-    ("command line", ["deltamerge.__main__", "deltamerge.cli"]),
+    ("command line", ["deltamerge.__main__", "deltamerge.cli", "deltamerge.interrupts"]),
     ("public API", ["deltamerge"]),  # the package itself: lazy names only
     ("entry points", [
-        "deltamerge.apply", "deltamerge.make_delta", "deltamerge.convert", "deltamerge.preflight",
+        "deltamerge.apply", "deltamerge.make", "deltamerge.conversion", "deltamerge.preflight",
         "deltamerge.integrity.checks", "deltamerge.integrity.delta_checks", "deltamerge.hub",
     ]),
     ("engine", ["deltamerge.engine"]),
@@ -227,7 +227,7 @@ def test_public_names_survive_their_modules_being_imported():
     import sys
 
     code = (
-        "import deltamerge.make_delta, deltamerge.convert, deltamerge, types\n"
+        "import deltamerge.make, deltamerge.conversion, deltamerge, types\n"
         "for n in ('make_delta', 'convert'):\n"
         "    assert not isinstance(getattr(deltamerge, n), types.ModuleType), n\n"
     )

@@ -15,7 +15,7 @@ import transformers
 from conftest import assert_states_equal, load_state
 from meta_helpers import hf_to_meta
 
-from deltamerge.convert import convert
+from deltamerge.conversion import convert
 from deltamerge.errors import FormatError, UnsupportedError, WorkError
 from deltamerge.integrity.digest import raw_bytes
 from deltamerge.sinks import torch_zip

@@ -61,6 +61,13 @@ def _fake_distribution(site: Path, name: str, version: str) -> None:
     (info / "RECORD").write_text("".join(f"{info.name}/{f},,\n" for f in ("METADATA", "INSTALLER", "RECORD")))
 
 
+def test_wheel_ships_py_typed(built):
+    """PEP 561: without the marker in the wheel, type checkers ignore the package's annotations."""
+    wheel, _ = built
+    with zipfile.ZipFile(wheel) as z:
+        assert "deltamerge/py.typed" in z.namelist()
+
+
 def test_build_prints_no_warning(built):
     _, output = built
     assert "warning" not in output.lower(), output

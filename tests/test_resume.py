@@ -20,7 +20,7 @@ from conftest import (
 from test_integrity import file_holding, fine_tune, flip_bit
 
 from deltamerge.formats.safetensors import read_header
-from deltamerge.make_delta import make_delta  # the function: the package name is also a module
+from deltamerge.make import make_delta
 
 SHARD = "30000"  # about nine output shards for the tiny model
 

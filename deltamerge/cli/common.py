@@ -128,8 +128,9 @@ def human(n: float) -> str:
     return f"{n} B"
 
 
-def mib(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB"
+def mib(n: int | None) -> str:
+    """``n`` bytes in MiB; None is a measure the platform lacks (peak memory on Windows)."""
+    return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
 
 
 def common_run_options(fn: Callable) -> Callable:

@@ -47,7 +47,7 @@ def convert_cmd(meta_dir, out, dtype, resume, as_json, fmt, outtype, mp, max_sha
       deltamerge convert ./LLaMA/13B ./llama-13b-hf
       deltamerge convert ./LLaMA/13B ./llama-13b-gguf --format gguf --outtype f16
     """
-    from ..convert import convert  # deferred so --help and --version answer without loading torch
+    from ..conversion import convert  # deferred so --help and --version answer without loading torch
 
     result = convert(
         meta_dir, out, dtype=dtype, max_shard_size=max_shard_size,

@@ -212,7 +212,7 @@ def make_delta_cmd(base, target, out, kind, compress, compress_level, resume, pu
     Example:
       deltamerge make-delta ./llama-7b ./my-finetune ./my-finetune-delta
     """
-    from ..make_delta import make_delta  # deferred so --help and --version answer without loading torch
+    from ..make import make_delta  # deferred so --help and --version answer without loading torch
 
     base, target = with_revision([base, target], revision)
     hub = hub_setup(token, cache_dir, quiet)

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 import huggingface_hub as hf  # attributes load on first use: importing this module stays cheap
 
 from .. import arguments as args
-from ..errors import InputError, NotFoundError, PushError, WorkError
+from ..errors import HubAuthError, InputError, NotFoundError, PushError, WorkError
 from ..formats.files import stays_inside
-from ..sources.hub import HubAuthError, hub_errors, make_api, transport_errors
+from ..sources.hub import hub_errors, make_api, transport_errors
 from ..version import __version__
 from .model_card import CARD_NAME, build_card, hub_inputs
 
@@ -60,9 +60,29 @@ def push_to_hub(
 ) -> PushResult:
     """Upload ``folder`` to ``repo_id`` in one commit, with a model card unless it has a README.md.
 
-    Creates the repo if needed (``private`` applies then) and the branch ``revision`` if it is
-    new; ``create_pr`` opens a pull request instead of committing to the branch. The card is
-    added to the commit only: the folder itself is never written to.
+    One commit, so that nobody downloads half a model. The card is added to the commit only:
+    the folder itself is never written to.
+
+    Args:
+        folder: the folder to upload (the OUT of a run).
+        repo_id: the model repo, created if needed.
+        private: make a repo created here private.
+        revision: the branch to commit to, created if it is new.
+        create_pr: open a pull request instead of committing to the branch.
+        message: the commit message.
+        token: the Hub token (``False``: none), as huggingface_hub takes it.
+        endpoint: the Hub's address.
+        api: a ``huggingface_hub.HfApi`` to use instead of ``token`` and ``endpoint``.
+
+    Returns:
+        A :class:`PushResult`: the page to open and the commit.
+
+    Raises:
+        NotFoundError: ``folder`` does not exist (also a FileNotFoundError).
+        HubAuthError: no token, or a token that may not write to ``repo_id``.
+        InputError: bad arguments, or nothing to upload.
+        PushError: the push did not finish; nothing was committed, and its message names the
+            call to run again.
     """
     folder = Path(args.path("folder", folder)).expanduser()
     _check_push_args(repo_id, private, revision, create_pr, message, token, endpoint, api)

@@ -106,8 +106,21 @@ def checksum(
 ) -> Checksum:
     """Digest every tensor of a checkpoint; the same tensors give the same digests in any layout.
 
-    ``algorithm`` is ``"blake3"`` (manifest format 2) or ``"sha256"`` (format 1). ``path`` may be
-    a Hub repo id (``hub``: ``endpoint``, ``token`` or ``api``), as for every function here.
+    Args:
+        path: a folder, a weight file, or a Hub repo id (``hub``: ``endpoint``, ``token`` or
+            ``api``), as for every function here.
+        block_bytes: bytes read at a time.
+        progress: show a bar, or a ``callback(done_bytes, total_bytes)``.
+        hub: how to reach the Hub when ``path`` is a repo id.
+        algorithm: ``"blake3"`` (manifest format 2) or ``"sha256"`` (format 1).
+
+    Returns:
+        A :class:`Checksum`: the model digest and each tensor's digest.
+
+    Raises:
+        NotFoundError: ``path`` does not exist (also a FileNotFoundError).
+        FormatError: a file is corrupt, truncated or not what its name says (also a ValueError).
+        InputError: bad arguments.
     """
     path = args.path("path", path)
     block_bytes, progress, hub = _common_args(block_bytes, progress, hub)
@@ -276,11 +289,26 @@ def verify(
 ) -> VerifyReport:
     """Compare every tensor of ``path`` with one role of a manifest; lists every difference.
 
-    ``role="base"`` answers "is this the base the delta was made against?"; ``role="result"``
-    "is this what the publisher got?". The digests are computed in the manifest's algorithm
-    (sha256 for format 1, BLAKE3 for format 2); ``algorithm`` insists on one, and a manifest in
-    the other is bad input. A mismatch is a report, not an exception; unreadable inputs raise
-    :class:`~deltamerge.errors.DeltaMergeError`.
+    A mismatch is a report, not an exception, so that every difference is listed at once.
+
+    Args:
+        path: the checkpoint to check: a folder, a weight file, or a Hub repo id.
+        manifest_path: a delta's ``deltamerge.json`` (or the folder that holds it).
+        role: ``"base"`` answers "is this the base the delta was made against?"; ``"result"``
+            "is this what the publisher got?".
+        block_bytes: bytes read at a time.
+        progress: show a bar, or a ``callback(done_bytes, total_bytes)``.
+        hub: how to reach the Hub when ``path`` is a repo id.
+        algorithm: insist on one; by default the manifest's (sha256 for format 1, BLAKE3 for
+            format 2), and a manifest in the other is bad input.
+
+    Returns:
+        A :class:`VerifyReport`; ``ok`` when every tensor matches.
+
+    Raises:
+        NotFoundError: ``path`` or the manifest does not exist (also a FileNotFoundError).
+        FormatError: a file or the manifest is malformed (also a ValueError).
+        InputError: bad arguments (an unknown role, an algorithm the manifest does not use).
     """
     path, manifest_path = args.path("path", path), args.path("manifest_path", manifest_path)
     args.text("role", role)
@@ -380,7 +408,24 @@ def inspect(
     hub: dict | None = None,
     algorithm: str = DEFAULT_ALGORITHM,
 ) -> InspectReport:
-    """Format, files, dtypes, sizes and the tensor table; ``digest=False`` reads headers only."""
+    """Format, files, dtypes, sizes and the tensor table; ``digest=False`` reads headers only.
+
+    Args:
+        path: a folder, a weight file, or a Hub repo id.
+        digest: also hash every tensor for the model digest (reads the whole model).
+        block_bytes: bytes read at a time.
+        progress: show a bar, or a ``callback(done_bytes, total_bytes)``.
+        hub: how to reach the Hub when ``path`` is a repo id.
+        algorithm: ``"blake3"`` or ``"sha256"``.
+
+    Returns:
+        An :class:`InspectReport`.
+
+    Raises:
+        NotFoundError: ``path`` does not exist (also a FileNotFoundError).
+        FormatError: a file is malformed (also a ValueError).
+        InputError: bad arguments.
+    """
     path = args.path("path", path)
     args.flag("digest", digest)
     block_bytes, progress, hub = _common_args(block_bytes, progress, hub)
@@ -534,6 +579,21 @@ def diff(
     Answers "is my base the right one?" with names on one side only, dtype and shape
     differences, and for each tensor that differs how many elements do and by how much at most
     (the largest absolute difference, computed block by block in fp32).
+
+    Args:
+        a: one checkpoint: a folder, a weight file, or a Hub repo id.
+        b: the other, in the same forms.
+        block_bytes: bytes read at a time.
+        progress: show a bar, or a ``callback(done_bytes, total_bytes)``.
+        hub: how to reach the Hub when ``a`` or ``b`` is a repo id.
+
+    Returns:
+        A :class:`DiffReport`; differences are reported, not raised.
+
+    Raises:
+        NotFoundError: ``a`` or ``b`` does not exist (also a FileNotFoundError).
+        FormatError: a file is malformed (also a ValueError).
+        InputError: bad arguments.
     """
     a, b = args.path("a", a), args.path("b", b)
     block_bytes, progress, hub = _common_args(block_bytes, progress, hub)

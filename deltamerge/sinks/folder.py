@@ -11,11 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import DiskSpaceError, InputError, OutputExistsError
-
-
-class OutputTakenError(OutputExistsError):
-    """OUT was filled by someone else while the run worked: the finished partial folder is kept."""
+from ..errors import DiskSpaceError, InputError, OutputExistsError, OutputTakenError  # also importable here
 
 
 def partial_dir(out: Path) -> Path:

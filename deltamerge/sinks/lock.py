@@ -2,15 +2,16 @@
 
 The lock is ``flock`` on the file ``.OUT.deltamerge-lock`` in OUT's parent folder, the folder
 that also holds the partial folder. The kernel releases it when the process dies however it
-dies, so a killed run never blocks its own ``--resume``. The holder writes its pid and command
-into the file, so a second run is refused naming it. docs/design.md ("One writer per OUT")
-gives the protocol and why each step is there.
+dies, so a killed run never blocks its own ``--resume``. Where there is no ``fcntl`` (Windows)
+the same file is locked with the platform's own call, ``msvcrt.locking``, which the system also
+releases when the process ends; ``os.lockf`` serves a POSIX Python built without ``fcntl``.
+The holder writes its pid and command into the file, so a second run is refused naming it.
+docs/design.md ("One writer per OUT") gives the protocol and why each step is there.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import shlex
 import stat
@@ -23,7 +24,21 @@ from pathlib import Path
 from .. import faults
 from ..errors import InputError, OutputBusyError
 
-_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+try:
+    import msvcrt
+except ImportError:  # everywhere but Windows
+    msvcrt = None  # type: ignore[assignment]
+
+# Windows has neither flag: its files are not inherited by children anyway, and a symlink there
+# needs privileges to create.
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+# msvcrt.locking forbids reading the bytes it locks; one byte far past the holder's text leaves
+# that text readable to the run that is refused.
+_LOCKED_BYTE = 1 << 30
 
 
 def lock_path(out: Path) -> Path:
@@ -60,7 +75,7 @@ def _acquire(path: Path, out: Path) -> int:
             raise InputError(f"{path}: cannot create the lock file for {out}: "
                              f"{exc.strerror or exc}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(fd)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
@@ -74,6 +89,28 @@ def _acquire(path: Path, out: Path) -> int:
         if _still_named(fd, path):
             return fd
         os.close(fd)  # a finishing run removed the file between our open and our flock
+
+
+def _lock(fd: int) -> None:
+    """Take the exclusive lock without waiting; BlockingIOError when another process holds it."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    elif msvcrt is not None:
+        os.lseek(fd, _LOCKED_BYTE, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EDEADLOCK):
+                raise BlockingIOError(exc.errno, "locked") from None
+            raise
+    else:
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            os.lockf(fd, os.F_TLOCK, 0)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                raise BlockingIOError(exc.errno, "locked") from None
+            raise
 
 
 def _still_named(fd: int, path: Path) -> bool:
@@ -91,13 +128,15 @@ def _write_holder(fd: int) -> None:
         argv[0] = "deltamerge"
     command = shlex.join(argv)[:500].replace("\n", " ")
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n{command}\n".encode(), 0)
+    os.lseek(fd, 0, os.SEEK_SET)  # not os.pwrite: Windows has none
+    os.write(fd, f"{os.getpid()}\n{command}\n".encode())
 
 
 def _read_holder(fd: int) -> str:
     """Who holds the lock, from what it wrote; a holder that has only just taken it gets a moment."""
     for _ in range(25):
-        text = os.pread(fd, 4096, 0).decode(errors="replace")
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 4096).decode(errors="replace")
         pid, _, rest = text.partition("\n")
         if pid.strip().isdigit() and rest.endswith("\n"):
             return f"pid {pid.strip()}: {rest.strip()}"

@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING
 import huggingface_hub as hf  # attributes load on first use: importing this module stays cheap
 from huggingface_hub import constants as hf_constants
 
-from ..errors import (
+from ..errors import (  # HubAuthError, NotCachedError: also importable from here, as before
     DiskSpaceError,
     FormatError,
+    HubAuthError,
     InputError,
+    NotCachedError,
     NotFoundError,
     VerificationError,
     WorkError,
@@ -66,14 +68,6 @@ SMALL_FILES = (*AUX_FILES, MANIFEST_NAME, RESULT_RECORD, ADAPTER_CONFIG, *META_S
 MAX_WORKERS = 8
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
-
-
-class HubAuthError(InputError):
-    """The Hub refused the request for want of a (valid) token."""
-
-
-class NotCachedError(NotFoundError):
-    """Offline (HF_HUB_OFFLINE, or the Hub unreachable) and the files are not in the cache."""
 
 
 # -- errors -------------------------------------------------------------------------------------

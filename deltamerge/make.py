@@ -78,13 +78,38 @@ def make_delta(
     """Write ``target - base`` (or ``target XOR base``) to ``out`` with a ``deltamerge.json``.
 
     The one pass hashes the base (the manifest's base role), what apply will rebuild (its result
-    role), the delta's tensors (its delta role) and the delta's files as they are written.
-    An interrupted run keeps its partial folder beside ``out``; ``resume=True`` finishes it,
-    keeping the journaled shards whose files still hash to what the journal recorded.
-    ``compress`` (XOR only) stores the delta zstd-compressed at ``compress_level``
-    (``formats/xor_zstd.py``), as kind ``xor-zstd``.
-    ``sign`` writes ``model.sig`` over the finished folder before it is published, so OUT never
-    appears unsigned (``integrity/signing.py``).
+    role), the delta's tensors (its delta role) and the delta's files as they are written, so
+    whoever applies the delta can check both ends without the publisher's models.
+
+    Args:
+        base: the model the delta is made against: a folder, a weight file, or a Hub repo id.
+        target: the model the delta rebuilds, in the same forms.
+        out: the folder to create; it must be absent or empty unless ``force``.
+        kind: ``"add"`` (differences) or ``"xor"`` (bitwise, exact for any dtype).
+        compress: with ``kind="xor"``, store the delta zstd-compressed in byte planes
+            (``formats/xor_zstd.py``), as kind ``xor-zstd``, at ``compress_level``.
+        compress_level: zstd's level, 1 to 22 (3 by default).
+        sign: write ``model.sig`` over the finished folder before it is published, so OUT never
+            appears unsigned (``integrity/signing.py``).
+        max_shard_size: bytes (or e.g. ``"5GB"``) per delta shard; 5GB by default.
+        block_size: bytes (or e.g. ``"24MB"``) bounding each row block's buffers.
+        force: replace a non-empty ``out`` (at publish).
+        workers: threads for the stream; 1 by default (the CLI picks from the CPUs).
+        progress: show bars, or a ``callback(done_bytes, total_bytes)``.
+        hub: ``endpoint``, ``token`` or ``api`` for inputs that are Hub repo ids.
+        resume: finish the partial folder an interrupted run left beside ``out``, keeping the
+            journaled shards whose files still hash to what the journal recorded.
+
+    Returns:
+        A :class:`~deltamerge.results.MakeDeltaResult`: the delta's folder, the digests of the
+        base, result and delta roles, its size, time and peak memory.
+
+    Raises:
+        InputError: bad arguments, inputs that are missing (``NotFoundError``, also a
+            FileNotFoundError), malformed (``FormatError``, also a ValueError) or that do not
+            pair (``MismatchError``); ``out`` taken or locked. Nothing was written.
+        WorkError: the run failed while working; an ``InterruptedRun`` keeps its partial folder
+            for ``resume``.
     """
     base, target = args.path("base", base), args.path("target", target)
     out = Path(args.path("out", out)).expanduser()

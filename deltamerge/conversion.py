@@ -44,8 +44,34 @@ def convert(
     """Write the Hugging Face layout of a Meta checkpoint folder (``params.json`` + ``.pth``), or
     the ``format`` :func:`~deltamerge.apply.apply_delta` names.
 
-    The tokenizer comes along (``tokenizer.model`` from the folder or its parent, with its own
-    settings files); without one the weights are still written, and the result's notes say so.
+    The same engine as :func:`~deltamerge.apply.apply_delta` with no delta, so a conversion is
+    streamed, hashed and resumable alike. The tokenizer comes along (``tokenizer.model`` from
+    the folder or its parent, with its own settings files); without one the weights are still
+    written, and the result's notes say so.
+
+    Args:
+        meta_dir: the folder of ``params.json`` and ``consolidated.NN.pth``.
+        out: the folder to create; it must be absent or empty unless ``force``.
+        dtype: the result's dtype; by default the checkpoint's.
+        max_shard_size: bytes (or e.g. ``"5GB"``) per output shard; 5GB by default.
+        block_size: bytes (or e.g. ``"24MB"``) bounding each row block's buffers.
+        force: replace a non-empty ``out`` (at publish).
+        workers: threads for the stream; 1 by default (the CLI picks from the CPUs).
+        progress: show bars, or a ``callback(done_bytes, total_bytes)``.
+        resume: finish the partial folder an interrupted run left beside ``out``.
+        format: ``"hf"``, ``"gguf"`` or ``"meta"``, as for :func:`~deltamerge.apply.apply_delta`.
+        outtype: for ``format="gguf"``: f32, f16, bf16 or q8_0.
+        mp: for ``format="meta"``: the model-parallel shards.
+
+    Returns:
+        An :class:`~deltamerge.results.ApplyResult` describing the converted model.
+
+    Raises:
+        InputError: bad arguments; ``meta_dir`` missing (``NotFoundError``, also a
+            FileNotFoundError), not Meta's layout or malformed (``FormatError``, also a
+            ValueError); ``out`` taken or locked. Nothing was written.
+        WorkError: the run failed while working; an ``InterruptedRun`` keeps its partial folder
+            for ``resume``.
     """
     meta_dir = args.path("meta_dir", meta_dir)
     need_folders([(meta_dir, "meta_dir")])
