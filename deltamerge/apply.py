@@ -88,6 +88,7 @@ def apply_delta(
     format: str = "hf",
     outtype: str | None = None,
     mp: int | None = None,
+    threads: int | None = None,
 ) -> ApplyResult:
     """Rebuild ``base`` + ``delta`` (or a chain of deltas, applied in order) into ``out``.
 
@@ -101,6 +102,9 @@ def apply_delta(
     f16, bf16 or q8_0, by default the result's dtype; split as llama.cpp splits when
     ``max_shard_size`` is given) or ``"meta"`` (Meta's ``consolidated.NN.pth`` in ``mp``
     model-parallel shards, 1 by default, with ``params.json`` and ``tokenizer.model``).
+    ``outtype`` may also be one of llama-quantize's (q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k, q4_0,
+    q4_1, q5_0, q5_1): the file ``llama-quantize`` writes from the converter's at the result's
+    dtype, quantized on ``threads`` threads (default: the cores this process may use).
 
     Raises a :class:`~deltamerge.errors.DeltaMergeError` with a one-line message on any failure,
     and then leaves nothing at ``out``. An interrupted run (Ctrl-C, SIGTERM, a failed write)
@@ -124,7 +128,7 @@ def apply_delta(
     if qlora_dtype is not None and qlora is None:
         raise InputError("--qlora-dtype is the dtype the base was quantized from: it needs --qlora")
     quant_dtype = parse_user_dtype(qlora_dtype)
-    fmt = output_format(format, outtype=outtype, mp=mp, max_shard_size=max_shard_size)
+    fmt = output_format(format, outtype=outtype, mp=mp, max_shard_size=max_shard_size, threads=threads)
     inputs = [(base, "base"), *((d, "delta") for d in deltas)]
     _need_folders(inputs[1:])
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in inputs])

@@ -36,6 +36,7 @@ def convert(
     format: str = "hf",
     outtype: str | None = None,
     mp: int | None = None,
+    threads: int | None = None,
 ) -> ApplyResult:
     """Write the Hugging Face layout of a Meta checkpoint folder (``params.json`` + ``.pth``), or
     the ``format`` :func:`~deltamerge.apply.apply_delta` names.
@@ -49,7 +50,7 @@ def convert(
     result = apply_delta(
         meta_dir, [], out, dtype=dtype, max_shard_size=max_shard_size, block_size=block_size,
         force=force, workers=workers, progress=progress, resume=resume, format=format,
-        outtype=outtype, mp=mp,
+        outtype=outtype, mp=mp, threads=threads,
     )
     if format != "gguf" and not (result.out / TOKENIZER).is_file():  # GGUF holds its vocab
         result.notes.append(
