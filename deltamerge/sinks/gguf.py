@@ -273,7 +273,8 @@ def plan_gguf(
     split_max_size: int = 0,
     split_max_tensors: int = 0,
 ) -> GGUFPlan:
-    """The GGUF file set ``convert_hf_to_gguf.py --outtype OUTTYPE`` would write for the result.
+    """The GGUF file set ``convert_hf_to_gguf.py --outtype OUTTYPE`` would write for the result
+    (for the quantized outtypes, the file ``llama-quantize`` makes of the converter's).
 
     ``folder`` holds the result's non-weight files (config.json, the tokenizer's files,
     generation_config.json, a README.md model card); ``tensors`` are the Hugging Face result's
