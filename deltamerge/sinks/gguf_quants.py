@@ -5,11 +5,14 @@
 multiply-add in the x86-64 build. gguf-py has no k-quant quantizer, so they are ported here, each
 256-value super-block independent of the others. Float32 results depend on the order of every
 operation, so the port keeps the C code's: sums accumulate position by position within a block
-(never torch's pairwise ``sum``), divisions stay divisions, and no op fuses a multiply with an add
-(no ``addcmul``, no ``alpha=``). The work is vectorized across blocks (and across the trial scales
-of ``make_qkx2_quants``/``make_qx_quants``), never within one. ``nearest_int`` (the 1.5 * 2^23
-trick) and the ``(uint8_t)``/``(int8_t)`` wraps are reproduced on the bits, so even values out of
-its range give the C code's bytes. The bytes match the C code's on x86-64 for finite inputs.
+(never torch's pairwise ``sum``), divisions stay divisions (torch's ``float / tensor`` multiplies
+by a reciprocal), ``sqrtf`` is rounded from float64 (torch's float32 sqrt is not correctly
+rounded), and no op fuses a multiply with an add (no ``addcmul``, no ``alpha=``). The work is
+vectorized across blocks, never within one; the trial scales of ``make_qkx2_quants`` and
+``make_qx_quants`` go one after another on buffers reused from trial to trial. ``nearest_int``
+(the 1.5 * 2^23 trick) rounds in floats where its range holds and is redone on the bits where it
+may not, and the ``(uint8_t)``/``(int8_t)`` wraps are kept, so the bytes are the C code's on
+x86-64 for every finite input, even one whose ``max - min`` overflows.
 
 The legacy types (Q4_0 ... Q8_0) are gguf-py's own quantizers, which ``convert_hf_to_gguf.py``
 uses and which match ggml's ``quantize_row_*_ref``.
@@ -25,6 +28,7 @@ from .gguf_kv import require_gguf
 
 try:
     import gguf
+    import numpy as np
 except ImportError:
     gguf = None
 
@@ -33,8 +37,9 @@ __all__ = ["quantize_rows"]
 QK_K = 256
 GROUP_MAX_EPS = 1e-15
 _MAGIC = 12582912.0  # 1.5 * 2^23: nearest_int's rounding constant
-# Blocks of 256 quantized together: bounds the (positions, trials, blocks) temporaries (~10 MB).
-_CHUNK_SUPERBLOCKS = 128
+# Super-blocks quantized together: large enough that each op works on many blocks, small enough
+# that the buffers of a trial (a few times 1 MB) stay in cache.
+_CHUNK_SUPERBLOCKS = 1024
 
 
 def nearest_int(f: torch.Tensor) -> torch.Tensor:
@@ -60,11 +65,14 @@ def _f16_value(bits: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int16).view(torch.float16).to(torch.float32)
 
 
-def _seq_sum(terms: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``float s = 0; for (i...) s += terms[i];`` along dim 0, vectorized over the rest."""
+def _seq_sum(terms: torch.Tensor | list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """``float s = 0; for (i...) s += terms[i];`` along dim 0, vectorized over the rest.
+
+    ``terms`` may be a buffer's ``unbind(0)`` made once: the loop runs for every trial scale.
+    """
     out.zero_()
     for t in terms:
-        out += t
+        out.add_(t)
     return out
 
 
@@ -79,71 +87,136 @@ def _first_max(values: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor,
     return best, index
 
 
-def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
-                     nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml's ``make_qkx2_quants`` (``use_mad`` false) for blocks as columns: ``x``, ``w`` (n, blocks).
+def _rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
+    """``num / t`` as a division: torch's ``float / tensor`` multiplies by the reciprocal."""
+    return torch.tensor(num, dtype=torch.float32) / t
 
-    Returns (scale, the_min, L) with L (n, blocks) as int32. The initial fit and the nstep + 1
-    trial scales are computed together, shape (n, trials, blocks), each trial's sums in the C
-    code's order; the winner is then picked trial after trial, as the C loop does (a strictly
-    lower error replaces the best, so the earliest wins a tie).
+
+def _sqrt(t: torch.Tensor) -> torch.Tensor:
+    """``sqrtf``, correctly rounded: torch's float32 sqrt is not (the double's is, rounded once more)."""
+    return torch.sqrt(t.to(torch.float64)).to(torch.float32)
+
+
+def _clamped_nearest(f: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``MAX(lo, MIN(hi, nearest_int(f)))`` as float32."""
+    return nearest_int(f).clamp_(lo, hi).to(torch.float32)
+
+
+def _levels_(f: torch.Tensor, lo: int, hi: int, exact: bool) -> torch.Tensor:
+    """``MAX(lo, MIN(hi, nearest_int(f)))`` in place, as float32.
+
+    Unless ``exact``, it is done in floats, rounding half to even as ``f + 12582912.f`` does: the
+    same for |f| <= 4194303, which the caller checks (beyond, only the bits give the C code's value).
     """
+    if exact:
+        return f.copy_(_clamped_nearest(f, lo, hi))
+    return f.round_().clamp_(float(lo), float(hi))
+
+
+def _out_of_range(iscale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """Blocks where some ``iscale * (x - at)``, x in [lo, hi], may be beyond nearest_int's range (or NaN)."""
+    span = torch.maximum((hi - at).abs_(), (lo - at).abs_())
+    return ~(iscale.abs() * span <= 4194303.0)
+
+
+def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+                     nstep: int, use_mad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qkx2_quants`` for blocks as columns: ``x``, ``w`` (n, blocks).
+
+    Returns (scale, the_min, L) with L (n, blocks) as float32 levels. The trials go one after
+    another as in C, since a trial that wins moves ``min``, which the next trials' scales and
+    levels start from; each is vectorized across the blocks. Levels are rounded in floats; where
+    that could differ from ``nearest_int`` (values near float32's limits) all is done again on bits.
+    """
+    result = _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, exact=False)
+    if result is None:
+        result = _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, exact=True)
+    assert result is not None
+    return result
+
+
+def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                      use_mad: bool, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     n, blocks = x.shape
-    mn = x.amin(0)
+    lo = x.amin(0)
     mx = x.amax(0)
     sum_w = w[0].clone()
     sum_x = w[0] * x[0]
+    tmp = torch.empty(blocks)
     for i in range(1, n):
         sum_w += w[i]
-        sum_x += w[i] * x[i]
-    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
+        sum_x += torch.mul(w[i], x[i], out=tmp)
+    zero = torch.zeros(blocks)
+    mn = torch.where(lo > 0, zero, lo)
     flat = mx == mn
-    rng = mx - mn
-    steps = torch.arange(nstep + 1, dtype=torch.float32)
     f32 = torch.float32
-    tries = (torch.tensor(rmin, dtype=f32) + torch.tensor(rdelta, dtype=f32) * steps) + float(nmax)
-    nums = torch.cat([torch.tensor([float(nmax)]), tries])
-    trials = nums.shape[0]
-    iscale = nums[:, None] / rng  # (trials, blocks)
-    xs = x - mn
-    lq = nearest_int(xs[:, None, :] * iscale).clamp_(0, nmax)
-    lf = lq.to(torch.float32)  # (n, trials, blocks)
-    wl = w[:, None, :] * lf
-    acc = torch.empty(trials, blocks)
-    sum_l = _seq_sum(wl, acc.clone())
-    sum_l2 = _seq_sum(wl * lf, acc.clone())
-    sum_xl = _seq_sum(wl * x[:, None, :], acc.clone())
-    d = sum_w * sum_l2 - sum_l * sum_l
-    this_scale = (sum_w * sum_xl - sum_x * sum_l) / d
-    this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d
-    pos = this_min > 0
-    this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-    this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
-    this_scale[0] = 1 / iscale[0]
-    this_min[0] = mn
-    diff = this_scale * lf + this_min - x[:, None, :]
-    err = _seq_sum(w[:, None, :] * (diff * diff), acc)
-    best = err[0]
-    choice = torch.zeros(blocks, dtype=torch.int64)
-    for t in range(1, trials):
-        ok = (d[t] > 0) & (err[t] < best)
-        best = torch.where(ok, err[t], best)
-        choice = torch.where(ok, t, choice)
-    scale = this_scale.gather(0, choice[None])[0]
-    the_min = -this_min.gather(0, choice[None])[0]
-    L = lq.gather(1, choice[None, None].expand(n, 1, blocks))[:, 0]
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
-    the_min = torch.where(flat, -mn, the_min)
-    L = torch.where(flat, torch.zeros_like(L), L)
+    steps = torch.arange(nstep + 1, dtype=f32)
+    nums = (torch.tensor(rmin, dtype=f32) + torch.tensor(rdelta, dtype=f32) * steps) + float(nmax)
+    # Each trial's iscale and min (row 0: the first fit's), to rebuild the winner's levels and to
+    # check nearest_int's range once at the end.
+    iscales = torch.empty(nstep + 2, blocks)
+    mins = torch.empty(nstep + 2, blocks)
+    iscale = torch.div(torch.tensor(float(nmax)), mx - mn, out=iscales[0])
+    mins[0] = mn
+    scale = _rdiv(1.0, iscale)
+    f = torch.empty(n, blocks)
+    lf = _levels_(torch.mul(x - mn, iscale, out=f), 0, nmax, exact)
+    e = torch.mul(lf, scale)
+    e.add_(mn).sub_(x)
+    best = _seq_sum((e.abs_() if use_mad else e.square_()).mul_(w), torch.empty(blocks))
+    cur_min = mn
+    win = torch.zeros(blocks, dtype=torch.int64)
+    sums = torch.empty(n, 3, blocks)
+    sum_terms, err_terms = sums.unbind(0), e.unbind(0)
+    acc = torch.empty(3, blocks)
+    err = torch.empty(blocks)
+    for t, num in enumerate(nums, 1):
+        iscale = torch.div(num, torch.sub(mx, cur_min, out=tmp), out=iscales[t])
+        mins[t] = cur_min
+        lf = _levels_(torch.mul(torch.sub(x, cur_min, out=f), iscale, out=f), 0, nmax, exact)
+        wl = torch.mul(w, lf, out=sums[:, 0])
+        torch.mul(wl, lf, out=sums[:, 1])
+        torch.mul(wl, x, out=sums[:, 2])
+        sum_l, sum_l2, sum_xl = _seq_sum(sum_terms, acc)
+        d = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / d
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d
+        this_scale = torch.where(this_min > 0, sum_xl / sum_l2, this_scale)
+        this_min.clamp_(max=0.0)  # if (this_min > 0) this_min = 0
+        torch.mul(lf, this_scale, out=e).add_(this_min).sub_(x)
+        (e.abs_() if use_mad else e.square_()).mul_(w)
+        _seq_sum(err_terms, err)
+        ok = (d > 0) & (err < best)
+        best = torch.where(ok, err, best)
+        scale = torch.where(ok, this_scale, scale)
+        cur_min = torch.where(ok, this_min, cur_min)
+        win.masked_fill_(ok, t)
+    if not exact and bool((_out_of_range(iscales, lo, mx, mins) & ~flat).any()):
+        return None
+    win = win[None]
+    L = torch.sub(x, mins.gather(0, win), out=f).mul_(iscales.gather(0, win))
+    L = _levels_(L, 0, nmax, exact)
+    scale = torch.where(flat, zero, scale)
+    the_min = torch.where(flat, -mn, -cur_min)
+    L.masked_fill_(flat, 0.0)
     return scale, the_min, L
 
 
 def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` for blocks as columns: ``x`` (n, blocks).
 
-    Returns (scale, L) with L (n, blocks) int32 in 0..2*nmax-1. The first fit and the 18 tries
-    ``is = -9..9`` are computed together; acceptance then goes try after try as in C.
+    Returns (scale, L) with L (n, blocks) as float32 levels in 0..2*nmax-1. The first fit, then
+    the tries ``is = -9..9`` one after another on reused buffers, each vectorized across blocks.
     """
+    result = _make_qx_quants_rmse1(x, nmax, exact=False)
+    if result is None:
+        result = _make_qx_quants_rmse1(x, nmax, exact=True)
+    assert result is not None
+    return result
+
+
+def _make_qx_quants_rmse1(x: torch.Tensor, nmax: int,
+                          exact: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     n, blocks = x.shape
     amax = torch.zeros(blocks)
     mx = torch.zeros(blocks)
@@ -152,29 +225,40 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torc
         gt = ax > amax
         amax = torch.where(gt, ax, amax)
         mx = torch.where(gt, xi, mx)
-    tries = [0] + [i for i in range(-9, 10) if i != 0]
-    nums = float(nmax) + torch.tensor(0.1, dtype=torch.float32) * torch.tensor(tries, dtype=torch.float32)
-    iscale = -nums[:, None] / mx  # (tries, blocks)
-    lq = nearest_int(x[:, None, :] * iscale).clamp_(-nmax, nmax - 1)
-    lf = lq.to(torch.float32)
-    w = x * x
-    wx = (w * x)[:, None, :]
-    acc = torch.empty(len(tries), blocks)
-    sumlx = _seq_sum(wx * lf, acc.clone())
-    suml2 = _seq_sum(w[:, None, :] * lf * lf, acc)
-    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(suml2[0]))
-    best = scale * sumlx[0]
-    choice = torch.zeros(blocks, dtype=torch.int64)
-    for t in range(1, len(tries)):
-        ok = (suml2[t] > 0) & (sumlx[t] * sumlx[t] > best * suml2[t])
-        new_scale = sumlx[t] / suml2[t]
-        scale = torch.where(ok, new_scale, scale)
-        best = torch.where(ok, new_scale * sumlx[t], best)
-        choice = torch.where(ok, t, choice)
-    L = lq.gather(1, choice[None, None].expand(n, 1, blocks))[:, 0] + nmax
     zero = amax < GROUP_MAX_EPS
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    L = torch.where(zero, torch.zeros_like(L), L)
+    w = x * x
+    wx = w * x
+    f = torch.empty(n, blocks)
+    sums = torch.empty(n, 2, blocks)
+    terms = sums.unbind(0)
+    wl = torch.empty(n, blocks)
+    acc = torch.empty(2, blocks)
+    f32 = torch.float32
+    nums = float(nmax) + torch.tensor(0.1, dtype=f32) * torch.arange(-9, 10, dtype=f32)
+    best = scale = win_iscale = None
+    bad = torch.zeros(blocks, dtype=torch.bool)
+    for k in [9] + [k for k in range(19) if k != 9]:  # is = 0 first: its fit is the start
+        iscale = -nums[k] / mx
+        bad |= ~(iscale.abs() * amax <= 4194303.0)
+        lf = _levels_(torch.mul(x, iscale, out=f), -nmax, nmax - 1, exact)
+        torch.mul(wx, lf, out=sums[:, 0])
+        torch.mul(torch.mul(w, lf, out=wl), lf, out=sums[:, 1])
+        sumlx, suml2 = _seq_sum(terms, acc)
+        if best is None:
+            scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros(blocks))
+            best = scale * sumlx
+            win_iscale = iscale
+            continue
+        ok = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        new_scale = sumlx / suml2
+        scale = torch.where(ok, new_scale, scale)
+        best = torch.where(ok, new_scale * sumlx, best)
+        win_iscale = torch.where(ok, iscale, win_iscale)
+    if not exact and bool((bad & ~zero).any()):
+        return None
+    L = _levels_(torch.mul(x, win_iscale, out=f), -nmax, nmax - 1, exact).add_(nmax)
+    scale = torch.where(zero, torch.zeros(blocks), scale)
+    L.masked_fill_(zero, 0.0)
     return scale, L
 
 
@@ -188,8 +272,8 @@ def _k_scales(scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, t
     zero = torch.zeros(scales.shape[0])
     max_scale, _ = _first_max(scales.T, zero)
     max_min, _ = _first_max(mins.T, zero)
-    inv_scale = torch.where(max_scale > 0, 63.0 / max_scale, zero)
-    inv_min = torch.where(max_min > 0, 63.0 / max_min, zero)
+    inv_scale = torch.where(max_scale > 0, _rdiv(63.0, max_scale), zero)
+    inv_min = torch.where(max_min > 0, _rdiv(63.0, max_min), zero)
     ls = (nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp_(max=63)  # (uint8_t), then MIN(63, .)
     lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp_(max=63)
     packed = torch.empty(scales.shape[0], 12, dtype=torch.int32)
@@ -211,13 +295,13 @@ def _qkx_superblocks(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nst
     sum_x2 = torch.zeros(s * 8)
     for xi in blocks:
         sum_x2 += xi * xi
-    av_x = torch.sqrt(sum_x2 / 32.0)
+    av_x = _sqrt(sum_x2 / 32.0)
     w = av_x + blocks.abs()
     scales, mins, L = make_qkx2_quants(blocks, w, nmax, rmin, rdelta, nstep)
     packed, d_bits, dmin_bits, d, dm = _k_scales(scales.reshape(s, 8), mins.reshape(s, 8))
     xb = x.reshape(s, 8, 32)
     lq = nearest_int((xb + dm[..., None]) / d[..., None]).clamp_(0, nmax)
-    L = torch.where((d != 0)[..., None], lq, L.T.reshape(s, 8, 32))
+    L = torch.where((d != 0)[..., None], lq, L.T.reshape(s, 8, 32).to(torch.int32))
     return L.reshape(s, QK_K), packed, d_bits, dmin_bits
 
 
@@ -251,12 +335,12 @@ def quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
     blocks = x.reshape(s * 16, 16).T.contiguous()
     scales, L = make_qx_quants_rmse1(blocks, 32)
     scales = scales.reshape(s, 16)
-    L = L.T.reshape(s, 16, 16)
+    L = L.T.reshape(s, 16, 16).to(torch.int32)
     max_abs, index = _first_max(scales.abs().T, torch.zeros(s))
     max_scale = scales.gather(1, index.clamp(min=0)[:, None])[:, 0]
     zero = max_abs < GROUP_MAX_EPS
-    iscale = -128.0 / max_scale
-    d_bits = _f16_bits(1 / iscale)
+    iscale = _rdiv(-128.0, max_scale)
+    d_bits = _f16_bits(_rdiv(1.0, iscale))
     sc = nearest_int(iscale[:, None] * scales).clamp_(max=127)
     sc = (sc & 0xFF) - ((sc & 0x80) << 1)  # (int8_t)
     d = _f16_value(d_bits)[:, None] * sc.to(torch.float32)
@@ -271,7 +355,111 @@ def quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
     return out.to(torch.uint8)
 
 
+def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``make_q3_quants(n, nmax, x, L, do_rmse=true)`` for blocks as columns: ``x`` (n, blocks).
+
+    Returns (scale, L) with L (n, blocks) int32 in 0..2*nmax-1. The refinement visits the values
+    one after another, each step vectorized across blocks. C stops a block's passes once one
+    changes nothing; a pass after that would change nothing either, so all blocks make all five.
+    """
+    n, blocks = x.shape
+    amax = torch.zeros(blocks)
+    mx = torch.zeros(blocks)
+    for xi in x:
+        ax = xi.abs()
+        gt = ax > amax
+        amax = torch.where(gt, ax, amax)
+        mx = torch.where(gt, xi, mx)
+    zero = amax < GROUP_MAX_EPS
+    iscale = _rdiv(-float(nmax), mx)
+    L = nearest_int(x * iscale).clamp_(-nmax, nmax - 1).to(torch.float32)
+    w = x * x
+    wx = w * x
+    sumlx = torch.zeros(blocks)
+    suml2 = torch.zeros(blocks)
+    for i in range(n):
+        sumlx = sumlx + wx[i] * L[i]
+        suml2 = suml2 + w[i] * L[i] * L[i]
+    for _ in range(5):
+        for i in range(n):
+            li = L[i]
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - w[i] * li * li
+            new_l = nearest_int(x[i] * sl2 / slx).clamp_(-nmax, nmax - 1).to(torch.float32)
+            slx = slx + wx[i] * new_l
+            sl2 = sl2 + w[i] * new_l * new_l
+            ok = ((sumlx - wx[i] * li > 0) & (new_l != li) & (sl2 > 0)
+                  & (slx * slx * suml2 > sumlx * sumlx * sl2))
+            L[i] = torch.where(ok, new_l, li)
+            sumlx = torch.where(ok, slx, sumlx)
+            suml2 = torch.where(ok, sl2, suml2)
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros(blocks))
+    scale = torch.where(zero, torch.zeros(blocks), scale)
+    L = torch.where(zero[None], 0, L.to(torch.int32) + nmax)
+    return scale, L
+
+
+def _pack_2bit(L: torch.Tensor) -> torch.Tensor:
+    """``qs[j/4 + l] = L[j+l] | L[j+l+32] << 2 | L[j+l+64] << 4 | L[j+l+96] << 6`` of (S, 256): (S, 64)."""
+    L = L.reshape(-1, 2, 4, 32)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32).reshape(1, 1, 4, 1)
+    return (L << shifts).sum(2, dtype=torch.int32).reshape(-1, 64)
+
+
+def quantize_q2_k(x: torch.Tensor) -> torch.Tensor:
+    """``quantize_row_q2_K_ref`` for super-blocks ``x`` (S, 256): block_q2_K bytes (S, 84)."""
+    s = x.shape[0]
+    blocks = x.reshape(s * 16, 16).T.contiguous()
+    scales, mins, L = make_qkx2_quants(blocks, blocks.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+    scales, mins = scales.reshape(s, 16), mins.reshape(s, 16)
+    zero = torch.zeros(s)
+    max_scale, _ = _first_max(scales.T, zero)
+    max_min, _ = _first_max(mins.T, zero)
+    has_scale, has_min = max_scale > 0, max_min > 0
+    ls = torch.where(has_scale[:, None], nearest_int(_rdiv(15.0, max_scale)[:, None] * scales), 0)
+    lm = nearest_int(_rdiv(15.0, max_min)[:, None] * mins)
+    sc = torch.where(has_min[:, None], ls | lm << 4, ls) & 0xFF
+    d_bits = torch.where(has_scale, _f16_bits(max_scale / 15.0), 0)
+    dmin_bits = torch.where(has_min, _f16_bits(max_min / 15.0), 0)
+    d = _f16_value(d_bits)[:, None] * (sc & 0xF).to(torch.float32)
+    dm = _f16_value(dmin_bits)[:, None] * (sc >> 4).to(torch.float32)
+    xb = x.reshape(s, 16, 16)
+    lq = nearest_int((xb + dm[..., None]) / d[..., None]).clamp_(0, 3)
+    L = torch.where((d != 0)[..., None], lq, L.T.reshape(s, 16, 16).to(torch.int32))
+    return torch.cat([sc, _pack_2bit(L), _fp16_bytes(d_bits), _fp16_bytes(dmin_bits)], 1).to(torch.uint8)
+
+
+def quantize_q3_k(x: torch.Tensor) -> torch.Tensor:
+    """``quantize_row_q3_K_ref`` for super-blocks ``x`` (S, 256): block_q3_K bytes (S, 110)."""
+    s = x.shape[0]
+    blocks = x.reshape(s * 16, 16).T.contiguous()
+    scales, L = make_q3_quants(blocks, 4)
+    scales = scales.reshape(s, 16)
+    max_abs, index = _first_max(scales.abs().T, torch.zeros(s))
+    max_scale = torch.where(index >= 0, scales.gather(1, index.clamp(min=0)[:, None])[:, 0], 0.0)
+    has = max_scale != 0
+    iscale = _rdiv(-32.0, max_scale)
+    l8 = nearest_int(iscale[:, None] * scales) & 0xFF
+    l8 = l8 - ((l8 & 0x80) << 1)  # (int8_t)
+    l6 = torch.where(has[:, None], l8.clamp_(-32, 31) + 32, 0)  # what the 12 bytes hold
+    packed = torch.zeros(s, 12, dtype=torch.int32)
+    packed[:, 0:8] = l6[:, 0:8] & 0xF | (l6[:, 8:16] & 0xF) << 4
+    high = (l6 >> 4).reshape(s, 4, 4)  # [j // 4, j % 4]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32).reshape(1, 4, 1)
+    packed[:, 8:12] = (high << shifts).sum(1, dtype=torch.int32)
+    d_bits = torch.where(has, _f16_bits(_rdiv(1.0, iscale)), 0)
+    d = _f16_value(d_bits)[:, None] * (l6 - 32).to(torch.float32)
+    lq = nearest_int(x.reshape(s, 16, 16) / d[..., None]).clamp_(-4, 3) + 4
+    L = torch.where((d != 0)[..., None], lq, L.T.reshape(s, 16, 16)).reshape(s, 8, 32)
+    hbits = (L > 3).to(torch.int32)  # value j: bit j // 32 of hmask[j % 32]
+    hmask = (hbits << torch.arange(8, dtype=torch.int32).reshape(1, 8, 1)).sum(1, dtype=torch.int32)
+    L = L - 4 * hbits
+    return torch.cat([hmask, _pack_2bit(L.reshape(s, 256)), packed, _fp16_bytes(d_bits)], 1).to(torch.uint8)
+
+
 _K_QUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "Q2_K": quantize_q2_k,
+    "Q3_K": quantize_q3_k,
     "Q4_K": quantize_q4_k,
     "Q5_K": quantize_q5_k,
     "Q6_K": quantize_q6_k,
@@ -281,8 +469,8 @@ _K_QUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 def quantize_rows(rows: torch.Tensor, qtype: int) -> torch.Tensor:
     """Rows (n, width) of float32 as llama-quantize writes them in ``qtype``: uint8 (n, bytes per row).
 
-    ``width`` must be a multiple of the type's block size. Q4_K, Q5_K and Q6_K are ported from
-    ggml; Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 are gguf-py's quantizers, as the converter's.
+    ``width`` must be a multiple of the type's block size. Q2_K to Q6_K are ported from ggml;
+    Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 are gguf-py's quantizers, as the converter's.
     Work is done some super-blocks at a time, so memory stays bounded whatever the rows.
     """
     require_gguf()
@@ -295,8 +483,8 @@ def quantize_rows(rows: torch.Tensor, qtype: int) -> torch.Tensor:
     row_bytes = width // block * type_size
     quantizer = _K_QUANTIZERS.get(qtype.name)
     if quantizer is None:
-        import numpy as np
-        data = gguf.quants.quantize(rows.contiguous().numpy(), qtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # inf where a scale is beyond f16, as in C
+            data = gguf.quants.quantize(rows.contiguous().numpy(), qtype)
         return torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(n, row_bytes))
     out = torch.empty(n, row_bytes, dtype=torch.uint8)
     flat_in = rows.contiguous().reshape(-1, QK_K)
