@@ -120,15 +120,15 @@ def record(convert: Path, quantize: Path, name: str, spec: dict, sp_model: bytes
         "n_head_kv": field(source, f"{arch}.attention.head_count_kv", n_head),
         "n_expert": field(source, f"{arch}.expert_count"),
         "tensors": [[t.name, [int(d) for d in reversed(t.shape)]] for t in source.tensors],
-        "input": {t.name: t.tensor_type.name for t in source.tensors},
+        "input": [t.tensor_type.name for t in source.tensors],
         "types": {},
     }
     for outtype in OUTTYPES:
         out = tmp / f"{name}-{outtype}.gguf"
         run([str(quantize), str(source_file), str(out), outtype.upper(), "1"])
-        result = gguf.GGUFReader(out)
-        entry["types"][outtype] = {t.name: t.tensor_type.name for t in result.tensors}
-        entry.setdefault("order", [t.name for t in result.tensors])
+        result = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+        entry["types"][outtype] = [result[t.name] for t in source.tensors]
+        entry.setdefault("order", list(result))
         out.unlink()
     return entry
 
@@ -144,8 +144,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         table = {name: record(args.convert, args.quantize, name, spec, sp_model, Path(tmp))
                  for name, spec in MODELS.items()}
-    args.out.write_text(json.dumps(table, indent=1) + "\n")
+    args.out.write_text(dump(table))
     return 0
+
+
+def dump(table: dict) -> str:
+    """JSON with a line for each list (types are listed in the order of ``tensors``)."""
+    models = []
+    for name, entry in table.items():
+        lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in entry.items() if k != "types"]
+        types = ",\n".join(f"   {json.dumps(k)}: {json.dumps(v)}" for k, v in entry["types"].items())
+        lines.append(f'  "types": {{\n{types}\n  }}')
+        models.append(f" {json.dumps(name)}: {{\n" + ",\n".join(lines) + "\n }")
+    return "{\n" + ",\n".join(models) + "\n}\n"
 
 
 if __name__ == "__main__":

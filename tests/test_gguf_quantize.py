@@ -101,7 +101,8 @@ def test_the_type_mix_is_llama_quantizes(model: str):
     assert sorted(entry["types"]) == sorted(gguf_types.OUTTYPES)
     for outtype, expected in entry["types"].items():
         types = gguf_types.quantized_types(outtype, info, tensors)
-        found = {name: QT(types[name]).name if name in types else entry["input"][name] for name, _ in tensors}
+        found = [QT(types[name]).name if name in types else kept
+                 for (name, _), kept in zip(tensors, entry["input"], strict=True)]
         assert found == expected, outtype
 
 
