@@ -99,6 +99,7 @@ def apply_delta(
     outtype: str | None = None,
     mp: int | None = None,
     allow_repeat: bool = False,
+    threads: int | None = None,
 ) -> ApplyResult:
     """Rebuild ``base`` + ``delta`` (or a chain of deltas, applied in order) into ``out``.
 
@@ -112,6 +113,9 @@ def apply_delta(
     f16, bf16 or q8_0, by default the result's dtype; split as llama.cpp splits when
     ``max_shard_size`` is given) or ``"meta"`` (Meta's ``consolidated.NN.pth`` in ``mp``
     model-parallel shards, 1 by default, with ``params.json`` and ``tokenizer.model``).
+    ``outtype`` may also be one of llama-quantize's (q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k, q4_0,
+    q4_1, q5_0, q5_1): the file ``llama-quantize`` writes from the converter's at the result's
+    dtype, quantized on ``threads`` threads (default: the cores this process may use).
 
     Raises a :class:`~deltamerge.errors.DeltaMergeError` with a one-line message on any failure,
     and then leaves nothing at ``out``. An interrupted run (Ctrl-C, SIGTERM, a failed write)
@@ -142,7 +146,7 @@ def apply_delta(
         workers=workers, progress=progress, extra_files=extra_files, hub=hub,
         expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
         qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
-        format=format, outtype=outtype, mp=mp, allow_repeat=allow_repeat,
+        format=format, outtype=outtype, mp=mp, allow_repeat=allow_repeat, threads=threads,
     )
 
 
@@ -154,7 +158,7 @@ def run_apply(
     hub: dict | None, expect_md5: PathLike | None, key_md5: str | None, resume: bool,
     qlora: str | None, qlora_dtype: str | torch.dtype | None, lora_r: int | None,
     lora_alpha: float | None, lora_prefix: str | None, format: str, outtype: str | None,
-    mp: int | None, allow_repeat: bool = False,
+    mp: int | None, allow_repeat: bool = False, threads: int | None = None,
 ) -> ApplyResult:
     """:func:`apply_delta` for a chain of any length: ``convert`` applies none (writing the base
     in another layout is applying an empty chain), which the public function refuses."""
@@ -189,7 +193,9 @@ def run_apply(
     args.text("format", format)
     args.text("outtype", outtype)
     mp = args.integer("mp", mp)
-    fmt = output_format(format, outtype=outtype, mp=mp, max_shard_size=max_shard_size)
+    threads = args.integer("threads", threads)
+    fmt = output_format(format, outtype=outtype, mp=mp, max_shard_size=max_shard_size,
+                        threads=threads)
     inputs = [(base, "base"), *((d, "delta") for d in deltas)]
     need_folders(inputs[1:])
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in inputs])
