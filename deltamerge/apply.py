@@ -101,6 +101,7 @@ def apply_delta(
     mp: int | None = None,
     allow_repeat: bool = False,
     signer: SignerPin | None = None,
+    threads: int | None = None,
 ) -> ApplyResult:
     """Rebuild ``base`` + ``delta`` (or a chain of deltas, applied in order) into ``out``.
 
@@ -141,11 +142,15 @@ def apply_delta(
             OUTTYPE`` would write for that result, split as llama.cpp splits when
             ``max_shard_size`` is given) or ``"meta"`` (Meta's ``consolidated.NN.pth``, with
             ``params.json`` and ``tokenizer.model``).
-        outtype: for ``format="gguf"``: f32, f16, bf16 or q8_0; by default the result's dtype.
+        outtype: for ``format="gguf"``: f32, f16, bf16 or q8_0 (by default the result's dtype),
+            or one of llama-quantize's (q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k, q4_0, q4_1, q5_0,
+            q5_1): the file ``llama-quantize`` writes from the converter's at the result's dtype.
         mp: for ``format="meta"``: the model-parallel shards, 1 by default.
         allow_repeat: see ``delta``.
         signer: who must have signed every delta (its ``model.sig``, OMS format): each
             signature is checked before any weight is read, and the result records who signed.
+        threads: threads quantizing a quantized ``outtype`` (default: the cores this process
+            may use); the bytes do not depend on it.
 
     Returns:
         An :class:`~deltamerge.results.ApplyResult`: where the result is, its digest, whether it
@@ -172,6 +177,7 @@ def apply_delta(
         expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
         qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
         format=format, outtype=outtype, mp=mp, allow_repeat=allow_repeat, signer=signer,
+        threads=threads,
     )
 
 
@@ -184,6 +190,7 @@ def run_apply(
     qlora: str | None, qlora_dtype: str | torch.dtype | None, lora_r: int | None,
     lora_alpha: float | None, lora_prefix: str | None, format: str, outtype: str | None,
     mp: int | None, allow_repeat: bool = False, signer: SignerPin | None = None,
+    threads: int | None = None,
 ) -> ApplyResult:
     """:func:`apply_delta` for a chain of any length: ``convert`` applies none (writing the base
     in another layout is applying an empty chain), which the public function refuses."""
@@ -218,7 +225,9 @@ def run_apply(
     args.text("format", format)
     args.text("outtype", outtype)
     mp = args.integer("mp", mp)
-    fmt = output_format(format, outtype=outtype, mp=mp, max_shard_size=max_shard_size)
+    threads = args.integer("threads", threads)
+    fmt = output_format(format, outtype=outtype, mp=mp, max_shard_size=max_shard_size,
+                        threads=threads)
     inputs = [(base, "base"), *((d, "delta") for d in deltas)]
     need_folders(inputs[1:])
     refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in inputs])

@@ -40,6 +40,7 @@ def convert(
     format: str = "hf",
     outtype: str | None = None,
     mp: int | None = None,
+    threads: int | None = None,
 ) -> ApplyResult:
     """Write the Hugging Face layout of a Meta checkpoint folder (``params.json`` + ``.pth``), or
     the ``format`` :func:`~deltamerge.apply.apply_delta` names.
@@ -83,7 +84,7 @@ def convert(
         block_size=block_size, force=force, verify=True, workers=workers, progress=progress,
         extra_files=None, hub=None, expect_md5=None, key_md5=None, resume=resume, qlora=None,
         qlora_dtype=None, lora_r=None, lora_alpha=None, lora_prefix=None, format=format,
-        outtype=outtype, mp=mp,
+        outtype=outtype, mp=mp, threads=threads,
     )
     if format != "gguf" and not (result.out / TOKENIZER).is_file():  # GGUF holds its vocab
         result.notes.append(

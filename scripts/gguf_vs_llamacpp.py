@@ -7,7 +7,13 @@ point ``--convert`` at it. For each outtype, the converter writes its file(s) fr
 Face folder, and deltamerge plans the same from the folder's config and tokenizer and streams the
 weights through :class:`GGUFStreamWriter` in a shuffled order and random blocks of rows.
 
+The quantized outtypes (q4_k_m, q5_0...) are compared with what llama.cpp's ``llama-quantize``
+(built from the same source: ``cmake --build build --target llama-quantize``) writes from the
+converter's file at the model's own dtype; deltamerge quantizes on ``--threads`` threads.
+
     python scripts/gguf_vs_llamacpp.py --convert .../convert_hf_to_gguf.py MODEL --outtype f16,q8_0
+    python scripts/gguf_vs_llamacpp.py --convert .../convert_hf_to_gguf.py \
+        --quantize .../build/bin/llama-quantize MODEL --outtype q4_k_m,q6_k,q4_0
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from safetensors import safe_open
 
 from deltamerge.dtypes import SAFETENSORS_TO_TORCH as DTYPES
 from deltamerge.sinks.gguf import GGUFStreamWriter, plan_gguf
+from deltamerge.sinks.gguf_types import OUTTYPES as QUANTIZED
 
 
 def weight_files(folder: Path) -> list[str]:
@@ -34,7 +41,7 @@ def weight_files(folder: Path) -> list[str]:
     return ["model.safetensors"]
 
 
-def ours(folder: Path, outtype: str, out: Path, split: int, seed: int) -> list[str]:
+def ours(folder: Path, outtype: str, out: Path, split: int, seed: int, threads: int = 1) -> list[str]:
     handles = {f: safe_open(folder / f, "pt") for f in weight_files(folder)}
     groups = [list(h.keys()) for h in handles.values()]
     where = {name: h for h in handles.values() for name in h.keys()}
@@ -44,7 +51,7 @@ def ours(folder: Path, outtype: str, out: Path, split: int, seed: int) -> list[s
     rnd = random.Random(seed)
     names = list(where)
     rnd.shuffle(names)
-    with GGUFStreamWriter(plan, out) as writer:
+    with GGUFStreamWriter(plan, out, threads=threads) as writer:
         for name in names:
             t = where[name].get_tensor(name)
             r = 0
@@ -66,11 +73,38 @@ def reference(convert: Path, folder: Path, outtype: str, out: Path, split: int) 
     return sorted(os.listdir(out))
 
 
+def own_dtype(folder: Path) -> str:
+    """The converter's outtype for the model's own dtype (its first tensor of 2+ dimensions)."""
+    for f in weight_files(folder):
+        with safe_open(folder / f, "pt") as h:
+            for name in h.keys():
+                s = h.get_slice(name)
+                if len(s.get_shape()) >= 2:
+                    return {"F32": "f32", "BF16": "bf16"}.get(s.get_dtype(), "f16")
+    return "f16"
+
+
+def quantized(convert: Path, quantize: Path, folder: Path, outtype: str, out: Path, name: str) -> list[str]:
+    """llama-quantize's file from the converter's at the model's own dtype, named ``name``."""
+    source = out / "converted"
+    source.mkdir()
+    converted = reference(convert, folder, own_dtype(folder), source, 0)
+    proc = subprocess.run([str(quantize), str(source / converted[0]), str(out / name), outtype.upper()],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"llama-quantize failed:\n{proc.stderr[-4000:]}")
+    (source / converted[0]).unlink()
+    source.rmdir()
+    return [name]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
     parser.add_argument("--convert", type=Path, required=True, help="llama.cpp's convert_hf_to_gguf.py")
     parser.add_argument("--outtype", default="f32,f16,bf16,q8_0")
+    parser.add_argument("--quantize", type=Path, help="llama.cpp's llama-quantize (quantized outtypes)")
+    parser.add_argument("--threads", type=int, default=2, help="deltamerge's quantizing threads")
     parser.add_argument("--split-max-size", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -80,8 +114,14 @@ def main() -> int:
             theirs_dir, ours_dir = Path(tmp, "llamacpp"), Path(tmp, "deltamerge")
             theirs_dir.mkdir()
             ours_dir.mkdir()
-            theirs = reference(args.convert, args.model.resolve(), outtype, theirs_dir, args.split_max_size)
-            mine = ours(args.model.resolve(), outtype, ours_dir, args.split_max_size, args.seed)
+            model = args.model.resolve()
+            mine = ours(model, outtype, ours_dir, args.split_max_size, args.seed, args.threads)
+            if outtype in QUANTIZED:
+                if args.quantize is None:
+                    raise SystemExit(f"--outtype {outtype} needs --quantize (llama.cpp's llama-quantize)")
+                theirs = quantized(args.convert, args.quantize, model, outtype, theirs_dir, mine[0])
+            else:
+                theirs = reference(args.convert, model, outtype, theirs_dir, args.split_max_size)
             for name in sorted(set(theirs) | set(mine)):
                 a, b = theirs_dir / name, ours_dir / name
                 if not (a.is_file() and b.is_file()):

@@ -28,7 +28,9 @@ from test_gguf import sp_model, sp_vocab_size, specs, tiny_llama  # noqa: E402,F
 
 from deltamerge.cli import main  # noqa: E402
 from deltamerge.errors import UnsupportedError  # noqa: E402
+from deltamerge.sinks import gguf_types  # noqa: E402
 from deltamerge.sinks.gguf import plan_gguf  # noqa: E402
+from deltamerge.sinks.gguf_quants import quantize_rows  # noqa: E402
 
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
         "num_hidden_layers": 2, "max_position_embeddings": 256}
@@ -226,3 +228,56 @@ def test_other_architectures_are_refused_naming_them_and_the_supported(tmp_path:
     message = str(e.value)
     assert "\n" not in message and "not GPTJForCausalLM" in message
     assert "LlamaForCausalLM" in message and "Qwen2ForCausalLM" in message and "Qwen3ForCausalLM" in message
+
+
+WIDE = {"hidden_size": 256, "intermediate_size": 256}  # rows of 256 values: the k-quants apply
+
+
+def test_q4_k_m_is_the_converters_file_requantized(tmp_path: Path, sp_model: bytes):  # noqa: F811
+    """llama-quantize's file from the converter's: the same key/values (file type and quantization
+    version moved last), its tensor order and type mix, the generated rope_freqs kept F32, and every
+    quantized row ``gguf_quants``' quantization of the converter's value (sampled rows; the suite
+    cannot run llama-quantize: scripts/gguf_vs_llamacpp.py --quantize compares whole files, and
+    did for Qwen2, Gemma and Falcon's fused qkv too). Llama 3's layout with a small vocabulary."""
+    base = sentencepiece_model(tmp_path / "base", "llama", sp_model, torch.float16, **WIDE,
+                               tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)
+    target = perturbed(base, tmp_path / "target", seed=1)
+    cli("make-delta", base, target, tmp_path / "delta")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "q").mkdir()
+    cli("apply", base, tmp_path / "delta", tmp_path / "hf" / "m")
+    cli("apply", base, tmp_path / "delta", tmp_path / "q" / "m", "--format", "gguf", "--outtype", "q4_k_m")
+    [ours] = (tmp_path / "q" / "m").glob("*.gguf")
+    [name] = convert(tmp_path / "hf" / "m", tmp_path / "c", "f16")  # the model's own dtype
+    theirs = gguf.GGUFReader(tmp_path / "c" / name)
+    reader = gguf.GGUFReader(ours)
+
+    def fields(r: gguf.GGUFReader) -> list[tuple[str, object]]:
+        return [(f.name, f.types, f.contents()) for f in r.fields.values() if not f.name.startswith("GGUF.")]
+
+    moved = ("general.quantization_version", "general.file_type")
+    expected = [f for f in fields(theirs) if f[0] not in moved]
+    expected += [(moved[0], [gguf.GGUFValueType.UINT32], 2), (moved[1], [gguf.GGUFValueType.UINT32], 15)]
+    assert fields(reader) == expected
+    source = {t.name: t for t in theirs.tensors}
+    assert [t.name for t in reader.tensors] == gguf_types.order(list(source))
+    kv = dict((f[0], f[2]) for f in expected)
+    arch = kv["general.architecture"]
+    info = gguf_types.ModelInfo(arch, kv[f"{arch}.block_count"], kv[f"{arch}.attention.head_count"],
+                                kv.get(f"{arch}.attention.head_count_kv", kv[f"{arch}.attention.head_count"]))
+    mix = gguf_types.quantized_types("q4_k_m", info, [(n, tuple(map(int, reversed(t.shape))))
+                                                      for n, t in source.items()])
+    qt = gguf.GGMLQuantizationType
+    assert {qt.Q4_K, qt.Q6_K} <= set(map(qt, mix.values()))
+    for t in reader.tensors:
+        was = source[t.name]
+        if t.name not in mix:  # norms, and the generated rope_freqs: the converter's bytes
+            assert t.tensor_type == was.tensor_type == qt.F32 and bytes(t.data) == bytes(was.data), t.name
+            continue
+        assert t.tensor_type == mix[t.name], t.name
+        x = torch.from_numpy(was.data.copy()).to(torch.float32)
+        data = t.data.reshape(x.shape[0], -1)
+        for rows in (slice(0, 8), slice(-8, None)):
+            expected = quantize_rows(x[rows].contiguous(), qt(t.tensor_type))
+            assert data[rows].tobytes() == expected.numpy().tobytes(), t.name
+    assert source["rope_freqs.weight"].tensor_type == qt.F32

@@ -32,9 +32,8 @@ from .run import print_digests
 @format_options
 @common_run_options
 @handle_errors
-def convert_cmd(meta_dir, out, dtype, resume, as_json, fmt, outtype, mp, max_shard_size, block_size,
-                force, workers,
-                quiet) -> None:
+def convert_cmd(meta_dir, out, dtype, resume, as_json, fmt, outtype, threads, mp, max_shard_size,
+                block_size, force, workers, quiet) -> None:
     """Convert Meta's LLaMA download (params.json, consolidated.NN.pth) into OUT.
 
     Streams tensor by tensor: a 13B model converts in a few hundred MiB of memory, and the
@@ -53,7 +52,7 @@ def convert_cmd(meta_dir, out, dtype, resume, as_json, fmt, outtype, mp, max_sha
         meta_dir, out, dtype=dtype, max_shard_size=max_shard_size,
         block_size=block_size or DEFAULT_BLOCK_BYTES, force=force,
         workers=workers or default_workers(), progress=not quiet, resume=resume, format=fmt,
-        outtype=outtype, mp=int(mp) if mp else None,
+        outtype=outtype, mp=int(mp) if mp else None, threads=threads,
     )
     if as_json:
         print_json(result.to_json())

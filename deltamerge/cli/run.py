@@ -73,8 +73,8 @@ PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); 
 @handle_errors
 def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expect_md5, key_md5,
               resume, lora_alpha, lora_r, lora_prefix, allow_repeat, push_to, as_json, fmt, outtype,
-              mp, signer_key, signer_root, signer_name, signer_identity, signer_issuer, token,
-              revision, cache_dir, max_shard_size, block_size, force, workers, quiet) -> None:
+              threads, mp, signer_key, signer_root, signer_name, signer_identity, signer_issuer,
+              token, revision, cache_dir, max_shard_size, block_size, force, workers, quiet) -> None:
     """Rebuild a model from BASE and one or more DELTAs into OUT.
 
     BASE and each DELTA are local folders (or Hub repo ids, REPO@REV for a revision). Several
@@ -104,7 +104,7 @@ def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expec
         progress=not quiet, resume=resume, expect_md5=expect_md5, key_md5=key_md5, qlora=qlora,
         qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
         hub=hub, format=fmt, outtype=outtype, mp=int(mp) if mp else None,
-        allow_repeat=allow_repeat,
+        allow_repeat=allow_repeat, threads=threads,
         signer=signer_pin(signer_key, signer_root, signer_name, signer_identity, signer_issuer),
     )
     if not quiet and not as_json:

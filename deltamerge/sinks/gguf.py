@@ -16,6 +16,14 @@ the architecture's transforms apply (q and k rows permuted within each head as
 converts to the ggml type (f32 for norms and 1-D tensors whatever the outtype; f16 where a row
 cannot be cut into q8_0 blocks of 32). So a block of whole rows converts alone, a q/k block of
 whole heads too, and rows that end mid-head wait (at most one head) for the next block.
+
+The quantized outtypes (``gguf_types.OUTTYPES``: q4_k_m, q5_0...) are what llama.cpp's
+``llama-quantize`` (no importance matrix) writes from the converter's file at the result's own
+dtype: the converter's key/values with ``general.quantization_version`` and ``general.file_type``
+moved to the end, the tensors in llama-quantize's order with the types of its mix, and each row
+quantized (``gguf_quants``) from the converter's value of it, widened to f32. Rows quantize
+alone, so blocks of them are cut into pieces quantized on ``threads`` threads, and the bytes do
+not depend on how many.
 """
 
 from __future__ import annotations
@@ -24,15 +32,17 @@ import io
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from ..errors import FormatError, InputError, UnsupportedError, WorkError
-from . import gguf_arch, gguf_checks, gguf_kv
+from . import gguf_arch, gguf_checks, gguf_kv, gguf_types
 from .gguf_kv import require_gguf
+from .gguf_quants import quantize_rows
 
 try:
     import gguf
@@ -44,9 +54,11 @@ except ImportError:
 __all__ = ["GGUFFile", "GGUFPlan", "GGUFStreamWriter", "GGUFTensor", "GeneratedTensor", "OUTTYPES",
            "WrittenBlock", "plan_gguf", "require_gguf"]
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", *gguf_types.OUTTYPES)
 # Rows convert this many elements at a time, so that gguf.quants' temporaries stay small.
 _CHUNK_ELEMENTS = 1 << 18
+# ...and quantize this many at a time, a piece for each thread.
+_QUANT_CHUNK_ELEMENTS = 1 << 16
 Buffer = Callable[[int], torch.Tensor]  # n -> an n-byte uint8 tensor
 _IOV_MAX = 1024
 # Tensors the converter drops: transformers' buffers, not weights.
@@ -79,6 +91,8 @@ class GGUFTensor:
     # Rows regrouped across the whole tensor (fused qkv of Falcon, BLOOM, GPT-NeoX): the source
     # row of each row of the GGUF tensor; such a tensor converts once all its rows are there.
     row_order: tuple[int, ...] = field(default=(), repr=False)
+    # llama-quantize's input type (the converter's), when it quantizes the tensor to ``qtype``
+    quantized_from: int | None = None
 
     @property
     def source_rows(self) -> int:
@@ -196,6 +210,57 @@ def _qtype(gguf_name: str, shape: tuple[int, ...], matrix_type: int) -> int:
     return matrix_type
 
 
+def _nbytes(shape: tuple[int, ...], qtype: int) -> int:
+    block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+    return math.prod(shape) // block_size * type_size
+
+
+def _quantized(
+    converter: Any, planned: dict[str, dict[str, Any]], outtype: str
+) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """llama-quantize's file from the converter's (one file): its writer and its tensors, with
+    their new types and sizes and ``quantized_from`` (the converter's type) where it quantizes.
+
+    llama-quantize copies the key/values, then sets ``general.quantization_version`` and
+    ``general.file_type``, which removes each and appends it; it lists every tensor (those the
+    architecture generates too) in its own order, with as many dimensions as ``ggml_n_dims``
+    counts. Generated tensors are 1-D, which it never quantizes: they keep their F32 bytes.
+    """
+    kv = converter.kv_data[0]
+    arch = kv[gguf.Keys.General.ARCHITECTURE].value
+
+    def value(key: str, default: int = 0) -> int:
+        v = kv.get(key.format(arch=arch))
+        v = default if v is None else v.value
+        return v[0] if isinstance(v, list) else v
+
+    n_head = value(gguf.Keys.Attention.HEAD_COUNT)
+    model = gguf_types.ModelInfo(arch, value(gguf.Keys.LLM.BLOCK_COUNT), n_head,
+                                 value(gguf.Keys.Attention.HEAD_COUNT_KV, n_head),
+                                 value(gguf.Keys.LLM.EXPERT_COUNT))
+    infos = converter.tensors[0]
+    types = gguf_types.quantized_types(outtype, model, [(name, info.shape) for name, info in infos.items()])
+    writer = gguf.GGUFWriter(None, arch)
+    moved = (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE)
+    writer.kv_data[0] = {key: v for key, v in kv.items() if key not in moved}
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(gguf_types.file_type(outtype))
+    out = {}
+    for name in gguf_types.order(list(infos)):
+        info = infos[name]
+        qtype, nbytes, shape = int(info.dtype), info.nbytes, tuple(info.shape)
+        if name in planned:
+            new = types.get(name, qtype)
+            out[name] = dict(planned[name])
+            if new != qtype:
+                nbytes = _nbytes(shape, new)
+                out[name].update(qtype=new, nbytes=nbytes, quantized_from=qtype)
+            qtype = new
+        dims = shape[len(shape) - gguf_types.n_dims(shape):]
+        writer.add_tensor_info(name, dims, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+    return writer, out
+
+
 def _permute_heads(hf_name: str, shape: tuple[int, ...], n: int, where: Path) -> int:
     """The architecture's head count for the tensor, checked against its rows."""
     if not n:
@@ -235,7 +300,8 @@ def plan_gguf(
     split_max_size: int = 0,
     split_max_tensors: int = 0,
 ) -> GGUFPlan:
-    """The GGUF file set ``convert_hf_to_gguf.py --outtype OUTTYPE`` would write for the result.
+    """The GGUF file set ``convert_hf_to_gguf.py --outtype OUTTYPE`` would write for the result
+    (for the quantized outtypes, the file ``llama-quantize`` makes of the converter's).
 
     ``folder`` holds the result's non-weight files (config.json, the tokenizer's files,
     generation_config.json, a README.md model card); ``tensors`` are the Hugging Face result's
@@ -255,7 +321,11 @@ def plan_gguf(
     specs = [_spec(t) for t in tensors]
     by_name = {name: (dtype, shape) for name, dtype, shape in specs}
     outtype = _outtype(outtype, specs)
-    ftype, matrix_type = _types(outtype)
+    converted = _outtype(None, specs) if outtype in gguf_types.OUTTYPES else outtype
+    if converted != outtype and (split_max_size or split_max_tensors):
+        raise InputError(f"{folder}: --outtype {outtype} writes one file, as llama-quantize does: "
+                         "leave out --max-shard-size")
+    ftype, matrix_type = _types(converted)
 
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch.model_arch],
                              split_max_tensors=split_max_tensors, split_max_size=split_max_size)
@@ -282,8 +352,7 @@ def plan_gguf(
         hf_rows, shape = shape[0], (arch.kept_rows(hf_name, shape, h, folder), *shape[1:])
         hf_rows = 0 if hf_rows == shape[0] else hf_rows
         qtype = _qtype(gguf_name, shape, matrix_type)
-        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
-        nbytes = math.prod(shape) // block_size * type_size
+        nbytes = _nbytes(shape, qtype)
         try:
             writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
         except ValueError as e:
@@ -298,12 +367,15 @@ def plan_gguf(
         arch.add_parameters(writer, h, ftype, where)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         arch.add_vocab(writer, folder, h)
-        if filename is None:
-            total = writer.get_total_parameter_count()[0]
-            filename = gguf.naming_convention(
-                meta.name, meta.basename, meta.finetune, meta.version, meta.size_label,
-                gguf.LlamaFileType(ftype).name.partition("_")[2], model_type="LoRA" if total < 0 else None,
-            ) + ".gguf"
+    if converted != outtype:
+        writer, planned = _quantized(writer, planned, outtype)
+        ftype = gguf_types.file_type(outtype)
+    if filename is None:
+        total = writer.get_total_parameter_count()[0]
+        filename = gguf.naming_convention(
+            meta.name, meta.basename, meta.finetune, meta.version, meta.size_label,
+            gguf.LlamaFileType(ftype).name.partition("_")[2], model_type="LoRA" if total < 0 else None,
+        ) + ".gguf"
     names = [p.name for p in writer.format_shard_names(Path(filename))]
     headers = _render_headers(writer)
     files, table, extra = [], [], []
@@ -338,16 +410,20 @@ class GGUFStreamWriter:
 
     Files are created at their final size, so padding needs no writes. ``done`` resumes: the
     tensors named are taken as written already, and the files that hold one must exist with the
-    planned header and size; a file that holds none of them is made again.
+    planned header and size; a file that holds none of them is made again. ``threads`` quantize
+    the pieces of a block (quantized outtypes), with the same bytes whatever their number.
     """
 
-    def __init__(self, plan: GGUFPlan, folder: Path, *, done: Iterable[str] | None = None):
+    def __init__(self, plan: GGUFPlan, folder: Path, *, done: Iterable[str] | None = None,
+                 threads: int = 1):
         require_gguf()
         self.plan = plan
         self.folder = Path(folder)
         self._dropped = set(plan.dropped)
         self._progress = {t.hf_name: _Progress() for t in plan.tensors}
         self._fds: list[int] = []
+        quantizes = any(t.quantized_from is not None for t in plan.tensors)
+        self._pool = ThreadPoolExecutor(threads, "deltamerge-quantize") if quantizes and threads > 1 else None
         kept = [t for t in map(plan.tensor, done or ()) if t is not None]
         try:
             for i, f in enumerate(plan.files):
@@ -419,7 +495,7 @@ class GGUFStreamWriter:
         p.pending_start = end
         if end == start:
             return None
-        data = _encode(tensor, rows[: end - start], out)
+        data = _encode(tensor, rows[: end - start], out, self._pool)
         offset = tensor.offset + start * tensor.row_bytes
         _pwrite_all(self._fds[tensor.file], data, offset, self.folder / self.plan.files[tensor.file].name)
         return WrittenBlock(tensor.file, offset, data)
@@ -447,6 +523,9 @@ class GGUFStreamWriter:
         """Close the files as they are (a resumable partial output)."""
         while self._fds:
             os.close(self._fds.pop())
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def __enter__(self) -> GGUFStreamWriter:
         return self
@@ -483,13 +562,16 @@ def permuted_order(rows: int, head_rows: int) -> list[int]:
     return [h * head_rows + j * half + i for h in heads for i in range(half) for j in (0, 1)]
 
 
-def _encode(tensor: GGUFTensor, rows: torch.Tensor, out: Buffer | None) -> tuple[memoryview, ...]:
+def _encode(
+    tensor: GGUFTensor, rows: torch.Tensor, out: Buffer | None, pool: ThreadPoolExecutor | None = None
+) -> tuple[memoryview, ...]:
     """The converter's conversion of whole rows (of whole heads for q and k), into ``out``'s buffer.
 
     Rows kept in their type are written from their own memory (q and k gathered in ``permute``'s
     order, which moves whole rows). Conversions are per element, or per 32-element q8_0 block of
     a row, so rows convert a few at a time (``_CHUNK_ELEMENTS``): ``gguf.quants``' temporaries stay
-    small whatever the block.
+    small whatever the block. Rows llama-quantize quantizes go a few at a time to ``pool``'s
+    threads, each piece into its own part of the buffer.
     """
     if kept_type(tensor):
         flat = memoryview(rows.contiguous().numpy().reshape(-1).view(np.uint8))
@@ -503,16 +585,28 @@ def _encode(tensor: GGUFTensor, rows: torch.Tensor, out: Buffer | None) -> tuple
         rows.shape[0] * row_bytes, dtype=torch.uint8)
     dest = buffer.numpy()
     unit = tensor.head_rows
-    step = max(unit, _CHUNK_ELEMENTS // max(1, rows[0].numel()) // unit * unit)
-    for a in range(0, rows.shape[0], step):
+    chunk = _CHUNK_ELEMENTS if tensor.quantized_from is None else _QUANT_CHUNK_ELEMENTS
+    step = max(unit, chunk // max(1, rows[0].numel()) // unit * unit)
+
+    def convert(a: int) -> None:
         b = min(rows.shape[0], a + step)
         dest[a * row_bytes : b * row_bytes] = _convert(tensor, rows[a:b])
+
+    starts = range(0, rows.shape[0], step)
+    if pool is None or len(starts) == 1:
+        for a in starts:
+            convert(a)
+    else:
+        for done in [pool.submit(convert, a) for a in starts]:
+            done.result()
     return (memoryview(dest),)
 
 
 def _convert(tensor: GGUFTensor, rows: torch.Tensor) -> np.ndarray:
     """widen what is not f16/f32 to f32, permute, ``gguf.quants``: the bytes, as uint8."""
     qtype = gguf.GGMLQuantizationType(tensor.qtype)
+    if tensor.quantized_from is not None:
+        return _quantize(tensor, rows)
     if rows.dtype == torch.bfloat16 and qtype == gguf.GGMLQuantizationType.BF16 and not tensor.plus_one:
         x = _bf16_as_gguf_quantizes_it(rows)
     else:
@@ -528,6 +622,21 @@ def _convert(tensor: GGUFTensor, rows: torch.Tensor) -> np.ndarray:
     with np.errstate(over="ignore"):  # beyond f16's range is inf, as the converter makes it
         data = gguf.quants.quantize(x.contiguous().numpy(), qtype)
     return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+
+
+def _quantize(tensor: GGUFTensor, rows: torch.Tensor) -> np.ndarray:
+    """llama-quantize's bytes: the converter's value of the rows (``_convert`` to the converter's
+    type, so every transform of the architecture applies) widened to f32, then quantized (or
+    made f16, its fallback for widths its type cannot cut into blocks)."""
+    qt = gguf.GGMLQuantizationType
+    source = qt(tensor.quantized_from)
+    converted = {qt.F32: torch.float32, qt.F16: torch.float16, qt.BF16: torch.bfloat16}[source]
+    data = _convert(replace(tensor, qtype=source, quantized_from=None), rows)
+    x = torch.from_numpy(data).view(converted).to(torch.float32).reshape(-1, tensor.shape[-1])
+    qtype = qt(tensor.qtype)
+    if qtype == qt.F16:
+        return x.to(torch.float16).numpy().reshape(-1).view(np.uint8)
+    return quantize_rows(x, qtype).numpy().reshape(-1)
 
 
 def _bf16_as_gguf_quantizes_it(rows: torch.Tensor) -> torch.Tensor:

@@ -73,8 +73,9 @@ class GGUFSink(Sink):
     converts = True
     unit = "tensor group"
 
-    def __init__(self, plan: GGUFPlan, shards: Sequence[ShardLayout]):
+    def __init__(self, plan: GGUFPlan, shards: Sequence[ShardLayout], *, threads: int = 1):
         self.plan = plan
+        self.threads = threads
         self._names = {s.filename: [spec.name for spec in s.specs] for s in shards}
         self._writer: GGUFStreamWriter | None = None
         self._behind: list[RangeWriteBehind] = []
@@ -103,7 +104,7 @@ class GGUFSink(Sink):
 
     def _stream(self, folder: Path) -> GGUFStreamWriter:
         if self._writer is None:
-            self._writer = GGUFStreamWriter(self.plan, folder, done=self._done)
+            self._writer = GGUFStreamWriter(self.plan, folder, done=self._done, threads=self.threads)
             self._behind = [RangeWriteBehind(self._writer.fd(i)) for i in range(len(self.plan.files))]
         return self._writer
 

@@ -9,6 +9,7 @@ them, and the journal records them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from .aux import fixed_config, load_config
 from .gguf import OUTTYPES
 from .gguf_kv import require_gguf
 from .gguf_sink import GGUFSink, plan_gguf_output
+from .gguf_types import OUTTYPES as QUANTIZED
 from .meta_pth import MetaLayout
 from .meta_sink import MetaSink
 from .safetensors import SafetensorsSink
@@ -30,12 +32,15 @@ MP_SHARDS = (1, 2, 4, 8)
 
 @dataclass(frozen=True)
 class OutputFormat:
-    """``shard_bytes``: hf, the largest shard file; gguf, llama.cpp's split size (0: one file)."""
+    """``shard_bytes``: hf, the largest shard file; gguf, llama.cpp's split size (0: one file).
+    ``threads``: gguf, the threads that quantize (the bytes do not depend on them, so neither
+    the record nor the journal says how many)."""
 
     name: str = "hf"
     outtype: str | None = None
     mp: int = 1
     shard_bytes: int = parse_size(DEFAULT_SHARD_SIZE)
+    threads: int = 1
 
     def options(self) -> dict:
         """What the result record and the journal's fingerprint say of it."""
@@ -48,13 +53,19 @@ class OutputFormat:
 
 def output_format(
     name: str = "hf", *, outtype: str | None = None, mp: int | None = None,
-    max_shard_size: str | int | None = None,
+    max_shard_size: str | int | None = None, threads: int | None = None,
 ) -> OutputFormat:
-    """The options checked together: each applies to one format only."""
+    """The options checked together: each applies to one format only. ``threads`` defaults to
+    the cores this process may run on."""
     if name not in FORMATS:
         raise InputError(f"--format must be one of {', '.join(FORMATS)}, not {name!r}")
     if outtype is not None and name != "gguf":
         raise InputError("--outtype is GGUF's tensor type: it needs --format gguf")
+    if threads is not None and (name != "gguf" or outtype not in QUANTIZED):
+        raise InputError("--threads is how many threads quantize GGUF tensors: it needs --format gguf "
+                         f"and an --outtype of {', '.join(QUANTIZED)}")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be 1 or more, not {threads}")
     if mp is not None and name != "meta":
         raise InputError("--mp is the number of Meta model-parallel shards: it needs --format meta")
     if name == "meta" and max_shard_size is not None:
@@ -65,7 +76,10 @@ def output_format(
         if outtype is not None and outtype not in OUTTYPES:
             raise InputError(f"--outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}")
         split = parse_size(max_shard_size) if max_shard_size is not None else 0
-        return OutputFormat("gguf", outtype=outtype, shard_bytes=split)
+        if split and outtype in QUANTIZED:
+            raise InputError(f"--outtype {outtype} writes one file, as llama-quantize does: leave out "
+                             "--max-shard-size")
+        return OutputFormat("gguf", outtype=outtype, shard_bytes=split, threads=threads or machine_cores())
     if name == "meta":
         if mp is None:
             mp = 1
@@ -73,6 +87,14 @@ def output_format(
             raise InputError(f"--mp must be one of {', '.join(map(str, MP_SHARDS))}, not {mp!r}")
         return OutputFormat("meta", mp=mp)
     return OutputFormat("hf", shard_bytes=parse_size(max_shard_size or DEFAULT_SHARD_SIZE))
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its affinity), where the system says."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def open_sink(
@@ -93,7 +115,7 @@ def open_sink(
         plan = plan_gguf_output(aux, shards, vocab_rows=vocab_rows, dtype=dtype, outtype=fmt.outtype,
                                 dir_name=out.name, split_max_size=fmt.shard_bytes, where=where,
                                 config_updates=config_updates)
-        return GGUFSink(plan, shards)
+        return GGUFSink(plan, shards, threads=fmt.threads)
     config = load_config(source)
     if config is None:
         raise InputError(f"{where}: no config.json the result can be described by; Meta's layout "
