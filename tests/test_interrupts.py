@@ -243,8 +243,8 @@ import os, signal
 signal.signal(signal.SIGINT, signal.default_int_handler)
 import deltamerge.sinks.folder as folder
 publish = folder.publish
-def published(tmp, out):
-    publish(tmp, out)
+def published(tmp, out, *args):
+    publish(tmp, out, *args)
     os.kill(os.getpid(), signal.SIGINT)
 folder.publish = published
 """

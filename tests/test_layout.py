@@ -36,8 +36,9 @@ LAYERS: list[tuple[str, list[str]]] = [
     ]),
 ]
 
-# Imports inside functions are allowed only here, for start-up speed (``--help`` without torch).
-DEFERRED_OK = ("deltamerge.cli",)
+# Imports inside functions are allowed only here: for start-up speed (``--help`` without torch),
+# and in the process entry, which installs the signal handlers before it imports the CLI.
+DEFERRED_OK = ("deltamerge.cli", "deltamerge.__main__")
 
 
 def find_modules(package: Path) -> dict[str, Path]:

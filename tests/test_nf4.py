@@ -332,10 +332,12 @@ def test_qlora_options_are_checked(tmp_path) -> None:
     additive = save_checkpoint(llama_state(3), tmp_path / "add")
     code, err = apply_in_process(base, additive, tmp_path / "o2", "--qlora", "nf4")
     assert code == 2 and "no delta is a LoRA" in err
-    code, err = apply_in_process(base, adapter, adapter, tmp_path / "o3", "--qlora", "nf4-dq")
+    code, err = apply_in_process(base, adapter, adapter, tmp_path / "o3", "--qlora", "nf4-dq",
+                                 "--allow-repeat")
     assert code == 2 and "an earlier delta changes them" in err
     from deltamerge import apply_delta
 
     # without double quantization each step rounds what it is given: a chain is fine
-    assert apply_delta(base, [adapter, adapter], tmp_path / "o4", qlora="nf4").kinds == ["lora"] * 2
+    assert apply_delta(base, [adapter, adapter], tmp_path / "o4", qlora="nf4",
+                       allow_repeat=True).kinds == ["lora"] * 2
     assert not any(tmp_path.glob("o[123]*"))

@@ -11,14 +11,23 @@ rescaled per column instead (a norm over every row): ``kinds/lora.py`` refuses t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
 from . import Scratch
 
-if TYPE_CHECKING:
-    from .lora import Factors
+
+class Factors(Protocol):
+    """What DoRA needs of ``lora.Factors`` (which imports this module, so not imported here)."""
+
+    source: Any
+
+    def merge(self, cur: torch.Tensor, out: torch.Tensor, r0: int, scratch: Scratch,
+              rescale: Callable[[torch.Tensor, int], None] | None = None) -> None: ...
+
+    def release(self) -> None: ...
 
 
 class DoraFactors:
