@@ -53,13 +53,34 @@ def test_readme_starts_with_the_two_scripts_and_its_links_exist():
             assert (ROOT / doc).parent.joinpath(target).exists(), (doc, target)
 
 
+def _command_lines(text: str) -> list[list[str]]:
+    """Each `deltamerge CMD ...` command line in the text's code (fenced blocks, inline code)."""
+    code = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S) + re.findall(r"`([^`\n]+)`", text)
+    lines = []
+    for block in code:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("deltamerge "):
+                lines.append(line.split())
+    return lines
+
+
 def test_readme_commands_and_library_names_exist():
-    """Every `deltamerge CMD` the README runs is a command, and every `deltamerge.NAME` exists."""
+    """Every command the README and usage.md run exists and takes the options they give it, and
+    every `deltamerge.NAME` they mention exists."""
     import deltamerge
 
-    readme = (ROOT / "README.md").read_text()
-    commands = set(main.list_commands(click.Context(main)))
-    used = set(re.findall(r"^\s*deltamerge ([a-z-]+)", readme, flags=re.M))
-    assert used and used <= commands, used - commands
-    for name in re.findall(r"`deltamerge\.([A-Za-z_]+)", readme):
-        assert hasattr(deltamerge, name), name
+    ctx = click.Context(main)
+    for doc in ("README.md", "docs/usage.md"):
+        text = (ROOT / doc).read_text()
+        lines = _command_lines(text)
+        assert len(lines) > 5, doc
+        for words in lines:
+            command = main.get_command(ctx, words[1])
+            assert command is not None, (doc, " ".join(words))
+            options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+            for word in words[2:]:
+                if word.startswith("-"):
+                    assert word in options, (doc, " ".join(words), word)
+        for name in set(re.findall(r"`deltamerge\.([A-Za-z_]+)", text)) - {"json"}:  # the manifest
+            assert hasattr(deltamerge, name), (doc, name)
