@@ -7,8 +7,8 @@ the result's size written, each past the page cache (O_DIRECT, 64 MiB aligned bl
 after the other. Every other run is reported as a ratio to its own floor (its inputs' reads plus
 its result's write, from the same round). A pipelined run can go below 1.0x where the disk
 serves reads and writes at the same time, or where reading through the page cache (the kernel's
-read-ahead) is faster than the floor's direct reads: README.md, "What the disk does", has a
-machine where it is.
+read-ahead) is faster than the floor's direct reads: docs/performance.md, "What the disk does",
+has a machine where it is.
 
 Runs (--runs, default all):
   a  the disk floor (above)

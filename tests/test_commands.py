@@ -383,8 +383,8 @@ def test_the_python_of_docs_manifest_md_gives_deltamerges_digests(tmp_path, algo
     assert digest == checksum(folder, algorithm=algorithm).model_digest
 
 
-def test_the_digests_readme_and_docs_show_are_the_demos(tmp_path):
-    """README.md and docs/manifest.md print the demo's result digest in both algorithms."""
+def test_the_digests_usage_and_manifest_show_are_the_demos(tmp_path):
+    """docs/usage.md and docs/manifest.md print the demo's result digest in both algorithms."""
     import subprocess
     import sys
     from pathlib import Path
@@ -397,7 +397,7 @@ def test_the_digests_readme_and_docs_show_are_the_demos(tmp_path):
     assert result.verified
     shown = {a: checksum(tmp_path / "rebuilt", algorithm=a).model_digest for a in ALGORITHMS}
     assert shown["blake3"] == result.model_digest
-    for doc in ("README.md", "docs/manifest.md"):
+    for doc in ("docs/usage.md", "docs/manifest.md"):
         text = (root / doc).read_text()
         for algorithm, digest in shown.items():
             assert digest in text, (doc, algorithm)
