@@ -220,16 +220,23 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torc
     return result
 
 
-def _make_qx_quants_rmse1(x: torch.Tensor, nmax: int,
-                          exact: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    n, blocks = x.shape
-    amax = torch.zeros(blocks)
-    mx = torch.zeros(blocks)
+def _signed_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's largest magnitude and the value that has it, found as ggml's loops find them
+    (``ax > amax``, in order: the first of equal magnitudes wins), for blocks as columns."""
+    amax = torch.zeros(x.shape[1])
+    mx = torch.zeros(x.shape[1])
     for xi in x:
         ax = xi.abs()
         gt = ax > amax
         amax = torch.where(gt, ax, amax)
         mx = torch.where(gt, xi, mx)
+    return amax, mx
+
+
+def _make_qx_quants_rmse1(x: torch.Tensor, nmax: int,
+                          exact: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    n, blocks = x.shape
+    amax, mx = _signed_max(x)
     zero = amax < GROUP_MAX_EPS
     w = x * x
     wx = w * x
@@ -369,13 +376,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     changes nothing; a pass after that would change nothing either, so all blocks make all five.
     """
     n, blocks = x.shape
-    amax = torch.zeros(blocks)
-    mx = torch.zeros(blocks)
-    for xi in x:
-        ax = xi.abs()
-        gt = ax > amax
-        amax = torch.where(gt, ax, amax)
-        mx = torch.where(gt, xi, mx)
+    amax, mx = _signed_max(x)
     zero = amax < GROUP_MAX_EPS
     iscale = _rdiv(-float(nmax), mx)
     L = nearest_int(x * iscale).clamp_(-nmax, nmax - 1).to(torch.float32)
