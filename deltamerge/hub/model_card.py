@@ -6,10 +6,11 @@ holds the ``deltamerge-result.json`` apply writes) is a ``finetune`` of its base
 matter names the base repo, the body the base and every delta with its commit, and the result's
 model digest. A result written as GGUF (its record has a ``gguf`` entry) is ``quantized`` from
 its base, as the Hub calls any GGUF repo made from another model; its card names the
-architecture, the quantization and how llama.cpp runs it. A delta (it holds a ``deltamerge.json``) is an ``adapter`` of its base, as a PEFT
-LoRA folder (``adapter_config.json``) is: it is used on top of it, never alone; its base is the
-repo its manifest's ``base_source`` names (make-delta records it), and the body says its kind
-and the command that applies it. The front matter is built by huggingface_hub's
+architecture, the quantization and how llama.cpp runs it. A delta (it holds a
+``deltamerge.json``) is an ``adapter`` of its base, as a PEFT LoRA folder
+(``adapter_config.json``) is: it is used on top of it, never alone; its base is the repo its
+manifest's ``base_source`` names (make-delta records it), and the body says its kind and the
+command that applies it. The front matter is built by huggingface_hub's
 ``ModelCardData`` so the Hub reads it as it writes it. Local input folders are named by their
 last path component only: a card is public.
 """
@@ -164,7 +165,8 @@ def _gguf_card(
     base_repo = _base_repo(record)
     arch, outtype, file_type = (str(gguf.get(k, "unknown")) for k in ("architecture", "outtype",
                                                                      "file_type"))
-    files = [f for f in gguf.get("files", []) if isinstance(f, str)] or ["MODEL.gguf"]
+    listed_files = gguf.get("files") if isinstance(gguf.get("files"), list) else []
+    files = [f for f in listed_files if isinstance(f, str)] or ["MODEL.gguf"]
     data = ModelCardData(
         base_model=base_repo, base_model_relation="quantized" if base_repo else None,
         tags=[TAG, "gguf", outtype, arch], **_license(record, cards),
