@@ -392,6 +392,7 @@ def _apply_locked(
             record = _record(base_in, delta_ins, result, written if sink.converts else out_digests,
                              out_dtype, new_rows)
             record["options"].update(fmt.options())
+            record.update(sink.record())
             record["fingerprint"] = fp.digest
             if sink.converts:
                 record["merged"] = Role.of(out_digests, out_algorithm).to_json()

@@ -4,10 +4,13 @@ The card says what the folder is and where it came from, and its front matter ca
 fields the Hub links models by: ``base_model`` and ``base_model_relation``. A rebuilt model (it
 holds the ``deltamerge-result.json`` apply writes) is a ``finetune`` of its base: the front
 matter names the base repo, the body the base and every delta with its commit, and the result's
-model digest. A delta (it holds a ``deltamerge.json``) is an ``adapter`` of its base, as a PEFT
-LoRA folder (``adapter_config.json``) is: it is used on top of it, never alone; its base is the
-repo its manifest's ``base_source`` names (make-delta records it), and the body says its kind
-and the command that applies it. The front matter is built by huggingface_hub's
+model digest. A result written as GGUF (its record has a ``gguf`` entry) is ``quantized`` from
+its base, as the Hub calls any GGUF repo made from another model; its card names the
+architecture, the quantization and how llama.cpp runs it. A delta (it holds a
+``deltamerge.json``) is an ``adapter`` of its base, as a PEFT LoRA folder
+(``adapter_config.json``) is: it is used on top of it, never alone; its base is the repo its
+manifest's ``base_source`` names (make-delta records it), and the body says its kind and the
+command that applies it. The front matter is built by huggingface_hub's
 ``ModelCardData`` so the Hub reads it as it writes it. Local input folders are named by their
 last path component only: a card is public.
 """
@@ -62,7 +65,9 @@ def build_card(
     folder = Path(folder)
     title = repo_id.rsplit("/", 1)[-1]
     record = _record(folder)
-    if record is not None:
+    if record is not None and isinstance(record.get("gguf"), dict):
+        data, body = _gguf_card(record, title, input_cards or {}, endpoint)
+    elif record is not None:
         data, body = _result_card(record, title, repo_id, input_cards or {}, endpoint)
     elif (folder / MANIFEST_NAME).is_file():
         data, body = _delta_card(folder, title, repo_id, endpoint)
@@ -97,13 +102,39 @@ def _license(record: dict, cards: dict[str, dict]) -> dict:
     return {}
 
 
+def _base_repo(record: dict) -> str | None:
+    base = record.get("base")
+    repo = base.get("repo_id") if isinstance(base, dict) else None
+    return repo if isinstance(repo, str) else None
+
+
+def _provenance(record: dict, endpoint: str) -> str:
+    """The sentence and table that say what a result was rebuilt from, base first."""
+    deltas = [d for d in record.get("deltas", []) if isinstance(d, dict)]
+    rows = ["| role | source | commit | kind |", "|---|---|---|---|"]
+    source, commit = _source(record.get("base"), endpoint)
+    rows.append(f"| base | {source} | {commit} | |")
+    for d in deltas:
+        source, commit = _source(d, endpoint)
+        rows.append(f"| delta | {source} | {commit} | {d.get('kind', '?')} |")
+    version = record.get("deltamerge_version") or __version__
+    return (
+        f"rebuilt with [deltamerge]({PROJECT_URL}) {version} by applying "
+        f"{'a delta' if len(deltas) == 1 else f'{len(deltas)} deltas, in order,'} to a base "
+        "model:\n\n" + "\n".join(rows) + "\n\n"
+    )
+
+
+def _digest(record: dict, role: str) -> str | None:
+    entry = record.get(role)
+    digest = entry.get("model_digest") if isinstance(entry, dict) else None
+    return digest if isinstance(digest, str) else None
+
+
 def _result_card(
     record: dict, title: str, repo_id: str, cards: dict[str, dict], endpoint: str
 ) -> tuple[ModelCardData, str]:
-    base = record.get("base")
-    deltas = [d for d in record.get("deltas", []) if isinstance(d, dict)]
-    base_repo = base.get("repo_id") if isinstance(base, dict) else None
-    base_repo = base_repo if isinstance(base_repo, str) else None
+    base_repo = _base_repo(record)
     data = ModelCardData(
         base_model=base_repo,
         base_model_relation="finetune" if base_repo else None,  # a relation to a named base only
@@ -111,26 +142,52 @@ def _result_card(
         tags=[TAG],
         **_license(record, cards),
     )
-    rows = ["| role | source | commit | kind |", "|---|---|---|---|"]
-    source, commit = _source(base, endpoint)
-    rows.append(f"| base | {source} | {commit} | |")
-    for d in deltas:
-        source, commit = _source(d, endpoint)
-        rows.append(f"| delta | {source} | {commit} | {d.get('kind', '?')} |")
-    result = record.get("result")
-    digest = result.get("model_digest") if isinstance(result, dict) else None
     algorithm = record.get("algorithm", "sha256")  # records before manifest format 2: sha256
     option = "" if algorithm == "blake3" else f" --algorithm {algorithm}"
-    version = record.get("deltamerge_version") or __version__
     body = (
         f"# {title}\n\n"
-        f"This model was rebuilt with [deltamerge]({PROJECT_URL}) {version} by applying "
-        f"{'a delta' if len(deltas) == 1 else f'{len(deltas)} deltas, in order,'} to a base "
-        "model:\n\n" + "\n".join(rows) + "\n\n"
-        f"Model digest of the result ({algorithm}): `{digest}`\n\n"
+        f"This model was {_provenance(record, endpoint)}"
+        f"Model digest of the result ({algorithm}): `{_digest(record, 'result')}`\n\n"
         "The digest covers every tensor's name, dtype, shape and bytes, whatever the file "
         "layout. Check a copy with:\n\n"
         f"```bash\ndeltamerge checksum {repo_id}{option}\n```\n\n"
+        f"`{RESULT_RECORD}` records the inputs, the options and every tensor's digest.\n"
+    )
+    return data, body
+
+
+def _gguf_card(
+    record: dict, title: str, cards: dict[str, dict], endpoint: str
+) -> tuple[ModelCardData, str]:
+    """A result written as GGUF: ``quantized`` from its base, as the Hub calls every repo of
+    GGUF files made from another model (its weights are the fine-tune's, which the body says)."""
+    gguf = record["gguf"]
+    base_repo = _base_repo(record)
+    arch, outtype, file_type = (str(gguf.get(k, "unknown")) for k in ("architecture", "outtype",
+                                                                     "file_type"))
+    listed_files = gguf.get("files") if isinstance(gguf.get("files"), list) else []
+    files = [f for f in listed_files if isinstance(f, str)] or ["MODEL.gguf"]
+    data = ModelCardData(
+        base_model=base_repo, base_model_relation="quantized" if base_repo else None,
+        tags=[TAG, "gguf", outtype, arch], **_license(record, cards),
+    )
+    algorithm = record.get("algorithm", "sha256")
+    listed = "\n".join(f"- `{name}`" for name in files)
+    split = (" (llama.cpp reads the other splits from beside the first)"
+             if len(files) > 1 else "")
+    body = (
+        f"# {title}\n\n"
+        f"A GGUF file of a model {_provenance(record, endpoint)}"
+        f"| | |\n|---|---|\n| architecture | `{arch}` |\n"
+        f"| quantization | `{outtype}` (llama.cpp file type `{file_type}`) |\n\n"
+        f"Files:\n\n{listed}\n\n"
+        f"Run it with [llama.cpp](https://github.com/ggml-org/llama.cpp){split}:\n\n"
+        f"```bash\nllama-cli -m {files[0]}\n```\n\n"
+        f"Model digest of the GGUF tensors as written ({algorithm}): "
+        f"`{_digest(record, 'result')}`\n\n"
+        f"Model digest of the Hugging Face model they were converted from ({algorithm}): "
+        f"`{_digest(record, 'merged')}`\n\n"
+        "A digest covers every tensor's name, type, shape and bytes. "
         f"`{RESULT_RECORD}` records the inputs, the options and every tensor's digest.\n"
     )
     return data, body

@@ -126,6 +126,11 @@ class Sink(ABC):
         """Files the sink writes that serve every shard; a resume keeps them (with a re-check)."""
         return []
 
+    def record(self) -> dict:
+        """What the result record says of the files beyond the options (a GGUF file's
+        architecture and file type, which a card names and the options may leave to defaults)."""
+        return {}
+
     def planned_bytes(self, shards: Sequence[ShardLayout], skip: set[str]) -> int:
         """Disk space the shards not in ``skip`` still need."""
         return sum(spec.nbytes for s in shards if s.filename not in skip for spec in s.specs)

@@ -90,6 +90,15 @@ class GGUFSink(Sink):
     def outputs(self) -> list[str]:
         return [f.name for f in self.plan.files]
 
+    def record(self) -> dict:
+        """The planned header's architecture and file type (``Q4_K_M``, llama.cpp's name, as in the
+        file name); the outtype resolved (the result's dtype when none was asked for)."""
+        kv = self.plan.kv
+        file_type = gguf.LlamaFileType(kv[gguf.Keys.General.FILE_TYPE]).name.partition("_")[2]
+        return {"gguf": {"architecture": kv[gguf.Keys.General.ARCHITECTURE],
+                         "outtype": self.plan.outtype, "file_type": file_type,
+                         "files": self.outputs()}}
+
     def aux_files(self, source: Mapping[str, Path | bytes]) -> dict[str, Path | bytes]:
         """None: a GGUF file holds the config and the tokenizer in its metadata."""
         return {}
