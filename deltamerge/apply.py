@@ -42,6 +42,7 @@ from .kinds.enc import OPENBUDDY_KEY_MD5, apply_enc
 from .kinds.lora import QLORA_MODES
 from .kinds.xor_files import apply_xor_files
 from .memory import peak_rss_bytes
+from .names import NEW_ROWS
 from .preflight import preflight
 from .progress import make_progress, reports_progress
 from .results import RESULT_RECORD, ApplyResult
@@ -199,8 +200,8 @@ def run_apply(
     out_dtype = parse_user_dtype(dtype, "dtype")
     args.text("kind", kind)
     args.text("new_rows", new_rows)
-    if new_rows not in ("zero", "mean"):
-        raise InputError(f"--new-rows must be 'zero' or 'mean', not {new_rows!r}")
+    if new_rows not in NEW_ROWS:
+        raise InputError(f"--new-rows must be {' or '.join(map(repr, NEW_ROWS))}, not {new_rows!r}")
     args.text("qlora", qlora)
     if qlora is not None and qlora not in QLORA_MODES:
         raise InputError(f"--qlora must be one of {', '.join(QLORA_MODES)}, not {qlora!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import InputError
+from .names import DTYPE_SPELLINGS
 
 SAFETENSORS_TO_TORCH: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -26,12 +27,7 @@ TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_TO_
 BITS_DTYPE: dict[int, torch.dtype] = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 USER_DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
+    name: getattr(torch, dtype) for name, dtype in DTYPE_SPELLINGS.items()
 }
 
 

@@ -22,10 +22,9 @@ from test_gguf import GGUF_NAMES, permuted, sp_model, specs, tiny_llama  # noqa:
 import deltamerge.apply
 import deltamerge.sinks.gguf as gguf_module
 from deltamerge import apply_delta
-from deltamerge.cli.common import OUTTYPE_NAMES
 from deltamerge.errors import InputError
 from deltamerge.sinks import gguf_types
-from deltamerge.sinks.gguf import OUTTYPES, GGUFStreamWriter, plan_gguf
+from deltamerge.sinks.gguf import GGUFStreamWriter, plan_gguf
 from deltamerge.sinks.gguf_quants import quantize_rows
 
 gguf = pytest.importorskip("gguf")
@@ -85,10 +84,6 @@ def write(folder: Path, out: Path, outtype: str, threads: int = 1, seed: int = 0
 def fields(path: Path) -> list[tuple[str, object]]:
     reader = gguf.GGUFReader(path)
     return [(f.name, f.types, f.contents()) for f in reader.fields.values() if not f.name.startswith("GGUF.")]
-
-
-def test_the_cli_lists_every_outtype():
-    assert OUTTYPE_NAMES == OUTTYPES
 
 
 @pytest.mark.parametrize("model", sorted(TABLE))

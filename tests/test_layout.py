@@ -29,7 +29,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("digests", ["deltamerge.integrity"]),  # integrity's digest and manifest; checks is above
     ("formats", ["deltamerge.formats"]),
     ("leaves", [
-        "deltamerge.errors", "deltamerge.dtypes", "deltamerge.sizes", "deltamerge.arguments",
+        "deltamerge.errors", "deltamerge.names", "deltamerge.dtypes", "deltamerge.sizes",
+        "deltamerge.arguments",
         "deltamerge.progress",
         "deltamerge.faults", "deltamerge.memory", "deltamerge.tensor_spec", "deltamerge.results",
         "deltamerge.version",

@@ -21,6 +21,7 @@ import click
 
 from ..errors import DeltaMergeError, signal_status
 from ..interrupts import running
+from ..names import DTYPE_NAMES, FORMATS, MP_SHARDS, OUTTYPES
 from ..sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 
 DEBUG = {"on": False}
@@ -155,18 +156,18 @@ def common_run_options(fn: Callable) -> Callable:
 def format_options(fn: Callable) -> Callable:
     """What OUT holds: the format and its own options."""
     options = [
-        click.option("--format", "fmt", type=click.Choice(["hf", "gguf", "meta"]), default="hf",
+        click.option("--format", "fmt", type=click.Choice(FORMATS), default="hf",
                      show_default=True,
                      help="hf: safetensors shards and the model's files; gguf: the file llama.cpp's "
                           "convert_hf_to_gguf.py would write from that; meta: Meta's "
                           "consolidated.NN.pth, params.json, tokenizer.model."),
-        click.option("--outtype", type=click.Choice(OUTTYPE_NAMES), default=None,
+        click.option("--outtype", type=click.Choice(OUTTYPES), default=None,
                      help="GGUF tensor type (default: the result's dtype); q4_k_m and the types after "
                           "q8_0: what llama-quantize writes from the f16/bf16/f32 file."),
         click.option("--threads", type=click.IntRange(1, 1024), default=None,
                      help="Threads that quantize GGUF tensors (default: the machine's cores); the "
                           "bytes are the same whatever their number."),
-        click.option("--mp", type=click.Choice(["1", "2", "4", "8"]), default=None,
+        click.option("--mp", type=click.Choice([str(n) for n in MP_SHARDS]), default=None,
                      help="Meta model-parallel shards (default 1)."),
     ]
     for option in reversed(options):
@@ -194,14 +195,6 @@ def default_workers() -> int:
     return 1 if (os.cpu_count() or 1) < 2 else 2
 
 
-# sinks.gguf.OUTTYPES, named here so that --help does not load torch (tests/test_gguf_quantize.py
-# keeps the two lists equal).
-OUTTYPE_NAMES = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q4_0",
-                 "q4_1", "q5_0", "q5_1")
-
-# The spellings dtypes.USER_DTYPES accepts, named here so that --help does not load torch
-# (tests/test_cli_grammar.py keeps the two lists equal).
-DTYPE_NAMES = ("float16", "fp16", "bfloat16", "bf16", "float32", "fp32")
 DTYPE = click.Choice(DTYPE_NAMES, case_sensitive=False)
 
 

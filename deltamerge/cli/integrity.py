@@ -13,6 +13,7 @@ from collections.abc import Callable
 import click
 
 from ..errors import VerificationError
+from ..names import ALGORITHMS, ROLES
 from .common import handle_errors, hub_options, hub_setup, human, print_json, say, with_revision
 from .sign import pin_options, signer_pin
 
@@ -25,7 +26,7 @@ def _quiet_option(fn: Callable) -> Callable:
     return hub_options(fn)
 
 
-ALGORITHM_CHOICE = click.Choice(["blake3", "sha256"])
+ALGORITHM_CHOICE = click.Choice(ALGORITHMS)
 
 
 def _json_option(fn: Callable) -> Callable:
@@ -86,7 +87,7 @@ def checksum_cmd(folders: tuple[str, ...], output: str | None, algorithm: str, a
 @click.option("-m", "--manifest", required=True, metavar="FILE",
               help="deltamerge.json, deltamerge-result.json, or a `checksum --output` file "
                    "(a folder: its deltamerge.json or deltamerge-result.json).")
-@click.option("--role", type=click.Choice(["result", "base"]), default="result", show_default=True,
+@click.option("--role", type=click.Choice(ROLES), default="result", show_default=True,
               help="Which side of a deltamerge.json DIR should be: the delta's result or its base.")
 @click.option("-a", "--algorithm", type=ALGORITHM_CHOICE, default=None,
               help="Insist on the manifest's digests being in this algorithm (default: compare "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..names import KINDS, MAKE_KINDS, NEW_ROWS, QLORA_MODES
 from ..sizes import DEFAULT_BLOCK_BYTES
 from .common import (
     DTYPE,
@@ -29,17 +30,15 @@ PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); 
 
 @click.command("apply", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1, required=True, metavar="BASE DELTA... OUT")
-@click.option("--kind", type=click.Choice(["add", "xor", "xor-zstd", "xor-files", "enc", "lora", "ia3",
-                                          "loha", "lokr", "trainable-tokens", "vera", "prefix"]),
-              default=None,
+@click.option("--kind", type=click.Choice(KINDS), default=None,
               help="Delta kind (default: detected from the delta's files).")
 @click.option("--dtype", type=DTYPE, default=None,
               help="Output dtype: float16 (fp16), bfloat16 (bf16) or float32 (fp32) (default: "
                    "the delta's; for LoRA, the base's).")
-@click.option("--new-rows", type=click.Choice(["zero", "mean"]), default="zero", show_default=True,
+@click.option("--new-rows", type=click.Choice(NEW_ROWS), default="zero", show_default=True,
               help="Rows the delta adds to embed_tokens/lm_head start at zero (FastChat v0) or "
                    "at the mean of the base's rows (Alpaca).")
-@click.option("--qlora", type=click.Choice(["nf4", "nf4-dq"]), default=None,
+@click.option("--qlora", type=click.Choice(QLORA_MODES), default=None,
               help="Merge a QLoRA adapter onto the NF4 round trip of the weights it targets, as "
                    "it was trained (nf4-dq: with double quantization, QLoRA's default); bit for "
                    "bit as bitsandbytes on CPU.")
@@ -184,7 +183,7 @@ def print_digests(result, verdict: str) -> None:
 @click.argument("base")
 @click.argument("target")
 @click.argument("out")
-@click.option("--kind", type=click.Choice(["add", "xor"]), default="add", show_default=True,
+@click.option("--kind", type=click.Choice(MAKE_KINDS), default="add", show_default=True,
               help="add: target - base (lossy in fp16); xor: bits XORed, lossless.")
 @click.option("--compress", is_flag=True,
               help="With --kind xor: store the XOR zstd-compressed by byte planes (kind xor-zstd; "

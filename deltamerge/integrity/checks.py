@@ -21,6 +21,7 @@ from .. import arguments as args
 from ..dtypes import BITS_DTYPE, TORCH_TO_SAFETENSORS, itemsize
 from ..errors import FormatError, InputError, NotFoundError
 from ..formats.files import read_json_object
+from ..names import ROLES
 from ..progress import Progress, ProgressArg, make_progress, reports_progress
 from ..results import RESULT_RECORD
 from ..sizes import DEFAULT_BLOCK_BYTES
@@ -49,7 +50,6 @@ from .manifest import (
 from .manifest import FORMAT as MANIFEST_FORMAT
 
 CHECKSUMS_FORMAT = "deltamerge-checksums"  # its format_version says the algorithm, as a manifest's
-ROLES = ("result", "base")
 
 
 # -- streaming ------------------------------------------------------------------------------

@@ -21,13 +21,14 @@ from typing import Protocol
 import blake3
 import torch
 
+from .. import names
 from ..dtypes import TORCH_TO_SAFETENSORS, itemsize
 from ..memory import address_view, drop_file_range
 from ..tensor_spec import TensorSpec
 
 HASH_CHUNK = 16 * 1024 * 1024
-BLAKE3, SHA256 = "blake3", "sha256"
-ALGORITHMS = (BLAKE3, SHA256)
+ALGORITHMS = names.ALGORITHMS
+BLAKE3, SHA256 = ALGORITHMS
 DEFAULT_ALGORITHM = BLAKE3
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import DeltaMergeError, InputError
 from ..integrity.manifest import MANIFEST_NAME, Manifest
+from ..names import KINDS
 from ..sources import open_checkpoint
 from . import Kind
 from .adapter import adapter_kind
@@ -35,8 +36,6 @@ from .xor import XorKind
 from .xor_files import looks_like_xor_files
 from .xor_zstd import XorZstdKind
 
-KINDS = ("add", "xor", "xor-zstd", "xor-files", "enc", "lora", "ia3", "loha", "lokr",
-         "trainable-tokens", "vera", "prefix")
 WHOLE_FILE_KINDS = ("xor-files", "enc")  # decoded file by file, alone, not in the tensor stream
 _ADAPTER_KINDS = {"ia3": Ia3Kind, "loha": LohaKind, "lokr": LokrKind,
                   "trainable-tokens": TrainableTokensKind, "vera": VeraKind}  # peft types besides LoRA

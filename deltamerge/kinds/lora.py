@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from .. import names
 from ..errors import FormatError, InputError, MismatchError, NotFoundError, UnsupportedError
 from ..formats.files import read_json_object
 from ..sources import Checkpoint, open_checkpoint
@@ -71,7 +72,8 @@ PREFIX = "base_model.model."
 WINDOW_ROWS = 256
 WINDOW_BYTES = 8 * 1024 * 1024  # a window's fp32 product at most (65B's 22016-wide rows: 80 rows)
 MERGE_ROWS = 64  # rows of fp32 work at a time when a product is added to the base's rows
-QLORA_MODES = {"nf4": False, "nf4-dq": True}  # --qlora: NF4, with double quantization or not
+# --qlora: NF4, with double quantization (the "-dq") or not.
+QLORA_MODES = {mode: mode.endswith("-dq") for mode in names.QLORA_MODES}
 # Files the adapter's folder brings to the result: its tokenizer (an extended vocabulary), never
 # its config, which is the base's (vocab_size is then set from the embedding's rows).
 TOKENIZER_FILES = (

@@ -24,12 +24,12 @@ from pathlib import Path
 
 from ..errors import DeltaMergeError, FormatError
 from ..formats.safetensors import read_header
+from ..names import MARKED_KINDS
 from ..sources.folders import detect_layout
 
 PREFIX = "deltamerge."
 KIND_KEY = "deltamerge.kind"
 ID_KEY = "deltamerge.delta_id"
-MARKED_KINDS = ("add", "xor", "xor-zstd")  # the kinds make-delta writes
 _ID = re.compile(r"[0-9a-f]{64}")
 
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import FormatError
+from ..names import QUANTIZED_OUTTYPES
 
 try:
     import gguf
@@ -24,11 +25,7 @@ except ImportError:
     gguf = None
 
 # --outtype -> llama.cpp's LlamaFileType name (also the name the converter's naming puts in files).
-OUTTYPES = {
-    "q4_k_m": "MOSTLY_Q4_K_M", "q4_k_s": "MOSTLY_Q4_K_S", "q5_k_m": "MOSTLY_Q5_K_M",
-    "q5_k_s": "MOSTLY_Q5_K_S", "q6_k": "MOSTLY_Q6_K", "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1",
-    "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
-}
+OUTTYPES = {name: "MOSTLY_" + name.upper() for name in QUANTIZED_OUTTYPES}
 # llama_ftype_get_default_type: the type of the tensors no rule moves.
 _DEFAULT_TYPE = {
     "q4_k_m": "Q4_K", "q4_k_s": "Q4_K", "q5_k_m": "Q5_K", "q5_k_s": "Q5_K", "q6_k": "Q6_K",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..names import FORMATS, MP_SHARDS
 from ..sizes import DEFAULT_SHARD_SIZE, parse_size
 from . import ShardLayout, Sink
 from .aux import fixed_config, load_config
@@ -25,9 +26,6 @@ from .gguf_types import OUTTYPES as QUANTIZED
 from .meta_pth import MetaLayout
 from .meta_sink import MetaSink
 from .safetensors import SafetensorsSink
-
-FORMATS = ("hf", "gguf", "meta")
-MP_SHARDS = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
