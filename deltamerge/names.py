@@ -8,13 +8,14 @@ its list). A new kind, outtype or format is named here first.
 
 from __future__ import annotations
 
-# apply --kind: every kind a delta can be (kinds/detect.py opens each).
-KINDS = ("add", "xor", "xor-zstd", "xor-files", "enc", "lora", "ia3", "loha", "lokr",
-         "trainable-tokens", "vera", "prefix")
-# make-delta --kind: what it computes (``--compress`` turns xor into xor-zstd).
-MAKE_KINDS = ("add", "xor")
-# The kinds make-delta writes, recorded in the delta's marks (kinds/marks.py).
-MARKED_KINDS = (*MAKE_KINDS, "xor-zstd")
+from . import kind_registry
+
+# apply --kind: every kind a delta can be; make-delta --kind: what it computes (``--compress``
+# turns xor into xor-zstd); the kinds make-delta writes, recorded in the delta's marks
+# (kinds/marks.py). Each is read from the kinds' registry (kind_registry.py).
+KINDS = kind_registry.KINDS
+MAKE_KINDS = kind_registry.MAKE_KINDS
+MARKED_KINDS = kind_registry.MARKED_KINDS
 # apply --new-rows: how rows a delta adds to the vocabulary start.
 NEW_ROWS = ("zero", "mean")
 # apply --qlora: NF4, and NF4 with double quantization (the ``-dq``).
