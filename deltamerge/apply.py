@@ -61,7 +61,7 @@ from .sinks.folder import (
 from .sinks.lock import hold
 from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import write_index
-from .sizes import DEFAULT_BLOCK_BYTES
+from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import is_aux_file
 from .sources.inputs import Resolved, hub_repo_id, need_folders
@@ -465,7 +465,7 @@ def _plan_output(
     format's sink planned from them; tensors are written in the plan's order (the inputs' own,
     so they are read front to back), in blocks of whole heads where the sink reorders rows within
     heads."""
-    shards = layout_shards(jobs, fmt.plan_shard_bytes())
+    shards = layout_shards(jobs, fmt.plan_shard_bytes(parse_size(DEFAULT_SHARD_SIZE)))
     if not fmt.shard_files:  # journal names: no safetensors file is written
         shards = [Shard(f"tensors-{i + 1:05d}-of-{len(shards):05d}", s.jobs) for i, s in enumerate(shards)]
     sink = fmt.open_sink(shards, aux, vocab_rows=_vocab_rows(jobs), dtype=_result_dtype(jobs), out=out,

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from ..registry import load
-from ..sizes import DEFAULT_SHARD_SIZE, parse_size
 
 if TYPE_CHECKING:
     from ..sinks import ShardLayout, Sink
@@ -67,10 +66,11 @@ class OutputFormat(ABC):
     def options(self) -> dict:
         """What the result record and the journal's fingerprint say of it."""
 
-    def plan_shard_bytes(self) -> int:
-        """The size the plan's shards are laid out at: the journal's unit, and the order
-        llama.cpp's converter writes GGUF tensors in (the hf result's files)."""
-        return parse_size(DEFAULT_SHARD_SIZE)
+    def plan_shard_bytes(self, default: int) -> int:
+        """The size the plan's shards are laid out at (the journal's unit, and the order
+        llama.cpp's converter writes GGUF tensors in): the hf result's ``default`` shard size,
+        unless the shards are this format's own files."""
+        return default
 
     def open_sink(
         self, shards: Sequence[ShardLayout], aux: Mapping[str, Path | bytes], *,

@@ -27,5 +27,5 @@ class HfFormat(OutputFormat):
     def options(self) -> dict:
         return {"format": "hf"}
 
-    def plan_shard_bytes(self) -> int:
+    def plan_shard_bytes(self, default: int) -> int:
         return self.shard_bytes
