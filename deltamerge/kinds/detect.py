@@ -64,7 +64,9 @@ class _Probe:
             found = load(detector.test)(self.folder, self.manifest)
         else:
             found = load(detector.test)(self.folder)
-        return kind if found is True else found or None
+        if found is True:
+            return kind
+        return None if found is False else found
 
 
 def detect_kind(folder: Path, manifest: Manifest | None) -> str:
