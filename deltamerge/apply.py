@@ -43,6 +43,7 @@ from .kinds.lora import QLORA_MODES
 from .kinds.xor_files import apply_xor_files
 from .memory import peak_rss_bytes
 from .names import NEW_ROWS
+from .outputs import OutputFormat, output_format
 from .preflight import preflight
 from .progress import make_progress, reports_progress
 from .results import RESULT_RECORD, ApplyResult
@@ -58,7 +59,6 @@ from .sinks.folder import (
     write_json,
 )
 from .sinks.lock import hold
-from .sinks.output import OutputFormat, open_sink, output_format
 from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
@@ -294,7 +294,7 @@ def _apply_locked(
             check_out(out, force)  # a whole-file decode's record holds no fingerprint to match
         if qlora is not None:
             raise InputError(f"--qlora merges LoRA adapters: it does not apply to {whole} deltas")
-        if fmt.name != "hf":
+        if not fmt.whole_files:
             raise InputError(f"--format {fmt.name}: {whole} deltas decode the publisher's files as "
                              "they are: decode with --format hf")
         return _signed(_apply_whole_files(whole, base_in, delta_ins, out, out_dtype, force,
@@ -372,7 +372,7 @@ def _apply_locked(
                 out_digests.update(digests)  # computed by this run's re-check, not the journal's
                 written.update(checked.written[shard])  # computed by this run's re-check
             finish_delta_checks(checks, run.input_digests, run.file_digests, block_size)
-            if fmt.name == "hf":
+            if fmt.shard_files:
                 write_index(tmp, shards)
             copy_aux(tmp, sink.aux_files(aux))
             fix_config(tmp, _vocab_rows(jobs), _result_dtype(jobs), updates)
@@ -465,11 +465,11 @@ def _plan_output(
     format's sink planned from them; tensors are written in the plan's order (the inputs' own,
     so they are read front to back), in blocks of whole heads where the sink reorders rows within
     heads."""
-    shards = layout_shards(jobs, fmt.shard_bytes if fmt.name == "hf" else parse_size(DEFAULT_SHARD_SIZE))
-    if fmt.name != "hf":  # journal names: no safetensors file is written
+    shards = layout_shards(jobs, fmt.plan_shard_bytes(parse_size(DEFAULT_SHARD_SIZE)))
+    if not fmt.shard_files:  # journal names: no safetensors file is written
         shards = [Shard(f"tensors-{i + 1:05d}-of-{len(shards):05d}", s.jobs) for i, s in enumerate(shards)]
-    sink = open_sink(fmt, shards, aux, vocab_rows=_vocab_rows(jobs), dtype=_result_dtype(jobs), out=out,
-                     folder=partial_dir(out), config_updates=config_updates)
+    sink = fmt.open_sink(shards, aux, vocab_rows=_vocab_rows(jobs), dtype=_result_dtype(jobs), out=out,
+                         folder=partial_dir(out), config_updates=config_updates)
     for job in jobs:
         job.rows_per_block = rows_per_block(job, block_size, sink.row_multiple(job.name))
     return shards, sink

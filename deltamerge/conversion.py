@@ -17,6 +17,7 @@ import torch
 from . import arguments as args
 from .apply import run_apply
 from .errors import InputError
+from .outputs import OUTPUT_FORMATS
 from .progress import reports_progress
 from .results import ApplyResult
 from .sizes import DEFAULT_BLOCK_BYTES
@@ -86,7 +87,7 @@ def convert(
         qlora_dtype=None, lora_r=None, lora_alpha=None, lora_prefix=None, format=format,
         outtype=outtype, mp=mp, threads=threads,
     )
-    if format != "gguf" and not (result.out / TOKENIZER).is_file():  # GGUF holds its vocab
+    if not OUTPUT_FORMATS.get(format).holds_vocab and not (result.out / TOKENIZER).is_file():
         result.notes.append(
             f"no {TOKENIZER} in {meta_dir} or its parent: the result has no tokenizer"
         )

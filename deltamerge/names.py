@@ -3,18 +3,21 @@
 The library checks a value against these and the CLI builds its ``click.Choice`` from them;
 they live here, apart from the modules that use them, because those import torch and
 ``deltamerge --help`` must not (``tests/test_choices.py`` keeps each option's choice equal to
-its list). A new kind, outtype or format is named here first.
+its list). The kinds' lists are read from their registry (``kind_registry.py``): a new kind is
+registered there. The output formats and their options' values (``--format``, ``--outtype``,
+``--mp``) are their formats' own (``outputs/``, no torch either).
 """
 
 from __future__ import annotations
 
-# apply --kind: every kind a delta can be (kinds/detect.py opens each).
-KINDS = ("add", "xor", "xor-zstd", "xor-files", "enc", "lora", "ia3", "loha", "lokr",
-         "trainable-tokens", "vera", "prefix")
-# make-delta --kind: what it computes (``--compress`` turns xor into xor-zstd).
-MAKE_KINDS = ("add", "xor")
-# The kinds make-delta writes, recorded in the delta's marks (kinds/marks.py).
-MARKED_KINDS = (*MAKE_KINDS, "xor-zstd")
+from . import kind_registry
+
+# apply --kind: every kind a delta can be; make-delta --kind: what it computes (``--compress``
+# turns xor into xor-zstd); the kinds make-delta writes, recorded in the delta's marks
+# (kinds/marks.py). Each is read from the kinds' registry (kind_registry.py).
+KINDS = kind_registry.KINDS
+MAKE_KINDS = kind_registry.MAKE_KINDS
+MARKED_KINDS = kind_registry.MARKED_KINDS
 # apply --new-rows: how rows a delta adds to the vocabulary start.
 NEW_ROWS = ("zero", "mean")
 # apply --qlora: NF4, and NF4 with double quantization (the ``-dq``).
@@ -23,14 +26,6 @@ QLORA_MODES = ("nf4", "nf4-dq")
 DTYPE_SPELLINGS = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
                    "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}
 DTYPE_NAMES = tuple(DTYPE_SPELLINGS)
-# --format (sinks/output.py) and Meta's --mp shard counts.
-FORMATS = ("hf", "gguf", "meta")
-MP_SHARDS = (1, 2, 4, 8)
-# --outtype: llama-quantize's types (sinks/gguf_types.py, each file type ``MOSTLY_`` + its name
-# in capitals), after the types the converter writes itself (sinks/gguf.py).
-QUANTIZED_OUTTYPES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q4_0", "q4_1", "q5_0",
-                      "q5_1")
-OUTTYPES = ("f32", "f16", "bf16", "q8_0", *QUANTIZED_OUTTYPES)
 # verify --role: which side of a delta's manifest a folder is checked against.
 ROLES = ("result", "base")
 # --algorithm: the digests a checksum or manifest may use (integrity/digest.py).

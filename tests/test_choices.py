@@ -1,9 +1,11 @@
-"""Every option's allowed values are the library's own list: ``deltamerge.names`` writes each once.
+"""Every option's allowed values are the library's own list, written once: the kinds' in their
+registry (``kind_registry``), the formats' and their options' in theirs (``outputs``), the others
+in ``deltamerge.names``.
 
 The CLI's ``click.Choice`` of each option must equal the tuple the library checks against (a new
 kind or outtype named in one place and not the other would be refused by one of them), the library
 must refuse a value outside it, and ``--help`` must still answer without loading torch, which is
-why the lists live in a module of their own.
+why the lists live in modules of their own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import click
 import pytest
 import torch
 
-from deltamerge import names
+from deltamerge import kind_registry, names, outputs
 from deltamerge.apply import run_apply
 from deltamerge.cli import main
 from deltamerge.dtypes import USER_DTYPES, parse_user_dtype
@@ -25,7 +27,9 @@ from deltamerge.integrity import checks, digest
 from deltamerge.integrity.checks import checksum, load_expected
 from deltamerge.kinds import detect, lora, marks
 from deltamerge.make import make_delta
-from deltamerge.sinks import gguf, gguf_types, output
+from deltamerge.outputs import gguf as gguf_format
+from deltamerge.outputs import meta as meta_format
+from deltamerge.sinks import gguf, gguf_types
 
 
 def choice(command: str, option: str) -> click.Choice:
@@ -39,18 +43,29 @@ def choice(command: str, option: str) -> click.Choice:
 
 # (command, option, the tuple the library checks the value against)
 OPTIONS = [
-    ("apply", "kind", detect.KINDS),
-    ("make-delta", "kind", names.MAKE_KINDS),
+    ("apply", "kind", kind_registry.DELTA_KINDS.names),
+    ("make-delta", "kind", kind_registry.MAKE_KINDS),
     ("apply", "new-rows", names.NEW_ROWS),
     ("apply", "qlora", tuple(lora.QLORA_MODES)),
-    *[(command, "format", output.FORMATS) for command in ("apply", "convert")],
+    *[(command, "format", outputs.OUTPUT_FORMATS.names) for command in ("apply", "convert")],
     *[(command, "outtype", gguf.OUTTYPES) for command in ("apply", "convert")],
-    *[(command, "mp", tuple(map(str, output.MP_SHARDS))) for command in ("apply", "convert")],
+    *[(command, "mp", tuple(map(str, meta_format.MP_SHARDS))) for command in ("apply", "convert")],
     *[(command, "dtype", tuple(USER_DTYPES)) for command in ("apply", "convert")],
     ("apply", "qlora-dtype", tuple(USER_DTYPES)),
     *[(command, "algorithm", digest.ALGORITHMS) for command in ("checksum", "verify", "inspect")],
     ("verify", "role", checks.ROLES),
 ]
+
+
+def test_the_cli_offers_what_the_registries_hold():
+    """A kind or format registered is offered by the CLI, and --format's help names each one."""
+    assert tuple(choice("apply", "kind").choices) == kind_registry.DELTA_KINDS.names
+    assert tuple(choice("make-delta", "kind").choices) == tuple(
+        e.name for e in kind_registry.DELTA_KINDS if e.made)
+    for command in ("apply", "convert"):
+        assert tuple(choice(command, "format").choices) == outputs.OUTPUT_FORMATS.names
+        param = next(p for p in main.commands[command].params if "--format" in p.opts)
+        assert all(f"{f.name}: {f.summary}" in param.help for f in outputs.OUTPUT_FORMATS)
 
 
 def test_every_choice_of_the_cli_is_checked_here():
@@ -67,13 +82,14 @@ def test_each_choice_is_the_librarys_list(command, option, allowed):
 
 
 def test_the_library_modules_keep_their_names_and_share_one_list():
-    assert detect.KINDS is names.KINDS
-    assert marks.MARKED_KINDS is names.MARKED_KINDS
+    assert detect.KINDS is names.KINDS is kind_registry.KINDS
+    assert names.MAKE_KINDS is kind_registry.MAKE_KINDS
+    assert marks.MARKED_KINDS is names.MARKED_KINDS is kind_registry.MARKED_KINDS
     assert set(names.MAKE_KINDS) < set(names.MARKED_KINDS)  # --compress makes the third
-    assert output.FORMATS is names.FORMATS and output.MP_SHARDS is names.MP_SHARDS
-    assert gguf.OUTTYPES is names.OUTTYPES and digest.ALGORITHMS is names.ALGORITHMS
+    assert outputs.FORMATS == outputs.OUTPUT_FORMATS.names == ("hf", "gguf", "meta")
+    assert gguf.OUTTYPES is gguf_format.OUTTYPES and digest.ALGORITHMS is names.ALGORITHMS
     assert checks.ROLES is names.ROLES
-    assert tuple(gguf_types.OUTTYPES) == names.QUANTIZED_OUTTYPES
+    assert tuple(gguf_types.OUTTYPES) == gguf_format.QUANTIZED_OUTTYPES
     assert lora.QLORA_MODES == {"nf4": False, "nf4-dq": True}
     assert USER_DTYPES == {"float16": torch.float16, "fp16": torch.float16,
                            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -84,8 +100,8 @@ def test_every_quantized_outtype_is_a_llama_cpp_file_type():
     """The file type is derived from the name (``MOSTLY_`` and the name in capitals): a new
     outtype whose llama.cpp spelling differs fails here (a KeyError) rather than when written."""
     pytest.importorskip("gguf")
-    types = {gguf_types.file_type(outtype) for outtype in names.QUANTIZED_OUTTYPES}
-    assert len(types) == len(names.QUANTIZED_OUTTYPES)
+    types = {gguf_types.file_type(outtype) for outtype in gguf_format.QUANTIZED_OUTTYPES}
+    assert len(types) == len(gguf_format.QUANTIZED_OUTTYPES)
 
 
 def test_the_library_refuses_a_value_outside_each_list(tmp_path: Path):
@@ -94,9 +110,9 @@ def test_the_library_refuses_a_value_outside_each_list(tmp_path: Path):
     with pytest.raises(InputError, match="make-delta --kind must be one of add, xor, xor-zstd"):
         make_delta(tmp_path / "base", tmp_path / "target", tmp_path / "out", kind="sub")
     with pytest.raises(InputError, match="--format must be one of hf, gguf, meta, not 'onnx'"):
-        output.output_format("onnx")
+        outputs.output_format("onnx")
     with pytest.raises(InputError, match="--mp must be one of 1, 2, 4, 8, not 3"):
-        output.output_format("meta", mp=3)
+        outputs.output_format("meta", mp=3)
     with pytest.raises(InputError, match="unknown dtype 'float64'"):
         parse_user_dtype("float64")
     with pytest.raises(InputError, match="algorithm must be one of blake3, sha256, not 'md5'"):
@@ -119,7 +135,7 @@ def test_the_library_refuses_a_value_outside_each_list(tmp_path: Path):
 def test_the_outtype_list_is_refused_outside(tmp_path: Path):
     pytest.importorskip("gguf")
     with pytest.raises(InputError, match="--outtype must be one of f32, f16, bf16, q8_0, q4_k_m"):
-        output.output_format("gguf", outtype="q2_k")
+        outputs.output_format("gguf", outtype="q2_k")
 
 
 def test_the_cli_refuses_a_value_outside_each_choice():

@@ -24,7 +24,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ]),
     ("engine", ["deltamerge.engine"]),
     ("kinds", ["deltamerge.kinds"]),
-    ("sinks", ["deltamerge.sinks"]),  # below the kinds: xor-files writes its own files
+    # below the kinds: xor-files writes its own files; outputs/ are the formats that open them
+    ("sinks", ["deltamerge.sinks", "deltamerge.outputs"]),
     ("sources", ["deltamerge.sources"]),
     ("digests", ["deltamerge.integrity"]),  # integrity's digest and manifest; checks is above
     ("formats", ["deltamerge.formats"]),
@@ -34,6 +35,9 @@ LAYERS: list[tuple[str, list[str]]] = [
         "deltamerge.progress",
         "deltamerge.faults", "deltamerge.memory", "deltamerge.tensor_spec", "deltamerge.results",
         "deltamerge.version",
+        # the kinds' registry names each kind's code as "module:attribute", imported when a run
+        # needs it, so that --help (and names) read it without loading torch
+        "deltamerge.registry", "deltamerge.kind_registry",
     ]),
 ]
 

@@ -21,7 +21,10 @@ import click
 
 from ..errors import DeltaMergeError, signal_status
 from ..interrupts import running
-from ..names import DTYPE_NAMES, FORMATS, MP_SHARDS, OUTTYPES
+from ..names import DTYPE_NAMES
+from ..outputs import FORMATS, OUTPUT_FORMATS
+from ..outputs.gguf import OUTTYPES
+from ..outputs.meta import MP_SHARDS
 from ..sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 
 DEBUG = {"on": False}
@@ -158,9 +161,7 @@ def format_options(fn: Callable) -> Callable:
     options = [
         click.option("--format", "fmt", type=click.Choice(FORMATS), default="hf",
                      show_default=True,
-                     help="hf: safetensors shards and the model's files; gguf: the file llama.cpp's "
-                          "convert_hf_to_gguf.py would write from that; meta: Meta's "
-                          "consolidated.NN.pth, params.json, tokenizer.model."),
+                     help="; ".join(f"{f.name}: {f.summary}" for f in OUTPUT_FORMATS) + "."),
         click.option("--outtype", type=click.Choice(OUTTYPES), default=None,
                      help="GGUF tensor type (default: the result's dtype); q4_k_m and the types after "
                           "q8_0: what llama-quantize writes from the f16/bf16/f32 file."),

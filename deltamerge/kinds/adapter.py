@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .. import kind_registry
 from ..errors import FormatError, MismatchError, NotFoundError, UnsupportedError
 from ..formats.files import read_json_object
 from ..sources import open_checkpoint
@@ -35,9 +36,8 @@ from .patterns import check_patterns, match_patterns
 from .peft_targets import base_modules, check_targeting, own_fields, select_targets
 from .targets import LayerTypes, stored_name
 
-# peft_type in adapter_config.json -> the kind that merges it.
-PEFT_KINDS = {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr",
-              "TRAINABLE_TOKENS": "trainable-tokens", "VERA": "vera"}
+# peft_type in adapter_config.json -> the kind that merges it (each kind registers its type).
+PEFT_KINDS = kind_registry.PEFT_KINDS
 # Config fields that would need arithmetic (or tensors) these kinds do not have yet.
 _UNSUPPORTED = {"trainable_token_indices": "trainable_token_indices (trained token rows)"}
 

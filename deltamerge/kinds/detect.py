@@ -9,49 +9,86 @@ files (OpenBuddy's encrypted releases) are ``enc``, weight files XORed whole (Op
 adapter config are a LoRA state dict (PandaGPT), tensors all of a ``prefix_encoder`` are a
 P-tuning checkpoint (ChatGLM), anything else (a plain tensor delta without marks: FastChat's)
 is an additive delta. ``--kind`` overrides, unless it contradicts the delta's own files
-(``preflight.check_roles``).
+(``preflight.check_roles``). Each test, and each kind's opener, is registered in
+``kind_registry.py``: this module runs them in their order.
 """
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 from ..errors import DeltaMergeError, InputError
 from ..integrity.manifest import MANIFEST_NAME, Manifest
-from ..names import KINDS
+from ..kind_registry import (
+    DELTA_KINDS,
+    FALLBACK,
+    KINDS,
+    NAMES,
+    WHOLE_FILE_KINDS,
+    Detector,
+    detection_order,
+)
+from ..registry import load
 from ..sources import open_checkpoint
 from . import Kind
 from .adapter import adapter_kind
-from .add import AddKind
-from .enc import looks_like_enc
-from .ia3 import Ia3Kind
-from .loha import LohaKind
-from .lokr import LokrKind
-from .lora import LoraKind, looks_like_lora_state
+from .lora import ADAPTER_CONFIG
 from .marks import Marks, agreed_marks, check_manifest_marks, weight_headers
-from .prefix import PrefixKind, looks_like_prefix
-from .trainable_tokens import TrainableTokensKind
-from .vera import VeraKind
-from .xor import XorKind
-from .xor_files import looks_like_xor_files
-from .xor_zstd import XorZstdKind
 
-WHOLE_FILE_KINDS = ("xor-files", "enc")  # decoded file by file, alone, not in the tensor stream
-_ADAPTER_KINDS = {"ia3": Ia3Kind, "loha": LohaKind, "lokr": LokrKind,
-                  "trainable-tokens": TrainableTokensKind, "vera": VeraKind}  # peft types besides LoRA
+
+class _Probe:
+    """What the detectors read of a delta folder, each thing read once: the tensor names are
+    listed (headers, or a mapped pickle) only when a detector asks, and a folder that cannot be
+    read has none (its opening says why)."""
+
+    def __init__(self, folder: Path, manifest: Manifest | None):
+        self.folder = folder
+        self.manifest = manifest
+
+    @cached_property
+    def names(self) -> list[str] | None:
+        try:
+            with open_checkpoint(self.folder) as ckpt:
+                return list(ckpt.specs)
+        except DeltaMergeError:
+            return None
+
+    def run(self, kind: str | None, detector: Detector) -> str | None:
+        """The kind ``detector`` finds (``kind``: the one that registers it), or None."""
+        if detector.reads == "names":
+            if self.names is None:
+                return None
+            found = load(detector.test)(self.names)
+        elif detector.reads == "manifest":
+            found = load(detector.test)(self.folder, self.manifest)
+        else:
+            found = load(detector.test)(self.folder)
+        if found is True:
+            return kind
+        return None if found is False else found
 
 
 def detect_kind(folder: Path, manifest: Manifest | None) -> str:
-    if (folder / "adapter_config.json").is_file():
-        return adapter_kind(folder)
-    said, _ = declared_kind(folder, manifest)
-    if said is not None:
-        return said
-    if looks_like_enc(folder):
-        return "enc"
-    if looks_like_xor_files(folder):
-        return "xor-files"
-    return _kind_of_names(folder)
+    """The first kind the detection order finds (``kind_registry.detection_order``), else the
+    additive kind."""
+    probe = _Probe(folder, manifest)
+    for kind, detector in detection_order():
+        found = probe.run(kind, detector)
+        if found is not None:
+            return found
+    return FALLBACK
+
+
+def adapter_config_kind(folder: Path) -> str | None:
+    """A folder with a PEFT ``adapter_config.json`` is an adapter of the kind its peft_type
+    names; the detection order's first test."""
+    return adapter_kind(folder) if (folder / ADAPTER_CONFIG).is_file() else None
+
+
+def declared_kind_name(folder: Path, manifest: Manifest | None) -> str | None:
+    """The kind the manifest or the marks declare (:func:`declared_kind`), for the detection order."""
+    return declared_kind(folder, manifest)[0]
 
 
 def declared_kind(folder: Path, manifest: Manifest | None) -> tuple[str | None, str]:
@@ -82,50 +119,29 @@ def declared_marks(folder: Path, manifest: Manifest | None) -> Marks | None:
 
 def whole_file_kind(folder: Path) -> str | None:
     """The whole-file kind ``detect_kind`` would find without a manifest, if any, found without
-    opening a checkpoint (which ``_kind_of_names`` does, for an answer that is never one)."""
-    if (folder / "adapter_config.json").is_file():
-        return None
-    if looks_like_enc(folder):
-        return "enc"
-    if looks_like_xor_files(folder):
-        return "xor-files"
+    opening a checkpoint (which the tensor names' tests do, for an answer that is never one) nor
+    reading the marks (a whole-file delta has none)."""
+    probe = _Probe(folder, None)
+    for kind, detector in detection_order():
+        if detector.order >= NAMES:
+            break
+        if detector.reads == "manifest":
+            continue
+        found = probe.run(kind, detector)
+        if found is not None:
+            return found if found in WHOLE_FILE_KINDS else None
     return None
 
 
-def _kind_of_names(folder: Path) -> str:
-    """"lora", "prefix" or "add", from the tensor names alone (headers, or a mapped pickle).
-
-    A folder that cannot be read here is left to the additive kind, whose opening says why.
-    """
-    try:
-        with open_checkpoint(folder) as ckpt:
-            names = list(ckpt.specs)
-    except DeltaMergeError:
-        return "add"
-    if looks_like_lora_state(names):
-        return "lora"
-    if looks_like_prefix(names):
-        return "prefix"
-    return "add"
-
-
 def open_kind(kind: str, folder: Path) -> Kind:
-    if kind == "add":
-        return AddKind(folder)
-    if kind == "xor":
-        return XorKind(folder)
-    if kind == "xor-zstd":
-        return XorZstdKind(folder)
-    if kind == "lora":
-        return LoraKind(folder)
-    if kind in _ADAPTER_KINDS:
-        return _ADAPTER_KINDS[kind](folder)
-    if kind == "prefix":
-        return PrefixKind(folder)
-    if kind in WHOLE_FILE_KINDS:
+    """The delta at ``folder`` opened as ``kind``, by its registered opener."""
+    entry = DELTA_KINDS.get(kind)
+    if entry is None:
+        raise InputError(f"{folder}: unknown delta kind {kind!r} (choose from {', '.join(KINDS)})")
+    if entry.whole_file:
         raise InputError(f"{folder}: a {kind} delta is decoded whole, alone: it cannot be chained")
-    raise InputError(f"{folder}: unknown delta kind {kind!r} (choose from {', '.join(KINDS)})")
+    return entry.kind_class()(folder)
 
 
-__all__ = ["KINDS", "MANIFEST_NAME", "WHOLE_FILE_KINDS", "declared_kind", "declared_marks",
-           "detect_kind", "open_kind", "whole_file_kind"]
+__all__ = ["KINDS", "MANIFEST_NAME", "WHOLE_FILE_KINDS", "adapter_config_kind", "declared_kind",
+           "declared_kind_name", "declared_marks", "detect_kind", "open_kind", "whole_file_kind"]

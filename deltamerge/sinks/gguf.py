@@ -39,8 +39,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .. import names
 from ..errors import FormatError, InputError, UnsupportedError, WorkError
+from ..outputs.gguf import OUTTYPES
 from . import gguf_arch, gguf_checks, gguf_kv, gguf_types
 from .gguf_kv import require_gguf
 from .gguf_quants import quantize_rows
@@ -55,7 +55,6 @@ except ImportError:
 __all__ = ["GGUFFile", "GGUFPlan", "GGUFStreamWriter", "GGUFTensor", "GeneratedTensor", "OUTTYPES",
            "WrittenBlock", "plan_gguf", "require_gguf"]
 
-OUTTYPES = names.OUTTYPES
 # Rows convert this many elements at a time, so that gguf.quants' temporaries stay small.
 _CHUNK_ELEMENTS = 1 << 18
 # ...and quantize this many at a time, a piece for each thread.

@@ -28,6 +28,7 @@ import torch
 from ..errors import DeltaMergeError
 from ..integrity.digest import TensorDigest, new_hash
 from ..memory import RangeWriteBehind, drop_file_range
+from ..outputs.gguf import GgufFormat
 from ..tensor_spec import TensorSpec
 from . import Buffer, Mismatch, ShardLayout, ShardWriter, Sink, Written
 from .aux import copy_aux, fix_config
@@ -62,6 +63,19 @@ def plan_gguf_output(
             )
         except DeltaMergeError as exc:
             raise type(exc)(str(exc).replace(str(folder), str(where))) from None
+
+
+def sink_for(
+    fmt: GgufFormat, shards: Sequence[ShardLayout], aux: Mapping[str, Path | bytes], *,
+    vocab_rows: int | None, dtype: str | None, out: Path, folder: Path, where: Path,
+    config_updates: dict | None = None,
+) -> GGUFSink:
+    """``--format gguf``'s sink (``outputs/gguf.py``), its files planned whole before any work;
+    ``out``'s name names the model when nothing else does."""
+    plan = plan_gguf_output(aux, shards, vocab_rows=vocab_rows, dtype=dtype, outtype=fmt.outtype,
+                            dir_name=out.name, split_max_size=fmt.shard_bytes, where=where,
+                            config_updates=config_updates)
+    return GGUFSink(plan, shards, threads=fmt.threads)
 
 
 def type_name(tensor: GGUFTensor) -> str:

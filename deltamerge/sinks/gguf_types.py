@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import FormatError
-from ..names import QUANTIZED_OUTTYPES
+from ..outputs.gguf import QUANTIZED_OUTTYPES
 
 try:
     import gguf

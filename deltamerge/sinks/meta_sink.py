@@ -27,16 +27,36 @@ from pathlib import Path
 import torch
 
 from ..dtypes import TORCH_TO_SAFETENSORS, itemsize
+from ..errors import InputError
 from ..integrity.digest import TensorDigest, new_hash
 from ..memory import drop_file_range
+from ..outputs.meta import MetaFormat
 from ..tensor_spec import TensorSpec
 from . import Buffer, Mismatch, ShardLayout, ShardWriter, Sink, Written
+from .aux import fixed_config, load_config
 from .folder import remove_entry
 from .meta_pth import MetaLayout, MetaWriter
 from .torch_zip import ArchiveLayout, archive_name_for
 from .torch_zip_sums import CrcRanges
 
 Kept = dict[tuple[int, str], tuple[int, bytes]]  # (shard file, Meta name) -> (CRC-32, first bytes)
+
+
+def sink_for(
+    fmt: MetaFormat, shards: Sequence[ShardLayout], aux: Mapping[str, Path | bytes], *,
+    vocab_rows: int | None, dtype: str | None, out: Path, folder: Path, where: Path,
+    config_updates: dict | None = None,
+) -> MetaSink:
+    """``--format meta``'s sink (``outputs/meta.py``): the layout made from the config.json the
+    ``hf`` result would have (``params.json`` is made from it), in ``fmt.mp`` shards."""
+    config = load_config(aux.get("config.json"))
+    if config is None:
+        raise InputError(f"{where}: no config.json the result can be described by; Meta's layout "
+                         "needs it (its params.json is made from it)")
+    layout = MetaLayout(fixed_config(config, vocab_rows, dtype, config_updates),
+                        [spec for shard in shards for spec in shard.specs], fmt.mp,
+                        where=where / "config.json")
+    return MetaSink(layout, shards, folder)
 
 
 class MetaSink(Sink):

@@ -13,6 +13,7 @@ from ..errors import FormatError
 from ..formats.safetensors import build_header
 from ..integrity.digest import TensorDigest, hash_tensor, raw_bytes
 from ..memory import WriteBehind, drop_file_range
+from ..outputs.hf import HfFormat
 from ..sources.folders import Layout
 from ..sources.safetensors import SafetensorsCheckpoint
 from ..tensor_spec import TensorSpec
@@ -141,6 +142,12 @@ class SafetensorsSink(Sink):
                 raise Mismatch(f"tensor {spec.name!r} digest differs from the journal")
             digests[spec.name] = digest
         return digests
+
+
+def sink_for(fmt: HfFormat, shards: Sequence[ShardLayout], aux: Mapping[str, Path | bytes],
+             **planned: object) -> SafetensorsSink:
+    """``--format hf``'s sink (``outputs/hf.py``): each shard its own file, planned as it is written."""
+    return SafetensorsSink()
 
 
 def write_index(tmp: Path, shards: Sequence[ShardLayout], prefix: str = "model") -> None:
