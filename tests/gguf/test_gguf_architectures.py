@@ -121,7 +121,7 @@ def pre_tokenizer(folder: Path) -> str:
 
 
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
-def test_llama_with_sentencepiece(tmp_path: Path, sp_model: bytes, outtype: str):  # noqa: F811
+def test_llama_with_sentencepiece(tmp_path: Path, sp_model: bytes, outtype: str):
     base = tiny_llama(tmp_path / "base", sp_model, kv_heads=2)
     ours, theirs = merged_both_ways(tmp_path, base, outtype)
     assert_same_files(ours, theirs)
@@ -150,7 +150,7 @@ def test_bpe_architectures(tmp_path: Path, model_type: str, tokenizer: str, conf
     ("gemma", torch.bfloat16, {"head_dim": 16}),  # +1 on the norms after widening to f32
     ("gemma2", torch.float16, {"head_dim": 16}),  # +1 in f16, as the converter adds it
 ], ids=["gemma", "gemma2"])  # Gemma 3: test_gemma3_embedding_is_cut_to_the_tokenizers_vocabulary
-def test_gemma(tmp_path: Path, sp_model: bytes, model_type: str, dtype: torch.dtype, config: dict):  # noqa: F811
+def test_gemma(tmp_path: Path, sp_model: bytes, model_type: str, dtype: torch.dtype, config: dict):
     base = sentencepiece_model(tmp_path / "base", model_type, sp_model, dtype, **config)
     ours, theirs = merged_both_ways(tmp_path, base, "f16")
     assert_same_files(ours, theirs)
@@ -172,7 +172,7 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0 
             "short_factor": [1.0 + i / 8 for i in range(8)], "original_max_position_embeddings": 128}
 
 
-def test_phi3_with_longrope(tmp_path: Path, sp_model: bytes):  # noqa: F811
+def test_phi3_with_longrope(tmp_path: Path, sp_model: bytes):
     """qkv and gate_up stay fused; LongRoPE's factors are tensors written first."""
     base = sentencepiece_model(tmp_path / "base", "phi3", sp_model, torch.float16, pad_token_id=0,
                                original_max_position_embeddings=128, max_position_embeddings=512,
@@ -221,7 +221,7 @@ def test_llama3_rope_freqs_come_first(tmp_path: Path):
     assert factors[0] == 1 and factors[-1] == 8  # high frequencies kept, low ones scaled by the factor
 
 
-def test_other_architectures_are_refused_naming_them_and_the_supported(tmp_path: Path, sp_model: bytes):  # noqa: F811
+def test_other_architectures_are_refused_naming_them_and_the_supported(tmp_path: Path, sp_model: bytes):
     base = tiny_llama(tmp_path / "base", sp_model, architectures=["GPTJForCausalLM"])
     with pytest.raises(UnsupportedError) as e:
         plan_gguf(base, specs(load_state(base)))
@@ -233,7 +233,7 @@ def test_other_architectures_are_refused_naming_them_and_the_supported(tmp_path:
 WIDE = {"hidden_size": 256, "intermediate_size": 256}  # rows of 256 values: the k-quants apply
 
 
-def test_q4_k_m_is_the_converters_file_requantized(tmp_path: Path, sp_model: bytes):  # noqa: F811
+def test_q4_k_m_is_the_converters_file_requantized(tmp_path: Path, sp_model: bytes):
     """llama-quantize's file from the converter's: the same key/values (file type and quantization
     version moved last), its tensor order and type mix, the generated rope_freqs kept F32, and every
     quantized row ``gguf_quants``' quantization of the converter's value (sampled rows; the suite

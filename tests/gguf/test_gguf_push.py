@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("all_routes_known")
 
 
 def test_a_quantized_gguf_result_is_pushed_with_a_card_naming_base_arch_and_quant(
-    hub, api, tmp_path: Path, sp_model: bytes  # noqa: F811
+    hub, api, tmp_path: Path, sp_model: bytes
 ):
     base = tiny_llama(tmp_path / "base", sp_model, torch.float16)
     delta = tiny_llama(tmp_path / "delta", sp_model, torch.float16)
@@ -53,7 +53,7 @@ def test_a_quantized_gguf_result_is_pushed_with_a_card_naming_base_arch_and_quan
     assert api.model_info("alice/q4").card_data.base_model_relation == "quantized"
 
 
-def test_a_gguf_result_of_a_local_base_names_no_relation(hub, api, tmp_path: Path, sp_model: bytes):  # noqa: F811
+def test_a_gguf_result_of_a_local_base_names_no_relation(hub, api, tmp_path: Path, sp_model: bytes):
     """An f16 GGUF (no --outtype: the result's dtype) pushed with `deltamerge push`."""
     base = tiny_llama(tmp_path / "base", sp_model, torch.float16)
     delta = tiny_llama(tmp_path / "delta", sp_model, torch.float16)

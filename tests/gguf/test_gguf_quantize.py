@@ -44,7 +44,7 @@ WIDE, WIDE_FFN, WIDE_KV = 256, 64, 1  # rows of 256: the k-quants apply (ffn_dow
 ROWS = 16  # the first and last rows of each tensor are quantized again to check them (k-quants are slow)
 
 
-def wide_llama(folder: Path, sp_model: bytes, dtype: torch.dtype, seed: int = 0) -> Path:  # noqa: F811
+def wide_llama(folder: Path, sp_model: bytes, dtype: torch.dtype, seed: int = 0) -> Path:
     """tiny_llama's files with rows of 256 values, one layer, 4 heads, one key/value head and
     the embeddings tied (no lm_head: llama-quantize gives token_embd the output's type)."""
     tiny_llama(folder, sp_model, dtype)
@@ -125,7 +125,7 @@ def test_falcon_and_its_ffn_down_follow_their_own_rules():
 
 @pytest.mark.parametrize(("dtype", "outtype"), [
     (torch.float16, "q4_k_m"), (torch.bfloat16, "q5_1"), (torch.float32, "q4_0")])
-def test_the_file_is_the_converters_requantized(tmp_path: Path, sp_model: bytes, dtype, outtype):  # noqa: F811
+def test_the_file_is_the_converters_requantized(tmp_path: Path, sp_model: bytes, dtype, outtype):
     """Key/values, order, types and bytes: llama-quantize's file from the converter's at the dtype."""
     hf = wide_llama(tmp_path / "hf", sp_model, dtype)
     plan, state = write(hf, tmp_path / "q", outtype, threads=2)
@@ -168,7 +168,7 @@ def test_the_file_is_the_converters_requantized(tmp_path: Path, sp_model: bytes,
     assert {"F32"} < seen  # the norms, and what is quantized
 
 
-def test_threads_change_nothing(tmp_path: Path, sp_model: bytes, monkeypatch):  # noqa: F811
+def test_threads_change_nothing(tmp_path: Path, sp_model: bytes, monkeypatch):
     """A merge quantized on 1 and on 2 threads, in pieces of 4 rows: the same bytes, the same record."""
     monkeypatch.setattr(gguf_module, "_QUANT_CHUNK_ELEMENTS", 4 * HIDDEN)
     base = tiny_llama(tmp_path / "base", sp_model, torch.float16)
@@ -189,7 +189,7 @@ def test_threads_change_nothing(tmp_path: Path, sp_model: bytes, monkeypatch):  
     assert record["options"]["outtype"] == "q4_k_m" and "threads" not in record["options"]
 
 
-def test_a_killed_quantized_run_resumes_to_the_same_bytes(tmp_path: Path, sp_model: bytes):  # noqa: F811
+def test_a_killed_quantized_run_resumes_to_the_same_bytes(tmp_path: Path, sp_model: bytes):
     base = tiny_llama(tmp_path / "base", sp_model, torch.float16)
     delta = tiny_llama(tmp_path / "delta", sp_model, torch.float16)
     args = ["apply", base, delta, "--format", "gguf", "--outtype", "q4_k_m", "--block-size", "3000"]
@@ -216,7 +216,7 @@ def test_a_killed_quantized_run_resumes_to_the_same_bytes(tmp_path: Path, sp_mod
     (["--format", "gguf", "--outtype", "q8_0", "--threads", "2"], "--threads .* needs --format gguf and an"),
     (["--format", "gguf", "--outtype", "q4_k_m", "--max-shard-size", "1MB"], "writes one file, as llama-q"),
 ])
-def test_refusals_exit_2_with_nothing_at_out(tmp_path: Path, sp_model: bytes, args, message):  # noqa: F811
+def test_refusals_exit_2_with_nothing_at_out(tmp_path: Path, sp_model: bytes, args, message):
     import re
 
     base = tiny_llama(tmp_path / "base", sp_model)
@@ -227,7 +227,7 @@ def test_refusals_exit_2_with_nothing_at_out(tmp_path: Path, sp_model: bytes, ar
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "delta"]
 
 
-def test_plan_gguf_refuses_splits_of_a_quantized_file(tmp_path: Path, sp_model: bytes):  # noqa: F811
+def test_plan_gguf_refuses_splits_of_a_quantized_file(tmp_path: Path, sp_model: bytes):
     hf = tiny_llama(tmp_path / "hf", sp_model)
     with pytest.raises(InputError, match="writes one file"):
         plan_gguf(hf, specs(load_state(hf)), outtype="q4_0", split_max_size=100_000)

@@ -106,7 +106,7 @@ def busy():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, sp_model: bytes) -> dict:  # noqa: F811
+def world(tmp_path_factory, sp_model: bytes) -> dict:
     root = tmp_path_factory.mktemp("interrupts")
     vocab = sp_vocab_size(sp_model)  # GGUF output needs a tokenizer that fits the model
 
