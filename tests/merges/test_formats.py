@@ -53,7 +53,7 @@ def small_groups():
 
 
 @pytest.fixture(scope="module")
-def lora(tmp_path_factory, sp_model, small_groups) -> tuple[Path, Path, Path]:  # noqa: F811
+def lora(tmp_path_factory, sp_model, small_groups) -> tuple[Path, Path, Path]:
     """A bf16 LLaMA with a sentencepiece tokenizer and 2 key/value heads, a LoRA on every
     projection, and their merge as a Hugging Face folder (in shards of GROUP bytes)."""
     root = tmp_path_factory.mktemp("lora")
@@ -126,7 +126,7 @@ def test_gguf_splits_as_llama_cpp_does(tmp_path: Path, lora):
         assert (out / path.name).read_bytes() == path.read_bytes(), path.name
 
 
-def test_transformers_loads_the_gguf_with_the_hf_results_logits(tmp_path: Path, sp_model, small_groups):  # noqa: F811
+def test_transformers_loads_the_gguf_with_the_hf_results_logits(tmp_path: Path, sp_model, small_groups):
     from transformers import AutoModelForCausalLM
 
     base = tiny_llama(tmp_path / "base", sp_model, torch.float32)
@@ -152,7 +152,7 @@ META_CONFIG = {"hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads
 
 
 @pytest.fixture(scope="module")
-def meta_lora(tmp_path_factory, sp_model) -> tuple[Path, Path, Path]:  # noqa: F811
+def meta_lora(tmp_path_factory, sp_model) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("meta")
     base = save_checkpoint(hf_state("mha", seed=5, dtype=torch.float16), root / "base",
                            config=llama_config(96, "float16", **META_CONFIG))
@@ -200,7 +200,7 @@ def _digest(t: torch.Tensor) -> TensorDigest:
     return hasher.digest()
 
 
-def test_convert_meta_to_gguf_equals_convert_to_hf_then_converted(tmp_path: Path, sp_model):  # noqa: F811
+def test_convert_meta_to_gguf_equals_convert_to_hf_then_converted(tmp_path: Path, sp_model):
     state = hf_state("mha", seed=6, dtype=torch.float16)
     params = {"dim": 64, "multiple_of": 16, "n_heads": 8, "n_layers": 2, "norm_eps": 1e-5, "vocab_size": -1}
     hf_to_meta(state, params, 2, tmp_path / "LLaMA")
@@ -288,7 +288,7 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path: Path, lora, meta_lora, r
     ({}, ["--outtype", "q8_0"], "--outtype .* needs --format gguf"),
     ({}, ["--format", "meta", "--max-shard-size", "1GB"], "does not apply to --format meta"),
 ])
-def test_refusals_exit_2_with_nothing_at_out(tmp_path: Path, sp_model, change, args, message):  # noqa: F811
+def test_refusals_exit_2_with_nothing_at_out(tmp_path: Path, sp_model, change, args, message):
     base = tiny_llama(tmp_path / "base", sp_model, **change)
     delta = tiny_llama(tmp_path / "delta", sp_model, **change)
     code, err = apply_in_process(base, delta, tmp_path / "out", *args)
