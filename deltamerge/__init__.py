@@ -4,7 +4,7 @@ The library API mirrors the CLI: :func:`apply_delta`, :func:`make_delta`, :func:
 the checksum functions; every failure is a :class:`DeltaMergeError` (all of them importable from
 :mod:`deltamerge.errors`). Names are imported on first use, so ``deltamerge --help`` and
 ``--version`` answer without loading torch; the ``if TYPE_CHECKING:`` block below imports the same
-names for type checkers and IDEs (tests/test_public_api.py keeps the two lists equal).
+names for type checkers and IDEs (tests/project/test_public_api.py keeps the two lists equal).
 
 No public name is also a submodule's name: importing a submodule sets it as an attribute of the
 package, which would hide a function of the same name. So :func:`make_delta` lives in

@@ -2,7 +2,7 @@
 
 The library checks a value against these and the CLI builds its ``click.Choice`` from them;
 they live here, apart from the modules that use them, because those import torch and
-``deltamerge --help`` must not (``tests/test_choices.py`` keeps each option's choice equal to
+``deltamerge --help`` must not (``tests/project/test_choices.py`` keeps each option's choice equal to
 its list). The kinds' lists are read from their registry (``kind_registry.py``): a new kind is
 registered there. The output formats and their options' values (``--format``, ``--outtype``,
 ``--mp``) are their formats' own (``outputs/``, no torch either).

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Record the ggml types llama.cpp's ``llama-quantize`` gives each tensor of tiny models.
 
-Writes ``tests/gguf_quant_types.json``, the table ``tests/test_gguf_quantize.py`` checks
+Writes ``tests/gguf_quant_types.json``, the table ``tests/gguf/test_gguf_quantize.py`` checks
 ``deltamerge.sinks.gguf_types`` against (the tests cannot run llama.cpp). Each model is a random
 Hugging Face folder shaped to reach a rule of the mix: use_more_bits over 8 layers and rows not a
 multiple of 256 or 32, tied embeddings, the 80-layer GQA ("70B") case, 8 experts (Mixtral). The

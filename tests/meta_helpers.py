@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 # HF suffix of a per-layer tensor -> (Meta suffix, dim the shards join on; None: replicated).
@@ -30,6 +31,11 @@ GLOBAL_TENSORS = {
     "model.norm.weight": ("norm.weight", None),
     "lm_head.weight": ("output.weight", 0),
 }
+
+# the tiny Meta-layout models: hidden, heads, kv heads, FFN; "wide" only for its shapes
+VOCAB = 96
+MODELS = {"mha": (64, 8, 8, 176), "gqa": (128, 16, 8, 344), "wide": (1024, 8, 8, 2816)}
+
 
 
 def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -106,3 +112,44 @@ def meta_to_hf(meta_dir: Path) -> dict[str, torch.Tensor]:
             tensor = permute(tensor, _kv_heads(params))
         result[hf] = tensor
     return result
+
+
+def train_tokenizer(path: Path) -> None:
+    """A tiny sentencepiece model with LLaMA's special ids (unk 0, bos 1, eos 2)."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    words = ["alpha", "beta", "gamma", "delta", "merge", "tensor", "llama", "model", "shard"]
+    text = path.with_suffix(".txt")
+    text.write_text("\n".join(" ".join(words[(i * j) % 9] for j in range(7)) for i in range(60)))
+    with open(path, "wb") as model:
+        sentencepiece.SentencePieceTrainer.train(
+            input=str(text), model_writer=model, vocab_size=60, model_type="bpe",
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        )  # fmt: skip
+
+
+def hf_shapes(kind: str, vocab: int = VOCAB) -> dict[str, tuple[int, ...]]:
+    hidden, heads, kv, ffn = MODELS[kind]
+    kv_dim = hidden // heads * kv
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (kv_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv_dim, hidden),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (ffn, hidden),
+            p + "mlp.up_proj.weight": (ffn, hidden),
+            p + "mlp.down_proj.weight": (hidden, ffn),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        }
+    return shapes | {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+
+
+def hf_state(kind: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(*shape, generator=g).to(dtype) for name, shape in hf_shapes(kind).items()}
+
+
+

@@ -1,0 +1,283 @@
+"""``apply --format gguf`` writes, byte for byte, what llama.cpp's pinned converter writes.
+
+For each architecture a tiny model is built from transformers' own config class (random
+weights), with a real tokenizer: the tiny sentencepiece model test_gguf trains for LLaMA, or one
+of llama.cpp's vocab GGUFs rebuilt by transformers (``scripts/fetch_llamacpp.sh`` caches them).
+A small additive delta is merged twice, to safetensors and to GGUF; the converter
+(``convert_hf_to_gguf.py`` run in a subprocess, see ``llamacpp.py``) converts the safetensors
+result, and its file must be ours.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from llamacpp import convert, llamacpp_dir
+from safetensors.torch import save_file
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+from gguf_models import sp_vocab_size, specs, tiny_llama  # noqa: E402
+from helpers import load_state  # noqa: E402
+
+from deltamerge.cli import main  # noqa: E402
+from deltamerge.errors import UnsupportedError  # noqa: E402
+from deltamerge.sinks import gguf_types  # noqa: E402
+from deltamerge.sinks.gguf import plan_gguf  # noqa: E402
+from deltamerge.sinks.gguf_quants import quantize_rows  # noqa: E402
+
+TINY = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_hidden_layers": 2, "max_position_embeddings": 256}
+
+
+# Architectures whose configs name their sizes otherwise: the test gives them all.
+OWN_SIZES = ("falcon", "bloom", "gpt_neox")
+
+
+def cli(*args: object) -> None:
+    result = CliRunner().invoke(main, [*map(str, args), "-q"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+
+
+def tokenizer_files(name: str) -> Path:
+    folder = llamacpp_dir() / "tokenizers" / name
+    if not folder.is_dir():
+        pytest.fail(f"{folder} is missing: scripts/fetch_llamacpp.sh rebuilds it")
+    return folder
+
+
+def perturbed(folder: Path, out: Path, seed: int) -> Path:
+    """A fine-tune of ``folder``: every tensor plus small noise, the other files as they are."""
+    state = load_state(folder)
+    g = torch.Generator().manual_seed(seed)
+    tuned = {n: (t.float() + torch.randn(t.shape, generator=g) * 0.01).to(t.dtype) for n, t in state.items()}
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    save_file(tuned, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def hf_model(folder: Path, model_type: str, tokenizer: str, dtype: torch.dtype = torch.float16,
+             **config: object) -> Path:
+    """A tiny model of transformers' own classes for ``model_type``, with a real tokenizer's files."""
+    shutil.copytree(tokenizer_files(tokenizer), folder, ignore=shutil.ignore_patterns("done"))
+    vocab = len(transformers.AutoTokenizer.from_pretrained(folder))
+    return tiny_model(folder, model_type, vocab, dtype, **config)
+
+
+def tiny_model(folder: Path, model_type: str, vocab: int, dtype: torch.dtype, **config: object) -> Path:
+    sizes = {} if model_type in OWN_SIZES else TINY
+    cfg = transformers.AutoConfig.for_model(model_type, **{**sizes, "vocab_size": vocab, **config})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
+    with torch.no_grad():  # norms of ones (and zeros for Gemma's) would hide the +1 and a wrong order
+        for t in model.parameters():
+            if t.dim() == 1:
+                t.add_(torch.randn(t.shape, dtype=torch.float32).to(dtype) * 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+def sentencepiece_model(folder: Path, model_type: str, sp: bytes, dtype: torch.dtype,
+                        **config: object) -> Path:
+    """A tiny model with test_gguf's sentencepiece tokenizer (Gemma's kind)."""
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(sp)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}))
+    return tiny_model(folder, model_type, sp_vocab_size(sp), dtype, **config)
+
+
+def merged_both_ways(tmp_path: Path, base: Path, outtype: str) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """(our GGUF of the merged result, the converter's GGUF of the same result in safetensors)."""
+    target = perturbed(base, tmp_path / "target", seed=1)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "gguf").mkdir()
+    cli("make-delta", base, target, tmp_path / "delta")
+    cli("apply", base, tmp_path / "delta", tmp_path / "hf" / "tiny-merged")
+    cli("apply", base, tmp_path / "delta", tmp_path / "gguf" / "tiny-merged", "--format", "gguf",
+        "--outtype", outtype)
+    ours = {p.name: p.read_bytes() for p in sorted((tmp_path / "gguf" / "tiny-merged").glob("*.gguf"))}
+    return ours, convert(tmp_path / "hf" / "tiny-merged", tmp_path / "converted", outtype)
+
+
+def assert_same_files(ours: dict[str, bytes], theirs: dict[str, bytes]) -> None:
+    assert list(ours) == list(theirs)
+    for name in ours:
+        if ours[name] != theirs[name]:
+            first = next(i for i, (x, y) in enumerate(zip(ours[name], theirs[name])) if x != y)
+            pytest.fail(f"{name}: {len(ours[name])} bytes, the converter's {len(theirs[name])}; "
+                        f"first difference at byte {first}")
+
+
+def pre_tokenizer(folder: Path) -> str:
+    [path] = folder.glob("*.gguf")
+    return gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents()
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_llama_with_sentencepiece(tmp_path: Path, sp_model: bytes, outtype: str):
+    base = tiny_llama(tmp_path / "base", sp_model, kv_heads=2)
+    ours, theirs = merged_both_ways(tmp_path, base, outtype)
+    assert_same_files(ours, theirs)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize(("model_type", "tokenizer", "config", "pre"), [
+    # Llama 3.x's layout (llama3 RoPE: rope_freqs) with a GPT-2 BPE, as SmolLM has: the Llama 3
+    # vocabulary itself (128k tokens, ggml-vocab-llama-bpe) would cost the suite seconds per run.
+    ("llama", "gpt-2", {"tie_word_embeddings": True, "rope_parameters": LLAMA3_ROPE}, "gpt-2"),
+    # (transformers reads a GPT-2 BPE in a Qwen folder as Qwen's, which llama.cpp does not know)
+    ("qwen2", "qwen2", {"tie_word_embeddings": True}, "qwen2"),
+    ("qwen3", "qwen2", {"tie_word_embeddings": True, "head_dim": 32}, "qwen2"),
+], ids=["llama3-bpe", "qwen2", "qwen3"])
+def test_bpe_architectures(tmp_path: Path, model_type: str, tokenizer: str, config: dict, pre: str):
+    base = hf_model(tmp_path / "base", model_type, tokenizer, **config)
+    ours, theirs = merged_both_ways(tmp_path, base, "f16")
+    assert pre_tokenizer(tmp_path / "converted") == pre
+    assert_same_files(ours, theirs)
+
+
+@pytest.mark.parametrize(("model_type", "dtype", "config"), [
+    ("gemma", torch.bfloat16, {"head_dim": 16}),  # +1 on the norms after widening to f32
+    ("gemma2", torch.float16, {"head_dim": 16}),  # +1 in f16, as the converter adds it
+], ids=["gemma", "gemma2"])  # Gemma 3: test_gemma3_embedding_is_cut_to_the_tokenizers_vocabulary
+def test_gemma(tmp_path: Path, sp_model: bytes, model_type: str, dtype: torch.dtype, config: dict):
+    base = sentencepiece_model(tmp_path / "base", model_type, sp_model, dtype, **config)
+    ours, theirs = merged_both_ways(tmp_path, base, "f16")
+    assert_same_files(ours, theirs)
+
+
+def test_gemma3_embedding_is_cut_to_the_tokenizers_vocabulary(tmp_path: Path):
+    """With a tokenizer.json, Gemma 3's embedding keeps the tokenizer's rows only (as they stream)."""
+    base = hf_model(tmp_path / "base", "gemma3_text", "gpt-2", head_dim=16, sliding_window=32,
+                    vocab_size=50257 + 15)  # gpt-2's 50257 tokens, and rows beyond them
+    ours, theirs = merged_both_ways(tmp_path, base, "f16")
+    assert_same_files(ours, theirs)
+    plan = plan_gguf(base, specs(load_state(base)), outtype="f16")
+    embedding = plan.tensor("model.embed_tokens.weight")
+    # the converter counts vocab plus added_tokens, so gpt-2's <|endoftext|> twice: 50258 rows kept
+    assert embedding.shape[0] == 50258 and embedding.source_rows == 50257 + 15
+
+
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0 + i / 4 for i in range(8)],
+            "short_factor": [1.0 + i / 8 for i in range(8)], "original_max_position_embeddings": 128}
+
+
+def test_phi3_with_longrope(tmp_path: Path, sp_model: bytes):
+    """qkv and gate_up stay fused; LongRoPE's factors are tensors written first."""
+    base = sentencepiece_model(tmp_path / "base", "phi3", sp_model, torch.float16, pad_token_id=0,
+                               original_max_position_embeddings=128, max_position_embeddings=512,
+                               rope_parameters=LONGROPE)
+    tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "LlamaTokenizer"  # the converter reads it
+    (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    ours, theirs = merged_both_ways(tmp_path, base, "f16")
+    assert_same_files(ours, theirs)
+    plan = plan_gguf(base, specs(load_state(base)), outtype="f16")
+    assert [t.name for t in plan.generated] == ["rope_factors_long.weight", "rope_factors_short.weight"]
+    assert plan.kv["phi3.rope.scaling.attn_factor"] > 1
+
+
+@pytest.mark.parametrize(("model_type", "config"), [
+    # Falcon 40B's layout: kv groups of query heads, a key and a value in one fused tensor.
+    ("falcon", {"hidden_size": 64, "num_attention_heads": 8, "num_kv_heads": 2, "num_hidden_layers": 2,
+                "new_decoder_architecture": True, "bias": False}),
+    ("bloom", {"hidden_size": 64, "n_head": 4, "n_layer": 2}),
+], ids=["falcon", "bloom"])
+def test_fused_qkv_architectures(tmp_path: Path, model_type: str, config: dict):
+    """Their fused qkv rows are regrouped across the tensor, which converts once whole."""
+    base = hf_model(tmp_path / "base", model_type, "gpt-2", **config)
+    ours, theirs = merged_both_ways(tmp_path, base, "f16")
+    assert_same_files(ours, theirs)
+
+
+def test_gpt_neox_is_refused_as_the_converter_fails_on_it(tmp_path: Path):
+    """The converter reads ``rotary_pct``, which transformers 5 moves into ``rope_parameters``."""
+    base = hf_model(tmp_path / "base", "gpt_neox", "gpt-2", hidden_size=64, num_attention_heads=4,
+                    num_hidden_layers=1, intermediate_size=128, rotary_pct=0.25)
+    assert "rotary_pct" not in transformers.AutoConfig.from_pretrained(base).to_dict()
+    with pytest.raises(UnsupportedError, match="GPT-NeoX needs rotary_pct") as e:
+        plan_gguf(base, specs(load_state(base)))
+    assert "\n" not in str(e.value)
+
+
+def test_llama3_rope_freqs_come_first(tmp_path: Path):
+    base = hf_model(tmp_path / "base", "llama", "gpt-2", tie_word_embeddings=True,
+                    rope_parameters=LLAMA3_ROPE)
+    plan = plan_gguf(base, specs(load_state(base)), outtype="f16")
+    [extra] = plan.generated
+    assert extra.name == "rope_freqs.weight" and extra.offset < min(t.offset for t in plan.tensors)
+    factors = torch.frombuffer(bytearray(extra.data), dtype=torch.float32)
+    assert factors.shape == (TINY["hidden_size"] // TINY["num_attention_heads"] // 2,)
+    assert factors[0] == 1 and factors[-1] == 8  # high frequencies kept, low ones scaled by the factor
+
+
+def test_other_architectures_are_refused_naming_them_and_the_supported(tmp_path: Path, sp_model: bytes):
+    base = tiny_llama(tmp_path / "base", sp_model, architectures=["GPTJForCausalLM"])
+    with pytest.raises(UnsupportedError) as e:
+        plan_gguf(base, specs(load_state(base)))
+    message = str(e.value)
+    assert "\n" not in message and "not GPTJForCausalLM" in message
+    assert "LlamaForCausalLM" in message and "Qwen2ForCausalLM" in message and "Qwen3ForCausalLM" in message
+
+
+WIDE = {"hidden_size": 256, "intermediate_size": 256}  # rows of 256 values: the k-quants apply
+
+
+def test_q4_k_m_is_the_converters_file_requantized(tmp_path: Path, sp_model: bytes):
+    """llama-quantize's file from the converter's: the same key/values (file type and quantization
+    version moved last), its tensor order and type mix, the generated rope_freqs kept F32, and every
+    quantized row ``gguf_quants``' quantization of the converter's value (sampled rows; the suite
+    cannot run llama-quantize: scripts/gguf_vs_llamacpp.py --quantize compares whole files, and
+    did for Qwen2, Gemma and Falcon's fused qkv too). Llama 3's layout with a small vocabulary."""
+    base = sentencepiece_model(tmp_path / "base", "llama", sp_model, torch.float16, **WIDE,
+                               tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)
+    target = perturbed(base, tmp_path / "target", seed=1)
+    cli("make-delta", base, target, tmp_path / "delta")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "q").mkdir()
+    cli("apply", base, tmp_path / "delta", tmp_path / "hf" / "m")
+    cli("apply", base, tmp_path / "delta", tmp_path / "q" / "m", "--format", "gguf", "--outtype", "q4_k_m")
+    [ours] = (tmp_path / "q" / "m").glob("*.gguf")
+    [name] = convert(tmp_path / "hf" / "m", tmp_path / "c", "f16")  # the model's own dtype
+    theirs = gguf.GGUFReader(tmp_path / "c" / name)
+    reader = gguf.GGUFReader(ours)
+
+    def fields(r: gguf.GGUFReader) -> list[tuple[str, object]]:
+        return [(f.name, f.types, f.contents()) for f in r.fields.values() if not f.name.startswith("GGUF.")]
+
+    moved = ("general.quantization_version", "general.file_type")
+    expected = [f for f in fields(theirs) if f[0] not in moved]
+    expected += [(moved[0], [gguf.GGUFValueType.UINT32], 2), (moved[1], [gguf.GGUFValueType.UINT32], 15)]
+    assert fields(reader) == expected
+    source = {t.name: t for t in theirs.tensors}
+    assert [t.name for t in reader.tensors] == gguf_types.order(list(source))
+    kv = dict((f[0], f[2]) for f in expected)
+    arch = kv["general.architecture"]
+    info = gguf_types.ModelInfo(arch, kv[f"{arch}.block_count"], kv[f"{arch}.attention.head_count"],
+                                kv.get(f"{arch}.attention.head_count_kv", kv[f"{arch}.attention.head_count"]))
+    mix = gguf_types.quantized_types("q4_k_m", info, [(n, tuple(map(int, reversed(t.shape))))
+                                                      for n, t in source.items()])
+    qt = gguf.GGMLQuantizationType
+    assert {qt.Q4_K, qt.Q6_K} <= set(map(qt, mix.values()))
+    for t in reader.tensors:
+        was = source[t.name]
+        if t.name not in mix:  # norms, and the generated rope_freqs: the converter's bytes
+            assert t.tensor_type == was.tensor_type == qt.F32 and bytes(t.data) == bytes(was.data), t.name
+            continue
+        assert t.tensor_type == mix[t.name], t.name
+        x = torch.from_numpy(was.data.copy()).to(torch.float32)
+        data = t.data.reshape(x.shape[0], -1)
+        for rows in (slice(0, 8), slice(-8, None)):
+            expected = quantize_rows(x[rows].contiguous(), qt(t.tensor_type))
+            assert data[rows].tobytes() == expected.numpy().tobytes(), t.name
+    assert source["rope_freqs.weight"].tensor_type == qt.F32
