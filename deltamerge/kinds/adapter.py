@@ -37,7 +37,9 @@ from .targets import LayerTypes, stored_name
 
 # peft_type in adapter_config.json -> the kind that merges it.
 PEFT_KINDS = {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr",
-              "TRAINABLE_TOKENS": "trainable-tokens", "VERA": "vera"}
+              "TRAINABLE_TOKENS": "trainable-tokens", "VERA": "vera",
+              "FOURIERFT": "fourierft",
+              }
 # Config fields that would need arithmetic (or tensors) these kinds do not have yet.
 _UNSUPPORTED = {"trainable_token_indices": "trainable_token_indices (trained token rows)"}
 

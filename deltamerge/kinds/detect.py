@@ -24,6 +24,7 @@ from . import Kind
 from .adapter import adapter_kind
 from .add import AddKind
 from .enc import looks_like_enc
+from .fourierft import FourierFTKind
 from .ia3 import Ia3Kind
 from .loha import LohaKind
 from .lokr import LokrKind
@@ -38,7 +39,9 @@ from .xor_zstd import XorZstdKind
 
 WHOLE_FILE_KINDS = ("xor-files", "enc")  # decoded file by file, alone, not in the tensor stream
 _ADAPTER_KINDS = {"ia3": Ia3Kind, "loha": LohaKind, "lokr": LokrKind,
-                  "trainable-tokens": TrainableTokensKind, "vera": VeraKind}  # peft types besides LoRA
+                  "trainable-tokens": TrainableTokensKind, "vera": VeraKind,  # peft types besides LoRA
+                  "fourierft": FourierFTKind,
+                  }
 
 
 def detect_kind(folder: Path, manifest: Manifest | None) -> str:

@@ -1,0 +1,85 @@
+"""FourierFT, VeRA without saved projections, RandLoRA, MiSS, SHiRA and C3A adapters, merged bit for
+bit as peft's merge_and_unload, on a LLaMA and a Gemma (tied embeddings) base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import FourierFTConfig, get_peft_model
+from test_kinds_lora import SMALL_BLOCK, VOCAB, assert_matches, load_model, peft_merge, tiny_llama
+from test_peft_types import _edit_config
+from transformers import GemmaConfig, GemmaForCausalLM, LlamaForCausalLM
+
+from deltamerge import apply_delta
+from deltamerge.errors import FormatError, MismatchError
+from deltamerge.kinds.detect import detect_kind
+
+# Each type's parameters, which peft starts at zero or identity: made random and non-zero.
+PARTS = ("fourierft_spectrum",)
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+CASES = [("llama", F16), ("llama", BF16), ("llama", F32), ("gemma", F16), ("gemma", BF16)]
+CLASSES = {"llama": LlamaForCausalLM, "gemma": GemmaForCausalLM}
+
+CONFIGS = {
+    # n_frequency per module from the pattern; a seed of its own
+    "fourierft": lambda: FourierFTConfig(target_modules=["q_proj", "down_proj", "up_proj"],
+                                         n_frequency=50, scaling=30.0, random_loc_seed=5,
+                                         n_frequency_pattern={"down_proj": 70}),
+}
+
+
+def tiny_gemma(folder: Path, dtype: torch.dtype) -> Path:
+    torch.manual_seed(0)
+    config = GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                         vocab_size=VOCAB)
+    GemmaForCausalLM(config).to(dtype).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[tuple[str, torch.dtype], Path]:
+    root = tmp_path_factory.mktemp("bases")
+    build = {"llama": tiny_llama, "gemma": tiny_gemma}
+    return {(arch, d): build[arch](root / f"{arch}-{str(d)[6:]}", d) for arch, d in CASES}
+
+
+def make(base: Path, arch: str, dtype: torch.dtype, config, out: Path, seed: int = 1) -> Path:
+    """peft's adapter for ``config``, every parameter random (as if trained), saved."""
+    model = get_peft_model(load_model(base, dtype, cls=CLASSES[arch]), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in PARTS):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def merged_as_peft(base: Path, arch: str, dtype: torch.dtype, adapter: Path, out: Path) -> None:
+    apply_delta(base, adapter, out, block_size=SMALL_BLOCK)
+    assert_matches(out, peft_merge(base, dtype, [adapter], cls=CLASSES[arch]))
+
+
+@pytest.mark.parametrize(("arch", "dtype"), CASES, ids=[f"{a}-{str(d)[6:]}" for a, d in CASES])
+@pytest.mark.parametrize("which", list(CONFIGS))
+def test_merge_matches_peft(tmp_path: Path, bases, which: str, arch: str, dtype: torch.dtype) -> None:
+    base = bases[arch, dtype]
+    adapter = make(base, arch, dtype, CONFIGS[which](), tmp_path / "adapter")
+    assert detect_kind(adapter, None) == which.split("-")[0]
+    merged_as_peft(base, arch, dtype, adapter, tmp_path / "out")
+
+
+@pytest.mark.parametrize(("change", "error", "message"), [
+    ({"n_frequency_pattern": {}}, MismatchError, r"down_proj.fourierft_spectrum.*\[70\].*\[50\]"),
+    ({"random_loc_seed": None}, FormatError, "random_loc_seed"),
+])
+def test_fourierft_refusals(tmp_path: Path, bases, change: dict, error, message: str) -> None:
+    base = bases["llama", F16]
+    adapter = make(base, "llama", F16, CONFIGS["fourierft"](), tmp_path / "adapter")
+    _edit_config(adapter, change)
+    with pytest.raises(error, match=message):
+        apply_delta(base, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
