@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import FourierFTConfig, get_peft_model
+from peft import FourierFTConfig, VeraConfig, get_peft_model
 from test_kinds_lora import SMALL_BLOCK, VOCAB, assert_matches, load_model, peft_merge, tiny_llama
 from test_peft_types import _edit_config
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaForCausalLM
@@ -17,7 +17,7 @@ from deltamerge.errors import FormatError, MismatchError
 from deltamerge.kinds.detect import detect_kind
 
 # Each type's parameters, which peft starts at zero or identity: made random and non-zero.
-PARTS = ("fourierft_spectrum",)
+PARTS = ("fourierft_spectrum", "vera_lambda")
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 CASES = [("llama", F16), ("llama", BF16), ("llama", F32), ("gemma", F16), ("gemma", BF16)]
 CLASSES = {"llama": LlamaForCausalLM, "gemma": GemmaForCausalLM}
@@ -27,6 +27,9 @@ CONFIGS = {
     "fourierft": lambda: FourierFTConfig(target_modules=["q_proj", "down_proj", "up_proj"],
                                          n_frequency=50, scaling=30.0, random_loc_seed=5,
                                          n_frequency_pattern={"down_proj": 70}),
+    # vera_A/vera_B not saved: drawn again from projection_prng_key, sized by the widest module
+    "vera-regenerated": lambda: VeraConfig(r=8, target_modules=["q_proj", "down_proj", "gate_proj"],
+                                           save_projection=False, projection_prng_key=11),
 }
 
 
