@@ -7,17 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import FourierFTConfig, VeraConfig, get_peft_model
+from peft import FourierFTConfig, RandLoraConfig, VeraConfig, get_peft_model
 from test_kinds_lora import SMALL_BLOCK, VOCAB, assert_matches, load_model, peft_merge, tiny_llama
 from test_peft_types import _edit_config
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaForCausalLM
 
+import deltamerge.kinds.lora as lora
 from deltamerge import apply_delta
 from deltamerge.errors import FormatError, MismatchError
 from deltamerge.kinds.detect import detect_kind
 
 # Each type's parameters, which peft starts at zero or identity: made random and non-zero.
-PARTS = ("fourierft_spectrum", "vera_lambda")
+PARTS = ("fourierft_spectrum", "vera_lambda", "randlora_lambda", "randlora_gamma")
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 CASES = [("llama", F16), ("llama", BF16), ("llama", F32), ("gemma", F16), ("gemma", BF16)]
 CLASSES = {"llama": LlamaForCausalLM, "gemma": GemmaForCausalLM}
@@ -30,6 +31,12 @@ CONFIGS = {
     # vera_A/vera_B not saved: drawn again from projection_prng_key, sized by the widest module
     "vera-regenerated": lambda: VeraConfig(r=8, target_modules=["q_proj", "down_proj", "gate_proj"],
                                            save_projection=False, projection_prng_key=11),
+    # bases saved with every module; q_proj square, gate_proj taller than wide, down_proj wider
+    "randlora": lambda: RandLoraConfig(r=8, randlora_alpha=20,
+                                       target_modules=["q_proj", "down_proj", "gate_proj"]),
+    # bases drawn again (bf16 kaiming), r not dividing the sides: a last partial basis
+    "randlora-regenerated": lambda: RandLoraConfig(r=6, target_modules=["v_proj", "down_proj", "up_proj"],
+                                                   save_projection=False, projection_prng_key=3),
 }
 
 
@@ -86,3 +93,21 @@ def test_fourierft_refusals(tmp_path: Path, bases, change: dict, error, message:
     with pytest.raises(error, match=message):
         apply_delta(base, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sparse", ["sparse", "very_sparse"])
+def test_randlora_sparse_bases_drawn_again(tmp_path: Path, bases, sparse: str) -> None:
+    base = bases["llama", BF16]
+    config = RandLoraConfig(r=4, target_modules=["k_proj", "up_proj"], save_projection=False,
+                            projection_prng_key=9, **{sparse: True})
+    merged_as_peft(base, "llama", BF16, make(base, "llama", BF16, config, tmp_path / "a"),
+                   tmp_path / "out")
+
+
+def test_randlora_windows_give_peft_bits(tmp_path: Path, monkeypatch) -> None:
+    """Tensors taller than the product's windows (ffn 300), blocks starting inside them."""
+    monkeypatch.setattr(lora, "WINDOW_ROWS", 32)
+    base = tiny_llama(tmp_path / "base", F16, ffn=300)
+    config = RandLoraConfig(r=8, target_modules=["gate_proj", "down_proj"])
+    adapter = make(base, "llama", F16, config, tmp_path / "adapter")
+    merged_as_peft(base, "llama", F16, adapter, tmp_path / "out")

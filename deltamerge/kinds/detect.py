@@ -31,6 +31,7 @@ from .lokr import LokrKind
 from .lora import LoraKind, looks_like_lora_state
 from .marks import Marks, agreed_marks, check_manifest_marks, weight_headers
 from .prefix import PrefixKind, looks_like_prefix
+from .randlora import RandLoraKind
 from .trainable_tokens import TrainableTokensKind
 from .vera import VeraKind
 from .xor import XorKind
@@ -41,6 +42,7 @@ WHOLE_FILE_KINDS = ("xor-files", "enc")  # decoded file by file, alone, not in t
 _ADAPTER_KINDS = {"ia3": Ia3Kind, "loha": LohaKind, "lokr": LokrKind,
                   "trainable-tokens": TrainableTokensKind, "vera": VeraKind,  # peft types besides LoRA
                   "fourierft": FourierFTKind,
+                  "randlora": RandLoraKind,
                   }
 
 

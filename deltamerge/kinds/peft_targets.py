@@ -72,6 +72,8 @@ PEFT_TYPES = {
     # init_weights=True copies the base's rows: no effect; False makes them random
     "TRAINABLE_TOKENS": PeftTypeInfo((), (2,), "an Embedding layer", "init_weights", (False,)),
     "FOURIERFT": PeftTypeInfo(_SELECTING, (2,), "a Linear or Conv1D layer", "init_weights", (False,)),
+    "RANDLORA": PeftTypeInfo(("layers_to_transform", "layers_pattern", "modules_to_save"), (2,),
+                             "a Linear or Conv1D layer", "init_weights", (False,)),
 }
 
 
