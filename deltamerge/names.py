@@ -13,6 +13,7 @@ KINDS = ("add", "xor", "xor-zstd", "xor-files", "enc", "lora", "ia3", "loha", "l
          "trainable-tokens", "vera", "prefix",
          "fourierft",
          "randlora",
+         "miss",
          )
 # make-delta --kind: what it computes (``--compress`` turns xor into xor-zstd).
 MAKE_KINDS = ("add", "xor")

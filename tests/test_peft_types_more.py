@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import FourierFTConfig, RandLoraConfig, VeraConfig, get_peft_model
+from peft import FourierFTConfig, MissConfig, RandLoraConfig, VeraConfig, get_peft_model
 from test_kinds_lora import SMALL_BLOCK, VOCAB, assert_matches, load_model, peft_merge, tiny_llama
 from test_peft_types import _edit_config
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaForCausalLM
@@ -18,7 +18,8 @@ from deltamerge.errors import FormatError, MismatchError
 from deltamerge.kinds.detect import detect_kind
 
 # Each type's parameters, which peft starts at zero or identity: made random and non-zero.
-PARTS = ("fourierft_spectrum", "vera_lambda", "randlora_lambda", "randlora_gamma")
+PARTS = ("fourierft_spectrum", "vera_lambda", "randlora_lambda", "randlora_gamma",
+         "miss_block")
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 CASES = [("llama", F16), ("llama", BF16), ("llama", F32), ("gemma", F16), ("gemma", BF16)]
 CLASSES = {"llama": LlamaForCausalLM, "gemma": GemmaForCausalLM}
@@ -37,6 +38,12 @@ CONFIGS = {
     # bases drawn again (bf16 kaiming), r not dividing the sides: a last partial basis
     "randlora-regenerated": lambda: RandLoraConfig(r=6, target_modules=["v_proj", "down_proj", "up_proj"],
                                                    save_projection=False, projection_prng_key=3),
+    # r=6 divides no side of LLaMA's (64, 172): a last partial block of columns
+    "miss": lambda: MissConfig(r=6, target_modules=["q_proj", "down_proj", "up_proj"]),
+    "miss-mini": lambda: MissConfig(r=4, mini_r=4, init_weights="mini",
+                                    target_modules=["k_proj", "gate_proj"]),
+    # r x r tiles: r divides both sides; blocks of rows are whole tiles
+    "miss-bat": lambda: MissConfig(r=4, init_weights="bat", target_modules=["q_proj", "down_proj"]),
 }
 
 

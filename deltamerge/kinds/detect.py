@@ -30,6 +30,7 @@ from .loha import LohaKind
 from .lokr import LokrKind
 from .lora import LoraKind, looks_like_lora_state
 from .marks import Marks, agreed_marks, check_manifest_marks, weight_headers
+from .miss import MissKind
 from .prefix import PrefixKind, looks_like_prefix
 from .randlora import RandLoraKind
 from .trainable_tokens import TrainableTokensKind
@@ -43,6 +44,7 @@ _ADAPTER_KINDS = {"ia3": Ia3Kind, "loha": LohaKind, "lokr": LokrKind,
                   "trainable-tokens": TrainableTokensKind, "vera": VeraKind,  # peft types besides LoRA
                   "fourierft": FourierFTKind,
                   "randlora": RandLoraKind,
+                  "miss": MissKind,
                   }
 
 

@@ -74,6 +74,7 @@ PEFT_TYPES = {
     "FOURIERFT": PeftTypeInfo(_SELECTING, (2,), "a Linear or Conv1D layer", "init_weights", (False,)),
     "RANDLORA": PeftTypeInfo(("layers_to_transform", "layers_pattern", "modules_to_save"), (2,),
                              "a Linear or Conv1D layer", "init_weights", (False,)),
+    "MISS": PeftTypeInfo(_SELECTING, (2,), "a Linear layer", "init_weights", (False,)),
 }
 
 
