@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import FourierFTConfig, MissConfig, RandLoraConfig, VeraConfig, get_peft_model
+from peft import (
+    FourierFTConfig,
+    MissConfig,
+    RandLoraConfig,
+    ShiraConfig,
+    VeraConfig,
+    get_peft_model,
+)
+from safetensors.torch import load_file, save_file
 from test_kinds_lora import SMALL_BLOCK, VOCAB, assert_matches, load_model, peft_merge, tiny_llama
 from test_peft_types import _edit_config
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaForCausalLM
@@ -19,7 +27,7 @@ from deltamerge.kinds.detect import detect_kind
 
 # Each type's parameters, which peft starts at zero or identity: made random and non-zero.
 PARTS = ("fourierft_spectrum", "vera_lambda", "randlora_lambda", "randlora_gamma",
-         "miss_block")
+         "miss_block", "shira_weight")
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 CASES = [("llama", F16), ("llama", BF16), ("llama", F32), ("gemma", F16), ("gemma", BF16)]
 CLASSES = {"llama": LlamaForCausalLM, "gemma": GemmaForCausalLM}
@@ -44,6 +52,9 @@ CONFIGS = {
                                     target_modules=["k_proj", "gate_proj"]),
     # r x r tiles: r divides both sides; blocks of rows are whole tiles
     "miss-bat": lambda: MissConfig(r=4, init_weights="bat", target_modules=["q_proj", "down_proj"]),
+    "shira": lambda: ShiraConfig(r=2, random_seed=4, target_modules=["q_proj", "down_proj", "up_proj"]),
+    # no seed: torch's default one, as peft's unseeded generator
+    "shira-unseeded": lambda: ShiraConfig(r=1, target_modules=["v_proj", "gate_proj"]),
 }
 
 
@@ -118,3 +129,15 @@ def test_randlora_windows_give_peft_bits(tmp_path: Path, monkeypatch) -> None:
     config = RandLoraConfig(r=8, target_modules=["gate_proj", "down_proj"])
     adapter = make(base, "llama", F16, config, tmp_path / "adapter")
     merged_as_peft(base, "llama", F16, adapter, tmp_path / "out")
+
+
+@pytest.mark.parametrize("seed", [4, None], ids=["seeded", "unseeded"])
+def test_shira_positions_drawn_again_without_indices(tmp_path: Path, bases, seed) -> None:
+    """A file without shira_indices: peft's random mask from random_seed, drawn again."""
+    base = bases["gemma", BF16]
+    config = ShiraConfig(r=2, random_seed=seed, target_modules=["o_proj", "up_proj"])
+    adapter = make(base, "gemma", BF16, config, tmp_path / "adapter")
+    state = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v for k, v in state.items() if "shira_indices" not in k},
+              adapter / "adapter_model.safetensors")
+    merged_as_peft(base, "gemma", BF16, adapter, tmp_path / "out")

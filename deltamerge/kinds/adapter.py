@@ -41,6 +41,7 @@ PEFT_KINDS = {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr",
               "FOURIERFT": "fourierft",
               "RANDLORA": "randlora",
               "MISS": "miss",
+              "SHIRA": "shira",
               }
 # Config fields that would need arithmetic (or tensors) these kinds do not have yet.
 _UNSUPPORTED = {"trainable_token_indices": "trainable_token_indices (trained token rows)"}

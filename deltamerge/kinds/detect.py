@@ -33,6 +33,7 @@ from .marks import Marks, agreed_marks, check_manifest_marks, weight_headers
 from .miss import MissKind
 from .prefix import PrefixKind, looks_like_prefix
 from .randlora import RandLoraKind
+from .shira import ShiraKind
 from .trainable_tokens import TrainableTokensKind
 from .vera import VeraKind
 from .xor import XorKind
@@ -45,6 +46,7 @@ _ADAPTER_KINDS = {"ia3": Ia3Kind, "loha": LohaKind, "lokr": LokrKind,
                   "fourierft": FourierFTKind,
                   "randlora": RandLoraKind,
                   "miss": MissKind,
+                  "shira": ShiraKind,
                   }
 
 

@@ -75,6 +75,7 @@ PEFT_TYPES = {
     "RANDLORA": PeftTypeInfo(("layers_to_transform", "layers_pattern", "modules_to_save"), (2,),
                              "a Linear or Conv1D layer", "init_weights", (False,)),
     "MISS": PeftTypeInfo(_SELECTING, (2,), "a Linear layer", "init_weights", (False,)),
+    "SHIRA": PeftTypeInfo(("modules_to_save",), (2,), "a Linear layer", "init_weights", (False,)),
 }
 
 
