@@ -15,6 +15,7 @@ KINDS = ("add", "xor", "xor-zstd", "xor-files", "enc", "lora", "ia3", "loha", "l
          "randlora",
          "miss",
          "shira",
+         "c3a",
          )
 # make-delta --kind: what it computes (``--compress`` turns xor into xor-zstd).
 MAKE_KINDS = ("add", "xor")

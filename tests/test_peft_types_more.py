@@ -3,11 +3,13 @@ bit as peft's merge_and_unload, on a LLaMA and a Gemma (tied embeddings) base.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from peft import (
+    C3AConfig,
     FourierFTConfig,
     MissConfig,
     RandLoraConfig,
@@ -18,16 +20,16 @@ from peft import (
 from safetensors.torch import load_file, save_file
 from test_kinds_lora import SMALL_BLOCK, VOCAB, assert_matches, load_model, peft_merge, tiny_llama
 from test_peft_types import _edit_config
-from transformers import GemmaConfig, GemmaForCausalLM, LlamaForCausalLM
+from transformers import GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 import deltamerge.kinds.lora as lora
 from deltamerge import apply_delta
-from deltamerge.errors import FormatError, MismatchError
+from deltamerge.errors import FormatError, MismatchError, UnsupportedError
 from deltamerge.kinds.detect import detect_kind
 
 # Each type's parameters, which peft starts at zero or identity: made random and non-zero.
 PARTS = ("fourierft_spectrum", "vera_lambda", "randlora_lambda", "randlora_gamma",
-         "miss_block", "shira_weight")
+         "miss_block", "shira_weight", "c3a_kernel")
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 CASES = [("llama", F16), ("llama", BF16), ("llama", F32), ("gemma", F16), ("gemma", BF16)]
 CLASSES = {"llama": LlamaForCausalLM, "gemma": GemmaForCausalLM}
@@ -55,6 +57,9 @@ CONFIGS = {
     "shira": lambda: ShiraConfig(r=2, random_seed=4, target_modules=["q_proj", "down_proj", "up_proj"]),
     # no seed: torch's default one, as peft's unseeded generator
     "shira-unseeded": lambda: ShiraConfig(r=1, target_modules=["v_proj", "gate_proj"]),
+    # block_size per module from the pattern (LLaMA's ffn, 172, is no multiple of 8)
+    "c3a": lambda: C3AConfig(block_size=8, target_modules=["q_proj", "down_proj", "up_proj"],
+                             block_size_pattern={"down_proj": 4, "mlp.up_proj": 2}),
 }
 
 
@@ -141,3 +146,41 @@ def test_shira_positions_drawn_again_without_indices(tmp_path: Path, bases, seed
     save_file({k: v for k, v in state.items() if "shira_indices" not in k},
               adapter / "adapter_model.safetensors")
     merged_as_peft(base, "gemma", BF16, adapter, tmp_path / "out")
+
+
+@pytest.mark.parametrize(("which", "change", "message"), [
+    ("c3a", {"block_size_pattern": {}}, r"down_proj.c3a_kernel.*\[16, 43, 4\].*\[8, 21, 8\]"),
+    ("miss", {"r": 4}, r"down_proj.miss_block.*\[6, 64\].*\[4, 64\]"),
+    ("miss-bat", {"init_weights": True}, r"miss_block.*\[16, 4, 4\].*\[4, 64\]"),
+    ("shira", {"r": 3}, r"down_proj.shira_weight.*\[472\].*\[708\]"),
+])
+def test_shapes_peft_would_not_load_are_refused(
+    tmp_path: Path, bases, which: str, change: dict, message: str
+) -> None:
+    base = bases["llama", F16]
+    adapter = make(base, "llama", F16, CONFIGS[which](), tmp_path / "adapter")
+    _edit_config(adapter, change)
+    with pytest.raises(MismatchError, match=message):
+        apply_delta(base, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("peft_type", ["C3A", "MISS", "SHIRA", "RANDLORA"])
+def test_conv1d_layers_are_refused(tmp_path: Path, peft_type: str) -> None:
+    """GPT-2's Conv1D: peft has no such layer for these types (RandLoRA's is not merged here)."""
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32)
+                    ).save_pretrained(base, safe_serialization=True)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    part = {"C3A": "c3a_kernel", "MISS": "miss_block", "SHIRA": "shira_weight",
+            "RANDLORA": "randlora_lambda"}[peft_type]
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": peft_type, "target_modules": ["c_fc"], "save_projection": False}))
+    save_file({f"base_model.model.transformer.h.0.mlp.c_fc.{part}": torch.ones(4)},
+              adapter / "adapter_model.safetensors")
+    with pytest.raises(UnsupportedError, match=r"adapter_model.safetensors: .*'transformer.h.0.mlp."
+                                               r"c_fc.weight' is a Conv1D layer"):
+        apply_delta(base, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

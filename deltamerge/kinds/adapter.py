@@ -42,6 +42,7 @@ PEFT_KINDS = {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr",
               "RANDLORA": "randlora",
               "MISS": "miss",
               "SHIRA": "shira",
+              "C3A": "c3a",
               }
 # Config fields that would need arithmetic (or tensors) these kinds do not have yet.
 _UNSUPPORTED = {"trainable_token_indices": "trainable_token_indices (trained token rows)"}

@@ -23,6 +23,7 @@ from ..sources import open_checkpoint
 from . import Kind
 from .adapter import adapter_kind
 from .add import AddKind
+from .c3a import C3AKind
 from .enc import looks_like_enc
 from .fourierft import FourierFTKind
 from .ia3 import Ia3Kind
@@ -47,6 +48,7 @@ _ADAPTER_KINDS = {"ia3": Ia3Kind, "loha": LohaKind, "lokr": LokrKind,
                   "randlora": RandLoraKind,
                   "miss": MissKind,
                   "shira": ShiraKind,
+                  "c3a": C3AKind,
                   }
 
 

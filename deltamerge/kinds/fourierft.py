@@ -22,7 +22,7 @@ from ..tensor_spec import TensorSpec
 from .adapter import AdapterKind, is_number
 from .dense_delta import DenseDelta
 from .lora import ADAPTER_CONFIG
-from .patterns import Rule, run_rules
+from .patterns import suffix_pattern_values
 
 
 def positions(out_dim: int, in_dim: int, n: int, seed: int) -> torch.Tensor:
@@ -59,15 +59,9 @@ class FourierFTKind(AdapterKind):
 
     def prepare_plan(self, modules: list[str]) -> None:
         """Each module's ``n_frequency``, as peft's ``_create_and_replace`` picks it."""
-        pattern = self.config.get("n_frequency_pattern") or {}
-        keys = list(pattern)
-        rules = [Rule("n_frequency_pattern key", k, rf".*\.{k}$") for k in keys]
-        hits = run_rules(self.folder / ADAPTER_CONFIG, rules, modules)
-        default = self.config.get("n_frequency", 1000)
-        self._n = {}
-        for i, module in enumerate(modules):
-            key = next((k for k, h in zip(keys, hits) if i in h), module)
-            self._n[module] = pattern.get(key, default)
+        self._n = suffix_pattern_values(self.folder / ADAPTER_CONFIG, "n_frequency_pattern",
+                                        self.config.get("n_frequency_pattern") or {}, modules,
+                                        self.config.get("n_frequency", 1000))
 
     def deltas(
         self, module: str, parts: dict[str, str], spec: TensorSpec, specs: dict[str, TensorSpec]

@@ -76,6 +76,8 @@ PEFT_TYPES = {
                              "a Linear or Conv1D layer", "init_weights", (False,)),
     "MISS": PeftTypeInfo(_SELECTING, (2,), "a Linear layer", "init_weights", (False,)),
     "SHIRA": PeftTypeInfo(("modules_to_save",), (2,), "a Linear layer", "init_weights", (False,)),
+    "C3A": PeftTypeInfo(("layers_to_transform", "layers_pattern", "modules_to_save"), (2,), "a Linear layer",
+                        "init_weights", (False, "gaussian", "kaiming_uniform", "xavier_uniform")),
 }
 
 
