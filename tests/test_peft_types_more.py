@@ -32,7 +32,7 @@ PARTS = ("fourierft_spectrum", "vera_lambda", "randlora_lambda", "randlora_gamma
          "miss_block", "shira_weight", "c3a_kernel")
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 CASES = [("llama", F16), ("llama", BF16), ("llama", F32), ("gemma", F16), ("gemma", BF16)]
-CLASSES = {"llama": LlamaForCausalLM, "gemma": GemmaForCausalLM}
+CLASSES = {"llama": LlamaForCausalLM, "gemma": GemmaForCausalLM, "gpt2": GPT2LMHeadModel}
 
 CONFIGS = {
     # n_frequency per module from the pattern; a seed of its own
@@ -96,8 +96,14 @@ def merged_as_peft(base: Path, arch: str, dtype: torch.dtype, adapter: Path, out
     assert_matches(out, peft_merge(base, dtype, [adapter], cls=CLASSES[arch]))
 
 
-@pytest.mark.parametrize(("arch", "dtype"), CASES, ids=[f"{a}-{str(d)[6:]}" for a, d in CASES])
-@pytest.mark.parametrize("which", list(CONFIGS))
+# Each type on every case; a type's other variants on two (fewer peft merges, a faster file).
+VARIANTS = ("randlora", "miss-mini", "miss-bat", "shira-unseeded")
+MATRIX = [(w, a, d) for w in CONFIGS for a, d in CASES
+          if w not in VARIANTS or (a, d) in (("llama", F16), ("gemma", BF16))]
+
+
+@pytest.mark.parametrize(("which", "arch", "dtype"), MATRIX,
+                         ids=[f"{w}-{a}-{str(d)[6:]}" for w, a, d in MATRIX])
 def test_merge_matches_peft(tmp_path: Path, bases, which: str, arch: str, dtype: torch.dtype) -> None:
     base = bases[arch, dtype]
     adapter = make(base, arch, dtype, CONFIGS[which](), tmp_path / "adapter")
@@ -108,6 +114,9 @@ def test_merge_matches_peft(tmp_path: Path, bases, which: str, arch: str, dtype:
 @pytest.mark.parametrize(("change", "error", "message"), [
     ({"n_frequency_pattern": {}}, MismatchError, r"down_proj.fourierft_spectrum.*\[70\].*\[50\]"),
     ({"random_loc_seed": None}, FormatError, "random_loc_seed"),
+    ({"bias": "all"}, UnsupportedError, "bias='all'"),
+    ({"target_modules": ".*q_proj", "layers_to_transform": [0]}, FormatError,
+     "layers_to_transform cannot be used when target_modules is a string"),
 ])
 def test_fourierft_refusals(tmp_path: Path, bases, change: dict, error, message: str) -> None:
     base = bases["llama", F16]
@@ -184,3 +193,28 @@ def test_conv1d_layers_are_refused(tmp_path: Path, peft_type: str) -> None:
                                                r"c_fc.weight' is a Conv1D layer"):
         apply_delta(base, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("which", ["fourierft", "vera-regenerated"])
+def test_gpt2_conv1d(tmp_path: Path, which: str) -> None:
+    """fan_in_fan_out: the delta transposed onto GPT-2's (in, out) weights."""
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32)
+                    ).to(BF16).save_pretrained(base, safe_serialization=True)
+    config = {"fourierft": FourierFTConfig(n_frequency=40, target_modules=["c_attn", "c_fc"],
+                                           fan_in_fan_out=True),
+              "vera-regenerated": VeraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                             save_projection=False)}[which]
+    merged_as_peft(base, "gpt2", BF16, make(base, "gpt2", BF16, config, tmp_path / "a"),
+                   tmp_path / "out")
+
+
+def test_types_chain_in_one_pass(tmp_path: Path, bases) -> None:
+    """``apply BASE A B C D E F OUT``: each type once, merged as peft merges them in turn."""
+    base, dtype = bases["gemma", BF16], BF16
+    names = ["c3a", "shira", "fourierft", "miss-bat", "randlora-regenerated", "vera-regenerated"]
+    adapters = [make(base, "gemma", dtype, CONFIGS[w](), tmp_path / w, seed=i)
+                for i, w in enumerate(names)]
+    apply_delta(base, adapters, tmp_path / "out", block_size=SMALL_BLOCK)
+    assert_matches(tmp_path / "out", peft_merge(base, dtype, adapters, cls=GemmaForCausalLM))

@@ -33,8 +33,9 @@ def layer_dtype(where: object, names: list[str], specs: dict[str, TensorSpec]) -
 class WithProjections:
     """A ``FactorSource`` that also serves the regenerated projections (fp32, whole)."""
 
-    def __init__(self, source: FactorSource, tensors: dict[str, torch.Tensor]):
-        self.source = source
+    def __init__(self, source: FactorSource | WithProjections, tensors: dict[str, torch.Tensor]):
+        # a kind planned again draws again: it replaces what it drew, never wraps it twice
+        self.source = source.source if isinstance(source, WithProjections) else source
         self.tensors = {GENERATED + k: v for k, v in tensors.items()}
 
     def name(self, part: str) -> str:
