@@ -87,6 +87,11 @@ DELTA_KINDS: Registry[KindEntry] = Registry("delta kind", [
     KindEntry("vera", _kinds("vera:VeraKind"), peft_type="VERA"),
     KindEntry("prefix", _kinds("prefix:PrefixKind"),
               detectors=(Detector(NAMES + 1, _kinds("prefix:looks_like_prefix"), "names"),)),
+    KindEntry("fourierft", _kinds("fourierft:FourierFTKind"), peft_type="FOURIERFT"),
+    KindEntry("randlora", _kinds("randlora:RandLoraKind"), peft_type="RANDLORA"),
+    KindEntry("miss", _kinds("miss:MissKind"), peft_type="MISS"),
+    KindEntry("shira", _kinds("shira:ShiraKind"), peft_type="SHIRA"),
+    KindEntry("c3a", _kinds("c3a:C3AKind"), peft_type="C3A"),
 ])
 
 # The tests that are no kind's own, which the kinds' entries' detectors join in order.

@@ -134,9 +134,11 @@ def read_adapter_config(folder: Path) -> dict:
     config = read_json_object(path)
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
+        from .adapter import PEFT_KINDS  # here: adapter.py builds on this module
+
         raise UnsupportedError(
-            f"{path}: peft_type {peft_type!r}: deltamerge merges LORA, IA3, LOHA, LOKR, "
-            "TRAINABLE_TOKENS and VERA adapters only"
+            f"{path}: peft_type {peft_type!r}: deltamerge merges {', '.join(PEFT_KINDS)} "
+            "adapters only"
         )
     for key, why in _OTHER_MATH.items():
         if config.get(key):

@@ -132,3 +132,18 @@ def run_rules(path: Path, rules: list[Rule], names: list[str]) -> list[dict[int,
     if child.returncode != 0 or len(lines) != len(rules):
         raise WorkError(f"{path}: matching its module patterns failed (status {child.returncode})")
     return [{i: idx for i, idx in json.loads(line)} for line in lines]
+
+
+def suffix_pattern_values(
+    path: Path, field: str, pattern: dict[str, int], modules: list[str], default: int
+) -> dict[str, int]:
+    """Each module's value from a pattern field FourierFT and C3A read their own way (peft's
+    ``_create_and_replace``): the first key ``k`` with ``re.match(rf".*\\.{k}$", module)``,
+    else the module's own name as a key, else ``default``."""
+    keys = list(pattern)
+    hits = run_rules(path, [Rule(f"{field} key", k, rf".*\.{k}$") for k in keys], modules)
+    found = {}
+    for i, module in enumerate(modules):
+        key = next((k for k, h in zip(keys, hits) if i in h), module)
+        found[module] = pattern.get(key, default)
+    return found

@@ -71,6 +71,13 @@ PEFT_TYPES = {
                          "a Linear or Conv1D layer", "init_weights", (False,)),
     # init_weights=True copies the base's rows: no effect; False makes them random
     "TRAINABLE_TOKENS": PeftTypeInfo((), (2,), "an Embedding layer", "init_weights", (False,)),
+    "FOURIERFT": PeftTypeInfo(_SELECTING, (2,), "a Linear or Conv1D layer", "init_weights", (False,)),
+    "RANDLORA": PeftTypeInfo(("layers_to_transform", "layers_pattern", "modules_to_save"), (2,),
+                             "a Linear or Conv1D layer", "init_weights", (False,)),
+    "MISS": PeftTypeInfo(_SELECTING, (2,), "a Linear layer", "init_weights", (False,)),
+    "SHIRA": PeftTypeInfo(("modules_to_save",), (2,), "a Linear layer", "init_weights", (False,)),
+    "C3A": PeftTypeInfo(("layers_to_transform", "layers_pattern", "modules_to_save"), (2,), "a Linear layer",
+                        "init_weights", (False, "gaussian", "kaiming_uniform", "xavier_uniform")),
 }
 
 
@@ -81,6 +88,8 @@ def own_fields(config: dict, peft_type: str) -> dict:
     return {k: v for k, v in config.items() if k not in _SELECTING or k in own}
 
 
+# The config classes whose __post_init__ refuses layers with a regex target_modules.
+_LAYERS_NEED_LIST = ("LORA", "FOURIERFT", "MISS", "C3A")
 _LAYER = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")  # peft's layer index without layers_pattern
 
 
@@ -109,7 +118,7 @@ def check_targeting(path: Path, config: dict, peft_type: str = "LORA") -> None:
     if layers is not None and not (_int(layers) or (isinstance(layers, list)
                                                     and all(_int(v) for v in layers))):
         raise FormatError(f"{path}: layers_to_transform must be an integer or a list of them")
-    if peft_type == "LORA" and isinstance(targets, str) and (
+    if peft_type in _LAYERS_NEED_LIST and isinstance(targets, str) and (
             layers is not None or config.get("layers_pattern") is not None):
         field = "layers_to_transform" if layers is not None else "layers_pattern"
         raise FormatError(f"{path}: {field} cannot be used when target_modules is a string "

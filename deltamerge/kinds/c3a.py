@@ -1,0 +1,82 @@
+"""peft C3A adapters: block-circulant kernels, expanded by FFTs into a dense delta.
+
+peft's ``get_delta_weight`` expands ``c3a_kernel`` ``(out / b, in / b, b)`` (fp32) into the
+``(out, in)`` block-circulant matrix with ``get_circulant_fast`` (an identity of ``in`` rows
+through ``ifft``, an einsum with ``fft(kernel)``, ``fft`` again), rounds it to the weight's dtype,
+divides it by ``in`` in that dtype, and ``merge`` adds it (``W + delta``, both in the weight's
+dtype: one fp32 sum rounded). The expansion mixes every row, so it is formed whole by peft's own
+calls (``dense_delta``). ``b`` is per module from ``block_size_pattern`` (read as FourierFT's
+``n_frequency_pattern``: ``patterns.suffix_pattern_values``). peft adapts Linear layers only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.fft import fft, ifft
+
+from ..errors import FormatError, MismatchError, UnsupportedError
+from ..tensor_spec import TensorSpec
+from .adapter import AdapterKind
+from .dense_delta import DenseDelta
+from .lora import ADAPTER_CONFIG
+from .patterns import suffix_pattern_values
+
+
+def circulant(w: torch.Tensor) -> torch.Tensor:
+    """peft's ``c3a.utils.get_circulant_fast``."""
+    _, n, b = w.shape
+    x = torch.eye(n * b, dtype=w.dtype, device=w.device)
+    x = x.reshape(*x.shape[:-1], n, b)
+    x = torch.einsum("...nb,mnb->...mb", ifft(x), fft(w))
+    return fft(x).real.flatten(start_dim=1).T
+
+
+def delta(kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """peft's ``C3ALayer.get_delta_weight`` for a weight of ``dtype``, widened to fp32 (exact)."""
+    d = circulant(kernel.to(torch.float32)).to(dtype)
+    return (d / d.shape[-1]).to(torch.float32)
+
+
+class C3AKind(AdapterKind):
+    name = "c3a"
+    peft_type = "C3A"
+    parts = ("c3a_kernel",)
+
+    def check_config(self, path: Path) -> None:
+        if self.config.get("bias", "none") != "none":
+            raise UnsupportedError(f"{path}: bias={self.config['bias']!r} trains the biases too: "
+                                   "deltamerge merges C3A adapters with bias='none' only")
+        sizes = [self.config.get("block_size", 256), *(self.config.get("block_size_pattern") or {}).values()]
+        if not isinstance(self.config.get("block_size_pattern") or {}, dict) or not all(
+                isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes):
+            raise FormatError(f"{path}: 'block_size' and the values of 'block_size_pattern' must "
+                              "be positive integers")
+
+    def prepare_plan(self, modules: list[str]) -> None:
+        self._block = suffix_pattern_values(self.folder / ADAPTER_CONFIG, "block_size_pattern",
+                                            self.config.get("block_size_pattern") or {}, modules,
+                                            self.config.get("block_size", 256))
+
+    def deltas(
+        self, module: str, parts: dict[str, str], spec: TensorSpec, specs: dict[str, TensorSpec]
+    ) -> dict[str, DenseDelta]:
+        if self.transposed(spec.name):
+            raise UnsupportedError(f"{self.weights}: module {module!r}: {spec.name!r} is a Conv1D "
+                                   "layer: peft adapts Linear layers only with C3A")
+        out_dim, in_dim = spec.shape
+        b = self._block[module]
+        want = (out_dim // b, in_dim // b, b)
+        got = self.shape(parts["c3a_kernel"])
+        if got != want or out_dim % b or in_dim % b:
+            raise MismatchError(
+                f"{self.weights}: tensor {parts['c3a_kernel']!r} is {list(got)} but peft makes "
+                f"{list(want)} (block_size {b}) for {spec.name!r} {list(spec.shape)} or refuses "
+                "the layer"
+            )
+        dtype = spec.dtype
+
+        def build(t: dict[str, torch.Tensor]) -> torch.Tensor:
+            return delta(t["c3a_kernel"], dtype)
+        return {spec.name: DenseDelta(self.source, parts, build, False)}
