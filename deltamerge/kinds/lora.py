@@ -83,16 +83,22 @@ TOKENIZER_FILES = (
 # Options that make peft use another formula (a LoRA "variant", biases, other layer types).
 _OTHER_MATH = {
     "lora_bias": "lora_bias also changes the biases",
-    "use_qalora": "QALoRA (use_qalora) merges into quantized layers",
-    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens) cannot be merged",
     "layer_replication": "layer_replication changes the model's layers",
     "trainable_token_indices": "trainable_token_indices trains single token rows",
     "velora_config": "VeLoRA is a LoRA variant",
     "monteclora_config": "MonteCLoRA is a LoRA variant",
     "use_bdlora": "BD-LoRA is a LoRA variant",
-    "arrow_config": "Arrow routes between several LoRAs",
     "kasa_config": "KaSA is a LoRA variant",
     "enable_lora": "enable_lora (merged qkv layers of early peft) splits the product",
+}
+# LoRA types that no merged weight reproduces: peft refuses to merge them too.
+_UNMERGEABLE = {
+    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens) adapts only the tokens after its "
+                               "invocation sequence, which no merged weight can do",
+    "arrow_config": "Arrow (arrow_config) routes each token among several LoRAs, which no single "
+                    "merged weight can do",
+    "use_qalora": "QALoRA (use_qalora) pools each input over groups of columns into a "
+                  "GPTQ-quantized layer and has no delta weight to merge",
 }
 _FACTOR = re.compile(r"(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight")
 _EMBEDDING_FACTOR = re.compile(r"(?P<module>.+)\.(?P<which>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?")
@@ -138,6 +144,9 @@ def read_adapter_config(folder: Path) -> dict:
             f"{path}: peft_type {peft_type!r}: deltamerge merges LORA, IA3, LOHA, LOKR, "
             "TRAINABLE_TOKENS and VERA adapters only"
         )
+    for key, why in _UNMERGEABLE.items():
+        if config.get(key):
+            raise UnsupportedError(f"{path}: {why}; peft refuses to merge it too (use it unmerged)")
     for key, why in _OTHER_MATH.items():
         if config.get(key):
             raise UnsupportedError(
