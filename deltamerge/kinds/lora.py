@@ -346,11 +346,13 @@ class LoraStep(Step):
     def __init__(
         self, before: TensorSpec, after: TensorSpec, replace: RowInput | None,
         factors: Factors | DoraFactors | ExpertFactors | None, nf4_base: Nf4Base | None = None,
+        finite_in: Path | None = None,
     ):
         super().__init__(before, after)
         self.inputs = (replace,) if replace is not None else ()
         self.factors = factors
         self.nf4_base = nf4_base
+        self.finite_in = finite_in  # peft's safe_merge: a merged weight must be finite
         if nf4_base is not None:
             self.row_multiple = nf4_base.row_multiple
             self.first_pass = nf4_base.double_quant
@@ -375,6 +377,12 @@ class LoraStep(Step):
             out.copy_(cur)
             return
         self.factors.merge(cur, out, r0, scratch)
+        if self.finite_in is not None and not torch.isfinite(out).all():
+            row = r0 + int((~torch.isfinite(out)).view(out.shape[0], -1).any(dim=1).nonzero()[0])
+            raise MismatchError(
+                f"{self.finite_in}: tensor {self.after.name!r}: the merged weight is not finite "
+                f"(row {row}): peft's safe_merge refuses it (the adapter seems to be broken)"
+            )
 
     def close(self) -> None:
         if self.factors is not None:
@@ -780,13 +788,20 @@ class LoraKind(Kind):
         self._check_vocab(specs, after)
         linear = {n: m for n, m in modules_of.items() if not modules[m].embedding}
         quantized = self._quantized(linear, whole, after, layers, options)
+        if options.safe_merge:
+            for name, f in factors.items():
+                # peft's safe_merge adds ``delta.to(W.dtype)`` to a Linear (or Conv1D) weight;
+                # embeddings and parameters round so anyway, DoRA and 4-bit layers never do.
+                if isinstance(f, Factors) and name not in quantized:
+                    f.round_to = after[name].dtype
         steps: dict[str, Step] = {
             name: LoraStep(
                 specs[name], after[name],
                 RowInput(self.checkpoint, whole[name]) if name in whole else None,
                 factors.get(name), quantized.get(name),
+                self.weights if options.safe_merge else None,
             )
-            for name in after if name in whole or name in factors
+            for name in after if name in whole or name in factors or name in quantized
         }
         clash = [n for n in extra.values() if n in after]
         if clash:
