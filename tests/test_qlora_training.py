@@ -146,3 +146,183 @@ def test_the_new_options_are_checked(tmp_path: Path, base: Path) -> None:
     code, err = apply_in_process(base, delta, tmp_path / "out", "--qlora-kernel", "cpu")
     assert code == 2 and "needs --qlora" in err
     assert not (tmp_path / "out").exists()
+
+
+# -- item 4: bitsandbytes' CUDA kernels' rules, against the kernels' logic re-written here --
+#
+# From bitsandbytes 0.50.1's csrc/kernels.cu (unchanged in 0.50.2): kQuantizeBlockwise (8 bits,
+# blocks of 256) and kQuantizeBlockwiseSmall (NF4, blocks of 64) scale a block by
+# ``x * (1.0f / absmax)``, then pick a code with dQuantize (a binary search) or dQuantizeNF4 (a
+# tree of comparisons). The GPU's reciprocal is approximate (the kernels are built with
+# --use_fast_math); the correctly rounded one stands in for it here, as in deltamerge.
+# Not run on a GPU: no session of this task had one.
+
+NF4_TREE = (0.03979014977812767, 0.3893125355243683, 0.6427869200706482, 0.8614784181118011,
+            0.5016634166240692, 0.2035212516784668, 0.2920137718319893, 0.1202552504837513,
+            -0.33967943489551544, -0.13791173323988914, -0.045525018125772476,
+            -0.23460740596055984, -0.6106329262256622, -0.4599952697753906, -0.8480964004993439)
+
+
+def d_quantize_nf4(x: torch.Tensor) -> torch.Tensor:
+    """dQuantizeNF4's tree, branch for branch (its constants as the compiler rounds them)."""
+    t = dict(zip(NF4_TREE, torch.tensor(NF4_TREE, dtype=torch.float32)))
+
+    def pick(c: float, hi, lo):
+        return torch.where(x > t[c], torch.as_tensor(hi), torch.as_tensor(lo))
+
+    return pick(0.03979014977812767,
+                pick(0.3893125355243683,
+                     pick(0.6427869200706482, pick(0.8614784181118011, 15, 14),
+                          pick(0.5016634166240692, 13, 12)),
+                     pick(0.2035212516784668, pick(0.2920137718319893, 11, 10),
+                          pick(0.1202552504837513, 9, 8))),
+                pick(-0.33967943489551544,
+                     pick(-0.13791173323988914, pick(-0.045525018125772476, 7, 6),
+                          pick(-0.23460740596055984, 5, 4)),
+                     pick(-0.6106329262256622, pick(-0.4599952697753906, 3, 2),
+                          pick(-0.8480964004993439, 1, 0))))
+
+
+def d_quantize(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dQuantize<0>: the binary search over the 256 codes and its choice at the end, step for step."""
+    def full(v, dtype=torch.int64):
+        return torch.full(x.shape, v, dtype=dtype)
+
+    pivot, upper_pivot, lower_pivot = full(127), full(255), full(0)
+    lower, upper = full(-1.0, torch.float32), full(1.0, torch.float32)
+    val = code[pivot]
+    i = 64
+    while i > 0:
+        right = x > val
+        lower_pivot, lower = torch.where(right, pivot, lower_pivot), torch.where(right, val, lower)
+        upper_pivot, upper = torch.where(right, upper_pivot, pivot), torch.where(right, upper, val)
+        pivot = torch.where(right, pivot + i, pivot - i)
+        val = code[pivot]
+        i >>= 1
+    upper = torch.where(upper_pivot == 255, code[255], upper)
+    lower = torch.where(lower_pivot == 0, code[0], lower)
+    up = torch.where(x > (upper + val) * 0.5, upper_pivot, pivot)
+    down = torch.where(x < (lower + val) * 0.5, lower_pivot, pivot)
+    return torch.where(x > val, up, down)
+
+
+def kernel_blocks(a: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's values as the kernel loads them (zeros past the end), scaled by 1.0f / absmax."""
+    n = a.numel()
+    v = torch.zeros(-(n // -block) * block, dtype=torch.float32)
+    v[:n] = a.reshape(-1).float()
+    v = v.view(-1, block)
+    absmax = v.abs().amax(dim=1)
+    one = torch.tensor(1.0, dtype=torch.float32)
+    return (v * (one / absmax).view(-1, 1)).view(-1)[:n], absmax
+
+
+def cuda_quantize_blockwise(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """kQuantizeBlockwise<float, 256, 2, 0, General8bit>: codes and absmax."""
+    import deltamerge.kinds.nf4 as nf4
+
+    scaled, absmax = kernel_blocks(a, 256)
+    return d_quantize(nf4.dynamic_code(), scaled).to(torch.uint8), absmax
+
+
+def cuda_roundtrip(w: torch.Tensor, dq: bool) -> torch.Tensor:
+    """quantize_4bit then dequantize_4bit on a GPU (kQuantizeBlockwiseSmall, kDequantizeBlockwise)."""
+    import deltamerge.kinds.nf4 as nf4
+
+    scaled, absmax = kernel_blocks(w, 64)
+    q = d_quantize_nf4(scaled)
+    if dq:
+        offset = absmax.mean()
+        q8, absmax2 = cuda_quantize_blockwise(absmax - offset)
+        absmax = kernel_dequantize(q8, absmax2) + offset
+    vals = nf4.nf4_code()[q]
+    n = w.numel()
+    out = vals * absmax.repeat_interleave(64)[:n]
+    return out.to(w.dtype).view(w.shape)
+
+
+def kernel_dequantize(q8: torch.Tensor, absmax2: torch.Tensor) -> torch.Tensor:
+    import deltamerge.kinds.nf4 as nf4
+
+    return nf4.dynamic_code()[q8.long()] * absmax2.repeat_interleave(256)[: q8.numel()]
+
+
+def adversarial_8bit() -> torch.Tensor:
+    """Values on and an fp32 step either side of every midpoint and code, in blocks whose absmax
+    is 1 (so they are what the kernel compares), a block of zeros and a short last block."""
+    import deltamerge.kinds.nf4 as nf4
+
+    code = nf4.dynamic_code()
+    mids = (code[:-1] + code[1:]) * 0.5
+    parts = [torch.rand(256 * 8, generator=torch.Generator().manual_seed(4)) * 2 - 1]
+    for centre in (mids, code):
+        parts.append(centre)
+        for toward in (-2.0, 2.0):
+            parts.append(torch.nextafter(centre, torch.full_like(centre, toward)))
+    v = torch.cat(parts).clamp(-1, 1)
+    v = torch.cat([v, torch.zeros(-v.numel() % 255)]).view(-1, 255)
+    x = torch.cat([v, torch.ones(v.shape[0], 1)], dim=1).view(-1)
+    return torch.cat([x, torch.zeros(256), x[:100] * 3e-7])
+
+
+def test_cuda_8bit_codes_are_the_kernel_s() -> None:
+    import deltamerge.kinds.nf4 as nf4
+
+    x = adversarial_8bit()
+    want, want_absmax = cuda_quantize_blockwise(x)
+    got, absmax = nf4.quantize_8bit(x, cuda=True)
+    assert torch.equal(absmax, want_absmax) and torch.equal(got, want)
+    cpu, _ = nf4.quantize_8bit(x)
+    assert not torch.equal(cpu, got)  # the table look-up picks other codes here
+
+
+def nf4_edge_weights() -> torch.Tensor:
+    """Blocks of 64 on and beside NF4's midpoints, zeros, and a short last block, once of zeros
+    and once of values whose x / absmax and x * (1 / absmax) round apart."""
+    import deltamerge.kinds.nf4 as nf4
+
+    mids = nf4._nf4_bounds()
+    ties = torch.cat([torch.tensor([1.0]), mids, torch.nextafter(mids, torch.ones_like(mids)),
+                      torch.nextafter(mids, -torch.ones_like(mids)), -mids])
+    ties = torch.cat([ties, torch.zeros(128 - ties.numel())])
+    return torch.cat([ties, ties * 0.37, torch.zeros(64), torch.linspace(-1, 1, 64) * 1e-3])
+
+
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "double-quant"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_cuda_roundtrip_is_the_kernels(dtype: torch.dtype, dq: bool) -> None:
+    import deltamerge.kinds.nf4 as nf4
+
+    g = torch.Generator().manual_seed(5)
+    edge = nf4_edge_weights()
+    tail = torch.randn(40, generator=g) * 0.02  # a short last block: the GPU multiplies it too
+    cases = [
+        (torch.randn(300, 256, generator=g) * 0.02).to(dtype),  # 1200 blocks: 5 of 256 scales
+        (torch.randn(37, 48, generator=g) * 0.02).to(dtype),  # rows across blocks, a short one
+        torch.cat([edge, tail]).to(dtype),
+        torch.cat([edge, torch.zeros(40)]).to(dtype),  # a short last block of zeros
+    ]
+    for w in cases:
+        want = cuda_roundtrip(w, dq)
+        got = nf4.nf4_roundtrip_tensor(w, dq, cuda=True)
+        assert got.dtype == dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    cpu = nf4.nf4_roundtrip_tensor(cases[3], dq)
+    gpu = nf4.nf4_roundtrip_tensor(cases[3], dq, cuda=True)
+    # blocks of zeros: code 7 (0.0) on the CPU, code 0 (-1.0) on the GPU, times a zero scale
+    # (-0.0), or minus the dequantized scale under double quantization
+    assert not torch.equal(cpu.view(torch.uint8), gpu.view(torch.uint8))
+
+
+def test_cuda_rule_with_rows_a_block_at_a_time() -> None:
+    import deltamerge.kinds.nf4 as nf4
+
+    w = (torch.randn(333, 64, generator=torch.Generator().manual_seed(6)) * 0.02).half()
+    w[40:42] = 0  # two rows of zeros: two whole blocks
+    prep = nf4.Nf4Prepare(tuple(w.shape), True, "t", cuda=True)
+    for r0 in range(0, 333, 32):
+        prep.add(w[r0 : r0 + 32], r0)
+    state = prep.finish()
+    out = torch.empty_like(w)
+    for r0 in range(0, 333, 32):
+        nf4.nf4_roundtrip(w[r0 : r0 + 32], state, r0, out=out[r0 : r0 + 32])
+    assert torch.equal(out.view(torch.int16), cuda_roundtrip(w, True).view(torch.int16))

@@ -64,7 +64,7 @@ from .dora import DoraFactors
 from .overlay import overlay
 from .patterns import check_patterns, match_patterns
 from .peft_targets import base_modules, check_saved_modules, check_targeting, select_targets
-from .targets import LayerTypes, Stored, stored_name, stored_parameter
+from .targets import LayerTypes, Stored, linear_weights, stored_name, stored_parameter
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -312,9 +312,12 @@ class Nf4Base:
     block's absmax): the engine feeds them through the step's first pass.
     """
 
-    def __init__(self, spec: TensorSpec, double_quant: bool, dtype: torch.dtype | None):
+    def __init__(
+        self, spec: TensorSpec, double_quant: bool, dtype: torch.dtype | None, cuda: bool = False
+    ):
         self.spec = spec
         self.double_quant = double_quant
+        self.cuda = cuda
         self.dtype = dtype or spec.dtype
         self.row_multiple = nf4.row_multiple(spec.row_numel)
         self._prepare: nf4.Nf4Prepare | None = None
@@ -322,7 +325,8 @@ class Nf4Base:
 
     def feed(self, rows: torch.Tensor, r0: int) -> None:
         if self._prepare is None:
-            self._prepare = nf4.Nf4Prepare(self.spec.shape, self.double_quant, self.spec.name)
+            self._prepare = nf4.Nf4Prepare(self.spec.shape, self.double_quant, self.spec.name,
+                                           self.cuda)
         self._prepare.add(rows.to(self.dtype), r0)
 
     def end_first_pass(self) -> None:
@@ -332,7 +336,7 @@ class Nf4Base:
     def roundtrip(self, cur: torch.Tensor, r0: int, scratch: Scratch) -> torch.Tensor:
         if self._state is None:
             assert not self.double_quant, "double quantization without its first pass"
-            self._state = nf4.Nf4State(self.spec.shape, False)
+            self._state = nf4.Nf4State(self.spec.shape, False, self.cuda)
         out = scratch.get("lora-nf4", self.dtype, tuple(cur.shape))
         return nf4.nf4_roundtrip(cur.to(self.dtype), self._state, r0, out=out)
 
@@ -831,12 +835,15 @@ class LoraKind(Kind):
         self, linear: dict[str, str], whole: dict[str, str], after: dict[str, TensorSpec],
         layers: LayerTypes, options: ApplyOptions,
     ) -> dict[str, Nf4Base]:
-        """With ``--qlora``: the tensors bitsandbytes quantized, the LoRA-targeted Linear weights
-        (``linear``: stored name to module, modules only, embeddings left out).
+        """With ``--qlora``: the tensors bitsandbytes quantized in training.
 
-        The output layer (``lm_head``, which transformers leaves unquantized), whole tensors the
-        adapter stores and parameters adapted through ``target_parameters`` (no Linear layer:
-        bitsandbytes leaves them as they are) are not quantized.
+        By default (``--qlora-scope all-linear``) every Linear layer transformers replaced by a
+        4-bit one (``targets.linear_weights``: all but the output layer and the embeddings),
+        targeted or not; with ``targets``, the LoRA-targeted Linear weights only (``linear``:
+        stored name to module, modules only, embeddings left out). The output layer (``lm_head``,
+        which transformers leaves unquantized), whole tensors the adapter stores and parameters
+        adapted through ``target_parameters`` (no Linear layer: bitsandbytes leaves them as they
+        are) are not quantized.
         """
         if options.qlora is None:
             return {}
@@ -844,9 +851,19 @@ class LoraKind(Kind):
             raise UnsupportedError(
                 f"{self.weights}: a DoRA adapter (use_dora) cannot be merged with --qlora"
             )
+        if options.qlora_scope == "targets":
+            names = [n for n, m in linear.items() if m.rsplit(".", 1)[-1] != "lm_head"]
+        else:
+            names, experts = linear_weights(after)
+            if experts is not None:
+                raise UnsupportedError(
+                    f"{self.weights}: tensor {experts!r} belongs to a mixture of experts, which "
+                    "transformers 4 quantized for training and transformers 5 does not: "
+                    "merge with --qlora-scope targets"
+                )
         quantized = {}
-        for name, module in linear.items():
-            if name in whole or module.rsplit(".", 1)[-1] == "lm_head":
+        for name in names:
+            if name in whole:
                 continue
             if layers.conv1d(name):
                 raise UnsupportedError(
@@ -859,7 +876,8 @@ class LoraKind(Kind):
                     f"{self.weights}: tensor {name!r} is {spec.dtype}: NF4 quantizes float16, "
                     "bfloat16 or float32 weights"
                 )
-            quantized[name] = Nf4Base(spec, QLORA_MODES[options.qlora], options.qlora_dtype)
+            quantized[name] = Nf4Base(spec, QLORA_MODES[options.qlora], options.qlora_dtype,
+                                      options.qlora_kernel == "cuda")
         return quantized
 
     def _check_vocab(self, before: dict[str, TensorSpec], after: dict[str, TensorSpec]) -> None:
