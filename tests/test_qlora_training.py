@@ -153,7 +153,7 @@ def test_the_new_options_are_checked(tmp_path: Path, base: Path) -> None:
 
 # -- item 4: bitsandbytes' CUDA kernels' rules, against the kernels' logic re-written here --
 #
-# From bitsandbytes 0.50.1's csrc/kernels.cu (unchanged in 0.50.2): kQuantizeBlockwise (8 bits,
+# From bitsandbytes' csrc/kernels.cu (0.50.1's, and main's a week later): kQuantizeBlockwise (8 bits,
 # blocks of 256) and kQuantizeBlockwiseSmall (NF4, blocks of 64) scale a block by
 # ``x * (1.0f / absmax)``, then pick a code with dQuantize (a binary search) or dQuantizeNF4 (a
 # tree of comparisons). The GPU's reciprocal is approximate (the kernels are built with

@@ -36,7 +36,10 @@ windows it overlaps; the last window is kept, since the next block usually start
 Every tensor's windows are computed in one buffer per adapter, allocated once.
 
 With ``--qlora nf4`` or ``nf4-dq`` a QLoRA adapter is merged as it was trained: onto bitsandbytes'
-NF4 round trip of each targeted Linear weight (``kinds/nf4.py``), not onto the weight itself.
+NF4 round trip (``kinds/nf4.py``) of every Linear weight transformers quantized, targeted or not
+(or, with ``--qlora-scope targets``, of each targeted one), not onto the weights themselves.
+With ``--safe-merge`` a Linear layer's product is rounded to the weight's dtype before the add,
+as peft's ``safe_merge=True`` adds ``delta.to(W.dtype)``; peft's default adds the fp32 product.
 A DoRA adapter (``use_dora``) is merged through the same windows, each row's fp32 sum rescaled
 to its magnitude before it is rounded (``kinds/dora.py``).
 """

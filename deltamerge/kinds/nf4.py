@@ -32,8 +32,8 @@ The offset is torch's fp32 ``mean``, as in bitsandbytes, which makes bitsandbyte
 depend on torch's thread count for tensors of over 2M elements (32768 blocks); here it is always
 the one-thread mean (:func:`single_thread_mean`).
 
-QLoRA quantized on GPUs, where bitsandbytes runs its CUDA kernels (``csrc/kernels.cu``,
-unchanged from 0.50.1 to 0.50.2), whose rules differ; ``cuda=True`` follows them:
+QLoRA quantized on GPUs, where bitsandbytes runs its CUDA kernels (``csrc/kernels.cu``, the same
+in 0.50.1 and on its main branch a week later), whose rules differ; ``cuda=True`` follows them:
 
 * ``kQuantizeBlockwise`` (8 bits, double quantization's scales) does not look a table up: its
   ``dQuantize`` walks a binary search over the 256 sorted codes to a leaf (always an even index
