@@ -42,7 +42,7 @@ from .kinds.enc import OPENBUDDY_KEY_MD5, apply_enc
 from .kinds.lora import QLORA_MODES
 from .kinds.xor_files import apply_xor_files
 from .memory import peak_rss_bytes
-from .names import NEW_ROWS
+from .names import NEW_ROWS, QLORA_KERNELS, QLORA_SCOPES
 from .outputs import OutputFormat, output_format
 from .preflight import preflight
 from .progress import make_progress, reports_progress
@@ -94,6 +94,9 @@ def apply_delta(
     resume: bool = False,
     qlora: str | None = None,
     qlora_dtype: str | torch.dtype | None = None,
+    qlora_scope: str | None = None,
+    qlora_kernel: str | None = None,
+    safe_merge: bool = False,
     lora_r: int | None = None,
     lora_alpha: float | None = None,
     lora_prefix: str | None = None,
@@ -134,6 +137,15 @@ def apply_delta(
             of the weights they target (double quantized or not), as QLoRA trained them.
         qlora_dtype: the dtype the trainer loaded the base in before quantizing it (default:
             the base's).
+        qlora_scope: with ``qlora``: ``"all-linear"`` (the default) rounds every Linear layer
+            bitsandbytes quantized in training (all but the output layer and the embeddings);
+            ``"targets"`` only the layers the adapter targets.
+        qlora_kernel: with ``qlora``: whose bitsandbytes kernels quantized the base: ``"cuda"``
+            (the default: the GPU's, where QLoRA trained) or ``"cpu"``.
+        safe_merge: merge as peft's ``merge_and_unload(safe_merge=True)``: each Linear layer's
+            product is rounded to the weight's dtype before it is added (rounded twice); by
+            default as ``merge_and_unload()``, rounded once. A merged weight that is not finite
+            is then refused, as peft refuses it.
         lora_r: the rank of a LoRA state dict that has no ``adapter_config.json`` (PandaGPT's
             ``pytorch_model.pt``), with ``lora_alpha`` and ``lora_prefix`` likewise.
         lora_alpha: see ``lora_r``.
@@ -177,8 +189,8 @@ def apply_delta(
         workers=workers, progress=progress, extra_files=extra_files, hub=hub,
         expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
         qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
-        format=format, outtype=outtype, mp=mp, allow_repeat=allow_repeat, signer=signer,
-        threads=threads,
+        qlora_scope=qlora_scope, qlora_kernel=qlora_kernel, safe_merge=safe_merge, format=format,
+        outtype=outtype, mp=mp, allow_repeat=allow_repeat, signer=signer, threads=threads,
     )
 
 
@@ -191,7 +203,8 @@ def run_apply(
     qlora: str | None, qlora_dtype: str | torch.dtype | None, lora_r: int | None,
     lora_alpha: float | None, lora_prefix: str | None, format: str, outtype: str | None,
     mp: int | None, allow_repeat: bool = False, signer: SignerPin | None = None,
-    threads: int | None = None,
+    threads: int | None = None, qlora_scope: str | None = None, qlora_kernel: str | None = None,
+    safe_merge: bool = False,
 ) -> ApplyResult:
     """:func:`apply_delta` for a chain of any length: ``convert`` applies none (writing the base
     in another layout is applying an empty chain), which the public function refuses."""
@@ -208,6 +221,15 @@ def run_apply(
     if qlora_dtype is not None and qlora is None:
         raise InputError("--qlora-dtype is the dtype the base was quantized from: it needs --qlora")
     quant_dtype = parse_user_dtype(qlora_dtype, "qlora_dtype")
+    for name, value, allowed in (("qlora_scope", qlora_scope, QLORA_SCOPES),
+                                 ("qlora_kernel", qlora_kernel, QLORA_KERNELS)):
+        args.text(name, value)
+        flag = "--" + name.replace("_", "-")
+        if value is not None and value not in allowed:
+            raise InputError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+        if value is not None and qlora is None:
+            raise InputError(f"{flag} says how the base was quantized in training: it needs --qlora")
+    args.flag("safe_merge", safe_merge)
     args.size("max_shard_size", max_shard_size)
     block_size = args.size("block_size", block_size) or DEFAULT_BLOCK_BYTES
     args.flag("force", force)
@@ -246,6 +268,8 @@ def run_apply(
             expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
             quant_dtype=quant_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
             allow_repeat=allow_repeat, finished=finished, signer=signer,
+            qlora_scope=qlora_scope or QLORA_SCOPES[0], qlora_kernel=qlora_kernel or QLORA_KERNELS[0],
+            safe_merge=safe_merge,
         )
 
 
@@ -272,7 +296,7 @@ def _apply_locked(
     expect_md5: PathLike | None, key_md5: str | None, resume: bool, qlora: str | None,
     quant_dtype: torch.dtype | None, lora_r: int | None, lora_alpha: float | None,
     lora_prefix: str | None, allow_repeat: bool, finished: dict | None,
-    signer: SignerPin | None,
+    signer: SignerPin | None, qlora_scope: str, qlora_kernel: str, safe_merge: bool,
 ) -> ApplyResult:
     """The run itself, under OUT's lock: nothing of OUT or its partial folder is touched before."""
     local = {str(d): check_folder(Path(d).expanduser(), signer)
@@ -316,7 +340,9 @@ def _apply_locked(
         if manifests and manifests[0]:
             check_base_dtypes(str(base), base_ckpt.specs, manifests[0].base)
         options = ApplyOptions(new_rows=new_rows, qlora=qlora, qlora_dtype=quant_dtype,
-                               lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix)
+                               qlora_scope=qlora_scope, qlora_kernel=qlora_kernel,
+                               safe_merge=safe_merge, lora_r=lora_r, lora_alpha=lora_alpha,
+                               lora_prefix=lora_prefix)
         _check_lora_options(opened, options)
         jobs = plan_chain(base_ckpt, opened, options, out_dtype, block_size)
         if new_rows == "mean":
@@ -333,7 +359,8 @@ def _apply_locked(
                           "new_rows": new_rows, "verify": verify, "version": __version__,
                           **_lora_record(options), "algorithm": out_algorithm, **fmt.options()}
         if qlora is not None:
-            options_record.update(qlora=qlora, qlora_dtype=str(quant_dtype))
+            options_record.update(qlora=qlora, qlora_dtype=str(quant_dtype),
+                                  qlora_scope=qlora_scope, qlora_kernel=qlora_kernel)
         fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
         if finished is not None:
             if finished["fingerprint"] != fp.digest:
@@ -400,7 +427,9 @@ def _apply_locked(
             if qlora is not None:
                 record["options"].update(
                     qlora=qlora, qlora_dtype=str(quant_dtype).removeprefix("torch.")
-                    if quant_dtype else None)
+                    if quant_dtype else None, qlora_scope=qlora_scope, qlora_kernel=qlora_kernel)
+            if safe_merge:
+                record["options"]["safe_merge"] = True
             write_json(tmp / RESULT_RECORD, record)
             faults.reached("publish")
             publish(tmp, out, force)
@@ -610,9 +639,11 @@ def _check_lora_options(kinds: list[Kind], options: ApplyOptions) -> None:
 
 
 def _lora_record(options: ApplyOptions) -> dict:
-    """The --lora-* options given, for the journal's fingerprint (they change the result)."""
+    """The --lora-* options and --safe-merge given, for the journal's fingerprint (they change
+    the result)."""
     return {k: v for k, v in (("lora_r", options.lora_r), ("lora_alpha", options.lora_alpha),
-                              ("lora_prefix", options.lora_prefix)) if v is not None}
+                              ("lora_prefix", options.lora_prefix),
+                              ("safe_merge", options.safe_merge or None)) if v is not None}
 
 
 def _vocab_rows(jobs: list[TensorJob]) -> int | None:

@@ -22,6 +22,11 @@ MARKED_KINDS = kind_registry.MARKED_KINDS
 NEW_ROWS = ("zero", "mean")
 # apply --qlora: NF4, and NF4 with double quantization (the ``-dq``).
 QLORA_MODES = ("nf4", "nf4-dq")
+# apply --qlora-scope: what training quantized (the first is the default): every Linear layer
+# but the output layer, as transformers' bitsandbytes integration does, or the adapter's targets.
+QLORA_SCOPES = ("all-linear", "targets")
+# apply --qlora-kernel: whose bitsandbytes kernels quantized the base (the first is the default).
+QLORA_KERNELS = ("cuda", "cpu")
 # --dtype spellings, each with the torch dtype (by name) it stands for (dtypes.USER_DTYPES).
 DTYPE_SPELLINGS = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
                    "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..names import KINDS, MAKE_KINDS, NEW_ROWS, QLORA_MODES
+from ..names import KINDS, MAKE_KINDS, NEW_ROWS, QLORA_KERNELS, QLORA_MODES, QLORA_SCOPES
 from ..sizes import DEFAULT_BLOCK_BYTES
 from .common import (
     DTYPE,
@@ -39,12 +39,24 @@ PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); 
               help="Rows the delta adds to embed_tokens/lm_head start at zero (FastChat v0) or "
                    "at the mean of the base's rows (Alpaca).")
 @click.option("--qlora", type=click.Choice(QLORA_MODES), default=None,
-              help="Merge a QLoRA adapter onto the NF4 round trip of the weights it targets, as "
-                   "it was trained (nf4-dq: with double quantization, QLoRA's default); bit for "
-                   "bit as bitsandbytes on CPU.")
+              help="Merge a QLoRA adapter onto bitsandbytes' NF4 round trip of the base, as it "
+                   "was trained (nf4-dq: with double quantization, QLoRA's default).")
 @click.option("--qlora-dtype", type=DTYPE, default=None,
               help="The dtype the trainer loaded the base in before quantizing it (default: the "
                    "base's; Guanaco: bfloat16).")
+@click.option("--qlora-scope", type=click.Choice(QLORA_SCOPES), default=None,
+              help="What training quantized: all-linear (default: every Linear layer but the "
+                   "output layer, as transformers' bitsandbytes loading does) or targets (only "
+                   "the layers the adapter targets).")
+@click.option("--qlora-kernel", type=click.Choice(QLORA_KERNELS), default=None,
+              help="Whose bitsandbytes kernels quantized the base: cuda (default: the GPU's, "
+                   "where QLoRA trains; nearest 8-bit code for nf4-dq's scales) or cpu (bit for "
+                   "bit as bitsandbytes on CPU).")
+@click.option("--safe-merge", is_flag=True,
+              help="Merge as peft's merge_and_unload(safe_merge=True): each Linear layer's "
+                   "product is rounded to the weight's dtype before it is added (default: as "
+                   "merge_and_unload(), rounded once); a merged weight that is not finite is "
+                   "refused.")
 @click.option("--no-verify", is_flag=True, help="Skip all checksum checks.")
 @click.option("--expect-md5", type=click.Path(exists=True, dir_okay=False), default=None,
               metavar="FILE", help="xor-files: the release's `md5  filename` list of the decoded "
@@ -70,7 +82,8 @@ PUSH_HELP = ("Upload the result to this Hub repo when done (with a model card); 
 @hub_options
 @common_run_options
 @handle_errors
-def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expect_md5, key_md5,
+def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, qlora_scope, qlora_kernel,
+              safe_merge, no_verify, expect_md5, key_md5,
               resume, lora_alpha, lora_r, lora_prefix, allow_repeat, push_to, as_json, fmt, outtype,
               threads, mp, signer_key, signer_root, signer_name, signer_identity, signer_issuer,
               token, revision, cache_dir, max_shard_size, block_size, force, workers, quiet) -> None:
@@ -101,7 +114,8 @@ def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, no_verify, expec
         max_shard_size=max_shard_size, block_size=block_size or DEFAULT_BLOCK_BYTES,
         force=force, verify=not no_verify, workers=workers or default_workers(),
         progress=not quiet, resume=resume, expect_md5=expect_md5, key_md5=key_md5, qlora=qlora,
-        qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
+        qlora_dtype=qlora_dtype, qlora_scope=qlora_scope, qlora_kernel=qlora_kernel,
+        safe_merge=safe_merge, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
         hub=hub, format=fmt, outtype=outtype, mp=int(mp) if mp else None,
         allow_repeat=allow_repeat, threads=threads,
         signer=signer_pin(signer_key, signer_root, signer_name, signer_identity, signer_issuer),

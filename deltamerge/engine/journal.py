@@ -28,7 +28,8 @@ JOURNAL_NAME = "journal.jsonl"
 OPTION_NAMES = {
     "kind": "the delta kind", "dtype": "--dtype", "new_rows": "--new-rows",
     "verify": "verification (--no-verify)", "version": "the deltamerge version",
-    "qlora": "--qlora", "qlora_dtype": "--qlora-dtype", "lora_r": "--lora-r",
+    "qlora": "--qlora", "qlora_dtype": "--qlora-dtype", "qlora_scope": "--qlora-scope",
+    "qlora_kernel": "--qlora-kernel", "safe_merge": "--safe-merge", "lora_r": "--lora-r",
     "lora_alpha": "--lora-alpha", "lora_prefix": "--lora-prefix", "algorithm": "the digest algorithm",
 }
 

@@ -103,6 +103,9 @@ class ApplyOptions:
     new_rows: str = "zero"  # "zero" | "mean": how rows beyond the base start
     qlora: str | None = None  # None | "nf4" | "nf4-dq": LoRA onto the NF4 round trip of the base
     qlora_dtype: torch.dtype | None = None  # the dtype the base was quantized from (default: its own)
+    qlora_scope: str = "all-linear"  # names.QLORA_SCOPES: every Linear layer, or the targets only
+    qlora_kernel: str = "cuda"  # names.QLORA_KERNELS: bitsandbytes' CUDA or CPU rules
+    safe_merge: bool = False  # peft's safe_merge: a Linear layer's product rounded before the add
     # A LoRA state dict without adapter_config.json (PandaGPT's pytorch_model.pt) names these:
     lora_r: int | None = None  # checked against the factors' shapes, which give the rank anyway
     lora_alpha: float | None = None  # required: nothing in the factors gives it

@@ -36,7 +36,10 @@ windows it overlaps; the last window is kept, since the next block usually start
 Every tensor's windows are computed in one buffer per adapter, allocated once.
 
 With ``--qlora nf4`` or ``nf4-dq`` a QLoRA adapter is merged as it was trained: onto bitsandbytes'
-NF4 round trip of each targeted Linear weight (``kinds/nf4.py``), not onto the weight itself.
+NF4 round trip (``kinds/nf4.py``) of every Linear weight transformers quantized, targeted or not
+(or, with ``--qlora-scope targets``, of each targeted one), not onto the weights themselves.
+With ``--safe-merge`` a Linear layer's product is rounded to the weight's dtype before the add,
+as peft's ``safe_merge=True`` adds ``delta.to(W.dtype)``; peft's default adds the fp32 product.
 A DoRA adapter (``use_dora``) is merged through the same windows, each row's fp32 sum rescaled
 to its magnitude before it is rounded (``kinds/dora.py``).
 """
@@ -64,7 +67,7 @@ from .dora import DoraFactors
 from .overlay import overlay
 from .patterns import check_patterns, match_patterns
 from .peft_targets import base_modules, check_saved_modules, check_targeting, select_targets
-from .targets import LayerTypes, Stored, stored_name, stored_parameter
+from .targets import LayerTypes, Stored, linear_weights, stored_name, stored_parameter
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -83,16 +86,22 @@ TOKENIZER_FILES = (
 # Options that make peft use another formula (a LoRA "variant", biases, other layer types).
 _OTHER_MATH = {
     "lora_bias": "lora_bias also changes the biases",
-    "use_qalora": "QALoRA (use_qalora) merges into quantized layers",
-    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens) cannot be merged",
     "layer_replication": "layer_replication changes the model's layers",
     "trainable_token_indices": "trainable_token_indices trains single token rows",
     "velora_config": "VeLoRA is a LoRA variant",
     "monteclora_config": "MonteCLoRA is a LoRA variant",
     "use_bdlora": "BD-LoRA is a LoRA variant",
-    "arrow_config": "Arrow routes between several LoRAs",
     "kasa_config": "KaSA is a LoRA variant",
     "enable_lora": "enable_lora (merged qkv layers of early peft) splits the product",
+}
+# LoRA types that no merged weight reproduces: peft refuses to merge them too.
+_UNMERGEABLE = {
+    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens) adapts only the tokens after its "
+                               "invocation sequence, which no merged weight can do",
+    "arrow_config": "Arrow (arrow_config) routes each token among several LoRAs, which no single "
+                    "merged weight can do",
+    "use_qalora": "QALoRA (use_qalora) pools each input over groups of columns into a "
+                  "GPTQ-quantized layer and has no delta weight to merge",
 }
 _FACTOR = re.compile(r"(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight")
 _EMBEDDING_FACTOR = re.compile(r"(?P<module>.+)\.(?P<which>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?")
@@ -140,6 +149,9 @@ def read_adapter_config(folder: Path) -> dict:
             f"{path}: peft_type {peft_type!r}: deltamerge merges {', '.join(PEFT_KINDS)} "
             "adapters only"
         )
+    for key, why in _UNMERGEABLE.items():
+        if config.get(key):
+            raise UnsupportedError(f"{path}: {why}; peft refuses to merge it too (use it unmerged)")
     for key, why in _OTHER_MATH.items():
         if config.get(key):
             raise UnsupportedError(
@@ -305,9 +317,12 @@ class Nf4Base:
     block's absmax): the engine feeds them through the step's first pass.
     """
 
-    def __init__(self, spec: TensorSpec, double_quant: bool, dtype: torch.dtype | None):
+    def __init__(
+        self, spec: TensorSpec, double_quant: bool, dtype: torch.dtype | None, cuda: bool = False
+    ):
         self.spec = spec
         self.double_quant = double_quant
+        self.cuda = cuda
         self.dtype = dtype or spec.dtype
         self.row_multiple = nf4.row_multiple(spec.row_numel)
         self._prepare: nf4.Nf4Prepare | None = None
@@ -315,7 +330,8 @@ class Nf4Base:
 
     def feed(self, rows: torch.Tensor, r0: int) -> None:
         if self._prepare is None:
-            self._prepare = nf4.Nf4Prepare(self.spec.shape, self.double_quant, self.spec.name)
+            self._prepare = nf4.Nf4Prepare(self.spec.shape, self.double_quant, self.spec.name,
+                                           self.cuda)
         self._prepare.add(rows.to(self.dtype), r0)
 
     def end_first_pass(self) -> None:
@@ -325,7 +341,7 @@ class Nf4Base:
     def roundtrip(self, cur: torch.Tensor, r0: int, scratch: Scratch) -> torch.Tensor:
         if self._state is None:
             assert not self.double_quant, "double quantization without its first pass"
-            self._state = nf4.Nf4State(self.spec.shape, False)
+            self._state = nf4.Nf4State(self.spec.shape, False, self.cuda)
         out = scratch.get("lora-nf4", self.dtype, tuple(cur.shape))
         return nf4.nf4_roundtrip(cur.to(self.dtype), self._state, r0, out=out)
 
@@ -339,11 +355,13 @@ class LoraStep(Step):
     def __init__(
         self, before: TensorSpec, after: TensorSpec, replace: RowInput | None,
         factors: Factors | DoraFactors | ExpertFactors | None, nf4_base: Nf4Base | None = None,
+        finite_in: Path | None = None,
     ):
         super().__init__(before, after)
         self.inputs = (replace,) if replace is not None else ()
         self.factors = factors
         self.nf4_base = nf4_base
+        self.finite_in = finite_in  # peft's safe_merge: a merged weight must be finite
         if nf4_base is not None:
             self.row_multiple = nf4_base.row_multiple
             self.first_pass = nf4_base.double_quant
@@ -368,6 +386,12 @@ class LoraStep(Step):
             out.copy_(cur)
             return
         self.factors.merge(cur, out, r0, scratch)
+        if self.finite_in is not None and not torch.isfinite(out).all():
+            row = r0 + int((~torch.isfinite(out)).view(out.shape[0], -1).any(dim=1).nonzero()[0])
+            raise MismatchError(
+                f"{self.finite_in}: tensor {self.after.name!r}: the merged weight is not finite "
+                f"(row {row}): peft's safe_merge refuses it (the adapter seems to be broken)"
+            )
 
     def close(self) -> None:
         if self.factors is not None:
@@ -773,13 +797,20 @@ class LoraKind(Kind):
         self._check_vocab(specs, after)
         linear = {n: m for n, m in modules_of.items() if not modules[m].embedding}
         quantized = self._quantized(linear, whole, after, layers, options)
+        if options.safe_merge:
+            for name, f in factors.items():
+                # peft's safe_merge adds ``delta.to(W.dtype)`` to a Linear (or Conv1D) weight;
+                # embeddings and parameters round so anyway, DoRA and 4-bit layers never do.
+                if isinstance(f, Factors) and name not in quantized:
+                    f.round_to = after[name].dtype
         steps: dict[str, Step] = {
             name: LoraStep(
                 specs[name], after[name],
                 RowInput(self.checkpoint, whole[name]) if name in whole else None,
                 factors.get(name), quantized.get(name),
+                self.weights if options.safe_merge else None,
             )
-            for name in after if name in whole or name in factors
+            for name in after if name in whole or name in factors or name in quantized
         }
         clash = [n for n in extra.values() if n in after]
         if clash:
@@ -809,12 +840,15 @@ class LoraKind(Kind):
         self, linear: dict[str, str], whole: dict[str, str], after: dict[str, TensorSpec],
         layers: LayerTypes, options: ApplyOptions,
     ) -> dict[str, Nf4Base]:
-        """With ``--qlora``: the tensors bitsandbytes quantized, the LoRA-targeted Linear weights
-        (``linear``: stored name to module, modules only, embeddings left out).
+        """With ``--qlora``: the tensors bitsandbytes quantized in training.
 
-        The output layer (``lm_head``, which transformers leaves unquantized), whole tensors the
-        adapter stores and parameters adapted through ``target_parameters`` (no Linear layer:
-        bitsandbytes leaves them as they are) are not quantized.
+        By default (``--qlora-scope all-linear``) every Linear layer transformers replaced by a
+        4-bit one (``targets.linear_weights``: all but the output layer and the embeddings),
+        targeted or not; with ``targets``, the LoRA-targeted Linear weights only (``linear``:
+        stored name to module, modules only, embeddings left out). The output layer (``lm_head``,
+        which transformers leaves unquantized), whole tensors the adapter stores and parameters
+        adapted through ``target_parameters`` (no Linear layer: bitsandbytes leaves them as they
+        are) are not quantized.
         """
         if options.qlora is None:
             return {}
@@ -822,9 +856,19 @@ class LoraKind(Kind):
             raise UnsupportedError(
                 f"{self.weights}: a DoRA adapter (use_dora) cannot be merged with --qlora"
             )
+        if options.qlora_scope == "targets":
+            names = [n for n, m in linear.items() if m.rsplit(".", 1)[-1] != "lm_head"]
+        else:
+            names, experts = linear_weights(after)
+            if experts is not None:
+                raise UnsupportedError(
+                    f"{self.weights}: tensor {experts!r} belongs to a mixture of experts, which "
+                    "transformers 4 quantized for training and transformers 5 does not: "
+                    "merge with --qlora-scope targets"
+                )
         quantized = {}
-        for name, module in linear.items():
-            if name in whole or module.rsplit(".", 1)[-1] == "lm_head":
+        for name in names:
+            if name in whole:
                 continue
             if layers.conv1d(name):
                 raise UnsupportedError(
@@ -837,7 +881,8 @@ class LoraKind(Kind):
                     f"{self.weights}: tensor {name!r} is {spec.dtype}: NF4 quantizes float16, "
                     "bfloat16 or float32 weights"
                 )
-            quantized[name] = Nf4Base(spec, QLORA_MODES[options.qlora], options.qlora_dtype)
+            quantized[name] = Nf4Base(spec, QLORA_MODES[options.qlora], options.qlora_dtype,
+                                      options.qlora_kernel == "cuda")
         return quantized
 
     def _check_vocab(self, before: dict[str, TensorSpec], after: dict[str, TensorSpec]) -> None:

@@ -3,7 +3,8 @@
 QLoRA adapters (Guanaco) were trained against the 4-bit base ``dequant(NF4(W))``, not ``W``;
 merging one into ``W`` adds the quantization error back. This module recomputes what
 bitsandbytes 0.50 computes on CPU for ``quant_type="nf4"``, ``blocksize=64``, ``quant_storage=
-uint8``, with and without double quantization (``compress_statistics``), in plain torch:
+uint8``, with and without double quantization (``compress_statistics``), in plain torch (and,
+with ``cuda=True``, what its CUDA kernels compute instead, below):
 
 * ``quantize_4bit`` (bitsandbytes' default backend, which CPU tensors use): the tensor is
   flattened and cut into blocks of 64; each block's ``absmax = max|x|`` in fp32; full blocks are
@@ -29,9 +30,28 @@ offset is the mean of every block's absmax, so it needs a first pass over the te
 
 The offset is torch's fp32 ``mean``, as in bitsandbytes, which makes bitsandbytes' own result
 depend on torch's thread count for tensors of over 2M elements (32768 blocks); here it is always
-the one-thread mean (:func:`single_thread_mean`). On CUDA, where QLoRA quantizes, the mean is
-summed in another order and ``quantize_blockwise`` takes the nearest 8-bit code rather than the
-CPU's table look-up, so a base double-quantized on a GPU can differ in some blocks' scales.
+the one-thread mean (:func:`single_thread_mean`).
+
+QLoRA quantized on GPUs, where bitsandbytes runs its CUDA kernels (``csrc/kernels.cu``, the same
+in 0.50.1 and on its main branch a week later), whose rules differ; ``cuda=True`` follows them:
+
+* ``kQuantizeBlockwise`` (8 bits, double quantization's scales) does not look a table up: its
+  ``dQuantize`` walks a binary search over the 256 sorted codes to a leaf (always an even index
+  ``p``, with ``code[p-1] < v <= code[p+1]``) and returns the nearer of ``p`` and its neighbour
+  by the fp32 midpoint ``(a + b) * 0.5f``; a value on a midpoint goes to ``p``, the even index
+  of the two (:func:`nearest_code`). On a 4096 x 11008 tensor 0.15% of the codes differ from
+  the CPU's.
+* every block, the last and shorter one too, is scaled by ``x * (1.0f / absmax)``: there is no
+  clamp, so a block of zeros scales to NaN, which every comparison of ``dQuantize`` and of
+  ``dQuantizeNF4``'s tree sends to code 0 (NF4 -1.0: zero times its scale, or minus the
+  dequantized scale under double quantization), and its absmax is stored as 0.
+* ``dQuantizeNF4``'s tree compares with thresholds equal (as fp32) to the midpoints above.
+
+Two things of a GPU's run are not reproduced here. bitsandbytes builds its CUDA kernels with
+``--use_fast_math``, so its ``1.0f / absmax`` is the hardware's approximate reciprocal (at most
+one ulp from the correctly rounded one used here): a value within an ulp of a midpoint may take
+the other code where the two differ. And torch's CUDA ``mean`` sums the absmax in another order
+than its CPU's, so the offset may differ in its last bit. Neither was checked on a GPU.
 """
 
 from __future__ import annotations
@@ -159,35 +179,41 @@ def _flat_range(rows: torch.Tensor, r0: int, shape: tuple[int, ...]) -> tuple[in
     return start, n, numel
 
 
-def block_absmax(flat: torch.Tensor) -> torch.Tensor:
+def block_absmax(flat: torch.Tensor, cuda: bool = False) -> torch.Tensor:
     """Per-block ``max|x|`` (fp32) of ``flat``, which starts on a block boundary.
 
-    A last block shorter than 64 is the tensor's last, whose absmax bitsandbytes clamps.
+    A last block shorter than 64 is the tensor's last, whose absmax bitsandbytes' CPU code clamps
+    (its CUDA kernel does not).
     """
     x = flat.reshape(-1)
     n = x.numel()
     full = n - n % BLOCKSIZE
     absmax = x[:full].view(-1, BLOCKSIZE).abs().amax(dim=1).to(torch.float32)
     if full < n:
-        tail = x[full:].abs().max().to(torch.float32).clamp(min=_CLAMP)
-        absmax = torch.cat([absmax, tail.view(1)])
+        tail = x[full:].abs().max().to(torch.float32)
+        absmax = torch.cat([absmax, tail.view(1) if cuda else tail.clamp(min=_CLAMP).view(1)])
     return absmax
 
 
-def quantize(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(flat: torch.Tensor, cuda: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """NF4 indices (int32, one per element, 0..15) and per-block absmax (fp32) of ``flat``."""
     x = flat.reshape(-1).to(torch.float32)
     n = x.numel()
     full = n - n % BLOCKSIZE
-    absmax = block_absmax(x)
+    absmax = block_absmax(x, cuda)
     com = x[:full].view(-1, BLOCKSIZE)
-    scale = absmax[: full // BLOCKSIZE].clamp(min=_CLAMP).reciprocal().view(-1, 1)
+    divisor = absmax[: full // BLOCKSIZE]
+    scale = (divisor if cuda else divisor.clamp(min=_CLAMP)).reciprocal().view(-1, 1)
     # bitsandbytes clamps the scaled values to [-1, 1]; every midpoint lies inside, so that
     # changes no index, and is left out.
     codes = nf4_index((com * scale).view(-1))
     if full < n:
-        tail = nf4_index(x[full:] / absmax[-1])
-        codes = torch.cat([codes, tail])
+        tail = x[full:] * absmax[-1].reciprocal() if cuda else x[full:] / absmax[-1]
+        codes = torch.cat([codes, nf4_index(tail)])
+    if cuda:  # a block of zeros scaled to NaN: the kernel's tree answers code 0
+        codes.view(-1)[:full].view(-1, BLOCKSIZE)[divisor == 0] = 0
+        if full < n and absmax[-1] == 0:
+            codes[full:] = 0
     return codes, absmax
 
 
@@ -204,11 +230,33 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
     return out.to(dtype)
 
 
-def quantize_8bit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bitsandbytes' CPU ``quantize_blockwise(x, blocksize=256)`` (fp32 ``x``): codes and absmax.
+@cache
+def _dynamic_midpoints() -> torch.Tensor:
+    """The CUDA kernel's fp32 midpoints between neighbouring codes, ``(a + b) * 0.5f``."""
+    code = dynamic_code()
+    return (code[:-1] + code[1:]) * 0.5
 
-    The kernel's table look-up, not the nearest code: ``v = x * (1 / absmax)`` picks grid point
-    ``int((clamp(v, -1, 1) + 1) * 0.5 * 65535 + 0.5)``; a block of zeros takes code 0.
+
+def nearest_code(v: torch.Tensor) -> torch.Tensor:
+    """The CUDA kernel's ``dQuantize``: the nearest 8-bit code (uint8) of each fp32 value.
+
+    A value on a midpoint goes to the even index of its two codes (where the kernel's search
+    ends); NaN, which fails every comparison, to code 0.
+    """
+    mids = _dynamic_midpoints()
+    k = torch.searchsorted(mids, v.contiguous(), right=False)
+    on = torch.eq(v, mids.index_select(0, k.clamp(max=mids.numel() - 1).view(-1)).view(v.shape))
+    k.add_(on & (k % 2 == 1))
+    k[torch.isnan(v)] = 0
+    return k.to(torch.uint8)
+
+
+def quantize_8bit(x: torch.Tensor, cuda: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' ``quantize_blockwise(x, blocksize=256)`` (fp32 ``x``): codes and absmax.
+
+    On CPU the kernel's table look-up, not the nearest code: ``v = x * (1 / absmax)`` picks grid
+    point ``int((clamp(v, -1, 1) + 1) * 0.5 * 65535 + 0.5)``; a block of zeros takes code 0. With
+    ``cuda`` the CUDA kernel's nearest code of ``v`` (:func:`nearest_code`).
     """
     n = x.numel()
     nblocks = -(n // -ABSMAX_BLOCKSIZE)
@@ -216,6 +264,9 @@ def quantize_8bit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     v[:n] = x.reshape(-1)
     blocks = v.view(nblocks, ABSMAX_BLOCKSIZE)
     absmax = blocks.abs().amax(dim=1)
+    if cuda:
+        blocks.mul_(absmax.reciprocal().view(-1, 1))
+        return nearest_code(v)[:n], absmax
     blocks.mul_(1.0 / absmax.view(-1, 1)).clamp_(-1.0, 1.0)
     v.add_(1.0).mul_(0.5).mul_(float(_LUT_SIZE - 1)).add_(0.5).nan_to_num_(0.0)
     index = v.to(torch.int32).clamp_(0, _LUT_SIZE - 1)
@@ -241,10 +292,12 @@ def single_thread_mean(x: torch.Tensor) -> torch.Tensor:
         torch.set_num_threads(threads)
 
 
-def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_absmax(
+    absmax: torch.Tensor, cuda: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Double quantization: (8-bit codes, their per-256 absmax, the offset ``mean(absmax)``)."""
     offset = single_thread_mean(absmax)
-    codes, absmax2 = quantize_8bit(absmax - offset)
+    codes, absmax2 = quantize_8bit(absmax - offset, cuda)
     return codes, absmax2, offset
 
 
@@ -270,6 +323,7 @@ class Nf4State:
 
     shape: tuple[int, ...]
     double_quant: bool
+    cuda: bool = False  # bitsandbytes' CUDA kernels' rules, not its CPU code's
     scale: torch.Tensor | None = None
     absmax_codes: torch.Tensor | None = None
     absmax2: torch.Tensor | None = None
@@ -284,10 +338,13 @@ class Nf4Prepare:
     64 elements (2.8 MB for a 4096 x 11008 tensor).
     """
 
-    def __init__(self, shape: tuple[int, ...], double_quant: bool, name: str = "tensor"):
+    def __init__(
+        self, shape: tuple[int, ...], double_quant: bool, name: str = "tensor", cuda: bool = False
+    ):
         self.shape = tuple(shape)
         self.double_quant = double_quant
         self.name = name
+        self.cuda = cuda
         numel = math.prod(self.shape)
         nblocks = -(numel // -BLOCKSIZE)
         self.absmax = torch.empty(nblocks if double_quant else 0, dtype=torch.float32)
@@ -300,23 +357,23 @@ class Nf4Prepare:
         start, n, _ = _flat_range(rows, r0, self.shape)
         flat = rows.reshape(-1)
         for c0 in range(0, n, CHUNK):
-            absmax = block_absmax(flat[c0 : c0 + CHUNK])
+            absmax = block_absmax(flat[c0 : c0 + CHUNK], self.cuda)
             b0 = (start + c0) // BLOCKSIZE
             self.absmax[b0 : b0 + absmax.numel()] = absmax
         self._seen += n
 
     def finish(self) -> Nf4State:
         if not self.double_quant:
-            return Nf4State(self.shape, False)
+            return Nf4State(self.shape, False, self.cuda)
         numel = math.prod(self.shape)
         if self._seen != numel:
             raise InputError(
                 f"{self.name}: the NF4 first pass saw {self._seen} of {numel} elements"
             )
-        codes, absmax2, offset = quantize_absmax(self.absmax)
+        codes, absmax2, offset = quantize_absmax(self.absmax, self.cuda)
         self.absmax = torch.empty(0)
         scale = dequantize_absmax(codes, absmax2, offset)
-        return Nf4State(self.shape, True, scale, codes, absmax2, offset)
+        return Nf4State(self.shape, True, self.cuda, scale, codes, absmax2, offset)
 
 
 def nf4_roundtrip(
@@ -338,7 +395,7 @@ def nf4_roundtrip(
     flat_in, flat_out = rows.reshape(-1), out.view(-1)
     for c0 in range(0, n, CHUNK):
         c1 = min(n, c0 + CHUNK)
-        codes, absmax = quantize(flat_in[c0:c1])
+        codes, absmax = quantize(flat_in[c0:c1], state.cuda)
         if state.scale is not None:
             b0 = (start + c0) // BLOCKSIZE
             absmax = state.scale[b0 : b0 + absmax.numel()]
@@ -347,9 +404,9 @@ def nf4_roundtrip(
 
 
 def nf4_roundtrip_tensor(
-    w: torch.Tensor, double_quant: bool, dtype: torch.dtype | None = None
+    w: torch.Tensor, double_quant: bool, dtype: torch.dtype | None = None, cuda: bool = False
 ) -> torch.Tensor:
     """The whole tensor's round trip (both passes at once): for tests and small tensors."""
-    prep = Nf4Prepare(tuple(w.shape), double_quant)
+    prep = Nf4Prepare(tuple(w.shape), double_quant, cuda=cuda)
     prep.add(w, 0)
     return nf4_roundtrip(w, prep.finish(), 0, dtype)

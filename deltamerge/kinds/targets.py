@@ -90,6 +90,39 @@ def _bias_says(name: str, specs: dict[str, TensorSpec]) -> bool | None:
     return {rows: False, cols: True}.get(bias.shape[0])
 
 
+# Modules whose 2-D weight is an embedding's, not a Linear layer's: every name with "embed" in
+# it (embed_tokens, embed_in, word_embeddings, embed_positions, ...), and GPT-2's and T5's.
+_EMBEDDINGS = re.compile(r"(?:.*embed.*|wte|wpe|shared)")
+_EXPERT = re.compile(r"(?:^|\.)experts\.")
+
+
+def linear_weights(specs: dict[str, TensorSpec]) -> tuple[list[str], str | None]:
+    """The weights transformers' bitsandbytes loading replaces by 4-bit layers, and the first
+    tensor of a mixture of experts, if the base has one.
+
+    ``replace_with_bnb_linear`` converts every ``nn.Linear`` (and ``Conv1D``) but the modules
+    ``get_keys_to_not_convert`` names: the output layer, tied weights and the model's last
+    parameter (in causal LMs the output layer or a norm). Seen from a checkpoint, that is every
+    2-D ``.weight`` whose module is not an embedding and not ``lm_head`` (GPT-NeoX's
+    ``embed_out``). Experts are not decided here: transformers 4 quantized each expert's and
+    the router's Linear layers, transformers 5 fuses the experts into parameters and quantizes
+    neither, so the caller is told that the base has them.
+    """
+    found: list[str] = []
+    experts = None
+    for name, spec in specs.items():
+        if _EXPERT.search(name):
+            experts = experts or name
+            continue
+        if not name.endswith(".weight") or len(spec.shape) != 2:
+            continue
+        module = memory_names(name)[-1].removesuffix(".weight")
+        last = module.rsplit(".", 1)[-1]
+        if last != "lm_head" and not _EMBEDDINGS.fullmatch(last):
+            found.append(name)
+    return found, experts
+
+
 @dataclass(frozen=True)
 class Piece:
     """A stored tensor holding rows ``[r0, r1)`` of one expert of a fused parameter."""

@@ -286,7 +286,8 @@ def test_qlora_merge_is_peft_4bit_merge_rounded_once(
     adapter = random_adapter(base, base_dtype, tmp_path / "adapter")
     merged = peft_4bit_merge(base, adapter, dq, quant_dtype or base_dtype, monkeypatch)
     apply_delta(base, adapter, tmp_path / "out", block_size=SMALL_BLOCK, workers=2,
-                qlora="nf4-dq" if dq else "nf4", qlora_dtype=quant_dtype, dtype=out_dtype)
+                qlora="nf4-dq" if dq else "nf4", qlora_dtype=quant_dtype, dtype=out_dtype,
+                qlora_kernel="cpu")
     got, original = load_state(tmp_path / "out"), load_state(base)
     assert len(merged) == 14 and set(merged) < set(got) == set(original)
     for name, tensor in got.items():
@@ -312,7 +313,8 @@ def test_qlora_merge_is_merge_and_unload_onto_the_roundtrip(tmp_path) -> None:
             if name.endswith(("q_proj.weight", "down_proj.weight")):
                 p.copy_(bnb_roundtrip(p.data, True))
     reference = PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict()
-    apply_delta(base, adapter, tmp_path / "out", block_size=SMALL_BLOCK, qlora="nf4-dq")
+    apply_delta(base, adapter, tmp_path / "out", block_size=SMALL_BLOCK, qlora="nf4-dq",
+                qlora_scope="targets", qlora_kernel="cpu")
     got = load_state(tmp_path / "out")
     for name, tensor in got.items():
         assert torch.equal(tensor, reference[name]), name

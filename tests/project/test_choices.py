@@ -52,6 +52,8 @@ OPTIONS = [
     *[(command, "mp", tuple(map(str, meta_format.MP_SHARDS))) for command in ("apply", "convert")],
     *[(command, "dtype", tuple(USER_DTYPES)) for command in ("apply", "convert")],
     ("apply", "qlora-dtype", tuple(USER_DTYPES)),
+    ("apply", "qlora-scope", names.QLORA_SCOPES),
+    ("apply", "qlora-kernel", names.QLORA_KERNELS),
     *[(command, "algorithm", digest.ALGORITHMS) for command in ("checksum", "verify", "inspect")],
     ("verify", "role", checks.ROLES),
 ]
