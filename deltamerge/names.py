@@ -10,7 +10,9 @@ from __future__ import annotations
 
 # apply --kind: every kind a delta can be (kinds/detect.py opens each).
 KINDS = ("add", "xor", "xor-zstd", "xor-files", "enc", "lora", "ia3", "loha", "lokr",
-         "trainable-tokens", "vera", "prefix")
+         "trainable-tokens", "vera", "prefix",
+         "oft",
+         )
 # make-delta --kind: what it computes (``--compress`` turns xor into xor-zstd).
 MAKE_KINDS = ("add", "xor")
 # The kinds make-delta writes, recorded in the delta's marks (kinds/marks.py).

@@ -231,8 +231,8 @@ def _edit_config(adapter: Path, change: dict) -> None:
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"peft_type": "BOFT"}, "peft_type 'BOFT'"),
-    ({"peft_type": "OFT"}, "peft_type 'OFT'"),
+    ({"peft_type": "POLY"}, "peft_type 'POLY'"),
+    ({"peft_type": "LN_TUNING"}, "peft_type 'LN_TUNING'"),
     ({"trainable_token_indices": [1, 2]}, "trainable_token_indices .* LOKR"),
     ({"rank_pattern": {"q_proj": 3}}, "not factors of rank 3"),
 ])

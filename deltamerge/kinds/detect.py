@@ -29,6 +29,7 @@ from .loha import LohaKind
 from .lokr import LokrKind
 from .lora import LoraKind, looks_like_lora_state
 from .marks import Marks, agreed_marks, check_manifest_marks, weight_headers
+from .oft import OftKind
 from .prefix import PrefixKind, looks_like_prefix
 from .trainable_tokens import TrainableTokensKind
 from .vera import VeraKind
@@ -38,7 +39,9 @@ from .xor_zstd import XorZstdKind
 
 WHOLE_FILE_KINDS = ("xor-files", "enc")  # decoded file by file, alone, not in the tensor stream
 _ADAPTER_KINDS = {"ia3": Ia3Kind, "loha": LohaKind, "lokr": LokrKind,
-                  "trainable-tokens": TrainableTokensKind, "vera": VeraKind}  # peft types besides LoRA
+                  "trainable-tokens": TrainableTokensKind, "vera": VeraKind,
+                  "oft": OftKind,
+                  }  # peft types besides LoRA
 
 
 def detect_kind(folder: Path, manifest: Manifest | None) -> str:
