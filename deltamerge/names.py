@@ -12,6 +12,7 @@ from __future__ import annotations
 KINDS = ("add", "xor", "xor-zstd", "xor-files", "enc", "lora", "ia3", "loha", "lokr",
          "trainable-tokens", "vera", "prefix",
          "oft",
+         "boft",
          )
 # make-delta --kind: what it computes (``--compress`` turns xor into xor-zstd).
 MAKE_KINDS = ("add", "xor")

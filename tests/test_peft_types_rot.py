@@ -8,7 +8,7 @@ import peft.tuners.boft.layer as boft_layer
 import pytest
 import test_peft_types
 import torch
-from peft import OFTConfig
+from peft import BOFTConfig, OFTConfig
 from test_kinds_lora import SMALL_BLOCK, VOCAB, assert_matches, peft_merge
 from test_peft_types import bases, make  # noqa: F401 - bases is a fixture
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaForCausalLM
@@ -30,6 +30,10 @@ CONFIGS = {
                           target_modules=["o_proj", "gate_proj"]),
         lambda: OFTConfig(r=2, oft_block_size=0, coft=True, eps=0.5, use_cayley_neumann=False,
                           target_modules=["k_proj", "v_proj", "down_proj"]),
+    ),
+    "boft": (
+        lambda: BOFTConfig(boft_block_size=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+        lambda: BOFTConfig(boft_block_size=0, boft_block_num=4, target_modules=["k_proj", "o_proj", "up_proj"]),
     ),
 }
 CASES = [(w, m, d) for w in CONFIGS for m in ("llama", "gemma")

@@ -23,6 +23,7 @@ from ..sources import open_checkpoint
 from . import Kind
 from .adapter import adapter_kind
 from .add import AddKind
+from .boft import BoftKind
 from .enc import looks_like_enc
 from .ia3 import Ia3Kind
 from .loha import LohaKind
@@ -41,6 +42,7 @@ WHOLE_FILE_KINDS = ("xor-files", "enc")  # decoded file by file, alone, not in t
 _ADAPTER_KINDS = {"ia3": Ia3Kind, "loha": LohaKind, "lokr": LokrKind,
                   "trainable-tokens": TrainableTokensKind, "vera": VeraKind,
                   "oft": OftKind,
+                  "boft": BoftKind,
                   }  # peft types besides LoRA
 
 
