@@ -13,6 +13,7 @@ KINDS = ("add", "xor", "xor-zstd", "xor-files", "enc", "lora", "ia3", "loha", "l
          "trainable-tokens", "vera", "prefix",
          "oft",
          "boft",
+         "hra",
          )
 # make-delta --kind: what it computes (``--compress`` turns xor into xor-zstd).
 MAKE_KINDS = ("add", "xor")

@@ -8,7 +8,7 @@ import peft.tuners.boft.layer as boft_layer
 import pytest
 import test_peft_types
 import torch
-from peft import BOFTConfig, OFTConfig
+from peft import BOFTConfig, HRAConfig, OFTConfig
 from test_kinds_lora import SMALL_BLOCK, VOCAB, assert_matches, peft_merge
 from test_peft_types import bases, make  # noqa: F401 - bases is a fixture
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaForCausalLM
@@ -33,7 +33,12 @@ CONFIGS = {
     ),
     "boft": (
         lambda: BOFTConfig(boft_block_size=4, target_modules=["q_proj", "v_proj", "down_proj"]),
-        lambda: BOFTConfig(boft_block_size=0, boft_block_num=4, target_modules=["k_proj", "o_proj", "up_proj"]),
+        lambda: BOFTConfig(boft_block_size=0, boft_block_num=4,
+                           target_modules=["k_proj", "o_proj", "up_proj"]),
+    ),
+    "hra": (
+        lambda: HRAConfig(r=4, target_modules=["q_proj", "k_proj", "down_proj"]),
+        lambda: HRAConfig(r=3, apply_GS=True, target_modules=["k_proj", "gate_proj", "o_proj"]),
     ),
 }
 CASES = [(w, m, d) for w in CONFIGS for m in ("llama", "gemma")

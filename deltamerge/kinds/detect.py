@@ -25,6 +25,7 @@ from .adapter import adapter_kind
 from .add import AddKind
 from .boft import BoftKind
 from .enc import looks_like_enc
+from .hra import HraKind
 from .ia3 import Ia3Kind
 from .loha import LohaKind
 from .lokr import LokrKind
@@ -43,6 +44,7 @@ _ADAPTER_KINDS = {"ia3": Ia3Kind, "loha": LohaKind, "lokr": LokrKind,
                   "trainable-tokens": TrainableTokensKind, "vera": VeraKind,
                   "oft": OftKind,
                   "boft": BoftKind,
+                  "hra": HraKind,
                   }  # peft types besides LoRA
 
 
