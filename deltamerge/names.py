@@ -14,6 +14,7 @@ KINDS = ("add", "xor", "xor-zstd", "xor-files", "enc", "lora", "ia3", "loha", "l
          "oft",
          "boft",
          "hra",
+         "adalora",
          )
 # make-delta --kind: what it computes (``--compress`` turns xor into xor-zstd).
 MAKE_KINDS = ("add", "xor")

@@ -8,7 +8,7 @@ import peft.tuners.boft.layer as boft_layer
 import pytest
 import test_peft_types
 import torch
-from peft import BOFTConfig, HRAConfig, OFTConfig
+from peft import AdaLoraConfig, BOFTConfig, HRAConfig, OFTConfig
 from test_kinds_lora import SMALL_BLOCK, VOCAB, assert_matches, peft_merge
 from test_peft_types import bases, make  # noqa: F401 - bases is a fixture
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaForCausalLM
@@ -19,6 +19,14 @@ from deltamerge.kinds.detect import detect_kind
 PARTS = ("oft_R", "oft_embedding_R", "boft_", "hra_u")
 # type -> a config for the tiny LLaMA (hidden 64, ffn 172) and one for the tiny Gemma (32, 64)
 CONFIGS = {
+    "adalora": (
+        # training kept 2 of q_proj's 4 ranks in layer 0, none of down_proj's in layer 1
+        lambda: AdaLoraConfig(
+            init_r=4, lora_alpha=16, total_step=10, target_modules=["q_proj", "down_proj"],
+            rank_pattern={"model.layers.0.self_attn.q_proj.lora_E": [True, False, False, True],
+                          "model.layers.1.mlp.down_proj.lora_E": [False] * 4}),
+        lambda: AdaLoraConfig(init_r=3, lora_alpha=0, total_step=10, target_modules=["k_proj", "up_proj"]),
+    ),
     "oft": (
         # block 16 does not divide down_proj's 172 inputs: peft adjusts it to 4
         lambda: OFTConfig(oft_block_size=16, target_modules=["q_proj", "down_proj", "embed_tokens"]),

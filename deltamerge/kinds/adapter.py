@@ -41,6 +41,7 @@ PEFT_KINDS = {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr",
               "OFT": "oft",
               "BOFT": "boft",
               "HRA": "hra",
+              "ADALORA": "adalora",
               }
 # Config fields that would need arithmetic (or tensors) these kinds do not have yet.
 _BASE_LAYER = re.compile(r"(?P<module>.+)\.base_layer\.weight")

@@ -21,6 +21,7 @@ from ..integrity.manifest import MANIFEST_NAME, Manifest
 from ..names import KINDS
 from ..sources import open_checkpoint
 from . import Kind
+from .adalora import AdaloraKind
 from .adapter import adapter_kind
 from .add import AddKind
 from .boft import BoftKind
@@ -45,6 +46,7 @@ _ADAPTER_KINDS = {"ia3": Ia3Kind, "loha": LohaKind, "lokr": LokrKind,
                   "oft": OftKind,
                   "boft": BoftKind,
                   "hra": HraKind,
+                  "adalora": AdaloraKind,
                   }  # peft types besides LoRA
 
 

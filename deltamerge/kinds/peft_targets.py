@@ -71,6 +71,8 @@ PEFT_TYPES = {
                          "a Linear or Conv1D layer", "init_weights", (False,)),
     # init_weights=True copies the base's rows: no effect; False makes them random
     "TRAINABLE_TOKENS": PeftTypeInfo((), (2,), "an Embedding layer", "init_weights", (False,)),
+    "ADALORA": PeftTypeInfo(_SELECTING, (2, 4), "a Linear, Conv1D or Conv2d layer", "init_lora_weights",
+                            (False,)),
     "BOFT": PeftTypeInfo(_SELECTING, (2, 4), "a Linear or Conv2d layer", "init_weights", (False,)),
     "HRA": PeftTypeInfo(_SELECTING, (2, 4), "a Linear or Conv2d layer", "init_weights", (False,)),
     "OFT": PeftTypeInfo(_SELECTING, (2, 4), "a Linear, Embedding or Conv2d layer", "init_weights", (False,)),
