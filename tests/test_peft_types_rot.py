@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import peft.tuners.boft.layer as boft_layer
 import pytest
 import test_peft_types
 import torch
+from conftest import apply_in_process
 from peft import AdaLoraConfig, BOFTConfig, HRAConfig, OFTConfig
+from safetensors.torch import load_file, save_file
 from test_kinds_lora import SMALL_BLOCK, VOCAB, assert_matches, peft_merge
-from test_peft_types import bases, make  # noqa: F401 - bases is a fixture
-from transformers import GemmaConfig, GemmaForCausalLM, LlamaForCausalLM
+from test_peft_types import bases, make, with_biases  # noqa: F401 - bases is a fixture
+from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaForCausalLM,
+)
 
 from deltamerge import apply_delta
+from deltamerge.errors import UnsupportedError
 from deltamerge.kinds.detect import detect_kind
 
 PARTS = ("oft_R", "oft_embedding_R", "boft_", "hra_u")
@@ -87,3 +99,89 @@ def test_merge_matches_peft(tmp_path: Path, bases, gemmas, which: str, model: st
     assert detect_kind(adapter, None) == which.split("-")[0]
     apply_delta(base, adapter, tmp_path / "out", block_size=SMALL_BLOCK)
     assert_matches(tmp_path / "out", peft_merge(base, dtype, [adapter], cls=cls))
+
+
+def _neox(folder: Path, dtype: torch.dtype) -> Path:
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, vocab_size=64)
+    with_biases(GPTNeoXForCausalLM(config)).to(dtype).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+NEOX = {  # GPT-NeoX's fused query_key_value (96 x 32) among the targets of each type
+    "adalora": lambda: AdaLoraConfig(init_r=4, lora_alpha=8, total_step=10,
+                                     target_modules=["query_key_value", "dense_4h_to_h"]),
+    "oft": lambda: OFTConfig(oft_block_size=8, target_modules=["query_key_value", "dense_h_to_4h"]),
+    "boft": lambda: BOFTConfig(boft_block_size=8, target_modules=["query_key_value", "dense"]),
+    "hra": lambda: HRAConfig(r=2, target_modules=["query_key_value", "dense_4h_to_h"]),
+}
+
+
+@pytest.mark.parametrize("which", list(NEOX))
+def test_gpt_neox_fused_qkv(tmp_path: Path, which: str) -> None:
+    dtype, cls = torch.float16, GPTNeoXForCausalLM
+    base = _neox(tmp_path / "base", dtype)
+    adapter = make(base, dtype, NEOX[which](), tmp_path / "adapter", cls=cls)
+    apply_delta(base, adapter, tmp_path / "out", block_size=SMALL_BLOCK)
+    reference = peft_merge(base, dtype, [adapter], cls=cls)
+    reference["embed_out.weight"] = reference.pop("lm_head.weight")  # transformers 5's name
+    assert_matches(tmp_path / "out", reference)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=("float16", "bfloat16"))
+def test_types_chain_in_one_pass(tmp_path: Path, bases, dtype: torch.dtype) -> None:  # noqa: F811
+    """One adapter of each type on the same modules, merged in one pass as peft merges in turn."""
+    base = bases[dtype]
+    adapters = [make(base, dtype, CONFIGS[w][0](), tmp_path / w, seed=i)
+                for i, w in enumerate(("oft", "adalora", "hra", "boft"))]
+    apply_delta(base, adapters, tmp_path / "out", block_size=SMALL_BLOCK)
+    assert_matches(tmp_path / "out", peft_merge(base, dtype, adapters))
+
+
+def test_adalora_on_gpt2_conv1d(tmp_path: Path) -> None:
+    """fan_in_fan_out: AdaLoRA's product transposed onto GPT-2's (in, out) weights."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32)
+    base = tmp_path / "base"
+    GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(base, safe_serialization=True)
+    ada = AdaLoraConfig(init_r=4, lora_alpha=8, total_step=10, target_modules=["c_attn", "c_fc"],
+                        fan_in_fan_out=True)
+    adapter = make(base, torch.bfloat16, ada, tmp_path / "adapter", cls=GPT2LMHeadModel)
+    apply_delta(base, adapter, tmp_path / "out", block_size=SMALL_BLOCK)
+    assert_matches(tmp_path / "out", peft_merge(base, torch.bfloat16, [adapter], cls=GPT2LMHeadModel))
+
+
+@pytest.mark.parametrize(("peft_type", "part", "shape"), [
+    ("OFT", "oft_R.weight", (4, 28)), ("BOFT", "boft_R", (1, 12, 8, 8)), ("HRA", "hra_u", (32, 2))])
+def test_conv1d_is_refused(tmp_path: Path, peft_type: str, part: str, shape: tuple) -> None:
+    """peft's OFT, BOFT and HRA do not adapt GPT-2's Conv1D: one line naming file and tensor."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32)
+    base = tmp_path / "base"
+    GPT2LMHeadModel(config).to(torch.float16).save_pretrained(base, safe_serialization=True)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": peft_type, "target_modules": ["c_attn"], "r": 2 if peft_type == "HRA" else 4,
+         "oft_block_size": 0, "boft_block_size": 8}))
+    module = "base_model.model.transformer.h.0.attn.c_attn"
+    tensors = {f"{module}.{part}": torch.zeros(shape), f"{module}.boft_s": torch.ones(96, 1)}
+    save_file({k: v for k, v in tensors.items() if peft_type == "BOFT" or "boft_s" not in k},
+              adapter / "adapter_model.safetensors")
+    code, err = apply_in_process(base, adapter, tmp_path / "out")
+    assert code == 2 and "adapter_model.safetensors" in err and "'transformer.h.0.attn.c_attn.weight'" in err
+    assert "Conv1D" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_boft_butterfly_factors_are_refused(tmp_path: Path, bases) -> None:  # noqa: F811
+    """Several butterfly factors need peft's CUDA extension; peft on CPU cannot load them."""
+    base = bases[torch.float16]
+    adapter = make(base, torch.float16, CONFIGS["boft"][0](), tmp_path / "adapter")
+    state = load_file(adapter / "adapter_model.safetensors")
+    state = {k: v.repeat(2, 1, 1, 1) if k.endswith("boft_R") else v for k, v in state.items()}
+    save_file(state, adapter / "adapter_model.safetensors")
+    with pytest.raises(UnsupportedError, match="holds 2 butterfly factors"):
+        apply_delta(base, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
