@@ -13,7 +13,7 @@ from conftest import apply_in_process
 from peft import AdaLoraConfig, BOFTConfig, HRAConfig, OFTConfig
 from safetensors.torch import load_file, save_file
 from test_kinds_lora import SMALL_BLOCK, VOCAB, assert_matches, peft_merge
-from test_peft_types import bases, make, with_biases  # noqa: F401 - bases is a fixture
+from test_peft_types import _edit_config, bases, make, with_biases  # noqa: F401 - bases: a fixture
 from transformers import (
     GemmaConfig,
     GemmaForCausalLM,
@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from deltamerge import apply_delta
-from deltamerge.errors import UnsupportedError
+from deltamerge.errors import MismatchError, UnsupportedError
 from deltamerge.kinds.detect import detect_kind
 
 PARTS = ("oft_R", "oft_embedding_R", "boft_", "hra_u")
@@ -185,3 +185,13 @@ def test_boft_butterfly_factors_are_refused(tmp_path: Path, bases) -> None:  # n
     with pytest.raises(UnsupportedError, match="holds 2 butterfly factors"):
         apply_delta(base, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_hra_target_without_u_is_refused(tmp_path: Path, bases, init: bool) -> None:  # noqa: F811
+    """peft starts a selected module without ``hra_u`` at random u: its merge is not the base."""
+    base = bases[torch.float16]
+    adapter = make(base, torch.float16, HRAConfig(r=2, target_modules=["q_proj"]), tmp_path / "a")
+    _edit_config(adapter, {"target_modules": ["q_proj", "v_proj"], "init_weights": init})
+    with pytest.raises(MismatchError, match="'model.layers.0.self_attn.v_proj' but the adapter has no"):
+        apply_delta(base, adapter, tmp_path / "out")

@@ -2,8 +2,9 @@
 
 peft saves an adapter as ``adapter_config.json`` (its ``peft_type`` names the type) and its
 parameters under ``base_model.model.<module>.<part>`` (``ia3_l``, ``hada_w1_a``, ``lokr_w1``...).
-A type's module (``ia3.py``, ``loha.py``, ``lokr.py``, ``trainable_tokens.py``, ``vera.py``) names
-its parts and builds, per adapted module, a :class:`RowDelta` (or, for VeRA, a ``lora.Factors``):
+A type's module (``ia3.py``, ``loha.py``, ``lokr.py``, ``trainable_tokens.py``, ``vera.py``,
+``adalora.py``, ``oft.py``, ``boft.py``, ``hra.py``) names its parts and builds, per adapted
+module, a :class:`RowDelta` (or, for VeRA and AdaLoRA, a ``lora.Factors``):
 what its rows of the merge are. Every adapted module's weight is found in the base as LoRA's are
 (``targets.stored_name``), once ``peft_targets`` has kept the modules the config selects (as
 for LoRA, with the type's own fields, layers and init: ``peft_targets.PEFT_TYPES``), and

@@ -136,7 +136,7 @@ def read_adapter_config(folder: Path) -> dict:
     if peft_type != "LORA":
         raise UnsupportedError(
             f"{path}: peft_type {peft_type!r}: deltamerge merges LORA, IA3, LOHA, LOKR, "
-            "TRAINABLE_TOKENS and VERA adapters only"
+            "TRAINABLE_TOKENS, VERA, ADALORA, OFT, BOFT and HRA adapters only"
         )
     for key, why in _OTHER_MATH.items():
         if config.get(key):
