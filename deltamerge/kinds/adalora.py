@@ -66,8 +66,7 @@ class AdaloraKind(AdapterKind):
         init_r, alpha = self.config.get("init_r", 12), self.config.get("lora_alpha", 8)
         if not isinstance(init_r, int) or isinstance(init_r, bool) or init_r < 0:
             raise FormatError(f"{path}: 'init_r' must be a whole number, not {init_r!r}")
-        if not (is_number(alpha) or alpha == 0 or (isinstance(alpha, (int, float))
-                                                    and not isinstance(alpha, bool))):
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
             raise FormatError(f"{path}: 'lora_alpha' must be a number, not {alpha!r}")
         if not is_number(self.config.get("total_step")):
             raise FormatError(f"{path}: 'total_step' must be a positive number (peft refuses "

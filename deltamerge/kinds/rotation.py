@@ -8,7 +8,8 @@ dtype (BOFT scales the rows by ``boft_s`` first). Row ``i`` of the result needs 
 builds it (``in x in`` fp32: 64 MiB for a 4096-wide input, 485 MiB for 11008), and each block
 of rows is multiplied by it. The bits are peft's because the product is the same MKL call
 with the same operand layout on fewer columns: each output element's sum over ``in`` is the
-same, except in MKL's kernels for products of fewer than 12 rows, which sum in another order.
+same, except in MKL's kernels for products of fewer than 12 rows, which sum in another order
+(measured with MKL 2024.2 on AVX2, inputs 64 to 11008 wide, against peft's whole product).
 So a piece of fewer than ``MIN_ROWS`` rows is padded with zero rows up to that, and a tensor
 of fewer rows than that is one block (``row_multiple``) multiplied whole, as peft multiplies it.
 """
