@@ -92,6 +92,10 @@ DELTA_KINDS: Registry[KindEntry] = Registry("delta kind", [
     KindEntry("miss", _kinds("miss:MissKind"), peft_type="MISS"),
     KindEntry("shira", _kinds("shira:ShiraKind"), peft_type="SHIRA"),
     KindEntry("c3a", _kinds("c3a:C3AKind"), peft_type="C3A"),
+    KindEntry("adalora", _kinds("adalora:AdaloraKind"), peft_type="ADALORA"),
+    KindEntry("oft", _kinds("oft:OftKind"), peft_type="OFT"),
+    KindEntry("boft", _kinds("boft:BoftKind"), peft_type="BOFT"),
+    KindEntry("hra", _kinds("hra:HraKind"), peft_type="HRA"),
 ])
 
 # The tests that are no kind's own, which the kinds' entries' detectors join in order.

@@ -123,3 +123,12 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 ADAPTER_PARTS = ("ia3_l", "hada_", "lokr_", "lora_", "trainable_tokens_delta",
                  "vera_lambda")
+
+
+def with_biases(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers starts biases at zero, where no rescaling would show: random ones."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()
+    return model

@@ -2,8 +2,9 @@
 
 peft saves an adapter as ``adapter_config.json`` (its ``peft_type`` names the type) and its
 parameters under ``base_model.model.<module>.<part>`` (``ia3_l``, ``hada_w1_a``, ``lokr_w1``...).
-A type's module (``ia3.py``, ``loha.py``, ``lokr.py``, ``trainable_tokens.py``, ``vera.py``) names
-its parts and builds, per adapted module, a :class:`RowDelta` (or, for VeRA, a ``lora.Factors``):
+A type's module (``ia3.py``, ``loha.py``, ``lokr.py``, ``trainable_tokens.py``, ``vera.py``,
+``adalora.py``, ``oft.py``, ``boft.py``, ``hra.py``) names its parts and builds, per adapted
+module, a :class:`RowDelta` (or, for VeRA and AdaLoRA, a ``lora.Factors``):
 what its rows of the merge are. Every adapted module's weight is found in the base as LoRA's are
 (``targets.stored_name``), once ``peft_targets`` has kept the modules the config selects (as
 for LoRA, with the type's own fields, layers and init: ``peft_targets.PEFT_TYPES``), and
@@ -39,6 +40,7 @@ from .targets import LayerTypes, stored_name
 # peft_type in adapter_config.json -> the kind that merges it (each kind registers its type).
 PEFT_KINDS = kind_registry.PEFT_KINDS
 # Config fields that would need arithmetic (or tensors) these kinds do not have yet.
+_BASE_LAYER = re.compile(r"(?P<module>.+)\.base_layer\.weight")
 _UNSUPPORTED = {"trainable_token_indices": "trainable_token_indices (trained token rows)"}
 
 
@@ -58,6 +60,8 @@ def is_number(x: object) -> bool:
 
 class RowDelta(ABC):
     """One adapted weight's merge, computed rows ``[r0, r0 + len(out))`` at a time."""
+
+    row_multiple = 1  # rows per block must be a multiple of this (a rotation's small tensor: all)
 
     def __init__(self, source: FactorSource, parts: dict[str, str]):
         self.source = source
@@ -149,14 +153,19 @@ class AdapterKind(Kind):
 
     def modules(self) -> dict[str, dict[str, str]]:
         """The adapter's keys by module (the model's name for it) and part; the tensors of its
-        ``modules_to_save`` go to ``self.whole`` (the model's name to the key)."""
+        ``modules_to_save`` go to ``self.whole`` (the model's name to the key), the weights of
+        adapted embeddings peft saves as they were loaded (``<module>.base_layer.weight``, its
+        ``save_embedding_layers``) to ``self.base_layers`` (the module to the key)."""
         modules: dict[str, dict[str, str]] = {}
         self.whole: dict[str, str] = {}
+        self.base_layers: dict[str, str] = {}
         for key in self.checkpoint.specs:
             short = key.removeprefix(PREFIX)
             m = self._part.fullmatch(short)
             if m is not None:
                 modules.setdefault(m["module"], {})[m["part"]] = key
+            elif (b := _BASE_LAYER.fullmatch(short)) is not None:
+                self.base_layers[b["module"]] = key
             elif self.config.get("modules_to_save") and key.startswith(PREFIX) and not re.search(
                 r"\.(modules_to_save|original_module)\.", short
             ):
@@ -239,8 +248,21 @@ class AdapterKind(Kind):
                 if target in steps:
                     raise UnsupportedError(f"{self.weights}: tensor {target!r} is saved whole and "
                                            f"adapted by {self.peft_type} too")
-                steps[target] = LoraStep(specs[target], specs[target], None, delta)
+                loaded = self._base_layer(module, name, specs) if target == name else None
+                steps[target] = LoraStep(specs[target], specs[target], loaded, delta)
+                steps[target].row_multiple = getattr(delta, "row_multiple", 1)
         return dict(specs), steps
+
+    def _base_layer(self, module: str, name: str, specs: dict[str, TensorSpec]) -> RowInput | None:
+        """The module's weight as the adapter saved it, which peft loads over the base's (in its
+        dtype) before merging: the same tensor, unless the adapter's base differs."""
+        key = self.base_layers.get(module)
+        if key is None:
+            return None
+        if self.checkpoint.specs[key].shape != specs[name].shape:
+            raise MismatchError(f"{self.weights}: tensor {key!r} {list(self.shape(key))} replaces "
+                                f"{name!r}, of shape {list(specs[name].shape)}")
+        return RowInput(self.checkpoint, key)
 
     def tied_copy(self, module: str) -> bool:
         """Whether ``module``'s parameters are a copy peft saves for a weight tied to another

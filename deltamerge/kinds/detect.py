@@ -1,7 +1,8 @@
 """Which kind a delta folder is, and opening it as that kind.
 
 The kind is read from the contents: a PEFT ``adapter_config.json`` is an adapter of the kind its
-``peft_type`` names (LoRA, IA3, LoHa, LoKr, trainable tokens, VeRA; any other is refused by LoRA's opening), a
+``peft_type`` names (LoRA, IA3, LoHa, LoKr, trainable tokens, VeRA, AdaLoRA, OFT, BOFT, HRA; any
+other is refused by LoRA's opening), a
 ``deltamerge.json`` names its kind, and so do the marks make-delta writes into every weight
 file's header (``marks.py``: they must agree with each other and with the manifest), ``*.enc``
 files (OpenBuddy's encrypted releases) are ``enc``, weight files XORed whole (OpenAssistant

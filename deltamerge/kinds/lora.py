@@ -231,11 +231,15 @@ class Factors:
             torch.mm(b, a[:, w0:w1], out=window)
         else:
             torch.mm(b[w0:w1], a, out=window)
-        window.mul_(self.scale)
+        self.scale_window(window)
         if self.round_to is not None and self.round_to != torch.float32:
             window.copy_(window.to(self.round_to))
         self._window_at = w0
         return window.T if self.transposed else window
+
+    def scale_window(self, window: torch.Tensor) -> None:
+        """Scale a window of the product in place, as the type's ``get_delta_weight`` does."""
+        window.mul_(self.scale)
 
     def _pieces(self, r0: int, r1: int) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Rows ``[lo, hi)`` within ``[r0, r1)`` of the product, window by window."""

@@ -78,6 +78,12 @@ PEFT_TYPES = {
     "SHIRA": PeftTypeInfo(("modules_to_save",), (2,), "a Linear layer", "init_weights", (False,)),
     "C3A": PeftTypeInfo(("layers_to_transform", "layers_pattern", "modules_to_save"), (2,), "a Linear layer",
                         "init_weights", (False, "gaussian", "kaiming_uniform", "xavier_uniform")),
+    "ADALORA": PeftTypeInfo(_SELECTING, (2, 4), "a Linear, Conv1D or Conv2d layer", "init_lora_weights",
+                            (False,)),
+    "BOFT": PeftTypeInfo(_SELECTING, (2, 4), "a Linear or Conv2d layer", "init_weights", (False,)),
+    # init_weights=True pairs equal reflections: I only up to rounding, which the random u decide
+    "HRA": PeftTypeInfo(_SELECTING, (2, 4), "a Linear or Conv2d layer", "init_weights", (True, False)),
+    "OFT": PeftTypeInfo(_SELECTING, (2, 4), "a Linear, Embedding or Conv2d layer", "init_weights", (False,)),
 }
 
 

@@ -136,7 +136,7 @@ def test_output_dtype_is_the_base_s(tmp_path: Path, bases) -> None:
 @pytest.mark.parametrize("change,message", [
     ({"lora_bias": True}, "lora_bias"),
     ({"bias": "all"}, "bias='all'"),
-    ({"peft_type": "OFT"}, "peft_type .OFT.: deltamerge merges LORA, IA3"),
+    ({"peft_type": "POLY"}, "peft_type .POLY.: deltamerge merges LORA, IA3"),
     ({"trainable_token_indices": [3, 4]}, "trainable_token_indices"),
 ])
 def test_other_adapter_math_is_refused(

@@ -17,6 +17,7 @@ from lora_factors import (
     make,
     peft_merge,
     tiny_llama,
+    with_biases,
 )
 from peft import (
     IA3Config,
@@ -63,15 +64,6 @@ CONFIGS = {
     # vera_A/vera_B sized to the widest module, sliced for each
     "vera": lambda: VeraConfig(r=8, target_modules=["q_proj", "down_proj", "gate_proj"]),
 }
-
-
-def with_biases(model: torch.nn.Module) -> torch.nn.Module:
-    """transformers starts biases at zero, where no rescaling would show: random ones."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_()
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +206,8 @@ def test_ia3_on_gpt2_conv1d(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"peft_type": "BOFT"}, "peft_type 'BOFT'"),
-    ({"peft_type": "OFT"}, "peft_type 'OFT'"),
+    ({"peft_type": "POLY"}, "peft_type 'POLY'"),
+    ({"peft_type": "LN_TUNING"}, "peft_type 'LN_TUNING'"),
     ({"trainable_token_indices": [1, 2]}, "trainable_token_indices .* LOKR"),
     ({"rank_pattern": {"q_proj": 3}}, "not factors of rank 3"),
 ])

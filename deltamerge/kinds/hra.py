@@ -1,0 +1,79 @@
+"""peft HRA adapters: the weight times a chain of Householder reflections.
+
+peft 0.21's ``HRALinear.get_delta_weight`` builds an ``in x in`` fp32 matrix from ``hra_u``
+(``in x r``, fp32 by peft's autocast): without ``apply_GS`` each column is normalised and the
+identity multiplied by ``I - 2 u u^T`` for one column after another, as
+``weight - 2 * weight @ u @ u.t()``; with ``apply_GS`` the columns are orthonormalised
+(Gram-Schmidt, in peft's order) into ``U`` and the matrix is ``I - 2 U U^T``. ``merge`` computes
+``cast_W(mm(fp32(W), M))`` (``rotation.RotationDelta`` streams it by rows). peft adapts
+``nn.Linear`` and Conv2d layers only: GPT-2's Conv1D and a convolution's 4-D weight are refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import FormatError, MismatchError, UnsupportedError
+from ..tensor_spec import TensorSpec
+from .adapter import AdapterKind
+from .rotation import RotationDelta
+
+
+def householder(opt_u: torch.Tensor, apply_gs: bool) -> torch.Tensor:
+    """peft's ``get_delta_weight`` (not ``reverse``), in its order of operations."""
+    rank = opt_u.shape[1]
+    if apply_gs:
+        columns = [(opt_u[:, 0] / opt_u[:, 0].norm()).view(-1, 1)]
+        for i in range(1, rank):
+            ui = opt_u[:, i].view(-1, 1)
+            for j in range(i):
+                ui = ui - (columns[j].t() @ ui) * columns[j]
+            columns.append((ui / ui.norm()).view(-1, 1))
+        u = torch.cat(columns, dim=1)
+        return torch.eye(opt_u.shape[0], dtype=opt_u.dtype) - 2 * u @ u.t()
+    opt_u = opt_u / opt_u.norm(dim=0)
+    weight = torch.eye(opt_u.shape[0], dtype=opt_u.dtype)
+    for i in range(rank):
+        ui = opt_u[:, i].view(-1, 1)
+        weight = weight - 2 * weight @ ui @ ui.t()
+    return weight
+
+
+class HraDelta(RotationDelta):
+    def __init__(self, source, parts, rows: int, apply_gs: bool):
+        super().__init__(source, parts, rows, transposed=False)
+        self.apply_gs = apply_gs
+
+    def matrix(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return householder(tensors["hra_u"], self.apply_gs)
+
+
+class HraKind(AdapterKind):
+    name = "hra"
+    peft_type = "HRA"
+    parts = ("hra_u",)
+
+    def check_config(self, path: Path) -> None:
+        r = self.config.get("r", 8)
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise FormatError(f"{path}: 'r' must be a positive whole number, not {r!r}")
+        if self.config.get("bias", "none") != "none":
+            raise UnsupportedError(f"{path}: bias={self.config['bias']!r} trains the biases too: "
+                                   "deltamerge merges HRA adapters with bias='none' only")
+
+    def deltas(
+        self, module: str, parts: dict[str, str], spec: TensorSpec, specs: dict[str, TensorSpec]
+    ) -> dict[str, HraDelta]:
+        if self.transposed(spec.name):
+            raise UnsupportedError(f"{self.weights}: module {module!r}: tensor {spec.name!r} is a "
+                                   "Conv1D layer, which peft's HRA does not adapt")
+        want = (spec.shape[1], self.config.get("r", 8))
+        if self.shape(parts["hra_u"]) != want:
+            raise MismatchError(
+                f"{self.weights}: tensor {parts['hra_u']!r} is {list(self.shape(parts['hra_u']))} "
+                f"but peft makes it {list(want)} for {spec.name!r} {list(spec.shape)}"
+            )
+        return {spec.name: HraDelta(self.source, parts, spec.shape[0],
+                                    bool(self.config.get("apply_GS", False)))}
