@@ -56,12 +56,16 @@ def test_every_detector_loads_and_the_order_is_the_documented_one():
 
 def test_the_lists_are_read_from_the_registry():
     assert kind_registry.KINDS == ("add", "xor", "xor-zstd", "xor-files", "enc", "lora", "ia3",
-                                   "loha", "lokr", "trainable-tokens", "vera", "prefix")
+                                   "loha", "lokr", "trainable-tokens", "vera", "prefix", "fourierft",
+                                   "randlora", "miss", "shira", "c3a", "adalora", "oft", "boft", "hra")
     assert kind_registry.WHOLE_FILE_KINDS == detect.WHOLE_FILE_KINDS == ("xor-files", "enc")
     assert kind_registry.MAKE_KINDS == ("add", "xor")
     assert kind_registry.MARKED_KINDS == ("add", "xor", "xor-zstd")
     assert adapter.PEFT_KINDS == {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr",
-                                  "TRAINABLE_TOKENS": "trainable-tokens", "VERA": "vera"}
+                                  "TRAINABLE_TOKENS": "trainable-tokens", "VERA": "vera",
+                                  "FOURIERFT": "fourierft", "RANDLORA": "randlora", "MISS": "miss",
+                                  "SHIRA": "shira", "C3A": "c3a", "ADALORA": "adalora", "OFT": "oft",
+                                  "BOFT": "boft", "HRA": "hra"}
 
 
 def test_a_registry_refuses_what_would_be_ambiguous(monkeypatch):
