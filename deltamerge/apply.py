@@ -15,6 +15,8 @@ import torch
 
 from . import arguments as args
 from . import faults
+from .decoders.enc import OPENBUDDY_KEY_MD5, apply_enc
+from .decoders.xor_files import apply_xor_files
 from .dtypes import itemsize, parse_user_dtype, short_name
 from .engine import Engine
 from .engine.cascade_sum import TorchRowSum
@@ -38,9 +40,7 @@ from .integrity.signing import SignatureCheck, SignerPin, check_folder
 from .kinds import ApplyOptions, Kind, is_non_weight
 from .kinds.add import VOCAB_TENSORS
 from .kinds.detect import WHOLE_FILE_KINDS, detect_kind, open_kind, whole_file_kind
-from .kinds.enc import OPENBUDDY_KEY_MD5, apply_enc
 from .kinds.lora import QLORA_MODES
-from .kinds.xor_files import apply_xor_files
 from .memory import peak_rss_bytes
 from .names import NEW_ROWS
 from .preflight import preflight

@@ -24,7 +24,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ]),
     ("engine", ["deltamerge.engine"]),
     ("kinds", ["deltamerge.kinds"]),
-    ("sinks", ["deltamerge.sinks"]),  # below the kinds: xor-files writes its own files
+    ("decoders", ["deltamerge.decoders"]),  # the kinds recognise their folders
+    ("sinks", ["deltamerge.sinks"]),  # below the decoders: they write their own files
     ("sources", ["deltamerge.sources"]),
     ("digests", ["deltamerge.integrity"]),  # integrity's digest and manifest; checks is above
     ("formats", ["deltamerge.formats"]),

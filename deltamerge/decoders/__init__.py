@@ -1,0 +1,6 @@
+"""The whole-file decoders: deltas whose files are XORed whole, decoded file by file.
+
+OpenAssistant's XOR files (``xor_files.py``) and OpenBuddy's ``.enc`` files (``enc.py``) are
+the publisher's files byte for byte once decoded, whatever their format, so they take the place
+of the tensor stream (``engine/stream.py``) for these deltas: a stage beside it, below apply.
+"""
