@@ -16,7 +16,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from ..sinks import Mismatch, Sink
 from ..sinks.folder import remove_entry
 from .journal import JOURNAL_NAME, Entry, Journal
 from .plan import Shard
+from .workers import Workers
 
 
 @dataclass
@@ -50,10 +50,6 @@ class Rechecked:
         return line
 
 
-class _Stopped(Exception):
-    """The run was interrupted while re-checking."""
-
-
 def recheck(
     folder: Path,
     shards: list[Shard],
@@ -75,11 +71,11 @@ def recheck(
     result = Rechecked(unit=sink.unit)
     total = sum(e.size for e in claims.values())
     bar = make_progress(progress, total, "re-checking")
-    lock, stop = threading.Lock(), threading.Event()
+    lock = threading.Lock()
+    pool = Workers(min(workers, len(claims)), "recheck")
 
     def advance(n: int) -> None:
-        if stop.is_set():
-            raise _Stopped
+        pool.check()  # Ctrl-C: the threads stop at their next block, not after every shard
         with lock:
             result.bytes_read += n
             bar.update(n)
@@ -92,14 +88,9 @@ def recheck(
         except Mismatch as why:
             return name, str(why)
 
-    pool = ThreadPoolExecutor(max(1, min(workers, len(claims) or 1)))
     try:
-        outcomes = list(pool.map(check, sorted(claims)))
-    except BaseException:
-        stop.set()  # Ctrl-C: the threads stop at their next block, not after every shard
-        raise
+        outcomes = pool.map(check, sorted(claims))
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     kept = {}
     for name, outcome in outcomes:
@@ -118,3 +109,4 @@ def recheck(
     sink.resume(folder, result.written)
     result.seconds = time.monotonic() - start
     return result
+
