@@ -14,23 +14,16 @@ from pathlib import Path
 import torch
 
 from . import arguments as args
-from . import faults
-from .decoders.enc import OPENBUDDY_KEY_MD5, apply_enc
+from .decoders.enc import apply_enc
 from .decoders.xor_files import apply_xor_files
 from .dtypes import itemsize, parse_user_dtype, short_name
 from .engine import Engine
 from .engine.cascade_sum import TorchRowSum
-from .engine.journal import JOURNAL_NAME, fingerprint, open_partial
+from .engine.journal import JOURNAL_NAME, fingerprint, shard_layout
+from .engine.lifecycle import locked_out, partial_run
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
 from .engine.recheck import recheck
-from .errors import (
-    DiskSpaceError,
-    InputError,
-    InterruptedRun,
-    UnsupportedError,
-    VerificationError,
-    WorkError,
-)
+from .errors import InputError, UnsupportedError, VerificationError
 from .formats.files import read_json_object
 from .integrity.checks import checksum
 from .integrity.delta_checks import finish_delta_checks, plan_delta_checks
@@ -40,6 +33,7 @@ from .integrity.signing import SignatureCheck, SignerPin, check_folder
 from .kinds import ApplyOptions, Kind, is_non_weight
 from .kinds.add import VOCAB_TENSORS
 from .kinds.detect import WHOLE_FILE_KINDS, detect_kind, open_kind, whole_file_kind
+from .kinds.enc import OPENBUDDY_KEY_MD5
 from .kinds.lora import QLORA_MODES
 from .memory import peak_rss_bytes
 from .names import NEW_ROWS
@@ -48,24 +42,14 @@ from .progress import make_progress, reports_progress
 from .results import RESULT_RECORD, ApplyResult
 from .sinks import Sink
 from .sinks.aux import aux_bytes, copy_aux, fix_config
-from .sinks.folder import (
-    OutputTakenError,
-    check_free_space,
-    check_out,
-    discard,
-    partial_dir,
-    publish,
-    write_json,
-)
-from .sinks.lock import hold
+from .sinks.folder import check_free_space, check_out, partial_dir, write_json
 from .sinks.output import OutputFormat, open_sink, output_format
-from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import is_aux_file
 from .sources.inputs import Resolved, hub_repo_id, need_folders
-from .sources.resolve import input_region, resolve_input
+from .sources.resolve import resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
 
@@ -231,14 +215,7 @@ def run_apply(
                         threads=threads)
     inputs = [(base, "base"), *((d, "delta") for d in deltas)]
     need_folders(inputs[1:])
-    refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in inputs])
-    if finished_record(out, force) is None:
-        check_out(out, force)
-    with hold(out):
-        # again under the lock: a run that held it may have published
-        finished = finished_record(out, force)
-        if finished is None:
-            check_out(out, force)
+    with locked_out(out, inputs, force, lambda: finished_record(out, force)) as finished:
         return _apply_locked(
             base, deltas, out, kind=kind, out_dtype=out_dtype, new_rows=new_rows,
             fmt=fmt, block_size=block_size, force=force, verify=verify,
@@ -334,14 +311,16 @@ def _apply_locked(
                           **_lora_record(options), "algorithm": out_algorithm, **fmt.options()}
         if qlora is not None:
             options_record.update(qlora=qlora, qlora_dtype=str(quant_dtype))
-        fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
+        fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record,
+                         shard_layout(shards))
         if finished is not None:
             if finished["fingerprint"] != fp.digest:
                 check_out(out, force)  # made by another command, or from other inputs: refused
             return _already_finished(out, finished, [k.name for k in opened], len(jobs),
                                      sink.outputs() or [s.filename for s in shards], fmt.name)
-        tmp, journal = open_partial(out, fp, resume)
-        try:
+        with partial_run(out, fp, resume=resume, force=force, kept="the partial result",
+                         rerun_finds_it=True) as partial:
+            tmp, journal = partial.folder, partial.journal
             checked = recheck(
                 tmp, shards, journal, sink=sink, block_bytes=block_size, workers=workers,
                 progress=progress,
@@ -402,30 +381,6 @@ def _apply_locked(
                     qlora=qlora, qlora_dtype=str(quant_dtype).removeprefix("torch.")
                     if quant_dtype else None)
             write_json(tmp / RESULT_RECORD, record)
-            faults.reached("publish")
-            publish(tmp, out, force)
-        except OutputTakenError:
-            raise  # the finished partial folder stays, for --resume once OUT is moved away
-        except (KeyboardInterrupt, WorkError) as exc:
-            if isinstance(exc, DiskSpaceError):
-                if not journal.done:
-                    discard(tmp)
-                raise
-            raise InterruptedRun.after(
-                exc, f"the partial result is kept in {tmp}: run the same command with --resume "
-                "to finish it",
-            ) from exc
-        except BaseException:
-            discard(tmp)
-            raise
-        try:
-            faults.reached("published")
-            (out / journal.path.name).unlink(missing_ok=True)
-        except KeyboardInterrupt as exc:
-            raise InterruptedRun.after(
-                exc, f"{out} was published, complete, just before: the same command run again "
-                "finds it finished",
-            ) from exc
         return result
     finally:
         for k in opened:

@@ -15,17 +15,18 @@ journal's; the others, and anything else in the partial folder, are removed and 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import arguments as args
 from .engine import Engine
-from .engine.journal import JOURNAL_NAME, Journal, fingerprint, open_partial, read_digest
+from .engine.journal import JOURNAL_NAME, Entry, Journal, fingerprint, read_digest, shard_layout
+from .engine.lifecycle import locked_out, partial_run
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
+from .engine.recheck import recheck_files
 from .engine.stream import ShardDone, WrittenFile
-from .errors import InputError, InterruptedRun, WorkError
+from .errors import InputError
 from .formats.xor_zstd import DEFAULT_LEVEL
 from .formats.xor_zstd import KIND as XOR_ZSTD
 from .hub.model_card import CARD_NAME
@@ -37,19 +38,16 @@ from .kinds.add import MakeAddStep, check_pairing
 from .kinds.marks import MARKED_KINDS, Marks, delta_id
 from .kinds.xor import MakeXorStep
 from .memory import peak_rss_bytes
-from .progress import make_progress, reports_progress, step_bar
+from .progress import make_progress, reports_progress
 from .results import MakeDeltaResult
 from .sinks.aux import copy_aux, fix_config
-from .sinks.folder import OutputTakenError, check_out, discard, publish, remove_entry
-from .sinks.lock import hold
-from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import SafetensorsSink, write_index
 from .sinks.xor_zstd import ZstdXorSink
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import is_aux_file
 from .sources.inputs import Resolved, need_folders
-from .sources.resolve import input_region, resolve_input
+from .sources.resolve import resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
 
@@ -130,11 +128,7 @@ def make_delta(
     hub = args.hub(hub)
     if sign is not None:
         check_signing_key(sign)  # a missing package or key fails before the long run
-    refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in
-                         ((base, "base"), (target, "target"))])
-    check_out(out, force)
-    with hold(out):
-        check_out(out, force)  # again under the lock: a run that held it may have published
+    with locked_out(out, [(base, "base"), (target, "target")], force):
         return _make_locked(base, target, out, kind, shard_bytes, block_size, workers or 1,
                             progress, hub or {}, resume, force, compress_level, sign)
 
@@ -154,10 +148,10 @@ def _make_locked(
         options = {"make_delta": kind, "version": __version__}
         if kind == XOR_ZSTD:
             options["compress_level"] = level
-        fp = fingerprint([base_in.path, target_in.path], options, shards)
+        fp = fingerprint([base_in.path, target_in.path], options, shard_layout(shards))
         marks = Marks(kind, delta_id(fp.digest), str(out))
-        tmp, journal = open_partial(out, fp, resume)
-        try:
+        with partial_run(out, fp, resume=resume, force=force, kept="the partial delta") as partial:
+            tmp, journal = partial.folder, partial.journal
             kept = _recheck(tmp, journal, shards) if resume else {}
             bar = make_progress(progress, sum(
                 j.out.nbytes for s in shards if s.filename not in kept for j in s.jobs),
@@ -201,18 +195,6 @@ def _make_locked(
             manifest.write(tmp / MANIFEST_NAME)
             # Not signed: the journal (removed once published) and the model card push adds.
             signer = sign_folder(tmp, sign, ignore=(JOURNAL_NAME, CARD_NAME)) if sign else None
-            publish(tmp, out, force)
-            (out / JOURNAL_NAME).unlink(missing_ok=True)
-        except OutputTakenError:
-            raise  # the finished partial folder stays, for --resume once OUT is moved away
-        except (KeyboardInterrupt, WorkError) as exc:
-            raise InterruptedRun.after(
-                exc, f"the partial delta is kept in {tmp}: run the same command with --resume "
-                "to finish it",
-            ) from exc
-        except BaseException:
-            discard(tmp)
-            raise
     mismatches = sum(getattr(s, "mismatches", 0) for s in steps)
     written = run.bytes_written
     if kind == XOR_ZSTD:  # what went to disk, compressed, rather than the rows compressed
@@ -297,37 +279,32 @@ def _recheck(folder: Path, journal: Journal, shards: list[Shard]) -> dict[str, _
     others and anything else in the partial folder are removed (only what was checked is kept).
     A file that hashes as journaled holds the bytes the journal's tensor digests were made of."""
     planned = {s.filename: {j.name for j in s.jobs} for s in shards}
-    claims = {n: e for n, e in journal.recorded.items() if n in planned}
-    for entry in os.scandir(folder):
-        if entry.name != JOURNAL_NAME and entry.name not in claims:
-            remove_entry(folder / entry.name)
-    files = {n: folder / n for n in claims
-             if (folder / n).is_file() and not (folder / n).is_symlink()}
-    bar = step_bar(sum(p.stat().st_size for p in files.values()), "re-checking kept shards")
-    kept = {}
+
+    def holds(name: str, claim: Entry, path: Path, advance: Callable[[int], None]) -> bool:
+        kept = _kept(claim, planned[name])
+        size = path.stat().st_size
+        # The claim's own checks first: a shard they refuse is not read at all.
+        ok = kept is not None and size == claim.size and file_digest(path) == kept.file.digest
+        advance(size)
+        return ok
+
+    kept = recheck_files(folder, journal, planned, holds, "re-checking kept shards")
+    return {n: k for n, e in kept.items() if (k := _kept(e, planned[n])) is not None}
+
+
+def _kept(claim: Entry, tensors: set[str]) -> _Kept | None:
+    """What a journal line says of a make-delta shard holding ``tensors``; None when it is not
+    such a line (damaged, or another run's)."""
+    file, lost = claim.extra.get("file"), claim.extra.get("mismatches")
     try:
-        for name, path in files.items():
-            bar.at(name)
-            claim, size = claims[name], path.stat().st_size
-            file, lost = claim.extra.get("file"), claim.extra.get("mismatches")
-            try:
-                delta = {n: read_digest(d) for n, d in claim.extra.get("delta", {}).items()}
-                written = WrittenFile(*file)
-                overflows = {str(n): int(c) for n, c in claim.extra.get("overflows", {}).items()}
-            except (KeyError, TypeError, ValueError, AttributeError):
-                written = None
-            # The claim's own checks first: a shard they refuse is not read at all.
-            if (written is not None and size == claim.size and isinstance(lost, int)
-                    and set(claim.digests) == planned[name] and set(delta) == planned[name]
-                    and file_digest(path) == written.digest):
-                kept[name] = _Kept(written, claim.digests, delta, lost, overflows)
-            bar.update(size)
-    finally:
-        bar.close()
-    for name in set(claims) - set(kept):
-        remove_entry(folder / name)
-    journal.restart({n: replace(claims[n], written={}) for n in kept})
-    return kept
+        delta = {n: read_digest(d) for n, d in claim.extra.get("delta", {}).items()}
+        written = WrittenFile(*file)
+        overflows = {str(n): int(c) for n, c in claim.extra.get("overflows", {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if not isinstance(lost, int) or set(claim.digests) != tensors or set(delta) != tensors:
+        return None
+    return _Kept(written, claim.digests, delta, lost, overflows)
 
 
 def _base_source(base: Resolved) -> dict:

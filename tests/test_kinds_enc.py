@@ -25,10 +25,10 @@ from conftest import (
 )
 
 from deltamerge import apply_delta
-from deltamerge.decoders.enc import OPENBUDDY_KEY_MD5
 from deltamerge.errors import InputError, MismatchError, NotFoundError, VerificationError
 from deltamerge.integrity.checks import checksum, verify
 from deltamerge.kinds.detect import detect_kind
+from deltamerge.kinds.enc import OPENBUDDY_KEY_MD5
 from deltamerge.sinks.folder import partial_dir
 
 SEED_SIZE = 16 * 1024 * 1024

@@ -15,8 +15,9 @@ import torch
 from conftest import assert_states_equal, llama_state, load_state, run_cli, save_checkpoint
 
 from deltamerge import apply_delta, make_delta
-from deltamerge.decoders.xor_files import format_problem, looks_like_xor_files
+from deltamerge.decoders.whole_files import format_problem
 from deltamerge.errors import FormatError, InputError, NotFoundError, VerificationError
+from deltamerge.kinds.xor_files import looks_like_xor_files
 from deltamerge.sinks.folder import partial_dir
 
 # -- tensor XOR -----------------------------------------------------------------------------------

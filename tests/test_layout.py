@@ -22,10 +22,10 @@ LAYERS: list[tuple[str, list[str]]] = [
         "deltamerge.apply", "deltamerge.make", "deltamerge.conversion", "deltamerge.preflight",
         "deltamerge.integrity.checks", "deltamerge.integrity.delta_checks", "deltamerge.hub",
     ]),
+    ("decoders", ["deltamerge.decoders"]),  # whole files, beside the stream: its run lifecycle
     ("engine", ["deltamerge.engine"]),
     ("kinds", ["deltamerge.kinds"]),
-    ("decoders", ["deltamerge.decoders"]),  # the kinds recognise their folders
-    ("sinks", ["deltamerge.sinks"]),  # below the decoders: they write their own files
+    ("sinks", ["deltamerge.sinks"]),
     ("sources", ["deltamerge.sources"]),
     ("digests", ["deltamerge.integrity"]),  # integrity's digest and manifest; checks is above
     ("formats", ["deltamerge.formats"]),

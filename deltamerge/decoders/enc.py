@@ -1,4 +1,4 @@
-"""OpenBuddy's encrypted releases (``openbuddy-7b-*-enc``): files XORed with one 16 MiB key.
+"""Decoding OpenBuddy's encrypted releases (``openbuddy-7b-*-enc``): files XORed with one 16 MiB key.
 
 LLaMA's licence kept OpenBuddy from publishing its LLaMA-based weights, so each file ``X`` of a
 release is published as ``X.enc``: ``X`` XORed with one repeating key, the first 16 MiB of Meta's
@@ -22,81 +22,36 @@ OUT is a checkpoint and its model digest (what ``deltamerge checksum`` prints) i
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import InputError, MismatchError, NotFoundError
+from ..engine.journal import fingerprint
+from ..engine.lifecycle import partial_run
+from ..errors import InputError
 from ..integrity.digest import DEFAULT_ALGORITHM
-from ..memory import drop_file_range, peak_rss_bytes
+from ..kinds.enc import KEY_SIZE, OPENBUDDY_KEY_MD5, SUFFIX, key_file, listed, read_key
+from ..kinds.masks import RepeatingKey
+from ..memory import peak_rss_bytes
 from ..results import RESULT_RECORD, ApplyResult
-from ..sinks.folder import check_out, write_json
-from ..sources.folders import own_file
+from ..sinks.folder import write_json
+from ..sources.folders import WEIGHT_SUFFIXES, own_file
 from ..version import __version__
 from .whole_files import (
-    WEIGHT_SUFFIXES,
     Decoded,
     FileJob,
-    RepeatingKey,
-    building,
     decode_all,
     files_digest,
-    fingerprint,
+    files_layout,
     is_torch_weights,
-    read_full,
+    resumed_note,
 )
-
-SUFFIX = ".enc"
-KEY_SIZE = 16 * 1024 * 1024  # decrypt.py's SEED_SIZE; also the decode's chunk, so keys align
-KEY_FILE = "consolidated.00.pth"
-OPENBUDDY_KEY_MD5 = "08cf0f43451cc4ae056e0b19e56c1fcf"
-
-
-def _listed(folder: Path) -> list[Path]:
-    """The folder's files as ``glob("*")`` sees them: top level, hidden names aside."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
-def looks_like_enc(folder: Path) -> bool:
-    """A folder holding ``*.enc`` files (decrypt.py's ``glob("*.enc")``)."""
-    return folder.is_dir() and any(p.name.endswith(SUFFIX) for p in _listed(folder))
-
-
-def key_file(base: Path) -> Path:
-    """``consolidated.00.pth``: BASE itself, or in the folder BASE names (``LLaMA/7B``)."""
-    if base.is_file():
-        return base
-    if (base / KEY_FILE).is_file():
-        return base / KEY_FILE
-    hint = f": pass {base / '7B'}" if (base / "7B" / KEY_FILE).is_file() else ""
-    raise NotFoundError(
-        f"{base}: no {KEY_FILE}{hint} (OpenBuddy's key is the first 16 MiB of Meta's original "
-        f"LLaMA-7B {KEY_FILE}: BASE is that file, or the folder holding it, e.g. LLaMA/7B)"
-    )
-
-
-def read_key(path: Path, expected_md5: str) -> bytearray:
-    """The first 16 MiB of ``path``, refused unless their md5 is ``expected_md5``."""
-    key = bytearray(KEY_SIZE)
-    with open(path, "rb", buffering=0) as f:
-        got = read_full(f, memoryview(key))
-        drop_file_range(f.fileno(), 0, got)
-    md5 = hashlib.md5(memoryview(key)[:got]).hexdigest()
-    if got < KEY_SIZE or md5 != expected_md5.lower():
-        size = f"it has only {got} bytes, " if got < KEY_SIZE else ""
-        raise MismatchError(
-            f"{path}: not the key: {size}its first 16 MiB have md5 {md5}, the key's is "
-            f"{expected_md5.lower()}: BASE must be Meta's original LLaMA-7B {KEY_FILE} (not a "
-            f"Hugging Face conversion, nor another size's)"
-        )
-    return key
 
 
 def enc_jobs(delta: Path, key: bytearray) -> tuple[list[FileJob], list[Path]]:
     """A job per ``X.enc`` (decoded as ``X``), and the other files, copied as they are."""
-    files = _listed(delta)
+    files = listed(delta)
     encrypted = [p for p in files if p.name.endswith(SUFFIX)]
     if not encrypted:
         raise InputError(f"{delta}: no *{SUFFIX} files to decode")
@@ -122,7 +77,8 @@ def apply_enc(
     resume: bool = False,
     workers: int = 1,
 ) -> ApplyResult:
-    """Decode an OpenBuddy ``-enc`` release with the key from ``base`` into ``out``.
+    """Decode an OpenBuddy ``-enc`` release with the key from ``base`` into ``out``, whose lock
+    the caller holds (apply's ``locked_out``).
 
     ``key_md5`` is the md5 the key must have: OpenBuddy's unless a test makes its own key.
     ``model_digest(folder)`` digests a folder's tensors (the model digest, and the tensors'
@@ -132,29 +88,30 @@ def apply_enc(
     """
     start = time.monotonic()
     base, delta, out = Path(base), Path(delta), Path(out).expanduser()
-    check_out(out, force)
     source = key_file(base)
     key = read_key(source, key_md5)
     jobs, others = enc_jobs(delta, key)
-    notes = [f"{p.name} is replaced by the decoded {p.name}{SUFFIX}" for p in _listed(delta)
+    notes = [f"{p.name} is replaced by the decoded {p.name}{SUFFIX}" for p in listed(delta)
              if any(j.name == p.name for j in jobs)]
-    fp = fingerprint("enc", jobs, [source], {"key_md5": key_md5.lower()})
-    with building(out, fp, resume, force) as build:
-        tmp = build.folder
-        decoded: list[Decoded] = decode_all(jobs, build, KEY_SIZE, progress, workers)
-        notes += build.note()
+    fp = fingerprint([*(j.payload for j in jobs), source],
+                     {"kind": "enc", "version": __version__, "key_md5": key_md5.lower()},
+                     files_layout(jobs))
+    with partial_run(out, fp, resume=resume, force=force, kept="the files decoded so far") as partial:
+        tmp = partial.folder
+        decoded: list[Decoded] = decode_all(jobs, partial, KEY_SIZE, progress, workers, resume)
+        notes += resumed_note(decoded)
         for p in others:
             shutil.copyfile(p, tmp / p.name)
         weights = any(is_torch_weights(tmp / d.name) for d in decoded)
         tensors = model_digest(tmp) if weights else None
-        listed = files_digest(decoded)
-        digest = tensors[0] if tensors is not None else listed
+        listing = files_digest(decoded)
+        digest = tensors[0] if tensors is not None else listing
         write_json(tmp / RESULT_RECORD, {
             "deltamerge_version": __version__,
             "kind": "enc",
             "key_md5": key_md5.lower(),
             "files": {d.name: {"md5": d.md5, "size": d.size} for d in decoded},
-            "files_digest": listed,
+            "files_digest": listing,
             **({"algorithm": DEFAULT_ALGORITHM, "result": tensors[1]} if tensors is not None else {}),
         })
     copied = sum(p.stat().st_size for p in others)
@@ -168,4 +125,4 @@ def apply_enc(
     )
 
 
-__all__ = ["OPENBUDDY_KEY_MD5", "apply_enc", "key_file", "looks_like_enc", "read_key"]
+__all__ = ["apply_enc", "enc_jobs"]

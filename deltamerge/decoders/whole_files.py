@@ -1,18 +1,18 @@
-"""Deltas that are whole files XORed byte by byte: what the kinds that decode them share.
+"""Deltas that are whole files XORed byte by byte: decoding them, file after file.
 
 OpenAssistant's ``xor_codec.py`` files (``xor_files.py``) are XORed with the base's files of the
-same names, OpenBuddy's ``.enc`` files (``enc.py``) with one repeating key. Either way a decoded
-file is the publisher's file, byte for byte, whatever its format, so these kinds do not go through
-the tensor stream: each payload streams through one reused chunk buffer, is XORed with its
-:class:`Mask` and written to the partial folder, its md5 taken on the way; the payload's pages
-are dropped from the page cache behind the reads. A decoded weight file must then be complete by
-its own format, and the folder is published whole, or not at all.
+same names, OpenBuddy's ``.enc`` files (``enc.py``) with one repeating key (the masks,
+``kinds/masks.py``). Either way a decoded file is the publisher's file, byte for byte, whatever
+its format, so these deltas do not go through the tensor stream: each payload streams through
+one reused chunk buffer, is XORed with its mask and written to the partial folder, its md5 taken
+on the way; the payload's pages are dropped from the page cache behind the reads. A decoded
+weight file must then be complete by its own format.
 
-The partial folder keeps a journal of the files decoded (``journal.jsonl``: the inputs'
-fingerprint, then each file's name, size and md5), since kinds sit below the engine and its
-shard journal. An interrupted run keeps the folder; ``resume=True`` hashes every journaled file
-again and keeps those whose size and md5 are the journal's, removes everything else, and decodes
-the rest, ``workers`` files at once.
+The run's life is the engine's (``engine/lifecycle.py``): the same partial folder and journal,
+whose units here are the decoded files (each journaled with its size and md5 once written), the
+same interruption path and publish, the same worker threads (``workers`` files at once). A
+resumed run hashes every journaled file again and keeps those whose size and md5 are the
+journal's, removes everything else, and decodes the rest.
 """
 
 from __future__ import annotations
@@ -20,57 +20,37 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import os
 import struct
 import threading
 import zlib
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import faults
-from ..errors import (
-    FormatError,
-    InputError,
-    InterruptedRun,
-    VerificationError,
-    WorkError,
-)
+from ..engine.journal import JOURNAL_NAME, Entry
+from ..engine.lifecycle import Partial
+from ..engine.recheck import recheck_files
+from ..engine.workers import Workers
+from ..errors import FormatError, InputError, VerificationError, WorkError
 from ..formats.files import LFS_POINTER_PREFIX
 from ..formats.safetensors import read_header
+from ..kinds.masks import Mask, read_full
 from ..memory import drop_file_range
-from ..progress import Progress, make_progress, step_bar
-from ..sinks.folder import (
-    OutputTakenError,
-    append_line,
-    claim_partial,
-    discard,
-    missing_journal,
-    publish,
-    remove_entry,
-)
+from ..progress import make_progress
+from ..sources.folders import WEIGHT_SUFFIXES
 from ..sources.meta import file_md5
-from ..version import __version__
 
 CHUNK = 16 * 1024 * 1024
-JOURNAL = "journal.jsonl"  # in the partial folder, as the engine's journal is for shards
-WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pth", ".pt")
 ZIP_MAGIC = b"PK\x03\x04"
 # llama.cpp's files (ggml, ggmf, ggjt, GGUF), also named .bin: not torch's, and not checked here.
 GGML_MAGICS = (b"lmgg", b"fmgg", b"tjgg", b"GGUF")
 _EOCD = b"PK\x05\x06"
 _ZIP64_LOCATOR = b"PK\x06\x07"
 _ZIP64_EOCD = b"PK\x06\x06"
-
-
-def is_weight_name(name: str) -> bool:
-    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json")
 
 
 # -- whether a file is complete by its own format -------------------------------------------------
@@ -147,74 +127,7 @@ def is_torch_weights(path: Path) -> bool:
     return head.startswith((ZIP_MAGIC, b"\x80"))
 
 
-# -- what a payload is XORed with -----------------------------------------------------------------
-class Mask(ABC):
-    """The bytes a payload is XORed with, chunk after chunk."""
-
-    bytes_read = 0
-
-    @abstractmethod
-    def take(self, n: int) -> memoryview:
-        """The bytes the next ``n`` payload bytes are XORed with; fewer where the mask ends, the
-        payload's bytes past them being XORed with zero (kept as they are)."""
-
-    def finish(self) -> str | None:
-        """Once the payload has ended: the md5 of every byte of the mask, where it keeps one."""
-        return None
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release the mask's file."""
-
-
-class FileMask(Mask):
-    """Another file, read alongside the payload; with ``hash_all``, its md5 to the last byte."""
-
-    def __init__(self, path: Path, buffer: bytearray, hash_all: bool):
-        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
-        self.buffer = memoryview(buffer)
-        self.md5 = hashlib.md5() if hash_all else None
-
-    def take(self, n: int) -> memoryview:
-        got = read_full(self.file, self.buffer[:n])
-        self.bytes_read += got
-        if self.md5 is not None:
-            self.md5.update(self.buffer[:got])
-        return self.buffer[:got]
-
-    def finish(self) -> str | None:
-        if self.md5 is None:
-            return None
-        while got := read_full(self.file, self.buffer):
-            self.md5.update(self.buffer[:got])
-            self.bytes_read += got
-        return self.md5.hexdigest()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class RepeatingKey(Mask):
-    """One key XORed with every chunk from its start: the chunk buffer is the key's size."""
-
-    def __init__(self, key: bytearray):
-        self.key = memoryview(key)
-
-    def take(self, n: int) -> memoryview:
-        assert n <= len(self.key), "payload chunks are at most the key's size"
-        return self.key[:n]
-
-
 # -- decoding -------------------------------------------------------------------------------------
-def read_full(f, view: memoryview) -> int:
-    done = 0
-    while done < len(view):
-        got = f.readinto(view[done:])
-        if not got:
-            break
-        done += got
-    return done
-
-
 @dataclass(frozen=True)
 class FileJob:
     """One payload file and how it decodes."""
@@ -233,6 +146,7 @@ class Decoded:
     md5: str
     mask_md5: str | None  # the md5 of the whole file the payload was XORed with, when hashed
     bytes_read: int
+    kept: bool = False  # decoded by an earlier run, kept by this one's re-check
 
 
 def decode_file(
@@ -277,39 +191,28 @@ def decode_file(
 
 
 def decode_all(
-    jobs: list[FileJob], build: Build, chunk: int,
-    progress: bool | Callable[[int, int], None], workers: int = 1,
+    jobs: list[FileJob], partial: Partial, chunk: int,
+    progress: bool | Callable[[int, int], None], workers: int = 1, resume: bool = False,
 ) -> list[Decoded]:
-    """Decode every job into the build's folder, ``workers`` files at once, each journaled when
-    done; a decoded weight file must be complete by its format. On a resumed build the files a
+    """Decode every job into the partial folder, ``workers`` files at once, each journaled when
+    done; a decoded weight file must be complete by its format. On a resumed run the files a
     re-check keeps are not decoded again. Returns the decoded files in the jobs' order.
 
     Each worker has its own ``chunk``-byte buffer (and each mask its own); reading, XOR (torch
     releases the GIL), md5 and writing of different files overlap on the threads.
     """
-    if any(j.name == JOURNAL for j in jobs):
-        raise InputError(f"{jobs[0].payload.parent}: a file named {JOURNAL} would be decoded "
+    if any(j.name == JOURNAL_NAME for j in jobs):
+        raise InputError(f"{jobs[0].payload.parent}: a file named {JOURNAL_NAME} would be decoded "
                          "over the run's journal")
-    kept = build.recheck(jobs)
+    kept = _recheck(partial, jobs) if resume else {}
     todo = [j for j in jobs if j.name not in kept]
     bar = make_progress(progress, sum(j.payload.stat().st_size for j in todo), "decoding")
-    try:
-        fresh = _decode_parallel(todo, build, chunk, bar, max(1, workers))
-    finally:
-        bar.close()
-    return [kept.get(j.name) or fresh[j.name] for j in jobs]
-
-
-def _decode_parallel(
-    jobs: list[FileJob], build: Build, chunk: int, bar: Progress, workers: int
-) -> dict[str, Decoded]:
-    buffers = [bytearray(chunk) for _ in range(min(workers, max(1, len(jobs))))]
+    pool = Workers(min(workers, len(todo)), "decode")
+    buffers = [bytearray(chunk) for _ in range(pool.count)]
     lock = threading.Lock()
-    stop = threading.Event()  # set when one file fails or the run is interrupted
 
     def tick(n: int) -> None:
-        if stop.is_set():
-            raise _Stopped
+        pool.check()  # the other files stop at their next chunk once one fails
         bar.update(n)
 
     def one(job: FileJob) -> Decoded:
@@ -318,146 +221,59 @@ def _decode_parallel(
         try:
             bar.at(job.name)
             try:
-                d = decode_file(job, build.folder / job.name, buffer, tick)
+                d = decode_file(job, partial.folder / job.name, buffer, tick)
             except OSError as exc:
                 raise WorkError(f"{exc.filename or job.payload}: {exc.strerror or exc}") from None
         finally:
             with lock:
                 buffers.append(buffer)
-        problem = format_problem(build.folder / job.name)
+        problem = format_problem(partial.folder / job.name)
         if problem is not None:
             raise VerificationError(
                 f"{job.name}: the decoded file is not complete ({problem}): {job.cause}"
             )
         with lock:
-            build.record(d)
+            partial.journal.record(d.name, d.size, {}, extra={"md5": d.md5, "mask_md5": d.mask_md5})
         faults.reached("shard")
         return d
 
-    if len(buffers) == 1:
-        return {j.name: one(j) for j in jobs}
-    pool = ThreadPoolExecutor(max_workers=len(buffers), thread_name_prefix="deltamerge-decode")
     try:
-        futures = {j.name: pool.submit(one, j) for j in jobs}
-        return {name: f.result() for name, f in futures.items()}
-    except BaseException:
-        stop.set()  # the other files stop at their next chunk
-        raise
+        fresh = dict(zip((j.name for j in todo), pool.map(one, todo)))
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return [kept.get(j.name) or fresh[j.name] for j in jobs]
 
 
-class _Stopped(Exception):
-    """Ends a decode whose run is stopping; never reaches the caller."""
+def _recheck(partial: Partial, jobs: list[FileJob]) -> dict[str, Decoded]:
+    """The journaled files whose size and md5 are still the journal's, hashed again now;
+    everything else in the folder is removed, so only what was checked is published."""
+
+    def holds(name: str, claim: Entry, path: Path, advance: Callable[[int], None]) -> bool:
+        return path.stat().st_size == claim.size and file_md5(path, advance) == claim.extra.get("md5")
+
+    kept = recheck_files(partial.folder, partial.journal, {j.name for j in jobs}, holds,
+                         "re-checking decoded files")
+    return {name: Decoded(name, e.size, str(e.extra["md5"]), _text(e.extra.get("mask_md5")), e.size,
+                          kept=True) for name, e in kept.items()}
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def resumed_note(decoded: list[Decoded]) -> list[str]:
+    """The summary's line for a resumed decode: how many files it kept."""
+    kept = sum(d.kept for d in decoded)
+    return [f"resumed: {kept} decoded file(s) kept, each hashed again"] if kept else []
+
+
+def files_layout(jobs: list[FileJob]) -> Iterator[str]:
+    """The decode's files as the run's fingerprint takes them: each one's name and compression."""
+    for job in jobs:
+        yield f"{job.name}\0{int(job.gz)}\n"
 
 
 def files_digest(decoded: list[Decoded]) -> str:
     """sha256 of the decoded files' md5 list (``md5  name`` lines, sorted): one comparable line."""
     listing = "".join(f"{d.md5}  {d.name}\n" for d in sorted(decoded, key=lambda d: d.name))
     return hashlib.sha256(listing.encode()).hexdigest()
-
-
-# -- the result folder and its journal -----------------------------------------------------------
-def fingerprint(kind: str, jobs: list[FileJob], inputs: list[Path], options: dict) -> str:
-    """What decides the decoded bytes: each payload and each other input file (path, size,
-    mtime), and the options."""
-    h = hashlib.sha256(f"{kind} {__version__}\n".encode())
-    for job in jobs:
-        h.update(f"{job.name}\0{int(job.gz)}\n".encode())
-    for path in [j.payload for j in jobs] + inputs:
-        st = path.stat()
-        h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    h.update(json.dumps(options, sort_keys=True).encode())
-    return h.hexdigest()
-
-
-@dataclass
-class Build:
-    """The partial folder of a decode, and the claims an earlier run's journal makes."""
-
-    out: Path
-    folder: Path
-    claims: dict[str, dict] = field(default_factory=dict)
-    kept: list[str] = field(default_factory=list)  # the files a re-check kept
-
-    @classmethod
-    def open(cls, out: Path, fp: str, resume: bool) -> Build:
-        folder, left = claim_partial(out, resume)
-        if not left:
-            build = cls(out, folder)
-            build._append({"fingerprint": fp})
-            return build
-        path = folder / JOURNAL
-        if not path.is_file():
-            raise missing_journal(folder, JOURNAL)
-        entries = []
-        for line in path.read_text().splitlines():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                break  # a line cut short by the kill: that file is decoded again
-        if not entries or not isinstance(entries[0], dict) or entries[0].get("fingerprint") != fp:
-            raise InputError(f"{folder}: was left by a run with other inputs; delete it, or run "
-                             "the original command with --resume")
-        claims = {e["name"]: e for e in entries[1:]
-                  if isinstance(e, dict) and isinstance(e.get("name"), str)}
-        return cls(out, folder, claims)
-
-    def recheck(self, jobs: list[FileJob]) -> dict[str, Decoded]:
-        """The journaled files whose size and md5 are still the journal's, hashed again now;
-        everything else in the folder is removed, so only what was checked is published."""
-        names = {j.name for j in jobs}
-        claims = {n: c for n, c in self.claims.items() if n in names
-                  and (self.folder / n).is_file() and not (self.folder / n).is_symlink()}
-        for entry in os.scandir(self.folder):
-            if entry.name != JOURNAL and entry.name not in claims:
-                remove_entry(self.folder / entry.name)
-        bar = step_bar(sum((self.folder / n).stat().st_size for n in claims),
-                       "re-checking decoded files")
-        kept = {}
-        try:
-            for name, claim in claims.items():
-                bar.at(name)
-                path = self.folder / name
-                size, md5 = path.stat().st_size, file_md5(path, bar.update)
-                mask_md5 = claim.get("mask_md5")
-                if size == claim.get("size") and md5 == claim.get("md5"):
-                    kept[name] = Decoded(name, size, md5,
-                                         mask_md5 if isinstance(mask_md5, str) else None, size)
-                else:
-                    remove_entry(path)
-        finally:
-            bar.close()
-        self.kept = sorted(kept)
-        return kept
-
-    def note(self) -> list[str]:
-        return [f"resumed: {len(self.kept)} decoded file(s) kept, each hashed again"] if self.kept else []
-
-    def record(self, d: Decoded) -> None:
-        self._append({"name": d.name, "size": d.size, "md5": d.md5, "mask_md5": d.mask_md5})
-
-    def _append(self, obj: dict) -> None:
-        append_line(self.folder / JOURNAL, obj)
-
-
-@contextmanager
-def building(out: Path, fp: str, resume: bool = False, force: bool = False) -> Iterator[Build]:
-    """The partial folder beside ``out``: published when the block ends; kept for ``--resume``
-    when the run is interrupted or fails while working, or when OUT was filled meanwhile
-    (and ``force`` not given); discarded on any other failure."""
-    build = Build.open(out, fp, resume)
-    try:
-        yield build
-        publish(build.folder, out, force)
-        (out / JOURNAL).unlink(missing_ok=True)
-    except OutputTakenError:
-        raise  # the finished partial folder stays, for --resume once OUT is moved away
-    except (KeyboardInterrupt, WorkError) as exc:
-        raise InterruptedRun.after(
-            exc, f"the files decoded so far are kept in {build.folder}: run the same command "
-            "with --resume to finish",
-        ) from exc
-    except BaseException:
-        discard(build.folder)
-        raise

@@ -1,4 +1,4 @@
-"""OpenAssistant ``xor_codec.py`` deltas: whole files XORed byte by byte with the base's files.
+"""Decoding OpenAssistant ``xor_codec.py`` deltas: whole files XORed byte by byte with the base's files.
 
 This is file-level, not tensor-level: the decoded files are the publisher's files, byte for byte,
 whatever their format. The decoder's exact behaviour, reproduced here:
@@ -35,8 +35,8 @@ What is checked, and when:
 
 Nothing is left at OUT on failure: the files are written to the partial folder and published
 only when all checks pass. An interrupted run keeps that folder; ``--resume`` keeps the decoded
-files that still hash to what its journal says and decodes the rest (``whole_files.Build``);
-``--workers N`` decodes N files at once.
+files that still hash to what its journal says and decodes the rest (``engine/lifecycle.py``,
+``whole_files.decode_all``); ``--workers N`` decodes N files at once.
 """
 
 from __future__ import annotations
@@ -47,28 +47,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.journal import fingerprint
+from ..engine.lifecycle import partial_run
 from ..errors import FormatError, InputError, NotFoundError, VerificationError
+from ..kinds.masks import FileMask
+from ..kinds.xor_files import is_gzip
 from ..memory import peak_rss_bytes
 from ..results import RESULT_RECORD, ApplyResult
-from ..sinks.folder import check_out, write_json
-from ..sources.folders import own_file
+from ..sinks.folder import write_json
+from ..sources.folders import WEIGHT_SUFFIXES, is_weight_name, own_file
 from ..version import __version__
 from .whole_files import (
     CHUNK,
-    WEIGHT_SUFFIXES,
     Decoded,
     FileJob,
-    FileMask,
-    building,
     decode_all,
     files_digest,
-    fingerprint,
+    files_layout,
     format_problem,
-    is_weight_name,
+    resumed_note,
 )
 
 ADDED_TOKENS = "added_tokens.json"
-GZIP_DEFLATE = b"\x1f\x8b\x08"  # gzip's magic and the only compression method it defines
 _MD5_LINE = re.compile(r"([0-9a-fA-F]{32}) [ *](.+)")
 
 
@@ -82,40 +82,7 @@ class Pair:
     gz: bool
 
 
-# -- what the delta folder is ---------------------------------------------------------------------
-def looks_like_xor_files(folder: Path) -> bool:
-    """A folder of XORed files, from the weight files' first bytes.
-
-    XORing two zip archives (``torch.save``) zeroes their leading ``PK\\x03\\x04``; XORing two
-    safetensors files zeroes the ``{`` that opens the header at byte 8. Neither happens in a
-    real checkpoint, and gzip-compressed weight files are what ``--compress`` makes (named
-    ``.gz`` by the user, or kept under the weights' own names as xor_codec.py does).
-    """
-    if not folder.is_dir():
-        return False
-    for path in folder.iterdir():
-        name = path.name
-        if not path.is_file():
-            continue
-        if name.endswith(".gz") and is_weight_name(name[:-3]):
-            return True
-        if name.endswith(WEIGHT_SUFFIXES):
-            with open(path, "rb") as f:
-                head = f.read(9)
-            if head[:3] == GZIP_DEFLATE:
-                return True
-            if name.endswith(".safetensors") and len(head) == 9 and head[8] == 0:
-                return True
-            if not name.endswith(".safetensors") and head[:4] == b"\0\0\0\0":
-                return True
-    return False
-
-
-def is_gzip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(3) == GZIP_DEFLATE
-
-
+# -- what the delta folder holds ----------------------------------------------------------------
 def pair_files(base: Path, delta: Path) -> tuple[list[Pair], list[str]]:
     """The decoder's pairing; returns the pairs and the names it skips (for the notes)."""
     names = sorted(p.name for p in delta.iterdir() if p.is_file())
@@ -221,7 +188,8 @@ def apply_xor_files(
     resume: bool = False,
     workers: int = 1,
 ) -> ApplyResult:
-    """Decode an OpenAssistant-style XOR delta folder against ``base`` into ``out``.
+    """Decode an OpenAssistant-style XOR delta folder against ``base`` into ``out``, whose lock
+    the caller holds (apply's ``locked_out``).
 
     ``workers`` files are decoded at once. ``resume=True`` finishes an interrupted run, keeping
     the decoded files that hash again to what its journal recorded.
@@ -231,7 +199,6 @@ def apply_xor_files(
     """
     start = time.monotonic()
     base, delta, out = Path(base), Path(delta), Path(out).expanduser()
-    check_out(out, force)
     expected = read_md5_list(expect_md5) if expect_md5 is not None else None
     pairs, skipped = pair_files(base, delta)
     check_bases(pairs)
@@ -242,11 +209,12 @@ def apply_xor_files(
         lambda base_file=p.base: FileMask(base_file, bytearray(CHUNK), expected is not None),
         f"the base file {p.base} is not byte-identical to the publisher's",
     ) for p in pairs]
-    fp = fingerprint("xor-files", jobs, [p.base for p in pairs if p.base is not None], {})
-    with building(out, fp, resume, force) as build:
-        tmp = build.folder
-        decoded = decode_all(jobs, build, CHUNK, progress, workers)
-        notes += build.note()
+    inputs = [j.payload for j in jobs] + [p.base for p in pairs if p.base is not None]
+    fp = fingerprint(inputs, {"kind": "xor-files", "version": __version__}, files_layout(jobs))
+    with partial_run(out, fp, resume=resume, force=force, kept="the files decoded so far") as partial:
+        tmp = partial.folder
+        decoded = decode_all(jobs, partial, CHUNK, progress, workers, resume)
+        notes += resumed_note(decoded)
         verified = _verify(decoded, expected, expect_md5, notes) if expected is not None else False
         digest = files_digest(decoded)
         write_json(tmp / RESULT_RECORD, {
@@ -271,7 +239,6 @@ __all__ = [
     "apply_xor_files",
     "files_digest",
     "format_problem",
-    "looks_like_xor_files",
     "pair_files",
     "read_md5_list",
 ]

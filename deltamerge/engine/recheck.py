@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..integrity.digest import TensorDigest
-from ..progress import make_progress
+from ..progress import make_progress, step_bar
 from ..sinks import Mismatch, Sink
 from ..sinks.folder import remove_entry
 from .journal import JOURNAL_NAME, Entry, Journal
@@ -110,3 +110,37 @@ def recheck(
     result.seconds = time.monotonic() - start
     return result
 
+
+def recheck_files(
+    folder: Path,
+    journal: Journal,
+    planned: Collection[str],
+    holds: Callable[[str, Entry, Path, Callable[[int], None]], bool],
+    desc: str,
+) -> dict[str, Entry]:
+    """Keep the journaled files of ``folder`` that ``holds`` finds still hold what the journal
+    says, read whole (make-delta's shards, a decoder's files: byte identity, one read each).
+
+    ``holds(name, entry, path, advance)`` reads the file, reporting the bytes read through
+    ``advance``. Everything else in the folder, and each file that fails, is removed; the journal
+    is rewritten with the files kept (``journal.done``).
+    """
+    claims = {n: e for n, e in journal.recorded.items() if n in planned}
+    for entry in os.scandir(folder):
+        if entry.name != JOURNAL_NAME and entry.name not in claims:
+            remove_entry(folder / entry.name)
+    files = {n: folder / n for n in claims
+             if (folder / n).is_file() and not (folder / n).is_symlink()}
+    bar = step_bar(sum(p.stat().st_size for p in files.values()), desc)
+    kept = {}
+    try:
+        for name, path in files.items():
+            bar.at(name)
+            if holds(name, claims[name], path, bar.update):
+                kept[name] = claims[name]
+    finally:
+        bar.close()
+    for name in set(claims) - set(kept):
+        remove_entry(folder / name)
+    journal.restart(kept)
+    return kept

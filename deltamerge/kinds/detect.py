@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..decoders.enc import looks_like_enc
-from ..decoders.xor_files import looks_like_xor_files
 from ..errors import DeltaMergeError, InputError
 from ..integrity.manifest import MANIFEST_NAME, Manifest
 from ..names import KINDS
@@ -25,6 +23,7 @@ from ..sources import open_checkpoint
 from . import Kind
 from .adapter import adapter_kind
 from .add import AddKind
+from .enc import looks_like_enc
 from .ia3 import Ia3Kind
 from .loha import LohaKind
 from .lokr import LokrKind
@@ -34,6 +33,7 @@ from .prefix import PrefixKind, looks_like_prefix
 from .trainable_tokens import TrainableTokensKind
 from .vera import VeraKind
 from .xor import XorKind
+from .xor_files import looks_like_xor_files
 from .xor_zstd import XorZstdKind
 
 WHOLE_FILE_KINDS = ("xor-files", "enc")  # decoded file by file, alone, not in the tensor stream
