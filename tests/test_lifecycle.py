@@ -19,8 +19,10 @@ from test_kinds_xor import _decoded_files, _oa_release, oa_encode
 
 from deltamerge import apply_delta, faults
 from deltamerge.engine.journal import fingerprint
+from deltamerge.engine.plan import layout_shards
 from deltamerge.engine.workers import Workers
-from deltamerge.errors import InterruptedRun
+from deltamerge.errors import InputError, InterruptedRun
+from deltamerge.options import MakeOptions, RunOptions
 
 
 @pytest.fixture
@@ -123,3 +125,29 @@ def test_workers_stop_the_others_at_the_first_failure_and_raise_it():
     assert sorted(stopped) == [0, 2]
     assert Workers(2, "test").map(lambda i: i * i, list(range(7))) == [i * i for i in range(7)]
     assert Workers(1, "test").map(lambda i: -i, [1, 2]) == [-1, -2]
+
+
+def test_the_options_object_yields_the_fingerprint_and_the_record(tmp_path: Path):
+    folder = save_checkpoint(llama_state(0), tmp_path / "base")
+    shards: list = layout_shards([], 1000)
+    half = RunOptions.of(dtype="float16", format="gguf", outtype="q8_0")
+    assert half.record() == {"dtype": "float16", "new_rows": "zero", "format": "gguf",
+                             "outtype": "q8_0", "split_max_size": 0}
+    first = half.fingerprint([folder], ["add"], "blake3", shards)
+    assert half.fingerprint([folder], ["add"], "blake3", shards) == first
+    assert {k: first.parts["options"][k] for k in half.record()} == half.record()
+    brain = RunOptions.of(dtype="bfloat16", format="gguf", outtype="q8_0")
+    assert brain.fingerprint([folder], ["add"], "blake3", shards).differences(first.parts) == [
+        "--dtype differs (float16 then, bfloat16 now)"]
+    lora = RunOptions.of(dtype="float16", format="gguf", outtype="q8_0", lora_alpha=16)
+    assert lora.record() == half.record()  # not recorded, but it changes the bytes:
+    assert lora.fingerprint([folder], ["add"], "blake3", shards).digest != first.digest
+    assert RunOptions.of(qlora="nf4").record()["qlora"] == "nf4"
+    with pytest.raises(InputError, match="--qlora-dtype .* needs --qlora"):
+        RunOptions.of(qlora_dtype="float16")
+    xor = MakeOptions.of(kind="xor", compress=True, compress_level=5)
+    assert xor.kind == "xor-zstd"
+    made = xor.fingerprint([folder], shards)
+    assert made.parts["options"]["compress_level"] == 5
+    assert MakeOptions.of(kind="xor", compress=True, compress_level=6).fingerprint(
+        [folder], shards).digest != made.digest
