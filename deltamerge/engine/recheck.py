@@ -7,7 +7,9 @@ merge uses, its header parsed and its tensor table compared with the plan's shar
 Meta's layout each tensor's bytes at their planned place), hashed with streaming reads that drop
 the pages behind them, and compared with the journal. Shards that hold are kept, with the digests
 computed now; the others are redone, and the run's notes say which and why. Anything else in the
-partial folder is removed: only what was checked is published.
+partial folder is removed: only what was checked is published. Where a unit is a whole file
+whose digest the journal holds (make-delta's shards, the decoders' files), :func:`recheck_files`
+hashes each file whole instead (byte identity, one read).
 """
 
 from __future__ import annotations
