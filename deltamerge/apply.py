@@ -14,21 +14,16 @@ from pathlib import Path
 import torch
 
 from . import arguments as args
-from . import faults
-from .dtypes import itemsize, parse_user_dtype, short_name
+from .decoders.enc import apply_enc
+from .decoders.xor_files import apply_xor_files
+from .dtypes import itemsize, short_name
 from .engine import Engine
 from .engine.cascade_sum import TorchRowSum
-from .engine.journal import JOURNAL_NAME, fingerprint, open_partial
+from .engine.journal import JOURNAL_NAME, Fingerprint
+from .engine.lifecycle import locked_out, partial_run
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
 from .engine.recheck import recheck
-from .errors import (
-    DiskSpaceError,
-    InputError,
-    InterruptedRun,
-    UnsupportedError,
-    VerificationError,
-    WorkError,
-)
+from .errors import InputError, UnsupportedError, VerificationError
 from .formats.files import read_json_object
 from .integrity.checks import checksum
 from .integrity.delta_checks import finish_delta_checks, plan_delta_checks
@@ -38,34 +33,22 @@ from .integrity.signing import SignatureCheck, SignerPin, check_folder
 from .kinds import ApplyOptions, Kind, is_non_weight
 from .kinds.add import VOCAB_TENSORS
 from .kinds.detect import WHOLE_FILE_KINDS, detect_kind, open_kind, whole_file_kind
-from .kinds.enc import OPENBUDDY_KEY_MD5, apply_enc
-from .kinds.lora import QLORA_MODES
-from .kinds.xor_files import apply_xor_files
+from .kinds.enc import OPENBUDDY_KEY_MD5
 from .memory import peak_rss_bytes
-from .names import NEW_ROWS, QLORA_KERNELS, QLORA_SCOPES
-from .outputs import OutputFormat, output_format
+from .options import RunOptions
+from .outputs import OutputFormat
 from .preflight import preflight
 from .progress import make_progress, reports_progress
 from .results import RESULT_RECORD, ApplyResult
 from .sinks import Sink
 from .sinks.aux import aux_bytes, copy_aux, fix_config
-from .sinks.folder import (
-    OutputTakenError,
-    check_free_space,
-    check_out,
-    discard,
-    partial_dir,
-    publish,
-    write_json,
-)
-from .sinks.lock import hold
-from .sinks.overlap import refuse_overlap
+from .sinks.folder import check_free_space, check_out, partial_dir, write_json
 from .sinks.safetensors import write_index
 from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import is_aux_file
 from .sources.inputs import Resolved, hub_repo_id, need_folders
-from .sources.resolve import input_region, resolve_input
+from .sources.resolve import resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
 
@@ -183,94 +166,27 @@ def apply_delta(
     if not deltas:
         raise InputError("delta: apply needs at least one delta (with none it would only copy "
                          "the base); convert writes a Meta checkpoint in another layout")
-    return run_apply(
-        base, deltas, out, kind=kind, dtype=dtype, new_rows=new_rows,
-        max_shard_size=max_shard_size, block_size=block_size, force=force, verify=verify,
-        workers=workers, progress=progress, extra_files=extra_files, hub=hub,
-        expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
-        qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
-        qlora_scope=qlora_scope, qlora_kernel=qlora_kernel, safe_merge=safe_merge, format=format,
-        outtype=outtype, mp=mp, allow_repeat=allow_repeat, signer=signer, threads=threads,
-    )
+    base, out = args.path("base", base), args.path("out", out)
+    return run_apply(base, deltas, out, RunOptions.of(
+        kind=kind, dtype=dtype, new_rows=new_rows, max_shard_size=max_shard_size,
+        block_size=block_size, force=force, verify=verify, workers=workers, progress=progress,
+        extra_files=extra_files, hub=hub, expect_md5=expect_md5, key_md5=key_md5, resume=resume,
+        qlora=qlora, qlora_dtype=qlora_dtype, lora_r=lora_r, lora_alpha=lora_alpha,
+        lora_prefix=lora_prefix, format=format, outtype=outtype, mp=mp,
+        allow_repeat=allow_repeat, signer=signer, threads=threads, qlora_scope=qlora_scope,
+        qlora_kernel=qlora_kernel, safe_merge=safe_merge,
+    ))
 
 
-def run_apply(
-    base: PathLike, deltas: list[PathLike], out: PathLike, *, kind: str | None,
-    dtype: str | torch.dtype | None, new_rows: str, max_shard_size: str | int | None,
-    block_size: int | str, force: bool, verify: bool, workers: int | None,
-    progress: bool | Callable[[int, int], None], extra_files: dict[str, Path | bytes] | None,
-    hub: dict | None, expect_md5: PathLike | None, key_md5: str | None, resume: bool,
-    qlora: str | None, qlora_dtype: str | torch.dtype | None, lora_r: int | None,
-    lora_alpha: float | None, lora_prefix: str | None, format: str, outtype: str | None,
-    mp: int | None, allow_repeat: bool = False, signer: SignerPin | None = None,
-    threads: int | None = None, qlora_scope: str | None = None, qlora_kernel: str | None = None,
-    safe_merge: bool = False,
-) -> ApplyResult:
+def run_apply(base: PathLike, deltas: list[PathLike], out: PathLike, opts: RunOptions) -> ApplyResult:
     """:func:`apply_delta` for a chain of any length: ``convert`` applies none (writing the base
-    in another layout is applying an empty chain), which the public function refuses."""
-    base = args.path("base", base)
-    out = Path(args.path("out", out)).expanduser()
-    out_dtype = parse_user_dtype(dtype, "dtype")
-    args.text("kind", kind)
-    args.text("new_rows", new_rows)
-    if new_rows not in NEW_ROWS:
-        raise InputError(f"--new-rows must be {' or '.join(map(repr, NEW_ROWS))}, not {new_rows!r}")
-    args.text("qlora", qlora)
-    if qlora is not None and qlora not in QLORA_MODES:
-        raise InputError(f"--qlora must be one of {', '.join(QLORA_MODES)}, not {qlora!r}")
-    if qlora_dtype is not None and qlora is None:
-        raise InputError("--qlora-dtype is the dtype the base was quantized from: it needs --qlora")
-    quant_dtype = parse_user_dtype(qlora_dtype, "qlora_dtype")
-    for name, value, allowed in (("qlora_scope", qlora_scope, QLORA_SCOPES),
-                                 ("qlora_kernel", qlora_kernel, QLORA_KERNELS)):
-        args.text(name, value)
-        flag = "--" + name.replace("_", "-")
-        if value is not None and value not in allowed:
-            raise InputError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
-        if value is not None and qlora is None:
-            raise InputError(f"{flag} says how the base was quantized in training: it needs --qlora")
-    args.flag("safe_merge", safe_merge)
-    args.size("max_shard_size", max_shard_size)
-    block_size = args.size("block_size", block_size) or DEFAULT_BLOCK_BYTES
-    args.flag("force", force)
-    args.flag("verify", verify)
-    args.flag("resume", resume)
-    args.flag("allow_repeat", allow_repeat)
-    workers = args.integer("workers", workers)
-    progress = args.progress(progress)
-    extra_files = args.extra_files(extra_files)
-    hub = args.hub(hub)
-    expect_md5 = args.optional_path("expect_md5", expect_md5)
-    args.text("key_md5", key_md5)
-    lora_r = args.integer("lora_r", lora_r)
-    lora_alpha = args.number("lora_alpha", lora_alpha)
-    args.text("lora_prefix", lora_prefix)
-    args.text("format", format)
-    args.text("outtype", outtype)
-    mp = args.integer("mp", mp)
-    threads = args.integer("threads", threads)
-    fmt = output_format(format, outtype=outtype, mp=mp, max_shard_size=max_shard_size,
-                        threads=threads)
+    in another layout is applying an empty chain), which the public function refuses.
+    ``base`` and ``out`` are checked by the caller, before ``opts`` are built."""
+    out = Path(out).expanduser()
     inputs = [(base, "base"), *((d, "delta") for d in deltas)]
     need_folders(inputs[1:])
-    refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in inputs])
-    if finished_record(out, force) is None:
-        check_out(out, force)
-    with hold(out):
-        # again under the lock: a run that held it may have published
-        finished = finished_record(out, force)
-        if finished is None:
-            check_out(out, force)
-        return _apply_locked(
-            base, deltas, out, kind=kind, out_dtype=out_dtype, new_rows=new_rows,
-            fmt=fmt, block_size=block_size, force=force, verify=verify,
-            workers=workers or 1, progress=progress, extra_files=extra_files, hub=hub,
-            expect_md5=expect_md5, key_md5=key_md5, resume=resume, qlora=qlora,
-            quant_dtype=quant_dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_prefix=lora_prefix,
-            allow_repeat=allow_repeat, finished=finished, signer=signer,
-            qlora_scope=qlora_scope or QLORA_SCOPES[0], qlora_kernel=qlora_kernel or QLORA_KERNELS[0],
-            safe_merge=safe_merge,
-        )
+    with locked_out(out, inputs, opts.force, lambda: finished_record(out, opts.force)) as finished:
+        return _apply_locked(base, deltas, out, opts, finished)
 
 
 def finished_record(out: Path, force: bool) -> dict | None:
@@ -289,98 +205,84 @@ def finished_record(out: Path, force: bool) -> dict | None:
 
 
 def _apply_locked(
-    base: PathLike, deltas: list[PathLike], out: Path, *, kind: str | None,
-    out_dtype: torch.dtype | None, new_rows: str, fmt: OutputFormat, block_size: int,
-    force: bool, verify: bool, workers: int, progress: bool | Callable[[int, int], None],
-    extra_files: dict[str, Path | bytes] | None, hub: dict | None,
-    expect_md5: PathLike | None, key_md5: str | None, resume: bool, qlora: str | None,
-    quant_dtype: torch.dtype | None, lora_r: int | None, lora_alpha: float | None,
-    lora_prefix: str | None, allow_repeat: bool, finished: dict | None,
-    signer: SignerPin | None, qlora_scope: str, qlora_kernel: str, safe_merge: bool,
+    base: PathLike, deltas: list[PathLike], out: Path, opts: RunOptions, finished: dict | None
 ) -> ApplyResult:
     """The run itself, under OUT's lock: nothing of OUT or its partial folder is touched before."""
-    local = {str(d): check_folder(Path(d).expanduser(), signer)
+    local = {str(d): check_folder(Path(d).expanduser(), opts.signer)
              for d in deltas if hub_repo_id(d, "delta") is None}  # before anything reads them
     # Hub inputs: pair tensors and check space before the big downloads.
-    hub = preflight(base, deltas, kind=kind, verify=verify, allow_repeat=allow_repeat, **(hub or {}))
+    hub = preflight(base, deltas, kind=opts.kind, verify=opts.verify, allow_repeat=opts.allow_repeat,
+                    **(opts.hub or {}))
     base_in = resolve_input(base, "base", **hub)
     delta_ins = [resolve_input(d, "delta", **hub) for d in deltas]
-    signed = [local.get(str(g)) or check_folder(d.path, signer, symlinks=True)  # a Hub snapshot
+    signed = [local.get(str(g)) or check_folder(d.path, opts.signer, symlinks=True)  # a Hub snapshot
               for g, d in zip(deltas, delta_ins)]
-    if kind is None:
+    if opts.kind is None:
         whole = next((k for d in delta_ins if (k := whole_file_kind(d.path))), None)
     else:
-        whole = kind if kind in WHOLE_FILE_KINDS else None
+        whole = opts.kind if opts.kind in WHOLE_FILE_KINDS else None
     if whole != "enc":  # OpenBuddy's key is a file: BASE may be Meta's consolidated.00.pth
         need_folders([(base, "base")])
     if whole is not None:
         if finished is not None:
-            check_out(out, force)  # a whole-file decode's record holds no fingerprint to match
-        if qlora is not None:
+            check_out(out, opts.force)  # a whole-file decode's record holds no fingerprint to match
+        if opts.qlora is not None:
             raise InputError(f"--qlora merges LoRA adapters: it does not apply to {whole} deltas")
-        if not fmt.whole_files:
-            raise InputError(f"--format {fmt.name}: {whole} deltas decode the publisher's files as "
+        if not opts.fmt.whole_files:
+            raise InputError(f"--format {opts.fmt.name}: {whole} deltas decode the publisher's files as "
                              "they are: decode with --format hf")
-        return _signed(_apply_whole_files(whole, base_in, delta_ins, out, out_dtype, force,
-                                          verify, expect_md5, key_md5, progress, resume, workers),
-                       delta_ins, signed)
-    _refuse_md5_options(None, expect_md5, key_md5)
+        return _signed(_apply_whole_files(whole, base_in, delta_ins, out, opts), delta_ins, signed)
+    _refuse_md5_options(None, opts.expect_md5, opts.key_md5)
 
     base_ckpt = open_checkpoint(base_in.path)
     opened: list[Kind] = []
     try:
         # The manifest names the kind even when its checks are skipped: without it an XOR delta
         # would be added as if additive. --no-verify with --kind does not read it at all.
-        found = [find_manifest(d.path) if verify or kind is None else None for d in delta_ins]
+        found = [find_manifest(d.path) if opts.verify or opts.kind is None else None
+                 for d in delta_ins]
         for d, m in zip(delta_ins, found):
-            opened.append(open_kind(kind or detect_kind(d.path, m), d.path))
-        manifests = found if verify else [None] * len(delta_ins)
-        if qlora is not None and not any(k.name == "lora" for k in opened):
+            opened.append(open_kind(opts.kind or detect_kind(d.path, m), d.path))
+        manifests = found if opts.verify else [None] * len(delta_ins)
+        if opts.qlora is not None and not any(k.name == "lora" for k in opened):
             raise InputError("--qlora merges LoRA adapters onto the NF4 base: no delta is a LoRA")
         if manifests and manifests[0]:
             check_base_dtypes(str(base), base_ckpt.specs, manifests[0].base)
-        options = ApplyOptions(new_rows=new_rows, qlora=qlora, qlora_dtype=quant_dtype,
-                               qlora_scope=qlora_scope, qlora_kernel=qlora_kernel,
-                               safe_merge=safe_merge, lora_r=lora_r, lora_alpha=lora_alpha,
-                               lora_prefix=lora_prefix)
+        options = opts.kind_options()
         _check_lora_options(opened, options)
-        jobs = plan_chain(base_ckpt, opened, options, out_dtype, block_size)
-        if new_rows == "mean":
-            fill_means(base_ckpt, jobs, block_size)
-        aux = _aux_files(base_ckpt, opened, extra_files)
+        jobs = plan_chain(base_ckpt, opened, options, opts.dtype, opts.block_size)
+        if opts.new_rows == "mean":
+            fill_means(base_ckpt, jobs, opts.block_size)
+        aux = _aux_files(base_ckpt, opened, opts.extra_files)
         updates = _config_updates(opened)
-        shards, sink = _plan_output(fmt, jobs, aux, out, block_size, updates)
+        shards, sink = _plan_output(opts.fmt, jobs, aux, out, opts.block_size, updates)
         checks = plan_delta_checks([d.path for d in delta_ins], manifests,
                                    [k.checkpoint for k in opened])
         first = manifests[0] if manifests else None
         base_algorithm = first.algorithm if first else DEFAULT_ALGORITHM
-        out_algorithm = _result_algorithm(manifests, out_dtype, new_rows)
-        options_record = {"kind": [k.name for k in opened], "dtype": str(out_dtype),
-                          "new_rows": new_rows, "verify": verify, "version": __version__,
-                          **_lora_record(options), "algorithm": out_algorithm, **fmt.options()}
-        if qlora is not None:
-            options_record.update(qlora=qlora, qlora_dtype=str(quant_dtype),
-                                  qlora_scope=qlora_scope, qlora_kernel=qlora_kernel)
-        fp = fingerprint([base_in.path, *(d.path for d in delta_ins)], options_record, shards)
+        out_algorithm = _result_algorithm(manifests, opts.dtype, opts.new_rows)
+        fp = opts.fingerprint([base_in.path, *(d.path for d in delta_ins)],
+                              [k.name for k in opened], out_algorithm, shards)
         if finished is not None:
             if finished["fingerprint"] != fp.digest:
-                check_out(out, force)  # made by another command, or from other inputs: refused
+                check_out(out, opts.force)  # made by another command, or from other inputs: refused
             return _already_finished(out, finished, [k.name for k in opened], len(jobs),
-                                     sink.outputs() or [s.filename for s in shards], fmt.name)
-        tmp, journal = open_partial(out, fp, resume)
-        try:
+                                     sink.outputs() or [s.filename for s in shards], opts.fmt.name)
+        with partial_run(out, fp, resume=opts.resume, force=opts.force, kept="the partial result",
+                         rerun_finds_it=True) as partial:
+            tmp, journal = partial.folder, partial.journal
             checked = recheck(
-                tmp, shards, journal, sink=sink, block_bytes=block_size, workers=workers,
-                progress=progress,
-            ) if resume else None
+                tmp, shards, journal, sink=sink, block_bytes=opts.block_size,
+                workers=opts.workers, progress=opts.progress,
+            ) if opts.resume else None
             skip = set(journal.done)
             check_free_space(out.parent, sink.planned_bytes(shards, skip)
                              + aux_bytes(sink.aux_files(aux)))
-            bar = make_progress(progress, sum(
+            bar = make_progress(opts.progress, sum(
                 j.out.nbytes for s in shards if s.filename not in skip for j in s.jobs), "rebuilding")
             engine = Engine(
-                base_ckpt, shards, tmp, sink=sink, block_bytes=block_size,
-                workers=workers, expected_base=first.base.tensors if first else None,
+                base_ckpt, shards, tmp, sink=sink, block_bytes=opts.block_size,
+                workers=opts.workers, expected_base=first.base.tensors if first else None,
                 base_algorithm=base_algorithm, out_algorithm=out_algorithm,
                 expected_inputs=checks.expected_inputs, file_hashers=checks.file_hashers,
                 progress=bar.update, at=bar.at, skip_shards=skip, on_shard_done=journal.record,
@@ -398,8 +300,8 @@ def _apply_locked(
             for shard, digests in (checked.kept if checked else {}).items():
                 out_digests.update(digests)  # computed by this run's re-check, not the journal's
                 written.update(checked.written[shard])  # computed by this run's re-check
-            finish_delta_checks(checks, run.input_digests, run.file_digests, block_size)
-            if fmt.shard_files:
+            finish_delta_checks(checks, run.input_digests, run.file_digests, opts.block_size)
+            if opts.fmt.shard_files:
                 write_index(tmp, shards)
             copy_aux(tmp, sink.aux_files(aux))
             fix_config(tmp, _vocab_rows(jobs), _result_dtype(jobs), updates)
@@ -410,51 +312,16 @@ def _apply_locked(
                 out, [k.name for k in opened], len(jobs), files,
                 run.bytes_read + (checked.bytes_read if checked else 0), run.bytes_written,
                 run.seconds + (checked.seconds if checked else 0), peak_rss_bytes(), digest,
-                algorithm=out_algorithm, format=fmt.name,
+                algorithm=out_algorithm, format=opts.fmt.name,
                 merged_digest=merged if sink.converts else None,
             )
             if checked and (checked.kept or checked.redone):
                 result.notes.append(checked.note())
-            _compare_result(result, manifests, out_digests, out_dtype, new_rows, qlora)
+            _compare_result(result, manifests, out_digests, opts)
             _signed(result, delta_ins, signed)
-            record = _record(base_in, delta_ins, result, written if sink.converts else out_digests,
-                             out_dtype, new_rows)
-            record["options"].update(fmt.options())
-            record.update(sink.record())
-            record["fingerprint"] = fp.digest
-            if sink.converts:
-                record["merged"] = Role.of(out_digests, out_algorithm).to_json()
-            if qlora is not None:
-                record["options"].update(
-                    qlora=qlora, qlora_dtype=str(quant_dtype).removeprefix("torch.")
-                    if quant_dtype else None, qlora_scope=qlora_scope, qlora_kernel=qlora_kernel)
-            if safe_merge:
-                record["options"]["safe_merge"] = True
-            write_json(tmp / RESULT_RECORD, record)
-            faults.reached("publish")
-            publish(tmp, out, force)
-        except OutputTakenError:
-            raise  # the finished partial folder stays, for --resume once OUT is moved away
-        except (KeyboardInterrupt, WorkError) as exc:
-            if isinstance(exc, DiskSpaceError):
-                if not journal.done:
-                    discard(tmp)
-                raise
-            raise InterruptedRun.after(
-                exc, f"the partial result is kept in {tmp}: run the same command with --resume "
-                "to finish it",
-            ) from exc
-        except BaseException:
-            discard(tmp)
-            raise
-        try:
-            faults.reached("published")
-            (out / journal.path.name).unlink(missing_ok=True)
-        except KeyboardInterrupt as exc:
-            raise InterruptedRun.after(
-                exc, f"{out} was published, complete, just before: the same command run again "
-                "finds it finished",
-            ) from exc
+            write_json(tmp / RESULT_RECORD, _record(
+                base_in, delta_ins, result, written if sink.converts else out_digests, opts, fp,
+                sink, out_digests))
         return result
     finally:
         for k in opened:
@@ -513,27 +380,26 @@ def _refuse_md5_options(kind: str | None, expect_md5: PathLike | None, key_md5: 
 
 
 def _apply_whole_files(
-    kind: str, base: Resolved, deltas: list[Resolved], out: Path,
-    out_dtype: torch.dtype | None, force: bool, verify: bool, expect_md5: PathLike | None,
-    key_md5: str | None, progress, resume: bool, workers: int,
+    kind: str, base: Resolved, deltas: list[Resolved], out: Path, opts: RunOptions
 ) -> ApplyResult:
     """Whole-file XOR deltas (OpenAssistant's, OpenBuddy's) are decoded alone, byte for byte."""
     if len(deltas) != 1:
         raise InputError(f"{deltas[0].given}: a {kind} delta is decoded alone, not in a chain")
-    if out_dtype is not None:
+    if opts.dtype is not None:
         raise InputError(f"--dtype does not apply to {kind} deltas: the files are decoded as is")
-    _refuse_md5_options(kind, expect_md5, key_md5)
+    _refuse_md5_options(kind, opts.expect_md5, opts.key_md5)
     if kind == "enc":
         return apply_enc(
-            base.path, deltas[0].path, out, force=force, progress=progress,
-            key_md5=key_md5 or OPENBUDDY_KEY_MD5,
-            model_digest=lambda folder: _tensor_digests(folder, progress),
-            resume=resume, workers=workers,
+            base.path, deltas[0].path, out, force=opts.force, progress=opts.progress,
+            key_md5=opts.key_md5 or OPENBUDDY_KEY_MD5,
+            model_digest=lambda folder: _tensor_digests(folder, opts.progress),
+            resume=opts.resume, workers=opts.workers,
         )
-    md5_list = Path(expect_md5).expanduser() if expect_md5 is not None and verify else None
+    md5_list = (Path(opts.expect_md5).expanduser()
+                if opts.expect_md5 is not None and opts.verify else None)
     return apply_xor_files(
-        base.path, deltas[0].path, out, force=force, expect_md5=md5_list, progress=progress,
-        resume=resume, workers=workers,
+        base.path, deltas[0].path, out, force=opts.force, expect_md5=md5_list,
+        progress=opts.progress, resume=opts.resume, workers=opts.workers,
     )
 
 
@@ -638,14 +504,6 @@ def _check_lora_options(kinds: list[Kind], options: ApplyOptions) -> None:
         )
 
 
-def _lora_record(options: ApplyOptions) -> dict:
-    """The --lora-* options and --safe-merge given, for the journal's fingerprint (they change
-    the result)."""
-    return {k: v for k, v in (("lora_r", options.lora_r), ("lora_alpha", options.lora_alpha),
-                              ("lora_prefix", options.lora_prefix),
-                              ("safe_merge", options.safe_merge or None)) if v is not None}
-
-
 def _vocab_rows(jobs: list[TensorJob]) -> int | None:
     for job in jobs:
         if job.name.endswith(VOCAB_TENSORS[0]) and job.out.shape:
@@ -666,9 +524,7 @@ def _compare_result(
     result: ApplyResult,
     manifests: list[Manifest | None],
     digests: dict[str, TensorDigest],
-    out_dtype: torch.dtype | None,
-    new_rows: str,
-    qlora: str | None = None,
+    opts: RunOptions,
 ) -> None:
     """The publisher's digests are of Hugging Face tensors: compared with the merge's (for gguf and
     meta, as computed before conversion)."""
@@ -680,7 +536,7 @@ def _compare_result(
     if merged == last.result.model_digest:
         result.verified = True
         return
-    if out_dtype is not None or qlora or new_rows != last.options.get("new_rows", "zero"):
+    if opts.dtype is not None or opts.qlora or opts.new_rows != last.options.get("new_rows", "zero"):
         result.notes.append(
             "options differ from the publisher's (--dtype/--new-rows/--qlora): result not compared"
         )
@@ -708,18 +564,23 @@ def _record(
     deltas: list[Resolved],
     result: ApplyResult,
     digests: dict[str, TensorDigest],
-    out_dtype: torch.dtype | None,
-    new_rows: str,
+    opts: RunOptions,
+    fp: Fingerprint,
+    sink: Sink,
+    merged: dict[str, TensorDigest],
 ) -> dict:
-    """Provenance of the result: what it was made from, how, and its digests (a result role)."""
+    """Provenance of the result: what it was made from, how, and its digests (a result role, of
+    the tensors as written; for a sink that converts them, ``merged``: the merge's own)."""
     return {
         "deltamerge_version": __version__,
         "base": base.describe(),
         "deltas": [dict(d.describe(), kind=k) for d, k in zip(deltas, result.kinds)],
-        "options": {"dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
-                    "new_rows": new_rows},
+        "options": opts.record(),
         "algorithm": result.algorithm,
         "result": Role.of(digests, result.algorithm).to_json(),
         "publisher_digest": result.publisher_digest,
         **({"signatures": result.signatures} if result.signatures else {}),
+        **sink.record(),
+        "fingerprint": fp.digest,
+        **({"merged": Role.of(merged, result.algorithm).to_json()} if sink.converts else {}),
     }

@@ -17,6 +17,7 @@ import torch
 from . import arguments as args
 from .apply import run_apply
 from .errors import InputError
+from .options import RunOptions
 from .outputs import OUTPUT_FORMATS
 from .progress import reports_progress
 from .results import ApplyResult
@@ -80,13 +81,11 @@ def convert(
     layout = detect_layout(Path(meta_dir).expanduser())
     if layout.format != "meta":
         raise InputError(f"{meta_dir}: not a Meta-layout folder (params.json, consolidated.*.pth)")
-    result = run_apply(
-        meta_dir, [], out, kind=None, dtype=dtype, new_rows="zero", max_shard_size=max_shard_size,
-        block_size=block_size, force=force, verify=True, workers=workers, progress=progress,
-        extra_files=None, hub=None, expect_md5=None, key_md5=None, resume=resume, qlora=None,
-        qlora_dtype=None, lora_r=None, lora_alpha=None, lora_prefix=None, format=format,
-        outtype=outtype, mp=mp, threads=threads,
-    )
+    result = run_apply(meta_dir, [], args.path("out", out), RunOptions.of(
+        dtype=dtype, max_shard_size=max_shard_size, block_size=block_size, force=force,
+        workers=workers, progress=progress, resume=resume, format=format, outtype=outtype, mp=mp,
+        threads=threads,
+    ))
     if not OUTPUT_FORMATS.get(format).holds_vocab and not (result.out / TOKENIZER).is_file():
         result.notes.append(
             f"no {TOKENIZER} in {meta_dir} or its parent: the result has no tokenizer"

@@ -15,41 +15,39 @@ journal's; the others, and anything else in the partial folder, are removed and 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import arguments as args
 from .engine import Engine
-from .engine.journal import JOURNAL_NAME, Journal, fingerprint, open_partial, read_digest
+from .engine.journal import JOURNAL_NAME, Entry, Journal, read_digest
+from .engine.lifecycle import locked_out, partial_run
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
+from .engine.recheck import recheck_files
 from .engine.stream import ShardDone, WrittenFile
-from .errors import InputError, InterruptedRun, WorkError
 from .formats.xor_zstd import DEFAULT_LEVEL
 from .formats.xor_zstd import KIND as XOR_ZSTD
 from .hub.model_card import CARD_NAME
 from .integrity.digest import TensorDigest, TensorHasher, file_digest, hash_tensor
 from .integrity.manifest import MANIFEST_NAME, FileEntry, Manifest, Role
-from .integrity.signing import SigningKey, check_signing_key, sign_folder
+from .integrity.signing import SigningKey, sign_folder
 from .kinds import Step, is_non_weight
 from .kinds.add import MakeAddStep, check_pairing
-from .kinds.marks import MARKED_KINDS, Marks, delta_id
+from .kinds.marks import Marks, delta_id
 from .kinds.xor import MakeXorStep
 from .memory import peak_rss_bytes
-from .progress import make_progress, reports_progress, step_bar
+from .options import MakeOptions
+from .progress import make_progress, reports_progress
 from .results import MakeDeltaResult
 from .sinks.aux import copy_aux, fix_config
-from .sinks.folder import OutputTakenError, check_out, discard, publish, remove_entry
-from .sinks.lock import hold
-from .sinks.overlap import refuse_overlap
 from .sinks.safetensors import SafetensorsSink, write_index
 from .sinks.xor_zstd import ZstdXorSink
-from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
+from .sizes import DEFAULT_BLOCK_BYTES
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import is_aux_file
 from .sources.inputs import Resolved, need_folders
-from .sources.resolve import input_region, resolve_input
+from .sources.resolve import resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
 
@@ -115,58 +113,36 @@ def make_delta(
     out = Path(args.path("out", out)).expanduser()
     args.text("kind", kind)
     need_folders([(base, "base"), (target, "target")])
-    args.flag("compress", compress)
-    compress_level = args.integer("compress_level", compress_level, minimum=-(2**31))  # range: below
-    if compress:
-        kind = _compressed_kind(kind, compress_level)
-    if kind not in MARKED_KINDS:
-        raise InputError(f"make-delta --kind must be one of {', '.join(MARKED_KINDS)}, not {kind!r}")
-    shard_bytes = args.size("max_shard_size", max_shard_size) or parse_size(DEFAULT_SHARD_SIZE)
-    block_size = args.size("block_size", block_size) or DEFAULT_BLOCK_BYTES
-    args.flag("force", force)
-    args.flag("resume", resume)
-    workers = args.integer("workers", workers)
-    progress = args.progress(progress)
-    hub = args.hub(hub)
-    if sign is not None:
-        check_signing_key(sign)  # a missing package or key fails before the long run
-    refuse_overlap(out, [(str(g), input_region(g, role)) for g, role in
-                         ((base, "base"), (target, "target"))])
-    check_out(out, force)
-    with hold(out):
-        check_out(out, force)  # again under the lock: a run that held it may have published
-        return _make_locked(base, target, out, kind, shard_bytes, block_size, workers or 1,
-                            progress, hub or {}, resume, force, compress_level, sign)
+    opts = MakeOptions.of(
+        kind=kind, max_shard_size=max_shard_size, block_size=block_size, force=force,
+        workers=workers, progress=progress, hub=hub, resume=resume, compress=compress,
+        compress_level=compress_level, sign=sign,
+    )
+    with locked_out(out, [(base, "base"), (target, "target")], opts.force):
+        return _make_locked(base, target, out, opts)
 
 
-def _make_locked(
-    base: PathLike, target: PathLike, out: Path, kind: str, shard_bytes: int, block_size: int,
-    workers: int, progress: bool | Callable[[int, int], None], hub: dict, resume: bool,
-    force: bool, level: int, sign: SigningKey | None,
-) -> MakeDeltaResult:
+def _make_locked(base: PathLike, target: PathLike, out: Path, opts: MakeOptions) -> MakeDeltaResult:
     """The run itself, under OUT's lock: a leftover partial folder is touched only under it."""
-    base_in = resolve_input(base, "base", **hub)
-    target_in = resolve_input(target, "target", **hub)
+    base_in = resolve_input(base, "base", **opts.hub)
+    target_in = resolve_input(target, "target", **opts.hub)
     with open_checkpoint(base_in.path) as base_ckpt, open_checkpoint(target_in.path) as target_ckpt:
         check_pairing(target_ckpt, base_ckpt.specs, role="the target")
-        jobs, steps, results = _plan(base_ckpt, target_ckpt, kind, block_size)
-        shards = layout_shards(jobs, shard_bytes)
-        options = {"make_delta": kind, "version": __version__}
-        if kind == XOR_ZSTD:
-            options["compress_level"] = level
-        fp = fingerprint([base_in.path, target_in.path], options, shards)
-        marks = Marks(kind, delta_id(fp.digest), str(out))
-        tmp, journal = open_partial(out, fp, resume)
-        try:
-            kept = _recheck(tmp, journal, shards) if resume else {}
-            bar = make_progress(progress, sum(
+        jobs, steps, results = _plan(base_ckpt, target_ckpt, opts.kind, opts.block_size)
+        shards = layout_shards(jobs, opts.shard_bytes)
+        fp = opts.fingerprint([base_in.path, target_in.path], shards)
+        marks = Marks(opts.kind, delta_id(fp.digest), str(out))
+        with partial_run(out, fp, resume=opts.resume, force=opts.force, kept="the partial delta") as partial:
+            tmp, journal = partial.folder, partial.journal
+            kept = _recheck(tmp, journal, shards) if opts.resume else {}
+            bar = make_progress(opts.progress, sum(
                 j.out.nbytes for s in shards if s.filename not in kept for j in s.jobs),
                 "making delta")
             metadata = {"format": "pt", **marks.metadata()}
-            sink = ZstdXorSink(metadata, level) if kind == XOR_ZSTD else SafetensorsSink(metadata)
+            sink = ZstdXorSink(metadata, opts.level) if opts.kind == XOR_ZSTD else SafetensorsSink(metadata)
             engine = Engine(
-                base_ckpt, shards, tmp, sink=sink, block_bytes=block_size,
-                workers=workers, hash_base=True, hash_out=True, hash_files=kind != XOR_ZSTD,
+                base_ckpt, shards, tmp, sink=sink, block_bytes=opts.block_size,
+                workers=opts.workers, hash_base=True, hash_out=True, hash_files=opts.kind != XOR_ZSTD,
                 progress=bar.update, at=bar.at, skip_shards=set(kept),
             )
             written = _written_file(engine, sink)
@@ -181,7 +157,7 @@ def _make_locked(
                 result_digests.update(shard.digests)
             for name, spec in base_ckpt.specs.items():
                 if name not in base_digests:
-                    base_digests[name] = hash_tensor(base_ckpt, spec, block_size)
+                    base_digests[name] = hash_tensor(base_ckpt, spec, opts.block_size)
                 if name not in result_digests and is_non_weight(name):
                     result_digests[name] = base_digests[name]
             write_index(tmp, shards)
@@ -194,28 +170,16 @@ def _make_locked(
                                          if s.filename not in kept},
                                       **{n: k.file for n, k in kept.items()}})
             manifest = Manifest(
-                kind, __version__, files, Role.of(base_digests), Role.of(result_digests),
+                opts.kind, __version__, files, Role.of(base_digests), Role.of(result_digests),
                 {"new_rows": "zero"}, delta=Role.of(delta_digests),
                 base_source=_base_source(base_in), delta_id=marks.delta_id,
             )
             manifest.write(tmp / MANIFEST_NAME)
             # Not signed: the journal (removed once published) and the model card push adds.
-            signer = sign_folder(tmp, sign, ignore=(JOURNAL_NAME, CARD_NAME)) if sign else None
-            publish(tmp, out, force)
-            (out / JOURNAL_NAME).unlink(missing_ok=True)
-        except OutputTakenError:
-            raise  # the finished partial folder stays, for --resume once OUT is moved away
-        except (KeyboardInterrupt, WorkError) as exc:
-            raise InterruptedRun.after(
-                exc, f"the partial delta is kept in {tmp}: run the same command with --resume "
-                "to finish it",
-            ) from exc
-        except BaseException:
-            discard(tmp)
-            raise
+            signer = sign_folder(tmp, opts.sign, ignore=(JOURNAL_NAME, CARD_NAME)) if opts.sign else None
     mismatches = sum(getattr(s, "mismatches", 0) for s in steps)
     written = run.bytes_written
-    if kind == XOR_ZSTD:  # what went to disk, compressed, rather than the rows compressed
+    if opts.kind == XOR_ZSTD:  # what went to disk, compressed, rather than the rows compressed
         written = sum(files[s.filename].size for s in shards if s.filename not in kept)
     notes = [f"resumed: {len(kept)} finished shard(s) kept, each hashed again"] if kept else []
     overflowed = _overflowed(jobs, kept)
@@ -226,7 +190,7 @@ def _make_locked(
             f"{', '.join(map(repr, overflowed[:OVERFLOWS_NAMED]))})"
         )
     return MakeDeltaResult(
-        out, kind, len(jobs), sum(j.out.numel for j in jobs),
+        out, opts.kind, len(jobs), sum(j.out.numel for j in jobs),
         mismatches + sum(k.mismatches for k in kept.values()), manifest.base.model_digest,
         manifest.result.model_digest, written, run.seconds, peak_rss_bytes(), notes,
         overflowed, signed_by=signer.to_json() if signer else None,
@@ -250,14 +214,6 @@ class _Kept:
     delta: dict[str, TensorDigest]  # of the delta tensors it holds, for the delta role
     mismatches: int
     overflows: dict[str, int]  # elements stored as Inf, by tensor (only those with any)
-
-
-def _compressed_kind(kind: str, level: int) -> str:
-    if kind != "xor":
-        raise InputError(f"make-delta --compress applies to --kind xor only, not {kind!r}")
-    if not 1 <= level <= 22:
-        raise InputError(f"make-delta --compress-level must be a zstd level from 1 to 22, not {level}")
-    return XOR_ZSTD
 
 
 def _written_file(engine: Engine, sink: object) -> Callable[[str], WrittenFile]:
@@ -297,37 +253,32 @@ def _recheck(folder: Path, journal: Journal, shards: list[Shard]) -> dict[str, _
     others and anything else in the partial folder are removed (only what was checked is kept).
     A file that hashes as journaled holds the bytes the journal's tensor digests were made of."""
     planned = {s.filename: {j.name for j in s.jobs} for s in shards}
-    claims = {n: e for n, e in journal.recorded.items() if n in planned}
-    for entry in os.scandir(folder):
-        if entry.name != JOURNAL_NAME and entry.name not in claims:
-            remove_entry(folder / entry.name)
-    files = {n: folder / n for n in claims
-             if (folder / n).is_file() and not (folder / n).is_symlink()}
-    bar = step_bar(sum(p.stat().st_size for p in files.values()), "re-checking kept shards")
-    kept = {}
+
+    def holds(name: str, claim: Entry, path: Path, advance: Callable[[int], None]) -> bool:
+        kept = _kept(claim, planned[name])
+        size = path.stat().st_size
+        # The claim's own checks first: a shard they refuse is not read at all.
+        ok = kept is not None and size == claim.size and file_digest(path) == kept.file.digest
+        advance(size)
+        return ok
+
+    kept = recheck_files(folder, journal, planned, holds, "re-checking kept shards")
+    return {n: k for n, e in kept.items() if (k := _kept(e, planned[n])) is not None}
+
+
+def _kept(claim: Entry, tensors: set[str]) -> _Kept | None:
+    """What a journal line says of a make-delta shard holding ``tensors``; None when it is not
+    such a line (damaged, or another run's)."""
+    file, lost = claim.extra.get("file"), claim.extra.get("mismatches")
     try:
-        for name, path in files.items():
-            bar.at(name)
-            claim, size = claims[name], path.stat().st_size
-            file, lost = claim.extra.get("file"), claim.extra.get("mismatches")
-            try:
-                delta = {n: read_digest(d) for n, d in claim.extra.get("delta", {}).items()}
-                written = WrittenFile(*file)
-                overflows = {str(n): int(c) for n, c in claim.extra.get("overflows", {}).items()}
-            except (KeyError, TypeError, ValueError, AttributeError):
-                written = None
-            # The claim's own checks first: a shard they refuse is not read at all.
-            if (written is not None and size == claim.size and isinstance(lost, int)
-                    and set(claim.digests) == planned[name] and set(delta) == planned[name]
-                    and file_digest(path) == written.digest):
-                kept[name] = _Kept(written, claim.digests, delta, lost, overflows)
-            bar.update(size)
-    finally:
-        bar.close()
-    for name in set(claims) - set(kept):
-        remove_entry(folder / name)
-    journal.restart({n: replace(claims[n], written={}) for n in kept})
-    return kept
+        delta = {n: read_digest(d) for n, d in claim.extra.get("delta", {}).items()}
+        written = WrittenFile(*file)
+        overflows = {str(n): int(c) for n, c in claim.extra.get("overflows", {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if not isinstance(lost, int) or set(claim.digests) != tensors or set(delta) != tensors:
+        return None
+    return _Kept(written, claim.digests, delta, lost, overflows)
 
 
 def _base_source(base: Resolved) -> dict:

@@ -100,3 +100,10 @@ def oa_xor_file(dst: Path, payload: Path, base: Path, compress: bool, block: int
                 fp.write(_xor(buf1, buf2))
                 if len(buf1) < block:
                     break
+
+
+def _decoded_files(tuned: Path, base: Path, base_added_tokens: bool) -> dict[str, bytes]:
+    """What the decoder must produce: every file of the fine-tune the base also has, and
+    added_tokens.json (copied, or XORed twice with the base's, i.e. the fine-tune's)."""
+    names = [p.name for p in tuned.iterdir() if (base / p.name).is_file()] + ["added_tokens.json"]
+    return {n: (tuned / n).read_bytes() for n in names}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,26 +82,35 @@ def _listing(value: object) -> str:
     return ", ".join(map(str, value)) if isinstance(value, list) else "unknown"
 
 
-def fingerprint(inputs: list[Path], options: dict, shards: list[Shard]) -> Fingerprint:
-    """Input files (name, size, mtime; a symlink by its target), options, shard layout."""
+def fingerprint(inputs: list[Path], options: dict, layout: Iterable[str]) -> Fingerprint:
+    """Input files (name, size, mtime; a symlink by its target; a folder by the files at its
+    top), options, and the layout of the units the journal records (``shard_layout``'s lines, or
+    a decoder's files)."""
     files = {}
-    for folder in inputs:
-        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for given in inputs:
+        paths = sorted(p for p in given.iterdir() if p.is_file()) if given.is_dir() else [given]
+        for path in paths:
             st = path.stat()
             files[str(path)] = [str(path.resolve()), st.st_size, st.st_mtime_ns]
-    layout = hashlib.sha256()
-    for shard in shards:
-        layout.update(shard.filename.encode())
-        for spec in shard.specs:
-            layout.update(f"{spec.name}\0{spec.dtype}\0{list(spec.shape)}\n".encode())
+    hashed = hashlib.sha256()
+    for line in layout:
+        hashed.update(line.encode())
     parts = {
-        "inputs": [str(folder) for folder in inputs],
+        "inputs": [str(given) for given in inputs],
         "files": files,
         "options": json.loads(json.dumps(options, sort_keys=True, default=str)),
-        "layout": layout.hexdigest(),
+        "layout": hashed.hexdigest(),
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return Fingerprint(digest, parts)
+
+
+def shard_layout(shards: list[Shard]) -> Iterator[str]:
+    """The plan's shards as the fingerprint takes them: each one's file and tensors."""
+    for shard in shards:
+        yield shard.filename
+        for spec in shard.specs:
+            yield f"{spec.name}\0{spec.dtype}\0{list(spec.shape)}\n"
 
 
 @dataclass(frozen=True)

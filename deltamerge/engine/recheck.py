@@ -7,7 +7,9 @@ merge uses, its header parsed and its tensor table compared with the plan's shar
 Meta's layout each tensor's bytes at their planned place), hashed with streaming reads that drop
 the pages behind them, and compared with the journal. Shards that hold are kept, with the digests
 computed now; the others are redone, and the run's notes say which and why. Anything else in the
-partial folder is removed: only what was checked is published.
+partial folder is removed: only what was checked is published. Where a unit is a whole file
+whose digest the journal holds (make-delta's shards, the decoders' files), :func:`recheck_files`
+hashes each file whole instead (byte identity, one read).
 """
 
 from __future__ import annotations
@@ -15,17 +17,17 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..integrity.digest import TensorDigest
-from ..progress import make_progress
+from ..progress import make_progress, step_bar
 from ..sinks import Mismatch, Sink
 from ..sinks.folder import remove_entry
 from .journal import JOURNAL_NAME, Entry, Journal
 from .plan import Shard
+from .workers import Workers
 
 
 @dataclass
@@ -50,10 +52,6 @@ class Rechecked:
         return line
 
 
-class _Stopped(Exception):
-    """The run was interrupted while re-checking."""
-
-
 def recheck(
     folder: Path,
     shards: list[Shard],
@@ -75,11 +73,11 @@ def recheck(
     result = Rechecked(unit=sink.unit)
     total = sum(e.size for e in claims.values())
     bar = make_progress(progress, total, "re-checking")
-    lock, stop = threading.Lock(), threading.Event()
+    lock = threading.Lock()
+    pool = Workers(min(workers, len(claims)), "recheck")
 
     def advance(n: int) -> None:
-        if stop.is_set():
-            raise _Stopped
+        pool.check()  # Ctrl-C: the threads stop at their next block, not after every shard
         with lock:
             result.bytes_read += n
             bar.update(n)
@@ -92,14 +90,9 @@ def recheck(
         except Mismatch as why:
             return name, str(why)
 
-    pool = ThreadPoolExecutor(max(1, min(workers, len(claims) or 1)))
     try:
-        outcomes = list(pool.map(check, sorted(claims)))
-    except BaseException:
-        stop.set()  # Ctrl-C: the threads stop at their next block, not after every shard
-        raise
+        outcomes = pool.map(check, sorted(claims))
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     kept = {}
     for name, outcome in outcomes:
@@ -118,3 +111,38 @@ def recheck(
     sink.resume(folder, result.written)
     result.seconds = time.monotonic() - start
     return result
+
+
+def recheck_files(
+    folder: Path,
+    journal: Journal,
+    planned: Collection[str],
+    holds: Callable[[str, Entry, Path, Callable[[int], None]], bool],
+    desc: str,
+) -> dict[str, Entry]:
+    """Keep the journaled files of ``folder`` that ``holds`` finds still hold what the journal
+    says, read whole (make-delta's shards, a decoder's files: byte identity, one read each).
+
+    ``holds(name, entry, path, advance)`` reads the file, reporting the bytes read through
+    ``advance``. Everything else in the folder, and each file that fails, is removed; the journal
+    is rewritten with the files kept (``journal.done``).
+    """
+    claims = {n: e for n, e in journal.recorded.items() if n in planned}
+    for entry in os.scandir(folder):
+        if entry.name != JOURNAL_NAME and entry.name not in claims:
+            remove_entry(folder / entry.name)
+    files = {n: folder / n for n in claims
+             if (folder / n).is_file() and not (folder / n).is_symlink()}
+    bar = step_bar(sum(p.stat().st_size for p in files.values()), desc)
+    kept = {}
+    try:
+        for name, path in files.items():
+            bar.at(name)
+            if holds(name, claims[name], path, bar.update):
+                kept[name] = claims[name]
+    finally:
+        bar.close()
+    for name in set(claims) - set(kept):
+        remove_entry(folder / name)
+    journal.restart(kept)
+    return kept

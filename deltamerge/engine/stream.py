@@ -46,6 +46,7 @@ from ..kinds import RowInput, Scratch
 from ..sinks import ShardWriter, Sink, Written
 from ..sources.checkpoint import Checkpoint, view_rows
 from .plan import Shard, TensorJob
+from .workers import run_threads
 
 Progress = Callable[[int], None]
 ShardDone = Callable[[str, int, dict[str, TensorDigest], dict[str, TensorDigest]], None]
@@ -579,43 +580,7 @@ def _run_threads(
             errors.append(exc)
             stop.set()
 
-    bodies = [("feed", feeder, ())] + [(s.__name__, worker, (i,)) for i, s in enumerate(stages)]
-    began = [threading.Event() for _ in bodies]
-    ended = [threading.Event() for _ in bodies]
-
-    def run(k: int) -> None:
-        began[k].set()
-        try:
-            bodies[k][1](*bodies[k][2])
-        finally:
-            ended[k].set()
-
-    try:
-        for k, (name, _, _) in enumerate(bodies):
-            threading.Thread(target=run, args=(k,), name=f"deltamerge-{name}", daemon=True).start()
-        for done in ended:
-            done.wait()
-    except BaseException:
-        stop.set()
-        _wait_out([done for started, done in zip(began, ended) if started.is_set()])
-        raise
+    bodies = [("feed", feeder)] + [(s.__name__, lambda i=i: worker(i)) for i, s in enumerate(stages)]
+    run_threads(bodies, stop)
     if errors:
         raise errors[0]
-
-
-def _wait_out(ended: list[threading.Event]) -> None:
-    """Wait until each of the pipeline's threads has ended, even through a second Ctrl-C.
-
-    Not ``Thread.join``: up to Python 3.12, a KeyboardInterrupt raised inside ``join`` marks the
-    thread stopped while it still runs (the bpo-45274 handler releases the lock the live thread
-    holds), so the next ``join`` returns at once. The process then exits with a daemon thread
-    inside torch, which the interpreter ends where it stands at exit, unwinding C++ frames that
-    may not unwind: "terminate called without an active exception", SIGABRT. A thread that has
-    not begun is not waited for: with ``stop`` set it returns before any work.
-    """
-    for done in ended:
-        while not done.is_set():
-            try:
-                done.wait()
-            except KeyboardInterrupt:
-                continue  # the first stop is being handled; the threads end within a block

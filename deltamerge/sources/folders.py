@@ -26,6 +26,8 @@ WEIGHT_ORDER = (
     (BIN_SINGLE, "bin"), (BIN_INDEX, "bin"),
 )
 INDEX_SUFFIX = ".index.json"
+# Weight files by name, whatever their layout: what a whole-file delta must decode complete.
+WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pth", ".pt")
 
 # Files that travel with a model and are not weights, copied into results and deltas; with them
 # the Python files of the folder's top level (CODE_SUFFIX), which models loaded with
@@ -185,3 +187,8 @@ def code_files(folder: Path) -> dict[str, Path]:
             continue  # a folder, a device, a FIFO: not code, skipped as other odd files are
         found[path.name] = inside(folder, path.name, path)
     return found
+
+
+def is_weight_name(name: str) -> bool:
+    """A weight file, or a weight index, by its name alone."""
+    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(INDEX_SUFFIX)

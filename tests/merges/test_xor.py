@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_states_equal, llama_state, load_state, run_cli, save_checkpoint
-from releases import _oa_release, oa_encode
+from releases import _decoded_files, _oa_release, oa_encode
 
 from deltamerge import apply_delta, make_delta
+from deltamerge.decoders.whole_files import format_problem
 from deltamerge.errors import FormatError, InputError, NotFoundError, VerificationError
-from deltamerge.kinds.xor_files import format_problem, looks_like_xor_files
+from deltamerge.kinds.xor_files import looks_like_xor_files
 from deltamerge.sinks.folder import partial_dir
 
 # -- tensor XOR -----------------------------------------------------------------------------------
@@ -72,13 +73,6 @@ def test_xor_cli_says_it_matches(tmp_path: Path) -> None:
 
 
 # -- OpenAssistant xor_codec.py, whole files ------------------------------------------------------
-
-
-def _decoded_files(tuned: Path, base: Path, base_added_tokens: bool) -> dict[str, bytes]:
-    """What the decoder must produce: every file of the fine-tune the base also has, and
-    added_tokens.json (copied, or XORed twice with the base's, i.e. the fine-tune's)."""
-    names = [p.name for p in tuned.iterdir() if (base / p.name).is_file()] + ["added_tokens.json"]
-    return {n: (tuned / n).read_bytes() for n in names}
 
 
 def _md5_list(folder: Path, names: list[str], path: Path) -> Path:

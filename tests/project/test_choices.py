@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from deltamerge import kind_registry, names, outputs
-from deltamerge.apply import run_apply
+from deltamerge.apply import apply_delta
 from deltamerge.cli import main
 from deltamerge.dtypes import USER_DTYPES, parse_user_dtype
 from deltamerge.errors import InputError
@@ -121,16 +121,11 @@ def test_the_library_refuses_a_value_outside_each_list(tmp_path: Path):
         checksum(tmp_path, algorithm="md5")
     with pytest.raises(InputError, match="role must be one of result, base, not 'delta'"):
         load_expected(tmp_path / "deltamerge.json", role="delta")
-    common = dict(kind=None, dtype=None, new_rows="zero", max_shard_size=None, block_size=None,
-                  force=False, verify=True, workers=None, progress=False, extra_files=None,
-                  hub=None, expect_md5=None, key_md5=None, resume=False, qlora=None,
-                  qlora_dtype=None, lora_r=None, lora_alpha=None, lora_prefix=None, format="hf",
-                  outtype=None, mp=None)
-    paths = (tmp_path / "base", [tmp_path / "delta"], tmp_path / "out")
+    paths = (tmp_path / "base", tmp_path / "delta", tmp_path / "out")
     with pytest.raises(InputError, match="--new-rows must be 'zero' or 'mean', not 'random'"):
-        run_apply(*paths, **{**common, "new_rows": "random"})
+        apply_delta(*paths, new_rows="random")
     with pytest.raises(InputError, match="--qlora must be one of nf4, nf4-dq, not 'fp4'"):
-        run_apply(*paths, **{**common, "qlora": "fp4"})
+        apply_delta(*paths, qlora="fp4")
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 

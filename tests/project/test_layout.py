@@ -21,9 +21,11 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("command line", ["deltamerge.__main__", "deltamerge.cli", "deltamerge.interrupts"]),
     ("public API", ["deltamerge"]),  # the package itself: lazy names only
     ("entry points", [
-        "deltamerge.apply", "deltamerge.make", "deltamerge.conversion", "deltamerge.preflight",
+        "deltamerge.apply", "deltamerge.make", "deltamerge.conversion", "deltamerge.options",
+        "deltamerge.preflight",
         "deltamerge.integrity.checks", "deltamerge.integrity.delta_checks", "deltamerge.hub",
     ]),
+    ("decoders", ["deltamerge.decoders"]),  # whole files, beside the stream: its run lifecycle
     ("engine", ["deltamerge.engine"]),
     ("kinds", ["deltamerge.kinds"]),
     # below the kinds: xor-files writes its own files; outputs/ are the formats that open them
