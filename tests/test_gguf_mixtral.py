@@ -1,0 +1,208 @@
+"""Mixtral as GGUF: each layer's experts stacked into ``blk.N.ffn_{gate,down,up}_exps.weight``.
+
+The f16 file is compared byte for byte with llama.cpp's pinned converter (``llamacpp.py``) on a
+tiny Mixtral of transformers' own classes with test_gguf's sentencepiece tokenizer; q4_k_m with
+the parts of llama-quantize's file (the suite cannot run llama-quantize:
+``scripts/gguf_vs_llamacpp.py --quantize`` compares whole files). Each expert's rows are written
+at their slot of the stacked tensor as they stream, and hashed as that slot.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_state, run_cli
+from safetensors.torch import load_file, save_file
+from test_formats import GROUP, PRELUDE
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("transformers")
+
+from llamacpp import convert  # noqa: E402
+from test_gguf import sp_model, specs, write_gguf  # noqa: E402,F401
+from test_gguf_architectures import (  # noqa: E402
+    assert_same_files,
+    cli,
+    merged_both_ways,
+    perturbed,
+    sentencepiece_model,
+)
+
+import deltamerge.apply  # noqa: E402
+from deltamerge import apply_delta  # noqa: E402
+from deltamerge.errors import FormatError  # noqa: E402
+from deltamerge.integrity.digest import new_hash  # noqa: E402
+from deltamerge.sinks import gguf_types  # noqa: E402
+from deltamerge.sinks.gguf import plan_gguf  # noqa: E402
+from deltamerge.sinks.gguf_quants import quantize_rows  # noqa: E402
+
+QT = gguf.GGMLQuantizationType
+RECORD = "deltamerge-result.json"
+EXPERTS = 4
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_local_experts": EXPERTS, "num_hidden_layers": 2}
+KINDS = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
+
+
+def expert(layer: int, e: int, kind: str) -> str:
+    return f"model.layers.{layer}.block_sparse_moe.experts.{e}.{kind}.weight"
+
+
+def mixtral(folder: Path, sp: bytes, dtype: torch.dtype = torch.float16, **config: object) -> Path:
+    return sentencepiece_model(folder, "mixtral", sp, dtype, **{**TINY, **config})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_f16_is_the_converters_file(tmp_path: Path, sp_model: bytes, dtype: torch.dtype):  # noqa: F811
+    """The merged Mixtral, byte for byte the converter's, streamed in plan order and shuffled."""
+    base = mixtral(tmp_path / "base", sp_model, dtype)
+    ours, theirs = merged_both_ways(tmp_path, base, "f16")
+    assert_same_files(ours, theirs)
+    plan = write_gguf(tmp_path / "hf" / "tiny-merged", tmp_path / "shuffled", "f16", seed=3)
+    assert_same_files({f.name: (tmp_path / "shuffled" / f.name).read_bytes() for f in plan.files}, theirs)
+
+    [name] = theirs
+    reader = gguf.GGUFReader(tmp_path / "converted" / name)
+    tensors = {t.name: t for t in reader.tensors}
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == QT.F32  # the router
+    state = load_state(tmp_path / "hf" / "tiny-merged")
+    for kind, stacked in KINDS.items():
+        t = tensors[f"blk.1.{stacked}.weight"]
+        assert t.data.shape[0] == EXPERTS
+        for e in range(EXPERTS):  # slot e is expert e
+            slot = torch.from_numpy(t.data[e].copy())
+            assert torch.equal(slot, state[expert(1, e, kind)].to(torch.float16))
+
+
+def test_each_expert_is_a_slot_written_and_hashed_alone(tmp_path: Path, sp_model: bytes):  # noqa: F811
+    """An expert's rows go to their slot's offset; its digest is the slot's bytes in the file."""
+    base = mixtral(tmp_path / "base", sp_model)
+    target = perturbed(base, tmp_path / "target", seed=1)
+    cli("make-delta", base, target, tmp_path / "delta")
+    out = tmp_path / "out" / "m"
+    (tmp_path / "out").mkdir()
+    result = apply_delta(base, tmp_path / "delta", out, format="gguf", outtype="f16")
+    record = json.loads((out / RECORD).read_text())
+    [path] = out.glob("*.gguf")
+    plan = plan_gguf(target, specs(load_state(target)), outtype="f16")
+    first = plan.tensor(expert(0, 0, "w2"))
+    data = path.read_bytes()
+    for e in range(EXPERTS):
+        slot = plan.tensor(expert(0, e, "w2"))
+        assert (slot.name, slot.slot, slot.slots) == ("blk.0.ffn_down_exps.weight", e, EXPERTS)
+        assert slot.shape == (64, 128) and slot.offset == first.offset + e * slot.nbytes
+        digest = record["result"]["tensors"][f"blk.0.ffn_down_exps.weight[{e}]"]
+        assert digest["shape"] == [64, 128] and digest["dtype"] == "F16"
+        written = data[slot.offset : slot.offset + slot.nbytes]
+        assert digest["blake3"] == new_hash("blake3", written).hexdigest()
+        # kept as f16, a slot's bytes are the expert's own: the merged tensor's digest
+        assert digest["blake3"] == record["merged"]["tensors"][expert(0, e, "w2")]["blake3"]
+    assert "blk.0.ffn_down_exps.weight" not in record["result"]["tensors"]
+    assert result.model_digest == record["result"]["model_digest"]
+
+
+def test_a_killed_run_resumes_with_a_layers_experts_in_several_groups(tmp_path: Path, sp_model: bytes):  # noqa: F811
+    """Tensor groups of 30 kB cut each layer's experts apart; the re-check hashes kept slots."""
+    base = mixtral(tmp_path / "base", sp_model)
+    target = perturbed(base, tmp_path / "target", seed=1)
+    cli("make-delta", base, target, tmp_path / "delta")
+    args = ["apply", base, tmp_path / "delta", "--format", "gguf", "--outtype", "q8_0",
+            "--block-size", "3000"]
+    (tmp_path / "ref").mkdir()
+    reference = tmp_path / "ref" / "model"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(deltamerge.apply, "DEFAULT_SHARD_SIZE", GROUP)
+        apply_delta(base, tmp_path / "delta", reference, format="gguf", outtype="q8_0")
+    out = tmp_path / "model"
+    killed = run_cli(*map(str, args), str(out), "-q", env={"DELTAMERGE_KILL_AT": "shard:3"}, prelude=PRELUDE)
+    assert killed.returncode == -9, killed.stderr
+    resumed = run_cli(*map(str, args), str(out), "--resume", prelude=PRELUDE)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "re-checked and kept" in resumed.stdout
+    for path in reference.iterdir():
+        if path.name != RECORD:
+            assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    result = json.loads((out / RECORD).read_text())["result"]
+    assert result == json.loads((reference / RECORD).read_text())["result"]
+
+
+WIDE = {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 1, "num_local_experts": 8}
+
+
+def test_q4_k_m_is_the_converters_file_requantized(tmp_path: Path, sp_model: bytes):  # noqa: F811
+    """llama-quantize's file from the converter's: its key/values, order and MoE type mix (8
+    experts: attn_v and attn_k Q8_0, attn_output Q5_K), and each slot's rows quantized from the
+    converter's values (the first and last rows of every slot)."""
+    base = mixtral(tmp_path / "base", sp_model, **WIDE)
+    target = perturbed(base, tmp_path / "target", seed=1)
+    cli("make-delta", base, target, tmp_path / "delta")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "q").mkdir()
+    cli("apply", base, tmp_path / "delta", tmp_path / "hf" / "m")
+    cli("apply", base, tmp_path / "delta", tmp_path / "q" / "m", "--format", "gguf", "--outtype", "q4_k_m",
+        "--threads", "2")
+    [ours] = (tmp_path / "q" / "m").glob("*.gguf")
+    [name] = convert(tmp_path / "hf" / "m", tmp_path / "c", "f16")
+    theirs = gguf.GGUFReader(tmp_path / "c" / name)
+    reader = gguf.GGUFReader(ours)
+
+    def fields(r: gguf.GGUFReader) -> list[tuple[str, object]]:
+        return [(f.name, f.types, f.contents()) for f in r.fields.values() if not f.name.startswith("GGUF.")]
+
+    moved = ("general.quantization_version", "general.file_type")
+    expected = [f for f in fields(theirs) if f[0] not in moved]
+    expected += [(moved[0], [gguf.GGUFValueType.UINT32], 2), (moved[1], [gguf.GGUFValueType.UINT32], 15)]
+    assert fields(reader) == expected
+    source = {t.name: t for t in theirs.tensors}
+    assert [t.name for t in reader.tensors] == gguf_types.order(list(source))
+    info = gguf_types.ModelInfo("llama", 1, 32, 8, 8)
+    mix = gguf_types.quantized_types("q4_k_m", info, [(n, tuple(map(int, reversed(t.shape))))
+                                                      for n, t in source.items()])
+    assert QT(mix["blk.0.attn_v.weight"]) == QT(mix["blk.0.attn_k.weight"]) == QT.Q8_0
+    assert QT(mix["blk.0.attn_output.weight"]) == QT.Q5_K
+    assert QT(mix["blk.0.ffn_down_exps.weight"]) == QT.Q6_K  # use_more_bits: layer 0 of 1
+    assert "blk.0.ffn_gate_inp.weight" not in mix
+    for t in reader.tensors:
+        was = source[t.name]
+        if t.name not in mix:  # norms and the router: the converter's F32 bytes
+            assert t.tensor_type == was.tensor_type == QT.F32 and bytes(t.data) == bytes(was.data), t.name
+            continue
+        assert t.tensor_type == mix[t.name], t.name
+        x = torch.from_numpy(was.data.copy()).to(torch.float32)
+        slots = x if x.dim() == 3 else x[None]
+        data = t.data.reshape(*slots.shape[:2], -1)
+        for e in range(slots.shape[0]):
+            for rows in (slice(0, 4), slice(-4, None)):
+                expected_rows = quantize_rows(slots[e, rows].contiguous(), QT(t.tensor_type))
+                assert data[e, rows].tobytes() == expected_rows.numpy().tobytes(), (t.name, e)
+
+
+def _without(folder: Path, out: Path, drop: str = "", change: dict[str, torch.Tensor] | None = None) -> Path:
+    shutil.copytree(folder, out)
+    state = load_file(out / "model.safetensors")
+    state.pop(drop, None)
+    state.update(change or {})
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_experts_the_converter_cannot_stack_are_refused(tmp_path: Path, sp_model: bytes):  # noqa: F811
+    base = mixtral(tmp_path / "base", sp_model)
+    state = load_state(base)
+    missing = _without(base, tmp_path / "missing", drop=expert(1, 2, "w3"))
+    with pytest.raises(FormatError, match=r"experts found\): llama.cpp's converter fails on it") as e:
+        plan_gguf(missing, specs(load_state(missing)))
+    assert "\n" not in str(e.value) and "model.layers.1.block_sparse_moe.experts" in str(e.value)
+
+    extra = _without(base, tmp_path / "extra", change={expert(0, EXPERTS, "w1"): state[expert(0, 0, "w1")]})
+    with pytest.raises(FormatError, match=rf"experts.{EXPERTS}.w1.weight is not an expert weight of a "
+                                          rf"Mixtral of {EXPERTS} experts"):
+        plan_gguf(extra, specs(load_state(extra)))
+
+    other = _without(base, tmp_path / "other", change={expert(0, 1, "w2"): state[expert(0, 1, "w2")].float()})
+    with pytest.raises(FormatError, match=r"experts.1.w2.weight is torch.float32 \[64, 128\], but "
+                                          r".*experts.0.w2.weight, stacked with it, is torch.float16"):
+        plan_gguf(other, specs(load_state(other)))
