@@ -55,53 +55,60 @@ def mixtral(folder: Path, sp: bytes, dtype: torch.dtype = torch.float16, **confi
     return sentencepiece_model(folder, "mixtral", sp, dtype, **{**TINY, **config})
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-def test_f16_is_the_converters_file(tmp_path: Path, sp_model: bytes, dtype: torch.dtype):  # noqa: F811
-    """The merged Mixtral, byte for byte the converter's, streamed in plan order and shuffled."""
-    base = mixtral(tmp_path / "base", sp_model, dtype)
+def slot_digests(out: Path, hf_state: dict[str, torch.Tensor]) -> None:
+    """Every slot of the stacked tensors in OUT's file is its expert, converted to f16, and its
+    digest in OUT's record (named NAME[E], one expert's shape) is of the slot's bytes alone."""
+    record = json.loads((out / RECORD).read_text())["result"]["tensors"]
+    [path] = out.glob("*.gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == QT.F32  # the router
+    for layer in range(TINY["num_hidden_layers"]):
+        for kind, stacked in KINDS.items():
+            name = f"blk.{layer}.{stacked}.weight"
+            t = tensors[name]
+            assert t.data.shape[0] == EXPERTS and name not in record
+            for e in range(EXPERTS):
+                slot = torch.from_numpy(t.data[e].copy())
+                assert torch.equal(slot, hf_state[expert(layer, e, kind)].to(torch.float16))
+                digest = record[f"{name}[{e}]"]
+                assert digest["shape"] == list(slot.shape) and digest["dtype"] == "F16"
+                assert digest["blake3"] == new_hash("blake3", slot.numpy().tobytes()).hexdigest()
+
+
+def test_f16_is_the_converters_file(tmp_path: Path, sp_model: bytes):  # noqa: F811
+    """The merged Mixtral, byte for byte the converter's, streamed in plan order and shuffled;
+    kept as f16, a slot's bytes are its expert's own, and so is its digest."""
+    base = mixtral(tmp_path / "base", sp_model)
     ours, theirs = merged_both_ways(tmp_path, base, "f16")
     assert_same_files(ours, theirs)
     plan = write_gguf(tmp_path / "hf" / "tiny-merged", tmp_path / "shuffled", "f16", seed=3)
     assert_same_files({f.name: (tmp_path / "shuffled" / f.name).read_bytes() for f in plan.files}, theirs)
-
-    [name] = theirs
-    reader = gguf.GGUFReader(tmp_path / "converted" / name)
-    tensors = {t.name: t for t in reader.tensors}
-    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == QT.F32  # the router
-    state = load_state(tmp_path / "hf" / "tiny-merged")
-    for kind, stacked in KINDS.items():
-        t = tensors[f"blk.1.{stacked}.weight"]
-        assert t.data.shape[0] == EXPERTS
-        for e in range(EXPERTS):  # slot e is expert e
-            slot = torch.from_numpy(t.data[e].copy())
-            assert torch.equal(slot, state[expert(1, e, kind)].to(torch.float16))
+    out = tmp_path / "gguf" / "tiny-merged"
+    slot_digests(out, load_state(tmp_path / "hf" / "tiny-merged"))
+    record = json.loads((out / RECORD).read_text())
+    for e in range(EXPERTS):
+        merged = record["merged"]["tensors"][expert(1, e, "w2")]
+        assert record["result"]["tensors"][f"blk.1.ffn_down_exps.weight[{e}]"]["blake3"] == merged["blake3"]
 
 
-def test_each_expert_is_a_slot_written_and_hashed_alone(tmp_path: Path, sp_model: bytes):  # noqa: F811
-    """An expert's rows go to their slot's offset; its digest is the slot's bytes in the file."""
-    base = mixtral(tmp_path / "base", sp_model)
+def test_each_expert_is_a_slot_converted_and_hashed_alone(tmp_path: Path, sp_model: bytes):  # noqa: F811
+    """A bf16 Mixtral written as f16: each expert's rows, converted, go to their slot's offset,
+    and each slot is hashed as the bytes it holds."""
+    base = mixtral(tmp_path / "base", sp_model, torch.bfloat16)
     target = perturbed(base, tmp_path / "target", seed=1)
     cli("make-delta", base, target, tmp_path / "delta")
-    out = tmp_path / "out" / "m"
     (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "m"
     result = apply_delta(base, tmp_path / "delta", out, format="gguf", outtype="f16")
-    record = json.loads((out / RECORD).read_text())
-    [path] = out.glob("*.gguf")
-    plan = plan_gguf(target, specs(load_state(target)), outtype="f16")
+    merged = apply_delta(base, tmp_path / "delta", tmp_path / "hf").out
+    slot_digests(out, load_state(merged))
+    plan = plan_gguf(merged, specs(load_state(merged)), outtype="f16")
     first = plan.tensor(expert(0, 0, "w2"))
-    data = path.read_bytes()
     for e in range(EXPERTS):
         slot = plan.tensor(expert(0, e, "w2"))
         assert (slot.name, slot.slot, slot.slots) == ("blk.0.ffn_down_exps.weight", e, EXPERTS)
         assert slot.shape == (64, 128) and slot.offset == first.offset + e * slot.nbytes
-        digest = record["result"]["tensors"][f"blk.0.ffn_down_exps.weight[{e}]"]
-        assert digest["shape"] == [64, 128] and digest["dtype"] == "F16"
-        written = data[slot.offset : slot.offset + slot.nbytes]
-        assert digest["blake3"] == new_hash("blake3", written).hexdigest()
-        # kept as f16, a slot's bytes are the expert's own: the merged tensor's digest
-        assert digest["blake3"] == record["merged"]["tensors"][expert(0, e, "w2")]["blake3"]
-    assert "blk.0.ffn_down_exps.weight" not in record["result"]["tensors"]
-    assert result.model_digest == record["result"]["model_digest"]
+    assert result.model_digest == json.loads((out / RECORD).read_text())["result"]["model_digest"]
 
 
 def test_a_killed_run_resumes_with_a_layers_experts_in_several_groups(tmp_path: Path, sp_model: bytes):  # noqa: F811
