@@ -42,7 +42,9 @@ from deltamerge.sinks.gguf_quants import quantize_rows  # noqa: E402
 
 QT = gguf.GGMLQuantizationType
 RECORD = "deltamerge-result.json"
-EXPERTS = 4
+# Ten experts: the converter reads a file's tensors by name, experts.1, experts.10, experts.2...,
+# and stacks them in their numbers' order once the last one (experts.9.w3) has come.
+EXPERTS = 10
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_local_experts": EXPERTS, "num_hidden_layers": 2}
 KINDS = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
 
