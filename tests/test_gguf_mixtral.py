@@ -4,40 +4,38 @@ The f16 file is compared byte for byte with llama.cpp's pinned converter (``llam
 tiny Mixtral of transformers' own classes with test_gguf's sentencepiece tokenizer; q4_k_m with
 the parts of llama-quantize's file (the suite cannot run llama-quantize:
 ``scripts/gguf_vs_llamacpp.py --quantize`` compares whole files). Each expert's rows are written
-at their slot of the stacked tensor as they stream, and hashed as that slot.
+at their slot of the stacked tensor as they stream, and hashed as that slot. Of the other test
+files it takes only the suite's shared helpers (``load_state``, ``run_cli``, ``GROUP``,
+``PRELUDE``, the ``sp_model`` fixture).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import load_state, run_cli
 from safetensors.torch import load_file, save_file
 from test_formats import GROUP, PRELUDE
+from test_gguf import sp_model  # noqa: F401 - a fixture
 
 gguf = pytest.importorskip("gguf")
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 from llamacpp import convert  # noqa: E402
-from test_gguf import sp_model, specs, write_gguf  # noqa: E402,F401
-from test_gguf_architectures import (  # noqa: E402
-    assert_same_files,
-    cli,
-    merged_both_ways,
-    perturbed,
-    sentencepiece_model,
-)
 
 import deltamerge.apply  # noqa: E402
 from deltamerge import apply_delta  # noqa: E402
+from deltamerge.cli import main  # noqa: E402
 from deltamerge.errors import FormatError  # noqa: E402
 from deltamerge.integrity.digest import new_hash  # noqa: E402
 from deltamerge.sinks import gguf_types  # noqa: E402
-from deltamerge.sinks.gguf import plan_gguf  # noqa: E402
+from deltamerge.sinks.gguf import GGUFStreamWriter, plan_gguf  # noqa: E402
 from deltamerge.sinks.gguf_quants import quantize_rows  # noqa: E402
 
 QT = gguf.GGMLQuantizationType
@@ -45,7 +43,8 @@ RECORD = "deltamerge-result.json"
 # Ten experts: the converter reads a file's tensors by name, experts.1, experts.10, experts.2...,
 # and stacks them in their numbers' order once the last one (experts.9.w3) has come.
 EXPERTS = 10
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_local_experts": EXPERTS, "num_hidden_layers": 2}
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_hidden_layers": 2, "max_position_embeddings": 256, "num_local_experts": EXPERTS}
 KINDS = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
 
 
@@ -53,8 +52,84 @@ def expert(layer: int, e: int, kind: str) -> str:
     return f"model.layers.{layer}.block_sparse_moe.experts.{e}.{kind}.weight"
 
 
+def specs(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    return [(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
+
+
+def cli(*args: object) -> None:
+    result = CliRunner().invoke(main, [*map(str, args), "-q"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+
+
 def mixtral(folder: Path, sp: bytes, dtype: torch.dtype = torch.float16, **config: object) -> Path:
-    return sentencepiece_model(folder, "mixtral", sp, dtype, **{**TINY, **config})
+    """A tiny Mixtral of transformers' own classes (random weights, norms not ones) with the
+    suite's sentencepiece tokenizer, LLaMA's kind."""
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(sp)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}))
+    import sentencepiece
+
+    vocab = sentencepiece.SentencePieceProcessor(model_proto=sp).vocab_size()
+    cfg = transformers.MixtralConfig(**{**TINY, "vocab_size": vocab, **config})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
+    with torch.no_grad():
+        for t in model.parameters():
+            if t.dim() == 1:
+                t.add_(torch.randn(t.shape, dtype=torch.float32).to(dtype) * 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+def perturbed(folder: Path, out: Path, seed: int) -> Path:
+    """A fine-tune of ``folder``: every tensor plus small noise, the other files as they are."""
+    g = torch.Generator().manual_seed(seed)
+    tuned = {n: (t.float() + torch.randn(t.shape, generator=g) * 0.01).to(t.dtype)
+             for n, t in load_state(folder).items()}
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    save_file(tuned, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def merged_both_ways(tmp_path: Path, base: Path, outtype: str) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """(our GGUF of a merged fine-tune, the converter's GGUF of the same result in safetensors)."""
+    target = perturbed(base, tmp_path / "target", seed=1)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "gguf").mkdir()
+    cli("make-delta", base, target, tmp_path / "delta")
+    cli("apply", base, tmp_path / "delta", tmp_path / "hf" / "tiny-merged")
+    cli("apply", base, tmp_path / "delta", tmp_path / "gguf" / "tiny-merged", "--format", "gguf",
+        "--outtype", outtype)
+    ours = {p.name: p.read_bytes() for p in sorted((tmp_path / "gguf" / "tiny-merged").glob("*.gguf"))}
+    return ours, convert(tmp_path / "hf" / "tiny-merged", tmp_path / "converted", outtype)
+
+
+def shuffled(folder: Path, out: Path, outtype: str, seed: int) -> dict[str, bytes]:
+    """The GGUF planned from ``folder`` and streamed in a shuffled order, in random blocks of rows."""
+    state = load_state(folder)
+    plan = plan_gguf(folder, specs(state), outtype=outtype)
+    out.mkdir()
+    rnd = random.Random(seed)
+    names = list(state)
+    rnd.shuffle(names)
+    with GGUFStreamWriter(plan, out) as writer:
+        for name in names:
+            t, r = state[name], 0
+            while r < t.shape[0]:
+                r1 = min(t.shape[0], r + rnd.randint(1, 40))
+                writer.write_rows(name, r, r1, t[r:r1])
+                r = r1
+    return {f.name: (out / f.name).read_bytes() for f in plan.files}
+
+
+def assert_same_files(ours: dict[str, bytes], theirs: dict[str, bytes]) -> None:
+    assert list(ours) == list(theirs)
+    for name in ours:
+        if ours[name] != theirs[name]:
+            first = next(i for i, (x, y) in enumerate(zip(ours[name], theirs[name])) if x != y)
+            pytest.fail(f"{name}: {len(ours[name])} bytes, the converter's {len(theirs[name])}; "
+                        f"first difference at byte {first}")
 
 
 def slot_digests(out: Path, hf_state: dict[str, torch.Tensor]) -> None:
@@ -83,8 +158,7 @@ def test_f16_is_the_converters_file(tmp_path: Path, sp_model: bytes):  # noqa: F
     base = mixtral(tmp_path / "base", sp_model)
     ours, theirs = merged_both_ways(tmp_path, base, "f16")
     assert_same_files(ours, theirs)
-    plan = write_gguf(tmp_path / "hf" / "tiny-merged", tmp_path / "shuffled", "f16", seed=3)
-    assert_same_files({f.name: (tmp_path / "shuffled" / f.name).read_bytes() for f in plan.files}, theirs)
+    assert_same_files(shuffled(tmp_path / "hf" / "tiny-merged", tmp_path / "shuffled", "f16", seed=3), theirs)
     out = tmp_path / "gguf" / "tiny-merged"
     slot_digests(out, load_state(tmp_path / "hf" / "tiny-merged"))
     record = json.loads((out / RECORD).read_text())
