@@ -63,6 +63,9 @@ Buffer = Callable[[int], torch.Tensor]  # n -> an n-byte uint8 tensor
 _IOV_MAX = 1024
 # Tensors the converter drops: transformers' buffers, not weights.
 _DROPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
+# Matrices the converter keeps in F32 whatever the outtype (of its list, those the
+# architectures here have).
+_F32_SUFFIXES = ("_norm.weight", ".ffn_gate_inp.weight")
 _CONVERTED_AS_IS = (torch.float16, torch.float32)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -93,6 +96,20 @@ class GGUFTensor:
     row_order: tuple[int, ...] = field(default=(), repr=False)
     # llama-quantize's input type (the converter's), when it quantizes the tensor to ``qtype``
     quantized_from: int | None = None
+    # Slot ``slot`` of a tensor stacked from ``slots`` Hugging Face tensors (Mixtral's experts);
+    # ``shape``, ``nbytes`` and ``offset`` are then the slot's. 0 slots: a tensor of its own.
+    slot: int = 0
+    slots: int = 0
+
+    @property
+    def digest_name(self) -> str:
+        """What its digest is named: the GGUF name, with ``[slot]`` for a slot of a stacked tensor."""
+        return f"{self.name}[{self.slot}]" if self.slots else self.name
+
+    @property
+    def last_slot(self) -> bool:
+        """Whether the GGUF tensor ends with it (the file's padding follows)."""
+        return self.slot == max(self.slots, 1) - 1
 
     @property
     def source_rows(self) -> int:
@@ -199,10 +216,11 @@ def _types(outtype: str) -> tuple[int, int]:
 
 
 def _qtype(gguf_name: str, shape: tuple[int, ...], matrix_type: int) -> int:
-    """The converter's choice in ``ModelBase.prepare_tensors`` for a LLaMA tensor."""
+    """The converter's choice in ``ModelBase.prepare_tensors``: F32 for 1-D tensors, norms and the
+    routers of experts (``ffn_gate_inp``), the outtype's for the others."""
     qt = gguf.GGMLQuantizationType
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or gguf_name[-7:] not in (".weight", ".lora_a",
-                                                                                        ".lora_b"):
+    if (len(shape) <= 1 or gguf_name.endswith(_F32_SUFFIXES)
+            or gguf_name[-7:] not in (".weight", ".lora_a", ".lora_b")):
         return qt.F32
     block_size, _ = gguf.GGML_QUANT_SIZES[qt(matrix_type)]
     if shape[-1] % block_size:
@@ -216,8 +234,8 @@ def _nbytes(shape: tuple[int, ...], qtype: int) -> int:
 
 
 def _quantized(
-    converter: Any, planned: dict[str, dict[str, Any]], outtype: str
-) -> tuple[Any, dict[str, dict[str, Any]]]:
+    converter: Any, planned: dict[str, list[dict[str, Any]]], outtype: str
+) -> tuple[Any, dict[str, list[dict[str, Any]]]]:
     """llama-quantize's file from the converter's (one file): its writer and its tensors, with
     their new types and sizes and ``quantized_from`` (the converter's type) where it quantizes.
 
@@ -251,14 +269,27 @@ def _quantized(
         qtype, nbytes, shape = int(info.dtype), info.nbytes, tuple(info.shape)
         if name in planned:
             new = types.get(name, qtype)
-            out[name] = dict(planned[name])
+            out[name] = [dict(slot) for slot in planned[name]]
             if new != qtype:
                 nbytes = _nbytes(shape, new)
-                out[name].update(qtype=new, nbytes=nbytes, quantized_from=qtype)
+                for slot in out[name]:
+                    slot.update(qtype=new, nbytes=_nbytes(slot["shape"], new), quantized_from=qtype)
             qtype = new
         dims = shape[len(shape) - gguf_types.n_dims(shape):]
         writer.add_tensor_info(name, dims, np.dtype(np.float32), nbytes, raw_dtype=qtype)
     return writer, out
+
+
+def _stackable(members: list[str], by_name: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+               where: Path) -> tuple[int, ...]:
+    """The shape of each of the tensors the converter stacks, which must be one dtype and shape."""
+    dtype, shape = by_name[members[0]]
+    for member in members[1:]:
+        if by_name[member] != (dtype, shape):
+            other, other_shape = by_name[member]
+            raise FormatError(f"{where}: tensor {member} is {other} {list(other_shape)}, but {members[0]}, "
+                              f"stacked with it, is {dtype} {list(shape)}")
+    return shape
 
 
 def _permute_heads(hf_name: str, shape: tuple[int, ...], n: int, where: Path) -> int:
@@ -336,7 +367,22 @@ def plan_gguf(
         writer.add_tensor_info(gguf_name, raw.shape, raw.dtype, raw.nbytes)
         generated[gguf_name] = raw.tobytes()
     dropped: list[str] = []
-    planned: dict[str, dict[str, Any]] = {}  # GGUF name -> GGUFTensor's fields but its place
+    planned: dict[str, list[dict[str, Any]]] = {}  # GGUF name -> GGUFTensor's fields (per slot) but the place
+
+    def add(hf_name: str, gguf_name: str | None, shape: tuple[int, ...], slots: list[dict[str, Any]]) -> None:
+        if gguf_name is None:
+            raise UnsupportedError(f"{folder}: tensor {hf_name} has no GGUF name in llama.cpp's "
+                                   f"{gguf.MODEL_ARCH_NAMES[arch.model_arch]} map")
+        qtype = _qtype(gguf_name, shape, matrix_type)
+        nbytes = _nbytes(shape, qtype)
+        try:
+            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        except ValueError as e:
+            raise FormatError(f"{folder}: tensor {hf_name}: {e}") from None
+        planned[gguf_name] = [dict(slot, name=gguf_name, qtype=qtype, nbytes=nbytes // len(slots))
+                              for slot in slots]
+
+    stacks: dict[tuple[str, ...], dict[tuple[int, int], str]] = {}  # a layer's slots filled so far
     for hf_name in _converter_order(list(by_name), hf_files, folder):
         dtype, shape = by_name[hf_name]
         if hf_name.endswith(_DROPPED_SUFFIXES) or arch.dropped(hf_name, h):
@@ -345,22 +391,31 @@ def plan_gguf(
         if dtype not in _FLOAT_DTYPES or not shape:
             raise UnsupportedError(f"{folder}: tensor {hf_name} is {dtype} {list(shape)}; GGUF output takes "
                                    "floating-point tensors")
+        stacked = arch.stacked(hf_name, h, where)
+        if stacked is not None:
+            layer = stacks.setdefault(stacked.names, {})
+            layer[stacked.index, stacked.slot] = hf_name
+            if len(layer) == len(stacked.names) * stacked.slots:  # as the converter, at its last
+                del stacks[stacked.names]
+                for i, name in enumerate(stacked.names):
+                    members = [layer[i, slot] for slot in range(stacked.slots)]
+                    add(members[-1], name_map.get_name(key=name, try_suffixes=(".weight", ".bias")),
+                        (stacked.slots, *_stackable(members, by_name, folder)),
+                        [dict(hf_name=member, hf_dtype=dtype, shape=by_name[member][1], permute_heads=0,
+                              slot=slot, slots=stacked.slots) for slot, member in enumerate(members)])
+            continue
         gguf_name = name_map.get_name(key=arch.map_name(hf_name), try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise UnsupportedError(f"{folder}: tensor {hf_name} has no GGUF name in llama.cpp's "
-                                   f"{gguf.MODEL_ARCH_NAMES[arch.model_arch]} map")
         hf_rows, shape = shape[0], (arch.kept_rows(hf_name, shape, h, folder), *shape[1:])
         hf_rows = 0 if hf_rows == shape[0] else hf_rows
-        qtype = _qtype(gguf_name, shape, matrix_type)
-        nbytes = _nbytes(shape, qtype)
-        try:
-            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
-        except ValueError as e:
-            raise FormatError(f"{folder}: tensor {hf_name}: {e}") from None
-        planned[gguf_name] = dict(
-            hf_name=hf_name, hf_dtype=dtype, name=gguf_name, qtype=qtype, shape=shape, nbytes=nbytes,
+        add(hf_name, gguf_name, shape, [dict(
+            hf_name=hf_name, hf_dtype=dtype, shape=shape,
             permute_heads=_permute_heads(hf_name, shape, arch.permute_heads(hf_name, h), folder),
-            plus_one=arch.plus_one(hf_name, h), hf_rows=hf_rows, row_order=arch.row_order(hf_name, shape, h))
+            plus_one=arch.plus_one(hf_name, h), hf_rows=hf_rows,
+            row_order=arch.row_order(hf_name, shape, h))])
+    for layer in stacks.values():
+        some = next(iter(layer.values()))
+        raise FormatError(f"{folder}: tensor {some} is stacked with others the model lacks "
+                          f"({len(layer)} of a layer's experts found): llama.cpp's converter fails on it")
 
     with gguf_checks.reading(folder):
         meta = gguf_kv.add_general(writer, folder, config, dir_name or folder.name)
@@ -385,7 +440,10 @@ def plan_gguf(
             if gguf_name in generated:
                 extra.append(GeneratedTensor(gguf_name, generated[gguf_name], i, offset))
             else:
-                table.append(GGUFTensor(**planned[gguf_name], file=i, offset=offset))
+                position = offset
+                for slot in planned[gguf_name]:
+                    table.append(GGUFTensor(**slot, file=i, offset=position))
+                    position += slot["nbytes"]
             offset += gguf.GGUFWriter.ggml_pad(info.nbytes, writer.data_alignment)
         files.append(GGUFFile(name, header, offset))
     kv = {key: value.value for key, value in writer.kv_data[0].items()}

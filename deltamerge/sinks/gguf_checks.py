@@ -28,7 +28,7 @@ CONFIG_POSITIVE_INTS = (
     "hidden_dim", "num_hidden_layers", "n_layers", "n_layer", "num_layers",
     "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "n_kv_heads", "head_dim",
     "max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
-    "model_max_length", "original_max_position_embeddings",
+    "model_max_length", "original_max_position_embeddings", "num_local_experts", "num_experts_per_tok",
 )
 CONFIG_POSITIVE_NUMBERS = (
     "rms_norm_eps", "norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon",

@@ -9,6 +9,9 @@ durable when the GGUF files are fsynced after its last tensor; that is what the 
 What is hashed is each GGUF tensor's bytes as they land in the file (``WrittenBlock.data``):
 name, ggml type and shape are the GGUF file's, so the digests describe the file, not the
 Hugging Face tensors it was made from (those the engine hashes too, for the publisher's digests).
+A tensor stacked from several (Mixtral's experts) is hashed slot by slot, ``NAME[E]`` of one
+slot's shape: each slot is one Hugging Face tensor's rows, journaled with that tensor's shard, so
+no digest spans the shards a layer's experts may be cut into.
 A resume reads each kept tensor back from its offset, with the padding after it, and checks each
 kept file's header and size; a file whose check fails is made again, and the shards with a
 tensor in it are redone.
@@ -150,7 +153,8 @@ class GGUFSink(Sink):
         written: Mapping[str, TensorDigest], block_bytes: int, advance: Callable[[int], None],
     ) -> dict[str, TensorDigest]:
         tensors = [t for t in map(self.plan.tensor, self._names[shard.filename]) if t is not None]
-        if set(digests) != set(self._names[shard.filename]) or set(written) != {t.name for t in tensors}:
+        names = {t.digest_name for t in tensors}
+        if set(digests) != set(self._names[shard.filename]) or set(written) != names:
             raise Mismatch("the journal does not list its tensors")
         if size != self._tensor_bytes(shard.filename):
             raise Mismatch(f"size {size} differs from the plan's")
@@ -160,11 +164,11 @@ class GGUFSink(Sink):
             if why is not None:
                 raise Mismatch(why)
             digest = self._hash_tensor(
-                folder, tensor, block_bytes, advance, written[tensor.name].algorithm
+                folder, tensor, block_bytes, advance, written[tensor.digest_name].algorithm
             )
-            if digest != written[tensor.name]:
-                raise Mismatch(f"tensor {tensor.name!r} digest differs from the journal")
-            found[tensor.name] = digest
+            if digest != written[tensor.digest_name]:
+                raise Mismatch(f"tensor {tensor.digest_name!r} digest differs from the journal")
+            found[tensor.digest_name] = digest
         return found
 
     def _check_file(self, folder: Path, index: int) -> str | None:
@@ -178,10 +182,12 @@ class GGUFSink(Sink):
         self, folder: Path, tensor: GGUFTensor, block_bytes: int, advance: Callable[[int], None],
         algorithm: str,
     ) -> TensorDigest:
-        """The tensor's bytes at its offset, hashed (in the journal's algorithm); the padding
-        after it must be zeros."""
+        """The tensor's bytes at its offset (a stacked tensor's: the slot's), hashed in the
+        journal's algorithm; the padding after the GGUF tensor must be zeros."""
         path = folder / self.plan.files[tensor.file].name
-        pad = -tensor.nbytes % gguf.GGUF_DEFAULT_ALIGNMENT
+        whole = tensor.nbytes * max(tensor.slots, 1)
+        pad = -whole % gguf.GGUF_DEFAULT_ALIGNMENT if tensor.last_slot else 0
+        name = tensor.digest_name
         h = new_hash(algorithm)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
@@ -189,12 +195,12 @@ class GGUFSink(Sink):
             while position < end:
                 chunk = os.pread(fd, min(block_bytes, end - position), position)
                 if not chunk:
-                    raise Mismatch(f"{path.name} ends inside tensor {tensor.name!r}")
+                    raise Mismatch(f"{path.name} ends inside tensor {name!r}")
                 h.update(chunk)
                 position += len(chunk)
                 advance(len(chunk))
             if pad and os.pread(fd, pad, end) != bytes(pad):
-                raise Mismatch(f"the padding after tensor {tensor.name!r} is not zeros")
+                raise Mismatch(f"the padding after tensor {name!r} is not zeros")
             drop_file_range(fd, tensor.offset, tensor.nbytes + pad)
         except OSError as exc:
             raise Mismatch(f"cannot read {path.name}: {exc.strerror or exc}") from None
@@ -248,7 +254,7 @@ class _GGUFShard(ShardWriter):
         if block is None or tensor is None:
             return []
         self.sink._behind[block.file].written(block.offset, block.nbytes)
-        return [Written(tensor.name, type_name(tensor), tensor.shape, tensor.nbytes,
+        return [Written(tensor.digest_name, type_name(tensor), tensor.shape, tensor.nbytes,
                         block.offset - tensor.offset, block.data, as_is(tensor))]
 
     def close(self) -> None:

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import UnsupportedError
-from . import bloom, falcon, gemma, gptneox, llama, phi3, qwen
-from .base import Arch
+from . import bloom, falcon, gemma, gptneox, llama, mixtral, phi3, qwen
+from .base import Arch, Stacked
 
-__all__ = ["Arch", "for_config", "supported"]
+__all__ = ["Arch", "Stacked", "for_config", "supported"]
 
 
 def _registry() -> dict[str, Arch]:
-    archs: list[Arch] = [*llama.ARCHS, *qwen.ARCHS, *gemma.ARCHS, *phi3.ARCHS, *falcon.ARCHS,
+    archs: list[Arch] = [*llama.ARCHS, *mixtral.ARCHS, *qwen.ARCHS, *gemma.ARCHS, *phi3.ARCHS, *falcon.ARCHS,
                          *bloom.ARCHS, *gptneox.ARCHS]
     return {name: arch for arch in archs for name in arch.hf_architectures}
 

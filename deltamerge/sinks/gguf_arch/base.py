@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,19 @@ try:
     import gguf
 except ImportError:
     gguf = None
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """Where a Hugging Face tensor goes in a tensor the converter stacks from several (Mixtral's
+    experts): slot ``slot`` of ``slots`` of ``names[index]``. ``names`` are the stacked tensors of
+    its layer, each the name the converter looks up in llama.cpp's map, in the order it writes them
+    once the layer's last stacked tensor has come."""
+
+    names: tuple[str, ...]
+    index: int
+    slot: int
+    slots: int
 
 
 class Arch:
@@ -54,6 +68,10 @@ class Arch:
         """The source row of each GGUF row, for a tensor the converter regroups as a whole (fused
         qkv); empty: rows in their order."""
         return ()
+
+    def stacked(self, hf_name: str, h: dict[str, Any], where: Path) -> Stacked | None:
+        """The slot the tensor fills in a stacked tensor; None: a tensor of its own."""
+        return None
 
     def plus_one(self, hf_name: str, h: dict[str, Any]) -> bool:
         """Whether the converter adds 1 to the tensor (Gemma's norms)."""
