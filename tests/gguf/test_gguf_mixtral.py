@@ -19,10 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import load_state, run_cli
+from helpers import GROUP, PRELUDE, load_state, run_cli
 from safetensors.torch import load_file, save_file
-from test_formats import GROUP, PRELUDE
-from test_gguf import sp_model  # noqa: F401 - a fixture
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
