@@ -58,6 +58,7 @@ import torch
 from .. import names
 from ..errors import FormatError, InputError, MismatchError, NotFoundError, UnsupportedError
 from ..formats.files import read_json_object
+from ..kind_registry import PEFT_KINDS
 from ..sources import Checkpoint, open_checkpoint
 from ..sources.folders import aux_files
 from ..tensor_spec import TensorSpec
@@ -143,8 +144,6 @@ def read_adapter_config(folder: Path) -> dict:
     config = read_json_object(path)
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        from .adapter import PEFT_KINDS  # here: adapter.py builds on this module
-
         raise UnsupportedError(
             f"{path}: peft_type {peft_type!r}: deltamerge merges {', '.join(PEFT_KINDS)} "
             "adapters only"
