@@ -58,8 +58,8 @@ __all__ = ["GGUFFile", "GGUFPlan", "GGUFStreamWriter", "GGUFTensor", "GeneratedT
 OUTTYPES = names.OUTTYPES
 # Rows convert this many elements at a time, so that gguf.quants' temporaries stay small.
 _CHUNK_ELEMENTS = 1 << 18
-# ...and quantize this many at a time, a piece for each thread.
-_QUANT_CHUNK_ELEMENTS = 1 << 16
+# ...and quantize this many at a time, a piece for each thread: gguf_quants' best chunk.
+_QUANT_CHUNK_ELEMENTS = 1 << 17
 Buffer = Callable[[int], torch.Tensor]  # n -> an n-byte uint8 tensor
 _IOV_MAX = 1024
 # Tensors the converter drops: transformers' buffers, not weights.

@@ -9,11 +9,11 @@ them, and the journal records them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..compute_pool import machine_cores
 from ..errors import InputError
 from ..names import FORMATS, MP_SHARDS
 from ..sizes import DEFAULT_SHARD_SIZE, parse_size
@@ -85,14 +85,6 @@ def output_format(
             raise InputError(f"--mp must be one of {', '.join(map(str, MP_SHARDS))}, not {mp!r}")
         return OutputFormat("meta", mp=mp)
     return OutputFormat("hf", shard_bytes=parse_size(max_shard_size or DEFAULT_SHARD_SIZE))
-
-
-def machine_cores() -> int:
-    """The cores this process may run on (its affinity), where the system says."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def open_sink(
