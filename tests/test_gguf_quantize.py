@@ -204,7 +204,6 @@ def test_a_killed_quantized_run_resumes_to_the_same_bytes(tmp_path: Path, sp_mod
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--format", "gguf", "--outtype", "q8_0", "--threads", "2"], "--threads .* needs --format gguf and an"),
     (["--format", "gguf", "--outtype", "q4_k_m", "--max-shard-size", "1MB"], "writes one file, as llama-q"),
 ])
 def test_refusals_exit_2_with_nothing_at_out(tmp_path: Path, sp_model: bytes, args, message):  # noqa: F811

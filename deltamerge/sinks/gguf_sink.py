@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..compute_pool import ComputePool
 from ..errors import DeltaMergeError
 from ..integrity.digest import TensorDigest, new_hash
 from ..memory import RangeWriteBehind, drop_file_range
@@ -73,9 +74,9 @@ class GGUFSink(Sink):
     converts = True
     unit = "tensor group"
 
-    def __init__(self, plan: GGUFPlan, shards: Sequence[ShardLayout], *, threads: int = 1):
+    def __init__(self, plan: GGUFPlan, shards: Sequence[ShardLayout], *, pool: ComputePool | None = None):
         self.plan = plan
-        self.threads = threads
+        self.pool = pool
         self._names = {s.filename: [spec.name for spec in s.specs] for s in shards}
         self._writer: GGUFStreamWriter | None = None
         self._behind: list[RangeWriteBehind] = []
@@ -113,7 +114,7 @@ class GGUFSink(Sink):
 
     def _stream(self, folder: Path) -> GGUFStreamWriter:
         if self._writer is None:
-            self._writer = GGUFStreamWriter(self.plan, folder, done=self._done, threads=self.threads)
+            self._writer = GGUFStreamWriter(self.plan, folder, done=self._done, pool=self.pool)
             self._behind = [RangeWriteBehind(self._writer.fd(i)) for i in range(len(self.plan.files))]
         return self._writer
 

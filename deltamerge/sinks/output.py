@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..compute_pool import machine_cores
+from ..compute_pool import ComputePool, machine_cores
 from ..errors import InputError
 from ..names import FORMATS, MP_SHARDS
 from ..sizes import DEFAULT_SHARD_SIZE, parse_size
@@ -31,8 +31,8 @@ from .safetensors import SafetensorsSink
 @dataclass(frozen=True)
 class OutputFormat:
     """``shard_bytes``: hf, the largest shard file; gguf, llama.cpp's split size (0: one file).
-    ``threads``: gguf, the threads that quantize (the bytes do not depend on them, so neither
-    the record nor the journal says how many)."""
+    ``threads``: the compute pool's, which compute LoRA products and quantize GGUF rows (the
+    bytes do not depend on them, so neither the record nor the journal says how many)."""
 
     name: str = "hf"
     outtype: str | None = None
@@ -59,9 +59,6 @@ def output_format(
         raise InputError(f"--format must be one of {', '.join(FORMATS)}, not {name!r}")
     if outtype is not None and name != "gguf":
         raise InputError("--outtype is GGUF's tensor type: it needs --format gguf")
-    if threads is not None and (name != "gguf" or outtype not in QUANTIZED):
-        raise InputError("--threads is how many threads quantize GGUF tensors: it needs --format gguf "
-                         f"and an --outtype of {', '.join(QUANTIZED)}")
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be 1 or more, not {threads}")
     if mp is not None and name != "meta":
@@ -83,20 +80,22 @@ def output_format(
             mp = 1
         if mp not in MP_SHARDS:
             raise InputError(f"--mp must be one of {', '.join(map(str, MP_SHARDS))}, not {mp!r}")
-        return OutputFormat("meta", mp=mp)
-    return OutputFormat("hf", shard_bytes=parse_size(max_shard_size or DEFAULT_SHARD_SIZE))
+        return OutputFormat("meta", mp=mp, threads=threads or machine_cores())
+    return OutputFormat("hf", shard_bytes=parse_size(max_shard_size or DEFAULT_SHARD_SIZE),
+                        threads=threads or machine_cores())
 
 
 def open_sink(
     fmt: OutputFormat, shards: Sequence[ShardLayout], aux: Mapping[str, Path | bytes], *,
     vocab_rows: int | None, dtype: str | None, out: Path, folder: Path,
-    config_updates: dict | None = None,
+    config_updates: dict | None = None, pool: ComputePool | None = None,
 ) -> Sink:
     """The sink for ``fmt``, planned from the shards and the result's non-weight files ``aux``
     (``config.json`` made to describe the result, as the ``hf`` result's would be); ``folder``
     is where its files go (the partial folder), ``out`` the result's final place, whose name
     names a GGUF model when nothing else does; ``config_updates`` are the fields a delta's
-    tensors need in config.json (see :func:`~.aux.fixed_config`)."""
+    tensors need in config.json (see :func:`~.aux.fixed_config`); ``pool``, the run's threads
+    (else ``fmt.threads`` of the sink's own), quantizes GGUF rows."""
     if fmt.name == "hf":
         return SafetensorsSink()
     source = aux.get("config.json")
@@ -105,7 +104,7 @@ def open_sink(
         plan = plan_gguf_output(aux, shards, vocab_rows=vocab_rows, dtype=dtype, outtype=fmt.outtype,
                                 dir_name=out.name, split_max_size=fmt.shard_bytes, where=where,
                                 config_updates=config_updates)
-        return GGUFSink(plan, shards, threads=fmt.threads)
+        return GGUFSink(plan, shards, pool=pool or ComputePool(fmt.threads))
     config = load_config(source)
     if config is None:
         raise InputError(f"{where}: no config.json the result can be described by; Meta's layout "
