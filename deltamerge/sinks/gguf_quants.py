@@ -180,12 +180,13 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
     for xi in x[1:]:  # comparisons in C's order, as NaNs make them matter
         lo = torch.where(xi < lo, xi, lo)
         mx = torch.where(xi > mx, xi, mx)
-    sum_w = w[0].clone()
-    sum_x = w[0] * x[0]
+    # C starts sum_w at w[0] and sum_x at w[0]*x[0]; from zero is the same: w >= +0, and a -0
+    # product is wiped out by the first nonzero one, which every block but a flat one has.
+    terms = torch.empty(n, 2, blocks)
+    terms[:, 0] = w
+    torch.mul(w, x, out=terms[:, 1])
+    sum_w, sum_x = _SeqSum(terms, torch.empty(2, blocks))()
     tmp = torch.empty(blocks)
-    for i in range(1, n):
-        sum_w += w[i]
-        sum_x += torch.mul(w[i], x[i], out=tmp)
     zero = torch.zeros(blocks)
     mn = torch.where(lo > 0, zero, lo)
     flat = mx == mn
@@ -372,9 +373,7 @@ def _qkx_superblocks(x: torch.Tensor, nmax: int, rmin: float, rdelta: float,
     ``av_x + |x|``, the packed scales, and every value requantized with the stored scales."""
     s = x.shape[0]
     blocks = x.reshape(s * 8, 32).T.contiguous()  # (32, S*8): positions first
-    sum_x2 = torch.zeros(s * 8)
-    for xi in blocks:
-        sum_x2 += xi * xi
+    sum_x2 = _SeqSum(blocks * blocks, torch.empty(s * 8))()
     av_x = _sqrt(sum_x2 / 32.0)
     w = av_x + blocks.abs()
     scales, mins, L = make_qkx2_quants(blocks, w, nmax, rmin, rdelta, nstep)
