@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import arguments as args
+from .compute_pool import ComputePool
 from .decoders.enc import apply_enc
 from .decoders.xor_files import apply_xor_files
 from .dtypes import itemsize, short_name
@@ -145,8 +146,8 @@ def apply_delta(
         allow_repeat: see ``delta``.
         signer: who must have signed every delta (its ``model.sig``, OMS format): each
             signature is checked before any weight is read, and the result records who signed.
-        threads: threads quantizing a quantized ``outtype`` (default: the cores this process
-            may use); the bytes do not depend on it.
+        threads: the threads that compute LoRA products and quantize a quantized ``outtype``
+            (default: the cores this process may use); the bytes do not depend on it.
 
     Returns:
         An :class:`~deltamerge.results.ApplyResult`: where the result is, its digest, whether it
@@ -236,6 +237,7 @@ def _apply_locked(
 
     base_ckpt = open_checkpoint(base_in.path)
     opened: list[Kind] = []
+    pool = ComputePool(opts.threads)  # LoRA products and GGUF quantization, on --threads
     try:
         # The manifest names the kind even when its checks are skipped: without it an XOR delta
         # would be added as if additive. --no-verify with --kind does not read it at all.
@@ -248,14 +250,14 @@ def _apply_locked(
             raise InputError("--qlora merges LoRA adapters onto the NF4 base: no delta is a LoRA")
         if manifests and manifests[0]:
             check_base_dtypes(str(base), base_ckpt.specs, manifests[0].base)
-        options = opts.kind_options()
+        options = opts.kind_options(pool)
         _check_lora_options(opened, options)
         jobs = plan_chain(base_ckpt, opened, options, opts.dtype, opts.block_size)
         if opts.new_rows == "mean":
             fill_means(base_ckpt, jobs, opts.block_size)
         aux = _aux_files(base_ckpt, opened, opts.extra_files)
         updates = _config_updates(opened)
-        shards, sink = _plan_output(opts.fmt, jobs, aux, out, opts.block_size, updates)
+        shards, sink = _plan_output(opts.fmt, jobs, aux, out, opts.block_size, updates, pool)
         checks = plan_delta_checks([d.path for d in delta_ins], manifests,
                                    [k.checkpoint for k in opened])
         first = manifests[0] if manifests else None
@@ -327,6 +329,7 @@ def _apply_locked(
         for k in opened:
             k.close()
         base_ckpt.close()
+        pool.close()
 
 
 def _already_finished(
@@ -355,7 +358,7 @@ def _already_finished(
 
 def _plan_output(
     fmt: OutputFormat, jobs: list[TensorJob], aux: dict[str, Path | bytes], out: Path,
-    block_size: int, config_updates: dict,
+    block_size: int, config_updates: dict, pool: ComputePool,
 ) -> tuple[list[Shard], Sink]:
     """The shards the ``hf`` format would write (GGUF's tensor order follows them), and the
     format's sink planned from them; tensors are written in the plan's order (the inputs' own,
@@ -365,7 +368,7 @@ def _plan_output(
     if not fmt.shard_files:  # journal names: no safetensors file is written
         shards = [Shard(f"tensors-{i + 1:05d}-of-{len(shards):05d}", s.jobs) for i, s in enumerate(shards)]
     sink = fmt.open_sink(shards, aux, vocab_rows=_vocab_rows(jobs), dtype=_result_dtype(jobs), out=out,
-                         folder=partial_dir(out), config_updates=config_updates)
+                         folder=partial_dir(out), config_updates=config_updates, pool=pool)
     for job in jobs:
         job.rows_per_block = rows_per_block(job, block_size, sink.row_multiple(job.name))
     return shards, sink

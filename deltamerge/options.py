@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from . import arguments as args
+from .compute_pool import ComputePool
+from .cores import machine_cores
 from .dtypes import parse_user_dtype, short_name
 from .engine.journal import Fingerprint, fingerprint, shard_layout
 from .engine.plan import Shard
@@ -67,6 +69,7 @@ class RunOptions:
     qlora_scope: str = QLORA_SCOPES[0]
     qlora_kernel: str = QLORA_KERNELS[0]
     safe_merge: bool = False
+    threads: int = 1  # the compute pool's (LoRA products, GGUF quantization): not in the bytes
 
     @classmethod
     def of(
@@ -122,18 +125,21 @@ class RunOptions:
         args.text("outtype", outtype)
         mp = args.integer("mp", mp)
         threads = args.integer("threads", threads)
+        if threads is not None and threads < 1:
+            raise InputError(f"--threads must be 1 or more, not {threads}")
         fmt = output_format(format, outtype=outtype, mp=mp, max_shard_size=max_shard_size,
                             threads=threads)
         return cls(
             kind, out_dtype, new_rows, fmt, block_bytes, force, verify, workers or 1, progress,
             extra_files, hub, expect_md5, key_md5, resume, qlora, quant_dtype, lora_r, lora_alpha,
             lora_prefix, allow_repeat, signer, qlora_scope or QLORA_SCOPES[0],
-            qlora_kernel or QLORA_KERNELS[0], safe_merge,
+            qlora_kernel or QLORA_KERNELS[0], safe_merge, threads or machine_cores(),
         )
 
-    def kind_options(self) -> ApplyOptions:
-        """The options as every kind sees them."""
-        return ApplyOptions(new_rows=self.new_rows, qlora=self.qlora, qlora_dtype=self.qlora_dtype,
+    def kind_options(self, pool: ComputePool | None = None) -> ApplyOptions:
+        """The options as every kind sees them; ``pool``, the run's threads."""
+        return ApplyOptions(pool=pool or ComputePool(1), new_rows=self.new_rows, qlora=self.qlora,
+                            qlora_dtype=self.qlora_dtype,
                             qlora_scope=self.qlora_scope, qlora_kernel=self.qlora_kernel,
                             safe_merge=self.safe_merge, lora_r=self.lora_r,
                             lora_alpha=self.lora_alpha, lora_prefix=self.lora_prefix)

@@ -12,6 +12,7 @@ HEAD_DIM = HIDDEN // HEADS
 
 
 CHAT_TEMPLATE = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+WIDE, WIDE_FFN, WIDE_KV = 256, 64, 1  # rows of 256: the k-quants apply (ffn_down falls back)
 
 
 def sp_vocab_size(model: bytes) -> int:
@@ -68,3 +69,31 @@ def permuted(t: torch.Tensor, n_head: int) -> torch.Tensor:
     half = rows // 2
     index = [h * rows + j * half + i for h in range(n_head) for i in range(half) for j in range(2)]
     return t[index]
+
+
+def wide_llama(folder: Path, sp_model: bytes, dtype: torch.dtype, seed: int = 0) -> Path:
+    """tiny_llama's files with rows of 256 values, one layer, 4 heads, one key/value head and
+    the embeddings tied (no lm_head: llama-quantize gives token_embd the output's type)."""
+    tiny_llama(folder, sp_model, dtype)
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.05).to(dtype)
+
+    kv = WIDE_KV * WIDE // 4
+    state = {"model.embed_tokens.weight": rnd(vocab, WIDE), "model.norm.weight": rnd(WIDE)}
+    for i in range(1):
+        p = f"model.layers.{i}."
+        shapes = {"input_layernorm": (WIDE,), "post_attention_layernorm": (WIDE,),
+                  "self_attn.q_proj": (WIDE, WIDE), "self_attn.k_proj": (kv, WIDE),
+                  "self_attn.v_proj": (kv, WIDE), "self_attn.o_proj": (WIDE, WIDE),
+                  "mlp.gate_proj": (WIDE_FFN, WIDE), "mlp.up_proj": (WIDE_FFN, WIDE),
+                  "mlp.down_proj": (WIDE, WIDE_FFN)}
+        state |= {f"{p}{name}.weight": rnd(*shape) for name, shape in shapes.items()}
+    (folder / "model.safetensors").unlink()
+    config = llama_config(vocab, str(dtype).removeprefix("torch."), hidden_size=WIDE,
+                          intermediate_size=WIDE_FFN, num_key_value_heads=WIDE_KV, num_hidden_layers=1,
+                          tie_word_embeddings=True)
+    save_checkpoint(state, folder, config=config, tokenizer=False)
+    return folder

@@ -166,8 +166,8 @@ def format_options(fn: Callable) -> Callable:
                      help="GGUF tensor type (default: the result's dtype); q4_k_m and the types after "
                           "q8_0: what llama-quantize writes from the f16/bf16/f32 file."),
         click.option("--threads", type=click.IntRange(1, 1024), default=None,
-                     help="Threads that quantize GGUF tensors (default: the machine's cores); the "
-                          "bytes are the same whatever their number."),
+                     help="Threads that compute LoRA products and quantize GGUF tensors (default: "
+                          "the machine's cores); the bytes are the same whatever their number."),
         click.option("--mp", type=click.Choice([str(n) for n in MP_SHARDS]), default=None,
                      help="Meta model-parallel shards (default 1)."),
     ]

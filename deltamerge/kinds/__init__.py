@@ -10,11 +10,12 @@ owns reading, buffers, hashing and writing; a kind owns only its arithmetic.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..compute_pool import ComputePool
 from ..dtypes import itemsize
 from ..sources import Checkpoint
 from ..tensor_spec import TensorSpec
@@ -110,6 +111,8 @@ class ApplyOptions:
     lora_r: int | None = None  # checked against the factors' shapes, which give the rank anyway
     lora_alpha: float | None = None  # required: nothing in the factors gives it
     lora_prefix: str | None = None  # what precedes the base's names in the keys (else detected)
+    # The run's --threads, which compute the LoRA products (and quantize GGUF rows).
+    pool: ComputePool = field(default_factory=ComputePool)
 
 
 class Kind(ABC):

@@ -41,12 +41,13 @@ class DoraFactors:
     def _rescale(self, acc: torch.Tensor, row: int) -> None:
         """``acc`` holds rows ``row..`` of ``fp32(W) + dW``: scale each to ``m / ||row||``, the
         quotient and product in fp32 as peft's (the norm per row, as ``linalg.norm(dim=1)``)."""
-        if self._magnitude is None:
-            self._magnitude = self.factors.source.load(self.magnitude_name)
+        assert self._magnitude is not None
         norm = torch.linalg.norm(acc, dim=1)
         acc.mul_((self._magnitude[row : row + acc.shape[0]] / norm).view(-1, 1))
 
     def merge(self, cur: torch.Tensor, out: torch.Tensor, r0: int, scratch: Scratch) -> None:
+        if self._magnitude is None:  # loaded here: the windows rescale on the pool's threads
+            self._magnitude = self.factors.source.load(self.magnitude_name)
         self.factors.merge(cur, out, r0, scratch, self._rescale)
 
     def release(self) -> None:

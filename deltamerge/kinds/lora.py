@@ -49,13 +49,14 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import names
+from ..compute_pool import ComputePool
 from ..errors import FormatError, InputError, MismatchError, NotFoundError, UnsupportedError
 from ..formats.files import read_json_object
 from ..kind_registry import PEFT_KINDS
@@ -205,7 +206,6 @@ class Factors:
         self.round_to = round_to  # the dtype the product is rounded to before the add, if any
         self._a: torch.Tensor | None = None
         self._b: torch.Tensor | None = None
-        self._window_at = -1  # the first row of the window last computed in the source's buffer
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._a is None or self._b is None:
@@ -219,62 +219,69 @@ class Factors:
         a, b = self._load()
         return window_rows(self.rows, b.shape[0] if self.transposed else a.shape[1])
 
-    def _product(self, w0: int, w1: int) -> torch.Tensor:
-        """Rows ``[w0, w1)`` of ``transpose(B @ A) * s``, always on the same window grid."""
+    def _product(self, window: torch.Tensor, w0: int, size: int) -> torch.Tensor:
+        """Rows ``[w0, w0 + size)`` of ``transpose(B @ A) * s`` into ``window``, on the grid."""
         a, b = self._load()
-        shape = (b.shape[0], w1 - w0) if self.transposed else (w1 - w0, a.shape[1])
-        window, mine = self.source.window(self, shape)
-        if mine and self._window_at == w0:
-            return window.T if self.transposed else window
         if self.transposed:
-            torch.mm(b, a[:, w0:w1], out=window)
+            torch.mm(b, a[:, w0 : w0 + size], out=window)
         else:
-            torch.mm(b[w0:w1], a, out=window)
+            torch.mm(b[w0 : w0 + size], a, out=window)
         self.scale_window(window)
         if self.round_to is not None and self.round_to != torch.float32:
             window.copy_(window.to(self.round_to))
-        self._window_at = w0
-        return window.T if self.transposed else window
+        return window
 
     def scale_window(self, window: torch.Tensor) -> None:
         """Scale a window of the product in place, as the type's ``get_delta_weight`` does."""
         window.mul_(self.scale)
 
-    def _pieces(self, r0: int, r1: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Rows ``[lo, hi)`` within ``[r0, r1)`` of the product, window by window."""
-        if r1 <= r0:
-            return
-        size = self._size()
-        k = r0 // size * size
-        while k < r1:
-            w0 = min(k, self.rows - size)
-            prod = self._product(w0, w0 + size)
-            lo, hi = max(r0, k), min(r1, k + size)
-            yield lo, hi, prod[lo - w0 : hi - w0]
-            k += size
-
     def merge(
         self, cur: torch.Tensor, out: torch.Tensor, r0: int, scratch: Scratch,
         rescale: Callable[[torch.Tensor, int], None] | None = None,
     ) -> None:
-        """``out = round(fp32(cur) + product)`` for rows ``[r0, r0 + len(out))``, a few rows at a
-        time through one small fp32 buffer (an fp32 copy of the whole block was the merge's
-        largest buffer; mixed-dtype arithmetic straight into ``out`` would save the copies but
-        is several times slower on CPU). ``rescale(sum, first_row)`` changes the fp32 sum in
+        """``out = round(fp32(cur) + product)`` for rows ``[r0, r0 + len(out))``, window by window.
+
+        The windows a block overlaps are computed and added on the run's pool (``--threads``),
+        each on one thread in a buffer of its own, as many at a time as the pool has threads
+        (the last one stays, since the next block usually starts inside it). Each adds its rows a
+        few at a time through one small fp32 buffer (an fp32 copy of the whole block was the
+        merge's largest buffer; mixed-dtype arithmetic straight into ``out`` would save the copies
+        but is several times slower on CPU). ``rescale(sum, first_row)`` changes the fp32 sum in
         place before it is rounded (DoRA's magnitude)."""
-        for lo, hi, prod in self._pieces(r0, r0 + out.shape[0]):
-            for a in range(lo, hi, MERGE_ROWS):
-                b = min(hi, a + MERGE_ROWS)
-                acc = scratch.get("lora-acc", torch.float32, (b - a, *out.shape[1:]))
-                acc.copy_(cur[a - r0 : b - r0])
-                acc.add_(prod[a - lo : b - lo])
+        r1 = r0 + out.shape[0]
+        if r1 <= r0:
+            return
+        a, b = self._load()  # here, not in the pool's threads: the source reads through one buffer
+        size = self._size()
+        shape = (b.shape[0], size) if self.transposed else (size, a.shape[1])
+        windows = [(min(k, self.rows - size), k) for k in range(r0 // size * size, r1, size)]
+        pool = self.source.pool
+
+        def piece(job: tuple[int, int, torch.Tensor, bool, torch.Tensor]) -> None:
+            w0, k, window, held, acc = job
+            prod = window if held else self._product(window, w0, size)
+            prod = prod.T if self.transposed else prod
+            lo, hi = max(r0, k), min(r1, k + size)
+            for x in range(lo, hi, MERGE_ROWS):
+                y = min(hi, x + MERGE_ROWS)
+                part = acc[: y - x]
+                part.copy_(cur[x - r0 : y - r0])
+                part.add_(prod[x - w0 : y - w0])
                 if rescale is not None:
-                    rescale(acc, a)
-                out[a - r0 : b - r0].copy_(acc)
+                    rescale(part, x)
+                out[x - r0 : y - r0].copy_(part)
+
+        for i in range(0, len(windows), pool.threads):
+            batch = windows[i : i + pool.threads]
+            buffers = self.source.windows(self, shape, [w0 for w0, _ in batch])
+            acc_shape = (MERGE_ROWS, *out.shape[1:])
+            pool.map(piece, [
+                (w0, k, window, held, scratch.get(f"lora-acc{j}", torch.float32, acc_shape))
+                for j, ((w0, k), (window, held)) in enumerate(zip(batch, buffers))
+            ])
 
     def release(self) -> None:
         self._a = self._b = None
-        self._window_at = -1
 
 
 Pick = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -417,6 +424,9 @@ class FactorSource:
         self._raw = torch.empty(0, dtype=torch.uint8)  # a factor's bytes as read, reused
         self._window = torch.empty(0, dtype=torch.float32)
         self._window_owner: object = None
+        self._windows: list[torch.Tensor] = []  # LoRA's, one per window computed at once
+        self._held: list[tuple[object, int] | None] = []  # which (owner, first row) each holds
+        self.pool = ComputePool()  # the run's, set by the kind's plan
 
     @property
     def checkpoint(self) -> Checkpoint:
@@ -451,10 +461,35 @@ class FactorSource:
             mine = False
         return self._window[:n].view(shape), mine
 
+    def windows(
+        self, owner: object, shape: tuple[int, int], starts: list[int]
+    ) -> list[tuple[torch.Tensor, bool]]:
+        """A buffer for each of ``owner``'s windows starting at rows ``starts``, and whether it
+        holds that window already (the previous block's last, usually): as many buffers as
+        windows are computed at once, each grown to the largest window and reused."""
+        n = shape[0] * shape[1]
+        while len(self._windows) < len(starts):
+            self._windows.append(torch.empty(0, dtype=torch.float32))
+            self._held.append(None)
+        free = [j for j in range(len(self._windows)) if self._held[j] not in {(owner, s) for s in starts}]
+        given: list[tuple[torch.Tensor, bool]] = []
+        for s in starts:
+            j = next((j for j, h in enumerate(self._held) if h == (owner, s)), None)
+            held = j is not None and self._windows[j].numel() >= n
+            if j is None:
+                j = free.pop(0)
+            if self._windows[j].numel() < n:
+                self._windows[j] = torch.empty(n, dtype=torch.float32)
+            self._held[j] = (owner, s)
+            given.append((self._windows[j][:n].view(shape), held))
+        return given
+
     def close(self) -> None:
         self._loaded.clear()
         self._window = torch.empty(0, dtype=torch.float32)
         self._window_owner = None
+        self._windows.clear()
+        self._held.clear()
         if self._checkpoint is not None:
             self._checkpoint.close()
             self._checkpoint = None
@@ -743,6 +778,7 @@ class LoraKind(Kind):
 
     def plan(self, specs: dict[str, TensorSpec], options: ApplyOptions):
         config = self.config if self.config is not None else self._bare_config(options, specs)
+        self.source.pool = options.pool
         whole, modules, extra = self._classify()
         self._patterns = match_patterns(self.folder / ADAPTER_CONFIG, {
             key: config.get(key) or {} for key in ("rank_pattern", "alpha_pattern")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 from ..registry import load
 
 if TYPE_CHECKING:
+    from ..compute_pool import ComputePool
     from ..sinks import ShardLayout, Sink
 
 
@@ -75,16 +76,17 @@ class OutputFormat(ABC):
     def open_sink(
         self, shards: Sequence[ShardLayout], aux: Mapping[str, Path | bytes], *,
         vocab_rows: int | None, dtype: str | None, out: Path, folder: Path,
-        config_updates: dict | None = None,
+        config_updates: dict | None = None, pool: ComputePool | None = None,
     ) -> Sink:
         """The sink for this format (its module's ``sink_for``), planned from the shards and the
         result's non-weight files ``aux`` (``config.json`` made to describe the result, as the
         ``hf`` result's would be); ``folder`` is where its files go (the partial folder), ``out``
         the result's final place; ``config_updates`` are the fields a delta's tensors need in
-        config.json (see :func:`~deltamerge.sinks.aux.fixed_config`)."""
+        config.json (see :func:`~deltamerge.sinks.aux.fixed_config`); ``pool``, the run's threads,
+        which quantize GGUF rows."""
         return load(self.sink)(self, shards, aux, vocab_rows=vocab_rows, dtype=dtype, out=out,
                                folder=folder, where=config_place(aux, out),
-                               config_updates=config_updates)
+                               config_updates=config_updates, pool=pool)
 
 
 def config_place(aux: Mapping[str, Path | bytes], out: Path) -> Path:

@@ -4,9 +4,9 @@ writes from it; ``--max-shard-size`` splits as llama.cpp's ``--split-max-size`` 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
+from ..cores import machine_cores
 from ..errors import InputError
 from ..registry import load
 from ..sizes import parse_size
@@ -38,9 +38,6 @@ class GgufFormat(OutputFormat):
     def check_options(cls, chosen: str, given: FormatOptions) -> None:
         if given.outtype is not None and chosen != cls.name:
             raise InputError("--outtype is GGUF's tensor type: it needs --format gguf")
-        if given.threads is not None and (chosen != cls.name or given.outtype not in QUANTIZED_OUTTYPES):
-            raise InputError("--threads is how many threads quantize GGUF tensors: it needs --format "
-                             f"gguf and an --outtype of {', '.join(QUANTIZED_OUTTYPES)}")
         if given.threads is not None and given.threads < 1:
             raise InputError(f"--threads must be 1 or more, not {given.threads}")
 
@@ -61,10 +58,3 @@ class GgufFormat(OutputFormat):
     def options(self) -> dict:
         return {"format": "gguf", "outtype": self.outtype, "split_max_size": self.shard_bytes}
 
-
-def machine_cores() -> int:
-    """The cores this process may run on (its affinity), where the system says."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1

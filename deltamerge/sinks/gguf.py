@@ -22,8 +22,8 @@ The quantized outtypes (``gguf_types.OUTTYPES``: q4_k_m, q5_0...) are what llama
 dtype: the converter's key/values with ``general.quantization_version`` and ``general.file_type``
 moved to the end, the tensors in llama-quantize's order with the types of its mix, and each row
 quantized (``gguf_quants``) from the converter's value of it, widened to f32. Rows quantize
-alone, so blocks of them are cut into pieces quantized on ``threads`` threads, and the bytes do
-not depend on how many.
+alone, so blocks of them are cut into pieces quantized on the run's compute pool
+(``compute_pool``), and the bytes do not depend on its threads.
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ import io
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from ..compute_pool import ComputePool
 from ..errors import FormatError, InputError, UnsupportedError, WorkError
 from ..outputs.gguf import OUTTYPES
 from . import gguf_arch, gguf_checks, gguf_kv, gguf_types
@@ -57,8 +57,8 @@ __all__ = ["GGUFFile", "GGUFPlan", "GGUFStreamWriter", "GGUFTensor", "GeneratedT
 
 # Rows convert this many elements at a time, so that gguf.quants' temporaries stay small.
 _CHUNK_ELEMENTS = 1 << 18
-# ...and quantize this many at a time, a piece for each thread.
-_QUANT_CHUNK_ELEMENTS = 1 << 16
+# ...and quantize this many at a time, a piece for each thread: gguf_quants' best chunk.
+_QUANT_CHUNK_ELEMENTS = 1 << 17
 Buffer = Callable[[int], torch.Tensor]  # n -> an n-byte uint8 tensor
 _IOV_MAX = 1024
 # Tensors the converter drops: transformers' buffers, not weights.
@@ -468,20 +468,21 @@ class GGUFStreamWriter:
 
     Files are created at their final size, so padding needs no writes. ``done`` resumes: the
     tensors named are taken as written already, and the files that hold one must exist with the
-    planned header and size; a file that holds none of them is made again. ``threads`` quantize
-    the pieces of a block (quantized outtypes), with the same bytes whatever their number.
+    planned header and size; a file that holds none of them is made again. ``pool`` (the run's,
+    else one of ``threads`` of the writer's own) quantizes the pieces of a block (quantized
+    outtypes), with the same bytes whatever its threads.
     """
 
     def __init__(self, plan: GGUFPlan, folder: Path, *, done: Iterable[str] | None = None,
-                 threads: int = 1):
+                 threads: int = 1, pool: ComputePool | None = None):
         require_gguf()
         self.plan = plan
         self.folder = Path(folder)
         self._dropped = set(plan.dropped)
         self._progress = {t.hf_name: _Progress() for t in plan.tensors}
         self._fds: list[int] = []
-        quantizes = any(t.quantized_from is not None for t in plan.tensors)
-        self._pool = ThreadPoolExecutor(threads, "deltamerge-quantize") if quantizes and threads > 1 else None
+        self._own_pool = pool is None
+        self._pool = pool if pool is not None else ComputePool(threads)
         kept = [t for t in map(plan.tensor, done or ()) if t is not None]
         try:
             for i, f in enumerate(plan.files):
@@ -581,9 +582,8 @@ class GGUFStreamWriter:
         """Close the files as they are (a resumable partial output)."""
         while self._fds:
             os.close(self._fds.pop())
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        if self._own_pool:
+            self._pool.close()
 
     def __enter__(self) -> GGUFStreamWriter:
         return self
@@ -621,7 +621,7 @@ def permuted_order(rows: int, head_rows: int) -> list[int]:
 
 
 def _encode(
-    tensor: GGUFTensor, rows: torch.Tensor, out: Buffer | None, pool: ThreadPoolExecutor | None = None
+    tensor: GGUFTensor, rows: torch.Tensor, out: Buffer | None, pool: ComputePool | None = None
 ) -> tuple[memoryview, ...]:
     """The converter's conversion of whole rows (of whole heads for q and k), into ``out``'s buffer.
 
@@ -651,12 +651,11 @@ def _encode(
         dest[a * row_bytes : b * row_bytes] = _convert(tensor, rows[a:b])
 
     starts = range(0, rows.shape[0], step)
-    if pool is None or len(starts) == 1:
+    if pool is None or tensor.quantized_from is None:
         for a in starts:
             convert(a)
     else:
-        for done in [pool.submit(convert, a) for a in starts]:
-            done.result()
+        pool.map(convert, starts)
     return (memoryview(dest),)
 
 

@@ -5,14 +5,16 @@
 multiply-add in the x86-64 build. gguf-py has no k-quant quantizer, so they are ported here, each
 256-value super-block independent of the others. Float32 results depend on the order of every
 operation, so the port keeps the C code's: sums accumulate position by position within a block
-(never torch's pairwise ``sum``), divisions stay divisions (torch's ``float / tensor`` multiplies
-by a reciprocal), ``sqrtf`` is rounded from float64 (torch's float32 sqrt is not correctly
-rounded), and no op fuses a multiply with an add (no ``addcmul``, no ``alpha=``). The work is
-vectorized across blocks, never within one; the trial scales of ``make_qkx2_quants`` and
-``make_qx_quants`` go one after another on buffers reused from trial to trial. ``nearest_int``
-(the 1.5 * 2^23 trick) rounds in floats where its range holds and is redone on the bits where it
-may not, and the ``(uint8_t)``/``(int8_t)`` wraps are kept, so the bytes are the C code's on
-x86-64 for any input: ones whose ``max - min`` overflows, NaN and infinities included.
+(torch's ``sum`` only where it does too: ``_SeqSum``), divisions stay divisions (torch's
+``float / tensor`` multiplies by a reciprocal), ``sqrtf`` is rounded from float64 (torch's float32
+sqrt is not correctly rounded), and no op fuses a multiply with an add (no ``addcmul``, no ``alpha=``). The
+work is vectorized across blocks, never within one; the trial scales of ``make_qkx2_quants`` and
+``make_qx_quants`` go one after another on buffers reused from trial to trial, each trial's
+per-block scalars computed together in a few ops (an op's own cost, not its arithmetic, is most of
+a trial's time). ``nearest_int`` (the 1.5 * 2^23 trick) rounds in floats where its range holds and
+is redone on the bits where it may not, and the ``(uint8_t)``/``(int8_t)`` wraps are kept, so the
+bytes are the C code's on x86-64 for any input: ones whose ``max - min`` overflows, NaN and
+infinities included.
 
 The legacy types (Q4_0 ... Q8_0) are gguf-py's own quantizers, which ``convert_hf_to_gguf.py``
 uses and which match ggml's ``quantize_row_*_ref``.
@@ -20,10 +22,11 @@ uses and which match ggml's ``quantize_row_*_ref``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 
+from ..compute_pool import one_torch_thread
 from .gguf_kv import require_gguf
 
 try:
@@ -38,8 +41,13 @@ QK_K = 256
 GROUP_MAX_EPS = 1e-15
 _MAGIC = 12582912.0  # 1.5 * 2^23: nearest_int's rounding constant
 # Super-blocks quantized together: enough that each op works on many blocks (an op's own cost is
-# a few microseconds), few enough that the buffers stay small (about 12 MB for Q4_K).
-_CHUNK_SUPERBLOCKS = 1024
+# a few microseconds), few enough that the buffers stay small (about 6 MB for Q4_K) and mostly in
+# cache (measured on 2 cores: 512 quantize 1.3x as fast as 256, 1.1x as fast as 1024).
+_CHUNK_SUPERBLOCKS = 512
+# torch's float sum adds this many rows one after another (``_seq_sum``), for columns in groups
+# of 4 vectors: 32 floats with AVX2, 64 with AVX-512.
+_SUM_RUN = 16
+_SUM_COLUMNS = 64
 
 
 def nearest_int(f: torch.Tensor) -> torch.Tensor:
@@ -65,15 +73,42 @@ def _f16_value(bits: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int16).view(torch.float16).to(torch.float32)
 
 
-def _seq_sum(terms: Iterable[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """``float s = 0; for (i...) s += terms[i];`` along dim 0, vectorized over the rest.
+class _SeqSum:
+    """``float s = 0; for (i...) s += terms[i];`` along dim 0 of ``terms`` (n, ...) into ``out``,
+    vectorized over the rest, each time it is called (``terms`` is overwritten).
 
-    ``terms`` may be a buffer's ``unbind(0)`` made once: the loop runs for every trial scale.
+    A loop of ``add_`` costs an op per position, and ops, not arithmetic, are most of the time
+    at these sizes. torch's float ``sum`` over the leading dim adds up to 16 rows one after
+    another from zero (``multi_row_sum`` in ATen's ``native/cpu/SumKernel.cpp``: its level 0 is
+    a running sum of 16 rows; see ``engine/cascade_sum.py``) and a 17th to that (``a + b`` is
+    ``b + a``), for contiguous columns in whole groups of four vectors, on one thread. So 32
+    positions are two sums: the first 16, written over row 15, then rows 15..31. Otherwise (other
+    columns, more torch threads) the loop. The views are made once: the trials call it again
+    and again.
     """
-    out.zero_()
-    for t in terms:
-        out.add_(t)
-    return out
+
+    def __init__(self, terms: torch.Tensor, out: torch.Tensor):
+        self.out = out
+        self.rows = terms.unbind(0)
+        self.runs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.last: torch.Tensor | None = None
+        if terms[0].numel() % _SUM_COLUMNS or not terms.is_contiguous() or torch.get_num_threads() != 1:
+            return
+        lo = 0
+        while terms.shape[0] - lo > _SUM_RUN + 1:
+            self.runs.append((terms[lo : lo + _SUM_RUN], torch.empty_like(out), terms[lo + _SUM_RUN - 1]))
+            lo += _SUM_RUN - 1
+        self.last = terms[lo:]
+
+    def __call__(self) -> torch.Tensor:
+        if self.last is None:
+            self.out.zero_()
+            for t in self.rows:
+                self.out.add_(t)
+            return self.out
+        for run, head, carry in self.runs:
+            carry.copy_(torch.sum(run, 0, out=head))
+        return torch.sum(self.last, 0, out=self.out)
 
 
 def _first_max(values: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,12 +180,13 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
     for xi in x[1:]:  # comparisons in C's order, as NaNs make them matter
         lo = torch.where(xi < lo, xi, lo)
         mx = torch.where(xi > mx, xi, mx)
-    sum_w = w[0].clone()
-    sum_x = w[0] * x[0]
+    # C starts sum_w at w[0] and sum_x at w[0]*x[0]; from zero is the same: w >= +0, and a -0
+    # product is wiped out by the first nonzero one, which every block but a flat one has.
+    terms = torch.empty(n, 2, blocks)
+    terms[:, 0] = w
+    torch.mul(w, x, out=terms[:, 1])
+    sum_w, sum_x = _SeqSum(terms, torch.empty(2, blocks))()
     tmp = torch.empty(blocks)
-    for i in range(1, n):
-        sum_w += w[i]
-        sum_x += torch.mul(w[i], x[i], out=tmp)
     zero = torch.zeros(blocks)
     mn = torch.where(lo > 0, zero, lo)
     flat = mx == mn
@@ -163,43 +199,68 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
     mins = torch.empty(nstep + 2, blocks)
     iscale = torch.div(torch.tensor(float(nmax)), mx - mn, out=iscales[0])
     mins[0] = mn
+    # The trial's levels beside x, so that one product gives both (w*l)*l and (w*l)*x.
+    lx = torch.empty(n, 2, blocks)
+    lx[:, 1] = x
+    lf = lx[:, 0]
+    lf = _levels_(torch.mul(x - mn, iscale, out=lf), 0, nmax, exact)
     scale = _rdiv(1.0, iscale)
-    f = torch.empty(n, blocks)
-    lf = _levels_(torch.mul(x - mn, iscale, out=f), 0, nmax, exact)
     e = torch.mul(lf, scale)
     e.add_(mn).sub_(x)
-    best = _seq_sum((e.abs_() if use_mad else e.square_()).mul_(w), torch.empty(blocks))
-    cur_min = mn
+    (e.abs_() if use_mad else e.square_()).mul_(w)
+    # What the trials update where they win: best error, scale, min (cur_min, the next start).
+    state = torch.empty(3, blocks)
+    _SeqSum(e, state[0])()
+    state[1] = scale
+    state[2] = mn
+    cur_min = state[2]
     win = torch.zeros(blocks, dtype=torch.int64)
     sums = torch.empty(n, 3, blocks)
-    sum_terms, err_terms = sums.unbind(0), e.unbind(0)
-    acc = torch.empty(3, blocks)
-    err = torch.empty(blocks)
-    for t, num in enumerate(nums, 1):
-        iscale = torch.div(num, torch.sub(mx, cur_min, out=tmp), out=iscales[t])
-        mins[t] = cur_min
-        lf = _levels_(torch.mul(torch.sub(x, cur_min, out=f), iscale, out=f), 0, nmax, exact)
-        wl = torch.mul(w, lf, out=sums[:, 0])
-        torch.mul(wl, lf, out=sums[:, 1])
-        torch.mul(wl, x, out=sums[:, 2])
-        sum_l, sum_l2, sum_xl = _seq_sum(sum_terms, acc)
-        d = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / d
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d
-        this_scale = torch.where(this_min > 0, sum_xl / sum_l2, this_scale)
-        this_min.clamp_(max=0.0)  # if (this_min > 0) this_min = 0
+    wl = sums[:, 0]
+    wl_terms = sums[:, 1:]
+    wl_by = wl.unsqueeze(1)
+    # sum_l, sum_l2, sum_xl (the trial's), sum_w, sum_x; the six products D and the two
+    # numerators are made of, as pairs to subtract: sum_w*sum_l2 - sum_l*sum_l, ...
+    vals = torch.empty(5, blocks)
+    vals[3], vals[4] = sum_w, sum_x
+    sum_l2, sum_xl = vals[1], vals[2]
+    left_rows, right_rows = torch.tensor([3, 0, 3, 4, 1, 0]), torch.tensor([1, 0, 2, 0, 4, 2])
+    left, right, prods = torch.empty(6, blocks), torch.empty(6, blocks), torch.empty(6, blocks)
+    pairs = prods.view(3, 2, blocks)
+    q = torch.empty(3, blocks)  # D, D * this_scale, D * this_min
+    d = q[0]
+    new = torch.empty(3, blocks)  # the trial's error, this_scale, this_min
+    this_scale, this_min = new[1], new[2]
+    alt = torch.empty(blocks)
+    pos, ok, better = (torch.empty(blocks, dtype=torch.bool) for _ in range(3))
+    sum_trial, sum_err = _SeqSum(sums, vals[:3]), _SeqSum(e, new[0])
+    for t, (num, iscale, trial_min) in enumerate(zip(nums, iscales.unbind(0)[1:], mins.unbind(0)[1:]), 1):
+        torch.div(num, torch.sub(mx, cur_min, out=tmp), out=iscale)
+        trial_min.copy_(cur_min)
+        _levels_(torch.mul(torch.sub(x, cur_min, out=lf), iscale, out=lf), 0, nmax, exact)
+        torch.mul(w, lf, out=wl)
+        torch.mul(wl_by, lx, out=wl_terms)
+        sum_trial()
+        torch.index_select(vals, 0, left_rows, out=left)
+        torch.index_select(vals, 0, right_rows, out=right)
+        torch.mul(left, right, out=prods)
+        torch.sub(pairs[:, 0], pairs[:, 1], out=q)
+        torch.div(q[1:], d, out=new[1:])
+        torch.gt(this_min, 0.0, out=pos)  # if (this_min > 0) { this_min = 0; this_scale = sum_xl / sum_l2; }
+        torch.where(pos, torch.div(sum_xl, sum_l2, out=alt), this_scale, out=this_scale)
+        this_min.clamp_(max=0.0)
         torch.mul(lf, this_scale, out=e).add_(this_min).sub_(x)
         (e.abs_() if use_mad else e.square_()).mul_(w)
-        _seq_sum(err_terms, err)
-        ok = (d > 0) & (err < best)
-        best = torch.where(ok, err, best)
-        scale = torch.where(ok, this_scale, scale)
-        cur_min = torch.where(ok, this_min, cur_min)
+        sum_err()
+        torch.gt(d, 0.0, out=ok)
+        ok &= torch.lt(new[0], state[0], out=better)
+        torch.where(ok, new, state, out=state)
         win.masked_fill_(ok, t)
+    scale = state[1]
     if not exact and bool((_out_of_range(iscales, lo, mx, mins) & ~flat).any()):
         return None
     win = win[None]
-    L = torch.sub(x, mins.gather(0, win), out=f).mul_(iscales.gather(0, win))
+    L = torch.sub(x, mins.gather(0, win)).mul_(iscales.gather(0, win))
     L = _levels_(L, 0, nmax, exact)
     scale = torch.where(flat, zero, scale)
     the_min = torch.where(flat, -mn, -cur_min)
@@ -239,36 +300,43 @@ def _make_qx_quants_rmse1(x: torch.Tensor, nmax: int,
     amax, mx = _signed_max(x)
     zero = amax < GROUP_MAX_EPS
     w = x * x
-    wx = w * x
-    f = torch.empty(n, blocks)
-    sums = torch.empty(n, 2, blocks)
-    terms = sums.unbind(0)
-    wl = torch.empty(n, blocks)
-    acc = torch.empty(2, blocks)
+    weights = torch.stack([w * x, w], 1)  # (n, 2, blocks): w*x and w, times l in one product
     f32 = torch.float32
     nums = float(nmax) + torch.tensor(0.1, dtype=f32) * torch.arange(-9, 10, dtype=f32)
-    best = scale = win_iscale = None
-    bad = torch.zeros(blocks, dtype=torch.bool)
-    for k in [9] + [k for k in range(19) if k != 9]:  # is = 0 first: its fit is the start
-        iscale = -nums[k] / mx
-        bad |= ~(iscale.abs() * amax <= 4194303.0)
-        lf = _levels_(torch.mul(x, iscale, out=f), -nmax, nmax - 1, exact)
-        torch.mul(wx, lf, out=sums[:, 0])
-        torch.mul(torch.mul(w, lf, out=wl), lf, out=sums[:, 1])
-        sumlx, suml2 = _seq_sum(terms, acc)
-        if best is None:
-            scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros(blocks))
-            best = scale * sumlx
-            win_iscale = iscale
-            continue
-        ok = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        new_scale = sumlx / suml2
-        scale = torch.where(ok, new_scale, scale)
-        best = torch.where(ok, new_scale * sumlx, best)
-        win_iscale = torch.where(ok, iscale, win_iscale)
-    if not exact and bool((bad & ~zero).any()):
+    order = [9] + [k for k in range(19) if k != 9]  # is = 0 first: its fit is the start
+    iscales = -nums[order, None] / mx  # -(nmax + 0.1f*is) / max
+    if not exact and bool((~(iscales.abs() * amax <= 4194303.0) & ~zero).any()):
         return None
-    L = _levels_(torch.mul(x, win_iscale, out=f), -nmax, nmax - 1, exact).add_(nmax)
+    f = torch.empty(n, blocks)
+    sums = torch.empty(n, 2, blocks)  # w*x*l, w*l*l
+    acc = torch.empty(2, blocks)
+    sumlx, suml2 = acc
+    sum_trial = _SeqSum(sums, acc)
+    f_by = f.unsqueeze(1)
+    l2_terms = sums[:, 1]
+    state = torch.empty(2, blocks)  # scale, best
+    new = torch.empty(2, blocks)
+    new_scale = new[0]
+    win = torch.zeros(blocks, dtype=torch.int64)
+    ok, better = torch.empty(blocks, dtype=torch.bool), torch.empty(blocks, dtype=torch.bool)
+    lhs, rhs = torch.empty(blocks), torch.empty(blocks)
+    for t, iscale in enumerate(iscales.unbind(0)):
+        lf = _levels_(torch.mul(x, iscale, out=f), -nmax, nmax - 1, exact)
+        torch.mul(weights, f_by, out=sums)
+        l2_terms.mul_(lf)
+        sum_trial()
+        torch.div(sumlx, suml2, out=new_scale)
+        torch.mul(new_scale, sumlx, out=new[1])
+        if t == 0:
+            state[0] = torch.where(suml2 != 0, new_scale, 0.0)  # suml2 ? sumlx/suml2 : 0
+            torch.mul(state[0], sumlx, out=state[1])
+            continue
+        torch.gt(suml2, 0.0, out=ok)  # suml2 > 0 && sumlx*sumlx > best*suml2
+        ok &= torch.gt(torch.mul(sumlx, sumlx, out=lhs), torch.mul(state[1], suml2, out=rhs), out=better)
+        torch.where(ok, new, state, out=state)
+        win.masked_fill_(ok, t)
+    scale = state[0]
+    L = _levels_(torch.mul(x, iscales.gather(0, win[None]), out=f), -nmax, nmax - 1, exact).add_(nmax)
     scale = torch.where(zero, torch.zeros(blocks), scale)
     L.masked_fill_(zero, 0.0)
     return scale, L
@@ -305,9 +373,7 @@ def _qkx_superblocks(x: torch.Tensor, nmax: int, rmin: float, rdelta: float,
     ``av_x + |x|``, the packed scales, and every value requantized with the stored scales."""
     s = x.shape[0]
     blocks = x.reshape(s * 8, 32).T.contiguous()  # (32, S*8): positions first
-    sum_x2 = torch.zeros(s * 8)
-    for xi in blocks:
-        sum_x2 += xi * xi
+    sum_x2 = _SeqSum(blocks * blocks, torch.empty(s * 8))()
     av_x = _sqrt(sum_x2 / 32.0)
     w = av_x + blocks.abs()
     scales, mins, L = make_qkx2_quants(blocks, w, nmax, rmin, rdelta, nstep)
@@ -499,7 +565,15 @@ def quantize_rows(rows: torch.Tensor, qtype: int) -> torch.Tensor:
     out = torch.empty(n, row_bytes, dtype=torch.uint8)
     flat_in = rows.contiguous().reshape(-1, QK_K)
     flat_out = out.reshape(-1, type_size)
-    for a in range(0, flat_in.shape[0], _CHUNK_SUPERBLOCKS):
-        b = min(a + _CHUNK_SUPERBLOCKS, flat_in.shape[0])
-        flat_out[a:b] = quantizer(flat_in[a:b])
+    with one_torch_thread():  # _seq_sum's order holds on one thread
+        for a in range(0, flat_in.shape[0], _CHUNK_SUPERBLOCKS):
+            b = min(a + _CHUNK_SUPERBLOCKS, flat_in.shape[0])
+            flat_out[a:b] = quantizer(_padded(flat_in[a:b]))[: b - a]
     return out
+
+
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    """Super-blocks ``x`` and zero ones after them, to a multiple of 8: a multiple of
+    ``_SUM_COLUMNS`` blocks of 32 (or 16) values, so every sum takes ``_seq_sum``'s fast path."""
+    short = -x.shape[0] % 8
+    return torch.cat([x, x.new_zeros(short, QK_K)]) if short else x

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..compute_pool import ComputePool
 from ..errors import DeltaMergeError
 from ..integrity.digest import TensorDigest, new_hash
 from ..memory import RangeWriteBehind, drop_file_range
@@ -71,14 +72,14 @@ def plan_gguf_output(
 def sink_for(
     fmt: GgufFormat, shards: Sequence[ShardLayout], aux: Mapping[str, Path | bytes], *,
     vocab_rows: int | None, dtype: str | None, out: Path, folder: Path, where: Path,
-    config_updates: dict | None = None,
+    config_updates: dict | None = None, pool: ComputePool | None = None,
 ) -> GGUFSink:
     """``--format gguf``'s sink (``outputs/gguf.py``), its files planned whole before any work;
     ``out``'s name names the model when nothing else does."""
     plan = plan_gguf_output(aux, shards, vocab_rows=vocab_rows, dtype=dtype, outtype=fmt.outtype,
                             dir_name=out.name, split_max_size=fmt.shard_bytes, where=where,
                             config_updates=config_updates)
-    return GGUFSink(plan, shards, threads=fmt.threads)
+    return GGUFSink(plan, shards, pool=pool or ComputePool(fmt.threads))
 
 
 def type_name(tensor: GGUFTensor) -> str:
@@ -90,9 +91,9 @@ class GGUFSink(Sink):
     converts = True
     unit = "tensor group"
 
-    def __init__(self, plan: GGUFPlan, shards: Sequence[ShardLayout], *, threads: int = 1):
+    def __init__(self, plan: GGUFPlan, shards: Sequence[ShardLayout], *, pool: ComputePool | None = None):
         self.plan = plan
-        self.threads = threads
+        self.pool = pool
         self._names = {s.filename: [spec.name for spec in s.specs] for s in shards}
         self._writer: GGUFStreamWriter | None = None
         self._behind: list[RangeWriteBehind] = []
@@ -130,7 +131,7 @@ class GGUFSink(Sink):
 
     def _stream(self, folder: Path) -> GGUFStreamWriter:
         if self._writer is None:
-            self._writer = GGUFStreamWriter(self.plan, folder, done=self._done, threads=self.threads)
+            self._writer = GGUFStreamWriter(self.plan, folder, done=self._done, pool=self.pool)
             self._behind = [RangeWriteBehind(self._writer.fd(i)) for i in range(len(self.plan.files))]
         return self._writer
 

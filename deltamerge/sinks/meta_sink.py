@@ -45,7 +45,7 @@ Kept = dict[tuple[int, str], tuple[int, bytes]]  # (shard file, Meta name) -> (C
 def sink_for(
     fmt: MetaFormat, shards: Sequence[ShardLayout], aux: Mapping[str, Path | bytes], *,
     vocab_rows: int | None, dtype: str | None, out: Path, folder: Path, where: Path,
-    config_updates: dict | None = None,
+    config_updates: dict | None = None, pool: object = None,
 ) -> MetaSink:
     """``--format meta``'s sink (``outputs/meta.py``): the layout made from the config.json the
     ``hf`` result would have (``params.json`` is made from it), in ``fmt.mp`` shards."""

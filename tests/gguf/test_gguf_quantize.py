@@ -15,17 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf_models import GGUF_NAMES, permuted, specs, tiny_llama
+from gguf_models import GGUF_NAMES, WIDE_KV, permuted, specs, tiny_llama, wide_llama
 from helpers import (
     GROUP,
     HIDDEN,
     PRELUDE,
     TESTS,
     apply_in_process,
-    llama_config,
     load_state,
     run_cli,
-    save_checkpoint,
 )
 
 import deltamerge.apply
@@ -40,36 +38,7 @@ gguf = pytest.importorskip("gguf")
 QT = gguf.GGMLQuantizationType
 TABLE = json.loads((TESTS / "gguf_quant_types.json").read_text())
 RECORD = "deltamerge-result.json"
-WIDE, WIDE_FFN, WIDE_KV = 256, 64, 1  # rows of 256: the k-quants apply (ffn_down falls back)
 ROWS = 16  # the first and last rows of each tensor are quantized again to check them (k-quants are slow)
-
-
-def wide_llama(folder: Path, sp_model: bytes, dtype: torch.dtype, seed: int = 0) -> Path:
-    """tiny_llama's files with rows of 256 values, one layer, 4 heads, one key/value head and
-    the embeddings tied (no lm_head: llama-quantize gives token_embd the output's type)."""
-    tiny_llama(folder, sp_model, dtype)
-    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * 0.05).to(dtype)
-
-    kv = WIDE_KV * WIDE // 4
-    state = {"model.embed_tokens.weight": rnd(vocab, WIDE), "model.norm.weight": rnd(WIDE)}
-    for i in range(1):
-        p = f"model.layers.{i}."
-        shapes = {"input_layernorm": (WIDE,), "post_attention_layernorm": (WIDE,),
-                  "self_attn.q_proj": (WIDE, WIDE), "self_attn.k_proj": (kv, WIDE),
-                  "self_attn.v_proj": (kv, WIDE), "self_attn.o_proj": (WIDE, WIDE),
-                  "mlp.gate_proj": (WIDE_FFN, WIDE), "mlp.up_proj": (WIDE_FFN, WIDE),
-                  "mlp.down_proj": (WIDE, WIDE_FFN)}
-        state |= {f"{p}{name}.weight": rnd(*shape) for name, shape in shapes.items()}
-    (folder / "model.safetensors").unlink()
-    config = llama_config(vocab, str(dtype).removeprefix("torch."), hidden_size=WIDE,
-                          intermediate_size=WIDE_FFN, num_key_value_heads=WIDE_KV, num_hidden_layers=1,
-                          tie_word_embeddings=True)
-    save_checkpoint(state, folder, config=config, tokenizer=False)
-    return folder
 
 
 def write(folder: Path, out: Path, outtype: str, threads: int = 1, seed: int = 0):
@@ -213,7 +182,6 @@ def test_a_killed_quantized_run_resumes_to_the_same_bytes(tmp_path: Path, sp_mod
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--format", "gguf", "--outtype", "q8_0", "--threads", "2"], "--threads .* needs --format gguf and an"),
     (["--format", "gguf", "--outtype", "q4_k_m", "--max-shard-size", "1MB"], "writes one file, as llama-q"),
 ])
 def test_refusals_exit_2_with_nothing_at_out(tmp_path: Path, sp_model: bytes, args, message):

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("digests", ["deltamerge.integrity"]),  # integrity's digest and manifest; checks is above
     ("formats", ["deltamerge.formats"]),
     ("leaves", [
-        "deltamerge.errors", "deltamerge.names", "deltamerge.dtypes", "deltamerge.sizes",
+        "deltamerge.errors", "deltamerge.cores", "deltamerge.names", "deltamerge.dtypes", "deltamerge.sizes",
         "deltamerge.arguments",
         "deltamerge.progress",
         "deltamerge.faults", "deltamerge.memory", "deltamerge.tensor_spec", "deltamerge.results",
