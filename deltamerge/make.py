@@ -54,6 +54,7 @@ from .tensor_spec import TensorSpec
 from .version import __version__
 
 PathLike = str | Path
+LORA = "lora"  # the kind extract.py makes
 OVERFLOWS_NAMED = 3  # tensors named in the note; the result lists them all
 
 
@@ -74,6 +75,7 @@ def make_delta(
     compress: bool = False,
     compress_level: int = DEFAULT_LEVEL,
     sign: SigningKey | None = None,
+    rank: int | None = None,
 ) -> MakeDeltaResult:
     """Write ``target - base`` (or ``target XOR base``) to ``out`` with a ``deltamerge.json``.
 
@@ -85,7 +87,9 @@ def make_delta(
         base: the model the delta is made against: a folder, a weight file, or a Hub repo id.
         target: the model the delta rebuilds, in the same forms.
         out: the folder to create; it must be absent or empty unless ``force``.
-        kind: ``"add"`` (differences) or ``"xor"`` (bitwise, exact for any dtype).
+        kind: ``"add"`` (differences), ``"xor"`` (bitwise, exact for any dtype) or ``"lora"``
+            (a peft LoRA adapter of rank ``rank`` approximating the differences: ``extract.py``).
+        rank: with ``kind="lora"``, the adapter's rank.
         compress: with ``kind="xor"``, store the delta zstd-compressed in byte planes
             (``formats/xor_zstd.py``), as kind ``xor-zstd``, at ``compress_level``.
         compress_level: zstd's level, 1 to 22 (3 by default).
@@ -121,6 +125,7 @@ def make_delta(
         kind = _compressed_kind(kind, compress_level)
     if kind not in MARKED_KINDS:
         raise InputError(f"make-delta --kind must be one of {', '.join(MARKED_KINDS)}, not {kind!r}")
+    rank = _rank(kind, rank)
     shard_bytes = args.size("max_shard_size", max_shard_size) or parse_size(DEFAULT_SHARD_SIZE)
     block_size = args.size("block_size", block_size) or DEFAULT_BLOCK_BYTES
     args.flag("force", force)
@@ -135,6 +140,12 @@ def make_delta(
     check_out(out, force)
     with hold(out):
         check_out(out, force)  # again under the lock: a run that held it may have published
+        if kind == LORA:
+            from .extract import extract_lora  # it imports this module's helpers
+
+            return extract_lora(base, target, out, rank=rank, block_size=block_size,
+                                progress=progress, hub=hub or {}, resume=resume, force=force,
+                                sign=sign)
         return _make_locked(base, target, out, kind, shard_bytes, block_size, workers or 1,
                             progress, hub or {}, resume, force, compress_level, sign)
 
@@ -250,6 +261,18 @@ class _Kept:
     delta: dict[str, TensorDigest]  # of the delta tensors it holds, for the delta role
     mismatches: int
     overflows: dict[str, int]  # elements stored as Inf, by tensor (only those with any)
+
+
+def _rank(kind: str, rank: int | None) -> int:
+    """``--rank`` goes with ``--kind lora`` only, and that kind needs one."""
+    if kind != LORA:
+        if rank is not None:
+            raise InputError(f"make-delta --rank applies to --kind lora only, not {kind!r}")
+        return 0
+    rank = args.integer("rank", rank)
+    if rank is None:
+        raise InputError("make-delta --kind lora needs --rank R, the adapter's rank")
+    return rank
 
 
 def _compressed_kind(kind: str, level: int) -> str:

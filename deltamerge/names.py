@@ -11,8 +11,9 @@ from __future__ import annotations
 # apply --kind: every kind a delta can be (kinds/detect.py opens each).
 KINDS = ("add", "xor", "xor-zstd", "xor-files", "enc", "lora", "ia3", "loha", "lokr",
          "trainable-tokens", "vera", "prefix")
-# make-delta --kind: what it computes (``--compress`` turns xor into xor-zstd).
-MAKE_KINDS = ("add", "xor")
+# make-delta --kind: what it computes (``--compress`` turns xor into xor-zstd; lora is a peft
+# adapter extracted with ``--rank``).
+MAKE_KINDS = ("add", "xor", "lora")
 # The kinds make-delta writes, recorded in the delta's marks (kinds/marks.py).
 MARKED_KINDS = (*MAKE_KINDS, "xor-zstd")
 # apply --new-rows: how rows a delta adds to the vocabulary start.
