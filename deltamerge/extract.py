@@ -69,6 +69,11 @@ from .tensor_spec import TensorSpec
 from .version import __version__
 
 KIND = "lora"
+# ONE_THREAD: torch runs on one thread while extracting. The products are thin (k columns), so
+# one core keeps up with the reads; torch's other threads spin after every small product and
+# took the core from the reads (a tiny model's extraction 1.5 s -> 17 s with many small blocks
+# on a loaded 2-core machine); and a BLAS may split a product's sums by thread, which would make
+# the adapter's bytes depend on the machine's cores.
 ADAPTER_FILE = "adapter_model.safetensors"
 # Weights of embedding layers (and the output layer): peft adapts an Embedding with other
 # factors (lora_embedding_A/B), so these are saved whole rather than factored.
@@ -120,9 +125,15 @@ def extract_lora(
             for entry in os.scandir(tmp):  # --resume: the same command, started over
                 if entry.name != JOURNAL_NAME:
                     remove_entry(tmp / entry.name)
-            run = _extract(base_ckpt, target_ckpt, modules, tmp, rank, block_size, progress, marks)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # see ONE_THREAD
+            try:
+                run = _extract(base_ckpt, target_ckpt, modules, tmp, rank, block_size, progress,
+                               marks)
+            finally:
+                torch.set_num_threads(threads)
             _check_saved_names(run.saved, base_ckpt.specs)
-            config = _adapter_config(run, rank, _base_source(base_in))
+            config = _adapter_config(run, rank, _base_source(base_in), modules)
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             copy_aux(tmp, {n: p for n, p in target_ckpt.aux_files().items() if n in TOKENIZER_FILES})
             path = tmp / ADAPTER_FILE
@@ -332,13 +343,18 @@ def _check_saved_names(saved: list[str], specs: dict[str, TensorSpec]) -> None:
                 "suffix): this base's module names cannot carry a saved module")
 
 
-def _adapter_config(run: _Run, rank: int, base_source: dict) -> dict:
+def _adapter_config(run: _Run, rank: int, base_source: dict, modules: list[_Module]) -> dict:
     """peft's LoraConfig as mergekit writes it: ``lora_alpha = r``, per-module patterns for the
-    matrices whose rank is smaller (a side shorter than ``rank``)."""
+    matrices whose rank is smaller (a side shorter than ``rank``). ``target_modules`` names a
+    kind of matrix (``q_proj``) where every one of them is factored, as mergekit does, and the
+    factored ones by their full names otherwise: peft would wrap an unchanged one too, and warn
+    that the file lacks its factors."""
     ranks = {m: r for m, (_, r) in run.factored.items()}
     top = max(ranks.values(), default=rank)
     smaller = {m: r for m, r in ranks.items() if r != top}
-    targets = sorted({m.rpartition(".")[2] for m in ranks})
+    last = {m.name: m.name.rpartition(".")[2] for m in modules if m.weight is not None}
+    partial = {last[m.name] for m in modules if m.weight is not None and m.name not in ranks}
+    targets = sorted({last[m] if last[m] not in partial else m for m in ranks})
     return {
         "alpha_pattern": smaller,
         "auto_mapping": None,
