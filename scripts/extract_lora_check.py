@@ -42,8 +42,8 @@ def error(diff: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(diff - b @ a) / torch.linalg.matrix_norm(diff))
 
 
-def run_make_delta(base: str, target: str, rank: int, block: str) -> None:
-    with tempfile.TemporaryDirectory(dir=Path(target).resolve().parent) as tmp:
+def run_make_delta(base: str, target: str, rank: int, block: str, scratch: str | None) -> None:
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         command = [sys.executable, "-m", "deltamerge", "make-delta", base, target,
                    str(Path(tmp) / "lora"), "--kind", "lora", "--rank", str(rank),
                    "--block-size", block]
@@ -59,9 +59,11 @@ def main() -> None:
     parser.add_argument("--block-size", default="24MB")
     parser.add_argument("--layers", type=int, default=None, help="only the first N layers")
     parser.add_argument("--no-make-delta", action="store_true", help="skip the CLI run")
+    parser.add_argument("--scratch", default=None, help="where the CLI run's adapter goes "
+                        "(a temporary folder, removed after; default: the system's)")
     args = parser.parse_args()
     if not args.no_make_delta:
-        run_make_delta(args.base, args.target, args.rank, args.block_size)
+        run_make_delta(args.base, args.target, args.rank, args.block_size, args.scratch)
     block = parse_size(args.block_size) or DEFAULT_BLOCK_BYTES
     threads = torch.get_num_threads()
     rows: dict[str, list[list[float]]] = defaultdict(list)
