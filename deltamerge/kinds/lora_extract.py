@@ -68,8 +68,22 @@ class _Rows:
         self._diff = torch.empty(self.step * self.cols, dtype=torch.float32)
         self._wide = torch.empty(self.step * self.cols, dtype=torch.float32)
 
-    def blocks(self, on_base: Callable[[torch.Tensor], None] | None = None):
-        """``(r0, r1, D[r0:r1] in fp32, whether those rows' bits differ)`` for every block."""
+    def blocks(self, on_base: Callable[[torch.Tensor], None] | None = None, last: bool = False):
+        """``(r0, r1, D[r0:r1] in fp32, whether those rows' bits differ)`` for every block.
+
+        Except in a ``last`` pass, the pages read stay in the page cache (not this process's
+        memory), so that the passes after it read them from there rather than from the disk
+        again; the first pass drops them (the matrix may turn out to be unchanged), so the
+        second reads from the disk and the last drops them again."""
+        for ckpt in (self.base, self.target):
+            ckpt.drop_behind = last
+        try:
+            yield from self._blocks(on_base)
+        finally:
+            for ckpt in (self.base, self.target):
+                ckpt.drop_behind = True
+
+    def _blocks(self, on_base: Callable[[torch.Tensor], None] | None):
         for r0 in range(0, self.rows, self.step):
             r1 = min(self.rows, r0 + self.step)
             b = self.base.read_rows(self.name, r0, r1, self._base_buf)
@@ -103,9 +117,9 @@ def factorize(
     omega = torch.randn(n, k, generator=generator, dtype=torch.float32)
     y = torch.empty(m, k, dtype=torch.float32)
     norm_sq, changed = 0.0, False
-    for r0, r1, d, differ in rows.blocks(on_base):
+    for r0, r1, d, differ in rows.blocks(on_base, last=True):  # dropped: it may be unchanged
         changed = changed or differ
-        norm_sq += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
+        norm_sq += float(torch.linalg.vector_norm(d)) ** 2  # fp32: a float64 copy would double the block
         torch.mm(d, omega, out=y[r0:r1])
     if not changed or norm_sq == 0:  # the same bits, or only zeros of the other sign
         return None
@@ -117,7 +131,7 @@ def factorize(
         for r0, r1, d, _ in rows.blocks():
             torch.mm(d, z, out=y[r0:r1])
     q = _orth(y)
-    bt = _transposed(rows, q)  # (Q.T @ D).T, n x k
+    bt = _transposed(rows, q, last=True)  # (Q.T @ D).T, n x k
     ub, s, vbh = torch.linalg.svd(bt, full_matrices=False)  # D ~ Q @ vbh.T @ diag(s) @ ub.T
     root = s[:r].sqrt()
     lora_b = (q @ vbh[:r].T) * root
@@ -126,9 +140,9 @@ def factorize(
     return Factorization(lora_a, lora_b, norm_sq, captured)
 
 
-def _transposed(rows: _Rows, q: torch.Tensor) -> torch.Tensor:
+def _transposed(rows: _Rows, q: torch.Tensor, last: bool = False) -> torch.Tensor:
     """``D.T @ q``, the blocks' contributions summed in row order."""
     z = torch.zeros(rows.cols, q.shape[1], dtype=torch.float32)
-    for r0, r1, d, _ in rows.blocks():
+    for r0, r1, d, _ in rows.blocks(last=last):
         z.addmm_(d.T, q[r0:r1])
     return z
