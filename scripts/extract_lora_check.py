@@ -6,11 +6,13 @@
 First runs ``deltamerge make-delta BASE TARGET TMP --kind lora --rank R`` in a child process
 and prints its summary (its time and peak RSS, as deltamerge reports them). Then, per 2-D layer
 matrix (q, k, v, o, gate, up, down): the streamed randomized SVD (``kinds/lora_extract.py``,
-one torch thread, as make-delta runs it) and mergekit-extract-lora's computation, a full fp32
-``torch.linalg.svd`` of the whole difference truncated at the same rank (torch's default
-threads). Each error is the relative Frobenius error ``||D - B @ A|| / ||D||`` of the fp32
-factors, computed on the whole matrix here (the check holds matrices whole; make-delta never
-does). Prints one line per kind of matrix: both errors, their ratio, both times.
+one torch thread, as make-delta runs it), and the optimum mergekit-extract-lora computes, a
+full fp32 SVD of the whole difference truncated at the same rank (torch's default threads). By
+default only its singular values (``svdvals``) are computed, which give the same optimal error,
+``sqrt(sum of s[R:]^2) / ||D||``, several times sooner; ``--full-svd`` runs mergekit's
+``torch.linalg.svd`` itself, for its time. Our error is ``||D - B @ A|| / ||D||`` of the fp32
+factors, on the whole matrix (the check holds matrices whole; make-delta never does). Prints a
+line per matrix, then per kind of matrix: both errors, their ratio, both times.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def main() -> None:
     parser.add_argument("--block-size", default="24MB")
     parser.add_argument("--layers", type=int, default=None, help="only the first N layers")
     parser.add_argument("--no-make-delta", action="store_true", help="skip the CLI run")
+    parser.add_argument("--full-svd", action="store_true",
+                        help="time mergekit's full SVD (vectors too; slow) rather than the "
+                             "singular values alone, which give the same optimum error")
     parser.add_argument("--scratch", default=None, help="where the CLI run's adapter goes "
                         "(a temporary folder, removed after; default: the system's)")
     args = parser.parse_args()
@@ -82,16 +87,22 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             diff = whole(target, name) - whole(base, name)
-            u, s, vh = torch.linalg.svd(diff, full_matrices=False)
-            root = s[: args.rank].sqrt()
-            full_b, full_a = u[:, : args.rank] * root, root[:, None] * vh[: args.rank]
+            if args.full_svd:  # mergekit's own computation: the vectors too, then the factors
+                u, s, vh = torch.linalg.svd(diff, full_matrices=False)
+                root = s[: args.rank].sqrt()
+                best = error(diff, u[:, : args.rank] * root, root[:, None] * vh[: args.rank])
+                del u, vh
+            else:  # the same optimum from the singular values alone (Eckart-Young)
+                s = torch.linalg.svdvals(diff).to(torch.float64)
+                best = float((s[args.rank:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())
             svd_s = time.perf_counter() - start
-            ours, best = error(diff, found.lora_b, found.lora_a), error(diff, full_b, full_a)
+            ours = error(diff, found.lora_b, found.lora_a)
             kind = next(k for k in KINDS if name.endswith(f"{k}.weight"))
             rows[kind].append([ours, best, ours_s, svd_s])
-            print(f"{name} {tuple(diff.shape)}: error {ours:.6f} (full SVD {best:.6f}, "
+            print(f"{name} {tuple(found.lora_b.shape[:1] + found.lora_a.shape[1:])}: error "
+                  f"{ours:.6f} (full SVD {best:.6f}, "
                   f"ratio {ours / best:.5f}); {ours_s:.2f} s (full SVD {svd_s:.2f} s)", flush=True)
-            del diff, u, s, vh
+            del diff, s
     print(f"\nrank {args.rank}, block {args.block_size}: per kind of matrix (mean over layers)")
     print(f"{'kind':<10} {'error':>10} {'full SVD':>10} {'ratio':>8} {'time s':>8} {'SVD s':>8}")
     for kind in KINDS:
