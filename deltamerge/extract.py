@@ -102,6 +102,7 @@ class _Run:
     errors: dict[str, list[float]] = field(default_factory=dict)  # last name: [||D||^2, captured]
     mismatches: int = 0
     elements: int = 0
+    header: int = 0  # the adapter file's header length
 
 
 def extract_lora(
@@ -132,14 +133,12 @@ def extract_lora(
                                marks)
             finally:
                 torch.set_num_threads(threads)
-            _check_saved_names(run.saved, base_ckpt.specs)
             config = _adapter_config(run, rank, _base_source(base_in), modules)
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             copy_aux(tmp, {n: p for n, p in target_ckpt.aux_files().items() if n in TOKENIZER_FILES})
             path = tmp / ADAPTER_FILE
-            header = _header_size(path)
             files = _file_table(tmp, {ADAPTER_FILE: WrittenFile(
-                file_digest(path), header, file_digest(path, length=header))})
+                file_digest(path), run.header, file_digest(path, length=run.header))})
             manifest = Manifest(
                 KIND, __version__, files, Role.of(run.base), Role.of(run.result),
                 {"new_rows": "zero", "rank": rank}, delta=Role.of(run.delta),
@@ -164,11 +163,6 @@ def extract_lora(
         manifest.result.model_digest, files[ADAPTER_FILE].size, time.perf_counter() - started,
         peak_rss_bytes(), _notes(run, rank), signed_by=signer.to_json() if signer else None,
     )
-
-
-def _header_size(path: Path) -> int:
-    with path.open("rb") as f:
-        return 8 + int.from_bytes(f.read(8), "little")
 
 
 def _plan(base: Checkpoint, target: Checkpoint) -> list[_Module]:
@@ -202,6 +196,7 @@ def _plan(base: Checkpoint, target: Checkpoint) -> list[_Module]:
                     f"{base.file_of(name)}: tensor {name!r} is a Conv1D weight (GPT-2 style): LoRA "
                     "extraction handles Linear layers only")
             module.weight = name
+    _check_saved_names(base.path, list(modules), base.specs)
     return list(modules.values())
 
 
@@ -239,7 +234,7 @@ def _extract(
         if not run.delta:
             raise MismatchError(f"{target.path}: every weight is the base's: there is no "
                                 "difference to extract")
-        gathered.finish({"format": "pt", **marks.metadata()})
+        run.header = gathered.finish({"format": "pt", **marks.metadata()})
     except BaseException:
         gathered.abort()
         raise
@@ -330,17 +325,22 @@ def _merged_digests(
         source.close()
 
 
-def _check_saved_names(saved: list[str], specs: dict[str, TensorSpec]) -> None:
+def _check_saved_names(where: Path, modules: list[str], specs: dict[str, TensorSpec]) -> None:
     """peft wraps every module whose name ends with a ``modules_to_save`` entry (a plain
-    suffix): each entry, a full name, must wrap its own module and no other."""
+    suffix): each module that may be saved, by its full name, must wrap itself and no other.
+    Checked before any work, for every module (which ones are saved is known only after)."""
     owners = {".".join(parts[:i]) for n in specs for parts in [n.split(".")]
               for i in range(1, len(parts))}
-    for entry in saved:
-        other = sorted(o for o in owners if o != entry and o.endswith(entry))
-        if other:
+    ends = {}
+    for owner in owners:  # every suffix of every owner, at a dot or not, as peft's endswith
+        for i in range(len(owner)):
+            ends.setdefault(owner[i:], []).append(owner)
+    for entry in modules:
+        other = sorted(o for o in ends.get(entry, ()) if o != entry)
+        if entry and other:
             raise UnsupportedError(
-                f"modules_to_save entry {entry!r} would also wrap {other[0]!r} (peft matches a "
-                "suffix): this base's module names cannot carry a saved module")
+                f"{where}: module {entry!r} could not be saved alone: a modules_to_save entry "
+                f"{entry!r} would also wrap {other[0]!r} (peft matches a suffix)")
 
 
 def _adapter_config(run: _Run, rank: int, base_source: dict, modules: list[_Module]) -> dict:

@@ -34,7 +34,6 @@ class GatheredFile:
         self._fd = os.open(self.scratch, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self._position = 0
         self._placed: list[tuple[TensorSpec, int]] = []
-        self.header_size = 0
 
     def add(self, spec: TensorSpec, blocks: Iterable[torch.Tensor]) -> TensorDigest:
         """Append a tensor given as blocks of its rows, in order; its digest."""
@@ -56,12 +55,12 @@ class GatheredFile:
     def _write(self, data: memoryview) -> None:
         self._position = _pwrite_all(self._fd, data.cast("B"), self._position)
 
-    def finish(self, metadata: dict[str, str]) -> None:
-        """Header, then every tensor's bytes in aligned order; fsynced, the scratch removed."""
+    def finish(self, metadata: dict[str, str]) -> int:
+        """Header, then every tensor's bytes in aligned order; fsynced, the scratch removed.
+        Returns the header's length (its 8-byte size included)."""
         where = dict(self._placed)
         order = aligned_order(self.specs)
         header = build_header(order, metadata)
-        self.header_size = len(header)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             at = _pwrite_all(fd, memoryview(header), 0)
@@ -78,6 +77,7 @@ class GatheredFile:
         finally:
             os.close(fd)
         self.abort()
+        return len(header)
 
     def abort(self) -> None:
         """Close and remove the scratch file (the result, if written, stays)."""
