@@ -8,11 +8,12 @@ and prints its summary (its time and peak RSS, as deltamerge reports them). Then
 matrix (q, k, v, o, gate, up, down): the streamed randomized SVD (``kinds/lora_extract.py``,
 one torch thread, as make-delta runs it), and the optimum mergekit-extract-lora computes, a
 full fp32 SVD of the whole difference truncated at the same rank (torch's default threads). By
-default only its singular values (``svdvals``) are computed, which give the same optimal error,
-``sqrt(sum of s[R:]^2) / ||D||``, several times sooner; ``--full-svd`` runs mergekit's
-``torch.linalg.svd`` itself, for its time. Our error is ``||D - B @ A|| / ||D||`` of the fp32
-factors, on the whole matrix (the check holds matrices whole; make-delta never does). Prints a
-line per matrix, then per kind of matrix: both errors, their ratio, both times.
+default only its singular values are computed (as the eigenvalues of the fp64 Gram matrix of the
+shorter side), which give the same optimal error, ``sqrt(sum of s[R:]^2) / ||D||``, several
+times sooner; ``--full-svd`` runs mergekit's ``torch.linalg.svd`` itself, for its time.
+Our error is ``||D - B @ A|| / ||D||`` of the fp32 factors, on the whole matrix (the check
+holds matrices whole; make-delta never does). Prints a line per matrix, then per kind of
+matrix: both errors, their ratio, both times.
 """
 
 from __future__ import annotations
@@ -92,9 +93,13 @@ def main() -> None:
                 root = s[: args.rank].sqrt()
                 best = error(diff, u[:, : args.rank] * root, root[:, None] * vh[: args.rank])
                 del u, vh
-            else:  # the same optimum from the singular values alone (Eckart-Young)
-                s = torch.linalg.svdvals(diff).to(torch.float64)
-                best = float((s[args.rank:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())
+            else:  # the same optimum from the singular values alone (Eckart-Young): the
+                # eigenvalues of the fp64 Gram matrix of the shorter side are their squares
+                wide = diff.to(torch.float64)
+                gram = wide @ wide.T if wide.shape[0] <= wide.shape[1] else wide.T @ wide
+                s = torch.linalg.eigvalsh(gram).flip(0).clamp(min=0)  # sigma^2, descending
+                best = float((s[args.rank:].sum() / s.sum()).sqrt())
+                del wide, gram
             svd_s = time.perf_counter() - start
             ours = error(diff, found.lora_b, found.lora_a)
             kind = next(k for k in KINDS if name.endswith(f"{k}.weight"))
