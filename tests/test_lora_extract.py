@@ -208,3 +208,32 @@ def test_norm_only_change_is_an_adapter_of_saved_modules(tmp_path: Path, dtype) 
     for name, tensor in got.items():
         assert torch.equal(tensor, reference[name]), name
         assert torch.equal(tensor, target[name]), name
+
+
+def test_an_interrupted_extraction_resumes_from_scratch(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C keeps the partial folder; --resume (the same command) starts the extraction over
+    in it and writes what an uninterrupted run writes."""
+    from deltamerge import extract
+    from deltamerge.engine.journal import JOURNAL_NAME
+    from deltamerge.errors import InputError, InterruptedRun
+
+    base_dir, target_dir, _, _ = pair(tmp_path, torch.float16, noisy_target)
+    make_delta(base_dir, target_dir, tmp_path / "clean", kind="lora", rank=RANK)
+    publish = extract.publish
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract, "publish", interrupted)
+    with pytest.raises(InterruptedRun, match="--resume"):
+        make_delta(base_dir, target_dir, tmp_path / "lora", kind="lora", rank=RANK)
+    assert not (tmp_path / "lora").exists()
+    assert (tmp_path / ".lora.deltamerge-partial" / "adapter_model.safetensors").is_file()
+    monkeypatch.setattr(extract, "publish", publish)
+    with pytest.raises(InputError, match="--resume"):  # without it the leftover is refused
+        make_delta(base_dir, target_dir, tmp_path / "lora", kind="lora", rank=RANK)
+    make_delta(base_dir, target_dir, tmp_path / "lora", kind="lora", rank=RANK, resume=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "deltamerge.json"):
+        assert (tmp_path / "lora" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+    assert not (tmp_path / ".lora.deltamerge-partial").exists()
+    assert not (tmp_path / "lora" / JOURNAL_NAME).exists()
