@@ -2,8 +2,9 @@
 
 What it writes is what mergekit's ``mergekit-extract-lora`` writes: ``adapter_config.json``
 (``peft_type`` LORA, ``r``, ``lora_alpha = r`` so peft's scale is 1, ``target_modules`` as the
-set of the factored modules' last names, ``rank_pattern``/``alpha_pattern`` for a matrix too
-small for the rank) and ``adapter_model.safetensors`` with peft's key names
+set of the factored modules' last names (their full names where only some modules of a kind
+changed), ``rank_pattern``/``alpha_pattern`` for a matrix too small for the rank) and
+``adapter_model.safetensors`` with peft's key names
 (``base_model.model.<module>.lora_A.weight``, ``lora_B.weight``). Each changed 2-D weight of a
 layer gets the rank-r truncated SVD of its difference (``kinds/lora_extract.py``, streamed);
 a module LoRA cannot express (the embeddings and ``lm_head``, norms and other 1-D tensors, a
@@ -97,7 +98,7 @@ class _Run:
     base: dict[str, TensorDigest] = field(default_factory=dict)
     delta: dict[str, TensorDigest] = field(default_factory=dict)
     result: dict[str, TensorDigest] = field(default_factory=dict)
-    factored: dict[str, tuple[str, int]] = field(default_factory=dict)  # module: weight, rank
+    factored: dict[str, int] = field(default_factory=dict)  # module: its factors' rank
     saved: list[str] = field(default_factory=list)  # modules_to_save
     errors: dict[str, list[float]] = field(default_factory=dict)  # last name: [||D||^2, captured]
     mismatches: int = 0
@@ -271,7 +272,7 @@ def _add_factors(
         tensor = factor.to(dtype)
         key = f"{PREFIX}{module.name}.{which}.weight"
         run.delta[key] = gathered.add(TensorSpec(key, dtype, tuple(tensor.shape)), [tensor])
-    run.factored[module.name] = (module.weight or "", found.lora_a.shape[0])
+    run.factored[module.name] = found.lora_a.shape[0]
     sums = run.errors.setdefault(module.name.rpartition(".")[2], [0.0, 0.0])
     sums[0] += found.norm_sq
     sums[1] += found.captured_sq
@@ -349,7 +350,7 @@ def _adapter_config(run: _Run, rank: int, base_source: dict, modules: list[_Modu
     kind of matrix (``q_proj``) where every one of them is factored, as mergekit does, and the
     factored ones by their full names otherwise: peft would wrap an unchanged one too, and warn
     that the file lacks its factors."""
-    ranks = {m: r for m, (_, r) in run.factored.items()}
+    ranks = run.factored
     top = max(ranks.values(), default=rank)
     smaller = {m: r for m, r in ranks.items() if r != top}
     last = {m.name: m.name.rpartition(".")[2] for m in modules if m.weight is not None}

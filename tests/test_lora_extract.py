@@ -237,3 +237,26 @@ def test_an_interrupted_extraction_resumes_from_scratch(tmp_path: Path, monkeypa
         assert (tmp_path / "lora" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
     assert not (tmp_path / ".lora.deltamerge-partial").exists()
     assert not (tmp_path / "lora" / JOURNAL_NAME).exists()
+
+
+def test_matrices_narrower_than_the_rank_get_their_own(tmp_path: Path) -> None:
+    """Grouped-query attention: k_proj and v_proj have 16 rows, fewer than rank 32; their rank is
+    16 in rank_pattern and alpha_pattern (scale 1 still), and peft loads and merges them so."""
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=1, vocab_size=96)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    base = load_state(tmp_path / "base")
+    save_checkpoint(noisy_target(base), tmp_path / "target", config=config.to_dict())
+    make_delta(tmp_path / "base", tmp_path / "target", tmp_path / "lora", kind="lora", rank=32)
+    adapter_config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    narrow = {"model.layers.0.self_attn.k_proj": 16, "model.layers.0.self_attn.v_proj": 16}
+    assert adapter_config["r"] == adapter_config["lora_alpha"] == 32
+    assert adapter_config["rank_pattern"] == adapter_config["alpha_pattern"] == narrow
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
+    reference = PeftModel.from_pretrained(model, tmp_path / "lora").merge_and_unload().state_dict()
+    assert apply_delta(tmp_path / "base", tmp_path / "lora", tmp_path / "out").verified
+    for name, tensor in load_state(tmp_path / "out").items():
+        assert torch.equal(tensor, reference[name]), name
