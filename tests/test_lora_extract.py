@@ -157,7 +157,7 @@ def test_matrices_are_read_a_block_of_rows_at_a_time(tmp_path: Path, monkeypatch
             return read(n, r0, r1, buf)
 
         monkeypatch.setattr(base, "read_rows", counted)
-        found = lora_extract.factorize(base, target, name, RANK, block_bytes=64 * 4 * 10)
+        found = lora_extract.factorize(base, target, name, RANK, block_bytes=64 * 8 * 10)
     assert found is not None and max(reads) == 10
     assert len(reads) == 18 * (2 + 2 * lora_extract.POWER_ITERATIONS)  # ceil(172 / 10) blocks a pass
     k = RANK + lora_extract.OVERSAMPLE

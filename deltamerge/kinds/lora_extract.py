@@ -61,7 +61,8 @@ class _Rows:
         self.base, self.target, self.name = base, target, name
         spec = base.specs[name]
         self.rows, self.cols = spec.shape
-        self.step = max(1, block_bytes // (4 * max(self.cols, 1)))
+        # two fp32 buffers, the difference and the base rows widened, share the block's bytes
+        self.step = max(1, block_bytes // (8 * max(self.cols, 1)))
         raw = self.step * self.cols * itemsize(spec.dtype)
         self._base_buf = torch.empty(raw, dtype=torch.uint8)
         self._target_buf = torch.empty(raw, dtype=torch.uint8)
