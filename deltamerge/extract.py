@@ -251,10 +251,10 @@ def _extract(
 def _same(base: Checkpoint, target: Checkpoint, name: str, block_bytes: int, run: _Run) -> bool:
     """Whether the target's tensor is the base's bits; the base's digest from the same reads."""
     spec = base.specs[name]
-    buffers = [block_buffer([spec], block_bytes, 1) for _ in range(2)]
+    buffers = [block_buffer([spec], block_bytes, 4) for _ in range(2)]  # sized as fp32 work
     hasher = TensorHasher(spec)
     same = True
-    for r0, r1 in row_blocks(spec, block_bytes, 1):
+    for r0, r1 in row_blocks(spec, block_bytes, 4):
         rows = base.read_rows(name, r0, r1, buffers[0])
         hasher.update(rows)
         if same:

@@ -135,7 +135,7 @@ def factorize(
     bt = _transposed(rows, q, last=True)  # (Q.T @ D).T, n x k
     ub, s, vbh = torch.linalg.svd(bt, full_matrices=False)  # D ~ Q @ vbh.T @ diag(s) @ ub.T
     root = s[:r].sqrt()
-    lora_b = (q @ vbh[:r].T) * root
+    lora_b = (q @ vbh[:r].T).mul_(root)
     lora_a = (ub[:, :r] * root).T.contiguous()
     captured = float((s[:r].to(torch.float64) ** 2).sum())
     return Factorization(lora_a, lora_b, norm_sq, captured)
