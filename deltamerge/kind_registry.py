@@ -77,7 +77,7 @@ DELTA_KINDS: Registry[KindEntry] = Registry("delta kind", [
     KindEntry("xor-files", whole_file=True,
               detectors=(Detector(FILES + 1, _kinds("xor_files:looks_like_xor_files")),)),
     KindEntry("enc", whole_file=True, detectors=(Detector(FILES, _kinds("enc:looks_like_enc")),)),
-    KindEntry("lora", _kinds("lora:LoraKind"), peft_type="LORA",
+    KindEntry("lora", _kinds("lora:LoraKind"), peft_type="LORA", made=True, marked=True,
               detectors=(Detector(NAMES, _kinds("lora:looks_like_lora_state"), "names"),)),
     KindEntry("ia3", _kinds("ia3:Ia3Kind"), peft_type="IA3"),
     KindEntry("loha", _kinds("loha:LohaKind"), peft_type="LOHA"),

@@ -37,7 +37,7 @@ from .kinds.add import MakeAddStep, check_pairing
 from .kinds.marks import Marks, delta_id
 from .kinds.xor import MakeXorStep
 from .memory import peak_rss_bytes
-from .options import MakeOptions
+from .options import LORA, MakeOptions
 from .progress import make_progress, reports_progress
 from .results import MakeDeltaResult
 from .sinks.aux import copy_aux, fix_config
@@ -72,6 +72,7 @@ def make_delta(
     compress: bool = False,
     compress_level: int = DEFAULT_LEVEL,
     sign: SigningKey | None = None,
+    rank: int | None = None,
 ) -> MakeDeltaResult:
     """Write ``target - base`` (or ``target XOR base``) to ``out`` with a ``deltamerge.json``.
 
@@ -83,7 +84,9 @@ def make_delta(
         base: the model the delta is made against: a folder, a weight file, or a Hub repo id.
         target: the model the delta rebuilds, in the same forms.
         out: the folder to create; it must be absent or empty unless ``force``.
-        kind: ``"add"`` (differences) or ``"xor"`` (bitwise, exact for any dtype).
+        kind: ``"add"`` (differences), ``"xor"`` (bitwise, exact for any dtype) or ``"lora"``
+            (a peft LoRA adapter of rank ``rank`` approximating the differences: ``extract.py``).
+        rank: with ``kind="lora"``, the adapter's rank.
         compress: with ``kind="xor"``, store the delta zstd-compressed in byte planes
             (``formats/xor_zstd.py``), as kind ``xor-zstd``, at ``compress_level``.
         compress_level: zstd's level, 1 to 22 (3 by default).
@@ -116,9 +119,15 @@ def make_delta(
     opts = MakeOptions.of(
         kind=kind, max_shard_size=max_shard_size, block_size=block_size, force=force,
         workers=workers, progress=progress, hub=hub, resume=resume, compress=compress,
-        compress_level=compress_level, sign=sign,
+        compress_level=compress_level, sign=sign, rank=rank,
     )
     with locked_out(out, [(base, "base"), (target, "target")], opts.force):
+        if opts.kind == LORA:
+            from .extract import extract_lora  # it imports this module's helpers
+
+            return extract_lora(base, target, out, rank=opts.rank, block_size=opts.block_size,
+                                progress=opts.progress, hub=opts.hub, resume=opts.resume,
+                                force=opts.force, sign=opts.sign)
         return _make_locked(base, target, out, opts)
 
 

@@ -35,6 +35,7 @@ from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 from .version import __version__
 
 Progress = bool | Callable[[int, int], None]
+LORA = "lora"  # the kind make-delta extracts as a peft adapter (extract.py)
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
@@ -183,6 +184,7 @@ class MakeOptions:
     resume: bool = False
     level: int = DEFAULT_LEVEL
     sign: SigningKey | None = None
+    rank: int = 0  # --kind lora: the adapter's rank
 
     @classmethod
     def of(
@@ -190,7 +192,7 @@ class MakeOptions:
         block_size: int | str = DEFAULT_BLOCK_BYTES, force: bool = False,
         workers: int | None = None, progress: Progress = False, hub: dict | None = None,
         resume: bool = False, compress: bool = False, compress_level: int = DEFAULT_LEVEL,
-        sign: SigningKey | None = None,
+        sign: SigningKey | None = None, rank: int | None = None,
     ) -> MakeOptions:
         """``make_delta``'s keyword arguments but ``kind``'s type, each checked."""
         args.flag("compress", compress)
@@ -199,6 +201,7 @@ class MakeOptions:
             kind = _compressed_kind(kind, level)
         if kind not in MARKED_KINDS:
             raise InputError(f"make-delta --kind must be one of {', '.join(MARKED_KINDS)}, not {kind!r}")
+        rank = _rank(kind, rank)
         shard_bytes = args.size("max_shard_size", max_shard_size) or parse_size(DEFAULT_SHARD_SIZE)
         block_bytes = args.size("block_size", block_size) or DEFAULT_BLOCK_BYTES
         args.flag("force", force)
@@ -209,7 +212,7 @@ class MakeOptions:
         if sign is not None:
             check_signing_key(sign)  # a missing package or key fails before the long run
         return cls(kind, shard_bytes, block_bytes, force, workers or 1, progress, hub or {},
-                   resume, level, sign)
+                   resume, level, sign, rank)
 
     def fingerprint(self, inputs: list[Path], shards: list[Shard]) -> Fingerprint:
         """The run's fingerprint (and so the delta's id): inputs, kind, level, shard layout."""
@@ -217,6 +220,18 @@ class MakeOptions:
         if self.kind == XOR_ZSTD:
             options["compress_level"] = self.level
         return fingerprint(inputs, options, shard_layout(shards))
+
+
+def _rank(kind: str, rank: int | None) -> int:
+    """``--rank`` goes with ``--kind lora`` only, and that kind needs one."""
+    if kind != LORA:
+        if rank is not None:
+            raise InputError(f"make-delta --rank applies to --kind lora only, not {kind!r}")
+        return 0
+    rank = args.integer("rank", rank)
+    if rank is None:
+        raise InputError("make-delta --kind lora needs --rank R, the adapter's rank")
+    return rank
 
 
 def _compressed_kind(kind: str, level: int) -> str:

@@ -198,7 +198,10 @@ def print_digests(result, verdict: str) -> None:
 @click.argument("target")
 @click.argument("out")
 @click.option("--kind", type=click.Choice(MAKE_KINDS), default="add", show_default=True,
-              help="add: target - base (lossy in fp16); xor: bits XORed, lossless.")
+              help="add: target - base (lossy in fp16); xor: bits XORed, lossless; lora: a peft "
+                   "LoRA adapter of rank --rank approximating target - base (truncated SVD).")
+@click.option("--rank", type=click.IntRange(min=1), default=None, metavar="R",
+              help="With --kind lora: the adapter's rank.")
 @click.option("--compress", is_flag=True,
               help="With --kind xor: store the XOR zstd-compressed by byte planes (kind xor-zstd; "
                    "needs deltamerge[zstd]).")
@@ -213,7 +216,7 @@ def print_digests(result, verdict: str) -> None:
 @hub_options
 @common_run_options
 @handle_errors
-def make_delta_cmd(base, target, out, kind, compress, compress_level, resume, push_to, as_json,
+def make_delta_cmd(base, target, out, kind, rank, compress, compress_level, resume, push_to, as_json,
                    sign_key, sign_cert, sign_chain, sign_sigstore, token, revision, cache_dir,
                    max_shard_size, block_size, force, workers, quiet) -> None:
     """Write the delta of TARGET against BASE into OUT, with a deltamerge.json manifest.
@@ -222,8 +225,9 @@ def make_delta_cmd(base, target, out, kind, compress, compress_level, resume, pu
     from (the repo and its commit, or the folder's name), for the delta's model card.
 
     \b
-    Example:
+    Examples:
       deltamerge make-delta ./llama-7b ./my-finetune ./my-finetune-delta
+      deltamerge make-delta ./llama-7b ./my-finetune ./my-finetune-lora --kind lora --rank 64
     """
     from ..make import make_delta  # deferred so --help and --version answer without loading torch
 
@@ -234,7 +238,7 @@ def make_delta_cmd(base, target, out, kind, compress, compress_level, resume, pu
         base, target, out, kind=kind, max_shard_size=max_shard_size,
         block_size=block_size or DEFAULT_BLOCK_BYTES, force=force,
         workers=workers or default_workers(), progress=not quiet, resume=resume, hub=hub,
-        compress=compress, compress_level=compress_level,
+        compress=compress, compress_level=compress_level, rank=rank,
         sign=signing_key(sign_key, sign_cert, sign_chain, sign_sigstore),
     )
     if not quiet and not as_json:

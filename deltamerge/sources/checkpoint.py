@@ -25,6 +25,10 @@ class Checkpoint(ABC):
     """A source of tensors. Subclasses fill ``specs`` (in stored order) and implement reads."""
 
     format: str = "?"
+    # Whether a read tells the kernel its pages will not be read again (``memory.drop_file_range``),
+    # for formats that read files; a caller that reads a tensor several times over clears it
+    # until its last pass (LoRA extraction), so the passes before it read from the page cache.
+    drop_behind: bool = True
 
     def __init__(self, layout: Layout):
         self.layout = layout

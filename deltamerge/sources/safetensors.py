@@ -84,7 +84,8 @@ class SafetensorsCheckpoint(Checkpoint):
             if got == 0:
                 raise FormatError(f"{self.file_of(name)}: truncated while reading tensor {name!r}")
             done += got
-        drop_file_range(fd, offset, length)
+        if self.drop_behind:
+            drop_file_range(fd, offset, length)
         return view_rows(buffer, self.specs[name], stop - start)
 
     def close(self) -> None:

@@ -195,7 +195,7 @@ def test_damaged_marks_are_refused(models, tmp_path):
     _set_metadata(damaged, {"deltamerge.delta_id": None})  # the kind without the id
     code, err = _apply(models["base"], delta, tmp_path / "out")
     assert code == 2 and damaged.name in err and "marks are damaged" in err, err
-    _set_metadata(damaged, {"deltamerge.kind": "lora", "deltamerge.delta_id": "0" * 64})
+    _set_metadata(damaged, {"deltamerge.kind": "vera", "deltamerge.delta_id": "0" * 64})
     code, err = _apply(models["base"], delta, tmp_path / "out")
     assert code == 2 and "marks are damaged" in err, err
 
