@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from .delta_files import base_source, file_table
 from .engine.journal import JOURNAL_NAME, fingerprint
 from .engine.lifecycle import partial_run
 from .engine.stream import WrittenFile
@@ -58,7 +59,6 @@ from .kinds.lora_extract import OVERSAMPLE, POWER_ITERATIONS, SEED, Factorizatio
 from .kinds.marks import Marks, delta_id
 from .kinds.peft_targets import DUMMY
 from .kinds.targets import LayerTypes, memory_names
-from .make import _base_source, _file_table
 from .memory import peak_rss_bytes
 from .progress import make_progress
 from .results import MakeDeltaResult
@@ -135,16 +135,16 @@ def extract_lora(
                                marks)
             finally:
                 torch.set_num_threads(threads)
-            config = _adapter_config(run, rank, _base_source(base_in), modules)
+            config = _adapter_config(run, rank, base_source(base_in), modules)
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             copy_aux(tmp, {n: p for n, p in target_ckpt.aux_files().items() if n in TOKENIZER_FILES})
             path = tmp / ADAPTER_FILE
-            files = _file_table(tmp, {ADAPTER_FILE: WrittenFile(
+            files = file_table(tmp, {ADAPTER_FILE: WrittenFile(
                 file_digest(path), run.header, file_digest(path, length=run.header))})
             manifest = Manifest(
                 KIND, __version__, files, Role.of(run.base), Role.of(run.result),
                 {"new_rows": "zero", "rank": rank}, delta=Role.of(run.delta),
-                base_source=_base_source(base_in), delta_id=marks.delta_id,
+                base_source=base_source(base_in), delta_id=marks.delta_id,
             )
             manifest.write(tmp / MANIFEST_NAME)
             signer = sign_folder(tmp, sign, ignore=(JOURNAL_NAME, CARD_NAME)) if sign else None

@@ -20,17 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import arguments as args
+from .delta_files import base_source, file_table
 from .engine import Engine
 from .engine.journal import JOURNAL_NAME, Entry, Journal, read_digest
 from .engine.lifecycle import locked_out, partial_run
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
 from .engine.recheck import recheck_files
 from .engine.stream import ShardDone, WrittenFile
+from .extract import extract_lora
 from .formats.xor_zstd import DEFAULT_LEVEL
 from .formats.xor_zstd import KIND as XOR_ZSTD
 from .hub.model_card import CARD_NAME
 from .integrity.digest import TensorDigest, TensorHasher, file_digest, hash_tensor
-from .integrity.manifest import MANIFEST_NAME, FileEntry, Manifest, Role
+from .integrity.manifest import MANIFEST_NAME, Manifest, Role
 from .integrity.signing import SigningKey, sign_folder
 from .kinds import Step, is_non_weight
 from .kinds.add import MakeAddStep, check_pairing
@@ -46,7 +48,7 @@ from .sinks.xor_zstd import ZstdXorSink
 from .sizes import DEFAULT_BLOCK_BYTES
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import is_aux_file
-from .sources.inputs import Resolved, need_folders
+from .sources.inputs import need_folders
 from .sources.resolve import resolve_input
 from .tensor_spec import TensorSpec
 from .version import __version__
@@ -123,8 +125,6 @@ def make_delta(
     )
     with locked_out(out, [(base, "base"), (target, "target")], opts.force):
         if opts.kind == LORA:
-            from .extract import extract_lora  # it imports this module's helpers
-
             return extract_lora(base, target, out, rank=opts.rank, block_size=opts.block_size,
                                 progress=opts.progress, hub=opts.hub, resume=opts.resume,
                                 force=opts.force, sign=opts.sign)
@@ -175,13 +175,13 @@ def _make_locked(base: PathLike, target: PathLike, out: Path, opts: MakeOptions)
             delta_digests = dict(run.out_digests)
             for shard in kept.values():
                 delta_digests.update(shard.delta)
-            files = _file_table(tmp, {**{s.filename: written(s.filename) for s in shards
+            files = file_table(tmp, {**{s.filename: written(s.filename) for s in shards
                                          if s.filename not in kept},
                                       **{n: k.file for n, k in kept.items()}})
             manifest = Manifest(
                 opts.kind, __version__, files, Role.of(base_digests), Role.of(result_digests),
                 {"new_rows": "zero"}, delta=Role.of(delta_digests),
-                base_source=_base_source(base_in), delta_id=marks.delta_id,
+                base_source=base_source(base_in), delta_id=marks.delta_id,
             )
             manifest.write(tmp / MANIFEST_NAME)
             # Not signed: the journal (removed once published) and the model card push adds.
@@ -290,14 +290,6 @@ def _kept(claim: Entry, tensors: set[str]) -> _Kept | None:
     return _Kept(written, claim.digests, delta, lost, overflows)
 
 
-def _base_source(base: Resolved) -> dict:
-    """Where the base came from, for the delta's card: the Hub repo and commit, or the folder's
-    name (never a path: a delta is published)."""
-    if base.repo_id is not None:
-        return {"repo_id": base.repo_id, "revision": base.commit}
-    return {"folder": base.path.resolve().name}
-
-
 def _plan(
     base: Checkpoint, target: Checkpoint, kind: str, block_bytes: int
 ) -> tuple[list[TensorJob], list[Step], dict[str, TensorHasher]]:
@@ -321,15 +313,3 @@ def _make_step(kind: str, before: TensorSpec, target: Checkpoint, name: str) -> 
     return MakeAddStep(before, target, name)
 
 
-def _file_table(folder: Path, written: dict[str, WrittenFile]) -> dict[str, FileEntry]:
-    """Digest and size of every file of the delta; shards were hashed as they were written."""
-    table = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name not in (MANIFEST_NAME, JOURNAL_NAME):
-            size = path.stat().st_size
-            shard = written.get(path.name)
-            if shard is None:
-                table[path.name] = FileEntry(file_digest(path), size)
-            else:
-                table[path.name] = FileEntry(shard.digest, size, (shard.header_size, shard.header_digest))
-    return table

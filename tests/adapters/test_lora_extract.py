@@ -213,23 +213,23 @@ def test_norm_only_change_is_an_adapter_of_saved_modules(tmp_path: Path, dtype) 
 def test_an_interrupted_extraction_resumes_from_scratch(tmp_path: Path, monkeypatch) -> None:
     """Ctrl-C keeps the partial folder; --resume (the same command) starts the extraction over
     in it and writes what an uninterrupted run writes."""
-    from deltamerge import extract
+    from deltamerge.engine import lifecycle
     from deltamerge.engine.journal import JOURNAL_NAME
     from deltamerge.errors import InputError, InterruptedRun
 
     base_dir, target_dir, _, _ = pair(tmp_path, torch.float16, noisy_target)
     make_delta(base_dir, target_dir, tmp_path / "clean", kind="lora", rank=RANK)
-    publish = extract.publish
+    publish = lifecycle.publish
 
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(extract, "publish", interrupted)
+    monkeypatch.setattr(lifecycle, "publish", interrupted)
     with pytest.raises(InterruptedRun, match="--resume"):
         make_delta(base_dir, target_dir, tmp_path / "lora", kind="lora", rank=RANK)
     assert not (tmp_path / "lora").exists()
     assert (tmp_path / ".lora.deltamerge-partial" / "adapter_model.safetensors").is_file()
-    monkeypatch.setattr(extract, "publish", publish)
+    monkeypatch.setattr(lifecycle, "publish", publish)
     with pytest.raises(InputError, match="--resume"):  # without it the leftover is refused
         make_delta(base_dir, target_dir, tmp_path / "lora", kind="lora", rank=RANK)
     make_delta(base_dir, target_dir, tmp_path / "lora", kind="lora", rank=RANK, resume=True)

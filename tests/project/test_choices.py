@@ -109,7 +109,7 @@ def test_every_quantized_outtype_is_a_llama_cpp_file_type():
 def test_the_library_refuses_a_value_outside_each_list(tmp_path: Path):
     with pytest.raises(InputError, match="unknown delta kind 'diff'"):
         detect.open_kind("diff", tmp_path)
-    with pytest.raises(InputError, match="make-delta --kind must be one of add, xor, lora, xor-zstd"):
+    with pytest.raises(InputError, match="make-delta --kind must be one of add, xor, xor-zstd, lora"):
         make_delta(tmp_path / "base", tmp_path / "target", tmp_path / "out", kind="sub")
     with pytest.raises(InputError, match="--format must be one of hf, gguf, meta, not 'onnx'"):
         outputs.output_format("onnx")

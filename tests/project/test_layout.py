@@ -21,8 +21,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("command line", ["deltamerge.__main__", "deltamerge.cli", "deltamerge.interrupts"]),
     ("public API", ["deltamerge"]),  # the package itself: lazy names only
     ("entry points", [
-        "deltamerge.apply", "deltamerge.make", "deltamerge.conversion", "deltamerge.options",
-        "deltamerge.preflight",
+        "deltamerge.apply", "deltamerge.make", "deltamerge.extract", "deltamerge.delta_files",
+        "deltamerge.conversion", "deltamerge.options", "deltamerge.preflight",
         "deltamerge.integrity.checks", "deltamerge.integrity.delta_checks", "deltamerge.hub",
     ]),
     ("decoders", ["deltamerge.decoders"]),  # whole files, beside the stream: its run lifecycle
@@ -34,8 +34,9 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("digests", ["deltamerge.integrity"]),  # integrity's digest and manifest; checks is above
     ("formats", ["deltamerge.formats"]),
     ("leaves", [
-        "deltamerge.errors", "deltamerge.cores", "deltamerge.names", "deltamerge.dtypes", "deltamerge.sizes",
-        "deltamerge.arguments",
+        "deltamerge.errors", "deltamerge.cores", "deltamerge.names", "deltamerge.dtypes",
+        "deltamerge.sizes", "deltamerge.arguments",
+        "deltamerge.compute_pool",  # threads for the kinds' and the sinks' compute, torch on one each
         "deltamerge.progress",
         "deltamerge.faults", "deltamerge.memory", "deltamerge.tensor_spec", "deltamerge.results",
         "deltamerge.version",

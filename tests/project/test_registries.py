@@ -59,8 +59,8 @@ def test_the_lists_are_read_from_the_registry():
                                    "loha", "lokr", "trainable-tokens", "vera", "prefix", "fourierft",
                                    "randlora", "miss", "shira", "c3a", "adalora", "oft", "boft", "hra")
     assert kind_registry.WHOLE_FILE_KINDS == detect.WHOLE_FILE_KINDS == ("xor-files", "enc")
-    assert kind_registry.MAKE_KINDS == ("add", "xor")
-    assert kind_registry.MARKED_KINDS == ("add", "xor", "xor-zstd")
+    assert kind_registry.MAKE_KINDS == ("add", "xor", "lora")
+    assert kind_registry.MARKED_KINDS == ("add", "xor", "xor-zstd", "lora")
     assert adapter.PEFT_KINDS == {"LORA": "lora", "IA3": "ia3", "LOHA": "loha", "LOKR": "lokr",
                                   "TRAINABLE_TOKENS": "trainable-tokens", "VERA": "vera",
                                   "FOURIERFT": "fourierft", "RANDLORA": "randlora", "MISS": "miss",
@@ -202,7 +202,7 @@ def test_gguf_records_its_options_and_defaults_its_threads():
 
 @pytest.mark.parametrize(("name", "given", "message"), [
     ("meta", {"outtype": "f16", "mp": 3}, "--outtype is GGUF's tensor type: it needs --format gguf"),
-    ("hf", {"threads": 2, "mp": 2}, "--threads is how many threads quantize GGUF tensors"),
+    ("hf", {"threads": 0, "mp": 2}, "--threads must be 1 or more, not 0"),
     ("gguf", {"mp": 2, "max_shard_size": "1GB"}, "--mp is the number of Meta model-parallel shards"),
     ("meta", {"max_shard_size": "1GB"}, "--max-shard-size does not apply to --format meta"),
     ("meta", {"mp": 3}, "--mp must be one of 1, 2, 4, 8, not 3"),
