@@ -60,9 +60,7 @@ class AdaloraKind(AdapterKind):
                 raise UnsupportedError(f"{path}: {why}; deltamerge merges AdaLoRA without it")
         if self.config.get("use_dora"):
             raise FormatError(f"{path}: use_dora in an AdaLoRA adapter (peft refuses this config)")
-        if self.config.get("bias", "none") != "none":
-            raise UnsupportedError(f"{path}: bias={self.config['bias']!r} trains the biases too: "
-                                   "deltamerge merges AdaLoRA adapters with bias='none' only")
+        self.refuse_bias(path, "AdaLoRA")
         init_r, alpha = self.config.get("init_r", 12), self.config.get("lora_alpha", 8)
         if not isinstance(init_r, int) or isinstance(init_r, bool) or init_r < 0:
             raise FormatError(f"{path}: 'init_r' must be a whole number, not {init_r!r}")

@@ -127,6 +127,20 @@ class AdapterKind(Kind):
             rf"(?P<module>.+)\.(?P<part>{'|'.join(self.parts)})(?:\.[^.]+)?"
         )
 
+
+    def refuse_bias(self, path: Path, label: str) -> None:
+        """peft's ``bias`` other than ``"none"`` trains the layers' biases too, which the merge
+        would need as a delta of its own: refused, as for LoRA."""
+        if self.config.get("bias", "none") != "none":
+            raise UnsupportedError(f"{path}: bias={self.config['bias']!r} trains the biases too: "
+                                   f"deltamerge merges {label} adapters with bias='none' only")
+
+    def integer_field(self, path: Path, key: str, default: int) -> int:
+        """A config field peft uses as an integer (a seed, a PRNG key), refused as anything else."""
+        value = self.config.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise FormatError(f"{path}: {key!r} must be an integer, not {value!r}")
+        return value
     def check_config(self, path: Path) -> None:  # noqa: B027 - optional hook
         """Refuse what the type's config asks for that is not merged here."""
 

@@ -57,9 +57,7 @@ class BoftKind(AdapterKind):
         if (size != 0) == (num != 0):
             raise FormatError(f"{path}: exactly one of 'boft_block_size' ({size}) and "
                               f"'boft_block_num' ({num}) must be non-zero (peft refuses this config)")
-        if self.config.get("bias", "none") != "none":
-            raise UnsupportedError(f"{path}: bias={self.config['bias']!r} trains the biases too: "
-                                   "deltamerge merges BOFT adapters with bias='none' only")
+        self.refuse_bias(path, "BOFT")
 
     def layout(self, module: str, spec: TensorSpec) -> tuple[int, int]:
         """``(blocks, block size)`` as peft's ``update_layer`` makes them without the extension."""

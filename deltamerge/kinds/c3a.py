@@ -45,9 +45,7 @@ class C3AKind(AdapterKind):
     parts = ("c3a_kernel",)
 
     def check_config(self, path: Path) -> None:
-        if self.config.get("bias", "none") != "none":
-            raise UnsupportedError(f"{path}: bias={self.config['bias']!r} trains the biases too: "
-                                   "deltamerge merges C3A adapters with bias='none' only")
+        self.refuse_bias(path, "C3A")
         sizes = [self.config.get("block_size", 256), *(self.config.get("block_size_pattern") or {}).values()]
         if not isinstance(self.config.get("block_size_pattern") or {}, dict) or not all(
                 isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FormatError, MismatchError, UnsupportedError
+from ..errors import FormatError, MismatchError
 from ..tensor_spec import TensorSpec
 from .adapter import AdapterKind, is_number
 from .dense_delta import DenseDelta
@@ -45,9 +45,7 @@ class FourierFTKind(AdapterKind):
     parts = ("fourierft_spectrum",)
 
     def check_config(self, path: Path) -> None:
-        if self.config.get("bias", "none") != "none":
-            raise UnsupportedError(f"{path}: bias={self.config['bias']!r} trains the biases too: "
-                                   "deltamerge merges FourierFT adapters with bias='none' only")
+        self.refuse_bias(path, "FourierFT")
         for key, default in (("n_frequency", 1000), ("scaling", 150.0)):
             if not is_number(self.config.get(key, default)):
                 raise FormatError(f"{path}: {key!r} must be a number, not {self.config.get(key)!r}")

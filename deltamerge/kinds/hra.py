@@ -59,9 +59,7 @@ class HraKind(AdapterKind):
         r = self.config.get("r", 8)
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise FormatError(f"{path}: 'r' must be a positive whole number, not {r!r}")
-        if self.config.get("bias", "none") != "none":
-            raise UnsupportedError(f"{path}: bias={self.config['bias']!r} trains the biases too: "
-                                   "deltamerge merges HRA adapters with bias='none' only")
+        self.refuse_bias(path, "HRA")
 
     def deltas(
         self, module: str, parts: dict[str, str], spec: TensorSpec, specs: dict[str, TensorSpec]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FormatError, MismatchError, UnsupportedError
+from ..errors import MismatchError, UnsupportedError
 from ..tensor_spec import TensorSpec
 from . import Scratch
 from .adapter import AdapterKind, RowDelta
@@ -91,9 +91,7 @@ class LokrKind(AdapterKind):
 
     def check_config(self, path: Path) -> None:
         self.check_patterns(path, ("r", "alpha"))
-        factor = self.config.get("decompose_factor", -1)
-        if not isinstance(factor, int) or isinstance(factor, bool):
-            raise FormatError(f"{path}: 'decompose_factor' must be an integer, not {factor!r}")
+        self.integer_field(path, "decompose_factor", -1)
 
     def prepare_plan(self, modules: list[str]) -> None:
         self._rank_alpha = self.rank_alpha(modules)

@@ -62,9 +62,7 @@ class MissKind(AdapterKind):
     parts = ("miss_block",)
 
     def check_config(self, path: Path) -> None:
-        if self.config.get("bias", "none") != "none":
-            raise UnsupportedError(f"{path}: bias={self.config['bias']!r} trains the biases too: "
-                                   "deltamerge merges MiSS adapters with bias='none' only")
+        self.refuse_bias(path, "MiSS")
         for key, default in (("r", 64), ("mini_r", 1)):
             value = self.config.get(key, default)
             if not is_number(value) or not isinstance(value, int):

@@ -110,9 +110,7 @@ class OftKind(AdapterKind):
                               "must be non-zero (peft refuses this config)")
         if self.config.get("coft") and not is_number(self.config.get("eps", 6e-5)):
             raise FormatError(f"{path}: 'eps' must be a number, not {self.config.get('eps')!r}")
-        if self.config.get("bias", "none") != "none":
-            raise UnsupportedError(f"{path}: bias={self.config['bias']!r} trains the biases too: "
-                                   "deltamerge merges OFT adapters with bias='none' only")
+        self.refuse_bias(path, "OFT")
 
     def layout(self, in_features: int) -> tuple[int, int]:
         """``(r, block size)`` as peft's ``update_layer`` picks them for ``in_features``."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compute_pool import ComputePool
 from ..errors import UnsupportedError
 from ..tensor_spec import TensorSpec
 from .lora import FactorSource
@@ -46,8 +47,17 @@ class WithProjections:
             return self.tensors[name]
         return self.source.load(name, keep)
 
+    @property
+    def pool(self) -> ComputePool:
+        return self.source.pool
+
     def window(self, owner: object, shape: tuple[int, int]) -> tuple[torch.Tensor, bool]:
         return self.source.window(owner, shape)
+
+    def windows(
+        self, owner: object, shape: tuple[int, int], starts: list[int]
+    ) -> list[tuple[torch.Tensor, bool]]:
+        return self.source.windows(owner, shape, starts)
 
     def close(self) -> None:
         self.source.close()

@@ -85,15 +85,11 @@ class RandLoraKind(AdapterKind):
     parts = ("randlora_lambda", "randlora_gamma", *SHARED)
 
     def check_config(self, path: Path) -> None:
-        if self.config.get("bias", "none") != "none":
-            raise UnsupportedError(f"{path}: bias={self.config['bias']!r} trains the biases too: "
-                                   "deltamerge merges RandLoRA adapters with bias='none' only")
+        self.refuse_bias(path, "RandLoRA")
         for key, default in (("r", 32), ("randlora_alpha", 640)):
             if not is_number(self.config.get(key, default)):
                 raise FormatError(f"{path}: {key!r} must be a number, not {self.config.get(key)!r}")
-        key = self.config.get("projection_prng_key", 0)
-        if not isinstance(key, int) or isinstance(key, bool):
-            raise FormatError(f"{path}: 'projection_prng_key' must be an integer, not {key!r}")
+        key = self.integer_field(path, "projection_prng_key", 0)
 
     def modules(self) -> dict[str, dict[str, str]]:
         modules = super().modules()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FormatError, MismatchError, UnsupportedError
+from ..errors import MismatchError
 from ..tensor_spec import TensorSpec
 from .adapter import AdapterKind
 from .lora import Factors, FactorSource
@@ -42,14 +42,8 @@ class VeraKind(AdapterKind):
     parts = ("vera_lambda_b", "vera_lambda_d", *SHARED)
 
     def check_config(self, path: Path) -> None:
-        if self.config.get("bias", "none") != "none":
-            raise UnsupportedError(
-                f"{path}: bias={self.config['bias']!r} trains the biases too: deltamerge merges "
-                "VeRA adapters with bias='none' only"
-            )
-        key = self.config.get("projection_prng_key", 0)
-        if not isinstance(key, int) or isinstance(key, bool):
-            raise FormatError(f"{path}: 'projection_prng_key' must be an integer, not {key!r}")
+        self.refuse_bias(path, "VeRA")
+        self.integer_field(path, "projection_prng_key", 0)
 
     def modules(self) -> dict[str, dict[str, str]]:
         modules = super().modules()
