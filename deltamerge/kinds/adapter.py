@@ -135,6 +135,13 @@ class AdapterKind(Kind):
             raise UnsupportedError(f"{path}: bias={self.config['bias']!r} trains the biases too: "
                                    f"deltamerge merges {label} adapters with bias='none' only")
 
+    def refuse_conv1d(self, module: str, name: str, reason: str) -> None:
+        """A GPT-2 Conv1D layer (its weight stored transposed) where the type has no arithmetic
+        for one: refused in one line naming the module and tensor, ``reason`` saying why."""
+        if self.transposed(name):
+            raise UnsupportedError(f"{self.weights}: module {module!r}: {name!r} is a Conv1D layer: "
+                                   f"{reason}")
+
     def integer_field(self, path: Path, key: str, default: int) -> int:
         """A config field peft uses as an integer (a seed, a PRNG key), refused as anything else."""
         value = self.config.get(key, default)

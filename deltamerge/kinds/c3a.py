@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.fft import fft, ifft
 
-from ..errors import FormatError, MismatchError, UnsupportedError
+from ..errors import FormatError, MismatchError
 from ..tensor_spec import TensorSpec
 from .adapter import AdapterKind
 from .dense_delta import DenseDelta
@@ -60,9 +60,7 @@ class C3AKind(AdapterKind):
     def deltas(
         self, module: str, parts: dict[str, str], spec: TensorSpec, specs: dict[str, TensorSpec]
     ) -> dict[str, DenseDelta]:
-        if self.transposed(spec.name):
-            raise UnsupportedError(f"{self.weights}: module {module!r}: {spec.name!r} is a Conv1D "
-                                   "layer: peft adapts Linear layers only with C3A")
+        self.refuse_conv1d(module, spec.name, "peft adapts Linear layers only with C3A")
         out_dim, in_dim = spec.shape
         b = self._block[module]
         want = (out_dim // b, in_dim // b, b)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FormatError, MismatchError, UnsupportedError
+from ..errors import FormatError, MismatchError
 from ..tensor_spec import TensorSpec
 from . import ApplyOptions, Scratch, lora
 from .adapter import AdapterKind, RowDelta, is_number
@@ -74,9 +74,7 @@ class MissKind(AdapterKind):
     def deltas(
         self, module: str, parts: dict[str, str], spec: TensorSpec, specs: dict[str, TensorSpec]
     ) -> dict[str, RowDelta]:
-        if self.transposed(spec.name):
-            raise UnsupportedError(f"{self.weights}: module {module!r}: {spec.name!r} is a Conv1D "
-                                   "layer: peft adapts Linear layers only with MiSS")
+        self.refuse_conv1d(module, spec.name, "peft adapts Linear layers only with MiSS")
         out_dim, in_dim = spec.shape
         r, mini_r = self.config.get("r", 64), self.config.get("mini_r", 1)
         init = self.config.get("init_weights", True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FormatError, MismatchError, UnsupportedError
+from ..errors import FormatError, MismatchError
 from ..tensor_spec import TensorSpec
 from .adapter import AdapterKind, is_number
 from .lora import Factors
@@ -121,9 +121,7 @@ class RandLoraKind(AdapterKind):
     def deltas(
         self, module: str, parts: dict[str, str], spec: TensorSpec, specs: dict[str, TensorSpec]
     ) -> dict[str, Factors]:
-        if self.transposed(spec.name):
-            raise UnsupportedError(f"{self.weights}: module {module!r}: {spec.name!r} is a Conv1D "
-                                   "layer: deltamerge merges RandLoRA into Linear layers only")
+        self.refuse_conv1d(module, spec.name, "deltamerge merges RandLoRA into Linear layers only")
         out_dim, in_dim = spec.shape
         r = self.config.get("r", 32)
         small, big, nb = min(spec.shape), max(spec.shape), bases_of(min(spec.shape), r)

@@ -77,9 +77,7 @@ class ShiraKind(AdapterKind):
     def deltas(
         self, module: str, parts: dict[str, str], spec: TensorSpec, specs: dict[str, TensorSpec]
     ) -> dict[str, ShiraDelta]:
-        if self.transposed(spec.name):
-            raise UnsupportedError(f"{self.weights}: module {module!r}: {spec.name!r} is a Conv1D "
-                                   "layer: peft adapts Linear layers only with SHiRA")
+        self.refuse_conv1d(module, spec.name, "peft adapts Linear layers only with SHiRA")
         out_dim, in_dim = spec.shape
         r = self.config.get("r", 32)
         n = r * (out_dim + in_dim)
