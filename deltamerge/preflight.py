@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import FormatError, InputError
-from .formats.files import read_json_object
 from .integrity.manifest import MANIFEST_NAME, check_base_dtypes, find_manifest
 from .kinds import is_non_weight
-from .kinds.adapter import PEFT_KINDS
+from .kinds.adapter import PEFT_KINDS, named_kind
 from .kinds.add import check_pairing
 from .kinds.detect import WHOLE_FILE_KINDS, declared_kind, detect_kind
 from .kinds.lora import ADAPTER_CONFIG
@@ -146,11 +145,7 @@ def _declared_kind(folder: Path) -> tuple[str | None, str]:
     """The kind a delta's own files declare (a PEFT LoRA config, a manifest, the weight files'
     marks), or None."""
     if (folder / ADAPTER_CONFIG).is_file():
-        try:
-            peft_type = read_json_object(folder / ADAPTER_CONFIG).get("peft_type")
-        except FormatError:
-            peft_type = None  # reported where it is used
-        return PEFT_KINDS.get(peft_type) if isinstance(peft_type, str) else None, ADAPTER_CONFIG
+        return named_kind(folder), ADAPTER_CONFIG
     try:
         manifest = find_manifest(folder)
     except FormatError:

@@ -132,3 +132,39 @@ def with_biases(model: torch.nn.Module) -> torch.nn.Module:
             if name.endswith(".bias"):
                 p.normal_()
     return model
+
+
+def peft_4bit_view(base: Path, adapter: Path, dq: bool, dtype: torch.dtype, monkeypatch,
+                   untargeted: bool = False) -> dict[str, torch.Tensor]:
+    """What peft's ``Linear4bit.merge`` computes on transformers' 4-bit model (bitsandbytes on
+    CPU, quantized from ``dtype``): each merged weight's ``dequantize_4bit(W4) + delta``, caught
+    on its way to being quantized again; with ``untargeted``, every other 4-bit layer's
+    ``dequantize_4bit(W4)`` too (what training saw there)."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=dq, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=config, dtype=dtype,
+                                                 device_map="cpu")
+    model = PeftModel.from_pretrained(model, adapter)
+    caught: list[torch.Tensor] = []
+    params4bit = bnb.nn.Params4bit
+
+    def catch(data, *args, **kwargs):
+        caught.append(data.clone())
+        return params4bit(data, *args, **kwargs)
+
+    monkeypatch.setattr(bnb.nn, "Params4bit", catch)
+    seen: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        key = name.removeprefix("base_model.model.") + ".weight"
+        if isinstance(module, Linear4bit):
+            module.merge()
+            seen[key] = caught.pop()
+        elif untargeted and isinstance(module, bnb.nn.Linear4bit) and not name.endswith(".base_layer"):
+            seen[key] = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    monkeypatch.undo()
+    assert seen and not caught
+    return seen

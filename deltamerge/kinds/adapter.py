@@ -44,14 +44,20 @@ _BASE_LAYER = re.compile(r"(?P<module>.+)\.base_layer\.weight")
 _UNSUPPORTED = {"trainable_token_indices": "trainable_token_indices (trained token rows)"}
 
 
-def adapter_kind(folder: Path) -> str:
-    """The kind of a folder with ``adapter_config.json``: LoRA's unless its peft_type names one
-    of the other types merged here (LoRA's opening refuses any other type in one line)."""
+def named_kind(folder: Path) -> str | None:
+    """The kind the ``peft_type`` of a folder's ``adapter_config.json`` names, or None when it
+    names none merged here or the file cannot be read (both reported when the adapter is opened)."""
     try:
         peft_type = read_json_object(folder / ADAPTER_CONFIG).get("peft_type")
     except FormatError:
-        return "lora"  # reported when the adapter is opened
-    return PEFT_KINDS.get(peft_type, "lora") if isinstance(peft_type, str) else "lora"
+        return None
+    return PEFT_KINDS.get(peft_type) if isinstance(peft_type, str) else None
+
+
+def adapter_kind(folder: Path) -> str:
+    """The kind of a folder with ``adapter_config.json``: LoRA's unless its peft_type names one
+    of the other types merged here (LoRA's opening refuses any other type in one line)."""
+    return named_kind(folder) or "lora"
 
 
 def is_number(x: object) -> bool:

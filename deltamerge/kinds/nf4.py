@@ -30,7 +30,8 @@ offset is the mean of every block's absmax, so it needs a first pass over the te
 
 The offset is torch's fp32 ``mean``, as in bitsandbytes, which makes bitsandbytes' own result
 depend on torch's thread count for tensors of over 2M elements (32768 blocks); here it is always
-the one-thread mean (:func:`single_thread_mean`).
+the one-thread mean (``compute_pool.one_torch_thread``: with more threads torch splits sums of
+over 32768 values between them, so the offset would depend on the thread count).
 
 QLoRA quantized on GPUs, where bitsandbytes runs its CUDA kernels (``csrc/kernels.cu``, the same
 in 0.50.1 and on its main branch a week later), whose rules differ; ``cuda=True`` follows them:
@@ -62,6 +63,7 @@ from functools import cache
 
 import torch
 
+from ..compute_pool import one_torch_thread
 from ..errors import InputError
 
 BLOCKSIZE = 64
@@ -275,28 +277,12 @@ def quantize_8bit(x: torch.Tensor, cuda: bool = False) -> tuple[torch.Tensor, to
     return codes.view(-1)[:n], absmax
 
 
-def single_thread_mean(x: torch.Tensor) -> torch.Tensor:
-    """torch's fp32 mean as one thread sums it: bitsandbytes' offset under one torch thread.
-
-    With more threads torch splits sums of over 32768 values between them, so the offset (and
-    every block's scale) would depend on the thread count, here on ``--workers``. The engine
-    already runs torch on one thread with several workers; with one worker nothing else runs.
-    """
-    threads = torch.get_num_threads()
-    if threads == 1:
-        return x.mean()
-    torch.set_num_threads(1)
-    try:
-        return x.mean()
-    finally:
-        torch.set_num_threads(threads)
-
-
 def quantize_absmax(
     absmax: torch.Tensor, cuda: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Double quantization: (8-bit codes, their per-256 absmax, the offset ``mean(absmax)``)."""
-    offset = single_thread_mean(absmax)
+    with one_torch_thread():  # bitsandbytes' offset as one torch thread sums it
+        offset = absmax.mean()
     codes, absmax2 = quantize_8bit(absmax - offset, cuda)
     return codes, absmax2, offset
 

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from lora_factors import randomize_lora
+from lora_factors import peft_4bit_view, randomize_lora
 
 import deltamerge.kinds.nf4 as nf4
 from deltamerge.errors import InputError
@@ -234,39 +234,6 @@ def random_adapter(base, dtype: torch.dtype, out, targets=TARGETS):
     return out
 
 
-def peft_4bit_merge(base, adapter, dq: bool, quant_dtype: torch.dtype, monkeypatch):
-    """What peft's Linear4bit.merge computes, ``dequantize_4bit(W4) + delta``, per merged weight.
-
-    The base is loaded in 4 bits by transformers and bitsandbytes on CPU (quantized from
-    ``quant_dtype``); merge then quantizes that sum again, so it is caught on its way there.
-    """
-    import bitsandbytes as bnb
-    from peft import PeftModel
-    from peft.tuners.lora.bnb import Linear4bit
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                bnb_4bit_use_double_quant=dq, bnb_4bit_compute_dtype=quant_dtype)
-    model = LlamaForCausalLM.from_pretrained(base, quantization_config=config, dtype=quant_dtype,
-                                             device_map="cpu")
-    model = PeftModel.from_pretrained(model, adapter)
-    caught: list[torch.Tensor] = []
-    params4bit = bnb.nn.Params4bit
-
-    def catch(data, *args, **kwargs):
-        caught.append(data.clone())
-        return params4bit(data, *args, **kwargs)
-
-    monkeypatch.setattr(bnb.nn, "Params4bit", catch)
-    merged = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Linear4bit):
-            module.merge()
-            merged[name.removeprefix("base_model.model.") + ".weight"] = caught.pop()
-    assert merged and not caught
-    return merged
-
-
 @pytest.mark.parametrize("base_dtype, quant_dtype, out_dtype, dq", [
     (torch.float16, None, None, True),
     (torch.float16, None, None, False),
@@ -284,7 +251,7 @@ def test_qlora_merge_is_peft_4bit_merge_rounded_once(
 
     base = tiny_llama(tmp_path / "base", base_dtype)
     adapter = random_adapter(base, base_dtype, tmp_path / "adapter")
-    merged = peft_4bit_merge(base, adapter, dq, quant_dtype or base_dtype, monkeypatch)
+    merged = peft_4bit_view(base, adapter, dq, quant_dtype or base_dtype, monkeypatch)
     apply_delta(base, adapter, tmp_path / "out", block_size=SMALL_BLOCK, workers=2,
                 qlora="nf4-dq" if dq else "nf4", qlora_dtype=quant_dtype, dtype=out_dtype,
                 qlora_kernel="cpu")

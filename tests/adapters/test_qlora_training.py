@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import apply_in_process, load_state
-from lora_factors import randomize_lora
+from lora_factors import peft_4bit_view, randomize_lora
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -370,40 +370,6 @@ def auto_lora(base: Path, out: Path, dtype: torch.dtype, target: str) -> Path:
     return out
 
 
-def trained_view(base: Path, adapter: Path, dq: bool, dtype: torch.dtype, monkeypatch) -> dict:
-    """What peft merges on transformers' 4-bit model (bitsandbytes on CPU): the targeted layers'
-    ``dequantize_4bit(W4) + delta`` (caught on its way to being quantized again), every other
-    4-bit layer's ``dequantize_4bit(W4)``."""
-    import bitsandbytes as bnb
-    from peft import PeftModel
-    from peft.tuners.lora.bnb import Linear4bit
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                bnb_4bit_use_double_quant=dq, bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=config, dtype=dtype,
-                                                 device_map="cpu")
-    model = PeftModel.from_pretrained(model, adapter)
-    caught: list[torch.Tensor] = []
-    params4bit = bnb.nn.Params4bit
-
-    def catch(data, *args, **kwargs):
-        caught.append(data.clone())
-        return params4bit(data, *args, **kwargs)
-
-    monkeypatch.setattr(bnb.nn, "Params4bit", catch)
-    seen: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        key = name.removeprefix("base_model.model.") + ".weight"
-        if isinstance(module, Linear4bit):
-            module.merge()
-            seen[key] = caught.pop()
-        elif isinstance(module, bnb.nn.Linear4bit) and not name.endswith(".base_layer"):
-            seen[key] = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-    monkeypatch.undo()
-    return seen
-
-
 @pytest.mark.parametrize(("dtype", "dq"), [(torch.float16, True), (torch.bfloat16, False)],
                          ids=["fp16-dq", "bf16"])
 def test_every_linear_layer_is_rounded_as_transformers_quantized_it(
@@ -411,7 +377,7 @@ def test_every_linear_layer_is_rounded_as_transformers_quantized_it(
 ) -> None:
     base, target, linear = arch_base
     delta = auto_lora(base, tmp_path / "adapter", dtype, target)
-    seen = trained_view(base, delta, dq, dtype, monkeypatch)
+    seen = peft_4bit_view(base, delta, dq, dtype, monkeypatch, untargeted=True)
     out = tmp_path / "out"
     mode = "nf4-dq" if dq else "nf4"
     apply_delta(base, delta, out, block_size=1000, qlora=mode, qlora_dtype=dtype, qlora_kernel="cpu")
