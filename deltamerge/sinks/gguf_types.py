@@ -45,7 +45,10 @@ _NEVER_QUANTIZED = (
     "sam.net_", ".rel_pos", ".patch_embd", ".patch_merger", "a.rvq.codebook", "mm.a.code_embd",
 )
 _NEVER_QUANTIZED_NAMES = ("position_embd.weight", "token_types.weight")
-# (categories, in tensor_get_category's order of tests: the first substring found wins)
+# (categories, in tensor_get_category's order of tests: the first substring found wins).
+# ATTENTION_QKV and ATTENTION_KV_B are attn_v here because llama-quant.cpp treats them so: both
+# are counted by category_is_attn_v, and its attn_v branch is tested before the dedicated
+# ATTENTION_QKV branch, which is therefore never reached (checked in 0.3.36's llama-quant.cpp).
 _CATEGORIES = (
     ("attn_qkv.weight", "attn_v"), ("attn_kv_b.weight", "attn_v"), ("attn_v.weight", "attn_v"),
     ("attn_k.weight", "attn_k"), ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"),
