@@ -722,14 +722,18 @@ class Bench:
                 self.record("xorz")
         if "gguf16" in need and not self.made("gguf16"):
             say("writing the f16 GGUF of run b's result (llama-quantize's input in run o)")
-            shutil.rmtree(self.gguf16, ignore_errors=True)
-            cmd = ["-m", "deltamerge", "apply", *map(str, (self.base, self.delta, self.gguf16)),
+            for folder in (self.gguf16, self.out):
+                shutil.rmtree(folder, ignore_errors=True)
+            # Written as OUT, the name run n writes to (GGUF's general.name is the folder's), so
+            # that llama-quantize's file is byte for byte run n's.
+            cmd = ["-m", "deltamerge", "apply", *map(str, (self.base, self.delta, self.out)),
                    "--quiet", "--format", "gguf", "--outtype", "f16"]
             m = measure(cmd, self.data / "setup-gguf-f16.log")
             if m.returncode != 0:
-                shutil.rmtree(self.gguf16, ignore_errors=True)
+                shutil.rmtree(self.out, ignore_errors=True)
                 self.setup_errors["o"] = f"failed: setup f16 GGUF: {m.last_error}"
             else:
+                self.out.rename(self.gguf16)
                 self.record("gguf16")
         if "meta" in need and not self.made("meta"):
             say("writing the base again in Meta's layout (2 model-parallel shards)")
@@ -1152,7 +1156,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             args.threads = []
         if not args.threads or min(args.threads) < 1:
             ap.error("--threads: one or more whole numbers of at least 1, comma-separated")
-    if args.llama_quantize is not None and not os.access(args.llama_quantize, os.X_OK):
+    if args.llama_quantize is not None and not (
+            args.llama_quantize.is_file() and os.access(args.llama_quantize, os.X_OK)):
         ap.error(f"--llama-quantize: {args.llama_quantize} is not an executable file")
     return args
 
