@@ -59,13 +59,14 @@ The runs for issue 15's targets (7B, real data, medians of 3, cache dropped):
     python scripts/bench.py --preset 65b --sparse --layers 4 --runs a,b,c,e --repeat 1 \
         --reuse bench-data/65b-sparse
 
-The runs for issue 22 (a k-quant in the merge's pass against llama-quantize alone, 2 threads)
-and issue 23 (each peft type against LoRA at the same rank; every kind at 1 and 2 threads):
+The runs for issue 22 (a k-quant in the merge's pass against llama-quantize alone, 2 threads, at
+the issue's own 7B widths with 2 layers) and issue 23 (each peft type against LoRA at the same
+rank, and every kind at 1 and 2 threads, at the widths and layers of docs/performance.md):
 
-    python scripts/bench.py --preset 7b --runs a,n,o --threads 2 --repeat 3 \
-        --llama-quantize llama.cpp/build/bin/llama-quantize --reuse bench-data/7b --json
-    python scripts/bench.py --preset 7b --runs a,b,e,f,l,n,p,q,r,s --threads 1,2 --repeat 3 \
-        --reuse bench-data/7b --json
+    python scripts/bench.py --preset 7b --layers 2 --runs a,n,o --threads 2 --repeat 3 \
+        --llama-quantize llama.cpp/build/bin/llama-quantize --reuse bench-data/7b2 --json
+    python scripts/bench.py --preset 7b --layers 16 --runs a,b,e,f,l,p,q,r,s --threads 1,2 \
+        --repeat 3 --reuse bench-data/7b16 --json
 
 Smaller checks:
 
