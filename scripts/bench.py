@@ -26,16 +26,30 @@ Runs (--runs, default all):
      plain XOR delta's (size_ratio_to_xor)
   l  that compressed XOR delta applied; reports the same size ratio, and its time over run f's
      (time_ratio_to_f, when f ran too)
+  n  run b written as a GGUF k-quant (--format gguf --outtype q4_k_m, or --outtype); reports its
+     time over run o's (time_ratio_to_o)
+  o  the baseline n replaces the last step of: llama.cpp's llama-quantize alone (--llama-quantize
+     PATH; skipped without it) on the f16 GGUF of run b's result (made once, by deltamerge, before
+     the rounds), to the same type with the same threads (--threads, else the machine's cores);
+     its peak is ru_maxrss, not VmHWM
+  p  a DoRA merge: run e's adapter with use_dora (and a magnitude vector per module)
+  q  an IA3 merge: a vector on each of the seven projections (down_proj's on its inputs)
+  r  a LoHa merge, rank 64, and s  a LoKr merge, rank 64 (LyCORIS' types), on the seven projections
+     p, q, r and s report their time over run e's (time_ratio_to_e)
 
 Method: the rounds alternate (a b c ... a b c ...) so drift in the machine hits every run alike;
 each figure is the median of --repeat rounds. Before every run the inputs are evicted from the
 page cache (sync, then posix_fadvise DONTNEED on every input file), so every run reads the disk.
 Every run is a child process whose peak memory is its own VmHWM (/proc/self/status, read as it
 exits: VmHWM starts afresh at exec, whereas ru_maxrss keeps the image the child was forked from).
+--threads N is passed to every deltamerge run that has a compute pool (all but d and k, which
+take no --threads) and to llama-quantize; --threads 1,2 measures each such run at both in the
+same rounds (e@1, e@2, ...), and reports each at 2 over itself at 1 (time_ratio_to_threads_1).
 
-Inputs are generated first (random fp16 values; base, a fine-tune of it, and the deltas made with
-this deltamerge); --reuse DIR keeps them in DIR and reuses them in later runs of the same preset,
-layers, dtype, shard size and --sparse (DIR records what it holds and refuses another config).
+Inputs are generated first (random fp16 values; base, a fine-tune of it, the peft adapters, and
+the deltas made with this deltamerge); --reuse DIR keeps them in DIR and reuses them in later runs
+of the same preset, layers, dtype, shard size and --sparse (DIR records what it holds and refuses
+another config); a later run makes only the inputs DIR still lacks.
 --sparse makes all-zero inputs that take no disk: for memory at full scale, not for speed.
 
 The runs for issue 15's targets (7B, real data, medians of 3, cache dropped):
@@ -44,6 +58,15 @@ The runs for issue 15's targets (7B, real data, medians of 3, cache dropped):
         --json --plot docs/bench-7b.png > bench-7b.json
     python scripts/bench.py --preset 65b --sparse --layers 4 --runs a,b,c,e --repeat 1 \
         --reuse bench-data/65b-sparse
+
+The runs for issue 22 (a k-quant in the merge's pass against llama-quantize alone, 2 threads, at
+the issue's own 7B widths with 2 layers) and issue 23 (each peft type against LoRA at the same
+rank, and every kind at 1 and 2 threads, at the widths and layers of docs/performance.md):
+
+    python scripts/bench.py --preset 7b --layers 2 --runs a,n,o --threads 2 --repeat 3 \
+        --llama-quantize llama.cpp/build/bin/llama-quantize --reuse bench-data/7b2 --json
+    python scripts/bench.py --preset 7b --layers 16 --runs a,b,e,f,l,p,q,r,s --threads 1,2 \
+        --repeat 3 --reuse bench-data/7b16 --json
 
 Smaller checks:
 
@@ -77,6 +100,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from deltamerge.outputs.gguf import QUANTIZED_OUTTYPES  # noqa: E402 - after the path; no torch
+
 META = {"format": "pt"}
 DIRECT_BLOCK = 64 * 1024 * 1024  # O_DIRECT transfers: large, and a multiple of any block size
 ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of the device's logical block
@@ -99,15 +124,33 @@ RUNS = {
     "j": "apply to Meta",
     "k": "XOR-zstd make-delta",
     "l": "XOR-zstd apply",
+    "n": "apply to GGUF k-quant",
+    "o": "llama-quantize alone",
+    "p": "DoRA merge r=64",
+    "q": "IA3 merge",
+    "r": "LoHa merge r=64",
+    "s": "LoKr merge r=64",
 }
 # The input folders each run reads (the floor's reads for it); all write one result.
 RUN_INPUTS = {
     "a": ("base", "delta"), "b": ("base", "delta"), "c": ("base", "delta"),
     "d": ("base", "target"), "e": ("base", "lora"), "f": ("base", "xor"),
     "g": ("base", "delta"), "h": ("meta",), "i": ("base", "delta"), "j": ("base", "delta"),
-    "k": ("base", "target"), "l": ("base", "xorz"),
+    "k": ("base", "target"), "l": ("base", "xorz"), "n": ("base", "delta"), "o": ("gguf16",),
+    "p": ("base", "dora"), "q": ("base", "ia3"), "r": ("base", "loha"), "s": ("base", "lokr"),
 }
 XOR_ZSTD_RUNS = ("k", "l")  # their sizes are compared with the plain XOR delta's
+# The peft adapter each adapter run merges (its input folder, of the same name).
+ADAPTER_RUNS = {"e": "lora", "p": "dora", "q": "ia3", "r": "loha", "s": "lokr"}
+ADAPTER_SEEDS = {"lora": 3, "dora": 4, "ia3": 5, "loha": 6, "lokr": 7}
+# The runs that apply one input folder of their own to the base.
+APPLIED = {"f": "xor", "l": "xorz", **ADAPTER_RUNS}
+IA3_FEEDFORWARD = ("down_proj",)  # peft's own default for LLaMA (its IA3 feedforward mapping)
+# A run's time over another's of the same round set and thread count (time_ratio_to_X).
+RATIO_TO = {"l": "f", "n": "o", "p": "e", "q": "e", "r": "e", "s": "e"}
+# Runs with no compute pool, so no --threads: the floor, make-delta and the naive merge.
+NO_THREADS = ("a", "d", "g", "k")
+GGUF_RUNS = ("i", "n", "o")  # the base needs a tokenizer.model for these
 STAMP = "bench-inputs.json"
 DATA_VERSION = 2  # bumped when generated inputs change meaning (2: deltas with manifest format 2)
 FLOOR_NOTE = ("x floor: the run's wall time over its disk floor (its inputs read once and its "
@@ -159,14 +202,51 @@ def llama_shapes(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-def lora_shapes(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
-    """PEFT's adapter tensors: lora_A [r, in] and lora_B [out, r] on every linear layer."""
+def adapter_parts(kind: str, module: str, out: int, inp: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensors peft saves for one Linear module [out, in] of an adapter of ``kind``, named
+    after the module as in its adapter_model.safetensors (rank 64 where the type has a rank)."""
+    r = LORA_RANK
+    if kind in ("lora", "dora"):
+        parts = [("lora_A.weight", (r, inp)), ("lora_B.weight", (out, r))]
+        return parts + [("lora_magnitude_vector", (out,))] if kind == "dora" else parts
+    if kind == "ia3":  # one factor per output row, or per input column on feedforward modules
+        return [("ia3_l", (1, inp) if module.endswith(IA3_FEEDFORWARD) else (out, 1))]
+    if kind == "loha":
+        return [(f"hada_w{k}_{ab}", (out, r) if ab == "a" else (r, inp)) for k in (1, 2) for ab in "ab"]
+    from deltamerge.kinds.lokr import peft_layout  # the factors peft makes for this shape and r
+
+    return list(peft_layout(out, inp, r, False, -1).items())
+
+
+def adapter_shapes(p: Preset, kind: str) -> list[tuple[str, tuple[int, ...]]]:
+    """An adapter's tensors on all seven linear projections of every layer, in peft's names."""
     shapes = []
     for i in range(p.layers):
         for module, (out, inp) in linear_shapes(p).items():
             key = f"base_model.model.model.layers.{i}.{module}"
-            shapes += [(f"{key}.lora_A.weight", (LORA_RANK, inp)), (f"{key}.lora_B.weight", (out, LORA_RANK))]
+            shapes += [(f"{key}.{part}", shape) for part, shape in adapter_parts(kind, module, out, inp)]
     return shapes
+
+
+def adapter_config(kind: str) -> dict:
+    """adapter_config.json of each type, with peft 0.21's field names (its config classes'
+    ``to_dict``, as ``save_pretrained`` writes them)."""
+    common = {"task_type": "CAUSAL_LM", "target_modules": list(LORA_MODULES), "modules_to_save": None,
+              "base_model_name_or_path": "base"}
+    if kind in ("lora", "dora"):
+        return {"peft_type": "LORA", **common, "r": LORA_RANK, "lora_alpha": LORA_ALPHA,
+                "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+                "use_dora": kind == "dora", "rank_pattern": {}, "alpha_pattern": {}}
+    if kind == "ia3":
+        return {"peft_type": "IA3", **common, "feedforward_modules": list(IA3_FEEDFORWARD),
+                "fan_in_fan_out": False, "init_ia3_weights": True}
+    lycoris = {**common, "r": LORA_RANK, "alpha": LORA_ALPHA, "rank_dropout": 0.0,
+               "module_dropout": 0.0, "use_effective_conv2d": False, "rank_pattern": {},
+               "alpha_pattern": {}, "init_weights": True}
+    if kind == "loha":
+        return {"peft_type": "LOHA", **lycoris}
+    return {"peft_type": "LOKR", **lycoris, "decompose_both": False, "decompose_factor": -1,
+            "rank_dropout_scale": False}
 
 
 def model_bytes(p: Preset, dtype: str) -> int:
@@ -281,31 +361,28 @@ def write_models(p: Preset, dtype, shard: str, folders: list[Path], sparse: bool
             w.close()
 
 
-def write_lora(p: Preset, folder: Path, sparse: bool) -> None:
-    """A PEFT LoRA adapter folder, rank 64 on all seven linear projections of every layer."""
+def write_adapter(p: Preset, kind: str, folder: Path, sparse: bool) -> None:
+    """A peft adapter folder of ``kind`` on all seven linear projections of every layer: small
+    random fp16 values; the scales (DoRA's magnitudes, IA3's vectors) near 1, as trained ones are."""
     import torch
 
     from deltamerge.integrity.digest import raw_bytes
     from deltamerge.sinks.safetensors import StreamingWriter
 
     folder.mkdir(parents=True)
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": LORA_RANK, "lora_alpha": LORA_ALPHA,
-        "target_modules": list(LORA_MODULES), "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "modules_to_save": None, "use_rslora": False, "use_dora": False,
-        "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": "base",
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    specs = to_specs(lora_shapes(p), torch.float16)
+    (folder / "adapter_config.json").write_text(json.dumps(adapter_config(kind), indent=2))
+    specs = to_specs(adapter_shapes(p, kind), torch.float16)
     path = folder / "adapter_model.safetensors"
     if sparse:
         write_sparse(path, specs)
         return
-    pool = Pool(torch.float16, 3, 0.02)
+    pool = Pool(torch.float16, ADAPTER_SEEDS[kind], 0.02)
     writer = StreamingWriter(path, specs, META)
     for spec in specs:
+        scale = spec.name.endswith(("ia3_l", "lora_magnitude_vector"))
         for start in range(0, spec.numel, CHUNK_ELEMS):
-            writer.write(raw_bytes(pool.take(min(CHUNK_ELEMS, spec.numel - start))))
+            values = pool.take(min(CHUNK_ELEMS, spec.numel - start))
+            writer.write(raw_bytes(values + 1 if scale else values))
     writer.close()
 
 
@@ -366,8 +443,8 @@ def child_generate(spec: dict) -> None:
     if spec["models"]:
         write_models(p, getattr(torch, spec["dtype"]), p.shard, [Path(f) for f in spec["models"]],
                      spec["sparse"])
-    if spec["lora"]:
-        write_lora(p, Path(spec["lora"]), spec["sparse"])
+    for kind, folder in spec["adapters"].items():
+        write_adapter(p, kind, Path(folder), spec["sparse"])
 
 
 def write_tokenizer(folder: Path) -> None:
@@ -400,12 +477,14 @@ class Measured:
     cpu: float = 0.0  # user + system seconds of the child: near 2x wall on 2 cores is CPU-bound
 
 
-def measure(cmd: list[str], log: Path) -> Measured:
+def measure(cmd: list[str], log: Path, program: bool = False) -> Measured:
     """Run ``cmd`` (arguments to python: ``-m deltamerge ...`` or ``--child ...``) as a child,
-    through this script's ``--peak`` wrapper, which reports the child's own VmHWM as it exits."""
+    through this script's ``--peak`` wrapper, which reports the child's own VmHWM as it exits.
+    A ``program`` (llama-quantize) runs as it is: its peak is ru_maxrss, at least this process's."""
     peak_file, out_file = log.with_suffix(".peak"), log.with_suffix(".out")
     peak_file.unlink(missing_ok=True)
-    wrapped = [sys.executable, str(Path(__file__).resolve()), "--peak", str(peak_file), *cmd]
+    wrapped = cmd if program else [sys.executable, str(Path(__file__).resolve()), "--peak",
+                                   str(peak_file), *cmd]
     with open(log, "wb") as err, open(out_file, "wb") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(wrapped, stdout=out, stderr=err, cwd=ROOT)
@@ -476,6 +555,7 @@ def mem_total() -> int:
 @dataclass
 class RunResult:
     run: str
+    threads: int | None = None  # the --threads it ran with (None: not given, or no pool)
     status: str = "ok"
     walls: list[float] = field(default_factory=list)
     floors: list[float] = field(default_factory=list)  # this run's floor, in the same rounds
@@ -487,7 +567,7 @@ class RunResult:
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        out = {"run": self.run, "label": RUNS[self.run], "status": self.status,
+        out = {"run": self.run, "label": RUNS[self.run], "threads": self.threads, "status": self.status,
                "walls_s": [round(w, 3) for w in self.walls],
                "floors_s": [round(w, 3) for w in self.floors], "bytes_read": self.bytes_read,
                "bytes_written": self.bytes_written, **self.extra}
@@ -505,6 +585,10 @@ class RunResult:
             )
         return out
 
+    def tag(self) -> str:
+        """The run's letter, with its thread count when it had one."""
+        return self.run if self.threads is None else f"{self.run}@{self.threads}"
+
 
 class Bench:
     """The generated inputs of one benchmark, and the commands that measure each run."""
@@ -520,16 +604,19 @@ class Bench:
         self.data = data
         self.reuse = args.reuse is not None
         self.workers = ["--workers", str(args.workers)] if args.workers else []
+        self.threads: list[int | None] = args.threads or [None]
+        self.outtype = args.outtype
+        self.llama_quantize = args.llama_quantize
         self.model_bytes = model_bytes(self.preset, self.dtype)
         self.folders = {
             "base": data / "base", "target": data / "target", "delta": data / "delta-add",
-            "xor": data / "delta-xor", "lora": data / "lora", "meta": data / "meta",
-            "xorz": data / "delta-xor-zstd",
+            "xor": data / "delta-xor", "meta": data / "meta", "xorz": data / "delta-xor-zstd",
+            "gguf16": data / "gguf-f16", **{a: data / a for a in ADAPTER_RUNS.values()},
         }
         self.base, self.target = self.folders["base"], self.folders["target"]
-        self.delta, self.xor, self.lora = self.folders["delta"], self.folders["xor"], self.folders["lora"]
+        self.delta, self.xor = self.folders["delta"], self.folders["xor"]
         self.meta, self.out = self.folders["meta"], data / "out"
-        self.xorz = self.folders["xorz"]
+        self.xorz, self.gguf16 = self.folders["xorz"], self.folders["gguf16"]
         self.setup_errors: dict[str, str] = {}
         self.floor_rounds: list[dict] = []
 
@@ -569,7 +656,8 @@ class Bench:
     def needed(self) -> set[str]:
         pieces = {"base", "delta"}
         for run in self.runs:
-            pieces.update(RUN_INPUTS[run])
+            if run != "o" or self.llama_quantize:  # run o is skipped without llama-quantize
+                pieces.update(RUN_INPUTS[run])
         if any(r in XOR_ZSTD_RUNS for r in self.runs):
             pieces.add("xor")
         return pieces
@@ -577,27 +665,29 @@ class Bench:
     def disk_needed(self) -> int:
         """Bytes of disk the inputs still to make and one output take at their peak."""
         n = self.model_bytes
-        todo = [p for p in self.needed() | {"target"} if not self.made(p) and p != "lora"]
-        if self.sparse:
-            return n * sum(p in ("delta", "xor") for p in todo) + n  # dense deltas, then OUT
+        todo = [p for p in self.needed() | {"target"}
+                if not self.made(p) and p not in ADAPTER_RUNS.values()]  # adapters are small
+        if self.sparse:  # dense deltas and f16 GGUF, then OUT
+            return n * sum(p in ("delta", "xor", "gguf16") for p in todo) + n
         return n * len(todo) + n
 
     def setup(self) -> None:
         need = self.needed()
         models = not (self.made("base") and self.made("target"))
-        lora = "lora" in need and not self.made("lora")
-        if models or lora:
-            say(f"generating {'base and target' if models else ''}{' and ' if models and lora else ''}"
-                f"{'a LoRA adapter' if lora else ''} ({self.model_bytes / 1e9:.2f} GB a model"
+        adapters = [a for a in ADAPTER_RUNS.values() if a in need and not self.made(a)]
+        if models or adapters:
+            what = (["base and target"] if models else []) + (
+                [f"adapters ({', '.join(adapters)})"] if adapters else [])
+            say(f"generating {' and '.join(what)} ({self.model_bytes / 1e9:.2f} GB a model"
                 f"{', sparse' if self.sparse else ''}) in {self.data}")
             if models:
                 for folder in (self.base, self.target):
                     shutil.rmtree(folder, ignore_errors=True)
-            if lora:
-                shutil.rmtree(self.lora, ignore_errors=True)
+            for a in adapters:
+                shutil.rmtree(self.folders[a], ignore_errors=True)
             spec = {"preset": vars(self.preset), "dtype": self.dtype, "sparse": self.sparse,
                     "models": [str(self.base), str(self.target)] if models else [],
-                    "lora": str(self.lora) if lora else None}
+                    "adapters": {a: str(self.folders[a]) for a in adapters}}
             m = measure(self.child("generate", spec), self.data / "setup-generate.log")
             if m.returncode != 0:
                 raise SystemExit(f"bench: generating the inputs failed: {m.last_error}")
@@ -605,11 +695,11 @@ class Bench:
             if models:
                 self.record("base")
                 self.record("target")
-                for piece in ("delta", "xor", "xorz", "meta"):  # made from the old models: redo
+                for piece in ("delta", "xor", "xorz", "meta", "gguf16"):  # made from the old models
                     self.unrecord(piece)
-            if lora:
-                self.record("lora")
-        if "i" in self.runs and not (self.base / "tokenizer.model").is_file():
+            for a in adapters:
+                self.record(a)
+        if set(self.runs) & set(GGUF_RUNS) and not (self.base / "tokenizer.model").is_file():
             write_tokenizer(self.base)  # GGUF output needs one; small, so made whenever missing
         if not self.made("delta"):
             say("making the additive delta (deltamerge make-delta)")
@@ -631,6 +721,21 @@ class Bench:
                 self.setup_errors["l"] = f"failed: setup make-delta --kind xor --compress: {err}"
             else:
                 self.record("xorz")
+        if "gguf16" in need and not self.made("gguf16"):
+            say("writing the f16 GGUF of run b's result (llama-quantize's input in run o)")
+            for folder in (self.gguf16, self.out):
+                shutil.rmtree(folder, ignore_errors=True)
+            # Written as OUT, the name run n writes to (GGUF's general.name is the folder's), so
+            # that llama-quantize's file is byte for byte run n's.
+            cmd = ["-m", "deltamerge", "apply", *map(str, (self.base, self.delta, self.out)),
+                   "--quiet", "--format", "gguf", "--outtype", "f16"]
+            m = measure(cmd, self.data / "setup-gguf-f16.log")
+            if m.returncode != 0:
+                shutil.rmtree(self.out, ignore_errors=True)
+                self.setup_errors["o"] = f"failed: setup f16 GGUF: {m.last_error}"
+            else:
+                self.out.rename(self.gguf16)
+                self.record("gguf16")
         if "meta" in need and not self.made("meta"):
             say("writing the base again in Meta's layout (2 model-parallel shards)")
             shutil.rmtree(self.meta, ignore_errors=True)
@@ -663,56 +768,69 @@ class Bench:
         return None
 
     # -- the runs ----------------------------------------------------------------------------
-    def deltamerge(self, command: str, *args) -> list[str]:
+    def slots(self) -> list[tuple[str, int | None]]:
+        """Each run with each --threads, in the order a round measures them (the runs that have
+        no compute pool once)."""
+        return [(r, t) for r in self.runs for t in ([None] if r in NO_THREADS else self.threads)]
+
+    def deltamerge(self, command: str, *args, threads: int | None = None) -> list[str]:
         return ["-m", "deltamerge", command, *map(str, args), "--quiet",
-                "--max-shard-size", self.shard, *self.workers]
+                "--max-shard-size", self.shard, *self.workers, *threads_option(threads)]
 
     def child(self, mode: str, spec: dict) -> list[str]:
         return ["--child", mode, json.dumps(spec)]
 
-    def command(self, run: str) -> tuple[list[str], int]:
-        """The command of a run and the bytes of input it reads."""
+    def command(self, run: str, threads: int | None = None) -> tuple[list[str], int]:
+        """The command of a run (with ``--threads``) and the bytes of input it reads."""
         base = weight_files(self.base)
         delta = weight_files(self.delta)
         reads = files_bytes(base) + files_bytes(delta)
         if run == "a":
-            needed = sorted({i for r in self.runs for i in RUN_INPUTS[r]})
+            needed = sorted({i for r in self.runs for i in RUN_INPUTS[r]} & self.needed())
             spec = {"reads": {i: [str(f) for f in files_of(self.folders[i])] for i in needed},
                     "write": str(self.data / "floor.bin"), "bytes": self.model_bytes}
             return self.child("floor", spec), reads
         if run == "b":
-            return self.deltamerge("apply", self.base, self.delta, self.out), reads
+            return self.deltamerge("apply", self.base, self.delta, self.out, threads=threads), reads
         if run == "c":
-            return self.deltamerge("apply", self.base, self.delta, self.out, "--no-verify"), reads
+            return self.deltamerge("apply", self.base, self.delta, self.out, "--no-verify",
+                                   threads=threads), reads
         if run == "d":
             target = files_bytes(weight_files(self.target))
             return self.deltamerge("make-delta", self.base, self.target, self.out), files_bytes(base) + target
-        if run == "e":
-            adapter = files_bytes(weight_files(self.lora))
-            return self.deltamerge("apply", self.base, self.lora, self.out), files_bytes(base) + adapter
-        if run == "f":
-            xor = files_bytes(weight_files(self.xor))
-            return self.deltamerge("apply", self.base, self.xor, self.out), files_bytes(base) + xor
+        if run in APPLIED:
+            folder = self.folders[APPLIED[run]]
+            return (self.deltamerge("apply", self.base, folder, self.out, threads=threads),
+                    files_bytes(base) + files_bytes(weight_files(folder)))
         if run == "k":
             target = files_bytes(weight_files(self.target))
             return self.deltamerge("make-delta", self.base, self.target, self.out, "--kind", "xor",
                                    "--compress"), files_bytes(base) + target
-        if run == "l":
-            xorz = files_bytes(weight_files(self.xorz))
-            return self.deltamerge("apply", self.base, self.xorz, self.out), files_bytes(base) + xorz
         if run == "h":
             meta = sorted(self.meta.glob("consolidated.*.pth"))
-            return self.deltamerge("convert", self.meta, self.out), files_bytes(meta)
-        if run in FORMAT_RUNS:
+            return self.deltamerge("convert", self.meta, self.out, threads=threads), files_bytes(meta)
+        if run == "o":
+            f16 = sorted(self.gguf16.glob("*.gguf"))
+            cmd = [str(self.llama_quantize), *map(str, f16[:1]), str(self.out / "out.gguf"),
+                   self.outtype.upper(), str(self.quantize_threads(threads))]
+            return cmd, files_bytes(f16)
+        if run in FORMAT_RUNS or run == "n":
+            fmt = FORMAT_RUNS.get(run, ["--format", "gguf", "--outtype", self.outtype])
             cmd = ["-m", "deltamerge", "apply", *map(str, (self.base, self.delta, self.out)),
-                   "--quiet", *FORMAT_RUNS[run], *self.workers]
+                   "--quiet", *fmt, *self.workers, *threads_option(threads)]
             return cmd, reads
         spec = {"base": list(map(str, base)), "delta": list(map(str, delta)), "out": str(self.out)}
         return self.child("naive", spec), reads
 
+    def quantize_threads(self, threads: int | None) -> int:
+        """llama-quantize's thread count: deltamerge's, whose default is the machine's cores."""
+        return threads or os.cpu_count() or 1
+
     def skip_reason(self, run: str) -> str | None:
         if run in self.setup_errors:
             return self.setup_errors[run]
+        if run == "o" and not self.llama_quantize:
+            return "skipped: no --llama-quantize PATH given (llama.cpp's build/bin/llama-quantize)"
         if run == "g":
             need, have = 3 * self.model_bytes, 0.7 * mem_total()
             if need >= have:
@@ -730,24 +848,27 @@ class Bench:
         return reads + write["seconds"] * written / max(write["bytes"], 1)
 
     def measure_all(self, repeat: int) -> list[RunResult]:
-        results = {r: RunResult(r) for r in self.runs}
-        for r in self.runs:
+        results = {(r, t): RunResult(r, t) for r, t in self.slots()}
+        for (r, _), res in results.items():
             reason = self.skip_reason(r)
             if reason:
-                results[r].status = reason
+                res.status = reason
+            if r in ("n", "o"):
+                res.extra["outtype"] = self.outtype
         for i in range(repeat):
             floor = None
-            for r in self.runs:
-                res = results[r]
+            for (r, t), res in results.items():
                 if res.status != "ok":
                     continue
-                cmd, reads = self.command(r)
+                cmd, reads = self.command(r, t)
                 shutil.rmtree(self.out, ignore_errors=True)
+                if r == "o":  # llama-quantize writes a file: its folder must be there
+                    self.out.mkdir()
                 drop_cache(self.inputs())
-                m = measure(cmd, self.data / f"run-{r}.log")
+                m = measure(cmd, self.data / f"run-{res.tag()}.log", program=r == "o")
                 if m.returncode != 0:
                     res.status = f"failed: {m.last_error or f'exit status {m.returncode}'}"
-                    say(f"  {r} {RUNS[r]:<20} {res.status}")
+                    say(f"  {res.tag():<4} {RUNS[r]:<22} {res.status}")
                     continue
                 res.peak_rss.append(m.peak_rss)
                 res.cpus.append(m.cpu)
@@ -766,23 +887,42 @@ class Bench:
                 if r in XOR_ZSTD_RUNS:
                     res.extra["size_ratio_to_xor"] = self.size_ratio_to_xor(
                         self.out if r == "k" else self.xorz)
+                if r == "o":
+                    res.extra["llama_quantize_threads"] = self.quantize_threads(t)
                 res.bytes_read, res.bytes_written = reads, written
                 if floor is not None:
                     res.floors.append(self.floor_of(r, floor, written))
                 shown = res.walls[-1]
-                say(f"  {r} {RUNS[r]:<20} {i + 1}/{repeat}: {shown:7.2f} s  "
+                say(f"  {res.tag():<4} {RUNS[r]:<22} {i + 1}/{repeat}: {shown:7.2f} s  "
                     f"peak {m.peak_rss / 2**20:6.0f} MiB  cpu {m.cpu:6.1f} s")
         shutil.rmtree(self.out, ignore_errors=True)
-        f, zstd = results.get("f"), results.get("l")
-        if f is not None and zstd is not None and f.walls and zstd.walls:
-            zstd.extra["time_ratio_to_f"] = round(
-                statistics.median(zstd.walls) / statistics.median(f.walls), 3)
-        return [results[r] for r in self.runs]
+        self.add_time_ratios(results)
+        return list(results.values())
+
+    def add_time_ratios(self, results: dict[tuple[str, int | None], RunResult]) -> None:
+        """Each run's median over its reference run's (RATIO_TO) at the same --threads, and over
+        its own at the first --threads when several were given."""
+        first = self.threads[0]
+
+        def ratio(res: RunResult, ref: RunResult | None) -> float | None:
+            if ref is None or not res.walls or not ref.walls:
+                return None
+            return round(statistics.median(res.walls) / statistics.median(ref.walls), 3)
+
+        for (r, t), res in results.items():
+            if r in RATIO_TO and (value := ratio(res, results.get((RATIO_TO[r], t)))) is not None:
+                res.extra[f"time_ratio_to_{RATIO_TO[r]}"] = value
+            if t != first and (value := ratio(res, results.get((r, first)))) is not None:
+                res.extra[f"time_ratio_to_threads_{first}"] = value
 
     def size_ratio_to_xor(self, compressed: Path) -> float | None:
         """A compressed XOR delta's weight files over the plain XOR delta's, of the same pair."""
         plain = files_bytes(weight_files(self.xor)) if self.made("xor") else 0
         return round(files_bytes(weight_files(compressed)) / plain, 4) if plain else None
+
+
+def threads_option(threads: int | None) -> list[str]:
+    return ["--threads", str(threads)] if threads else []
 
 
 def files_of(folder: Path) -> list[Path]:
@@ -899,20 +1039,45 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def row_name(row: dict) -> str:
+    """``e LoRA merge r=64``, with ``@N`` after the letter for a run with --threads N."""
+    at = f"@{row['threads']}" if row.get("threads") else ""
+    return f"{row['run']}{at} {row['label']}"
+
+
+def ratio_lines(rows: list[dict]) -> list[str]:
+    """The size and time ratios, one sentence each."""
+    lines = []
+    for row in rows:
+        name = row_name(row).split(" ", 1)[0]
+        if row.get("size_ratio_to_xor") is not None:
+            lines.append(f"{name}: compressed XOR weights are {row['size_ratio_to_xor']:.3f} of the "
+                         "plain XOR delta's")
+        for key, value in row.items():
+            if key.startswith("time_ratio_to_threads_"):
+                lines.append(f"{name}: takes {value:.2f}x its time with --threads "
+                             f"{key.rsplit('_', 1)[1]}")
+            elif key.startswith("time_ratio_to_"):
+                ref = key.rsplit("_", 1)[1]
+                at = f"@{row['threads']}" if row.get("threads") else ""
+                lines.append(f"{name}: takes {value:.2f}x run {ref}{at}'s time ({RUNS[ref]})")
+    return lines
+
+
 def table(rows: list[dict]) -> str:
-    head = (f"{'run':<24}{'median s':>10}{'floor s':>9}{'x floor':>9}{'peak RSS MiB':>14}"
+    head = (f"{'run':<30}{'median s':>10}{'floor s':>9}{'x floor':>9}{'peak RSS MiB':>14}"
             f"{'GB/s':>8}{'cpu s':>8}  status")
     lines = [head, "-" * len(head)]
     for row in rows:
-        name = f"{row['run']} {row['label']}"
+        name = row_name(row)
         if "median_s" in row:
             floor = f"{row['floor_s']:.2f}" if row.get("floor_s") else "-"
             ratio = f"{row['ratio_to_floor']:.2f}" if row.get("ratio_to_floor") else "-"
             cpu = f"{row['cpu_s']:.1f}" if row.get("cpu_s") is not None else "-"
-            lines.append(f"{name:<24}{row['median_s']:>10.2f}{floor:>9}{ratio:>9}"
+            lines.append(f"{name:<30}{row['median_s']:>10.2f}{floor:>9}{ratio:>9}"
                          f"{row['peak_rss_mib']:>14.0f}{row['gb_per_s']:>8.2f}{cpu:>8}  {row['status']}")
         else:
-            lines.append(f"{name:<24}{'-':>10}{'-':>9}{'-':>9}{'-':>14}{'-':>8}{'-':>8}  {row['status']}")
+            lines.append(f"{name:<30}{'-':>10}{'-':>9}{'-':>9}{'-':>14}{'-':>8}{'-':>8}  {row['status']}")
     return "\n".join(lines)
 
 
@@ -928,7 +1093,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
     done = [r for r in rows if "median_s" in r]
     fig, ax = plt.subplots(figsize=(8, 4))
-    bars = ax.bar([f"{r['run']}\n{r['label']}" for r in done], [r["median_s"] for r in done])
+    bars = ax.bar([row_name(r).replace(" ", "\n", 1) for r in done], [r["median_s"] for r in done])
     for bar, r in zip(bars, done):
         ratio = f" (x{r['ratio_to_floor']:.2f})" if r.get("ratio_to_floor") else ""
         label = f"{r['median_s']:.1f} s{ratio}\n{r['peak_rss_mib']:.0f} MiB"
@@ -961,8 +1126,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=3,
                     help="Rounds (each runs every selected run once, in turn); figures are medians.")
     ap.add_argument("--runs", default=",".join(RUNS),
-                    help="Subset of a,b,c,d,e,f,g,h,i,j (i, j: b written as GGUF f16 and as Meta's layout).")
+                    help=f"Subset of {','.join(RUNS)} (the list above; default: all).")
     ap.add_argument("--workers", type=int, help="Passed to deltamerge.")
+    ap.add_argument("--threads", metavar="N[,M...]",
+                    help="deltamerge's --threads (its compute pool: LoRA products, quantization), "
+                         "passed to every run that has one, and llama-quantize's; several "
+                         "(1,2) measure each such run at each, in the same rounds (default: "
+                         "not passed: the machine's cores).")
+    ap.add_argument("--outtype", choices=("q8_0", *QUANTIZED_OUTTYPES), default="q4_k_m",
+                    help="GGUF type of runs n and o (default q4_k_m).")
+    ap.add_argument("--llama-quantize", type=Path, metavar="PATH",
+                    help="llama.cpp's llama-quantize binary, for run o (skipped without it).")
     ap.add_argument("--shard-size", help="Shard size of every checkpoint (default: the preset's).")
     ap.add_argument("--json", action="store_true", help="Print the results as JSON instead of a table.")
     ap.add_argument("--plot", metavar="FILE.png", help="Draw a bar chart (needs matplotlib).")
@@ -976,6 +1150,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error("--repeat and --layers must be at least 1")
     if args.reuse is not None and args.data is not None:
         ap.error("--reuse DIR is where the data goes: give it or --data, not both")
+    if args.threads is not None:
+        try:
+            args.threads = list(dict.fromkeys(int(t) for t in args.threads.split(",")))
+        except ValueError:
+            args.threads = []
+        if not args.threads or min(args.threads) < 1:
+            ap.error("--threads: one or more whole numbers of at least 1, comma-separated")
+    if args.llama_quantize is not None and not (
+            args.llama_quantize.is_file() and os.access(args.llama_quantize, os.X_OK)):
+        ap.error(f"--llama-quantize: {args.llama_quantize} is not an executable file")
     return args
 
 
@@ -1035,7 +1219,9 @@ def main(argv: list[str]) -> int:
     rows = [r.summary() for r in results]
     config = {"preset": args.preset, "layers": bench.preset.layers, "dtype": args.dtype,
               "sparse": args.sparse, "model_bytes": bench.model_bytes, "shard_size": bench.shard,
-              "repeat": args.repeat, "workers": args.workers,
+              "repeat": args.repeat, "workers": args.workers, "threads": args.threads,
+              "outtype": args.outtype,
+              "llama_quantize": str(args.llama_quantize) if args.llama_quantize else None,
               "reused": str(data) if args.reuse is not None else None}
     if args.json:
         print(json.dumps({"command": command, "machine": machine, "config": config,
@@ -1048,13 +1234,11 @@ def main(argv: list[str]) -> int:
         print(f"model:   {args.preset}, {bench.preset.layers} layers, {args.dtype}, "
               f"{bench.model_bytes / 1e9:.2f} GB{', sparse' if args.sparse else ''}; "
               f"median of {args.repeat} alternating rounds, inputs evicted from the page cache "
-              "before each run; peak RSS is each run's own VmHWM")
+              "before each run; peak RSS is each run's own VmHWM; "
+              f"--threads {','.join(map(str, args.threads)) if args.threads else 'not passed'}")
         print(table(rows))
-        for row in rows:
-            if row.get("size_ratio_to_xor") is not None:
-                vs_f = row.get("time_ratio_to_f")
-                print(f"{row['run']}: compressed XOR weights are {row['size_ratio_to_xor']:.3f} of the "
-                      "plain XOR delta's" + (f"; its apply takes {vs_f:.2f}x run f's" if vs_f else ""))
+        for line in ratio_lines(rows):
+            print(line)
         print(FLOOR_NOTE)
         if any(r.get("o_direct") is False for r in rows):
             print("note: this filesystem refused O_DIRECT; the floor went through the page cache")

@@ -1,18 +1,25 @@
 """scripts/bench.py still runs end to end on the tiny preset (no timings are checked).
 
-Every run is a child process that imports torch, so this runs a subset (a, b, c) to stay fast:
-the disk floor, and deltamerge verified and not; a second bench run reuses the first one's inputs.
+Every run is a child process that imports torch, so one bench run measures few of them: the disk
+floor, the GGUF k-quant and the DoRA merge, with llama-quantize skipped; a second reuses the first
+one's inputs. The other adapter types' generated files are merged in this process, and the thread
+counts and time ratios are checked on the script's own objects.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import ROOT
+import pytest
+import torch
+from helpers import ROOT, load_state
+
+from deltamerge.apply import apply_delta
 
 SCRIPT = ROOT / "scripts" / "bench.py"
 
@@ -33,36 +40,84 @@ def bench(*args: object) -> subprocess.CompletedProcess:
 def test_tiny_bench_runs_reports_and_reuses_its_inputs(tmp_path: Path) -> None:
     data = tmp_path / "data"
     chart = tmp_path / "chart.png"
-    proc = bench("--preset", "tiny", "--repeat", "1", "--runs", "a,b,c", "--reuse", data,
-                 "--json", "--plot", chart)
+    proc = bench("--preset", "tiny", "--repeat", "1", "--runs", "a,n,o,p", "--threads", "1",
+                 "--reuse", data, "--json", "--plot", chart)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["config"]["preset"] == "tiny" and report["config"]["reused"] == str(data)
+    config = report["config"]
+    assert config["preset"] == "tiny" and config["reused"] == str(data)
+    assert config["threads"] == [1] and config["outtype"] == "q4_k_m" and config["llama_quantize"] is None
     assert report["machine"]["cores"] >= 1
     assert "reads and writes at once, or where reading through the page cache" in report["note"]
     runs = {r["run"]: r for r in report["runs"]}
-    assert sorted(runs) == ["a", "b", "c"]
-    for name in ("a", "b", "c"):
+    assert sorted(runs) == ["a", "n", "o", "p"]
+    for name in ("a", "n", "p"):
         assert runs[name]["status"] == "ok", runs[name]
         assert runs[name]["median_s"] > 0 and runs[name]["floor_s"] > 0
         assert 0 < runs[name]["peak_rss_mib"] and runs[name]["peak_source"] == "VmHWM"
         assert runs[name]["bytes_read"] > runs[name]["bytes_written"] > 0
+    assert runs["a"]["threads"] is None and runs["n"]["threads"] == runs["p"]["threads"] == 1
+    assert runs["o"]["status"].startswith("skipped: no --llama-quantize")
+    assert runs["n"]["outtype"] == "q4_k_m" and "time_ratio_to_o" not in runs["n"]
     assert runs["a"]["ratio_to_floor"] == 1.0
     reads = runs["a"]["components"]["reads"]
-    assert sorted(reads) == ["base", "delta"] and all(r["bytes"] > 0 for r in reads.values())
-    assert runs["a"]["peak_rss_mib"] < runs["b"]["peak_rss_mib"]  # no torch in the floor
+    assert sorted(reads) == ["base", "delta", "dora"]
+    assert all(r["bytes"] > 0 for r in reads.values())
+    assert runs["a"]["peak_rss_mib"] < runs["p"]["peak_rss_mib"]  # no torch in the floor
     assert chart.is_file() or "matplotlib is not installed" in proc.stderr
     made = json.loads((data / "bench-inputs.json").read_text())
-    assert {"base", "target", "delta"} <= set(made["made"])
+    assert {"base", "target", "delta", "dora"} <= set(made["made"])
+    assert not {"gguf16", "lora"} & set(made["made"])  # run o skipped, e not asked for
     assert not (data / "out").exists()
 
-    again = bench("--preset", "tiny", "--repeat", "1", "--runs", "a,c", "--reuse", data)
+    again = bench("--preset", "tiny", "--repeat", "1", "--runs", "a", "--reuse", data)
     assert again.returncode == 0, again.stderr
     assert "generating" not in again.stderr and "make-delta" not in again.stderr
     assert "x floor" in again.stdout and "disk floor" in again.stdout
 
-    other = bench("--preset", "tiny", "--layers", "1", "--runs", "a", "--reuse", data)
-    assert other.returncode != 0 and "holds inputs for" in other.stderr
+    mod = load_bench()
+    other = mod.Bench(mod.parse_args(["--preset", "tiny", "--layers", "1", "--reuse", str(data)]), data)
+    with pytest.raises(SystemExit, match="holds inputs for"):
+        other.check_reusable()
 
-    text = load_bench().table(report["runs"])
-    assert "disk floor" in text and "apply --no-verify" in text and "x floor" in text
+    base = load_state(data / "base")
+    for kind in ("lora", "ia3", "loha", "lokr"):  # the generated files are adapters deltamerge merges
+        mod.write_adapter(mod.PRESETS["tiny"], kind, tmp_path / kind, sparse=False)
+        apply_delta(data / "base", tmp_path / kind, tmp_path / f"out-{kind}")
+        merged = load_state(tmp_path / f"out-{kind}")
+        for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+            assert not torch.equal(merged[name], base[name]), (kind, name)
+        assert torch.equal(merged["lm_head.weight"], base["lm_head.weight"])
+
+    text = mod.table(report["runs"])
+    assert "disk floor" in text and "p@1 DoRA merge" in text and "x floor" in text
+
+
+def test_threads_give_each_run_its_slots_and_ratios(tmp_path: Path) -> None:
+    mod = load_bench()
+    args = mod.parse_args(["--runs", "a,d,e,o,p", "--threads", "1,2,1", "--outtype", "q5_k_s",
+                           "--llama-quantize", sys.executable])
+    assert args.threads == [1, 2]
+    b = mod.Bench(args, tmp_path)
+    assert b.slots() == [("a", None), ("d", None), ("e", 1), ("e", 2), ("o", 1), ("o", 2),
+                         ("p", 1), ("p", 2)]
+    e2, _ = b.command("e", 2)
+    assert e2[e2.index("--threads") + 1] == "2" and str(tmp_path / "lora") in e2
+    assert "--threads" not in b.command("d")[0]  # make-delta has no compute pool
+    assert b.command("o", 2)[0][0] == sys.executable and b.command("o", 2)[0][-2:] == ["Q5_K_S", "2"]
+    assert b.quantize_threads(None) == os.cpu_count()
+
+    walls = {("e", 1): 2.0, ("e", 2): 1.0, ("p", 1): 3.0, ("p", 2): 1.5, ("a", None): 1.0}
+    results = {slot: mod.RunResult(*slot, walls=[w], peak_rss=[2**20]) for slot, w in walls.items()}
+    b.add_time_ratios(results)
+    assert results[("p", 2)].extra == {"time_ratio_to_e": 1.5, "time_ratio_to_threads_1": 0.5}
+    assert results[("p", 1)].extra == {"time_ratio_to_e": 1.5}
+    assert results[("e", 2)].extra == {"time_ratio_to_threads_1": 0.5}
+    assert results[("e", 1)].extra == {} and results[("a", None)].extra == {}
+    rows = [results[slot].summary() for slot in (("p", 2), ("e", 1))]
+    assert mod.ratio_lines(rows) == ["p@2: takes 1.50x run e@2's time (LoRA merge r=64)",
+                                     "p@2: takes 0.50x its time with --threads 1"]
+
+    for bad in (["--threads", "0"], ["--threads", "two"], ["--llama-quantize", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            mod.parse_args(bad)
