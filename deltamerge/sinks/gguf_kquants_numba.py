@@ -28,6 +28,9 @@ the first call of each type compiles it (a few seconds) and numba keeps the mach
 ``__pycache__`` (or a user cache folder where that is read-only) for later processes.
 """
 
+# The C code's names are kept, its ``l`` (a level) included, so each line reads beside its C line.
+# ruff: noqa: E741
+
 from __future__ import annotations
 
 import numpy as np
@@ -123,7 +126,8 @@ def _put_fp16(y, at, bits):
 
 @njit(**_JIT)
 def make_qx_quants_rmse1(n, nmax, x, L):
-    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)``: the scale; ``L`` (int8) in 0..2*nmax-1."""
+    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)``: the scale; ``L`` (int8) in
+    0..2*nmax-1."""
     mx = F32(0)
     amax = F32(0)
     for i in range(n):
@@ -290,11 +294,12 @@ def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad)
 
 @njit(**_JIT)
 def _pack_2bit(L, y, at):
-    """``qs[j/4 + l] = L[j + l] | L[j + l + 32] << 2 | L[j + l + 64] << 4 | L[j + l + 96] << 6`` at byte ``at``."""
+    """The 2-bit levels' ``qs`` at byte ``at``, as ``quantize_row_q2_K_ref`` and ``q3_K_ref`` pack
+    them: ``qs[j/4 + l] = L[j + l] | L[j + l + 32] << 2 | L[j + l + 64] << 4 | L[j + l + 96] << 6``."""
     for j in range(0, QK_K, 128):
         for l in range(32):
-            y[at + j // 4 + l] = (np.int64(L[j + l]) | (np.int64(L[j + l + 32]) << 2) | (np.int64(L[j + l + 64]) << 4)
-                                 | (np.int64(L[j + l + 96]) << 6))
+            y[at + j // 4 + l] = (np.int64(L[j + l]) | (np.int64(L[j + l + 32]) << 2)
+                                  | (np.int64(L[j + l + 64]) << 4) | (np.int64(L[j + l + 96]) << 6))
 
 
 @njit(**_JIT)
@@ -317,8 +322,8 @@ def quantize_row_q2_K(x, y):
         for j in range(QK_K // 16):
             for l in range(16):
                 weights[l] = abs(xb[16 * j + l])
-            scales[j], mins[j] = make_qkx2_quants(16, 3, xb[16 * j:16 * j + 16], weights, L[16 * j:16 * j + 16],
-                                                  Laux, F32(-0.5), F32(0.1), 15, True)
+            scales[j], mins[j] = make_qkx2_quants(16, 3, xb[16 * j:16 * j + 16], weights,
+                                                  L[16 * j:16 * j + 16], Laux, F32(-0.5), F32(0.1), 15, True)
             scale = scales[j]
             if scale > max_scale:
                 max_scale = scale
@@ -433,8 +438,8 @@ def _qkx_superblock(xb, yb, L, Laux, weights, scales, mins, nmax, rmin, rdelta, 
         av_x = np.sqrt(sum_x2 / F32(32))
         for l in range(32):
             weights[l] = av_x + abs(xb[32 * j + l])
-        scales[j], mins[j] = make_qkx2_quants(32, nmax, xb[32 * j:32 * j + 32], weights, L[32 * j:32 * j + 32],
-                                              Laux, rmin, rdelta, nstep, False)
+        scales[j], mins[j] = make_qkx2_quants(32, nmax, xb[32 * j:32 * j + 32], weights,
+                                              L[32 * j:32 * j + 32], Laux, rmin, rdelta, nstep, False)
         scale = scales[j]
         if scale > max_scale:
             max_scale = scale
@@ -599,5 +604,6 @@ KERNELS = {
 
 
 def quantize(blocks: np.ndarray, out: np.ndarray, qtype: str) -> None:
-    """Super-blocks ``blocks`` (S, 256) float32, C-contiguous, quantized as ``qtype`` into ``out`` (S, type size) uint8."""
+    """Super-blocks ``blocks`` (S, 256) float32, C-contiguous, quantized as ``qtype`` (``Q4_K`` ...)
+    into ``out`` (S, type size) uint8."""
     KERNELS[qtype](blocks, out)
