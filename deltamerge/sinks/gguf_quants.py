@@ -25,7 +25,6 @@ uses and which match ggml's ``quantize_row_*_ref``.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from types import ModuleType
@@ -40,6 +39,12 @@ try:
     import numpy as np
 except ImportError:
     gguf = None
+# Optional: numba compiles the k-quants (this module is loaded only for GGUF output, so its import
+# cost, about a second on a busy machine, is paid only there).
+try:
+    from . import gguf_kquants_numba
+except ImportError:
+    gguf_kquants_numba = None
 
 __all__ = ["kquants_backend", "quantize_rows"]
 
@@ -609,13 +614,8 @@ def _compiled_kquants() -> ModuleType | None:
     return module
 
 
-@functools.cache
 def _numba_module() -> ModuleType | None:
-    """``gguf_kquants_numba``, imported once on first use (numba's import costs about a second)."""
-    try:
-        from . import gguf_kquants_numba
-    except ImportError:
-        return None
+    """``gguf_kquants_numba`` where numba imports (a seam the tests replace to act as if it did not)."""
     return gguf_kquants_numba
 
 
