@@ -124,7 +124,7 @@ def _put_fp16(y, at, bits):
     y[at + 1] = bits >> 8
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)  # into its caller, as gcc does: 1.2x on Q6_K
 def make_qx_quants_rmse1(n, nmax, x, L):
     """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)``: the scale; ``L`` (int8) in
     0..2*nmax-1."""
@@ -174,7 +174,7 @@ def make_qx_quants_rmse1(n, nmax, x, L):
     return scale
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)  # into its caller, as gcc does: 1.2x on Q6_K
 def make_q3_quants(n, nmax, x, L):
     """ggml's ``make_q3_quants(n, nmax, x, L, do_rmse=true)``: the scale; ``L`` (int8) in 0..2*nmax-1."""
     mx = F32(0)
