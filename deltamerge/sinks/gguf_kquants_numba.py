@@ -2,10 +2,12 @@
 
 ``gguf_quants`` ports ``quantize_row_q2_K_ref`` ... ``quantize_row_q6_K_ref`` to torch,
 vectorized across super-blocks; each trial of the scale searches is then a dozen passes over
-memory, 4-5x the C code's time. Here the C loops are kept as they are (one super-block after
+memory: on one thread 2-2.5x the C code's time for Q2_K, Q4_K to Q6_K, 10x for Q3_K (whose
+refinement goes value by value). Here the C loops are kept as they are (one super-block after
 another, scalar float32 arithmetic) and numba compiles them, so they run at about the C code's
-speed and give its bytes. ``gguf_quants.quantize_rows`` uses them when numba imports, and the torch
-port otherwise, or when the environment variable ``DELTAMERGE_KQUANTS=torch`` asks for it.
+speed (0.8-1.5x its CPU time; docs/performance.md) and give its bytes. ``gguf_quants.quantize_rows``
+uses them when numba imports, and the torch port otherwise, or when the environment variable
+``DELTAMERGE_KQUANTS=torch`` asks for it.
 
 What keeps the bytes the C code's (ggml-quants.c built for x86-64: no fused multiply-add, no
 reassociation):
