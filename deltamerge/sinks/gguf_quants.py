@@ -16,13 +16,18 @@ is redone on the bits where it may not, and the ``(uint8_t)``/``(int8_t)`` wraps
 bytes are the C code's on x86-64 for any input: ones whose ``max - min`` overflows, NaN and
 infinities included.
 
+Where numba imports, ``quantize_rows`` runs ``gguf_kquants_numba`` instead: the same C code compiled
+statement by statement, 2-10x faster, the same bytes (``DELTAMERGE_KQUANTS=torch`` forces this port).
+
 The legacy types (Q4_0 ... Q8_0) are gguf-py's own quantizers, which ``convert_hf_to_gguf.py``
 uses and which match ggml's ``quantize_row_*_ref``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
@@ -34,10 +39,17 @@ try:
     import numpy as np
 except ImportError:
     gguf = None
+# Optional: numba compiles the k-quants (this module is loaded only for GGUF output, so its import
+# cost, about a second on a busy machine, is paid only there).
+try:
+    from . import gguf_kquants_numba
+except ImportError:
+    gguf_kquants_numba = None
 
-__all__ = ["quantize_rows"]
+__all__ = ["kquants_backend", "quantize_rows"]
 
 QK_K = 256
+KQUANTS_ENV = "DELTAMERGE_KQUANTS"  # torch: the torch port even where numba imports (kquants_backend)
 GROUP_MAX_EPS = 1e-15
 _MAGIC = 12582912.0  # 1.5 * 2^23: nearest_int's rounding constant
 # Super-blocks quantized together: enough that each op works on many blocks (an op's own cost is
@@ -542,9 +554,10 @@ _K_QUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 def quantize_rows(rows: torch.Tensor, qtype: int) -> torch.Tensor:
     """Rows (n, width) of float32 as llama-quantize writes them in ``qtype``: uint8 (n, bytes per row).
 
-    ``width`` must be a multiple of the type's block size. Q2_K to Q6_K are ported from ggml;
+    ``width`` must be a multiple of the type's block size. Q2_K to Q6_K are ported from ggml
+    (compiled with numba where it imports, ``kquants_backend``; the torch port otherwise);
     Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 are gguf-py's quantizers, as the converter's.
-    Work is done ``_CHUNK_SUPERBLOCKS`` super-blocks (2^18 values) at a time, so memory stays
+    The torch port works ``_CHUNK_SUPERBLOCKS`` super-blocks (2^18 values) at a time, so memory stays
     bounded whatever the rows; give about that many values per call, as each of the ~2000 torch
     ops of a chunk costs microseconds however few blocks it covers (4 rows of 4096 quantize at a
     third of the speed of 64).
@@ -565,11 +578,45 @@ def quantize_rows(rows: torch.Tensor, qtype: int) -> torch.Tensor:
     out = torch.empty(n, row_bytes, dtype=torch.uint8)
     flat_in = rows.contiguous().reshape(-1, QK_K)
     flat_out = out.reshape(-1, type_size)
+    compiled = _compiled_kquants()
+    if compiled is not None:
+        compiled.quantize(flat_in.numpy(), flat_out.numpy(), qtype.name)
+        return out
     with one_torch_thread():  # _seq_sum's order holds on one thread
         for a in range(0, flat_in.shape[0], _CHUNK_SUPERBLOCKS):
             b = min(a + _CHUNK_SUPERBLOCKS, flat_in.shape[0])
             flat_out[a:b] = quantizer(_padded(flat_in[a:b]))[: b - a]
     return out
+
+
+def kquants_backend() -> str:
+    """Which k-quant code ``quantize_rows`` runs: ``numba`` when numba imports, else ``torch``.
+
+    ``DELTAMERGE_KQUANTS=torch`` forces the torch port (tests compare the two; debugging), and
+    ``DELTAMERGE_KQUANTS=numba`` refuses to fall back, so a missing numba fails loudly.
+    """
+    wanted = os.environ.get(KQUANTS_ENV, "")
+    if wanted not in ("", "numba", "torch"):
+        raise ValueError(f"{KQUANTS_ENV}={wanted!r}: expected 'numba' or 'torch'")
+    if wanted == "torch":
+        return "torch"
+    if wanted == "numba" or _numba_module() is not None:
+        return "numba"
+    return "torch"
+
+
+def _compiled_kquants() -> ModuleType | None:
+    if kquants_backend() == "torch":
+        return None
+    module = _numba_module()
+    if module is None:
+        raise ImportError(f"{KQUANTS_ENV}=numba, but numba does not import: pip install numba")
+    return module
+
+
+def _numba_module() -> ModuleType | None:
+    """``gguf_kquants_numba`` where numba imports (a seam the tests replace to act as if it did not)."""
+    return gguf_kquants_numba
 
 
 def _padded(x: torch.Tensor) -> torch.Tensor:

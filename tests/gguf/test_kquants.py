@@ -3,7 +3,8 @@
 ``tests/data/kquants`` holds rows and the blocks llama.cpp's C quantizers made of them
 (``scripts/kquant_golden.py`` made them; ``golden.json`` names the build): random rows of two
 widths, rows meant for the C code's rare branches (empty, constant, huge, tiny, subnormal) and
-rows with NaN and infinities.
+rows with NaN and infinities. The k-quants are checked through both of ``quantize_rows``' paths:
+the numba-compiled C code (``gguf_kquants_numba``) and the torch port.
 """
 
 from __future__ import annotations
@@ -38,22 +39,38 @@ def golden(case: str, qtype: str) -> torch.Tensor:
     return torch.frombuffer(data, dtype=torch.uint8).reshape(GOLDEN["cases"][case]["rows"], -1)
 
 
-# gguf-py's legacy quantizers (the converter's) part from ggml's on NaN and infinities.
-CASES = [(case, qtype) for case in sorted(GOLDEN["cases"]) for qtype in PORTED + LEGACY
-         if case != "nonfinite" or qtype in PORTED]
+BACKENDS = ("numba", "torch")
 
 
-@pytest.mark.parametrize(("case", "qtype"), CASES)
-def test_bytes_are_ggmls(case: str, qtype: str):
+def use_backend(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """Make ``quantize_rows`` run the k-quants on ``backend`` (``DELTAMERGE_KQUANTS``)."""
+    if backend == "numba":
+        pytest.importorskip("numba", reason="numba is not installed: only the torch port of k-quants runs")
+    monkeypatch.setenv(gguf_quants.KQUANTS_ENV, backend)
+
+
+# gguf-py's legacy quantizers (the converter's) part from ggml's on NaN and infinities; they have
+# one path, the k-quants two.
+CASES = [(case, qtype, backend) for case in sorted(GOLDEN["cases"]) for qtype in PORTED + LEGACY
+         if case != "nonfinite" or qtype in PORTED for backend in (BACKENDS if qtype in PORTED else ("",))]
+
+
+@pytest.mark.parametrize(("case", "qtype", "backend"), CASES)
+def test_bytes_are_ggmls(case: str, qtype: str, backend: str, monkeypatch: pytest.MonkeyPatch):
     assert qtype in GOLDEN["types"]
+    if backend:
+        use_backend(monkeypatch, backend)
+        assert gguf_quants.kquants_backend() == backend
     out = quantize_rows(rows_of(case), QT[qtype])
     assert out.dtype == torch.uint8
     assert torch.equal(out, golden(case, qtype))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
-def test_rows_and_chunks_quantize_alone(qtype: str, monkeypatch: pytest.MonkeyPatch):
+def test_rows_and_chunks_quantize_alone(qtype: str, backend: str, monkeypatch: pytest.MonkeyPatch):
     """Super-blocks are independent: how rows are grouped, or chunked inside, changes no byte."""
+    use_backend(monkeypatch, backend)
     x = torch.cat([rows_of("weights"), rows_of("normal")])
     whole = quantize_rows(x, QT[qtype])
     assert torch.equal(torch.cat([quantize_rows(x[:5], QT[qtype]), quantize_rows(x[5:], QT[qtype])]), whole)

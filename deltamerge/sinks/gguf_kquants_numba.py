@@ -1,0 +1,611 @@
+"""llama.cpp's k-quant row quantizers compiled with numba: the C ``_ref`` code, statement by statement.
+
+``gguf_quants`` ports ``quantize_row_q2_K_ref`` ... ``quantize_row_q6_K_ref`` to torch,
+vectorized across super-blocks; each trial of the scale searches is then a dozen passes over
+memory: on one thread 2-2.5x the C code's time for Q2_K, Q4_K to Q6_K, 10x for Q3_K (whose
+refinement goes value by value). Here the C loops are kept as they are (one super-block after
+another, scalar float32 arithmetic) and numba compiles them, so they run at about the C code's
+speed (0.8-1.5x its CPU time; docs/performance.md) and give its bytes. ``gguf_quants.quantize_rows``
+uses them when numba imports, and the torch port otherwise, or when the environment variable
+``DELTAMERGE_KQUANTS=torch`` asks for it.
+
+What keeps the bytes the C code's (ggml-quants.c built for x86-64: no fused multiply-add, no
+reassociation):
+
+- ``fastmath=False``: LLVM then neither contracts ``a*b + c`` into an FMA nor reorders a sum.
+- float32 stays float32: numba widens ``float32 op int`` and ``float32 op float64`` to float64,
+  so every int the C code converts implicitly is converted here with ``np.float32(...)``, and its
+  ``1.f``-style literals are ``np.float32`` constants. ``nearest_int`` accepts float32 only (its
+  bit cast refuses anything else when compiling), so no widened value reaches it unnoticed.
+- ``nearest_int`` is C's: ``fval + 12582912.f`` read back as bits, so NaN, infinities and values
+  beyond its range give the C code's integers; no float is ever converted to an int (LLVM's
+  ``fptosi`` of an out-of-range value is poison). ``(uint8_t)`` and ``(int8_t)`` wraps are masks.
+- fp16 scales go through ``ggml_compute_fp32_to_fp16``/``ggml_compute_fp16_to_fp32`` mirrored on
+  the bits (round to nearest even, NaN as 0x7E00 with its sign), as ``GGML_FP32_TO_FP16`` is in
+  that build.
+
+``nogil=True``: the run's ``ComputePool`` threads quantize rows side by side; each call works on
+its own super-blocks and buffers, so the bytes do not depend on the thread count. ``cache=True``:
+the first call of each type compiles it (a few seconds) and numba keeps the machine code in
+``__pycache__`` (or a user cache folder where that is read-only) for later processes.
+"""
+
+# The C code's names are kept, its ``l`` (a level) included, so each line reads beside its C line.
+# ruff: noqa: E741
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+__all__ = ["KERNELS", "quantize"]
+
+_JIT = {"fastmath": False, "nogil": True, "cache": True, "error_model": "numpy"}
+F32 = np.float32
+QK_K = 256
+
+
+@intrinsic
+def _f32_bits(typingctx, f):
+    """A float32's bits as C's ``memcpy``/union reads them, as an unsigned 32-bit value in an int64."""
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.zext(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(64))
+
+    return types.int64(types.float32), codegen
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """The float32 whose bits are the low 32 of ``bits`` (``fp32_from_bits``)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        wide = context.cast(builder, args[0], signature.args[0], types.int64)
+        return builder.bitcast(builder.trunc(wide, ir.IntType(32)), ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@njit(**_JIT)
+def nearest_int(fval):
+    """ggml's ``nearest_int``: ``fval + 12582912.f`` read as an int, low 23 bits less 2^22."""
+    val = fval + F32(12582912.0)
+    return (_f32_bits(val) & 0x007FFFFF) - 0x00400000
+
+
+@njit(**_JIT)
+def fp32_to_fp16(f):
+    """ggml's ``ggml_compute_fp32_to_fp16`` (``GGML_FP32_TO_FP16``): the half's bits."""
+    scale_to_inf = _f32_from_bits(0x77800000)  # 0x1.0p+112f
+    scale_to_zero = _f32_from_bits(0x08800000)  # 0x1.0p-110f
+    base = (abs(f) * scale_to_inf) * scale_to_zero
+    w = _f32_bits(f)
+    shl1_w = (w + w) & 0xFFFFFFFF
+    sign = w & 0x80000000
+    bias = shl1_w & 0xFF000000
+    if bias < 0x71000000:
+        bias = 0x71000000
+    base = _f32_from_bits((bias >> 1) + 0x07800000) + base
+    bits = _f32_bits(base)
+    exp_bits = (bits >> 13) & 0x00007C00
+    mantissa_bits = bits & 0x00000FFF
+    nonsign = exp_bits + mantissa_bits
+    return ((sign >> 16) | (0x7E00 if shl1_w > 0xFF000000 else nonsign)) & 0xFFFF
+
+
+@njit(**_JIT)
+def fp16_to_fp32(h):
+    """ggml's ``ggml_compute_fp16_to_fp32`` (``GGML_FP16_TO_FP32``) of the half's bits."""
+    w = (h << 16) & 0xFFFFFFFF
+    sign = w & 0x80000000
+    two_w = (w + w) & 0xFFFFFFFF
+    exp_offset = 0xE0 << 23
+    exp_scale = _f32_from_bits(0x07800000)  # 0x1.0p-112f
+    normalized_value = _f32_from_bits((two_w >> 4) + exp_offset) * exp_scale
+    magic_mask = 126 << 23
+    magic_bias = F32(0.5)
+    denormalized_value = _f32_from_bits((two_w >> 17) | magic_mask) - magic_bias
+    denormalized_cutoff = 1 << 27
+    if two_w < denormalized_cutoff:
+        result = sign | _f32_bits(denormalized_value)
+    else:
+        result = sign | _f32_bits(normalized_value)
+    return _f32_from_bits(result)
+
+
+@njit(**_JIT)
+def _put_fp16(y, at, bits):
+    """A ``ggml_fp16_t`` field at byte ``at``, little-endian."""
+    y[at] = bits & 0xFF
+    y[at + 1] = bits >> 8
+
+
+@njit(inline="always", **_JIT)  # into its caller, as gcc does: 1.2x on Q6_K
+def make_qx_quants_rmse1(n, nmax, x, L):
+    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)``: the scale; ``L`` (int8) in
+    0..2*nmax-1."""
+    mx = F32(0)
+    amax = F32(0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < F32(1e-15):  # GROUP_MAX_EPS
+        for i in range(n):
+            L[i] = 0
+        return F32(0)
+    iscale = F32(-nmax) / mx
+    sumlx = F32(0)
+    suml2 = F32(0)
+    for i in range(n):
+        l = nearest_int(iscale * x[i])
+        l = max(-nmax, min(nmax - 1, l))
+        L[i] = l + nmax
+        w = x[i] * x[i]
+        fl = F32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    scale = sumlx / suml2 if suml2 != 0 else F32(0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / mx
+        sumlx = F32(0)
+        suml2 = F32(0)
+        for i in range(n):
+            l = nearest_int(iscale * x[i])
+            l = max(-nmax, min(nmax - 1, l))
+            w = x[i] * x[i]
+            fl = F32(l)
+            sumlx += w * x[i] * fl
+            suml2 += w * fl * fl
+        if suml2 > 0 and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                l = nearest_int(iscale * x[i])
+                L[i] = nmax + max(-nmax, min(nmax - 1, l))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@njit(inline="always", **_JIT)  # into its caller, as gcc does: 1.2x on Q6_K
+def make_q3_quants(n, nmax, x, L):
+    """ggml's ``make_q3_quants(n, nmax, x, L, do_rmse=true)``: the scale; ``L`` (int8) in 0..2*nmax-1."""
+    mx = F32(0)
+    amax = F32(0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < F32(1e-15):  # GROUP_MAX_EPS
+        for i in range(n):
+            L[i] = 0
+        return F32(0)
+    iscale = F32(-nmax) / mx
+    sumlx = F32(0)
+    suml2 = F32(0)
+    for i in range(n):
+        l = nearest_int(iscale * x[i])
+        l = max(-nmax, min(nmax - 1, l))
+        L[i] = l
+        w = x[i] * x[i]
+        fl = F32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = x[i] * x[i]
+            li = F32(L[i])
+            slx = sumlx - w * x[i] * li
+            if slx > 0:
+                sl2 = suml2 - w * li * li
+                new_l = nearest_int(x[i] * sl2 / slx)
+                new_l = max(-nmax, min(nmax - 1, new_l))
+                if new_l != L[i]:
+                    fn = F32(new_l)
+                    slx += w * x[i] * fn
+                    sl2 += w * fn * fn
+                    if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    for i in range(n):
+        L[i] += nmax
+    return sumlx / suml2 if suml2 > F32(0) else F32(0)
+
+
+@njit(**_JIT)
+def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
+    """ggml's ``make_qkx2_quants``: (scale, the_min); ``L`` (uint8) in 0..nmax."""
+    mn = x[0]
+    mx = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < mn:
+            mn = x[i]
+        if x[i] > mx:
+            mx = x[i]
+        w = weights[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if mn > 0:
+        mn = F32(0)
+    if mx == mn:
+        for i in range(n):
+            L[i] = 0
+        return F32(0), -mn
+    iscale = F32(nmax) / (mx - mn)
+    scale = F32(1) / iscale
+    best_error = F32(0)
+    for i in range(n):
+        l = nearest_int(iscale * (x[i] - mn))
+        L[i] = max(0, min(nmax, l))
+        diff = scale * F32(L[i]) + mn - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += weights[i] * diff
+    if nstep < 1:
+        return scale, -mn
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * F32(step) + F32(nmax)) / (mx - mn)
+        sum_l = F32(0)
+        sum_l2 = F32(0)
+        sum_xl = F32(0)
+        for i in range(n):
+            l = nearest_int(iscale * (x[i] - mn))
+            l = max(0, min(nmax, l))
+            Laux[i] = l
+            w = weights[i]
+            fl = F32(l)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > 0:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > 0:
+                this_min = F32(0)
+                this_scale = sum_xl / sum_l2
+            cur_error = F32(0)
+            for i in range(n):
+                diff = this_scale * F32(Laux[i]) + this_min - x[i]
+                diff = abs(diff) if use_mad else diff * diff
+                cur_error += weights[i] * diff
+            if cur_error < best_error:
+                for i in range(n):
+                    L[i] = Laux[i]
+                best_error = cur_error
+                scale = this_scale
+                mn = this_min
+    return scale, -mn
+
+
+@njit(**_JIT)
+def _pack_2bit(L, y, at):
+    """The 2-bit levels' ``qs`` at byte ``at``, as ``quantize_row_q2_K_ref`` and ``q3_K_ref`` pack
+    them: ``qs[j/4 + l] = L[j + l] | L[j + l + 32] << 2 | L[j + l + 64] << 4 | L[j + l + 96] << 6``."""
+    for j in range(0, QK_K, 128):
+        for l in range(32):
+            y[at + j // 4 + l] = (np.int64(L[j + l]) | (np.int64(L[j + l + 32]) << 2)
+                                  | (np.int64(L[j + l + 64]) << 4) | (np.int64(L[j + l + 96]) << 6))
+
+
+@njit(**_JIT)
+def quantize_row_q2_K(x, y):
+    """ggml's ``quantize_row_q2_K_ref``: super-blocks ``x`` (S, 256) float32 into ``y`` (S, 84) uint8.
+
+    block_q2_K: scales[16], qs[64], d, dmin.
+    """
+    L = np.empty(QK_K, np.uint8)
+    Laux = np.empty(16, np.uint8)
+    weights = np.empty(16, np.float32)
+    mins = np.empty(QK_K // 16, np.float32)
+    scales = np.empty(QK_K // 16, np.float32)
+    q4scale = F32(15)
+    for i in range(x.shape[0]):
+        xb = x[i]
+        yb = y[i]
+        max_scale = F32(0)
+        max_min = F32(0)
+        for j in range(QK_K // 16):
+            for l in range(16):
+                weights[l] = abs(xb[16 * j + l])
+            scales[j], mins[j] = make_qkx2_quants(16, 3, xb[16 * j:16 * j + 16], weights,
+                                                  L[16 * j:16 * j + 16], Laux, F32(-0.5), F32(0.1), 15, True)
+            scale = scales[j]
+            if scale > max_scale:
+                max_scale = scale
+            mn = mins[j]
+            if mn > max_min:
+                max_min = mn
+        if max_scale > 0:
+            iscale = q4scale / max_scale
+            for j in range(QK_K // 16):
+                yb[j] = nearest_int(iscale * scales[j]) & 0xFF
+            d_bits = fp32_to_fp16(max_scale / q4scale)
+        else:
+            for j in range(QK_K // 16):
+                yb[j] = 0
+            d_bits = fp32_to_fp16(F32(0))
+        if max_min > 0:
+            iscale = q4scale / max_min
+            for j in range(QK_K // 16):
+                l = nearest_int(iscale * mins[j])
+                yb[j] = (np.int64(yb[j]) | (l << 4)) & 0xFF
+            dmin_bits = fp32_to_fp16(max_min / q4scale)
+        else:
+            dmin_bits = fp32_to_fp16(F32(0))
+        _put_fp16(yb, 80, d_bits)
+        _put_fp16(yb, 82, dmin_bits)
+        dall = fp16_to_fp32(d_bits)
+        dmin = fp16_to_fp32(dmin_bits)
+        for j in range(QK_K // 16):
+            d = dall * F32(np.int64(yb[j]) & 0xF)
+            if d == 0:
+                continue
+            dm = dmin * F32(np.int64(yb[j]) >> 4)
+            for ii in range(16):
+                l = nearest_int((xb[16 * j + ii] + dm) / d)
+                L[16 * j + ii] = max(0, min(3, l))
+        _pack_2bit(L, yb, 16)
+
+
+@njit(**_JIT)
+def quantize_row_q3_K(x, y):
+    """ggml's ``quantize_row_q3_K_ref``: super-blocks ``x`` (S, 256) float32 into ``y`` (S, 110) uint8.
+
+    block_q3_K: hmask[32], qs[64], scales[12], d.
+    """
+    L = np.empty(QK_K, np.int8)
+    scales = np.empty(QK_K // 16, np.float32)
+    for i in range(x.shape[0]):
+        xb = x[i]
+        yb = y[i]
+        sc12 = yb[96:108]
+        max_scale = F32(0)
+        amax = F32(0)
+        for j in range(QK_K // 16):
+            scales[j] = make_q3_quants(16, 4, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
+            scale = abs(scales[j])
+            if scale > amax:
+                amax = scale
+                max_scale = scales[j]
+        for j in range(12):
+            sc12[j] = 0
+        if max_scale != 0:
+            iscale = F32(-32) / max_scale
+            for j in range(QK_K // 16):
+                l = nearest_int(iscale * scales[j])
+                l = ((l & 0xFF) ^ 0x80) - 0x80  # int8_t l = nearest_int(...)
+                l = max(-32, min(31, l)) + 32
+                if j < 8:
+                    sc12[j] = l & 0xF
+                else:
+                    sc12[j - 8] = np.int64(sc12[j - 8]) | (l & 0xF) << 4
+                l >>= 4
+                sc12[j % 4 + 8] = np.int64(sc12[j % 4 + 8]) | l << (2 * (j // 4))
+            d_bits = fp32_to_fp16(F32(1) / iscale)
+        else:
+            d_bits = fp32_to_fp16(F32(0))
+        _put_fp16(yb, 108, d_bits)
+        dall = fp16_to_fp32(d_bits)
+        for j in range(QK_K // 16):
+            sc = np.int64(sc12[j]) & 0xF if j < 8 else np.int64(sc12[j - 8]) >> 4
+            sc = (sc | (((np.int64(sc12[8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
+            d = dall * F32(sc)
+            if d == 0:
+                continue
+            for ii in range(16):
+                l = nearest_int(xb[16 * j + ii] / d)
+                L[16 * j + ii] = max(-4, min(3, l)) + 4
+        for j in range(QK_K // 8):
+            yb[j] = 0
+        m = 0
+        hm = 1
+        for j in range(QK_K):
+            if L[j] > 3:
+                yb[m] = np.int64(yb[m]) | hm
+                L[j] -= 4
+            m += 1
+            if m == QK_K // 8:
+                m = 0
+                hm <<= 1
+        _pack_2bit(L, yb, 32)
+
+
+@njit(**_JIT)
+def _qkx_superblock(xb, yb, L, Laux, weights, scales, mins, nmax, rmin, rdelta, nstep):
+    """What ``quantize_row_q4_K_ref`` and ``quantize_row_q5_K_ref`` share, for one super-block:
+    d, dmin and the 12 scale bytes written at bytes 0..15, the levels left in ``L``."""
+    max_scale = F32(0)
+    max_min = F32(0)
+    for j in range(QK_K // 32):
+        sum_x2 = F32(0)
+        for l in range(32):
+            sum_x2 += xb[32 * j + l] * xb[32 * j + l]
+        av_x = np.sqrt(sum_x2 / F32(32))
+        for l in range(32):
+            weights[l] = av_x + abs(xb[32 * j + l])
+        scales[j], mins[j] = make_qkx2_quants(32, nmax, xb[32 * j:32 * j + 32], weights,
+                                              L[32 * j:32 * j + 32], Laux, rmin, rdelta, nstep, False)
+        scale = scales[j]
+        if scale > max_scale:
+            max_scale = scale
+        mn = mins[j]
+        if mn > max_min:
+            max_min = mn
+    inv_scale = F32(63) / max_scale if max_scale > 0 else F32(0)
+    inv_min = F32(63) / max_min if max_min > 0 else F32(0)
+    sc = yb[4:16]
+    for j in range(QK_K // 32):
+        ls = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)  # uint8_t ls = ...; MIN(63, ls)
+        lm = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+        if j < 4:
+            sc[j] = ls
+            sc[j + 4] = lm
+        else:
+            sc[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
+            sc[j - 4] = np.int64(sc[j - 4]) | (ls >> 4) << 6
+            sc[j - 0] = np.int64(sc[j - 0]) | (lm >> 4) << 6
+    d_bits = fp32_to_fp16(max_scale / F32(63))
+    dmin_bits = fp32_to_fp16(max_min / F32(63))
+    _put_fp16(yb, 0, d_bits)
+    _put_fp16(yb, 2, dmin_bits)
+    dall = fp16_to_fp32(d_bits)
+    dmin = fp16_to_fp32(dmin_bits)
+    for j in range(QK_K // 32):
+        if j < 4:  # get_scale_min_k4
+            s = np.int64(sc[j]) & 63
+            m = np.int64(sc[j + 4]) & 63
+        else:
+            s = (np.int64(sc[j + 4]) & 0xF) | ((np.int64(sc[j - 4]) >> 6) << 4)
+            m = (np.int64(sc[j + 4]) >> 4) | ((np.int64(sc[j - 0]) >> 6) << 4)
+        d = dall * F32(s)
+        if d == 0:
+            continue
+        dm = dmin * F32(m)
+        for ii in range(32):
+            l = nearest_int((xb[32 * j + ii] + dm) / d)
+            L[32 * j + ii] = max(0, min(nmax, l))
+
+
+@njit(**_JIT)
+def quantize_row_q4_K(x, y):
+    """ggml's ``quantize_row_q4_K_ref``: super-blocks ``x`` (S, 256) float32 into ``y`` (S, 144) uint8.
+
+    block_q4_K: d, dmin, scales[12], qs[128].
+    """
+    L = np.empty(QK_K, np.uint8)
+    Laux = np.empty(32, np.uint8)
+    weights = np.empty(32, np.float32)
+    mins = np.empty(QK_K // 32, np.float32)
+    scales = np.empty(QK_K // 32, np.float32)
+    for i in range(x.shape[0]):
+        yb = y[i]
+        _qkx_superblock(x[i], yb, L, Laux, weights, scales, mins, 15, F32(-1), F32(0.1), 20)
+        q = 16
+        for j in range(0, QK_K, 64):
+            for l in range(32):
+                yb[q + l] = np.int64(L[j + l]) | (np.int64(L[j + l + 32]) << 4)
+            q += 32
+
+
+@njit(**_JIT)
+def quantize_row_q5_K(x, y):
+    """ggml's ``quantize_row_q5_K_ref``: super-blocks ``x`` (S, 256) float32 into ``y`` (S, 176) uint8.
+
+    block_q5_K: d, dmin, scales[12], qh[32], qs[128].
+    """
+    L = np.empty(QK_K, np.uint8)
+    Laux = np.empty(32, np.uint8)
+    weights = np.empty(32, np.float32)
+    mins = np.empty(QK_K // 32, np.float32)
+    scales = np.empty(QK_K // 32, np.float32)
+    for i in range(x.shape[0]):
+        yb = y[i]
+        _qkx_superblock(x[i], yb, L, Laux, weights, scales, mins, 31, F32(-0.5), F32(0.1), 15)
+        qh = yb[16:48]
+        ql = 48
+        for j in range(QK_K // 8):
+            qh[j] = 0
+        m1 = 1
+        m2 = 2
+        for n in range(0, QK_K, 64):
+            for j in range(32):
+                l1 = np.int64(L[n + j])
+                if l1 > 15:
+                    l1 -= 16
+                    qh[j] = np.int64(qh[j]) | m1
+                l2 = np.int64(L[n + j + 32])
+                if l2 > 15:
+                    l2 -= 16
+                    qh[j] = np.int64(qh[j]) | m2
+                yb[ql + j] = l1 | (l2 << 4)
+            m1 <<= 2
+            m2 <<= 2
+            ql += 32
+
+
+@njit(**_JIT)
+def quantize_row_q6_K(x, y):
+    """ggml's ``quantize_row_q6_K_ref``: super-blocks ``x`` (S, 256) float32 into ``y`` (S, 210) uint8.
+
+    block_q6_K: ql[128], qh[64], scales[16] (int8), d.
+    """
+    L = np.empty(QK_K, np.int8)
+    scales = np.empty(QK_K // 16, np.float32)
+    sc = np.empty(QK_K // 16, np.int64)
+    for i in range(x.shape[0]):
+        xb = x[i]
+        yb = y[i]
+        max_scale = F32(0)
+        max_abs_scale = F32(0)
+        for ib in range(QK_K // 16):
+            scale = make_qx_quants_rmse1(16, 32, xb[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16])
+            scales[ib] = scale
+            abs_scale = abs(scale)
+            if abs_scale > max_abs_scale:
+                max_abs_scale = abs_scale
+                max_scale = scale
+        if max_abs_scale < F32(1e-15):  # GROUP_MAX_EPS
+            for j in range(yb.shape[0]):
+                yb[j] = 0
+            _put_fp16(yb, 208, fp32_to_fp16(F32(0)))
+            continue
+        iscale = F32(-128) / max_scale
+        d_bits = fp32_to_fp16(F32(1) / iscale)
+        _put_fp16(yb, 208, d_bits)
+        for ib in range(QK_K // 16):
+            s = min(127, nearest_int(iscale * scales[ib]))
+            sc[ib] = ((s & 0xFF) ^ 0x80) - 0x80  # int8_t
+            yb[192 + ib] = s & 0xFF
+        dall = fp16_to_fp32(d_bits)
+        for j in range(QK_K // 16):
+            d = dall * F32(sc[j])
+            if d == 0:
+                continue
+            for ii in range(16):
+                l = nearest_int(xb[16 * j + ii] / d)
+                L[16 * j + ii] = max(-32, min(31, l)) + 32
+        ql = 0
+        qh = 128
+        for j in range(0, QK_K, 128):
+            for l in range(32):
+                l1 = np.int64(L[j + l + 0])
+                l2 = np.int64(L[j + l + 32])
+                l3 = np.int64(L[j + l + 64])
+                l4 = np.int64(L[j + l + 96])
+                yb[ql + l + 0] = (l1 & 0xF) | ((l3 & 0xF) << 4)
+                yb[ql + l + 32] = (l2 & 0xF) | ((l4 & 0xF) << 4)
+                yb[qh + l] = (l1 >> 4) | ((l2 >> 4) << 2) | ((l3 >> 4) << 4) | ((l4 >> 4) << 6)
+            ql += 64
+            qh += 32
+
+
+KERNELS = {
+    "Q2_K": quantize_row_q2_K,
+    "Q3_K": quantize_row_q3_K,
+    "Q4_K": quantize_row_q4_K,
+    "Q5_K": quantize_row_q5_K,
+    "Q6_K": quantize_row_q6_K,
+}
+
+
+def quantize(blocks: np.ndarray, out: np.ndarray, qtype: str) -> None:
+    """Super-blocks ``blocks`` (S, 256) float32, C-contiguous, quantized as ``qtype`` (``Q4_K`` ...)
+    into ``out`` (S, type size) uint8."""
+    KERNELS[qtype](blocks, out)
