@@ -7,7 +7,7 @@
 BASE and TARGET are safetensors folders with the same tensors in the same layout (as
 ``scripts/real_finetune_pair.py`` writes them). Measures, and prints as a table and as JSON:
 
-- how much the fine-tune changed: the fraction of elements whose bits differ, and of those
+- how much the fine-tune changed: the fraction of elements whose bits differ, and the fraction
   whose high byte (the sign, then bf16's top 7 exponent bits or fp16's 5 and 2 of its
   mantissa) differs;
 - ``deltamerge make-delta BASE TARGET OUT --kind xor`` and ``... --kind xor --compress``: the
