@@ -17,37 +17,93 @@ import torch
 
 from ..errors import FormatError, MismatchError, UnsupportedError
 from ..tensor_spec import TensorSpec
+from . import rotation
 from .adapter import AdapterKind
 from .rotation import RotationDelta
 
 
+def gram_schmidt(opt_u: torch.Tensor) -> torch.Tensor:
+    """peft's orthonormal columns for ``apply_GS``, in its order of operations."""
+    columns = [(opt_u[:, 0] / opt_u[:, 0].norm()).view(-1, 1)]
+    for i in range(1, opt_u.shape[1]):
+        ui = opt_u[:, i].view(-1, 1)
+        for j in range(i):
+            ui = ui - (columns[j].t() @ ui) * columns[j]
+        columns.append((ui / ui.norm()).view(-1, 1))
+    return torch.cat(columns, dim=1)
+
+
 def householder(opt_u: torch.Tensor, apply_gs: bool) -> torch.Tensor:
     """peft's ``get_delta_weight`` (not ``reverse``), in its order of operations."""
-    rank = opt_u.shape[1]
     if apply_gs:
-        columns = [(opt_u[:, 0] / opt_u[:, 0].norm()).view(-1, 1)]
-        for i in range(1, rank):
-            ui = opt_u[:, i].view(-1, 1)
-            for j in range(i):
-                ui = ui - (columns[j].t() @ ui) * columns[j]
-            columns.append((ui / ui.norm()).view(-1, 1))
-        u = torch.cat(columns, dim=1)
+        u = gram_schmidt(opt_u)
         return torch.eye(opt_u.shape[0], dtype=opt_u.dtype) - 2 * u @ u.t()
     opt_u = opt_u / opt_u.norm(dim=0)
     weight = torch.eye(opt_u.shape[0], dtype=opt_u.dtype)
-    for i in range(rank):
+    for i in range(opt_u.shape[1]):
         ui = opt_u[:, i].view(-1, 1)
         weight = weight - 2 * weight @ ui @ ui.t()
     return weight
 
 
+def eye_slice(n: int, a: int, b: int, rows: bool) -> torch.Tensor:
+    """Rows (or columns) ``[a, b)`` of ``torch.eye(n)``, contiguous."""
+    out = torch.zeros((b - a, n) if rows else (n, b - a))
+    j = torch.arange(b - a)
+    if rows:
+        out[j, j + a] = 1
+    else:
+        out[j + a, j] = 1
+    return out
+
+
+def reflection_factors(u: torch.Tensor, slab: int) -> torch.Tensor:
+    """The chain's factors: column ``i`` holds ``(2 * weight) @ u_i`` of peft's loop, the
+    vector whose product with ``u_i^T`` step ``i`` subtracts. Row ``p`` of peft's ``weight``
+    depends on its own row only, so it is followed ``slab`` rows at a time, never whole (and
+    never fewer than ``rotation.MIN_ROWS``: MKL's products of fewer rows sum in another order)."""
+    n, rank = u.shape
+    factors = torch.empty(n, rank)
+    for a, b in rotation.windows(n, slab):
+        weight = eye_slice(n, a, b, rows=True)
+        for i in range(rank):
+            ui = u[:, i].view(-1, 1)
+            factor = (2 * weight) @ ui
+            factors[a:b, i : i + 1] = factor
+            weight = weight - factor @ ui.t()
+    return factors
+
+
 class HraDelta(RotationDelta):
-    def __init__(self, source, parts, rows: int, apply_gs: bool):
-        super().__init__(source, parts, rows, transposed=False)
+    def __init__(self, source, parts, rows: int, apply_gs: bool, width: int):
+        super().__init__(source, parts, rows, False, width)
         self.apply_gs = apply_gs
 
+    def setup(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.held:
+            return
+        opt_u = tensors.pop("hra_u")
+        if self.apply_gs:
+            tensors["u"] = gram_schmidt(opt_u)
+        else:
+            tensors["u"] = opt_u / opt_u.norm(dim=0)
+            tensors["factors"] = reflection_factors(tensors["u"], rotation.WINDOW)
+
     def matrix(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        return householder(tensors["hra_u"], self.apply_gs)
+        return householder(tensors.pop("hra_u"), self.apply_gs)
+
+    def window(self, tensors: dict[str, torch.Tensor], a: int, b: int) -> torch.Tensor:
+        """Columns ``[a, b)`` of peft's matrix: ``I - 2 U U^T``'s, or the chain's steps on
+        those columns of the identity (each step's elements are single products of a factor
+        and ``u_i``, so a column needs only its own elements)."""
+        u = tensors["u"]
+        weight = eye_slice(self.width, a, b, rows=False)
+        if self.apply_gs:
+            return weight - 2 * u @ u[a:b].t()
+        factors = tensors["factors"]
+        for i in range(u.shape[1]):
+            weight = weight - factors[:, i : i + 1] @ u[a:b, i].view(1, -1)
+        return weight
 
 
 class HraKind(AdapterKind):
@@ -74,4 +130,4 @@ class HraKind(AdapterKind):
                 f"but peft makes it {list(want)} for {spec.name!r} {list(spec.shape)}"
             )
         return {spec.name: HraDelta(self.source, parts, spec.shape[0],
-                                    bool(self.config.get("apply_GS", False)))}
+                                    bool(self.config.get("apply_GS", False)), spec.shape[1])}
