@@ -20,6 +20,7 @@ import torch
 
 from ..errors import FormatError, MismatchError, UnsupportedError
 from ..tensor_spec import TensorSpec
+from . import Scratch
 from .adapter import AdapterKind
 from .rotation import RotationDelta, block_rows
 
@@ -42,8 +43,9 @@ class BoftDelta(RotationDelta):
     def matrix(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.block_diag(*torch.unbind(tensors["blocks"]))
 
-    def window(self, tensors: dict[str, torch.Tensor], a: int, b: int) -> torch.Tensor:
-        return block_rows(tensors["blocks"], a, b)
+    def window(self, tensors: dict[str, torch.Tensor], a: int, b: int, scratch: Scratch) -> torch.Tensor:
+        buf = scratch.get("rotation-window", torch.float32, (b - a, self.width))
+        return block_rows(tensors["blocks"], a, b, buf)
 
     def scale_rows(self, prod: torch.Tensor, r0: int) -> None:
         prod.mul_(self.tensors()["boft_s"][r0 : r0 + prod.shape[0]])

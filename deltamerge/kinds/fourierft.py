@@ -5,20 +5,17 @@ fp32) at positions of an ``(out, in)`` zero matrix that it never saves: the firs
 ``n_frequency`` of ``torch.randperm(out * in)`` from a CPU generator seeded with the config's
 ``random_loc_seed``, as ``(p // in, p % in)``; the delta is ``ifft2(dense).real * scaling`` in
 fp32, and ``merge`` adds it (transposed on Conv1D) to the weight in the weight's dtype, rounded
-once. ``n_frequency`` is per module from ``n_frequency_pattern`` (the first key ``k`` with
+once. The positions are drawn here by the same call, so they are peft's; the delta is formed by
+peft's own calls, whole (``dense_delta``: the FFT mixes every row, and MKL's ``ifft2`` is not,
+for every shape, the same bits as 1-D transforms of the rows, then of the columns, which could
+stream: it is for 5120 x 13824 and 96 x 600, not for 172 x 64 nor 300 x 300). At 13B's MLP
+widths its complex input and output (540 MiB each) make the peak, not ``randperm``'s.
+``n_frequency`` is per module from ``n_frequency_pattern`` (the first key ``k`` with
 ``re.match(rf".*\\.{k}$", module)``, else the module's own name, else ``n_frequency``).
-
-The positions are drawn as torch draws them (``first_of_randperm``: its Fisher-Yates shuffle,
-whose first ``n`` places are final after ``n`` steps, on torch's MT19937 stream), without the
-``out * in`` int64 permutation (540 MiB at 13B's MLP widths). The delta is formed by peft's own
-calls, whole (``dense_delta``): the FFT mixes every row, and MKL's ``ifft2`` is not, for every
-shape, the same bits as 1-D transforms of the rows, then of the columns, which could stream
-(it is for 5120 x 13824 and 96 x 600, not for 172 x 64 nor 300 x 300).
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import torch
@@ -30,40 +27,10 @@ from .dense_delta import DenseDelta
 from .lora import ADAPTER_CONFIG
 from .patterns import suffix_pattern_values
 
-# torch's randperm on CPU shuffles from the front with 32-bit draws below this many elements
-SHUFFLE_LIMIT = (2**32 - 1) // 20
-
-
-def torch_mt19937(seed: int) -> random.Random:
-    """Python's MT19937 (the same generator) in the state ``torch.Generator().manual_seed(seed)``
-    starts from: torch seeds it with the seed's low 32 bits (``init_genrand``)."""
-    state = [seed % 2**32]
-    for j in range(1, 624):
-        state.append((1812433253 * (state[-1] ^ (state[-1] >> 30)) + j) % 2**32)
-    mt = random.Random()
-    mt.setstate((3, (*state, 624), None))
-    return mt
-
-
-def first_of_randperm(total: int, n: int, seed: int) -> torch.Tensor:
-    """``torch.randperm(total, generator=manual_seed(seed))[:n]``, drawn ``n`` steps deep: torch
-    swaps place ``i`` with ``i + random32() % (total - i)``, ``i`` from 0 (below
-    ``SHUFFLE_LIMIT``; above it torch draws another way, and is called whole)."""
-    if total >= SHUFFLE_LIMIT:
-        return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
-    mt = torch_mt19937(seed)
-    moved: dict[int, int] = {}  # places swapped so far -> what they hold
-    drawn = []
-    for i in range(n):
-        j = i + mt.getrandbits(32) % (total - i)
-        drawn.append(moved.get(j, j))
-        moved[j] = moved.get(i, i)
-    return torch.tensor(drawn, dtype=torch.int64)
-
 
 def positions(out_dim: int, in_dim: int, n: int, seed: int) -> torch.Tensor:
     """peft's ``indices``: rows and columns of the spectrum's values, ``(2, n)``."""
-    drawn = first_of_randperm(out_dim * in_dim, n, seed)
+    drawn = torch.randperm(out_dim * in_dim, generator=torch.Generator().manual_seed(seed))[:n]
     return torch.stack([drawn // in_dim, drawn % in_dim], dim=0)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import FormatError, MismatchError, UnsupportedError
 from ..tensor_spec import TensorSpec
-from . import rotation
+from . import Scratch, rotation
 from .adapter import AdapterKind
 from .rotation import RotationDelta
 
@@ -46,10 +46,10 @@ def householder(opt_u: torch.Tensor, apply_gs: bool) -> torch.Tensor:
     return weight
 
 
-def eye_slice(n: int, a: int, b: int, rows: bool) -> torch.Tensor:
-    """Rows (or columns) ``[a, b)`` of ``torch.eye(n)``, contiguous."""
-    out = torch.zeros((b - a, n) if rows else (n, b - a))
-    j = torch.arange(b - a)
+def eye_slice(out: torch.Tensor, a: int, rows: bool) -> torch.Tensor:
+    """``out`` (``k x n`` or ``n x k``) made rows (or columns) ``[a, a + k)`` of ``torch.eye(n)``."""
+    out.zero_()
+    j = torch.arange(out.shape[0] if rows else out.shape[1])
     if rows:
         out[j, j + a] = 1
     else:
@@ -61,16 +61,24 @@ def reflection_factors(u: torch.Tensor, slab: int) -> torch.Tensor:
     """The chain's factors: column ``i`` holds ``(2 * weight) @ u_i`` of peft's loop, the
     vector whose product with ``u_i^T`` step ``i`` subtracts. Row ``p`` of peft's ``weight``
     depends on its own row only, so it is followed ``slab`` rows at a time, never whole (and
-    never fewer than ``rotation.MIN_ROWS``: MKL's products of fewer rows sum in another order)."""
+    never fewer than ``rotation.MIN_ROWS``: MKL's products of fewer rows sum in another order),
+    in the same buffers for every slab (each of peft's operations, written in place)."""
     n, rank = u.shape
     factors = torch.empty(n, rank)
-    for a, b in rotation.windows(n, slab):
-        weight = eye_slice(n, a, b, rows=True)
+    spans = rotation.windows(n, slab)
+    most = max(b - a for a, b in spans)
+    weight_buf, twice_buf, outer_buf = (torch.empty(most, n) for _ in range(3))
+    factor_buf = torch.empty(most, 1)
+    for a, b in spans:
+        weight, twice, outer, factor = (t[: b - a] for t in (weight_buf, twice_buf, outer_buf, factor_buf))
+        eye_slice(weight, a, rows=True)
         for i in range(rank):
             ui = u[:, i].view(-1, 1)
-            factor = (2 * weight) @ ui
+            torch.mul(weight, 2, out=twice)
+            torch.mm(twice, ui, out=factor)
             factors[a:b, i : i + 1] = factor
-            weight = weight - factor @ ui.t()
+            torch.mm(factor, ui.t(), out=outer)
+            weight.sub_(outer)
     return factors
 
 
@@ -92,17 +100,20 @@ class HraDelta(RotationDelta):
     def matrix(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return householder(tensors.pop("hra_u"), self.apply_gs)
 
-    def window(self, tensors: dict[str, torch.Tensor], a: int, b: int) -> torch.Tensor:
+    def window(self, tensors: dict[str, torch.Tensor], a: int, b: int, scratch: Scratch) -> torch.Tensor:
         """Columns ``[a, b)`` of peft's matrix: ``I - 2 U U^T``'s, or the chain's steps on
         those columns of the identity (each step's elements are single products of a factor
-        and ``u_i``, so a column needs only its own elements)."""
+        and ``u_i``, so a column needs only its own elements), in place in ``scratch``."""
         u = tensors["u"]
-        weight = eye_slice(self.width, a, b, rows=False)
+        weight = eye_slice(scratch.get("rotation-window", torch.float32, (self.width, b - a)), a, rows=False)
+        outer = scratch.get("rotation-outer", torch.float32, (self.width, b - a))
         if self.apply_gs:
-            return weight - 2 * u @ u[a:b].t()
+            torch.mm(2 * u, u[a:b].t(), out=outer)
+            return weight.sub_(outer)
         factors = tensors["factors"]
         for i in range(u.shape[1]):
-            weight = weight - factors[:, i : i + 1] @ u[a:b, i].view(1, -1)
+            torch.mm(factors[:, i : i + 1], u[a:b, i].view(1, -1), out=outer)
+            weight.sub_(outer)
         return weight
 
 

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import FormatError, MismatchError, UnsupportedError
 from ..tensor_spec import TensorSpec
+from . import Scratch
 from .adapter import AdapterKind, is_number
 from .rotation import RotationDelta, block_rows
 
@@ -96,11 +97,13 @@ class OftDelta(RotationDelta):
     def matrix(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.block_diag(*torch.unbind(tensors["blocks"]))
 
-    def window(self, tensors: dict[str, torch.Tensor], a: int, b: int) -> torch.Tensor:
+    def window(self, tensors: dict[str, torch.Tensor], a: int, b: int, scratch: Scratch) -> torch.Tensor:
         blocks = tensors["blocks"]
+        buf = scratch.get("rotation-window", torch.float32, (b - a, self.width))
         if self.transposed:
-            return block_rows(blocks, a, b)
-        return block_rows(blocks.transpose(1, 2), a, b).t().contiguous()
+            return block_rows(blocks, a, b, buf)
+        cols = scratch.get("rotation-columns", torch.float32, (self.width, b - a))
+        return cols.copy_(block_rows(blocks.transpose(1, 2), a, b, buf).t())
 
 
 class OftKind(AdapterKind):

@@ -1,7 +1,6 @@
 """OFT, BOFT and HRA merged through windows of their ``in x in`` matrix (kinds/rotation.py):
 forced on tiny layers (nothing held whole, windows of 16 columns, a last window that overlaps
-its neighbour, blocks of a few rows), bit for bit the whole-matrix path and peft's merge; and
-FourierFT's positions drawn without torch's whole permutation, bit for bit its randperm."""
+its neighbour, blocks of a few rows), bit for bit the whole-matrix path and peft's merge."""
 
 from __future__ import annotations
 
@@ -16,8 +15,7 @@ from peft import BOFTConfig, HRAConfig, OFTConfig
 from safetensors.torch import load_file
 
 from deltamerge import apply_delta
-from deltamerge.kinds import fourierft, rotation
-from deltamerge.kinds.fourierft import first_of_randperm
+from deltamerge.kinds import Scratch, rotation
 from deltamerge.kinds.hra import HraDelta, gram_schmidt, householder, reflection_factors
 from deltamerge.kinds.rotation import block_rows, windows
 
@@ -73,7 +71,7 @@ def test_householder_windows_are_peft_matrix_columns(apply_gs: bool) -> None:
     tensors = {"u": u, "factors": reflection_factors(u, 5)}
     delta = HraDelta(None, {}, 64, apply_gs, 172)
     for a, b in windows(172, 16):
-        assert torch.equal(delta.window(tensors, a, b), whole[:, a:b])
+        assert torch.equal(delta.window(tensors, a, b, Scratch()), whole[:, a:b])
 
 
 @pytest.mark.parametrize(("which", "dtype"), CASES,
@@ -92,22 +90,3 @@ def test_windowed_merge_is_whole_merge_and_peft(tmp_path: Path, monkeypatch, whi
         assert torch.equal(whole[name], windowed[name]), name
     assert_matches(tmp_path / "windows", peft_merge(base, dtype, [adapter]))
 
-
-@pytest.mark.parametrize(("total", "n", "seed"), [
-    (172 * 64, 300, 777), (5, 5, 0), (1000, 999, -3), (64 * 64, 50, 2**33 + 5), (97, 1, 123456789)])
-def test_fourierft_positions_are_randperms_first(total: int, n: int, seed: int) -> None:
-    """FourierFT's positions drawn n steps into torch's shuffle, without the whole permutation:
-    torch's own randperm's first n (seeds negative and past 32 bits, n up to all but one)."""
-    want = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
-    assert torch.equal(first_of_randperm(total, n, seed), want)
-
-
-def test_fourierft_positions_past_the_shuffle_are_torchs(monkeypatch) -> None:
-    """Above torch's limit for its front-to-back shuffle (it draws another way), randperm
-    itself draws them: the shuffle is not even started."""
-    monkeypatch.setattr(fourierft, "SHUFFLE_LIMIT", 100)
-    monkeypatch.setattr(fourierft, "torch_mt19937", None)
-    want = torch.randperm(400, generator=torch.Generator().manual_seed(5))[:30]
-    assert torch.equal(first_of_randperm(400, 30, 5), want)
-    with pytest.raises(TypeError):
-        first_of_randperm(99, 30, 5)
