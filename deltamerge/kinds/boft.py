@@ -20,8 +20,9 @@ import torch
 
 from ..errors import FormatError, MismatchError, UnsupportedError
 from ..tensor_spec import TensorSpec
+from . import Scratch
 from .adapter import AdapterKind
-from .rotation import RotationDelta
+from .rotation import RotationDelta, block_rows
 
 PARTS = ("boft_R", "boft_s")
 
@@ -35,10 +36,16 @@ def cayley_batch(data: torch.Tensor) -> torch.Tensor:
 
 
 class BoftDelta(RotationDelta):
-    def matrix(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def setup(self, tensors: dict[str, torch.Tensor]) -> None:
         n, d, h, _ = tensors["boft_R"].shape
-        blocks = cayley_batch(tensors["boft_R"].view(n * d, h, h)).view(n, d, h, h).squeeze(0)
-        return torch.block_diag(*torch.unbind(blocks))
+        tensors["blocks"] = cayley_batch(tensors.pop("boft_R").view(n * d, h, h)).view(n, d, h, h).squeeze(0)
+
+    def matrix(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.block_diag(*torch.unbind(tensors["blocks"]))
+
+    def window(self, tensors: dict[str, torch.Tensor], a: int, b: int, scratch: Scratch) -> torch.Tensor:
+        buf = scratch.get("rotation-window", torch.float32, (b - a, self.width))
+        return block_rows(tensors["blocks"], a, b, buf)
 
     def scale_rows(self, prod: torch.Tensor, r0: int) -> None:
         prod.mul_(self.tensors()["boft_s"][r0 : r0 + prod.shape[0]])
@@ -94,4 +101,4 @@ class BoftKind(AdapterKind):
                     f"{self.weights}: tensor {parts[p]!r} is {list(self.shape(parts[p]))} but peft "
                     f"makes it {list(shape)} for {spec.name!r} {list(spec.shape)}"
                 )
-        return {spec.name: BoftDelta(self.source, parts, spec.shape[0], True)}
+        return {spec.name: BoftDelta(self.source, parts, spec.shape[0], True, spec.shape[1])}

@@ -6,9 +6,12 @@ fp32) at positions of an ``(out, in)`` zero matrix that it never saves: the firs
 ``random_loc_seed``, as ``(p // in, p % in)``; the delta is ``ifft2(dense).real * scaling`` in
 fp32, and ``merge`` adds it (transposed on Conv1D) to the weight in the weight's dtype, rounded
 once. The positions are drawn here by the same call, so they are peft's; the delta is formed by
-peft's own calls, whole (``dense_delta``: the FFT mixes every row). ``n_frequency`` is per module
-from ``n_frequency_pattern`` (the first key ``k`` with ``re.match(rf".*\\.{k}$", module)``, else
-the module's own name, else ``n_frequency``).
+peft's own calls, whole (``dense_delta``: the FFT mixes every row, and MKL's ``ifft2`` is not,
+for every shape, the same bits as 1-D transforms of the rows, then of the columns, which could
+stream: it is for 5120 x 13824 and 96 x 600, not for 172 x 64 nor 300 x 300). At 13B's MLP
+widths its complex input and output (540 MiB each) make the peak, not ``randperm``'s.
+``n_frequency`` is per module from ``n_frequency_pattern`` (the first key ``k`` with
+``re.match(rf".*\\.{k}$", module)``, else the module's own name, else ``n_frequency``).
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ import torch
 
 from ..errors import FormatError, MismatchError, UnsupportedError
 from ..tensor_spec import TensorSpec
+from . import Scratch
 from .adapter import AdapterKind, is_number
-from .rotation import RotationDelta
+from .rotation import RotationDelta, block_rows
 
 
 def adjust(in_features: int, params: int) -> int:
@@ -82,16 +83,27 @@ def cayley(vec: torch.Tensor, block: int, neumann: bool, terms: int) -> torch.Te
 
 class OftDelta(RotationDelta):
     def __init__(self, source, parts, rows: int, transposed: bool, config: dict, block: int, rank: int):
-        super().__init__(source, parts, rows, transposed)
+        super().__init__(source, parts, rows, transposed, block * rank)
         self.config, self.block, self.rank = config, block, rank
 
-    def matrix(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        vec = next(iter(tensors.values()))
+    def setup(self, tensors: dict[str, torch.Tensor]) -> None:
+        vec = tensors.pop(next(iter(tensors)))
         if self.config.get("coft", False):
             vec = project(vec, self.block, self.config.get("eps", 6e-5))
         blocks = cayley(vec, self.block, self.config.get("use_cayley_neumann", True),
                         self.config.get("num_cayley_neumann_terms", 5))
-        return torch.block_diag(*[blocks[0 if blocks.shape[0] == 1 else i] for i in range(self.rank)])
+        tensors["blocks"] = blocks.expand(self.rank, -1, -1) if blocks.shape[0] == 1 else blocks
+
+    def matrix(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.block_diag(*torch.unbind(tensors["blocks"]))
+
+    def window(self, tensors: dict[str, torch.Tensor], a: int, b: int, scratch: Scratch) -> torch.Tensor:
+        blocks = tensors["blocks"]
+        buf = scratch.get("rotation-window", torch.float32, (b - a, self.width))
+        if self.transposed:
+            return block_rows(blocks, a, b, buf)
+        cols = scratch.get("rotation-columns", torch.float32, (self.width, b - a))
+        return cols.copy_(block_rows(blocks.transpose(1, 2), a, b, buf).t())
 
 
 class OftKind(AdapterKind):
