@@ -18,7 +18,7 @@ from helpers import (
     apply_in_process,
     join_safetensors,
     llama_state,
-    run_in_process,
+    run_cli,
     save_checkpoint,
     split_safetensors,
     with_manifest_format,
@@ -166,7 +166,7 @@ def test_apply_refuses_damaged_delta(tmp_path, case, fmt, sharded, target, damag
     victim = _damaged_delta(tmp_path, fmt, sharded, target, damage, manifest, base)
     out = tmp_path / "out"
     if case in SUBPROCESS_CASES and manifest is None:
-        r = run_in_process("apply", base, tmp_path / "delta", out, "-q")
+        r = run_cli("apply", base, tmp_path / "delta", out, "-q")
         code, stderr = r.returncode, r.stderr
     else:
         code, stderr = apply_in_process(base, tmp_path / "delta", out)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import apply_in_process, llama_config, llama_state, run_in_process, save_checkpoint
+from helpers import apply_in_process, llama_config, llama_state, run_cli, save_checkpoint
 from safetensors.torch import save_file
 
 from deltamerge.cli import main
@@ -355,7 +355,7 @@ def test_apply_cli_refuses_a_code_running_bin(tmp_path):
     delta = save_checkpoint(llama_state(1), tmp_path / "delta", fmt="bin")
     state = torch.load(delta / "pytorch_model.bin", weights_only=True)
     torch.save({**state, "payload": Payload(marker)}, delta / "pytorch_model.bin")
-    r = run_in_process("apply", base, delta, tmp_path / "out", "-q")
+    r = run_cli("apply", base, delta, tmp_path / "out", "-q")
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert "pytorch_model.bin: refused by weights-only loading" in r.stderr

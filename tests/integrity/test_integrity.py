@@ -52,7 +52,7 @@ def world(tmp_path_factory, request) -> dict:
 
 
 def invoke(*args: object) -> Result:
-    """The CLI in this process: for runs that succeed (failures go through ``run_cli``)."""
+    """The CLI in this process, click's Result (``run_in_process`` for failures: a process's answer)."""
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
