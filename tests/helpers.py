@@ -187,8 +187,10 @@ def run_in_process(*args: object) -> subprocess.CompletedProcess:
     Python importing torch (seconds a call). An exception click did not turn into an exit is
     printed to stderr as Python prints it, status 1, and the warnings a user's process would show
     (Python's default filters) are printed after the command's stderr: a test of "one line, no
-    traceback" still sees them. Tests of signals, kills, the environment, a working folder, or what
-    a fresh process imports keep :func:`run_cli`.
+    traceback" still sees them. Tests of signals, kills, the environment, a working folder, what
+    a fresh process imports, or an option that sets the process's own state (``--cache-dir`` sets
+    huggingface_hub's cache for the process) keep :func:`run_cli`; so does a run in a module that
+    monkeypatches deltamerge (test_formats' ``small_groups``) unless the patch is meant for it.
     """
     import traceback
     import warnings
