@@ -180,6 +180,40 @@ def run_cli(
     )
 
 
+def run_in_process(*args: object) -> subprocess.CompletedProcess:
+    """``deltamerge ARGS`` through click in this process, answered as :func:`run_cli` answers.
+
+    The same commands, error handling and exit statuses as the child process, without a second
+    Python importing torch (seconds a call). An exception click did not turn into an exit is
+    printed to stderr as Python prints it, status 1, and the warnings a user's process would show
+    (Python's default filters) are printed after the command's stderr: a test of "one line, no
+    traceback" still sees them. Tests of signals, kills, the environment, a working folder, what
+    a fresh process imports, or an option that sets the process's own state (``--cache-dir`` sets
+    huggingface_hub's cache for the process) keep :func:`run_cli`; so does a run in a module that
+    monkeypatches deltamerge (test_formats' ``small_groups``) unless the patch is meant for it.
+    """
+    import traceback
+    import warnings
+
+    from click.testing import CliRunner
+
+    from deltamerge.cli import main
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()  # Python's defaults, not pytest's: what a user's process shows
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.simplefilter("default", append=True)  # every other category, once a place
+        result = CliRunner().invoke(main, [*map(str, args)], prog_name="deltamerge")
+    stderr = result.stderr + "".join(
+        warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught)
+    code = result.exit_code
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+        code = 1
+    return subprocess.CompletedProcess(["deltamerge", *map(str, args)], code, result.stdout, stderr)
+
+
 def apply_in_process(*args: object) -> tuple[int, str]:
     """``deltamerge apply`` through click in this process: the same error handling, no startup."""
     from click.testing import CliRunner

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,14 +38,42 @@ def vocab_gguf(name: str) -> Path:
     return llamacpp_dir() / "models" / f"ggml-vocab-{name}.gguf"
 
 
+class Conversion:
+    """The converter started on ``folder`` in the background (``with Conversion(...) as c:``): the
+    test writes our GGUF of the same model while the converter's process runs on the other core,
+    then asks for the converter's files with ``c.files()``; leaving the block stops a converter
+    still running."""
+
+    def __init__(self, folder: Path, out: Path, outtype: str) -> None:
+        root = llamacpp_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "gguf-py"), str(root)]),
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.out = out
+        self.log = tempfile.TemporaryFile()  # a file, not a pipe: nothing reads it until the end
+        self.proc = subprocess.Popen(
+            [sys.executable, str(root / "convert_hf_to_gguf.py"), str(folder), "--outfile", f"{out}/",
+             "--outtype", outtype], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def __enter__(self) -> Conversion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stops a converter the test no longer waits for (it failed before asking for its files)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+    def files(self) -> dict[str, bytes]:
+        """The converter's GGUF file(s) (file name -> bytes), once it has exited with 0."""
+        code = self.proc.wait(timeout=300)
+        self.log.seek(0)
+        assert code == 0, self.log.read().decode(errors="replace")[-3000:]
+        return {p.name: p.read_bytes() for p in sorted(self.out.glob("*.gguf"))}
+
+
 def convert(folder: Path, out: Path, outtype: str) -> dict[str, bytes]:
     """The converter's GGUF file(s) for ``folder`` (file name -> bytes), written into ``out``."""
-    root = llamacpp_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "gguf-py"), str(root)]),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [sys.executable, str(root / "convert_hf_to_gguf.py"), str(folder), "--outfile", f"{out}/",
-         "--outtype", outtype], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {p.name: p.read_bytes() for p in sorted(out.glob("*.gguf"))}
+    with Conversion(folder, out, outtype) as conversion:
+        return conversion.files()

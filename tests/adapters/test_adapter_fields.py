@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_state, run_cli
+from helpers import load_state, run_in_process
 from lora_factors import DTYPE, assert_refused, layer, randomize_lora
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -79,7 +79,7 @@ def test_keys_without_peft_s_prefix_are_refused(tmp_path: Path, base: Path) -> N
     save_file({k.removeprefix("base_model.model."): v for k, v in load_file(weights).items()},
               weights)
     out = tmp_path / "out"
-    done = run_cli("apply", base, delta, out)
+    done = run_in_process("apply", base, delta, out)
     assert done.returncode == 2, done.stderr
     line = done.stderr.strip()
     assert "\n" not in line and "adapter_model.safetensors" in line

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_state, run_cli
+from helpers import load_state, run_in_process
 from lora_factors import SMALL_BLOCK, assert_matches, make_adapter, peft_merge, tiny_llama
 from safetensors.torch import load_file
 
@@ -49,7 +49,7 @@ def test_two_adapters_equal_merging_one_after_the_other(tmp_path: Path, dtype: t
 def test_chain_from_the_command_line(tmp_path: Path) -> None:
     base = tiny_llama(tmp_path / "base", torch.float16)
     first, second = _two_adapters(base, torch.float16, tmp_path)
-    done = run_cli("apply", base, first, second, tmp_path / "out")
+    done = run_in_process("apply", base, first, second, tmp_path / "out")
     assert done.returncode == 0, done.stderr
     assert "(kind: lora, lora)" in done.stdout
     assert_matches(tmp_path / "out", peft_merge(base, torch.float16, [first, second]))

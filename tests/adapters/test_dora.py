@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_state, run_cli
+from helpers import load_state, run_in_process
 from lora_factors import ALL, SMALL_BLOCK, assert_matches, make_adapter, peft_merge, tiny_llama
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
@@ -84,7 +84,7 @@ def test_dora_then_plain_lora_in_one_apply(tmp_path: Path, bases) -> None:
 def test_embedding_dora_is_refused(tmp_path: Path, bases) -> None:
     adapter = make_adapter(bases[torch.float16], torch.float16, tmp_path / "adapter", r=4,
                            target_modules=["embed_tokens", "q_proj"], use_dora=True)
-    done = run_cli("apply", bases[torch.float16], adapter, tmp_path / "out")
+    done = run_in_process("apply", bases[torch.float16], adapter, tmp_path / "out")
     assert done.returncode == 2, done.stderr
     assert "embed_tokens" in done.stderr and "DoRA" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

@@ -15,12 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (
-    apply_in_process,
-    assert_states_equal,
-    load_state,
-    run_cli,
-)
+from helpers import apply_in_process, assert_states_equal, load_state, run_in_process
 from pandagpt import IMAGEBIND, VICUNA_V0_VOCAB, make_panda, panda_reference
 from remote_code import load_tiny_glm, write_tiny_glm
 from transformers import LlamaForCausalLM
@@ -38,8 +33,8 @@ def test_pandagpt_is_one_command(tmp_path: Path, panda) -> None:
     keys = list(torch.load(panda["panda"] / "pytorch_model.pt", weights_only=True))
     assert "llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in keys
     out = tmp_path / "pandagpt"
-    done = run_cli("apply", panda["llama"], panda["delta"], panda["panda"], out,
-                   "--lora-alpha", "16", "--lora-r", "8")
+    done = run_in_process("apply", panda["llama"], panda["delta"], panda["panda"], out,
+                          "--lora-alpha", "16", "--lora-r", "8")
     assert done.returncode == 0, done.stderr
     assert "(kind: add, lora)" in done.stdout
     got, reference = load_state(out), panda_reference(panda)
@@ -123,7 +118,7 @@ def test_ptuning_checkpoint_becomes_one_folder(tmp_path: Path, projection: bool)
     base = write_tiny_glm(tmp_path / "chatglm-6b", seed=0)
     ckpt = ptuning_checkpoint(base, tmp_path / "ptuning", 5, projection)
     out = tmp_path / "chatglm-ptuned"
-    done = run_cli("apply", base, ckpt, out)
+    done = run_in_process("apply", base, ckpt, out)
     assert done.returncode == 0, done.stderr
     assert "(kind: prefix)" in done.stdout
 

@@ -10,6 +10,7 @@ result, and its file must be ours.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from llamacpp import convert, llamacpp_dir
+from llamacpp import Conversion, llamacpp_dir
 from safetensors.torch import save_file
 
 gguf = pytest.importorskip("gguf")
@@ -66,8 +67,13 @@ def hf_model(folder: Path, model_type: str, tokenizer: str, dtype: torch.dtype =
              **config: object) -> Path:
     """A tiny model of transformers' own classes for ``model_type``, with a real tokenizer's files."""
     shutil.copytree(tokenizer_files(tokenizer), folder, ignore=shutil.ignore_patterns("done"))
-    vocab = len(transformers.AutoTokenizer.from_pretrained(folder))
-    return tiny_model(folder, model_type, vocab, dtype, **config)
+    return tiny_model(folder, model_type, tokenizer_length(tokenizer), dtype, **config)
+
+
+@functools.cache
+def tokenizer_length(name: str) -> int:
+    """The number of tokens of a cached tokenizer, read once a session (Qwen2's 151k take seconds)."""
+    return len(transformers.AutoTokenizer.from_pretrained(tokenizer_files(name)))
 
 
 def tiny_model(folder: Path, model_type: str, vocab: int, dtype: torch.dtype, **config: object) -> Path:
@@ -95,15 +101,26 @@ def sentencepiece_model(folder: Path, model_type: str, sp: bytes, dtype: torch.d
 
 def merged_both_ways(tmp_path: Path, base: Path, outtype: str) -> tuple[dict[str, bytes], dict[str, bytes]]:
     """(our GGUF of the merged result, the converter's GGUF of the same result in safetensors)."""
-    target = perturbed(base, tmp_path / "target", seed=1)
-    (tmp_path / "hf").mkdir()
+    return gguf_both_ways(tmp_path, base, *merged_to_safetensors(tmp_path, base), outtype)
+
+
+def merged_to_safetensors(root: Path, base: Path) -> tuple[Path, Path]:
+    """(a delta of a fine-tune of ``base``, the result of applying it in safetensors)."""
+    target = perturbed(base, root / "target", seed=1)
+    (root / "hf").mkdir()
+    cli("make-delta", base, target, root / "delta")
+    cli("apply", base, root / "delta", root / "hf" / "tiny-merged")
+    return root / "delta", root / "hf" / "tiny-merged"
+
+
+def gguf_both_ways(tmp_path: Path, base: Path, delta: Path, merged: Path,
+                   outtype: str) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """(our GGUF of ``base`` + ``delta``, the converter's of ``merged``), the two made at once."""
     (tmp_path / "gguf").mkdir()
-    cli("make-delta", base, target, tmp_path / "delta")
-    cli("apply", base, tmp_path / "delta", tmp_path / "hf" / "tiny-merged")
-    cli("apply", base, tmp_path / "delta", tmp_path / "gguf" / "tiny-merged", "--format", "gguf",
-        "--outtype", outtype)
-    ours = {p.name: p.read_bytes() for p in sorted((tmp_path / "gguf" / "tiny-merged").glob("*.gguf"))}
-    return ours, convert(tmp_path / "hf" / "tiny-merged", tmp_path / "converted", outtype)
+    with Conversion(merged, tmp_path / "converted", outtype) as conversion:
+        cli("apply", base, delta, tmp_path / "gguf" / merged.name, "--format", "gguf", "--outtype", outtype)
+        ours = {p.name: p.read_bytes() for p in sorted((tmp_path / "gguf" / merged.name).glob("*.gguf"))}
+        return ours, conversion.files()
 
 
 def assert_same_files(ours: dict[str, bytes], theirs: dict[str, bytes]) -> None:
@@ -120,10 +137,17 @@ def pre_tokenizer(folder: Path) -> str:
     return gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents()
 
 
+@pytest.fixture(scope="module")
+def sentencepiece_llama(tmp_path_factory, sp_model: bytes) -> tuple[Path, Path, Path]:
+    """(base, delta, merged result in safetensors): made once, converted to each outtype."""
+    root = tmp_path_factory.mktemp("sentencepiece-llama")
+    base = tiny_llama(root / "base", sp_model, kv_heads=2)
+    return base, *merged_to_safetensors(root, base)
+
+
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
-def test_llama_with_sentencepiece(tmp_path: Path, sp_model: bytes, outtype: str):
-    base = tiny_llama(tmp_path / "base", sp_model, kv_heads=2)
-    ours, theirs = merged_both_ways(tmp_path, base, outtype)
+def test_llama_with_sentencepiece(tmp_path: Path, sentencepiece_llama: tuple[Path, Path, Path], outtype: str):
+    ours, theirs = gguf_both_ways(tmp_path, *sentencepiece_llama, outtype)
     assert_same_files(ours, theirs)
 
 
@@ -246,9 +270,11 @@ def test_q4_k_m_is_the_converters_file_requantized(tmp_path: Path, sp_model: byt
     (tmp_path / "hf").mkdir()
     (tmp_path / "q").mkdir()
     cli("apply", base, tmp_path / "delta", tmp_path / "hf" / "m")
-    cli("apply", base, tmp_path / "delta", tmp_path / "q" / "m", "--format", "gguf", "--outtype", "q4_k_m")
+    with Conversion(tmp_path / "hf" / "m", tmp_path / "c", "f16") as conversion:  # the model's own dtype
+        cli("apply", base, tmp_path / "delta", tmp_path / "q" / "m", "--format", "gguf",
+            "--outtype", "q4_k_m")
+        [name] = conversion.files()
     [ours] = (tmp_path / "q" / "m").glob("*.gguf")
-    [name] = convert(tmp_path / "hf" / "m", tmp_path / "c", "f16")  # the model's own dtype
     theirs = gguf.GGUFReader(tmp_path / "c" / name)
     reader = gguf.GGUFReader(ours)
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import GROUP, PRELUDE, load_state, run_cli
+from helpers import GROUP, PRELUDE, load_state, run_cli, run_in_process
 from safetensors.torch import load_file, save_file
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from llamacpp import convert  # noqa: E402
+from llamacpp import Conversion  # noqa: E402
 
 import deltamerge.apply  # noqa: E402
 from deltamerge import apply_delta  # noqa: E402
@@ -97,10 +97,11 @@ def merged_both_ways(tmp_path: Path, base: Path, outtype: str) -> tuple[dict[str
     (tmp_path / "gguf").mkdir()
     cli("make-delta", base, target, tmp_path / "delta")
     cli("apply", base, tmp_path / "delta", tmp_path / "hf" / "tiny-merged")
-    cli("apply", base, tmp_path / "delta", tmp_path / "gguf" / "tiny-merged", "--format", "gguf",
-        "--outtype", outtype)
-    ours = {p.name: p.read_bytes() for p in sorted((tmp_path / "gguf" / "tiny-merged").glob("*.gguf"))}
-    return ours, convert(tmp_path / "hf" / "tiny-merged", tmp_path / "converted", outtype)
+    with Conversion(tmp_path / "hf" / "tiny-merged", tmp_path / "converted", outtype) as conversion:
+        cli("apply", base, tmp_path / "delta", tmp_path / "gguf" / "tiny-merged", "--format", "gguf",
+            "--outtype", outtype)
+        ours = {p.name: p.read_bytes() for p in sorted((tmp_path / "gguf" / "tiny-merged").glob("*.gguf"))}
+        return ours, conversion.files()
 
 
 def shuffled(folder: Path, out: Path, outtype: str, seed: int) -> dict[str, bytes]:
@@ -194,13 +195,13 @@ def test_a_killed_run_resumes_with_a_layers_experts_in_several_groups(tmp_path: 
             "--block-size", "3000"]
     (tmp_path / "ref").mkdir()
     reference = tmp_path / "ref" / "model"
-    with pytest.MonkeyPatch.context() as mp:
+    out = tmp_path / "model"
+    with pytest.MonkeyPatch.context() as mp:  # the killed run's tensor groups (PRELUDE)
         mp.setattr(deltamerge.apply, "DEFAULT_SHARD_SIZE", GROUP)
         apply_delta(base, tmp_path / "delta", reference, format="gguf", outtype="q8_0")
-    out = tmp_path / "model"
-    killed = run_cli(*map(str, args), str(out), "-q", env={"DELTAMERGE_KILL_AT": "shard:3"}, prelude=PRELUDE)
-    assert killed.returncode == -9, killed.stderr
-    resumed = run_cli(*map(str, args), str(out), "--resume", prelude=PRELUDE)
+        killed = run_cli(*args, out, "-q", env={"DELTAMERGE_KILL_AT": "shard:3"}, prelude=PRELUDE)
+        assert killed.returncode == -9, killed.stderr
+        resumed = run_in_process(*args, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "re-checked and kept" in resumed.stdout
     for path in reference.iterdir():
@@ -223,10 +224,11 @@ def test_q4_k_m_is_the_converters_file_requantized(tmp_path: Path, sp_model: byt
     (tmp_path / "hf").mkdir()
     (tmp_path / "q").mkdir()
     cli("apply", base, tmp_path / "delta", tmp_path / "hf" / "m")
-    cli("apply", base, tmp_path / "delta", tmp_path / "q" / "m", "--format", "gguf", "--outtype", "q4_k_m",
-        "--threads", "2")
+    with Conversion(tmp_path / "hf" / "m", tmp_path / "c", "f16") as conversion:
+        cli("apply", base, tmp_path / "delta", tmp_path / "q" / "m", "--format", "gguf",
+            "--outtype", "q4_k_m", "--threads", "2")
+        [name] = conversion.files()
     [ours] = (tmp_path / "q" / "m").glob("*.gguf")
-    [name] = convert(tmp_path / "hf" / "m", tmp_path / "c", "f16")
     theirs = gguf.GGUFReader(tmp_path / "c" / name)
     reader = gguf.GGUFReader(ours)
 

@@ -24,6 +24,7 @@ from helpers import (
     apply_in_process,
     load_state,
     run_cli,
+    run_in_process,
 )
 
 import deltamerge.apply
@@ -164,13 +165,13 @@ def test_a_killed_quantized_run_resumes_to_the_same_bytes(tmp_path: Path, sp_mod
     args = ["apply", base, delta, "--format", "gguf", "--outtype", "q4_k_m", "--block-size", "3000"]
     (tmp_path / "ref").mkdir()
     reference = tmp_path / "ref" / "model"
+    out = tmp_path / "model"
     with pytest.MonkeyPatch.context() as mp:  # the killed run's tensor groups (PRELUDE)
         mp.setattr(deltamerge.apply, "DEFAULT_SHARD_SIZE", GROUP)
         apply_delta(base, delta, reference, format="gguf", outtype="q4_k_m")
-    out = tmp_path / "model"
-    killed = run_cli(*args, out, "-q", env={"DELTAMERGE_KILL_AT": "shard:2"}, prelude=PRELUDE)
-    assert killed.returncode == -9, killed.stderr
-    resumed = run_cli(*args, out, "--resume", "--threads", "2", prelude=PRELUDE)
+        killed = run_cli(*args, out, "-q", env={"DELTAMERGE_KILL_AT": "shard:2"}, prelude=PRELUDE)
+        assert killed.returncode == -9, killed.stderr
+        resumed = run_in_process(*args, out, "--resume", "--threads", "2")
     assert resumed.returncode == 0, resumed.stderr
     assert "re-checked and kept" in resumed.stdout
     for path in reference.iterdir():

@@ -15,7 +15,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import FFN, HIDDEN, assert_states_equal, llama_state, load_state, run_cli, save_checkpoint
+from helpers import (
+    FFN,
+    HIDDEN,
+    assert_states_equal,
+    llama_state,
+    load_state,
+    run_cli,
+    run_in_process,
+    save_checkpoint,
+)
 from hubserver import DEFAULT_TOKEN, HubServer
 from huggingface_hub import HfApi, ModelCard, constants
 
@@ -99,7 +108,7 @@ def test_corrupt_lfs_object_is_caught_by_the_hub_sha256(hub, api, models, tmp_pa
     publish(api, models)
     hub.corrupt_lfs("alice/delta", "model.safetensors")
     out = tmp_path / "out"
-    proc = run_cli("apply", "alice/base", "alice/delta", out, "-q")
+    proc = run_in_process("apply", "alice/base", "alice/delta", out, "-q")
     assert proc.returncode == 1, proc.stderr
     message = proc.stderr.strip().splitlines()[-1]
     assert "alice/delta@" in message and "model.safetensors" in message and "sha256" in message

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
-from helpers import ETA, Terminal, llama_state, run_cli, save_checkpoint
+from helpers import ETA, Terminal, llama_state, run_cli, run_in_process, save_checkpoint
 from hubserver import DEFAULT_TOKEN, HubServer
 from huggingface_hub import ModelCard, constants
 from huggingface_hub import file_download as hf_download
@@ -75,7 +75,7 @@ def uploads(hub: HubServer) -> int:
 def test_a_push_cut_at_its_commit_is_finished_by_running_it_again(hub, models, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", DEFAULT_TOKEN)
     hub.drop_connections("/commit/", "POST")
-    first = run_cli("push", models.target, "alice/model", "-q")
+    first = run_in_process("push", models.target, "alice/model", "-q")
     assert first.returncode == 1, first.stderr
     line = one_line(first)
     assert f"run `deltamerge push {models.target} alice/model` again" in line

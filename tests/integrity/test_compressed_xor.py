@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_states_equal, llama_state, load_state, one_line, run_cli, save_checkpoint
+from helpers import (
+    assert_states_equal,
+    llama_state,
+    load_state,
+    one_line,
+    run_cli,
+    run_in_process,
+    save_checkpoint,
+)
 
 from deltamerge import apply_delta, make_delta
 from deltamerge.formats.safetensors import read_header
@@ -101,7 +109,7 @@ def test_corrupt_frame_is_refused_naming_file_and_tensor(tmp_path: Path) -> None
     data = bytearray(path.read_bytes())
     data[stored.offset + stored.spec.nbytes // 2] ^= 0x5A
     path.write_bytes(bytes(data))
-    proc = run_cli("apply", base, tmp_path / "delta", tmp_path / "out", "-q")
+    proc = run_in_process("apply", base, tmp_path / "delta", tmp_path / "out", "-q")
     line = one_line(proc, 2, path.name, name, "corrupt")
     assert "compressed frame" in line
     assert not (tmp_path / "out").exists()
@@ -110,10 +118,10 @@ def test_corrupt_frame_is_refused_naming_file_and_tensor(tmp_path: Path) -> None
 def test_compress_needs_xor_and_a_zstd_level(tmp_path: Path) -> None:
     base = save_checkpoint(llama_state(0), tmp_path / "base")
     target = save_checkpoint(llama_state(1), tmp_path / "target")
-    proc = run_cli("make-delta", base, target, tmp_path / "d", "--compress", "-q")
+    proc = run_in_process("make-delta", base, target, tmp_path / "d", "--compress", "-q")
     one_line(proc, 2, "--compress", "xor")
-    proc = run_cli("make-delta", base, target, tmp_path / "d", "--kind", "xor", "--compress",
-                   "--compress-level", "23", "-q")
+    proc = run_in_process("make-delta", base, target, tmp_path / "d", "--kind", "xor", "--compress",
+                          "--compress-level", "23", "-q")
     assert proc.returncode == 2 and "--compress-level" in proc.stderr
     assert not (tmp_path / "d").exists()
 
@@ -140,7 +148,7 @@ def test_resume_keeps_checked_shards(tmp_path: Path) -> None:
     assert killed.returncode == -9, killed.stderr
     partial = tmp_path / ".delta.deltamerge-partial"
     assert len((partial / "journal.jsonl").read_text().splitlines()) == 3
-    resumed = run_cli(*args, "--resume", "--json")
+    resumed = run_in_process(*args, "--resume", "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["notes"] == ["resumed: 2 finished shard(s) kept, each hashed again"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {

@@ -20,7 +20,7 @@ from helpers import (
     flip_bit,
     llama_state,
     load_state,
-    run_cli,
+    run_in_process,
     save_checkpoint,
     with_manifest_format,
 )
@@ -52,7 +52,7 @@ def world(tmp_path_factory, request) -> dict:
 
 
 def invoke(*args: object) -> Result:
-    """The CLI in this process: for runs that succeed (failures go through ``run_cli``)."""
+    """The CLI in this process, click's Result (``run_in_process`` for failures: a process's answer)."""
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
@@ -84,7 +84,7 @@ def test_flipped_base_bit_stops_apply_naming_the_tensor(world, tmp_path):
     base = copy(world["base"], tmp_path / "base")
     flip_bit(base / "model.safetensors", TAMPERED)
     out = tmp_path / "out"
-    proc = run_cli("apply", "-q", base, world["delta"], out)
+    proc = run_in_process("apply", "-q", base, world["delta"], out)
     line = assert_failed_cleanly(proc, out, 1, repr(TAMPERED), "does not match the publisher's base")
     assert "tensors had matched" in line
 
@@ -102,7 +102,7 @@ def test_wrong_base_of_the_same_shapes_is_refused(world, tmp_path):
     """LLaMA-2 given for LLaMA-1: every shape fits, nothing but the digests can tell."""
     other = save_checkpoint(llama_state(1, vocab=BIG_VOCAB), tmp_path / "other-base")
     out = tmp_path / "out"
-    proc = run_cli("apply", "-q", other, world["delta"], out)
+    proc = run_in_process("apply", "-q", other, world["delta"], out)
     assert_failed_cleanly(proc, out, 1, "does not match the publisher's base", "(0 tensors had matched)")
 
 
@@ -131,7 +131,7 @@ def test_changed_byte_in_a_delta_shard_fails_the_cli(world, tmp_path):
     delta = copy(world["delta"], tmp_path / "delta")
     victim = corrupt_delta_file(delta, "large shard")
     out = tmp_path / "out"
-    proc = run_cli("apply", "-q", world["base"], delta, out)
+    proc = run_in_process("apply", "-q", world["base"], delta, out)
     line = assert_failed_cleanly(proc, out, 1, victim.name, world["algorithm"],
                                  "does not match deltamerge.json")
     if world["format"] == 2:  # checked by its tensors, named

@@ -14,12 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import (
-    apply_in_process,
-    assert_states_equal,
-    load_state,
-    run_cli,
-)
+from helpers import apply_in_process, assert_states_equal, load_state, run_in_process
 from releases import SEED_SIZE, _xor, fake_meta_7b, openbuddy_release
 
 from deltamerge import apply_delta
@@ -61,7 +56,7 @@ def test_enc_is_decoded_as_decrypt_py_does(openbuddy, tmp_path: Path) -> None:
     decrypt_py(meta / "consolidated.00.pth", reference, key_md5)
     assert detect_kind(release, None) == "enc"
 
-    done = run_cli("apply", meta, release, tmp_path / "out", "--key-md5", key_md5)
+    done = run_in_process("apply", meta, release, tmp_path / "out", "--key-md5", key_md5)
     assert done.returncode == 0, done.stderr
     assert "(kind: enc)" in done.stdout
     out = tmp_path / "out"

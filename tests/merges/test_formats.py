@@ -25,6 +25,7 @@ from helpers import (
     llama_config,
     load_state,
     run_cli,
+    run_in_process,
     save_checkpoint,
 )
 from lora_factors import ALL, make_adapter
@@ -250,7 +251,8 @@ def references(tmp_path_factory, lora, meta_lora, small_groups) -> dict[str, Pat
 
 @pytest.mark.parametrize("fmt", ["gguf", "meta"])
 @pytest.mark.parametrize("point", ["shard:2", "publish"])
-def test_killed_run_resumes_to_the_same_bytes(tmp_path: Path, lora, meta_lora, references, fmt, point):
+def test_killed_run_resumes_to_the_same_bytes(tmp_path: Path, lora, meta_lora, references, small_groups,
+                                              fmt, point):
     """A kept tensor group is read back and checked: one corrupted after the kill is redone."""
     base, adapter, _ = lora if fmt == "gguf" else meta_lora
     reference = references[fmt]
@@ -268,7 +270,7 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path: Path, lora, meta_lora, r
             byte = f.read(1)
             f.seek(offset)
             f.write(bytes([byte[0] ^ 0xFF]))
-    resumed = run_cli(*args, out, "--resume", prelude=PRELUDE)
+    resumed = run_in_process(*args, out, "--resume")  # small_groups: PRELUDE's groups, here
     assert resumed.returncode == 0, resumed.stderr
     assert "re-checked and kept" in resumed.stdout
     if point == "shard:2":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_states_equal, llama_state, load_state, run_cli, save_checkpoint
+from helpers import assert_states_equal, llama_state, load_state, run_in_process, save_checkpoint
 from releases import _decoded_files, _oa_release, oa_encode
 
 from deltamerge import apply_delta, make_delta
@@ -64,9 +64,9 @@ def test_xor_refuses_mean_rows(tmp_path: Path) -> None:
 def test_xor_cli_says_it_matches(tmp_path: Path) -> None:
     base = save_checkpoint(llama_state(0), tmp_path / "base")
     target = save_checkpoint(llama_state(1), tmp_path / "target")
-    made = run_cli("make-delta", "--kind", "xor", "-q", base, target, tmp_path / "delta")
+    made = run_in_process("make-delta", "--kind", "xor", "-q", base, target, tmp_path / "delta")
     assert made.returncode == 0, made.stderr
-    done = run_cli("apply", base, tmp_path / "delta", tmp_path / "out")
+    done = run_in_process("apply", base, tmp_path / "delta", tmp_path / "out")
     assert done.returncode == 0, done.stderr
     assert "(kind: xor)" in done.stdout
     assert "matches the publisher's result" in done.stdout
@@ -134,7 +134,7 @@ def test_xor_files_wrong_base_size_is_named_before_writing(tmp_path: Path) -> No
     shard = sorted(base.glob("pytorch_model-*.bin"))[-1]
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size - 1000)  # an interrupted download
-    done = run_cli("apply", base, delta, tmp_path / "out")
+    done = run_in_process("apply", base, delta, tmp_path / "out")
     assert done.returncode == 2, done.stderr
     assert str(shard) in done.stderr and "not complete" in done.stderr
     assert not (tmp_path / "out").exists()
@@ -197,7 +197,7 @@ def test_xor_files_compressed_under_plain_names_are_decoded(tmp_path: Path) -> N
     assert not list(delta.glob("*.gz"))
     assert (delta / "config.json").read_bytes()[:2] == b"\x1f\x8b"
     assert looks_like_xor_files(delta)
-    done = run_cli("apply", base, delta, tmp_path / "out")
+    done = run_in_process("apply", base, delta, tmp_path / "out")
     assert done.returncode == 0, done.stderr
     assert "(kind: xor-files)" in done.stdout
     for name, data in _decoded_files(tuned, base, True).items():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_states_equal, llama_state, load_state, run_cli, save_checkpoint
+from helpers import assert_states_equal, llama_state, load_state, run_in_process, save_checkpoint
 from meta_helpers import hf_to_meta
 
 import deltamerge
@@ -59,7 +59,7 @@ def test_apply_with_a_meta_base_equals_apply_with_its_conversion(tmp_path: Path)
 def test_convert_cli_with_dtype(tmp_path: Path):
     state = llama_state(7)
     hf_to_meta(state, PARAMS, 1, tmp_path / "meta")
-    proc = run_cli("convert", tmp_path / "meta", tmp_path / "hf", "--dtype", "float32")
+    proc = run_in_process("convert", tmp_path / "meta", tmp_path / "hf", "--dtype", "float32")
     assert proc.returncode == 0, proc.stderr
     out = load_state(tmp_path / "hf")
     assert all(torch.equal(out[n], state[n].float()) for n in state)
@@ -67,7 +67,7 @@ def test_convert_cli_with_dtype(tmp_path: Path):
 
 def test_convert_refuses_a_hugging_face_folder(tmp_path: Path):
     hf = save_checkpoint(llama_state(0), tmp_path / "hf")
-    proc = run_cli("convert", hf, tmp_path / "out")
+    proc = run_in_process("convert", hf, tmp_path / "out")
     assert proc.returncode == 2 and "not a Meta-layout folder" in proc.stderr
 
 
@@ -101,7 +101,7 @@ def test_convert_keeps_the_sources_added_tokens_and_pad(tmp_path: Path):
 def test_convert_without_a_tokenizer_says_so(tmp_path: Path):
     state = llama_state(9)
     hf_to_meta(state, PARAMS, 1, tmp_path / "meta")
-    proc = run_cli("convert", tmp_path / "meta", tmp_path / "hf")
+    proc = run_in_process("convert", tmp_path / "meta", tmp_path / "hf")
     assert proc.returncode == 0, proc.stderr
     assert f"no tokenizer.model in {tmp_path / 'meta'} or its parent: the result has no tokenizer" \
         in proc.stdout

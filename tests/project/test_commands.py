@@ -21,7 +21,7 @@ from helpers import (
     fine_tune,
     flip_bit,
     llama_state,
-    run_cli,
+    run_in_process,
     save_checkpoint,
     with_manifest_format,
 )
@@ -51,7 +51,7 @@ def world(tmp_path_factory) -> dict:
 
 
 def invoke(*args: object) -> Result:
-    """The CLI in this process: for runs that succeed (failures go through ``run_cli``)."""
+    """The CLI in this process, click's Result (``run_in_process`` for failures: a process's answer)."""
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
@@ -140,10 +140,10 @@ def test_checksum_cli_prints_the_digest_and_writes_a_manifest_verify_accepts(
     as_bin = save_checkpoint(world["base_state"], tmp_path / "bin", fmt="bin", shard_bytes=50_000)
     report = verify(as_bin, digests)
     assert report.ok and report.algorithm == algorithm
-    proc = run_cli("verify", "-q", world["target"], "--manifest", digests)
+    proc = run_in_process("verify", "-q", world["target"], "--manifest", digests)
     one_line_error(proc, 1, "21 tensor(s) do not match")
     other = "sha256" if algorithm == "blake3" else "blake3"
-    proc = run_cli("verify", "-q", as_bin, "--manifest", digests, "--algorithm", other)
+    proc = run_in_process("verify", "-q", as_bin, "--manifest", digests, "--algorithm", other)
     one_line_error(proc, 2, f"holds {algorithm} digests, not {other}")
 
 
@@ -191,7 +191,7 @@ def test_verify_cli_passes_then_lists_the_tampered_tensor(world, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(world["out"], out)
     flip_bit(out / "model.safetensors", TAMPERED)
-    proc = run_cli("verify", "-q", out, "--manifest", manifest)
+    proc = run_in_process("verify", "-q", out, "--manifest", manifest)
     one_line_error(proc, 1, str(out), "1 tensor(s) do not match", "20 of 21 matched")
     listed = proc.stdout.strip().splitlines()
     assert len(listed) == 1 and listed[0].startswith(f"differs  {TAMPERED}: content: blake3")
@@ -233,7 +233,7 @@ def test_manifest_sources_and_roles(world, tmp_path):
 
 
 def test_verify_cli_refuses_a_file_that_is_not_a_manifest(world):
-    proc = run_cli("verify", world["out"], "--manifest", world["base"] / "config.json")
+    proc = run_in_process("verify", world["out"], "--manifest", world["base"] / "config.json")
     one_line_error(proc, 2, "config.json", "not a deltamerge.json")
 
 
@@ -287,7 +287,7 @@ def test_inspect_text_output(world, algorithm):
 
 # -- diff -----------------------------------------------------------------------------------
 def test_diff_cli_base_vs_target_reports_max_abs_diff(world):
-    proc = run_cli("diff", "--json", world["base"], world["target"])
+    proc = run_in_process("diff", "--json", world["base"], world["target"])
     assert proc.returncode == 1, proc.stderr
     r = json.loads(proc.stdout)
     assert r["identical"] is False and r["only_a"] == [] and r["only_b"] == []

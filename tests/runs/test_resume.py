@@ -17,6 +17,7 @@ from helpers import (
     llama_state,
     load_state,
     run_cli,
+    run_in_process,
     save_checkpoint,
     with_manifest_format,
 )
@@ -33,7 +34,7 @@ def inputs(tmp_path_factory) -> tuple[Path, Path, Path]:
     base = save_checkpoint(llama_state(0), root / "base", shard_bytes=40_000)
     delta = save_checkpoint(llama_state(1), root / "delta", "bin", shard_bytes=50_000)
     reference = root / "reference"
-    proc = run_cli("apply", base, delta, reference, "--max-shard-size", SHARD, "--quiet")
+    proc = run_in_process("apply", base, delta, reference, "--max-shard-size", SHARD, "--quiet")
     assert proc.returncode == 0, proc.stderr
     return base, delta, reference
 
@@ -59,11 +60,11 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, inputs, point: st
     finished = [line.split('"shard": "')[1].split('"')[0] for line in journal[1:]]
     before = {n: s for n, s in shard_stats(partial).items() if n in finished}
 
-    refused = run_cli(*args)
+    refused = run_in_process(*args)
     assert refused.returncode == 2 and "--resume" in refused.stderr
     assert "Traceback" not in refused.stderr
 
-    resumed = run_cli(*args, "--resume")
+    resumed = run_in_process(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_states_equal(load_state(out), load_state(reference))
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
@@ -80,8 +81,8 @@ def test_resume_refuses_a_partial_folder_from_other_options(tmp_path: Path, inpu
     killed = run_cli("apply", base, delta, out, "--max-shard-size", SHARD, "--quiet",
                      env={"DELTAMERGE_KILL_AT": "shard:2"})
     assert killed.returncode == -9
-    other = run_cli("apply", base, delta, out, "--max-shard-size", SHARD, "--dtype", "float32",
-                    "--resume")
+    other = run_in_process("apply", base, delta, out, "--max-shard-size", SHARD, "--dtype", "float32",
+                           "--resume")
     assert other.returncode == 2 and "other inputs or options" in other.stderr
 
 
@@ -121,7 +122,7 @@ def test_a_resumed_run_still_checks_the_delta_behind_the_shards_it_kept(tmp_path
     st = victim.stat()
     flip_bit(victim, tensor)
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # the plan's fingerprint still fits
-    resumed = run_cli(*args, "--resume", "--quiet")
+    resumed = run_in_process(*args, "--resume", "--quiet")
     assert resumed.returncode == 1, resumed.stderr
     assert victim.name in resumed.stderr and algorithm in resumed.stderr
     if fmt == 2:
@@ -133,7 +134,7 @@ def test_a_resumed_run_of_a_published_delta_is_verified(tmp_path, published):
     base, delta = published
     args, kept = _kill_after_shards(tmp_path, base, delta)
     assert kept
-    resumed = run_cli(*args, "--resume")
+    resumed = run_in_process(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "(matches the publisher's result)" in resumed.stdout
 
@@ -156,7 +157,7 @@ def test_signals_stop_cleanly_and_keep_the_partial_folder(
     assert stopped.returncode == status, stopped.stderr
     assert "Traceback" not in stopped.stderr and "--resume" in stopped.stderr
     assert not out.exists() and (tmp_path / ".out.deltamerge-partial").is_dir()
-    resumed = run_cli(*args, "--resume", "--quiet")
+    resumed = run_in_process(*args, "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert_states_equal(load_state(out), load_state(reference))
 

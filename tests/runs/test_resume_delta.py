@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import llama_state, run_cli, save_checkpoint
+from helpers import llama_state, run_cli, run_in_process, save_checkpoint
 from releases import _oa_release, oa_encode
 
 from deltamerge import apply_delta
@@ -39,7 +39,7 @@ def pair(tmp_path_factory) -> tuple[Path, Path, Path]:
     base = save_checkpoint(llama_state(0), root / "base")
     target = save_checkpoint(llama_state(1), root / "target")
     reference = root / "reference"
-    proc = run_cli("make-delta", base, target, reference, "--max-shard-size", SHARD, "-q")
+    proc = run_in_process("make-delta", base, target, reference, "--max-shard-size", SHARD, "-q")
     assert proc.returncode == 0, proc.stderr
     return base, target, reference
 
@@ -55,10 +55,10 @@ def test_make_delta_resumes_and_redoes_a_kept_shard_that_changed(tmp_path: Path,
     assert len(finished) == 3 and not out.exists()
     _flip_a_byte(partial / finished[1])  # the journal's sha256 no longer holds for it
 
-    refused = run_cli(*args)
+    refused = run_in_process(*args)
     assert refused.returncode == 2 and "--resume" in refused.stderr
 
-    resumed = run_cli(*args, "--resume", "--json")
+    resumed = run_in_process(*args, "--resume", "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert _files(out) == _files(reference)  # the manifest too: the same digests and sha256s
     notes = json.loads(resumed.stdout)["notes"]
@@ -84,9 +84,9 @@ def test_xor_files_resume_and_workers(tmp_path: Path):
     assert len(finished) == 3
     _flip_a_byte(partial / finished[0])
 
-    refused = run_cli(*args)
+    refused = run_in_process(*args)
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    resumed = run_cli("apply", base, delta, out, "--workers", "3", "--resume", "--json")
+    resumed = run_in_process("apply", base, delta, out, "--workers", "3", "--resume", "--json")
     assert resumed.returncode == 0, resumed.stderr
     result = json.loads(resumed.stdout)
     assert result["model_digest"] == reference.model_digest
