@@ -45,7 +45,7 @@ from .sinks import Sink
 from .sinks.aux import aux_bytes, copy_aux, fix_config
 from .sinks.folder import check_free_space, check_out, partial_dir, write_json
 from .sinks.safetensors import write_index
-from .sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
+from .sizes import DEFAULT_SHARD_SIZE, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .sources.folders import is_aux_file
 from .sources.inputs import Resolved, hub_repo_id, need_folders
@@ -66,7 +66,7 @@ def apply_delta(
     dtype: str | torch.dtype | None = None,
     new_rows: str = "zero",
     max_shard_size: str | int | None = None,
-    block_size: int | str = DEFAULT_BLOCK_BYTES,
+    block_size: int | str | None = None,
     force: bool = False,
     verify: bool = True,
     workers: int | None = None,
@@ -106,7 +106,8 @@ def apply_delta(
         dtype: the result's dtype; by default the one config.json names.
         new_rows: ``"zero"`` or ``"mean"``: what rows a delta adds to the vocabulary start from.
         max_shard_size: bytes (or e.g. ``"5GB"``) per output shard; 5GB by default.
-        block_size: bytes (or e.g. ``"24MB"``) bounding each row block's buffers.
+        block_size: bytes (or e.g. ``"24MB"``) bounding each row block's buffers (default 24 MiB;
+            16 MiB for a llama-quantize ``outtype``, whose runs load numba's compiler).
         force: replace a non-empty ``out`` (at publish, so a failed run leaves it untouched).
         verify: check the result against the delta's manifest as it is written.
         workers: threads for the stream; 1 by default (the CLI picks from the CPUs).

@@ -21,7 +21,6 @@ from .options import RunOptions
 from .outputs import OUTPUT_FORMATS
 from .progress import reports_progress
 from .results import ApplyResult
-from .sizes import DEFAULT_BLOCK_BYTES
 from .sources.folders import detect_layout
 from .sources.inputs import need_folders
 from .sources.meta import TOKENIZER
@@ -34,7 +33,7 @@ def convert(
     *,
     dtype: str | torch.dtype | None = None,
     max_shard_size: str | int | None = None,
-    block_size: int | str = DEFAULT_BLOCK_BYTES,
+    block_size: int | str | None = None,
     force: bool = False,
     workers: int | None = None,
     progress: bool | Callable[[int, int], None] = False,

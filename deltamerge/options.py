@@ -76,7 +76,7 @@ class RunOptions:
     def of(
         cls, *, kind: str | None = None, dtype: str | torch.dtype | None = None,
         new_rows: str = "zero", max_shard_size: str | int | None = None,
-        block_size: int | str = DEFAULT_BLOCK_BYTES, force: bool = False, verify: bool = True,
+        block_size: int | str | None = None, force: bool = False, verify: bool = True,
         workers: int | None = None, progress: Progress = False,
         extra_files: dict[str, Path | bytes] | None = None, hub: dict | None = None,
         expect_md5: str | Path | None = None, key_md5: str | None = None, resume: bool = False,
@@ -108,7 +108,7 @@ class RunOptions:
                 raise InputError(f"{flag} says how the base was quantized in training: it needs --qlora")
         args.flag("safe_merge", safe_merge)
         args.size("max_shard_size", max_shard_size)
-        block_bytes = args.size("block_size", block_size) or DEFAULT_BLOCK_BYTES
+        block_bytes = args.size("block_size", block_size)
         args.flag("force", force)
         args.flag("verify", verify)
         args.flag("resume", resume)
@@ -131,7 +131,8 @@ class RunOptions:
         fmt = output_format(format, outtype=outtype, mp=mp, max_shard_size=max_shard_size,
                             threads=threads)
         return cls(
-            kind, out_dtype, new_rows, fmt, block_bytes, force, verify, workers or 1, progress,
+            kind, out_dtype, new_rows, fmt, block_bytes or fmt.block_bytes(), force, verify,
+            workers or 1, progress,
             extra_files, hub, expect_md5, key_md5, resume, qlora, quant_dtype, lora_r, lora_alpha,
             lora_prefix, allow_repeat, signer, qlora_scope or QLORA_SCOPES[0],
             qlora_kernel or QLORA_KERNELS[0], safe_merge, threads or machine_cores(),

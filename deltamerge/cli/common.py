@@ -23,7 +23,7 @@ from ..errors import DeltaMergeError, signal_status
 from ..interrupts import running
 from ..names import DTYPE_NAMES
 from ..outputs import FORMATS, OUTPUT_FORMATS
-from ..outputs.gguf import OUTTYPES
+from ..outputs.gguf import OUTTYPES, QUANTIZED_BLOCK_BYTES
 from ..outputs.meta import MP_SHARDS
 from ..sizes import DEFAULT_BLOCK_BYTES, DEFAULT_SHARD_SIZE, parse_size
 
@@ -144,8 +144,9 @@ def common_run_options(fn: Callable) -> Callable:
                           "also accepted); with --format gguf, split as llama.cpp splits (default: "
                           "one file)."),
         click.option("--block-size", default=None, callback=_size, metavar="SIZE",
-                     help=f"Largest working buffer (default {DEFAULT_BLOCK_BYTES >> 20}MiB); "
-                          "peak memory is a few of these."),
+                     help=f"Largest working buffer (default {DEFAULT_BLOCK_BYTES >> 20}MiB; "
+                          f"{QUANTIZED_BLOCK_BYTES >> 20}MiB with a quantized --outtype); peak memory "
+                          "is a few of these."),
         click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty."),
         click.option("--workers", type=click.IntRange(1, 64), default=None,
                      help="Threads for the pipeline (1 = no threads; default: from the machine)."),

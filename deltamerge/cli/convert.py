@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..sizes import DEFAULT_BLOCK_BYTES
 from .common import (
     DTYPE,
     common_run_options,
@@ -50,7 +49,7 @@ def convert_cmd(meta_dir, out, dtype, resume, as_json, fmt, outtype, threads, mp
 
     result = convert(
         meta_dir, out, dtype=dtype, max_shard_size=max_shard_size,
-        block_size=block_size or DEFAULT_BLOCK_BYTES, force=force,
+        block_size=block_size, force=force,
         workers=workers or default_workers(), progress=not quiet, resume=resume, format=fmt,
         outtype=outtype, mp=int(mp) if mp else None, threads=threads,
     )

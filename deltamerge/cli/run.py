@@ -111,7 +111,7 @@ def apply_cmd(paths, kind, dtype, new_rows, qlora, qlora_dtype, qlora_scope, qlo
     target = _check_target(push_to, token)
     result = apply_delta(
         base, deltas, out, kind=kind, dtype=dtype, new_rows=new_rows,
-        max_shard_size=max_shard_size, block_size=block_size or DEFAULT_BLOCK_BYTES,
+        max_shard_size=max_shard_size, block_size=block_size,
         force=force, verify=not no_verify, workers=workers or default_workers(),
         progress=not quiet, resume=resume, expect_md5=expect_md5, key_md5=key_md5, qlora=qlora,
         qlora_dtype=qlora_dtype, qlora_scope=qlora_scope, qlora_kernel=qlora_kernel,

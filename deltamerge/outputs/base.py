@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from ..registry import load
+from ..sizes import DEFAULT_BLOCK_BYTES
 
 if TYPE_CHECKING:
     from ..compute_pool import ComputePool
@@ -66,6 +67,10 @@ class OutputFormat(ABC):
     @abstractmethod
     def options(self) -> dict:
         """What the result record and the journal's fingerprint say of it."""
+
+    def block_bytes(self) -> int:
+        """The row blocks' buffer size when the run does not give one (``--block-size``)."""
+        return DEFAULT_BLOCK_BYTES
 
     def plan_shard_bytes(self, default: int) -> int:
         """The size the plan's shards are laid out at (the journal's unit, and the order

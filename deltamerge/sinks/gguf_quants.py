@@ -25,13 +25,14 @@ uses and which match ggml's ``quantize_row_*_ref``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
-from types import ModuleType
 
 import torch
 
 from ..compute_pool import one_torch_thread
+from ..registry import load
 from .gguf_kv import require_gguf
 
 try:
@@ -39,12 +40,11 @@ try:
     import numpy as np
 except ImportError:
     gguf = None
-# Optional: numba compiles the k-quants (this module is loaded only for GGUF output, so its import
-# cost, about a second on a busy machine, is paid only there).
-try:
-    from . import gguf_kquants_numba
-except ImportError:
-    gguf_kquants_numba = None
+# Optional: numba compiles the k-quants. Its compiler costs about 100 MiB of memory, so it is
+# loaded (through the registry's loader, as sinks are) when a run first quantizes a k-type, not
+# for every GGUF output: f16 and q8_0 runs never load it.
+_NUMBA_KERNELS = "deltamerge.sinks.gguf_kquants_numba"
+_HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
 __all__ = ["kquants_backend", "quantize_rows"]
 
@@ -580,7 +580,7 @@ def quantize_rows(rows: torch.Tensor, qtype: int) -> torch.Tensor:
     flat_out = out.reshape(-1, type_size)
     compiled = _compiled_kquants()
     if compiled is not None:
-        compiled.quantize(flat_in.numpy(), flat_out.numpy(), qtype.name)
+        compiled(flat_in.numpy(), flat_out.numpy(), qtype.name)
         return out
     with one_torch_thread():  # _seq_sum's order holds on one thread
         for a in range(0, flat_in.shape[0], _CHUNK_SUPERBLOCKS):
@@ -600,23 +600,24 @@ def kquants_backend() -> str:
         raise ValueError(f"{KQUANTS_ENV}={wanted!r}: expected 'numba' or 'torch'")
     if wanted == "torch":
         return "torch"
-    if wanted == "numba" or _numba_module() is not None:
+    if wanted == "numba" or _numba_quantize() is not None:
         return "numba"
     return "torch"
 
 
-def _compiled_kquants() -> ModuleType | None:
+def _compiled_kquants() -> Callable[[np.ndarray, np.ndarray, str], None] | None:
     if kquants_backend() == "torch":
         return None
-    module = _numba_module()
-    if module is None:
+    quantize = _numba_quantize()
+    if quantize is None:
         raise ImportError(f"{KQUANTS_ENV}=numba, but numba does not import: pip install numba")
-    return module
+    return quantize
 
 
-def _numba_module() -> ModuleType | None:
-    """``gguf_kquants_numba`` where numba imports (a seam the tests replace to act as if it did not)."""
-    return gguf_kquants_numba
+def _numba_quantize() -> Callable[[np.ndarray, np.ndarray, str], None] | None:
+    """``gguf_kquants_numba.quantize`` where numba is installed, its module imported on first use
+    (a seam the tests replace to act as if numba were not installed)."""
+    return load(f"{_NUMBA_KERNELS}:quantize") if _HAS_NUMBA else None
 
 
 def _padded(x: torch.Tensor) -> torch.Tensor:

@@ -31,9 +31,12 @@ import deltamerge.apply
 import deltamerge.sinks.gguf as gguf_module
 from deltamerge import apply_delta
 from deltamerge.errors import InputError
+from deltamerge.options import RunOptions
+from deltamerge.outputs.gguf import QUANTIZED_BLOCK_BYTES, QUANTIZED_OUTTYPES
 from deltamerge.sinks import gguf_types
 from deltamerge.sinks.gguf import GGUFStreamWriter, plan_gguf
 from deltamerge.sinks.gguf_quants import quantize_rows
+from deltamerge.sizes import DEFAULT_BLOCK_BYTES
 
 gguf = pytest.importorskip("gguf")
 QT = gguf.GGMLQuantizationType
@@ -200,3 +203,14 @@ def test_plan_gguf_refuses_splits_of_a_quantized_file(tmp_path: Path, sp_model: 
     hf = tiny_llama(tmp_path / "hf", sp_model)
     with pytest.raises(InputError, match="writes one file"):
         plan_gguf(hf, specs(load_state(hf)), outtype="q4_0", split_max_size=100_000)
+
+
+def test_quantized_outtypes_default_to_smaller_blocks() -> None:
+    """Their runs load numba's compiler (about 100 MiB), so their blocks default to 16 MiB to keep
+    a 13B-wide run under 512 MiB; the other formats keep 24 MiB, and --block-size always wins."""
+    assert QUANTIZED_BLOCK_BYTES < DEFAULT_BLOCK_BYTES
+    for outtype in QUANTIZED_OUTTYPES:
+        assert RunOptions.of(format="gguf", outtype=outtype).block_size == QUANTIZED_BLOCK_BYTES
+    for fmt, outtype in (("gguf", "f16"), ("gguf", "q8_0"), ("gguf", None), ("hf", None)):
+        assert RunOptions.of(format=fmt, outtype=outtype).block_size == DEFAULT_BLOCK_BYTES
+    assert RunOptions.of(format="gguf", outtype="q4_k_m", block_size="40MiB").block_size == 40 << 20

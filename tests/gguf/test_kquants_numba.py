@@ -103,7 +103,7 @@ def test_quantize_rows_takes_the_numba_path(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_without_numba_the_torch_port_runs(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(gguf_quants, "_numba_module", lambda: None)
+    monkeypatch.setattr(gguf_quants, "_numba_quantize", lambda: None)
     monkeypatch.delenv(gguf_quants.KQUANTS_ENV, raising=False)
     assert gguf_quants.kquants_backend() == "torch"
     rows = torch.randn(2, 256)
