@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
-from helpers import HEADS, HIDDEN, LAYERS, llama_config, llama_state, save_checkpoint
+from helpers import HEADS, HIDDEN, LAYERS, llama_config, llama_state, load_state, save_checkpoint
+from safetensors.torch import save_file
 
 HEAD_DIM = HIDDEN // HEADS
 
@@ -97,3 +99,13 @@ def wide_llama(folder: Path, sp_model: bytes, dtype: torch.dtype, seed: int = 0)
                           tie_word_embeddings=True)
     save_checkpoint(state, folder, config=config, tokenizer=False)
     return folder
+
+
+def perturbed(folder: Path, out: Path, seed: int) -> Path:
+    """A fine-tune of ``folder``: every tensor plus small noise, the other files as they are."""
+    g = torch.Generator().manual_seed(seed)
+    tuned = {n: (t.float() + torch.randn(t.shape, generator=g) * 0.01).to(t.dtype)
+             for n, t in load_state(folder).items()}
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    save_file(tuned, out / "model.safetensors", metadata={"format": "pt"})
+    return out

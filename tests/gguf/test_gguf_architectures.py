@@ -19,12 +19,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from llamacpp import Conversion, llamacpp_dir
-from safetensors.torch import save_file
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from gguf_models import sp_vocab_size, specs, tiny_llama  # noqa: E402
+from gguf_models import perturbed, sp_vocab_size, specs, tiny_llama  # noqa: E402
 from helpers import load_state  # noqa: E402
 
 from deltamerge.cli import main  # noqa: E402
@@ -51,16 +50,6 @@ def tokenizer_files(name: str) -> Path:
     if not folder.is_dir():
         pytest.fail(f"{folder} is missing: scripts/fetch_llamacpp.sh rebuilds it")
     return folder
-
-
-def perturbed(folder: Path, out: Path, seed: int) -> Path:
-    """A fine-tune of ``folder``: every tensor plus small noise, the other files as they are."""
-    state = load_state(folder)
-    g = torch.Generator().manual_seed(seed)
-    tuned = {n: (t.float() + torch.randn(t.shape, generator=g) * 0.01).to(t.dtype) for n, t in state.items()}
-    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    save_file(tuned, out / "model.safetensors", metadata={"format": "pt"})
-    return out
 
 
 def hf_model(folder: Path, model_type: str, tokenizer: str, dtype: torch.dtype = torch.float16,

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from gguf_models import perturbed
 from helpers import GROUP, PRELUDE, load_state, run_cli, run_in_process
 from safetensors.torch import load_file, save_file
 
@@ -78,16 +79,6 @@ def mixtral(folder: Path, sp: bytes, dtype: torch.dtype = torch.float16, **confi
                 t.add_(torch.randn(t.shape, dtype=torch.float32).to(dtype) * 0.1)
     model.save_pretrained(folder)
     return folder
-
-
-def perturbed(folder: Path, out: Path, seed: int) -> Path:
-    """A fine-tune of ``folder``: every tensor plus small noise, the other files as they are."""
-    g = torch.Generator().manual_seed(seed)
-    tuned = {n: (t.float() + torch.randn(t.shape, generator=g) * 0.01).to(t.dtype)
-             for n, t in load_state(folder).items()}
-    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    save_file(tuned, out / "model.safetensors", metadata={"format": "pt"})
-    return out
 
 
 def merged_both_ways(tmp_path: Path, base: Path, outtype: str) -> tuple[dict[str, bytes], dict[str, bytes]]:
