@@ -126,10 +126,12 @@ def _put_fp16(y, at, bits):
     y[at + 1] = bits >> 8
 
 
-@njit(inline="always", **_JIT)  # into its caller, as gcc does: 1.2x on Q6_K
-def make_qx_quants_rmse1(n, nmax, x, L):
-    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)``: the scale; ``L`` (int8) in
-    0..2*nmax-1."""
+@njit(inline="always", **_JIT)
+def _first_pass(n, nmax, x, L, offset):
+    """The opening of ggml's ``make_qx_quants`` and ``make_q3_quants`` (the same lines in both):
+    ``mx``, the value of largest magnitude (the first on ties), then ``L`` at the scale ``-nmax / mx``
+    (plus ``offset``) and that scale's sums ``sumlx``, ``suml2``; ``mx`` 0 and ``L`` all 0 where
+    every value is below ``GROUP_MAX_EPS``."""
     mx = F32(0)
     amax = F32(0)
     for i in range(n):
@@ -137,21 +139,31 @@ def make_qx_quants_rmse1(n, nmax, x, L):
         if ax > amax:
             amax = ax
             mx = x[i]
+    sumlx = F32(0)
+    suml2 = F32(0)
     if amax < F32(1e-15):  # GROUP_MAX_EPS
         for i in range(n):
             L[i] = 0
-        return F32(0)
+        return F32(0), sumlx, suml2
     iscale = F32(-nmax) / mx
-    sumlx = F32(0)
-    suml2 = F32(0)
     for i in range(n):
         l = nearest_int(iscale * x[i])
         l = max(-nmax, min(nmax - 1, l))
-        L[i] = l + nmax
+        L[i] = l + offset
         w = x[i] * x[i]
         fl = F32(l)
         sumlx += w * x[i] * fl
         suml2 += w * fl * fl
+    return mx, sumlx, suml2
+
+
+@njit(inline="always", **_JIT)  # into its caller, as gcc does: 1.2x on Q6_K
+def make_qx_quants_rmse1(n, nmax, x, L):
+    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)``: the scale; ``L`` (int8) in
+    0..2*nmax-1."""
+    mx, sumlx, suml2 = _first_pass(n, nmax, x, L, nmax)
+    if mx == F32(0):
+        return F32(0)
     scale = sumlx / suml2 if suml2 != 0 else F32(0)
     best = scale * sumlx
     for step in range(-9, 10):
@@ -179,28 +191,9 @@ def make_qx_quants_rmse1(n, nmax, x, L):
 @njit(inline="always", **_JIT)  # into its caller, as gcc does: 1.2x on Q6_K
 def make_q3_quants(n, nmax, x, L):
     """ggml's ``make_q3_quants(n, nmax, x, L, do_rmse=true)``: the scale; ``L`` (int8) in 0..2*nmax-1."""
-    mx = F32(0)
-    amax = F32(0)
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
-    if amax < F32(1e-15):  # GROUP_MAX_EPS
-        for i in range(n):
-            L[i] = 0
+    mx, sumlx, suml2 = _first_pass(n, nmax, x, L, 0)
+    if mx == F32(0):
         return F32(0)
-    iscale = F32(-nmax) / mx
-    sumlx = F32(0)
-    suml2 = F32(0)
-    for i in range(n):
-        l = nearest_int(iscale * x[i])
-        l = max(-nmax, min(nmax - 1, l))
-        L[i] = l
-        w = x[i] * x[i]
-        fl = F32(l)
-        sumlx += w * x[i] * fl
-        suml2 += w * fl * fl
     for _ in range(5):
         n_changed = 0
         for i in range(n):
