@@ -30,7 +30,7 @@ from .patterns import suffix_pattern_values
 from .rotation import windows
 
 HOLD_BYTES = 64 * 1024 * 1024  # the complex identity (in x in) formed whole up to this
-TILE_BYTES = 16 * 1024 * 1024  # a tile's complex identity rows (tile x in) beyond it
+TILE_BYTES = 4 * 1024 * 1024  # a tile's complex identity rows (tile x in) beyond it
 
 
 def circulant(w: torch.Tensor) -> torch.Tensor:
