@@ -10,7 +10,12 @@ them, as MKL sums each element of the einsum's product as for the whole only the
 overlapping its neighbour), each tile's columns rounded into a delta held in the weight's dtype
 (exact: peft rounds there before dividing), so at 13B widths no ``in x in`` complex
 intermediate (1.5 GB) is formed; a delta whose identity fits ``HOLD_BYTES`` goes whole, by peft's
-own calls. ``b`` is per module from ``block_size_pattern`` (read as FourierFT's
+own calls, as it does whenever torch runs on more than one thread: MKL's complex product
+depends on the thread count at some shapes (13824 x 5120, b 64: two threads round 54M of its 70M
+values otherwise than one, and tiles on two otherwise than the whole on two), so tiles are used
+only on one thread, where they are bit for bit the whole (checked at 13B widths, b 64/128/256,
+fp16/bf16/fp32; the CLI's engine runs torch on one thread whenever ``--workers`` is over 1).
+``b`` is per module from ``block_size_pattern`` (read as FourierFT's
 ``n_frequency_pattern``: ``patterns.suffix_pattern_values``). peft adapts Linear layers only.
 """
 
@@ -55,12 +60,13 @@ def circulant_columns(fw: torch.Tensor, a: int, b: int) -> torch.Tensor:
 def delta(kernel: torch.Tensor, dtype: torch.dtype, tile: int | None = None) -> torch.Tensor:
     """peft's ``C3ALayer.get_delta_weight`` for a weight of ``dtype``, in ``dtype``; by tiles of
     ``tile`` identity rows (default: ``TILE_BYTES`` of them) when the identity is wider than
-    ``HOLD_BYTES``, or when ``tile`` is given."""
+    ``HOLD_BYTES`` and torch runs on one thread, or when ``tile`` is given."""
     m, n, size = kernel.shape
     width = n * size
     w = kernel.to(torch.float32)
     if tile is None:
-        tile = width if width * width * 8 <= HOLD_BYTES else TILE_BYTES // (width * 8)
+        whole = width * width * 8 <= HOLD_BYTES or torch.get_num_threads() > 1
+        tile = width if whole else TILE_BYTES // (width * 8)
     if tile >= width:
         d = circulant(w).to(dtype)
         return d / d.shape[-1]

@@ -5,6 +5,7 @@ expansion by tiles of identity rows (kinds/c3a.py), forced small, bit for bit pe
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import lora_factors
@@ -17,6 +18,7 @@ from peft.tuners.c3a.utils import get_circulant_fast
 from safetensors.torch import load_file
 
 from deltamerge import apply_delta
+from deltamerge.compute_pool import one_torch_thread
 from deltamerge.kinds import Scratch, c3a, rotation
 from deltamerge.kinds.hra import HraDelta, gram_schmidt, householder, reflection_factors
 from deltamerge.kinds.rotation import block_rows, windows
@@ -81,8 +83,11 @@ def test_householder_windows_are_peft_matrix_columns(apply_gs: bool) -> None:
 
 @pytest.mark.parametrize(("which", "dtype"), CASES,
                          ids=[f"{w}-{str(d).removeprefix('torch.')}" for w, d in CASES])
-def test_windowed_merge_is_whole_merge_and_peft(tmp_path: Path, monkeypatch, which: str,
+def test_windowed_merge_is_whole_merge_and_peft(tmp_path: Path, monkeypatch, request, which: str,
                                                 dtype: torch.dtype) -> None:
+    if which == "c3a":  # C3A tiles on one torch thread only; peft merges on one too, to compare
+        request.addfinalizer(partial(torch.set_num_threads, torch.get_num_threads()))
+        torch.set_num_threads(1)
     base = tiny_llama(tmp_path / "base", dtype)
     adapter = make(base, dtype, CONFIGS[which](), tmp_path / "adapter")
     apply_delta(base, adapter, tmp_path / "whole", block_size=SMALL_BLOCK)
@@ -109,11 +114,13 @@ C3A_SHAPES = [(64, 172, 4), (172, 64, 4), (64, 64, 16), (96, 352, 32), (256, 512
 def test_c3a_tiles_are_peft_whole_expansion(out_dim: int, in_dim: int, b: int,
                                             dtype: torch.dtype) -> None:
     """Tiles of 16 and 23 identity rows (the last one overlapping its neighbour: no width here
-    is a multiple of 23, 172 none of 16) give peft's ``get_delta_weight`` bit for bit."""
+    is a multiple of 23, 172 none of 16) give peft's ``get_delta_weight`` bit for bit, both on
+    one torch thread (where ``delta`` tiles by itself)."""
     kernel = torch.randn(out_dim // b, in_dim // b, b, generator=torch.Generator().manual_seed(b))
-    whole = get_circulant_fast(kernel).to(dtype) / in_dim
-    for tile in (16, 23):
+    with one_torch_thread():
+        whole = get_circulant_fast(kernel).to(dtype) / in_dim
+        tiled = [c3a.delta(kernel, dtype, tile) for tile in (16, 23)]
+    for tile, got in zip((16, 23), tiled):
         assert len(windows(in_dim, tile)) > 1
-        got = c3a.delta(kernel, dtype, tile)
         assert got.dtype == dtype
         assert torch.equal(got, whole)
