@@ -2,8 +2,9 @@
 
 FourierFT's inverse 2-D FFT and C3A's block-circulant FFTs mix every row of the weight, so their
 rows cannot be formed alone and still round as peft's do: the delta is computed whole, by peft's
-own calls, at its tensor's first block, held (fp32, the size of the weight in fp32) while that
-tensor streams and released after its last block. Only one tensor's delta is held at a time.
+own calls (C3A's by tiles of its columns, each computed alone), at its tensor's first block, held
+(fp32, or the weight's dtype where peft rounds the delta to it: C3A) while that tensor streams
+and released after its last block. Only one tensor's delta is held at a time.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ Build = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
 class DenseDelta(RowDelta):
-    """Rows of ``build(parts)`` (an ``(out, in)`` fp32 delta) added to the weight's fp32 rows,
-    rounded once, as peft's ``W += delta``; ``transposed``: the weight is stored ``(in, out)``
-    (GPT-2's Conv1D, peft's ``fan_in_fan_out``)."""
+    """Rows of ``build(parts)`` (an ``(out, in)`` delta, fp32 or narrower: the add widens it
+    exactly) added to the weight's fp32 rows, rounded once, as peft's ``W += delta``;
+    ``transposed``: the weight is stored ``(in, out)`` (GPT-2's Conv1D, peft's ``fan_in_fan_out``)."""
 
     def __init__(self, source: FactorSource, parts: dict[str, str], build: Build, transposed: bool):
         super().__init__(source, parts)

@@ -1,9 +1,11 @@
 """OFT, BOFT and HRA merged through windows of their ``in x in`` matrix (kinds/rotation.py):
 forced on tiny layers (nothing held whole, windows of 16 columns, a last window that overlaps
-its neighbour, blocks of a few rows), bit for bit the whole-matrix path and peft's merge."""
+its neighbour, blocks of a few rows), bit for bit the whole-matrix path and peft's merge; C3A's
+expansion by tiles of identity rows (kinds/c3a.py), forced small, bit for bit peft's whole one."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import lora_factors
@@ -11,15 +13,17 @@ import peft.tuners.boft.layer as boft_layer
 import pytest
 import torch
 from lora_factors import SMALL_BLOCK, assert_matches, make, peft_merge, tiny_llama
-from peft import BOFTConfig, HRAConfig, OFTConfig
+from peft import BOFTConfig, C3AConfig, HRAConfig, OFTConfig
+from peft.tuners.c3a.utils import get_circulant_fast
 from safetensors.torch import load_file
 
 from deltamerge import apply_delta
-from deltamerge.kinds import Scratch, rotation
+from deltamerge.compute_pool import one_torch_thread
+from deltamerge.kinds import Scratch, c3a, rotation
 from deltamerge.kinds.hra import HraDelta, gram_schmidt, householder, reflection_factors
 from deltamerge.kinds.rotation import block_rows, windows
 
-PARTS = ("oft_R", "oft_embedding_R", "boft_", "hra_u")
+PARTS = ("oft_R", "oft_embedding_R", "boft_", "hra_u", "c3a_kernel")
 CONFIGS = {
     # block 16 does not divide down_proj's 172 inputs (peft adjusts it to 4); an embedding
     "oft": lambda: OFTConfig(oft_block_size=16, target_modules=["q_proj", "down_proj", "embed_tokens"]),
@@ -28,9 +32,12 @@ CONFIGS = {
     "boft": lambda: BOFTConfig(boft_block_size=4, target_modules=["q_proj", "v_proj", "down_proj"]),
     "hra": lambda: HRAConfig(r=4, target_modules=["q_proj", "down_proj"]),
     "hra-gs": lambda: HRAConfig(r=3, apply_GS=True, target_modules=["k_proj", "down_proj"]),
+    "c3a": lambda: C3AConfig(block_size=4, target_modules=["q_proj", "down_proj", "up_proj"],
+                             block_size_pattern={"q_proj": 16}),
 }
 CASES = [("oft", torch.float16), ("oft-shared", torch.bfloat16), ("boft", torch.bfloat16),
-         ("hra", torch.float16), ("hra-gs", torch.float32)]
+         ("hra", torch.float16), ("hra-gs", torch.float32), ("c3a", torch.float16),
+         ("c3a", torch.bfloat16)]
 
 
 @pytest.fixture(autouse=True)
@@ -76,13 +83,18 @@ def test_householder_windows_are_peft_matrix_columns(apply_gs: bool) -> None:
 
 @pytest.mark.parametrize(("which", "dtype"), CASES,
                          ids=[f"{w}-{str(d).removeprefix('torch.')}" for w, d in CASES])
-def test_windowed_merge_is_whole_merge_and_peft(tmp_path: Path, monkeypatch, which: str,
+def test_windowed_merge_is_whole_merge_and_peft(tmp_path: Path, monkeypatch, request, which: str,
                                                 dtype: torch.dtype) -> None:
+    if which == "c3a":  # C3A tiles on one torch thread only; peft merges on one too, to compare
+        request.addfinalizer(partial(torch.set_num_threads, torch.get_num_threads()))
+        torch.set_num_threads(1)
     base = tiny_llama(tmp_path / "base", dtype)
     adapter = make(base, dtype, CONFIGS[which](), tmp_path / "adapter")
     apply_delta(base, adapter, tmp_path / "whole", block_size=SMALL_BLOCK)
     monkeypatch.setattr(rotation, "HOLD_BYTES", 0)
     monkeypatch.setattr(rotation, "WINDOW", 16)
+    monkeypatch.setattr(c3a, "HOLD_BYTES", 0)
+    monkeypatch.setattr(c3a, "TILE_BYTES", 1)  # tiles of 16 identity rows
     apply_delta(base, adapter, tmp_path / "windows", block_size=SMALL_BLOCK)
     whole, windowed = (load_file(tmp_path / n / "model.safetensors") for n in ("whole", "windows"))
     assert whole.keys() == windowed.keys()
@@ -90,3 +102,25 @@ def test_windowed_merge_is_whole_merge_and_peft(tmp_path: Path, monkeypatch, whi
         assert torch.equal(whole[name], windowed[name]), name
     assert_matches(tmp_path / "windows", peft_merge(base, dtype, [adapter]))
 
+
+
+C3A_SHAPES = [(64, 172, 4), (172, 64, 4), (64, 64, 16), (96, 352, 32), (256, 512, 64), (256, 256, 128),
+              (512, 768, 256)]
+
+
+@pytest.mark.parametrize(("out_dim", "in_dim", "b"), C3A_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["f16", "bf16", "f32"])
+def test_c3a_tiles_are_peft_whole_expansion(out_dim: int, in_dim: int, b: int,
+                                            dtype: torch.dtype) -> None:
+    """Tiles of 16 and 23 identity rows (the last one overlapping its neighbour: no width here
+    is a multiple of 23, 172 none of 16) give peft's ``get_delta_weight`` bit for bit, both on
+    one torch thread (where ``delta`` tiles by itself)."""
+    kernel = torch.randn(out_dim // b, in_dim // b, b, generator=torch.Generator().manual_seed(b))
+    with one_torch_thread():
+        whole = get_circulant_fast(kernel).to(dtype) / in_dim
+        tiled = [c3a.delta(kernel, dtype, tile) for tile in (16, 23)]
+    for tile, got in zip((16, 23), tiled):
+        assert len(windows(in_dim, tile)) > 1
+        assert got.dtype == dtype
+        assert torch.equal(got, whole)
