@@ -420,6 +420,14 @@ def quantize_row_q3_K(x, y):
         _pack_2bit(L, yb, 32)
 
 
+@njit(inline="always", **_JIT)
+def _qkx_scratch():
+    """The buffers Q4_K's and Q5_K's loops reuse from super-block to super-block (the C code's
+    locals): ``L``, ``Laux``, ``weights``, ``scales``, ``mins``."""
+    return (np.empty(QK_K, np.uint8), np.empty(32, np.uint8), np.empty(32, np.float32),
+            np.empty(QK_K // 32, np.float32), np.empty(QK_K // 32, np.float32))
+
+
 @njit(**_JIT)
 def _qkx_superblock(xb, yb, L, Laux, weights, scales, mins, nmax, rmin, rdelta, nstep):
     """What ``quantize_row_q4_K_ref`` and ``quantize_row_q5_K_ref`` share, for one super-block:
@@ -482,11 +490,7 @@ def quantize_row_q4_K(x, y):
 
     block_q4_K: d, dmin, scales[12], qs[128].
     """
-    L = np.empty(QK_K, np.uint8)
-    Laux = np.empty(32, np.uint8)
-    weights = np.empty(32, np.float32)
-    mins = np.empty(QK_K // 32, np.float32)
-    scales = np.empty(QK_K // 32, np.float32)
+    L, Laux, weights, scales, mins = _qkx_scratch()
     for i in range(x.shape[0]):
         yb = y[i]
         _qkx_superblock(x[i], yb, L, Laux, weights, scales, mins, 15, F32(-1), F32(0.1), 20)
@@ -503,11 +507,7 @@ def quantize_row_q5_K(x, y):
 
     block_q5_K: d, dmin, scales[12], qh[32], qs[128].
     """
-    L = np.empty(QK_K, np.uint8)
-    Laux = np.empty(32, np.uint8)
-    weights = np.empty(32, np.float32)
-    mins = np.empty(QK_K // 32, np.float32)
-    scales = np.empty(QK_K // 32, np.float32)
+    L, Laux, weights, scales, mins = _qkx_scratch()
     for i in range(x.shape[0]):
         yb = y[i]
         _qkx_superblock(x[i], yb, L, Laux, weights, scales, mins, 31, F32(-0.5), F32(0.1), 15)
