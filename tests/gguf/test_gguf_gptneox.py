@@ -8,14 +8,16 @@ the models here have a Pythia-style config.json, and the converter runs through
 did and changes nothing else. The rotary factor is 0.5, not GPTNeoXConfig's default 0.25, and
 the rope dimension count is checked against the test's own arithmetic, so neither reading could
 pass by falling back to the default. f16 is compared byte for byte; q4_k_m with the parts of
-llama-quantize's file, as test_gguf_architectures does for LLaMA (``scripts/gguf_vs_llamacpp.py
---quantize`` compares whole files).
+llama-quantize's file, as test_gguf_architectures does for LLaMA (the suite cannot run
+llama-quantize: ``scripts/gguf_vs_llamacpp.py --quantize`` compares whole files, and found this
+model's identical at every quantized outtype).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,7 @@ QT = gguf.GGMLQuantizationType
 SHIM = TESTS / "llamacpp_rotary_pct.py"
 ROTARY_PCT = 0.5
 ROPE_DIMS = "gptneox.rope.dimension_count"
+HIDDEN, HEADS = 256, 4  # rows of 256 values: the k-quants apply
 
 
 def cli(*args: object) -> None:
@@ -72,9 +75,21 @@ def pythia(folder: Path, hidden: int, heads: int, layers: int, ffn: int) -> Path
     return folder
 
 
-def merged_both_ways(root: Path, base: Path, outtype: str) -> tuple[dict[str, bytes], Path]:
-    """(our GGUF of ``base`` + a delta, the converter's folder for the merged safetensors result
-    at ``outtype``, or at f16 for the quantized outtypes)."""
+@dataclass(frozen=True)
+class Merge:
+    base: Path
+    delta: Path
+    ours: Path  # our f16 GGUF of base + delta
+    theirs: Path  # the converter's f16 GGUF of the merged result in safetensors
+
+
+@pytest.fixture(scope="module")
+def merge(tmp_path_factory) -> Merge:
+    """A delta merged to safetensors and to GGUF f16, and the merged safetensors converted at f16
+    (once: the f16 test compares it, the q4_k_m test requantizes it). Rows of 256 values, so that
+    the k-quants apply; one layer."""
+    root = tmp_path_factory.mktemp("pythia")
+    base = pythia(root / "base", hidden=HIDDEN, heads=HEADS, layers=1, ffn=256)
     target = perturbed(base, root / "target", seed=1)
     cli("make-delta", base, target, root / "delta")
     (root / "hf").mkdir()
@@ -82,43 +97,37 @@ def merged_both_ways(root: Path, base: Path, outtype: str) -> tuple[dict[str, by
     merged = root / "hf" / "tiny-pythia"
     cli("apply", base, root / "delta", merged)
     assert json.loads((merged / "config.json").read_text())["rotary_pct"] == ROTARY_PCT
-    converted = "f16" if outtype in gguf_types.OUTTYPES else outtype
-    with Conversion(merged, root / "converted", converted, via=SHIM) as conversion:
+    with Conversion(merged, root / "converted", "f16", via=SHIM) as conversion:
         cli("apply", base, root / "delta", root / "gguf" / merged.name, "--format", "gguf",
-            "--outtype", outtype)
-        ours = {p.name: p.read_bytes() for p in sorted((root / "gguf" / merged.name).glob("*.gguf"))}
-        conversion.files()
-    return ours, root / "converted"
+            "--outtype", "f16")
+        [theirs] = conversion.files()
+    [ours] = (root / "gguf" / merged.name).glob("*.gguf")
+    return Merge(base, root / "delta", ours, root / "converted" / theirs)
 
 
-def test_f16_is_the_converters_file(tmp_path: Path):
-    base = pythia(tmp_path / "base", hidden=64, heads=4, layers=2, ffn=128)
-    ours, converted = merged_both_ways(tmp_path, base, "f16")
-    theirs = {p.name: p.read_bytes() for p in sorted(converted.glob("*.gguf"))}
-    assert list(ours) == list(theirs)
-    for name in ours:
-        if ours[name] != theirs[name]:
-            first = next(i for i, (x, y) in enumerate(zip(ours[name], theirs[name])) if x != y)
-            pytest.fail(f"{name}: {len(ours[name])} bytes, the converter's {len(theirs[name])}; "
-                        f"first difference at byte {first}")
-    [path] = converted.glob("*.gguf")
-    fields = gguf.GGUFReader(path).fields
-    assert fields[ROPE_DIMS].contents() == int(ROTARY_PCT * 64 // 4) == 8
+def test_f16_is_the_converters_file(merge: Merge):
+    assert merge.ours.name == merge.theirs.name
+    ours, theirs = merge.ours.read_bytes(), merge.theirs.read_bytes()
+    if ours != theirs:
+        first = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
+        pytest.fail(f"{merge.ours.name}: {len(ours)} bytes, the converter's {len(theirs)}; "
+                    f"first difference at byte {first}")
+    fields = gguf.GGUFReader(merge.theirs).fields
+    assert fields[ROPE_DIMS].contents() == int(ROTARY_PCT * HIDDEN // HEADS) == 32
     assert "general.file_type" not in fields  # GPTNeoXModel writes none; the record names it still
-    record = json.loads((tmp_path / "gguf" / "tiny-pythia" / "deltamerge-result.json").read_text())
+    record = json.loads((merge.ours.parent / "deltamerge-result.json").read_text())
     assert record["gguf"]["file_type"] == "F16"
 
 
-def test_q4_k_m_is_the_converters_file_requantized(tmp_path: Path):
+def test_q4_k_m_is_the_converters_file_requantized(tmp_path: Path, merge: Merge):
     """llama-quantize's file from the converter's f16: its key/values (file type and quantization
     version moved last), its tensor order and type mix (the fused attn_qkv among them), the norms
     and biases kept F32, and every quantized row ``gguf_quants``' quantization of the converter's
-    value (sampled rows). Rows of 256 values, so that the k-quants apply."""
-    base = pythia(tmp_path / "base", hidden=256, heads=4, layers=1, ffn=256)
-    [ours], converted = merged_both_ways(tmp_path, base, "q4_k_m")
-    reader = gguf.GGUFReader(tmp_path / "gguf" / "tiny-pythia" / ours)
-    [source_path] = converted.glob("*.gguf")
-    theirs = gguf.GGUFReader(source_path)
+    value (sampled rows)."""
+    cli("apply", merge.base, merge.delta, tmp_path / "tiny-pythia", "--format", "gguf", "--outtype", "q4_k_m")
+    [ours] = (tmp_path / "tiny-pythia").glob("*.gguf")
+    reader = gguf.GGUFReader(ours)
+    theirs = gguf.GGUFReader(merge.theirs)
 
     def fields(r: gguf.GGUFReader) -> list[tuple[str, object]]:
         return [(f.name, f.types, f.contents()) for f in r.fields.values() if not f.name.startswith("GGUF.")]
@@ -128,7 +137,6 @@ def test_q4_k_m_is_the_converters_file_requantized(tmp_path: Path):
     expected += [(moved[0], [gguf.GGUFValueType.UINT32], 2), (moved[1], [gguf.GGUFValueType.UINT32], 15)]
     assert fields(reader) == expected
     kv = {f[0]: f[2] for f in expected}
-    assert kv[ROPE_DIMS] == int(ROTARY_PCT * 256 // 4) == 32
     source = {t.name: t for t in theirs.tensors}
     assert [t.name for t in reader.tensors] == gguf_types.order(list(source))
     info = gguf_types.ModelInfo("gptneox", kv["gptneox.block_count"], kv["gptneox.attention.head_count"],
