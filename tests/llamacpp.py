@@ -44,7 +44,9 @@ class Conversion:
     then asks for the converter's files with ``c.files()``; leaving the block stops a converter
     still running."""
 
-    def __init__(self, folder: Path, out: Path, outtype: str) -> None:
+    def __init__(self, folder: Path, out: Path, outtype: str, via: Path | None = None) -> None:
+        """``via``: a script that runs the converter (its path the script's first argument)
+        after patching it, such as ``llamacpp_rotary_pct.py``."""
         root = llamacpp_dir()
         out.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "gguf-py"), str(root)]),
@@ -52,7 +54,8 @@ class Conversion:
         self.out = out
         self.log = tempfile.TemporaryFile()  # a file, not a pipe: nothing reads it until the end
         self.proc = subprocess.Popen(
-            [sys.executable, str(root / "convert_hf_to_gguf.py"), str(folder), "--outfile", f"{out}/",
+            [sys.executable, *([str(via)] if via else []), str(root / "convert_hf_to_gguf.py"), str(folder),
+             "--outfile", f"{out}/",
              "--outtype", outtype], env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def __enter__(self) -> Conversion:

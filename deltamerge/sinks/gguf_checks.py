@@ -33,11 +33,12 @@ CONFIG_POSITIVE_INTS = (
 CONFIG_POSITIVE_NUMBERS = (
     "rms_norm_eps", "norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon",
     "rope_theta", "global_rope_theta", "rope_global_theta", "rope_theta_global", "rotary_emb_base",
+    "rotary_pct",
 )
 SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask", "prefix", "suffix", "middle", "eot")
 ROPE_FIELDS = {
     "strings": ("rope_type", "type"),
-    "positive_numbers": ("factor", "rope_theta", "attention_factor", "attn_factor"),
+    "positive_numbers": ("factor", "rope_theta", "attention_factor", "attn_factor", "partial_rotary_factor"),
     "numbers": ("extrapolation_factor", "beta_fast", "beta_slow"),
     "positive_ints": ("original_max_position_embeddings",),
 }

@@ -110,9 +110,13 @@ class GGUFSink(Sink):
 
     def record(self) -> dict:
         """The planned header's architecture and file type (``Q4_K_M``, llama.cpp's name, as in the
-        file name); the outtype resolved (the result's dtype when none was asked for)."""
+        file name); the outtype resolved (the result's dtype when none was asked for). A header
+        without a file type (GPT-NeoX's converter writes none) has the converted outtype's, whose
+        name is the outtype's (``F16``); llama-quantize always writes one."""
         kv = self.plan.kv
-        file_type = gguf.LlamaFileType(kv[gguf.Keys.General.FILE_TYPE]).name.partition("_")[2]
+        ftype = kv.get(gguf.Keys.General.FILE_TYPE)
+        file_type = (self.plan.outtype.upper() if ftype is None
+                     else gguf.LlamaFileType(ftype).name.partition("_")[2])
         return {"gguf": {"architecture": kv[gguf.Keys.General.ARCHITECTURE],
                          "outtype": self.plan.outtype, "file_type": file_type,
                          "files": self.outputs()}}

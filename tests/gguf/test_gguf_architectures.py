@@ -37,7 +37,7 @@ TINY = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "n
 
 
 # Architectures whose configs name their sizes otherwise: the test gives them all.
-OWN_SIZES = ("falcon", "bloom", "gpt_neox")
+OWN_SIZES = ("falcon", "bloom")
 
 
 def cli(*args: object) -> None:
@@ -211,16 +211,6 @@ def test_fused_qkv_architectures(tmp_path: Path, model_type: str, config: dict):
     base = hf_model(tmp_path / "base", model_type, "gpt-2", **config)
     ours, theirs = merged_both_ways(tmp_path, base, "f16")
     assert_same_files(ours, theirs)
-
-
-def test_gpt_neox_is_refused_as_the_converter_fails_on_it(tmp_path: Path):
-    """The converter reads ``rotary_pct``, which transformers 5 moves into ``rope_parameters``."""
-    base = hf_model(tmp_path / "base", "gpt_neox", "gpt-2", hidden_size=64, num_attention_heads=4,
-                    num_hidden_layers=1, intermediate_size=128, rotary_pct=0.25)
-    assert "rotary_pct" not in transformers.AutoConfig.from_pretrained(base).to_dict()
-    with pytest.raises(UnsupportedError, match="GPT-NeoX needs rotary_pct") as e:
-        plan_gguf(base, specs(load_state(base)))
-    assert "\n" not in str(e.value)
 
 
 def test_llama3_rope_freqs_come_first(tmp_path: Path):
