@@ -323,6 +323,7 @@ def _render_headers(writer: Any) -> list[bytes]:
     return [buf.getvalue() for buf in buffers]
 
 
+@gguf_kv.parsed_once()
 def plan_gguf(
     folder: Path,
     tensors: Iterable[TensorLike | tuple[str, torch.dtype, Sequence[int]]],

@@ -41,9 +41,10 @@ def _array(writer: Any, items: Any, sub_type: Any) -> bytes | None:
     writer's own packing is left to it."""
     if not isinstance(items, (list, tuple)) or not items:
         return None
+    types = dict(zip(map(type, items), items))  # each type of element, with one of them
     if sub_type is None:
-        try:  # each type's kind, from one element of that type
-            kinds = {GGUFValueType.get_type(item) for item in dict(zip(map(type, items), items)).values()}
+        try:
+            kinds = {GGUFValueType.get_type(item) for item in types.values()}
         except ValueError:
             return None  # the writer refuses it, in its words
         if len(kinds) != 1:
@@ -56,7 +57,10 @@ def _array(writer: Any, items: Any, sub_type: Any) -> bytes | None:
         order = "" if sub_type == GGUFValueType.BOOL else order  # as the writer packs a bool
         return head + struct.pack(f"{order}{len(items)}{fmt}", *items)
     if sub_type == GGUFValueType.STRING:
-        encoded = [item.encode("utf-8") if isinstance(item, str) else item for item in items]
-        length = struct.Struct(f"{order}Q").pack
-        return head + b"".join(chain.from_iterable((length(len(e)), e) for e in encoded))
+        if types.keys() == {str}:
+            encoded = list(map(str.encode, items))  # UTF-8
+        else:
+            encoded = [item.encode("utf-8") if isinstance(item, str) else item for item in items]
+        lengths = map(struct.Struct(f"{order}Q").pack, map(len, encoded))
+        return head + b"".join(chain.from_iterable(zip(lengths, encoded)))
     return None

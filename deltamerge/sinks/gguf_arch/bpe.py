@@ -3,30 +3,25 @@
 ``TextModel._set_vocab_gpt2``: the tokens come from transformers' ``AutoTokenizer`` (which is
 what the converter reads, so the same added-token normalisation applies), the pre-tokenizer is
 named by the hash of how the tokenizer encodes a fixed text (:mod:`.bpe_pre`), and the merges
-and special tokens come from ``gguf.SpecialVocab``.
+and special tokens come from ``gguf.SpecialVocab``, the merges (when tokenizer.json holds them
+as pairs) made here from the tokenizer.json the plan parsed already, as ``SpecialVocab`` makes them.
 """
 
 from __future__ import annotations
 
 from hashlib import sha256
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 from ...errors import FormatError, UnsupportedError
+from .. import gguf_kv
 from .bpe_pre import CHECK_TEXT, PRE_TOKENIZERS
 
 try:
     import gguf
 except ImportError:
     gguf = None
-
-
-def _looks_special(token: str) -> bool:
-    """The converter's ``does_token_look_special``."""
-    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
-            or (token.startswith("<|") and token.endswith("|>"))
-            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
-            or (token.startswith("<unused") and token.endswith(">")))
 
 
 def auto_tokenizer(folder: Path) -> Any:
@@ -78,7 +73,7 @@ def vocab(folder: Path, h: dict[str, Any]) -> tuple[list[str], list[int], str]:
         if token in added:
             if not decoder[i].normalized:
                 token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
-            if decoder[i].special or _looks_special(token):
+            if decoder[i].special or gguf_kv.looks_special(token):
                 types.append(gguf.TokenType.CONTROL)
             else:
                 token = token.replace("\u2581", " ")
@@ -98,4 +93,22 @@ def add_gpt2_vocab(writer: Any, folder: Path, h: dict[str, Any]) -> None:
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True).add_to_gguf(writer, quiet=True)
+    merges = pair_merges(gguf_kv.load_json(folder / "tokenizer.json"))
+    special = gguf.SpecialVocab(folder, load_merges=merges is None)
+    if merges is not None:
+        special.merges = merges
+    special.add_to_gguf(writer, quiet=True)
+
+
+def pair_merges(tokenizer_json: dict[str, Any]) -> list[str] | None:
+    """The merges ``SpecialVocab(load_merges=True)`` makes of a tokenizer.json whose merges are
+    pairs (transformers 4.45 and later write them so): ``"a b"``, a space within either encoded
+    as U+0120. It converts them a character at a time, seconds for Qwen2's 151k; None for any
+    other tokenizer.json, whose merges it reads itself (strings kept as they are, or merges.txt).
+    """
+    model = tokenizer_json.get("model")
+    merges = model.get("merges") if isinstance(model, dict) else None
+    if not isinstance(merges, list) or not merges or set(map(type, merges)) != {list} \
+            or set(map(len, merges)) != {2} or set(map(type, chain.from_iterable(merges))) != {str}:
+        return None
+    return [f"{a.replace(' ', chr(288))} {b.replace(' ', chr(288))}" for a, b in merges]

@@ -1,19 +1,23 @@
-"""``gguf_pack`` packs a header's key/values into the bytes ``GGUFWriter`` writes, arrays whole.
+"""What deltamerge computes in place of the gguf package's slow paths equals what they give.
 
-The architecture tests compare whole files with the converter's, but only for the value types
-their models have; here every kind of array the writer takes (strings as str and as bytes, each
-number type, bools, nested arrays, mixed ones it refuses) in both byte orders, against the
-writer's own ``write_kv_data_to_file``.
+``gguf_pack`` packs a header's key/values into the bytes ``GGUFWriter`` writes, arrays whole, and
+``bpe.pair_merges`` makes the merges ``SpecialVocab`` makes of a tokenizer.json. The architecture
+tests compare whole files with the converter's, but only for what their tokenizers hold; here
+every kind of array the writer takes (strings as str and as bytes, each number type, bools,
+nested arrays, mixed ones it refuses) in both byte orders, and merges with spaces in them.
 """
 
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import pytest
 
 gguf = pytest.importorskip("gguf")
 
+from deltamerge.sinks.gguf_arch.bpe import pair_merges  # noqa: E402
 from deltamerge.sinks.gguf_pack import kv_bytes  # noqa: E402
 
 V = gguf.GGUFValueType
@@ -65,3 +69,23 @@ def test_arrays_the_writer_refuses_are_refused_in_its_words(values: list):
     with pytest.raises(ValueError) as theirs:
         writers_own(w)
     assert str(ours.value) == str(theirs.value)
+
+
+def special_vocab_merges(folder: Path, merges: list) -> list[str]:
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "merges": merges}}))
+    return gguf.SpecialVocab(folder, load_merges=True).merges
+
+
+def test_pair_merges_are_special_vocabs(tmp_path: Path):
+    merges = [["Ġ", "t"], ["a b", "c"], [" ", "  x "], ["é", "🦙"], ["\u0120", "\t"]]
+    ours = pair_merges({"model": {"merges": merges}})
+    assert ours == special_vocab_merges(tmp_path / "t", merges)
+    assert ours[1] == "a\u0120b c"
+
+
+@pytest.mark.parametrize("merges", [["a b", "c d"], [["a", "b"], ["c", "d", "e"]], [["a", "b"], "c d"], []],
+                         ids=["strings", "a-triple", "mixed", "none"])
+def test_other_merges_are_left_to_special_vocab(merges: list):
+    assert pair_merges({"model": {"merges": merges}}) is None
+    assert pair_merges({"model": {}}) is None
