@@ -284,9 +284,9 @@ def add_llama_hf_vocab(writer: Any, folder: Path) -> bool:
 
 
 def _llama_hf_style(tokenizer_json: dict[str, Any]) -> bool:
-    """``LlamaHfVocab``'s own first check, on the parsed tokenizer.json (raising what it raises): it
-    parses the file again to refuse a GPT-2 style BPE (Llama 3's 128k, seconds) by raising
-    TypeError or FileNotFoundError where this is False."""
+    """``LlamaHfVocab``'s own first check, made on the parsed tokenizer.json (raising what it
+    raises): False where it would raise TypeError or FileNotFoundError, as it does for a GPT-2
+    style BPE such as Llama 3's, after parsing the file again (seconds for 128k tokens)."""
     model = tokenizer_json["model"]
     is_llama3 = (model["type"] == "BPE" and model.get("ignore_merges", False)
                  and not model.get("byte_fallback", True))

@@ -1,10 +1,12 @@
 """What deltamerge computes in place of the gguf package's slow paths equals what they give.
 
-``gguf_pack`` packs a header's key/values into the bytes ``GGUFWriter`` writes, arrays whole, and
-``bpe.pair_merges`` makes the merges ``SpecialVocab`` makes of a tokenizer.json. The architecture
-tests compare whole files with the converter's, but only for what their tokenizers hold; here
-every kind of array the writer takes (strings as str and as bytes, each number type, bools,
-nested arrays, mixed ones it refuses) in both byte orders, and merges with spaces in them.
+``gguf_pack`` packs a header's key/values into the bytes ``GGUFWriter`` writes, arrays whole;
+``bpe.pair_merges`` makes the merges ``SpecialVocab`` makes of a tokenizer.json, and
+``bpe.special_vocab`` has ``SpecialVocab`` read the rest without parsing the file again. The
+architecture tests compare whole files with the converter's, but only for what their tokenizers
+hold; here every kind of array the writer takes (strings as str and as bytes, each number type,
+bools, nested arrays, mixed ones it refuses) in both byte orders, merges with spaces in them, and
+the special tokens, templates and post-processors ``SpecialVocab`` reads besides.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from deltamerge.sinks.gguf_arch.bpe import pair_merges  # noqa: E402
+from deltamerge.sinks.gguf_arch.bpe import pair_merges, special_vocab  # noqa: E402
 from deltamerge.sinks.gguf_pack import kv_bytes  # noqa: E402
 
 V = gguf.GGUFValueType
@@ -89,3 +91,43 @@ def test_pair_merges_are_special_vocabs(tmp_path: Path):
 def test_other_merges_are_left_to_special_vocab(merges: list):
     assert pair_merges({"model": {"merges": merges}}) is None
     assert pair_merges({"model": {}}) is None
+
+
+def bos_template(bos: str) -> dict:
+    return {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                                                     {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {}}
+
+
+@pytest.mark.parametrize("post_processor", [
+    bos_template("<|begin|>"),
+    {"type": "Sequence", "processors": [{"type": "ByteLevel", "trim_offsets": False},
+                                        bos_template("<|begin|>")]},
+    {"type": "RobertaProcessing", "sep": ["<|end|>", 2], "cls": ["<|begin|>", 1]},
+    None,
+], ids=["template", "bytelevel-then-template", "roberta", "none"])
+def test_special_vocab_reads_what_it_reads_from_the_folder(tmp_path: Path, post_processor: dict | None):
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    added = [{"id": i, "content": t, "special": True, "normalized": False, "lstrip": False, "rstrip": False,
+              "single_word": False} for i, t in ((1, "<|begin|>"), (2, "<|end|>"), (3, "<|pad|>"))]
+    tokenizer = {"version": "1.0", "added_tokens": added, "normalizer": {"type": "Lowercase"},
+                 "post_processor": post_processor,
+                 "model": {"type": "BPE", "vocab": {"a": 0, "b": 4, "a b": 5},
+                           "merges": [["a", "b"], ["a ", "b"]]}}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>"}, "pad_token": "<|pad|>",
+         "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": 2, "unk_token_id": 3}))
+    (folder / "chat_template.jinja").write_text("{{ messages }}")
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "tools.jinja").write_text("{{ tools }}")
+
+    theirs = gguf.SpecialVocab(folder, load_merges=True)
+    ours = special_vocab(folder, json.loads((folder / "tokenizer.json").read_text()))
+    assert vars(ours) == vars(theirs)
+    assert ours.merges == ["a b", "a\u0120 b"] and ours.special_token_ids["bos"] == 1
+    assert [t["name"] for t in ours.chat_template] == ["default", "tools"]
