@@ -41,7 +41,7 @@ import torch
 from ..compute_pool import ComputePool
 from ..errors import FormatError, InputError, UnsupportedError, WorkError
 from ..outputs.gguf import OUTTYPES
-from . import gguf_arch, gguf_checks, gguf_kv, gguf_types
+from . import gguf_arch, gguf_checks, gguf_kv, gguf_pack, gguf_types
 from .gguf_kv import require_gguf
 from .gguf_quants import quantize_rows
 
@@ -307,12 +307,15 @@ def _render_headers(writer: Any) -> list[bytes]:
 
     ``GGUFWriter`` writes headers only to files it opens itself; given in-memory files (its
     ``fout``, which it allows to be set before the header is written), it writes the same bytes.
+    Its key/values are packed by ``gguf_pack`` (the same bytes, arrays packed whole).
     """
     buffers = [io.BytesIO() for _ in writer.tensors]
     writer.fout = buffers
     writer.state = WriterState.EMPTY
     writer.write_header_to_file()
-    writer.write_kv_data_to_file()
+    for buf, kv_data in zip(buffers, writer.kv_data):
+        buf.write(gguf_pack.kv_bytes(writer, kv_data))
+    writer.state = WriterState.KV_DATA
     writer.write_ti_data_to_file()
     for buf in buffers:
         writer.write_padding(buf, buf.tell())
@@ -320,6 +323,7 @@ def _render_headers(writer: Any) -> list[bytes]:
     return [buf.getvalue() for buf in buffers]
 
 
+@gguf_kv.parsed_once()
 def plan_gguf(
     folder: Path,
     tensors: Iterable[TensorLike | tuple[str, torch.dtype, Sequence[int]]],

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError
+from .gguf_kv import load_json
 from .side_fields import check_fields
 
 # config.json: the keys ``gguf_kv.hparams``/``add_parameters``/``add_vocab`` look up (first found
@@ -157,7 +158,7 @@ def _object(path: Path, lenient: bool = False) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        obj = json.loads(path.read_bytes().decode("utf-8"))
+        obj = load_json(path)
     except json.JSONDecodeError as e:
         if lenient:
             return None

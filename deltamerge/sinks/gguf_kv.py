@@ -16,6 +16,9 @@ included) do, and asks ``AutoConfig`` for the other architectures.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,8 @@ _DEFAULT_ROPE_THETA = 10000.0
 # SentencePiece token types, as the converter numbers them (its ``SentencePieceTokenTypes``).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _SPACE = "\u2581"
+# The side files parsed so far by the plan being made (``parsed_once``): path -> parsed JSON.
+_PARSED: ContextVar[dict[Path, Any] | None] = ContextVar("gguf_side_files", default=None)
 
 
 def require_gguf() -> None:
@@ -260,6 +265,8 @@ def add_llama_hf_vocab(writer: Any, folder: Path) -> bool:
     if not (folder / "tokenizer.json").is_file():
         return False
     try:
+        if not _llama_hf_style(load_json(folder / "tokenizer.json")):
+            return False
         vocab = gguf.LlamaHfVocab(folder)
     except (FileNotFoundError, TypeError):
         return False
@@ -276,6 +283,17 @@ def add_llama_hf_vocab(writer: Any, folder: Path) -> bool:
     return True
 
 
+def _llama_hf_style(tokenizer_json: dict[str, Any]) -> bool:
+    """``LlamaHfVocab``'s own first check, made on the parsed tokenizer.json (raising what it
+    raises): False where it would raise TypeError or FileNotFoundError, as it does for a GPT-2
+    style BPE such as Llama 3's, after parsing the file again (seconds for 128k tokens)."""
+    model = tokenizer_json["model"]
+    is_llama3 = (model["type"] == "BPE" and model.get("ignore_merges", False)
+                 and not model.get("byte_fallback", True))
+    return not is_llama3 and not (model["type"] != "BPE" or not model.get("byte_fallback", False)
+                                  or tokenizer_json["decoder"]["type"] != "Sequence")
+
+
 def add_llama_tokens(writer: Any, folder: Path, tokens: list[bytes], scores: list[float],
                       toktypes: list[int]) -> None:
     writer.add_tokenizer_model("llama")
@@ -286,11 +304,38 @@ def add_llama_tokens(writer: Any, folder: Path, tokens: list[bytes], scores: lis
     gguf.SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
 
+@contextmanager
+def parsed_once() -> Iterator[None]:
+    """Within it (a plan being made), :func:`load_json` parses each file once.
+
+    A tokenizer.json is checked, then read by the architecture's tokenizer reader (and, for
+    LLaMA, by the sentencepiece-style check before it): Qwen2's is 11 MB, about a second to parse
+    each time. The parsed files are dropped when the plan is made.
+    """
+    token = _PARSED.set({})
+    try:
+        yield
+    finally:
+        _PARSED.reset(token)
+
+
+def load_json(path: Path) -> Any:
+    """``json.loads`` of ``path``'s UTF-8 text, raising what that raises; within
+    :func:`parsed_once`, a file parsed already is not parsed again (callers must not change it)."""
+    parsed = _PARSED.get()
+    if parsed is not None and path in parsed:
+        return parsed[path]
+    obj = json.loads(path.read_bytes().decode("utf-8"))
+    if parsed is not None:
+        parsed[path] = obj
+    return obj
+
+
 def json_file(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = load_json(path)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise FormatError(f"{path}: not JSON ({e})") from None
     if not isinstance(obj, dict):
