@@ -1,5 +1,6 @@
 """make-delta's sink for compressed XOR deltas (``formats/xor_zstd.py``): each block of rows is
-split into byte planes and each plane zstd-compressed as it comes, so no tensor is ever whole.
+split into the streams of the layout (byte planes, the top one masked) and each stream
+zstd-compressed as it comes, so no tensor is ever whole.
 
 A safetensors header comes first but gives every blob's size, which is known only once the
 shard is compressed; so a shard's frames are appended to a scratch file beside it as they come,
@@ -18,7 +19,7 @@ import torch
 
 from ..errors import FormatError
 from ..formats.safetensors import build_header
-from ..formats.xor_zstd import INDEX_KEY, Block, Entry, dump_index, split_planes, zstd
+from ..formats.xor_zstd import INDEX_KEY, MASKED, Block, Entry, dump_index, encode, zstd
 from ..integrity.digest import DEFAULT_ALGORITHM, TensorDigest, hash_tensor, new_hash, raw_bytes
 from ..memory import drop_file_range
 from ..sources.folders import Layout
@@ -34,8 +35,9 @@ class CompressingWriter(ShardWriter):
     """One shard: frames to ``<shard>.frames`` as blocks come, the file itself at ``close``."""
 
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str], level: int,
-                 done: Callable[[str, tuple[str, int, str]], None]):
+                 layout: str, done: Callable[[str, tuple[str, int, str]], None]):
         self.path = path
+        self.layout = layout
         self.specs = specs
         self.metadata = metadata
         self.done = done
@@ -49,11 +51,11 @@ class CompressingWriter(ShardWriter):
     def write_block(
         self, spec: TensorSpec, r0: int, r1: int, rows: torch.Tensor, buffer: Buffer
     ) -> list[Written]:
-        """The rows' byte planes, each one zstd frame appended to the scratch file."""
+        """The rows' streams, each one zstd frame appended to the scratch file."""
         start = self.offsets.setdefault(spec.name, self.position)
         sizes = []
-        for plane in split_planes(rows, buffer(rows.nbytes)):
-            frame = self.cctx.compress(raw_bytes(plane))
+        for stream in encode(rows, buffer(rows.nbytes), self.layout):
+            frame = self.cctx.compress(raw_bytes(stream))
             self._append(frame)
             sizes.append(len(frame))
         self.blocks[spec.name].append(Block(r0, r1, self.position - sum(sizes) - start, tuple(sizes)))
@@ -65,7 +67,7 @@ class CompressingWriter(ShardWriter):
 
     def close(self) -> None:
         """Write the shard file: header (with the index), then the frames; durable, hashed."""
-        entries = [Entry(s, tuple(self.blocks[s.name])) for s in self.specs]
+        entries = [Entry(s, tuple(self.blocks[s.name]), self.layout) for s in self.specs]
         for entry in entries:
             if (entry.blocks[-1].r1 if entry.blocks else -1) != entry.spec.rows:
                 raise FormatError(
@@ -111,7 +113,10 @@ def _write_all(fd: int, data: bytes) -> None:
 class ZstdXorSink(Sink):
     """Compressed XOR shards, ``metadata`` (the marks) in each header, frames at ``level``.
 
-    ``files`` gets each finished shard's digest, header length and header digest."""
+    ``files`` gets each finished shard's digest, header length and header digest. ``layout``
+    is the one written; apply reads every layout the format defines."""
+
+    layout = MASKED
 
     def __init__(self, metadata: dict[str, str], level: int):
         self.metadata = metadata
@@ -121,7 +126,7 @@ class ZstdXorSink(Sink):
 
     def open_shard(self, folder: Path, shard: ShardLayout) -> CompressingWriter:
         return CompressingWriter(folder / shard.filename, shard.specs, self.metadata, self.level,
-                                 self.files.__setitem__)
+                                 self.layout, self.files.__setitem__)
 
     def finish(self, folder: Path) -> None:
         """Nothing: each shard file was finished when its last tensor was written."""

@@ -15,7 +15,7 @@ import torch
 
 from ..dtypes import itemsize
 from ..errors import FormatError
-from ..formats.xor_zstd import Block, Entry, join_planes, parse_index, zstd
+from ..formats.xor_zstd import Block, Entry, decode, parse_index, zstd
 from ..memory import address_view
 from .checkpoint import Checkpoint, view_rows
 from .safetensors import SafetensorsCheckpoint
@@ -50,6 +50,8 @@ class ZstdXorCheckpoint(Checkpoint):
         return self.blobs.header_length(path)
 
     def read_rows(self, name: str, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+        """A block asked for whole (apply's blocks are make-delta's when both use one block size)
+        is decoded straight into ``buffer``; other rows come from the cached block."""
         entry = self.entries[name]
         row_bytes = entry.spec.row_numel * itemsize(entry.spec.dtype)
         out = buffer[: (stop - start) * row_bytes]
@@ -57,32 +59,41 @@ class ZstdXorCheckpoint(Checkpoint):
             lo, hi = max(start, block.r0), min(stop, block.r1)
             if lo >= hi:
                 continue
-            rows = self._decompressed(name, i, block, row_bytes)
-            out[(lo - start) * row_bytes:(hi - start) * row_bytes].copy_(
-                rows[(lo - block.r0) * row_bytes:(hi - block.r0) * row_bytes])
+            dest = out[(lo - start) * row_bytes:(hi - start) * row_bytes]
+            if (lo, hi) == (block.r0, block.r1):
+                self._decode(name, entry, block, dest)
+            else:
+                rows = self._decompressed(name, entry, i, block, row_bytes)
+                dest.copy_(rows[(lo - block.r0) * row_bytes:(hi - block.r0) * row_bytes])
         return view_rows(buffer, entry.spec, stop - start)
 
-    def _decompressed(self, name: str, i: int, block: Block, row_bytes: int) -> torch.Tensor:
-        """Block ``i`` of ``name``, its planes joined; kept until another block is asked for."""
+    def _decompressed(self, name: str, entry: Entry, i: int, block: Block, row_bytes: int) -> torch.Tensor:
+        """Block ``i`` of ``name``, decoded; kept until another block is asked for in part."""
         nbytes = (block.r1 - block.r0) * row_bytes
-        if self._cached == (name, i):
-            return self._block[:nbytes]
-        self._cached = None
+        if self._cached != (name, i):
+            self._cached = None
+            if self._block.numel() < nbytes:
+                self._block = torch.empty(nbytes, dtype=torch.uint8)
+            self._decode(name, entry, block, self._block[:nbytes])
+            self._cached = (name, i)
+        return self._block[:nbytes]
+
+    def _decode(self, name: str, entry: Entry, block: Block, dest: torch.Tensor) -> None:
+        """The block's frames read and decoded into ``dest`` (its bytes, elements interleaved)."""
         total = sum(block.sizes)
         if self._frames.numel() < total:
             self._frames = torch.empty(total, dtype=torch.uint8)
-        if self._block.numel() < nbytes:
-            self._block = torch.empty(nbytes, dtype=torch.uint8)
         frames = self.blobs.read_rows(name, block.offset, block.offset + total, self._frames)
         raw = address_view(frames.data_ptr(), total, frames)
-        planes, at = [], 0
-        plane_bytes = nbytes // len(block.sizes)
-        for size in block.sizes:
-            planes.append(self._plane(name, block, raw[at:at + size], plane_bytes))
-            at += size
-        join_planes(planes, self._block[:nbytes])
-        self._cached = (name, i)
-        return self._block[:nbytes]
+        starts = [sum(block.sizes[:k]) for k in range(len(block.sizes))]
+        streams = iter(zip(starts, block.sizes))
+
+        def inflate(size: int) -> torch.Tensor:
+            at, frame = next(streams)
+            return self._plane(name, block, raw[at:at + frame], size)
+
+        width = itemsize(entry.spec.dtype)
+        decode(entry.layout, width, dest.numel() // width, inflate, dest)
 
     def _plane(self, name: str, block: Block, frame: memoryview, nbytes: int) -> torch.Tensor:
         try:
