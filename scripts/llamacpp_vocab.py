@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Real tokenizers without the internet: llama.cpp's vocab-only GGUFs as Hugging Face folders.
+
+``scripts/fetch_llamacpp.sh`` extracts the pinned llama.cpp's ``models/ggml-vocab-NAME.gguf``
+(a real model's tokenizer, no weights). This rebuilds one as the files a Hugging Face model
+folder carries, once, into the cache's ``tokenizers/NAME`` (written under another name and
+renamed, so a folder that is there is whole): the BPE ones through transformers (its
+``gguf_file`` loader, then ``save_pretrained``: a tokenizer.json), the sentencepiece ones
+(SENTENCEPIECE) as a ``tokenizer.model`` of the GGUF's pieces, scores and types, with the tokens
+past the model's own pieces as ``added_tokens_decoder``. The tests read the folders
+fetch_llamacpp.sh builds; scripts/bench.py builds the ones its architectures need.
+
+    python scripts/llamacpp_vocab.py .cache/llama.cpp-0.3.36 gpt-2 qwen2
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+# Sentencepiece vocabularies, by name: how many of the GGUF's tokens are the model's own pieces
+# (None: all; Phi-3's last 64 are tokens added to LLaMA's 32000), and whether the model adds a
+# dummy prefix (LLaMA's and Phi-3's do, Gemma's does not).
+SENTENCEPIECE: dict[str, tuple[int | None, bool]] = {
+    "llama-spm": (None, True), "phi-3": (32000, True), "gemma-4": (None, False)}
+TOKENIZER_CLASS = {"llama-spm": "LlamaTokenizer", "phi-3": "LlamaTokenizer", "gemma-4": "GemmaTokenizer"}
+# Pre-tokenizers transformers' GGUF loader does not rebuild (it gives GPT-2's): the model's own,
+# as its tokenizer.json has it, so that llama.cpp's hash of its tokenization names it.
+PRE_TOKENIZERS = {
+    "falcon": {"type": "Sequence", "pretokenizers": [
+        {"type": "Punctuation", "behavior": "Contiguous"},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        {"type": "Digits", "individual_digits": False},
+        {"type": "Split", "pattern": {"Regex": "[0-9][0-9][0-9]"}, "behavior": "Isolated", "invert": False}]},
+}
+UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4  # the token types, numbered alike in GGUF and sentencepiece
+
+
+def tokenizer_folder(llamacpp: Path, name: str) -> Path:
+    """``llamacpp/tokenizers/NAME``, built from ``models/ggml-vocab-NAME.gguf`` if missing."""
+    folder = llamacpp / "tokenizers" / name
+    if folder.is_dir():
+        return folder
+    source = llamacpp / "models" / f"ggml-vocab-{name}.gguf"
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such vocab GGUF (scripts/fetch_llamacpp.sh extracts them)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
+    try:
+        if name in SENTENCEPIECE:
+            write_sentencepiece(source, building, *SENTENCEPIECE[name], TOKENIZER_CLASS[name])
+        else:
+            byte_level_bpe(source).save_pretrained(building)
+            if name in PRE_TOKENIZERS:
+                path = building / "tokenizer.json"
+                tokenizer = json.loads(path.read_text())
+                path.write_text(json.dumps({**tokenizer, "pre_tokenizer": PRE_TOKENIZERS[name]}))
+        building.rename(folder)
+    except OSError:
+        if not folder.is_dir():  # not another process's folder, made meanwhile
+            raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return folder
+
+
+def byte_level_bpe(source: Path):  # noqa: ANN201 - a transformers tokenizer
+    """transformers' reading of a GPT-2 style vocab GGUF; for an architecture its GGUF loader does
+    not know (GPT-NeoX's), the same byte-level BPE built from the file's tokens and merges."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    except ValueError as e:
+        if "is not supported yet" not in str(e):
+            raise
+    import gguf
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+
+    fields = gguf.GGUFReader(source).fields
+    vocab = {key: fields[f"tokenizer.ggml.{key}"].contents() for key in ("tokens", "merges", "token_type")}
+    tokenizer = mapping.byte_level_tokenizer(vocab)
+    mapping.add_gguf_special_tokens(tokenizer, {**vocab, "tokenizer_type": "gpt2"})
+    return tokenizer
+
+
+def write_sentencepiece(source: Path, folder: Path, pieces: int | None, dummy_prefix: bool,
+                        tokenizer_class: str) -> None:
+    """tokenizer.model and tokenizer_config.json of a sentencepiece vocabulary (BPE, byte fallback)."""
+    import gguf
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    fields = gguf.GGUFReader(source).fields
+
+    def value(key: str):  # noqa: ANN202 - whatever the field holds
+        return fields[key].contents() if key in fields else None
+
+    tokens, scores = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.scores")
+    types = value("tokenizer.ggml.token_type")
+    unk = value("tokenizer.ggml.unknown_token_id")
+    n = pieces or len(tokens)
+    model = pb.ModelProto()
+    for i in range(n):  # sentencepiece wants one unknown piece: the GGUF's unknown token
+        kind = UNKNOWN if i == unk else (CONTROL if types[i] == UNKNOWN else types[i])
+        model.pieces.add(piece=tokens[i], score=scores[i], type=kind)
+    ids = {key: value(f"tokenizer.ggml.{key}_token_id") for key in ("unknown", "bos", "eos", "padding")}
+    spec = model.trainer_spec
+    spec.model_type, spec.vocab_size, spec.byte_fallback = pb.TrainerSpec.BPE, n, True
+    spec.unk_id = ids["unknown"]
+    spec.bos_id, spec.eos_id = (ids[k] if ids[k] is not None and ids[k] < n else -1 for k in ("bos", "eos"))
+    spec.pad_id = ids["padding"] if ids["padding"] is not None and ids["padding"] < n else -1
+    model.normalizer_spec.name = "identity"
+    model.normalizer_spec.add_dummy_prefix = dummy_prefix
+    model.normalizer_spec.escape_whitespaces = True
+    (folder / "tokenizer.model").write_bytes(model.SerializeToString())
+    kept = [i for i, kind in enumerate(types) if kind == CONTROL or (kind == USER_DEFINED and i >= n)]
+    added = {str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False, "special": types[i] == CONTROL} for i in kept}
+    config = {"tokenizer_class": tokenizer_class, "add_eos_token": False, "added_tokens_decoder": added,
+              "add_bos_token": bool(value("tokenizer.ggml.add_bos_token")),
+              **{f"{key}_token": tokens[ids[gguf_key]] for key, gguf_key in
+                 (("unk", "unknown"), ("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
+                 if ids[gguf_key] is not None}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    for name in argv[1:]:
+        tokenizer_folder(Path(argv[0]), name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
