@@ -20,7 +20,8 @@ Runs (--runs, default all):
   f  an XOR delta applied (make-delta --kind xor)
   g  the naive in-memory merge (load_file both, add, save_file); skipped when it cannot fit
   h  convert from Meta's layout (the base written again as 2 model-parallel .pth shards)
-  i  run b written as GGUF f16 (--format gguf --outtype f16; the base gets a small tokenizer)
+  i  run b written as GGUF f16 (--format gguf --outtype f16; the base gets a small tokenizer);
+     with --arch, also each named architecture's base and delta (below)
   j  run b written in Meta's layout (--format meta --mp 1); compare i and j with b
   k  make-delta --kind xor --compress (zstd byte planes); reports its weights' size over the
      plain XOR delta's (size_ratio_to_xor)
@@ -36,6 +37,27 @@ Runs (--runs, default all):
   q  an IA3 merge: a vector on each of the seven projections (down_proj's on its inputs)
   r  a LoHa merge, rank 64, and s  a LoKr merge, rank 64 (LyCORIS' types), on the seven projections
      p, q, r and s report their time over run e's (time_ratio_to_e)
+
+Architectures (--arch NAME[,NAME...], or all; each is run i on its own inputs, in the same rounds
+as run i on the LLaMA inputs):
+  llama3 (BPE, rope llama3), qwen2, qwen3, gemma, gemma2, gemma3, phi3, falcon, bloom, mixtral,
+  gpt_neox. Each is transformers' own config class at the preset's widths (hidden, intermediate,
+  heads, key/value heads = heads as in the LLaMA inputs) and --layers, its tensors named and
+  shaped as save_pretrained writes them, random values as the LLaMA inputs have, a real tokenizer
+  (llama.cpp's vocab GGUFs: --llamacpp DIR or $DELTAMERGE_LLAMACPP, from scripts/fetch_llamacpp.sh;
+  scripts/llamacpp_vocab.py builds each tokenizer folder once, in its tokenizers/) with as many
+  embedding rows as it has tokens (Llama 3 128256, Qwen 151936, Gemma 262144, Falcon 65024,
+  Phi-3 32064), and an additive delta (make-delta; the target is removed once it is made). Where
+  it differs: Falcon and BLOOM have their own MLP of 4 x hidden; Mixtral has 4 experts, not 8
+  (MIXTRAL_EXPERTS: 8 at 7B widths are 2.2 GB a layer); BLOOM has GPT-2's BPE (llama.cpp has no
+  BLOOM vocabulary) padded to BLOOM's 250880 rows; Gemma 1, 2 and 3 have Gemma 4's sentencepiece
+  vocabulary (262144 pieces, Gemma 3's own count). Before any weight is written deltamerge plans
+  the architecture's GGUF: one it refuses (GPT-NeoX, today) is skipped, its row saying why. Each
+  row has s/GB out (seconds per GB of GGUF written; every run has it) and the ratio of that to run
+  i's on the LLaMA inputs at the same --threads (per_byte_ratio_to_llama). At 7B widths with 2
+  layers a model is 1.3 (Phi-3, Falcon) to 3.3 GB (Qwen); the inputs kept are its base and delta,
+  and making them needs up to 3 models' room at once: with little disk, give --arch in groups
+  (each group gets its own LLaMA run i to compare with).
 
 Method: the rounds alternate (a b c ... a b c ...) so drift in the machine hits every run alike;
 each figure is the median of --repeat rounds. Before every run the inputs are evicted from the
@@ -67,6 +89,11 @@ rank, and every kind at 1 and 2 threads, at the widths and layers of docs/perfor
         --llama-quantize llama.cpp/build/bin/llama-quantize --reuse bench-data/7b2 --json
     python scripts/bench.py --preset 7b --layers 16 --runs a,b,e,f,l,p,q,r,s --threads 1,2 \
         --repeat 3 --reuse bench-data/7b16 --json
+
+The runs for issue 22's architectures (run i on each, against LLaMA's, per GB written):
+
+    export DELTAMERGE_LLAMACPP=$(scripts/fetch_llamacpp.sh)
+    python scripts/bench.py --preset 7b --layers 2 --runs i --arch all --repeat 3 --json
 
 Smaller checks:
 
