@@ -49,8 +49,9 @@ as run i on the LLaMA inputs):
   embedding rows as it has tokens (Llama 3 128256, Qwen 151936, Gemma 262144, Falcon 65024,
   Phi-3 32064), and an additive delta (make-delta; the target is removed once it is made). Where
   it differs: Falcon and BLOOM have their own MLP of 4 x hidden; Mixtral has 4 experts, not 8
-  (MIXTRAL_EXPERTS: 8 at 7B widths are 2.2 GB a layer); BLOOM has GPT-2's BPE (llama.cpp has no
-  BLOOM vocabulary) padded to BLOOM's 250880 rows; Gemma 1, 2 and 3 have Gemma 4's sentencepiece
+  (MIXTRAL_EXPERTS: 8 at 7B widths are 2.2 GB a layer); BLOOM and GPT-NeoX have GPT-2's BPE
+  (llama.cpp has no BLOOM vocabulary, and the pinned converter knows no pre-tokenizer of its
+  GPT-NeoX one) padded to their own 250880 and 50432 rows; Gemma 1, 2 and 3 have Gemma 4's sentencepiece
   vocabulary (262144 pieces, Gemma 3's own count). Before any weight is written deltamerge plans
   the architecture's GGUF: one it refuses (GPT-NeoX, today) is skipped, its row saying why. Each
   row has s/GB out (seconds per GB of GGUF written; every run has it) and the ratio of that to run
@@ -326,7 +327,9 @@ ARCHITECTURES = {
     "mixtral": Architecture("Mixtral", "mixtral", "llama-spm",
                             {"num_local_experts": MIXTRAL_EXPERTS, "num_experts_per_tok": 2},
                             widths=f"{MIXTRAL_EXPERTS} experts of the preset's MLP, not 8"),
-    "gpt_neox": Architecture("GPT-NeoX", "gpt_neox", "gpt-neox"),
+    # GPT-NeoX's own vocabulary (ggml-vocab-gpt-neox) hashes to no pre-tokenizer the pinned
+    # converter knows: GPT-2's BPE instead, padded to GPT-NeoX-20B's 50432 rows
+    "gpt_neox": Architecture("GPT-NeoX", "gpt_neox", "gpt-2", vocab=50432),
 }
 
 

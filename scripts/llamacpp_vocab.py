@@ -53,7 +53,10 @@ def tokenizer_folder(llamacpp: Path, name: str) -> Path:
         if name in SENTENCEPIECE:
             write_sentencepiece(source, building, *SENTENCEPIECE[name], TOKENIZER_CLASS[name])
         else:
-            byte_level_bpe(source).save_pretrained(building)
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+            tokenizer.save_pretrained(building)
             if name in PRE_TOKENIZERS:
                 path = building / "tokenizer.json"
                 tokenizer = json.loads(path.read_text())
@@ -65,26 +68,6 @@ def tokenizer_folder(llamacpp: Path, name: str) -> Path:
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return folder
-
-
-def byte_level_bpe(source: Path):  # noqa: ANN201 - a transformers tokenizer
-    """transformers' reading of a GPT-2 style vocab GGUF; for an architecture its GGUF loader does
-    not know (GPT-NeoX's), the same byte-level BPE built from the file's tokens and merges."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    except ValueError as e:
-        if "is not supported yet" not in str(e):
-            raise
-    import gguf
-    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
-
-    fields = gguf.GGUFReader(source).fields
-    vocab = {key: fields[f"tokenizer.ggml.{key}"].contents() for key in ("tokens", "merges", "token_type")}
-    tokenizer = mapping.byte_level_tokenizer(vocab)
-    mapping.add_gguf_special_tokens(tokenizer, {**vocab, "tokenizer_type": "gpt2"})
-    return tokenizer
 
 
 def write_sentencepiece(source: Path, folder: Path, pieces: int | None, dummy_prefix: bool,
