@@ -42,23 +42,23 @@ Architectures (--arch NAME[,NAME...], or all; each is run i on its own inputs, i
 as run i on the LLaMA inputs):
   llama3 (BPE, rope llama3), qwen2, qwen3, gemma, gemma2, gemma3, phi3, falcon, bloom, mixtral,
   gpt_neox. Each is transformers' own config class at the preset's widths (hidden, intermediate,
-  heads, key/value heads = heads as in the LLaMA inputs) and --layers, its tensors named and
+  heads; key/value heads = heads, as in the LLaMA inputs) and --layers, its tensors named and
   shaped as save_pretrained writes them, random values as the LLaMA inputs have, a real tokenizer
-  (llama.cpp's vocab GGUFs: --llamacpp DIR or $DELTAMERGE_LLAMACPP, from scripts/fetch_llamacpp.sh;
+  (llama.cpp's vocab GGUFs: --llamacpp DIR or $DELTAMERGE_LLAMACPP, from fetch_llamacpp.sh;
   scripts/llamacpp_vocab.py builds each tokenizer folder once, in its tokenizers/) with as many
   embedding rows as it has tokens (Llama 3 128256, Qwen 151936, Gemma 262144, Falcon 65024,
-  Phi-3 32064), and an additive delta (make-delta; the target is removed once it is made). Where
-  it differs: Falcon and BLOOM have their own MLP of 4 x hidden; Mixtral has 4 experts, not 8
-  (MIXTRAL_EXPERTS: 8 at 7B widths are 2.2 GB a layer); BLOOM and GPT-NeoX have GPT-2's BPE
-  (llama.cpp has no BLOOM vocabulary, and the pinned converter knows no pre-tokenizer of its
-  GPT-NeoX one) padded to their own 250880 and 50432 rows; Gemma 1, 2 and 3 have Gemma 4's sentencepiece
-  vocabulary (262144 pieces, Gemma 3's own count). Before any weight is written deltamerge plans
-  the architecture's GGUF: one it refuses (GPT-NeoX, today) is skipped, its row saying why. Each
-  row has s/GB out (seconds per GB of GGUF written; every run has it) and the ratio of that to run
-  i's on the LLaMA inputs at the same --threads (per_byte_ratio_to_llama). At 7B widths with 2
-  layers a model is 1.3 (Phi-3, Falcon) to 3.3 GB (Qwen); the inputs kept are its base and delta,
-  and making them needs up to 3 models' room at once: with little disk, give --arch in groups
-  (each group gets its own LLaMA run i to compare with).
+  Phi-3 32064), and an additive delta (make-delta; the target is removed once it is made).
+  Where it differs: Falcon and BLOOM have their own MLP of 4 x hidden; Mixtral has 4 experts,
+  not 8 (MIXTRAL_EXPERTS: 8 at 7B widths are 2.2 GB a layer); BLOOM and GPT-NeoX have GPT-2's
+  BPE padded to their own 250880 and 50432 rows (llama.cpp has no BLOOM vocabulary, and the
+  pinned converter knows no pre-tokenizer of its GPT-NeoX one); Gemma 1, 2 and 3 have Gemma 4's
+  sentencepiece vocabulary (262144 pieces, Gemma 3's own count). Before any weight is written
+  deltamerge plans the architecture's GGUF: one it refuses (GPT-NeoX, today) is skipped, its row
+  saying why. Every run reports s/GB out (seconds per GB of output written); each architecture,
+  the ratio of its own to run i's on the LLaMA inputs at the same --threads
+  (per_byte_ratio_to_llama). At 7B widths with 2 layers a model is 1.3 (Phi-3, Falcon) to 3.3 GB
+  (Qwen); its base and delta are kept, and making them takes up to 3 models' room: with little
+  disk, give --arch in groups (each group gets its own LLaMA run i to compare with).
 
 Method: the rounds alternate (a b c ... a b c ...) so drift in the machine hits every run alike;
 each figure is the median of --repeat rounds. Before every run the inputs are evicted from the
