@@ -394,10 +394,15 @@ def child_architecture(spec: dict) -> None:
         shutil.rmtree(base)
         print(json.dumps({"refused": str(e)}))
         return
+    nbytes = sum(math.prod(s) for _, s in shapes) * dtype.itemsize
+    if not spec["sparse"] and 3 * nbytes > shutil.disk_usage(base).free - 2 * 10**9:  # with the delta
+        shutil.rmtree(base)
+        print(json.dumps({"disk": 3 * nbytes, "free": shutil.disk_usage(base.parent).free}))
+        return
     shutil.copytree(base, target)
     write_models(shapes, json.loads((base / "config.json").read_text()), dtype, p.shard, [base, target],
                  spec["sparse"])
-    print(json.dumps({"bytes": sum(math.prod(s) for _, s in shapes) * dtype.itemsize, "vocab": vocab}))
+    print(json.dumps({"bytes": nbytes, "vocab": vocab}))
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -903,12 +908,6 @@ class Bench:
         folder = self.folders[arch_piece(arch)]
         key = f"i:{arch}"
         shutil.rmtree(folder, ignore_errors=True)
-        estimate = model_bytes(Preset(**{**vars(self.preset), "vocab": 262144}), self.dtype)
-        free = shutil.disk_usage(self.data).free
-        if 3 * estimate > free - 2 * 10**9:
-            self.setup_errors[key] = (f"skipped: its inputs need up to {3 * estimate / 1e9:.1f} GB of "
-                                      f"disk while made, {free / 1e9:.1f} GB free")
-            return
         label = ARCHITECTURES[arch].label
         say(f"generating the {label} base and target (transformers' config class, "
             f"{ARCHITECTURES[arch].tokenizer} tokenizer) in {folder}")
@@ -921,6 +920,9 @@ class Bench:
         report = json.loads(lines[-1]) if m.returncode == 0 and lines else {}
         if "refused" in report:
             self.setup_errors[key] = f"skipped: deltamerge refuses {label}'s GGUF today: {report['refused']}"
+        elif "disk" in report:
+            self.setup_errors[key] = (f"skipped: making its inputs takes {report['disk'] / 1e9:.1f} GB "
+                                      f"of disk (base, target and delta), {report['free'] / 1e9:.1f} GB free")
         elif m.returncode != 0:
             self.setup_errors[key] = f"failed: setup {label} inputs: {m.last_error}"
         else:
