@@ -55,12 +55,8 @@ def tokenizer_folder(llamacpp: Path, name: str) -> Path:
         else:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-            tokenizer.save_pretrained(building)
-            if name in PRE_TOKENIZERS:
-                path = building / "tokenizer.json"
-                tokenizer = json.loads(path.read_text())
-                path.write_text(json.dumps({**tokenizer, "pre_tokenizer": PRE_TOKENIZERS[name]}))
+            AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name).save_pretrained(building)
+            fix_tokenizer_json(building / "tokenizer.json", source, PRE_TOKENIZERS.get(name))
         building.rename(folder)
     except OSError:
         if not folder.is_dir():  # not another process's folder, made meanwhile
@@ -68,6 +64,23 @@ def tokenizer_folder(llamacpp: Path, name: str) -> Path:
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return folder
+
+
+def fix_tokenizer_json(path: Path, source: Path, pre_tokenizer: dict | None) -> None:
+    """What transformers' rebuild adds or misses: the tokens it adds past the file's own (Llama 3's
+    gets a GPT-2 ``<|endoftext|>`` at id 128256, one row more than the model has) are dropped, and
+    the model's own pre-tokenizer is put back where PRE_TOKENIZERS has it."""
+    import gguf
+
+    count = len(gguf.GGUFReader(source).fields["tokenizer.ggml.tokens"].data)
+    tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    added = [token for token in tokenizer["added_tokens"] if token["id"] < count]
+    if len(added) == len(tokenizer["added_tokens"]) and pre_tokenizer is None:
+        return
+    tokenizer["added_tokens"] = added
+    if pre_tokenizer is not None:
+        tokenizer["pre_tokenizer"] = pre_tokenizer
+    path.write_text(json.dumps(tokenizer, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def write_sentencepiece(source: Path, folder: Path, pieces: int | None, dummy_prefix: bool,
