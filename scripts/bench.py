@@ -53,9 +53,9 @@ as run i on the LLaMA inputs):
   BPE padded to their own 250880 and 50432 rows (llama.cpp has no BLOOM vocabulary, and the
   pinned converter knows no pre-tokenizer of its GPT-NeoX one); Gemma 1, 2 and 3 have Gemma 4's
   sentencepiece vocabulary (262144 pieces, Gemma 3's own count). Before any weight is written
-  deltamerge plans the architecture's GGUF: one it refuses (GPT-NeoX, today) is skipped, its row
-  saying why. Every run reports s/GB out (seconds per GB of output written); each architecture,
-  the ratio of its own to run i's on the LLaMA inputs at the same --threads
+  deltamerge plans the architecture's GGUF: one it refuses (GPT-NeoX before its GGUF output) is
+  skipped, its row saying why. Every run reports s/GB out (seconds per GB of output written);
+  each architecture, the ratio of its own to run i's on the LLaMA inputs at the same --threads
   (per_byte_ratio_to_llama). At 7B widths with 2 layers a model is 1.3 (Phi-3, Falcon) to 3.3 GB
   (Qwen); its base and delta are kept, and making them takes up to 3 models' room: with little
   disk, give --arch in groups (each group gets its own LLaMA run i to compare with).
