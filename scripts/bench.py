@@ -20,7 +20,8 @@ Runs (--runs, default all):
   f  an XOR delta applied (make-delta --kind xor)
   g  the naive in-memory merge (load_file both, add, save_file); skipped when it cannot fit
   h  convert from Meta's layout (the base written again as 2 model-parallel .pth shards)
-  i  run b written as GGUF f16 (--format gguf --outtype f16; the base gets a small tokenizer)
+  i  run b written as GGUF f16 (--format gguf --outtype f16; the base gets a small tokenizer);
+     with --arch, also each named architecture's base and delta (below)
   j  run b written in Meta's layout (--format meta --mp 1); compare i and j with b
   k  make-delta --kind xor --compress (zstd byte planes); reports its weights' size over the
      plain XOR delta's (size_ratio_to_xor)
@@ -36,6 +37,28 @@ Runs (--runs, default all):
   q  an IA3 merge: a vector on each of the seven projections (down_proj's on its inputs)
   r  a LoHa merge, rank 64, and s  a LoKr merge, rank 64 (LyCORIS' types), on the seven projections
      p, q, r and s report their time over run e's (time_ratio_to_e)
+
+Architectures (--arch NAME[,NAME...], or all; each is run i on its own inputs, in the same rounds
+as run i on the LLaMA inputs):
+  llama3 (BPE, rope llama3), qwen2, qwen3, gemma, gemma2, gemma3, phi3, falcon, bloom, mixtral,
+  gpt_neox. Each is transformers' own config class at the preset's widths (hidden, intermediate,
+  heads; key/value heads = heads, as in the LLaMA inputs) and --layers, its tensors named and
+  shaped as save_pretrained writes them, random values as the LLaMA inputs have, a real tokenizer
+  (llama.cpp's vocab GGUFs: --llamacpp DIR or $DELTAMERGE_LLAMACPP, from fetch_llamacpp.sh;
+  scripts/llamacpp_vocab.py builds each tokenizer folder once, in its tokenizers/) with as many
+  embedding rows as it has tokens (Llama 3 128256, Qwen 151936, Gemma 262144, Falcon 65024,
+  Phi-3 32064), and an additive delta (make-delta; the target is removed once it is made).
+  Where it differs: Falcon and BLOOM have their own MLP of 4 x hidden; Mixtral has 4 experts,
+  not 8 (MIXTRAL_EXPERTS: 8 at 7B widths are 2.2 GB a layer); BLOOM and GPT-NeoX have GPT-2's
+  BPE padded to their own 250880 and 50432 rows (llama.cpp has no BLOOM vocabulary, and the
+  pinned converter knows no pre-tokenizer of its GPT-NeoX one); Gemma 1, 2 and 3 have Gemma 4's
+  sentencepiece vocabulary (262144 pieces, Gemma 3's own count). Before any weight is written
+  deltamerge plans the architecture's GGUF: one it refuses (GPT-NeoX before its GGUF output) is
+  skipped, its row saying why. Every run reports s/GB out (seconds per GB of output written);
+  each architecture, the ratio of its own to run i's on the LLaMA inputs at the same --threads
+  (per_byte_ratio_to_llama). At 7B widths with 2 layers a model is 1.3 (Phi-3, Falcon) to 3.3 GB
+  (Qwen); its base and delta are kept, and making them takes up to 3 models' room: with little
+  disk, give --arch in groups (each group gets its own LLaMA run i to compare with).
 
 Method: the rounds alternate (a b c ... a b c ...) so drift in the machine hits every run alike;
 each figure is the median of --repeat rounds. Before every run the inputs are evicted from the
@@ -67,6 +90,11 @@ rank, and every kind at 1 and 2 threads, at the widths and layers of docs/perfor
         --llama-quantize llama.cpp/build/bin/llama-quantize --reuse bench-data/7b2 --json
     python scripts/bench.py --preset 7b --layers 16 --runs a,b,e,f,l,p,q,r,s --threads 1,2 \
         --repeat 3 --reuse bench-data/7b16 --json
+
+The runs for issue 22's architectures (run i on each, against LLaMA's, per GB written):
+
+    export DELTAMERGE_LLAMACPP=$(scripts/fetch_llamacpp.sh)
+    python scripts/bench.py --preset 7b --layers 2 --runs i --arch all --repeat 3 --json
 
 Smaller checks:
 
@@ -263,6 +291,120 @@ def llama_config(p: Preset, dtype: str) -> dict:
     }
 
 
+# -- other architectures (--arch, run i) ---------------------------------------------------------
+@dataclass(frozen=True)
+class Architecture:
+    """One architecture GGUF output supports, as run i builds it: transformers' own config class
+    (``model_type``) at the preset's widths, with a real tokenizer (one of llama.cpp's vocab GGUFs,
+    ``scripts/llamacpp_vocab.py``) and as many embedding rows as it has tokens (``vocab`` where
+    the model's own count differs)."""
+
+    label: str
+    model_type: str
+    tokenizer: str
+    config: dict = field(default_factory=dict)  # the architecture's own settings
+    vocab: int | None = None
+    widths: str = "the preset's"  # where they differ, how
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+MIXTRAL_EXPERTS = 4  # Mixtral-8x7B has 8: at 7B widths 4 keep a layer near 1 GB (8: 2.2 GB)
+FOUR_TIMES = "an MLP of 4 x hidden (the architecture's own)"
+ARCHITECTURES = {
+    "llama3": Architecture("Llama 3", "llama", "llama-bpe",
+                           {"rope_parameters": LLAMA3_ROPE, "max_position_embeddings": 131072}),
+    "qwen2": Architecture("Qwen2", "qwen2", "qwen2"),
+    "qwen3": Architecture("Qwen3", "qwen3", "qwen2", {"head_dim": None}),
+    "gemma": Architecture("Gemma", "gemma", "gemma-4", {"head_dim": None}),
+    "gemma2": Architecture("Gemma 2", "gemma2", "gemma-4", {"head_dim": None}),
+    "gemma3": Architecture("Gemma 3", "gemma3_text", "gemma-4", {"head_dim": None}),
+    "phi3": Architecture("Phi-3", "phi3", "phi-3"),
+    "falcon": Architecture("Falcon", "falcon", "falcon", {"new_decoder_architecture": True, "bias": False},
+                           widths=FOUR_TIMES),
+    # no BLOOM vocabulary among llama.cpp's: GPT-2's BPE, padded to BLOOM's 250880 embedding rows
+    "bloom": Architecture("BLOOM", "bloom", "gpt-2", vocab=250880, widths=FOUR_TIMES),
+    "mixtral": Architecture("Mixtral", "mixtral", "llama-spm",
+                            {"num_local_experts": MIXTRAL_EXPERTS, "num_experts_per_tok": 2},
+                            widths=f"{MIXTRAL_EXPERTS} experts of the preset's MLP, not 8"),
+    # GPT-NeoX's own vocabulary (ggml-vocab-gpt-neox) hashes to no pre-tokenizer the pinned
+    # converter knows: GPT-2's BPE instead, padded to GPT-NeoX-20B's 50432 rows
+    "gpt_neox": Architecture("GPT-NeoX", "gpt_neox", "gpt-2", vocab=50432),
+}
+
+
+def architecture_config(arch: Architecture, p: Preset, vocab: int) -> dict:
+    """Arguments to transformers' config class of ``arch``: the preset's widths (all heads
+    key/value heads, as the LLaMA inputs have), the layers, the vocabulary, its own settings."""
+    if arch.model_type == "bloom":
+        sizes = {"hidden_size": p.hidden, "n_head": p.heads, "n_layer": p.layers}
+    elif arch.model_type == "falcon":
+        sizes = {"hidden_size": p.hidden, "num_attention_heads": p.heads, "num_kv_heads": p.heads,
+                 "num_hidden_layers": p.layers}
+    else:
+        sizes = {"hidden_size": p.hidden, "intermediate_size": p.ffn, "num_attention_heads": p.heads,
+                 "num_key_value_heads": p.heads, "num_hidden_layers": p.layers}
+    own = {k: p.hidden // p.heads if k == "head_dim" else v for k, v in arch.config.items()}
+    return {**sizes, **own, "vocab_size": vocab}
+
+
+def llamacpp_vocab():  # noqa: ANN201 - the module scripts/llamacpp_vocab.py
+    """The sibling script that builds tokenizer folders (also when this file is loaded by path)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import llamacpp_vocab
+
+    return llamacpp_vocab
+
+
+def child_architecture(spec: dict) -> None:
+    """Base and target of one architecture (--arch): its config (transformers' class at the
+    preset's widths, its tensors' names and shapes from the model built on the meta device, as
+    save_pretrained names them) and tokenizer, then the weights, streamed as the LLaMA ones are.
+    Before any weight, deltamerge plans the GGUF of the base: an architecture it refuses prints
+    ``{"refused": message}`` and makes nothing."""
+    import torch
+    import transformers
+    from gguf import GGUFReader
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from deltamerge.errors import UnsupportedError
+    from deltamerge.sinks.gguf import plan_gguf
+
+    p, arch = Preset(**spec["preset"]), ARCHITECTURES[spec["arch"]]
+    dtype = getattr(torch, spec["dtype"])
+    tokenizer = llamacpp_vocab().tokenizer_folder(Path(spec["llamacpp"]), arch.tokenizer)
+    source = Path(spec["llamacpp"]) / "models" / f"ggml-vocab-{arch.tokenizer}.gguf"
+    vocab = arch.vocab or len(GGUFReader(source).fields["tokenizer.ggml.tokens"].data)
+    config = transformers.AutoConfig.for_model(arch.model_type, **architecture_config(arch, p, vocab))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    tied = set(model._tied_weights_keys or {}) if config.get_text_config().tie_word_embeddings else set()
+    saved = revert_weight_conversion(model, model.state_dict())  # as save_pretrained names them
+    shapes = [(name, tuple(t.shape)) for name, t in saved.items() if name not in tied]
+    config.architectures = [type(model).__name__]
+    config.dtype = spec["dtype"]
+    base, target = Path(spec["base"]), Path(spec["target"])
+    shutil.copytree(tokenizer, base)
+    config.save_pretrained(base)
+    try:
+        plan_gguf(base, [(name, dtype, shape) for name, shape in shapes], outtype="f16")
+    except UnsupportedError as e:
+        shutil.rmtree(base)
+        print(json.dumps({"refused": str(e)}))
+        return
+    nbytes = sum(math.prod(s) for _, s in shapes) * dtype.itemsize
+    if not spec["sparse"] and 3 * nbytes > shutil.disk_usage(base).free - 2 * 10**9:  # with the delta
+        shutil.rmtree(base)
+        print(json.dumps({"disk": 3 * nbytes, "free": shutil.disk_usage(base.parent).free}))
+        return
+    shutil.copytree(base, target)
+    write_models(shapes, json.loads((base / "config.json").read_text()), dtype, p.shard, [base, target],
+                 spec["sparse"])
+    print(json.dumps({"bytes": nbytes, "vocab": vocab}))
+
+
 def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
@@ -324,7 +466,8 @@ def sparsify(folder: Path) -> None:
             f.truncate(size)
 
 
-def write_models(p: Preset, dtype, shard: str, folders: list[Path], sparse: bool) -> None:
+def write_models(shapes: list[tuple[str, tuple[int, ...]]], config: dict, dtype, shard: str,
+                 folders: list[Path], sparse: bool) -> None:
     """Base (and target = base + small noise) in transformers' sharded layout, streamed."""
     import torch
 
@@ -333,13 +476,12 @@ def write_models(p: Preset, dtype, shard: str, folders: list[Path], sparse: bool
     from deltamerge.sinks.safetensors import StreamingWriter, write_index
     from deltamerge.sizes import parse_size
 
-    jobs = [TensorJob(s, None) for s in to_specs(llama_shapes(p), dtype)]
+    jobs = [TensorJob(s, None) for s in to_specs(shapes, dtype)]
     shards = layout_shards(jobs, parse_size(shard))
-    config = json.dumps(llama_config(p, str(dtype).removeprefix("torch.")), indent=2)
     for folder in folders:
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         write_index(folder, shards)
-        (folder / "config.json").write_text(config)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
     if sparse:
         for folder in folders:
             for s in shards:
@@ -441,8 +583,8 @@ def child_generate(spec: dict) -> None:
 
     p = Preset(**spec["preset"])
     if spec["models"]:
-        write_models(p, getattr(torch, spec["dtype"]), p.shard, [Path(f) for f in spec["models"]],
-                     spec["sparse"])
+        write_models(llama_shapes(p), llama_config(p, spec["dtype"]), getattr(torch, spec["dtype"]),
+                     p.shard, [Path(f) for f in spec["models"]], spec["sparse"])
     for kind, folder in spec["adapters"].items():
         write_adapter(p, kind, Path(folder), spec["sparse"])
 
@@ -556,6 +698,7 @@ def mem_total() -> int:
 class RunResult:
     run: str
     threads: int | None = None  # the --threads it ran with (None: not given, or no pool)
+    arch: str | None = None  # run i's architecture (--arch; None: the LLaMA inputs)
     status: str = "ok"
     walls: list[float] = field(default_factory=list)
     floors: list[float] = field(default_factory=list)  # this run's floor, in the same rounds
@@ -567,7 +710,9 @@ class RunResult:
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        out = {"run": self.run, "label": RUNS[self.run], "threads": self.threads, "status": self.status,
+        label = RUNS[self.run] + (f" ({ARCHITECTURES[self.arch].label})" if self.arch else "")
+        out = {"run": self.run, "label": label, "threads": self.threads, "arch": self.arch,
+               "status": self.status,
                "walls_s": [round(w, 3) for w in self.walls],
                "floors_s": [round(w, 3) for w in self.floors], "bytes_read": self.bytes_read,
                "bytes_written": self.bytes_written, **self.extra}
@@ -582,12 +727,14 @@ class RunResult:
                 peak_source=self.peak_source,
                 cpu_s=round(statistics.median(self.cpus), 3) if self.cpus else None,
                 gb_per_s=round((self.bytes_read + self.bytes_written) / med / 1e9, 3),
+                s_per_gb_written=round(med / (self.bytes_written / 1e9), 3) if self.bytes_written else None,
             )
         return out
 
     def tag(self) -> str:
-        """The run's letter, with its thread count when it had one."""
-        return self.run if self.threads is None else f"{self.run}@{self.threads}"
+        """The run's letter, with its architecture and thread count when it had them (i:qwen2@2)."""
+        arch = f":{self.arch}" if self.arch else ""
+        return f"{self.run}{arch}" if self.threads is None else f"{self.run}{arch}@{self.threads}"
 
 
 class Bench:
@@ -607,11 +754,14 @@ class Bench:
         self.threads: list[int | None] = args.threads or [None]
         self.outtype = args.outtype
         self.llama_quantize = args.llama_quantize
+        self.archs: list[str] = args.arch
+        self.llamacpp: Path | None = args.llamacpp
         self.model_bytes = model_bytes(self.preset, self.dtype)
         self.folders = {
             "base": data / "base", "target": data / "target", "delta": data / "delta-add",
             "xor": data / "delta-xor", "meta": data / "meta", "xorz": data / "delta-xor-zstd",
             "gguf16": data / "gguf-f16", **{a: data / a for a in ADAPTER_RUNS.values()},
+            **{arch_piece(a): data / arch_piece(a) for a in self.archs},  # base/ and delta/ each
         }
         self.base, self.target = self.folders["base"], self.folders["target"]
         self.delta, self.xor = self.folders["delta"], self.folders["xor"]
@@ -748,7 +898,45 @@ class Bench:
                 self.record("meta")
         if "target" not in need and not self.sparse and not self.reuse:
             shutil.rmtree(self.target)
+        for arch in self.archs:
+            if not self.made(arch_piece(arch)):
+                self.setup_architecture(arch)
         os.sync()
+
+    def setup_architecture(self, arch: str) -> None:
+        """One architecture's base and additive delta (its target made, then removed)."""
+        folder = self.folders[arch_piece(arch)]
+        key = f"i:{arch}"
+        shutil.rmtree(folder, ignore_errors=True)
+        label = ARCHITECTURES[arch].label
+        say(f"generating the {label} base and target (transformers' config class, "
+            f"{ARCHITECTURES[arch].tokenizer} tokenizer) in {folder}")
+        folder.mkdir(parents=True)
+        base, target, delta = folder / "base", folder / "target", folder / "delta"
+        spec = {"preset": vars(self.preset), "dtype": self.dtype, "sparse": self.sparse, "arch": arch,
+                "llamacpp": str(self.llamacpp), "base": str(base), "target": str(target)}
+        m = measure(self.child("architecture", spec), self.data / f"setup-{arch}.log")
+        lines = m.stdout.strip().splitlines()
+        report = json.loads(lines[-1]) if m.returncode == 0 and lines else {}
+        if "refused" in report:
+            self.setup_errors[key] = f"skipped: deltamerge refuses {label}'s GGUF today: {report['refused']}"
+        elif "disk" in report:
+            self.setup_errors[key] = (f"skipped: making its inputs takes {report['disk'] / 1e9:.1f} GB "
+                                      f"of disk (base, target and delta), {report['free'] / 1e9:.1f} GB free")
+        elif m.returncode != 0:
+            self.setup_errors[key] = f"failed: setup {label} inputs: {m.last_error}"
+        else:
+            say(f"  done in {m.wall:.1f} s ({report['bytes'] / 1e9:.2f} GB a model, {report['vocab']} "
+                "tokens); making its additive delta")
+            err = self._make_delta(delta, "add", base=base, target=target)
+            if err:
+                self.setup_errors[key] = f"failed: setup make-delta of {label}: {err}"
+            else:
+                shutil.rmtree(target)
+                self.record(arch_piece(arch))
+                return
+        say(f"  {key}: {self.setup_errors[key]}")
+        shutil.rmtree(folder, ignore_errors=True)
 
     def unrecord(self, piece: str) -> None:
         stamp = self.stamp()
@@ -756,9 +944,11 @@ class Bench:
             stamp["made"].remove(piece)
             (self.data / STAMP).write_text(json.dumps(stamp, indent=1))
 
-    def _make_delta(self, out: Path, kind: str, *options: str) -> str | None:
+    def _make_delta(self, out: Path, kind: str, *options: str, base: Path | None = None,
+                    target: Path | None = None) -> str | None:
         shutil.rmtree(out, ignore_errors=True)
-        cmd = self.deltamerge("make-delta", self.base, self.target, out, "--kind", kind, *options)
+        cmd = self.deltamerge("make-delta", base or self.base, target or self.target, out, "--kind", kind,
+                              *options)
         m = measure(cmd, self.data / f"setup-{out.name}.log")
         if m.returncode != 0:
             shutil.rmtree(out, ignore_errors=True)
@@ -768,10 +958,11 @@ class Bench:
         return None
 
     # -- the runs ----------------------------------------------------------------------------
-    def slots(self) -> list[tuple[str, int | None]]:
-        """Each run with each --threads, in the order a round measures them (the runs that have
-        no compute pool once)."""
-        return [(r, t) for r in self.runs for t in ([None] if r in NO_THREADS else self.threads)]
+    def slots(self) -> list[tuple[str, int | None, str | None]]:
+        """Each run with each --threads (the runs that have no compute pool once), run i on the
+        LLaMA inputs and then on each --arch, in the order a round measures them."""
+        return [(r, t, a) for r in self.runs for a in ([None, *self.archs] if r == "i" else [None])
+                for t in ([None] if r in NO_THREADS else self.threads)]
 
     def deltamerge(self, command: str, *args, threads: int | None = None) -> list[str]:
         return ["-m", "deltamerge", command, *map(str, args), "--quiet",
@@ -780,13 +971,17 @@ class Bench:
     def child(self, mode: str, spec: dict) -> list[str]:
         return ["--child", mode, json.dumps(spec)]
 
-    def command(self, run: str, threads: int | None = None) -> tuple[list[str], int]:
-        """The command of a run (with ``--threads``) and the bytes of input it reads."""
-        base = weight_files(self.base)
-        delta = weight_files(self.delta)
+    def command(self, run: str, threads: int | None = None, arch: str | None = None) -> tuple[list[str], int]:
+        """The command of a run (with ``--threads``, on ``arch``'s inputs) and the bytes of input
+        it reads."""
+        folder = self.folders[arch_piece(arch)] if arch else None
+        base_dir, delta_dir = (folder / "base", folder / "delta") if folder else (self.base, self.delta)
+        base = weight_files(base_dir)
+        delta = weight_files(delta_dir)
         reads = files_bytes(base) + files_bytes(delta)
         if run == "a":
             needed = sorted({i for r in self.runs for i in RUN_INPUTS[r]} & self.needed())
+            needed += [arch_piece(a) for a in self.archs if self.made(arch_piece(a))]
             spec = {"reads": {i: [str(f) for f in files_of(self.folders[i])] for i in needed},
                     "write": str(self.data / "floor.bin"), "bytes": self.model_bytes}
             return self.child("floor", spec), reads
@@ -816,7 +1011,7 @@ class Bench:
             return cmd, files_bytes(f16)
         if run in FORMAT_RUNS or run == "n":
             fmt = FORMAT_RUNS.get(run, ["--format", "gguf", "--outtype", self.outtype])
-            cmd = ["-m", "deltamerge", "apply", *map(str, (self.base, self.delta, self.out)),
+            cmd = ["-m", "deltamerge", "apply", *map(str, (base_dir, delta_dir, self.out)),
                    "--quiet", *fmt, *self.workers, *threads_option(threads)]
             return cmd, reads
         spec = {"base": list(map(str, base)), "delta": list(map(str, delta)), "out": str(self.out)}
@@ -826,9 +1021,10 @@ class Bench:
         """llama-quantize's thread count: deltamerge's, whose default is the machine's cores."""
         return threads or os.cpu_count() or 1
 
-    def skip_reason(self, run: str) -> str | None:
-        if run in self.setup_errors:
-            return self.setup_errors[run]
+    def skip_reason(self, run: str, arch: str | None = None) -> str | None:
+        key = f"{run}:{arch}" if arch else run
+        if key in self.setup_errors:
+            return self.setup_errors[key]
         if run == "o" and not self.llama_quantize:
             return "skipped: no --llama-quantize PATH given (llama.cpp's build/bin/llama-quantize)"
         if run == "g":
@@ -841,26 +1037,29 @@ class Bench:
     def inputs(self) -> list[Path]:
         return [f for f in self.folders.values() if f.exists()]
 
-    def floor_of(self, run: str, round_floor: dict, written: int) -> float:
+    def floor_of(self, run: str, round_floor: dict, written: int, arch: str | None = None) -> float:
         """A run's floor in one round: its inputs' reads, and its result's size written."""
-        reads = sum(round_floor["reads"][i]["seconds"] for i in RUN_INPUTS[run])
+        inputs = (arch_piece(arch),) if arch else RUN_INPUTS[run]
+        reads = sum(round_floor["reads"][i]["seconds"] for i in inputs)
         write = round_floor["write"]
         return reads + write["seconds"] * written / max(write["bytes"], 1)
 
     def measure_all(self, repeat: int) -> list[RunResult]:
-        results = {(r, t): RunResult(r, t) for r, t in self.slots()}
-        for (r, _), res in results.items():
-            reason = self.skip_reason(r)
+        results = {slot: RunResult(*slot) for slot in self.slots()}
+        for (r, _, a), res in results.items():
+            reason = self.skip_reason(r, a)
             if reason:
                 res.status = reason
             if r in ("n", "o"):
                 res.extra["outtype"] = self.outtype
+            if a:
+                res.extra["widths"] = ARCHITECTURES[a].widths
         for i in range(repeat):
             floor = None
-            for (r, t), res in results.items():
+            for (r, t, a), res in results.items():
                 if res.status != "ok":
                     continue
-                cmd, reads = self.command(r, t)
+                cmd, reads = self.command(r, t, a)
                 shutil.rmtree(self.out, ignore_errors=True)
                 if r == "o":  # llama-quantize writes a file: its folder must be there
                     self.out.mkdir()
@@ -891,7 +1090,7 @@ class Bench:
                     res.extra["llama_quantize_threads"] = self.quantize_threads(t)
                 res.bytes_read, res.bytes_written = reads, written
                 if floor is not None:
-                    res.floors.append(self.floor_of(r, floor, written))
+                    res.floors.append(self.floor_of(r, floor, written, a))
                 shown = res.walls[-1]
                 say(f"  {res.tag():<4} {RUNS[r]:<22} {i + 1}/{repeat}: {shown:7.2f} s  "
                     f"peak {m.peak_rss / 2**20:6.0f} MiB  cpu {m.cpu:6.1f} s")
@@ -899,26 +1098,35 @@ class Bench:
         self.add_time_ratios(results)
         return list(results.values())
 
-    def add_time_ratios(self, results: dict[tuple[str, int | None], RunResult]) -> None:
+    def add_time_ratios(self, results: dict[tuple[str, int | None, str | None], RunResult]) -> None:
         """Each run's median over its reference run's (RATIO_TO) at the same --threads, and over
-        its own at the first --threads when several were given."""
+        its own at the first --threads when several were given; run i on another architecture,
+        its time per byte written over run i's on the LLaMA inputs (per_byte_ratio_to_llama)."""
         first = self.threads[0]
 
-        def ratio(res: RunResult, ref: RunResult | None) -> float | None:
+        def ratio(res: RunResult, ref: RunResult | None, per_byte: bool = False) -> float | None:
             if ref is None or not res.walls or not ref.walls:
                 return None
-            return round(statistics.median(res.walls) / statistics.median(ref.walls), 3)
+            scale = ref.bytes_written / res.bytes_written if per_byte else 1
+            return round(statistics.median(res.walls) / statistics.median(ref.walls) * scale, 3)
 
-        for (r, t), res in results.items():
-            if r in RATIO_TO and (value := ratio(res, results.get((RATIO_TO[r], t)))) is not None:
+        for (r, t, a), res in results.items():
+            if r in RATIO_TO and (value := ratio(res, results.get((RATIO_TO[r], t, None)))) is not None:
                 res.extra[f"time_ratio_to_{RATIO_TO[r]}"] = value
-            if t != first and (value := ratio(res, results.get((r, first)))) is not None:
+            if t != first and (value := ratio(res, results.get((r, first, a)))) is not None:
                 res.extra[f"time_ratio_to_threads_{first}"] = value
+            if a and (value := ratio(res, results.get((r, t, None)), per_byte=True)) is not None:
+                res.extra["per_byte_ratio_to_llama"] = value
 
     def size_ratio_to_xor(self, compressed: Path) -> float | None:
         """A compressed XOR delta's weight files over the plain XOR delta's, of the same pair."""
         plain = files_bytes(weight_files(self.xor)) if self.made("xor") else 0
         return round(files_bytes(weight_files(compressed)) / plain, 4) if plain else None
+
+
+def arch_piece(arch: str) -> str:
+    """The input folder of an architecture's base/ and delta/ (and its name in the stamp)."""
+    return f"arch-{arch}"
 
 
 def threads_option(threads: int | None) -> list[str]:
@@ -1040,9 +1248,11 @@ def say(message: str) -> None:
 
 
 def row_name(row: dict) -> str:
-    """``e LoRA merge r=64``, with ``@N`` after the letter for a run with --threads N."""
+    """``e LoRA merge r=64``, with ``@N`` after the letter for a run with --threads N and
+    ``:ARCH`` before it for run i on another architecture."""
+    arch = f":{row['arch']}" if row.get("arch") else ""
     at = f"@{row['threads']}" if row.get("threads") else ""
-    return f"{row['run']}{at} {row['label']}"
+    return f"{row['run']}{arch}{at} {row['label']}"
 
 
 def ratio_lines(rows: list[dict]) -> list[str]:
@@ -1057,6 +1267,10 @@ def ratio_lines(rows: list[dict]) -> list[str]:
             if key.startswith("time_ratio_to_threads_"):
                 lines.append(f"{name}: takes {value:.2f}x its time with --threads "
                              f"{key.rsplit('_', 1)[1]}")
+            elif key == "per_byte_ratio_to_llama":
+                at = f"@{row['threads']}" if row.get("threads") else ""
+                lines.append(f"{name}: {row['s_per_gb_written']:.2f} s per GB of GGUF written, {value:.2f}x "
+                             f"run i{at}'s (LLaMA's)")
             elif key.startswith("time_ratio_to_"):
                 ref = key.rsplit("_", 1)[1]
                 at = f"@{row['threads']}" if row.get("threads") else ""
@@ -1065,8 +1279,8 @@ def ratio_lines(rows: list[dict]) -> list[str]:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'run':<30}{'median s':>10}{'floor s':>9}{'x floor':>9}{'peak RSS MiB':>14}"
-            f"{'GB/s':>8}{'cpu s':>8}  status")
+    head = (f"{'run':<40}{'median s':>10}{'floor s':>9}{'x floor':>9}{'peak RSS MiB':>14}"
+            f"{'GB/s':>8}{'s/GB out':>9}{'cpu s':>8}  status")
     lines = [head, "-" * len(head)]
     for row in rows:
         name = row_name(row)
@@ -1074,10 +1288,12 @@ def table(rows: list[dict]) -> str:
             floor = f"{row['floor_s']:.2f}" if row.get("floor_s") else "-"
             ratio = f"{row['ratio_to_floor']:.2f}" if row.get("ratio_to_floor") else "-"
             cpu = f"{row['cpu_s']:.1f}" if row.get("cpu_s") is not None else "-"
-            lines.append(f"{name:<30}{row['median_s']:>10.2f}{floor:>9}{ratio:>9}"
-                         f"{row['peak_rss_mib']:>14.0f}{row['gb_per_s']:>8.2f}{cpu:>8}  {row['status']}")
+            per_gb = f"{row['s_per_gb_written']:.2f}" if row.get("s_per_gb_written") else "-"
+            lines.append(f"{name:<40}{row['median_s']:>10.2f}{floor:>9}{ratio:>9}{row['peak_rss_mib']:>14.0f}"
+                         f"{row['gb_per_s']:>8.2f}{per_gb:>9}{cpu:>8}  {row['status']}")
         else:
-            lines.append(f"{name:<30}{'-':>10}{'-':>9}{'-':>9}{'-':>14}{'-':>8}{'-':>8}  {row['status']}")
+            dashes = "".join(f"{'-':>{w}}" for w in (10, 9, 9, 14, 8, 9, 8))
+            lines.append(f"{name:<40}{dashes}  {row['status']}")
     return "\n".join(lines)
 
 
@@ -1137,6 +1353,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="GGUF type of runs n and o (default q4_k_m).")
     ap.add_argument("--llama-quantize", type=Path, metavar="PATH",
                     help="llama.cpp's llama-quantize binary, for run o (skipped without it).")
+    ap.add_argument("--arch", metavar="NAME[,NAME...]",
+                    help="Run i on these architectures too (or all), each against run i on the "
+                         f"LLaMA inputs: {','.join(ARCHITECTURES)} (the list above).")
+    ap.add_argument("--llamacpp", type=Path, metavar="DIR", default=os.environ.get("DELTAMERGE_LLAMACPP"),
+                    help="The llama.cpp folder scripts/fetch_llamacpp.sh extracts, whose vocab GGUFs "
+                         "are --arch's tokenizers (default: $DELTAMERGE_LLAMACPP).")
     ap.add_argument("--shard-size", help="Shard size of every checkpoint (default: the preset's).")
     ap.add_argument("--json", action="store_true", help="Print the results as JSON instead of a table.")
     ap.add_argument("--plot", metavar="FILE.png", help="Draw a bar chart (needs matplotlib).")
@@ -1157,6 +1379,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             args.threads = []
         if not args.threads or min(args.threads) < 1:
             ap.error("--threads: one or more whole numbers of at least 1, comma-separated")
+    archs = [a.strip() for a in (args.arch or "").split(",") if a.strip()]
+    archs = list(ARCHITECTURES) if archs == ["all"] else list(dict.fromkeys(archs))
+    if unknown := [a for a in archs if a not in ARCHITECTURES]:
+        ap.error(f"--arch: unknown architecture(s) {','.join(unknown)}; choose from "
+                 f"{','.join(ARCHITECTURES)} or all")
+    if archs and "i" not in args.runs:
+        ap.error("--arch: the architectures are measured by run i; add i to --runs")
+    if archs and not (args.llamacpp and (Path(args.llamacpp) / "models").is_dir()):
+        ap.error("--arch needs llama.cpp's vocab GGUFs: give --llamacpp DIR, or export "
+                 "DELTAMERGE_LLAMACPP=$(scripts/fetch_llamacpp.sh)")
+    args.arch = archs
+    args.llamacpp = Path(args.llamacpp).resolve() if args.llamacpp else None
     if args.llama_quantize is not None and not (
             args.llama_quantize.is_file() and os.access(args.llama_quantize, os.X_OK)):
         ap.error(f"--llama-quantize: {args.llama_quantize} is not an executable file")
@@ -1197,7 +1431,7 @@ def main(argv: list[str]) -> int:
         return run_reporting_peak(argv[1:])
     if argv[:1] == ["--child"]:
         children = {"floor": child_floor, "naive": child_naive, "generate": child_generate,
-                    "meta": child_meta}
+                    "meta": child_meta, "architecture": child_architecture}
         children[argv[1]](json.loads(argv[2]))
         return 0
     args = parse_args(argv)
@@ -1220,7 +1454,7 @@ def main(argv: list[str]) -> int:
     config = {"preset": args.preset, "layers": bench.preset.layers, "dtype": args.dtype,
               "sparse": args.sparse, "model_bytes": bench.model_bytes, "shard_size": bench.shard,
               "repeat": args.repeat, "workers": args.workers, "threads": args.threads,
-              "outtype": args.outtype,
+              "outtype": args.outtype, "arch": args.arch,
               "llama_quantize": str(args.llama_quantize) if args.llama_quantize else None,
               "reused": str(data) if args.reuse is not None else None}
     if args.json:

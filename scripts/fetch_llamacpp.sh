@@ -2,9 +2,9 @@
 # llama.cpp's convert_hf_to_gguf.py at the pinned release, for the tests that compare GGUF output
 # with it byte for byte. It is not a dependency: the llama-cpp-python source distribution vendors
 # it, so pip fetches that (once) and the converter, its conversion/ package, gguf-py and the vocab
-# GGUFs (real tokenizers) are extracted to a gitignored cache folder. transformers rebuilds some of
-# those tokenizers as Hugging Face tokenizer folders, once (slow), into its tokenizers/. Prints the
-# folder.
+# GGUFs (real tokenizers) are extracted to a gitignored cache folder. scripts/llamacpp_vocab.py
+# rebuilds the tests' tokenizers as Hugging Face tokenizer folders, once (slow), into its
+# tokenizers/ (scripts/bench.py --arch builds the others it needs there). Prints the folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=0.3.36
@@ -20,18 +20,5 @@ if [ ! -f "$DEST/convert_hf_to_gguf.py" ]; then
   rm -rf "$DEST"
   mv "$tmp/$top" "$DEST"
 fi
-if [ ! -f "$DEST/tokenizers/done" ]; then
-  python - "$DEST" <<'PY'
-import sys
-from pathlib import Path
-
-from transformers import AutoTokenizer
-
-dest = Path(sys.argv[1])
-for name in ("gpt-2", "qwen2"):
-    tokenizer = AutoTokenizer.from_pretrained(dest / "models", gguf_file=f"ggml-vocab-{name}.gguf")
-    tokenizer.save_pretrained(dest / "tokenizers" / name)
-(dest / "tokenizers" / "done").touch()
-PY
-fi
+python scripts/llamacpp_vocab.py "$DEST" gpt-2 qwen2 >&2  # the tests' (each built once)
 echo "$PWD/$DEST"

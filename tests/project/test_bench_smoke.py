@@ -3,7 +3,8 @@
 Every run is a child process that imports torch, so one bench run measures few of them: the disk
 floor, the GGUF k-quant and the DoRA merge, with llama-quantize skipped; a second reuses the first
 one's inputs. The other adapter types' generated files are merged in this process, and the thread
-counts and time ratios are checked on the script's own objects.
+counts and time ratios are checked on the script's own objects. Run i on another architecture
+(--arch) runs once, on a tiny Mixtral, where llama.cpp's vocab GGUFs are (``llamacpp.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import ROOT, load_state
+from llamacpp import llamacpp_dir
 
 from deltamerge.apply import apply_delta
 
@@ -99,25 +101,86 @@ def test_threads_give_each_run_its_slots_and_ratios(tmp_path: Path) -> None:
                            "--llama-quantize", sys.executable])
     assert args.threads == [1, 2]
     b = mod.Bench(args, tmp_path)
-    assert b.slots() == [("a", None), ("d", None), ("e", 1), ("e", 2), ("o", 1), ("o", 2),
-                         ("p", 1), ("p", 2)]
+    assert b.slots() == [("a", None, None), ("d", None, None), ("e", 1, None), ("e", 2, None),
+                         ("o", 1, None), ("o", 2, None), ("p", 1, None), ("p", 2, None)]
     e2, _ = b.command("e", 2)
     assert e2[e2.index("--threads") + 1] == "2" and str(tmp_path / "lora") in e2
     assert "--threads" not in b.command("d")[0]  # make-delta has no compute pool
     assert b.command("o", 2)[0][0] == sys.executable and b.command("o", 2)[0][-2:] == ["Q5_K_S", "2"]
     assert b.quantize_threads(None) == os.cpu_count()
 
-    walls = {("e", 1): 2.0, ("e", 2): 1.0, ("p", 1): 3.0, ("p", 2): 1.5, ("a", None): 1.0}
+    walls = {("e", 1, None): 2.0, ("e", 2, None): 1.0, ("p", 1, None): 3.0, ("p", 2, None): 1.5,
+             ("a", None, None): 1.0}
     results = {slot: mod.RunResult(*slot, walls=[w], peak_rss=[2**20]) for slot, w in walls.items()}
     b.add_time_ratios(results)
-    assert results[("p", 2)].extra == {"time_ratio_to_e": 1.5, "time_ratio_to_threads_1": 0.5}
-    assert results[("p", 1)].extra == {"time_ratio_to_e": 1.5}
-    assert results[("e", 2)].extra == {"time_ratio_to_threads_1": 0.5}
-    assert results[("e", 1)].extra == {} and results[("a", None)].extra == {}
-    rows = [results[slot].summary() for slot in (("p", 2), ("e", 1))]
+    assert results[("p", 2, None)].extra == {"time_ratio_to_e": 1.5, "time_ratio_to_threads_1": 0.5}
+    assert results[("p", 1, None)].extra == {"time_ratio_to_e": 1.5}
+    assert results[("e", 2, None)].extra == {"time_ratio_to_threads_1": 0.5}
+    assert results[("e", 1, None)].extra == {} and results[("a", None, None)].extra == {}
+    rows = [results[slot].summary() for slot in (("p", 2, None), ("e", 1, None))]
     assert mod.ratio_lines(rows) == ["p@2: takes 1.50x run e@2's time (LoRA merge r=64)",
                                      "p@2: takes 0.50x its time with --threads 1"]
 
     for bad in (["--threads", "0"], ["--threads", "two"], ["--llama-quantize", str(tmp_path)]):
         with pytest.raises(SystemExit):
             mod.parse_args(bad)
+
+
+def test_run_i_on_another_architecture_builds_it_at_the_presets_widths(tmp_path: Path) -> None:
+    """--arch: a tiny Mixtral of transformers' classes with LLaMA's real sentencepiece vocabulary
+    (from llama.cpp's vocab GGUF), its delta applied to GGUF f16 beside run i on the LLaMA inputs."""
+    data = tmp_path / "data"
+    proc = bench("--preset", "tiny", "--repeat", "1", "--runs", "i", "--arch", "mixtral",
+                 "--llamacpp", llamacpp_dir(), "--data", data, "--keep", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["config"]["arch"] == ["mixtral"]
+    llama, mixtral = report["runs"]
+    assert (llama["arch"], mixtral["arch"]) == (None, "mixtral")
+    assert llama["status"] == mixtral["status"] == "ok", report["runs"]
+    assert mixtral["label"] == "apply to GGUF f16 (Mixtral)" and "4 experts" in mixtral["widths"]
+    for row in (llama, mixtral):
+        assert row["bytes_written"] > 0 and row["s_per_gb_written"] > 0
+    expected = mixtral["median_s"] / mixtral["bytes_written"] / (llama["median_s"] / llama["bytes_written"])
+    assert mixtral["per_byte_ratio_to_llama"] == pytest.approx(expected, rel=0.01)
+    assert "generating the Mixtral base and target" in proc.stderr
+
+    folder = data / "arch-mixtral"
+    assert sorted(p.name for p in folder.iterdir()) == ["base", "delta"]  # the target removed
+    config = json.loads((folder / "base" / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"]
+    assert (config["hidden_size"], config["num_local_experts"], config["vocab_size"]) == (128, 4, 32000)
+    base = load_state(folder / "base")
+    assert base["model.layers.1.block_sparse_moe.experts.3.w1.weight"].shape == (344, 128)
+    assert base["model.embed_tokens.weight"].shape == (32000, 128)
+    assert (folder / "base" / "tokenizer.model").is_file()
+
+
+def test_arch_slots_ratios_and_refusals(tmp_path: Path) -> None:
+    mod = load_bench()
+    for bad in (["--runs", "a", "--arch", "qwen2"], ["--runs", "i", "--arch", "gptj"]):
+        with pytest.raises(SystemExit):
+            mod.parse_args([*bad, "--llamacpp", str(tmp_path)])
+    (tmp_path / "models").mkdir()
+    args = mod.parse_args(["--runs", "a,i", "--arch", "all", "--threads", "1,2", "--llamacpp", str(tmp_path)])
+    assert args.arch == list(mod.ARCHITECTURES) and "gemma3" in args.arch and "gpt_neox" in args.arch
+    args = mod.parse_args(["--runs", "a,i", "--arch", "qwen2,falcon", "--threads", "2",
+                           "--llamacpp", str(tmp_path)])
+    b = mod.Bench(args, tmp_path / "data")
+    assert b.slots() == [("a", None, None), ("i", 2, None), ("i", 2, "qwen2"), ("i", 2, "falcon")]
+    cmd, _ = b.command("i", 2, "qwen2")
+    assert str(tmp_path / "data" / "arch-qwen2" / "base") in cmd and cmd[-2:] == ["--threads", "2"]
+
+    walls = {("i", 2, None): (10.0, 10**9), ("i", 2, "qwen2"): (33.0, 3 * 10**9)}
+    results = {slot: mod.RunResult(*slot, walls=[w], peak_rss=[2**20], bytes_written=n)
+               for slot, (w, n) in walls.items()}
+    results[("i", 2, "falcon")] = mod.RunResult("i", 2, "falcon", status="skipped: deltamerge refuses it")
+    b.add_time_ratios(results)
+    assert results[("i", 2, "qwen2")].extra == {"per_byte_ratio_to_llama": 1.1}
+    assert results[("i", 2, None)].extra == {} and results[("i", 2, "falcon")].extra == {}
+    rows = [r.summary() for r in results.values()]
+    assert rows[1]["s_per_gb_written"] == 11.0
+    assert mod.ratio_lines(rows) == ["i:qwen2@2: 11.00 s per GB of GGUF written, 1.10x run i@2's (LLaMA's)"]
+    text = mod.table(rows)
+    assert "i:qwen2@2 apply to GGUF f16 (Qwen2)" in text
+    assert "i:falcon@2 apply to GGUF f16 (Falcon)" in text and "skipped: deltamerge refuses it" in text
