@@ -287,6 +287,232 @@ def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad)
     return scale, -mn
 
 
+@intrinsic
+def _level(typingctx, fval, lo, hi):
+    """``MAX(lo, MIN(hi, nearest_int(fval)))`` as an int32: the C code's int arithmetic kept in 32
+    bits (its ``int``), so that LLVM packs it across lanes with the floats around it."""
+    if fval != types.float32 or not isinstance(lo, types.Integer) or not isinstance(hi, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        val = builder.fadd(args[0], ir.Constant(ir.FloatType(), 12582912.0))
+        l = builder.sub(builder.and_(builder.bitcast(val, i32), ir.Constant(i32, 0x007FFFFF)),
+                        ir.Constant(i32, 0x00400000))
+        lo32 = builder.trunc(context.cast(builder, args[1], signature.args[1], types.int64), i32)
+        hi32 = builder.trunc(context.cast(builder, args[2], signature.args[2], types.int64), i32)
+        l = builder.select(builder.icmp_signed("<", hi32, l), hi32, l)
+        return builder.select(builder.icmp_signed(">", lo32, l), lo32, l)
+
+    return types.int32(fval, lo, hi), codegen
+
+
+# The scale searches run on LANES sub-blocks at once (8 super-blocks of Q4_K/Q5_K, 4 of Q6_K): each
+# lane does its C code's float32 operations in their order, with the lane the innermost loop, so
+# LLVM packs 8 lanes into each AVX operation without changing any of them. Data-dependent branches
+# become per-lane selects; a lane the C code returns early from is computed anyway and its result
+# replaced by the early return's. Everything lives in one float32 buffer at constant offsets: LLVM
+# then knows the regions apart (with separate arrays it gives up), and LANES must be a constant
+# (numba leaves SLP vectorizing off, and a loop of 8 is unrolled whole before the loop vectorizer).
+LANES = 64
+TAME = F32(65536)
+# The per-lane rows after the values: levels and trial levels are float32 (exact small integers).
+(_MN, _MX, _SW, _SX, _ISC, _BEST, _SL, _SL2, _SXL, _TS, _TM, _CUR, _TAKE, _SCALE, _EXIT) = range(15)
+_NROWS = 15
+
+
+@njit(inline="always", **_JIT)
+def _qkx2_lanes(n, nmax, b, rmin, rdelta, nstep, use_mad):
+    """ggml's ``make_qkx2_quants`` on LANES sub-blocks of ``n`` values: ``b`` holds the values at
+    ``[i * LANES + k]`` (value i of lane k), then the weights, the levels, the trial levels and the
+    rows above (``_lanes_size``). Leaves the scale in row ``_SCALE``, ``-the_min`` in row ``_MN``
+    negated (``the_min`` is ``-b[_MN]``), the levels (0..nmax) in the levels region."""
+    X = 0
+    W = n * LANES
+    LV = 2 * n * LANES
+    AUX = 3 * n * LANES
+    S = 4 * n * LANES
+    for k in range(LANES):
+        b[S + _MN * LANES + k] = b[X + k]
+        b[S + _MX * LANES + k] = b[X + k]
+        b[S + _SW * LANES + k] = b[W + k]
+        b[S + _SX * LANES + k] = b[W + k] * b[X + k]
+    for i in range(1, n):
+        for k in range(LANES):
+            v = b[X + i * LANES + k]
+            m = b[S + _MN * LANES + k]
+            b[S + _MN * LANES + k] = v if v < m else m
+            m = b[S + _MX * LANES + k]
+            b[S + _MX * LANES + k] = v if v > m else m
+            w = b[W + i * LANES + k]
+            b[S + _SW * LANES + k] += w
+            b[S + _SX * LANES + k] += w * v
+    for k in range(LANES):
+        mn = b[S + _MN * LANES + k]
+        mn = F32(0) if mn > 0 else mn
+        b[S + _MN * LANES + k] = mn
+        b[S + _EXIT * LANES + k] = F32(1) if b[S + _MX * LANES + k] == mn else F32(0)
+        iscale = F32(nmax) / (b[S + _MX * LANES + k] - mn)
+        b[S + _ISC * LANES + k] = iscale
+        b[S + _SCALE * LANES + k] = F32(1) / iscale
+        b[S + _BEST * LANES + k] = F32(0)
+    for i in range(n):
+        for k in range(LANES):
+            xv = b[X + i * LANES + k]
+            mn = b[S + _MN * LANES + k]
+            fl = F32(_level(b[S + _ISC * LANES + k] * (xv - mn), 0, nmax))
+            b[LV + i * LANES + k] = fl
+            diff = b[S + _SCALE * LANES + k] * fl + mn - xv
+            diff = abs(diff) if use_mad else diff * diff
+            b[S + _BEST * LANES + k] += b[W + i * LANES + k] * diff
+    for step in range(nstep + 1):
+        for k in range(LANES):
+            b[S + _ISC * LANES + k] = ((rmin + rdelta * F32(step) + F32(nmax))
+                                       / (b[S + _MX * LANES + k] - b[S + _MN * LANES + k]))
+            b[S + _SL * LANES + k] = F32(0)
+            b[S + _SL2 * LANES + k] = F32(0)
+            b[S + _SXL * LANES + k] = F32(0)
+        for i in range(n):
+            for k in range(LANES):
+                xv = b[X + i * LANES + k]
+                fl = F32(_level(b[S + _ISC * LANES + k] * (xv - b[S + _MN * LANES + k]), 0, nmax))
+                b[AUX + i * LANES + k] = fl
+                w = b[W + i * LANES + k]
+                b[S + _SL * LANES + k] += w * fl
+                b[S + _SL2 * LANES + k] += w * fl * fl
+                b[S + _SXL * LANES + k] += w * fl * xv
+        for k in range(LANES):
+            sum_w = b[S + _SW * LANES + k]
+            sum_x = b[S + _SX * LANES + k]
+            sum_l = b[S + _SL * LANES + k]
+            sum_l2 = b[S + _SL2 * LANES + k]
+            sum_xl = b[S + _SXL * LANES + k]
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            clamp = this_min > 0
+            b[S + _TM * LANES + k] = F32(0) if clamp else this_min
+            b[S + _TS * LANES + k] = sum_xl / sum_l2 if clamp else this_scale
+            b[S + _TAKE * LANES + k] = F32(1) if D > 0 else F32(0)
+            b[S + _CUR * LANES + k] = F32(0)
+        for i in range(n):
+            for k in range(LANES):
+                diff = (b[S + _TS * LANES + k] * b[AUX + i * LANES + k] + b[S + _TM * LANES + k]
+                        - b[X + i * LANES + k])
+                diff = abs(diff) if use_mad else diff * diff
+                b[S + _CUR * LANES + k] += b[W + i * LANES + k] * diff
+        for k in range(LANES):
+            cur = b[S + _CUR * LANES + k]
+            best = b[S + _BEST * LANES + k]
+            take = b[S + _TAKE * LANES + k] > 0 and cur < best  # D > 0 && cur_error < best_error
+            b[S + _TAKE * LANES + k] = F32(1) if take else F32(0)
+            b[S + _BEST * LANES + k] = cur if take else best
+            b[S + _SCALE * LANES + k] = b[S + _TS * LANES + k] if take else b[S + _SCALE * LANES + k]
+            b[S + _MN * LANES + k] = b[S + _TM * LANES + k] if take else b[S + _MN * LANES + k]
+        for i in range(n):
+            for k in range(LANES):
+                b[LV + i * LANES + k] = (b[AUX + i * LANES + k] if b[S + _TAKE * LANES + k] > 0
+                                         else b[LV + i * LANES + k])
+    for k in range(LANES):
+        if b[S + _EXIT * LANES + k] > 0:  # mx == mn: L = 0, return (0, -mn); mx is mn as it was
+            b[S + _SCALE * LANES + k] = F32(0)
+            b[S + _MN * LANES + k] = b[S + _MX * LANES + k]
+            for i in range(n):
+                b[LV + i * LANES + k] = F32(0)
+
+
+@njit(inline="always", **_JIT)
+def _qx_rmse1_lanes(n, nmax, b):
+    """ggml's ``make_qx_quants(n, nmax, x, L, rmin_type=1, qw=NULL)`` on LANES sub-blocks of ``n``
+    values at ``b[i * LANES + k]``: leaves the scale in row ``_SCALE`` and the levels less ``nmax``
+    (-nmax..nmax-1, ``L`` is them plus nmax) in the levels region (``_lanes_size``, no weights)."""
+    X = 0
+    LV = n * LANES
+    AUX = 2 * n * LANES
+    S = 3 * n * LANES
+    for k in range(LANES):
+        b[S + _MN * LANES + k] = F32(0)  # amax
+        b[S + _MX * LANES + k] = F32(0)  # mx
+    for i in range(n):
+        for k in range(LANES):
+            v = b[X + i * LANES + k]
+            ax = abs(v)
+            bigger = ax > b[S + _MN * LANES + k]
+            b[S + _MN * LANES + k] = ax if bigger else b[S + _MN * LANES + k]
+            b[S + _MX * LANES + k] = v if bigger else b[S + _MX * LANES + k]
+    for k in range(LANES):
+        b[S + _EXIT * LANES + k] = F32(1) if b[S + _MN * LANES + k] < F32(1e-15) else F32(0)  # GROUP_MAX_EPS
+        b[S + _ISC * LANES + k] = F32(-nmax) / b[S + _MX * LANES + k]
+        b[S + _SL * LANES + k] = F32(0)
+        b[S + _SL2 * LANES + k] = F32(0)
+    for i in range(n):
+        for k in range(LANES):
+            v = b[X + i * LANES + k]
+            fl = F32(_level(b[S + _ISC * LANES + k] * v, -nmax, nmax - 1))
+            b[LV + i * LANES + k] = fl
+            w = v * v
+            b[S + _SL * LANES + k] += w * v * fl
+            b[S + _SL2 * LANES + k] += w * fl * fl
+    for k in range(LANES):
+        sumlx = b[S + _SL * LANES + k]
+        suml2 = b[S + _SL2 * LANES + k]
+        scale = sumlx / suml2 if suml2 != F32(0) else F32(0)
+        b[S + _SCALE * LANES + k] = scale
+        b[S + _BEST * LANES + k] = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        for k in range(LANES):
+            b[S + _ISC * LANES + k] = -(F32(nmax) + F32(0.1) * F32(step)) / b[S + _MX * LANES + k]
+            b[S + _SL * LANES + k] = F32(0)
+            b[S + _SL2 * LANES + k] = F32(0)
+        for i in range(n):
+            for k in range(LANES):
+                v = b[X + i * LANES + k]
+                fl = F32(_level(b[S + _ISC * LANES + k] * v, -nmax, nmax - 1))
+                b[AUX + i * LANES + k] = fl
+                w = v * v
+                b[S + _SL * LANES + k] += w * v * fl
+                b[S + _SL2 * LANES + k] += w * fl * fl
+        for k in range(LANES):
+            sumlx = b[S + _SL * LANES + k]
+            suml2 = b[S + _SL2 * LANES + k]
+            take = suml2 > F32(0) and sumlx * sumlx > b[S + _BEST * LANES + k] * suml2
+            scale = sumlx / suml2
+            b[S + _TAKE * LANES + k] = F32(1) if take else F32(0)
+            b[S + _SCALE * LANES + k] = scale if take else b[S + _SCALE * LANES + k]
+            b[S + _BEST * LANES + k] = scale * sumlx if take else b[S + _BEST * LANES + k]
+        for i in range(n):
+            for k in range(LANES):
+                b[LV + i * LANES + k] = (b[AUX + i * LANES + k] if b[S + _TAKE * LANES + k] > 0
+                                         else b[LV + i * LANES + k])
+    for k in range(LANES):
+        if b[S + _EXIT * LANES + k] > 0:  # every |x| below GROUP_MAX_EPS: L = 0, scale 0
+            b[S + _SCALE * LANES + k] = F32(0)
+            for i in range(n):
+                b[LV + i * LANES + k] = F32(-nmax)
+
+
+@njit(inline="always", **_JIT)
+def _lanes_size(n):
+    """The float32s a lane search's buffer holds for sub-blocks of ``n`` values: values, weights,
+    levels, trial levels, then the per-lane rows."""
+    return 4 * n * LANES + _NROWS * LANES
+
+
+@njit(inline="always", **_JIT)
+def _load_lanes(x, i0, n, b):
+    """Sub-blocks of ``n`` values of super-blocks ``x[i0:]`` into ``b[i * LANES + k]``, lane ``k``
+    sub-block ``k % (QK_K // n)`` of super-block ``i0 + k // (QK_K // n)``; lanes past ``x``'s last
+    super-block get zeros (their results are not read)."""
+    per = QK_K // n
+    for g in range(LANES // per):
+        have = i0 + g < x.shape[0]
+        for j in range(per):
+            for i in range(n):
+                b[i * LANES + g * per + j] = x[i0 + g, n * j + i] if have else F32(0)
+
+
 @njit(**_JIT)
 def _pack_2bit(L, y, at):
     """The 2-bit levels' ``qs`` at byte ``at``, as ``quantize_row_q2_K_ref`` and ``q3_K_ref`` pack
@@ -421,28 +647,61 @@ def quantize_row_q3_K(x, y):
 
 
 @njit(inline="always", **_JIT)
-def _qkx_scratch():
-    """The buffers Q4_K's and Q5_K's loops reuse from super-block to super-block (the C code's
-    locals): ``L``, ``Laux``, ``weights``, ``scales``, ``mins``."""
-    return (np.empty(QK_K, np.uint8), np.empty(32, np.uint8), np.empty(32, np.float32),
-            np.empty(QK_K // 32, np.float32), np.empty(QK_K // 32, np.float32))
+def _qkx_search(x, i0, b, nmax, rmin, rdelta, nstep):
+    """The scale searches of ``quantize_row_q4_K_ref``/``q5_K_ref`` for super-blocks ``x[i0:]``,
+    LANES // 8 of them (``_load_lanes``): each sub-block's weights ``av_x + |x|`` and its
+    ``make_qkx2_quants``."""
+    W = 32 * LANES
+    SX2 = 4 * 32 * LANES + _SL * LANES  # sum_x2, before the search uses that row
+    _load_lanes(x, i0, 32, b)
+    for k in range(LANES):
+        b[SX2 + k] = F32(0)
+    for l in range(32):
+        for k in range(LANES):
+            b[SX2 + k] += b[l * LANES + k] * b[l * LANES + k]
+    for k in range(LANES):
+        b[SX2 + k] = np.sqrt(b[SX2 + k] / F32(32))  # av_x
+    for l in range(32):
+        for k in range(LANES):
+            b[W + l * LANES + k] = b[SX2 + k] + abs(b[l * LANES + k])
+    _qkx2_lanes(32, nmax, b, rmin, rdelta, nstep, False)
+
+
+@njit(inline="always", **_JIT)
+def _tame(xb):
+    """Every value finite and at most TAME in magnitude: the lanes' path is then exact (see LANES)."""
+    ok = True
+    for v in xb:
+        ok &= abs(v) <= TAME
+    return ok
 
 
 @njit(**_JIT)
-def _qkx_superblock(xb, yb, L, Laux, weights, scales, mins, nmax, rmin, rdelta, nstep):
-    """What ``quantize_row_q4_K_ref`` and ``quantize_row_q5_K_ref`` share, for one super-block:
-    d, dmin and the 12 scale bytes written at bytes 0..15, the levels left in ``L``."""
+def _qkx_superblock(xb, yb, b, g, L, Laux, weights, scales, mins, nmax, rmin, rdelta, nstep):
+    """What ``quantize_row_q4_K_ref`` and ``quantize_row_q5_K_ref`` share, for one super-block,
+    super-block ``g`` of the searches in ``b`` (``_qkx_search``), or searched here, scalar, where it
+    is not ``_tame``: d, dmin and the 12 scale bytes written at bytes 0..15, the levels left in ``L``."""
+    if _tame(xb):
+        S = 4 * 32 * LANES
+        for j in range(QK_K // 32):
+            k = g * 8 + j
+            for l in range(32):
+                L[32 * j + l] = np.int64(b[2 * 32 * LANES + l * LANES + k])
+            scales[j] = b[S + _SCALE * LANES + k]
+            mins[j] = -b[S + _MN * LANES + k]
+    else:
+        for j in range(QK_K // 32):
+            sum_x2 = F32(0)
+            for l in range(32):
+                sum_x2 += xb[32 * j + l] * xb[32 * j + l]
+            av_x = np.sqrt(sum_x2 / F32(32))
+            for l in range(32):
+                weights[l] = av_x + abs(xb[32 * j + l])
+            scales[j], mins[j] = make_qkx2_quants(32, nmax, xb[32 * j:32 * j + 32], weights,
+                                                  L[32 * j:32 * j + 32], Laux, rmin, rdelta, nstep, False)
     max_scale = F32(0)
     max_min = F32(0)
     for j in range(QK_K // 32):
-        sum_x2 = F32(0)
-        for l in range(32):
-            sum_x2 += xb[32 * j + l] * xb[32 * j + l]
-        av_x = np.sqrt(sum_x2 / F32(32))
-        for l in range(32):
-            weights[l] = av_x + abs(xb[32 * j + l])
-        scales[j], mins[j] = make_qkx2_quants(32, nmax, xb[32 * j:32 * j + 32], weights,
-                                              L[32 * j:32 * j + 32], Laux, rmin, rdelta, nstep, False)
         scale = scales[j]
         if scale > max_scale:
             max_scale = scale
@@ -484,16 +743,27 @@ def _qkx_superblock(xb, yb, L, Laux, weights, scales, mins, nmax, rmin, rdelta, 
             L[32 * j + ii] = max(0, min(nmax, l))
 
 
+@njit(inline="always", **_JIT)
+def _qkx_scratch():
+    """The buffers Q4_K's and Q5_K's loops reuse (the lanes' buffer and the C code's locals):
+    ``b``, ``L``, ``Laux``, ``weights``, ``scales``, ``mins``."""
+    return (np.empty(_lanes_size(32), np.float32), np.empty(QK_K, np.uint8), np.empty(32, np.uint8),
+            np.empty(32, np.float32), np.empty(QK_K // 32, np.float32), np.empty(QK_K // 32, np.float32))
+
+
 @njit(**_JIT)
 def quantize_row_q4_K(x, y):
     """ggml's ``quantize_row_q4_K_ref``: super-blocks ``x`` (S, 256) float32 into ``y`` (S, 144) uint8.
 
     block_q4_K: d, dmin, scales[12], qs[128].
     """
-    L, Laux, weights, scales, mins = _qkx_scratch()
+    b, L, Laux, weights, scales, mins = _qkx_scratch()
     for i in range(x.shape[0]):
+        g = i % (LANES // 8)
+        if g == 0:
+            _qkx_search(x, i, b, 15, F32(-1), F32(0.1), 20)
         yb = y[i]
-        _qkx_superblock(x[i], yb, L, Laux, weights, scales, mins, 15, F32(-1), F32(0.1), 20)
+        _qkx_superblock(x[i], yb, b, g, L, Laux, weights, scales, mins, 15, F32(-1), F32(0.1), 20)
         q = 16
         for j in range(0, QK_K, 64):
             for l in range(32):
@@ -507,10 +777,13 @@ def quantize_row_q5_K(x, y):
 
     block_q5_K: d, dmin, scales[12], qh[32], qs[128].
     """
-    L, Laux, weights, scales, mins = _qkx_scratch()
+    b, L, Laux, weights, scales, mins = _qkx_scratch()
     for i in range(x.shape[0]):
+        g = i % (LANES // 8)
+        if g == 0:
+            _qkx_search(x, i, b, 31, F32(-0.5), F32(0.1), 15)
         yb = y[i]
-        _qkx_superblock(x[i], yb, L, Laux, weights, scales, mins, 31, F32(-0.5), F32(0.1), 15)
+        _qkx_superblock(x[i], yb, b, g, L, Laux, weights, scales, mins, 31, F32(-0.5), F32(0.1), 15)
         qh = yb[16:48]
         ql = 48
         for j in range(QK_K // 8):
@@ -539,16 +812,28 @@ def quantize_row_q6_K(x, y):
 
     block_q6_K: ql[128], qh[64], scales[16] (int8), d.
     """
+    b = np.empty(_lanes_size(16), np.float32)
     L = np.empty(QK_K, np.int8)
     scales = np.empty(QK_K // 16, np.float32)
     sc = np.empty(QK_K // 16, np.int64)
     for i in range(x.shape[0]):
+        g = i % (LANES // 16)
+        if g == 0:
+            _load_lanes(x, i, 16, b)
+            _qx_rmse1_lanes(16, 32, b)
         xb = x[i]
         yb = y[i]
         max_scale = F32(0)
         max_abs_scale = F32(0)
+        tame = _tame(xb)
         for ib in range(QK_K // 16):
-            scale = make_qx_quants_rmse1(16, 32, xb[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16])
+            if tame:
+                k = g * 16 + ib
+                for ii in range(16):
+                    L[16 * ib + ii] = np.int64(b[16 * LANES + ii * LANES + k]) + 32
+                scale = b[3 * 16 * LANES + _SCALE * LANES + k]
+            else:
+                scale = make_qx_quants_rmse1(16, 32, xb[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16])
             scales[ib] = scale
             abs_scale = abs(scale)
             if abs_scale > max_abs_scale:
