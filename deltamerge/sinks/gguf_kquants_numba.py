@@ -307,6 +307,19 @@ def _level(typingctx, fval, lo, hi):
     return types.int32(fval, lo, hi), codegen
 
 
+@intrinsic
+def _div(typingctx, a, b):
+    """``a / b`` in float32 as C divides: one ``fdiv``, without the zero test numba puts before its
+    division, whose branch keeps LLVM from packing a loop across lanes."""
+    if a != types.float32 or b != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fdiv(args[0], args[1])
+
+    return types.float32(a, b), codegen
+
+
 # The scale searches run on LANES sub-blocks at once (8 super-blocks of Q4_K/Q5_K, 4 of Q6_K): each
 # lane does its C code's float32 operations in their order, with the lane the innermost loop, so
 # LLVM packs 8 lanes into each AVX operation without changing any of them. Data-dependent branches
@@ -352,9 +365,9 @@ def _qkx2_lanes(n, nmax, b, rmin, rdelta, nstep, use_mad):
         mn = F32(0) if mn > 0 else mn
         b[S + _MN * LANES + k] = mn
         b[S + _EXIT * LANES + k] = F32(1) if b[S + _MX * LANES + k] == mn else F32(0)
-        iscale = F32(nmax) / (b[S + _MX * LANES + k] - mn)
+        iscale = _div(F32(nmax), b[S + _MX * LANES + k] - mn)
         b[S + _ISC * LANES + k] = iscale
-        b[S + _SCALE * LANES + k] = F32(1) / iscale
+        b[S + _SCALE * LANES + k] = _div(F32(1), iscale)
         b[S + _BEST * LANES + k] = F32(0)
     for i in range(n):
         for k in range(LANES):
@@ -367,8 +380,8 @@ def _qkx2_lanes(n, nmax, b, rmin, rdelta, nstep, use_mad):
             b[S + _BEST * LANES + k] += b[W + i * LANES + k] * diff
     for step in range(nstep + 1):
         for k in range(LANES):
-            b[S + _ISC * LANES + k] = ((rmin + rdelta * F32(step) + F32(nmax))
-                                       / (b[S + _MX * LANES + k] - b[S + _MN * LANES + k]))
+            b[S + _ISC * LANES + k] = _div(rmin + rdelta * F32(step) + F32(nmax),
+                                           b[S + _MX * LANES + k] - b[S + _MN * LANES + k])
             b[S + _SL * LANES + k] = F32(0)
             b[S + _SL2 * LANES + k] = F32(0)
             b[S + _SXL * LANES + k] = F32(0)
@@ -388,11 +401,12 @@ def _qkx2_lanes(n, nmax, b, rmin, rdelta, nstep, use_mad):
             sum_l2 = b[S + _SL2 * LANES + k]
             sum_xl = b[S + _SXL * LANES + k]
             D = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            this_scale = _div(sum_w * sum_xl - sum_x * sum_l, D)
+            this_min = _div(sum_l2 * sum_x - sum_l * sum_xl, D)
             clamp = this_min > 0
+            no_min_scale = _div(sum_xl, sum_l2)  # computed in every lane: a branch per lane costs more
             b[S + _TM * LANES + k] = F32(0) if clamp else this_min
-            b[S + _TS * LANES + k] = sum_xl / sum_l2 if clamp else this_scale
+            b[S + _TS * LANES + k] = no_min_scale if clamp else this_scale
             b[S + _TAKE * LANES + k] = F32(1) if D > 0 else F32(0)
             b[S + _CUR * LANES + k] = F32(0)
         for i in range(n):
@@ -404,15 +418,15 @@ def _qkx2_lanes(n, nmax, b, rmin, rdelta, nstep, use_mad):
         for k in range(LANES):
             cur = b[S + _CUR * LANES + k]
             best = b[S + _BEST * LANES + k]
-            take = b[S + _TAKE * LANES + k] > 0 and cur < best  # D > 0 && cur_error < best_error
+            take = (b[S + _TAKE * LANES + k] > 0) & (cur < best)  # D > 0 && cur_error < best_error
             b[S + _TAKE * LANES + k] = F32(1) if take else F32(0)
             b[S + _BEST * LANES + k] = cur if take else best
             b[S + _SCALE * LANES + k] = b[S + _TS * LANES + k] if take else b[S + _SCALE * LANES + k]
             b[S + _MN * LANES + k] = b[S + _TM * LANES + k] if take else b[S + _MN * LANES + k]
         for i in range(n):
             for k in range(LANES):
-                b[LV + i * LANES + k] = (b[AUX + i * LANES + k] if b[S + _TAKE * LANES + k] > 0
-                                         else b[LV + i * LANES + k])
+                lv = b[LV + i * LANES + k]  # TAKE is 1 or 0, the levels small integers: exact
+                b[LV + i * LANES + k] = lv + b[S + _TAKE * LANES + k] * (b[AUX + i * LANES + k] - lv)
     for k in range(LANES):
         if b[S + _EXIT * LANES + k] > 0:  # mx == mn: L = 0, return (0, -mn); mx is mn as it was
             b[S + _SCALE * LANES + k] = F32(0)
@@ -442,7 +456,7 @@ def _qx_rmse1_lanes(n, nmax, b):
             b[S + _MX * LANES + k] = v if bigger else b[S + _MX * LANES + k]
     for k in range(LANES):
         b[S + _EXIT * LANES + k] = F32(1) if b[S + _MN * LANES + k] < F32(1e-15) else F32(0)  # GROUP_MAX_EPS
-        b[S + _ISC * LANES + k] = F32(-nmax) / b[S + _MX * LANES + k]
+        b[S + _ISC * LANES + k] = _div(F32(-nmax), b[S + _MX * LANES + k])
         b[S + _SL * LANES + k] = F32(0)
         b[S + _SL2 * LANES + k] = F32(0)
     for i in range(n):
@@ -456,14 +470,15 @@ def _qx_rmse1_lanes(n, nmax, b):
     for k in range(LANES):
         sumlx = b[S + _SL * LANES + k]
         suml2 = b[S + _SL2 * LANES + k]
-        scale = sumlx / suml2 if suml2 != F32(0) else F32(0)
+        scale = _div(sumlx, suml2)
+        scale = scale if suml2 != F32(0) else F32(0)
         b[S + _SCALE * LANES + k] = scale
         b[S + _BEST * LANES + k] = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
         for k in range(LANES):
-            b[S + _ISC * LANES + k] = -(F32(nmax) + F32(0.1) * F32(step)) / b[S + _MX * LANES + k]
+            b[S + _ISC * LANES + k] = _div(-(F32(nmax) + F32(0.1) * F32(step)), b[S + _MX * LANES + k])
             b[S + _SL * LANES + k] = F32(0)
             b[S + _SL2 * LANES + k] = F32(0)
         for i in range(n):
@@ -477,15 +492,15 @@ def _qx_rmse1_lanes(n, nmax, b):
         for k in range(LANES):
             sumlx = b[S + _SL * LANES + k]
             suml2 = b[S + _SL2 * LANES + k]
-            take = suml2 > F32(0) and sumlx * sumlx > b[S + _BEST * LANES + k] * suml2
-            scale = sumlx / suml2
+            take = (suml2 > F32(0)) & (sumlx * sumlx > b[S + _BEST * LANES + k] * suml2)
+            scale = _div(sumlx, suml2)
             b[S + _TAKE * LANES + k] = F32(1) if take else F32(0)
             b[S + _SCALE * LANES + k] = scale if take else b[S + _SCALE * LANES + k]
             b[S + _BEST * LANES + k] = scale * sumlx if take else b[S + _BEST * LANES + k]
         for i in range(n):
             for k in range(LANES):
-                b[LV + i * LANES + k] = (b[AUX + i * LANES + k] if b[S + _TAKE * LANES + k] > 0
-                                         else b[LV + i * LANES + k])
+                lv = b[LV + i * LANES + k]  # TAKE is 1 or 0, the levels small integers: exact
+                b[LV + i * LANES + k] = lv + b[S + _TAKE * LANES + k] * (b[AUX + i * LANES + k] - lv)
     for k in range(LANES):
         if b[S + _EXIT * LANES + k] > 0:  # every |x| below GROUP_MAX_EPS: L = 0, scale 0
             b[S + _SCALE * LANES + k] = F32(0)
@@ -660,7 +675,7 @@ def _qkx_search(x, i0, b, nmax, rmin, rdelta, nstep):
         for k in range(LANES):
             b[SX2 + k] += b[l * LANES + k] * b[l * LANES + k]
     for k in range(LANES):
-        b[SX2 + k] = np.sqrt(b[SX2 + k] / F32(32))  # av_x
+        b[SX2 + k] = np.sqrt(_div(b[SX2 + k], F32(32)))  # av_x
     for l in range(32):
         for k in range(LANES):
             b[W + l * LANES + k] = b[SX2 + k] + abs(b[l * LANES + k])
