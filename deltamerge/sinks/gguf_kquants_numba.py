@@ -696,7 +696,8 @@ def _qkx_superblock(xb, yb, b, g, L, Laux, weights, scales, mins, nmax, rmin, rd
     """What ``quantize_row_q4_K_ref`` and ``quantize_row_q5_K_ref`` share, for one super-block,
     super-block ``g`` of the searches in ``b`` (``_qkx_search``), or searched here, scalar, where it
     is not ``_tame``: d, dmin and the 12 scale bytes written at bytes 0..15, the levels left in ``L``."""
-    if _tame(xb):
+    tame = _tame(xb)
+    if tame:
         S = 4 * 32 * LANES
         for j in range(QK_K // 32):
             k = g * 8 + j
@@ -749,10 +750,19 @@ def _qkx_superblock(xb, yb, b, g, L, Laux, weights, scales, mins, nmax, rmin, rd
         else:
             s = (np.int64(sc[j + 4]) & 0xF) | ((np.int64(sc[j - 4]) >> 6) << 4)
             m = (np.int64(sc[j + 4]) >> 4) | ((np.int64(sc[j - 0]) >> 6) << 4)
-        d = dall * F32(s)
+        scales[j] = dall * F32(s)  # d
+        mins[j] = dmin * F32(m)  # dm
+    if tame:  # one loop of 256 that LLVM packs: where its adds meet two NaNs, it may swap them
+        for t in range(QK_K):
+            d = scales[t // 32]
+            l = _level(_div(xb[t] + mins[t // 32], d), 0, nmax)
+            L[t] = L[t] if d == 0 else l  # sub-blocks whose d is 0 keep their levels
+        return
+    for j in range(QK_K // 32):
+        d = scales[j]
         if d == 0:
             continue
-        dm = dmin * F32(m)
+        dm = mins[j]
         for ii in range(32):
             l = nearest_int((xb[32 * j + ii] + dm) / d)
             L[32 * j + ii] = max(0, min(nmax, l))
@@ -868,12 +878,11 @@ def quantize_row_q6_K(x, y):
             yb[192 + ib] = s & 0xFF
         dall = fp16_to_fp32(d_bits)
         for j in range(QK_K // 16):
-            d = dall * F32(sc[j])
-            if d == 0:
-                continue
-            for ii in range(16):
-                l = nearest_int(xb[16 * j + ii] / d)
-                L[16 * j + ii] = max(-32, min(31, l)) + 32
+            scales[j] = dall * F32(sc[j])  # d
+        for t in range(QK_K):  # one loop of 256 that LLVM packs; sub-blocks whose d is 0 keep their L
+            d = scales[t // 16]
+            l = _level(_div(xb[t], d), -32, 31) + 32
+            L[t] = L[t] if d == 0 else l
         ql = 0
         qh = 128
         for j in range(0, QK_K, 128):
