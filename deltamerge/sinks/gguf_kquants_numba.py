@@ -544,22 +544,39 @@ def quantize_row_q2_K(x, y):
 
     block_q2_K: scales[16], qs[64], d, dmin.
     """
+    b = np.empty(_lanes_size(16), np.float32)
     L = np.empty(QK_K, np.uint8)
     Laux = np.empty(16, np.uint8)
     weights = np.empty(16, np.float32)
     mins = np.empty(QK_K // 16, np.float32)
     scales = np.empty(QK_K // 16, np.float32)
     q4scale = F32(15)
+    S = 4 * 16 * LANES
     for i in range(x.shape[0]):
+        g = i % (LANES // 16)
+        if g == 0:
+            _load_lanes(x, i, 16, b)
+            for t in range(16 * LANES):
+                b[16 * LANES + t] = abs(b[t])  # weights
+            _qkx2_lanes(16, 3, b, F32(-0.5), F32(0.1), 15, True)
         xb = x[i]
         yb = y[i]
+        tame = _tame(xb)
         max_scale = F32(0)
         max_min = F32(0)
         for j in range(QK_K // 16):
-            for l in range(16):
-                weights[l] = abs(xb[16 * j + l])
-            scales[j], mins[j] = make_qkx2_quants(16, 3, xb[16 * j:16 * j + 16], weights,
-                                                  L[16 * j:16 * j + 16], Laux, F32(-0.5), F32(0.1), 15, True)
+            if tame:
+                k = g * 16 + j
+                for l in range(16):
+                    L[16 * j + l] = np.int64(b[2 * 16 * LANES + l * LANES + k])
+                scales[j] = b[S + _SCALE * LANES + k]
+                mins[j] = -b[S + _MN * LANES + k]
+            else:
+                for l in range(16):
+                    weights[l] = abs(xb[16 * j + l])
+                scales[j], mins[j] = make_qkx2_quants(16, 3, xb[16 * j:16 * j + 16], weights,
+                                                      L[16 * j:16 * j + 16], Laux,
+                                                      F32(-0.5), F32(0.1), 15, True)
             scale = scales[j]
             if scale > max_scale:
                 max_scale = scale
@@ -588,13 +605,22 @@ def quantize_row_q2_K(x, y):
         dall = fp16_to_fp32(d_bits)
         dmin = fp16_to_fp32(dmin_bits)
         for j in range(QK_K // 16):
-            d = dall * F32(np.int64(yb[j]) & 0xF)
-            if d == 0:
-                continue
-            dm = dmin * F32(np.int64(yb[j]) >> 4)
-            for ii in range(16):
-                l = nearest_int((xb[16 * j + ii] + dm) / d)
-                L[16 * j + ii] = max(0, min(3, l))
+            scales[j] = dall * F32(np.int64(yb[j]) & 0xF)  # d
+            mins[j] = dmin * F32(np.int64(yb[j]) >> 4)  # dm
+        if tame:  # one loop of 256 that LLVM packs (see _qkx_superblock)
+            for t in range(QK_K):
+                d = scales[t // 16]
+                l = _level(_div(xb[t] + mins[t // 16], d), 0, 3)
+                L[t] = L[t] if d == 0 else l
+        else:
+            for j in range(QK_K // 16):
+                d = scales[j]
+                if d == 0:
+                    continue
+                dm = mins[j]
+                for ii in range(16):
+                    l = nearest_int((xb[16 * j + ii] + dm) / d)
+                    L[16 * j + ii] = max(0, min(3, l))
         _pack_2bit(L, yb, 16)
 
 
