@@ -8,22 +8,24 @@ arithmetic) and numba compiles them. ``gguf_quants.quantize_rows`` uses them whe
 and the torch port otherwise, or when the environment variable ``DELTAMERGE_KQUANTS=torch`` asks
 for it.
 
-Lanes. The scale searches of Q2_K, Q4_K, Q5_K and Q6_K (``make_qkx2_quants``, ``make_qx_quants``)
-run on 64 independent sub-blocks at once (``LANES``): every lane does its sub-block's C operations
-in the C order, one float32 operation for one, with the lane as the innermost loop, so LLVM packs 8
-lanes into each AVX operation and changes none of them. The C code's branches become per-lane
-selects (a lane it returns early from is computed anyway, then given the early return's values).
-The final levels go the same way, 256 values in one loop. Q3_K (its refinement changes one level at
-a time, in order) stays scalar. On one thread, 64 rows of 4096 normal values: Q2_K 5x, Q4_K 4.5x,
-Q5_K 3.3x, Q6_K 3.8x the scalar code's speed, 3.3-4.2x the C code's (docs/performance.md).
+Lanes. The scale searches of every k-type (``make_qkx2_quants``, ``make_qx_quants``,
+``make_q3_quants``) run on 64 independent sub-blocks at once (``LANES``): every lane does its
+sub-block's C operations in the C order, one float32 operation for one, with the lane as the
+innermost loop, so LLVM packs 8 lanes into each AVX operation and changes none of them. The C
+code's branches become per-lane selects (a lane it returns early from is computed anyway, then
+given the early return's values). The final levels go the same way, 256 values in one loop.
+Q3_K's refinement keeps its order within a lane (level after level, each seeing the sums the last
+one left) and stops a lane where the C loop breaks. On one thread, 64 rows of 4096 normal values:
+3-5x the scalar code's speed, 2.5-4x the C code's (docs/performance.md has the figures).
 
 Packed operations give the bytes of scalar ones except in one thing: which NaN an add or a multiply
 returns when both operands are NaN (x86 returns the first operand's, and LLVM may swap the
 operands of a commutative operation, as gcc does not here). On a super-block whose values are all
-finite and at most ``TAME`` (65536) in magnitude no intermediate overflows, so every NaN a search
-makes is the one default NaN and no NaN is ever kept as a scale, min or level (a trial is kept only
-where its error is finite, which needs a finite scale and min): such super-blocks take the lanes;
-the rest (NaN, infinities, huge values) take the scalar code, whose NaNs travel as the C code's.
+finite and at most ``TAME`` (65536) in magnitude, every NaN a search makes comes from operands
+that are not NaN (the one default NaN), and none is ever kept as a scale, min, sum or level (a
+trial is kept only where its error, or its sums, are finite and compare true): such super-blocks
+take the lanes; the rest (NaN, infinities, huge values) take the scalar code, whose NaNs travel
+as the C code's.
 
 What keeps the bytes the C code's (ggml-quants.c built for x86-64: no fused multiply-add, no
 reassociation):
@@ -338,8 +340,8 @@ def _div(typingctx, a, b):
     return types.float32(a, b), codegen
 
 
-# The scale searches run on LANES sub-blocks at once (8 super-blocks of Q4_K/Q5_K, 4 of Q2_K/Q6_K): each
-# lane does its C code's float32 operations in their order, with the lane the innermost loop, so
+# The scale searches run on LANES sub-blocks at once (8 super-blocks of Q4_K/Q5_K, 4 of the others):
+# each lane does its C code's float32 operations in their order, with the lane the innermost loop, so
 # LLVM packs 8 lanes into each AVX operation without changing any of them. Data-dependent branches
 # become per-lane selects; a lane the C code returns early from is computed anyway and its result
 # replaced by the early return's. Everything lives in one float32 buffer at constant offsets: LLVM
@@ -454,13 +456,12 @@ def _qkx2_lanes(n, nmax, b, rmin, rdelta, nstep, use_mad):
 
 
 @njit(inline="always", **_JIT)
-def _qx_rmse1_lanes(n, nmax, b):
-    """ggml's ``make_qx_quants(n, nmax, x, L, rmin_type=1, qw=NULL)`` on LANES sub-blocks of ``n``
-    values at ``b[i * LANES + k]``: leaves the scale in row ``_SCALE`` and the levels less ``nmax``
-    (-nmax..nmax-1, ``L`` is them plus nmax) in the levels region (``_lanes_size``, no weights)."""
+def _first_pass_lanes(n, nmax, b):
+    """``_first_pass`` (offset 0) on LANES sub-blocks of ``n`` values at ``b[i * LANES + k]``: ``mx``
+    in row ``_MX``, 1 in row ``_EXIT`` where every |x| is below GROUP_MAX_EPS, the levels (as
+    float32) after the values, ``sumlx`` and ``suml2`` in rows ``_SL`` and ``_SL2``."""
     X = 0
     LV = n * LANES
-    AUX = 2 * n * LANES
     S = 3 * n * LANES
     for k in range(LANES):
         b[S + _MN * LANES + k] = F32(0)  # amax
@@ -485,6 +486,18 @@ def _qx_rmse1_lanes(n, nmax, b):
             w = v * v
             b[S + _SL * LANES + k] += w * v * fl
             b[S + _SL2 * LANES + k] += w * fl * fl
+
+
+@njit(inline="always", **_JIT)
+def _qx_rmse1_lanes(n, nmax, b):
+    """ggml's ``make_qx_quants(n, nmax, x, L, rmin_type=1, qw=NULL)`` on LANES sub-blocks of ``n``
+    values at ``b[i * LANES + k]``: leaves the scale in row ``_SCALE`` and the levels less ``nmax``
+    (-nmax..nmax-1, ``L`` is them plus nmax) in the levels region (``_lanes_size``, no weights)."""
+    X = 0
+    LV = n * LANES
+    AUX = 2 * n * LANES
+    S = 3 * n * LANES
+    _first_pass_lanes(n, nmax, b)
     for k in range(LANES):
         sumlx = b[S + _SL * LANES + k]
         suml2 = b[S + _SL2 * LANES + k]
@@ -520,6 +533,58 @@ def _qx_rmse1_lanes(n, nmax, b):
                 lv = b[LV + i * LANES + k]  # TAKE is 1 or 0, the levels small integers: exact
                 b[LV + i * LANES + k] = lv + b[S + _TAKE * LANES + k] * (b[AUX + i * LANES + k] - lv)
     for k in range(LANES):
+        if b[S + _EXIT * LANES + k] > 0:  # every |x| below GROUP_MAX_EPS: L = 0, scale 0
+            b[S + _SCALE * LANES + k] = F32(0)
+            for i in range(n):
+                b[LV + i * LANES + k] = F32(-nmax)
+
+
+@njit(inline="always", **_JIT)
+def _q3_lanes(n, nmax, b):
+    """ggml's ``make_q3_quants(n, nmax, x, L, do_rmse=true)`` on LANES sub-blocks of ``n`` values at
+    ``b[i * LANES + k]``: the scale in row ``_SCALE``, the levels less ``nmax`` after the values.
+    A lane goes on refining while its last round changed a level (row ``_TAKE``), as the C loop
+    breaks; a level's change is kept where the C code keeps it (row ``_CUR`` counts them)."""
+    X = 0
+    LV = n * LANES
+    S = 3 * n * LANES
+    _first_pass_lanes(n, nmax, b)
+    for k in range(LANES):
+        b[S + _TAKE * LANES + k] = F32(1)
+    for _ in range(5):
+        for k in range(LANES):
+            b[S + _CUR * LANES + k] = F32(0)
+        for i in range(n):
+            for k in range(LANES):
+                v = b[X + i * LANES + k]
+                li = b[LV + i * LANES + k]
+                sumlx = b[S + _SL * LANES + k]
+                suml2 = b[S + _SL2 * LANES + k]
+                w = v * v
+                slx_less = sumlx - w * v * li  # slx before and after the new level
+                sl2_less = suml2 - w * li * li
+                new_l = F32(_level(_div(v * sl2_less, slx_less), -nmax, nmax - 1))
+                slx = slx_less + w * v * new_l
+                sl2 = sl2_less + w * new_l * new_l
+                keep = ((b[S + _TAKE * LANES + k] > 0) & (slx_less > 0) & (new_l != li)
+                        & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2))
+                one = F32(1) if keep else F32(0)
+                b[LV + i * LANES + k] = li + one * (new_l - li)  # small integers: exact
+                b[S + _SL * LANES + k] = slx if keep else sumlx
+                b[S + _SL2 * LANES + k] = sl2 if keep else suml2
+                b[S + _CUR * LANES + k] += one
+        going = 0
+        for k in range(LANES):
+            on = (b[S + _TAKE * LANES + k] > 0) & (b[S + _CUR * LANES + k] > 0)
+            b[S + _TAKE * LANES + k] = F32(1) if on else F32(0)
+            going += 1 if on else 0
+        if going == 0:
+            break
+    for k in range(LANES):
+        sumlx = b[S + _SL * LANES + k]
+        suml2 = b[S + _SL2 * LANES + k]
+        scale = _div(sumlx, suml2)
+        b[S + _SCALE * LANES + k] = scale if suml2 > F32(0) else F32(0)
         if b[S + _EXIT * LANES + k] > 0:  # every |x| below GROUP_MAX_EPS: L = 0, scale 0
             b[S + _SCALE * LANES + k] = F32(0)
             for i in range(n):
@@ -648,16 +713,28 @@ def quantize_row_q3_K(x, y):
 
     block_q3_K: hmask[32], qs[64], scales[12], d.
     """
+    b = np.empty(_lanes_size(16), np.float32)
     L = np.empty(QK_K, np.int8)
     scales = np.empty(QK_K // 16, np.float32)
     for i in range(x.shape[0]):
+        g = i % (LANES // 16)
+        if g == 0:
+            _load_lanes(x, i, 16, b)
+            _q3_lanes(16, 4, b)
         xb = x[i]
         yb = y[i]
         sc12 = yb[96:108]
+        tame = _tame(xb)
         max_scale = F32(0)
         amax = F32(0)
         for j in range(QK_K // 16):
-            scales[j] = make_q3_quants(16, 4, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
+            if tame:
+                k = g * 16 + j
+                for ii in range(16):
+                    L[16 * j + ii] = np.int64(b[16 * LANES + ii * LANES + k]) + 4
+                scales[j] = b[3 * 16 * LANES + _SCALE * LANES + k]
+            else:
+                scales[j] = make_q3_quants(16, 4, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
             scale = abs(scales[j])
             if scale > amax:
                 amax = scale

@@ -1,14 +1,14 @@
 """The numba k-quants' lanes (``gguf_kquants_numba``): many sub-blocks searched side by side give
 each sub-block the bytes the C code gives it alone.
 
-The scale searches run on 64 sub-blocks at once (8 super-blocks of Q4_K/Q5_K, 4 of Q2_K/Q6_K),
-each lane taking its own branches as per-lane selects; super-blocks with NaN, infinities or values
+The scale searches run on 64 sub-blocks at once (8 super-blocks of Q4_K/Q5_K, 4 of the
+others), each lane taking its own branches as per-lane selects; super-blocks with NaN, infinities or values
 beyond ``TAME`` take the scalar code. Checked here against the torch port (itself checked against
 the C code's goldens in ``test_kquants.py``), byte for byte: groups where only some lanes return
-early (all-zero, constant, below GROUP_MAX_EPS), where only some lanes clamp the min or take a
-trial, tame super-blocks next to wild ones in one group, a last group that is part padding, and
-values at the edge of tame. And that a super-block's bytes do not depend on its neighbours.
-(A packed add that swaps two NaNs shows only on rare random-bit rows: ``test_kquants_numba``'s
+early (all-zero, constant, below GROUP_MAX_EPS), where only some lanes clamp the min, take a
+trial or go on refining, tame super-blocks next to wild ones in one group, a last group that is
+part padding, and values at the edge of tame. And that a super-block's bytes do not depend on
+its neighbours. (A packed add that swaps two NaNs shows only on rare random-bit rows: ``test_kquants_numba``'s
 random rows are the ones that caught it, when every super-block took the lanes.)
 """
 
@@ -24,7 +24,7 @@ pytest.importorskip("numba", reason="numba is not installed: quantize_rows runs 
 from deltamerge.sinks import gguf_kquants_numba, gguf_quants  # noqa: E402
 from deltamerge.sinks.gguf_quants import quantize_rows  # noqa: E402
 
-KTYPES = ("Q2_K", "Q4_K", "Q5_K", "Q6_K")
+KTYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 QT = gguf.GGMLQuantizationType
 
 
