@@ -761,12 +761,11 @@ def quantize_row_q3_K(x, y):
         for j in range(QK_K // 16):
             sc = np.int64(sc12[j]) & 0xF if j < 8 else np.int64(sc12[j - 8]) >> 4
             sc = (sc | (((np.int64(sc12[8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
-            d = dall * F32(sc)
-            if d == 0:
-                continue
-            for ii in range(16):
-                l = nearest_int(xb[16 * j + ii] / d)
-                L[16 * j + ii] = max(-4, min(3, l)) + 4
+            scales[j] = dall * F32(sc)  # d
+        for t in range(QK_K):  # one loop of 256 that LLVM packs (a division: its operands stay put)
+            d = scales[t // 16]
+            l = _level(_div(xb[t], d), -4, 3) + 4
+            L[t] = L[t] if d == 0 else l  # sub-blocks whose d is 0 keep their levels
         for j in range(QK_K // 8):
             yb[j] = 0
         m = 0
@@ -1000,10 +999,10 @@ def quantize_row_q6_K(x, y):
         dall = fp16_to_fp32(d_bits)
         for j in range(QK_K // 16):
             scales[j] = dall * F32(sc[j])  # d
-        for t in range(QK_K):  # one loop of 256 that LLVM packs; sub-blocks whose d is 0 keep their L
+        for t in range(QK_K):  # one loop of 256 that LLVM packs (a division: its operands stay put)
             d = scales[t // 16]
             l = _level(_div(xb[t], d), -32, 31) + 32
-            L[t] = L[t] if d == 0 else l
+            L[t] = L[t] if d == 0 else l  # sub-blocks whose d is 0 keep their levels
         ql = 0
         qh = 128
         for j in range(0, QK_K, 128):
