@@ -768,16 +768,10 @@ def quantize_row_q3_K(x, y):
             L[t] = L[t] if d == 0 else l  # sub-blocks whose d is 0 keep their levels
         for j in range(QK_K // 8):
             yb[j] = 0
-        m = 0
-        hm = 1
-        for j in range(QK_K):
-            if L[j] > 3:
-                yb[m] = np.int64(yb[m]) | hm
-                L[j] -= 4
-            m += 1
-            if m == QK_K // 8:
-                m = 0
-                hm <<= 1
+        for j in range(QK_K):  # the C loop's m and hm are j % 32 and 1 << j // 32; selects, no branch
+            high = L[j] > 3
+            yb[j % 32] = np.int64(yb[j % 32]) | ((1 << (j // 32)) if high else 0)
+            L[j] = L[j] - 4 if high else L[j]
         _pack_2bit(L, yb, 32)
 
 
@@ -937,15 +931,10 @@ def quantize_row_q5_K(x, y):
         m2 = 2
         for n in range(0, QK_K, 64):
             for j in range(32):
-                l1 = np.int64(L[n + j])
-                if l1 > 15:
-                    l1 -= 16
-                    qh[j] = np.int64(qh[j]) | m1
+                l1 = np.int64(L[n + j])  # l1 > 15: l1 - 16 and m1 in qh, as selects, no branch
                 l2 = np.int64(L[n + j + 32])
-                if l2 > 15:
-                    l2 -= 16
-                    qh[j] = np.int64(qh[j]) | m2
-                yb[ql + j] = l1 | (l2 << 4)
+                qh[j] = np.int64(qh[j]) | (m1 if l1 > 15 else 0) | (m2 if l2 > 15 else 0)
+                yb[ql + j] = (l1 & 15) | ((l2 & 15) << 4)
             m1 <<= 2
             m2 <<= 2
             ql += 32
