@@ -46,8 +46,9 @@ reassociation):
 
 ``nogil=True``: the run's ``ComputePool`` threads quantize rows side by side; each call works on
 its own super-blocks and buffers, so the bytes do not depend on the thread count. ``cache=True``:
-the first call of each type compiles it (a few seconds) and numba keeps the machine code in
-``__pycache__`` (or a user cache folder where that is read-only) for later processes.
+the first call of each type compiles it (7-12 s of CPU: the lanes' loops are long) and numba
+keeps the machine code in ``__pycache__`` (or a user cache folder where that is read-only) for
+later processes.
 """
 
 # The C code's names are kept, its ``l`` (a level) included, so each line reads beside its C line.
@@ -775,7 +776,7 @@ def quantize_row_q3_K(x, y):
         _pack_2bit(L, yb, 32)
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)  # compiled once for Q4_K and Q5_K: each copy costs seconds of compiling
 def _qkx_search(x, i0, b, nmax, rmin, rdelta, nstep):
     """The scale searches of ``quantize_row_q4_K_ref``/``q5_K_ref`` for super-blocks ``x[i0:]``,
     LANES // 8 of them (``_load_lanes``): each sub-block's weights ``av_x + |x|`` and its
