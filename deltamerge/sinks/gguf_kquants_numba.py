@@ -3,11 +3,29 @@
 ``gguf_quants`` ports ``quantize_row_q2_K_ref`` ... ``quantize_row_q6_K_ref`` to torch,
 vectorized across super-blocks; each trial of the scale searches is then a dozen passes over
 memory: on one thread 2-2.5x the C code's time for Q2_K, Q4_K to Q6_K, 10x for Q3_K (whose
-refinement goes value by value). Here the C loops are kept as they are (one super-block after
-another, scalar float32 arithmetic) and numba compiles them, so they run at about the C code's
-speed (0.8-1.5x its CPU time; docs/performance.md) and give its bytes. ``gguf_quants.quantize_rows``
-uses them when numba imports, and the torch port otherwise, or when the environment variable
-``DELTAMERGE_KQUANTS=torch`` asks for it.
+refinement goes value by value). Here the C loops are kept as they are (scalar float32
+arithmetic) and numba compiles them. ``gguf_quants.quantize_rows`` uses them when numba imports,
+and the torch port otherwise, or when the environment variable ``DELTAMERGE_KQUANTS=torch`` asks
+for it.
+
+Lanes. The scale searches of every k-type (``make_qkx2_quants``, ``make_qx_quants``,
+``make_q3_quants``) run on 64 independent sub-blocks at once (``LANES``): every lane does its
+sub-block's C operations in the C order, one float32 operation for one, with the lane as the
+innermost loop, so LLVM packs 8 lanes into each AVX operation and changes none of them. The C
+code's branches become per-lane selects (a lane it returns early from is computed anyway, then
+given the early return's values). The final levels go the same way, 256 values in one loop.
+Q3_K's refinement keeps its order within a lane (level after level, each seeing the sums the last
+one left) and stops a lane where the C loop breaks. On one thread, 64 rows of 4096 normal values:
+3-5x the scalar code's speed, 2.5-4x the C code's (docs/performance.md has the figures).
+
+Packed operations give the bytes of scalar ones except in one thing: which NaN an add or a multiply
+returns when both operands are NaN (x86 returns the first operand's, and LLVM may swap the
+operands of a commutative operation, as gcc does not here). On a super-block whose values are all
+finite and at most ``TAME`` (65536) in magnitude, every NaN a search makes comes from operands
+that are not NaN (the one default NaN), and none is ever kept as a scale, min, sum or level (a
+trial is kept only where its error, or its sums, are finite and compare true): such super-blocks
+take the lanes; the rest (NaN, infinities, huge values) take the scalar code, whose NaNs travel
+as the C code's.
 
 What keeps the bytes the C code's (ggml-quants.c built for x86-64: no fused multiply-add, no
 reassociation):
@@ -18,16 +36,19 @@ reassociation):
   ``1.f``-style literals are ``np.float32`` constants. ``nearest_int`` accepts float32 only (its
   bit cast refuses anything else when compiling), so no widened value reaches it unnoticed.
 - ``nearest_int`` is C's: ``fval + 12582912.f`` read back as bits, so NaN, infinities and values
-  beyond its range give the C code's integers; no float is ever converted to an int (LLVM's
-  ``fptosi`` of an out-of-range value is poison). ``(uint8_t)`` and ``(int8_t)`` wraps are masks.
+  beyond its range give the C code's integers (``_level`` is the same bits with the clamp, in
+  int32); no float is converted to an int (LLVM's ``fptosi`` of an out-of-range value is poison)
+  but the lanes' levels, which are ``_level``'s small integers held as float32. ``(uint8_t)`` and
+  ``(int8_t)`` wraps are masks.
 - fp16 scales go through ``ggml_compute_fp32_to_fp16``/``ggml_compute_fp16_to_fp32`` mirrored on
   the bits (round to nearest even, NaN as 0x7E00 with its sign), as ``GGML_FP32_TO_FP16`` is in
   that build.
 
 ``nogil=True``: the run's ``ComputePool`` threads quantize rows side by side; each call works on
 its own super-blocks and buffers, so the bytes do not depend on the thread count. ``cache=True``:
-the first call of each type compiles it (a few seconds) and numba keeps the machine code in
-``__pycache__`` (or a user cache folder where that is read-only) for later processes.
+the first call of each type compiles it (7-12 s of CPU: the lanes' loops are long) and numba
+keeps the machine code in ``__pycache__`` (or a user cache folder where that is read-only) for
+later processes.
 """
 
 # The C code's names are kept, its ``l`` (a level) included, so each line reads beside its C line.
@@ -287,6 +308,310 @@ def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad)
     return scale, -mn
 
 
+@intrinsic
+def _level(typingctx, fval, lo, hi):
+    """``MAX(lo, MIN(hi, nearest_int(fval)))`` as an int32: the C code's int arithmetic kept in 32
+    bits (its ``int``), so that LLVM packs it across lanes with the floats around it."""
+    if fval != types.float32 or not isinstance(lo, types.Integer) or not isinstance(hi, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        val = builder.fadd(args[0], ir.Constant(ir.FloatType(), 12582912.0))
+        l = builder.sub(builder.and_(builder.bitcast(val, i32), ir.Constant(i32, 0x007FFFFF)),
+                        ir.Constant(i32, 0x00400000))
+        lo32 = builder.trunc(context.cast(builder, args[1], signature.args[1], types.int64), i32)
+        hi32 = builder.trunc(context.cast(builder, args[2], signature.args[2], types.int64), i32)
+        l = builder.select(builder.icmp_signed("<", hi32, l), hi32, l)
+        return builder.select(builder.icmp_signed(">", lo32, l), lo32, l)
+
+    return types.int32(fval, lo, hi), codegen
+
+
+@intrinsic
+def _div(typingctx, a, b):
+    """``a / b`` in float32 as C divides: one ``fdiv``, without the zero test numba puts before its
+    division, whose branch keeps LLVM from packing a loop across lanes."""
+    if a != types.float32 or b != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fdiv(args[0], args[1])
+
+    return types.float32(a, b), codegen
+
+
+# The scale searches run on LANES sub-blocks at once (8 super-blocks of Q4_K/Q5_K, 4 of the others):
+# each lane does its C code's float32 operations in their order, with the lane the innermost loop, so
+# LLVM packs 8 lanes into each AVX operation without changing any of them. Data-dependent branches
+# become per-lane selects; a lane the C code returns early from is computed anyway and its result
+# replaced by the early return's. Everything lives in one float32 buffer at constant offsets: LLVM
+# then knows the regions apart (with separate arrays it gives up), and LANES must be a constant
+# (numba leaves SLP vectorizing off, and a loop of 8 is unrolled whole before the loop vectorizer).
+LANES = 64
+TAME = F32(65536)
+# The per-lane rows after the values: levels and trial levels are float32 (exact small integers).
+(_MN, _MX, _SW, _SX, _ISC, _BEST, _SL, _SL2, _SXL, _TS, _TM, _CUR, _TAKE, _SCALE, _EXIT) = range(15)
+_NROWS = 15
+
+
+@njit(inline="always", **_JIT)
+def _qkx2_lanes(n, nmax, b, rmin, rdelta, nstep, use_mad):
+    """ggml's ``make_qkx2_quants`` on LANES sub-blocks of ``n`` values: ``b`` holds the values at
+    ``[i * LANES + k]`` (value i of lane k), then the weights, the levels, the trial levels and the
+    rows above (``_lanes_size``). Leaves the scale in row ``_SCALE``, ``-the_min`` in row ``_MN``
+    negated (``the_min`` is ``-b[_MN]``), the levels (0..nmax) in the levels region."""
+    X = 0
+    W = n * LANES
+    LV = 2 * n * LANES
+    AUX = 3 * n * LANES
+    S = 4 * n * LANES
+    for k in range(LANES):
+        b[S + _MN * LANES + k] = b[X + k]
+        b[S + _MX * LANES + k] = b[X + k]
+        b[S + _SW * LANES + k] = b[W + k]
+        b[S + _SX * LANES + k] = b[W + k] * b[X + k]
+    for i in range(1, n):
+        for k in range(LANES):
+            v = b[X + i * LANES + k]
+            m = b[S + _MN * LANES + k]
+            b[S + _MN * LANES + k] = v if v < m else m
+            m = b[S + _MX * LANES + k]
+            b[S + _MX * LANES + k] = v if v > m else m
+            w = b[W + i * LANES + k]
+            b[S + _SW * LANES + k] += w
+            b[S + _SX * LANES + k] += w * v
+    for k in range(LANES):
+        mn = b[S + _MN * LANES + k]
+        mn = F32(0) if mn > 0 else mn
+        b[S + _MN * LANES + k] = mn
+        b[S + _EXIT * LANES + k] = F32(1) if b[S + _MX * LANES + k] == mn else F32(0)
+        iscale = _div(F32(nmax), b[S + _MX * LANES + k] - mn)
+        b[S + _ISC * LANES + k] = iscale
+        b[S + _SCALE * LANES + k] = _div(F32(1), iscale)
+        b[S + _BEST * LANES + k] = F32(0)
+    for i in range(n):
+        for k in range(LANES):
+            xv = b[X + i * LANES + k]
+            mn = b[S + _MN * LANES + k]
+            fl = F32(_level(b[S + _ISC * LANES + k] * (xv - mn), 0, nmax))
+            b[LV + i * LANES + k] = fl
+            diff = b[S + _SCALE * LANES + k] * fl + mn - xv
+            diff = abs(diff) if use_mad else diff * diff
+            b[S + _BEST * LANES + k] += b[W + i * LANES + k] * diff
+    for step in range(nstep + 1):
+        for k in range(LANES):
+            b[S + _ISC * LANES + k] = _div(rmin + rdelta * F32(step) + F32(nmax),
+                                           b[S + _MX * LANES + k] - b[S + _MN * LANES + k])
+            b[S + _SL * LANES + k] = F32(0)
+            b[S + _SL2 * LANES + k] = F32(0)
+            b[S + _SXL * LANES + k] = F32(0)
+        for i in range(n):
+            for k in range(LANES):
+                xv = b[X + i * LANES + k]
+                fl = F32(_level(b[S + _ISC * LANES + k] * (xv - b[S + _MN * LANES + k]), 0, nmax))
+                b[AUX + i * LANES + k] = fl
+                w = b[W + i * LANES + k]
+                b[S + _SL * LANES + k] += w * fl
+                b[S + _SL2 * LANES + k] += w * fl * fl
+                b[S + _SXL * LANES + k] += w * fl * xv
+        for k in range(LANES):
+            sum_w = b[S + _SW * LANES + k]
+            sum_x = b[S + _SX * LANES + k]
+            sum_l = b[S + _SL * LANES + k]
+            sum_l2 = b[S + _SL2 * LANES + k]
+            sum_xl = b[S + _SXL * LANES + k]
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = _div(sum_w * sum_xl - sum_x * sum_l, D)
+            this_min = _div(sum_l2 * sum_x - sum_l * sum_xl, D)
+            clamp = this_min > 0
+            no_min_scale = _div(sum_xl, sum_l2)  # computed in every lane: a branch per lane costs more
+            b[S + _TM * LANES + k] = F32(0) if clamp else this_min
+            b[S + _TS * LANES + k] = no_min_scale if clamp else this_scale
+            b[S + _TAKE * LANES + k] = F32(1) if D > 0 else F32(0)
+            b[S + _CUR * LANES + k] = F32(0)
+        for i in range(n):
+            for k in range(LANES):
+                diff = (b[S + _TS * LANES + k] * b[AUX + i * LANES + k] + b[S + _TM * LANES + k]
+                        - b[X + i * LANES + k])
+                diff = abs(diff) if use_mad else diff * diff
+                b[S + _CUR * LANES + k] += b[W + i * LANES + k] * diff
+        for k in range(LANES):
+            cur = b[S + _CUR * LANES + k]
+            best = b[S + _BEST * LANES + k]
+            take = (b[S + _TAKE * LANES + k] > 0) & (cur < best)  # D > 0 && cur_error < best_error
+            b[S + _TAKE * LANES + k] = F32(1) if take else F32(0)
+            b[S + _BEST * LANES + k] = cur if take else best
+            b[S + _SCALE * LANES + k] = b[S + _TS * LANES + k] if take else b[S + _SCALE * LANES + k]
+            b[S + _MN * LANES + k] = b[S + _TM * LANES + k] if take else b[S + _MN * LANES + k]
+        for i in range(n):
+            for k in range(LANES):
+                lv = b[LV + i * LANES + k]  # TAKE is 1 or 0, the levels small integers: exact
+                b[LV + i * LANES + k] = lv + b[S + _TAKE * LANES + k] * (b[AUX + i * LANES + k] - lv)
+    for k in range(LANES):
+        if b[S + _EXIT * LANES + k] > 0:  # mx == mn: L = 0, return (0, -mn); mx is mn as it was
+            b[S + _SCALE * LANES + k] = F32(0)
+            b[S + _MN * LANES + k] = b[S + _MX * LANES + k]
+            for i in range(n):
+                b[LV + i * LANES + k] = F32(0)
+
+
+@njit(inline="always", **_JIT)
+def _first_pass_lanes(n, nmax, b):
+    """``_first_pass`` (offset 0) on LANES sub-blocks of ``n`` values at ``b[i * LANES + k]``: ``mx``
+    in row ``_MX``, 1 in row ``_EXIT`` where every |x| is below GROUP_MAX_EPS, the levels (as
+    float32) after the values, ``sumlx`` and ``suml2`` in rows ``_SL`` and ``_SL2``."""
+    X = 0
+    LV = n * LANES
+    S = 3 * n * LANES
+    for k in range(LANES):
+        b[S + _MN * LANES + k] = F32(0)  # amax
+        b[S + _MX * LANES + k] = F32(0)  # mx
+    for i in range(n):
+        for k in range(LANES):
+            v = b[X + i * LANES + k]
+            ax = abs(v)
+            bigger = ax > b[S + _MN * LANES + k]
+            b[S + _MN * LANES + k] = ax if bigger else b[S + _MN * LANES + k]
+            b[S + _MX * LANES + k] = v if bigger else b[S + _MX * LANES + k]
+    for k in range(LANES):
+        b[S + _EXIT * LANES + k] = F32(1) if b[S + _MN * LANES + k] < F32(1e-15) else F32(0)  # GROUP_MAX_EPS
+        b[S + _ISC * LANES + k] = _div(F32(-nmax), b[S + _MX * LANES + k])
+        b[S + _SL * LANES + k] = F32(0)
+        b[S + _SL2 * LANES + k] = F32(0)
+    for i in range(n):
+        for k in range(LANES):
+            v = b[X + i * LANES + k]
+            fl = F32(_level(b[S + _ISC * LANES + k] * v, -nmax, nmax - 1))
+            b[LV + i * LANES + k] = fl
+            w = v * v
+            b[S + _SL * LANES + k] += w * v * fl
+            b[S + _SL2 * LANES + k] += w * fl * fl
+
+
+@njit(inline="always", **_JIT)
+def _qx_rmse1_lanes(n, nmax, b):
+    """ggml's ``make_qx_quants(n, nmax, x, L, rmin_type=1, qw=NULL)`` on LANES sub-blocks of ``n``
+    values at ``b[i * LANES + k]``: leaves the scale in row ``_SCALE`` and the levels less ``nmax``
+    (-nmax..nmax-1, ``L`` is them plus nmax) in the levels region (``_lanes_size``, no weights)."""
+    X = 0
+    LV = n * LANES
+    AUX = 2 * n * LANES
+    S = 3 * n * LANES
+    _first_pass_lanes(n, nmax, b)
+    for k in range(LANES):
+        sumlx = b[S + _SL * LANES + k]
+        suml2 = b[S + _SL2 * LANES + k]
+        scale = _div(sumlx, suml2)
+        scale = scale if suml2 != F32(0) else F32(0)
+        b[S + _SCALE * LANES + k] = scale
+        b[S + _BEST * LANES + k] = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        for k in range(LANES):
+            b[S + _ISC * LANES + k] = _div(-(F32(nmax) + F32(0.1) * F32(step)), b[S + _MX * LANES + k])
+            b[S + _SL * LANES + k] = F32(0)
+            b[S + _SL2 * LANES + k] = F32(0)
+        for i in range(n):
+            for k in range(LANES):
+                v = b[X + i * LANES + k]
+                fl = F32(_level(b[S + _ISC * LANES + k] * v, -nmax, nmax - 1))
+                b[AUX + i * LANES + k] = fl
+                w = v * v
+                b[S + _SL * LANES + k] += w * v * fl
+                b[S + _SL2 * LANES + k] += w * fl * fl
+        for k in range(LANES):
+            sumlx = b[S + _SL * LANES + k]
+            suml2 = b[S + _SL2 * LANES + k]
+            take = (suml2 > F32(0)) & (sumlx * sumlx > b[S + _BEST * LANES + k] * suml2)
+            scale = _div(sumlx, suml2)
+            b[S + _TAKE * LANES + k] = F32(1) if take else F32(0)
+            b[S + _SCALE * LANES + k] = scale if take else b[S + _SCALE * LANES + k]
+            b[S + _BEST * LANES + k] = scale * sumlx if take else b[S + _BEST * LANES + k]
+        for i in range(n):
+            for k in range(LANES):
+                lv = b[LV + i * LANES + k]  # TAKE is 1 or 0, the levels small integers: exact
+                b[LV + i * LANES + k] = lv + b[S + _TAKE * LANES + k] * (b[AUX + i * LANES + k] - lv)
+    for k in range(LANES):
+        if b[S + _EXIT * LANES + k] > 0:  # every |x| below GROUP_MAX_EPS: L = 0, scale 0
+            b[S + _SCALE * LANES + k] = F32(0)
+            for i in range(n):
+                b[LV + i * LANES + k] = F32(-nmax)
+
+
+@njit(inline="always", **_JIT)
+def _q3_lanes(n, nmax, b):
+    """ggml's ``make_q3_quants(n, nmax, x, L, do_rmse=true)`` on LANES sub-blocks of ``n`` values at
+    ``b[i * LANES + k]``: the scale in row ``_SCALE``, the levels less ``nmax`` after the values.
+    A lane goes on refining while its last round changed a level (row ``_TAKE``), as the C loop
+    breaks; a level's change is kept where the C code keeps it (row ``_CUR`` counts them)."""
+    X = 0
+    LV = n * LANES
+    S = 3 * n * LANES
+    _first_pass_lanes(n, nmax, b)
+    for k in range(LANES):
+        b[S + _TAKE * LANES + k] = F32(1)
+    for _ in range(5):
+        for k in range(LANES):
+            b[S + _CUR * LANES + k] = F32(0)
+        for i in range(n):
+            for k in range(LANES):
+                v = b[X + i * LANES + k]
+                li = b[LV + i * LANES + k]
+                sumlx = b[S + _SL * LANES + k]
+                suml2 = b[S + _SL2 * LANES + k]
+                w = v * v
+                slx_less = sumlx - w * v * li  # slx before and after the new level
+                sl2_less = suml2 - w * li * li
+                new_l = F32(_level(_div(v * sl2_less, slx_less), -nmax, nmax - 1))
+                slx = slx_less + w * v * new_l
+                sl2 = sl2_less + w * new_l * new_l
+                keep = ((b[S + _TAKE * LANES + k] > 0) & (slx_less > 0) & (new_l != li)
+                        & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2))
+                one = F32(1) if keep else F32(0)
+                b[LV + i * LANES + k] = li + one * (new_l - li)  # small integers: exact
+                b[S + _SL * LANES + k] = slx if keep else sumlx
+                b[S + _SL2 * LANES + k] = sl2 if keep else suml2
+                b[S + _CUR * LANES + k] += one
+        going = 0
+        for k in range(LANES):
+            on = (b[S + _TAKE * LANES + k] > 0) & (b[S + _CUR * LANES + k] > 0)
+            b[S + _TAKE * LANES + k] = F32(1) if on else F32(0)
+            going += 1 if on else 0
+        if going == 0:
+            break
+    for k in range(LANES):
+        sumlx = b[S + _SL * LANES + k]
+        suml2 = b[S + _SL2 * LANES + k]
+        scale = _div(sumlx, suml2)
+        b[S + _SCALE * LANES + k] = scale if suml2 > F32(0) else F32(0)
+        if b[S + _EXIT * LANES + k] > 0:  # every |x| below GROUP_MAX_EPS: L = 0, scale 0
+            b[S + _SCALE * LANES + k] = F32(0)
+            for i in range(n):
+                b[LV + i * LANES + k] = F32(-nmax)
+
+
+@njit(inline="always", **_JIT)
+def _lanes_size(n):
+    """The float32s a lane search's buffer holds for sub-blocks of ``n`` values: values, weights,
+    levels, trial levels, then the per-lane rows."""
+    return 4 * n * LANES + _NROWS * LANES
+
+
+@njit(inline="always", **_JIT)
+def _load_lanes(x, i0, n, b):
+    """Sub-blocks of ``n`` values of super-blocks ``x[i0:]`` into ``b[i * LANES + k]``, lane ``k``
+    sub-block ``k % (QK_K // n)`` of super-block ``i0 + k // (QK_K // n)``; lanes past ``x``'s last
+    super-block get zeros (their results are not read)."""
+    per = QK_K // n
+    for g in range(LANES // per):
+        have = i0 + g < x.shape[0]
+        for j in range(per):
+            for i in range(n):
+                b[i * LANES + g * per + j] = x[i0 + g, n * j + i] if have else F32(0)
+
+
 @njit(**_JIT)
 def _pack_2bit(L, y, at):
     """The 2-bit levels' ``qs`` at byte ``at``, as ``quantize_row_q2_K_ref`` and ``q3_K_ref`` pack
@@ -303,22 +628,39 @@ def quantize_row_q2_K(x, y):
 
     block_q2_K: scales[16], qs[64], d, dmin.
     """
+    b = np.empty(_lanes_size(16), np.float32)
     L = np.empty(QK_K, np.uint8)
     Laux = np.empty(16, np.uint8)
     weights = np.empty(16, np.float32)
     mins = np.empty(QK_K // 16, np.float32)
     scales = np.empty(QK_K // 16, np.float32)
     q4scale = F32(15)
+    S = 4 * 16 * LANES
     for i in range(x.shape[0]):
+        g = i % (LANES // 16)
+        if g == 0:
+            _load_lanes(x, i, 16, b)
+            for t in range(16 * LANES):
+                b[16 * LANES + t] = abs(b[t])  # weights
+            _qkx2_lanes(16, 3, b, F32(-0.5), F32(0.1), 15, True)
         xb = x[i]
         yb = y[i]
+        tame = _tame(xb)
         max_scale = F32(0)
         max_min = F32(0)
         for j in range(QK_K // 16):
-            for l in range(16):
-                weights[l] = abs(xb[16 * j + l])
-            scales[j], mins[j] = make_qkx2_quants(16, 3, xb[16 * j:16 * j + 16], weights,
-                                                  L[16 * j:16 * j + 16], Laux, F32(-0.5), F32(0.1), 15, True)
+            if tame:
+                k = g * 16 + j
+                for l in range(16):
+                    L[16 * j + l] = np.int64(b[2 * 16 * LANES + l * LANES + k])
+                scales[j] = b[S + _SCALE * LANES + k]
+                mins[j] = -b[S + _MN * LANES + k]
+            else:
+                for l in range(16):
+                    weights[l] = abs(xb[16 * j + l])
+                scales[j], mins[j] = make_qkx2_quants(16, 3, xb[16 * j:16 * j + 16], weights,
+                                                      L[16 * j:16 * j + 16], Laux,
+                                                      F32(-0.5), F32(0.1), 15, True)
             scale = scales[j]
             if scale > max_scale:
                 max_scale = scale
@@ -347,13 +689,22 @@ def quantize_row_q2_K(x, y):
         dall = fp16_to_fp32(d_bits)
         dmin = fp16_to_fp32(dmin_bits)
         for j in range(QK_K // 16):
-            d = dall * F32(np.int64(yb[j]) & 0xF)
-            if d == 0:
-                continue
-            dm = dmin * F32(np.int64(yb[j]) >> 4)
-            for ii in range(16):
-                l = nearest_int((xb[16 * j + ii] + dm) / d)
-                L[16 * j + ii] = max(0, min(3, l))
+            scales[j] = dall * F32(np.int64(yb[j]) & 0xF)  # d
+            mins[j] = dmin * F32(np.int64(yb[j]) >> 4)  # dm
+        if tame:  # one loop of 256 that LLVM packs (see _qkx_superblock)
+            for t in range(QK_K):
+                d = scales[t // 16]
+                l = _level(_div(xb[t] + mins[t // 16], d), 0, 3)
+                L[t] = L[t] if d == 0 else l
+        else:
+            for j in range(QK_K // 16):
+                d = scales[j]
+                if d == 0:
+                    continue
+                dm = mins[j]
+                for ii in range(16):
+                    l = nearest_int((xb[16 * j + ii] + dm) / d)
+                    L[16 * j + ii] = max(0, min(3, l))
         _pack_2bit(L, yb, 16)
 
 
@@ -363,16 +714,28 @@ def quantize_row_q3_K(x, y):
 
     block_q3_K: hmask[32], qs[64], scales[12], d.
     """
+    b = np.empty(_lanes_size(16), np.float32)
     L = np.empty(QK_K, np.int8)
     scales = np.empty(QK_K // 16, np.float32)
     for i in range(x.shape[0]):
+        g = i % (LANES // 16)
+        if g == 0:
+            _load_lanes(x, i, 16, b)
+            _q3_lanes(16, 4, b)
         xb = x[i]
         yb = y[i]
         sc12 = yb[96:108]
+        tame = _tame(xb)
         max_scale = F32(0)
         amax = F32(0)
         for j in range(QK_K // 16):
-            scales[j] = make_q3_quants(16, 4, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
+            if tame:
+                k = g * 16 + j
+                for ii in range(16):
+                    L[16 * j + ii] = np.int64(b[16 * LANES + ii * LANES + k]) + 4
+                scales[j] = b[3 * 16 * LANES + _SCALE * LANES + k]
+            else:
+                scales[j] = make_q3_quants(16, 4, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
             scale = abs(scales[j])
             if scale > amax:
                 amax = scale
@@ -399,50 +762,77 @@ def quantize_row_q3_K(x, y):
         for j in range(QK_K // 16):
             sc = np.int64(sc12[j]) & 0xF if j < 8 else np.int64(sc12[j - 8]) >> 4
             sc = (sc | (((np.int64(sc12[8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
-            d = dall * F32(sc)
-            if d == 0:
-                continue
-            for ii in range(16):
-                l = nearest_int(xb[16 * j + ii] / d)
-                L[16 * j + ii] = max(-4, min(3, l)) + 4
+            scales[j] = dall * F32(sc)  # d
+        for t in range(QK_K):  # one loop of 256 that LLVM packs (a division: its operands stay put)
+            d = scales[t // 16]
+            l = _level(_div(xb[t], d), -4, 3) + 4
+            L[t] = L[t] if d == 0 else l  # sub-blocks whose d is 0 keep their levels
         for j in range(QK_K // 8):
             yb[j] = 0
-        m = 0
-        hm = 1
-        for j in range(QK_K):
-            if L[j] > 3:
-                yb[m] = np.int64(yb[m]) | hm
-                L[j] -= 4
-            m += 1
-            if m == QK_K // 8:
-                m = 0
-                hm <<= 1
+        for j in range(QK_K):  # the C loop's m and hm are j % 32 and 1 << j // 32; selects, no branch
+            high = L[j] > 3
+            yb[j % 32] = np.int64(yb[j % 32]) | ((1 << (j // 32)) if high else 0)
+            L[j] = L[j] - 4 if high else L[j]
         _pack_2bit(L, yb, 32)
 
 
+@njit(**_JIT)  # compiled once for Q4_K and Q5_K: each copy costs seconds of compiling
+def _qkx_search(x, i0, b, nmax, rmin, rdelta, nstep):
+    """The scale searches of ``quantize_row_q4_K_ref``/``q5_K_ref`` for super-blocks ``x[i0:]``,
+    LANES // 8 of them (``_load_lanes``): each sub-block's weights ``av_x + |x|`` and its
+    ``make_qkx2_quants``."""
+    W = 32 * LANES
+    SX2 = 4 * 32 * LANES + _SL * LANES  # sum_x2, before the search uses that row
+    _load_lanes(x, i0, 32, b)
+    for k in range(LANES):
+        b[SX2 + k] = F32(0)
+    for l in range(32):
+        for k in range(LANES):
+            b[SX2 + k] += b[l * LANES + k] * b[l * LANES + k]
+    for k in range(LANES):
+        b[SX2 + k] = np.sqrt(_div(b[SX2 + k], F32(32)))  # av_x
+    for l in range(32):
+        for k in range(LANES):
+            b[W + l * LANES + k] = b[SX2 + k] + abs(b[l * LANES + k])
+    _qkx2_lanes(32, nmax, b, rmin, rdelta, nstep, False)
+
+
 @njit(inline="always", **_JIT)
-def _qkx_scratch():
-    """The buffers Q4_K's and Q5_K's loops reuse from super-block to super-block (the C code's
-    locals): ``L``, ``Laux``, ``weights``, ``scales``, ``mins``."""
-    return (np.empty(QK_K, np.uint8), np.empty(32, np.uint8), np.empty(32, np.float32),
-            np.empty(QK_K // 32, np.float32), np.empty(QK_K // 32, np.float32))
+def _tame(xb):
+    """Every value finite and at most TAME in magnitude: the lanes' path is then exact (see LANES)."""
+    ok = True
+    for v in xb:
+        ok &= abs(v) <= TAME
+    return ok
 
 
 @njit(**_JIT)
-def _qkx_superblock(xb, yb, L, Laux, weights, scales, mins, nmax, rmin, rdelta, nstep):
-    """What ``quantize_row_q4_K_ref`` and ``quantize_row_q5_K_ref`` share, for one super-block:
-    d, dmin and the 12 scale bytes written at bytes 0..15, the levels left in ``L``."""
+def _qkx_superblock(xb, yb, b, g, L, Laux, weights, scales, mins, nmax, rmin, rdelta, nstep):
+    """What ``quantize_row_q4_K_ref`` and ``quantize_row_q5_K_ref`` share, for one super-block,
+    super-block ``g`` of the searches in ``b`` (``_qkx_search``), or searched here, scalar, where it
+    is not ``_tame``: d, dmin and the 12 scale bytes written at bytes 0..15, the levels left in ``L``."""
+    tame = _tame(xb)
+    if tame:
+        S = 4 * 32 * LANES
+        for j in range(QK_K // 32):
+            k = g * 8 + j
+            for l in range(32):
+                L[32 * j + l] = np.int64(b[2 * 32 * LANES + l * LANES + k])
+            scales[j] = b[S + _SCALE * LANES + k]
+            mins[j] = -b[S + _MN * LANES + k]
+    else:
+        for j in range(QK_K // 32):
+            sum_x2 = F32(0)
+            for l in range(32):
+                sum_x2 += xb[32 * j + l] * xb[32 * j + l]
+            av_x = np.sqrt(sum_x2 / F32(32))
+            for l in range(32):
+                weights[l] = av_x + abs(xb[32 * j + l])
+            scales[j], mins[j] = make_qkx2_quants(32, nmax, xb[32 * j:32 * j + 32], weights,
+                                                  L[32 * j:32 * j + 32], Laux, rmin, rdelta, nstep, False)
     max_scale = F32(0)
     max_min = F32(0)
     for j in range(QK_K // 32):
-        sum_x2 = F32(0)
-        for l in range(32):
-            sum_x2 += xb[32 * j + l] * xb[32 * j + l]
-        av_x = np.sqrt(sum_x2 / F32(32))
-        for l in range(32):
-            weights[l] = av_x + abs(xb[32 * j + l])
-        scales[j], mins[j] = make_qkx2_quants(32, nmax, xb[32 * j:32 * j + 32], weights,
-                                              L[32 * j:32 * j + 32], Laux, rmin, rdelta, nstep, False)
         scale = scales[j]
         if scale > max_scale:
             max_scale = scale
@@ -475,13 +865,30 @@ def _qkx_superblock(xb, yb, L, Laux, weights, scales, mins, nmax, rmin, rdelta, 
         else:
             s = (np.int64(sc[j + 4]) & 0xF) | ((np.int64(sc[j - 4]) >> 6) << 4)
             m = (np.int64(sc[j + 4]) >> 4) | ((np.int64(sc[j - 0]) >> 6) << 4)
-        d = dall * F32(s)
+        scales[j] = dall * F32(s)  # d
+        mins[j] = dmin * F32(m)  # dm
+    if tame:  # one loop of 256 that LLVM packs: where its adds meet two NaNs, it may swap them
+        for t in range(QK_K):
+            d = scales[t // 32]
+            l = _level(_div(xb[t] + mins[t // 32], d), 0, nmax)
+            L[t] = L[t] if d == 0 else l  # sub-blocks whose d is 0 keep their levels
+        return
+    for j in range(QK_K // 32):
+        d = scales[j]
         if d == 0:
             continue
-        dm = dmin * F32(m)
+        dm = mins[j]
         for ii in range(32):
             l = nearest_int((xb[32 * j + ii] + dm) / d)
             L[32 * j + ii] = max(0, min(nmax, l))
+
+
+@njit(inline="always", **_JIT)
+def _qkx_scratch():
+    """The buffers Q4_K's and Q5_K's loops reuse (the lanes' buffer and the C code's locals):
+    ``b``, ``L``, ``Laux``, ``weights``, ``scales``, ``mins``."""
+    return (np.empty(_lanes_size(32), np.float32), np.empty(QK_K, np.uint8), np.empty(32, np.uint8),
+            np.empty(32, np.float32), np.empty(QK_K // 32, np.float32), np.empty(QK_K // 32, np.float32))
 
 
 @njit(**_JIT)
@@ -490,10 +897,13 @@ def quantize_row_q4_K(x, y):
 
     block_q4_K: d, dmin, scales[12], qs[128].
     """
-    L, Laux, weights, scales, mins = _qkx_scratch()
+    b, L, Laux, weights, scales, mins = _qkx_scratch()
     for i in range(x.shape[0]):
+        g = i % (LANES // 8)
+        if g == 0:
+            _qkx_search(x, i, b, 15, F32(-1), F32(0.1), 20)
         yb = y[i]
-        _qkx_superblock(x[i], yb, L, Laux, weights, scales, mins, 15, F32(-1), F32(0.1), 20)
+        _qkx_superblock(x[i], yb, b, g, L, Laux, weights, scales, mins, 15, F32(-1), F32(0.1), 20)
         q = 16
         for j in range(0, QK_K, 64):
             for l in range(32):
@@ -507,10 +917,13 @@ def quantize_row_q5_K(x, y):
 
     block_q5_K: d, dmin, scales[12], qh[32], qs[128].
     """
-    L, Laux, weights, scales, mins = _qkx_scratch()
+    b, L, Laux, weights, scales, mins = _qkx_scratch()
     for i in range(x.shape[0]):
+        g = i % (LANES // 8)
+        if g == 0:
+            _qkx_search(x, i, b, 31, F32(-0.5), F32(0.1), 15)
         yb = y[i]
-        _qkx_superblock(x[i], yb, L, Laux, weights, scales, mins, 31, F32(-0.5), F32(0.1), 15)
+        _qkx_superblock(x[i], yb, b, g, L, Laux, weights, scales, mins, 31, F32(-0.5), F32(0.1), 15)
         qh = yb[16:48]
         ql = 48
         for j in range(QK_K // 8):
@@ -519,15 +932,10 @@ def quantize_row_q5_K(x, y):
         m2 = 2
         for n in range(0, QK_K, 64):
             for j in range(32):
-                l1 = np.int64(L[n + j])
-                if l1 > 15:
-                    l1 -= 16
-                    qh[j] = np.int64(qh[j]) | m1
+                l1 = np.int64(L[n + j])  # l1 > 15: l1 - 16 and m1 in qh, as selects, no branch
                 l2 = np.int64(L[n + j + 32])
-                if l2 > 15:
-                    l2 -= 16
-                    qh[j] = np.int64(qh[j]) | m2
-                yb[ql + j] = l1 | (l2 << 4)
+                qh[j] = np.int64(qh[j]) | (m1 if l1 > 15 else 0) | (m2 if l2 > 15 else 0)
+                yb[ql + j] = (l1 & 15) | ((l2 & 15) << 4)
             m1 <<= 2
             m2 <<= 2
             ql += 32
@@ -539,16 +947,28 @@ def quantize_row_q6_K(x, y):
 
     block_q6_K: ql[128], qh[64], scales[16] (int8), d.
     """
+    b = np.empty(_lanes_size(16), np.float32)
     L = np.empty(QK_K, np.int8)
     scales = np.empty(QK_K // 16, np.float32)
     sc = np.empty(QK_K // 16, np.int64)
     for i in range(x.shape[0]):
+        g = i % (LANES // 16)
+        if g == 0:
+            _load_lanes(x, i, 16, b)
+            _qx_rmse1_lanes(16, 32, b)
         xb = x[i]
         yb = y[i]
         max_scale = F32(0)
         max_abs_scale = F32(0)
+        tame = _tame(xb)
         for ib in range(QK_K // 16):
-            scale = make_qx_quants_rmse1(16, 32, xb[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16])
+            if tame:
+                k = g * 16 + ib
+                for ii in range(16):
+                    L[16 * ib + ii] = np.int64(b[16 * LANES + ii * LANES + k]) + 32
+                scale = b[3 * 16 * LANES + _SCALE * LANES + k]
+            else:
+                scale = make_qx_quants_rmse1(16, 32, xb[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16])
             scales[ib] = scale
             abs_scale = abs(scale)
             if abs_scale > max_abs_scale:
@@ -568,12 +988,11 @@ def quantize_row_q6_K(x, y):
             yb[192 + ib] = s & 0xFF
         dall = fp16_to_fp32(d_bits)
         for j in range(QK_K // 16):
-            d = dall * F32(sc[j])
-            if d == 0:
-                continue
-            for ii in range(16):
-                l = nearest_int(xb[16 * j + ii] / d)
-                L[16 * j + ii] = max(-32, min(31, l)) + 32
+            scales[j] = dall * F32(sc[j])  # d
+        for t in range(QK_K):  # one loop of 256 that LLVM packs (a division: its operands stay put)
+            d = scales[t // 16]
+            l = _level(_div(xb[t], d), -32, 31) + 32
+            L[t] = L[t] if d == 0 else l  # sub-blocks whose d is 0 keep their levels
         ql = 0
         qh = 128
         for j in range(0, QK_K, 128):
