@@ -142,16 +142,17 @@ def compare(base_dir: str, target_dir: str, adapters: dict[str, Path], rank: int
     for adapter in loaded.values():
         adapter.weights.close()
     print(f"\nper kind of matrix, pooled over the layers (rank {rank})")
-    header = "".join(f"{n:>12}" for n in [*names, "optimum"])
-    ratio = f"{names[0] + '/' + names[1]:>22}" if len(names) > 1 else ""
-    print(f"{'kind':<10}{header}{ratio}")
+    columns = [*names, "optimum"]
+    widths = [max(12, len(n) + 2) for n in columns]
+    ratio = f"  {names[0]}/{names[1]}" if len(names) > 1 else ""
+    print(f"{'kind':<10}" + "".join(f"{n:>{w}}" for n, w in zip(columns, widths)) + ratio)
     for kind in KINDS:
         if kind in pooled:
             sums = pooled[kind]
             errs = [(s / sums[-1]) ** 0.5 for s in sums[:-1]]
-            line = "".join(f"{e:>12.6f}" for e in errs)
+            line = "".join(f"{e:>{w}.6f}" for e, w in zip(errs, widths))
             if len(names) > 1:
-                line += f"{errs[0] / errs[1]:>22.5f}"
+                line += f"{errs[0] / errs[1]:>{len(ratio)}.5f}"
             print(f"{kind:<10}{line}")
 
 
