@@ -55,7 +55,7 @@ from .integrity.signing import SigningKey, sign_folder
 from .kinds import Scratch, is_non_weight
 from .kinds.add import VOCAB_TENSORS, check_pairing, count_differences
 from .kinds.lora import ADAPTER_CONFIG, PREFIX, TOKENIZER_FILES, Factors, FactorSource
-from .kinds.lora_extract import OVERSAMPLE, POWER_ITERATIONS, SEED, Factorization, factorize
+from .kinds.lora_extract import POWER_ITERATIONS, SEED, Factorization, factorize, oversampling
 from .kinds.marks import Marks, delta_id
 from .kinds.peft_targets import DUMMY
 from .kinds.targets import LayerTypes, memory_names
@@ -119,7 +119,7 @@ def extract_lora(
     with open_checkpoint(base_in.path) as base_ckpt, open_checkpoint(target_in.path) as target_ckpt:
         modules = _plan(base_ckpt, target_ckpt)
         options = {"make_delta": KIND, "rank": rank, "block_size": block_size, "seed": SEED,
-                   "power_iterations": POWER_ITERATIONS, "oversample": OVERSAMPLE,
+                   "power_iterations": POWER_ITERATIONS, "oversample": oversampling(rank),
                    "version": __version__}
         fp = fingerprint([base_in.path, target_in.path], options, [])
         marks = Marks(KIND, delta_id(fp.digest), str(out))

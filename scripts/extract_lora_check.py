@@ -45,6 +45,15 @@ def error(diff: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(diff - b @ a) / torch.linalg.matrix_norm(diff))
 
 
+def optimum(diff: torch.Tensor, rank: int) -> float:
+    """The least relative error at ``rank`` (Eckart-Young) from the singular values alone: the
+    eigenvalues of the fp64 Gram matrix of the shorter side are their squares."""
+    wide = diff.to(torch.float64)
+    gram = wide @ wide.T if wide.shape[0] <= wide.shape[1] else wide.T @ wide
+    s = torch.linalg.eigvalsh(gram).flip(0).clamp(min=0)  # sigma^2, descending
+    return float((s[rank:].sum() / s.sum()).sqrt())
+
+
 def run_make_delta(base: str, target: str, rank: int, block: str, scratch: str | None) -> None:
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         command = [sys.executable, "-m", "deltamerge", "make-delta", base, target,
@@ -94,13 +103,8 @@ def main() -> None:
                 root = s[: args.rank].sqrt()
                 best = error(diff, u[:, : args.rank] * root, root[:, None] * vh[: args.rank])
                 del u, vh
-            else:  # the same optimum from the singular values alone (Eckart-Young): the
-                # eigenvalues of the fp64 Gram matrix of the shorter side are their squares
-                wide = diff.to(torch.float64)
-                gram = wide @ wide.T if wide.shape[0] <= wide.shape[1] else wide.T @ wide
-                s = torch.linalg.eigvalsh(gram).flip(0).clamp(min=0)  # sigma^2, descending
-                best = float((s[args.rank:].sum() / s.sum()).sqrt())
-                del wide, gram
+            else:
+                best = optimum(diff, args.rank)
             svd_s = time.perf_counter() - start
             ours = error(diff, found.lora_b, found.lora_a)
             kind = next(k for k in KINDS if name.endswith(f"{k}.weight"))
@@ -108,7 +112,7 @@ def main() -> None:
             print(f"{name} {tuple(found.lora_b.shape[:1] + found.lora_a.shape[1:])}: error "
                   f"{ours:.6f} (full SVD {best:.6f}, "
                   f"ratio {ours / best:.5f}); {ours_s:.2f} s ({how} {svd_s:.2f} s)", flush=True)
-            del diff, s
+            del diff
     print(f"\nrank {args.rank}, block {args.block_size}: per kind of matrix (mean over layers)")
     print(f"{'kind':<10} {'error':>10} {'full SVD':>10} {'ratio':>8} {'time s':>8} {how + ' s':>12}")
     for kind in KINDS:

@@ -3,14 +3,14 @@
 mergekit's ``mergekit-extract-lora`` loads each difference whole in fp32 and calls
 ``torch.linalg.svd`` on it: exact, but a 70B-wide layer is about 1 GB in fp32 and its full SVD
 is most of the run's time. Here the difference ``D`` (m x n) is only ever used through thin
-products, ``D @ X`` and ``D.T @ Y`` with ``k = rank + oversampling`` columns, each made in one
-pass over D's rows: a block of base and target rows is read, subtracted in fp32, multiplied, and
-dropped. That is Halko, Martinsson and Tropp's randomized range finder with power iterations
-(2011, algorithms 4.4 and 5.1): ``Y = D @ Omega`` for a Gaussian ``Omega``, then
-``Y = D @ orth(D.T @ orth(Y))`` per power iteration (each sharpens the spectrum's decay, so the
-subspace found nears the top singular vectors), then ``B = orth(Y).T @ D`` and the SVD of that
-k x n matrix. Memory is ``(m + n) x k`` floats and one block; a matrix is read
-``2 + 2 * power_iterations`` times.
+products, ``D @ X`` and ``D.T @ Y`` with ``k = rank + oversampling(rank)`` columns (twice the
+rank, at least rank + 10), each made in one pass over D's rows: a block of base and target
+rows is read, subtracted in fp32, multiplied, and dropped. That is Halko, Martinsson and
+Tropp's randomized range finder with power iterations (2011, algorithms 4.4 and 5.1):
+``Y = D @ Omega`` for a Gaussian ``Omega``, then ``Y = D @ orth(D.T @ orth(Y))`` per power
+iteration (each sharpens the spectrum's decay, so the subspace found nears the top singular
+vectors), then ``B = orth(Y).T @ D`` and the SVD of that k x n matrix. Memory is
+``(m + n) x k`` floats and one block; a matrix is read ``2 + 2 * power_iterations`` times.
 
 ``Omega`` comes from a generator seeded by the tensor's name, so the same inputs and block size
 give the same bits (every product sums the blocks in the same order). The factors split the
@@ -31,8 +31,8 @@ from ..dtypes import BITS_DTYPE, itemsize
 from ..errors import FormatError
 from ..sources import Checkpoint
 
-POWER_ITERATIONS = 2  # enough for an error within 1% of the full SVD's on fine-tune deltas
-OVERSAMPLE = 10  # extra columns of the range finder beyond the rank
+POWER_ITERATIONS = 2  # with oversampling(rank), within 1% of the full SVD's on fine-tune deltas
+OVERSAMPLE = 10  # the fewest extra columns of the range finder beyond the rank
 SEED = 20240  # with the tensor's name, seeds its Omega
 
 
@@ -99,20 +99,32 @@ class _Rows:
             yield r0, r1, d, differ
 
 
+def oversampling(rank: int) -> int:
+    """The range finder's columns beyond the rank: as many as the rank (at least OVERSAMPLE).
+
+    A fine-tune's difference has a flat spectrum, so the error depends on how far past the
+    rank the sample reaches. On Gemma 3 270M's full fine-tune (docs/performance.md) a fixed 10
+    left rank 64's errors 1.0 to 1.5% above the full SVD's, every kind of matrix; ``rank``
+    columns leave 0.1 to 0.2%, for thin products twice as wide and no more passes over the
+    weights (a third power iteration would read every matrix twice more)."""
+    return max(OVERSAMPLE, rank)
+
+
 def _orth(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y, mode="reduced").Q
 
 
 def factorize(
     base: Checkpoint, target: Checkpoint, name: str, rank: int, block_bytes: int,
-    power_iterations: int = POWER_ITERATIONS, oversample: int = OVERSAMPLE,
+    power_iterations: int = POWER_ITERATIONS, oversample: int | None = None,
     on_base: Callable[[torch.Tensor], None] | None = None,
 ) -> Factorization | None:
     """The rank-``rank`` factors of ``target[name] - base[name]`` (a 2-D weight), or None when
     the two are the same bits. ``on_base`` is given each block of base rows once, in order (the
-    manifest hashes the base from these reads)."""
+    manifest hashes the base from these reads). ``oversample`` defaults to ``oversampling(rank)``."""
     rows = _Rows(base, target, name, block_bytes)
     m, n = rows.rows, rows.cols
+    oversample = oversampling(rank) if oversample is None else oversample
     k, r = min(rank + oversample, m, n), min(rank, m, n)
     generator = torch.Generator().manual_seed(SEED ^ zlib.crc32(name.encode()))
     omega = torch.randn(n, k, generator=generator, dtype=torch.float32)

@@ -160,7 +160,7 @@ def test_matrices_are_read_a_block_of_rows_at_a_time(tmp_path: Path, monkeypatch
         found = lora_extract.factorize(base, target, name, RANK, block_bytes=64 * 8 * 10)
     assert found is not None and max(reads) == 10
     assert len(reads) == 18 * (2 + 2 * lora_extract.POWER_ITERATIONS)  # ceil(172 / 10) blocks a pass
-    k = RANK + lora_extract.OVERSAMPLE
+    k = RANK + lora_extract.oversampling(RANK)
     assert (172, k) in made and not any(172 * 64 <= int(torch.tensor(s).prod()) for s in made)
 
 
