@@ -120,8 +120,8 @@ def test_f16_is_the_converters_file(merge: Merge):
 def test_q4_k_m_is_the_converters_file_requantized(tmp_path: Path, merge: Merge):
     """llama-quantize's file from the converter's f16: its key/values (file type and quantization
     version moved last; the rope dimension count config.json's rotary_pct gives), its tensor
-    order and type mix (the fused attn_qkv among them), the norms and biases kept F32, and every quantized row ``gguf_quants``' quantization of the converter's
-    value (sampled rows)."""
+    order and type mix (the fused attn_qkv among them), the norms and biases kept F32, and
+    every quantized row ``gguf_quants``' quantization of the converter's value (sampled rows)."""
     cli("apply", merge.base, merge.delta, tmp_path / "tiny-pythia", "--format", "gguf", "--outtype", "q4_k_m")
     [ours] = (tmp_path / "tiny-pythia").glob("*.gguf")
     reader = gguf.GGUFReader(ours)
