@@ -35,6 +35,7 @@ draws it (``first_of_randperm``); checked against ``randperm`` once per process
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from .patterns import suffix_pattern_values
 
 HOLD_BYTES = 64 * 1024 * 1024  # the complex spectrum (out x in) formed whole up to this
 WINDOW_BYTES = 64 * 1024 * 1024  # a window of the fp32 delta's rows beyond it
+LINES_BYTES = 96 * 1024 * 1024  # the rows' pass (complex, rows x in) held whole up to this
 COLUMN_BYTES = 4 * 1024 * 1024  # complex columns (out x some) per piece of the columns' pass
 MIN_SIDE = 8  # a delta with a side under this goes whole (MKL scales 1-, 2- and 4-wide otherwise)
 SHUFFLED_BELOW = 2**32 // 20  # torch's randperm is a forward Fisher-Yates shuffle below this
@@ -106,34 +108,44 @@ def late_scale(out_dim: int, in_dim: int) -> bool:
     return in_dim > out_dim
 
 
-def row_transforms(spectrum: torch.Tensor, indices: torch.Tensor, out_dim: int,
-                   in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows holding the spectrum's values and their rows' pass (``(rows, in)``, complex):
-    unnormalized transforms, scaled by ``1 / (out * in)`` here unless ``late_scale``."""
-    rows, which = torch.unique(indices[0], return_inverse=True)
-    lines = torch.zeros(rows.shape[0], in_dim, dtype=torch.complex64)
-    lines[which, indices[1]] = spectrum.float().to(torch.complex64)
-    lines = torch.fft.ifft(lines, dim=1, norm="forward")
-    if not late_scale(out_dim, in_dim):
-        torch.view_as_real(lines).mul_(1.0 / (out_dim * in_dim))
-    return rows, lines
+def rows_pass(entries: dict[str, torch.Tensor], in_dim: int, factor: float | None, s0: int, s1: int,
+              out: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    """Columns ``[s0, s1)`` of the rows' pass into ``out`` (``(rows, s1 - s0)``, complex): each
+    row holding spectrum values, dense, through its unnormalized 1-D transform (times ``factor``
+    when given), ``COLUMN_BYTES`` of rows at a time in ``scratch``'s buffers."""
+    starts = entries["starts"]
+    count = starts.shape[0] - 1
+    step = max(1, COLUMN_BYTES // (in_dim * 8))
+    for i in range(0, count, step):
+        j = min(count, i + step)
+        dense = scratch.get("fourierft-in", torch.complex64, (j - i, in_dim))
+        dense.zero_()
+        e0, e1 = int(starts[i]), int(starts[j])
+        dense[entries["which"][e0:e1] - i, entries["cols"][e0:e1]] = entries["values"][e0:e1]
+        done = torch.fft.ifft(dense, dim=1, norm="forward",
+                              out=scratch.get("fourierft-out", torch.complex64, (j - i, in_dim)))
+        if factor is not None:
+            torch.view_as_real(done).mul_(factor)
+        out[i:j] = done[:, s0:s1]
+    return out
 
 
-def columns(rows: torch.Tensor, lines: torch.Tensor, out_dim: int, a: int, b: int,
-            scratch: Scratch) -> torch.Tensor:
-    """The columns' pass of columns ``[a, b)``: ``(out, b - a)``, complex, unscaled (in
-    ``scratch``'s buffers, valid until its next call)."""
-    piece = scratch.get("fourierft-columns", torch.complex64, (out_dim, b - a))
+def columns(rows: torch.Tensor, lines: torch.Tensor, out_dim: int, scratch: Scratch) -> torch.Tensor:
+    """The columns' pass of the rows' pass ``lines`` (``(rows, some)``, at ``rows``; the other
+    rows zero): ``(out, some)``, complex, unnormalized, in ``scratch``'s buffers."""
+    piece = scratch.get("fourierft-in", torch.complex64, (out_dim, lines.shape[1]))
     piece.zero_()
-    piece[rows] = lines[:, a:b]
-    done = scratch.get("fourierft-transformed", torch.complex64, (out_dim, b - a))
+    piece[rows] = lines
+    done = scratch.get("fourierft-out", torch.complex64, tuple(piece.shape))
     return torch.fft.ifft(piece, dim=0, norm="forward", out=done)
 
 
 class SpectrumDelta(RowDelta):
     """Rows of peft's delta added to the weight's fp32 rows (rounded once, as peft's
-    ``W += delta``), a window of ``WINDOW_BYTES`` of them computed at a time from the spectrum's
-    rows' pass; ``transposed``: the weight is stored ``(in, out)`` (Conv1D, ``fan_in_fan_out``)."""
+    ``W += delta``), a window of ``WINDOW_BYTES`` of them at a time from the spectrum's rows'
+    pass, held whole up to ``LINES_BYTES`` and otherwise formed again for every window,
+    ``LINES_BYTES`` of its columns at a time; ``transposed``: the weight is stored ``(in, out)``
+    (Conv1D, ``fan_in_fan_out``)."""
 
     def __init__(self, source: FactorSource, parts: dict[str, str], shape: tuple[int, int],
                  seed: int, scaling: float, transposed: bool):
@@ -143,13 +155,22 @@ class SpectrumDelta(RowDelta):
         self.rows, width = (self.in_dim, self.out_dim) if transposed else shape
         self.window_rows = min(self.rows, max(1, WINDOW_BYTES // (width * 4)))
         self.span = (0, 0)  # the weight's rows the window holds
+        self.factor = 1.0 / (self.out_dim * self.in_dim)  # MKL's scale, as torch sets it
+        self.late = late_scale(self.out_dim, self.in_dim)
 
     def prepare(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The spectrum's values by row: the rows holding any (``held_rows``), and for each
+        value its row's index among them, its column and itself (complex), in that order."""
         spectrum = tensors.pop("fourierft_spectrum")
         indices = positions(self.out_dim, self.in_dim, spectrum.shape[0], self.seed)
-        tensors["held_rows"], tensors["lines"] = row_transforms(spectrum, indices, self.out_dim, self.in_dim)
-        width = self.out_dim if self.transposed else self.in_dim
-        tensors["window"] = torch.empty(self.window_rows, width)
+        rows, which = torch.unique(indices[0], return_inverse=True)
+        order = torch.argsort(which, stable=True)
+        tensors["held_rows"] = rows
+        tensors["which"] = which[order]
+        tensors["cols"] = indices[1][order]
+        tensors["values"] = spectrum.float()[order].to(torch.complex64)
+        tensors["starts"] = torch.searchsorted(tensors["which"], torch.arange(rows.shape[0] + 1))
+        tensors["window"] = torch.empty(self.window_rows, self.out_dim if self.transposed else self.in_dim)
         self.span = (0, 0)
 
     def release(self) -> None:
@@ -168,23 +189,43 @@ class SpectrumDelta(RowDelta):
             self.span = (a, b)
         acc.add_(tensors["window"][r0 - a : r0 - a + n])
 
+    def slabs(self, tensors: dict[str, torch.Tensor], lo: int, hi: int,
+              scratch: Scratch) -> Iterator[tuple[int, torch.Tensor]]:
+        """Columns ``[lo, hi)`` of the rows' pass, as ``(first column, lines)`` pieces: views
+        of the one held whole (formed at the first window) when it fits ``LINES_BYTES``."""
+        count = tensors["held_rows"].shape[0]
+        factor = None if self.late else self.factor
+        if count * self.in_dim * 8 <= LINES_BYTES:
+            if "lines" not in tensors:
+                held = torch.empty(count, self.in_dim, dtype=torch.complex64)
+                tensors["lines"] = rows_pass(tensors, self.in_dim, factor, 0, self.in_dim, held, scratch)
+            yield lo, tensors["lines"][:, lo:hi]
+            return
+        width = max(1, LINES_BYTES // (count * 8))
+        if "slab" not in tensors:
+            tensors["slab"] = torch.empty(count * width, dtype=torch.complex64)
+        for s0 in range(lo, hi, width):
+            s1 = min(hi, s0 + width)
+            out = tensors["slab"][: count * (s1 - s0)].view(count, s1 - s0)
+            yield s0, rows_pass(tensors, self.in_dim, factor, s0, s1, out, scratch)
+
     def fill(self, tensors: dict[str, torch.Tensor], a: int, b: int, scratch: Scratch) -> None:
         """The window: the weight's rows ``[a, b)`` of the delta, each ``.real`` of the columns'
         pass (times ``1 / (out * in)`` where MKL scales last) times ``scaling``, as peft's."""
         window = tensors["window"][: b - a]
         step = max(1, COLUMN_BYTES // (self.out_dim * 8))
         lo, hi = (a, b) if self.transposed else (0, self.in_dim)
-        late = late_scale(self.out_dim, self.in_dim)
-        for c0 in range(lo, hi, step):
-            c1 = min(hi, c0 + step)
-            done = columns(tensors["held_rows"], tensors["lines"], self.out_dim, c0, c1, scratch)
-            part = done.real if self.transposed else done[a:b].real
-            into = window[c0 - a : c1 - a].T if self.transposed else window[:, c0:c1]
-            if late:
-                torch.mul(part, 1.0 / (self.out_dim * self.in_dim), out=into)
-                into.mul_(self.scaling)
-            else:
-                torch.mul(part, self.scaling, out=into)
+        for s0, lines in self.slabs(tensors, lo, hi, scratch):
+            for c0 in range(s0, s0 + lines.shape[1], step):
+                c1 = min(s0 + lines.shape[1], c0 + step)
+                done = columns(tensors["held_rows"], lines[:, c0 - s0 : c1 - s0], self.out_dim, scratch)
+                part = done.real if self.transposed else done[a:b].real
+                into = window[c0 - a : c1 - a].T if self.transposed else window[:, c0:c1]
+                if self.late:
+                    torch.mul(part, self.factor, out=into)
+                    into.mul_(self.scaling)
+                else:
+                    torch.mul(part, self.scaling, out=into)
 
 
 class FourierFTKind(AdapterKind):
