@@ -20,8 +20,10 @@ pass when ``in <= out`` and after the columns' otherwise (``late_scale``). Measu
 and 16 torch threads alike; shapes with a side of 1, 2 or 4 scale otherwise, so a side under
 ``MIN_SIDE`` goes whole, as does every delta where torch's FFTs are not MKL's. So the rows that
 hold the spectrum's values (at most ``n_frequency``; every other row stays zero through the
-rows' pass) are transformed once and held (complex, ``rows x in``), and each window of the
-weight's rows takes the columns' pass ``COLUMN_BYTES`` of columns at a time: of a Linear
+rows' pass) are transformed and held (complex, ``rows x in``, up to ``LINES_BYTES``: 95 MiB
+at 13B's ``down_proj`` with peft's default 1000 values; a larger one is formed again for every
+window, in slabs of its columns), and each window of the weight's rows takes the columns' pass
+``COLUMN_BYTES`` of columns at a time: of a Linear
 layer's delta, the window's rows of every column, so each window repeats the columns' pass
 (the price of not holding the fp32 delta); of a Conv1D's (the weight stored ``(in, out)``),
 the window's columns, each transformed once.
