@@ -2,7 +2,8 @@
 
 FourierFT's inverse 2-D FFT and C3A's block-circulant FFTs mix every row of the weight, so their
 rows cannot be formed alone and still round as peft's do: the delta is computed whole, by peft's
-own calls (C3A's by tiles of its columns, each computed alone), at its tensor's first block, held
+own calls (C3A's by tiles of its columns, each computed alone; FourierFT's only when small, a
+larger one goes by windows: ``fourierft.SpectrumDelta``), at its tensor's first block, held
 (fp32, or the weight's dtype where peft rounds the delta to it: C3A) while that tensor streams
 and released after its last block. Only one tensor's delta is held at a time.
 """
