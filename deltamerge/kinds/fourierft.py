@@ -18,7 +18,8 @@ pass when ``in <= out`` and after the columns' otherwise (``late_scale``). Measu
 2024.2 (torch 2.13, AVX2) against peft's whole ``ifft2``: every shape from 5 x 5 to 69 x 69,
 300 others up to 3000 x 3000, 13B's 13824 x 5120, 5120 x 13824 and 5120 x 5120, on 1, 2, 4
 and 16 torch threads alike; shapes with a side of 1, 2 or 4 scale otherwise, so a side under
-``MIN_SIDE`` goes whole, as does every delta where torch's FFTs are not MKL's. So the rows that
+``MIN_SIDE`` goes whole, as does every delta where torch's FFTs are not MKL's or where two
+small spectra do not come out so (``ifft2_is_separable``, once per process). So the rows that
 hold the spectrum's values (at most ``n_frequency``; every other row stays zero through the
 rows' pass) are transformed and held (complex, ``rows x in``, up to ``LINES_BYTES``: 95 MiB
 at 13B's ``down_proj`` with peft's default 1000 values; a larger one is formed again for every
@@ -100,9 +101,32 @@ def delta(spectrum: torch.Tensor, out_dim: int, in_dim: int, seed: int, scaling:
 
 
 def held_whole(out_dim: int, in_dim: int) -> bool:
-    """Whether peft's whole ``ifft2`` forms the delta (small, narrow, or not MKL's FFT)."""
+    """Whether peft's whole ``ifft2`` forms the delta (small, narrow, or an FFT that is not the
+    rows' then the columns' transforms as measured)."""
     return (out_dim * in_dim * 8 <= HOLD_BYTES or min(out_dim, in_dim) < MIN_SIDE
-            or not torch.backends.mkl.is_available())
+            or not torch.backends.mkl.is_available() or not ifft2_is_separable())
+
+
+@cache
+def ifft2_is_separable() -> bool:
+    """Whether this torch's ``ifft2`` gives the bits the windows rely on, on two small sparse
+    spectra (taller and wider: both places of the scale): a guard, once per process, against
+    an MKL that splits the 2-D transform otherwise than the one measured."""
+    generator = torch.Generator().manual_seed(5)
+    for out_dim, in_dim in ((90, 56), (56, 90)):
+        dense = torch.zeros(out_dim, in_dim)
+        dense.view(-1)[torch.randperm(out_dim * in_dim, generator=generator)[:200]] = torch.randn(
+            200, generator=generator)
+        factor = 1.0 / (out_dim * in_dim)
+        lines = torch.fft.ifft(dense.to(torch.complex64), dim=1, norm="forward")
+        if not late_scale(out_dim, in_dim):
+            torch.view_as_real(lines).mul_(factor)
+        both = torch.fft.ifft(lines, dim=0, norm="forward").real
+        if late_scale(out_dim, in_dim):
+            both = both * factor
+        if not torch.equal(both, torch.fft.ifft2(dense).real):
+            return False
+    return True
 
 
 def late_scale(out_dim: int, in_dim: int) -> bool:
