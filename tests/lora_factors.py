@@ -106,6 +106,20 @@ def make(base: Path, dtype: torch.dtype, config, out: Path, seed: int = 1, cls=N
     return out
 
 
+def make_random(base: Path, dtype: torch.dtype, config, out: Path, parts: tuple[str, ...],
+                cls=LlamaForCausalLM, seed: int = 1) -> Path:
+    """peft's adapter for ``config``, every parameter whose name holds one of ``parts`` random
+    (as if trained; peft starts them at zero or identity), saved."""
+    model = get_peft_model(load_model(base, dtype, cls=cls), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in parts):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def _edit_config(adapter: Path, change: dict) -> None:
     path = adapter / "adapter_config.json"
     path.write_text(json.dumps(json.loads(path.read_text()) | change))

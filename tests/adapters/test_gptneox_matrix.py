@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import load_state
-from lora_factors import ADAPTER_PARTS, SMALL_BLOCK, assert_matches, load_model, peft_merge, with_biases
+from lora_factors import ADAPTER_PARTS, SMALL_BLOCK, assert_matches, make_random, peft_merge, with_biases
 from peft import (
     AdaLoraConfig,
     BOFTConfig,
@@ -31,7 +31,6 @@ from peft import (
     ShiraConfig,
     TrainableTokensConfig,
     VeraConfig,
-    get_peft_model,
 )
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -87,15 +86,7 @@ def bases(tmp_path_factory) -> dict[str, Path]:
 
 
 def make(base: Path, dtype: torch.dtype, config, out: Path, seed: int = 1) -> Path:
-    """peft's adapter for ``config``, every parameter random and non-zero (as if trained)."""
-    model = get_peft_model(load_model(base, dtype, cls=GPTNeoXForCausalLM), config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(k in name for k in PARTS):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    model.save_pretrained(out, safe_serialization=True)
-    return out
+    return make_random(base, dtype, config, out, PARTS, GPTNeoXForCausalLM, seed)
 
 
 @pytest.mark.parametrize(("which", "dtype"), CASES, ids=[f"{w}-{d}" for w, d in CASES])

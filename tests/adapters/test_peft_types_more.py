@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_factors import SMALL_BLOCK, VOCAB, _edit_config, assert_matches, load_model, peft_merge, tiny_llama
+from lora_factors import (
+    SMALL_BLOCK,
+    VOCAB,
+    _edit_config,
+    assert_matches,
+    make_random,
+    peft_merge,
+    tiny_llama,
+)
 from peft import (
     C3AConfig,
     FourierFTConfig,
@@ -16,7 +24,6 @@ from peft import (
     RandLoraConfig,
     ShiraConfig,
     VeraConfig,
-    get_peft_model,
 )
 from safetensors.torch import load_file, save_file
 from transformers import GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
@@ -80,14 +87,7 @@ def bases(tmp_path_factory) -> dict[tuple[str, torch.dtype], Path]:
 
 def make(base: Path, arch: str, dtype: torch.dtype, config, out: Path, seed: int = 1) -> Path:
     """peft's adapter for ``config``, every parameter random (as if trained), saved."""
-    model = get_peft_model(load_model(base, dtype, cls=CLASSES[arch]), config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(k in name for k in PARTS):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    model.save_pretrained(out, safe_serialization=True)
-    return out
+    return make_random(base, dtype, config, out, PARTS, CLASSES[arch], seed)
 
 
 def merged_as_peft(base: Path, arch: str, dtype: torch.dtype, adapter: Path, out: Path) -> None:
