@@ -477,13 +477,24 @@ def _first_pass_lanes(n, nmax, b):
     for k in range(LANES):
         b[S + _EXIT * LANES + k] = F32(1) if b[S + _MN * LANES + k] < F32(1e-15) else F32(0)  # GROUP_MAX_EPS
         b[S + _ISC * LANES + k] = _div(F32(-nmax), b[S + _MX * LANES + k])
+    _trial_lanes(n, nmax, b, LV)
+
+
+@njit(inline="always", **_JIT)
+def _trial_lanes(n, nmax, b, into):
+    """One trial of ``make_qx_quants``' search on LANES sub-blocks: the levels at the scale in row
+    ``_ISC`` (as float32, at ``into``) and their ``sumlx`` and ``suml2`` (rows ``_SL``, ``_SL2``),
+    with ``x*x`` as the weights (rmse_type 1)."""
+    X = 0
+    S = 3 * n * LANES
+    for k in range(LANES):
         b[S + _SL * LANES + k] = F32(0)
         b[S + _SL2 * LANES + k] = F32(0)
     for i in range(n):
         for k in range(LANES):
             v = b[X + i * LANES + k]
             fl = F32(_level(b[S + _ISC * LANES + k] * v, -nmax, nmax - 1))
-            b[LV + i * LANES + k] = fl
+            b[into + i * LANES + k] = fl
             w = v * v
             b[S + _SL * LANES + k] += w * v * fl
             b[S + _SL2 * LANES + k] += w * fl * fl
@@ -494,7 +505,6 @@ def _qx_rmse1_lanes(n, nmax, b):
     """ggml's ``make_qx_quants(n, nmax, x, L, rmin_type=1, qw=NULL)`` on LANES sub-blocks of ``n``
     values at ``b[i * LANES + k]``: leaves the scale in row ``_SCALE`` and the levels less ``nmax``
     (-nmax..nmax-1, ``L`` is them plus nmax) in the levels region (``_lanes_size``, no weights)."""
-    X = 0
     LV = n * LANES
     AUX = 2 * n * LANES
     S = 3 * n * LANES
@@ -511,16 +521,7 @@ def _qx_rmse1_lanes(n, nmax, b):
             continue
         for k in range(LANES):
             b[S + _ISC * LANES + k] = _div(-(F32(nmax) + F32(0.1) * F32(step)), b[S + _MX * LANES + k])
-            b[S + _SL * LANES + k] = F32(0)
-            b[S + _SL2 * LANES + k] = F32(0)
-        for i in range(n):
-            for k in range(LANES):
-                v = b[X + i * LANES + k]
-                fl = F32(_level(b[S + _ISC * LANES + k] * v, -nmax, nmax - 1))
-                b[AUX + i * LANES + k] = fl
-                w = v * v
-                b[S + _SL * LANES + k] += w * v * fl
-                b[S + _SL2 * LANES + k] += w * fl * fl
+        _trial_lanes(n, nmax, b, AUX)
         for k in range(LANES):
             sumlx = b[S + _SL * LANES + k]
             suml2 = b[S + _SL2 * LANES + k]
