@@ -170,6 +170,8 @@ def test_smollm_shaped_tokenizer_gguf_is_the_converters(tmp_path: Path):
     (base / "tokenizer_config.json").write_text(json.dumps(VARIANTS["smollm"][2]))
     cli("make-delta", base, perturbed(base, tmp_path / "target", seed=1), tmp_path / "delta")
     merged = tmp_path / "hf" / "smollm-ish"
+    merged.parent.mkdir()
+    (tmp_path / "gguf").mkdir()
     cli("apply", base, tmp_path / "delta", merged)
     with Conversion(merged, tmp_path / "converted", "f16") as conversion:
         cli("apply", base, tmp_path / "delta", tmp_path / "gguf" / merged.name, "--format", "gguf",
