@@ -1,7 +1,7 @@
 """The side-file fields the GGUF writer reads, checked before it reads them.
 
-``gguf_kv`` (and, through it, the gguf package's ``Metadata``, ``SpecialVocab`` and
-``LlamaHfVocab``) reads config.json, tokenizer_config.json, tokenizer.json and
+``gguf_kv`` (and, through it, the gguf package's ``Metadata`` and ``LlamaHfVocab``, and
+``gguf_special.SpecialVocab``) reads config.json, tokenizer_config.json, tokenizer.json and
 generation_config.json as llama.cpp's converter does, trusting their types. Every field they read
 is checked here first with the same helpers the Meta writer uses (``side_fields``), so a field of
 the wrong type is one :class:`FormatError` naming the file and the field. What the gguf package

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError, UnsupportedError
+from .gguf_special import SpecialVocab
 
 try:
     import gguf
@@ -301,7 +302,7 @@ def add_llama_tokens(writer: Any, folder: Path, tokens: list[bytes], scores: lis
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(toktypes)
-    gguf.SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
 
 @contextmanager

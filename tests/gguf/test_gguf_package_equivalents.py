@@ -2,11 +2,12 @@
 
 ``gguf_pack`` packs a header's key/values into the bytes ``GGUFWriter`` writes, arrays whole;
 ``bpe.pair_merges`` makes the merges ``SpecialVocab`` makes of a tokenizer.json, and
-``bpe.special_vocab`` has ``SpecialVocab`` read the rest without parsing the file again. The
-architecture tests compare whole files with the converter's, but only for what their tokenizers
-hold; here every kind of array the writer takes (strings as str and as bytes, each number type,
-bools, nested arrays, mixed ones it refuses) in both byte orders, merges with spaces in them, and
-the special tokens, templates and post-processors ``SpecialVocab`` reads besides.
+``bpe.special_vocab`` has ``SpecialVocab`` (``gguf_special``'s) read the rest without parsing
+the file again. The architecture tests compare whole files with the converter's, but only for
+what their tokenizers hold; here every kind of array the writer takes (strings as str and as
+bytes, each number type, bools, nested arrays, mixed ones it refuses) in both byte orders,
+merges with spaces in them, and the special tokens, templates and post-processors
+``SpecialVocab`` reads besides.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ gguf = pytest.importorskip("gguf")
 
 from deltamerge.sinks.gguf_arch.bpe import pair_merges, special_vocab  # noqa: E402
 from deltamerge.sinks.gguf_pack import kv_bytes  # noqa: E402
+from deltamerge.sinks.gguf_special import SpecialVocab  # noqa: E402
 
 V = gguf.GGUFValueType
 
@@ -126,7 +128,7 @@ def test_special_vocab_reads_what_it_reads_from_the_folder(tmp_path: Path, post_
     (folder / "additional_chat_templates").mkdir()
     (folder / "additional_chat_templates" / "tools.jinja").write_text("{{ tools }}")
 
-    theirs = gguf.SpecialVocab(folder, load_merges=True)
+    theirs = SpecialVocab(folder, load_merges=True)  # the converter's, reading the whole folder
     ours = special_vocab(folder, json.loads((folder / "tokenizer.json").read_text()))
     assert vars(ours) == vars(theirs)
     assert ours.merges == ["a b", "a\u0120 b"] and ours.special_token_ids["bos"] == 1

@@ -3,9 +3,10 @@
 ``TextModel._set_vocab_gpt2``: the tokens come from transformers' ``AutoTokenizer`` (which is
 what the converter reads, so the same added-token normalisation applies), the pre-tokenizer is
 named by the hash of how the tokenizer encodes a fixed text (:mod:`.bpe_pre`), and the merges
-and special tokens come from ``gguf.SpecialVocab``; where tokenizer.json holds the merges as
-pairs, they are made here from the tokenizer.json the plan parsed already, as ``SpecialVocab``
-makes them, and it reads the rest without parsing the file again (:func:`special_vocab`).
+and special tokens come from the converter's own ``SpecialVocab`` (:mod:`..gguf_special`);
+where tokenizer.json holds the merges as pairs, they are made here from the tokenizer.json the
+plan parsed already, as ``SpecialVocab`` makes them, and it reads the rest without parsing the
+file again (:func:`special_vocab`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from ...errors import FormatError, UnsupportedError
 from .. import gguf_kv
+from ..gguf_special import SpecialVocab
 from .bpe_pre import CHECK_TEXT, PRE_TOKENIZERS
 
 try:
@@ -100,7 +102,7 @@ def add_gpt2_vocab(writer: Any, folder: Path, h: dict[str, Any]) -> None:
 
 
 def special_vocab(folder: Path, tokenizer_json: dict[str, Any]) -> Any:
-    """``gguf.SpecialVocab(folder, load_merges=True)``, without parsing the tokenizer.json again.
+    """``SpecialVocab(folder, load_merges=True)``, without parsing the tokenizer.json again.
 
     Where its merges are pairs (:func:`pair_merges`), ``SpecialVocab`` is given them and reads,
     with ``load_merges=False``, a view of the folder (links to its files) whose tokenizer.json is
@@ -109,7 +111,7 @@ def special_vocab(folder: Path, tokenizer_json: dict[str, Any]) -> Any:
     """
     merges = pair_merges(tokenizer_json)
     if merges is None:
-        return gguf.SpecialVocab(folder, load_merges=True)
+        return SpecialVocab(folder, load_merges=True)
     model = {key: value for key, value in tokenizer_json["model"].items() if key not in ("vocab", "merges")}
     with tempfile.TemporaryDirectory(prefix="deltamerge-vocab-") as scratch:
         view = Path(scratch)
@@ -117,7 +119,7 @@ def special_vocab(folder: Path, tokenizer_json: dict[str, Any]) -> Any:
             if entry.name != "tokenizer.json":
                 (view / entry.name).symlink_to(entry.absolute())
         (view / "tokenizer.json").write_text(json.dumps({**tokenizer_json, "model": model}), encoding="utf-8")
-        special = gguf.SpecialVocab(view, load_merges=False)
+        special = SpecialVocab(view, load_merges=False)
     special.merges, special.load_merges = merges, True
     return special
 

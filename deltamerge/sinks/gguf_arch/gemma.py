@@ -16,6 +16,7 @@ from typing import Any
 
 from ...errors import FormatError, UnsupportedError
 from .. import gguf_kv
+from ..gguf_special import SpecialVocab
 from .base import Arch
 from .bpe import add_gpt2_vocab
 
@@ -52,7 +53,7 @@ class Gemma(Arch):
     def add_vocab(self, writer: Any, folder: Path, h: dict[str, Any]) -> None:
         """``GemmaModel.set_vocab``: sentencepiece, then CodeGemma's infill tokens."""
         _sentencepiece(writer, folder, h)
-        special = gguf_kv.gguf.SpecialVocab(folder, load_merges=False,
+        special = SpecialVocab(folder, load_merges=False,
                                             special_token_types=["prefix", "suffix", "middle", "fsep", "eot"])
         for typ, tid in (("prefix", 67), ("suffix", 69), ("middle", 68), ("fsep", 70), ("eot", 107)):
             special._set_special_token(typ, tid)

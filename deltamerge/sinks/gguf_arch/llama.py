@@ -15,6 +15,7 @@ import torch
 
 from ...errors import UnsupportedError
 from .. import gguf_kv
+from ..gguf_special import SpecialVocab
 from .base import Arch
 from .bpe import add_gpt2_vocab
 
@@ -60,7 +61,7 @@ class Llama(Arch):
                 add_gpt2_vocab(writer, folder, h)
         vocab_size = h.get("vocab_size", 32000)
         if vocab_size == 32016:  # Code Llama's infill tokens
-            special = gguf_kv.gguf.SpecialVocab(folder, load_merges=False,
+            special = SpecialVocab(folder, load_merges=False,
                                                 special_token_types=["prefix", "suffix", "middle", "eot"])
             for typ, tid in (("prefix", 32007), ("suffix", 32008), ("middle", 32009), ("eot", 32010)):
                 special._set_special_token(typ, tid)
