@@ -33,6 +33,7 @@ from ..sources import Checkpoint
 
 POWER_ITERATIONS = 2  # with oversampling(rank), within 1% of the full SVD's on fine-tune deltas
 OVERSAMPLE = 10  # the fewest extra columns of the range finder beyond the rank
+MAX_OVERSAMPLE = 64  # the most: 2 x 128 columns took a LLaMA-2-70B-wide layer to 523 MiB
 SEED = 20240  # with the tensor's name, seeds its Omega
 
 
@@ -100,14 +101,17 @@ class _Rows:
 
 
 def oversampling(rank: int) -> int:
-    """The range finder's columns beyond the rank: as many as the rank (at least OVERSAMPLE).
+    """The range finder's columns beyond the rank: as many as the rank (at least OVERSAMPLE, at
+    most MAX_OVERSAMPLE).
 
     A fine-tune's difference has a flat spectrum, so the error depends on how far past the
     rank the sample reaches. On Gemma 3 270M's full fine-tune (docs/performance.md) a fixed 10
     left rank 64's errors 1.0 to 1.5% above the full SVD's, every kind of matrix; ``rank``
     columns leave 0.1 to 0.2%, for thin products twice as wide and no more passes over the
-    weights (a third power iteration would read every matrix twice more)."""
-    return max(OVERSAMPLE, rank)
+    weights (a third power iteration would read every matrix twice more). Past rank 64 the
+    extra columns stop at 64, where the sample's ``(m + n) x k`` floats keep the peak at 70B
+    widths under 512 MiB."""
+    return max(OVERSAMPLE, min(rank, MAX_OVERSAMPLE))
 
 
 def _orth(y: torch.Tensor) -> torch.Tensor:
