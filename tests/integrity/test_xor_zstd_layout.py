@@ -100,3 +100,26 @@ def test_unknown_layout_or_wrong_stream_count_is_refused(tmp_path: Path, layout:
     blob = TensorSpec("w", torch.uint8, (sum(sizes),))
     with pytest.raises(FormatError, match=r"d\.safetensors: tensor 'w': .* index is damaged"):
         parse_index(path, {INDEX_KEY: json.dumps(index)}, {"w": blob})
+
+
+@pytest.mark.parametrize("stream", [0, -1], ids=["low-plane", "top-bytes"])
+def test_a_corrupt_frame_is_refused_naming_file_and_tensor(tmp_path: Path, stream: int) -> None:
+    """Frames decode on threads of their own: a frame zstd cannot read still stops the run with
+    the one-line error naming the file, the tensor and its rows, and leaves no output."""
+    base_state = llama_state(0, torch.float16)
+    target_state = _fine_tune(base_state, 1)
+    base = save_checkpoint(base_state, tmp_path / "base")
+    target = save_checkpoint(target_state, tmp_path / "target")
+    make_delta(base, target, tmp_path / "delta", kind="xor", compress=True)
+    [path] = (tmp_path / "delta").glob("*.safetensors")
+    header = read_header(path)
+    name = max(header.tensors, key=lambda n: header.tensors[n].spec.numel)
+    _, _, sizes = json.loads(header.metadata[INDEX_KEY])[name]["blocks"][0]
+    at = header.tensors[name].offset + sum(sizes[:stream % len(sizes)])
+    with open(path, "r+b") as f:  # the frame's magic number gone
+        f.seek(at)
+        f.write(b"\0\0\0\0")
+    with pytest.raises(FormatError, match=rf"{path.name}: tensor {name!r}: the compressed frame of rows "
+                                          r"0-\d+ is corrupt"):
+        apply_delta(base, tmp_path / "delta", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
