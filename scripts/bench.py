@@ -96,6 +96,12 @@ The runs for issue 22's architectures (run i on each, against LLaMA's, per GB wr
     export DELTAMERGE_LLAMACPP=$(scripts/fetch_llamacpp.sh)
     python scripts/bench.py --preset 7b --layers 2 --runs i --arch all --repeat 3 --json
 
+Issue 24's comparisons need a real pretrained model and its fine-tune, and the other tool in a
+venv of its own, so they are scripts beside this one (docs/performance.md has their figures):
+scripts/real_finetune_pair.py makes the pair (Gemma 3 270M from PyPI, fine-tuned on CPU),
+scripts/zipnn_compare.py sizes and times make-delta --kind xor --compress against zipnn's delta,
+and scripts/mergekit_compare.py make-delta --kind lora against mergekit-extract-lora.
+
 Smaller checks:
 
     python scripts/bench.py --preset tiny --repeat 1
