@@ -692,20 +692,7 @@ def quantize_row_q2_K(x, y):
         for j in range(QK_K // 16):
             scales[j] = dall * F32(np.int64(yb[j]) & 0xF)  # d
             mins[j] = dmin * F32(np.int64(yb[j]) >> 4)  # dm
-        if tame:  # one loop of 256 that LLVM packs (see _qkx_superblock)
-            for t in range(QK_K):
-                d = scales[t // 16]
-                l = _level(_div(xb[t] + mins[t // 16], d), 0, 3)
-                L[t] = L[t] if d == 0 else l
-        else:
-            for j in range(QK_K // 16):
-                d = scales[j]
-                if d == 0:
-                    continue
-                dm = mins[j]
-                for ii in range(16):
-                    l = nearest_int((xb[16 * j + ii] + dm) / d)
-                    L[16 * j + ii] = max(0, min(3, l))
+        _levels_with_min(xb, L, scales, mins, 16, 3, tame)
         _pack_2bit(L, yb, 16)
 
 
@@ -868,20 +855,29 @@ def _qkx_superblock(xb, yb, b, g, L, Laux, weights, scales, mins, nmax, rmin, rd
             m = (np.int64(sc[j + 4]) >> 4) | ((np.int64(sc[j - 0]) >> 6) << 4)
         scales[j] = dall * F32(s)  # d
         mins[j] = dmin * F32(m)  # dm
-    if tame:  # one loop of 256 that LLVM packs: where its adds meet two NaNs, it may swap them
+    _levels_with_min(xb, L, scales, mins, 32, nmax, tame)
+
+
+@njit(inline="always", **_JIT)
+def _levels_with_min(xb, L, scales, mins, sub, nmax, tame):
+    """The last pass Q2_K, Q4_K and Q5_K share: each value's level ``nearest_int((x + dm) / d)``
+    in 0..nmax, from its sub-block's (of ``sub`` values) ``d`` in ``scales`` and ``dm`` in
+    ``mins``; a sub-block whose d is 0 keeps its levels. A tame super-block goes in one loop of
+    256 that LLVM packs (where its adds meet two NaNs, it may swap them: hence tame only)."""
+    if tame:
         for t in range(QK_K):
-            d = scales[t // 32]
-            l = _level(_div(xb[t] + mins[t // 32], d), 0, nmax)
-            L[t] = L[t] if d == 0 else l  # sub-blocks whose d is 0 keep their levels
+            d = scales[t // sub]
+            l = _level(_div(xb[t] + mins[t // sub], d), 0, nmax)
+            L[t] = L[t] if d == 0 else l
         return
-    for j in range(QK_K // 32):
+    for j in range(QK_K // sub):
         d = scales[j]
         if d == 0:
             continue
         dm = mins[j]
-        for ii in range(32):
-            l = nearest_int((xb[32 * j + ii] + dm) / d)
-            L[32 * j + ii] = max(0, min(nmax, l))
+        for ii in range(sub):
+            l = nearest_int((xb[sub * j + ii] + dm) / d)
+            L[sub * j + ii] = max(0, min(nmax, l))
 
 
 @njit(inline="always", **_JIT)
