@@ -115,24 +115,21 @@ class ZstdXorCheckpoint(Checkpoint):
                 if not job.cancelled():
                     job.exception()
 
-    def _inflate(self, frame: memoryview, bound: int) -> bytes | Exception:
-        """One frame decompressed on a decoding thread (its error returned, to be reported with
-        the tensor's name by :meth:`_plane`)."""
+    def _inflate(self, frame: memoryview, bound: int) -> bytes:
+        """One frame decompressed on a decoding thread, with that thread's decompressor."""
         dctx = getattr(self._local, "dctx", None)
         if dctx is None:
             dctx = self._local.dctx = self._zstd.ZstdDecompressor()
-        try:
-            return dctx.decompress(frame, max_output_size=bound)
-        except self._zstd.ZstdError as exc:
-            return exc
+        return dctx.decompress(frame, max_output_size=bound)
 
     def _plane(self, name: str, block: Block, job: Future, nbytes: int) -> torch.Tensor:
-        plane = job.result()
-        if isinstance(plane, Exception):
+        try:
+            plane = job.result()
+        except self._zstd.ZstdError as exc:
             raise FormatError(
                 f"{self.file_of(name)}: tensor {name!r}: the compressed frame of rows "
-                f"{block.r0}-{block.r1} is corrupt ({plane}); download the delta again"
-            )
+                f"{block.r0}-{block.r1} is corrupt ({exc}); download the delta again"
+            ) from None
         if len(plane) != nbytes:
             raise FormatError(
                 f"{self.file_of(name)}: tensor {name!r}: the compressed frame of rows "
