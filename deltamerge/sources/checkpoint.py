@@ -34,13 +34,18 @@ class Checkpoint(ABC):
         self.layout = layout
         self.path = layout.folder
         self.specs: dict[str, TensorSpec] = {}
+        self._aux: dict[str, Path] | None = None
 
     @property
     def files(self) -> tuple[Path, ...]:
         return self.layout.files
 
     def aux_files(self) -> dict[str, Path]:
-        return aux_files(self.path)
+        """The folder's side files, checked once: a tokenizer.json of Llama 3's 17 MB took half a
+        second to check each time it was asked for (when opened, and when the plan gathers them)."""
+        if self._aux is None:
+            self._aux = aux_files(self.path)
+        return dict(self._aux)
 
     @abstractmethod
     def file_of(self, name: str) -> Path:

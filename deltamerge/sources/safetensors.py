@@ -12,7 +12,7 @@ from ..formats.files import open_for_reading
 from ..formats.safetensors import Header, StoredTensor, read_header
 from ..memory import address_view, drop_file_range, will_need
 from .checkpoint import Checkpoint, register, view_rows
-from .folders import Layout, aux_files, read_weight_map
+from .folders import Layout, read_weight_map
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -25,7 +25,7 @@ class SafetensorsCheckpoint(Checkpoint):
         self._fds: dict[Path, int] = {}
         self._where: dict[str, tuple[Path, StoredTensor]] = {}
         self.headers: dict[Path, Header] = {}
-        aux_files(layout.folder)
+        self.aux_files()
         try:
             for path in layout.files:
                 fd = open_for_reading(path)

@@ -22,7 +22,7 @@ from ..formats.safetensors import check_shape
 from ..memory import drop_mapped_range
 from ..tensor_spec import TensorSpec
 from .checkpoint import Checkpoint, register, view_rows
-from .folders import Layout, aux_files, read_weight_map
+from .folders import Layout, read_weight_map
 
 # Element sizes of the storage classes a torch pickle names (UntypedStorage counts bytes).
 _STORAGE_ITEMSIZE = {
@@ -251,7 +251,7 @@ class BinCheckpoint(Checkpoint):
         super().__init__(layout)
         self._file: dict[str, Path] = {}
         self._open: tuple[Path, dict[str, torch.Tensor], bool] | None = None
-        aux_files(layout.folder)
+        self.aux_files()
         for path in layout.files:
             state, _ = load_torch_file(path)
             for name, tensor in state.items():
