@@ -28,6 +28,7 @@ alone, so blocks of them are cut into pieces quantized on the run's compute pool
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -624,6 +625,20 @@ def permuted_order(rows: int, head_rows: int) -> list[int]:
     return [h * head_rows + j * half + i for h in heads for i in range(half) for j in (0, 1)]
 
 
+@functools.lru_cache(maxsize=16)
+def row_runs(order: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """``order`` as runs of consecutive source rows, ``(start, stop)``: a regrouped fused qkv
+    moves whole heads, so its 12288 rows (GPT-NeoX at 7B widths) are 96 buffers to write and
+    hash, not 12288; a tensor's order is the same for every layer, hence the cache."""
+    runs: list[tuple[int, int]] = []
+    for r in order:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return tuple(runs)
+
+
 def _encode(
     tensor: GGUFTensor, rows: torch.Tensor, out: Buffer | None, pool: ComputePool | None = None
 ) -> tuple[memoryview, ...]:
@@ -640,8 +655,8 @@ def _encode(
         if not tensor.permute_heads and not tensor.row_order:
             return (flat,)
         n = tensor.row_bytes
-        order = tensor.row_order or permuted_order(rows.shape[0], tensor.head_rows)
-        return tuple(flat[r * n : (r + 1) * n] for r in order)
+        order = tensor.row_order or tuple(permuted_order(rows.shape[0], tensor.head_rows))
+        return tuple(flat[a * n : b * n] for a, b in row_runs(order))
     row_bytes = tensor.row_bytes
     buffer = out(rows.shape[0] * row_bytes) if out is not None else torch.empty(
         rows.shape[0] * row_bytes, dtype=torch.uint8)
@@ -714,13 +729,15 @@ def _bf16_as_gguf_quantizes_it(rows: torch.Tensor) -> torch.Tensor:
 def _pwrite_all(fd: int, data: Sequence[memoryview], offset: int, path: Path) -> None:
     """The buffers one after another from ``offset`` (gathered, ``_IOV_MAX`` at a time)."""
     pending = [d for d in data if len(d)]
+    first = 0  # pending[first:] are still to write (an index: popping the front of 10k views is slow)
     try:
-        while pending:
-            n = os.pwritev(fd, pending[:_IOV_MAX], offset)
+        while first < len(pending):
+            n = os.pwritev(fd, pending[first : first + _IOV_MAX], offset)
             offset += n
-            while pending and n >= len(pending[0]):
-                n -= len(pending.pop(0))
+            while first < len(pending) and n >= len(pending[first]):
+                n -= len(pending[first])
+                first += 1
             if n:
-                pending[0] = pending[0][n:]
+                pending[first] = pending[first][n:]
     except OSError as e:
         raise WorkError(f"{path}: could not write ({e.strerror})") from None
