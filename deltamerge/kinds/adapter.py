@@ -252,6 +252,7 @@ class AdapterKind(Kind):
         """Refuse a selection that peft would size its shared tensors by differently (VeRA)."""
 
     def plan(self, specs: dict[str, TensorSpec], options: ApplyOptions):
+        self.source.pool = options.pool
         self.layer_types = LayerTypes(self.weights, specs)
         modules = self.select(self.modules(), specs)
         self.prepare_plan(list(modules))

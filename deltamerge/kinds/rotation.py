@@ -99,22 +99,44 @@ class RotationDelta(RowDelta):
 
     def merge(self, cur: torch.Tensor, out: torch.Tensor, r0: int, scratch: Scratch) -> None:
         """The block's rows in fp32 (padded), multiplied by ``M`` whole or window by window,
-        each window's columns rounded into ``out``."""
+        each window's columns rounded into ``out``.
+
+        With ``M`` held, the block's rows are cut into one piece per thread of the run's pool
+        (``--threads``), each at least ``MIN_ROWS`` rows and multiplied on its own thread in
+        buffers of its own: each row's product is the same MKL sum whatever rows share its call,
+        so the bits do not depend on the thread count. Windows of ``M`` are built in shared
+        buffers, so a wide ``M`` keeps one thread."""
         tensors = self.tensors()
         n = out.shape[0]
+        pool = self.source.pool
+        size = max(MIN_ROWS, -(-n // pool.threads))
+        if not self.held or pool.threads == 1 or n < 2 * MIN_ROWS:
+            self._merge_rows(tensors, cur, out, r0, scratch, "")
+            return
+        starts = range(0, n, size)
+        pool.map(lambda job: self._merge_rows(tensors, *job), [
+            (cur[a : a + size], out[a : a + size], r0 + a, scratch, str(j)) for j, a in enumerate(starts)
+        ])
+
+    def _merge_rows(
+        self, tensors: dict[str, torch.Tensor], cur: torch.Tensor, out: torch.Tensor, r0: int,
+        scratch: Scratch, key: str,
+    ) -> None:
+        """Rows ``r0..`` of the merge in ``scratch``'s buffers named with ``key`` (a piece's own)."""
+        n = out.shape[0]
         k = MIN_ROWS if n < MIN_ROWS <= self.rows else n
-        x = scratch.get("rotation-rows", torch.float32, (k, self.width))
+        x = scratch.get("rotation-rows" + key, torch.float32, (k, self.width))
         x[n:].zero_()
         x[:n].copy_(cur)
         spans = [(0, self.width)] if self.held else windows(self.width, WINDOW)
         for a, b in spans:
             m = tensors["matrix"] if self.held else self.window(tensors, a, b, scratch)
             if self.transposed:
-                prod = scratch.get("rotation-prod", torch.float32, (b - a, k))
+                prod = scratch.get("rotation-prod" + key, torch.float32, (b - a, k))
                 torch.mm(m, x.t(), out=prod)
                 prod = prod.t()
             else:
-                prod = scratch.get("rotation-prod", torch.float32, (k, b - a))
+                prod = scratch.get("rotation-prod" + key, torch.float32, (k, b - a))
                 torch.mm(x, m, out=prod)
             piece = prod[:n]
             self.scale_rows(piece, r0)

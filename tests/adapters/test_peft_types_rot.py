@@ -161,6 +161,19 @@ def test_types_chain_in_one_pass(tmp_path: Path, bases, dtype: torch.dtype) -> N
     assert_matches(tmp_path / "out", peft_merge(base, dtype, adapters))
 
 
+@pytest.mark.parametrize("which", ("oft", "boft", "hra"))
+def test_rotations_bits_do_not_depend_on_threads(tmp_path: Path, bases, which: str) -> None:  # noqa: F811
+    """The rotations' rows go to the pool's threads in pieces (at least 16 rows each, the last
+    one padded): one thread, two and five give peft's bytes. Blocks of 37 rows of the 64-wide
+    projections cut them unevenly, so pieces of 19/18, 16/16/5 rows occur."""
+    base = bases[torch.float16]
+    adapter = make(base, torch.float16, CONFIGS[which][0](), tmp_path / "adapter")
+    reference = peft_merge(base, torch.float16, [adapter])
+    for threads in (1, 2, 5):
+        apply_delta(base, adapter, tmp_path / f"out{threads}", block_size=37 * 64 * 4, threads=threads)
+        assert_matches(tmp_path / f"out{threads}", reference)
+
+
 def test_adalora_on_gpt2_conv1d(tmp_path: Path) -> None:
     """fan_in_fan_out: AdaLoRA's product transposed onto GPT-2's (in, out) weights."""
     torch.manual_seed(0)
