@@ -9,8 +9,8 @@ tokenizer (the architecture's ``set_vocab``, from the readers here and in ``gguf
 
 The converter reads ``config.json`` through transformers' ``AutoConfig``, which fills in defaults
 a config may leave out (``head_dim``, ``rope_theta``, ``rms_norm_eps``...); :func:`hparams` derives
-the same values for LLaMA and Mistral without transformers, as transformers 4.45 and later (5.x
-included) do, and asks ``AutoConfig`` for the other architectures.
+the same dict without transformers (``gguf_config``), and asks ``AutoConfig`` where that module
+cannot be sure of it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError, UnsupportedError
+from . import gguf_config
 from .gguf_special import SpecialVocab
 
 try:
@@ -35,20 +36,8 @@ try:
 except ImportError:
     SentencePieceProcessor = None
 
-# What ``AutoConfig`` fills in when config.json leaves a field out (LlamaConfig, MistralConfig).
-_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": {
-        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-        "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-6,
-    },
-    "mistral": {
-        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-        "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6,
-    },
-}
-_DEFAULT_ROPE_THETA = 10000.0
+# What the converter's ``load_hparams`` renames ``text_config`` after reading the config.
+_TEXT_CONFIG_ALIASES = ("llm_config", "lm_config", "thinker_config", "language_config", "lfm")
 # SentencePiece token types, as the converter numbers them (its ``SentencePieceTokenTypes``).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _SPACE = "\u2581"
@@ -78,25 +67,19 @@ def read_config(folder: Path) -> dict[str, Any]:
 def hparams(config: dict[str, Any], folder: Path | None = None) -> dict[str, Any]:
     """``AutoConfig.from_pretrained(folder).to_dict()``, which the converter reads.
 
-    LLaMA and Mistral configs get transformers' defaults without transformers (as 4.45 and
-    later, 5.x included, fill them in); other model types are read by ``AutoConfig`` itself,
-    which their BPE tokenizers need anyway. The converter falls back to config.json as it is
-    when ``AutoConfig`` cannot read it (an unknown ``model_type``), and so does this.
+    Made without transformers (:mod:`.gguf_config`) where that is certain, else read by
+    ``AutoConfig`` itself; the converter falls back to config.json as it is when ``AutoConfig``
+    cannot read it (an unknown ``model_type``), and so does this. Then the converter's own
+    renames of a multimodal model's text config.
     """
-    defaults = _CONFIG_DEFAULTS.get(str(config.get("model_type")))
-    if defaults is None:
-        return _auto_config(config, folder)
-    h = {**defaults, **config}
-    if h.get("num_key_value_heads") is None:
-        h["num_key_value_heads"] = h["num_attention_heads"]
-    if h.get("head_dim") is None:
-        h["head_dim"] = h["hidden_size"] // h["num_attention_heads"]
-    rope = dict(h.pop("rope_scaling", None) or h.get("rope_parameters") or {})
-    rope.setdefault("rope_theta", h.pop("rope_theta", _DEFAULT_ROPE_THETA))
-    rope.setdefault("rope_type", rope.get("type", "default"))
-    if rope["rope_type"] in ("llama3", "yarn", "longrope"):
-        rope.setdefault("original_max_position_embeddings", h["max_position_embeddings"])
-    h["rope_parameters"] = rope
+    h = gguf_config.auto_config_dict(config)
+    if h is None:
+        h = _auto_config(config, folder)
+    for alias in _TEXT_CONFIG_ALIASES:
+        if alias in h:
+            text = h[alias]
+            thinker = alias == "thinker_config" and isinstance(text, dict)
+            h["text_config"] = text.get("text_config") if thinker else text
     return h
 
 
