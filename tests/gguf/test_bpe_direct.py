@@ -13,6 +13,7 @@ whole GGUF made through it is the converter's, byte for byte.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -420,7 +421,9 @@ def test_an_admitted_folder_does_not_import_transformers(tmp_path: Path):
     """Falcon's tokenizer as transformers saves it is read without transformers; GPT-2's
     (GPT2Tokenizer) after it imports it."""
     folders = [llamacpp_folder(tmp_path, "falcon"), llamacpp_folder(tmp_path, "gpt-2")]
-    done = subprocess.run([sys.executable, "-c", CHILD, *map(str, folders)], capture_output=True, text=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", CHILD, *map(str, folders)], env=env, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout) == [["falcon", False], ["gpt-2", True]]
 
