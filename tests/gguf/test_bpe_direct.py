@@ -234,6 +234,7 @@ VARIANTS: dict[str, Edit] = {
     "pretrained-tokenizer-fast": update({"tokenizer_class": "PreTrainedTokenizerFast"}),
     "decoder-as-tokenizer-json": lambda files: files["tokenizer_config.json"].update(
         {"added_tokens_decoder": decoder_entries(files["tokenizer.json"])}),
+    "decoder-empty": update({"added_tokens_decoder": {}, "pad_token": "<|pad|>"}),
     "decoder-flags-differ": decoder_flags_differ,
     "decoder-extra-entries": decoder_extra_entries,
     "named-tokens": named_tokens,
