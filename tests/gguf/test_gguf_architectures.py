@@ -200,15 +200,16 @@ def test_phi3_with_longrope(tmp_path: Path, sp_model: bytes):
     assert plan.kv["phi3.rope.scaling.attn_factor"] > 1
 
 
-@pytest.mark.parametrize(("model_type", "config"), [
-    # Falcon 40B's layout: kv groups of query heads, a key and a value in one fused tensor.
-    ("falcon", {"hidden_size": 64, "num_attention_heads": 8, "num_kv_heads": 2, "num_hidden_layers": 2,
-                "new_decoder_architecture": True, "bias": False}),
-    ("bloom", {"hidden_size": 64, "n_head": 4, "n_layer": 2}),
+@pytest.mark.parametrize(("model_type", "tokenizer", "config"), [
+    # Falcon 40B's layout: kv groups of query heads, a key and a value in one fused tensor; with
+    # Falcon's own tokenizer (TokenizersBackend: read by bpe_direct, without transformers).
+    ("falcon", "falcon", {"hidden_size": 64, "num_attention_heads": 8, "num_kv_heads": 2,
+                          "num_hidden_layers": 2, "new_decoder_architecture": True, "bias": False}),
+    ("bloom", "gpt-2", {"hidden_size": 64, "n_head": 4, "n_layer": 2}),
 ], ids=["falcon", "bloom"])
-def test_fused_qkv_architectures(tmp_path: Path, model_type: str, config: dict):
+def test_fused_qkv_architectures(tmp_path: Path, model_type: str, tokenizer: str, config: dict):
     """Their fused qkv rows are regrouped across the tensor, which converts once whole."""
-    base = hf_model(tmp_path / "base", model_type, "gpt-2", **config)
+    base = hf_model(tmp_path / "base", model_type, tokenizer, **config)
     ours, theirs = merged_both_ways(tmp_path, base, "f16")
     assert_same_files(ours, theirs)
 

@@ -1,7 +1,9 @@
 """GPT-2 style BPE tokenizers (Llama 3, Qwen, SmolLM...) as the converter writes them.
 
 ``TextModel._set_vocab_gpt2``: the tokens come from transformers' ``AutoTokenizer`` (which is
-what the converter reads, so the same added-token normalisation applies), the pre-tokenizer is
+what the converter reads, so the same added-token normalisation applies), or, where that is shown
+to be the same ``tokenizers.Tokenizer``, from :mod:`.bpe_direct` without importing transformers;
+the pre-tokenizer is
 named by the hash of how the tokenizer encodes a fixed text (:mod:`.bpe_pre`), and the merges
 and special tokens come from the converter's own ``SpecialVocab`` (:mod:`..gguf_special`);
 where tokenizer.json holds the merges as pairs, they are made here from the tokenizer.json the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from hashlib import sha256
 from itertools import chain
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any
 from ...errors import FormatError, UnsupportedError
 from .. import gguf_kv
 from ..gguf_special import SpecialVocab
+from . import bpe_direct
 from .bpe_pre import CHECK_TEXT, PRE_TOKENIZERS
 
 try:
@@ -45,9 +49,19 @@ def auto_tokenizer(folder: Path) -> Any:
                           ) from None
 
 
+def load_tokenizer(folder: Path) -> Any:
+    """The tokenizer the converter reads: :mod:`.bpe_direct`'s where it admits the folder."""
+    return bpe_direct.load(folder) or auto_tokenizer(folder)
+
+
+def check_hash(tokenizer: Any) -> str:
+    """``get_vocab_base_pre``'s hash of how the tokenizer encodes its fixed text."""
+    return sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+
+
 def pre_tokenizer(tokenizer: Any, folder: Path) -> str:
     """``get_vocab_base_pre``: the name llama.cpp gives the tokenizer's pre-tokenizer."""
-    digest = sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+    digest = check_hash(tokenizer)
     name = PRE_TOKENIZERS.get(digest)
     if name is None:
         raise UnsupportedError(f"{folder}/tokenizer.json: a BPE pre-tokenizer llama.cpp does not know "
@@ -57,13 +71,19 @@ def pre_tokenizer(tokenizer: Any, folder: Path) -> str:
 
 def vocab(folder: Path, h: dict[str, Any]) -> tuple[list[str], list[int], str]:
     """``get_vocab_base``: tokens padded to ``vocab_size``, their types, the pre-tokenizer's name."""
-    tokenizer = auto_tokenizer(folder)
+    return listing(load_tokenizer(folder), folder, h, pre_tokenizer)
+
+
+def listing(tokenizer: Any, folder: Path, h: dict[str, Any],
+            pre: Callable[[Any, Path], str]) -> tuple[list[str], list[int], str]:
+    """``get_vocab_base`` of a loaded tokenizer, its steps in its order; ``pre`` names the
+    pre-tokenizer (the tests pass :func:`check_hash` to compare tokenizers llama.cpp does not name)."""
     tok_vocab = tokenizer.vocab
     vocab_size = h.get("vocab_size", len(tok_vocab))
     if max(tok_vocab.values()) >= vocab_size:
         raise FormatError(f"{folder}/tokenizer.json: token ids reach {max(tok_vocab.values())}, beyond the "
                           f"config's vocab_size {vocab_size}")
-    pre = pre_tokenizer(tokenizer, folder)
+    tokpre = pre(tokenizer, folder)
     reverse = {i: token for token, i in tok_vocab.items()}
     added = tokenizer.get_added_vocab()
     decoder = tokenizer.added_tokens_decoder
@@ -86,7 +106,7 @@ def vocab(folder: Path, h: dict[str, Any]) -> tuple[list[str], list[int], str]:
         else:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
-    return tokens, types, pre
+    return tokens, types, tokpre
 
 
 def add_gpt2_vocab(writer: Any, folder: Path, h: dict[str, Any]) -> None:

@@ -1,0 +1,470 @@
+"""``bpe_direct`` reads a BPE folder without transformers as ``AutoTokenizer`` reads it, or not at all.
+
+The converter's ``get_vocab_base`` reads the tokenizer transformers builds; ``bpe_direct`` builds
+the same ``tokenizers.Tokenizer`` itself for the folders its gate admits. Here both readers load
+every tokenizer folder available offline (llama.cpp's vocabularies rebuilt by transformers, and
+Meta's Llama 3 shape on its vocabulary) and a small BPE in a variant for each tokenizer_config.json
+key and file the gate admits, and must give the same tokens, token types and pre-tokenizer hash,
+the same added tokens with the same flags, and the same encodings. The folders it must not admit
+go to ``AutoTokenizer``, which a counter and a subprocess (is transformers imported?) show; and a
+whole GGUF made through it is the converter's, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+from llamacpp import Conversion, llamacpp_dir
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from gguf_models import perturbed  # noqa: E402
+from helpers import llama_config, llama_state, save_checkpoint  # noqa: E402
+
+from deltamerge.cli import main  # noqa: E402
+from deltamerge.sinks.gguf_arch import bpe, bpe_direct  # noqa: E402
+from deltamerge.sinks.gguf_arch.bpe_pre import CHECK_TEXT  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not bpe_direct._proven_transformers(),
+                                reason="bpe_direct is off for this transformers release (not yet proven)")
+
+AddedToken = tokenizers.AddedToken
+BOS, EOS, USER = "<|bos|>", "<|eos|>", "<|user|>"
+# Added tokens of every kind get_vocab_base tells apart: special or not, normalized or not (then
+# decoded from their encoding), looking special or not, U+2581 within, and one whose decoding
+# clean_up_tokenization_spaces would change (transformers 5 does not clean up a BPE's).
+ADDED = [
+    AddedToken(BOS, special=True, normalized=False),
+    AddedToken(EOS, special=True, normalized=False),
+    AddedToken("<sp-normalized>", special=True, normalized=True),
+    AddedToken(USER, special=False, normalized=False),
+    AddedToken("hello  world", special=False, normalized=False),
+    AddedToken("\u2581tab", special=False, normalized=True),
+    AddedToken("a , b . it 's", special=False, normalized=False),
+    AddedToken(" lead", special=False, normalized=False, lstrip=True),
+]
+TEXT = ("the quick brown fox jumps over the lazy dog; a , b . it 's hello  world <|bos|> <|user|> "
+        "<|absent|> he said: don't, won't! 12345 \u2581tab")
+
+
+def cli(*args: object) -> None:
+    result = CliRunner().invoke(main, [*map(str, args), "-q"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+
+
+@pytest.fixture(scope="module")
+def small_bpe() -> dict[str, Any]:
+    """A byte-level BPE of ~600 tokens with :data:`ADDED`, as tokenizer.json holds it."""
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CHECK_TEXT, TEXT] * 4, trainer)
+    tok.add_tokens(ADDED)
+    tokenizer_json = json.loads(tok.to_str())
+    tokenizer_json["post_processor"] = template()
+    return tokenizer_json
+
+
+def template(bos: str | None = None) -> dict:
+    """A ``TemplateProcessing``, as transformers writes it: ``[bos] A`` and ``[bos] A [bos] B``."""
+    head = [{"SpecialToken": {"id": bos, "type_id": 0}}] if bos else []
+    return {"type": "TemplateProcessing",
+            "single": [*head, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [*head, {"Sequence": {"id": "A", "type_id": 0}}, *head,
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [0], "tokens": [bos]}} if bos else {}}
+
+
+def meta_post_processor(bos: str, bos_id: int) -> dict:
+    """Meta-Llama-3's: ``Sequence[ByteLevel, TemplateProcessing]`` adding its begin_of_text."""
+    processing = template(bos)
+    processing["special_tokens"][bos]["ids"] = [bos_id]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+    return {"type": "Sequence", "processors": [byte_level, processing]}
+
+
+def decoder_entries(tokenizer_json: dict) -> dict[str, dict]:
+    """tokenizer.json's added tokens as transformers writes them in ``added_tokens_decoder``."""
+    return {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in tokenizer_json["added_tokens"]}
+
+
+def write_folder(folder: Path, files: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True)
+    for name, content in files.items():
+        if content is not None:
+            (folder / name).write_text(json.dumps(content), encoding="utf-8")
+    return folder
+
+
+def added_flags(tokenizer: Any) -> dict[int, tuple]:
+    return {i: (t.content, t.special, t.normalized, t.lstrip, t.rstrip, t.single_word)
+            for i, t in tokenizer.added_tokens_decoder.items()}
+
+
+def assert_same_reading(folder: Path, texts: tuple[str, ...] = (CHECK_TEXT, TEXT)) -> None:
+    """Both readers: bpe_direct (which must admit the folder) and AutoTokenizer."""
+    direct = bpe_direct.load(folder)
+    assert direct is not None, f"{folder.name}: bpe_direct does not admit it"
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    assert type(auto) is transformers.TokenizersBackend
+    assert direct.vocab == auto.vocab
+    assert added_flags(direct) == added_flags(auto)
+    assert direct.get_added_vocab() == auto.get_added_vocab()
+    for text in texts:
+        for specials in (True, False):
+            ids = auto.encode(text, add_special_tokens=specials)
+            assert direct.encode(text, add_special_tokens=specials) == ids
+            assert direct.decode(ids) == auto.decode(ids)
+    h = {"vocab_size": max(auto.vocab.values()) + 3}  # padded, as a config's vocab_size may be
+    digest = lambda tokenizer, _folder: bpe.check_hash(tokenizer)  # noqa: E731 - names no pre-tokenizer
+    assert bpe.listing(direct, folder, h, digest) == bpe.listing(auto, folder, h, digest)
+
+
+# Each variant edits the files of a folder (None: no such file) from the small BPE's, which has a
+# plain template, TokenizersBackend, bos and eos, and config.json's model_type llama.
+Edit = Callable[[dict[str, Any]], None]
+
+
+def vocab_token(files: dict[str, Any], rank: int = 300) -> str:
+    """A token of the model's vocabulary, not an added one."""
+    return next(t for t, i in files["tokenizer.json"]["model"]["vocab"].items() if i == rank)
+
+
+def meta_llama3(files: dict[str, Any]) -> None:
+    tj = files["tokenizer.json"]
+    bos_id = next(t["id"] for t in tj["added_tokens"] if t["content"] == BOS)
+    tj["post_processor"] = meta_post_processor(BOS, bos_id)
+    files["tokenizer_config.json"] = {
+        "added_tokens_decoder": decoder_entries(tj), "bos_token": BOS, "clean_up_tokenization_spaces": True,
+        "eos_token": EOS, "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 1000000000000000019884624838656, "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": "{{ messages }}"}
+
+
+def decoder_flags_differ(files: dict[str, Any]) -> None:
+    entries = decoder_entries(files["tokenizer.json"])
+    for entry in entries.values():
+        if entry["content"] in (EOS, "hello  world"):
+            entry["special"], entry["normalized"] = not entry["special"], not entry["normalized"]
+        if entry["content"] == USER:
+            entry["special"] = True
+    files["tokenizer_config.json"]["added_tokens_decoder"] = entries
+
+
+def decoder_extra_entries(files: dict[str, Any]) -> None:
+    entries = decoder_entries(files["tokenizer.json"])
+    plain = {"single_word": False, "lstrip": False, "rstrip": False}
+    entries["9000"] = {"content": "<|new|>", "normalized": False, "special": True, **plain}
+    entries["9001"] = {"content": "not there", "normalized": False, "special": False, **plain}
+    entries["300"] = {"content": vocab_token(files), "normalized": False, "special": False, **plain}
+    files["tokenizer_config.json"]["added_tokens_decoder"] = entries
+
+
+def named_tokens(files: dict[str, Any]) -> None:
+    files["tokenizer_config.json"].update({
+        "bos_token": vocab_token(files), "eos_token": "<|absent|>", "pad_token": "<|pad|>", "unk_token": EOS,
+        "cls_token": USER, "sep_token": None, "mask_token": vocab_token(files, 301)})
+
+
+def legacy_special_tokens_map(files: dict[str, Any]) -> None:
+    plain = {"single_word": False, "lstrip": False, "rstrip": False}
+    files["special_tokens_map.json"] = {
+        "bos_token": {"content": BOS, "normalized": True, **plain}, "eos_token": EOS,
+        "pad_token": {"content": "<|pad|>", "normalized": False, "special": False, **plain},
+        "mask_token": vocab_token(files), "cls_token": USER}
+
+
+def falcon_shape(files: dict[str, Any]) -> None:
+    """tiiuae/falcon-7b's files: PreTrainedTokenizerFast, special_tokens_map.json, auto_map."""
+    files["tokenizer_config.json"] = {
+        "add_prefix_space": False, "eos_token": EOS, "model_max_length": 2048,
+        "name_or_path": "tiiuae/falcon_tokenizer", "special_tokens_map_file": None,
+        "tokenizer_class": "PreTrainedTokenizerFast"}
+    files["special_tokens_map.json"] = {"eos_token": EOS}
+    files["config.json"] = {"model_type": "falcon", "auto_map": {
+        "AutoConfig": "configuration_falcon.FalconConfig",
+        "AutoModelForCausalLM": "modeling_falcon.FalconForCausalLM"}}
+
+
+def bloom_shape(files: dict[str, Any]) -> None:
+    files["tokenizer_config.json"] = {
+        "add_prefix_space": False, "bos_token": BOS, "eos_token": EOS, "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "name_or_path": "bigscience/tokenizer", "special_tokens_map_file": None,
+        "tokenizer_class": "BloomTokenizerFast", "padding_side": "left"}
+    files["config.json"] = {"model_type": "bloom"}
+
+
+def update(config: dict) -> Edit:
+    return lambda files: files["tokenizer_config.json"].update(config)
+
+
+def model_type(name: str) -> Edit:
+    return lambda files: files.update({"config.json": {"model_type": name}})
+
+
+def no_post_processor(files: dict[str, Any]) -> None:
+    files["tokenizer.json"]["post_processor"] = None
+
+
+def both(*edits: Edit) -> Edit:
+    def edit(files: dict[str, Any]) -> None:
+        for e in edits:
+            e(files)
+    return edit
+
+
+VARIANTS: dict[str, Edit] = {
+    "as-is": lambda files: None,
+    "meta-llama3": meta_llama3,
+    "pretrained-tokenizer-fast": update({"tokenizer_class": "PreTrainedTokenizerFast"}),
+    "decoder-as-tokenizer-json": lambda files: files["tokenizer_config.json"].update(
+        {"added_tokens_decoder": decoder_entries(files["tokenizer.json"])}),
+    "decoder-empty": update({"added_tokens_decoder": {}, "pad_token": "<|pad|>"}),
+    "decoder-flags-differ": decoder_flags_differ,
+    "decoder-extra-entries": decoder_extra_entries,
+    "named-tokens": named_tokens,
+    "named-tokens-with-decoder": both(named_tokens, decoder_extra_entries),
+    "add-bos-eos-token": update({"add_bos_token": True, "add_eos_token": True}),
+    "no-post-processor": no_post_processor,
+    "add-bos-token-no-post-processor": both(no_post_processor, update({"add_bos_token": True})),
+    "meta-post-processor-no-config-decoder": both(
+        meta_llama3, lambda files: files["tokenizer_config.json"].pop("added_tokens_decoder")),
+    "legacy-special-tokens-map": legacy_special_tokens_map,
+    "special-tokens-map-ignored-beside-decoder": both(
+        legacy_special_tokens_map, lambda files: files["tokenizer_config.json"].update(
+            {"added_tokens_decoder": decoder_entries(files["tokenizer.json"])})),
+    "additional-special-tokens": lambda files: files["tokenizer_config.json"].update(
+        {"additional_special_tokens": ["<|extra|>", BOS, USER, vocab_token(files)]}),
+    "extra-special-tokens": lambda files: files["tokenizer_config.json"].update(
+        {"extra_special_tokens": ["<|extra|>", EOS, vocab_token(files, 302)]}),
+    "split-special-tokens": update({"split_special_tokens": True}),
+    "clean-up-tokenization-spaces": update({"clean_up_tokenization_spaces": True}),
+    "attributes": update({"padding_side": "left", "truncation_side": "left", "model_max_length": 64,
+                          "model_input_names": ["input_ids"], "backend": "tokenizers", "is_local": False,
+                          "local_files_only": True, "errors": "replace", "add_prefix_space": True,
+                          "chat_template": "{{ x }}"}),
+    "falcon-shape": falcon_shape,
+    "bloom-shape": bloom_shape,
+    **{f"model-type-{t}": model_type(t) for t in sorted(bpe_direct.MODEL_TYPES)},
+}
+
+
+def small_files(small_bpe: dict[str, Any]) -> dict[str, Any]:
+    return {"tokenizer.json": json.loads(json.dumps(small_bpe)),
+            "tokenizer_config.json": {"tokenizer_class": "TokenizersBackend", "bos_token": BOS,
+                                      "eos_token": EOS},
+            "config.json": {"model_type": "llama"}}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_small_bpe_variants_read_the_same(tmp_path: Path, small_bpe: dict[str, Any], variant: str):
+    files = small_files(small_bpe)
+    VARIANTS[variant](files)
+    assert_same_reading(write_folder(tmp_path / variant, files))
+
+
+def llamacpp_tokenizers() -> list[str]:
+    folder = llamacpp_dir() / "tokenizers"
+    return sorted(p.name for p in folder.iterdir() if (p / "tokenizer.json").is_file())
+
+
+# The model type of each rebuilt vocabulary's own model (llama.cpp's ggml-vocab-NAME.gguf).
+MODEL_TYPE = {"falcon": "falcon", "llama-bpe": "llama", "gpt-2": "gpt_neox", "qwen2": "qwen3"}
+
+
+def llamacpp_folder(root: Path, name: str, tokenizer_class: str | None = None) -> Path:
+    folder = root / name
+    shutil.copytree(llamacpp_dir() / "tokenizers" / name, folder, ignore=shutil.ignore_patterns("done"))
+    (folder / "config.json").write_text(json.dumps({"model_type": MODEL_TYPE.get(name, "llama")}))
+    if tokenizer_class is not None:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        config["tokenizer_class"] = tokenizer_class
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_every_offline_tokenizer_reads_the_same(tmp_path: Path):
+    """llama.cpp's rebuilt vocabularies: those whose class the gate admits as they are, the others
+    (GPT2Tokenizer's and Qwen2Tokenizer's, which rebuild their pipeline and so go to AutoTokenizer
+    as they are) as TokenizersBackend."""
+    names = llamacpp_tokenizers()
+    assert {"falcon", "llama-bpe", "gpt-2", "qwen2"} <= set(names)
+    for name in names:
+        folder = llamacpp_folder(tmp_path / "as-is", name)
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        if config.get("tokenizer_class") not in bpe_direct.CLASSES:
+            assert bpe_direct.load(folder) is None
+            folder = llamacpp_folder(tmp_path / "backend", name, "TokenizersBackend")
+        assert_same_reading(folder)
+
+
+def test_meta_llama3_shape_reads_the_same_and_is_llama_bpe(tmp_path: Path):
+    """Meta-Llama-3's files on its 128k vocabulary: PreTrainedTokenizerFast, the 256 reserved tokens
+    in tokenizer_config.json's added_tokens_decoder, begin_of_text added by the post-processor."""
+    folder = llamacpp_folder(tmp_path, "llama-bpe")
+    tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    bos = "<|begin_of_text|>"
+    tj["post_processor"] = meta_post_processor(bos, tj["model"]["vocab"].get(bos) or next(
+        t["id"] for t in tj["added_tokens"] if t["content"] == bos))
+    (folder / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "added_tokens_decoder": decoder_entries(tj), "bos_token": bos, "clean_up_tokenization_spaces": True,
+        "eos_token": "<|end_of_text|>", "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 1000000000000000019884624838656, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    assert_same_reading(folder, texts=(CHECK_TEXT,))
+    assert bpe.vocab(folder, {})[2] == "llama-bpe"
+
+
+@pytest.mark.parametrize("tokenizer_class", sorted(bpe_direct.CLASSES))
+def test_admitted_classes_and_model_types_load_tokenizers_backend(tmp_path: Path, small_bpe: dict[str, Any],
+                                                                  tokenizer_class: str):
+    """Step 1 of bpe_direct: each admitted class with each admitted model type is TokenizersBackend
+    itself, not a subclass with its own pipeline."""
+    for model_type in sorted(bpe_direct.MODEL_TYPES):
+        files = small_files(small_bpe)
+        files["tokenizer_config.json"]["tokenizer_class"] = tokenizer_class
+        files["config.json"] = {"model_type": model_type}
+        folder = write_folder(tmp_path / model_type, files)
+        assert type(transformers.AutoTokenizer.from_pretrained(folder)) is transformers.TokenizersBackend
+
+
+def reject(key: str, value: Any) -> Edit:
+    return lambda files: files["tokenizer_config.json"].update({key: value})
+
+
+REJECTED: dict[str, Edit] = {
+    "gpt2-tokenizer": reject("tokenizer_class", "GPT2Tokenizer"),
+    "qwen2-tokenizer": reject("tokenizer_class", "Qwen2Tokenizer"),
+    "llama-tokenizer-fast": reject("tokenizer_class", "LlamaTokenizerFast"),
+    "no-class": lambda files: files["tokenizer_config.json"].pop("tokenizer_class"),
+    "no-tokenizer-config": lambda files: files.update({"tokenizer_config.json": None}),
+    # qwen2 is among transformers' "incorrect hub class" model types: Qwen2Tokenizer is used
+    "model-type-qwen2": lambda files: files.update({"config.json": {"model_type": "qwen2"}}),
+    "model-type-mistral": lambda files: files.update({"config.json": {"model_type": "mistral"}}),
+    "no-config": lambda files: files.update({"config.json": None}),
+    "config-model-name": lambda files: files["config.json"].update({"model_name": "qwen2"}),
+    "auto-map": reject("auto_map", {"AutoTokenizer": ["tok.Tok", None]}),
+    "fast-tokenizer-files": reject("fast_tokenizer_files", ["tokenizer.json"]),
+    "fix-mistral-regex": reject("fix_mistral_regex", True),
+    "model-specific-token": reject("eot_token", "<|eot|>"),
+    "bpe-clean-up-forced": reject(
+        "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", True),
+    "unknown-key": reject("do_lower_case", True),
+    "dict-special-token": reject("bos_token", {"__type": "AddedToken", "content": BOS}),
+    "padding-side": reject("padding_side", "middle"),
+    "both-extra-lists": lambda files: files["tokenizer_config.json"].update(
+        {"additional_special_tokens": ["<|a|>"], "extra_special_tokens": ["<|b|>"]}),
+    "truncation": lambda files: files["tokenizer.json"].update(
+        {"truncation": {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}}),
+    "padding": lambda files: files["tokenizer.json"].update({"padding": {
+        "strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+        "pad_type_id": 0, "pad_token": EOS}}),
+    "added-tokens-json": lambda files: files.update({"added_tokens.json": {"<|more|>": 9000}}),
+    "special-tokens-map-extra-list": lambda files: files.update(
+        {"special_tokens_map.json": {"additional_special_tokens": ["<|a|>"]}}),
+}
+
+
+@pytest.mark.parametrize("variant", list(REJECTED))
+def test_the_gate_sends_other_folders_to_auto_tokenizer(tmp_path: Path, small_bpe: dict[str, Any],
+                                                        monkeypatch: pytest.MonkeyPatch, variant: str):
+    files = small_files(small_bpe)
+    REJECTED[variant](files)
+    folder = write_folder(tmp_path / variant, files)
+    assert bpe_direct.load(folder) is None
+    calls = []
+    monkeypatch.setattr(bpe, "auto_tokenizer", lambda f: calls.append(f) or "auto")
+    assert bpe.load_tokenizer(folder) == "auto" and calls == [folder]
+
+
+def test_unproven_transformers_or_no_tokenizers_go_to_auto_tokenizer(
+        tmp_path: Path, small_bpe: dict[str, Any], monkeypatch: pytest.MonkeyPatch):
+    folder = write_folder(tmp_path / "small", small_files(small_bpe))
+    assert bpe_direct.load(folder) is not None
+    with monkeypatch.context() as m:
+        m.setattr(bpe_direct.metadata, "version", lambda name: "5.26.0")
+        assert bpe_direct.load(folder) is None
+    with monkeypatch.context() as m:
+        m.setattr(bpe_direct.metadata, "version", lambda name: "4.57.1")
+        assert bpe_direct.load(folder) is None
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "tokenizers", None)
+        assert bpe_direct.load(folder) is None
+
+
+CHILD = """
+import json, sys
+from pathlib import Path
+from deltamerge.sinks.gguf_arch import bpe
+out = []
+for folder in sys.argv[1:]:
+    out.append((bpe.vocab(Path(folder), {})[2], "transformers" in sys.modules))
+print(json.dumps(out))
+"""
+
+
+def test_an_admitted_folder_does_not_import_transformers(tmp_path: Path):
+    """Falcon's tokenizer as transformers saves it is read without transformers; GPT-2's
+    (GPT2Tokenizer) after it imports it."""
+    folders = [llamacpp_folder(tmp_path, "falcon"), llamacpp_folder(tmp_path, "gpt-2")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", CHILD, *map(str, folders)], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == [["falcon", False], ["gpt-2", True]]
+
+
+def test_gguf_through_bpe_direct_is_the_converters(tmp_path: Path):
+    """A whole f16 GGUF of a tiny LLaMA whose GPT-2 vocabulary has Meta's tokenizer_config.json
+    shape and added tokens of each kind (one only in tokenizer_config.json): the converter's bytes."""
+    source = llamacpp_dir() / "tokenizers" / "gpt-2"
+    tj = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    n = len(tj["model"]["vocab"])
+    plain = {"single_word": False, "lstrip": False, "rstrip": False}
+    extra = [("<|begin_of_text|>", True, False), ("<|user|>", False, False), ("hello  world", False, False),
+             ("\u2581tab", False, True)]
+    tj["added_tokens"] += [{"id": n + i, "content": c, "special": s, "normalized": z, **plain}
+                           for i, (c, s, z) in enumerate(extra)]
+    decoder = decoder_entries(tj)
+    decoder[str(n + len(extra))] = {"content": "<|only-in-config|>", "special": True, "normalized": False,
+                                    **plain}
+    vocab = n + len(extra) + 3
+    base = save_checkpoint(llama_state(0, torch.float16, vocab), tmp_path / "base",
+                           config=llama_config(vocab, "float16"), tokenizer=False)
+    (base / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    (base / "tokenizer_config.json").write_text(json.dumps({
+        "added_tokens_decoder": decoder, "bos_token": "<|begin_of_text|>", "eos_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": True, "model_max_length": 131072,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    assert bpe_direct.load(base) is not None
+    cli("make-delta", base, perturbed(base, tmp_path / "target", seed=1), tmp_path / "delta")
+    merged = tmp_path / "hf" / "llama3-shaped"
+    merged.parent.mkdir()
+    (tmp_path / "gguf").mkdir()
+    cli("apply", base, tmp_path / "delta", merged)
+    with Conversion(merged, tmp_path / "converted", "f16") as conversion:
+        cli("apply", base, tmp_path / "delta", tmp_path / "gguf" / merged.name, "--format", "gguf",
+            "--outtype", "f16")
+        ours = {p.name: p.read_bytes() for p in sorted((tmp_path / "gguf" / merged.name).glob("*.gguf"))}
+        theirs = conversion.files()
+    assert list(ours) == list(theirs)
+    [name] = ours
+    reader = gguf.GGUFReader(tmp_path / "gguf" / merged.name / name)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert tokens[n + len(extra)] == "<|only-in-config|>" and tokens[n + 3] == " tab"
+    assert ours[name] == theirs[name]
