@@ -51,7 +51,8 @@ as run i on the LLaMA inputs):
   Where it differs: Falcon and BLOOM have their own MLP of 4 x hidden; Mixtral has 4 experts,
   not 8 (MIXTRAL_EXPERTS: 8 at 7B widths are 2.2 GB a layer); BLOOM and GPT-NeoX have GPT-2's
   BPE padded to their own 250880 and 50432 rows (llama.cpp has no BLOOM vocabulary, and the
-  pinned converter knows no pre-tokenizer of its GPT-NeoX one); Gemma 1, 2 and 3 have Gemma 4's
+  pinned converter knows no pre-tokenizer of its GPT-NeoX one; BLOOM's tokenizer_config names
+  BLOOM's own class, BloomTokenizerFast); Gemma 1, 2 and 3 have Gemma 4's
   sentencepiece vocabulary (262144 pieces, Gemma 3's own count). Before any weight is written
   deltamerge plans the architecture's GGUF: one it refuses (GPT-NeoX before its GGUF output) is
   skipped, its row saying why. Every run reports s/GB out (seconds per GB of output written);
@@ -311,6 +312,7 @@ class Architecture:
     config: dict = field(default_factory=dict)  # the architecture's own settings
     vocab: int | None = None
     widths: str = "the preset's"  # where they differ, how
+    tokenizer_class: str | None = None  # the model's own, where the borrowed tokenizer's differs
 
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -329,7 +331,9 @@ ARCHITECTURES = {
     "falcon": Architecture("Falcon", "falcon", "falcon", {"new_decoder_architecture": True, "bias": False},
                            widths=FOUR_TIMES),
     # no BLOOM vocabulary among llama.cpp's: GPT-2's BPE, padded to BLOOM's 250880 embedding rows
-    "bloom": Architecture("BLOOM", "bloom", "gpt-2", vocab=250880, widths=FOUR_TIMES),
+    # (its tokenizer_config naming BLOOM's own class, BloomTokenizerFast, as bigscience's do)
+    "bloom": Architecture("BLOOM", "bloom", "gpt-2", vocab=250880, widths=FOUR_TIMES,
+                          tokenizer_class="BloomTokenizerFast"),
     "mixtral": Architecture("Mixtral", "mixtral", "llama-spm",
                             {"num_local_experts": MIXTRAL_EXPERTS, "num_experts_per_tok": 2},
                             widths=f"{MIXTRAL_EXPERTS} experts of the preset's MLP, not 8"),
@@ -393,6 +397,10 @@ def child_architecture(spec: dict) -> None:
     config.dtype = spec["dtype"]
     base, target = Path(spec["base"]), Path(spec["target"])
     shutil.copytree(tokenizer, base)
+    if arch.tokenizer_class:
+        settings = json.loads((base / "tokenizer_config.json").read_text())
+        settings["tokenizer_class"] = arch.tokenizer_class
+        (base / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
     config.save_pretrained(base)
     try:
         plan_gguf(base, [(name, dtype, shape) for name, shape in shapes], outtype="f16")
