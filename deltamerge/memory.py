@@ -101,7 +101,8 @@ class RangeWriteBehind:
     """:class:`WriteBehind` for a file written at any offsets (a tensor's planned place).
 
     Each range is queued for writeback as soon as it is written; once more than ``chunk`` bytes
-    are in flight, the oldest ranges are waited for and dropped from the page cache.
+    are in flight, the oldest ranges are waited for and dropped from the page cache. A range
+    ``kept`` (one its writer reads back soon, and drops once read) is queued only.
     """
 
     def __init__(self, fd: int, chunk: int = 64 * 1024 * 1024):
@@ -110,11 +111,13 @@ class RangeWriteBehind:
         self._in_flight: deque[tuple[int, int]] = deque()
         self._bytes = 0
 
-    def written(self, offset: int, length: int) -> None:
+    def written(self, offset: int, length: int, *, kept: bool = False) -> None:
         if _LIBC is None or length <= 0:
             return
         try:
             _LIBC.sync_file_range(self.fd, offset, length, _SYNC_WRITE)
+            if kept:
+                return
             self._in_flight.append((offset, length))
             self._bytes += length
             while self._bytes - self._in_flight[0][1] >= self.chunk:

@@ -109,3 +109,18 @@ def perturbed(folder: Path, out: Path, seed: int) -> Path:
     shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
     save_file(tuned, out / "model.safetensors", metadata={"format": "pt"})
     return out
+
+
+def gguf_digests(paths: list[Path]) -> dict:
+    """Each tensor's bytes in the files, hashed afresh as deltamerge-result.json records them."""
+    import gguf
+
+    from deltamerge.integrity.digest import hash_bytes
+
+    digests = {}
+    for path in paths:
+        for t in gguf.GGUFReader(path).tensors:
+            shape = tuple(int(d) for d in reversed(t.shape))
+            digests[t.name] = {"dtype": t.tensor_type.name, "shape": list(shape),
+                               "blake3": hash_bytes(t.data.tobytes())}
+    return digests

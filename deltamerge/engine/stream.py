@@ -373,7 +373,7 @@ class Engine:
             what = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
             raise WorkError(f"{self._writer.path}: {what} while writing tensor {b.job.name!r}") from None
         if self.sink.converts:
-            self.bytes_written += sum(len(d) for w in b.written for d in w.data)
+            self.bytes_written += sum(w.size for w in b.written)
         else:
             self.bytes_written += rows.nbytes
         faults.reached("block")

@@ -15,15 +15,18 @@ lives beside it here: ``safetensors``, ``aux``, ``folder``.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from ..errors import WorkError
 from ..integrity.digest import TensorDigest
+from ..memory import drop_file_range
 from ..tensor_spec import TensorSpec
 
 
@@ -36,6 +39,47 @@ class ShardLayout(Protocol):
     def specs(self) -> list[TensorSpec]: ...
 
 
+class FileBytes(Sequence[memoryview]):
+    """Bytes a writer put in a file earlier, read back a chunk at a time as they are iterated.
+
+    A writer that puts a tensor's bytes down out of byte order (a regrouped fused qkv, whose
+    rows land all over the tensor) hands them to the hashing, which takes them in byte order,
+    as these once the bytes before them are written: memory holds one chunk, not the tensor.
+    Each chunk is dropped from the page cache once read. ``fd`` must stay open until they are.
+    """
+
+    CHUNK = 8 << 20
+
+    def __init__(self, fd: int, offset: int, nbytes: int, chunk: int = CHUNK):
+        self.fd, self.offset, self.nbytes, self.chunk = fd, offset, nbytes, chunk
+
+    def __len__(self) -> int:
+        return -(-self.nbytes // self.chunk)
+
+    def __getitem__(self, i: int) -> memoryview:  # type: ignore[override]
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        at = self.offset + i * self.chunk
+        n = min(self.chunk, self.offset + self.nbytes - at)
+        view, done = memoryview(bytearray(n)), 0
+        while done < n:
+            got = os.preadv(self.fd, [view[done:]], at + done)
+            if not got:
+                raise WorkError(f"internal error: the file ends at byte {at + done}, inside bytes "
+                                "written earlier")
+            done += got
+        drop_file_range(self.fd, at, n)
+        return view
+
+    def __iter__(self) -> Iterator[memoryview]:
+        return (self[i] for i in range(len(self)))
+
+
+def run_bytes(data: Sequence[memoryview]) -> int:
+    """The length of a run of buffers, without reading one that is read back (:class:`FileBytes`)."""
+    return data.nbytes if isinstance(data, FileBytes) else sum(len(d) for d in data)
+
+
 @dataclass(frozen=True)
 class Written:
     """A run of bytes a writer put on disk: part of one tensor as the output format holds it.
@@ -43,7 +87,8 @@ class Written:
     ``name``, ``dtype`` and ``shape`` are the tensor's in the output (a GGUF name and ggml type,
     say); ``offset`` is where the run starts in that tensor's bytes. Pieces of a tensor come in
     byte order. ``data`` may share memory with the rows given, so it is used before the block's
-    buffers are reused.
+    buffers are reused; or it is bytes read back from the file as it is iterated
+    (:class:`FileBytes`), so it is iterated once, by the hashing (``size`` counts it unread).
     """
 
     name: str
@@ -55,6 +100,11 @@ class Written:
     # Every piece of this tensor is the rows' own bytes, in order (a tensor kept as it is): its
     # digest is the plan tensor's, which the engine computes anyway.
     same_as_rows: bool = False
+
+    @property
+    def size(self) -> int:
+        """The run's length in bytes."""
+        return run_bytes(self.data)
 
 
 # n -> an n-byte uint8 tensor that stays valid until the block has passed every stage.

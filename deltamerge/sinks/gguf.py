@@ -15,7 +15,9 @@ the architecture's transforms apply (q and k rows permuted within each head as
 ``LlamaModel.permute`` does, +1 on Gemma's norms, fused qkv rows regrouped), then ``gguf.quants``
 converts to the ggml type (f32 for norms and 1-D tensors whatever the outtype; f16 where a row
 cannot be cut into q8_0 blocks of 32). So a block of whole rows converts alone, a q/k block of
-whole heads too, and rows that end mid-head wait (at most one head) for the next block.
+whole heads too, and rows that end mid-head wait (at most one head) for the next block. A fused
+qkv regrouped across the tensor converts row by row as any tensor does, and its rows are written
+in runs (a head's q, k or v) to their places, which the tensor's later blocks fill in between.
 
 The quantized outtypes (``gguf_types.OUTTYPES``: q4_k_m, q5_0...) are what llama.cpp's
 ``llama-quantize`` (no importance matrix) writes from the converter's file at the result's own
@@ -28,6 +30,7 @@ alone, so blocks of them are cut into pieces quantized on the run's compute pool
 
 from __future__ import annotations
 
+import bisect
 import functools
 import io
 import math
@@ -42,7 +45,7 @@ import torch
 from ..compute_pool import ComputePool
 from ..errors import FormatError, InputError, UnsupportedError, WorkError
 from ..outputs.gguf import OUTTYPES
-from . import gguf_arch, gguf_checks, gguf_kv, gguf_pack, gguf_types
+from . import FileBytes, gguf_arch, gguf_checks, gguf_kv, gguf_pack, gguf_types, run_bytes
 from .gguf_kv import require_gguf
 from .gguf_quants import quantize_rows
 
@@ -93,7 +96,7 @@ class GGUFTensor:
     plus_one: bool = False  # 1 added to every element (Gemma's norms), in the converter's dtype
     hf_rows: int = 0  # the Hugging Face tensor's rows, when the GGUF tensor keeps only the first
     # Rows regrouped across the whole tensor (fused qkv of Falcon, BLOOM, GPT-NeoX): the source
-    # row of each row of the GGUF tensor; such a tensor converts once all its rows are there.
+    # row of each row of the GGUF tensor; its rows convert as they come, and go in runs to their places.
     row_order: tuple[int, ...] = field(default=(), repr=False)
     # llama-quantize's input type (the converter's), when it quantizes the tensor to ``qtype``
     quantized_from: int | None = None
@@ -122,9 +125,10 @@ class GGUFTensor:
 
     @property
     def head_rows(self) -> int:
-        """Rows that convert together: one head for q/k, all for a regrouped tensor, else one row."""
+        """Rows that convert together: one head for q/k, else one row; for a regrouped tensor, the
+        rows its runs are made of (a head's q, k or v), so that a block's rows are whole runs."""
         if self.row_order:
-            return self.shape[0]
+            return run_unit(self.row_order)
         return self.shape[0] // self.permute_heads if self.permute_heads else 1
 
 
@@ -165,16 +169,24 @@ class GGUFPlan:
 
 @dataclass(frozen=True)
 class WrittenBlock:
-    """Bytes just written from ``offset``, the buffers one after another; ``data`` may share
-    memory with the rows given, so use it before they are reused."""
+    """Bytes of a tensor at ``offset`` of its file, the buffers one after another.
+
+    Just written, ``data`` may share memory with the rows given, so use it before they are reused.
+    ``ahead``: just written past bytes of the tensor still to come (a regrouped tensor's), so
+    given again as ``reread`` once those are: its bytes read back from the file (``FileBytes``),
+    a chunk at a time as ``data`` is iterated. Leaving the ``ahead`` ones out, a tensor's blocks
+    come in byte order, its first byte to its last, to be hashed as they come.
+    """
 
     file: int
     offset: int
-    data: tuple[memoryview, ...]
+    data: Sequence[memoryview]
+    ahead: bool = False
+    reread: bool = False
 
     @property
     def nbytes(self) -> int:
-        return sum(len(d) for d in self.data)
+        return run_bytes(self.data)
 
 
 def _spec(t: TensorLike | tuple[str, torch.dtype, Sequence[int]]) -> tuple[str, torch.dtype, tuple[int, ...]]:
@@ -460,6 +472,8 @@ class _Progress:
     next_row: int = 0
     pending: torch.Tensor | None = None  # rows not yet converted: they end mid-head
     pending_start: int = 0
+    given: int = 0  # the tensor's bytes given back in byte order so far
+    ahead: list[tuple[int, int]] = field(default_factory=list)  # (start, stop) written past ``given``
 
 
 class GGUFStreamWriter:
@@ -469,7 +483,10 @@ class GGUFStreamWriter:
     (dim 0 of the Hugging Face tensor); tensors may come in any order, even interleaved. Blocks
     of q/k that end mid-head are held until the head is complete (at most ``head_rows - 1``
     rows), so blocks that are multiples of ``GGUFTensor.head_rows`` never wait. The dropped
-    tensors (``plan.dropped``) are accepted and ignored.
+    tensors (``plan.dropped``) are accepted and ignored. A regrouped tensor's block is written in
+    runs to their places: those past bytes still to come are written at once and given back
+    (:class:`WrittenBlock`) read from the file once the bytes before them are written, so what
+    ``write_rows`` gives back comes in byte order and memory holds a block, never the tensor.
 
     Files are created at their final size, so padding needs no writes. ``done`` resumes: the
     tensors named are taken as written already, and the files that hold one must exist with the
@@ -527,8 +544,9 @@ class GGUFStreamWriter:
 
     def write_rows(
         self, hf_name: str, r0: int, r1: int, rows: torch.Tensor, out: Buffer | None = None
-    ) -> WrittenBlock | None:
-        """Convert rows ``r0:r1`` of a Hugging Face tensor and write them; None when nothing was written.
+    ) -> tuple[WrittenBlock, ...]:
+        """Convert rows ``r0:r1`` of a Hugging Face tensor and write them; the blocks written
+        (none when rows are held or dropped), and those written earlier now in byte order.
 
         ``out(n)`` gives the n-byte uint8 buffer converted bytes go into (one the caller reuses,
         so that no block allocates); by default each block gets a new one. Rows kept in their
@@ -537,7 +555,7 @@ class GGUFStreamWriter:
         tensor = self.plan.tensor(hf_name)
         if tensor is None:
             if hf_name in self._dropped:
-                return None
+                return ()
             raise ValueError(f"tensor {hf_name} is not in the GGUF plan")
         p = self._progress[hf_name]
         if r0 != p.next_row or not r0 < r1 <= tensor.source_rows:
@@ -547,7 +565,7 @@ class GGUFStreamWriter:
         p.next_row = r1
         n_rows = tensor.shape[0]
         if r0 >= n_rows:  # rows the converter cuts off (Gemma 3's out-of-vocabulary embeddings)
-            return None
+            return ()
         if r1 > n_rows:
             rows, r1 = rows[: n_rows - r0], n_rows
         start = r0
@@ -558,11 +576,24 @@ class GGUFStreamWriter:
         p.pending = rows[end - start:].clone() if end < r1 else None
         p.pending_start = end
         if end == start:
-            return None
+            return ()
         data = _encode(tensor, rows[: end - start], out, self._pool)
-        offset = tensor.offset + start * tensor.row_bytes
-        _pwrite_all(self._fds[tensor.file], data, offset, self.folder / self.plan.files[tensor.file].name)
-        return WrittenBlock(tensor.file, offset, data)
+        fd, path = self._fds[tensor.file], self.folder / self.plan.files[tensor.file].name
+        blocks: list[WrittenBlock] = []
+        for at, views in _places(tensor, start, end, data):
+            _pwrite_all(fd, views, tensor.offset + at, path)
+            n = sum(len(v) for v in views)
+            if at > p.given:
+                blocks.append(WrittenBlock(tensor.file, tensor.offset + at, views, ahead=True))
+                _land(p.ahead, at, at + n)
+                continue
+            blocks.append(WrittenBlock(tensor.file, tensor.offset + at, views))
+            p.given = at + n
+            while p.ahead and p.ahead[0][0] == p.given:  # written earlier: now in byte order
+                a, p.given = p.ahead.pop(0)
+                blocks.append(WrittenBlock(tensor.file, tensor.offset + a,
+                                           FileBytes(fd, tensor.offset + a, p.given - a), reread=True))
+        return tuple(blocks)
 
     def missing(self) -> list[str]:
         """The tensors not wholly written yet."""
@@ -628,7 +659,7 @@ def permuted_order(rows: int, head_rows: int) -> list[int]:
 @functools.lru_cache(maxsize=16)
 def row_runs(order: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     """``order`` as runs of consecutive source rows, ``(start, stop)``: a regrouped fused qkv
-    moves whole heads, so its 12288 rows (GPT-NeoX at 7B widths) are 96 buffers to write and
+    moves whole heads, so its 12288 rows (GPT-NeoX at 7B widths) are 96 runs to write and
     hash, not 12288; a tensor's order is the same for every layer, hence the cache."""
     runs: list[tuple[int, int]] = []
     for r in order:
@@ -639,23 +670,79 @@ def row_runs(order: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     return tuple(runs)
 
 
+@functools.lru_cache(maxsize=16)
+def placements(order: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
+    """``order``'s runs by source row: ``(start, stop, row)``, source rows ``start:stop`` going
+    to rows from ``row`` of the regrouped tensor."""
+    out, row = [], 0
+    for a, b in row_runs(order):
+        out.append((a, b, row))
+        row += b - a
+    return tuple(sorted(out))
+
+
+def _land(ahead: list[tuple[int, int]], a: int, b: int) -> None:
+    """Add bytes ``a:b`` to ``ahead`` (sorted, disjoint), joined to the ranges they meet, so that
+    a region filled block by block is read back as one."""
+    i = bisect.bisect(ahead, (a, b))
+    if i and ahead[i - 1][1] == a:
+        i, a = i - 1, ahead[i - 1][0]
+        del ahead[i]
+    if i < len(ahead) and ahead[i][0] == b:
+        b = ahead.pop(i)[1]
+    ahead.insert(i, (a, b))
+
+
+@functools.lru_cache(maxsize=16)
+def run_unit(order: tuple[int, ...]) -> int:
+    """The rows every run of ``order`` is a whole multiple of, so also every run's start (a
+    head's q, k or v); 1 for an order that moves nothing."""
+    inner = {bound for a, b, _ in placements(order) for bound in (a, b)} - {0, len(order)}
+    return math.gcd(*inner) or 1
+
+
+def _places(
+    tensor: GGUFTensor, start: int, end: int, data: tuple[memoryview, ...]
+) -> list[tuple[int, list[memoryview]]]:
+    """Where the encoded rows ``start:end`` go: (byte offset in the tensor, the buffers there),
+    by offset. Rows in order go at their own place; a regrouped tensor's (``data``, one buffer in
+    source order) in runs to theirs, the runs that meet in the tensor as one place."""
+    n = tensor.row_bytes
+    if not tensor.row_order:
+        return [(start * n, list(data))]
+    [flat] = data
+    runs = sorted(((row + lo - a) * n, flat[(lo - start) * n : (hi - start) * n])
+                  for a, b, row in placements(tensor.row_order)
+                  if (lo := max(a, start)) < (hi := min(b, end)))
+    places: list[tuple[int, list[memoryview]]] = []
+    meets = -1
+    for at, view in runs:
+        if at == meets:
+            places[-1][1].append(view)
+        else:
+            places.append((at, [view]))
+        meets = at + len(view)
+    return places
+
+
 def _encode(
     tensor: GGUFTensor, rows: torch.Tensor, out: Buffer | None, pool: ComputePool | None = None
 ) -> tuple[memoryview, ...]:
     """The converter's conversion of whole rows (of whole heads for q and k), into ``out``'s buffer.
 
     Rows kept in their type are written from their own memory (q and k gathered in ``permute``'s
-    order, which moves whole rows). Conversions are per element, or per 32-element q8_0 block of
+    order, which moves whole rows); a regrouped tensor's stay in their order (``_places`` moves
+    them). Conversions are per element, or per 32-element q8_0 block of
     a row, so rows convert a few at a time (``_CHUNK_ELEMENTS``): ``gguf.quants``' temporaries stay
     small whatever the block. Rows llama-quantize quantizes go a few at a time to ``pool``'s
     threads, each piece into its own part of the buffer.
     """
     if kept_type(tensor):
         flat = memoryview(rows.contiguous().numpy().reshape(-1).view(np.uint8))
-        if not tensor.permute_heads and not tensor.row_order:
+        if not tensor.permute_heads:
             return (flat,)
         n = tensor.row_bytes
-        order = tensor.row_order or tuple(permuted_order(rows.shape[0], tensor.head_rows))
+        order = tuple(permuted_order(rows.shape[0], tensor.head_rows))
         return tuple(flat[a * n : b * n] for a, b in row_runs(order))
     row_bytes = tensor.row_bytes
     buffer = out(rows.shape[0] * row_bytes) if out is not None else torch.empty(
@@ -691,8 +778,6 @@ def _convert(tensor: GGUFTensor, rows: torch.Tensor) -> np.ndarray:
             x = x + 1
     if tensor.permute_heads:
         x = permute(x, x.shape[0] // tensor.head_rows)
-    if tensor.row_order:
-        x = x[list(tensor.row_order)]
     if x.dtype == torch.int16:
         return x.contiguous().numpy().reshape(-1).view(np.uint8)
     with np.errstate(over="ignore"):  # beyond f16's range is inf, as the converter makes it

@@ -6,9 +6,11 @@ writes its tensors, converted by :class:`~.gguf.GGUFStreamWriter`, at their plan
 GGUF files, which are made (header, then their full size) when the first shard opens. A shard is
 durable when the GGUF files are fsynced after its last tensor; that is what the journal records.
 
-What is hashed is each GGUF tensor's bytes as they land in the file (``WrittenBlock.data``):
-name, ggml type and shape are the GGUF file's, so the digests describe the file, not the
-Hugging Face tensors it was made from (those the engine hashes too, for the publisher's digests).
+What is hashed is each GGUF tensor's bytes as they land in the file (``WrittenBlock.data``), in
+the file's order: a regrouped qkv's bytes written ahead of it are read back from the file once
+the bytes before them are written. Name, ggml type and shape are the GGUF file's, so the digests
+describe the file, not the Hugging Face tensors it was made from (those the engine hashes too,
+for the publisher's digests).
 A tensor stacked from several (Mixtral's experts) is hashed slot by slot, ``NAME[E]`` of one
 slot's shape: each slot is one Hugging Face tensor's rows, journaled with that tensor's shard, so
 no digest spans the shards a layer's experts may be cut into.
@@ -254,13 +256,21 @@ class _GGUFShard(ShardWriter):
     def write_block(
         self, spec: TensorSpec, r0: int, r1: int, rows: torch.Tensor, buffer: Buffer
     ) -> list[Written]:
-        block = self.stream.write_rows(spec.name, r0, r1, rows, buffer)
+        """The blocks written, in byte order, for the hashing. Bytes written ahead of it (a
+        regrouped qkv's) are queued for writeback but kept in the page cache, where the hashing
+        reads them back, dropping them, once the bytes before them are written."""
+        blocks = self.stream.write_rows(spec.name, r0, r1, rows, buffer)
         tensor = self.sink.plan.tensor(spec.name)
-        if block is None or tensor is None:
+        if tensor is None:  # dropped
             return []
-        self.sink._behind[block.file].written(block.offset, block.nbytes)
-        return [Written(tensor.digest_name, type_name(tensor), tensor.shape, tensor.nbytes,
-                        block.offset - tensor.offset, block.data, as_is(tensor))]
+        pieces = []
+        for block in blocks:
+            if not block.reread:
+                self.sink._behind[block.file].written(block.offset, block.nbytes, kept=block.ahead)
+            if not block.ahead:
+                pieces.append(Written(tensor.digest_name, type_name(tensor), tensor.shape, tensor.nbytes,
+                                      block.offset - tensor.offset, block.data, as_is(tensor)))
+        return pieces
 
     def close(self) -> None:
         """The shard's tensors are durable once the files are synced (and their pages dropped)."""

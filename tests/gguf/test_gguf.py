@@ -214,10 +214,10 @@ def test_written_blocks_are_the_file_bytes_and_heads_wait_whole(tmp_path: Path, 
     out.mkdir()
     with GGUFStreamWriter(plan, out) as writer:
         got = bytearray()
-        assert writer.write_rows(q, 0, 5, state[q][:5]) is None  # mid-head: held
+        assert writer.write_rows(q, 0, 5, state[q][:5]) == ()  # mid-head: held
         for r0, r1 in ((5, 24), (24, HIDDEN)):
-            block = writer.write_rows(q, r0, r1, state[q][r0:r1])
-            assert block is not None and block.offset == plan.tensor(q).offset + len(got)
+            [block] = writer.write_rows(q, r0, r1, state[q][r0:r1])
+            assert block.offset == plan.tensor(q).offset + len(got)
             got += b"".join(block.data)
         for name, t in state.items():
             if name != q:

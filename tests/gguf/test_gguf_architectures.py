@@ -23,13 +23,16 @@ from llamacpp import Conversion, llamacpp_dir
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from gguf_models import perturbed, sp_vocab_size, specs, tiny_llama  # noqa: E402
-from helpers import load_state  # noqa: E402
+from gguf_models import gguf_digests, perturbed, sp_vocab_size, specs, tiny_llama  # noqa: E402
+from helpers import GROUP, PRELUDE, load_state, run_cli, run_in_process  # noqa: E402
 
+import deltamerge.apply  # noqa: E402
 from deltamerge.cli import main  # noqa: E402
+from deltamerge.engine.journal import JOURNAL_NAME  # noqa: E402
 from deltamerge.errors import UnsupportedError  # noqa: E402
 from deltamerge.sinks import gguf_types  # noqa: E402
-from deltamerge.sinks.gguf import plan_gguf  # noqa: E402
+from deltamerge.sinks.folder import partial_dir  # noqa: E402
+from deltamerge.sinks.gguf import GGUFStreamWriter, plan_gguf  # noqa: E402
 from deltamerge.sinks.gguf_quants import quantize_rows  # noqa: E402
 
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -212,6 +215,97 @@ def test_fused_qkv_architectures(tmp_path: Path, model_type: str, tokenizer: str
     base = hf_model(tmp_path / "base", model_type, tokenizer, **config)
     ours, theirs = merged_both_ways(tmp_path, base, "f16")
     assert_same_files(ours, theirs)
+
+
+RECORD = "deltamerge-result.json"
+# Rows of 256 values (the k-quants apply); BLOOM's heads are 64 rows, Falcon's 32 (kv groups of
+# 4 query heads, a key and a value).
+FUSED = {
+    "bloom": {"hidden_size": 256, "n_head": 4, "n_layer": 2},
+    "falcon": {"hidden_size": 256, "num_attention_heads": 8, "num_kv_heads": 2, "num_hidden_layers": 2,
+               "new_decoder_architecture": True, "bias": False},
+}
+FEW_HEADS = str(128 * 256 * 4)  # --block-size: blocks of 128 rows (their fp32 work buffer)
+
+
+def fused_merge(root: Path, model_type: str) -> tuple[Path, Path]:
+    """(base, delta) of a tiny model with a fused qkv."""
+    base = hf_model(root / "base", model_type, "gpt-2", **FUSED[model_type])
+    cli("make-delta", base, perturbed(base, root / "target", seed=1), root / "delta")
+    return base, root / "delta"
+
+
+def test_a_regrouped_qkv_in_blocks_is_given_back_in_file_order(tmp_path: Path):
+    """Blocks of a run and a half (a head's q, k or v): the runs go to their places, those past
+    bytes still to come written ahead and given back once those are, so what comes back is the
+    tensor's bytes in the file's order; the file is the one the tensor written whole makes."""
+    base = hf_model(tmp_path / "base", "bloom", "gpt-2", **FUSED["bloom"])
+    state = load_state(base)
+    plan = plan_gguf(base, specs(state), outtype="q8_0")
+    [tensor] = [t for t in plan.tensors if t.name == "blk.0.attn_qkv.weight"]
+    assert tensor.head_rows == 64 and len(tensor.row_order) == 768
+    rows = state[tensor.hf_name]
+    files = {}
+    for step in (rows.shape[0], 96):
+        out = tmp_path / str(step)
+        out.mkdir()
+        given, ahead = bytearray(), 0
+        with GGUFStreamWriter(plan, out) as writer:
+            for r0 in range(0, rows.shape[0], step):
+                for block in writer.write_rows(tensor.hf_name, r0, r0 + step, rows[r0 : r0 + step]):
+                    if block.ahead:
+                        ahead += 1
+                        continue
+                    assert block.offset == tensor.offset + len(given)
+                    given += b"".join(block.data)
+            for name, t in state.items():
+                if name != tensor.hf_name:
+                    writer.write_rows(name, 0, t.shape[0], t)
+        files[step] = (out / plan.files[0].name).read_bytes()
+        assert bytes(given) == files[step][tensor.offset : tensor.offset + tensor.nbytes]
+        assert (ahead > 0) == (step < rows.shape[0])
+    assert files[96] == files[rows.shape[0]]
+
+
+@pytest.mark.parametrize(("model_type", "outtype"), [("bloom", "f16"), ("falcon", "q4_k_m")])
+def test_fused_qkv_in_blocks_of_a_few_heads(tmp_path: Path, model_type: str, outtype: str):
+    """Small blocks write the file one block of the whole tensor writes, and the digests recorded
+    are those of its bytes, hashed afresh in the file's order."""
+    base, delta = fused_merge(tmp_path, model_type)
+    files = {}
+    for label, block in (("whole", []), ("blocks", ["--block-size", FEW_HEADS])):
+        (tmp_path / label).mkdir()
+        out = tmp_path / label / "model"
+        cli("apply", base, delta, out, "--format", "gguf", "--outtype", outtype, *block)
+        [path] = out.glob("*.gguf")
+        files[label] = path.read_bytes()
+        record = json.loads((out / RECORD).read_text())
+        assert record["result"]["tensors"] == gguf_digests([path])
+    assert files["blocks"] == files["whole"]
+
+
+def test_a_killed_fused_qkv_run_resumes_keeping_what_it_journaled(tmp_path: Path):
+    """The digests journaled of a regrouped qkv written in blocks are its file bytes': a resume
+    re-checks them and keeps them."""
+    base, delta = fused_merge(tmp_path, "bloom")
+    args = ["apply", base, delta, "--format", "gguf", "--outtype", "f16", "--block-size", FEW_HEADS]
+    (tmp_path / "ref").mkdir()
+    reference, out = tmp_path / "ref" / "model", tmp_path / "model"
+    with pytest.MonkeyPatch.context() as mp:  # the killed run's tensor groups (PRELUDE)
+        mp.setattr(deltamerge.apply, "DEFAULT_SHARD_SIZE", GROUP)
+        cli(*args[:3], reference, *args[3:])
+        killed = run_cli(*map(str, args), str(out), "-q", env={"DELTAMERGE_KILL_AT": "shard:9"},
+                         prelude=PRELUDE)
+        assert killed.returncode == -9, killed.stderr
+        assert "attn_qkv" in (partial_dir(out) / JOURNAL_NAME).read_text()
+        resumed = run_in_process(*args, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "re-checked and kept" in resumed.stdout
+    for path in reference.iterdir():
+        if path.name != RECORD:
+            assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    ours, theirs = (json.loads((f / RECORD).read_text()) for f in (out, reference))
+    assert ours["result"] == theirs["result"]
 
 
 def test_llama3_rope_freqs_come_first(tmp_path: Path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf_models import specs, tiny_llama
+from gguf_models import gguf_digests, specs, tiny_llama
 from helpers import (
     GROUP,
     PRELUDE,
@@ -35,7 +35,7 @@ import deltamerge.apply
 from deltamerge import apply_delta
 from deltamerge.conversion import convert
 from deltamerge.integrity.checks import verify
-from deltamerge.integrity.digest import TensorDigest, TensorHasher, hash_bytes
+from deltamerge.integrity.digest import TensorDigest, TensorHasher
 from deltamerge.integrity.manifest import Role
 from deltamerge.sinks.gguf import GGUFStreamWriter, plan_gguf
 from deltamerge.tensor_spec import TensorSpec
@@ -83,17 +83,6 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(path)
-
-
-def gguf_digests(paths: list[Path]) -> dict:
-    """Each tensor's bytes in the files, hashed as deltamerge-result.json records them."""
-    digests = {}
-    for path in paths:
-        for t in gguf.GGUFReader(path).tensors:
-            shape = tuple(int(d) for d in reversed(t.shape))
-            digests[t.name] = {"dtype": t.tensor_type.name, "shape": list(shape),
-                               "blake3": hash_bytes(t.data.tobytes())}
-    return digests
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
