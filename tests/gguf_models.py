@@ -7,8 +7,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from click.testing import CliRunner
 from helpers import HEADS, HIDDEN, LAYERS, llama_config, llama_state, load_state, save_checkpoint
+from llamacpp import Conversion
 from safetensors.torch import save_file
+
+from deltamerge.cli import main
 
 HEAD_DIM = HIDDEN // HEADS
 
@@ -124,3 +128,42 @@ def gguf_digests(paths: list[Path]) -> dict:
             digests[t.name] = {"dtype": t.tensor_type.name, "shape": list(shape),
                                "blake3": hash_bytes(t.data.tobytes())}
     return digests
+
+
+RECORD = "deltamerge-result.json"
+
+
+def cli(*args: object) -> None:
+    """``deltamerge ARGS -q`` in this process, which must succeed."""
+    result = CliRunner().invoke(main, [*map(str, args), "-q"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+
+
+def ours_and_converters(
+    base: Path, delta: Path, root: Path, name: str
+) -> tuple[dict[str, Path], dict[str, bytes]]:
+    """deltamerge's f16 GGUF of ``base`` + ``delta`` (file name -> path), and the converter's of
+    the same merge written as a Hugging Face folder named ``name`` (file name -> bytes), the
+    converter running while ours is written."""
+    merged = root / "hf" / name
+    merged.parent.mkdir()
+    (root / "gguf").mkdir()
+    cli("apply", base, delta, merged)
+    with Conversion(merged, root / "converted", "f16") as conversion:
+        cli("apply", base, delta, root / "gguf" / name, "--format", "gguf", "--outtype", "f16")
+        ours = {p.name: p for p in sorted((root / "gguf" / name).glob("*.gguf"))}
+        theirs = conversion.files()
+    return ours, theirs
+
+
+def assert_resumed_as(resumed, out: Path, reference: Path) -> dict:  # noqa: ANN001 - a CompletedProcess
+    """A resumed run that kept what it had re-checked, and whose files and record's result are
+    the reference run's; returns that result."""
+    assert resumed.returncode == 0, resumed.stderr
+    assert "re-checked and kept" in resumed.stdout
+    for path in reference.iterdir():
+        if path.name != RECORD:
+            assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    ours, theirs = (json.loads((f / RECORD).read_text())["result"] for f in (out, reference))
+    assert ours == theirs
+    return ours

@@ -23,17 +23,15 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
-from llamacpp import Conversion, llamacpp_dir
+from llamacpp import llamacpp_dir
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from gguf_models import perturbed  # noqa: E402
+from gguf_models import cli, ours_and_converters, perturbed  # noqa: E402
 from helpers import llama_config, llama_state, save_checkpoint  # noqa: E402
 
-from deltamerge.cli import main  # noqa: E402
 from deltamerge.sinks.gguf_arch import bpe, bpe_direct  # noqa: E402
 from deltamerge.sinks.gguf_arch.bpe_pre import CHECK_TEXT  # noqa: E402
 
@@ -57,11 +55,6 @@ ADDED = [
 ]
 TEXT = ("the quick brown fox jumps over the lazy dog; a , b . it 's hello  world <|bos|> <|user|> "
         "<|absent|> he said: don't, won't! 12345 \u2581tab")
-
-
-def cli(*args: object) -> None:
-    result = CliRunner().invoke(main, [*map(str, args), "-q"])
-    assert result.exit_code == 0, (result.stderr, result.exception)
 
 
 @pytest.fixture(scope="module")
@@ -453,18 +446,10 @@ def test_gguf_through_bpe_direct_is_the_converters(tmp_path: Path):
         "tokenizer_class": "PreTrainedTokenizerFast"}))
     assert bpe_direct.load(base) is not None
     cli("make-delta", base, perturbed(base, tmp_path / "target", seed=1), tmp_path / "delta")
-    merged = tmp_path / "hf" / "llama3-shaped"
-    merged.parent.mkdir()
-    (tmp_path / "gguf").mkdir()
-    cli("apply", base, tmp_path / "delta", merged)
-    with Conversion(merged, tmp_path / "converted", "f16") as conversion:
-        cli("apply", base, tmp_path / "delta", tmp_path / "gguf" / merged.name, "--format", "gguf",
-            "--outtype", "f16")
-        ours = {p.name: p.read_bytes() for p in sorted((tmp_path / "gguf" / merged.name).glob("*.gguf"))}
-        theirs = conversion.files()
+    ours, theirs = ours_and_converters(base, tmp_path / "delta", tmp_path, "llama3-shaped")
     assert list(ours) == list(theirs)
     [name] = ours
-    reader = gguf.GGUFReader(tmp_path / "gguf" / merged.name / name)
+    reader = gguf.GGUFReader(ours[name])
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     assert tokens[n + len(extra)] == "<|only-in-config|>" and tokens[n + 3] == " tab"
-    assert ours[name] == theirs[name]
+    assert ours[name].read_bytes() == theirs[name]

@@ -18,16 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from llamacpp import Conversion, llamacpp_dir
+from llamacpp import llamacpp_dir
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
-from gguf_models import perturbed  # noqa: E402
+from gguf_models import cli, ours_and_converters, perturbed  # noqa: E402
 from helpers import llama_config, llama_state, save_checkpoint  # noqa: E402
 
-from deltamerge.cli import main  # noqa: E402
 from deltamerge.sinks.gguf_special import SpecialVocab  # noqa: E402
 
 BOS3, EOS3, EOT3 = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
@@ -148,11 +146,6 @@ def test_special_vocab_writes_the_vendored_converters_keys(tmp_path: Path):
     assert lowercase["tokenizer.ggml.normalizer.strip_accents"] is True
 
 
-def cli(*args: object) -> None:
-    result = CliRunner().invoke(main, [*map(str, args), "-q"])
-    assert result.exit_code == 0, (result.stderr, result.exception)
-
-
 def test_smollm_shaped_tokenizer_gguf_is_the_converters(tmp_path: Path):
     """A whole f16 GGUF of a tiny LLaMA with SmolLM's tokenizer files (a plain ``ByteLevel``
     post-processor, on GPT-2's vocabulary: a whole Llama 3 vocabulary, whose template's bos
@@ -169,15 +162,7 @@ def test_smollm_shaped_tokenizer_gguf_is_the_converters(tmp_path: Path):
     (base / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
     (base / "tokenizer_config.json").write_text(json.dumps(VARIANTS["smollm"][2]))
     cli("make-delta", base, perturbed(base, tmp_path / "target", seed=1), tmp_path / "delta")
-    merged = tmp_path / "hf" / "smollm-ish"
-    merged.parent.mkdir()
-    (tmp_path / "gguf").mkdir()
-    cli("apply", base, tmp_path / "delta", merged)
-    with Conversion(merged, tmp_path / "converted", "f16") as conversion:
-        cli("apply", base, tmp_path / "delta", tmp_path / "gguf" / merged.name, "--format", "gguf",
-            "--outtype", "f16")
-        ours = {p.name: p for p in sorted((tmp_path / "gguf" / merged.name).glob("*.gguf"))}
-        theirs = conversion.files()
+    ours, theirs = ours_and_converters(base, tmp_path / "delta", tmp_path, "smollm-ish")
     assert list(ours) == list(theirs)
     [(name, path)] = ours.items()
     fields = header(path)
