@@ -5,7 +5,8 @@ peft's ``get_delta_weight`` is ``((w1_a @ w1_b) * (w2_a @ w2_b)) * tensor(alpha 
 ``rank_pattern``/``alpha_pattern``; ``merge`` adds it to the weight in the weight's dtype
 (``W += delta``: one fp32 sum, rounded once). Rows of the delta need only the same rows of the
 ``w*_a``, so it streams; the products are computed on a fixed grid of windows as LoRA's are
-(``lora.Factors``: the BLAS sums a few rows in another order than the whole product).
+(``lora.Factors``: the BLAS sums a few rows in another order than the whole product), a
+window's two products side by side on the run's compute pool, each on one thread.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from .adapter import AdapterKind, RowDelta
 from .lora import window_rows
 
 PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def _product(job: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """One of a window's two products, whole, on one thread (so the bits are peft's)."""
+    a, b, out = job
+    torch.mm(a, b, out=out)
 
 
 class LohaDelta(RowDelta):
@@ -42,8 +49,8 @@ class LohaDelta(RowDelta):
             return window
         w1 = w0 + self.size
         other = scratch.get("loha-product", torch.float32, (self.size, width))
-        torch.mm(t["hada_w1_a"][w0:w1], t["hada_w1_b"], out=window)
-        torch.mm(t["hada_w2_a"][w0:w1], t["hada_w2_b"], out=other)
+        self.source.pool.map(_product, [(t["hada_w1_a"][w0:w1], t["hada_w1_b"], window),
+                                        (t["hada_w2_a"][w0:w1], t["hada_w2_b"], other)])
         window.mul_(other).mul_(self.scale)
         self._window_at = w0
         return window

@@ -1,5 +1,5 @@
-"""The compute pool (``--threads``): LoRA products and GGUF quantization give the same bytes on
-1, 2 or 3 threads, and the k-quants' fast sums are the C code's running sums."""
+"""The compute pool (``--threads``): LoRA products, LoHa's pairs of products and GGUF quantization
+give the same bytes on 1, 2 or 3 threads, and the k-quants' fast sums are the C code's running sums."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 from gguf_models import wide_llama
 from helpers import load_state
-from lora_factors import ALL, make_adapter, peft_merge, tiny_llama
+from lora_factors import ALL, SMALL_BLOCK, make, make_adapter, peft_merge, tiny_llama
+from peft import LoHaConfig
 
 import deltamerge.kinds.lora as lora
 import deltamerge.sinks.gguf as gguf_module
@@ -39,6 +40,25 @@ def test_lora_and_dora_merge_the_same_on_any_threads(tmp_path: Path, monkeypatch
             assert set(got) == set(reference)
             for name, tensor in got.items():
                 assert torch.equal(tensor, reference[name]), (adapter.name, threads, name)
+
+
+def test_loha_merges_the_same_on_any_threads(tmp_path: Path, monkeypatch) -> None:
+    """LoHa's windows (16 rows), each one's two products side by side on the pool, on 1, 2 and 3
+    threads, in blocks of a few rows and of several windows: every tensor is peft's, bit for bit."""
+    monkeypatch.setattr(lora, "WINDOW_ROWS", 16)
+    monkeypatch.setattr(lora, "MERGE_ROWS", 5)
+    base = tiny_llama(tmp_path / "base", torch.float16, ffn=300)
+    config = LoHaConfig(r=8, alpha=4, target_modules=ALL, rank_pattern={"down_proj": 4})
+    adapter = make(base, torch.float16, config, tmp_path / "loha")
+    reference = peft_merge(base, torch.float16, [adapter])
+    for threads in THREADS:
+        for block in (SMALL_BLOCK, 20_000):
+            out = tmp_path / f"out-{threads}-{block}"
+            apply_delta(base, adapter, out, block_size=block, threads=threads)
+            got = load_state(out)
+            assert set(got) == set(reference)
+            for name, tensor in got.items():
+                assert torch.equal(tensor, reference[name]), (threads, block, name)
 
 
 def test_q4_k_m_bytes_are_the_same_on_any_threads(
