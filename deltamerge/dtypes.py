@@ -32,7 +32,8 @@ USER_DTYPES: dict[str, torch.dtype] = {
 
 
 def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    """Bytes per element (``dtype.itemsize``: no tensor made, so no allocator call under the GIL)."""
+    return dtype.itemsize
 
 
 def parse_user_dtype(name: str | torch.dtype | None, argument: str = "dtype") -> torch.dtype | None:
