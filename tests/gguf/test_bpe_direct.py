@@ -2,9 +2,10 @@
 
 The converter's ``get_vocab_base`` reads the tokenizer transformers builds; ``bpe_direct`` builds
 the same ``tokenizers.Tokenizer`` itself for the folders its gate admits. Here both readers load
-every tokenizer folder available offline (llama.cpp's vocabularies rebuilt by transformers, and
-Meta's Llama 3 shape on its vocabulary) and a small BPE in a variant for each tokenizer_config.json
-key and file the gate admits, and must give the same tokens, token types and pre-tokenizer hash,
+every tokenizer folder available offline (llama.cpp's vocabularies rebuilt by transformers, Meta's
+Llama 3 shape on its vocabulary, Qwen2.5's and Qwen3's on Qwen2's) and a small BPE in a variant for
+each tokenizer_config.json key and file the gate admits, as TokenizersBackend and as Qwen2Tokenizer
+(which rebuilds the pipeline), and must give the same tokens, token types and pre-tokenizer hash,
 the same added tokens with the same flags, and the same encodings. The folders it must not admit
 go to ``AutoTokenizer``, which a counter and a subprocess (is transformers imported?) show; and a
 whole GGUF made through it is the converter's, byte for byte.
@@ -113,7 +114,9 @@ def assert_same_reading(folder: Path, texts: tuple[str, ...] = (CHECK_TEXT, TEXT
     direct = bpe_direct.load(folder)
     assert direct is not None, f"{folder.name}: bpe_direct does not admit it"
     auto = transformers.AutoTokenizer.from_pretrained(folder)
-    assert type(auto) is transformers.TokenizersBackend
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    qwen2 = config["tokenizer_class"] in bpe_direct.QWEN2_CLASSES
+    assert type(auto) is (transformers.Qwen2Tokenizer if qwen2 else transformers.TokenizersBackend)
     assert direct.vocab == auto.vocab
     assert added_flags(direct) == added_flags(auto)
     assert direct.get_added_vocab() == auto.get_added_vocab()
@@ -257,6 +260,13 @@ VARIANTS: dict[str, Edit] = {
 }
 
 
+# The variants that apply to Qwen2Tokenizer's folders (the others set the class or the model type).
+QWEN2_VARIANTS = [name for name in VARIANTS if name not in {
+    "meta-llama3", "pretrained-tokenizer-fast", "meta-post-processor-no-config-decoder", "falcon-shape",
+    "bloom-shape"} and not name.startswith("model-type-")]
+QWEN2_VARIANTS += [f"model-type-{t}" for t in sorted(bpe_direct.QWEN2_MODEL_TYPES)]
+
+
 def small_files(small_bpe: dict[str, Any]) -> dict[str, Any]:
     return {"tokenizer.json": json.loads(json.dumps(small_bpe)),
             "tokenizer_config.json": {"tokenizer_class": "TokenizersBackend", "bos_token": BOS,
@@ -269,6 +279,22 @@ def test_small_bpe_variants_read_the_same(tmp_path: Path, small_bpe: dict[str, A
     files = small_files(small_bpe)
     VARIANTS[variant](files)
     assert_same_reading(write_folder(tmp_path / variant, files))
+
+
+@pytest.mark.parametrize("variant", QWEN2_VARIANTS)
+def test_small_bpe_qwen2_variants_read_the_same(tmp_path: Path, small_bpe: dict[str, Any], variant: str):
+    """The same variants under Qwen2Tokenizer, which rebuilds the pipeline from tokenizer.json's
+    vocabulary and merges (a ByteLevel BPE, NFC, its own regex), and Qwen2TokenizerFast."""
+    files = small_files(small_bpe)
+    files["tokenizer_config.json"]["tokenizer_class"] = "Qwen2Tokenizer"
+    files["config.json"] = {"model_type": "qwen2"}
+    if variant.startswith("model-type-"):
+        files["config.json"] = {"model_type": variant.removeprefix("model-type-")}
+    else:
+        VARIANTS[variant](files)
+    assert_same_reading(write_folder(tmp_path / variant, files))
+    files["tokenizer_config.json"]["tokenizer_class"] = "Qwen2TokenizerFast"
+    assert_same_reading(write_folder(tmp_path / f"{variant}-fast", files))
 
 
 def llamacpp_tokenizers() -> list[str]:
@@ -292,15 +318,15 @@ def llamacpp_folder(root: Path, name: str, tokenizer_class: str | None = None) -
 
 
 def test_every_offline_tokenizer_reads_the_same(tmp_path: Path):
-    """llama.cpp's rebuilt vocabularies: those whose class the gate admits as they are, the others
-    (GPT2Tokenizer's and Qwen2Tokenizer's, which rebuild their pipeline and so go to AutoTokenizer
-    as they are) as TokenizersBackend."""
+    """llama.cpp's rebuilt vocabularies: those whose class the gate admits as they are (Qwen2Tokenizer's
+    among them), the others (GPT2Tokenizer's, which rebuilds its pipeline and so goes to AutoTokenizer
+    as it is) as TokenizersBackend."""
     names = llamacpp_tokenizers()
     assert {"falcon", "llama-bpe", "gpt-2", "qwen2"} <= set(names)
     for name in names:
         folder = llamacpp_folder(tmp_path / "as-is", name)
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-        if config.get("tokenizer_class") not in bpe_direct.CLASSES:
+        if config.get("tokenizer_class") not in bpe_direct.CLASSES | bpe_direct.QWEN2_CLASSES:
             assert bpe_direct.load(folder) is None
             folder = llamacpp_folder(tmp_path / "backend", name, "TokenizersBackend")
         assert_same_reading(folder)
@@ -323,6 +349,67 @@ def test_meta_llama3_shape_reads_the_same_and_is_llama_bpe(tmp_path: Path):
     assert bpe.vocab(folder, {})[2] == "llama-bpe"
 
 
+# Qwen3's added tokens: (text, special); Qwen2.5 has all but the last four.
+QWEN3_ADDED = [*[(f"<|{name}|>", True) for name in (
+    "endoftext", "im_start", "im_end", "object_ref_start", "object_ref_end", "box_start", "box_end",
+    "quad_start", "quad_end", "vision_start", "vision_end", "vision_pad", "image_pad", "video_pad")],
+    *[(t, False) for t in (
+        "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+        "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>")]]
+QWEN_TEXT = ("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\n"
+             "<tool_call>{\"a\": 1}</tool_call><think>\n\nhmm</think> caf\u00e9 cafe\u0301 \uff21 2024 "
+             "<|endoftext|><|fim_prefix|>x<|im_end|>")
+
+
+@pytest.mark.parametrize("shape", ["qwen2.5", "qwen3", "qwen3-config-flags-differ"])
+def test_qwen_shapes_read_the_same(tmp_path: Path, shape: str):
+    """Qwen2.5's and Qwen3's files on the Qwen2 vocabulary: Qwen2Tokenizer, many added tokens special
+    or not in tokenizer_config.json's added_tokens_decoder, bos_token null, pad_token <|endoftext|>,
+    the extra special tokens list, errors, split_special_tokens, add_prefix_space, a chat template,
+    vocab.json and merges.txt beside tokenizer.json; and one whose tokenizer_config.json flags differ
+    from tokenizer.json's."""
+    folder = llamacpp_folder(tmp_path, "qwen2")
+    tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    added = QWEN3_ADDED[:-4] if shape == "qwen2.5" else QWEN3_ADDED
+    plain = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False}
+    tj["added_tokens"] = [{"id": 151643 + i, "content": c, **plain, "special": s}
+                          for i, (c, s) in enumerate(added)]
+    (folder / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    if shape == "qwen2.5":  # the slow files Qwen's repositories ship beside it, which are not read
+        (folder / "vocab.json").write_text(json.dumps({"<|unread|>": 0}), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\nĠ t\n", encoding="utf-8")
+    decoder = decoder_entries(tj)
+    if shape == "qwen3-config-flags-differ":
+        for entry in decoder.values():
+            if entry["content"] in ("<think>", "<|vision_pad|>"):
+                entry["special"] = not entry["special"]
+            if entry["content"] == "<|fim_pad|>":
+                entry["normalized"] = True
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": decoder,
+        "additional_special_tokens": [c for c, s in added if s and c != "<|endoftext|>"],
+        "bos_token": None, "chat_template": "{% for m in messages %}{{ m }}{% endfor %}",
+        "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
+        "model_max_length": 131072, "pad_token": "<|endoftext|>", "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}))
+    model_type = "qwen2" if shape == "qwen2.5" else "qwen3"
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    assert_same_reading(folder, texts=(CHECK_TEXT, QWEN_TEXT))
+    assert bpe.vocab(folder, {})[2] == "qwen2"
+
+
+@pytest.mark.parametrize("tokenizer_class", sorted(bpe_direct.QWEN2_CLASSES))
+def test_qwen2_classes_and_model_types_load_qwen2_tokenizer(tmp_path: Path, small_bpe: dict[str, Any],
+                                                           tokenizer_class: str):
+    """Step 1 for Qwen2Tokenizer: each admitted name with each admitted model type is that class."""
+    for model_type in sorted(bpe_direct.QWEN2_MODEL_TYPES):
+        files = small_files(small_bpe)
+        files["tokenizer_config.json"]["tokenizer_class"] = tokenizer_class
+        files["config.json"] = {"model_type": model_type}
+        folder = write_folder(tmp_path / model_type, files)
+        assert type(transformers.AutoTokenizer.from_pretrained(folder)) is transformers.Qwen2Tokenizer
+
+
 @pytest.mark.parametrize("tokenizer_class", sorted(bpe_direct.CLASSES))
 def test_admitted_classes_and_model_types_load_tokenizers_backend(tmp_path: Path, small_bpe: dict[str, Any],
                                                                   tokenizer_class: str):
@@ -342,7 +429,9 @@ def reject(key: str, value: Any) -> Edit:
 
 REJECTED: dict[str, Edit] = {
     "gpt2-tokenizer": reject("tokenizer_class", "GPT2Tokenizer"),
-    "qwen2-tokenizer": reject("tokenizer_class", "Qwen2Tokenizer"),
+    "qwen2-tokenizer-model-type-llama": reject("tokenizer_class", "Qwen2Tokenizer"),
+    "qwen2-tokenizer-model-type-qwen3-5": both(reject("tokenizer_class", "Qwen2Tokenizer"),
+                                               model_type("qwen3_5")),
     "llama-tokenizer-fast": reject("tokenizer_class", "LlamaTokenizerFast"),
     "no-class": lambda files: files["tokenizer_config.json"].pop("tokenizer_class"),
     "no-tokenizer-config": lambda files: files.update({"tokenizer_config.json": None}),
@@ -412,14 +501,14 @@ print(json.dumps(out))
 
 
 def test_an_admitted_folder_does_not_import_transformers(tmp_path: Path):
-    """Falcon's tokenizer as transformers saves it is read without transformers; GPT-2's
-    (GPT2Tokenizer) after it imports it."""
-    folders = [llamacpp_folder(tmp_path, "falcon"), llamacpp_folder(tmp_path, "gpt-2")]
+    """Falcon's tokenizer as transformers saves it, and Qwen2's (Qwen2Tokenizer), are read without
+    transformers; GPT-2's (GPT2Tokenizer) after it imports it."""
+    folders = [llamacpp_folder(tmp_path, name) for name in ("falcon", "qwen2", "gpt-2")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", CHILD, *map(str, folders)], env=env, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout) == [["falcon", False], ["gpt-2", True]]
+    assert json.loads(done.stdout) == [["falcon", False], ["qwen2", False], ["gpt-2", True]]
 
 
 def test_gguf_through_bpe_direct_is_the_converters(tmp_path: Path):

@@ -11,9 +11,10 @@ transformers 5.25 (:data:`PROVEN_TRANSFORMERS`) makes that ``Tokenizer`` by thes
    Bloom classes map to) when tokenizer_config.json names one of :data:`CLASSES`, has no
    ``auto_map``, and config.json's ``model_type`` is one of :data:`MODEL_TYPES` (others, such as
    ``qwen2`` or ``mistral`` with mistral-common installed, swap in their own class, which
-   rebuilds the pipeline: those folders go to ``AutoTokenizer``). Of the config it reads nothing
-   else but a ``model_name`` (refused here) and the folder's path, whose special cases pick
-   ``TokenizersBackend`` too.
+   rebuilds the pipeline: those folders go to ``AutoTokenizer``); it picks ``Qwen2Tokenizer``
+   when tokenizer_config.json names one of :data:`QWEN2_CLASSES` and the model type is one of
+   :data:`QWEN2_MODEL_TYPES` (step 5). Of the config it reads nothing else but a ``model_name``
+   (refused here) and the folder's path, whose special cases pick ``TokenizersBackend`` too.
 2. ``TokenizersBackend.__init__`` reads tokenizer.json with ``Tokenizer.from_file``; since the
    file exists, tokenizer_config.json's ``add_bos_token``/``add_eos_token`` are dropped before it
    (``_from_pretrained``), so the post-processor is replaced only where tokenizer.json has none,
@@ -30,6 +31,17 @@ transformers 5.25 (:data:`PROVEN_TRANSFORMERS`) makes that ``Tokenizer`` by thes
    ``split_special_tokens``; ``decode`` is ``Tokenizer.decode(ids, skip_special_tokens=False)``:
    transformers 5 skips ``clean_up_tokenization_spaces`` for a BPE model (unless a key this gate
    refuses forces it).
+5. ``Qwen2Tokenizer`` has its own ``__init__``, so ``convert_to_native_format`` does not hand it
+   tokenizer.json: it passes the model's vocabulary and merges (as tuples), and the post-processor
+   parsed from the file with an empty vocabulary, merges and added tokens. ``__init__`` builds a
+   new ``Tokenizer``: ``BPE`` of those with its own settings, ``ByteLevel`` decoder, ``NFC``
+   normalizer, ``Split`` on its regex then ``ByteLevel`` (the config's ``add_prefix_space``, else
+   off) without regex; its named tokens default to ``<|endoftext|>`` (unk, eos, pad) where the
+   config names none. Steps 2 and 3 follow on that ``Tokenizer`` (which holds no added tokens, so
+   tokenizer.json's count only through step 3's list), the post-processor set first where the
+   file's is not None; last, ``add_tokens`` of every special token's text (named, then extra, each
+   once) as ``AddedToken(text, special=True)``. Other files of the folder (vocab.json,
+   merges.txt) are not read.
 
 Every tokenizer_config.json key is one of :data:`_CONFIG_KEYS`, whose effect is one of the steps
 above or nothing on these members (chat templates, lengths, sides, names); tokenizer.json has no
@@ -42,6 +54,7 @@ readers on every offline tokenizer and on variants of each admitted key (tests/g
 
 from __future__ import annotations
 
+import json
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -53,6 +66,14 @@ PROVEN_TRANSFORMERS = ("5.25.",)
 CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend", "BloomTokenizerFast", "BloomTokenizer"})
 MODEL_TYPES = frozenset({"llama", "falcon", "gpt_neox", "bloom", "qwen3", "phi3", "gemma", "gemma2",
                          "gemma3_text"})
+# Qwen2Tokenizer (step 5), for Qwen2, Qwen2.5 and Qwen3 models: the class, the model types it is
+# shown to load with, its named-token defaults and its pre-tokenizer's regex.
+QWEN2_CLASSES = frozenset({"Qwen2Tokenizer", "Qwen2TokenizerFast"})
+QWEN2_MODEL_TYPES = frozenset({"qwen2", "qwen2_moe", "qwen3", "qwen3_moe"})
+QWEN2_DEFAULTS = {"unk_token": "<|endoftext|>", "bos_token": None, "eos_token": "<|endoftext|>",
+                  "pad_token": "<|endoftext|>"}
+QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+                           r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _ADDED_TOKEN_FIELDS = frozenset({"content", "single_word", "lstrip", "rstrip", "normalized", "special"})
 _SIDES = ("right", "left")
@@ -74,7 +95,7 @@ def _is_str_list(v: Any) -> bool:
 # class and split_special_tokens are steps 1, 3 and 4; add_bos/eos_token are dropped (step 2);
 # the rest set attributes get_vocab_base does not read, or are overwritten by the loader.
 _CONFIG_KEYS: dict[str, Any] = {
-    "tokenizer_class": _one_of(CLASSES),
+    "tokenizer_class": _one_of(CLASSES | QWEN2_CLASSES),
     "added_tokens_decoder": lambda v: isinstance(v, dict),
     **{name: (lambda v: v is None or isinstance(v, str)) for name in NAMED},
     "additional_special_tokens": _is_str_list,
@@ -168,9 +189,11 @@ def _admitted_files(folder: Path) -> tuple[dict, dict | None, dict] | None:
         "config.json", "tokenizer_config.json", "tokenizer.json"))
     if not all(isinstance(obj, dict) for obj in (config, tokenizer_config, tokenizer_json)):
         return None
-    if not _one_of(MODEL_TYPES)(config.get("model_type")) or "model_name" in config:
+    if "tokenizer_class" not in tokenizer_config or "model_name" in config:  # else the model type picks
         return None
-    if "tokenizer_class" not in tokenizer_config:  # then the model type picks the class
+    qwen2 = _one_of(QWEN2_CLASSES)(tokenizer_config["tokenizer_class"])
+    model_types = QWEN2_MODEL_TYPES if qwen2 else MODEL_TYPES
+    if not _one_of(model_types)(config.get("model_type")):
         return None
     if not all(key in _CONFIG_KEYS and _CONFIG_KEYS[key](value) for key, value in tokenizer_config.items()):
         return None
@@ -197,8 +220,10 @@ def _admitted_files(folder: Path) -> tuple[dict, dict | None, dict] | None:
 
 def _build(tokenizers: Any, folder: Path, tokenizer_config: dict, special_tokens_map: dict | None,
            tokenizer_json: dict) -> DirectTokenizer:
-    """Steps 2 to 4 of the module's docstring: ``_from_pretrained`` and ``TokenizersBackend.__init__``."""
+    """Steps 2 to 4 of the module's docstring: ``_from_pretrained``, then ``Qwen2Tokenizer.__init__``
+    (step 5) where it is the class, and ``TokenizersBackend.__init__``."""
     added_token = tokenizers.AddedToken
+    qwen2 = tokenizer_config["tokenizer_class"] in QWEN2_CLASSES
     # _from_pretrained: the added tokens by id, the special tokens they name
     kwargs = dict(tokenizer_config)
     if "additional_special_tokens" in kwargs and not kwargs.get("extra_special_tokens"):
@@ -223,11 +248,19 @@ def _build(tokenizers: Any, folder: Path, tokenizer_config: dict, special_tokens
     for key in NAMED:
         if key in kwargs and by_text != {} and kwargs[key] is not None:
             kwargs[key] = by_text.get(str(kwargs[key]), kwargs[key])
+    if qwen2:  # Qwen2Tokenizer's defaults, for the named tokens the config does not name
+        kwargs = {**QWEN2_DEFAULTS, **kwargs}
     named = {key: kwargs.get(key) for key in NAMED}
     extra = list(kwargs.get("extra_special_tokens") or [])
 
-    # TokenizersBackend.__init__
-    backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    # TokenizersBackend.__init__ (Qwen2Tokenizer's first rebuilds the pipeline, and the post-processor
+    # comes from tokenizer.json through convert_to_native_format)
+    if qwen2:
+        backend, post_processor = _qwen2_backend(tokenizers, tokenizer_json, kwargs.get("add_prefix_space"))
+        if post_processor:
+            backend.post_processor = post_processor
+    else:
+        backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
     split = bool(kwargs.get("split_special_tokens", False))
     backend.encode_special_tokens = split
     to_add = [token for _, token in sorted(decoder.items(), key=lambda x: x[0])]
@@ -254,4 +287,35 @@ def _build(tokenizers: Any, folder: Path, tokenizer_config: dict, special_tokens
     if backend.post_processor is None:
         backend.post_processor = tokenizers.processors.TemplateProcessing(
             single="$A:0", pair="$A:0 $B:1", special_tokens=[])
+    if qwen2:  # Qwen2Tokenizer.__init__'s last line: add_tokens of all_special_tokens
+        texts = list(dict.fromkeys(str(t) for t in [*named.values(), *extra] if t is not None))
+        backend.add_tokens([added_token(text, special=True) for text in texts])
     return DirectTokenizer(backend)
+
+
+def _qwen2_backend(tokenizers: Any, tokenizer_json: dict, add_prefix_space: Any) -> tuple[Any, Any]:
+    """Step 5: the ``Tokenizer`` ``Qwen2Tokenizer.__init__`` builds of the vocabulary and merges
+    ``convert_to_native_format`` takes from tokenizer.json, and the post-processor it reads there
+    (parsed with an empty vocabulary, merges and added tokens, as it does)."""
+    model = tokenizer_json["model"]
+    vocab = model.get("vocab")
+    if isinstance(vocab, list):
+        vocab = {token[0] if isinstance(token, list) else token: i for i, token in enumerate(vocab)}
+    merges = None
+    if "merges" in model:
+        merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
+                  for merge in model["merges"]]
+    minimal = {**tokenizer_json, "model": {**model, "vocab": {}, "merges": []}, "added_tokens": []}
+    post_processor = tokenizers.Tokenizer.from_str(json.dumps(minimal)).post_processor
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab=vocab if vocab is not None else {"<|endoftext|>": 0}, merges=merges or [], dropout=None,
+        unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+        byte_fallback=False))
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    backend.normalizer = tokenizers.normalizers.NFC()
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Split(tokenizers.Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated",
+                                        invert=False),
+        tokenizers.pre_tokenizers.ByteLevel(
+            add_prefix_space=add_prefix_space if add_prefix_space is not None else False, use_regex=False)])
+    return backend, post_processor
