@@ -4,11 +4,11 @@ The converter's ``get_vocab_base`` reads the tokenizer transformers builds; ``bp
 the same ``tokenizers.Tokenizer`` itself for the folders its gate admits. Here both readers load
 every tokenizer folder available offline (llama.cpp's vocabularies rebuilt by transformers, Meta's
 Llama 3 shape on its vocabulary, Qwen2.5's and Qwen3's on Qwen2's) and a small BPE in a variant for
-each tokenizer_config.json key and file the gate admits, as TokenizersBackend and as Qwen2Tokenizer
-(which rebuilds the pipeline), and must give the same tokens, token types and pre-tokenizer hash,
-the same added tokens with the same flags, and the same encodings. The folders it must not admit
-go to ``AutoTokenizer``, which a counter and a subprocess (is transformers imported?) show; and a
-whole GGUF made through it is the converter's, byte for byte.
+each tokenizer_config.json key and file the gate admits, as TokenizersBackend and as Qwen2Tokenizer,
+GPT2Tokenizer and GPTNeoXTokenizer (which rebuild the pipeline), and must give the same tokens, token
+types and pre-tokenizer hash, the same added tokens with the same flags, and the same encodings. The
+folders it must not admit go to ``AutoTokenizer``, which a counter and a subprocess (is transformers
+imported?) show; and a whole GGUF made through it is the converter's, byte for byte.
 """
 
 from __future__ import annotations
@@ -115,8 +115,7 @@ def assert_same_reading(folder: Path, texts: tuple[str, ...] = (CHECK_TEXT, TEXT
     assert direct is not None, f"{folder.name}: bpe_direct does not admit it"
     auto = transformers.AutoTokenizer.from_pretrained(folder)
     config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    qwen2 = config["tokenizer_class"] in bpe_direct.QWEN2_CLASSES
-    assert type(auto) is (transformers.Qwen2Tokenizer if qwen2 else transformers.TokenizersBackend)
+    assert type(auto) is loaded_class(config["tokenizer_class"])
     assert direct.vocab == auto.vocab
     assert added_flags(direct) == added_flags(auto)
     assert direct.get_added_vocab() == auto.get_added_vocab()
@@ -128,6 +127,16 @@ def assert_same_reading(folder: Path, texts: tuple[str, ...] = (CHECK_TEXT, TEXT
     h = {"vocab_size": max(auto.vocab.values()) + 3}  # padded, as a config's vocab_size may be
     digest = lambda tokenizer, _folder: bpe.check_hash(tokenizer)  # noqa: E731 - names no pre-tokenizer
     assert bpe.listing(direct, folder, h, digest) == bpe.listing(auto, folder, h, digest)
+
+
+def loaded_class(tokenizer_class: str) -> type:
+    """The class AutoTokenizer loads for an admitted tokenizer_config.json class."""
+    for classes, cls in ((bpe_direct.QWEN2_CLASSES, transformers.Qwen2Tokenizer),
+                         (bpe_direct.GPT2_CLASSES, transformers.GPT2Tokenizer),
+                         (bpe_direct.NEOX_CLASSES, transformers.GPTNeoXTokenizer)):
+        if tokenizer_class in classes:
+            return cls
+    return transformers.TokenizersBackend
 
 
 # Each variant edits the files of a folder (None: no such file) from the small BPE's, which has a
@@ -267,6 +276,25 @@ QWEN2_VARIANTS = [name for name in VARIANTS if name not in {
 QWEN2_VARIANTS += [f"model-type-{t}" for t in sorted(bpe_direct.QWEN2_MODEL_TYPES)]
 
 
+# The variants that apply to GPT2Tokenizer's and GPTNeoXTokenizer's folders, and options of theirs.
+GPT2_VARIANTS = [name for name in QWEN2_VARIANTS if not name.startswith("model-type-")]
+GPT2_VARIANTS += [f"model-type-{t}" for t in sorted(bpe_direct.GPT2_MODEL_TYPES)]
+GPT2_VARIANTS += ["add-prefix-space", "trim-offsets-off", "no-named-tokens", "null-named-tokens",
+                  "bos-post-processor", "byte-level-post-processor"]
+GPT2_OPTIONS: dict[str, Edit] = {
+    "add-prefix-space": update({"add_prefix_space": True}),
+    "trim-offsets-off": update({"trim_offsets": False, "add_prefix_space": True}),
+    "no-named-tokens": lambda files: [files["tokenizer_config.json"].pop(k)
+                                      for k in ("bos_token", "eos_token")],
+    "null-named-tokens": update({"bos_token": None, "eos_token": None, "unk_token": None, "pad_token": None}),
+    # tokenizer.json's post-processor: GPT2Tokenizer keeps it, GPTNeoXTokenizer's template replaces it
+    "bos-post-processor": lambda files: files["tokenizer.json"].update({"post_processor": meta_post_processor(
+        BOS, next(t["id"] for t in files["tokenizer.json"]["added_tokens"] if t["content"] == BOS))}),
+    "byte-level-post-processor": lambda files: files["tokenizer.json"].update({"post_processor": {
+        "type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}}),
+}
+
+
 def small_files(small_bpe: dict[str, Any]) -> dict[str, Any]:
     return {"tokenizer.json": json.loads(json.dumps(small_bpe)),
             "tokenizer_config.json": {"tokenizer_class": "TokenizersBackend", "bos_token": BOS,
@@ -297,6 +325,26 @@ def test_small_bpe_qwen2_variants_read_the_same(tmp_path: Path, small_bpe: dict[
     assert_same_reading(write_folder(tmp_path / f"{variant}-fast", files))
 
 
+@pytest.mark.parametrize("tokenizer_class", ["GPT2Tokenizer", "GPTNeoXTokenizer"])
+@pytest.mark.parametrize("variant", GPT2_VARIANTS)
+def test_small_bpe_gpt2_and_neox_variants_read_the_same(tmp_path: Path, small_bpe: dict[str, Any],
+                                                        variant: str, tokenizer_class: str):
+    """The same variants, and their options (add_prefix_space, trim_offsets, their default named
+    tokens), under GPT2Tokenizer and GPTNeoXTokenizer (and their Fast names), which rebuild the
+    pipeline from tokenizer.json's vocabulary and merges."""
+    files = small_files(small_bpe)
+    files["tokenizer_config.json"]["tokenizer_class"] = tokenizer_class
+    files["config.json"] = {"model_type": "gpt_neox"}
+    if variant.startswith("model-type-"):
+        files["config.json"] = {"model_type": variant.removeprefix("model-type-")}
+    else:
+        (GPT2_OPTIONS.get(variant) or VARIANTS[variant])(files)
+    texts = (CHECK_TEXT, TEXT, QWEN_TEXT)  # the last with decomposed and full-width letters (NFC)
+    assert_same_reading(write_folder(tmp_path / variant, files), texts)
+    files["tokenizer_config.json"]["tokenizer_class"] = f"{tokenizer_class}Fast"
+    assert_same_reading(write_folder(tmp_path / f"{variant}-fast", files), texts)
+
+
 def llamacpp_tokenizers() -> list[str]:
     folder = llamacpp_dir() / "tokenizers"
     return sorted(p.name for p in folder.iterdir() if (p / "tokenizer.json").is_file())
@@ -319,14 +367,14 @@ def llamacpp_folder(root: Path, name: str, tokenizer_class: str | None = None) -
 
 def test_every_offline_tokenizer_reads_the_same(tmp_path: Path):
     """llama.cpp's rebuilt vocabularies: those whose class the gate admits as they are (Qwen2Tokenizer's
-    among them), the others (GPT2Tokenizer's, which rebuilds its pipeline and so goes to AutoTokenizer
-    as it is) as TokenizersBackend."""
+    and GPT2Tokenizer's among them), any other as TokenizersBackend."""
     names = llamacpp_tokenizers()
     assert {"falcon", "llama-bpe", "gpt-2", "qwen2"} <= set(names)
     for name in names:
         folder = llamacpp_folder(tmp_path / "as-is", name)
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-        if config.get("tokenizer_class") not in bpe_direct.CLASSES | bpe_direct.QWEN2_CLASSES:
+        if config.get("tokenizer_class") not in (bpe_direct.CLASSES | bpe_direct.QWEN2_CLASSES
+                                                 | bpe_direct.GPT2_CLASSES | bpe_direct.NEOX_CLASSES):
             assert bpe_direct.load(folder) is None
             folder = llamacpp_folder(tmp_path / "backend", name, "TokenizersBackend")
         assert_same_reading(folder)
@@ -398,6 +446,60 @@ def test_qwen_shapes_read_the_same(tmp_path: Path, shape: str):
     assert bpe.vocab(folder, {})[2] == "qwen2"
 
 
+GPT2_SHAPES = {
+    # SmolLM's tokenizer_config.json (tests/gguf/test_gguf_special_tokens.py's), on a llama model
+    "smollm": ("llama", {"add_prefix_space": False, "bos_token": "<|endoftext|>",
+                         "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                         "tokenizer_class": "GPT2Tokenizer"}),
+    # EleutherAI Pythia's, on a gpt_neox model
+    "pythia": ("gpt_neox", {"add_prefix_space": False, "bos_token": "<|endoftext|>",
+                            "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                            "tokenizer_class": "GPTNeoXTokenizer"}),
+}
+
+
+@pytest.mark.parametrize("shape", list(GPT2_SHAPES))
+def test_smollm_and_pythia_shapes_read_the_same(tmp_path: Path, shape: str):
+    """SmolLM's (GPT2Tokenizer) and Pythia's (GPTNeoXTokenizer, whose pad defaults to <|padding|>,
+    absent here, and whose template replaces tokenizer.json's) configs on the GPT-2 vocabulary."""
+    folder = llamacpp_folder(tmp_path, "gpt-2")
+    model, config = GPT2_SHAPES[shape]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps({"model_type": model}))
+    assert_same_reading(folder, texts=(CHECK_TEXT, TEXT, QWEN_TEXT))
+    assert bpe.vocab(folder, {})[2] == "gpt-2"
+
+
+@pytest.mark.parametrize("tokenizer_class", sorted(bpe_direct.GPT2_CLASSES | bpe_direct.NEOX_CLASSES))
+def test_gpt2_and_neox_classes_and_model_types_load_their_class(tmp_path: Path, small_bpe: dict[str, Any],
+                                                                tokenizer_class: str):
+    """Step 1 for GPT2Tokenizer and GPTNeoXTokenizer: each admitted name with each admitted model type
+    is that class; model types that swap in another class are refused."""
+    for model_type in sorted(bpe_direct.GPT2_MODEL_TYPES | {"phi3", "qwen2", "mistral", "stablelm",
+                                                            "gpt_bigcode"}):
+        files = small_files(small_bpe)
+        files["tokenizer_config.json"]["tokenizer_class"] = tokenizer_class
+        files["config.json"] = {"model_type": model_type}
+        folder = write_folder(tmp_path / model_type, files)
+        loaded = type(transformers.AutoTokenizer.from_pretrained(folder))
+        if model_type in bpe_direct.GPT2_MODEL_TYPES:
+            assert loaded is loaded_class(tokenizer_class)
+        else:
+            assert loaded is not loaded_class(tokenizer_class) and bpe_direct.load(folder) is None
+
+
+def test_a_backend_path_is_refused_for_rebuilding_classes(tmp_path: Path, small_bpe: dict[str, Any],
+                                                          monkeypatch: pytest.MonkeyPatch):
+    """A relative path matching one of transformers' TokenizersBackend patterns loads that class."""
+    files = small_files(small_bpe)
+    files["tokenizer_config.json"]["tokenizer_class"] = "GPT2Tokenizer"
+    write_folder(tmp_path / "deepseek-ai" / "deepseek-coder-x", files)
+    monkeypatch.chdir(tmp_path)
+    folder = Path("deepseek-ai/deepseek-coder-x")
+    assert type(transformers.AutoTokenizer.from_pretrained(folder)) is transformers.TokenizersBackend
+    assert bpe_direct.load(folder) is None
+
+
 @pytest.mark.parametrize("tokenizer_class", sorted(bpe_direct.QWEN2_CLASSES))
 def test_qwen2_classes_and_model_types_load_qwen2_tokenizer(tmp_path: Path, small_bpe: dict[str, Any],
                                                            tokenizer_class: str):
@@ -428,7 +530,13 @@ def reject(key: str, value: Any) -> Edit:
 
 
 REJECTED: dict[str, Edit] = {
-    "gpt2-tokenizer": reject("tokenizer_class", "GPT2Tokenizer"),
+    "gpt2-tokenizer-model-type-phi3": both(reject("tokenizer_class", "GPT2Tokenizer"), model_type("phi3")),
+    "neox-tokenizer-model-type-falcon": both(reject("tokenizer_class", "GPTNeoXTokenizer"),
+                                             model_type("falcon")),
+    "gpt2-tokenizer-add-prefix-space-null": both(reject("tokenizer_class", "GPT2Tokenizer"),
+                                                 reject("add_prefix_space", None)),
+    "neox-tokenizer-trim-offsets-null": both(reject("tokenizer_class", "GPTNeoXTokenizer"),
+                                             reject("trim_offsets", None)),
     "qwen2-tokenizer-model-type-llama": reject("tokenizer_class", "Qwen2Tokenizer"),
     "qwen2-tokenizer-model-type-qwen3-5": both(reject("tokenizer_class", "Qwen2Tokenizer"),
                                                model_type("qwen3_5")),
@@ -501,14 +609,17 @@ print(json.dumps(out))
 
 
 def test_an_admitted_folder_does_not_import_transformers(tmp_path: Path):
-    """Falcon's tokenizer as transformers saves it, and Qwen2's (Qwen2Tokenizer), are read without
-    transformers; GPT-2's (GPT2Tokenizer) after it imports it."""
+    """Falcon's tokenizer as transformers saves it, Qwen2's (Qwen2Tokenizer) and GPT-2's (GPT2Tokenizer)
+    are read without transformers; GPT-2's on a phi3 model (TokenizersBackend swapped in) after it
+    imports it."""
     folders = [llamacpp_folder(tmp_path, name) for name in ("falcon", "qwen2", "gpt-2")]
+    folders.append(llamacpp_folder(tmp_path / "phi3", "gpt-2"))
+    (folders[-1] / "config.json").write_text(json.dumps({"model_type": "phi3"}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", CHILD, *map(str, folders)], env=env, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout) == [["falcon", False], ["qwen2", False], ["gpt-2", True]]
+    assert json.loads(done.stdout) == [["falcon", False], ["qwen2", False], ["gpt-2", False], ["gpt-2", True]]
 
 
 def test_gguf_through_bpe_direct_is_the_converters(tmp_path: Path):

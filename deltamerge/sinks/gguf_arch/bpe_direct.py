@@ -13,7 +13,9 @@ transformers 5.25 (:data:`PROVEN_TRANSFORMERS`) makes that ``Tokenizer`` by thes
    ``qwen2`` or ``mistral`` with mistral-common installed, swap in their own class, which
    rebuilds the pipeline: those folders go to ``AutoTokenizer``); it picks ``Qwen2Tokenizer``
    when tokenizer_config.json names one of :data:`QWEN2_CLASSES` and the model type is one of
-   :data:`QWEN2_MODEL_TYPES` (step 5). Of the config it reads nothing else but a ``model_name``
+   :data:`QWEN2_MODEL_TYPES` (step 5), and ``GPT2Tokenizer`` or ``GPTNeoXTokenizer`` when it names one
+   of :data:`GPT2_CLASSES` or :data:`NEOX_CLASSES` and the model type is one of :data:`GPT2_MODEL_TYPES`
+   (step 6). Of the config it reads nothing else but a ``model_name``
    (refused here) and the folder's path, whose special cases pick ``TokenizersBackend`` too.
 2. ``TokenizersBackend.__init__`` reads tokenizer.json with ``Tokenizer.from_file``; since the
    file exists, tokenizer_config.json's ``add_bos_token``/``add_eos_token`` are dropped before it
@@ -42,6 +44,16 @@ transformers 5.25 (:data:`PROVEN_TRANSFORMERS`) makes that ``Tokenizer`` by thes
    file's is not None; last, ``add_tokens`` of every special token's text (named, then extra, each
    once) as ``AddedToken(text, special=True)``. Other files of the folder (vocab.json,
    merges.txt) are not read.
+6. ``GPT2Tokenizer`` and ``GPTNeoXTokenizer`` also have their own ``__init__``, fed as in step 5:
+   ``BPE`` of the vocabulary and merges with their settings, ``ByteLevel`` decoder, ``ByteLevel``
+   pre-tokenizer with the config's ``add_prefix_space`` (default off; GPT-NeoX's also with its
+   ``trim_offsets`` and an ``NFC`` normalizer); named tokens default to ``<|endoftext|>`` (unk, bos,
+   eos) and, for GPT-NeoX, pad ``<|padding|>``. Steps 2 and 3 follow as for step 5, without its
+   last ``add_tokens``; GPT-NeoX's ``__init__`` ends with ``update_post_processor``, which with
+   ``add_bos_token``/``add_eos_token`` dropped (step 2) sets the plain template whatever
+   tokenizer.json's post-processor was. Of these three rebuilding classes a folder whose path
+   matches one of transformers' ``MODEL_IDS_TO_TOKENIZERS_BACKEND`` patterns is refused (that path
+   picks ``TokenizersBackend``).
 
 Every tokenizer_config.json key is one of :data:`_CONFIG_KEYS`, whose effect is one of the steps
 above or nothing on these members (chat templates, lengths, sides, names); tokenizer.json has no
@@ -54,6 +66,7 @@ readers on every offline tokenizer and on variants of each admitted key (tests/g
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from importlib import metadata
 from pathlib import Path
@@ -74,6 +87,18 @@ QWEN2_DEFAULTS = {"unk_token": "<|endoftext|>", "bos_token": None, "eos_token": 
                   "pad_token": "<|endoftext|>"}
 QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
                            r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# GPT2Tokenizer and GPTNeoXTokenizer (step 6): the classes, the model types each is shown to load
+# with (tests/gguf/test_bpe_direct.py's routing test), their named-token defaults.
+GPT2_CLASSES = frozenset({"GPT2Tokenizer", "GPT2TokenizerFast"})
+NEOX_CLASSES = frozenset({"GPTNeoXTokenizer", "GPTNeoXTokenizerFast"})
+GPT2_MODEL_TYPES = frozenset({"llama", "gpt2", "gpt_neox", "starcoder2"})
+GPT2_DEFAULTS = {"unk_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+NEOX_DEFAULTS = {**GPT2_DEFAULTS, "pad_token": "<|padding|>"}
+# transformers' MODEL_IDS_TO_TOKENIZERS_BACKEND: a path matching one picks TokenizersBackend.
+BACKEND_PATHS = ("deepseek-ai/deepseek-r1-distill-llama-*", "deepseek-ai/deepseek-coder-*",
+                 "allenai/dolma2-tokenizer", "google/umt5-small", "naver-clova-ix/donut-*",
+                 "salesforce/blip2-opt-*", "salesforce/blip2-flan-t5-*", "salesforce/instructblip-flan-t5-*",
+                 "stepfun-ai/step-3.7-*")
 NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _ADDED_TOKEN_FIELDS = frozenset({"content", "single_word", "lstrip", "rstrip", "normalized", "special"})
 _SIDES = ("right", "left")
@@ -95,7 +120,7 @@ def _is_str_list(v: Any) -> bool:
 # class and split_special_tokens are steps 1, 3 and 4; add_bos/eos_token are dropped (step 2);
 # the rest set attributes get_vocab_base does not read, or are overwritten by the loader.
 _CONFIG_KEYS: dict[str, Any] = {
-    "tokenizer_class": _one_of(CLASSES | QWEN2_CLASSES),
+    "tokenizer_class": _one_of(CLASSES | QWEN2_CLASSES | GPT2_CLASSES | NEOX_CLASSES),
     "added_tokens_decoder": lambda v: isinstance(v, dict),
     **{name: (lambda v: v is None or isinstance(v, str)) for name in NAMED},
     "additional_special_tokens": _is_str_list,
@@ -116,6 +141,7 @@ _CONFIG_KEYS: dict[str, Any] = {
     "name_or_path": lambda v: isinstance(v, str),
     "special_tokens_map_file": lambda v: v is None,
     "errors": lambda v: isinstance(v, str),
+    "trim_offsets": _is_bool,
 }
 
 
@@ -191,10 +217,16 @@ def _admitted_files(folder: Path) -> tuple[dict, dict | None, dict] | None:
         return None
     if "tokenizer_class" not in tokenizer_config or "model_name" in config:  # else the model type picks
         return None
-    qwen2 = _one_of(QWEN2_CLASSES)(tokenizer_config["tokenizer_class"])
-    model_types = QWEN2_MODEL_TYPES if qwen2 else MODEL_TYPES
+    tokenizer_class = tokenizer_config["tokenizer_class"]
+    rebuilt_by_gpt2 = _one_of(GPT2_CLASSES | NEOX_CLASSES)(tokenizer_class)
+    model_types = (QWEN2_MODEL_TYPES if _one_of(QWEN2_CLASSES)(tokenizer_class)
+                   else GPT2_MODEL_TYPES if rebuilt_by_gpt2 else MODEL_TYPES)
     if not _one_of(model_types)(config.get("model_type")):
         return None
+    if model_types is not MODEL_TYPES and any(fnmatch.fnmatch(str(folder).lower(), p) for p in BACKEND_PATHS):
+        return None
+    if model_types is GPT2_MODEL_TYPES and tokenizer_config.get("add_prefix_space", False) is None:
+        return None  # their ByteLevel takes it as it is
     if not all(key in _CONFIG_KEYS and _CONFIG_KEYS[key](value) for key, value in tokenizer_config.items()):
         return None
     if "additional_special_tokens" in tokenizer_config and "extra_special_tokens" in tokenizer_config:
@@ -224,6 +256,8 @@ def _build(tokenizers: Any, folder: Path, tokenizer_config: dict, special_tokens
     (step 5) where it is the class, and ``TokenizersBackend.__init__``."""
     added_token = tokenizers.AddedToken
     qwen2 = tokenizer_config["tokenizer_class"] in QWEN2_CLASSES
+    gpt2 = tokenizer_config["tokenizer_class"] in GPT2_CLASSES
+    neox = tokenizer_config["tokenizer_class"] in NEOX_CLASSES
     # _from_pretrained: the added tokens by id, the special tokens they name
     kwargs = dict(tokenizer_config)
     if "additional_special_tokens" in kwargs and not kwargs.get("extra_special_tokens"):
@@ -250,6 +284,8 @@ def _build(tokenizers: Any, folder: Path, tokenizer_config: dict, special_tokens
             kwargs[key] = by_text.get(str(kwargs[key]), kwargs[key])
     if qwen2:  # Qwen2Tokenizer's defaults, for the named tokens the config does not name
         kwargs = {**QWEN2_DEFAULTS, **kwargs}
+    if gpt2 or neox:  # theirs (step 6)
+        kwargs = {**(NEOX_DEFAULTS if neox else GPT2_DEFAULTS), **kwargs}
     named = {key: kwargs.get(key) for key in NAMED}
     extra = list(kwargs.get("extra_special_tokens") or [])
 
@@ -257,6 +293,10 @@ def _build(tokenizers: Any, folder: Path, tokenizer_config: dict, special_tokens
     # comes from tokenizer.json through convert_to_native_format)
     if qwen2:
         backend, post_processor = _qwen2_backend(tokenizers, tokenizer_json, kwargs.get("add_prefix_space"))
+        if post_processor:
+            backend.post_processor = post_processor
+    elif gpt2 or neox:
+        backend, post_processor = _gpt2_backend(tokenizers, tokenizer_json, kwargs, neox)
         if post_processor:
             backend.post_processor = post_processor
     else:
@@ -287,6 +327,9 @@ def _build(tokenizers: Any, folder: Path, tokenizer_config: dict, special_tokens
     if backend.post_processor is None:
         backend.post_processor = tokenizers.processors.TemplateProcessing(
             single="$A:0", pair="$A:0 $B:1", special_tokens=[])
+    if neox:  # GPTNeoXTokenizer.__init__'s last line: update_post_processor, both flags off
+        backend.post_processor = tokenizers.processors.TemplateProcessing(
+            single="$A:0", pair="$A:0 $B:1", special_tokens=[])
     if qwen2:  # Qwen2Tokenizer.__init__'s last line: add_tokens of all_special_tokens
         texts = list(dict.fromkeys(str(t) for t in [*named.values(), *extra] if t is not None))
         backend.add_tokens([added_token(text, special=True) for text in texts])
@@ -297,16 +340,7 @@ def _qwen2_backend(tokenizers: Any, tokenizer_json: dict, add_prefix_space: Any)
     """Step 5: the ``Tokenizer`` ``Qwen2Tokenizer.__init__`` builds of the vocabulary and merges
     ``convert_to_native_format`` takes from tokenizer.json, and the post-processor it reads there
     (parsed with an empty vocabulary, merges and added tokens, as it does)."""
-    model = tokenizer_json["model"]
-    vocab = model.get("vocab")
-    if isinstance(vocab, list):
-        vocab = {token[0] if isinstance(token, list) else token: i for i, token in enumerate(vocab)}
-    merges = None
-    if "merges" in model:
-        merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
-                  for merge in model["merges"]]
-    minimal = {**tokenizer_json, "model": {**model, "vocab": {}, "merges": []}, "added_tokens": []}
-    post_processor = tokenizers.Tokenizer.from_str(json.dumps(minimal)).post_processor
+    vocab, merges, post_processor = _native(tokenizers, tokenizer_json)
     backend = tokenizers.Tokenizer(tokenizers.models.BPE(
         vocab=vocab if vocab is not None else {"<|endoftext|>": 0}, merges=merges or [], dropout=None,
         unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
@@ -318,4 +352,40 @@ def _qwen2_backend(tokenizers: Any, tokenizer_json: dict, add_prefix_space: Any)
                                         invert=False),
         tokenizers.pre_tokenizers.ByteLevel(
             add_prefix_space=add_prefix_space if add_prefix_space is not None else False, use_regex=False)])
+    return backend, post_processor
+
+
+def _native(tokenizers: Any, tokenizer_json: dict) -> tuple[Any, Any, Any]:
+    """What ``convert_to_native_format`` hands a class with its own ``__init__`` (steps 5 and 6):
+    the model's vocabulary (a dict), merges (tuples, None where there are none) and the post-processor
+    parsed with an empty vocabulary, merges and added tokens."""
+    model = tokenizer_json["model"]
+    vocab = model.get("vocab")
+    if isinstance(vocab, list):
+        vocab = {token[0] if isinstance(token, list) else token: i for i, token in enumerate(vocab)}
+    merges = None
+    if "merges" in model:
+        merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
+                  for merge in model["merges"]]
+    minimal = {**tokenizer_json, "model": {**model, "vocab": {}, "merges": []}, "added_tokens": []}
+    return vocab, merges, tokenizers.Tokenizer.from_str(json.dumps(minimal)).post_processor
+
+
+def _gpt2_backend(tokenizers: Any, tokenizer_json: dict, kwargs: dict, neox: bool) -> tuple[Any, Any]:
+    """Step 6: the ``Tokenizer`` ``GPT2Tokenizer.__init__`` (or ``GPTNeoXTokenizer``'s, ``neox``) builds,
+    with ``kwargs`` (the config's keys over the class's defaults), and tokenizer.json's post-processor."""
+    vocab, merges, post_processor = _native(tokenizers, tokenizer_json)
+    if vocab is None:
+        vocab = {str(kwargs["unk_token"]): 0, str(kwargs["pad_token"]): 1} if neox else {}
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab=vocab, merges=merges or [], dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
+        fuse_unk=False))
+    add_prefix_space = kwargs.get("add_prefix_space", False)
+    if neox:
+        backend.normalizer = tokenizers.normalizers.NFC()
+        backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
+            add_prefix_space=add_prefix_space, trim_offsets=kwargs.get("trim_offsets", True))
+    else:
+        backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    backend.decoder = tokenizers.decoders.ByteLevel()
     return backend, post_processor
