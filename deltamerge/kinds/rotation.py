@@ -6,9 +6,9 @@ M^T``), OFT on an embedding and HRA ``torch.mm(fp32(W), M)``, then round once to
 dtype (BOFT scales the rows by ``boft_s`` first). Row ``i`` of the result needs row ``i`` of
 ``W`` and all of ``M``, so the rows stream; column ``j`` of it needs only ``M``'s row ``j``
 (``W @ M^T``) or column ``j`` (``W @ M``), so ``M`` need not be whole either. Where it fits
-``HOLD_BYTES`` (an input of up to 5792: 7B's 4096, 13B's 5120) it is built once per tensor,
-whole, as peft builds it, and each block of rows is multiplied by it; a wider one (13B's
-``down_proj``: 13824, 729 MiB) is built ``WINDOW`` of the result's columns at a time
+``HOLD_BYTES`` (an input of up to 4096: 7B's) it is built once per tensor,
+whole, as peft builds it, and each block of rows is multiplied by it; a wider one (13B's 5120, and
+its ``down_proj``: 13824, 729 MiB) is built ``WINDOW`` of the result's columns at a time
 (``window``: the same values, from the adapter's blocks or reflections) for every block of
 rows, and each block is multiplied window by window.
 
@@ -31,7 +31,8 @@ from . import Scratch
 from .adapter import RowDelta
 
 MIN_ROWS = 16  # rows every product has (padded), so MKL sums each element as for the whole
-HOLD_BYTES = 128 * 1024 * 1024  # M held whole up to this (fp32); wider ones go by windows
+HOLD_BYTES = 64 * 1024 * 1024  # M held whole up to this (fp32); wider ones go by windows
+# (building a held M takes about three times its size: 13B's 5120-wide HRA peaked at 758 MiB)
 WINDOW = 256  # the result's columns per window of M, when M is not held
 
 
