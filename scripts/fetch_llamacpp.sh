@@ -20,5 +20,5 @@ if [ ! -f "$DEST/convert_hf_to_gguf.py" ]; then
   rm -rf "$DEST"
   mv "$tmp/$top" "$DEST"
 fi
-python scripts/llamacpp_vocab.py "$DEST" gpt-2 qwen2 >&2  # the tests' (each built once)
+python scripts/llamacpp_vocab.py "$DEST" gpt-2 qwen2 falcon llama-bpe >&2  # the tests' (each built once)
 echo "$PWD/$DEST"
