@@ -477,11 +477,7 @@ def test_gpt2_and_neox_classes_and_model_types_load_their_class(tmp_path: Path, 
     is that class; model types that swap in another class are refused."""
     for model_type in sorted(bpe_direct.GPT2_MODEL_TYPES | {"phi3", "qwen2", "mistral", "stablelm",
                                                             "gpt_bigcode"}):
-        files = small_files(small_bpe)
-        files["tokenizer_config.json"]["tokenizer_class"] = tokenizer_class
-        files["config.json"] = {"model_type": model_type}
-        folder = write_folder(tmp_path / model_type, files)
-        loaded = type(transformers.AutoTokenizer.from_pretrained(folder))
+        folder, loaded = routed(tmp_path, small_bpe, tokenizer_class, model_type)
         if model_type in bpe_direct.GPT2_MODEL_TYPES:
             assert loaded is loaded_class(tokenizer_class)
         else:
@@ -505,11 +501,7 @@ def test_qwen2_classes_and_model_types_load_qwen2_tokenizer(tmp_path: Path, smal
                                                            tokenizer_class: str):
     """Step 1 for Qwen2Tokenizer: each admitted name with each admitted model type is that class."""
     for model_type in sorted(bpe_direct.QWEN2_MODEL_TYPES):
-        files = small_files(small_bpe)
-        files["tokenizer_config.json"]["tokenizer_class"] = tokenizer_class
-        files["config.json"] = {"model_type": model_type}
-        folder = write_folder(tmp_path / model_type, files)
-        assert type(transformers.AutoTokenizer.from_pretrained(folder)) is transformers.Qwen2Tokenizer
+        assert routed(tmp_path, small_bpe, tokenizer_class, model_type)[1] is transformers.Qwen2Tokenizer
 
 
 @pytest.mark.parametrize("tokenizer_class", sorted(bpe_direct.CLASSES))
@@ -518,11 +510,17 @@ def test_admitted_classes_and_model_types_load_tokenizers_backend(tmp_path: Path
     """Step 1 of bpe_direct: each admitted class with each admitted model type is TokenizersBackend
     itself, not a subclass with its own pipeline."""
     for model_type in sorted(bpe_direct.MODEL_TYPES):
-        files = small_files(small_bpe)
-        files["tokenizer_config.json"]["tokenizer_class"] = tokenizer_class
-        files["config.json"] = {"model_type": model_type}
-        folder = write_folder(tmp_path / model_type, files)
-        assert type(transformers.AutoTokenizer.from_pretrained(folder)) is transformers.TokenizersBackend
+        assert routed(tmp_path, small_bpe, tokenizer_class, model_type)[1] is transformers.TokenizersBackend
+
+
+def routed(root: Path, small_bpe: dict[str, Any], tokenizer_class: str, model_type: str) -> tuple[Path, type]:
+    """A folder of the small BPE named ``tokenizer_class`` in a ``model_type``, and the class
+    AutoTokenizer loads for it."""
+    files = small_files(small_bpe)
+    files["tokenizer_config.json"]["tokenizer_class"] = tokenizer_class
+    files["config.json"] = {"model_type": model_type}
+    folder = write_folder(root / model_type, files)
+    return folder, type(transformers.AutoTokenizer.from_pretrained(folder))
 
 
 def reject(key: str, value: Any) -> Edit:
