@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from .engine.lifecycle import locked_out, partial_run
 from .engine.plan import Shard, TensorJob, layout_shards, rows_per_block
 from .engine.recheck import recheck
 from .errors import InputError, UnsupportedError, VerificationError
-from .formats.files import read_json_object
+from .formats.files import json_parsed_once, read_json_object
 from .integrity.checks import checksum
 from .integrity.delta_checks import finish_delta_checks, plan_delta_checks
 from .integrity.digest import DEFAULT_ALGORITHM, TensorDigest, model_digest
@@ -236,10 +237,13 @@ def _apply_locked(
         return _signed(_apply_whole_files(whole, base_in, delta_ins, out, opts), delta_ins, signed)
     _refuse_md5_options(None, opts.expect_md5, opts.key_md5)
 
-    base_ckpt = open_checkpoint(base_in.path)
     opened: list[Kind] = []
+    base_ckpt: Checkpoint | None = None
     pool = ComputePool(opts.threads)  # LoRA products and GGUF quantization, on --threads
+    planning = ExitStack()  # side files parsed once while the run is planned (json_parsed_once)
     try:
+        planning.enter_context(json_parsed_once())
+        base_ckpt = open_checkpoint(base_in.path)
         # The manifest names the kind even when its checks are skipped: without it an XOR delta
         # would be added as if additive. --no-verify with --kind does not read it at all.
         found = [find_manifest(d.path) if opts.verify or opts.kind is None else None
@@ -259,6 +263,7 @@ def _apply_locked(
         aux = _aux_files(base_ckpt, opened, opts.extra_files)
         updates = _config_updates(opened)
         shards, sink = _plan_output(opts.fmt, jobs, aux, out, opts.block_size, updates, pool)
+        planning.close()  # the parsed side files go before the engine runs
         checks = plan_delta_checks([d.path for d in delta_ins], manifests,
                                    [k.checkpoint for k in opened])
         first = manifests[0] if manifests else None
@@ -327,9 +332,11 @@ def _apply_locked(
                 sink, out_digests))
         return result
     finally:
+        planning.close()
         for k in opened:
             k.close()
-        base_ckpt.close()
+        if base_ckpt is not None:
+            base_ckpt.close()
         pool.close()
 
 

@@ -44,6 +44,7 @@ import torch
 
 from ..compute_pool import ComputePool
 from ..errors import FormatError, InputError, UnsupportedError, WorkError
+from ..formats.files import json_parsed_once
 from ..outputs.gguf import OUTTYPES
 from . import FileBytes, gguf_arch, gguf_checks, gguf_kv, gguf_pack, gguf_types, run_bytes
 from .gguf_kv import require_gguf
@@ -336,7 +337,7 @@ def _render_headers(writer: Any) -> list[bytes]:
     return [buf.getvalue() for buf in buffers]
 
 
-@gguf_kv.parsed_once()
+@json_parsed_once()
 def plan_gguf(
     folder: Path,
     tensors: Iterable[TensorLike | tuple[str, torch.dtype, Sequence[int]]],

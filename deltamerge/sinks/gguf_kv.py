@@ -16,13 +16,11 @@ cannot be sure of it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError, UnsupportedError
+from ..formats.files import loads_utf8
 from . import gguf_config
 from .gguf_special import SpecialVocab
 
@@ -41,8 +39,6 @@ _TEXT_CONFIG_ALIASES = ("llm_config", "lm_config", "thinker_config", "language_c
 # SentencePiece token types, as the converter numbers them (its ``SentencePieceTokenTypes``).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _SPACE = "\u2581"
-# The side files parsed so far by the plan being made (``parsed_once``): path -> parsed JSON.
-_PARSED: ContextVar[dict[Path, Any] | None] = ContextVar("gguf_side_files", default=None)
 
 
 def require_gguf() -> None:
@@ -288,31 +284,10 @@ def add_llama_tokens(writer: Any, folder: Path, tokens: list[bytes], scores: lis
     SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
 
-@contextmanager
-def parsed_once() -> Iterator[None]:
-    """Within it (a plan being made), :func:`load_json` parses each file once.
-
-    A tokenizer.json is checked, then read by the architecture's tokenizer reader (and, for
-    LLaMA, by the sentencepiece-style check before it): Qwen2's is 11 MB, about a second to parse
-    each time. The parsed files are dropped when the plan is made.
-    """
-    token = _PARSED.set({})
-    try:
-        yield
-    finally:
-        _PARSED.reset(token)
-
-
 def load_json(path: Path) -> Any:
-    """``json.loads`` of ``path``'s UTF-8 text, raising what that raises; within
-    :func:`parsed_once`, a file parsed already is not parsed again (callers must not change it)."""
-    parsed = _PARSED.get()
-    if parsed is not None and path in parsed:
-        return parsed[path]
-    obj = json.loads(path.read_bytes().decode("utf-8"))
-    if parsed is not None:
-        parsed[path] = obj
-    return obj
+    """``json.loads`` of ``path``'s UTF-8 text, raising what that raises; within the plan
+    (``formats.files.json_parsed_once``) the same bytes are parsed once (callers must not change it)."""
+    return loads_utf8(path.read_bytes())
 
 
 def json_file(path: Path) -> dict[str, Any] | None:

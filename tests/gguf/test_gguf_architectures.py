@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ from gguf_models import (  # noqa: E402
 from helpers import GROUP, PRELUDE, load_state, run_cli, run_in_process  # noqa: E402
 
 import deltamerge.apply  # noqa: E402
+import deltamerge.formats.files  # noqa: E402
 from deltamerge.cli import main  # noqa: E402
 from deltamerge.engine.journal import JOURNAL_NAME  # noqa: E402
 from deltamerge.errors import UnsupportedError  # noqa: E402
@@ -382,3 +384,26 @@ def test_q4_k_m_is_the_converters_file_requantized(tmp_path: Path, sp_model: byt
             expected = quantize_rows(x[rows].contiguous(), qt(t.tensor_type))
             assert data[rows].tobytes() == expected.numpy().tobytes(), t.name
     assert source["rope_freqs.weight"].tensor_type == qt.F32
+
+
+def test_a_gguf_run_parses_the_tokenizer_json_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The base's and the delta's checks and the GGUF plan share one parse of the equal
+    tokenizer.json files (formats.files.json_parsed_once), dropped before the engine runs."""
+    base = hf_model(tmp_path / "base", "falcon", "falcon", hidden_size=64, num_attention_heads=8,
+                    num_kv_heads=2, num_hidden_layers=2, new_decoder_architecture=True, bias=False)
+    cli("make-delta", base, perturbed(base, tmp_path / "target", seed=1), tmp_path / "delta")
+    tokenizer = (base / "tokenizer.json").read_bytes()
+    assert (tmp_path / "delta" / "tokenizer.json").read_bytes() == tokenizer
+    parses = []
+    real = json.loads
+
+    def counting(s, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003 - json.loads's own
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("deltamerge") and len(s) > len(tokenizer) // 2:  # text or bytes
+            parses.append(caller)
+        return real(s, *args, **kwargs)
+
+    monkeypatch.setattr(json, "loads", counting)
+    cli("apply", base, tmp_path / "delta", tmp_path / "out", "--format", "gguf", "--outtype", "f16")
+    assert parses == ["deltamerge.formats.files"]
+    assert deltamerge.formats.files._PARSED.get() is None
