@@ -429,7 +429,7 @@ def plan_gguf(
             hf_name=hf_name, hf_dtype=dtype, shape=shape,
             permute_heads=_permute_heads(hf_name, shape, arch.permute_heads(hf_name, h), folder),
             plus_one=arch.plus_one(hf_name, h), hf_rows=hf_rows,
-            row_order=arch.row_order(hf_name, shape, h))])
+            row_order=_row_order(arch, hf_name, shape, h, folder))])
     for layer in stacks.values():
         some = next(iter(layer.values()))
         raise FormatError(f"{folder}: tensor {some} is stacked with others the model lacks "
@@ -692,6 +692,18 @@ def _land(ahead: list[tuple[int, int]], a: int, b: int) -> None:
     if i < len(ahead) and ahead[i][0] == b:
         b = ahead.pop(i)[1]
     ahead.insert(i, (a, b))
+
+
+def _row_order(arch: Any, hf_name: str, shape: tuple[int, ...], h: dict[str, Any], folder: Path
+               ) -> tuple[int, ...]:
+    """The architecture's regrouping of a tensor's rows: a permutation of them, or refused (the
+    converter's reshape fails where the config's heads do not tile the tensor); none where it
+    moves nothing (Falcon's one kv group: its rows are already queries, key, value)."""
+    order = arch.row_order(hf_name, shape, h, folder)
+    if order and sorted(order) != list(range(shape[0])):
+        raise UnsupportedError(f"{folder}: tensor {hf_name!r} {list(shape)}: the heads its config names "
+                               "do not tile its rows; llama.cpp's converter fails on it")
+    return () if order == tuple(range(shape[0])) else order
 
 
 @functools.lru_cache(maxsize=16)

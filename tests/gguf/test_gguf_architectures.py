@@ -407,3 +407,44 @@ def test_a_gguf_run_parses_the_tokenizer_json_once(tmp_path: Path, monkeypatch: 
     cli("apply", base, tmp_path / "delta", tmp_path / "out", "--format", "gguf", "--outtype", "f16")
     assert parses == ["deltamerge.formats.files"]
     assert deltamerge.formats.files._PARSED.get() is None
+
+
+FALCON_7B_LAYOUT = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                    "multi_query": True, "new_decoder_architecture": False}
+
+
+def test_a_falcon_the_converter_cannot_regroup_is_refused_before_any_work(tmp_path: Path):
+    """Falcon-7B's layout (``multi_query``: one key and one value head) is read by transformers
+    with ``num_kv_heads`` = ``num_attention_heads``, and the pinned converter's view of its qkv
+    fails; the apply says so in one line (exit 2), leaving nothing at OUT, not a partial file."""
+    base, delta, merged = falcon_merge(tmp_path, FALCON_7B_LAYOUT)
+    with Conversion(merged, tmp_path / "converted", "f16") as conversion:
+        with pytest.raises(AssertionError, match="is invalid for input of size"):
+            conversion.files()
+    out = tmp_path / "gguf" / "model"
+    out.parent.mkdir()
+    refused = run_cli("apply", str(base), str(delta), str(out), "--format", "gguf", "-q")
+    assert refused.returncode == 2, refused.stderr
+    [line] = refused.stderr.strip().splitlines()
+    assert "query_key_value" in line and "multi_query" in line and "num_kv_heads 4" in line
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_falcon_regrouping_that_moves_nothing_is_written_as_it_is(tmp_path: Path):
+    """One kv group: the converter's regrouping keeps every row where it is, so the fused qkv is a
+    tensor like any other (written from the rows, not run by run and read back); the file is the
+    converter's."""
+    config = {**FALCON_7B_LAYOUT, "new_decoder_architecture": True, "num_kv_heads": 1}
+    base, delta, merged = falcon_merge(tmp_path, config)
+    shape = tuple(load_state(base)["transformer.h.0.self_attention.query_key_value.weight"].shape)
+    tensor = next(t for t in plan_gguf(base, specs(load_state(base))).tensors
+                  if t.hf_name == "transformer.h.0.self_attention.query_key_value.weight")
+    assert tensor.shape == shape and tensor.row_order == ()
+    assert_same_files(*gguf_both_ways(tmp_path, base, delta, merged, "f16"))
+
+
+def falcon_merge(root: Path, config: dict) -> tuple[Path, Path, Path]:
+    """(base, delta, the hf result) of a tiny Falcon with Falcon's tokenizer."""
+    base = hf_model(root / "base", "falcon", "falcon", **config)
+    delta, merged = merged_to_safetensors(root, base)
+    return base, delta, merged

@@ -64,7 +64,9 @@ class Arch:
         """The name the converter looks up in llama.cpp's tensor map (BLOOM strips ``transformer.``)."""
         return hf_name
 
-    def row_order(self, hf_name: str, shape: tuple[int, ...], h: dict[str, Any]) -> tuple[int, ...]:
+    def row_order(
+        self, hf_name: str, shape: tuple[int, ...], h: dict[str, Any], where: Path
+    ) -> tuple[int, ...]:
         """The source row of each GGUF row, for a tensor the converter regroups as a whole (fused
         qkv); empty: rows in their order."""
         return ()

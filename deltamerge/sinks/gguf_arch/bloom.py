@@ -22,7 +22,9 @@ class Bloom(Arch):
     def map_name(self, hf_name: str) -> str:
         return hf_name.replace("transformer.", "")
 
-    def row_order(self, hf_name: str, shape: tuple[int, ...], h: dict[str, Any]) -> tuple[int, ...]:
+    def row_order(
+        self, hf_name: str, shape: tuple[int, ...], h: dict[str, Any], where: Path
+    ) -> tuple[int, ...]:
         n_head = h.get("n_head", h.get("num_attention_heads"))
         return by_kind_order(hf_name, shape, n_head, "self_attention.query_key_value")
 

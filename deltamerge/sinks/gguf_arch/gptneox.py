@@ -48,7 +48,9 @@ class GPTNeoX(Arch):
                                    f"'partial_rotary_factor' {factor} disagree: llama.cpp's converter "
                                    "reads the first, transformers 5 the second")
 
-    def row_order(self, hf_name: str, shape: tuple[int, ...], h: dict[str, Any]) -> tuple[int, ...]:
+    def row_order(
+        self, hf_name: str, shape: tuple[int, ...], h: dict[str, Any], where: Path
+    ) -> tuple[int, ...]:
         n_head = h.get("n_head", h.get("num_attention_heads"))
         return by_kind_order(hf_name, shape, n_head, "attention.query_key_value")
 
