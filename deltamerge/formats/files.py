@@ -217,12 +217,10 @@ def _loads_lenient(data: bytes) -> Any:
     """``json.loads(data)``, through :func:`loads_utf8` where the two are the same parse: bytes
     with no BOM and no NUL in their first four (``json.detect_encoding`` then says UTF-8) that
     decode as strict UTF-8 (``json.loads`` decodes with ``surrogatepass``, which differs only on
-    bytes strict UTF-8 refuses)."""
+    bytes strict UTF-8 refuses: only that decode raises ``UnicodeDecodeError`` in ``loads_utf8``)."""
     if not data.startswith(codecs.BOM_UTF8) and b"\x00" not in data[:4]:
         try:
-            data.decode("utf-8")
+            return loads_utf8(data)
         except UnicodeDecodeError:
             pass
-        else:
-            return loads_utf8(data)
     return json.loads(data)

@@ -53,7 +53,7 @@ class Falcon(Arch):
                 "as num_kv_heads = num_attention_heads)")
         queries = [g * group + j for g in range(n_kv) for j in range(group - 2)]
         blocks = queries + [g * group + kind for kind in (group - 2, group - 1) for g in range(n_kv)]
-        return blocks_order(blocks, h["hidden_size"] // n_head)
+        return blocks_order(blocks, head_dim)
 
     def add_parameters(self, writer: Any, h: dict[str, Any], ftype: int, where: Path) -> None:
         """``FalconModel.set_gguf_parameters``."""
